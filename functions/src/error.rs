@@ -1,0 +1,96 @@
+//! The error type of `shoal-functions`.
+
+use crate::tensor::ValidationError;
+
+/// Result alias for this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Errors of the aggregation maths. Every variant is a caller or input problem; kernels never
+/// panic on data that passed [`crate::tensor::stage_update`].
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The weights of the folded updates sum to zero or less (or nothing was folded), so no
+    /// weighted mean exists. The previous global model must stand (Flower #7645 returns NaN here).
+    #[error("total weight {total} is not positive ({count} updates folded)")]
+    ZeroTotalWeight {
+        /// Sum of the weights folded.
+        total: f64,
+        /// Number of updates folded.
+        count: u64,
+    },
+    /// A weight was NaN, infinite or not positive.
+    #[error("invalid update weight {0}: must be finite and > 0")]
+    InvalidWeight(f64),
+    /// Two values built from different manifests were combined.
+    #[error("manifest mismatch: {0}")]
+    ManifestMismatch(&'static str),
+    /// A streaming operation (`fold`, `merge`) was asked of a whole-cohort strategy.
+    #[error("strategy {0} needs the whole cohort and cannot fold updates one at a time")]
+    NotStreaming(&'static str),
+    /// An update failed validation against the manifest.
+    #[error(transparent)]
+    Validation(#[from] ValidationError),
+    /// The manifest itself is unusable (duplicate names, empty, unsupported dtype...).
+    #[error("invalid model manifest: {0}")]
+    InvalidManifest(String),
+    /// A byte buffer was not aligned for its dtype (staging always aligns; this is a bug guard).
+    #[error("buffer for tensor {0} is not aligned for its dtype")]
+    Misaligned(String),
+    /// safetensors could not encode the result.
+    #[error("safetensors encoding failed: {0}")]
+    Encode(#[source] safetensors::SafeTensorError),
+}
+
+/// A small `Copy` classification of [`Error`], for callers that branch on the kind and for
+/// bounded metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// See [`Error::ZeroTotalWeight`].
+    ZeroTotalWeight,
+    /// See [`Error::InvalidWeight`].
+    InvalidWeight,
+    /// See [`Error::ManifestMismatch`].
+    ManifestMismatch,
+    /// See [`Error::NotStreaming`].
+    NotStreaming,
+    /// See [`Error::Validation`].
+    Validation,
+    /// See [`Error::InvalidManifest`].
+    InvalidManifest,
+    /// See [`Error::Misaligned`].
+    Misaligned,
+    /// See [`Error::Encode`].
+    Encode,
+}
+
+impl Error {
+    /// The error's kind.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::ZeroTotalWeight { .. } => ErrorKind::ZeroTotalWeight,
+            Error::InvalidWeight(_) => ErrorKind::InvalidWeight,
+            Error::ManifestMismatch(_) => ErrorKind::ManifestMismatch,
+            Error::NotStreaming(_) => ErrorKind::NotStreaming,
+            Error::Validation(_) => ErrorKind::Validation,
+            Error::InvalidManifest(_) => ErrorKind::InvalidManifest,
+            Error::Misaligned(_) => ErrorKind::Misaligned,
+            Error::Encode(_) => ErrorKind::Encode,
+        }
+    }
+}
+
+impl ErrorKind {
+    /// A bounded label for metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::ZeroTotalWeight => "zero_total_weight",
+            ErrorKind::InvalidWeight => "invalid_weight",
+            ErrorKind::ManifestMismatch => "manifest_mismatch",
+            ErrorKind::NotStreaming => "not_streaming",
+            ErrorKind::Validation => "validation",
+            ErrorKind::InvalidManifest => "invalid_manifest",
+            ErrorKind::Misaligned => "misaligned",
+            ErrorKind::Encode => "encode",
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! FedAvg: the `num_examples`-weighted mean of client updates.
+//!
+//! McMahan, Moore, Ramage, Hampson, Agüera y Arcas, "Communication-Efficient Learning of Deep
+//! Networks from Decentralized Data", AISTATS 2017 (arXiv:1602.05629), Algorithm 1's server
+//! step: `w_{t+1} = Σ_k (n_k / n) w^k_{t+1}`. With [`UpdateKind::Delta`] updates the server step
+//! is `w_{t+1} = w_t + η_s Σ_k (n_k / n) Δ^k` (η_s = `server_learning_rate`, 1 gives the
+//! paper's rule).
+//!
+//! Folding is eager: each update is added into one preallocated f64 accumulator as it arrives
+//! (memory O(model), not O(clients × model)), and partials from several aggregators merge by
+//! addition, so the result does not depend on arrival order or on the hierarchy (up to f64
+//! rounding, far below the f32 output precision).
+
+use crate::error::{Error, Result};
+use crate::spec::UpdateKind;
+use crate::strategy::{Mergeability, PartialAggregate, Strategy, UpdateView};
+use crate::tensor::{AggregationPolicy, Parameters};
+
+/// Federated averaging.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FedAvg {
+    /// Whether clients send full parameters or deltas from the base model.
+    pub update_kind: UpdateKind,
+    /// η_s, applied to the averaged delta ([`UpdateKind::Delta`] only).
+    pub server_learning_rate: f64,
+}
+
+impl FedAvg {
+    /// FedAvg over full parameters (the paper's form).
+    pub fn parameters() -> FedAvg {
+        FedAvg { update_kind: UpdateKind::Parameters, server_learning_rate: 1.0 }
+    }
+
+    /// FedAvg over deltas with server learning rate `lr`.
+    pub fn deltas(lr: f64) -> FedAvg {
+        FedAvg { update_kind: UpdateKind::Delta, server_learning_rate: lr }
+    }
+}
+
+impl Strategy for FedAvg {
+    fn name(&self) -> &'static str {
+        "fedavg"
+    }
+
+    fn mergeability(&self) -> Mergeability {
+        Mergeability::Streaming
+    }
+
+    fn fold(&self, partial: &mut PartialAggregate, update: &UpdateView<'_>) -> Result<()> {
+        partial.fold(update)
+    }
+
+    fn fold_batch(&self, partial: &mut PartialAggregate, updates: &[UpdateView<'_>]) -> Result<()> {
+        partial.fold_batch(updates)
+    }
+
+    fn merge(&self, into: &mut PartialAggregate, other: &PartialAggregate) -> Result<()> {
+        into.merge(other)
+    }
+
+    fn finish(&mut self, partial: &PartialAggregate, global: &Parameters) -> Result<Parameters> {
+        partial.check_manifest(global.manifest())?;
+        let total = partial.total_weight();
+        if partial.count() == 0 || !(total > 0.0 && total.is_finite()) {
+            return Err(Error::ZeroTotalWeight { total, count: partial.count() });
+        }
+        let mut out = global.clone();
+        let manifest = std::sync::Arc::clone(global.manifest());
+        for (i, spec) in manifest.tensors().iter().enumerate() {
+            let acc = partial.tensor_values(i);
+            let g = global.tensor(i);
+            let lr = self.server_learning_rate;
+            match (spec.policy, self.update_kind) {
+                (AggregationPolicy::Skip, _) => {}
+                (AggregationPolicy::Mean, UpdateKind::Parameters) => {
+                    out.write_tensor_f64(i, acc.iter().map(|s| s / total))
+                }
+                (AggregationPolicy::Mean, UpdateKind::Delta) => out.write_tensor_f64(
+                    i,
+                    acc.iter().enumerate().map(|(e, s)| g.get_f64(e) + lr * (s / total)),
+                ),
+                (_, UpdateKind::Parameters) => out.write_tensor_f64(i, acc.iter().copied()),
+                (_, UpdateKind::Delta) => {
+                    out.write_tensor_f64(i, acc.iter().enumerate().map(|(e, v)| g.get_f64(e) + v))
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::tensor::{DType, ModelManifest, TensorSpec};
+    use crate::ClientId;
+
+    fn cid(s: &str) -> ClientId {
+        ClientId::new(s).unwrap()
+    }
+
+    /// Flower cross-check vector 1/2 (flower.md §5.1): A=[[1,2],[[0]]] n=1, B=[[3,6],[[4]]] n=3
+    /// give [[2.5,5.0],[[3.0]]].
+    #[test]
+    fn flower_vector_weighted_mean() {
+        let m = Arc::new(
+            ModelManifest::new(vec![
+                TensorSpec::new("l0", DType::F32, vec![2]),
+                TensorSpec::new("l1", DType::F32, vec![1, 1]),
+            ])
+            .unwrap(),
+        );
+        let a = Parameters::from_f64(Arc::clone(&m), &[vec![1.0, 2.0], vec![0.0]]).unwrap();
+        let b = Parameters::from_f64(Arc::clone(&m), &[vec![3.0, 6.0], vec![4.0]]).unwrap();
+        let (ca, cb) = (cid("a"), cid("b"));
+        let mut s = FedAvg::parameters();
+        let out = s
+            .aggregate_cohort(
+                &[a.as_update(&ca, 1.0), b.as_update(&cb, 3.0)],
+                &Parameters::zeros(Arc::clone(&m)),
+            )
+            .unwrap();
+        assert_eq!(out.tensor_f64(0), vec![2.5, 5.0]);
+        assert_eq!(out.tensor_f64(1), vec![3.0]);
+    }
+
+    /// bug-cases.md #9: int64 [10] and [21], equal weights: 16 (round half to even of 15.5),
+    /// not 15 (per-term truncation) nor 0 (Flower's in-place path). Flower vector 11/12: [10],
+    /// [20] give 15 in the declared int64 dtype.
+    #[test]
+    fn integer_mean_rounds_half_to_even() {
+        let m = Arc::new(ModelManifest::new(vec![TensorSpec::new("n", DType::I64, vec![1])]).unwrap());
+        let run = |x: f64, y: f64| {
+            let a = Parameters::from_f64(Arc::clone(&m), &[vec![x]]).unwrap();
+            let b = Parameters::from_f64(Arc::clone(&m), &[vec![y]]).unwrap();
+            let (ca, cb) = (cid("a"), cid("b"));
+            FedAvg::parameters()
+                .aggregate_cohort(
+                    &[a.as_update(&ca, 1.0), b.as_update(&cb, 1.0)],
+                    &Parameters::zeros(Arc::clone(&m)),
+                )
+                .unwrap()
+                .tensor_f64(0)
+        };
+        assert_eq!(run(10.0, 21.0), vec![16.0]);
+        assert_eq!(run(10.0, 20.0), vec![15.0]);
+        assert_eq!(run(10.0, 13.0), vec![12.0], "11.5 rounds to the even 12");
+    }
+
+    /// bug-cases.md #8: BatchNorm counters [10,20,30,40] under `max` give 40, dtype kept.
+    #[test]
+    fn max_and_first_and_skip_policies() {
+        let mut specs = vec![
+            TensorSpec::new("bn.num_batches_tracked", DType::I64, vec![]),
+            TensorSpec::new("first", DType::F32, vec![1]),
+            TensorSpec::new("frozen", DType::F32, vec![1]),
+        ];
+        specs[0].policy = AggregationPolicy::Max;
+        specs[1].policy = AggregationPolicy::First;
+        specs[2].policy = AggregationPolicy::Skip;
+        let m = Arc::new(ModelManifest::new(specs).unwrap());
+        let ids: Vec<ClientId> = ["d", "b", "c", "a"].iter().map(|s| cid(s)).collect();
+        let ps: Vec<Parameters> = [10.0, 20.0, 30.0, 40.0]
+            .iter()
+            .map(|&v| Parameters::from_f64(Arc::clone(&m), &[vec![v], vec![v], vec![v]]).unwrap())
+            .collect();
+        let views: Vec<_> = ps.iter().zip(&ids).map(|(p, c)| p.as_update(c, 1.0)).collect();
+        let global = Parameters::from_f64(Arc::clone(&m), &[vec![0.0], vec![0.0], vec![7.0]]).unwrap();
+        let out = FedAvg::parameters().aggregate_cohort(&views, &global).unwrap();
+        assert_eq!(out.tensor_f64(0), vec![40.0]);
+        assert_eq!(out.tensor_f64(1), vec![40.0], "client \"a\" sent 40");
+        assert_eq!(out.tensor_f64(2), vec![7.0], "skip keeps the global value");
+    }
+
+    /// bug-cases.md #1/#3: zero total weight is a typed error, never a NaN model; invalid weights
+    /// are refused before folding.
+    #[test]
+    fn zero_and_invalid_weights() {
+        let m = Arc::new(ModelManifest::new(vec![TensorSpec::new("w", DType::F32, vec![2])]).unwrap());
+        let g = Parameters::zeros(Arc::clone(&m));
+        let mut s = FedAvg::parameters();
+        let e = s.finish(&PartialAggregate::new(Arc::clone(&m)), &g).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::ZeroTotalWeight);
+        let a = Parameters::from_f64(Arc::clone(&m), &[vec![1.0, 2.0]]).unwrap();
+        let c = cid("a");
+        for w in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let mut p = PartialAggregate::new(Arc::clone(&m));
+            let e = s.fold(&mut p, &a.as_update(&c, w)).unwrap_err();
+            assert_eq!(e.kind(), crate::ErrorKind::InvalidWeight);
+            assert_eq!(p.count(), 0);
+        }
+    }
+
+    /// Delta updates: new = global + η_s · weighted mean delta.
+    #[test]
+    fn delta_server_step() {
+        let m = Arc::new(ModelManifest::new(vec![TensorSpec::new("w", DType::F32, vec![2])]).unwrap());
+        let g = Parameters::from_f64(Arc::clone(&m), &[vec![1.0, 1.0]]).unwrap();
+        let d1 = Parameters::from_f64(Arc::clone(&m), &[vec![1.0, -2.0]]).unwrap();
+        let d2 = Parameters::from_f64(Arc::clone(&m), &[vec![3.0, 2.0]]).unwrap();
+        let (a, b) = (cid("a"), cid("b"));
+        let out = FedAvg::deltas(0.5)
+            .aggregate_cohort(&[d1.as_update(&a, 1.0), d2.as_update(&b, 1.0)], &g)
+            .unwrap();
+        // mean delta = [2, 0]; 1 + 0.5*2 = 2, 1 + 0 = 1.
+        assert_eq!(out.tensor_f64(0), vec![2.0, 1.0]);
+    }
+
+    /// f16 and bf16 are decoded, accumulated in f64 and re-encoded (bug-cases.md #10): f16
+    /// 1.0 x2 with n = 100 000 each gives 1.0, not Flower's NaN (vector 9).
+    #[test]
+    fn half_precision_large_weights() {
+        let m = Arc::new(
+            ModelManifest::new(vec![
+                TensorSpec::new("h", DType::F16, vec![1]),
+                TensorSpec::new("b", DType::BF16, vec![4]),
+            ])
+            .unwrap(),
+        );
+        let a = Parameters::from_f64(Arc::clone(&m), &[vec![1.0], vec![1.0, 2.0, 3.0, 4.0]]).unwrap();
+        let b = Parameters::from_f64(Arc::clone(&m), &[vec![1.0], vec![3.0, 2.0, 1.0, 0.5]]).unwrap();
+        let (ca, cb) = (cid("a"), cid("b"));
+        let out = FedAvg::parameters()
+            .aggregate_cohort(
+                &[a.as_update(&ca, 1e5), b.as_update(&cb, 1e5)],
+                &Parameters::zeros(Arc::clone(&m)),
+            )
+            .unwrap();
+        assert_eq!(out.tensor_f64(0), vec![1.0]);
+        assert_eq!(out.tensor_f64(1), vec![2.0, 2.0, 2.0, 2.25]);
+    }
+}

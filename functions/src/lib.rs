@@ -1,0 +1,36 @@
+//! Shoal's aggregation maths: strategies and numeric kernels, pure and synchronous.
+//!
+//! This crate has no I/O, no async runtime, no NATS and no Kubernetes: it can be unit-tested,
+//! property-tested, fuzzed, benchmarked and called from any runtime. The node runtime
+//! (`shoal-runtime`) feeds it views of client updates staged in shared memory.
+//!
+//! Modules:
+//! - [`ids`]: newtypes for the vocabulary's identifiers (`JobId`, `ClientId`, `RoundId`,
+//!   `ModelVersion`, `NodeId`) and their validation (they become NATS subject tokens).
+//! - [`tensor`]: dtypes, the model manifest (names, dtypes, shapes, aggregation policy of every
+//!   tensor), the canonical slot layout updates are staged in, [`Parameters`](tensor::Parameters),
+//!   and ingest validation of safetensors payloads ([`tensor::stage_update`]).
+//! - [`kernels`]: the fold kernels (`acc += w * x`, decoded from f32/f16/bf16/f64/integers into an
+//!   f64 accumulator), each with a plain reference kernel beside the optimised one, and a
+//!   memory-read baseline for benchmarks.
+//! - [`strategy`]: the [`Strategy`](strategy::Strategy) trait (streaming-mergeable and
+//!   whole-cohort strategies), [`PartialAggregate`](strategy::PartialAggregate) and
+//!   [`UpdateView`](strategy::UpdateView).
+//! - [`fedavg`]: FedAvg (McMahan et al., AISTATS 2017), weighted by `num_examples`, folded eagerly.
+//! - [`spec`]: the job specification shared by the runtime and (later) the operator.
+//! - [`error`]: this crate's error type and its `Copy` kind.
+
+pub mod error;
+pub mod fedavg;
+pub mod ids;
+pub mod kernels;
+pub mod spec;
+pub mod strategy;
+pub mod tensor;
+
+pub use error::{Error, ErrorKind, Result};
+pub use fedavg::FedAvg;
+pub use ids::{ClientId, JobId, ModelVersion, NodeId, RoundId};
+pub use spec::{JobSpec, RoundPolicy, StrategySpec, UpdateKind};
+pub use strategy::{Mergeability, PartialAggregate, Strategy, UpdateView};
+pub use tensor::{AggregationPolicy, DType, ModelManifest, Parameters, TensorSpec, ValidationError};

@@ -1,0 +1,283 @@
+//! The [`Strategy`] trait, [`PartialAggregate`] and [`UpdateView`].
+//!
+//! The trait follows Flower's `configure_fit`/`aggregate_fit` split without its inheritance. A
+//! strategy is either **streaming-mergeable** (FedAvg, FedBuff, FedFix: each update is folded into
+//! a preallocated accumulator as it arrives, partials from several aggregators merge, memory is
+//! O(model)) or **whole-cohort** (median, trimmed mean, Krum, RFFL, Bristle: it needs every update
+//! at once and reads them as zero-copy views of shared memory).
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::ids::ClientId;
+use crate::tensor::{AggregationPolicy, ModelManifest, Parameters, TensorData};
+
+/// A client update as the kernels see it: the staged slot bytes (canonical layout of
+/// `manifest`, 8-byte aligned), the update's weight and its client.
+#[derive(Debug, Clone, Copy)]
+pub struct UpdateView<'a> {
+    /// The job's manifest (layout of `bytes`).
+    pub manifest: &'a ModelManifest,
+    /// Slot bytes, [`ModelManifest::slot_bytes`] long.
+    pub bytes: &'a [u8],
+    /// The update's coefficient (usually `num_examples`; staleness-scaled in async modes).
+    pub weight: f64,
+    /// Who sent it.
+    pub client: &'a ClientId,
+}
+
+impl<'a> UpdateView<'a> {
+    /// Typed view of tensor `i`.
+    ///
+    /// # Errors
+    /// [`Error::Misaligned`] if the bytes are not aligned for the dtype (staging aligns them).
+    pub fn tensor(&self, i: usize) -> Result<TensorData<'a>> {
+        let s = self.manifest.slots()[i];
+        let spec = &self.manifest.tensors()[i];
+        self.bytes
+            .get(s.byte_offset..s.byte_offset + s.byte_len)
+            .and_then(|b| TensorData::view(spec.dtype, b))
+            .ok_or_else(|| Error::Misaligned(spec.name.clone()))
+    }
+}
+
+/// Whether a strategy can fold updates one at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mergeability {
+    /// `fold` each update on arrival, `merge` partials, `finish` once.
+    Streaming,
+    /// Needs the whole cohort: call [`Strategy::aggregate_cohort`].
+    WholeCohort,
+}
+
+/// A mergeable intermediate: per-element accumulator (weighted sums for `mean` tensors, running
+/// maxima for `max`, the lowest client's values for `first`), total weight, count and the
+/// contributing clients. Allocated once per aggregator and [`reset`](Self::reset) between rounds.
+#[derive(Clone, PartialEq)]
+pub struct PartialAggregate {
+    manifest: Arc<ModelManifest>,
+    values: Vec<f64>,
+    first_owner: Vec<Option<ClientId>>,
+    total_weight: f64,
+    count: u64,
+    clients: Vec<ClientId>,
+}
+
+impl fmt::Debug for PartialAggregate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PartialAggregate")
+            .field("elements", &self.values.len())
+            .field("total_weight", &self.total_weight)
+            .field("count", &self.count)
+            .finish()
+    }
+}
+
+impl PartialAggregate {
+    /// An empty partial for `manifest` (one allocation of `numel` f64).
+    pub fn new(manifest: Arc<ModelManifest>) -> PartialAggregate {
+        let mut p = PartialAggregate {
+            values: vec![0.0; manifest.numel()],
+            first_owner: vec![None; manifest.tensors().len()],
+            manifest,
+            total_weight: 0.0,
+            count: 0,
+            clients: Vec::new(),
+        };
+        p.reset();
+        p
+    }
+
+    /// Empties the partial for reuse in the next round, without reallocating.
+    pub fn reset(&mut self) {
+        for (spec, s) in self.manifest.tensors().iter().zip(self.manifest.slots()) {
+            let init = if spec.policy == AggregationPolicy::Max { f64::NEG_INFINITY } else { 0.0 };
+            self.values[s.elem_offset..s.elem_offset + s.numel].fill(init);
+        }
+        self.first_owner.iter_mut().for_each(|o| *o = None);
+        self.total_weight = 0.0;
+        self.count = 0;
+        self.clients.clear();
+    }
+
+    /// The manifest.
+    pub fn manifest(&self) -> &Arc<ModelManifest> {
+        &self.manifest
+    }
+
+    /// Number of updates folded.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Sum of the folded updates' weights.
+    pub fn total_weight(&self) -> f64 {
+        self.total_weight
+    }
+
+    /// Clients whose updates were folded, in fold order.
+    pub fn clients(&self) -> &[ClientId] {
+        &self.clients
+    }
+
+    /// The accumulator of tensor `i`.
+    pub fn tensor_values(&self, i: usize) -> &[f64] {
+        let s = self.manifest.slots()[i];
+        &self.values[s.elem_offset..s.elem_offset + s.numel]
+    }
+
+    pub(crate) fn check_manifest(&self, m: &ModelManifest) -> Result<()> {
+        if std::ptr::eq(&*self.manifest, m) || *self.manifest == *m {
+            Ok(())
+        } else {
+            Err(Error::ManifestMismatch("update and accumulator come from different manifests"))
+        }
+    }
+
+    /// Folds one update with the manifest's per-tensor policies (`mean` tensors get
+    /// `acc += weight * x`).
+    ///
+    /// # Errors
+    /// [`Error::InvalidWeight`] for a non-finite or non-positive weight,
+    /// [`Error::ManifestMismatch`] / [`Error::Misaligned`] for a foreign or unaligned view. Nothing
+    /// is folded on error.
+    pub fn fold(&mut self, u: &UpdateView<'_>) -> Result<()> {
+        self.fold_batch(std::slice::from_ref(u))
+    }
+
+    /// Folds several updates; f32 `mean` tensors are folded tile by tile
+    /// ([`crate::kernels::fold_f32_tiled`]) so each update is read from memory once.
+    ///
+    /// # Errors
+    /// As [`Self::fold`]; the batch is checked before anything is folded.
+    pub fn fold_batch(&mut self, updates: &[UpdateView<'_>]) -> Result<()> {
+        for u in updates {
+            self.check_manifest(u.manifest)?;
+            if !(u.weight.is_finite() && u.weight > 0.0) {
+                return Err(Error::InvalidWeight(u.weight));
+            }
+            for i in 0..self.manifest.tensors().len() {
+                u.tensor(i)?;
+            }
+        }
+        let manifest = Arc::clone(&self.manifest);
+        let mut f32_views: Vec<(&[f32], f64)> = Vec::with_capacity(updates.len());
+        for (i, (spec, s)) in manifest.tensors().iter().zip(manifest.slots()).enumerate() {
+            let acc = &mut self.values[s.elem_offset..s.elem_offset + s.numel];
+            match spec.policy {
+                AggregationPolicy::Mean => {
+                    f32_views.clear();
+                    for u in updates {
+                        match u.tensor(i)? {
+                            TensorData::F32(x) => f32_views.push((x, u.weight)),
+                            other => crate::kernels::scaled_add(acc, other, u.weight),
+                        }
+                    }
+                    crate::kernels::fold_f32_tiled(acc, &f32_views);
+                }
+                AggregationPolicy::Max => {
+                    for u in updates {
+                        crate::kernels::max_assign(acc, u.tensor(i)?);
+                    }
+                }
+                AggregationPolicy::First => {
+                    for u in updates {
+                        if self.first_owner[i].as_ref().is_none_or(|o| u.client < o) {
+                            crate::kernels::assign(acc, u.tensor(i)?);
+                            self.first_owner[i] = Some(u.client.clone());
+                        }
+                    }
+                }
+                AggregationPolicy::Skip => {}
+            }
+        }
+        for u in updates {
+            self.total_weight += u.weight;
+            self.count += 1;
+            self.clients.push(u.client.clone());
+        }
+        Ok(())
+    }
+
+    /// Merges `other` into `self` (sums add, maxima max, the lower client's `first` values win).
+    ///
+    /// # Errors
+    /// [`Error::ManifestMismatch`] if the partials come from different manifests.
+    pub fn merge(&mut self, other: &PartialAggregate) -> Result<()> {
+        self.check_manifest(&other.manifest)?;
+        let manifest = Arc::clone(&self.manifest);
+        for (i, (spec, s)) in manifest.tensors().iter().zip(manifest.slots()).enumerate() {
+            let r = s.elem_offset..s.elem_offset + s.numel;
+            let (a, b) = (&mut self.values[r.clone()], &other.values[r]);
+            match spec.policy {
+                AggregationPolicy::Mean => a.iter_mut().zip(b).for_each(|(a, b)| *a += b),
+                AggregationPolicy::Max => a.iter_mut().zip(b).for_each(|(a, b)| *a = a.max(*b)),
+                AggregationPolicy::First => {
+                    if let Some(o) = &other.first_owner[i] {
+                        if self.first_owner[i].as_ref().is_none_or(|s| o < s) {
+                            a.copy_from_slice(b);
+                            self.first_owner[i] = Some(o.clone());
+                        }
+                    }
+                }
+                AggregationPolicy::Skip => {}
+            }
+        }
+        self.total_weight += other.total_weight;
+        self.count += other.count;
+        self.clients.extend_from_slice(&other.clients);
+        Ok(())
+    }
+}
+
+/// An aggregation strategy: the maths and policy of one job.
+pub trait Strategy: Send + fmt::Debug {
+    /// Short name (`fedavg`, `krum`, ...), used in logs and metrics.
+    fn name(&self) -> &'static str;
+
+    /// Whether updates can be folded one at a time.
+    fn mergeability(&self) -> Mergeability;
+
+    /// Folds one update into `partial` (streaming strategies).
+    ///
+    /// # Errors
+    /// [`Error::NotStreaming`] for whole-cohort strategies; input errors as
+    /// [`PartialAggregate::fold`].
+    fn fold(&self, partial: &mut PartialAggregate, update: &UpdateView<'_>) -> Result<()>;
+
+    /// Folds several updates at once (defaults to the tiled batch fold of the partial).
+    ///
+    /// # Errors
+    /// As [`Self::fold`].
+    fn fold_batch(&self, partial: &mut PartialAggregate, updates: &[UpdateView<'_>]) -> Result<()> {
+        for u in updates {
+            self.fold(partial, u)?;
+        }
+        Ok(())
+    }
+
+    /// Merges two partials of the same round (associative and commutative).
+    ///
+    /// # Errors
+    /// [`Error::NotStreaming`] for whole-cohort strategies; [`Error::ManifestMismatch`].
+    fn merge(&self, into: &mut PartialAggregate, other: &PartialAggregate) -> Result<()>;
+
+    /// Turns the round's merged partial into the next global model (the server step).
+    ///
+    /// # Errors
+    /// [`Error::ZeroTotalWeight`] when nothing (or only zero weight) was folded: no model is
+    /// produced and the previous global model must stand.
+    fn finish(&mut self, partial: &PartialAggregate, global: &Parameters) -> Result<Parameters>;
+
+    /// Aggregates a whole cohort at once. The default folds every update and finishes, which is
+    /// what streaming strategies mean by it; whole-cohort strategies override it.
+    ///
+    /// # Errors
+    /// As [`Self::fold`] and [`Self::finish`].
+    fn aggregate_cohort(&mut self, cohort: &[UpdateView<'_>], global: &Parameters) -> Result<Parameters> {
+        let mut p = PartialAggregate::new(Arc::clone(global.manifest()));
+        self.fold_batch(&mut p, cohort)?;
+        self.finish(&p, global)
+    }
+}

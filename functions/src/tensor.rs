@@ -1,0 +1,804 @@
+//! Tensors: dtypes, the model manifest, the canonical slot layout, [`Parameters`], and ingest
+//! validation of safetensors payloads.
+//!
+//! A job's **manifest** lists every tensor of the model: name, dtype, shape and aggregation
+//! policy. Because shapes and dtypes are fixed, every update of a job has the same byte size, and
+//! the runtime stages each one in a fixed-size **slot** with the canonical layout computed here:
+//! tensors in manifest order, each starting at a 64-byte aligned offset, little-endian, C order.
+//! Kernels view slot bytes in place (`bytemuck`), so no update is ever copied after staging.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use half::{bf16, f16};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Alignment of every tensor inside a slot, in bytes (a cache line; enough for AVX-512 loads).
+pub const SLOT_ALIGN: usize = 64;
+
+/// Element types of tensors, named as in safetensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[allow(clippy::upper_case_acronyms)]
+pub enum DType {
+    /// IEEE 754 binary32.
+    F32,
+    /// IEEE 754 binary16; decoded and accumulated in f64.
+    F16,
+    /// bfloat16; decoded and accumulated in f64.
+    BF16,
+    /// IEEE 754 binary64.
+    F64,
+    /// Signed 64-bit integer (e.g. BatchNorm `num_batches_tracked`).
+    I64,
+    /// Signed 32-bit integer.
+    I32,
+    /// Signed 16-bit integer.
+    I16,
+    /// Signed 8-bit integer.
+    I8,
+    /// Unsigned 64-bit integer.
+    U64,
+    /// Unsigned 32-bit integer.
+    U32,
+    /// Unsigned 16-bit integer.
+    U16,
+    /// Unsigned 8-bit integer.
+    U8,
+}
+
+impl DType {
+    /// Size of one element in bytes.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F64 | DType::I64 | DType::U64 => 8,
+            DType::F32 | DType::I32 | DType::U32 => 4,
+            DType::F16 | DType::BF16 | DType::I16 | DType::U16 => 2,
+            DType::I8 | DType::U8 => 1,
+        }
+    }
+
+    /// Whether the dtype is a floating-point type.
+    pub fn is_float(self) -> bool {
+        matches!(self, DType::F32 | DType::F16 | DType::BF16 | DType::F64)
+    }
+
+    /// The safetensors dtype.
+    pub fn to_safetensors(self) -> safetensors::Dtype {
+        use safetensors::Dtype as S;
+        match self {
+            DType::F32 => S::F32,
+            DType::F16 => S::F16,
+            DType::BF16 => S::BF16,
+            DType::F64 => S::F64,
+            DType::I64 => S::I64,
+            DType::I32 => S::I32,
+            DType::I16 => S::I16,
+            DType::I8 => S::I8,
+            DType::U64 => S::U64,
+            DType::U32 => S::U32,
+            DType::U16 => S::U16,
+            DType::U8 => S::U8,
+        }
+    }
+
+    /// The Shoal dtype of a safetensors dtype, if Shoal aggregates it (BOOL and FP8 are not).
+    pub fn from_safetensors(d: safetensors::Dtype) -> Option<DType> {
+        use safetensors::Dtype as S;
+        Some(match d {
+            S::F32 => DType::F32,
+            S::F16 => DType::F16,
+            S::BF16 => DType::BF16,
+            S::F64 => DType::F64,
+            S::I64 => DType::I64,
+            S::I32 => DType::I32,
+            S::I16 => DType::I16,
+            S::I8 => DType::I8,
+            S::U64 => DType::U64,
+            S::U32 => DType::U32,
+            S::U16 => DType::U16,
+            S::U8 => DType::U8,
+            _ => return None,
+        })
+    }
+
+    /// Inclusive value range of an integer dtype, as f64 (None for floats).
+    fn int_range(self) -> Option<(f64, f64)> {
+        Some(match self {
+            DType::I64 => (i64::MIN as f64, i64::MAX as f64),
+            DType::I32 => (i32::MIN as f64, i32::MAX as f64),
+            DType::I16 => (i16::MIN as f64, i16::MAX as f64),
+            DType::I8 => (i8::MIN as f64, i8::MAX as f64),
+            DType::U64 => (0.0, u64::MAX as f64),
+            DType::U32 => (0.0, u32::MAX as f64),
+            DType::U16 => (0.0, u16::MAX as f64),
+            DType::U8 => (0.0, u8::MAX as f64),
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// How the updates' values of one tensor are combined.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AggregationPolicy {
+    /// Weighted mean (the strategy's rule). Integer tensors: the f64 weighted mean rounded half
+    /// to even and saturated to the dtype's range (ints 10 and 21 with equal weights give 16),
+    /// never per-term truncation. Exact while |value| x total weight < 2^53.
+    #[default]
+    Mean,
+    /// Element-wise maximum over the updates (e.g. BatchNorm counters).
+    Max,
+    /// The value of the update from the lowest `ClientId` (deterministic whatever the arrival
+    /// order, so partial aggregates stay mergeable).
+    First,
+    /// Not aggregated: the new global model keeps the previous global value.
+    Skip,
+}
+
+/// One tensor of the model manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorSpec {
+    /// Tensor name, as in the safetensors payload (e.g. `fc.weight`).
+    pub name: String,
+    /// Element type every update must use for this tensor.
+    pub dtype: DType,
+    /// Shape, C order. `[]` is a scalar.
+    pub shape: Vec<usize>,
+    /// Aggregation policy; defaults to [`AggregationPolicy::Mean`].
+    #[serde(default)]
+    pub policy: AggregationPolicy,
+}
+
+impl TensorSpec {
+    /// A tensor with the default (`mean`) policy.
+    pub fn new(name: impl Into<String>, dtype: DType, shape: Vec<usize>) -> TensorSpec {
+        TensorSpec { name: name.into(), dtype, shape, policy: AggregationPolicy::Mean }
+    }
+
+    /// Number of elements (product of the shape; 1 for a scalar).
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// Where one tensor lives inside a slot and inside a [`PartialAggregate`](crate::PartialAggregate).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TensorSlot {
+    /// Byte offset inside the slot (multiple of [`SLOT_ALIGN`]).
+    pub byte_offset: usize,
+    /// Length in bytes (numel x dtype size).
+    pub byte_len: usize,
+    /// Element offset inside a flat per-element accumulator.
+    pub elem_offset: usize,
+    /// Number of elements.
+    pub numel: usize,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ManifestRepr {
+    tensors: Vec<TensorSpec>,
+}
+
+/// The model manifest: every tensor's name, dtype, shape and policy, plus the derived slot
+/// layout. Built with [`ModelManifest::new`] (or deserialised, which validates the same way).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "ManifestRepr", into = "ManifestRepr")]
+pub struct ModelManifest {
+    tensors: Vec<TensorSpec>,
+    slots: Vec<TensorSlot>,
+    index: HashMap<String, usize>,
+    slot_bytes: usize,
+    numel: usize,
+}
+
+impl TryFrom<ManifestRepr> for ModelManifest {
+    type Error = Error;
+    fn try_from(r: ManifestRepr) -> Result<Self> {
+        ModelManifest::new(r.tensors)
+    }
+}
+
+impl From<ModelManifest> for ManifestRepr {
+    fn from(m: ModelManifest) -> Self {
+        ManifestRepr { tensors: m.tensors }
+    }
+}
+
+/// Largest slot Shoal accepts: 16 GiB (a 4-billion-parameter f32 model).
+pub const MAX_SLOT_BYTES: usize = 16 << 30;
+
+impl ModelManifest {
+    /// Validates the tensor list (non-empty, unique non-empty names, total size within
+    /// [`MAX_SLOT_BYTES`]) and computes the slot layout.
+    ///
+    /// # Errors
+    /// [`Error::InvalidManifest`] naming the problem.
+    pub fn new(tensors: Vec<TensorSpec>) -> Result<ModelManifest> {
+        if tensors.is_empty() {
+            return Err(Error::InvalidManifest("no tensors".into()));
+        }
+        let mut index = HashMap::with_capacity(tensors.len());
+        let mut slots = Vec::with_capacity(tensors.len());
+        let (mut byte_offset, mut elem_offset) = (0usize, 0usize);
+        for (i, t) in tensors.iter().enumerate() {
+            if t.name.is_empty() || t.name.len() > 1024 {
+                return Err(Error::InvalidManifest(format!("tensor {i} has an empty or over-long name")));
+            }
+            if index.insert(t.name.clone(), i).is_some() {
+                return Err(Error::InvalidManifest(format!("duplicate tensor name {:?}", t.name)));
+            }
+            let numel = t
+                .shape
+                .iter()
+                .try_fold(1usize, |a, &d| a.checked_mul(d))
+                .ok_or_else(|| Error::InvalidManifest(format!("shape of {:?} overflows", t.name)))?;
+            let byte_len = numel
+                .checked_mul(t.dtype.size())
+                .filter(|&b| b <= MAX_SLOT_BYTES)
+                .ok_or_else(|| Error::InvalidManifest(format!("{:?} is too large", t.name)))?;
+            slots.push(TensorSlot { byte_offset, byte_len, elem_offset, numel });
+            byte_offset = (byte_offset + byte_len).div_ceil(SLOT_ALIGN) * SLOT_ALIGN;
+            elem_offset += numel;
+            if byte_offset > MAX_SLOT_BYTES {
+                return Err(Error::InvalidManifest(format!(
+                    "model needs more than {MAX_SLOT_BYTES} bytes per update"
+                )));
+            }
+        }
+        Ok(ModelManifest {
+            tensors,
+            slots,
+            index,
+            slot_bytes: byte_offset.max(SLOT_ALIGN),
+            numel: elem_offset,
+        })
+    }
+
+    /// The tensors, in manifest order.
+    pub fn tensors(&self) -> &[TensorSpec] {
+        &self.tensors
+    }
+
+    /// The slot layout, parallel to [`Self::tensors`].
+    pub fn slots(&self) -> &[TensorSlot] {
+        &self.slots
+    }
+
+    /// Bytes one staged update occupies (a multiple of [`SLOT_ALIGN`]).
+    pub fn slot_bytes(&self) -> usize {
+        self.slot_bytes
+    }
+
+    /// Total number of elements over all tensors.
+    pub fn numel(&self) -> usize {
+        self.numel
+    }
+
+    /// Sum of the tensors' byte lengths (the payload size without padding or header).
+    pub fn data_bytes(&self) -> usize {
+        self.slots.iter().map(|s| s.byte_len).sum()
+    }
+
+    /// Index of the tensor called `name`.
+    pub fn position(&self, name: &str) -> Option<usize> {
+        self.index.get(name).copied()
+    }
+}
+
+/// Why an update's payload does not match the job's manifest. Each variant is a typed rejection
+/// reason at ingest; none can crash the process.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ValidationError {
+    /// The bytes are not a valid safetensors file (truncated, bad header, bad offsets).
+    #[error("malformed safetensors payload: {0}")]
+    Malformed(String),
+    /// A tensor of the manifest is absent.
+    #[error("tensor {0:?} is missing")]
+    MissingTensor(String),
+    /// A tensor not in the manifest is present.
+    #[error("tensor {0:?} is not in the model manifest")]
+    ExtraTensor(String),
+    /// A tensor has another dtype than the manifest declares.
+    #[error("tensor {name:?} has dtype {got}, the manifest declares {expected}")]
+    DTypeMismatch {
+        /// Tensor name.
+        name: String,
+        /// Declared dtype.
+        expected: DType,
+        /// Received dtype (safetensors name).
+        got: String,
+    },
+    /// A tensor has another shape than the manifest declares.
+    #[error("tensor {name:?} has shape {got:?}, the manifest declares {expected:?}")]
+    ShapeMismatch {
+        /// Tensor name.
+        name: String,
+        /// Declared shape.
+        expected: Vec<usize>,
+        /// Received shape.
+        got: Vec<usize>,
+    },
+    /// A floating-point tensor holds NaN or ±Inf.
+    #[error("tensor {name:?} holds a non-finite value at element {index}")]
+    NonFinite {
+        /// Tensor name.
+        name: String,
+        /// Index of the first non-finite element.
+        index: usize,
+    },
+    /// The destination slot has the wrong size (a runtime bug guard, not client input).
+    #[error("destination slot is {got} bytes, the manifest needs {expected}")]
+    SlotSize {
+        /// Needed bytes.
+        expected: usize,
+        /// Provided bytes.
+        got: usize,
+    },
+}
+
+impl ValidationError {
+    /// A bounded label for metrics and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ValidationError::Malformed(_) => "malformed",
+            ValidationError::MissingTensor(_) => "missing_tensor",
+            ValidationError::ExtraTensor(_) => "extra_tensor",
+            ValidationError::DTypeMismatch { .. } => "dtype_mismatch",
+            ValidationError::ShapeMismatch { .. } => "shape_mismatch",
+            ValidationError::NonFinite { .. } => "non_finite",
+            ValidationError::SlotSize { .. } => "slot_size",
+        }
+    }
+}
+
+/// Validates a safetensors `payload` against `manifest` and writes every tensor's bytes into
+/// `slot` at its canonical offset: the one copy of an update's bytes on the ingest path. Float
+/// tensors are then checked for NaN/Inf in place.
+///
+/// `slot` must be exactly [`ModelManifest::slot_bytes`] long and 8-byte aligned (shared-memory
+/// slots are 64-byte aligned). Padding bytes are zeroed.
+///
+/// # Errors
+/// A [`ValidationError`] naming the first problem found. On error the slot content is
+/// unspecified (the caller releases it).
+pub fn stage_update(
+    manifest: &ModelManifest,
+    payload: &[u8],
+    slot: &mut [u8],
+) -> Result<(), ValidationError> {
+    if slot.len() != manifest.slot_bytes() {
+        return Err(ValidationError::SlotSize { expected: manifest.slot_bytes(), got: slot.len() });
+    }
+    let st = safetensors::SafeTensors::deserialize(payload)
+        .map_err(|e| ValidationError::Malformed(format!("{e:?}")))?;
+    if st.len() != manifest.tensors().len() {
+        // Name the offending tensor: an extra one if any, else a missing one.
+        for name in st.names() {
+            if manifest.position(name).is_none() {
+                return Err(ValidationError::ExtraTensor(name.clone()));
+            }
+        }
+    }
+    let mut cursor = 0usize;
+    for (spec, s) in manifest.tensors().iter().zip(manifest.slots()) {
+        let view = st.tensor(&spec.name).map_err(|_| ValidationError::MissingTensor(spec.name.clone()))?;
+        if DType::from_safetensors(view.dtype()) != Some(spec.dtype) {
+            return Err(ValidationError::DTypeMismatch {
+                name: spec.name.clone(),
+                expected: spec.dtype,
+                got: format!("{:?}", view.dtype()),
+            });
+        }
+        if view.shape() != spec.shape.as_slice() {
+            return Err(ValidationError::ShapeMismatch {
+                name: spec.name.clone(),
+                expected: spec.shape.clone(),
+                got: view.shape().to_vec(),
+            });
+        }
+        let data = view.data();
+        if data.len() != s.byte_len {
+            return Err(ValidationError::Malformed(format!(
+                "tensor {:?} has {} data bytes",
+                spec.name,
+                data.len()
+            )));
+        }
+        slot[cursor..s.byte_offset].fill(0);
+        slot[s.byte_offset..s.byte_offset + s.byte_len].copy_from_slice(data);
+        cursor = s.byte_offset + s.byte_len;
+    }
+    slot[cursor..].fill(0);
+    if st.len() != manifest.tensors().len() {
+        return Err(ValidationError::Malformed("tensor count differs from the manifest".into()));
+    }
+    check_finite(manifest, slot)
+}
+
+/// Checks that every float tensor of a staged slot is finite.
+///
+/// # Errors
+/// [`ValidationError::NonFinite`] for the first offending element.
+pub fn check_finite(manifest: &ModelManifest, slot: &[u8]) -> Result<(), ValidationError> {
+    for (spec, s) in manifest.tensors().iter().zip(manifest.slots()) {
+        let bytes = &slot[s.byte_offset..s.byte_offset + s.byte_len];
+        let bad = match TensorData::view(spec.dtype, bytes) {
+            Some(TensorData::F32(x)) => x.iter().position(|v| !v.is_finite()),
+            Some(TensorData::F64(x)) => x.iter().position(|v| !v.is_finite()),
+            Some(TensorData::F16(x)) => x.iter().position(|v| !v.is_finite()),
+            Some(TensorData::BF16(x)) => x.iter().position(|v| !v.is_finite()),
+            Some(_) => None,
+            None => return Err(ValidationError::Malformed(format!("tensor {:?} misaligned", spec.name))),
+        };
+        if let Some(index) = bad {
+            return Err(ValidationError::NonFinite { name: spec.name.clone(), index });
+        }
+    }
+    Ok(())
+}
+
+/// A typed, zero-copy view of one tensor's bytes.
+#[derive(Debug, Clone, Copy)]
+#[allow(missing_docs)]
+pub enum TensorData<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    BF16(&'a [bf16]),
+    F64(&'a [f64]),
+    I64(&'a [i64]),
+    I32(&'a [i32]),
+    I16(&'a [i16]),
+    I8(&'a [i8]),
+    U64(&'a [u64]),
+    U32(&'a [u32]),
+    U16(&'a [u16]),
+    U8(&'a [u8]),
+}
+
+impl<'a> TensorData<'a> {
+    /// Views `bytes` as elements of `dtype`; `None` if misaligned or of a length that is not a
+    /// multiple of the element size.
+    pub fn view(dtype: DType, bytes: &'a [u8]) -> Option<TensorData<'a>> {
+        use bytemuck::try_cast_slice as c;
+        Some(match dtype {
+            DType::F32 => TensorData::F32(c(bytes).ok()?),
+            DType::F16 => TensorData::F16(c(bytes).ok()?),
+            DType::BF16 => TensorData::BF16(c(bytes).ok()?),
+            DType::F64 => TensorData::F64(c(bytes).ok()?),
+            DType::I64 => TensorData::I64(c(bytes).ok()?),
+            DType::I32 => TensorData::I32(c(bytes).ok()?),
+            DType::I16 => TensorData::I16(c(bytes).ok()?),
+            DType::I8 => TensorData::I8(c(bytes).ok()?),
+            DType::U64 => TensorData::U64(c(bytes).ok()?),
+            DType::U32 => TensorData::U32(c(bytes).ok()?),
+            DType::U16 => TensorData::U16(c(bytes).ok()?),
+            DType::U8 => TensorData::U8(bytes),
+        })
+    }
+
+    /// Element `i` decoded to f64 (exact for every dtype except 64-bit integers beyond 2^53).
+    pub fn get_f64(&self, i: usize) -> f64 {
+        match *self {
+            TensorData::F32(x) => f64::from(x[i]),
+            TensorData::F16(x) => x[i].to_f64(),
+            TensorData::BF16(x) => x[i].to_f64(),
+            TensorData::F64(x) => x[i],
+            TensorData::I64(x) => x[i] as f64,
+            TensorData::I32(x) => f64::from(x[i]),
+            TensorData::I16(x) => f64::from(x[i]),
+            TensorData::I8(x) => f64::from(x[i]),
+            TensorData::U64(x) => x[i] as f64,
+            TensorData::U32(x) => f64::from(x[i]),
+            TensorData::U16(x) => f64::from(x[i]),
+            TensorData::U8(x) => f64::from(x[i]),
+        }
+    }
+}
+
+/// Model parameters in the canonical slot layout (the global model, or a strategy's result).
+/// The buffer is 8-byte aligned so every dtype can be viewed in place.
+#[derive(Clone, PartialEq)]
+pub struct Parameters {
+    manifest: Arc<ModelManifest>,
+    buf: Vec<u64>,
+}
+
+impl fmt::Debug for Parameters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Parameters")
+            .field("tensors", &self.manifest.tensors().len())
+            .field("bytes", &self.manifest.slot_bytes())
+            .finish()
+    }
+}
+
+impl Parameters {
+    /// All-zero parameters of `manifest`.
+    pub fn zeros(manifest: Arc<ModelManifest>) -> Parameters {
+        let words = manifest.slot_bytes() / 8;
+        Parameters { manifest, buf: vec![0u64; words] }
+    }
+
+    /// Parameters from per-tensor values given in f64 (rounded to each tensor's dtype: nearest
+    /// for floats, half-to-even and saturating for integers).
+    ///
+    /// # Errors
+    /// [`Error::ManifestMismatch`] when the number of tensors or of values differs.
+    pub fn from_f64(manifest: Arc<ModelManifest>, values: &[Vec<f64>]) -> Result<Parameters> {
+        if values.len() != manifest.tensors().len() {
+            return Err(Error::ManifestMismatch("tensor count differs"));
+        }
+        let mut p = Parameters::zeros(manifest);
+        for (i, v) in values.iter().enumerate() {
+            if v.len() != p.manifest.slots()[i].numel {
+                return Err(Error::ManifestMismatch("tensor length differs"));
+            }
+            p.write_tensor_f64(i, v.iter().copied());
+        }
+        Ok(p)
+    }
+
+    /// Parses and validates a safetensors file against `manifest` (as ingest does).
+    ///
+    /// # Errors
+    /// [`Error::Validation`] when the payload does not match.
+    pub fn from_safetensors(manifest: Arc<ModelManifest>, payload: &[u8]) -> Result<Parameters> {
+        let mut p = Parameters::zeros(manifest);
+        let m = Arc::clone(&p.manifest);
+        stage_update(&m, payload, p.as_bytes_mut())?;
+        Ok(p)
+    }
+
+    /// Encodes as a safetensors file (tensors keep their manifest dtypes).
+    ///
+    /// # Errors
+    /// [`Error::Encode`] if safetensors rejects the data (cannot happen for a valid manifest).
+    pub fn to_safetensors(&self) -> Result<Vec<u8>> {
+        let bytes = self.as_bytes();
+        let views = self
+            .manifest
+            .tensors()
+            .iter()
+            .zip(self.manifest.slots())
+            .map(|(t, s)| {
+                safetensors::tensor::TensorView::new(
+                    t.dtype.to_safetensors(),
+                    t.shape.clone(),
+                    &bytes[s.byte_offset..s.byte_offset + s.byte_len],
+                )
+                .map(|v| (t.name.as_str(), v))
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(Error::Encode)?;
+        safetensors::serialize(views, &None).map_err(Error::Encode)
+    }
+
+    /// The manifest.
+    pub fn manifest(&self) -> &Arc<ModelManifest> {
+        &self.manifest
+    }
+
+    /// The slot-layout bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.buf)
+    }
+
+    /// The slot-layout bytes, mutable.
+    pub fn as_bytes_mut(&mut self) -> &mut [u8] {
+        bytemuck::cast_slice_mut(&mut self.buf)
+    }
+
+    /// A typed view of tensor `i`.
+    ///
+    /// # Panics
+    /// If `i` is out of range.
+    pub fn tensor(&self, i: usize) -> TensorData<'_> {
+        let s = self.manifest.slots()[i];
+        TensorData::view(
+            self.manifest.tensors()[i].dtype,
+            &self.as_bytes()[s.byte_offset..s.byte_offset + s.byte_len],
+        )
+        .expect("Parameters buffers are 8-byte aligned and sized by the manifest")
+    }
+
+    /// Tensor `i` decoded to f64.
+    pub fn tensor_f64(&self, i: usize) -> Vec<f64> {
+        let t = self.tensor(i);
+        (0..self.manifest.slots()[i].numel).map(|e| t.get_f64(e)).collect()
+    }
+
+    /// A view of these parameters as a client update (used by tests and the simulator).
+    pub fn as_update<'a>(&'a self, client: &'a crate::ClientId, weight: f64) -> crate::UpdateView<'a> {
+        crate::UpdateView { manifest: &self.manifest, bytes: self.as_bytes(), weight, client }
+    }
+
+    /// Writes tensor `i` from f64 values, rounding to its dtype.
+    pub(crate) fn write_tensor_f64(&mut self, i: usize, values: impl Iterator<Item = f64>) {
+        let s = self.manifest.slots()[i];
+        let dtype = self.manifest.tensors()[i].dtype;
+        let out = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut self.buf)
+            [s.byte_offset..s.byte_offset + s.byte_len];
+        write_f64_as(dtype, values, out);
+    }
+}
+
+/// Encodes f64 values into `out` as `dtype`: floats round to nearest; integers round half to
+/// even and saturate to the dtype's range (NaN becomes 0).
+fn write_f64_as(dtype: DType, values: impl Iterator<Item = f64>, out: &mut [u8]) {
+    let n = dtype.size();
+    for (chunk, v) in out.chunks_exact_mut(n).zip(values) {
+        match dtype {
+            DType::F32 => chunk.copy_from_slice(&(v as f32).to_le_bytes()),
+            DType::F64 => chunk.copy_from_slice(&v.to_le_bytes()),
+            DType::F16 => chunk.copy_from_slice(&f16::from_f64(v).to_le_bytes()),
+            DType::BF16 => chunk.copy_from_slice(&bf16::from_f64(v).to_le_bytes()),
+            _ => {
+                let (lo, hi) = dtype.int_range().unwrap_or((0.0, 0.0));
+                let r = if v.is_nan() { 0.0 } else { v.round_ties_even().clamp(lo, hi) };
+                match dtype {
+                    DType::I64 => chunk.copy_from_slice(&(r as i64).to_le_bytes()),
+                    DType::I32 => chunk.copy_from_slice(&(r as i32).to_le_bytes()),
+                    DType::I16 => chunk.copy_from_slice(&(r as i16).to_le_bytes()),
+                    DType::I8 => chunk.copy_from_slice(&(r as i8).to_le_bytes()),
+                    DType::U64 => chunk.copy_from_slice(&(r as u64).to_le_bytes()),
+                    DType::U32 => chunk.copy_from_slice(&(r as u32).to_le_bytes()),
+                    DType::U16 => chunk.copy_from_slice(&(r as u16).to_le_bytes()),
+                    _ => chunk.copy_from_slice(&(r as u8).to_le_bytes()),
+                }
+            }
+        }
+    }
+}
+
+/// Builds a safetensors payload from named f64 values (for tests, the simulator and clients
+/// that hold plain vectors). Values are rounded to each tensor's dtype.
+///
+/// # Errors
+/// As [`Parameters::from_f64`] and [`Parameters::to_safetensors`].
+pub fn encode_safetensors(manifest: &Arc<ModelManifest>, values: &[Vec<f64>]) -> Result<Vec<u8>> {
+    Parameters::from_f64(Arc::clone(manifest), values)?.to_safetensors()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest() -> Arc<ModelManifest> {
+        Arc::new(
+            ModelManifest::new(vec![
+                TensorSpec::new("w", DType::F32, vec![2, 3]),
+                TensorSpec::new("b", DType::F16, vec![3]),
+                TensorSpec::new("n", DType::I64, vec![]),
+            ])
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn layout_is_aligned_and_sized() {
+        let m = manifest();
+        let s = m.slots();
+        assert_eq!((s[0].byte_offset, s[0].byte_len), (0, 24));
+        assert_eq!((s[1].byte_offset, s[1].byte_len), (64, 6));
+        assert_eq!((s[2].byte_offset, s[2].byte_len), (128, 8));
+        assert_eq!(m.slot_bytes(), 192);
+        assert_eq!(m.numel(), 10);
+        assert_eq!(s[2].elem_offset, 9);
+    }
+
+    #[test]
+    fn manifest_rejects_duplicates_and_empty() {
+        assert!(ModelManifest::new(vec![]).is_err());
+        let t = TensorSpec::new("a", DType::F32, vec![1]);
+        assert!(ModelManifest::new(vec![t.clone(), t]).is_err());
+        let huge = TensorSpec::new("h", DType::F64, vec![usize::MAX / 2, 4]);
+        assert!(ModelManifest::new(vec![huge]).is_err());
+    }
+
+    #[test]
+    fn safetensors_round_trip_and_rounding() {
+        let m = manifest();
+        let vals = vec![vec![1.0, -2.5, 3.25, 0.0, 1e-3, 7.0], vec![0.5, 1.0, -1.0], vec![15.5]];
+        let bytes = encode_safetensors(&m, &vals).unwrap();
+        let p = Parameters::from_safetensors(Arc::clone(&m), &bytes).unwrap();
+        assert_eq!(p.tensor_f64(0)[2], 3.25);
+        assert_eq!(p.tensor_f64(1), vec![0.5, 1.0, -1.0]);
+        assert_eq!(p.tensor_f64(2), vec![16.0], "15.5 rounds half to even");
+        let p2 =
+            Parameters::from_f64(Arc::clone(&m), &[vals[0].clone(), vals[1].clone(), vec![14.5]]).unwrap();
+        assert_eq!(p2.tensor_f64(2), vec![14.0]);
+    }
+
+    #[test]
+    fn stage_rejects_each_kind_of_bad_payload() {
+        let m = manifest();
+        let mut slot = vec![0u64; m.slot_bytes() / 8];
+        let slot = bytemuck::cast_slice_mut::<u64, u8>(&mut slot);
+        let good = vec![vec![0.0; 6], vec![0.0; 3], vec![1.0]];
+        let ok = encode_safetensors(&m, &good).unwrap();
+        assert!(stage_update(&m, &ok, slot).is_ok());
+
+        // Truncated.
+        let e = stage_update(&m, &ok[..ok.len() - 3], slot).unwrap_err();
+        assert_eq!(e.label(), "malformed");
+        let e = stage_update(&m, &ok[..5], slot).unwrap_err();
+        assert_eq!(e.label(), "malformed");
+
+        // Wrong shape / dtype / missing / extra, built with other manifests.
+        let other = |ts: Vec<TensorSpec>, v: Vec<Vec<f64>>| {
+            encode_safetensors(&Arc::new(ModelManifest::new(ts).unwrap()), &v).unwrap()
+        };
+        let shape = other(
+            vec![
+                TensorSpec::new("w", DType::F32, vec![3, 2]),
+                TensorSpec::new("b", DType::F16, vec![3]),
+                TensorSpec::new("n", DType::I64, vec![]),
+            ],
+            good.clone(),
+        );
+        assert!(matches!(stage_update(&m, &shape, slot), Err(ValidationError::ShapeMismatch { .. })));
+        let dtype = other(
+            vec![
+                TensorSpec::new("w", DType::F64, vec![2, 3]),
+                TensorSpec::new("b", DType::F16, vec![3]),
+                TensorSpec::new("n", DType::I64, vec![]),
+            ],
+            good.clone(),
+        );
+        assert!(matches!(stage_update(&m, &dtype, slot), Err(ValidationError::DTypeMismatch { .. })));
+        let missing = other(
+            vec![TensorSpec::new("w", DType::F32, vec![2, 3]), TensorSpec::new("b", DType::F16, vec![3])],
+            good[..2].to_vec(),
+        );
+        assert_eq!(stage_update(&m, &missing, slot), Err(ValidationError::MissingTensor("n".into())));
+        let extra = other(
+            vec![
+                TensorSpec::new("w", DType::F32, vec![2, 3]),
+                TensorSpec::new("b", DType::F16, vec![3]),
+                TensorSpec::new("n", DType::I64, vec![]),
+                TensorSpec::new("x", DType::F32, vec![1]),
+            ],
+            vec![good[0].clone(), good[1].clone(), good[2].clone(), vec![1.0]],
+        );
+        assert_eq!(stage_update(&m, &extra, slot), Err(ValidationError::ExtraTensor("x".into())));
+        // Same count, one renamed: the renamed one is extra.
+        let renamed = other(
+            vec![
+                TensorSpec::new("w", DType::F32, vec![2, 3]),
+                TensorSpec::new("b", DType::F16, vec![3]),
+                TensorSpec::new("m", DType::I64, vec![]),
+            ],
+            good.clone(),
+        );
+        assert_eq!(stage_update(&m, &renamed, slot), Err(ValidationError::MissingTensor("n".into())));
+
+        // NaN and Inf in f32 and f16.
+        let mut nan = good.clone();
+        nan[0][4] = f64::NAN;
+        let nan = encode_safetensors(&m, &nan).unwrap();
+        assert_eq!(
+            stage_update(&m, &nan, slot),
+            Err(ValidationError::NonFinite { name: "w".into(), index: 4 })
+        );
+        let mut inf = good.clone();
+        inf[1][1] = 1e9; // overflows f16 to +Inf
+        let inf = encode_safetensors(&m, &inf).unwrap();
+        assert_eq!(
+            stage_update(&m, &inf, slot),
+            Err(ValidationError::NonFinite { name: "b".into(), index: 1 })
+        );
+
+        // Wrong slot size is a typed error, not a panic.
+        let mut small = vec![0u8; 8];
+        assert!(matches!(stage_update(&m, &ok, &mut small), Err(ValidationError::SlotSize { .. })));
+    }
+}
