@@ -1,1 +1,207 @@
-fn main() {}
+//! Fold throughput: FedAvg over a cohort larger than L3, against a pure memory-read baseline.
+//!
+//! Cohort: 16 updates of 1,048,576 f32 (4 MiB each, 64 MiB in all), 64-byte aligned; the
+//! accumulator is a `PartialAggregate` of a one-tensor F32 manifest (8 MiB of f64).
+//!
+//! Group `fedavg_fold_1M_f32` (throughput = the 64 MiB of update bytes):
+//! - `read_baseline`: `kernels::read_baseline` over the 16 update buffers (the roofline);
+//! - `fold_tiled`: one `PartialAggregate::fold_batch` of the 16 views (tiled kernel);
+//! - `fold_one_by_one`: 16 `PartialAggregate::fold` calls;
+//! - `reference_kernel`: 16 `kernels::reference::scaled_add_f32` into a `Vec<f64>`.
+//!
+//! The fold benchmarks use `iter_custom`: `PartialAggregate::reset` (an 8 MiB fill) runs before
+//! each iteration and is **not** timed; only the fold is. No allocation happens per iteration.
+//!
+//! After the groups, one line `fold/read ratio: X.XX (fold_tiled A GB/s, read_baseline B GB/s)`
+//! is printed from best-of-5 `Instant` timings taken in this process (GB = 10^9 bytes; criterion
+//! prints GiB/s).
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput};
+use shoal_functions::kernels::{self, reference};
+use shoal_functions::{ClientId, DType, ModelManifest, PartialAggregate, TensorSpec, UpdateView};
+
+/// Elements per update.
+const N: usize = 1 << 20;
+/// Updates per cohort.
+const COHORT: usize = 16;
+/// Update bytes read per fold of the cohort.
+const BYTES: u64 = (COHORT * 4 * N) as u64;
+
+/// A buffer of `len` u64 words starting on a 64-byte boundary (a `Vec<u64>` is only 8-byte
+/// aligned, and glibc's large allocations start 16 bytes into a page).
+struct AlignedWords {
+    raw: Vec<u64>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedWords {
+    fn zeroed(len: usize) -> AlignedWords {
+        let raw = vec![0u64; len + 8];
+        let start = (64 - raw.as_ptr() as usize % 64) % 64 / 8;
+        AlignedWords { raw, start, len }
+    }
+
+    fn words(&self) -> &[u64] {
+        &self.raw[self.start..self.start + self.len]
+    }
+
+    fn words_mut(&mut self) -> &mut [u64] {
+        &mut self.raw[self.start..self.start + self.len]
+    }
+}
+
+struct Cohort {
+    manifest: Arc<ModelManifest>,
+    updates: Vec<AlignedWords>,
+    ids: Vec<ClientId>,
+    weights: Vec<f64>,
+}
+
+impl Cohort {
+    fn new() -> Cohort {
+        let manifest = Arc::new(
+            ModelManifest::new(vec![TensorSpec::new("w", DType::F32, vec![N])]).expect("valid manifest"),
+        );
+        assert_eq!(manifest.slot_bytes(), 4 * N);
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let updates = (0..COHORT)
+            .map(|_| {
+                let mut buf = AlignedWords::zeroed(manifest.slot_bytes() / 8);
+                for x in bytemuck::cast_slice_mut::<u64, f32>(buf.words_mut()) {
+                    // xorshift64*: values in [-1, 1).
+                    state ^= state >> 12;
+                    state ^= state << 25;
+                    state ^= state >> 27;
+                    let r = state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40;
+                    *x = r as f32 / (1u64 << 23) as f32 - 1.0;
+                }
+                buf
+            })
+            .collect();
+        let ids = (0..COHORT).map(|k| ClientId::new(format!("client-{k:02}")).expect("valid id")).collect();
+        let weights = (1..=COHORT).map(|k| (100 * k) as f64).collect();
+        Cohort { manifest, updates, ids, weights }
+    }
+
+    fn views(&self) -> Vec<UpdateView<'_>> {
+        self.updates
+            .iter()
+            .zip(&self.ids)
+            .zip(&self.weights)
+            .map(|((u, client), &weight)| UpdateView {
+                manifest: &self.manifest,
+                bytes: bytemuck::cast_slice(u.words()),
+                weight,
+                client,
+            })
+            .collect()
+    }
+
+    fn f32_updates(&self) -> Vec<(&[f32], f64)> {
+        self.updates.iter().zip(&self.weights).map(|(u, &w)| (bytemuck::cast_slice(u.words()), w)).collect()
+    }
+}
+
+fn read_all(c: &Cohort) -> u64 {
+    c.updates.iter().fold(0u64, |s, u| s.wrapping_add(kernels::read_baseline(black_box(u.words()))))
+}
+
+/// Times `fold` only, after an untimed `reset` of the partial.
+fn timed_fold(p: &mut PartialAggregate, fold: &mut impl FnMut(&mut PartialAggregate)) -> Duration {
+    p.reset();
+    let t = Instant::now();
+    fold(p);
+    let d = t.elapsed();
+    black_box(&*p);
+    d
+}
+
+fn fold_group(c: &mut Criterion, cohort: &Cohort) {
+    let views = cohort.views();
+    let mut partial = PartialAggregate::new(Arc::clone(&cohort.manifest));
+    let mut g = c.benchmark_group("fedavg_fold_1M_f32");
+    g.throughput(Throughput::Bytes(BYTES))
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+
+    g.bench_function("read_baseline", |b| b.iter(|| black_box(read_all(cohort))));
+
+    g.bench_function("fold_tiled", |b| {
+        b.iter_custom(|iters| {
+            let mut fold = |p: &mut PartialAggregate| p.fold_batch(black_box(&views)).expect("fold_batch");
+            (0..iters).map(|_| timed_fold(&mut partial, &mut fold)).sum()
+        })
+    });
+
+    g.bench_function("fold_one_by_one", |b| {
+        b.iter_custom(|iters| {
+            let mut fold = |p: &mut PartialAggregate| {
+                for v in &views {
+                    p.fold(black_box(v)).expect("fold");
+                }
+            };
+            (0..iters).map(|_| timed_fold(&mut partial, &mut fold)).sum()
+        })
+    });
+
+    let updates = cohort.f32_updates();
+    let mut acc = vec![0.0f64; N];
+    g.bench_function("reference_kernel", |b| {
+        b.iter(|| {
+            for (x, w) in &updates {
+                reference::scaled_add_f32(&mut acc, black_box(x), *w);
+            }
+            black_box(&acc);
+        })
+    });
+    g.finish();
+}
+
+fn best_of(runs: usize, mut f: impl FnMut() -> Duration) -> Duration {
+    (0..runs).map(|_| f()).min().unwrap_or_default()
+}
+
+fn gbps(d: Duration) -> f64 {
+    BYTES as f64 / d.as_secs_f64() / 1e9
+}
+
+/// The acceptance line, from timings taken in this process.
+fn ratio_summary(cohort: &Cohort) {
+    let views = cohort.views();
+    let mut partial = PartialAggregate::new(Arc::clone(&cohort.manifest));
+    let mut fold = |p: &mut PartialAggregate| p.fold_batch(&views).expect("fold_batch");
+    // Warm up both (page faults, frequency) before the best-of-5.
+    black_box(read_all(cohort));
+    timed_fold(&mut partial, &mut fold);
+    let read = best_of(5, || {
+        let t = Instant::now();
+        black_box(read_all(cohort));
+        t.elapsed()
+    });
+    let tiled = best_of(5, || timed_fold(&mut partial, &mut fold));
+    println!(
+        "fold/read ratio: {:.2} (fold_tiled {:.2} GB/s, read_baseline {:.2} GB/s)",
+        read.as_secs_f64() / tiled.as_secs_f64(),
+        gbps(tiled),
+        gbps(read)
+    );
+}
+
+fn main() {
+    let mut criterion = Criterion::default().configure_from_args();
+    let cohort = Cohort::new();
+    fold_group(&mut criterion, &cohort);
+    // The summary and experiments only make sense when benchmarking (not `cargo test --benches`).
+    if std::env::args().any(|a| a == "--bench") {
+        ratio_summary(&cohort);
+    }
+    criterion.final_summary();
+}

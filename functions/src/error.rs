@@ -27,6 +27,10 @@ pub enum Error {
     /// A streaming operation (`fold`, `merge`) was asked of a whole-cohort strategy.
     #[error("strategy {0} needs the whole cohort and cannot fold updates one at a time")]
     NotStreaming(&'static str),
+    /// The server step produced NaN or ±Inf in the new model (e.g. a delta step overflowing a
+    /// 16-bit float); no model is committed.
+    #[error("the new model's tensor {0:?} is not finite (overflow in the server step)")]
+    NonFiniteResult(String),
     /// An update failed validation against the manifest.
     #[error(transparent)]
     Validation(#[from] ValidationError),
@@ -53,6 +57,8 @@ pub enum ErrorKind {
     ManifestMismatch,
     /// See [`Error::NotStreaming`].
     NotStreaming,
+    /// See [`Error::NonFiniteResult`].
+    NonFiniteResult,
     /// See [`Error::Validation`].
     Validation,
     /// See [`Error::InvalidManifest`].
@@ -71,6 +77,7 @@ impl Error {
             Error::InvalidWeight(_) => ErrorKind::InvalidWeight,
             Error::ManifestMismatch(_) => ErrorKind::ManifestMismatch,
             Error::NotStreaming(_) => ErrorKind::NotStreaming,
+            Error::NonFiniteResult(_) => ErrorKind::NonFiniteResult,
             Error::Validation(_) => ErrorKind::Validation,
             Error::InvalidManifest(_) => ErrorKind::InvalidManifest,
             Error::Misaligned(_) => ErrorKind::Misaligned,
@@ -87,6 +94,7 @@ impl ErrorKind {
             ErrorKind::InvalidWeight => "invalid_weight",
             ErrorKind::ManifestMismatch => "manifest_mismatch",
             ErrorKind::NotStreaming => "not_streaming",
+            ErrorKind::NonFiniteResult => "non_finite_result",
             ErrorKind::Validation => "validation",
             ErrorKind::InvalidManifest => "invalid_manifest",
             ErrorKind::Misaligned => "misaligned",

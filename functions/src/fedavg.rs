@@ -8,8 +8,12 @@
 //!
 //! Folding is eager: each update is added into one preallocated f64 accumulator as it arrives
 //! (memory O(model), not O(clients × model)), and partials from several aggregators merge by
-//! addition, so the result does not depend on arrival order or on the hierarchy (up to f64
-//! rounding, far below the f32 output precision).
+//! addition. The result is independent of arrival order and hierarchy up to f64 rounding of the
+//! sums: for ordinary updates that is below the f32 output's half-ulp, so outputs agree exactly
+//! (property-tested); an f32 result lying within ~1e-16 relative of a rounding tie can differ by
+//! one ulp, and sums with catastrophic cancellation (values ~1e30 of opposite signs) are only as
+//! exact as f64 allows. The output is always checked finite: an overflow in the server step
+//! is [`Error::NonFiniteResult`], never an Inf model.
 
 use crate::error::{Error, Result};
 use crate::spec::UpdateKind;
@@ -84,6 +88,11 @@ impl Strategy for FedAvg {
                     out.write_tensor_f64(i, acc.iter().enumerate().map(|(e, v)| g.get_f64(e) + v))
                 }
             }
+        }
+        if let Err(crate::tensor::ValidationError::NonFinite { name, .. }) =
+            crate::tensor::check_finite(&manifest, out.as_bytes())
+        {
+            return Err(Error::NonFiniteResult(name));
         }
         Ok(out)
     }

@@ -378,8 +378,14 @@ pub fn stage_update(
     if slot.len() != manifest.slot_bytes() {
         return Err(ValidationError::SlotSize { expected: manifest.slot_bytes(), got: slot.len() });
     }
-    let st = safetensors::SafeTensors::deserialize(payload)
-        .map_err(|e| ValidationError::Malformed(format!("{e:?}")))?;
+    // safetensors 0.4.5 adds header offsets without overflow checks (`read_metadata`), which
+    // panics in builds with overflow checks on a crafted header (upstream PR #808 is open). A
+    // client's bytes must never crash a process, so any panic inside the parser is a rejection.
+    let parsed = std::panic::catch_unwind(|| safetensors::SafeTensors::deserialize(payload));
+    let st = match parsed {
+        Ok(r) => r.map_err(|e| ValidationError::Malformed(format!("{e:?}")))?,
+        Err(_) => return Err(ValidationError::Malformed("safetensors header offsets overflow".into())),
+    };
     if st.len() != manifest.tensors().len() {
         // Name the offending tensor: an extra one if any, else a missing one.
         for name in st.names() {
@@ -631,6 +637,21 @@ impl Parameters {
     }
 }
 
+/// f64 → f32 rounding to odd: truncate toward zero and set the last mantissa bit if inexact.
+/// A second rounding to nearest-even into a format with at most 22 significant bits (f16: 11,
+/// bf16: 8) is then exactly the correct single rounding of the f64 (Boldo & Melquiond, "When
+/// double rounding is odd", 2005). `half`'s own f64 conversions round twice (via f32) or drop
+/// sticky bits, so they are not used.
+fn f64_to_f32_round_to_odd(v: f64) -> f32 {
+    let t = v as f32;
+    if !t.is_finite() || f64::from(t) == v {
+        return t;
+    }
+    // `t` is the nearest f32; step it toward zero if it rounded away from zero.
+    let trunc = if f64::from(t).abs() > v.abs() { f32::from_bits(t.to_bits() - 1) } else { t };
+    f32::from_bits(trunc.to_bits() | 1)
+}
+
 /// Encodes f64 values into `out` as `dtype`: floats round to nearest; integers round half to
 /// even and saturate to the dtype's range (NaN becomes 0).
 fn write_f64_as(dtype: DType, values: impl Iterator<Item = f64>, out: &mut [u8]) {
@@ -639,8 +660,8 @@ fn write_f64_as(dtype: DType, values: impl Iterator<Item = f64>, out: &mut [u8])
         match dtype {
             DType::F32 => chunk.copy_from_slice(&(v as f32).to_le_bytes()),
             DType::F64 => chunk.copy_from_slice(&v.to_le_bytes()),
-            DType::F16 => chunk.copy_from_slice(&f16::from_f64(v).to_le_bytes()),
-            DType::BF16 => chunk.copy_from_slice(&bf16::from_f64(v).to_le_bytes()),
+            DType::F16 => chunk.copy_from_slice(&f16::from_f32(f64_to_f32_round_to_odd(v)).to_le_bytes()),
+            DType::BF16 => chunk.copy_from_slice(&bf16::from_f32(f64_to_f32_round_to_odd(v)).to_le_bytes()),
             _ => {
                 let (lo, hi) = dtype.int_range().unwrap_or((0.0, 0.0));
                 let r = if v.is_nan() { 0.0 } else { v.round_ties_even().clamp(lo, hi) };

@@ -1,0 +1,262 @@
+//! The `shoal` command line (clap).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use shoal_functions::{ClientId, JobId, JobSpec, NodeId, Parameters, UpdateKind};
+
+use crate::client::{ShoalClient, UpdateRequest};
+use crate::infra::ConnectOptions;
+use crate::node::{self, NodeConfig};
+use crate::protocol::JobPhase;
+
+/// Shoal: a serverless federated-learning aggregation platform on NATS.
+#[derive(Debug, Parser)]
+#[command(name = "shoal", version, about, long_about = None)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true, env = "SHOAL_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// NATS connection flags shared by every command.
+#[derive(Debug, Clone, Args)]
+pub struct NatsArgs {
+    /// NATS server URL(s), comma-separated.
+    #[arg(long, env = "SHOAL_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Subject prefix.
+    #[arg(long, env = "SHOAL_PREFIX", default_value = crate::subjects::DEFAULT_PREFIX)]
+    pub prefix: String,
+}
+
+impl NatsArgs {
+    fn options(&self, name: &str) -> ConnectOptions {
+        ConnectOptions {
+            url: self.nats_url.clone(),
+            prefix: self.prefix.clone(),
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a node: gateway + function host + round coordinators in one process.
+    Node(NodeArgs),
+    /// Create or inspect jobs.
+    #[command(subcommand)]
+    Job(JobCommand),
+    /// Publish one client update for a job's open round.
+    Client(ClientArgs),
+    /// Train a real model federatedly, end to end, and compare with centralized training.
+    Demo(crate::demo::DemoArgs),
+}
+
+/// `shoal node` flags.
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    /// This node's id (1-64 of [A-Za-z0-9_-]); names its shared-memory directory.
+    #[arg(long, env = "SHOAL_NODE_ID", default_value = "node-1")]
+    node_id: String,
+    /// Root of the shared-memory directories (a tmpfs).
+    #[arg(long, env = "SHOAL_SHM_DIR", default_value = "/dev/shm/shoal")]
+    shm_dir: PathBuf,
+    /// JetStream ack wait for updates held until their round commits, in milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    ack_wait_ms: u64,
+    /// Largest inline update in bytes (default: the server's max_payload).
+    #[arg(long)]
+    inline_limit_bytes: Option<usize>,
+    /// Stop aggregators idle this long, in milliseconds.
+    #[arg(long, default_value_t = 300_000)]
+    idle_timeout_ms: u64,
+    /// Shared-memory budget per job, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    shm_budget_mib: usize,
+}
+
+/// `shoal job ...`
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// Create a job from a JSON spec (see README for the format).
+    Create {
+        #[command(flatten)]
+        nats: NatsArgs,
+        /// JSON job spec.
+        #[arg(long)]
+        spec: PathBuf,
+        /// Initial model (safetensors); zeros when omitted.
+        #[arg(long)]
+        initial: Option<PathBuf>,
+    },
+    /// Show a job's state.
+    Status {
+        #[command(flatten)]
+        nats: NatsArgs,
+        /// Job id.
+        job: String,
+    },
+}
+
+/// `shoal client` flags.
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    /// Job id.
+    #[arg(long)]
+    job: String,
+    /// This client's id.
+    #[arg(long)]
+    client_id: String,
+    /// The update's tensors (safetensors file).
+    #[arg(long)]
+    update: PathBuf,
+    /// Local training examples behind the update (its FedAvg weight).
+    #[arg(long)]
+    num_examples: u64,
+    /// Update kind.
+    #[arg(long, default_value = "parameters")]
+    kind: String,
+    /// Always use the object store.
+    #[arg(long)]
+    object_store: bool,
+    /// Wait for the round to close and print its outcome.
+    #[arg(long)]
+    wait: bool,
+    /// Give up waiting after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout_secs: u64,
+}
+
+/// Runs the parsed command (inside an actix system).
+///
+/// # Errors
+/// Whatever the command fails with, with context for the user.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Node(a) => {
+            let mut cfg = NodeConfig::new(NodeId::new(&a.node_id)?);
+            cfg.nats = a.nats.options("shoal-node");
+            cfg.shm_root = a.shm_dir;
+            cfg.ack_wait = Duration::from_millis(a.ack_wait_ms.max(300));
+            cfg.inline_limit = a.inline_limit_bytes;
+            cfg.idle_timeout = Duration::from_millis(a.idle_timeout_ms);
+            cfg.shm_budget = a.shm_budget_mib << 20;
+            let handle = node::start(cfg).await.context("starting the node")?;
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+            handle.shutdown().await;
+            Ok(())
+        }
+        Command::Job(JobCommand::Create { nats, spec, initial }) => {
+            let text =
+                std::fs::read_to_string(&spec).with_context(|| format!("reading {}", spec.display()))?;
+            let spec: JobSpec =
+                serde_json::from_str(&text).with_context(|| format!("parsing {}", spec.display()))?;
+            let client = ShoalClient::connect(&nats.options("shoal-cli")).await?;
+            let initial = match initial {
+                Some(p) => {
+                    let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+                    Some(Parameters::from_safetensors(Arc::new(spec.manifest.clone()), &bytes)?)
+                }
+                None => None,
+            };
+            crate::jobs::create_job(client.infra(), &spec, initial.as_ref()).await?;
+            println!("job {} created", spec.job);
+            Ok(())
+        }
+        Command::Job(JobCommand::Status { nats, job }) => {
+            let client = ShoalClient::connect(&nats.options("shoal-cli")).await?;
+            let job = JobId::new(job)?;
+            let state = client.job_state(&job).await?;
+            println!("job:           {job}");
+            println!("phase:         {}", state.phase);
+            println!("round:         {}{}", state.round, if state.is_open() { " (open)" } else { "" });
+            println!("model version: {}", state.model_version);
+            if let Some(o) = &state.last_outcome {
+                println!("last round:    {o:?}");
+            }
+            Ok(())
+        }
+        Command::Client(a) => {
+            let client = ShoalClient::connect(&a.nats.options("shoal-client")).await?;
+            let job = JobId::new(a.job)?;
+            let me = ClientId::new(a.client_id)?;
+            let kind = UpdateKind::parse(&a.kind).context("--kind must be parameters or delta")?;
+            let payload =
+                std::fs::read(&a.update).with_context(|| format!("reading {}", a.update.display()))?;
+            let timeout = Duration::from_secs(a.timeout_secs);
+            let state = client.wait_for_open_round(&job, shoal_functions::RoundId(1), timeout).await?;
+            let via = client
+                .publish_update(UpdateRequest {
+                    job: job.clone(),
+                    client: me,
+                    round: state.round,
+                    base_version: state.model_version,
+                    num_examples: a.num_examples,
+                    kind,
+                    payload: payload.into(),
+                    force_object_store: a.object_store,
+                })
+                .await?;
+            println!("published for round {} ({via:?})", state.round);
+            if a.wait {
+                let after = client.wait_for_round_closed(&job, state.round, timeout).await?;
+                println!("round {} closed: {:?}", state.round, after.last_outcome);
+                if let JobPhase::Failed { reason } = after.phase {
+                    anyhow::bail!("job failed: {reason}");
+                }
+            }
+            Ok(())
+        }
+        Command::Demo(a) => crate::demo::run(a).await,
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Sets up `tracing` (env filter `RUST_LOG`, else `default_level`; text or JSON) on stderr.
+pub fn init_tracing(format: LogFormat, default_level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}

@@ -1,0 +1,249 @@
+//! The round coordinator of one job (the top of the hierarchy on a single node): opens rounds,
+//! closes them when the cohort is complete or at the deadline, applies the strategy's server
+//! step, commits, and only then acks the round's updates.
+//!
+//! Commit order (DESIGN.md §2, step 6): model version `v+1` into `shoal-models` (idempotent),
+//! job state by compare-and-set on its KV revision, `RoundClosed`/`RoundOpened` events, then the
+//! acks. A crash before the compare-and-set loses nothing (the updates are un-acked and
+//! redelivered; the same model is rebuilt and rewritten); a crash after it applies nothing twice
+//! (redelivered updates are for a closed round and are rejected as `LateUpdate`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::Addr;
+use bytes::Bytes;
+use shoal_functions::{JobId, ModelManifest, Parameters, RoundPolicy};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::error::{Error, Result};
+use crate::host::{CloseRound, FunctionHost, RegisterJob, RoundHarvest, RoundProgress};
+use crate::infra::Infra;
+use crate::jobs::{self, CasOutcome, JobDirectory};
+use crate::metrics::{Metrics, OutcomeLabel};
+use crate::protocol::{self, now_ms, JobPhase, JobState, RoundEvent, RoundOutcome};
+
+/// Everything a coordinator needs.
+#[derive(Clone, Debug)]
+pub struct CoordinatorContext {
+    /// NATS handles.
+    pub infra: Infra,
+    /// Shared job view.
+    pub directory: JobDirectory,
+    /// The function host.
+    pub host: Addr<FunctionHost>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Node shutdown.
+    pub cancel: CancellationToken,
+    /// After a (re)start, a round whose deadline already passed stays open this long, so
+    /// updates staged before a crash are redelivered before it is judged.
+    pub startup_grace: Duration,
+}
+
+/// Runs job `job` until it finishes, fails, or the node shuts down.
+///
+/// # Errors
+/// NATS errors that persist, an unreadable spec or model.
+pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
+    let spec = Arc::new(jobs::load_spec(&ctx.infra, &job).await?);
+    let manifest = Arc::new(spec.manifest.clone());
+    let (tx, mut progress) = mpsc::unbounded_channel();
+    ctx.host
+        .send(RegisterJob { job: job.clone(), progress: tx })
+        .await
+        .map_err(|e| Error::Shm(e.to_string()))?;
+    let mut strategy = spec.build_strategy();
+    let (mut state, mut revision) = jobs::load_state(&ctx.infra, &job).await?;
+    let mut global = load_global(&ctx.infra, &job, &state, &manifest).await?;
+    let RoundPolicy::Sync { cohort_size, min_clients, deadline_ms } = spec.round_policy;
+    // A round already open when we start was opened by a process that may have died holding
+    // staged updates: give JetStream time to redeliver them before judging the round.
+    let mut earliest_close = state.is_open().then(|| tokio::time::Instant::now() + ctx.startup_grace);
+
+    while state.phase == JobPhase::Running {
+        let round = state.round;
+        let span = tracing::info_span!("round", %job, round = round.0);
+        // Open the round if no node has.
+        if !state.is_open() {
+            let mut next = state.clone();
+            next.opened_at_ms = now_ms();
+            next.deadline_at_ms = next.opened_at_ms + deadline_ms;
+            match jobs::cas_state(&ctx.infra, &job, &next, revision).await? {
+                CasOutcome::Written(rev) => {
+                    state = next;
+                    revision = rev;
+                    ctx.directory.observe_state(&job, None, state.clone(), revision);
+                    publish_event(
+                        &ctx.infra,
+                        &job,
+                        &RoundEvent::RoundOpened {
+                            job: job.clone(),
+                            round,
+                            base_version: state.model_version,
+                            deadline_at_ms: state.deadline_at_ms,
+                        },
+                    )
+                    .await;
+                    span.in_scope(|| tracing::info!(base_version = %state.model_version, "round opened"));
+                }
+                CasOutcome::Conflict => {
+                    (state, revision) = jobs::load_state(&ctx.infra, &job).await?;
+                    continue;
+                }
+            }
+        }
+
+        // Wait for the cohort or the deadline.
+        let remaining = Duration::from_millis(state.deadline_at_ms.saturating_sub(now_ms()));
+        let mut deadline = tokio::time::Instant::now() + remaining;
+        if let Some(t) = earliest_close.take() {
+            deadline = deadline.max(t);
+        }
+        loop {
+            tokio::select! {
+                _ = ctx.cancel.cancelled() => return Ok(()),
+                _ = tokio::time::sleep_until(deadline) => break,
+                p = progress.recv() => match p.inspect(|p| tracing::trace!(?p, "round progress")) {
+                    Some(RoundProgress { round: r, accepted }) if r == round && accepted >= cohort_size => break,
+                    Some(_) => {}
+                    None => return Ok(()),
+                },
+            }
+        }
+
+        let harvest = ctx
+            .host
+            .send(CloseRound { job: job.clone(), round })
+            .await
+            .map_err(|e| Error::Shm(format!("function host gone: {e}")))?;
+        let accepted = harvest.held.len() as u32;
+        let next_version = state.model_version.next();
+        let (outcome, new_global) =
+            close_outcome(&mut *strategy, &harvest, &global, accepted, min_clients, next_version);
+        let mut next = state.clone();
+        next.last_outcome = Some(outcome.clone());
+        next.round = round.next();
+        next.opened_at_ms = 0;
+        next.deadline_at_ms = 0;
+        if let Some(p) = &new_global {
+            jobs::put_model(&ctx.infra, &job, next_version, p).await?;
+            next.model_version = next_version;
+            next.failed_rounds_in_a_row = 0;
+        } else {
+            next.failed_rounds_in_a_row += 1;
+        }
+        if new_global.is_some() && round.0 >= spec.rounds {
+            next.phase = JobPhase::Finished;
+            next.round = round;
+        } else if next.failed_rounds_in_a_row >= spec.max_failed_rounds {
+            next.phase = JobPhase::Failed {
+                reason: format!("{} consecutive rounds committed nothing", next.failed_rounds_in_a_row),
+            };
+            next.round = round;
+        }
+        match jobs::cas_state(&ctx.infra, &job, &next, revision).await? {
+            CasOutcome::Written(rev) => {
+                revision = rev;
+            }
+            CasOutcome::Conflict => {
+                // Another committer won; our harvest stays un-acked and is redelivered to it.
+                span.in_scope(|| tracing::warn!("job state changed under us; reloading"));
+                (state, revision) = jobs::load_state(&ctx.infra, &job).await?;
+                global = load_global(&ctx.infra, &job, &state, &manifest).await?;
+                continue;
+            }
+        }
+        state = next;
+        ctx.directory.observe_state(&job, None, state.clone(), revision);
+        let label = match &outcome {
+            RoundOutcome::Committed { .. } => "committed",
+            RoundOutcome::QuorumNotMet { .. } => "quorum_not_met",
+            RoundOutcome::AggregationFailed { .. } => "aggregation_failed",
+        };
+        ctx.metrics.rounds.get_or_create(&OutcomeLabel { outcome: label }).inc();
+        if let (Some(t), RoundOutcome::Committed { .. }) = (harvest.last_fold, &outcome) {
+            ctx.metrics.round_latency.observe(t.elapsed().as_secs_f64());
+        }
+        publish_event(
+            &ctx.infra,
+            &job,
+            &RoundEvent::RoundClosed { job: job.clone(), round, outcome: outcome.clone() },
+        )
+        .await;
+        span.in_scope(|| tracing::info!(?outcome, "round closed"));
+        if state.phase != JobPhase::Running {
+            publish_event(
+                &ctx.infra,
+                &job,
+                &RoundEvent::JobEnded { job: job.clone(), phase: state.phase.clone() },
+            )
+            .await;
+            tracing::info!(%job, phase = %state.phase, "job ended");
+        }
+        ack_round(&ctx.infra, harvest).instrument(span).await;
+        if let Some(p) = new_global {
+            global = p;
+        }
+    }
+    Ok(())
+}
+
+fn close_outcome(
+    strategy: &mut dyn shoal_functions::Strategy,
+    harvest: &RoundHarvest,
+    global: &Parameters,
+    accepted: u32,
+    min_clients: u32,
+    version: shoal_functions::ModelVersion,
+) -> (RoundOutcome, Option<Parameters>) {
+    if accepted < min_clients {
+        return (RoundOutcome::QuorumNotMet { accepted, min_clients }, None);
+    }
+    let Some(partial) = &harvest.partial else {
+        return (RoundOutcome::QuorumNotMet { accepted, min_clients }, None);
+    };
+    match strategy.finish(partial, global) {
+        Ok(p) => (
+            RoundOutcome::Committed { version, clients: accepted, total_weight: partial.total_weight() },
+            Some(p),
+        ),
+        Err(e) => (RoundOutcome::AggregationFailed { detail: e.to_string() }, None),
+    }
+}
+
+async fn load_global(
+    infra: &Infra,
+    job: &JobId,
+    state: &JobState,
+    manifest: &Arc<ModelManifest>,
+) -> Result<Parameters> {
+    let bytes = jobs::get_model_bytes(infra, job, state.model_version).await?;
+    Ok(Parameters::from_safetensors(Arc::clone(manifest), &bytes)?)
+}
+
+async fn publish_event(infra: &Infra, job: &JobId, event: &RoundEvent) {
+    let subject = infra.subjects.round_events(job);
+    if let Err(e) = infra.client.publish(subject, Bytes::from(protocol::encode(event))).await {
+        tracing::warn!(error = %e, "publishing a round event failed (clients also watch the job state)");
+    }
+}
+
+async fn ack_round(infra: &Infra, harvest: RoundHarvest) {
+    let started = Instant::now();
+    let n = harvest.held.len();
+    for h in harvest.held {
+        h.acker.ack().await;
+        if let Some(obj) = h.object {
+            if let Err(e) = infra.update_objects.delete(&obj).await {
+                tracing::debug!(object = %obj, error = %e, "deleting a consumed update object failed");
+            }
+        }
+    }
+    if let Err(e) = infra.client.flush().await {
+        tracing::warn!(error = %e, "flushing acks failed; JetStream may redeliver (rejected as late)");
+    }
+    tracing::debug!(acked = n, elapsed_us = started.elapsed().as_micros() as u64, "round acked");
+}

@@ -1,0 +1,184 @@
+//! The runtime's error type and the typed reasons an update is rejected for.
+
+use serde::{Deserialize, Serialize};
+use shoal_functions::ValidationError;
+
+/// Result alias for the runtime.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Runtime errors. NATS, shared-memory and input problems are all values here: nothing in the
+/// runtime panics on them.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Could not connect to NATS.
+    #[error("cannot connect to NATS at {url}: {source}")]
+    Connect {
+        /// The URL tried.
+        url: String,
+        /// Cause.
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    /// A NATS or JetStream operation failed.
+    #[error("NATS {op} failed: {source}")]
+    Nats {
+        /// What was attempted.
+        op: &'static str,
+        /// Cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The job does not exist.
+    #[error("job {0} does not exist")]
+    UnknownJob(String),
+    /// A job with this id exists already.
+    #[error("job {0} exists already")]
+    JobExists(String),
+    /// A job spec failed validation.
+    #[error(transparent)]
+    Spec(#[from] shoal_functions::spec::SpecError),
+    /// Aggregation maths failed.
+    #[error(transparent)]
+    Functions(#[from] shoal_functions::Error),
+    /// A stored message (job state, event) could not be decoded.
+    #[error("cannot decode {what}: {detail}")]
+    Decode {
+        /// What was being decoded.
+        what: &'static str,
+        /// Decoder message.
+        detail: String,
+    },
+    /// A shared-memory segment problem.
+    #[error("shared memory: {0}")]
+    Shm(String),
+    /// Local I/O.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The job failed or finished while waiting.
+    #[error("job {job} is {phase}")]
+    JobEnded {
+        /// Job id.
+        job: String,
+        /// Its phase.
+        phase: String,
+    },
+    /// Waiting exceeded its timeout.
+    #[error("timed out after {0:?} waiting for {1}")]
+    Timeout(std::time::Duration, &'static str),
+    /// The update was rejected (client SDK view of a [`RejectReason`]).
+    #[error("update rejected: {0}")]
+    Rejected(RejectReason),
+}
+
+impl Error {
+    /// Wraps a NATS error.
+    pub fn nats(op: &'static str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
+        Error::Nats { op, source: Box::new(e) }
+    }
+
+    /// Wraps an I/O error with context.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Error {
+        Error::Io { context: context.into(), source }
+    }
+}
+
+/// Why the gateway refused an update. Each reason is counted in
+/// `shoal_updates_rejected_total{reason}`, logged once per cause, and published to the client on
+/// `<prefix>.<job>.rejected.<client>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectReason {
+    /// Subject or headers missing or unparsable.
+    MalformedHeaders,
+    /// The job does not exist.
+    UnknownJob,
+    /// The job is finished or failed.
+    JobNotRunning,
+    /// The update is for a round that has closed.
+    LateUpdate,
+    /// The update is for a round that has not opened (more than one round ahead).
+    WrongRound,
+    /// Trained from another model version than the round's base.
+    WrongBaseVersion,
+    /// A second, different update from the same client in the same round.
+    Duplicate,
+    /// `num_examples` zero, unparsable or above the job's maximum.
+    InvalidWeight,
+    /// Inline payload over the inline limit, or object larger than the model can be.
+    PayloadTooLarge,
+    /// The payload's tensors do not match the manifest (names, dtypes, shapes, kind).
+    SchemaMismatch,
+    /// A float tensor holds NaN or Inf.
+    NonFinite,
+    /// The payload is not valid safetensors (truncated, bad header).
+    Malformed,
+    /// The object-store path failed: object missing, unreadable, or its digest differs.
+    ObjectUnavailable,
+    /// The object named is not the sender's own `<job>/<round>/<client>`.
+    Unauthorized,
+}
+
+impl RejectReason {
+    /// Every reason, for metrics initialisation.
+    pub const ALL: [RejectReason; 14] = [
+        RejectReason::MalformedHeaders,
+        RejectReason::UnknownJob,
+        RejectReason::JobNotRunning,
+        RejectReason::LateUpdate,
+        RejectReason::WrongRound,
+        RejectReason::WrongBaseVersion,
+        RejectReason::Duplicate,
+        RejectReason::InvalidWeight,
+        RejectReason::PayloadTooLarge,
+        RejectReason::SchemaMismatch,
+        RejectReason::NonFinite,
+        RejectReason::Malformed,
+        RejectReason::ObjectUnavailable,
+        RejectReason::Unauthorized,
+    ];
+
+    /// Bounded metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::MalformedHeaders => "malformed_headers",
+            RejectReason::UnknownJob => "unknown_job",
+            RejectReason::JobNotRunning => "job_not_running",
+            RejectReason::LateUpdate => "late_update",
+            RejectReason::WrongRound => "wrong_round",
+            RejectReason::WrongBaseVersion => "wrong_base_version",
+            RejectReason::Duplicate => "duplicate",
+            RejectReason::InvalidWeight => "invalid_weight",
+            RejectReason::PayloadTooLarge => "payload_too_large",
+            RejectReason::SchemaMismatch => "schema_mismatch",
+            RejectReason::NonFinite => "non_finite",
+            RejectReason::Malformed => "malformed",
+            RejectReason::ObjectUnavailable => "object_unavailable",
+            RejectReason::Unauthorized => "unauthorized",
+        }
+    }
+}
+
+impl std::fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<&ValidationError> for RejectReason {
+    fn from(e: &ValidationError) -> Self {
+        match e {
+            ValidationError::Malformed(_) | ValidationError::SlotSize { .. } => RejectReason::Malformed,
+            ValidationError::NonFinite { .. } => RejectReason::NonFinite,
+            ValidationError::MissingTensor(_)
+            | ValidationError::ExtraTensor(_)
+            | ValidationError::DTypeMismatch { .. }
+            | ValidationError::ShapeMismatch { .. } => RejectReason::SchemaMismatch,
+        }
+    }
+}

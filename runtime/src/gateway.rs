@@ -1,0 +1,377 @@
+//! The gateway: pulls client updates from JetStream, validates them, writes their tensor bytes
+//! once into a shared-memory slot, and hands a descriptor to the function host.
+//!
+//! Validation order (cheapest first, nothing buffered before the size checks): subject ids,
+//! headers, job, round, base version, `num_examples`, update kind, duplicate, payload size (or
+//! the object's size from its info, before fetching it), then the safetensors payload against
+//! the manifest while it is copied into the slot (names, dtypes, shapes, NaN/Inf). Every refusal
+//! is a [`RejectReason`]. Accepted messages are **not** acked here: the coordinator acks them
+//! after the commit; the aggregator keeps them alive with in-progress acks meanwhile.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Addr;
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+use shoal_functions::tensor::stage_update;
+use shoal_functions::{ClientId, JobId, RoundId, UpdateKind};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, RejectReason, Result};
+use crate::host::{FunctionHost, Staged};
+use crate::infra::Infra;
+use crate::jobs::{self, JobDirectory, JobEntry};
+use crate::metrics::Metrics;
+use crate::protocol::{self, JobPhase};
+use crate::reject::{AckHandle, Rejector};
+use crate::shm::SlotPool;
+use crate::subjects;
+
+/// Most bytes a safetensors header may add to the tensor data (JSON names, dtypes, shapes).
+pub const MAX_HEADER_BYTES: usize = 1 << 20;
+
+/// Gateway configuration.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// The consumer's ack wait (in-progress acks are sent at a third of it).
+    pub ack_wait: Duration,
+    /// Outstanding un-acked updates allowed (must exceed the largest cohort).
+    pub max_ack_pending: i64,
+    /// Largest inline payload accepted; larger updates must use the object store.
+    pub inline_limit: usize,
+    /// This node's shm directory.
+    pub shm_dir: PathBuf,
+    /// Shared-memory budget per job, bytes.
+    pub shm_budget: usize,
+    /// Messages per pull request.
+    pub batch: usize,
+}
+
+/// Everything the gateway needs.
+#[derive(Debug, Clone)]
+pub struct GatewayContext {
+    /// NATS handles.
+    pub infra: Infra,
+    /// Job view.
+    pub directory: JobDirectory,
+    /// Function host.
+    pub host: Addr<FunctionHost>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Rejection path.
+    pub rejector: Rejector,
+    /// Configuration.
+    pub config: GatewayConfig,
+}
+
+struct Gateway {
+    ctx: GatewayContext,
+    pools: HashMap<JobId, Arc<SlotPool>>,
+    /// Clients staged per (job, round) with their message's stream sequence (to tell a
+    /// redelivery of the same message from a second update).
+    seen: HashMap<(JobId, RoundId), HashMap<ClientId, u64>>,
+}
+
+/// Runs the gateway until `cancel`.
+///
+/// # Errors
+/// NATS errors creating the consumer or its message stream.
+pub async fn run(ctx: GatewayContext, cancel: CancellationToken) -> Result<()> {
+    let consumer = ctx
+        .infra
+        .updates
+        .get_or_create_consumer(
+            subjects::GATEWAY_CONSUMER,
+            pull::Config {
+                durable_name: Some(subjects::GATEWAY_CONSUMER.into()),
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: ctx.config.ack_wait,
+                max_ack_pending: ctx.config.max_ack_pending,
+                deliver_policy: DeliverPolicy::All,
+                filter_subject: ctx.infra.subjects.all_updates(),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| Error::nats("create gateway consumer", e))?;
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(ctx.config.batch)
+        .messages()
+        .await
+        .map_err(|e| Error::nats("pull updates", e))?;
+    let mut gw = Gateway { ctx, pools: HashMap::new(), seen: HashMap::new() };
+    loop {
+        let next = tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            m = messages.next() => m,
+        };
+        match next {
+            Some(Ok(m)) => gw.handle(m).await,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "pull error; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            None => return Ok(()),
+        }
+    }
+}
+
+/// A refusal with its detail.
+struct Refusal(RejectReason, String);
+
+fn header<'a>(h: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
+    h?.get(name).map(|v| v.as_str())
+}
+
+fn header_u64(h: Option<&HeaderMap>, name: &str) -> Result<u64, Refusal> {
+    let v = header(h, name)
+        .ok_or_else(|| Refusal(RejectReason::MalformedHeaders, format!("header {name} missing")))?;
+    v.trim().parse().map_err(|_| {
+        Refusal(RejectReason::MalformedHeaders, format!("header {name}={v:?} is not an integer"))
+    })
+}
+
+impl Gateway {
+    async fn handle(&mut self, msg: async_nats::jetstream::Message) {
+        let stream_seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+        let message = msg.message;
+        let Some(reply) = message.reply.clone() else {
+            tracing::warn!(subject = %message.subject, "JetStream message without a reply subject ignored");
+            return;
+        };
+        let ack = AckHandle::new(self.ctx.infra.client.clone(), reply);
+        let parsed = self.ctx.infra.subjects.parse_update(message.subject.as_str());
+        let Some((job, client)) = parsed else {
+            let job = message.subject.as_str().split('.').nth(1).map(str::to_owned);
+            let detail =
+                format!("subject {:?} is not <prefix>.<job>.update.<client>", message.subject.as_str());
+            self.ctx
+                .rejector
+                .reject(job.as_deref(), None, None, RejectReason::MalformedHeaders, detail, Some(&ack))
+                .await;
+            return;
+        };
+        let round = header_u64(message.headers.as_ref(), protocol::HDR_ROUND).ok().map(RoundId);
+        match self.accept(&job, &client, stream_seq, &message, &ack).await {
+            Ok(None) => {}
+            Ok(Some(staged)) => {
+                tracing::trace!(%job, %client, round = staged.round.0, stream_seq, "update staged");
+                if let Err(e) = self.ctx.host.send(staged).await {
+                    tracing::error!(error = %e, "function host unavailable; update will be redelivered");
+                }
+            }
+            Err(Refusal(reason, detail)) => {
+                self.ctx
+                    .rejector
+                    .reject(Some(job.as_str()), Some(&client), round, reason, detail, Some(&ack))
+                    .await;
+            }
+        }
+    }
+
+    async fn job_entry(&self, job: &JobId) -> Option<JobEntry> {
+        if let Some(e) = self.ctx.directory.get(job) {
+            return Some(e);
+        }
+        // Not seen by the watch yet (e.g. right after a restart): ask KV before refusing.
+        let spec = jobs::load_spec(&self.ctx.infra, job).await.ok()?;
+        let (state, rev) = jobs::load_state(&self.ctx.infra, job).await.ok()?;
+        self.ctx.directory.observe_state(job, Some(Arc::new(spec)), state, rev);
+        self.ctx.directory.get(job)
+    }
+
+    /// Validates and stages one update; `Ok(None)` means "leave the message alone".
+    async fn accept(
+        &mut self,
+        job: &JobId,
+        client: &ClientId,
+        stream_seq: u64,
+        message: &async_nats::Message,
+        ack: &AckHandle,
+    ) -> Result<Option<Staged>, Refusal> {
+        let h = message.headers.as_ref();
+        let round = RoundId(header_u64(h, protocol::HDR_ROUND)?);
+        let base = header_u64(h, protocol::HDR_BASE_VERSION)?;
+        let kind = header(h, protocol::HDR_KIND).unwrap_or("parameters");
+        let kind = UpdateKind::parse(kind).ok_or_else(|| {
+            Refusal(RejectReason::MalformedHeaders, format!("Shoal-Kind {kind:?} is not delta|parameters"))
+        })?;
+        let num_examples = header(h, protocol::HDR_NUM_EXAMPLES)
+            .ok_or_else(|| Refusal(RejectReason::InvalidWeight, "Shoal-Num-Examples missing".into()))?;
+        let num_examples: u64 = num_examples.trim().parse().map_err(|_| {
+            Refusal(
+                RejectReason::InvalidWeight,
+                format!("num_examples {num_examples:?} is not a non-negative integer"),
+            )
+        })?;
+
+        let entry = self
+            .job_entry(job)
+            .await
+            .ok_or_else(|| Refusal(RejectReason::UnknownJob, format!("job {job} does not exist")))?;
+        let (spec, state) = (&entry.spec, &entry.state);
+        if state.phase != JobPhase::Running {
+            return Err(Refusal(RejectReason::JobNotRunning, format!("job {job} is {}", state.phase)));
+        }
+        if round < state.round {
+            return Err(Refusal(
+                RejectReason::LateUpdate,
+                format!("round {round} closed; round {} is open", state.round),
+            ));
+        }
+        if round.0 == state.round.0 + 1 {
+            // Our view may lag the committer by a moment: try again shortly.
+            ack.nak(Duration::from_millis(250)).await;
+            return Ok(None);
+        }
+        if round > state.round {
+            return Err(Refusal(
+                RejectReason::WrongRound,
+                format!("round {round} is not open; round {} is", state.round),
+            ));
+        }
+        if base != state.model_version.0 {
+            return Err(Refusal(
+                RejectReason::WrongBaseVersion,
+                format!("trained from version {base}; round {round} trains from {}", state.model_version),
+            ));
+        }
+        if num_examples == 0 || num_examples > spec.max_num_examples {
+            return Err(Refusal(
+                RejectReason::InvalidWeight,
+                format!("num_examples {num_examples} outside 1..={}", spec.max_num_examples),
+            ));
+        }
+        if kind != spec.update_kind {
+            return Err(Refusal(
+                RejectReason::SchemaMismatch,
+                format!("job {job} takes {} updates, got {}", spec.update_kind.as_str(), kind.as_str()),
+            ));
+        }
+        self.seen.retain(|(j, r), _| j != job || *r >= state.round);
+        match self.seen.get(&(job.clone(), round)).and_then(|m| m.get(client)) {
+            Some(&seq) if seq == stream_seq => return Ok(None), // redelivery of a message we hold
+            Some(_) => {
+                return Err(Refusal(
+                    RejectReason::Duplicate,
+                    format!("client {client} already sent an update for round {round}"),
+                ))
+            }
+            None => {}
+        }
+
+        let manifest = Arc::new(spec.manifest.clone());
+        let max_bytes = manifest.data_bytes() + MAX_HEADER_BYTES;
+        let object = header(h, protocol::HDR_OBJECT).map(str::to_owned);
+        let payload: Bytes = match &object {
+            None => {
+                let limit = self.ctx.config.inline_limit.min(max_bytes);
+                if message.payload.len() > limit {
+                    return Err(Refusal(
+                        RejectReason::PayloadTooLarge,
+                        format!(
+                            "inline payload of {} bytes exceeds {limit}; publish through the object store",
+                            message.payload.len()
+                        ),
+                    ));
+                }
+                message.payload.clone()
+            }
+            Some(name) => self.fetch_object(job, round, client, name, h, max_bytes).await?,
+        };
+
+        let pool = self
+            .pools
+            .entry(job.clone())
+            .or_insert_with(|| {
+                SlotPool::new(
+                    self.ctx.config.shm_dir.clone(),
+                    job.to_string(),
+                    manifest.slot_bytes(),
+                    self.ctx.config.shm_budget,
+                )
+            })
+            .clone();
+        let mut slot = pool.alloc().await.map_err(|e| {
+            tracing::error!(error = %e, "cannot allocate shared memory");
+            Refusal(RejectReason::PayloadTooLarge, format!("no shared memory for the update: {e}"))
+        })?;
+        stage_update(&manifest, &payload, slot.bytes_mut())
+            .map_err(|e| Refusal(RejectReason::from(&e), e.to_string()))?;
+        self.ctx.metrics.bytes_staged.inc_by(manifest.data_bytes() as u64);
+        self.seen.entry((job.clone(), round)).or_default().insert(client.clone(), stream_seq);
+        Ok(Some(Staged {
+            job: job.clone(),
+            round,
+            client: client.clone(),
+            weight: num_examples as f64,
+            slot,
+            acker: ack.clone(),
+            stream_seq,
+            object,
+            manifest: Arc::clone(&manifest),
+            spec: Arc::clone(spec),
+        }))
+    }
+
+    async fn fetch_object(
+        &self,
+        job: &JobId,
+        round: RoundId,
+        client: &ClientId,
+        name: &str,
+        h: Option<&HeaderMap>,
+        max_bytes: usize,
+    ) -> Result<Bytes, Refusal> {
+        use tokio::io::AsyncReadExt;
+        let own = subjects::update_object(job, round, client);
+        if name != own {
+            return Err(Refusal(
+                RejectReason::Unauthorized,
+                format!("object {name:?} is not this client's ({own:?})"),
+            ));
+        }
+        let digest = header(h, protocol::HDR_DIGEST)
+            .and_then(|d| d.strip_prefix("sha256:"))
+            .ok_or_else(|| {
+                Refusal(RejectReason::MalformedHeaders, "Shoal-Digest sha256:<hex> missing".into())
+            })?
+            .to_ascii_lowercase();
+        let objects = &self.ctx.infra.update_objects;
+        let info = objects
+            .info(name)
+            .await
+            .map_err(|e| Refusal(RejectReason::ObjectUnavailable, format!("object {name:?}: {e}")))?;
+        if info.size > max_bytes {
+            return Err(Refusal(
+                RejectReason::PayloadTooLarge,
+                format!("object of {} bytes exceeds the model's {max_bytes}", info.size),
+            ));
+        }
+        let mut obj = objects
+            .get(name)
+            .await
+            .map_err(|e| Refusal(RejectReason::ObjectUnavailable, format!("object {name:?}: {e}")))?;
+        let mut buf = Vec::with_capacity(info.size);
+        (&mut obj)
+            .take(max_bytes as u64 + 1)
+            .read_to_end(&mut buf)
+            .await
+            .map_err(|e| Refusal(RejectReason::ObjectUnavailable, format!("reading object {name:?}: {e}")))?;
+        let got = hex::encode(Sha256::digest(&buf));
+        if got != digest {
+            return Err(Refusal(
+                RejectReason::ObjectUnavailable,
+                format!("object digest {got} != header {digest}"),
+            ));
+        }
+        Ok(Bytes::from(buf))
+    }
+}

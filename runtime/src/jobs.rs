@@ -1,0 +1,244 @@
+//! Jobs in KV `shoal-jobs`: creation, loading, compare-and-set of the job state, and the
+//! in-process [`JobDirectory`] the gateway validates against (kept fresh by a KV watch and by the
+//! local coordinator, which updates it before announcing a round).
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use shoal_functions::{JobId, JobSpec, ModelVersion, Parameters};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, Result};
+use crate::infra::Infra;
+use crate::protocol::{self, JobState};
+use crate::subjects;
+
+/// A job as the node knows it.
+#[derive(Debug, Clone)]
+pub struct JobEntry {
+    /// The immutable spec.
+    pub spec: Arc<JobSpec>,
+    /// Latest known state.
+    pub state: JobState,
+    /// KV revision of `state`.
+    pub revision: u64,
+}
+
+/// The node's view of every job, shared by gateway and coordinators.
+#[derive(Debug, Clone, Default)]
+pub struct JobDirectory {
+    inner: Arc<RwLock<HashMap<JobId, JobEntry>>>,
+}
+
+impl JobDirectory {
+    /// A job's entry.
+    pub fn get(&self, job: &JobId) -> Option<JobEntry> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner()).get(job).cloned()
+    }
+
+    /// Records a state if it is newer than the known one.
+    pub fn observe_state(&self, job: &JobId, spec: Option<Arc<JobSpec>>, state: JobState, revision: u64) {
+        let mut map = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        match map.get_mut(job) {
+            Some(e) if e.revision < revision => {
+                e.state = state;
+                e.revision = revision;
+            }
+            Some(_) => {}
+            None => {
+                if let Some(spec) = spec {
+                    map.insert(job.clone(), JobEntry { spec, state, revision });
+                }
+            }
+        }
+    }
+
+    /// Jobs known.
+    pub fn jobs(&self) -> Vec<JobId> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
+    }
+}
+
+/// Creates a job: spec, initial model (version 0; zeros when `initial` is `None`), then state
+/// (round 1 waiting to open). A node running for the bucket picks it up.
+///
+/// # Errors
+/// [`Error::Spec`] for an invalid spec, [`Error::JobExists`], NATS errors.
+pub async fn create_job(infra: &Infra, spec: &JobSpec, initial: Option<&Parameters>) -> Result<()> {
+    spec.validate()?;
+    let manifest = Arc::new(spec.manifest.clone());
+    let zeros;
+    let initial = match initial {
+        Some(p) => {
+            if **p.manifest() != *manifest {
+                return Err(shoal_functions::Error::ManifestMismatch("initial model vs job manifest").into());
+            }
+            p
+        }
+        None => {
+            zeros = Parameters::zeros(Arc::clone(&manifest));
+            &zeros
+        }
+    };
+    let spec_key = subjects::job_spec_key(&spec.job);
+    match infra.jobs.create(&spec_key, Bytes::from(protocol::encode(spec))).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {
+            return Err(Error::JobExists(spec.job.to_string()))
+        }
+        Err(e) => return Err(Error::nats("create job spec", e)),
+    }
+    put_model(infra, &spec.job, ModelVersion(0), initial).await?;
+    infra
+        .jobs
+        .create(subjects::job_state_key(&spec.job), Bytes::from(protocol::encode(&JobState::new_job())))
+        .await
+        .map_err(|e| Error::nats("create job state", e))?;
+    Ok(())
+}
+
+/// Loads a job's spec.
+///
+/// # Errors
+/// [`Error::UnknownJob`], [`Error::Decode`], NATS errors.
+pub async fn load_spec(infra: &Infra, job: &JobId) -> Result<JobSpec> {
+    let bytes = infra
+        .jobs
+        .get(subjects::job_spec_key(job))
+        .await
+        .map_err(|e| Error::nats("read job spec", e))?
+        .ok_or_else(|| Error::UnknownJob(job.to_string()))?;
+    protocol::decode("job spec", &bytes)
+}
+
+/// Loads a job's state and its KV revision.
+///
+/// # Errors
+/// [`Error::UnknownJob`], [`Error::Decode`], NATS errors.
+pub async fn load_state(infra: &Infra, job: &JobId) -> Result<(JobState, u64)> {
+    let entry = infra
+        .jobs
+        .entry(subjects::job_state_key(job))
+        .await
+        .map_err(|e| Error::nats("read job state", e))?
+        .ok_or_else(|| Error::UnknownJob(job.to_string()))?;
+    Ok((protocol::decode("job state", &entry.value)?, entry.revision))
+}
+
+/// Outcome of a compare-and-set of the job state.
+#[derive(Debug)]
+pub enum CasOutcome {
+    /// Written; the new revision.
+    Written(u64),
+    /// Someone else wrote first.
+    Conflict,
+}
+
+/// Writes `state` if the stored revision is still `revision`.
+///
+/// # Errors
+/// NATS errors other than a revision conflict.
+pub async fn cas_state(infra: &Infra, job: &JobId, state: &JobState, revision: u64) -> Result<CasOutcome> {
+    match infra
+        .jobs
+        .update(subjects::job_state_key(job), Bytes::from(protocol::encode(state)), revision)
+        .await
+    {
+        Ok(rev) => Ok(CasOutcome::Written(rev)),
+        Err(e) if e.kind() == async_nats::jetstream::kv::UpdateErrorKind::WrongLastRevision => {
+            Ok(CasOutcome::Conflict)
+        }
+        Err(e) => Err(Error::nats("update job state", e)),
+    }
+}
+
+/// Stores a model version (overwriting an identical earlier write of the same version is
+/// harmless, which makes a commit retried after a crash idempotent).
+///
+/// # Errors
+/// NATS or encoding errors.
+pub async fn put_model(infra: &Infra, job: &JobId, version: ModelVersion, params: &Parameters) -> Result<()> {
+    let bytes = params.to_safetensors()?;
+    let chunk = chunk_size(infra);
+    let meta = async_nats::jetstream::object_store::ObjectMetadata {
+        name: subjects::model_object(job, version),
+        chunk_size: Some(chunk),
+        ..Default::default()
+    };
+    infra.models.put(meta, &mut bytes.as_slice()).await.map_err(|e| Error::nats("store model", e))?;
+    Ok(())
+}
+
+/// Fetches a model version as safetensors bytes.
+///
+/// # Errors
+/// NATS errors (including a missing version).
+pub async fn get_model_bytes(infra: &Infra, job: &JobId, version: ModelVersion) -> Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut obj = infra
+        .models
+        .get(subjects::model_object(job, version))
+        .await
+        .map_err(|e| Error::nats("fetch model", e))?;
+    let mut buf = Vec::with_capacity(obj.info().size);
+    obj.read_to_end(&mut buf).await.map_err(|e| Error::io("read model object", e))?;
+    Ok(buf)
+}
+
+/// Object-store chunk size: 1 MiB, or less when the server's `max_payload` is smaller.
+pub fn chunk_size(infra: &Infra) -> usize {
+    (infra.max_payload().saturating_sub(64 * 1024)).clamp(64 * 1024, 1 << 20)
+}
+
+/// Keeps `dir` in step with KV until cancelled; calls `on_new_job` for each job whose state
+/// appears (so the node can start its coordinator).
+///
+/// # Errors
+/// NATS errors when the watch cannot be started.
+pub async fn watch_jobs(
+    infra: Infra,
+    dir: JobDirectory,
+    cancel: CancellationToken,
+    on_new_job: impl Fn(JobId) + Send + 'static,
+) -> Result<()> {
+    // Last value of every key first (jobs that exist already, e.g. after a restart), then changes.
+    let mut watch =
+        infra.jobs.watch_with_history("*.state").await.map_err(|e| Error::nats("watch jobs", e))?;
+    loop {
+        let entry = tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            e = watch.next() => e,
+        };
+        let Some(entry) = entry else { return Ok(()) };
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "job watch error");
+                continue;
+            }
+        };
+        let Some(job) = entry.key.strip_suffix(".state").and_then(|j| JobId::new(j).ok()) else { continue };
+        let Ok(state) = protocol::decode::<JobState>("job state", &entry.value) else {
+            tracing::warn!(key = %entry.key, "undecodable job state ignored");
+            continue;
+        };
+        let known = dir.get(&job).is_some();
+        let spec = if known {
+            None
+        } else {
+            match load_spec(&infra, &job).await {
+                Ok(s) => Some(Arc::new(s)),
+                Err(e) => {
+                    tracing::warn!(%job, error = %e, "job spec unreadable; job ignored");
+                    continue;
+                }
+            }
+        };
+        dir.observe_state(&job, spec, state, entry.revision);
+        if !known && dir.get(&job).is_some() {
+            on_new_job(job);
+        }
+    }
+}

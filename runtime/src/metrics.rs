@@ -1,0 +1,151 @@
+//! Node metrics (Prometheus text format), served on request at `<prefix>.node.<node>.metrics`.
+//! Labels are bounded (`&'static str` reasons and outcomes); nothing is recorded per element or
+//! inside a fold.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::error::RejectReason;
+
+/// Label set with one `reason`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// Bounded reason.
+    pub reason: &'static str,
+}
+
+/// Label set with one `outcome`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// Bounded outcome.
+    pub outcome: &'static str,
+}
+
+/// All node metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Updates written into shared memory.
+    pub updates_staged: Counter,
+    /// Bytes written into shared memory.
+    pub bytes_staged: Counter,
+    /// Updates refused, by reason.
+    pub updates_rejected: Family<ReasonLabel, Counter>,
+    /// Rounds ended, by outcome.
+    pub rounds: Family<OutcomeLabel, Counter>,
+    /// Aggregators started from nothing.
+    pub cold_starts: Counter,
+    /// Aggregators reused for a new round.
+    pub warm_reuses: Counter,
+    /// Aggregator actors alive.
+    pub aggregators: Gauge,
+    /// Seconds from the last accepted update of a round to its commit.
+    pub round_latency: Histogram,
+    log_state: Mutex<HashMap<RejectReason, (u64, Instant)>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("shoal");
+        let m = Metrics {
+            updates_staged: Counter::default(),
+            bytes_staged: Counter::default(),
+            updates_rejected: Family::default(),
+            rounds: Family::default(),
+            cold_starts: Counter::default(),
+            warm_reuses: Counter::default(),
+            aggregators: Gauge::default(),
+            round_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            log_state: Mutex::new(HashMap::new()),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "updates_staged",
+            "Client updates staged in shared memory",
+            m.updates_staged.clone(),
+        );
+        registry.register(
+            "bytes_staged",
+            "Bytes of client updates staged in shared memory",
+            m.bytes_staged.clone(),
+        );
+        registry.register(
+            "updates_rejected",
+            "Client updates rejected, by reason",
+            m.updates_rejected.clone(),
+        );
+        registry.register("rounds", "Rounds ended, by outcome", m.rounds.clone());
+        registry.register(
+            "aggregator_cold_starts",
+            "Aggregator actors started on demand",
+            m.cold_starts.clone(),
+        );
+        registry.register(
+            "aggregator_warm_reuses",
+            "Aggregator actors reused for a new round",
+            m.warm_reuses.clone(),
+        );
+        registry.register("aggregators", "Aggregator actors alive", m.aggregators.clone());
+        registry.register(
+            "round_latency_seconds",
+            "Seconds from the last accepted update of a round to its commit",
+            m.round_latency.clone(),
+        );
+        for r in RejectReason::ALL {
+            let _ = m.updates_rejected.get_or_create(&ReasonLabel { reason: r.as_str() }).get();
+        }
+        Metrics { registry, ..m }
+    }
+}
+
+impl Metrics {
+    /// Counts a rejection and says whether to log it: the first of each reason, then at most
+    /// once a minute per reason (with the count since), so a flood cannot flood the log.
+    pub fn reject(&self, reason: RejectReason) -> Option<u64> {
+        self.updates_rejected.get_or_create(&ReasonLabel { reason: reason.as_str() }).inc();
+        let mut st = self.log_state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        match st.get_mut(&reason) {
+            None => {
+                st.insert(reason, (0, now));
+                Some(1)
+            }
+            Some((suppressed, last)) => {
+                *suppressed += 1;
+                if now.duration_since(*last) >= Duration::from_secs(60) {
+                    let n = *suppressed;
+                    *suppressed = 0;
+                    *last = now;
+                    Some(n)
+                } else {
+                    None
+                }
+            }
+        }
+    }
+
+    /// Rejections counted for `reason`.
+    pub fn rejected(&self, reason: RejectReason) -> u64 {
+        self.updates_rejected.get_or_create(&ReasonLabel { reason: reason.as_str() }).get()
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut s = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut s, &self.registry);
+        s
+    }
+}
+
+/// Reads one counter value from a Prometheus text exposition (for tests and `shoal job status`).
+pub fn scrape(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
+}

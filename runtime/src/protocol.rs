@@ -1,0 +1,220 @@
+//! The wire protocol (DESIGN.md §4): update headers and the msgpack control messages (job state,
+//! round events, rejection notices). Control messages are encoded with named fields
+//! (`rmp_serde::to_vec_named`) inside a versioned envelope so other languages can read them and
+//! later versions can add fields.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use shoal_functions::{ClientId, JobId, ModelVersion, RoundId};
+
+use crate::error::{Error, RejectReason, Result};
+
+/// Header: round the update is for.
+pub const HDR_ROUND: &str = "Shoal-Round";
+/// Header: global model version the client trained from.
+pub const HDR_BASE_VERSION: &str = "Shoal-Base-Version";
+/// Header: number of local training examples (the FedAvg weight).
+pub const HDR_NUM_EXAMPLES: &str = "Shoal-Num-Examples";
+/// Header: `delta` or `parameters`.
+pub const HDR_KIND: &str = "Shoal-Kind";
+/// Header: object name in `shoal-updates` when the payload travels through the object store.
+pub const HDR_OBJECT: &str = "Shoal-Object";
+/// Header: `sha256:<hex>` of the safetensors bytes stored as [`HDR_OBJECT`].
+pub const HDR_DIGEST: &str = "Shoal-Digest";
+
+/// Version of the control-message envelope.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct Envelope<T> {
+    v: u16,
+    body: T,
+}
+
+/// Encodes a control message (msgpack, named fields, versioned).
+pub fn encode<T: Serialize>(body: &T) -> Vec<u8> {
+    // Serialising plain data structs into a Vec cannot fail.
+    rmp_serde::to_vec_named(&Envelope { v: PROTOCOL_VERSION, body }).unwrap_or_default()
+}
+
+/// Decodes a control message.
+///
+/// # Errors
+/// [`Error::Decode`] for malformed bytes or an unknown envelope version.
+pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T> {
+    let env: Envelope<T> =
+        rmp_serde::from_slice(bytes).map_err(|e| Error::Decode { what, detail: e.to_string() })?;
+    if env.v != PROTOCOL_VERSION {
+        return Err(Error::Decode { what, detail: format!("unknown protocol version {}", env.v) });
+    }
+    Ok(env.body)
+}
+
+/// Lifecycle of a job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "phase", rename_all = "snake_case")]
+pub enum JobPhase {
+    /// Rounds are running.
+    Running,
+    /// The last round committed.
+    Finished,
+    /// Too many consecutive rounds failed.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl std::fmt::Display for JobPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JobPhase::Running => f.write_str("running"),
+            JobPhase::Finished => f.write_str("finished"),
+            JobPhase::Failed { reason } => write!(f, "failed ({reason})"),
+        }
+    }
+}
+
+/// How a round ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum RoundOutcome {
+    /// A new global model was committed.
+    Committed {
+        /// The committed version.
+        version: ModelVersion,
+        /// Updates aggregated.
+        clients: u32,
+        /// Sum of their weights.
+        total_weight: f64,
+    },
+    /// Fewer than `min_clients` updates by the deadline; the previous model stands.
+    QuorumNotMet {
+        /// Updates accepted.
+        accepted: u32,
+        /// Quorum required.
+        min_clients: u32,
+    },
+    /// The strategy could not produce a model (e.g. zero total weight); previous model stands.
+    AggregationFailed {
+        /// The error.
+        detail: String,
+    },
+}
+
+/// A job's state, stored under `<job>.state` in KV `shoal-jobs` and changed only by
+/// compare-and-set on its revision (one committer).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobState {
+    /// Job phase.
+    pub phase: JobPhase,
+    /// The open round (after the job ends: the last round run).
+    pub round: RoundId,
+    /// Current global model version (the base clients must train from).
+    pub model_version: ModelVersion,
+    /// When the open round opened (ms since the Unix epoch); 0 until a node opens it.
+    pub opened_at_ms: u64,
+    /// The open round's deadline (ms since the Unix epoch); 0 until a node opens it.
+    pub deadline_at_ms: u64,
+    /// Consecutive rounds that committed nothing.
+    pub failed_rounds_in_a_row: u32,
+    /// How the previous round ended.
+    pub last_outcome: Option<RoundOutcome>,
+}
+
+impl JobState {
+    /// The state of a new job: round 1 waiting to open, model version 0.
+    pub fn new_job() -> JobState {
+        JobState {
+            phase: JobPhase::Running,
+            round: RoundId(1),
+            model_version: ModelVersion(0),
+            opened_at_ms: 0,
+            deadline_at_ms: 0,
+            failed_rounds_in_a_row: 0,
+            last_outcome: None,
+        }
+    }
+
+    /// Whether the open round has been opened by a node.
+    pub fn is_open(&self) -> bool {
+        self.phase == JobPhase::Running && self.opened_at_ms > 0
+    }
+}
+
+/// Published on `<prefix>.<job>.round`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum RoundEvent {
+    /// A round opened: clients train from `base_version` and publish for `round`.
+    RoundOpened {
+        /// Job.
+        job: JobId,
+        /// Round.
+        round: RoundId,
+        /// Model version to train from.
+        base_version: ModelVersion,
+        /// Deadline, ms since the Unix epoch.
+        deadline_at_ms: u64,
+    },
+    /// A round closed.
+    RoundClosed {
+        /// Job.
+        job: JobId,
+        /// Round.
+        round: RoundId,
+        /// What happened.
+        outcome: RoundOutcome,
+    },
+    /// The job ended (finished or failed).
+    JobEnded {
+        /// Job.
+        job: JobId,
+        /// Final phase.
+        phase: JobPhase,
+    },
+}
+
+/// Published on `<prefix>.<job>.rejected.<client>` when an update is refused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RejectNotice {
+    /// Job (as sent; may be unknown).
+    pub job: String,
+    /// Client.
+    pub client: ClientId,
+    /// Round header, if it parsed.
+    pub round: Option<RoundId>,
+    /// Typed reason.
+    pub reason: RejectReason,
+    /// Human-readable detail.
+    pub detail: String,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_messages_round_trip_with_named_fields() {
+        let s = JobState::new_job();
+        let bytes = encode(&s);
+        assert_eq!(decode::<JobState>("job state", &bytes).unwrap(), s);
+        // Named fields: the key appears in the bytes, so other languages can read them.
+        assert!(bytes.windows(13).any(|w| w == b"model_version"));
+        assert!(decode::<JobState>("job state", b"\x01\x02garbage").is_err());
+        let e = RoundEvent::RoundClosed {
+            job: JobId::new("j").unwrap(),
+            round: RoundId(3),
+            outcome: RoundOutcome::QuorumNotMet { accepted: 1, min_clients: 2 },
+        };
+        assert_eq!(decode::<RoundEvent>("event", &encode(&e)).unwrap(), e);
+    }
+}

@@ -1,0 +1,125 @@
+//! Every NATS subject, stream, bucket, key and object name Shoal uses is built here, and
+//! nowhere else (DESIGN.md §4).
+
+use shoal_functions::{ClientId, JobId, ModelVersion, NodeId, RoundId};
+
+/// Default subject prefix.
+pub const DEFAULT_PREFIX: &str = "shoal";
+/// The JetStream work-queue stream holding client updates.
+pub const UPDATES_STREAM: &str = "SHOAL_UPDATES";
+/// Object store for updates above the inline limit.
+pub const UPDATES_BUCKET: &str = "shoal-updates";
+/// Object store for committed global models.
+pub const MODELS_BUCKET: &str = "shoal-models";
+/// KV bucket for job specs and job state.
+pub const JOBS_BUCKET: &str = "shoal-jobs";
+/// The durable pull consumer shared by every node's gateway.
+pub const GATEWAY_CONSUMER: &str = "shoal-gateway";
+
+/// Subject builder for one prefix.
+#[derive(Debug, Clone)]
+pub struct Subjects {
+    prefix: String,
+}
+
+impl Default for Subjects {
+    fn default() -> Self {
+        Subjects { prefix: DEFAULT_PREFIX.to_string() }
+    }
+}
+
+impl Subjects {
+    /// Subjects under `prefix` (a dot-free token).
+    pub fn new(prefix: impl Into<String>) -> Subjects {
+        Subjects { prefix: prefix.into() }
+    }
+
+    /// `<p>.<job>.update.<client>`: where a client publishes its update.
+    pub fn update(&self, job: &JobId, client: &ClientId) -> String {
+        format!("{}.{job}.update.{client}", self.prefix)
+    }
+
+    /// `<p>.*.update.*`: the stream's subject filter.
+    pub fn all_updates(&self) -> String {
+        format!("{}.*.update.*", self.prefix)
+    }
+
+    /// Parses `<p>.<job>.update.<client>` into its ids.
+    pub fn parse_update(&self, subject: &str) -> Option<(JobId, ClientId)> {
+        let mut it = subject.split('.');
+        if it.next()? != self.prefix {
+            return None;
+        }
+        let job = JobId::new(it.next()?).ok()?;
+        if it.next()? != "update" {
+            return None;
+        }
+        let client = ClientId::new(it.next()?).ok()?;
+        it.next().is_none().then_some((job, client))
+    }
+
+    /// `<p>.<job>.round`: round events.
+    pub fn round_events(&self, job: &JobId) -> String {
+        format!("{}.{job}.round", self.prefix)
+    }
+
+    /// `<p>.<job>.rejected.<client>`: rejection notices for one client's updates.
+    pub fn rejected(&self, job: &JobId, client: &ClientId) -> String {
+        format!("{}.{job}.rejected.{client}", self.prefix)
+    }
+
+    /// `<p>.*.rejected.*` or `<p>.<job>.rejected.*`.
+    pub fn all_rejected(&self, job: Option<&JobId>) -> String {
+        match job {
+            Some(j) => format!("{}.{j}.rejected.*", self.prefix),
+            None => format!("{}.*.rejected.*", self.prefix),
+        }
+    }
+
+    /// `<p>.node.<node>.metrics`: request/reply, answers the Prometheus text exposition.
+    pub fn node_metrics(&self, node: &NodeId) -> String {
+        format!("{}.node.{node}.metrics", self.prefix)
+    }
+}
+
+/// KV key of a job's spec.
+pub fn job_spec_key(job: &JobId) -> String {
+    format!("{job}.spec")
+}
+
+/// KV key of a job's state.
+pub fn job_state_key(job: &JobId) -> String {
+    format!("{job}.state")
+}
+
+/// Object name of a committed global model: `<job>/<version>`.
+pub fn model_object(job: &JobId, version: ModelVersion) -> String {
+    format!("{job}/{version}")
+}
+
+/// Object name of a large update: `<job>/<round>/<client>`.
+pub fn update_object(job: &JobId, round: RoundId, client: &ClientId) -> String {
+    format!("{job}/{round}/{client}")
+}
+
+/// `Nats-Msg-Id` of an update (server-side dedupe of retries): `<job>.<round>.<client>`.
+pub fn update_msg_id(job: &JobId, round: RoundId, client: &ClientId) -> String {
+    format!("{job}.{round}.{client}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn update_subjects_round_trip_and_reject_garbage() {
+        let s = Subjects::default();
+        let (j, c) = (JobId::new("mnist").unwrap(), ClientId::new("c-1").unwrap());
+        let subj = s.update(&j, &c);
+        assert_eq!(subj, "shoal.mnist.update.c-1");
+        assert_eq!(s.parse_update(&subj), Some((j, c)));
+        for bad in ["shoal.mnist.update", "x.mnist.update.c", "shoal.mnist.round.c", "shoal.m.update.c.d"] {
+            assert_eq!(s.parse_update(bad), None, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! Test harness for Shoal's integration tests: a real `nats-server` (from
+//! `shoal_runtime::nats_server`), `shoal node` processes started from the built binary and killed
+//! on drop, and helpers to build jobs, random updates and the independent f64 oracle.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use rand::{Rng, SeedableRng};
+use shoal_functions::tensor::encode_safetensors;
+use shoal_functions::{JobId, JobSpec, ModelManifest, RoundPolicy, StrategySpec, UpdateKind};
+pub use shoal_runtime::nats_server::{NatsOptions, NatsServer};
+use shoal_runtime::protocol::{self, RejectNotice};
+
+/// Path of the built `shoal` binary (next to the test executable's `deps/` directory).
+///
+/// # Panics
+/// If the binary is missing, with instructions.
+pub fn shoal_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("shoal");
+    assert!(
+        bin.exists(),
+        "{} not found: run `cargo test --workspace` (which builds it) or `cargo build -p shoal-runtime` first",
+        bin.display()
+    );
+    bin
+}
+
+/// A `shoal node` child process, SIGKILLed on drop (and when the test process dies).
+#[derive(Debug)]
+pub struct NodeProcess {
+    child: Option<Child>,
+    /// Node id.
+    pub node_id: String,
+    args: Vec<String>,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl NodeProcess {
+    /// Starts `shoal node` against `nats_url` with a private shm root and `extra` flags, and
+    /// waits until it answers its metrics subject.
+    pub async fn start(nats_url: &str, node_id: &str, extra: &[&str]) -> NodeProcess {
+        let dir = tempfile::Builder::new().prefix("shoal-test-").tempdir_in(shm_base()).expect("shm tempdir");
+        let mut args = vec![
+            "node".to_string(),
+            "--nats-url".into(),
+            nats_url.into(),
+            "--node-id".into(),
+            node_id.into(),
+            "--shm-dir".into(),
+            dir.path().display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let log = dir.path().join("node.log");
+        let mut n = NodeProcess { child: None, node_id: node_id.into(), args, log, _dir: dir };
+        n.spawn();
+        n.wait_ready(nats_url).await;
+        n
+    }
+
+    fn spawn(&mut self) {
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("node log");
+        let err = out.try_clone().expect("node log");
+        let mut cmd = Command::new(shoal_bin());
+        cmd.args(&self.args)
+            .env("RUST_LOG", std::env::var("SHOAL_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        self.child = Some(shoal_runtime::nats_server::spawn_tied_to_process(cmd).expect("spawn shoal node"));
+    }
+
+    async fn wait_ready(&mut self, nats_url: &str) {
+        let client = async_nats::connect(nats_url).await.expect("connect");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let subject = format!("shoal.node.{}.metrics", self.node_id);
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("node exited early ({status}); log:\n{}", self.log());
+            }
+            if let Ok(Ok(_)) = tokio::time::timeout(
+                Duration::from_millis(500),
+                client.request(subject.clone(), Bytes::new()),
+            )
+            .await
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "node not ready after 20 s; log:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILLs the process (no shutdown path runs) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the same node again (same id, flags and shm root).
+    pub async fn restart(&mut self, nats_url: &str) {
+        self.kill();
+        self.spawn();
+        self.wait_ready(nats_url).await;
+    }
+
+    /// The node's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The node's Prometheus metrics text.
+    pub async fn metrics(&self, client: &async_nats::Client) -> String {
+        let m = client
+            .request(format!("shoal.node.{}.metrics", self.node_id), Bytes::new())
+            .await
+            .expect("metrics request");
+        String::from_utf8_lossy(&m.payload).into_owned()
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn shm_base() -> PathBuf {
+    let p = PathBuf::from("/dev/shm");
+    if p.is_dir() {
+        p
+    } else {
+        std::env::temp_dir()
+    }
+}
+
+/// A sync-round FedAvg job spec.
+pub fn job_spec(
+    job: &str,
+    manifest: ModelManifest,
+    cohort: u32,
+    min: u32,
+    deadline_ms: u64,
+    rounds: u64,
+) -> JobSpec {
+    JobSpec {
+        job: JobId::new(job).expect("job id"),
+        manifest,
+        strategy: StrategySpec::Fedavg { server_learning_rate: 1.0 },
+        round_policy: RoundPolicy::Sync { cohort_size: cohort, min_clients: min, deadline_ms },
+        update_kind: UpdateKind::Parameters,
+        rounds,
+        max_num_examples: 1_000_000_000,
+        max_failed_rounds: 5,
+    }
+}
+
+/// Random tensor values for `manifest` (uniform in [-2, 2], integers in [-1000, 1000]).
+pub fn random_values(manifest: &ModelManifest, seed: u64) -> Vec<Vec<f64>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    manifest
+        .tensors()
+        .iter()
+        .map(|t| {
+            (0..t.numel())
+                .map(|_| {
+                    if t.dtype.is_float() {
+                        rng.gen_range(-2.0..2.0)
+                    } else {
+                        rng.gen_range(-1000..=1000) as f64
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The values a client actually sends after rounding to the manifest's dtypes.
+pub fn as_sent(manifest: &Arc<ModelManifest>, values: &[Vec<f64>]) -> Vec<Vec<f64>> {
+    let p =
+        shoal_functions::Parameters::from_f64(Arc::clone(manifest), values).expect("values fit the manifest");
+    (0..values.len()).map(|i| p.tensor_f64(i)).collect()
+}
+
+/// Encodes values as a safetensors payload.
+pub fn payload(manifest: &Arc<ModelManifest>, values: &[Vec<f64>]) -> Bytes {
+    Bytes::from(encode_safetensors(manifest, values).expect("encode"))
+}
+
+/// The independent f64 oracle: Σ w_i x_i / Σ w_i per element, computed here from the values
+/// as sent, without any Shoal code.
+pub fn weighted_mean_oracle(updates: &[(Vec<Vec<f64>>, f64)]) -> Vec<Vec<f64>> {
+    let total: f64 = updates.iter().map(|(_, w)| w).sum();
+    let mut out: Vec<Vec<f64>> = updates[0].0.iter().map(|t| vec![0.0; t.len()]).collect();
+    for (vals, w) in updates {
+        for (o, v) in out.iter_mut().zip(vals) {
+            for (a, b) in o.iter_mut().zip(v) {
+                *a += w * b;
+            }
+        }
+    }
+    for o in &mut out {
+        for a in o.iter_mut() {
+            *a /= total;
+        }
+    }
+    out
+}
+
+/// Subscribes to every rejection notice of `job`.
+pub async fn rejections(client: &async_nats::Client, job: &str) -> async_nats::Subscriber {
+    let s = client.subscribe(format!("shoal.{job}.rejected.*")).await.expect("subscribe");
+    client.flush().await.expect("flush");
+    s
+}
+
+/// Waits for the next rejection notice.
+pub async fn next_rejection(sub: &mut async_nats::Subscriber) -> RejectNotice {
+    let m = tokio::time::timeout(Duration::from_secs(15), sub.next())
+        .await
+        .expect("no rejection notice within 15 s")
+        .expect("subscription ended");
+    protocol::decode("reject notice", &m.payload).expect("decode notice")
+}
+
+/// Initialises test logging once (RUST_LOG controls it).
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .try_init();
+}
