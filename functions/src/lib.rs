@@ -20,10 +20,15 @@
 //! - [`spec`]: the job specification shared by the runtime and (later) the operator.
 //! - [`error`]: this crate's error type and its `Copy` kind.
 
+pub mod asynchronous;
+pub mod bristle;
 pub mod error;
 pub mod fedavg;
 pub mod ids;
 pub mod kernels;
+pub mod rffl;
+pub mod robust;
+pub mod server_opt;
 pub mod spec;
 pub mod strategy;
 pub mod tensor;
