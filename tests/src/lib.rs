@@ -240,3 +240,35 @@ pub fn init_logging() {
         )
         .try_init();
 }
+
+/// A nats-server and one `shoal node` shared by every test of a test binary (each test uses its
+/// own job). Both processes die with the test process (`PR_SET_PDEATHSIG`).
+#[derive(Debug)]
+pub struct SharedCluster {
+    /// The server.
+    pub nats: NatsServer,
+    /// The node.
+    pub node: NodeProcess,
+}
+
+impl SharedCluster {
+    /// Starts the cluster once per process with `node_args`; later calls return the same one.
+    pub fn get(
+        cell: &'static std::sync::OnceLock<SharedCluster>,
+        node_args: &'static [&'static str],
+    ) -> &'static SharedCluster {
+        cell.get_or_init(|| {
+            // Started on a private thread and runtime: the caller is inside its own test runtime.
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+                rt.block_on(async {
+                    let nats = NatsServer::start().expect("nats-server");
+                    let node = NodeProcess::start(&nats.url(), "shared", node_args).await;
+                    SharedCluster { nats, node }
+                })
+            })
+            .join()
+            .expect("cluster start")
+        })
+    }
+}
