@@ -1,0 +1,109 @@
+//! Round policy against a real node: a round without quorum at its deadline fails with
+//! `QuorumNotMet` and the previous model stands; a round with quorum but not the full cohort
+//! commits at its deadline; a job whose rounds keep failing ends as failed instead of waiting
+//! forever.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use shoal_functions::{ClientId, DType, JobId, ModelManifest, ModelVersion, RoundId, TensorSpec, UpdateKind};
+use shoal_runtime::client::{ShoalClient, UpdateRequest};
+use shoal_runtime::infra::ConnectOptions;
+use shoal_runtime::jobs;
+use shoal_runtime::protocol::{JobPhase, RoundOutcome};
+use shoal_tests::*;
+
+static CLUSTER: OnceLock<SharedCluster> = OnceLock::new();
+
+fn manifest() -> Arc<ModelManifest> {
+    Arc::new(ModelManifest::new(vec![TensorSpec::new("w", DType::F32, vec![16])]).unwrap())
+}
+
+async fn client() -> ShoalClient {
+    init_logging();
+    let cluster = SharedCluster::get(&CLUSTER, &["--ack-wait-ms", "3000"]);
+    ShoalClient::connect(&ConnectOptions { url: cluster.nats.url(), ..Default::default() }).await.unwrap()
+}
+
+async fn send(
+    c: &ShoalClient,
+    job: &JobId,
+    who: &str,
+    round: RoundId,
+    base: ModelVersion,
+    seed: u64,
+    n: u64,
+) -> (Vec<Vec<f64>>, f64) {
+    let m = manifest();
+    let values = as_sent(&m, &random_values(&m, seed));
+    c.publish_update(UpdateRequest {
+        job: job.clone(),
+        client: ClientId::new(who).unwrap(),
+        round,
+        base_version: base,
+        num_examples: n,
+        kind: UpdateKind::Parameters,
+        payload: payload(&m, &values),
+        force_object_store: false,
+    })
+    .await
+    .unwrap();
+    (values, n as f64)
+}
+
+#[tokio::test]
+async fn quorum_not_met_keeps_the_model_and_a_partial_cohort_commits_at_the_deadline() {
+    let c = client().await;
+    let m = manifest();
+    let job = JobId::new("quorum").unwrap();
+    // Cohort 3, quorum 2, 1.5 s deadline.
+    jobs::create_job(c.infra(), &job_spec("quorum", (*m).clone(), 3, 2, 1500, 2), None).await.unwrap();
+
+    // Round 1: one update only.
+    let s1 = c.wait_for_open_round(&job, RoundId(1), Duration::from_secs(20)).await.unwrap();
+    send(&c, &job, "a", s1.round, s1.model_version, 1, 10).await;
+    let after1 = c.wait_for_round_closed(&job, RoundId(1), Duration::from_secs(20)).await.unwrap();
+    assert_eq!(after1.last_outcome, Some(RoundOutcome::QuorumNotMet { accepted: 1, min_clients: 2 }));
+    assert_eq!(after1.model_version, ModelVersion(0), "the previous model stands");
+    assert!(c.fetch_model(&job, ModelVersion(1)).await.is_err(), "no version 1 was written");
+
+    // Round 2 trains from version 0 again; two of three report: commit at the deadline.
+    let s2 = c.wait_for_open_round(&job, RoundId(2), Duration::from_secs(20)).await.unwrap();
+    assert_eq!(s2.model_version, ModelVersion(0));
+    let sent = vec![
+        send(&c, &job, "a", s2.round, s2.model_version, 2, 10).await,
+        send(&c, &job, "b", s2.round, s2.model_version, 3, 30).await,
+    ];
+    let after2 = c.wait_for_round_closed(&job, RoundId(2), Duration::from_secs(20)).await.unwrap();
+    assert!(matches!(after2.last_outcome, Some(RoundOutcome::Committed { clients: 2, .. })), "{after2:?}");
+    assert_eq!(after2.model_version, ModelVersion(1));
+    assert_eq!(after2.phase, JobPhase::Finished);
+    let bytes = c.fetch_model(&job, ModelVersion(1)).await.unwrap();
+    let model = shoal_functions::Parameters::from_safetensors(Arc::clone(&m), &bytes).unwrap();
+    let oracle = weighted_mean_oracle(&sent);
+    for (g, o) in model.tensor_f64(0).iter().zip(&oracle[0]) {
+        assert!((g - o).abs() <= 1e-6 * o.abs().max(1e-30), "committed {g}, oracle {o}");
+    }
+}
+
+#[tokio::test]
+async fn a_job_whose_rounds_keep_failing_ends_failed() {
+    let c = client().await;
+    let m = manifest();
+    let job = JobId::new("silent").unwrap();
+    let mut spec = job_spec("silent", (*m).clone(), 2, 1, 300, 10);
+    spec.max_failed_rounds = 3;
+    jobs::create_job(c.infra(), &spec, None).await.unwrap();
+    let end = c
+        .wait_for_state(&job, Duration::from_secs(20), "the job to end", |s| s.phase != JobPhase::Running)
+        .await;
+    // wait_for_state reports a job that ends as JobEnded; read the final state either way.
+    drop(end);
+    let state = c.job_state(&job).await.unwrap();
+    assert!(matches!(state.phase, JobPhase::Failed { .. }), "{state:?}");
+    assert_eq!(state.failed_rounds_in_a_row, 3);
+    assert_eq!(state.round, RoundId(3));
+    assert_eq!(state.model_version, ModelVersion(0));
+}
