@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use actix::Addr;
 use bytes::Bytes;
-use shoal_functions::{JobId, ModelManifest, Parameters, RoundPolicy};
+use shoal_functions::{JobId, Mergeability, ModelManifest, Parameters, RoundPolicy, UpdateView};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -121,8 +121,18 @@ pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
             .map_err(|e| Error::Shm(format!("function host gone: {e}")))?;
         let accepted = harvest.held.len() as u32;
         let next_version = state.model_version.next();
-        let (outcome, new_global) =
-            close_outcome(&mut *strategy, &harvest, &global, accepted, min_clients, next_version);
+        // The server step is CPU-bound (a whole-cohort strategy reads every staged update):
+        // run it on a blocking thread, handing strategy, model and harvest over and back.
+        let (s, g, h, outcome, new_global) = tokio::task::spawn_blocking(move || {
+            let (mut strategy, global, harvest) = (strategy, global, harvest);
+            let (outcome, new_global) =
+                close_outcome(&mut *strategy, &harvest, &global, accepted, min_clients, next_version);
+            (strategy, global, harvest, outcome, new_global)
+        })
+        .await
+        .map_err(|e| Error::Shm(format!("server step panicked: {e}")))?;
+        (strategy, global) = (s, g);
+        let harvest = h;
         let mut next = state.clone();
         next.last_outcome = Some(outcome.clone());
         next.round = round.next();
@@ -202,14 +212,28 @@ fn close_outcome(
     if accepted < min_clients {
         return (RoundOutcome::QuorumNotMet { accepted, min_clients }, None);
     }
-    let Some(partial) = &harvest.partial else {
-        return (RoundOutcome::QuorumNotMet { accepted, min_clients }, None);
+    let total_weight: f64 = harvest.held.iter().map(|h| h.weight).sum();
+    let result = match strategy.mergeability() {
+        Mergeability::Streaming => match &harvest.partial {
+            Some(partial) => strategy.finish(partial, global),
+            None => return (RoundOutcome::QuorumNotMet { accepted, min_clients }, None),
+        },
+        Mergeability::WholeCohort => {
+            // The cohort is read in place from shared memory: no update is copied.
+            let manifest = global.manifest();
+            let views: Vec<UpdateView<'_>> = harvest
+                .held
+                .iter()
+                .filter_map(|h| {
+                    let slot = h.slot.as_ref()?;
+                    Some(UpdateView { manifest, bytes: slot.bytes(), weight: h.weight, client: &h.client })
+                })
+                .collect();
+            strategy.aggregate_cohort(&views, global)
+        }
     };
-    match strategy.finish(partial, global) {
-        Ok(p) => (
-            RoundOutcome::Committed { version, clients: accepted, total_weight: partial.total_weight() },
-            Some(p),
-        ),
+    match result {
+        Ok(p) => (RoundOutcome::Committed { version, clients: accepted, total_weight }, Some(p)),
         Err(e) => (RoundOutcome::AggregationFailed { detail: e.to_string() }, None),
     }
 }

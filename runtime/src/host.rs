@@ -62,6 +62,11 @@ pub struct Held {
     pub acker: AckHandle,
     /// Object to delete after the commit.
     pub object: Option<String>,
+    /// The update's weight (`num_examples`).
+    pub weight: f64,
+    /// The staged bytes, kept for whole-cohort strategies (median, Krum, RFFL, ...), which read
+    /// them in place at the close; `None` once a streaming strategy has folded them.
+    pub slot: Option<Slot>,
 }
 
 /// What a closed round hands to the coordinator.
@@ -229,6 +234,8 @@ impl Handler<Staged> for FunctionHost {
                             job: msg.job.clone(),
                             round: msg.round,
                             manifest: Arc::clone(&msg.manifest),
+                            whole_cohort: msg.spec.build_strategy().mergeability()
+                                == shoal_functions::Mergeability::WholeCohort,
                             strategy: Some(msg.spec.build_strategy()),
                             partial: None,
                             pending: Vec::new(),
@@ -308,6 +315,7 @@ pub struct Aggregator {
     round: RoundId,
     manifest: Arc<ModelManifest>,
     strategy: Option<Box<dyn Strategy>>,
+    whole_cohort: bool,
     partial: Option<PartialAggregate>,
     pending: Vec<Staged>,
     held: Vec<Held>,
@@ -428,7 +436,13 @@ impl Aggregator {
                     );
                 } else {
                     // Streaming strategies are done with the bytes: the slot goes back to the pool.
-                    act.held.push(Held { client: s.client, acker: s.acker, object: s.object });
+                    act.held.push(Held {
+                        client: s.client,
+                        acker: s.acker,
+                        object: s.object,
+                        weight: s.weight,
+                        slot: None,
+                    });
                 }
             }
             act.last_fold = Some(Instant::now());
@@ -465,6 +479,23 @@ impl Handler<Staged> for Aggregator {
     type Result = ();
     fn handle(&mut self, msg: Staged, ctx: &mut Context<Self>) {
         self.metrics.updates_staged.inc();
+        if self.whole_cohort {
+            // Whole-cohort strategies need every update at once: keep the bytes in shared memory
+            // (never copied) and hand them to the coordinator at the close.
+            self.held.push(Held {
+                client: msg.client,
+                acker: msg.acker,
+                object: msg.object,
+                weight: msg.weight,
+                slot: Some(msg.slot),
+            });
+            self.last_fold = Some(Instant::now());
+            self.host.do_send(Progress {
+                job: self.job.clone(),
+                progress: RoundProgress { round: self.round, accepted: self.held.len() as u32 },
+            });
+            return;
+        }
         self.pending.push(msg);
         self.maybe_fold(ctx);
     }
