@@ -9,6 +9,11 @@
 //! global model is evaluated on the held-out test split. Finally the same model is trained
 //! centrally on the pooled training data for the same number of epochs, and both accuracies are
 //! printed as the last two lines (scripts read them).
+//!
+//! With `--strategy` and `--attack`, a fraction `--byzantine` of the clients attack (sign flip
+//! with scaling, Gaussian noise, free riding, label flipping, scaling by 100) and the chosen
+//! aggregation strategy defends; `--matrix` runs every strategy against every attack and prints
+//! (and writes) a Markdown table of final test accuracies.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,6 +35,46 @@ use crate::node::{self, NodeConfig};
 use crate::protocol::RoundOutcome;
 use crate::sim::{self, Dataset, LocalTraining, SoftmaxParams};
 
+/// Attacks a Byzantine client can mount. Each is applied to the client's honest delta
+/// `d = local − global` (label flipping changes the training data instead).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Attack {
+    /// No attack.
+    None,
+    /// Sends `−10 · d` (sign flip with scaling).
+    SignFlip,
+    /// Sends Gaussian noise N(0, 1) per coordinate instead of a delta.
+    Gaussian,
+    /// Sends a random vector U(−1, 1) per coordinate without training (free rider).
+    FreeRider,
+    /// Trains honestly on flipped labels (y → 9 − y).
+    LabelFlip,
+    /// Sends `100 · d`.
+    Scale,
+}
+
+impl Attack {
+    const ALL: [Attack; 6] = [
+        Attack::None,
+        Attack::SignFlip,
+        Attack::Gaussian,
+        Attack::FreeRider,
+        Attack::LabelFlip,
+        Attack::Scale,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Attack::None => "none",
+            Attack::SignFlip => "sign-flip",
+            Attack::Gaussian => "gaussian",
+            Attack::FreeRider => "free-rider",
+            Attack::LabelFlip => "label-flip",
+            Attack::Scale => "scale",
+        }
+    }
+}
+
 /// `shoal demo` flags.
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
@@ -45,7 +90,7 @@ pub struct DemoArgs {
     /// Dirichlet concentration of the non-IID split (smaller = more skewed).
     #[arg(long, default_value_t = 0.5)]
     pub alpha: f64,
-    /// Seed of the split and of local training.
+    /// Seed of the split, of local training and of the attacks.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Round deadline in seconds.
@@ -54,7 +99,25 @@ pub struct DemoArgs {
     /// Root of the node's shared-memory directory.
     #[arg(long, default_value = "/dev/shm/shoal")]
     pub shm_dir: std::path::PathBuf,
+    /// Aggregation strategy (see `--help` of the README's strategy list).
+    #[arg(long, default_value = "fedavg", value_parser = clap::builder::PossibleValuesParser::new(STRATEGIES))]
+    pub strategy: String,
+    /// Attack mounted by the Byzantine clients.
+    #[arg(long, value_enum, default_value_t = Attack::None)]
+    pub attack: Attack,
+    /// Fraction of clients that attack (when `--attack` is not `none`).
+    #[arg(long, default_value_t = 0.2)]
+    pub byzantine: f64,
+    /// Run every strategy against every attack and print a table of final accuracies.
+    #[arg(long)]
+    pub matrix: bool,
+    /// Where `--matrix` writes its Markdown table.
+    #[arg(long, default_value = "docs/robustness-matrix.md")]
+    pub matrix_out: std::path::PathBuf,
 }
+
+/// Strategy names accepted by `--strategy`.
+pub const STRATEGIES: [&str; 1] = ["fedavg"];
 
 const TEST_FRACTION: f64 = 0.2;
 const TEST_SPLIT_SEED: u64 = 7;
@@ -72,9 +135,22 @@ fn to_params(p: &Parameters) -> SoftmaxParams {
     SoftmaxParams { weight: f(0), bias: f(1) }
 }
 
-fn to_safetensors(m: &Arc<ModelManifest>, p: &SoftmaxParams) -> anyhow::Result<Vec<u8>> {
-    let f = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<f64>>();
-    Ok(encode_safetensors(m, &[f(&p.weight), f(&p.bias)])?)
+/// The job spec of a strategy name for `n` clients of which `f` may be Byzantine, and the update
+/// kind its clients send.
+fn strategy_spec(name: &str, _n: usize, _f: usize) -> anyhow::Result<(StrategySpec, UpdateKind)> {
+    Ok(match name {
+        "fedavg" => (StrategySpec::Fedavg { server_learning_rate: 1.0 }, UpdateKind::Parameters),
+        other => anyhow::bail!("unknown strategy {other:?}; one of {STRATEGIES:?}"),
+    })
+}
+
+/// What every experiment of one demo run shares.
+struct Env {
+    client: ShoalClient,
+    m: Arc<ModelManifest>,
+    train_set: Arc<Dataset>,
+    test_set: Arc<Dataset>,
+    shards: Vec<Arc<Dataset>>,
 }
 
 /// Runs the demo.
@@ -83,6 +159,7 @@ fn to_safetensors(m: &Arc<ModelManifest>, p: &SoftmaxParams) -> anyhow::Result<V
 /// No nats-server binary (with an install hint), NATS or node failures, a failed round.
 pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     anyhow::ensure!(a.clients >= 1 && a.rounds >= 1, "--clients and --rounds must be at least 1");
+    anyhow::ensure!((0.0..0.5).contains(&a.byzantine), "--byzantine must be in [0, 0.5)");
     let _server;
     let url = match &a.nats_url {
         Some(u) => u.clone(),
@@ -114,45 +191,154 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         a.alpha,
         shards.iter().map(|s| s.len()).collect::<Vec<_>>()
     );
+    let env = Env {
+        client: ShoalClient::connect(&nats).await?,
+        m: manifest()?,
+        train_set: Arc::new(train_set),
+        test_set: Arc::new(test_set),
+        shards,
+    };
 
-    let m = manifest()?;
-    let job = JobId::new(format!("digits-{}", crate::protocol::now_ms()))?;
+    let result = if a.matrix { run_matrix(&env, &a).await } else { run_single(&env, &a).await };
+    node.shutdown().await;
+    drop(env);
+    result
+}
+
+async fn run_single(env: &Env, a: &DemoArgs) -> anyhow::Result<()> {
+    let federated = run_experiment(env, a, &a.strategy, a.attack, true).await?;
+    // Centralized baseline: the same model and optimiser on the pooled training data, for the
+    // same number of epochs as each client trained in total.
+    let local = LocalTraining::default();
+    let central_cfg = LocalTraining { epochs: a.rounds as usize * local.epochs, ..local };
+    let (train_set, test_set, seed) = (Arc::clone(&env.train_set), Arc::clone(&env.test_set), a.seed);
+    let centralized = tokio::task::spawn_blocking(move || {
+        let mut p = SoftmaxParams::zeros();
+        sim::train(&mut p, &train_set, &central_cfg, &mut ChaCha8Rng::seed_from_u64(seed));
+        sim::accuracy(&p, &test_set)
+    })
+    .await?;
+    println!("federated accuracy: {federated:.3}");
+    println!("centralized accuracy: {centralized:.3}");
+    Ok(())
+}
+
+async fn run_matrix(env: &Env, a: &DemoArgs) -> anyhow::Result<()> {
+    let attacks: Vec<Attack> = Attack::ALL.to_vec();
+    let pb = ProgressBar::new((STRATEGIES.len() * attacks.len()) as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} run {pos}/{len} [{bar:30}] {elapsed_precise} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut table = format!(
+        "# Robustness matrix\n\nFinal test accuracy of `shoal demo` after {} rounds: {} clients, Dirichlet({}) \
+         non-IID digits split, seed {}; attacked runs have {:.0}% Byzantine clients. Produced by \
+         `cargo run --release -- demo --matrix`.\n\n| strategy |",
+        a.rounds,
+        a.clients,
+        a.alpha,
+        a.seed,
+        a.byzantine * 100.0
+    );
+    for at in &attacks {
+        table.push_str(&format!(" {} |", at.name()));
+    }
+    table.push_str("\n|---|");
+    table.push_str(&"---|".repeat(attacks.len()));
+    table.push('\n');
+    for s in STRATEGIES {
+        let mut row = format!("| {s} |");
+        for &at in &attacks {
+            pb.set_message(format!("{s} / {}", at.name()));
+            let cell = match run_experiment(env, a, s, at, false).await {
+                Ok(acc) => format!(" {acc:.3} |"),
+                Err(e) => {
+                    pb.suspend(|| eprintln!("{s} / {}: {e:#}", at.name()));
+                    " failed |".to_string()
+                }
+            };
+            row.push_str(&cell);
+            pb.inc(1);
+        }
+        pb.suspend(|| println!("{row}"));
+        table.push_str(&row);
+        table.push('\n');
+    }
+    pb.finish_and_clear();
+    if let Some(dir) = a.matrix_out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&a.matrix_out, &table).with_context(|| format!("writing {}", a.matrix_out.display()))?;
+    println!("{table}");
+    eprintln!("matrix written to {}", a.matrix_out.display());
+    Ok(())
+}
+
+/// Which clients attack: `round(fraction · n)` of them, spread evenly over the client indices.
+fn byzantine_clients(n: usize, attack: Attack, fraction: f64) -> Vec<bool> {
+    let k = if attack == Attack::None { 0 } else { (fraction * n as f64).round() as usize };
+    let mut out = vec![false; n];
+    for j in 0..k {
+        out[j * n / k.max(1)] = true;
+    }
+    out
+}
+
+/// One federated run; returns the final test accuracy.
+async fn run_experiment(
+    env: &Env,
+    a: &DemoArgs,
+    strategy: &str,
+    attack: Attack,
+    verbose: bool,
+) -> anyhow::Result<f64> {
+    let byz = byzantine_clients(a.clients, attack, a.byzantine);
+    let (strategy_spec, kind) = strategy_spec(strategy, a.clients, byz.iter().filter(|b| **b).count())?;
+    let job = JobId::new(format!("digits-{}-{}", strategy, crate::protocol::now_ms()))?;
     let spec = JobSpec {
         job: job.clone(),
-        manifest: (*m).clone(),
-        strategy: StrategySpec::Fedavg { server_learning_rate: 1.0 },
+        manifest: (*env.m).clone(),
+        strategy: strategy_spec,
         round_policy: RoundPolicy::Sync {
             cohort_size: a.clients as u32,
             min_clients: a.clients as u32,
             deadline_ms: a.deadline_secs * 1000,
         },
-        update_kind: UpdateKind::Parameters,
+        update_kind: kind,
         rounds: a.rounds,
         max_num_examples: 1_000_000,
         max_failed_rounds: 3,
     };
-    let client = ShoalClient::connect(&nats).await?;
+    let client = &env.client;
     crate::jobs::create_job(client.infra(), &spec, None).await?;
-    eprintln!("job {job} created: FedAvg, {} rounds of {} clients", a.rounds, a.clients);
+    if verbose {
+        eprintln!("job {job} created: {strategy}, {} rounds of {} clients", a.rounds, a.clients);
+    }
 
     let timeout = Duration::from_secs(a.deadline_secs + 30);
     let mut tasks = tokio::task::JoinSet::new();
-    for (c, shard) in shards.iter().enumerate() {
-        let (client, job, m, shard, seed, rounds) =
-            (client.clone(), job.clone(), Arc::clone(&m), Arc::clone(shard), a.seed, a.rounds);
-        tasks.spawn(async move {
-            run_client(client, job, m, shard, c, seed, rounds, timeout)
-                .await
-                .with_context(|| format!("simulated client {c}"))
-        });
+    for (c, shard) in env.shards.iter().enumerate() {
+        let sim = SimClient {
+            client: client.clone(),
+            job: job.clone(),
+            m: Arc::clone(&env.m),
+            shard: Arc::clone(shard),
+            index: c,
+            seed: a.seed,
+            rounds: a.rounds,
+            timeout,
+            kind,
+            attack: if byz[c] { attack } else { Attack::None },
+        };
+        tasks.spawn(async move { sim.run().await.with_context(|| format!("simulated client {c}")) });
     }
 
-    let pb = ProgressBar::new(a.rounds);
+    let pb = if verbose { ProgressBar::new(a.rounds) } else { ProgressBar::hidden() };
     pb.set_style(
         ProgressStyle::with_template("{spinner} round {pos}/{len} [{bar:30}] {elapsed_precise}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let mut federated = 0.0;
+    let mut accuracy = f64::NAN;
     let mut opened = Instant::now();
     for r in 1..=a.rounds {
         let state = client.wait_for_round_closed(&job, RoundId(r), timeout).await?;
@@ -161,39 +347,29 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         let line = match state.last_outcome {
             Some(RoundOutcome::Committed { version, clients, .. }) => {
                 let bytes = client.fetch_model(&job, version).await?;
-                let global = Parameters::from_safetensors(Arc::clone(&m), &bytes)?;
-                federated = sim::accuracy(&to_params(&global), &test_set);
-                format!("round {r:2} | clients {clients:2} | test accuracy {federated:.3} | round time {secs:.2} s")
+                let global = Parameters::from_safetensors(Arc::clone(&env.m), &bytes)?;
+                accuracy = sim::accuracy(&to_params(&global), &env.test_set);
+                format!("round {r:2} | clients {clients:2} | test accuracy {accuracy:.3} | round time {secs:.2} s")
             }
             other => format!("round {r:2} | no model committed: {other:?} | round time {secs:.2} s"),
         };
-        pb.suspend(|| println!("{line}"));
+        if verbose {
+            pb.suspend(|| println!("{line}"));
+        }
         pb.inc(1);
+        if state.phase != crate::protocol::JobPhase::Running {
+            break;
+        }
     }
     pb.finish_and_clear();
     while let Some(res) = tasks.join_next().await {
         res??;
     }
-    node.shutdown().await;
-
-    // Centralized baseline: the same model and optimiser on the pooled training data, for the
-    // same number of epochs as each client trained in total.
-    let local = LocalTraining::default();
-    let central_cfg = LocalTraining { epochs: a.rounds as usize * local.epochs, ..local };
-    let centralized = tokio::task::spawn_blocking(move || {
-        let mut p = SoftmaxParams::zeros();
-        sim::train(&mut p, &train_set, &central_cfg, &mut ChaCha8Rng::seed_from_u64(a.seed));
-        sim::accuracy(&p, &test_set)
-    })
-    .await?;
-    drop(client);
-    println!("federated accuracy: {federated:.3}");
-    println!("centralized accuracy: {centralized:.3}");
-    Ok(())
+    Ok(accuracy)
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn run_client(
+/// One simulated client of one experiment.
+struct SimClient {
     client: ShoalClient,
     job: JobId,
     m: Arc<ModelManifest>,
@@ -202,39 +378,78 @@ async fn run_client(
     seed: u64,
     rounds: u64,
     timeout: Duration,
-) -> anyhow::Result<()> {
-    let me = ClientId::new(format!("client-{index:02}"))?;
-    let mut next = RoundId(1);
-    while next.0 <= rounds {
-        let state = match client.wait_for_open_round(&job, next, timeout).await {
-            Ok(s) => s,
-            Err(crate::Error::JobEnded { .. }) => return Ok(()),
-            Err(e) => return Err(e.into()),
+    kind: UpdateKind,
+    attack: Attack,
+}
+
+impl SimClient {
+    async fn run(self) -> anyhow::Result<()> {
+        let me = ClientId::new(format!("client-{:02}", self.index))?;
+        let shard = if self.attack == Attack::LabelFlip {
+            let mut d = (*self.shard).clone();
+            d.labels.iter_mut().for_each(|y| *y = (Dataset::NUM_CLASSES as u8 - 1) - *y);
+            Arc::new(d)
+        } else {
+            Arc::clone(&self.shard)
         };
-        let base: ModelVersion = state.model_version;
-        let bytes = client.fetch_model(&job, base).await?;
-        let global = Parameters::from_safetensors(Arc::clone(&m), &bytes)?;
-        let (shard2, round) = (Arc::clone(&shard), state.round);
-        let local = tokio::task::spawn_blocking(move || {
-            let mut p = to_params(&global);
-            let mut rng = ChaCha8Rng::seed_from_u64(seed + index as u64 + 1000 * (round.0 - 1));
-            sim::train(&mut p, &shard2, &LocalTraining::default(), &mut rng);
-            p
-        })
-        .await?;
-        client
-            .publish_update(UpdateRequest {
-                job: job.clone(),
-                client: me.clone(),
-                round: state.round,
-                base_version: base,
-                num_examples: shard.len() as u64,
-                kind: UpdateKind::Parameters,
-                payload: to_safetensors(&m, &local)?.into(),
-                force_object_store: index % 10 == 9,
+        let mut next = RoundId(1);
+        while next.0 <= self.rounds {
+            let state = match self.client.wait_for_open_round(&self.job, next, self.timeout).await {
+                Ok(s) => s,
+                Err(crate::Error::JobEnded { .. }) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            };
+            let base: ModelVersion = state.model_version;
+            let bytes = self.client.fetch_model(&self.job, base).await?;
+            let global = Parameters::from_safetensors(Arc::clone(&self.m), &bytes)?;
+            let (shard2, round, seed, index, attack, kind) =
+                (Arc::clone(&shard), state.round, self.seed, self.index, self.attack, self.kind);
+            let m = Arc::clone(&self.m);
+            let payload = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<u8>> {
+                let g = to_params(&global);
+                let mut rng = ChaCha8Rng::seed_from_u64(seed + index as u64 + 1000 * (round.0 - 1));
+                let mut local = g.clone();
+                if attack != Attack::FreeRider && attack != Attack::Gaussian {
+                    sim::train(&mut local, &shard2, &LocalTraining::default(), &mut rng);
+                }
+                let tensors = [(&g.weight, &local.weight), (&g.bias, &local.bias)].map(|(gv, lv)| {
+                    gv.iter()
+                        .zip(lv)
+                        .map(|(&g, &l)| {
+                            let d = f64::from(l) - f64::from(g);
+                            let d = match attack {
+                                Attack::None | Attack::LabelFlip => d,
+                                Attack::SignFlip => -10.0 * d,
+                                Attack::Scale => 100.0 * d,
+                                Attack::Gaussian => {
+                                    rand_distr::Distribution::sample(&rand_distr::StandardNormal, &mut rng)
+                                }
+                                Attack::FreeRider => rand::Rng::gen_range(&mut rng, -1.0..1.0),
+                            };
+                            match kind {
+                                UpdateKind::Delta => d,
+                                UpdateKind::Parameters => f64::from(g) + d,
+                            }
+                        })
+                        .collect::<Vec<f64>>()
+                });
+                Ok(encode_safetensors(&m, &tensors)?)
             })
-            .await?;
-        next = state.round.next();
+            .await??;
+            self.client
+                .publish_update(UpdateRequest {
+                    job: self.job.clone(),
+                    client: me.clone(),
+                    round: state.round,
+                    base_version: base,
+                    num_examples: self.shard.len() as u64,
+                    kind: self.kind,
+                    payload: payload.into(),
+                    force_object_store: self.index % 10 == 9,
+                })
+                .await?;
+            next = state.round.next();
+        }
+        Ok(())
     }
-    Ok(())
 }
