@@ -130,6 +130,9 @@ async fn fedavg_three_rounds_eight_clients_matches_f64_oracle() {
         Some(24.0),
         "{metrics}"
     );
+    // One aggregator was started on demand for round 1 and reused warm for rounds 2 and 3.
+    assert_eq!(shoal_runtime::metrics::scrape(&metrics, "shoal_aggregator_cold_starts_total"), Some(1.0));
+    assert_eq!(shoal_runtime::metrics::scrape(&metrics, "shoal_aggregator_warm_reuses_total"), Some(2.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
