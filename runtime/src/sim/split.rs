@@ -160,6 +160,46 @@ pub fn dirichlet_split(
     clients
 }
 
+/// Exponent `a` of the power-law shard sizes of RFFL's `powerlaw` split (scipy
+/// `powerlaw(a=1.65911332899)`, whose quantile function is `q^(1/a)`).
+pub const POWERLAW_A: f64 = 1.659_113_328_99;
+
+/// RFFL's `powerlaw` split (Xu & Lyu, reference code `Data_Prepper.py`): client `k` of `n`
+/// gets a shard proportional to the `k`-th point of `linspace(ppf(0.01), ppf(0.99), n)` of a
+/// power law with exponent [`POWERLAW_A`], of randomly drawn examples (seeded). Shard sizes are
+/// the scaled proportions rounded up, then trimmed from the largest so that every example is
+/// used at most once. Returns `n` disjoint index lists, smallest shard first.
+pub fn powerlaw_split(num_examples: usize, num_clients: usize, seed: u64) -> Vec<Vec<usize>> {
+    if num_clients == 0 {
+        return Vec::new();
+    }
+    let ppf = |q: f64| q.powf(1.0 / POWERLAW_A);
+    let (lo, hi) = (ppf(0.01), ppf(0.99));
+    let points: Vec<f64> = (0..num_clients)
+        .map(|k| if num_clients == 1 { hi } else { lo + (hi - lo) * k as f64 / (num_clients - 1) as f64 })
+        .collect();
+    let total: f64 = points.iter().sum();
+    let mut sizes: Vec<usize> =
+        points.iter().map(|p| (p / total * num_examples as f64).ceil() as usize).collect();
+    // Ceil can overshoot by up to one example per client: take them back from the largest.
+    let mut excess = sizes.iter().sum::<usize>().saturating_sub(num_examples);
+    for s in sizes.iter_mut().rev() {
+        let cut = excess.min(s.saturating_sub(1));
+        *s -= cut;
+        excess -= cut;
+    }
+    let mut order: Vec<usize> = (0..num_examples).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+    let mut out = Vec::with_capacity(num_clients);
+    let mut start = 0;
+    for s in sizes {
+        let end = (start + s).min(order.len());
+        out.push(order[start..end].to_vec());
+        start = end;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,6 +246,24 @@ mod tests {
             present.iter().any(|&x| !x)
         });
         assert!(misses_a_class);
+    }
+
+    #[test]
+    fn powerlaw_split_sizes_grow_and_cover_disjointly() {
+        let parts = powerlaw_split(1438, 10, 3);
+        assert_eq!(parts.len(), 10);
+        let sizes: Vec<usize> = parts.iter().map(Vec::len).collect();
+        assert!(sizes.windows(2).all(|w| w[0] <= w[1]), "{sizes:?}");
+        // ppf(0.01) / ppf(0.99) = (0.01/0.99)^(1/a): the smallest shard is ~6% of the largest.
+        let ratio = sizes[0] as f64 / sizes[9] as f64;
+        let expected = (0.01f64 / 0.99).powf(1.0 / POWERLAW_A);
+        assert!((ratio - expected).abs() < 0.02, "{ratio} vs {expected}");
+        assert_eq!(sizes.iter().sum::<usize>(), 1438);
+        let mut all: Vec<usize> = parts.concat();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 1438);
+        assert!(powerlaw_split(10, 0, 1).is_empty());
     }
 
     #[test]
