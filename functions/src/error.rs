@@ -31,6 +31,15 @@ pub enum Error {
     /// 16-bit float); no model is committed.
     #[error("the new model's tensor {0:?} is not finite (overflow in the server step)")]
     NonFiniteResult(String),
+    /// A strategy's configuration or state cannot serve this input (e.g. FedFix without a
+    /// profile of the client, RFFL with a non-positive reputation sum). The message says which.
+    #[error("{strategy}: {detail}")]
+    Strategy {
+        /// Strategy name.
+        strategy: &'static str,
+        /// What went wrong.
+        detail: String,
+    },
     /// An update failed validation against the manifest.
     #[error(transparent)]
     Validation(#[from] ValidationError),
@@ -59,6 +68,8 @@ pub enum ErrorKind {
     NotStreaming,
     /// See [`Error::NonFiniteResult`].
     NonFiniteResult,
+    /// See [`Error::Strategy`].
+    Strategy,
     /// See [`Error::Validation`].
     Validation,
     /// See [`Error::InvalidManifest`].
@@ -78,6 +89,7 @@ impl Error {
             Error::ManifestMismatch(_) => ErrorKind::ManifestMismatch,
             Error::NotStreaming(_) => ErrorKind::NotStreaming,
             Error::NonFiniteResult(_) => ErrorKind::NonFiniteResult,
+            Error::Strategy { .. } => ErrorKind::Strategy,
             Error::Validation(_) => ErrorKind::Validation,
             Error::InvalidManifest(_) => ErrorKind::InvalidManifest,
             Error::Misaligned(_) => ErrorKind::Misaligned,
@@ -95,6 +107,7 @@ impl ErrorKind {
             ErrorKind::ManifestMismatch => "manifest_mismatch",
             ErrorKind::NotStreaming => "not_streaming",
             ErrorKind::NonFiniteResult => "non_finite_result",
+            ErrorKind::Strategy => "strategy",
             ErrorKind::Validation => "validation",
             ErrorKind::InvalidManifest => "invalid_manifest",
             ErrorKind::Misaligned => "misaligned",

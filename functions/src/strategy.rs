@@ -239,6 +239,18 @@ pub trait Strategy: Send + fmt::Debug {
     /// Whether updates can be folded one at a time.
     fn mergeability(&self) -> Mergeability;
 
+    /// The coefficient an update is folded with. The default is its `num_examples` (FedAvg);
+    /// asynchronous strategies scale it by a staleness function or replace it (FedBuff, FedFix).
+    /// `staleness` is the current model version minus the update's base version (0 in
+    /// synchronous rounds).
+    ///
+    /// # Errors
+    /// A strategy that needs a profile of the client (FedFix's compute time) and has none.
+    fn update_weight(&self, client: &ClientId, num_examples: u64, staleness: u64) -> Result<f64> {
+        let _ = (client, staleness);
+        Ok(num_examples as f64)
+    }
+
     /// Folds one update into `partial` (streaming strategies).
     ///
     /// # Errors
@@ -279,5 +291,32 @@ pub trait Strategy: Send + fmt::Debug {
         let mut p = PartialAggregate::new(Arc::clone(global.manifest()));
         self.fold_batch(&mut p, cohort)?;
         self.finish(&p, global)
+    }
+}
+
+impl<S: Strategy + ?Sized> Strategy for Box<S> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+    fn mergeability(&self) -> Mergeability {
+        (**self).mergeability()
+    }
+    fn update_weight(&self, client: &ClientId, num_examples: u64, staleness: u64) -> Result<f64> {
+        (**self).update_weight(client, num_examples, staleness)
+    }
+    fn fold(&self, partial: &mut PartialAggregate, update: &UpdateView<'_>) -> Result<()> {
+        (**self).fold(partial, update)
+    }
+    fn fold_batch(&self, partial: &mut PartialAggregate, updates: &[UpdateView<'_>]) -> Result<()> {
+        (**self).fold_batch(partial, updates)
+    }
+    fn merge(&self, into: &mut PartialAggregate, other: &PartialAggregate) -> Result<()> {
+        (**self).merge(into, other)
+    }
+    fn finish(&mut self, partial: &PartialAggregate, global: &Parameters) -> Result<Parameters> {
+        (**self).finish(partial, global)
+    }
+    fn aggregate_cohort(&mut self, cohort: &[UpdateView<'_>], global: &Parameters) -> Result<Parameters> {
+        (**self).aggregate_cohort(cohort, global)
     }
 }
