@@ -17,6 +17,14 @@
 //!   whole-cohort strategies), [`PartialAggregate`](strategy::PartialAggregate) and
 //!   [`UpdateView`](strategy::UpdateView).
 //! - [`fedavg`]: FedAvg (McMahan et al., AISTATS 2017), weighted by `num_examples`, folded eagerly.
+//! - [`asynchronous`]: FedBuff (Nguyen et al., AISTATS 2022), FedFix and asynchronous FedAvg
+//!   (Fraboni et al., JMLR 2023) as server steps over stale deltas, with staleness weights.
+//! - [`server_opt`]: FedAvgM, FedAdam, FedYogi, FedAdagrad (Reddi et al., ICLR 2021) applied
+//!   after any strategy.
+//! - [`robust`]: coordinate-wise median and trimmed mean (Yin et al., ICML 2018), Krum and
+//!   Multi-Krum (Blanchard et al., NeurIPS 2017), Bulyan (El Mhamdi et al., ICML 2018).
+//! - [`rffl`]: RFFL reputation, removal and per-client rewards (Xu & Lyu, FL-ICML 2021).
+//! - [`bristle`]: Bristle's distance prioritizer and per-class integrator (arXiv 2110.11006).
 //! - [`spec`]: the job specification shared by the runtime and (later) the operator.
 //! - [`error`]: this crate's error type and its `Copy` kind.
 

@@ -42,21 +42,166 @@ fn one() -> f64 {
     1.0
 }
 
-/// Which strategy aggregates the job, with its hyperparameters.
+fn default_beta() -> f64 {
+    0.2
+}
+
+fn default_gamma() -> f64 {
+    0.5
+}
+
+fn default_rffl_alpha() -> f64 {
+    0.95
+}
+
+fn default_rth() -> f64 {
+    1.0 / 3.0
+}
+
+fn default_warmup() -> u64 {
+    10
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_tertile_alpha() -> f64 {
+    0.4
+}
+
+fn default_tertile_beta() -> usize {
+    10
+}
+
+/// Where the paper and the reference code of RFFL or Bristle differ, which to follow
+/// (`algorithms.md` §A.6, §B.6); the reference code is the default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SpecMode {
+    /// The reference implementation's behaviour.
+    #[default]
+    ReferenceCode,
+    /// The paper's rules.
+    Paper,
+}
+
+/// One client of a FedFix job: its compute time and importance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FedFixClient {
+    /// The client.
+    pub client: crate::ClientId,
+    /// τ_i, its time per local round, in ticks (≥ 1).
+    pub compute_ticks: u64,
+    /// p_i; `None` gives every declared client 1/M.
+    #[serde(default)]
+    pub importance: Option<f64>,
+}
+
+/// Which strategy aggregates the job, with its hyperparameters. Every configuration is checked
+/// when the job is created ([`JobSpec::validate`]), never mid-round.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "name", rename_all = "kebab-case")]
 pub enum StrategySpec {
-    /// [`FedAvg`].
+    /// [`FedAvg`]: the `num_examples`-weighted mean.
     Fedavg {
         /// η_s for delta updates (default 1).
         #[serde(default = "one")]
         server_learning_rate: f64,
+    },
+    /// [`crate::asynchronous::FedBuff`] (Nguyen et al., AISTATS 2022): buffered asynchronous
+    /// aggregation of deltas with staleness weights.
+    Fedbuff(crate::asynchronous::FedBuff),
+    /// [`crate::asynchronous::FedFix`] (Fraboni et al., JMLR 2023): a step every period, client
+    /// `i` weighted ⌈τ_i/Δt⌉·p_i. The job declares its clients.
+    Fedfix {
+        /// Δt in ticks.
+        period_ticks: u64,
+        /// η_g (default 1).
+        #[serde(default = "one")]
+        server_learning_rate: f64,
+        /// The federation's clients.
+        clients: Vec<FedFixClient>,
+    },
+    /// Coordinate-wise median (Yin et al., ICML 2018); weights ignored.
+    Median,
+    /// Coordinate-wise trimmed mean dropping ⌊β·n⌋ lowest and highest values (Yin et al. 2018).
+    TrimmedMean {
+        /// β in [0, 0.5) (default 0.2).
+        #[serde(default = "default_beta")]
+        beta: f64,
+    },
+    /// Krum (Blanchard et al., NeurIPS 2017): the update closest to its n − f − 2 neighbours.
+    Krum {
+        /// f, the Byzantine clients tolerated (needs n ≥ 2f + 3).
+        byzantine: usize,
+    },
+    /// Multi-Krum: the `num_examples`-weighted mean of the `keep` best Krum scores.
+    MultiKrum {
+        /// f.
+        byzantine: usize,
+        /// m, the updates averaged (≤ n).
+        keep: usize,
+    },
+    /// Bulyan (El Mhamdi et al., ICML 2018) over Krum selection (needs n ≥ 4f + 3).
+    Bulyan {
+        /// f.
+        byzantine: usize,
+    },
+    /// RFFL (Xu & Lyu, FL-ICML 2021): reputation-weighted aggregation of clipped deltas, removal
+    /// of low-reputation clients, per-client sparsified rewards.
+    Rffl {
+        /// Γ, the upload clip norm (default 0.5).
+        #[serde(default = "default_gamma")]
+        gamma: f64,
+        /// α, the reputation EMA decay (default 0.95).
+        #[serde(default = "default_rffl_alpha")]
+        alpha: f64,
+        /// rth, the removal threshold coefficient (default 1/3).
+        #[serde(default = "default_rth")]
+        rth: f64,
+        /// Rounds without removal (default 10).
+        #[serde(default = "default_warmup")]
+        warmup_rounds: u64,
+        /// The maintainer's altruism degree (default none, as the published code).
+        #[serde(default)]
+        altruism_degree: Option<f64>,
+        /// Sparsified rewards (default true).
+        #[serde(default = "yes")]
+        sparsify: bool,
+        /// Reference code or paper semantics.
+        #[serde(default)]
+        mode: SpecMode,
+    },
+    /// Bristle (Verbraeken et al., arXiv 2110.11006): distance-based selection with an
+    /// explore/exploit split, then (when the runtime supplies a per-class evaluator) the
+    /// performance-based integrator.
+    Bristle {
+        /// α, the exploration ratio of the tertile prioritizer (default 0.4).
+        #[serde(default = "default_tertile_alpha")]
+        alpha: f64,
+        /// β, the updates selected (default 10).
+        #[serde(default = "default_tertile_beta")]
+        beta: usize,
+        /// Seed of the selection's random draws.
+        #[serde(default)]
+        seed: u64,
+        /// Reference code or paper semantics.
+        #[serde(default)]
+        mode: SpecMode,
     },
 }
 
 impl Default for StrategySpec {
     fn default() -> Self {
         StrategySpec::Fedavg { server_learning_rate: 1.0 }
+    }
+}
+
+impl StrategySpec {
+    /// Whether the strategy needs the whole cohort at once (median, Krum, RFFL, ...).
+    pub fn is_whole_cohort(&self) -> bool {
+        !matches!(self, StrategySpec::Fedavg { .. } | StrategySpec::Fedbuff(_) | StrategySpec::Fedfix { .. })
     }
 }
 
@@ -100,6 +245,10 @@ pub struct JobSpec {
     /// Consecutive failed rounds (quorum not met) after which the job fails (default 5).
     #[serde(default = "default_max_failed")]
     pub max_failed_rounds: u32,
+    /// A server optimizer applied after the strategy (FedAvgM, FedAdam, FedYogi, FedAdagrad;
+    /// Reddi et al., ICLR 2021). Integer and non-`mean` tensors are not put through it.
+    #[serde(default)]
+    pub server_optimizer: Option<crate::server_opt::ServerOptimizerConfig>,
 }
 
 fn default_max_examples() -> u64 {
@@ -110,13 +259,24 @@ fn default_max_failed() -> u32 {
     5
 }
 
+/// Job-specific pieces the runtime plugs into a strategy.
+#[derive(Debug, Default)]
+pub struct StrategyPlugins {
+    /// Bristle's performance-based integrator: which tensor to integrate class by class, and the
+    /// evaluator scoring candidate models per class on a server-held validation split. Without
+    /// it Bristle averages the updates its prioritizer selects.
+    pub bristle_integrator:
+        Option<(crate::bristle::IntegratorConfig, Box<dyn crate::bristle::ClassEvaluator>)>,
+}
+
 /// Why a job spec is unusable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid job spec: {0}")]
 pub struct SpecError(pub String);
 
 impl JobSpec {
-    /// Checks the spec's internal consistency.
+    /// Checks the spec's internal consistency, including the strategy's configuration against
+    /// the round policy (e.g. Krum's f against `min_clients`).
     ///
     /// # Errors
     /// [`SpecError`] naming the first problem.
@@ -136,21 +296,140 @@ impl JobSpec {
         if self.max_num_examples == 0 {
             return Err(SpecError("max_num_examples must be positive".into()));
         }
-        let StrategySpec::Fedavg { server_learning_rate } = self.strategy;
-        if !(server_learning_rate.is_finite() && server_learning_rate > 0.0) {
-            return Err(SpecError(format!(
-                "server_learning_rate {server_learning_rate} must be finite and > 0"
-            )));
-        }
-        Ok(())
+        self.build_strategy().map(drop)
     }
 
-    /// Builds the strategy object.
-    pub fn build_strategy(&self) -> Box<dyn Strategy> {
-        match self.strategy {
-            StrategySpec::Fedavg { server_learning_rate } => {
+    /// Builds the strategy object (wrapped in the server optimizer, if any).
+    ///
+    /// # Errors
+    /// [`SpecError`] for an impossible configuration.
+    pub fn build_strategy(&self) -> Result<Box<dyn Strategy>, SpecError> {
+        self.build_strategy_with(StrategyPlugins::default())
+    }
+
+    /// Like [`Self::build_strategy`], with job-specific pieces the runtime supplies (Bristle's
+    /// per-class evaluator on a server-held validation split).
+    ///
+    /// # Errors
+    /// [`SpecError`] for an impossible configuration.
+    pub fn build_strategy_with(&self, plugins: StrategyPlugins) -> Result<Box<dyn Strategy>, SpecError> {
+        use crate::{asynchronous, bristle, rffl, robust, server_opt};
+        let bad = |e: &dyn std::fmt::Display| SpecError(format!("strategy: {e}"));
+        let RoundPolicy::Sync { min_clients, .. } = self.round_policy;
+        let n = min_clients as usize;
+        let inner: Box<dyn Strategy> = match &self.strategy {
+            &StrategySpec::Fedavg { server_learning_rate } => {
+                if !(server_learning_rate.is_finite() && server_learning_rate > 0.0) {
+                    return Err(SpecError(format!(
+                        "server_learning_rate {server_learning_rate} must be finite and > 0"
+                    )));
+                }
                 Box::new(FedAvg { update_kind: self.update_kind, server_learning_rate })
             }
+            StrategySpec::Fedbuff(f) => {
+                f.validate().map_err(|e| bad(&e))?;
+                self.require_delta("fedbuff")?;
+                Box::new(*f)
+            }
+            StrategySpec::Fedfix { period_ticks, server_learning_rate, clients } => {
+                self.require_delta("fedfix")?;
+                let mut profiles = asynchronous::ClientProfiles::new();
+                let m = clients.len().max(1) as f64;
+                for c in clients {
+                    let profile = asynchronous::ClientProfile {
+                        compute_ticks: c.compute_ticks,
+                        importance: c.importance.unwrap_or(1.0 / m),
+                    };
+                    profiles.set(c.client.clone(), profile).map_err(|e| bad(&e))?;
+                }
+                let f = asynchronous::FedFix {
+                    period_ticks: *period_ticks,
+                    server_lr: *server_learning_rate,
+                    clients: profiles,
+                };
+                f.validate().map_err(|e| bad(&e))?;
+                Box::new(f)
+            }
+            StrategySpec::Median => {
+                self.require_parameters("median")?;
+                Box::new(robust::CoordinateMedian::new(n).map_err(|e| bad(&e))?)
+            }
+            &StrategySpec::TrimmedMean { beta } => {
+                self.require_parameters("trimmed-mean")?;
+                Box::new(robust::TrimmedMean::new(beta, n).map_err(|e| bad(&e))?)
+            }
+            &StrategySpec::Krum { byzantine } => {
+                Box::new(robust::Krum::new(byzantine, 1, n).map_err(|e| bad(&e))?)
+            }
+            &StrategySpec::MultiKrum { byzantine, keep } => {
+                self.require_parameters("multi-krum")?;
+                Box::new(robust::Krum::new(byzantine, keep, n).map_err(|e| bad(&e))?)
+            }
+            &StrategySpec::Bulyan { byzantine } => {
+                self.require_parameters("bulyan")?;
+                Box::new(robust::Bulyan::new(byzantine, n).map_err(|e| bad(&e))?)
+            }
+            &StrategySpec::Rffl { gamma, alpha, rth, warmup_rounds, altruism_degree, sparsify, mode } => {
+                self.require_delta("rffl")?;
+                let config = rffl::RfflConfig {
+                    mode: match mode {
+                        SpecMode::ReferenceCode => rffl::Mode::ReferenceCode,
+                        SpecMode::Paper => rffl::Mode::Paper,
+                    },
+                    alpha,
+                    gamma,
+                    rth,
+                    warmup_rounds,
+                    altruism_degree,
+                    sparsify,
+                };
+                Box::new(rffl::Rffl::new(config).map_err(|e| bad(&e))?)
+            }
+            &StrategySpec::Bristle { alpha, beta, seed, mode } => {
+                let config = bristle::BristleConfig {
+                    mode: match mode {
+                        SpecMode::ReferenceCode => bristle::Mode::ReferenceCode,
+                        SpecMode::Paper => bristle::Mode::Paper,
+                    },
+                    prioritizer: bristle::Prioritizer::AlphaTertiles { alpha, beta },
+                    seed,
+                    update_kind: self.update_kind,
+                };
+                match plugins.bristle_integrator {
+                    Some((integrator, evaluator)) => Box::new(
+                        bristle::Bristle::with_integrator(config, integrator, evaluator)
+                            .map_err(|e| bad(&e))?,
+                    ),
+                    None => Box::new(bristle::Bristle::new(config).map_err(|e| bad(&e))?),
+                }
+            }
+        };
+        Ok(match &self.server_optimizer {
+            None => inner,
+            Some(cfg) => {
+                let opt = server_opt::ServerOptimizer::new(*cfg).map_err(|e| bad(&e))?;
+                Box::new(server_opt::WithServerOptimizer::new(inner, opt))
+            }
+        })
+    }
+
+    fn require_parameters(&self, name: &str) -> Result<(), SpecError> {
+        // The robust rules return their aggregate as the new model: over deltas that would
+        // commit a delta as parameters.
+        if self.update_kind == UpdateKind::Parameters {
+            Ok(())
+        } else {
+            Err(SpecError(format!(
+                "strategy {name} aggregates full parameters: set \"update_kind\": \"parameters\""
+            )))
+        }
+    }
+
+    fn require_delta(&self, name: &str) -> Result<(), SpecError> {
+        if self.update_kind == UpdateKind::Delta {
+            Ok(())
+        } else {
+            Err(SpecError(format!("strategy {name} aggregates deltas: set \"update_kind\": \"delta\"")))
         }
     }
 }

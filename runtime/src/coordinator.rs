@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use actix::Addr;
 use bytes::Bytes;
-use shoal_functions::{JobId, Mergeability, ModelManifest, Parameters, RoundPolicy, UpdateView};
+use shoal_functions::spec::StrategyPlugins;
+use shoal_functions::{JobId, JobSpec, Mergeability, ModelManifest, Parameters, RoundPolicy, UpdateView};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -38,9 +39,20 @@ pub struct CoordinatorContext {
     pub metrics: Arc<Metrics>,
     /// Node shutdown.
     pub cancel: CancellationToken,
+    /// Job-specific strategy pieces (e.g. Bristle's per-class evaluator), if the embedding
+    /// application supplies them.
+    pub plugins: Option<Arc<dyn PluginFactory>>,
     /// After a (re)start, a round whose deadline already passed stays open this long, so
     /// updates staged before a crash are redelivered before it is judged.
     pub startup_grace: Duration,
+}
+
+/// Supplies [`StrategyPlugins`] for a job: an application embedding a node (the demo, a
+/// deployment with a server-held validation split) implements it to give Bristle a per-class
+/// evaluator. Called once per job when its coordinator starts.
+pub trait PluginFactory: Send + Sync + std::fmt::Debug {
+    /// The pieces for `spec`'s strategy (`StrategyPlugins::default()` for none).
+    fn plugins(&self, spec: &JobSpec) -> StrategyPlugins;
 }
 
 /// Runs job `job` until it finishes, fails, or the node shuts down.
@@ -55,7 +67,8 @@ pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
         .send(RegisterJob { job: job.clone(), progress: tx })
         .await
         .map_err(|e| Error::Shm(e.to_string()))?;
-    let mut strategy = spec.build_strategy();
+    let plugins = ctx.plugins.as_ref().map(|f| f.plugins(&spec)).unwrap_or_default();
+    let mut strategy = spec.build_strategy_with(plugins)?;
     let (mut state, mut revision) = jobs::load_state(&ctx.infra, &job).await?;
     let mut global = load_global(&ctx.infra, &job, &state, &manifest).await?;
     let RoundPolicy::Sync { cohort_size, min_clients, deadline_ms } = spec.round_policy;

@@ -22,13 +22,20 @@ use anyhow::Context as _;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use shoal_functions::asynchronous;
+use shoal_functions::bristle::{Candidate, ClassAxis, ClassEvaluator, EvaluatorError, IntegratorConfig};
+use shoal_functions::server_opt::ServerOptimizerConfig;
+use shoal_functions::spec::StrategyPlugins;
+use shoal_functions::spec::{FedFixClient, SpecMode};
 use shoal_functions::tensor::encode_safetensors;
+use shoal_functions::tensor::TensorData;
 use shoal_functions::{
     ClientId, DType, JobId, JobSpec, ModelManifest, ModelVersion, NodeId, Parameters, RoundId, RoundPolicy,
     StrategySpec, TensorSpec, UpdateKind,
 };
 
 use crate::client::{ShoalClient, UpdateRequest};
+use crate::coordinator::PluginFactory;
 use crate::infra::ConnectOptions;
 use crate::nats_server::NatsServer;
 use crate::node::{self, NodeConfig};
@@ -117,9 +124,25 @@ pub struct DemoArgs {
 }
 
 /// Strategy names accepted by `--strategy`.
-pub const STRATEGIES: [&str; 1] = ["fedavg"];
+pub const STRATEGIES: [&str; 14] = [
+    "fedavg",
+    "fedavgm",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "fedbuff",
+    "fedfix",
+    "rffl",
+    "bristle",
+    "median",
+    "trimmed-mean",
+    "krum",
+    "multi-krum",
+    "bulyan",
+];
 
 const TEST_FRACTION: f64 = 0.2;
+const VALIDATION_FRACTION: f64 = 0.07;
 const TEST_SPLIT_SEED: u64 = 7;
 const MIN_PER_CLIENT: usize = 10;
 
@@ -135,13 +158,124 @@ fn to_params(p: &Parameters) -> SoftmaxParams {
     SoftmaxParams { weight: f(0), bias: f(1) }
 }
 
-/// The job spec of a strategy name for `n` clients of which `f` may be Byzantine, and the update
-/// kind its clients send.
-fn strategy_spec(name: &str, _n: usize, _f: usize) -> anyhow::Result<(StrategySpec, UpdateKind)> {
+/// How a strategy name becomes a job: strategy, optional server optimizer, and the update kind
+/// its clients send.
+struct StrategyChoice {
+    strategy: StrategySpec,
+    optimizer: Option<ServerOptimizerConfig>,
+    kind: UpdateKind,
+}
+
+/// The job configuration of strategy `name` for the demo's clients (shard sizes `sizes`), of
+/// which `f` are assumed Byzantine (from `--byzantine`, whatever the attack, so every column of
+/// the matrix runs the same configuration).
+fn strategy_choice(name: &str, sizes: &[usize], f: usize) -> anyhow::Result<StrategyChoice> {
+    let n = sizes.len();
+    let plain = |strategy| StrategyChoice { strategy, optimizer: None, kind: UpdateKind::Parameters };
+    let fedavg = StrategySpec::Fedavg { server_learning_rate: 1.0 };
+    let optimized = |optimizer| StrategyChoice {
+        strategy: StrategySpec::Fedavg { server_learning_rate: 1.0 },
+        optimizer: Some(optimizer),
+        kind: UpdateKind::Parameters,
+    };
     Ok(match name {
-        "fedavg" => (StrategySpec::Fedavg { server_learning_rate: 1.0 }, UpdateKind::Parameters),
+        "fedavg" => plain(fedavg),
+        "fedavgm" => optimized(ServerOptimizerConfig::fedavgm()),
+        "fedadam" => optimized(ServerOptimizerConfig::fedadam()),
+        "fedyogi" => optimized(ServerOptimizerConfig::fedyogi()),
+        "fedadagrad" => optimized(ServerOptimizerConfig::fedadagrad()),
+        "fedbuff" => {
+            // Synchronous rounds: every update has staleness 0 and the buffer is the cohort.
+            let mut fb = asynchronous::FedBuff::new(n as u32);
+            fb.example_weight = asynchronous::ExampleWeight::NumExamples;
+            fb.normalisation = asynchronous::FedBuffNormalisation::ByWeightSum;
+            StrategyChoice { strategy: StrategySpec::Fedbuff(fb), optimizer: None, kind: UpdateKind::Delta }
+        }
+        "fedfix" => {
+            // Every client returns within the period (Δt ≥ max τ): FedFix's weights are the
+            // importances p_i = n_i / Σn.
+            let total: usize = sizes.iter().sum();
+            let clients = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &s)| {
+                    Ok(FedFixClient {
+                        client: ClientId::new(format!("client-{i:02}"))?,
+                        compute_ticks: 1,
+                        importance: Some(s as f64 / total as f64),
+                    })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            StrategyChoice {
+                strategy: StrategySpec::Fedfix { period_ticks: 1, server_learning_rate: 1.0, clients },
+                optimizer: None,
+                kind: UpdateKind::Delta,
+            }
+        }
+        "rffl" => StrategyChoice {
+            strategy: StrategySpec::Rffl {
+                gamma: RFFL_GAMMA,
+                alpha: 0.95,
+                rth: 1.0 / 3.0,
+                warmup_rounds: 10,
+                altruism_degree: None,
+                sparsify: true,
+                mode: SpecMode::ReferenceCode,
+            },
+            optimizer: None,
+            kind: UpdateKind::Delta,
+        },
+        "bristle" => {
+            plain(StrategySpec::Bristle { alpha: 0.4, beta: n / 2, seed: 1, mode: SpecMode::ReferenceCode })
+        }
+        "median" => plain(StrategySpec::Median),
+        "trimmed-mean" => plain(StrategySpec::TrimmedMean { beta: 0.2 }),
+        "krum" => plain(StrategySpec::Krum { byzantine: f }),
+        "multi-krum" => plain(StrategySpec::MultiKrum { byzantine: f, keep: n - f }),
+        "bulyan" => plain(StrategySpec::Bulyan { byzantine: f }),
         other => anyhow::bail!("unknown strategy {other:?}; one of {STRATEGIES:?}"),
     })
+}
+
+/// RFFL's upload clip norm Γ for this task (the reference code uses 0.5 for MNIST).
+const RFFL_GAMMA: f64 = 0.5;
+
+/// The demo's strategy plug-ins: Bristle's integrator scores softmax models per class on the
+/// server-held validation split.
+#[derive(Debug)]
+struct DemoPlugins {
+    validation: Arc<Dataset>,
+}
+
+impl PluginFactory for DemoPlugins {
+    fn plugins(&self, spec: &JobSpec) -> StrategyPlugins {
+        match spec.strategy {
+            StrategySpec::Bristle { .. } => StrategyPlugins {
+                bristle_integrator: Some((
+                    IntegratorConfig::new("fc.weight", ClassAxis::Rows),
+                    Box::new(SoftmaxEvaluator { validation: Arc::clone(&self.validation) }),
+                )),
+            },
+            _ => StrategyPlugins::default(),
+        }
+    }
+}
+
+/// Per-class F1 of a softmax-regression candidate on the validation split.
+#[derive(Debug)]
+struct SoftmaxEvaluator {
+    validation: Arc<Dataset>,
+}
+
+impl ClassEvaluator for SoftmaxEvaluator {
+    fn class_f1(&mut self, candidate: &Candidate<'_>) -> Result<Vec<f64>, EvaluatorError> {
+        let f32s = |i: usize| match candidate.tensor(i) {
+            Some(TensorData::F32(x)) => Ok(x.to_vec()),
+            _ => Err(EvaluatorError::from("candidate tensors are not the demo's f32 softmax model")),
+        };
+        let params = SoftmaxParams { weight: f32s(0)?, bias: f32s(1)? };
+        Ok(sim::class_f1(&params, &self.validation))
+    }
 }
 
 /// What every experiment of one demo run shares.
@@ -173,14 +307,20 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
             u
         }
     };
+    let data = Dataset::digits()?;
+    let (train_all, test_set) = sim::train_test_split(&data, TEST_FRACTION, TEST_SPLIT_SEED);
+    // A small class-balanced validation split (about 10 per class) stays on the server: Bristle's
+    // integrator scores candidate models on it. Clients never see it; the test split is only
+    // used to report accuracy.
+    let (train_set, validation) = sim::train_test_split(&train_all, VALIDATION_FRACTION, TEST_SPLIT_SEED + 1);
+
     let nats = ConnectOptions { url: url.clone(), ..Default::default() };
     let mut cfg = NodeConfig::new(NodeId::new(format!("demo-{}", std::process::id()))?);
     cfg.nats = nats.clone();
     cfg.shm_root = a.shm_dir.clone();
+    cfg.plugins = Some(Arc::new(DemoPlugins { validation: Arc::new(validation) }));
     let node = node::start(cfg).await.context("starting the node")?;
 
-    let data = Dataset::digits()?;
-    let (train_set, test_set) = sim::train_test_split(&data, TEST_FRACTION, TEST_SPLIT_SEED);
     let parts = sim::dirichlet_split(&train_set.labels, a.clients, a.alpha, a.seed, MIN_PER_CLIENT);
     let shards: Vec<Arc<Dataset>> = parts.iter().map(|idx| Arc::new(train_set.subset(idx))).collect();
     eprintln!(
@@ -293,12 +433,15 @@ async fn run_experiment(
     verbose: bool,
 ) -> anyhow::Result<f64> {
     let byz = byzantine_clients(a.clients, attack, a.byzantine);
-    let (strategy_spec, kind) = strategy_spec(strategy, a.clients, byz.iter().filter(|b| **b).count())?;
+    let sizes: Vec<usize> = env.shards.iter().map(|s| s.len()).collect();
+    let assumed_byzantine = (a.byzantine * a.clients as f64).round() as usize;
+    let choice = strategy_choice(strategy, &sizes, assumed_byzantine)?;
+    let kind = choice.kind;
     let job = JobId::new(format!("digits-{}-{}", strategy, crate::protocol::now_ms()))?;
     let spec = JobSpec {
         job: job.clone(),
         manifest: (*env.m).clone(),
-        strategy: strategy_spec,
+        strategy: choice.strategy,
         round_policy: RoundPolicy::Sync {
             cohort_size: a.clients as u32,
             min_clients: a.clients as u32,
@@ -308,6 +451,7 @@ async fn run_experiment(
         rounds: a.rounds,
         max_num_examples: 1_000_000,
         max_failed_rounds: 3,
+        server_optimizer: choice.optimizer,
     };
     let client = &env.client;
     crate::jobs::create_job(client.infra(), &spec, None).await?;

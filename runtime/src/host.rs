@@ -227,6 +227,26 @@ impl Handler<Staged> for FunctionHost {
                         (id, addr)
                     }
                     None => {
+                        let strategy = match msg.spec.build_strategy() {
+                            Ok(s) => s,
+                            Err(e) => {
+                                // Specs are validated when the job is created; one edited in KV
+                                // afterwards is refused here, update by update, without a crash.
+                                let rejector = self.rejector.clone();
+                                return Box::pin(async move {
+                                    rejector
+                                        .reject(
+                                            Some(msg.job.as_str()),
+                                            Some(&msg.client),
+                                            Some(msg.round),
+                                            RejectReason::JobNotRunning,
+                                            format!("the job's strategy is misconfigured: {e}"),
+                                            Some(&msg.acker),
+                                        )
+                                        .await;
+                                });
+                            }
+                        };
                         self.next_id += 1;
                         let id = self.next_id;
                         let agg = Aggregator {
@@ -234,9 +254,9 @@ impl Handler<Staged> for FunctionHost {
                             job: msg.job.clone(),
                             round: msg.round,
                             manifest: Arc::clone(&msg.manifest),
-                            whole_cohort: msg.spec.build_strategy().mergeability()
+                            whole_cohort: strategy.mergeability()
                                 == shoal_functions::Mergeability::WholeCohort,
-                            strategy: Some(msg.spec.build_strategy()),
+                            strategy: Some(strategy),
                             partial: None,
                             pending: Vec::new(),
                             held: Vec::new(),
@@ -380,19 +400,29 @@ impl Aggregator {
         let manifest = Arc::clone(&self.manifest);
         let work = tokio::task::spawn_blocking(move || {
             let mut partial = partial.take().unwrap_or_else(|| PartialAggregate::new(Arc::clone(&manifest)));
-            let views: Vec<UpdateView<'_>> = batch
-                .iter()
-                .map(|s| UpdateView {
-                    manifest: &manifest,
-                    bytes: s.slot.bytes(),
-                    weight: s.weight,
-                    client: &s.client,
-                })
-                .collect();
+            // Each update's coefficient comes from the strategy (num_examples for FedAvg, scaled
+            // or replaced by FedBuff/FedFix); sync rounds have staleness 0.
             let mut failed: Vec<(usize, String)> = Vec::new();
+            let mut views: Vec<UpdateView<'_>> = Vec::with_capacity(batch.len());
+            let mut index: Vec<usize> = Vec::with_capacity(batch.len());
+            for (i, s) in batch.iter().enumerate() {
+                match strategy.update_weight(&s.client, s.weight as u64, 0) {
+                    Ok(w) if w > 0.0 => {
+                        views.push(UpdateView {
+                            manifest: &manifest,
+                            bytes: s.slot.bytes(),
+                            weight: w,
+                            client: &s.client,
+                        });
+                        index.push(i);
+                    }
+                    Ok(w) => failed.push((i, format!("the strategy gives this update weight {w}"))),
+                    Err(e) => failed.push((i, e.to_string())),
+                }
+            }
             if strategy.fold_batch(&mut partial, &views).is_err() {
                 // Find the culprits one by one; nothing was folded by the failed batch call.
-                for (i, v) in views.iter().enumerate() {
+                for (v, &i) in views.iter().zip(&index) {
                     if let Err(e) = strategy.fold(&mut partial, v) {
                         failed.push((i, e.to_string()));
                     }

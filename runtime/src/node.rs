@@ -39,6 +39,8 @@ pub struct NodeConfig {
     pub idle_timeout: Duration,
     /// Shared-memory budget per job, bytes.
     pub shm_budget: usize,
+    /// Job-specific strategy pieces (Bristle's evaluator), when embedding a node.
+    pub plugins: Option<Arc<dyn coordinator::PluginFactory>>,
 }
 
 impl NodeConfig {
@@ -52,6 +54,7 @@ impl NodeConfig {
             inline_limit: None,
             idle_timeout: Duration::from_secs(300),
             shm_budget: 1 << 30,
+            plugins: None,
         }
     }
 }
@@ -95,6 +98,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle> {
         metrics: Arc::clone(&metrics),
         cancel: cancel.clone(),
         startup_grace: config.ack_wait + config.ack_wait / 2,
+        plugins: config.plugins.clone(),
     };
     let spawner = tracker.clone();
     let on_new_job = move |job: shoal_functions::JobId| {

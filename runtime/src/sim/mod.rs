@@ -31,7 +31,7 @@ pub mod model;
 pub mod split;
 
 pub use self::dataset::Dataset;
-pub use self::model::{accuracy, loss, train, LocalTraining, SoftmaxParams};
+pub use self::model::{accuracy, class_f1, loss, train, LocalTraining, SoftmaxParams};
 pub use self::split::{dirichlet_split, powerlaw_split, train_test_split};
 
 /// Errors raised by the simulation module.

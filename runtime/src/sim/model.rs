@@ -179,28 +179,61 @@ pub fn train(params: &mut SoftmaxParams, data: &Dataset, cfg: &LocalTraining, rn
 ///
 /// Returns NaN if `data` is empty or `params`/`data` fail their `check()`.
 pub fn accuracy(params: &SoftmaxParams, data: &Dataset) -> f64 {
-    if data.is_empty() || !compatible(params, data) {
-        return f64::NAN;
+    match predict(params, data) {
+        Some(pred) => {
+            let correct = pred.iter().zip(&data.labels).filter(|(p, y)| **p == usize::from(**y)).count();
+            correct as f64 / data.len() as f64
+        }
+        None => f64::NAN,
     }
-    let Some((w, b)) = params.views() else {
-        return f64::NAN;
-    };
+}
+
+/// The arg-max class of every example (ties to the lowest class); `None` if `data` is empty or
+/// `params`/`data` fail their `check()`.
+fn predict(params: &SoftmaxParams, data: &Dataset) -> Option<Vec<usize>> {
+    if data.is_empty() || !compatible(params, data) {
+        return None;
+    }
+    let (w, b) = params.views()?;
     let z = logits(&w, &b, &data.features.view());
-    let correct = z
-        .rows()
-        .into_iter()
-        .zip(&data.labels)
-        .filter(|(row, &label)| {
-            let mut best = 0;
-            for (c, &v) in row.iter().enumerate() {
-                if v > row[best] {
-                    best = c;
+    Some(
+        z.rows()
+            .into_iter()
+            .map(|row| {
+                let mut best = 0;
+                for (c, &v) in row.iter().enumerate() {
+                    if v > row[best] {
+                        best = c;
+                    }
                 }
+                best
+            })
+            .collect(),
+    )
+}
+
+/// Per-class F1 score of `params` on `data`, indexed by class (10 values in [0, 1]): the
+/// harmonic mean of precision and recall of each class, 0 for a class with no true positive.
+/// All zeros if `data` is empty or the shapes are wrong.
+pub fn class_f1(params: &SoftmaxParams, data: &Dataset) -> Vec<f64> {
+    let Some(pred) = predict(params, data) else {
+        return vec![0.0; C];
+    };
+    let (mut tp, mut fp, mut fneg) = ([0usize; C], [0usize; C], [0usize; C]);
+    for (&p, &y) in pred.iter().zip(&data.labels) {
+        let y = usize::from(y);
+        if p == y {
+            tp[y] += 1;
+        } else {
+            fp[p] += 1;
+            if y < C {
+                fneg[y] += 1;
             }
-            best == usize::from(label)
-        })
-        .count();
-    correct as f64 / data.len() as f64
+        }
+    }
+    (0..C)
+        .map(|c| if tp[c] == 0 { 0.0 } else { 2.0 * tp[c] as f64 / (2 * tp[c] + fp[c] + fneg[c]) as f64 })
+        .collect()
 }
 
 /// Mean softmax cross-entropy (natural log, no L2 term) of `params` on
@@ -231,6 +264,19 @@ pub fn loss(params: &SoftmaxParams, data: &Dataset) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn class_f1_matches_a_hand_count() {
+        // A model predicting class 0 for everything: on labels [0, 0, 1, 2], class 0 has
+        // tp 2, fp 2, fn 0 -> F1 = 4/6; classes 1 and 2 have no true positive -> 0.
+        let mut p = SoftmaxParams::zeros();
+        p.bias[0] = 1.0;
+        let data = Dataset { features: ndarray::Array2::zeros((4, F)), labels: vec![0, 0, 1, 2] };
+        let f1 = class_f1(&p, &data);
+        assert!((f1[0] - 4.0 / 6.0).abs() < 1e-12);
+        assert!(f1[1..].iter().all(|&v| v == 0.0));
+        assert_eq!(accuracy(&p, &data), 0.5);
+    }
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
 
