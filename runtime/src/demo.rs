@@ -118,9 +118,30 @@ pub struct DemoArgs {
     /// Run every strategy against every attack and print a table of final accuracies.
     #[arg(long)]
     pub matrix: bool,
+    /// Local epochs per round (default: the simulator's tuned setting).
+    #[arg(long)]
+    pub local_epochs: Option<usize>,
+    /// Local mini-batch size.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Local SGD learning rate.
+    #[arg(long)]
+    pub learning_rate: Option<f32>,
     /// Where `--matrix` writes its Markdown table.
     #[arg(long, default_value = "docs/robustness-matrix.md")]
     pub matrix_out: std::path::PathBuf,
+}
+
+impl DemoArgs {
+    fn local_training(&self) -> LocalTraining {
+        let d = LocalTraining::default();
+        LocalTraining {
+            epochs: self.local_epochs.unwrap_or(d.epochs),
+            batch_size: self.batch_size.unwrap_or(d.batch_size),
+            learning_rate: self.learning_rate.unwrap_or(d.learning_rate),
+            ..d
+        }
+    }
 }
 
 /// Strategy names accepted by `--strategy`.
@@ -349,7 +370,7 @@ async fn run_single(env: &Env, a: &DemoArgs) -> anyhow::Result<()> {
     let federated = run_experiment(env, a, &a.strategy, a.attack, true).await?;
     // Centralized baseline: the same model and optimiser on the pooled training data, for the
     // same number of epochs as each client trained in total.
-    let local = LocalTraining::default();
+    let local = a.local_training();
     let central_cfg = LocalTraining { epochs: a.rounds as usize * local.epochs, ..local };
     let (train_set, test_set, seed) = (Arc::clone(&env.train_set), Arc::clone(&env.test_set), a.seed);
     let centralized = tokio::task::spawn_blocking(move || {
@@ -473,6 +494,7 @@ async fn run_experiment(
             timeout,
             kind,
             attack: if byz[c] { attack } else { Attack::None },
+            training: a.local_training(),
         };
         tasks.spawn(async move { sim.run().await.with_context(|| format!("simulated client {c}")) });
     }
@@ -524,6 +546,7 @@ struct SimClient {
     timeout: Duration,
     kind: UpdateKind,
     attack: Attack,
+    training: LocalTraining,
 }
 
 impl SimClient {
@@ -546,15 +569,22 @@ impl SimClient {
             let base: ModelVersion = state.model_version;
             let bytes = self.client.fetch_model(&self.job, base).await?;
             let global = Parameters::from_safetensors(Arc::clone(&self.m), &bytes)?;
-            let (shard2, round, seed, index, attack, kind) =
-                (Arc::clone(&shard), state.round, self.seed, self.index, self.attack, self.kind);
+            let (shard2, round, seed, index, attack, kind, training) = (
+                Arc::clone(&shard),
+                state.round,
+                self.seed,
+                self.index,
+                self.attack,
+                self.kind,
+                self.training,
+            );
             let m = Arc::clone(&self.m);
             let payload = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<u8>> {
                 let g = to_params(&global);
                 let mut rng = ChaCha8Rng::seed_from_u64(seed + index as u64 + 1000 * (round.0 - 1));
                 let mut local = g.clone();
                 if attack != Attack::FreeRider && attack != Attack::Gaussian {
-                    sim::train(&mut local, &shard2, &LocalTraining::default(), &mut rng);
+                    sim::train(&mut local, &shard2, &training, &mut rng);
                 }
                 let tensors = [(&g.weight, &local.weight), (&g.bias, &local.bias)].map(|(gv, lv)| {
                     gv.iter()
