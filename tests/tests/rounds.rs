@@ -107,3 +107,41 @@ async fn a_job_whose_rounds_keep_failing_ends_failed() {
     assert_eq!(state.round, RoundId(3));
     assert_eq!(state.model_version, ModelVersion(0));
 }
+
+/// A whole-cohort strategy through the node: the updates stay in shared memory until the round
+/// closes, and the committed model is the coordinate-wise median computed here independently.
+#[tokio::test]
+async fn median_job_commits_the_coordinate_wise_median() {
+    let c = client().await;
+    let m = manifest();
+    let job = JobId::new("median").unwrap();
+    let mut spec = job_spec("median", (*m).clone(), 5, 5, 20_000, 1);
+    spec.strategy = shoal_functions::StrategySpec::Median;
+    jobs::create_job(c.infra(), &spec, None).await.unwrap();
+    let s = c.wait_for_open_round(&job, RoundId(1), Duration::from_secs(20)).await.unwrap();
+    let mut sent = Vec::new();
+    for (i, who) in ["a", "b", "c", "d", "e"].iter().enumerate() {
+        sent.push(send(&c, &job, who, s.round, s.model_version, 40 + i as u64, 1 + i as u64 * 100).await.0);
+    }
+    let after = c.wait_for_round_closed(&job, RoundId(1), Duration::from_secs(20)).await.unwrap();
+    assert!(matches!(after.last_outcome, Some(RoundOutcome::Committed { clients: 5, .. })), "{after:?}");
+    let bytes = c.fetch_model(&job, ModelVersion(1)).await.unwrap();
+    let model = shoal_functions::Parameters::from_safetensors(Arc::clone(&m), &bytes).unwrap();
+    for (e, got) in model.tensor_f64(0).iter().enumerate() {
+        let mut column: Vec<f64> = sent.iter().map(|v| v[0][e]).collect();
+        column.sort_by(f64::total_cmp);
+        assert_eq!(*got, column[2], "element {e}: the median of five is the third value, weights ignored");
+    }
+}
+
+/// An impossible strategy configuration is refused when the job is created, not mid-round.
+#[tokio::test]
+async fn impossible_strategy_configurations_fail_at_job_creation() {
+    let c = client().await;
+    let m = manifest();
+    let mut spec = job_spec("krum-bad", (*m).clone(), 5, 5, 20_000, 1);
+    spec.strategy = shoal_functions::StrategySpec::Krum { byzantine: 2 }; // needs n >= 2f + 3 = 7
+    let e = jobs::create_job(c.infra(), &spec, None).await.unwrap_err();
+    assert!(e.to_string().contains("strategy"), "{e}");
+    assert!(c.job_state(&JobId::new("krum-bad").unwrap()).await.is_err(), "no job was created");
+}
