@@ -29,6 +29,9 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, Throughput};
 use shoal_functions::asynchronous::{ExampleWeight, FedBuff, Staleness, StalenessWeight};
 use shoal_functions::server_opt::{ServerOptimizer, ServerOptimizerConfig};
+
+mod common;
+use common::AlignedWords;
 use shoal_functions::{
     ClientId, DType, FedAvg, ModelManifest, Parameters, PartialAggregate, Strategy, TensorSpec, UpdateView,
 };
@@ -37,29 +40,6 @@ use shoal_functions::{
 const N: usize = 1 << 20;
 /// Updates per FedBuff buffer.
 const K: usize = 20;
-
-/// A buffer of `len` u64 words starting on a 64-byte boundary.
-struct AlignedWords {
-    raw: Vec<u64>,
-    start: usize,
-    len: usize,
-}
-
-impl AlignedWords {
-    fn zeroed(len: usize) -> AlignedWords {
-        let raw = vec![0u64; len + 8];
-        let start = (64 - raw.as_ptr() as usize % 64) % 64 / 8;
-        AlignedWords { raw, start, len }
-    }
-
-    fn words(&self) -> &[u64] {
-        &self.raw[self.start..self.start + self.len]
-    }
-
-    fn words_mut(&mut self) -> &mut [u64] {
-        &mut self.raw[self.start..self.start + self.len]
-    }
-}
 
 /// xorshift64*: values in [-1, 1).
 fn fill(state: &mut u64, out: &mut [f32]) {

@@ -26,36 +26,15 @@ use criterion::{Criterion, Throughput};
 use shoal_functions::kernels::{self, reference};
 use shoal_functions::{ClientId, DType, ModelManifest, PartialAggregate, TensorSpec, UpdateView};
 
+mod common;
+use common::AlignedWords;
+
 /// Elements per update.
 const N: usize = 1 << 20;
 /// Updates per cohort.
 const COHORT: usize = 16;
 /// Update bytes read per fold of the cohort.
 const BYTES: u64 = (COHORT * 4 * N) as u64;
-
-/// A buffer of `len` u64 words starting on a 64-byte boundary (a `Vec<u64>` is only 8-byte
-/// aligned, and glibc's large allocations start 16 bytes into a page).
-struct AlignedWords {
-    raw: Vec<u64>,
-    start: usize,
-    len: usize,
-}
-
-impl AlignedWords {
-    fn zeroed(len: usize) -> AlignedWords {
-        let raw = vec![0u64; len + 8];
-        let start = (64 - raw.as_ptr() as usize % 64) % 64 / 8;
-        AlignedWords { raw, start, len }
-    }
-
-    fn words(&self) -> &[u64] {
-        &self.raw[self.start..self.start + self.len]
-    }
-
-    fn words_mut(&mut self) -> &mut [u64] {
-        &mut self.raw[self.start..self.start + self.len]
-    }
-}
 
 struct Cohort {
     manifest: Arc<ModelManifest>,

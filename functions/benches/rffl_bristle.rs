@@ -28,35 +28,15 @@ use shoal_functions::rffl::{Rffl, RfflConfig};
 use shoal_functions::Strategy as _;
 use shoal_functions::{ClientId, DType, ModelManifest, Parameters, PartialAggregate, TensorSpec, UpdateView};
 
+mod common;
+use common::AlignedWords;
+
 /// Elements per update.
 const N: usize = 1 << 20;
 /// Updates per cohort.
 const COHORT: usize = 20;
 /// Update bytes read per pass over the cohort.
 const BYTES: u64 = (COHORT * 4 * N) as u64;
-
-/// A buffer of `len` u64 words starting on a 64-byte boundary.
-struct AlignedWords {
-    raw: Vec<u64>,
-    start: usize,
-    len: usize,
-}
-
-impl AlignedWords {
-    fn zeroed(len: usize) -> AlignedWords {
-        let raw = vec![0u64; len + 8];
-        let start = (64 - raw.as_ptr() as usize % 64) % 64 / 8;
-        AlignedWords { raw, start, len }
-    }
-
-    fn words(&self) -> &[u64] {
-        &self.raw[self.start..self.start + self.len]
-    }
-
-    fn words_mut(&mut self) -> &mut [u64] {
-        &mut self.raw[self.start..self.start + self.len]
-    }
-}
 
 struct Cohort {
     manifest: Arc<ModelManifest>,

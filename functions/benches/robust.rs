@@ -27,6 +27,9 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
 use shoal_functions::robust::{Bulyan, CoordinateMedian, Krum, TrimmedMean};
+
+mod common;
+use common::AlignedWords;
 use shoal_functions::{
     ClientId, DType, ModelManifest, Parameters, PartialAggregate, Strategy, TensorSpec, UpdateView,
 };
@@ -37,29 +40,6 @@ const N: usize = 1 << 20;
 const COHORT: usize = 20;
 /// Update bytes read per aggregation of the cohort.
 const BYTES: u64 = (COHORT * 4 * N) as u64;
-
-/// A buffer of `len` u64 words starting on a 64-byte boundary (copied from `benches/fold.rs`).
-struct AlignedWords {
-    raw: Vec<u64>,
-    start: usize,
-    len: usize,
-}
-
-impl AlignedWords {
-    fn zeroed(len: usize) -> AlignedWords {
-        let raw = vec![0u64; len + 8];
-        let start = (64 - raw.as_ptr() as usize % 64) % 64 / 8;
-        AlignedWords { raw, start, len }
-    }
-
-    fn words(&self) -> &[u64] {
-        &self.raw[self.start..self.start + self.len]
-    }
-
-    fn words_mut(&mut self) -> &mut [u64] {
-        &mut self.raw[self.start..self.start + self.len]
-    }
-}
 
 struct Cohort {
     manifest: Arc<ModelManifest>,
