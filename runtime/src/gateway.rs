@@ -107,9 +107,14 @@ pub async fn run(ctx: GatewayContext, cancel: CancellationToken) -> Result<()> {
         .await
         .map_err(|e| Error::nats("pull updates", e))?;
     let mut gw = Gateway { ctx, pools: HashMap::new(), seen: HashMap::new() };
+    let mut prune = tokio::time::interval(Duration::from_secs(5));
     loop {
         let next = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
+            _ = prune.tick() => {
+                gw.release_ended_jobs();
+                continue;
+            }
             m = messages.next() => m,
         };
         match next {
@@ -139,6 +144,15 @@ fn header_u64(h: Option<&HeaderMap>, name: &str) -> Result<u64, Refusal> {
 }
 
 impl Gateway {
+    /// Unmaps the shared memory of jobs that have ended (their slots are all returned: nothing
+    /// is staged for a job that no longer runs).
+    fn release_ended_jobs(&mut self) {
+        let dir = &self.ctx.directory;
+        let running = |job: &JobId| dir.get(job).is_some_and(|e| e.state.phase == JobPhase::Running);
+        self.pools.retain(|job, _| running(job));
+        self.seen.retain(|(job, _), _| running(job));
+    }
+
     async fn handle(&mut self, msg: async_nats::jetstream::Message) {
         let stream_seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
         let message = msg.message;

@@ -112,6 +112,11 @@ impl NodeProcess {
         self.wait_ready(nats_url).await;
     }
 
+    /// The node's shared-memory directory (`<shm root>/<node id>`).
+    pub fn shm_dir(&self) -> PathBuf {
+        self._dir.path().join(&self.node_id)
+    }
+
     /// The node's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

@@ -130,6 +130,13 @@ async fn fedavg_three_rounds_eight_clients_matches_f64_oracle() {
         Some(24.0),
         "{metrics}"
     );
+    // The finished job's shared-memory segments are unmapped and unlinked.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let segments = || std::fs::read_dir(node.shm_dir()).map(|d| d.count()).unwrap_or(0);
+    while segments() > 0 {
+        assert!(std::time::Instant::now() < deadline, "segments left after the job ended");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // One aggregator was started on demand for round 1 and reused warm for rounds 2 and 3.
     assert_eq!(shoal_runtime::metrics::scrape(&metrics, "shoal_aggregator_cold_starts_total"), Some(1.0));
     assert_eq!(shoal_runtime::metrics::scrape(&metrics, "shoal_aggregator_warm_reuses_total"), Some(2.0));
