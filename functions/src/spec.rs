@@ -222,8 +222,10 @@ pub enum RoundPolicy {
     },
 }
 
-/// A job: one FL training run.
+/// A job: one FL training run. Unknown fields are refused (a typo must not silently fall back
+/// to a default).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct JobSpec {
     /// The job's id (a NATS subject token).
     pub job: JobId,
@@ -237,7 +239,9 @@ pub struct JobSpec {
     /// What updates carry.
     #[serde(default)]
     pub update_kind: UpdateKind,
-    /// Rounds to run; the job is `Finished` after the last one commits.
+    /// Models to commit: the job is `Finished` when model version `rounds` is committed. Failed
+    /// rounds (quorum not met) commit nothing and do not count, so round numbers can run ahead
+    /// of versions.
     pub rounds: u64,
     /// Largest `num_examples` accepted from one update (defaults to 10^9).
     #[serde(default = "default_max_examples")]
@@ -295,6 +299,12 @@ impl JobSpec {
         }
         if self.max_num_examples == 0 {
             return Err(SpecError("max_num_examples must be positive".into()));
+        }
+        if self.max_failed_rounds == 0 {
+            return Err(SpecError("max_failed_rounds must be at least 1".into()));
+        }
+        if let StrategySpec::MultiKrum { keep: 0 | 1, .. } = self.strategy {
+            return Err(SpecError("multi-krum needs keep >= 2 (keep = 1 is krum)".into()));
         }
         self.build_strategy().map(drop)
     }

@@ -11,7 +11,7 @@ use shoal_functions::{ClientId, JobId, JobSpec, NodeId, Parameters, UpdateKind};
 use crate::client::{ShoalClient, UpdateRequest};
 use crate::infra::ConnectOptions;
 use crate::node::{self, NodeConfig};
-use crate::protocol::JobPhase;
+use crate::protocol::{JobPhase, RoundOutcome};
 
 /// Shoal: a serverless federated-learning aggregation platform on NATS.
 #[derive(Debug, Parser)]
@@ -195,7 +195,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("round:         {}{}", state.round, if state.is_open() { " (open)" } else { "" });
             println!("model version: {}", state.model_version);
             if let Some(o) = &state.last_outcome {
-                println!("last round:    {o:?}");
+                println!("last round:    {o}");
             }
             Ok(())
         }
@@ -207,11 +207,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let payload =
                 std::fs::read(&a.update).with_context(|| format!("reading {}", a.update.display()))?;
             let timeout = Duration::from_secs(a.timeout_secs);
+            // Check the file against the job's manifest before sending it anywhere.
+            let spec = client.job_spec(&job).await?;
+            Parameters::from_safetensors(Arc::new(spec.manifest.clone()), &payload).with_context(|| {
+                format!("{} does not match job {job}'s model manifest", a.update.display())
+            })?;
             let state = client.wait_for_open_round(&job, shoal_functions::RoundId(1), timeout).await?;
+            let mut rejections = client.rejections(&job, &me).await?;
             let via = client
                 .publish_update(UpdateRequest {
                     job: job.clone(),
-                    client: me,
+                    client: me.clone(),
                     round: state.round,
                     base_version: state.model_version,
                     num_examples: a.num_examples,
@@ -220,10 +226,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     force_object_store: a.object_store,
                 })
                 .await?;
-            println!("published for round {} ({via:?})", state.round);
+            let via = match via {
+                crate::client::Transport::Inline => "inline",
+                crate::client::Transport::ObjectStore => "through the object store",
+            };
+            println!("published for round {} ({via})", state.round);
             if a.wait {
-                let after = client.wait_for_round_closed(&job, state.round, timeout).await?;
-                println!("round {} closed: {:?}", state.round, after.last_outcome);
+                let after = client
+                    .wait_for_outcome(&job, state.round, &mut rejections, timeout)
+                    .await
+                    .context("the node refused the update")?;
+                match after.last_outcome {
+                    Some(o @ RoundOutcome::Committed { .. }) => println!("round {} closed: {o}", state.round),
+                    Some(o) => anyhow::bail!("round {} closed without a model: {o}", state.round),
+                    None => anyhow::bail!("round {} closed without an outcome", state.round),
+                }
                 if let JobPhase::Failed { reason } = after.phase {
                     anyhow::bail!("job failed: {reason}");
                 }
@@ -254,7 +271,11 @@ pub async fn shutdown_signal() {
 pub fn init_tracing(format: LogFormat, default_level: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),

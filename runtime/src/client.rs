@@ -117,6 +117,8 @@ impl ShoalClient {
         what: &'static str,
         done: impl Fn(&JobState) -> bool,
     ) -> Result<JobState> {
+        // An unknown job is an error now, not a wait until the timeout.
+        self.job_state(job).await?;
         let fut = async {
             let key = subjects::job_state_key(job);
             let mut watch = self
@@ -175,21 +177,59 @@ impl ShoalClient {
         }
     }
 
+    /// Subscribes to the rejection notices of `client` in `job` (subscribe before publishing, then
+    /// pass the subscriber to [`Self::wait_for_outcome`]).
+    ///
+    /// # Errors
+    /// NATS errors.
+    pub async fn rejections(&self, job: &JobId, client: &ClientId) -> Result<async_nats::Subscriber> {
+        let sub = self
+            .infra
+            .client
+            .subscribe(self.infra.subjects.rejected(job, client))
+            .await
+            .map_err(|e| Error::nats("subscribe to rejections", e))?;
+        self.infra.client.flush().await.map_err(|e| Error::nats("flush", e))?;
+        Ok(sub)
+    }
+
+    /// Waits until `round` closes or the node refuses this client's update, whichever comes
+    /// first.
+    ///
+    /// # Errors
+    /// [`Error::Rejected`] with the node's reason, or as [`Self::wait_for_round_closed`].
+    pub async fn wait_for_outcome(
+        &self,
+        job: &JobId,
+        round: RoundId,
+        rejections: &mut async_nats::Subscriber,
+        timeout: Duration,
+    ) -> Result<JobState> {
+        tokio::select! {
+            state = self.wait_for_round_closed(job, round, timeout) => state,
+            Some(m) = rejections.next() => {
+                let notice: crate::protocol::RejectNotice = protocol::decode("reject notice", &m.payload)?;
+                tracing::warn!(reason = %notice.reason, "update refused: {}", notice.detail);
+                Err(Error::Rejected(notice.reason))
+            }
+        }
+    }
+
     /// Publishes an update and waits for JetStream to persist it. Payloads above the inline
     /// limit go through the object store first (`<job>/<round>/<client>`, digest in the header).
     ///
     /// # Errors
     /// NATS errors (including the server refusing an oversized inline payload).
     pub async fn publish_update(&self, u: UpdateRequest) -> Result<Transport> {
+        let digest = hex::encode(Sha256::digest(&u.payload));
         let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", subjects::update_msg_id(&u.job, u.round, &u.client).as_str());
+        headers.insert("Nats-Msg-Id", subjects::update_msg_id(&u.job, u.round, &u.client, &digest).as_str());
         headers.insert(protocol::HDR_ROUND, u.round.to_string().as_str());
         headers.insert(protocol::HDR_BASE_VERSION, u.base_version.to_string().as_str());
         headers.insert(protocol::HDR_NUM_EXAMPLES, u.num_examples.to_string().as_str());
         headers.insert(protocol::HDR_KIND, u.kind.as_str());
         let (payload, transport) = if u.force_object_store || u.payload.len() > self.inline_limit {
             let name = subjects::update_object(&u.job, u.round, &u.client);
-            let digest = hex::encode(Sha256::digest(&u.payload));
             let meta = async_nats::jetstream::object_store::ObjectMetadata {
                 name: name.clone(),
                 chunk_size: Some(jobs::chunk_size(&self.infra)),
@@ -207,13 +247,19 @@ impl ShoalClient {
             (u.payload, Transport::Inline)
         };
         let subject = self.infra.subjects.update(&u.job, &u.client);
-        self.infra
+        let ack = self
+            .infra
             .js
             .publish_with_headers(subject, headers, payload)
             .await
             .map_err(|e| Error::nats("publish update", e))?
             .await
             .map_err(|e| Error::nats("publish update (ack)", e))?;
+        if ack.duplicate {
+            // The same bytes were already published for this round (JetStream's dedupe window):
+            // a retry of an update the node has, or had and refused.
+            return Err(Error::Rejected(crate::error::RejectReason::Duplicate));
+        }
         Ok(transport)
     }
 }

@@ -158,7 +158,7 @@ pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
         } else {
             next.failed_rounds_in_a_row += 1;
         }
-        if new_global.is_some() && round.0 >= spec.rounds {
+        if new_global.is_some() && next_version.0 >= spec.rounds {
             next.phase = JobPhase::Finished;
             next.round = round;
         } else if next.failed_rounds_in_a_row >= spec.max_failed_rounds {

@@ -106,7 +106,8 @@ pub struct DemoArgs {
     /// Root of the node's shared-memory directory.
     #[arg(long, default_value = "/dev/shm/shoal")]
     pub shm_dir: std::path::PathBuf,
-    /// Aggregation strategy (see `--help` of the README's strategy list).
+    /// Aggregation strategy: FedAvg, FedAvg with a server optimizer, FedBuff/FedFix (synchronous
+    /// rounds), RFFL, Bristle, or a robust rule.
     #[arg(long, default_value = "fedavg", value_parser = clap::builder::PossibleValuesParser::new(STRATEGIES))]
     pub strategy: String,
     /// Attack mounted by the Byzantine clients.
@@ -490,7 +491,6 @@ async fn run_experiment(
             shard: Arc::clone(shard),
             index: c,
             seed: a.seed,
-            rounds: a.rounds,
             timeout,
             kind,
             attack: if byz[c] { attack } else { Attack::None },
@@ -506,23 +506,28 @@ async fn run_experiment(
     );
     let mut accuracy = f64::NAN;
     let mut opened = Instant::now();
-    for r in 1..=a.rounds {
+    // Rounds run until `rounds` models are committed (a failed round commits nothing) or the
+    // job fails after `max_failed_rounds` failures in a row.
+    for r in 1.. {
         let state = client.wait_for_round_closed(&job, RoundId(r), timeout).await?;
         let secs = opened.elapsed().as_secs_f64();
         opened = Instant::now();
-        let line = match state.last_outcome {
+        let line = match &state.last_outcome {
             Some(RoundOutcome::Committed { version, clients, .. }) => {
-                let bytes = client.fetch_model(&job, version).await?;
+                let bytes = client.fetch_model(&job, *version).await?;
                 let global = Parameters::from_safetensors(Arc::clone(&env.m), &bytes)?;
                 accuracy = sim::accuracy(&to_params(&global), &env.test_set);
                 format!("round {r:2} | clients {clients:2} | test accuracy {accuracy:.3} | round time {secs:.2} s")
             }
-            other => format!("round {r:2} | no model committed: {other:?} | round time {secs:.2} s"),
+            Some(other) => format!("round {r:2} | {other} | round time {secs:.2} s"),
+            None => format!("round {r:2} | closed without an outcome | round time {secs:.2} s"),
         };
         if verbose {
             pb.suspend(|| println!("{line}"));
         }
-        pb.inc(1);
+        if matches!(state.last_outcome, Some(RoundOutcome::Committed { .. })) {
+            pb.inc(1);
+        }
         if state.phase != crate::protocol::JobPhase::Running {
             break;
         }
@@ -542,7 +547,6 @@ struct SimClient {
     shard: Arc<Dataset>,
     index: usize,
     seed: u64,
-    rounds: u64,
     timeout: Duration,
     kind: UpdateKind,
     attack: Attack,
@@ -560,7 +564,7 @@ impl SimClient {
             Arc::clone(&self.shard)
         };
         let mut next = RoundId(1);
-        while next.0 <= self.rounds {
+        loop {
             let state = match self.client.wait_for_open_round(&self.job, next, self.timeout).await {
                 Ok(s) => s,
                 Err(crate::Error::JobEnded { .. }) => return Ok(()),
@@ -624,6 +628,5 @@ impl SimClient {
                 .await?;
             next = state.round.next();
         }
-        Ok(())
     }
 }

@@ -68,6 +68,9 @@ pub enum Error {
         /// Its phase.
         phase: String,
     },
+    /// Another node already serves this NATS server.
+    #[error("{0}")]
+    NodeBusy(String),
     /// Waiting exceeded its timeout.
     #[error("timed out after {0:?} waiting for {1}")]
     Timeout(std::time::Duration, &'static str),

@@ -78,6 +78,8 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle> {
     let mut nats = config.nats.clone();
     nats.name = format!("shoal-node-{}", config.node_id);
     let infra = Infra::connect(&nats).await?;
+    // Before touching shared memory: another live process of this node id may still use it.
+    let lease = acquire_lease(&infra, &config.node_id).await?;
     let shm_dir = shm::prepare_node_dir(&config.shm_root, config.node_id.as_str())?;
     let metrics = Arc::new(Metrics::default());
     let rejector = Rejector::new(infra.client.clone(), infra.subjects.clone(), Arc::clone(&metrics));
@@ -90,6 +92,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle> {
     let directory = JobDirectory::default();
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
+    tracker.spawn(hold_lease(infra.clone(), lease, cancel.clone()));
 
     let coord_ctx = CoordinatorContext {
         infra: infra.clone(),
@@ -184,5 +187,96 @@ impl NodeHandle {
     /// A token cancelled when the node shuts down.
     pub fn cancel_token(&self) -> CancellationToken {
         self.cancel.clone()
+    }
+}
+
+/// KV key (in `shoal-jobs`) of the node lease.
+const LEASE_KEY: &str = "_node.lease";
+/// A lease not renewed for this long is stale.
+const LEASE_STALE: Duration = Duration::from_secs(3);
+/// Renewal interval.
+const LEASE_RENEW: Duration = Duration::from_secs(1);
+
+/// Who holds the node lease.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Lease {
+    node: NodeId,
+    instance: u64,
+    renewed_ms: u64,
+}
+
+#[derive(Debug)]
+struct HeldLease {
+    lease: Lease,
+    revision: u64,
+}
+
+/// Takes the node lease. Until the hierarchy lands, one node serves a NATS server: the gateways
+/// share one work-queue consumer, so a second node would take half of every round's updates and
+/// rounds would fail for lack of quorum. A restarted node (same id) waits for its predecessor's
+/// lease to go stale; a node with another id is refused with a clear error.
+async fn acquire_lease(infra: &Infra, node: &NodeId) -> Result<HeldLease> {
+    let instance = rand::random::<u64>();
+    let deadline = tokio::time::Instant::now() + LEASE_STALE * 3;
+    loop {
+        let now = crate::protocol::now_ms();
+        let lease = Lease { node: node.clone(), instance, renewed_ms: now };
+        let value = Bytes::from(crate::protocol::encode(&lease));
+        let entry = infra.jobs.entry(LEASE_KEY).await.map_err(|e| Error::nats("read node lease", e))?;
+        let written = match entry {
+            Some(e) if e.operation == async_nats::jetstream::kv::Operation::Put => {
+                let held: Lease = crate::protocol::decode("node lease", &e.value)?;
+                let fresh = now.saturating_sub(held.renewed_ms) < LEASE_STALE.as_millis() as u64;
+                if fresh && held.node != *node {
+                    return Err(Error::NodeBusy(format!(
+                        "node {} already serves this NATS server; one node per server is supported \
+                         until the multi-node hierarchy lands (stop it, or use another NATS server)",
+                        held.node
+                    )));
+                }
+                if fresh {
+                    if tokio::time::Instant::now() > deadline {
+                        return Err(Error::NodeBusy(format!(
+                            "another process of node {node} is running and renewing its lease"
+                        )));
+                    }
+                    tracing::info!(%node, "waiting for the previous process of this node to go away");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    continue;
+                }
+                infra.jobs.update(LEASE_KEY, value, e.revision).await.ok()
+            }
+            Some(e) => infra.jobs.update(LEASE_KEY, value, e.revision).await.ok(),
+            None => infra.jobs.create(LEASE_KEY, value).await.ok(),
+        };
+        match written {
+            Some(revision) => return Ok(HeldLease { lease, revision }),
+            None => tokio::time::sleep(Duration::from_millis(100)).await, // raced: look again
+        }
+    }
+}
+
+/// Renews the lease until shutdown, then releases it so a restart need not wait. Losing it
+/// (another process took it after we stalled) stops this node.
+async fn hold_lease(infra: Infra, mut held: HeldLease, cancel: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                let _ = infra.jobs.delete_expect_revision(LEASE_KEY, Some(held.revision)).await;
+                return;
+            }
+            _ = tokio::time::sleep(LEASE_RENEW) => {}
+        }
+        held.lease.renewed_ms = crate::protocol::now_ms();
+        let value = Bytes::from(crate::protocol::encode(&held.lease));
+        match infra.jobs.update(LEASE_KEY, value, held.revision).await {
+            Ok(rev) => held.revision = rev,
+            Err(e) if e.kind() == async_nats::jetstream::kv::UpdateErrorKind::WrongLastRevision => {
+                tracing::error!("node lease taken over by another process; stopping this node");
+                cancel.cancel();
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "renewing the node lease failed; retrying"),
+        }
     }
 }

@@ -102,6 +102,28 @@ pub enum RoundOutcome {
     },
 }
 
+impl std::fmt::Display for RoundOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RoundOutcome::Committed { version, clients, total_weight } => {
+                write!(
+                    f,
+                    "committed model version {version} from {clients} updates (total weight {total_weight})"
+                )
+            }
+            RoundOutcome::QuorumNotMet { accepted, min_clients } => {
+                write!(
+                    f,
+                    "quorum not met: {accepted} updates, {min_clients} needed; the previous model stands"
+                )
+            }
+            RoundOutcome::AggregationFailed { detail } => {
+                write!(f, "aggregation failed ({detail}); the previous model stands")
+            }
+        }
+    }
+}
+
 /// A job's state, stored under `<job>.state` in KV `shoal-jobs` and changed only by
 /// compare-and-set on its revision (one committer).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

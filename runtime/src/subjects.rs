@@ -102,9 +102,11 @@ pub fn update_object(job: &JobId, round: RoundId, client: &ClientId) -> String {
     format!("{job}/{round}/{client}")
 }
 
-/// `Nats-Msg-Id` of an update (server-side dedupe of retries): `<job>.<round>.<client>`.
-pub fn update_msg_id(job: &JobId, round: RoundId, client: &ClientId) -> String {
-    format!("{job}.{round}.{client}")
+/// `Nats-Msg-Id` of an update: `<job>.<round>.<client>.<first 16 hex digits of the payload's
+/// SHA-256>`. JetStream drops a retry of the same bytes within the duplicate window, while a
+/// corrected update (after a rejection) goes through.
+pub fn update_msg_id(job: &JobId, round: RoundId, client: &ClientId, sha256_hex: &str) -> String {
+    format!("{job}.{round}.{client}.{}", &sha256_hex[..sha256_hex.len().min(16)])
 }
 
 #[cfg(test)]

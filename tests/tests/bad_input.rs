@@ -381,3 +381,47 @@ async fn object_case(mut c: Case, owner: &str, digest: Option<&str>, reason: Rej
     c.expect_rejection(reason).await;
     c.round_goes_on(reason).await;
 }
+
+/// The SDK tells a waiting client that its update was refused, and a byte-identical retry is
+/// reported as a duplicate instead of vanishing; a corrected update after a rejection is taken.
+#[tokio::test]
+async fn the_sdk_reports_refusals_and_takes_a_corrected_retry() {
+    let c = Case::new("sdk-refusal", 1).await;
+    let me = ClientId::new("good-a").unwrap();
+    let mut nan = random_values(&c.m, 50);
+    nan[0][0] = f64::NAN;
+    let request = |payload: Bytes| UpdateRequest {
+        job: c.job.clone(),
+        client: me.clone(),
+        round: RoundId(1),
+        base_version: ModelVersion(0),
+        num_examples: 3,
+        kind: UpdateKind::Parameters,
+        payload,
+        force_object_store: false,
+    };
+    let mut refusals = c.client.rejections(&c.job, &me).await.unwrap();
+    c.client.publish_update(request(payload(&c.m, &nan))).await.unwrap();
+    let e = c
+        .client
+        .wait_for_outcome(&c.job, RoundId(1), &mut refusals, Duration::from_secs(20))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, shoal_runtime::Error::Rejected(RejectReason::NonFinite)), "{e}");
+    // The same bytes again: JetStream's dedupe drops them, and the SDK says so.
+    let e = c.client.publish_update(request(payload(&c.m, &nan))).await.unwrap_err();
+    assert!(matches!(e, shoal_runtime::Error::Rejected(RejectReason::Duplicate)), "{e}");
+    // A corrected update goes through and counts.
+    let (good, p) = c.good_payload(51);
+    c.client.publish_update(request(p)).await.unwrap();
+    let (second, p2) = c.good_payload(52);
+    c.client
+        .publish_update(UpdateRequest {
+            client: ClientId::new("good-b").unwrap(),
+            num_examples: 5,
+            ..request(p2)
+        })
+        .await
+        .unwrap();
+    c.expect_commit(&[(good, 3.0), (second, 5.0)]).await;
+}

@@ -58,8 +58,8 @@ async fn quorum_not_met_keeps_the_model_and_a_partial_cohort_commits_at_the_dead
     let c = client().await;
     let m = manifest();
     let job = JobId::new("quorum").unwrap();
-    // Cohort 3, quorum 2, 1.5 s deadline.
-    jobs::create_job(c.infra(), &job_spec("quorum", (*m).clone(), 3, 2, 1500, 2), None).await.unwrap();
+    // Cohort 3, quorum 2, 1.5 s deadline, one model to commit.
+    jobs::create_job(c.infra(), &job_spec("quorum", (*m).clone(), 3, 2, 1500, 1), None).await.unwrap();
 
     // Round 1: one update only.
     let s1 = c.wait_for_open_round(&job, RoundId(1), Duration::from_secs(20)).await.unwrap();
@@ -79,7 +79,7 @@ async fn quorum_not_met_keeps_the_model_and_a_partial_cohort_commits_at_the_dead
     let after2 = c.wait_for_round_closed(&job, RoundId(2), Duration::from_secs(20)).await.unwrap();
     assert!(matches!(after2.last_outcome, Some(RoundOutcome::Committed { clients: 2, .. })), "{after2:?}");
     assert_eq!(after2.model_version, ModelVersion(1));
-    assert_eq!(after2.phase, JobPhase::Finished);
+    assert_eq!(after2.phase, JobPhase::Finished, "the failed round does not count towards `rounds`");
     let bytes = c.fetch_model(&job, ModelVersion(1)).await.unwrap();
     let model = shoal_functions::Parameters::from_safetensors(Arc::clone(&m), &bytes).unwrap();
     let oracle = weighted_mean_oracle(&sent);
@@ -144,4 +144,26 @@ async fn impossible_strategy_configurations_fail_at_job_creation() {
     let e = jobs::create_job(c.infra(), &spec, None).await.unwrap_err();
     assert!(e.to_string().contains("strategy"), "{e}");
     assert!(c.job_state(&JobId::new("krum-bad").unwrap()).await.is_err(), "no job was created");
+}
+
+/// One node serves a NATS server until the hierarchy lands: a second node with another id is
+/// refused with a clear error instead of silently taking half of every round's updates.
+#[tokio::test]
+async fn a_second_node_on_the_same_server_is_refused() {
+    let _ = client().await;
+    let cluster = SharedCluster::get(&CLUSTER, &["--ack-wait-ms", "3000"]);
+    let url = cluster.nats.url();
+    let shm = tempfile::tempdir().unwrap();
+    let shm_path = shm.path().display().to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(shoal_bin())
+            .args(["node", "--node-id", "intruder", "--nats-url", &url, "--shm-dir", &shm_path])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("node shared already serves this NATS server"), "{err}");
 }
