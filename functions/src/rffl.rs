@@ -932,6 +932,13 @@ impl Strategy for Rffl {
         "rffl"
     }
 
+    /// The last committed round's reward for `client`: the top-q_i sparsified aggregate delta,
+    /// to add to the client's own model.
+    fn client_reward(&self, client: &ClientId) -> Option<Result<Parameters>> {
+        let round = self.last_round()?;
+        Some(round.reward(client).map_err(crate::Error::from))
+    }
+
     fn mergeability(&self) -> Mergeability {
         Mergeability::WholeCohort
     }

@@ -695,6 +695,14 @@ impl<S: Strategy> Strategy for WithServerOptimizer<S> {
         self.optimizer.config().name()
     }
 
+    fn update_weight(&self, client: &crate::ClientId, num_examples: u64, staleness: u64) -> Result<f64> {
+        self.inner.update_weight(client, num_examples, staleness)
+    }
+
+    fn client_reward(&self, client: &crate::ClientId) -> Option<Result<Parameters>> {
+        self.inner.client_reward(client)
+    }
+
     fn mergeability(&self) -> Mergeability {
         self.inner.mergeability()
     }

@@ -251,6 +251,17 @@ pub trait Strategy: Send + fmt::Debug {
         Ok(num_examples as f64)
     }
 
+    /// The model (or delta) this strategy serves to `client` personally, for strategies with
+    /// per-client rewards (RFFL's top-q_i sparsified aggregate of the last round). `None` for
+    /// strategies that give everyone the global model.
+    ///
+    /// # Errors
+    /// Strategy-specific (e.g. RFFL: a client that is not a participant).
+    fn client_reward(&self, client: &ClientId) -> Option<Result<Parameters>> {
+        let _ = client;
+        None
+    }
+
     /// Folds one update into `partial` (streaming strategies).
     ///
     /// # Errors
@@ -303,6 +314,9 @@ impl<S: Strategy + ?Sized> Strategy for Box<S> {
     }
     fn update_weight(&self, client: &ClientId, num_examples: u64, staleness: u64) -> Result<f64> {
         (**self).update_weight(client, num_examples, staleness)
+    }
+    fn client_reward(&self, client: &ClientId) -> Option<Result<Parameters>> {
+        (**self).client_reward(client)
     }
     fn fold(&self, partial: &mut PartialAggregate, update: &UpdateView<'_>) -> Result<()> {
         (**self).fold(partial, update)

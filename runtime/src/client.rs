@@ -105,6 +105,25 @@ impl ShoalClient {
         jobs::get_model_bytes(&self.infra, job, version).await
     }
 
+    /// This client's personal reward from the last committed round (RFFL: the top-q_i
+    /// sparsified aggregate delta, to add to its own model), as safetensors bytes.
+    ///
+    /// # Errors
+    /// [`Error::Nats`] when no coordinator answers; [`Error::Decode`] carrying the coordinator's
+    /// reason when it refuses (strategy without rewards, unknown participant, no round yet).
+    pub async fn fetch_reward(&self, job: &JobId, client: &ClientId) -> Result<Vec<u8>> {
+        let m = self
+            .infra
+            .client
+            .request(self.infra.subjects.reward(job, client), Bytes::new())
+            .await
+            .map_err(|e| Error::nats("request reward", e))?;
+        if let Some(why) = m.headers.as_ref().and_then(|h| h.get(protocol::HDR_ERROR)) {
+            return Err(Error::Decode { what: "reward", detail: why.to_string() });
+        }
+        Ok(m.payload.to_vec())
+    }
+
     /// Waits until the job state satisfies `done` (checked on the current state, then on every
     /// change, through a KV watch, so a missed event cannot strand a client).
     ///

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use actix::Addr;
 use bytes::Bytes;
+use futures::StreamExt;
 use shoal_functions::spec::StrategyPlugins;
 use shoal_functions::{JobId, JobSpec, Mergeability, ModelManifest, Parameters, RoundPolicy, UpdateView};
 use tokio::sync::mpsc;
@@ -72,6 +73,12 @@ pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
     let (mut state, mut revision) = jobs::load_state(&ctx.infra, &job).await?;
     let mut global = load_global(&ctx.infra, &job, &state, &manifest).await?;
     let RoundPolicy::Sync { cohort_size, min_clients, deadline_ms } = spec.round_policy;
+    let mut rewards = ctx
+        .infra
+        .client
+        .subscribe(ctx.infra.subjects.all_rewards(&job))
+        .await
+        .map_err(|e| Error::nats("subscribe to reward requests", e))?;
     // A round already open when we start was opened by a process that may have died holding
     // staged updates: give JetStream time to redeliver them before judging the round.
     let mut earliest_close = state.is_open().then(|| tokio::time::Instant::now() + ctx.startup_grace);
@@ -119,6 +126,10 @@ pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
             tokio::select! {
                 _ = ctx.cancel.cancelled() => return Ok(()),
                 _ = tokio::time::sleep_until(deadline) => break,
+                Some(req) = rewards.next() => {
+                    let reward = reward_bytes(&*strategy, &req);
+                    answer_reward(&ctx.infra, req, reward).await;
+                }
                 p = progress.recv() => match p.inspect(|p| tracing::trace!(?p, "round progress")) {
                     Some(RoundProgress { round: r, accepted }) if r == round && accepted >= cohort_size => break,
                     Some(_) => {}
@@ -259,6 +270,50 @@ async fn load_global(
 ) -> Result<Parameters> {
     let bytes = jobs::get_model_bytes(infra, job, state.model_version).await?;
     Ok(Parameters::from_safetensors(Arc::clone(manifest), &bytes)?)
+}
+
+/// The reward requested on `<p>.<job>.reward.<client>`, as safetensors, or why not.
+fn reward_bytes(
+    strategy: &dyn shoal_functions::Strategy,
+    req: &async_nats::Message,
+) -> Result<Vec<u8>, String> {
+    let client = req
+        .subject
+        .as_str()
+        .rsplit('.')
+        .next()
+        .and_then(|c| shoal_functions::ClientId::new(c).ok())
+        .ok_or_else(|| "malformed reward subject".to_string())?;
+    match strategy.client_reward(&client) {
+        None => Err(format!(
+            "strategy {} serves no per-client rewards (or no round has committed yet)",
+            strategy.name()
+        )),
+        Some(Err(e)) => Err(e.to_string()),
+        Some(Ok(p)) => p.to_safetensors().map_err(|e| e.to_string()),
+    }
+}
+
+/// Replies with the reward, or an empty body and a `Shoal-Error` header saying why not.
+async fn answer_reward(infra: &Infra, req: async_nats::Message, reward: Result<Vec<u8>, String>) {
+    let Some(reply) = req.reply else { return };
+    let sent = match reward {
+        Ok(bytes) if bytes.len() <= infra.max_payload() => {
+            infra.client.publish(reply, Bytes::from(bytes)).await
+        }
+        other => {
+            let why = match other {
+                Ok(bytes) => format!("the reward is {} bytes, over the server's max_payload", bytes.len()),
+                Err(e) => e,
+            };
+            let mut h = async_nats::HeaderMap::new();
+            h.insert(protocol::HDR_ERROR, why.as_str());
+            infra.client.publish_with_headers(reply, h, Bytes::new()).await
+        }
+    };
+    if let Err(e) = sent {
+        tracing::debug!(error = %e, "answering a reward request failed");
+    }
 }
 
 async fn publish_event(infra: &Infra, job: &JobId, event: &RoundEvent) {

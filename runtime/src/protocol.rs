@@ -22,6 +22,9 @@ pub const HDR_OBJECT: &str = "Shoal-Object";
 /// Header: `sha256:<hex>` of the safetensors bytes stored as [`HDR_OBJECT`].
 pub const HDR_DIGEST: &str = "Shoal-Digest";
 
+/// Header of a reply that failed (reward requests): the reason, in words.
+pub const HDR_ERROR: &str = "Shoal-Error";
+
 /// Version of the control-message envelope.
 pub const PROTOCOL_VERSION: u16 = 1;
 

@@ -76,6 +76,16 @@ impl Subjects {
         }
     }
 
+    /// `<p>.<job>.reward.<client>`: request/reply, a client's personal reward (RFFL).
+    pub fn reward(&self, job: &JobId, client: &ClientId) -> String {
+        format!("{}.{job}.reward.{client}", self.prefix)
+    }
+
+    /// `<p>.<job>.reward.*`: what a job's coordinator answers.
+    pub fn all_rewards(&self, job: &JobId) -> String {
+        format!("{}.{job}.reward.*", self.prefix)
+    }
+
     /// `<p>.node.<node>.metrics`: request/reply, answers the Prometheus text exposition.
     pub fn node_metrics(&self, node: &NodeId) -> String {
         format!("{}.node.{node}.metrics", self.prefix)

@@ -167,3 +167,60 @@ async fn a_second_node_on_the_same_server_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("node shared already serves this NATS server"), "{err}");
 }
+
+/// RFFL's per-client reward is served on request: it is the round's aggregate step kept on the
+/// client's top-q_i entries (a sparsification of `v1 − v0`, read back from the model store).
+#[tokio::test]
+async fn rffl_rewards_are_served_per_client() {
+    let c = client().await;
+    let m = manifest();
+    let job = JobId::new("rffl-reward").unwrap();
+    let mut spec = job_spec("rffl-reward", (*m).clone(), 4, 4, 20_000, 2);
+    spec.update_kind = UpdateKind::Delta;
+    spec.strategy = shoal_functions::StrategySpec::Rffl {
+        gamma: 1.0,
+        alpha: 0.95,
+        rth: 1.0 / 3.0,
+        warmup_rounds: 10,
+        altruism_degree: None,
+        sparsify: true,
+        mode: shoal_functions::spec::SpecMode::ReferenceCode,
+    };
+    jobs::create_job(c.infra(), &spec, None).await.unwrap();
+    let s = c.wait_for_open_round(&job, RoundId(1), Duration::from_secs(20)).await.unwrap();
+    for (i, who) in ["a", "b", "c", "d"].iter().enumerate() {
+        let m = manifest();
+        let values = as_sent(&m, &random_values(&m, 70 + i as u64));
+        c.publish_update(UpdateRequest {
+            job: job.clone(),
+            client: ClientId::new(*who).unwrap(),
+            round: s.round,
+            base_version: s.model_version,
+            num_examples: 10 + 10 * i as u64,
+            kind: UpdateKind::Delta,
+            payload: payload(&m, &values),
+            force_object_store: false,
+        })
+        .await
+        .unwrap();
+    }
+    let after = c.wait_for_round_closed(&job, RoundId(1), Duration::from_secs(20)).await.unwrap();
+    assert!(matches!(after.last_outcome, Some(RoundOutcome::Committed { clients: 4, .. })), "{after:?}");
+    let v1 = shoal_functions::Parameters::from_safetensors(
+        Arc::clone(&m),
+        &c.fetch_model(&job, ModelVersion(1)).await.unwrap(),
+    )
+    .unwrap()
+    .tensor_f64(0);
+    let reward = c.fetch_reward(&job, &ClientId::new("d").unwrap()).await.unwrap();
+    let reward =
+        shoal_functions::Parameters::from_safetensors(Arc::clone(&m), &reward).unwrap().tensor_f64(0);
+    // v0 is zero, so v1 is the step u itself (in f32); the reward keeps some of its entries.
+    let kept = reward.iter().filter(|&&r| r != 0.0).count();
+    assert!(kept > 0, "the reward is empty");
+    for (r, u) in reward.iter().zip(&v1) {
+        assert!(*r == 0.0 || r == u, "reward entry {r} is not the step's {u}");
+    }
+    // Strangers and strategies without rewards get a reason, not a hang.
+    assert!(c.fetch_reward(&job, &ClientId::new("stranger").unwrap()).await.is_err());
+}
