@@ -119,6 +119,13 @@ pub struct CloseRound {
     pub round: RoundId,
 }
 
+/// Hands every update held by this host back to JetStream (negative ack, redelivery after 1 s)
+/// so that the next node gets them at once instead of after the ack wait. Sent on a clean
+/// shutdown.
+#[derive(Debug, Message)]
+#[rtype(result = "usize")]
+pub struct ReleaseHeld;
+
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 struct AggregatorStopped {
@@ -305,6 +312,36 @@ impl Handler<CloseRound> for FunctionHost {
                 Box::pin(async move { addr.send(Harvest).await.unwrap_or_default() })
             }
         }
+    }
+}
+
+impl Handler<ReleaseHeld> for FunctionHost {
+    type Result = ResponseFuture<usize>;
+    fn handle(&mut self, _: ReleaseHeld, _: &mut Context<Self>) -> Self::Result {
+        let addrs: Vec<Addr<Aggregator>> = self.active.values().map(|(_, a)| a.clone()).collect();
+        Box::pin(async move {
+            let mut n = 0;
+            for a in addrs {
+                n += a.send(ReleaseHeld).await.unwrap_or(0);
+            }
+            n
+        })
+    }
+}
+
+impl Handler<ReleaseHeld> for Aggregator {
+    type Result = ResponseFuture<usize>;
+    fn handle(&mut self, _: ReleaseHeld, _: &mut Context<Self>) -> Self::Result {
+        let ackers: Vec<AckHandle> =
+            self.held.drain(..).map(|h| h.acker).chain(self.pending.drain(..).map(|s| s.acker)).collect();
+        Box::pin(async move {
+            // A short delay: an immediate redelivery could go to this node's own pull request,
+            // still registered at the server until the connection closes.
+            for a in &ackers {
+                a.nak(std::time::Duration::from_secs(1)).await;
+            }
+            ackers.len()
+        })
     }
 }
 

@@ -63,6 +63,7 @@ impl NodeConfig {
 #[derive(Debug)]
 pub struct NodeHandle {
     cancel: CancellationToken,
+    host: actix::Addr<FunctionHost>,
     tracker: TaskTracker,
     /// The node's metrics.
     pub metrics: Arc<Metrics>,
@@ -89,6 +90,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle> {
         rejector.clone(),
     )
     .start();
+    let host_addr = host.clone();
     let directory = JobDirectory::default();
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -169,7 +171,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle> {
         });
     }
     tracing::info!(node = %config.node_id, nats = %config.nats.url, inline_limit, "node started");
-    Ok(NodeHandle { cancel, tracker, metrics, infra })
+    Ok(NodeHandle { cancel, host: host_addr, tracker, metrics, infra })
 }
 
 impl NodeHandle {
@@ -180,6 +182,13 @@ impl NodeHandle {
         self.tracker.close();
         if tokio::time::timeout(Duration::from_secs(10), self.tracker.wait()).await.is_err() {
             tracing::warn!("node tasks did not stop within 10 s");
+        }
+        // The gateway has stopped pulling; now hand the un-acked updates straight back to
+        // JetStream for the next node instead of letting them wait out the ack wait.
+        let _ = self.infra.client.flush().await;
+        match self.host.send(crate::host::ReleaseHeld).await {
+            Ok(n) if n > 0 => tracing::info!(released = n, "held updates handed back to JetStream"),
+            _ => {}
         }
         let _ = self.infra.client.flush().await;
     }

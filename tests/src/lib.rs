@@ -105,9 +105,19 @@ impl NodeProcess {
         }
     }
 
+    /// SIGTERMs the process (the clean shutdown path) and waits for it to exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("node running");
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+        c.wait().expect("wait for node")
+    }
+
     /// Starts the same node again (same id, flags and shm root).
     pub async fn restart(&mut self, nats_url: &str) {
-        self.kill();
+        if self.child.is_some() {
+            self.kill();
+        }
         self.spawn();
         self.wait_ready(nats_url).await;
     }

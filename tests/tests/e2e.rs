@@ -232,3 +232,60 @@ async fn assert_stream_drains(client: &ShoalClient) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A clean shutdown (SIGTERM) hands the held updates back to JetStream at once: with a 60 s ack
+/// wait, the restarted node still gets them immediately and commits the round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_held_updates_back() {
+    init_logging();
+    let nats = NatsServer::start().unwrap();
+    let mut node = NodeProcess::start(&nats.url(), "n1", &["--ack-wait-ms", "60000"]).await;
+    let client = connect(&nats.url()).await;
+    let m = manifest();
+    let job = JobId::new("term").unwrap();
+    jobs::create_job(client.infra(), &job_spec("term", (*m).clone(), 3, 3, 120_000, 1), None).await.unwrap();
+    let state = client.wait_for_open_round(&job, RoundId(1), Duration::from_secs(30)).await.unwrap();
+    let mut sent = Vec::new();
+    let mut publish = |c: u64| {
+        let values = as_sent(&m, &random_values(&m, 9000 + c));
+        sent.push((values.clone(), 5.0));
+        UpdateRequest {
+            job: job.clone(),
+            client: ClientId::new(format!("t{c}")).unwrap(),
+            round: state.round,
+            base_version: state.model_version,
+            num_examples: 5,
+            kind: UpdateKind::Parameters,
+            payload: payload(&m, &values),
+            force_object_store: false,
+        }
+    };
+    let (r0, r1) = (publish(0), publish(1));
+    client.publish_update(r0).await.unwrap();
+    client.publish_update(r1).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while shoal_runtime::metrics::scrape(
+        &node.metrics(&client.infra().client).await,
+        "shoal_updates_staged_total",
+    ) != Some(2.0)
+    {
+        assert!(std::time::Instant::now() < deadline, "updates not staged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(node.terminate().success(), "clean shutdown exits 0");
+    node.restart(&nats.url()).await;
+    let r2 = publish(2);
+    client.publish_update(r2).await.unwrap();
+    // Well under the 60 s ack wait: only a hand-back makes the first two available this soon.
+    let after = client
+        .wait_for_round_closed(&job, RoundId(1), Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\nnode log:\n{}", node.log()));
+    assert!(matches!(after.last_outcome, Some(RoundOutcome::Committed { clients: 3, .. })), "{after:?}");
+    let model = shoal_functions::Parameters::from_safetensors(
+        Arc::clone(&m),
+        &client.fetch_model(&job, ModelVersion(1)).await.unwrap(),
+    )
+    .unwrap();
+    assert_matches_oracle(&model, &weighted_mean_oracle(&sent));
+}
