@@ -61,8 +61,9 @@ impl JobDirectory {
     }
 }
 
-/// Creates a job: spec, initial model (version 0; zeros when `initial` is `None`), then state
-/// (round 1 waiting to open). A node running for the bucket picks it up.
+/// Creates a job: initial model (version 0; zeros when `initial` is `None`), spec, then state
+/// (round 1 waiting to open), which makes the job exist; a node picks it up from there. A
+/// create interrupted before the state was written can be run again.
 ///
 /// # Errors
 /// [`Error::Spec`] for an invalid spec, [`Error::JobExists`], NATS errors.
@@ -82,21 +83,25 @@ pub async fn create_job(infra: &Infra, spec: &JobSpec, initial: Option<&Paramete
             &zeros
         }
     };
-    let spec_key = subjects::job_spec_key(&spec.job);
-    match infra.jobs.create(&spec_key, Bytes::from(protocol::encode(spec))).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {
-            return Err(Error::JobExists(spec.job.to_string()))
-        }
-        Err(e) => return Err(Error::nats("create job spec", e)),
+    // The job exists once its state exists; the state is written last. An interrupted create
+    // (spec or model written, no state) is simply redone by the next create.
+    let state_key = subjects::job_state_key(&spec.job);
+    if infra.jobs.get(&state_key).await.map_err(|e| Error::nats("read job state", e))?.is_some() {
+        return Err(Error::JobExists(spec.job.to_string()));
     }
     put_model(infra, &spec.job, ModelVersion(0), initial).await?;
     infra
         .jobs
-        .create(subjects::job_state_key(&spec.job), Bytes::from(protocol::encode(&JobState::new_job())))
+        .put(subjects::job_spec_key(&spec.job), Bytes::from(protocol::encode(spec)))
         .await
-        .map_err(|e| Error::nats("create job state", e))?;
-    Ok(())
+        .map_err(|e| Error::nats("write job spec", e))?;
+    match infra.jobs.create(&state_key, Bytes::from(protocol::encode(&JobState::new_job()))).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {
+            Err(Error::JobExists(spec.job.to_string()))
+        }
+        Err(e) => Err(Error::nats("create job state", e)),
+    }
 }
 
 /// Loads a job's spec.

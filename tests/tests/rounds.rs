@@ -224,3 +224,22 @@ async fn rffl_rewards_are_served_per_client() {
     // Strangers and strategies without rewards get a reason, not a hang.
     assert!(c.fetch_reward(&job, &ClientId::new("stranger").unwrap()).await.is_err());
 }
+
+/// A `job create` interrupted after writing the spec (no state yet) can be run again; a second
+/// create of a job that exists is refused.
+#[tokio::test]
+async fn an_interrupted_job_create_can_be_redone() {
+    let c = client().await;
+    let m = manifest();
+    let spec = job_spec("half-made", (*m).clone(), 1, 1, 20_000, 1);
+    // What an interrupted create leaves behind: the spec key only.
+    c.infra()
+        .jobs
+        .put("half-made.spec", bytes::Bytes::from(shoal_runtime::protocol::encode(&spec)))
+        .await
+        .unwrap();
+    assert!(c.job_state(&JobId::new("half-made").unwrap()).await.is_err(), "not a job yet");
+    jobs::create_job(c.infra(), &spec, None).await.unwrap();
+    let e = jobs::create_job(c.infra(), &spec, None).await.unwrap_err();
+    assert!(matches!(e, shoal_runtime::Error::JobExists(_)), "{e}");
+}
