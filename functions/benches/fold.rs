@@ -24,10 +24,10 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
 use shoal_functions::kernels::{self, reference};
-use shoal_functions::{ClientId, DType, ModelManifest, PartialAggregate, TensorSpec, UpdateView};
+use shoal_functions::PartialAggregate;
 
 mod common;
-use common::AlignedWords;
+use common::{next_uniform, Cohort};
 
 /// Elements per update.
 const N: usize = 1 << 20;
@@ -36,56 +36,8 @@ const COHORT: usize = 16;
 /// Update bytes read per fold of the cohort.
 const BYTES: u64 = (COHORT * 4 * N) as u64;
 
-struct Cohort {
-    manifest: Arc<ModelManifest>,
-    updates: Vec<AlignedWords>,
-    ids: Vec<ClientId>,
-    weights: Vec<f64>,
-}
-
-impl Cohort {
-    fn new() -> Cohort {
-        let manifest = Arc::new(
-            ModelManifest::new(vec![TensorSpec::new("w", DType::F32, vec![N])]).expect("valid manifest"),
-        );
-        assert_eq!(manifest.slot_bytes(), 4 * N);
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        let updates = (0..COHORT)
-            .map(|_| {
-                let mut buf = AlignedWords::zeroed(manifest.slot_bytes() / 8);
-                for x in bytemuck::cast_slice_mut::<u64, f32>(buf.words_mut()) {
-                    // xorshift64*: values in [-1, 1).
-                    state ^= state >> 12;
-                    state ^= state << 25;
-                    state ^= state >> 27;
-                    let r = state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40;
-                    *x = r as f32 / (1u64 << 23) as f32 - 1.0;
-                }
-                buf
-            })
-            .collect();
-        let ids = (0..COHORT).map(|k| ClientId::new(format!("client-{k:02}")).expect("valid id")).collect();
-        let weights = (1..=COHORT).map(|k| (100 * k) as f64).collect();
-        Cohort { manifest, updates, ids, weights }
-    }
-
-    fn views(&self) -> Vec<UpdateView<'_>> {
-        self.updates
-            .iter()
-            .zip(&self.ids)
-            .zip(&self.weights)
-            .map(|((u, client), &weight)| UpdateView {
-                manifest: &self.manifest,
-                bytes: bytemuck::cast_slice(u.words()),
-                weight,
-                client,
-            })
-            .collect()
-    }
-
-    fn f32_updates(&self) -> Vec<(&[f32], f64)> {
-        self.updates.iter().zip(&self.weights).map(|(u, &w)| (bytemuck::cast_slice(u.words()), w)).collect()
-    }
+fn f32_updates(c: &Cohort) -> Vec<(&[f32], f64)> {
+    c.updates.iter().zip(&c.weights).map(|(u, &w)| (bytemuck::cast_slice(u.words()), w)).collect()
 }
 
 fn read_all_tiled(c: &Cohort) -> u64 {
@@ -136,7 +88,7 @@ fn fold_group(c: &mut Criterion, cohort: &Cohort) {
         })
     });
 
-    let updates = cohort.f32_updates();
+    let updates = f32_updates(cohort);
     let mut acc = vec![0.0f64; N];
     g.bench_function("reference_kernel", |b| {
         b.iter(|| {
@@ -189,7 +141,8 @@ fn ratio_summary(cohort: &Cohort) {
 
 fn main() {
     let mut criterion = Criterion::default().configure_from_args();
-    let cohort = Cohort::new();
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let cohort = Cohort::new(COHORT, N, |_, xs| xs.iter_mut().for_each(|x| *x = next_uniform(&mut state)));
     fold_group(&mut criterion, &cohort);
     // The summary and experiments only make sense when benchmarking (not `cargo test --benches`).
     if std::env::args().any(|a| a == "--bench") {

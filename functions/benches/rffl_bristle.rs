@@ -26,10 +26,10 @@ use criterion::{Criterion, Throughput};
 use shoal_functions::bristle::{Bristle, BristleConfig};
 use shoal_functions::rffl::{Rffl, RfflConfig};
 use shoal_functions::Strategy as _;
-use shoal_functions::{ClientId, DType, ModelManifest, Parameters, PartialAggregate, TensorSpec, UpdateView};
+use shoal_functions::{PartialAggregate, UpdateView};
 
 mod common;
-use common::AlignedWords;
+use common::{next_uniform, Cohort};
 
 /// Elements per update.
 const N: usize = 1 << 20;
@@ -37,59 +37,6 @@ const N: usize = 1 << 20;
 const COHORT: usize = 20;
 /// Update bytes read per pass over the cohort.
 const BYTES: u64 = (COHORT * 4 * N) as u64;
-
-struct Cohort {
-    manifest: Arc<ModelManifest>,
-    updates: Vec<AlignedWords>,
-    ids: Vec<ClientId>,
-    weights: Vec<f64>,
-    global: Parameters,
-}
-
-/// xorshift64*: values in [-1, 1).
-fn next(state: &mut u64) -> f32 {
-    *state ^= *state >> 12;
-    *state ^= *state << 25;
-    *state ^= *state >> 27;
-    let r = state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40;
-    r as f32 / (1u64 << 23) as f32 - 1.0
-}
-
-impl Cohort {
-    fn new() -> Cohort {
-        let manifest = Arc::new(ModelManifest::new(vec![TensorSpec::new("w", DType::F32, vec![N])]).unwrap());
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        let direction: Vec<f32> = (0..N).map(|_| next(&mut state) * 1e-3).collect();
-        let updates = (0..COHORT)
-            .map(|_| {
-                let mut buf = AlignedWords::zeroed(manifest.slot_bytes() / 8);
-                for (x, d) in bytemuck::cast_slice_mut::<u64, f32>(buf.words_mut()).iter_mut().zip(&direction)
-                {
-                    *x = d + next(&mut state) * 5e-4;
-                }
-                buf
-            })
-            .collect();
-        let ids = (0..COHORT).map(|k| ClientId::new(format!("client-{k:02}")).unwrap()).collect();
-        let weights = (1..=COHORT).map(|k| (100 * k) as f64).collect();
-        let global = Parameters::zeros(Arc::clone(&manifest));
-        Cohort { manifest, updates, ids, weights, global }
-    }
-
-    fn views(&self) -> Vec<UpdateView<'_>> {
-        self.updates
-            .iter()
-            .zip(&self.ids)
-            .zip(&self.weights)
-            .map(|((u, client), &weight)| UpdateView {
-                manifest: &self.manifest,
-                bytes: bytemuck::cast_slice(u.words()),
-                weight,
-                client,
-            })
-            .collect()
-    }
-}
 
 fn rffl_config() -> RfflConfig {
     RfflConfig { gamma: 1.0, ..RfflConfig::default() }
@@ -182,7 +129,11 @@ fn ratio_summary(cohort: &Cohort) {
 
 fn main() {
     let mut criterion = Criterion::default().configure_from_args();
-    let cohort = Cohort::new();
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let direction: Vec<f32> = (0..N).map(|_| next_uniform(&mut state) * 1e-3).collect();
+    let cohort = Cohort::new(COHORT, N, |_, xs| {
+        xs.iter_mut().zip(&direction).for_each(|(x, d)| *x = d + next_uniform(&mut state) * 5e-4)
+    });
     groups(&mut criterion, &cohort);
     // The summary only makes sense when benchmarking (not `cargo test --benches`).
     if std::env::args().any(|a| a == "--bench") {

@@ -29,10 +29,8 @@ use criterion::{Criterion, Throughput};
 use shoal_functions::robust::{Bulyan, CoordinateMedian, Krum, TrimmedMean};
 
 mod common;
-use common::AlignedWords;
-use shoal_functions::{
-    ClientId, DType, ModelManifest, Parameters, PartialAggregate, Strategy, TensorSpec, UpdateView,
-};
+use common::{next_uniform, Cohort};
+use shoal_functions::{Parameters, PartialAggregate, Strategy, UpdateView};
 
 /// Elements per update.
 const N: usize = 1 << 20;
@@ -40,56 +38,6 @@ const N: usize = 1 << 20;
 const COHORT: usize = 20;
 /// Update bytes read per aggregation of the cohort.
 const BYTES: u64 = (COHORT * 4 * N) as u64;
-
-struct Cohort {
-    manifest: Arc<ModelManifest>,
-    updates: Vec<AlignedWords>,
-    ids: Vec<ClientId>,
-    weights: Vec<f64>,
-    global: Parameters,
-}
-
-impl Cohort {
-    fn new() -> Cohort {
-        let manifest = Arc::new(
-            ModelManifest::new(vec![TensorSpec::new("w", DType::F32, vec![N])]).expect("valid manifest"),
-        );
-        assert_eq!(manifest.slot_bytes(), 4 * N);
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        let updates = (0..COHORT)
-            .map(|_| {
-                let mut buf = AlignedWords::zeroed(manifest.slot_bytes() / 8);
-                for x in bytemuck::cast_slice_mut::<u64, f32>(buf.words_mut()) {
-                    // xorshift64*: values in [-1, 1).
-                    state ^= state >> 12;
-                    state ^= state << 25;
-                    state ^= state >> 27;
-                    let r = state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40;
-                    *x = r as f32 / (1u64 << 23) as f32 - 1.0;
-                }
-                buf
-            })
-            .collect();
-        let ids = (0..COHORT).map(|k| ClientId::new(format!("client-{k:02}")).expect("valid id")).collect();
-        let weights = (1..=COHORT).map(|k| (100 * k) as f64).collect();
-        let global = Parameters::zeros(Arc::clone(&manifest));
-        Cohort { manifest, updates, ids, weights, global }
-    }
-
-    fn views(&self) -> Vec<UpdateView<'_>> {
-        self.updates
-            .iter()
-            .zip(&self.ids)
-            .zip(&self.weights)
-            .map(|((u, client), &weight)| UpdateView {
-                manifest: &self.manifest,
-                bytes: bytemuck::cast_slice(u.words()),
-                weight,
-                client,
-            })
-            .collect()
-    }
-}
 
 /// Times `fold_batch` only, after an untimed `reset` of the partial.
 fn timed_fold(p: &mut PartialAggregate, views: &[UpdateView<'_>]) -> Duration {
@@ -179,7 +127,8 @@ fn ratio_summary(cohort: &Cohort) {
 
 fn main() {
     let mut criterion = Criterion::default().configure_from_args();
-    let cohort = Cohort::new();
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let cohort = Cohort::new(COHORT, N, |_, xs| xs.iter_mut().for_each(|x| *x = next_uniform(&mut state)));
     robust_group(&mut criterion, &cohort);
     // The summary only makes sense when benchmarking (not `cargo test --benches`).
     if std::env::args().any(|a| a == "--bench") {

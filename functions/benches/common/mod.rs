@@ -27,3 +27,66 @@ impl AlignedWords {
         &mut self.raw[self.start..self.start + self.len]
     }
 }
+
+use std::sync::Arc;
+
+use shoal_functions::{ClientId, DType, ModelManifest, Parameters, TensorSpec, UpdateView};
+
+/// A benchmark cohort: `count` updates of one F32 tensor of `n` elements in aligned buffers
+/// (like shared-memory slots), client ids `client-00..`, weights 100, 200, ..., and an all-zero
+/// global model.
+#[allow(dead_code)] // not every bench uses every field
+pub struct Cohort {
+    pub manifest: Arc<ModelManifest>,
+    pub updates: Vec<AlignedWords>,
+    pub ids: Vec<ClientId>,
+    pub weights: Vec<f64>,
+    pub global: Parameters,
+}
+
+#[allow(dead_code)]
+impl Cohort {
+    /// Fills update `k` with `fill(k, values)`.
+    pub fn new(count: usize, n: usize, mut fill: impl FnMut(usize, &mut [f32])) -> Cohort {
+        let manifest = Arc::new(
+            ModelManifest::new(vec![TensorSpec::new("w", DType::F32, vec![n])]).expect("valid manifest"),
+        );
+        assert_eq!(manifest.slot_bytes(), 4 * n);
+        let updates = (0..count)
+            .map(|k| {
+                let mut buf = AlignedWords::zeroed(manifest.slot_bytes() / 8);
+                fill(k, bytemuck::cast_slice_mut::<u64, f32>(buf.words_mut()));
+                buf
+            })
+            .collect();
+        let ids = (0..count).map(|k| ClientId::new(format!("client-{k:02}")).expect("valid id")).collect();
+        let weights = (1..=count).map(|k| (100 * k) as f64).collect();
+        let global = Parameters::zeros(Arc::clone(&manifest));
+        Cohort { manifest, updates, ids, weights, global }
+    }
+
+    /// Zero-copy views of the updates.
+    pub fn views(&self) -> Vec<UpdateView<'_>> {
+        self.updates
+            .iter()
+            .zip(&self.ids)
+            .zip(&self.weights)
+            .map(|((u, client), &weight)| UpdateView {
+                manifest: &self.manifest,
+                bytes: bytemuck::cast_slice(u.words()),
+                weight,
+                client,
+            })
+            .collect()
+    }
+}
+
+/// xorshift64*: a value in [-1, 1).
+#[allow(dead_code)]
+pub fn next_uniform(state: &mut u64) -> f32 {
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    let r = state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40;
+    r as f32 / (1u64 << 23) as f32 - 1.0
+}
