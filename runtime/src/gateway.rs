@@ -281,7 +281,7 @@ impl Gateway {
             None => {}
         }
 
-        let manifest = Arc::new(spec.manifest.clone());
+        let manifest = &entry.manifest;
         let max_bytes = manifest.data_bytes() + MAX_HEADER_BYTES;
         let object = header(h, protocol::HDR_OBJECT).map(str::to_owned);
         let payload: Bytes = match &object {
@@ -317,7 +317,7 @@ impl Gateway {
             tracing::error!(error = %e, "cannot allocate shared memory");
             Refusal(RejectReason::PayloadTooLarge, format!("no shared memory for the update: {e}"))
         })?;
-        stage_update(&manifest, &payload, slot.bytes_mut())
+        stage_update(manifest, &payload, slot.bytes_mut())
             .map_err(|e| Refusal(RejectReason::from(&e), e.to_string()))?;
         self.ctx.metrics.bytes_staged.inc_by(manifest.data_bytes() as u64);
         self.seen.entry((job.clone(), round)).or_default().insert(client.clone(), stream_seq);
@@ -330,7 +330,7 @@ impl Gateway {
             acker: ack.clone(),
             stream_seq,
             object,
-            manifest: Arc::clone(&manifest),
+            manifest: Arc::clone(manifest),
             spec: Arc::clone(spec),
         }))
     }

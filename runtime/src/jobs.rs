@@ -20,6 +20,8 @@ use crate::subjects;
 pub struct JobEntry {
     /// The immutable spec.
     pub spec: Arc<JobSpec>,
+    /// The spec's manifest, shared (built once per job, not per update).
+    pub manifest: Arc<shoal_functions::ModelManifest>,
     /// Latest known state.
     pub state: JobState,
     /// KV revision of `state`.
@@ -49,7 +51,8 @@ impl JobDirectory {
             Some(_) => {}
             None => {
                 if let Some(spec) = spec {
-                    map.insert(job.clone(), JobEntry { spec, state, revision });
+                    let manifest = Arc::new(spec.manifest.clone());
+                    map.insert(job.clone(), JobEntry { spec, manifest, state, revision });
                 }
             }
         }
