@@ -59,7 +59,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::ids::{ClientId, ModelVersion};
 use crate::server_opt::{floats_mut, FloatElem};
-use crate::strategy::{Mergeability, PartialAggregate, Strategy, UpdateView};
+use crate::strategy::{Mergeability, PartialAggregate, Strategy};
 use crate::tensor::{AggregationPolicy, Parameters, TensorData};
 
 // ---------------------------------------------------------------------------------------------
@@ -499,18 +499,6 @@ macro_rules! streaming_fold {
     () => {
         fn mergeability(&self) -> Mergeability {
             Mergeability::Streaming
-        }
-
-        fn fold(&self, partial: &mut PartialAggregate, update: &UpdateView<'_>) -> Result<()> {
-            partial.fold(update)
-        }
-
-        fn fold_batch(&self, partial: &mut PartialAggregate, updates: &[UpdateView<'_>]) -> Result<()> {
-            partial.fold_batch(updates)
-        }
-
-        fn merge(&self, into: &mut PartialAggregate, other: &PartialAggregate) -> Result<()> {
-            into.merge(other)
         }
 
         /// [`AsyncWeighting::fold_weight`] with `staleness` in model versions.

@@ -987,14 +987,6 @@ impl Strategy for Bristle {
         Mergeability::WholeCohort
     }
 
-    fn fold(&self, _partial: &mut PartialAggregate, _update: &UpdateView<'_>) -> Result<()> {
-        Err(Error::NotStreaming("bristle"))
-    }
-
-    fn merge(&self, _into: &mut PartialAggregate, _other: &PartialAggregate) -> Result<()> {
-        Err(Error::NotStreaming("bristle"))
-    }
-
     fn finish(&mut self, _partial: &PartialAggregate, _global: &Parameters) -> Result<Parameters> {
         Err(Error::NotStreaming("bristle"))
     }

@@ -17,7 +17,7 @@
 
 use crate::error::{Error, Result};
 use crate::spec::UpdateKind;
-use crate::strategy::{Mergeability, PartialAggregate, Strategy, UpdateView};
+use crate::strategy::{Mergeability, PartialAggregate, Strategy};
 use crate::tensor::{AggregationPolicy, Parameters};
 
 /// Federated averaging.
@@ -48,18 +48,6 @@ impl Strategy for FedAvg {
 
     fn mergeability(&self) -> Mergeability {
         Mergeability::Streaming
-    }
-
-    fn fold(&self, partial: &mut PartialAggregate, update: &UpdateView<'_>) -> Result<()> {
-        partial.fold(update)
-    }
-
-    fn fold_batch(&self, partial: &mut PartialAggregate, updates: &[UpdateView<'_>]) -> Result<()> {
-        partial.fold_batch(updates)
-    }
-
-    fn merge(&self, into: &mut PartialAggregate, other: &PartialAggregate) -> Result<()> {
-        into.merge(other)
     }
 
     fn finish(&mut self, partial: &PartialAggregate, global: &Parameters) -> Result<Parameters> {

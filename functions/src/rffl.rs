@@ -943,14 +943,6 @@ impl Strategy for Rffl {
         Mergeability::WholeCohort
     }
 
-    fn fold(&self, _partial: &mut PartialAggregate, _update: &UpdateView<'_>) -> Result<()> {
-        Err(Error::NotStreaming("rffl"))
-    }
-
-    fn merge(&self, _into: &mut PartialAggregate, _other: &PartialAggregate) -> Result<()> {
-        Err(Error::NotStreaming("rffl"))
-    }
-
     fn finish(&mut self, _partial: &PartialAggregate, _global: &Parameters) -> Result<Parameters> {
         Err(Error::NotStreaming("rffl"))
     }

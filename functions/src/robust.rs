@@ -409,14 +409,6 @@ macro_rules! whole_cohort_strategy {
                 Mergeability::WholeCohort
             }
 
-            fn fold(&self, _: &mut PartialAggregate, _: &UpdateView<'_>) -> Result<()> {
-                Err(Error::NotStreaming(self.name()))
-            }
-
-            fn merge(&self, _: &mut PartialAggregate, _: &PartialAggregate) -> Result<()> {
-                Err(Error::NotStreaming(self.name()))
-            }
-
             fn finish(&mut self, _: &PartialAggregate, _: &Parameters) -> Result<Parameters> {
                 Err(Error::NotStreaming(self.name()))
             }

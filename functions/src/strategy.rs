@@ -262,29 +262,40 @@ pub trait Strategy: Send + fmt::Debug {
         None
     }
 
-    /// Folds one update into `partial` (streaming strategies).
+    /// Folds one update into `partial` with the manifest's per-tensor policies (the default,
+    /// which every streaming strategy uses: strategies differ in their weights and `finish`).
     ///
     /// # Errors
     /// [`Error::NotStreaming`] for whole-cohort strategies; input errors as
     /// [`PartialAggregate::fold`].
-    fn fold(&self, partial: &mut PartialAggregate, update: &UpdateView<'_>) -> Result<()>;
+    fn fold(&self, partial: &mut PartialAggregate, update: &UpdateView<'_>) -> Result<()> {
+        if self.mergeability() == Mergeability::WholeCohort {
+            return Err(Error::NotStreaming(self.name()));
+        }
+        partial.fold(update)
+    }
 
-    /// Folds several updates at once (defaults to the tiled batch fold of the partial).
+    /// Folds several updates at once (the tiled batch fold of the partial).
     ///
     /// # Errors
     /// As [`Self::fold`].
     fn fold_batch(&self, partial: &mut PartialAggregate, updates: &[UpdateView<'_>]) -> Result<()> {
-        for u in updates {
-            self.fold(partial, u)?;
+        if self.mergeability() == Mergeability::WholeCohort {
+            return Err(Error::NotStreaming(self.name()));
         }
-        Ok(())
+        partial.fold_batch(updates)
     }
 
     /// Merges two partials of the same round (associative and commutative).
     ///
     /// # Errors
     /// [`Error::NotStreaming`] for whole-cohort strategies; [`Error::ManifestMismatch`].
-    fn merge(&self, into: &mut PartialAggregate, other: &PartialAggregate) -> Result<()>;
+    fn merge(&self, into: &mut PartialAggregate, other: &PartialAggregate) -> Result<()> {
+        if self.mergeability() == Mergeability::WholeCohort {
+            return Err(Error::NotStreaming(self.name()));
+        }
+        into.merge(other)
+    }
 
     /// Turns the round's merged partial into the next global model (the server step).
     ///
