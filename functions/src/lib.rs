@@ -44,6 +44,6 @@ pub mod tensor;
 pub use error::{Error, ErrorKind, Result};
 pub use fedavg::FedAvg;
 pub use ids::{ClientId, JobId, ModelVersion, NodeId, RoundId};
-pub use spec::{JobSpec, RoundPolicy, StrategySpec, UpdateKind};
+pub use spec::{JobSpec, RoundPolicy, RoundRule, StrategySpec, UpdateKind};
 pub use strategy::{Mergeability, PartialAggregate, Strategy, UpdateView};
 pub use tensor::{AggregationPolicy, DType, ModelManifest, Parameters, TensorSpec, ValidationError};

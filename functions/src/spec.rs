@@ -220,6 +220,44 @@ pub enum RoundPolicy {
         /// Milliseconds from the round opening to its deadline.
         deadline_ms: u64,
     },
+    /// FedBuff's asynchronous buffer (Nguyen et al. 2022; `algorithms.md` §C.3): a model is
+    /// committed as soon as the strategy's `buffer_size` K updates are buffered, or
+    /// `max_wait_ms` after the buffer opened if it holds at least one (a buffer that never fills
+    /// is flushed, `bug-cases.md` row 25). Updates trained on any of the last `max_staleness`
+    /// versions are folded with the staleness weight s(τ); a buffer that stays empty counts as
+    /// a failed round. Needs the `fedbuff` strategy.
+    Buffered {
+        /// Flush a non-empty buffer this many milliseconds after it opened.
+        max_wait_ms: u64,
+        /// Oldest base version accepted, as versions behind the current model.
+        max_staleness: u64,
+    },
+    /// FedFix's fixed period (Fraboni et al. 2023; `algorithms.md` §C.4): a model is committed
+    /// every `period_ms` with whatever arrived (the strategy's `period_ticks` is this period;
+    /// each client's compute ticks are in the same unit). An empty period commits nothing and
+    /// counts as a failed round. Needs the `fedfix` strategy.
+    Periodic {
+        /// The period Δt, in milliseconds.
+        period_ms: u64,
+        /// Oldest base version accepted, as versions behind the current model.
+        max_staleness: u64,
+    },
+}
+
+/// When a round of a job closes, whatever its [`RoundPolicy`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoundRule {
+    /// Updates that close the round at once (`u32::MAX`: none; only the deadline does).
+    pub cohort_size: u32,
+    /// Updates needed at the deadline to commit (else the round fails).
+    pub min_clients: u32,
+    /// Milliseconds from the opening to the deadline.
+    pub deadline_ms: u64,
+    /// Whether updates of earlier versions are folded with their staleness (asynchronous
+    /// modes) instead of being rejected.
+    pub asynchronous: bool,
+    /// Oldest accepted base version, as versions behind the current model (0 in sync rounds).
+    pub max_staleness: u64,
 }
 
 /// A job: one FL training run. Unknown fields are refused (a typo must not silently fall back
@@ -249,6 +287,10 @@ pub struct JobSpec {
     /// Consecutive failed rounds (quorum not met) after which the job fails (default 5).
     #[serde(default = "default_max_failed")]
     pub max_failed_rounds: u32,
+    /// Leaves per middle aggregator across nodes (DESIGN.md §7); 0 (the default) or 1: every
+    /// node's leaf sends its partial straight to the top.
+    #[serde(default)]
+    pub fan_in: u32,
     /// A server optimizer applied after the strategy (FedAvgM, FedAdam, FedYogi, FedAdagrad;
     /// Reddi et al., ICLR 2021). Integer and non-`mean` tensors are not put through it.
     #[serde(default)]
@@ -285,14 +327,27 @@ impl JobSpec {
     /// # Errors
     /// [`SpecError`] naming the first problem.
     pub fn validate(&self) -> Result<(), SpecError> {
-        let RoundPolicy::Sync { cohort_size, min_clients, deadline_ms } = self.round_policy;
-        if cohort_size == 0 || min_clients == 0 || min_clients > cohort_size {
-            return Err(SpecError(format!(
-                "need 1 <= min_clients ({min_clients}) <= cohort_size ({cohort_size})"
-            )));
+        match (&self.round_policy, &self.strategy) {
+            (&RoundPolicy::Sync { cohort_size, min_clients, .. }, _) => {
+                if cohort_size == 0 || min_clients == 0 || min_clients > cohort_size {
+                    return Err(SpecError(format!(
+                        "need 1 <= min_clients ({min_clients}) <= cohort_size ({cohort_size})"
+                    )));
+                }
+            }
+            (RoundPolicy::Buffered { .. }, StrategySpec::Fedbuff(_)) => {}
+            (RoundPolicy::Periodic { .. }, StrategySpec::Fedfix { .. }) => {}
+            (RoundPolicy::Buffered { .. }, _) => {
+                return Err(SpecError("round_policy mode buffered needs the fedbuff strategy".into()));
+            }
+            (RoundPolicy::Periodic { .. }, _) => {
+                return Err(SpecError("round_policy mode periodic needs the fedfix strategy".into()));
+            }
         }
-        if deadline_ms == 0 {
-            return Err(SpecError("deadline_ms must be positive".into()));
+        if self.round_rule().deadline_ms == 0 {
+            return Err(SpecError(
+                "the round policy's deadline, max_wait_ms or period_ms must be positive".into(),
+            ));
         }
         if self.rounds == 0 {
             return Err(SpecError("rounds must be at least 1".into()));
@@ -307,6 +362,32 @@ impl JobSpec {
             return Err(SpecError("multi-krum needs keep >= 2 (keep = 1 is krum)".into()));
         }
         self.build_strategy().map(drop)
+    }
+
+    /// When this job's rounds close.
+    pub fn round_rule(&self) -> RoundRule {
+        match self.round_policy {
+            RoundPolicy::Sync { cohort_size, min_clients, deadline_ms } => {
+                RoundRule { cohort_size, min_clients, deadline_ms, asynchronous: false, max_staleness: 0 }
+            }
+            RoundPolicy::Buffered { max_wait_ms, max_staleness } => RoundRule {
+                cohort_size: match &self.strategy {
+                    StrategySpec::Fedbuff(f) => f.buffer_size,
+                    _ => u32::MAX,
+                },
+                min_clients: 1,
+                deadline_ms: max_wait_ms,
+                asynchronous: true,
+                max_staleness,
+            },
+            RoundPolicy::Periodic { period_ms, max_staleness } => RoundRule {
+                cohort_size: u32::MAX,
+                min_clients: 1,
+                deadline_ms: period_ms,
+                asynchronous: true,
+                max_staleness,
+            },
+        }
     }
 
     /// Builds the strategy object (wrapped in the server optimizer, if any).
@@ -325,8 +406,7 @@ impl JobSpec {
     pub fn build_strategy_with(&self, plugins: StrategyPlugins) -> Result<Box<dyn Strategy>, SpecError> {
         use crate::{asynchronous, bristle, rffl, robust, server_opt};
         let bad = |e: &dyn std::fmt::Display| SpecError(format!("strategy: {e}"));
-        let RoundPolicy::Sync { min_clients, .. } = self.round_policy;
-        let n = min_clients as usize;
+        let n = self.round_rule().min_clients as usize;
         let inner: Box<dyn Strategy> = match &self.strategy {
             &StrategySpec::Fedavg { server_learning_rate } => {
                 if !(server_learning_rate.is_finite() && server_learning_rate > 0.0) {

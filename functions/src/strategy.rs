@@ -127,6 +127,42 @@ impl PartialAggregate {
         &self.values[s.elem_offset..s.elem_offset + s.numel]
     }
 
+    /// Every accumulator, tensor after tensor in manifest order (`numel` f64; `max` tensors
+    /// start at −∞, `skip` tensors stay 0).
+    pub fn values(&self) -> &[f64] {
+        &self.values
+    }
+
+    /// The client whose values a `first` tensor holds, per tensor (`None` for other policies
+    /// and for an empty partial).
+    pub fn first_owners(&self) -> &[Option<ClientId>] {
+        &self.first_owner
+    }
+
+    /// Rebuilds a partial from its parts (the inverse of [`Self::values`],
+    /// [`Self::first_owners`], [`Self::total_weight`], [`Self::count`], [`Self::clients`]), e.g.
+    /// after it crossed nodes.
+    ///
+    /// # Errors
+    /// [`Error::ManifestMismatch`] when the lengths do not fit `manifest`;
+    /// [`Error::InvalidWeight`] for a negative or non-finite total weight.
+    pub fn from_parts(
+        manifest: Arc<ModelManifest>,
+        values: Vec<f64>,
+        first_owner: Vec<Option<ClientId>>,
+        total_weight: f64,
+        count: u64,
+        clients: Vec<ClientId>,
+    ) -> Result<PartialAggregate> {
+        if values.len() != manifest.numel() || first_owner.len() != manifest.tensors().len() {
+            return Err(Error::ManifestMismatch("partial aggregate parts do not fit the manifest"));
+        }
+        if !(total_weight.is_finite() && total_weight >= 0.0) {
+            return Err(Error::InvalidWeight(total_weight));
+        }
+        Ok(PartialAggregate { manifest, values, first_owner, total_weight, count, clients })
+    }
+
     pub(crate) fn check_manifest(&self, m: &ModelManifest) -> Result<()> {
         if std::ptr::eq(&*self.manifest, m) || *self.manifest == *m {
             Ok(())
