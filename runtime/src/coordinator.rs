@@ -1,96 +1,163 @@
-//! The round coordinator of one job (the top of the hierarchy on a single node): opens rounds,
-//! closes them when the cohort is complete or at the deadline, applies the strategy's server
-//! step, commits, and only then acks the round's updates.
+//! The top of a job's hierarchy: opens rounds, closes them when the cohort is complete (summing
+//! the leaves' progress) or at the deadline, collects the leaves' partials
+//! ([`crate::hierarchy`]), applies the strategy's server step and commits. One node per job
+//! runs it: the holder of the job's top lease (`crate::lease`).
 //!
 //! Commit order (DESIGN.md §2, step 6): model version `v+1` into `shoal-models` (idempotent),
-//! job state by compare-and-set on its KV revision, `RoundClosed`/`RoundOpened` events, then the
-//! acks. A crash before the compare-and-set loses nothing (the updates are un-acked and
-//! redelivered; the same model is rebuilt and rewritten); a crash after it applies nothing twice
-//! (redelivered updates are for a closed round and are rejected as `LateUpdate`).
+//! job state by compare-and-set on its KV revision (with the [`CommitRecord`] naming the
+//! collection), `RoundClosed`/`RoundOpened` events; each leaf then acks the updates of its
+//! snapshot. A crash before the compare-and-set loses nothing (the updates are un-acked; the
+//! next top collects them again); a crash after it applies nothing twice (leaves ack exactly
+//! what the record names; redeliveries are for a closed round).
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use actix::Addr;
 use bytes::Bytes;
 use futures::StreamExt;
 use shoal_functions::spec::StrategyPlugins;
-use shoal_functions::{JobId, JobSpec, Mergeability, ModelManifest, Parameters, RoundPolicy, UpdateView};
-use tokio::sync::mpsc;
+use shoal_functions::{
+    JobId, JobSpec, Mergeability, ModelManifest, NodeId, Parameters, PartialAggregate, RoundId, UpdateView,
+};
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use crate::error::{Error, Result};
-use crate::host::{CloseRound, FunctionHost, RegisterJob, RoundHarvest, RoundProgress};
+use crate::hierarchy::{self, LocalLinks, Partial};
 use crate::infra::Infra;
 use crate::jobs::{self, CasOutcome, JobDirectory};
+use crate::lease;
 use crate::metrics::{Metrics, OutcomeLabel};
-use crate::protocol::{self, now_ms, JobPhase, JobState, RoundEvent, RoundOutcome};
+use crate::protocol::{
+    self, now_ms, CollectRequest, CommitRecord, JobPhase, JobState, LeafProgress, RoundEvent, RoundOutcome,
+};
 
-/// Everything a coordinator needs.
+/// Everything a top needs.
 #[derive(Clone, Debug)]
 pub struct CoordinatorContext {
     /// NATS handles.
     pub infra: Infra,
     /// Shared job view.
     pub directory: JobDirectory,
-    /// The function host.
-    pub host: Addr<FunctionHost>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
-    /// Node shutdown.
+    /// Stops this top (node shutdown, or the top lease lost).
     pub cancel: CancellationToken,
     /// Job-specific strategy pieces (e.g. Bristle's per-class evaluator), if the embedding
     /// application supplies them.
     pub plugins: Option<Arc<dyn PluginFactory>>,
-    /// After a (re)start, a round whose deadline already passed stays open this long, so
-    /// updates staged before a crash are redelivered before it is judged.
+    /// After taking over an open round, the top waits this long before judging it, so that
+    /// updates a dead node held are redelivered to the live ones first.
     pub startup_grace: Duration,
+    /// This node.
+    pub node: NodeId,
+    /// In-process links from this node's leaves.
+    pub local: LocalLinks,
+    /// How long to wait for the leaves' partials before asking again.
+    pub collect_timeout: Duration,
 }
 
 /// Supplies [`StrategyPlugins`] for a job: an application embedding a node (the demo, a
 /// deployment with a server-held validation split) implements it to give Bristle a per-class
-/// evaluator. Called once per job when its coordinator starts.
+/// evaluator. Called once per job when its top starts.
 pub trait PluginFactory: Send + Sync + std::fmt::Debug {
     /// The pieces for `spec`'s strategy (`StrategyPlugins::default()` for none).
     fn plugins(&self, spec: &JobSpec) -> StrategyPlugins;
 }
 
-/// Runs job `job` until it finishes, fails, or the node shuts down.
+/// Competes for the top lease of `job` and runs the top while holding it, until the job ends or
+/// the node shuts down.
+///
+/// # Errors
+/// Persistent NATS errors.
+pub async fn run_top(ctx: CoordinatorContext, job: JobId) -> Result<()> {
+    let instance = rand::random::<u64>();
+    let key = crate::subjects::top_lease_key(&job);
+    loop {
+        if ctx.cancel.is_cancelled() {
+            return Ok(());
+        }
+        if ctx.directory.get(&job).is_some_and(|e| e.state.phase != JobPhase::Running) {
+            return Ok(());
+        }
+        match lease::try_acquire(&ctx.infra, &key, &ctx.node, instance).await? {
+            lease::Attempt::HeldBy(holder) => {
+                ctx.directory.set_top(&job, Some(holder.node));
+                tokio::select! {
+                    _ = ctx.cancel.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(lease::RENEW) => continue,
+                }
+            }
+            lease::Attempt::Acquired(held) => {
+                ctx.directory.set_top(&job, Some(ctx.node.clone()));
+                tracing::info!(%job, node = %ctx.node, "this node is the job's top");
+                let stop = CancellationToken::new();
+                let lost = ctx.cancel.child_token();
+                let keeper = tokio::spawn(lease::keep(ctx.infra.clone(), held, stop.clone(), lost.clone()));
+                let gauge = ctx.metrics.tier("top");
+                gauge.inc();
+                let mut top_ctx = ctx.clone();
+                top_ctx.cancel = lost.clone();
+                let result = run(top_ctx, job.clone()).await;
+                gauge.dec();
+                ctx.local.unregister(&job);
+                stop.cancel();
+                let _ = keeper.await;
+                ctx.directory.set_top(&job, None);
+                result?;
+                if lost.is_cancelled() && !ctx.cancel.is_cancelled() {
+                    tracing::warn!(%job, "top lease lost; competing again");
+                    continue;
+                }
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Runs the top of `job` until it finishes, fails, or `ctx.cancel`.
 ///
 /// # Errors
 /// NATS errors that persist, an unreadable spec or model.
 pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
     let spec = Arc::new(jobs::load_spec(&ctx.infra, &job).await?);
     let manifest = Arc::new(spec.manifest.clone());
-    let (tx, mut progress) = mpsc::unbounded_channel();
-    ctx.host
-        .send(RegisterJob { job: job.clone(), progress: tx })
-        .await
-        .map_err(|e| Error::Shm(e.to_string()))?;
+    let mut local = ctx.local.register(&job);
     let plugins = ctx.plugins.as_ref().map(|f| f.plugins(&spec)).unwrap_or_default();
     let mut strategy = spec.build_strategy_with(plugins)?;
     let (mut state, mut revision) = jobs::load_state(&ctx.infra, &job).await?;
     let mut global = load_global(&ctx.infra, &job, &state, &manifest).await?;
-    let RoundPolicy::Sync { cohort_size, min_clients, deadline_ms } = spec.round_policy;
+    let rule = spec.round_rule();
     let mut rewards = ctx
         .infra
         .client
         .subscribe(ctx.infra.subjects.all_rewards(&job))
         .await
         .map_err(|e| Error::nats("subscribe to reward requests", e))?;
-    // A round already open when we start was opened by a process that may have died holding
+    let mut progress = ctx
+        .infra
+        .client
+        .subscribe(ctx.infra.subjects.progress(&job))
+        .await
+        .map_err(|e| Error::nats("subscribe to leaf progress", e))?;
+    let mut partials = ctx
+        .infra
+        .client
+        .subscribe(ctx.infra.subjects.partials_to(&job, &ctx.node))
+        .await
+        .map_err(|e| Error::nats("subscribe to partials", e))?;
+    // A round already open when we start was opened by a top that may have died holding
     // staged updates: give JetStream time to redeliver them before judging the round.
     let mut earliest_close = state.is_open().then(|| tokio::time::Instant::now() + ctx.startup_grace);
 
     while state.phase == JobPhase::Running {
         let round = state.round;
         let span = tracing::info_span!("round", %job, round = round.0);
-        // Open the round if no node has.
+        // Open the round if no top has.
         if !state.is_open() {
             let mut next = state.clone();
             next.opened_at_ms = now_ms();
-            next.deadline_at_ms = next.opened_at_ms + deadline_ms;
+            next.deadline_at_ms = next.opened_at_ms + rule.deadline_ms;
             match jobs::cas_state(&ctx.infra, &job, &next, revision).await? {
                 CasOutcome::Written(rev) => {
                     state = next;
@@ -116,12 +183,13 @@ pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
             }
         }
 
-        // Wait for the cohort or the deadline.
+        // Wait for the cohort (the sum of the leaves' progress) or the deadline.
         let remaining = Duration::from_millis(state.deadline_at_ms.saturating_sub(now_ms()));
         let mut deadline = tokio::time::Instant::now() + remaining;
         if let Some(t) = earliest_close.take() {
             deadline = deadline.max(t);
         }
+        let mut per_node: HashMap<NodeId, u32> = HashMap::new();
         loop {
             tokio::select! {
                 _ = ctx.cancel.cancelled() => return Ok(()),
@@ -130,35 +198,40 @@ pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
                     let reward = reward_bytes(&*strategy, &req);
                     answer_reward(&ctx.infra, req, reward).await;
                 }
-                p = progress.recv() => match p.inspect(|p| tracing::trace!(?p, "round progress")) {
-                    Some(RoundProgress { round: r, accepted }) if r == round && accepted >= cohort_size => break,
-                    Some(_) => {}
-                    None => return Ok(()),
-                },
+                Some(m) = progress.next() => {
+                    let Ok(p) = protocol::decode::<LeafProgress>("leaf progress", &m.payload) else { continue };
+                    if p.round == round {
+                        per_node.insert(p.node, p.accepted);
+                        if per_node.values().map(|&n| u64::from(n)).sum::<u64>() >= u64::from(rule.cohort_size) {
+                            break;
+                        }
+                    }
+                }
             }
         }
 
-        let harvest = ctx
-            .host
-            .send(CloseRound { job: job.clone(), round })
-            .await
-            .map_err(|e| Error::Shm(format!("function host gone: {e}")))?;
-        let accepted = harvest.held.len() as u32;
+        let Some(collected) = collect(&ctx, &job, &manifest, &mut local, &mut partials, round).await? else {
+            return Ok(()); // cancelled
+        };
+        let accepted = collected.count as u32;
         let next_version = state.model_version.next();
         // The server step is CPU-bound (a whole-cohort strategy reads every staged update):
-        // run it on a blocking thread, handing strategy, model and harvest over and back.
-        let (s, g, h, outcome, new_global) = tokio::task::spawn_blocking(move || {
-            let (mut strategy, global, harvest) = (strategy, global, harvest);
+        // run it on a blocking thread, handing strategy, model and partials over and back.
+        let min_clients = rule.min_clients;
+        let (s, g, c, outcome, new_global) = tokio::task::spawn_blocking(move || {
+            let (mut strategy, global, collected) = (strategy, global, collected);
             let (outcome, new_global) =
-                close_outcome(&mut *strategy, &harvest, &global, accepted, min_clients, next_version);
-            (strategy, global, harvest, outcome, new_global)
+                close_outcome(&mut *strategy, &collected, &global, accepted, min_clients, next_version);
+            (strategy, global, collected, outcome, new_global)
         })
         .await
         .map_err(|e| Error::Shm(format!("server step panicked: {e}")))?;
         (strategy, global) = (s, g);
-        let harvest = h;
+        let collected = c;
         let mut next = state.clone();
         next.last_outcome = Some(outcome.clone());
+        next.last_commit =
+            Some(CommitRecord { round, collect: collected.collect, nodes: collected.nodes.clone() });
         next.round = round.next();
         next.opened_at_ms = 0;
         next.deadline_at_ms = 0;
@@ -178,12 +251,15 @@ pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
             };
             next.round = round;
         }
+        if ctx.cancel.is_cancelled() {
+            return Ok(()); // the lease was lost meanwhile: leave the commit to the new top
+        }
         match jobs::cas_state(&ctx.infra, &job, &next, revision).await? {
             CasOutcome::Written(rev) => {
                 revision = rev;
             }
             CasOutcome::Conflict => {
-                // Another committer won; our harvest stays un-acked and is redelivered to it.
+                // Another committer won; the leaves settle by its record.
                 span.in_scope(|| tracing::warn!("job state changed under us; reloading"));
                 (state, revision) = jobs::load_state(&ctx.infra, &job).await?;
                 global = load_global(&ctx.infra, &job, &state, &manifest).await?;
@@ -198,8 +274,9 @@ pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
             RoundOutcome::AggregationFailed { .. } => "aggregation_failed",
         };
         ctx.metrics.rounds.get_or_create(&OutcomeLabel { outcome: label }).inc();
-        if let (Some(t), RoundOutcome::Committed { .. }) = (harvest.last_fold, &outcome) {
-            ctx.metrics.round_latency.observe(t.elapsed().as_secs_f64());
+        if let (true, RoundOutcome::Committed { .. }) = (collected.last_fold_ms > 0, &outcome) {
+            let ms = now_ms().saturating_sub(collected.last_fold_ms);
+            ctx.metrics.round_latency.observe(ms as f64 / 1000.0);
         }
         publish_event(
             &ctx.infra,
@@ -207,7 +284,7 @@ pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
             &RoundEvent::RoundClosed { job: job.clone(), round, outcome: outcome.clone() },
         )
         .await;
-        span.in_scope(|| tracing::info!(?outcome, "round closed"));
+        span.in_scope(|| tracing::info!(%outcome, nodes = collected.nodes.len(), "round closed"));
         if state.phase != JobPhase::Running {
             publish_event(
                 &ctx.infra,
@@ -217,7 +294,7 @@ pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
             .await;
             tracing::info!(%job, phase = %state.phase, "job ended");
         }
-        ack_round(&ctx.infra, harvest).instrument(span).await;
+        drop(collected); // releases the whole-cohort slots to their leaves
         if let Some(p) = new_global {
             global = p;
         }
@@ -225,9 +302,118 @@ pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
     Ok(())
 }
 
+/// What the leaves sent for one round.
+#[derive(Debug)]
+struct Collected {
+    collect: u64,
+    nodes: Vec<NodeId>,
+    partial: Option<PartialAggregate>,
+    cohort: Vec<hierarchy::CohortMember>,
+    count: u64,
+    last_fold_ms: u64,
+}
+
+/// Asks every live node for its partial of `round` and merges the answers; asks again (a new
+/// collection) when a live node does not answer within the timeout, and gives up on nodes that
+/// are no longer live. `Ok(None)`: cancelled.
+async fn collect(
+    ctx: &CoordinatorContext,
+    job: &JobId,
+    manifest: &Arc<ModelManifest>,
+    local: &mut tokio::sync::mpsc::UnboundedReceiver<Partial>,
+    remote: &mut async_nats::Subscriber,
+    round: RoundId,
+) -> Result<Option<Collected>> {
+    let fan_in = ctx.directory.get(job).map_or(0, |e| e.spec.fan_in);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let mut nodes = lease::live_nodes(&ctx.infra).await?;
+        if !nodes.contains(&ctx.node) {
+            nodes.push(ctx.node.clone());
+            nodes.sort();
+        }
+        let req = CollectRequest {
+            round,
+            collect: rand::random::<u64>(),
+            top: ctx.node.clone(),
+            nodes: nodes.clone(),
+            fan_in,
+        };
+        ctx.infra
+            .client
+            .publish(ctx.infra.subjects.collect(job), Bytes::from(protocol::encode(&req)))
+            .await
+            .map_err(|e| Error::nats("publish collect request", e))?;
+        let mut got = Collected {
+            collect: req.collect,
+            nodes: Vec::new(),
+            partial: None,
+            cohort: Vec::new(),
+            count: 0,
+            last_fold_ms: 0,
+        };
+        let deadline = tokio::time::Instant::now() + ctx.collect_timeout;
+        while !nodes.iter().all(|n| got.nodes.contains(n)) {
+            let p = tokio::select! {
+                _ = ctx.cancel.cancelled() => return Ok(None),
+                _ = tokio::time::sleep_until(deadline) => break,
+                Some(p) = local.recv() => p,
+                Some(m) = remote.next() => match hierarchy::receive_remote(&ctx.infra, manifest, &m).await {
+                    Ok((h, p, bytes)) => {
+                        ctx.metrics.partial_bytes_received.inc_by(bytes);
+                        Partial {
+                            sender: h.sender,
+                            collect: h.collect,
+                            nodes: h.nodes,
+                            partial: p.map(Arc::new),
+                            cohort: Vec::new(),
+                            count: h.count,
+                            last_fold_ms: h.last_fold_ms,
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(%job, error = %e, "malformed partial ignored");
+                        continue;
+                    }
+                },
+            };
+            if p.collect != req.collect || p.nodes.iter().any(|n| got.nodes.contains(n)) {
+                continue; // an answer to an earlier collection, or a duplicate
+            }
+            if let Some(pa) = p.partial {
+                // Streaming strategies all merge by the partial's own rule (sums add, maxima
+                // max, the lowest client's `first` values win).
+                match &mut got.partial {
+                    None => got.partial = Some(Arc::unwrap_or_clone(pa)),
+                    Some(acc) => acc.merge(&pa)?,
+                }
+            }
+            got.cohort.extend(p.cohort);
+            got.nodes.extend(p.nodes);
+            got.count += p.count;
+            got.last_fold_ms = got.last_fold_ms.max(p.last_fold_ms);
+        }
+        let missing: Vec<&NodeId> = nodes.iter().filter(|n| !got.nodes.contains(n)).collect();
+        if missing.is_empty() {
+            return Ok(Some(got));
+        }
+        let live = lease::live_nodes(&ctx.infra).await?;
+        let missing_live = missing.iter().any(|n| live.contains(n));
+        if !missing_live || attempt >= 3 {
+            tracing::warn!(
+                %job, %round, ?missing, attempt,
+                "closing the round without the partials of these nodes (their updates are late)"
+            );
+            return Ok(Some(got));
+        }
+        tracing::info!(%job, %round, ?missing, "partials missing; collecting again");
+    }
+}
+
 fn close_outcome(
     strategy: &mut dyn shoal_functions::Strategy,
-    harvest: &RoundHarvest,
+    collected: &Collected,
     global: &Parameters,
     accepted: u32,
     min_clients: u32,
@@ -236,28 +422,27 @@ fn close_outcome(
     if accepted < min_clients {
         return (RoundOutcome::QuorumNotMet { accepted, min_clients }, None);
     }
-    let total_weight: f64 = harvest.held.iter().map(|h| h.weight).sum();
     let result = match strategy.mergeability() {
-        Mergeability::Streaming => match &harvest.partial {
-            Some(partial) => strategy.finish(partial, global),
+        Mergeability::Streaming => match &collected.partial {
+            Some(partial) => strategy.finish(partial, global).map(|p| (p, partial.total_weight())),
             None => return (RoundOutcome::QuorumNotMet { accepted, min_clients }, None),
         },
         Mergeability::WholeCohort => {
             // The cohort is read in place from shared memory: no update is copied.
             let manifest = global.manifest();
-            let views: Vec<UpdateView<'_>> = harvest
-                .held
+            let views: Vec<UpdateView<'_>> = collected
+                .cohort
                 .iter()
-                .filter_map(|h| {
-                    let slot = h.slot.as_ref()?;
-                    Some(UpdateView { manifest, bytes: slot.bytes(), weight: h.weight, client: &h.client })
-                })
+                .map(|m| UpdateView { manifest, bytes: m.slot.bytes(), weight: m.weight, client: &m.client })
                 .collect();
-            strategy.aggregate_cohort(&views, global)
+            let total: f64 = views.iter().map(|v| v.weight).sum();
+            strategy.aggregate_cohort(&views, global).map(|p| (p, total))
         }
     };
     match result {
-        Ok(p) => (RoundOutcome::Committed { version, clients: accepted, total_weight }, Some(p)),
+        Ok((p, total_weight)) => {
+            (RoundOutcome::Committed { version, clients: accepted, total_weight }, Some(p))
+        }
         Err(e) => (RoundOutcome::AggregationFailed { detail: e.to_string() }, None),
     }
 }
@@ -321,21 +506,4 @@ async fn publish_event(infra: &Infra, job: &JobId, event: &RoundEvent) {
     if let Err(e) = infra.client.publish(subject, Bytes::from(protocol::encode(event))).await {
         tracing::warn!(error = %e, "publishing a round event failed (clients also watch the job state)");
     }
-}
-
-async fn ack_round(infra: &Infra, harvest: RoundHarvest) {
-    let started = Instant::now();
-    let n = harvest.held.len();
-    for h in harvest.held {
-        h.acker.ack().await;
-        if let Some(obj) = h.object {
-            if let Err(e) = infra.update_objects.delete(&obj).await {
-                tracing::debug!(object = %obj, error = %e, "deleting a consumed update object failed");
-            }
-        }
-    }
-    if let Err(e) = infra.client.flush().await {
-        tracing::warn!(error = %e, "flushing acks failed; JetStream may redeliver (rejected as late)");
-    }
-    tracing::debug!(acked = n, elapsed_us = started.elapsed().as_micros() as u64, "round acked");
 }

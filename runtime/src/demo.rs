@@ -473,6 +473,7 @@ async fn run_experiment(
         rounds: a.rounds,
         max_num_examples: 1_000_000,
         max_failed_rounds: 3,
+        fan_in: 0,
         server_optimizer: choice.optimizer,
     };
     let client = &env.client;

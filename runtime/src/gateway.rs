@@ -68,6 +68,8 @@ pub struct GatewayContext {
     pub rejector: Rejector,
     /// Configuration.
     pub config: GatewayConfig,
+    /// This node.
+    pub node: shoal_functions::NodeId,
 }
 
 struct Gateway {
@@ -234,7 +236,42 @@ impl Gateway {
         if state.phase != JobPhase::Running {
             return Err(Refusal(RejectReason::JobNotRunning, format!("job {job} is {}", state.phase)));
         }
-        if round < state.round {
+        if spec.strategy.is_whole_cohort() && self.ctx.directory.top(job).as_ref() != Some(&self.ctx.node) {
+            // Whole-cohort strategies aggregate on the top's node (see `hierarchy`): leave the
+            // update to that node's gateway.
+            ack.nak(Duration::from_millis(100)).await;
+            return Ok(None);
+        }
+        let rule = spec.round_rule();
+        let staleness = if rule.asynchronous {
+            // Asynchronous modes: an update for any round up to the open one is folded into the
+            // open buffer, weighted by how many versions behind its base is.
+            if round > state.round || !state.is_open() {
+                ack.nak(Duration::from_millis(100)).await;
+                return Ok(None);
+            }
+            let current = state.model_version.0;
+            if base > current {
+                return Err(Refusal(
+                    RejectReason::WrongBaseVersion,
+                    format!("trained from version {base}, newer than the current {current}"),
+                ));
+            }
+            if current - base > rule.max_staleness {
+                return Err(Refusal(
+                    RejectReason::LateUpdate,
+                    format!(
+                        "trained from version {base}, {} versions behind; the job accepts {}",
+                        current - base,
+                        rule.max_staleness
+                    ),
+                ));
+            }
+            current - base
+        } else {
+            0
+        };
+        if !rule.asynchronous && round < state.round {
             return Err(Refusal(
                 RejectReason::LateUpdate,
                 format!("round {round} closed; round {} is open", state.round),
@@ -251,7 +288,7 @@ impl Gateway {
                 format!("round {round} is not open; round {} is", state.round),
             ));
         }
-        if base != state.model_version.0 {
+        if !rule.asynchronous && base != state.model_version.0 {
             return Err(Refusal(
                 RejectReason::WrongBaseVersion,
                 format!("trained from version {base}; round {round} trains from {}", state.model_version),
@@ -270,7 +307,10 @@ impl Gateway {
             ));
         }
         self.seen.retain(|(j, r), _| j != job || *r >= state.round);
-        match self.seen.get(&(job.clone(), round)).and_then(|m| m.get(client)) {
+        // Asynchronous modes key by the buffer the update goes to: one handed back for the next
+        // buffer comes again with the same stream sequence and must be staged again.
+        let seen_round = if rule.asynchronous { state.round } else { round };
+        match self.seen.get(&(job.clone(), seen_round)).and_then(|m| m.get(client)) {
             Some(&seq) if seq == stream_seq => return Ok(None), // redelivery of a message we hold
             Some(_) => {
                 return Err(Refusal(
@@ -320,10 +360,14 @@ impl Gateway {
         stage_update(manifest, &payload, slot.bytes_mut())
             .map_err(|e| Refusal(RejectReason::from(&e), e.to_string()))?;
         self.ctx.metrics.bytes_staged.inc_by(manifest.data_bytes() as u64);
-        self.seen.entry((job.clone(), round)).or_default().insert(client.clone(), stream_seq);
+        self.seen.entry((job.clone(), seen_round)).or_default().insert(client.clone(), stream_seq);
         Ok(Some(Staged {
             job: job.clone(),
-            round,
+            round: state.round,
+            staleness,
+            asynchronous: rule.asynchronous,
+            received: std::time::Instant::now(),
+            start: None,
             client: client.clone(),
             weight: num_examples as f64,
             slot,

@@ -51,6 +51,24 @@ pub struct Staged {
     pub spec: Arc<JobSpec>,
     /// The job's manifest (shared).
     pub manifest: Arc<ModelManifest>,
+    /// Model versions between the update's base and the current model (0 in sync rounds).
+    pub staleness: u64,
+    /// Whether the job runs an asynchronous mode: an update that misses its round is handed
+    /// back to JetStream for the next one instead of being rejected as late.
+    pub asynchronous: bool,
+    /// When the gateway handed it over (cold-start and warm-reuse timing).
+    pub received: Instant,
+    /// Set by the host when this update started or woke an aggregator.
+    pub start: Option<StartKind>,
+}
+
+/// How an update found its aggregator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartKind {
+    /// A new actor was started for it.
+    Cold,
+    /// An idle actor of the same job was reused.
+    Warm,
 }
 
 /// An update folded into a round, waiting for the commit to be acked.
@@ -66,7 +84,9 @@ pub struct Held {
     pub weight: f64,
     /// The staged bytes, kept for whole-cohort strategies (median, Krum, RFFL, ...), which read
     /// them in place at the close; `None` once a streaming strategy has folded them.
-    pub slot: Option<Slot>,
+    pub slot: Option<Arc<Slot>>,
+    /// Whether the job runs an asynchronous mode (see [`Staged::asynchronous`]).
+    pub asynchronous: bool,
 }
 
 /// What a closed round hands to the coordinator.
@@ -80,12 +100,12 @@ pub struct RoundHarvest {
     pub last_fold: Option<Instant>,
 }
 
-/// Progress of an open round, sent to the job's coordinator after each fold.
+/// Progress of an open round on this node, sent to the job's leaf agent after each fold.
 #[derive(Debug, Clone, Copy)]
 pub struct RoundProgress {
     /// Round.
     pub round: RoundId,
-    /// Updates folded so far.
+    /// Updates accepted for the round on this node so far (across snapshots).
     pub accepted: u32,
 }
 
@@ -96,6 +116,10 @@ pub struct HostConfig {
     pub idle_timeout: Duration,
     /// Interval of in-progress acks for held messages (under the consumer's ack wait).
     pub progress_interval: Duration,
+    /// Fold each update as it arrives (eager aggregation, the default). When false, a
+    /// streaming aggregator keeps every update staged and folds them all when the round
+    /// closes ("wait for the whole cohort"), the baseline of `shoal bench hierarchy`.
+    pub eager: bool,
 }
 
 /// Registers a job's coordinator to receive [`RoundProgress`].
@@ -108,8 +132,9 @@ pub struct RegisterJob {
     pub progress: mpsc::UnboundedSender<RoundProgress>,
 }
 
-/// Closes (job, round): no more updates are routed to it; returns its harvest once every queued
-/// update is folded.
+/// Takes (job, round)'s harvest once every queued update is folded. With `seal`, the round is
+/// closed on this node: later updates for it are late. Without, it is a snapshot: the round
+/// stays open and later updates start a new harvest.
 #[derive(Debug, Message)]
 #[rtype(result = "RoundHarvest")]
 pub struct CloseRound {
@@ -117,6 +142,8 @@ pub struct CloseRound {
     pub job: JobId,
     /// Round.
     pub round: RoundId,
+    /// Close the round for good.
+    pub seal: bool,
 }
 
 /// Hands every update held by this host back to JetStream (negative ack, redelivery after 1 s)
@@ -145,6 +172,28 @@ pub struct FunctionHost {
     progress: HashMap<JobId, mpsc::UnboundedSender<RoundProgress>>,
     latest: HashMap<JobId, RoundProgress>,
     next_id: u64,
+}
+
+/// An update left an open round for a closed one on the host's way; `Staged::asynchronous`
+/// says whether it is re-staged (handed back) or rejected.
+async fn refuse_late(rejector: Rejector, msg: Staged) {
+    if msg.asynchronous {
+        // Asynchronous modes fold a late update into the next buffer with its staleness:
+        // hand it back so the gateway stages it again against the current model version.
+        msg.acker.nak(Duration::from_millis(50)).await;
+        return;
+    }
+    let detail = format!("round {} closed while the update was being staged", msg.round);
+    rejector
+        .reject(
+            Some(msg.job.as_str()),
+            Some(&msg.client),
+            Some(msg.round),
+            RejectReason::LateUpdate,
+            detail,
+            Some(&msg.acker),
+        )
+        .await;
 }
 
 impl FunctionHost {
@@ -184,42 +233,38 @@ impl Handler<RegisterJob> for FunctionHost {
     }
 }
 
+/// `added` more updates accepted for (job, round) by one aggregator.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 struct Progress {
     job: JobId,
-    progress: RoundProgress,
+    round: RoundId,
+    added: u32,
 }
 
 impl Handler<Progress> for FunctionHost {
     type Result = ();
     fn handle(&mut self, msg: Progress, _: &mut Context<Self>) {
-        if let Some(tx) = self.progress.get(&msg.job) {
-            let _ = tx.send(msg.progress);
+        let latest =
+            self.latest.entry(msg.job.clone()).or_insert(RoundProgress { round: msg.round, accepted: 0 });
+        if latest.round < msg.round {
+            *latest = RoundProgress { round: msg.round, accepted: 0 };
         }
-        self.latest.insert(msg.job, msg.progress);
+        if latest.round == msg.round {
+            latest.accepted += msg.added;
+            if let Some(tx) = self.progress.get(&msg.job) {
+                let _ = tx.send(*latest);
+            }
+        }
     }
 }
 
 impl Handler<Staged> for FunctionHost {
     type Result = ResponseFuture<()>;
 
-    fn handle(&mut self, msg: Staged, ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, mut msg: Staged, ctx: &mut Context<Self>) -> Self::Result {
         if self.closed.get(&msg.job).is_some_and(|&c| msg.round <= c) {
-            let rejector = self.rejector.clone();
-            return Box::pin(async move {
-                let detail = format!("round {} closed while the update was being staged", msg.round);
-                rejector
-                    .reject(
-                        Some(msg.job.as_str()),
-                        Some(&msg.client),
-                        Some(msg.round),
-                        RejectReason::LateUpdate,
-                        detail,
-                        Some(&msg.acker),
-                    )
-                    .await;
-            });
+            return Box::pin(refuse_late(self.rejector.clone(), msg));
         }
         let key = (msg.job.clone(), msg.round);
         let addr = match self.active.get(&key) {
@@ -229,6 +274,7 @@ impl Handler<Staged> for FunctionHost {
                 let (id, addr) = match self.idle.get_mut(&msg.job).and_then(|v| v.pop()) {
                     Some((id, addr)) => {
                         addr.do_send(Reset { round: msg.round });
+                        msg.start = Some(StartKind::Warm);
                         self.metrics.warm_reuses.inc();
                         tracing::debug!(job = %msg.job, round = %msg.round, "aggregator reused (warm)");
                         (id, addr)
@@ -277,8 +323,9 @@ impl Handler<Staged> for FunctionHost {
                             idle_since: None,
                         };
                         let addr = agg.start();
+                        msg.start = Some(StartKind::Cold);
                         self.metrics.cold_starts.inc();
-                        self.metrics.aggregators.inc();
+                        self.metrics.tier("leaf").inc();
                         tracing::debug!(
                             job = %msg.job, round = %msg.round,
                             cold_start_us = started.elapsed().as_micros() as u64,
@@ -303,8 +350,10 @@ impl Handler<CloseRound> for FunctionHost {
     type Result = ResponseFuture<RoundHarvest>;
 
     fn handle(&mut self, msg: CloseRound, _: &mut Context<Self>) -> Self::Result {
-        let closed = self.closed.entry(msg.job.clone()).or_insert(msg.round);
-        *closed = (*closed).max(msg.round);
+        if msg.seal {
+            let closed = self.closed.entry(msg.job.clone()).or_insert(msg.round);
+            *closed = (*closed).max(msg.round);
+        }
         match self.active.remove(&(msg.job.clone(), msg.round)) {
             None => Box::pin(async { RoundHarvest::default() }),
             Some((id, addr)) => {
@@ -351,7 +400,7 @@ impl Handler<AggregatorStopped> for FunctionHost {
         if let Some(v) = self.idle.get_mut(&msg.job) {
             v.retain(|(id, _)| *id != msg.id);
         }
-        self.metrics.aggregators.dec();
+        self.metrics.tier("leaf").dec();
     }
 }
 
@@ -399,7 +448,12 @@ impl Actor for Aggregator {
         ctx.set_mailbox_capacity(MAILBOX);
         ctx.run_interval(self.config.progress_interval, |act, ctx| {
             // Keep the round's messages from being redelivered while it is open.
-            let ackers: Vec<AckHandle> = act.held.iter().map(|h| h.acker.clone()).collect();
+            let ackers: Vec<AckHandle> = act
+                .held
+                .iter()
+                .map(|h| h.acker.clone())
+                .chain(act.pending.iter().map(|s| s.acker.clone()))
+                .collect();
             if !ackers.is_empty() {
                 ctx.spawn(
                     async move {
@@ -429,6 +483,10 @@ impl Aggregator {
             self.maybe_answer_close();
             return;
         }
+        if !self.config.eager && self.closing.is_empty() {
+            // Lazy baseline: keep the updates staged until the round closes.
+            return;
+        }
         let (Some(strategy), mut partial) = (self.strategy.take(), self.partial.take()) else {
             return;
         };
@@ -443,7 +501,7 @@ impl Aggregator {
             let mut views: Vec<UpdateView<'_>> = Vec::with_capacity(batch.len());
             let mut index: Vec<usize> = Vec::with_capacity(batch.len());
             for (i, s) in batch.iter().enumerate() {
-                match strategy.update_weight(&s.client, s.weight as u64, 0) {
+                match strategy.update_weight(&s.client, s.weight as u64, s.staleness) {
                     Ok(w) if w > 0.0 => {
                         views.push(UpdateView {
                             manifest: &manifest,
@@ -482,6 +540,7 @@ impl Aggregator {
             act.strategy = Some(strategy);
             act.partial = Some(partial);
             act.in_fold = false;
+            let before = act.held.len();
             for (i, s) in batch.into_iter().enumerate() {
                 if let Some((_, why)) = failed.iter().find(|(j, _)| *j == i) {
                     let rejector = act.rejector.clone();
@@ -509,15 +568,19 @@ impl Aggregator {
                         object: s.object,
                         weight: s.weight,
                         slot: None,
+                        asynchronous: s.asynchronous,
                     });
                 }
             }
             act.last_fold = Some(Instant::now());
             tracing::trace!(job = %act.job, round = act.round.0, accepted = act.held.len(), "folded");
-            act.host.do_send(Progress {
-                job: act.job.clone(),
-                progress: RoundProgress { round: act.round, accepted: act.held.len() as u32 },
-            });
+            if act.config.eager {
+                act.host.do_send(Progress {
+                    job: act.job.clone(),
+                    round: act.round,
+                    added: (act.held.len() - before) as u32,
+                });
+            }
             act.maybe_fold(ctx);
         }));
     }
@@ -546,6 +609,13 @@ impl Handler<Staged> for Aggregator {
     type Result = ();
     fn handle(&mut self, msg: Staged, ctx: &mut Context<Self>) {
         self.metrics.updates_staged.inc();
+        if let Some(kind) = msg.start {
+            let us = msg.received.elapsed().as_secs_f64();
+            match kind {
+                StartKind::Cold => self.metrics.cold_start_seconds.observe(us),
+                StartKind::Warm => self.metrics.warm_reuse_seconds.observe(us),
+            }
+        }
         if self.whole_cohort {
             // Whole-cohort strategies need every update at once: keep the bytes in shared memory
             // (never copied) and hand them to the coordinator at the close.
@@ -554,14 +624,17 @@ impl Handler<Staged> for Aggregator {
                 acker: msg.acker,
                 object: msg.object,
                 weight: msg.weight,
-                slot: Some(msg.slot),
+                slot: Some(Arc::new(msg.slot)),
+                asynchronous: msg.asynchronous,
             });
             self.last_fold = Some(Instant::now());
-            self.host.do_send(Progress {
-                job: self.job.clone(),
-                progress: RoundProgress { round: self.round, accepted: self.held.len() as u32 },
-            });
+            self.host.do_send(Progress { job: self.job.clone(), round: self.round, added: 1 });
             return;
+        }
+        if !self.config.eager {
+            // Counted when it arrives: the lazy baseline folds only at the close.
+            self.last_fold = Some(Instant::now());
+            self.host.do_send(Progress { job: self.job.clone(), round: self.round, added: 1 });
         }
         self.pending.push(msg);
         self.maybe_fold(ctx);
@@ -581,10 +654,10 @@ impl Handler<Reset> for Aggregator {
 
 impl Handler<Harvest> for Aggregator {
     type Result = ResponseFuture<RoundHarvest>;
-    fn handle(&mut self, _: Harvest, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, _: Harvest, ctx: &mut Context<Self>) -> Self::Result {
         let (tx, rx) = oneshot::channel();
         self.closing.push(tx);
-        self.maybe_answer_close();
+        self.maybe_fold(ctx);
         Box::pin(async move { rx.await.unwrap_or_default() })
     }
 }

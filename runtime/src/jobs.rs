@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 use crate::infra::Infra;
-use crate::protocol::{self, JobState};
+use crate::protocol::{self, CommitRecord, JobState};
 use crate::subjects;
 
 /// A job as the node knows it.
@@ -28,10 +28,17 @@ pub struct JobEntry {
     pub revision: u64,
 }
 
-/// The node's view of every job, shared by gateway and coordinators.
+/// Commit records kept per job, so a leaf that missed a state revision still finds the record
+/// of the round it holds updates for.
+const COMMIT_HISTORY: usize = 64;
+
+/// The node's view of every job, shared by gateway, leaves and coordinators.
 #[derive(Debug, Clone, Default)]
 pub struct JobDirectory {
     inner: Arc<RwLock<HashMap<JobId, JobEntry>>>,
+    commits: Arc<RwLock<HashMap<JobId, std::collections::VecDeque<CommitRecord>>>>,
+    tops: Arc<RwLock<HashMap<JobId, shoal_functions::NodeId>>>,
+    changed: Arc<tokio::sync::Notify>,
 }
 
 impl JobDirectory {
@@ -40,8 +47,44 @@ impl JobDirectory {
         self.inner.read().unwrap_or_else(|p| p.into_inner()).get(job).cloned()
     }
 
+    /// The record of how `round` of `job` closed, if this node has seen it.
+    pub fn commit_record(&self, job: &JobId, round: shoal_functions::RoundId) -> Option<CommitRecord> {
+        let commits = self.commits.read().unwrap_or_else(|p| p.into_inner());
+        commits.get(job)?.iter().rev().find(|c| c.round == round).cloned()
+    }
+
+    /// Records which node holds `job`'s top lease (`None`: unknown or none).
+    pub fn set_top(&self, job: &JobId, node: Option<shoal_functions::NodeId>) {
+        let mut tops = self.tops.write().unwrap_or_else(|p| p.into_inner());
+        match node {
+            Some(n) => tops.insert(job.clone(), n),
+            None => tops.remove(job),
+        };
+    }
+
+    /// The node last seen holding `job`'s top lease.
+    pub fn top(&self, job: &JobId) -> Option<shoal_functions::NodeId> {
+        self.tops.read().unwrap_or_else(|p| p.into_inner()).get(job).cloned()
+    }
+
+    /// Resolves after the next state change of any job.
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+
     /// Records a state if it is newer than the known one.
     pub fn observe_state(&self, job: &JobId, spec: Option<Arc<JobSpec>>, state: JobState, revision: u64) {
+        if let Some(c) = &state.last_commit {
+            let mut commits = self.commits.write().unwrap_or_else(|p| p.into_inner());
+            let history = commits.entry(job.clone()).or_default();
+            if !history.contains(c) {
+                history.push_back(c.clone());
+                if history.len() > COMMIT_HISTORY {
+                    history.pop_front();
+                }
+            }
+        }
+        self.changed.notify_waiters();
         let mut map = self.inner.write().unwrap_or_else(|p| p.into_inner());
         match map.get_mut(job) {
             Some(e) if e.revision < revision => {

@@ -29,6 +29,13 @@ pub struct OutcomeLabel {
     pub outcome: &'static str,
 }
 
+/// Label set with one aggregation `tier` (`leaf`, `middle`, `top`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TierLabel {
+    /// Bounded tier name.
+    pub tier: &'static str,
+}
+
 /// All node metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -45,10 +52,20 @@ pub struct Metrics {
     pub cold_starts: Counter,
     /// Aggregators reused for a new round.
     pub warm_reuses: Counter,
-    /// Aggregator actors alive.
-    pub aggregators: Gauge,
-    /// Seconds from the last accepted update of a round to its commit.
+    /// Aggregators alive on this node, by tier: leaf actors, middle roles, jobs this node is
+    /// the top of.
+    pub aggregators: Family<TierLabel, Gauge>,
+    /// Seconds from the last accepted update of a round to its commit (observed by the top).
     pub round_latency: Histogram,
+    /// Seconds from an update reaching the function host to a newly started aggregator
+    /// handling it (cold start).
+    pub cold_start_seconds: Histogram,
+    /// As `cold_start_seconds`, for an idle aggregator reused for a new round (warm).
+    pub warm_reuse_seconds: Histogram,
+    /// Bytes of partial aggregates sent to other nodes.
+    pub partial_bytes_sent: Counter,
+    /// Bytes of partial aggregates received from other nodes.
+    pub partial_bytes_received: Counter,
     log_state: Mutex<HashMap<RejectReason, (u64, Instant)>>,
 }
 
@@ -62,8 +79,12 @@ impl Default for Metrics {
             rounds: Family::default(),
             cold_starts: Counter::default(),
             warm_reuses: Counter::default(),
-            aggregators: Gauge::default(),
+            aggregators: Family::default(),
             round_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            cold_start_seconds: Histogram::new(exponential_buckets(1e-6, 2.0, 24)),
+            warm_reuse_seconds: Histogram::new(exponential_buckets(1e-6, 2.0, 24)),
+            partial_bytes_sent: Counter::default(),
+            partial_bytes_received: Counter::default(),
             log_state: Mutex::new(HashMap::new()),
             registry: Registry::default(),
         };
@@ -93,12 +114,35 @@ impl Default for Metrics {
             "Aggregator actors reused for a new round",
             m.warm_reuses.clone(),
         );
-        registry.register("aggregators", "Aggregator actors alive", m.aggregators.clone());
+        registry.register("aggregators", "Aggregators alive on this node, by tier", m.aggregators.clone());
+        registry.register(
+            "aggregator_cold_start_seconds",
+            "Seconds from an update reaching the function host to a new aggregator handling it",
+            m.cold_start_seconds.clone(),
+        );
+        registry.register(
+            "aggregator_warm_reuse_seconds",
+            "Seconds from an update reaching the function host to a reused aggregator handling it",
+            m.warm_reuse_seconds.clone(),
+        );
+        registry.register(
+            "partial_bytes_sent",
+            "Bytes of partial aggregates sent to other nodes",
+            m.partial_bytes_sent.clone(),
+        );
+        registry.register(
+            "partial_bytes_received",
+            "Bytes of partial aggregates received from other nodes",
+            m.partial_bytes_received.clone(),
+        );
         registry.register(
             "round_latency_seconds",
             "Seconds from the last accepted update of a round to its commit",
             m.round_latency.clone(),
         );
+        for tier in ["leaf", "middle", "top"] {
+            let _ = m.aggregators.get_or_create(&TierLabel { tier }).get();
+        }
         for r in RejectReason::ALL {
             let _ = m.updates_rejected.get_or_create(&ReasonLabel { reason: r.as_str() }).get();
         }
@@ -130,6 +174,11 @@ impl Metrics {
                 }
             }
         }
+    }
+
+    /// The gauge of aggregators of `tier`.
+    pub fn tier(&self, tier: &'static str) -> Gauge {
+        self.aggregators.get_or_create(&TierLabel { tier }).clone()
     }
 
     /// Rejections counted for `reason`.

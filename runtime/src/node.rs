@@ -1,5 +1,8 @@
-//! A node: gateway + function host + round coordinators in one process (`shoal node`), with one
-//! shutdown path (a `CancellationToken` broadcast, a `TaskTracker` to wait on).
+//! A node: gateway + function host + one leaf per job + the top of the jobs whose top lease it
+//! holds, in one process (`shoal node`), with one shutdown path (a `CancellationToken`
+//! broadcast, a `TaskTracker` to wait on). Any number of nodes (distinct ids and shm
+//! directories) share one NATS: each stages the updates its gateway pulls, and partials cross
+//! nodes ([`crate::hierarchy`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,9 +18,11 @@ use tokio_util::task::TaskTracker;
 use crate::coordinator::{self, CoordinatorContext};
 use crate::error::{Error, Result};
 use crate::gateway::{self, GatewayConfig, GatewayContext};
+use crate::hierarchy::{self, LeafContext, LocalLinks};
 use crate::host::{FunctionHost, HostConfig};
 use crate::infra::{ConnectOptions, Infra};
 use crate::jobs::{self, JobDirectory};
+use crate::lease;
 use crate::metrics::Metrics;
 use crate::reject::Rejector;
 use crate::shm;
@@ -41,6 +46,11 @@ pub struct NodeConfig {
     pub shm_budget: usize,
     /// Job-specific strategy pieces (Bristle's evaluator), when embedding a node.
     pub plugins: Option<Arc<dyn coordinator::PluginFactory>>,
+    /// Fold updates as they arrive (default); `false` folds a round's updates only when it
+    /// closes (the baseline of `shoal bench hierarchy`).
+    pub eager: bool,
+    /// How long a top (or middle) waits for the partials of a round before asking again.
+    pub collect_timeout: Duration,
 }
 
 impl NodeConfig {
@@ -55,6 +65,8 @@ impl NodeConfig {
             idle_timeout: Duration::from_secs(300),
             shm_budget: 1 << 30,
             plugins: None,
+            eager: true,
+            collect_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -80,12 +92,16 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle> {
     nats.name = format!("shoal-node-{}", config.node_id);
     let infra = Infra::connect(&nats).await?;
     // Before touching shared memory: another live process of this node id may still use it.
-    let lease = acquire_lease(&infra, &config.node_id).await?;
+    let membership = lease::join(&infra, &config.node_id).await?;
     let shm_dir = shm::prepare_node_dir(&config.shm_root, config.node_id.as_str())?;
     let metrics = Arc::new(Metrics::default());
     let rejector = Rejector::new(infra.client.clone(), infra.subjects.clone(), Arc::clone(&metrics));
     let host = FunctionHost::new(
-        HostConfig { idle_timeout: config.idle_timeout, progress_interval: config.ack_wait / 3 },
+        HostConfig {
+            idle_timeout: config.idle_timeout,
+            progress_interval: config.ack_wait / 3,
+            eager: config.eager,
+        },
         Arc::clone(&metrics),
         rejector.clone(),
     )
@@ -94,34 +110,42 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle> {
     let directory = JobDirectory::default();
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
-    tracker.spawn(hold_lease(infra.clone(), lease, cancel.clone()));
+    // Losing the membership lease (another process took this node id) stops the node.
+    tracker.spawn(lease::keep(infra.clone(), membership, cancel.clone(), cancel.clone()));
 
+    let local = LocalLinks::default();
     let coord_ctx = CoordinatorContext {
         infra: infra.clone(),
         directory: directory.clone(),
-        host: host.clone(),
         metrics: Arc::clone(&metrics),
         cancel: cancel.clone(),
         startup_grace: config.ack_wait + config.ack_wait / 2,
         plugins: config.plugins.clone(),
+        node: config.node_id.clone(),
+        local: local.clone(),
+        collect_timeout: config.collect_timeout,
+    };
+    let leaf_ctx = LeafContext {
+        infra: infra.clone(),
+        directory: directory.clone(),
+        host: host.clone(),
+        metrics: Arc::clone(&metrics),
+        rejector: rejector.clone(),
+        node: config.node_id.clone(),
+        local,
+        cancel: cancel.clone(),
+        progress_interval: config.ack_wait / 3,
+        collect_timeout: config.collect_timeout,
     };
     let spawner = tracker.clone();
     let on_new_job = move |job: shoal_functions::JobId| {
-        let ctx = coord_ctx.clone();
-        spawner.spawn(async move {
-            loop {
-                match coordinator::run(ctx.clone(), job.clone()).await {
-                    Ok(()) => break,
-                    Err(e) => {
-                        tracing::warn!(%job, error = %e, "coordinator failed; restarting in 1 s");
-                        tokio::select! {
-                            _ = ctx.cancel.cancelled() => break,
-                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        }
-                    }
-                }
-            }
-        });
+        let (leaf, top) = (leaf_ctx.clone(), coord_ctx.clone());
+        spawner.spawn(retrying("leaf", job.clone(), leaf.cancel.clone(), move |job| {
+            hierarchy::run_leaf(leaf.clone(), job)
+        }));
+        spawner.spawn(retrying("top", job, top.cancel.clone(), move |job| {
+            coordinator::run_top(top.clone(), job)
+        }));
     };
     {
         let (infra, directory, cancel) = (infra.clone(), directory.clone(), cancel.clone());
@@ -146,6 +170,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle> {
             shm_budget: config.shm_budget,
             batch: 64,
         },
+        node: config.node_id.clone(),
     };
     {
         let cancel = cancel.clone();
@@ -199,93 +224,22 @@ impl NodeHandle {
     }
 }
 
-/// KV key (in `shoal-jobs`) of the node lease.
-const LEASE_KEY: &str = "_node.lease";
-/// A lease not renewed for this long is stale.
-const LEASE_STALE: Duration = Duration::from_secs(3);
-/// Renewal interval.
-const LEASE_RENEW: Duration = Duration::from_secs(1);
-
-/// Who holds the node lease.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-struct Lease {
-    node: NodeId,
-    instance: u64,
-    renewed_ms: u64,
-}
-
-#[derive(Debug)]
-struct HeldLease {
-    lease: Lease,
-    revision: u64,
-}
-
-/// Takes the node lease. Until the hierarchy lands, one node serves a NATS server: the gateways
-/// share one work-queue consumer, so a second node would take half of every round's updates and
-/// rounds would fail for lack of quorum. A restarted node (same id) waits for its predecessor's
-/// lease to go stale; a node with another id is refused with a clear error.
-async fn acquire_lease(infra: &Infra, node: &NodeId) -> Result<HeldLease> {
-    let instance = rand::random::<u64>();
-    let deadline = tokio::time::Instant::now() + LEASE_STALE * 3;
+/// Runs `task` for `job` until it returns `Ok`, restarting it a second after an error.
+async fn retrying<F, Fut>(what: &'static str, job: shoal_functions::JobId, cancel: CancellationToken, task: F)
+where
+    F: Fn(shoal_functions::JobId) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
     loop {
-        let now = crate::protocol::now_ms();
-        let lease = Lease { node: node.clone(), instance, renewed_ms: now };
-        let value = Bytes::from(crate::protocol::encode(&lease));
-        let entry = infra.jobs.entry(LEASE_KEY).await.map_err(|e| Error::nats("read node lease", e))?;
-        let written = match entry {
-            Some(e) if e.operation == async_nats::jetstream::kv::Operation::Put => {
-                let held: Lease = crate::protocol::decode("node lease", &e.value)?;
-                let fresh = now.saturating_sub(held.renewed_ms) < LEASE_STALE.as_millis() as u64;
-                if fresh && held.node != *node {
-                    return Err(Error::NodeBusy(format!(
-                        "node {} already serves this NATS server; one node per server is supported \
-                         until the multi-node hierarchy lands (stop it, or use another NATS server)",
-                        held.node
-                    )));
+        match task(job.clone()).await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(%job, error = %e, "{what} failed; restarting in 1 s");
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
-                if fresh {
-                    if tokio::time::Instant::now() > deadline {
-                        return Err(Error::NodeBusy(format!(
-                            "another process of node {node} is running and renewing its lease"
-                        )));
-                    }
-                    tracing::info!(%node, "waiting for the previous process of this node to go away");
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                    continue;
-                }
-                infra.jobs.update(LEASE_KEY, value, e.revision).await.ok()
             }
-            Some(e) => infra.jobs.update(LEASE_KEY, value, e.revision).await.ok(),
-            None => infra.jobs.create(LEASE_KEY, value).await.ok(),
-        };
-        match written {
-            Some(revision) => return Ok(HeldLease { lease, revision }),
-            None => tokio::time::sleep(Duration::from_millis(100)).await, // raced: look again
-        }
-    }
-}
-
-/// Renews the lease until shutdown, then releases it so a restart need not wait. Losing it
-/// (another process took it after we stalled) stops this node.
-async fn hold_lease(infra: Infra, mut held: HeldLease, cancel: CancellationToken) {
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => {
-                let _ = infra.jobs.delete_expect_revision(LEASE_KEY, Some(held.revision)).await;
-                return;
-            }
-            _ = tokio::time::sleep(LEASE_RENEW) => {}
-        }
-        held.lease.renewed_ms = crate::protocol::now_ms();
-        let value = Bytes::from(crate::protocol::encode(&held.lease));
-        match infra.jobs.update(LEASE_KEY, value, held.revision).await {
-            Ok(rev) => held.revision = rev,
-            Err(e) if e.kind() == async_nats::jetstream::kv::UpdateErrorKind::WrongLastRevision => {
-                tracing::error!("node lease taken over by another process; stopping this node");
-                cancel.cancel();
-                return;
-            }
-            Err(e) => tracing::warn!(error = %e, "renewing the node lease failed; retrying"),
         }
     }
 }

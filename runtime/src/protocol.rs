@@ -5,7 +5,7 @@
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use shoal_functions::{ClientId, JobId, ModelVersion, RoundId};
+use shoal_functions::{ClientId, JobId, ModelVersion, NodeId, RoundId};
 
 use crate::error::{Error, RejectReason, Result};
 
@@ -145,6 +145,83 @@ pub struct JobState {
     pub failed_rounds_in_a_row: u32,
     /// How the previous round ended.
     pub last_outcome: Option<RoundOutcome>,
+    /// Which collection of partials the previous round closed with: leaves ack exactly the
+    /// updates of the snapshot they sent for it (absent in states written before the
+    /// hierarchy).
+    #[serde(default)]
+    pub last_commit: Option<CommitRecord>,
+}
+
+/// The partials a round closed with: its collection id and the nodes whose partial went in.
+/// A leaf acks the updates of its snapshot for `collect` if it is listed, and treats every other
+/// update it holds for `round` as late (rejected, or re-staged in the asynchronous modes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitRecord {
+    /// The round closed.
+    pub round: RoundId,
+    /// The top's collection id.
+    pub collect: u64,
+    /// Nodes whose partial the result includes.
+    pub nodes: Vec<NodeId>,
+}
+
+/// A leaf's progress on `<prefix>.<job>.progress`: how many updates node `node` holds for
+/// `round` (sent on every change and as a heartbeat).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeafProgress {
+    /// The leaf's node.
+    pub node: NodeId,
+    /// Round.
+    pub round: RoundId,
+    /// Updates accepted for the round on this node.
+    pub accepted: u32,
+}
+
+/// The top asks every leaf (and middle) for its partial of `round`, on
+/// `<prefix>.<job>.collect`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CollectRequest {
+    /// Round to close.
+    pub round: RoundId,
+    /// Identifies this collection (a new top, or a retry, uses a new one).
+    pub collect: u64,
+    /// The top's node: a leaf on the same node hands its partial over in process.
+    pub top: NodeId,
+    /// Live nodes, in the order that groups them under middles (`fan_in` per middle).
+    pub nodes: Vec<NodeId>,
+    /// Leaves per middle aggregator; 0 = every leaf sends straight to the top.
+    pub fan_in: u32,
+}
+
+/// Metadata of a partial on `<prefix>.<job>.partial.<round>` (the message body is
+/// `u32 LE length ‖ this, msgpack ‖ accumulators as f64 LE`, or the metadata alone when the
+/// accumulators travel through the object store as `object`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartialHeader {
+    /// Node that sends it (a leaf, or a middle for its group).
+    pub sender: NodeId,
+    /// Where it goes: the top's node, or a middle's.
+    pub to: NodeId,
+    /// Round.
+    pub round: RoundId,
+    /// Collection id it answers.
+    pub collect: u64,
+    /// Nodes whose leaves it covers.
+    pub nodes: Vec<NodeId>,
+    /// Whether it holds any update (an empty leaf sends no accumulators).
+    pub empty: bool,
+    /// Sum of weights.
+    pub total_weight: f64,
+    /// Updates folded.
+    pub count: u64,
+    /// Their clients.
+    pub clients: Vec<ClientId>,
+    /// Owner of each `first` tensor.
+    pub first_owners: Vec<Option<ClientId>>,
+    /// When its last update was staged (ms since the Unix epoch; 0 = none).
+    pub last_fold_ms: u64,
+    /// Object in `shoal-updates` holding the accumulators, when too large for a message.
+    pub object: Option<String>,
 }
 
 impl JobState {
@@ -158,6 +235,7 @@ impl JobState {
             deadline_at_ms: 0,
             failed_rounds_in_a_row: 0,
             last_outcome: None,
+            last_commit: None,
         }
     }
 

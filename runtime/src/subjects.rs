@@ -86,6 +86,27 @@ impl Subjects {
         format!("{}.{job}.reward.*", self.prefix)
     }
 
+    /// `<p>.<job>.progress`: leaves' [`crate::protocol::LeafProgress`].
+    pub fn progress(&self, job: &JobId) -> String {
+        format!("{}.{job}.progress", self.prefix)
+    }
+
+    /// `<p>.<job>.collect`: the top's [`crate::protocol::CollectRequest`].
+    pub fn collect(&self, job: &JobId) -> String {
+        format!("{}.{job}.collect", self.prefix)
+    }
+
+    /// `<p>.<job>.partial.<round>.<to>`: a partial aggregate of a round for node `to` (the top
+    /// or a middle), so that each partial reaches only its parent.
+    pub fn partial(&self, job: &JobId, round: RoundId, to: &NodeId) -> String {
+        format!("{}.{job}.partial.{round}.{to}", self.prefix)
+    }
+
+    /// `<p>.<job>.partial.*.<node>`: every partial for `node`.
+    pub fn partials_to(&self, job: &JobId, node: &NodeId) -> String {
+        format!("{}.{job}.partial.*.{node}", self.prefix)
+    }
+
     /// `<p>.node.<node>.metrics`: request/reply, answers the Prometheus text exposition.
     pub fn node_metrics(&self, node: &NodeId) -> String {
         format!("{}.node.{node}.metrics", self.prefix)
@@ -100,6 +121,24 @@ pub fn job_spec_key(job: &JobId) -> String {
 /// KV key of a job's state.
 pub fn job_state_key(job: &JobId) -> String {
     format!("{job}.state")
+}
+
+/// KV key of a node's membership lease: `_node.<id>`.
+pub fn node_lease_key(node: &NodeId) -> String {
+    format!("_node.{node}")
+}
+
+/// KV key filter of every node lease.
+pub const NODE_LEASES: &str = "_node.*";
+
+/// KV key of a job's top lease: `<job>.top`.
+pub fn top_lease_key(job: &JobId) -> String {
+    format!("{job}.top")
+}
+
+/// Object name (in `shoal-updates`) of a partial too large for one message.
+pub fn partial_object(job: &JobId, round: RoundId, node: &NodeId, collect: u64) -> String {
+    format!("_partials/{job}/{round}/{node}/{collect:016x}")
 }
 
 /// Object name of a committed global model: `<job>/<version>`.

@@ -175,6 +175,7 @@ pub fn job_spec(
         rounds,
         max_num_examples: 1_000_000_000,
         max_failed_rounds: 5,
+        fan_in: 0,
         server_optimizer: None,
     }
 }

@@ -146,10 +146,10 @@ async fn impossible_strategy_configurations_fail_at_job_creation() {
     assert!(c.job_state(&JobId::new("krum-bad").unwrap()).await.is_err(), "no job was created");
 }
 
-/// One node serves a NATS server until the hierarchy lands: a second node with another id is
-/// refused with a clear error instead of silently taking half of every round's updates.
+/// Two live processes must not share a node id (they would share its shared memory): the second
+/// waits for the first's membership lease to lapse, then gives up with a clear error.
 #[tokio::test]
-async fn a_second_node_on_the_same_server_is_refused() {
+async fn a_second_process_with_a_live_node_id_is_refused() {
     let _ = client().await;
     let cluster = SharedCluster::get(&CLUSTER, &["--ack-wait-ms", "3000"]);
     let url = cluster.nats.url();
@@ -157,7 +157,7 @@ async fn a_second_node_on_the_same_server_is_refused() {
     let shm_path = shm.path().display().to_string();
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(shoal_bin())
-            .args(["node", "--node-id", "intruder", "--nats-url", &url, "--shm-dir", &shm_path])
+            .args(["node", "--node-id", "shared", "--nats-url", &url, "--shm-dir", &shm_path])
             .output()
             .unwrap()
     })
@@ -165,7 +165,7 @@ async fn a_second_node_on_the_same_server_is_refused() {
     .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("node shared already serves this NATS server"), "{err}");
+    assert!(err.contains("another process of node shared is running"), "{err}");
 }
 
 /// RFFL's per-client reward is served on request: it is the round's aggregate step kept on the

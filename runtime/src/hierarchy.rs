@@ -1,0 +1,574 @@
+//! The aggregation hierarchy across nodes (DESIGN.md §2 step 5, §7): every node's **leaf**
+//! folds the updates its gateway staged; at the close of a round the job's **top** asks for
+//! their partials; **middles** (when the job sets a fan-in) merge a group's partials on the way
+//! up. Client updates never leave their node: only partial aggregates do, through NATS
+//! (`<p>.<job>.partial.<round>.<to>`, the accumulators through the object store when larger than
+//! a message) to a parent on another node, in process to a parent on the same node.
+//!
+//! Protocol of one round, as the leaf sees it:
+//! 1. It reports how many updates it holds on `<p>.<job>.progress` (on every change and every
+//!    heartbeat); the top closes the round when the sum reaches the cohort, or at the deadline.
+//! 2. The top publishes a [`CollectRequest`] (round, collection id, live nodes, fan-in). The leaf
+//!    takes a **snapshot** of the round (the host's harvest so far, merged into what earlier
+//!    collections took) and sends it to its parent. The round stays open on the leaf: updates
+//!    redelivered from a dead node keep arriving and a later collection (a retry, or a new top)
+//!    gets a larger snapshot.
+//! 3. The top commits with a [`CommitRecord`] naming the collection and the nodes it covered.
+//!    The leaf acks exactly the updates of its snapshot for that collection; anything else it
+//!    holds for the round missed the commit and is late: rejected (`LateUpdate`) in synchronous
+//!    rounds, handed back to JetStream for the next buffer in the asynchronous modes.
+//!
+//! Whole-cohort strategies (median, Krum, RFFL, Bristle) keep their updates in shared memory and
+//! need all of them at the close; they run on the top's node for now: other nodes hand their
+//! updates back to JetStream until the top's node stages them (see `gateway`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::Addr;
+use bytes::Bytes;
+use futures::StreamExt;
+use shoal_functions::{ClientId, JobId, ModelManifest, NodeId, PartialAggregate, RoundId};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, RejectReason, Result};
+use crate::host::{CloseRound, FunctionHost, Held, RegisterJob, RoundProgress};
+use crate::infra::Infra;
+use crate::jobs::JobDirectory;
+use crate::metrics::Metrics;
+use crate::protocol::{self, now_ms, CollectRequest, JobPhase, LeafProgress, PartialHeader};
+use crate::reject::Rejector;
+use crate::shm::Slot;
+
+/// One staged update of a whole-cohort round, handed to the top on the same node.
+#[derive(Debug, Clone)]
+pub struct CohortMember {
+    /// Sender.
+    pub client: ClientId,
+    /// Its weight (`num_examples`).
+    pub weight: f64,
+    /// Its bytes in shared memory (read in place, never copied).
+    pub slot: Arc<Slot>,
+}
+
+/// A partial for the top, however it travelled.
+#[derive(Debug)]
+pub struct Partial {
+    /// Sender (a leaf, or a middle).
+    pub sender: NodeId,
+    /// Collection it answers.
+    pub collect: u64,
+    /// Nodes it covers.
+    pub nodes: Vec<NodeId>,
+    /// Streaming strategies: the merged accumulators (`None` when empty).
+    pub partial: Option<Arc<PartialAggregate>>,
+    /// Whole-cohort strategies: the staged updates (same node only).
+    pub cohort: Vec<CohortMember>,
+    /// Updates it covers.
+    pub count: u64,
+    /// When its last update was staged (ms since the Unix epoch; 0 = none).
+    pub last_fold_ms: u64,
+}
+
+/// In-process channels from leaves to a top on the same node, by job.
+#[derive(Debug, Clone, Default)]
+pub struct LocalLinks {
+    inner: Arc<Mutex<HashMap<JobId, mpsc::UnboundedSender<Partial>>>>,
+}
+
+impl LocalLinks {
+    /// Registers the top of `job` on this node; returns its receiving end.
+    pub fn register(&self, job: &JobId) -> mpsc::UnboundedReceiver<Partial> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).insert(job.clone(), tx);
+        rx
+    }
+
+    /// Removes the top of `job`.
+    pub fn unregister(&self, job: &JobId) {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).remove(job);
+    }
+
+    fn send(&self, job: &JobId, p: Partial) -> std::result::Result<(), Partial> {
+        match self.inner.lock().unwrap_or_else(|p| p.into_inner()).get(job) {
+            Some(tx) => tx.send(p).map_err(|e| e.0),
+            None => Err(p),
+        }
+    }
+}
+
+/// The parent of `node` for a collection: its group's middle, or the top.
+pub fn parent(node: &NodeId, req: &CollectRequest) -> NodeId {
+    match group(node, req) {
+        Some((leader, _)) if leader != *node => leader,
+        _ => req.top.clone(),
+    }
+}
+
+/// `node`'s middle group: (leader, members) when the job has a fan-in that makes groups of more
+/// than one node; `None` otherwise.
+pub fn group(node: &NodeId, req: &CollectRequest) -> Option<(NodeId, Vec<NodeId>)> {
+    let fan_in = req.fan_in as usize;
+    if fan_in < 2 || req.nodes.len() <= fan_in {
+        return None;
+    }
+    let pos = req.nodes.iter().position(|n| n == node)?;
+    let members: Vec<NodeId> = req.nodes.iter().skip(pos / fan_in * fan_in).take(fan_in).cloned().collect();
+    (members.len() > 1).then(|| (members[0].clone(), members))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Wire form of a partial
+// ---------------------------------------------------------------------------------------------
+
+/// Encodes `header` and the accumulators: `u32 LE length ‖ msgpack header ‖ f64 LE values`.
+pub fn encode_partial(header: &PartialHeader, values: &[f64]) -> Vec<u8> {
+    let h = protocol::encode(header);
+    let mut out = Vec::with_capacity(4 + h.len() + values.len() * 8);
+    out.extend_from_slice(&(h.len() as u32).to_le_bytes());
+    out.extend_from_slice(&h);
+    out.extend_from_slice(bytemuck::cast_slice(values));
+    out
+}
+
+/// Splits a partial message into its header and the raw accumulator bytes.
+///
+/// # Errors
+/// [`Error::Decode`] for a truncated or malformed message.
+pub fn decode_partial(bytes: &[u8]) -> Result<(PartialHeader, &[u8])> {
+    let bad = |d: &str| Error::Decode { what: "partial aggregate", detail: d.to_owned() };
+    let len = bytes.get(..4).ok_or_else(|| bad("shorter than its length prefix"))?;
+    let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+    let h = bytes.get(4..4 + len).ok_or_else(|| bad("header truncated"))?;
+    Ok((protocol::decode("partial aggregate", h)?, &bytes[4 + len..]))
+}
+
+/// Rebuilds the accumulators of a received partial.
+///
+/// # Errors
+/// [`Error::Decode`] when the values do not fit `manifest` or are not finite.
+pub fn partial_from_wire(
+    manifest: &Arc<ModelManifest>,
+    header: &PartialHeader,
+    raw: &[u8],
+) -> Result<Option<PartialAggregate>> {
+    if header.empty {
+        return Ok(None);
+    }
+    let bad = |d: String| Error::Decode { what: "partial aggregate", detail: d };
+    if raw.len() != manifest.numel() * 8 {
+        return Err(bad(format!("{} value bytes for {} elements", raw.len(), manifest.numel())));
+    }
+    let values: Vec<f64> =
+        raw.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap_or_default())).collect();
+    if values.iter().any(|v| v.is_nan()) {
+        return Err(bad("NaN in the accumulators".into()));
+    }
+    PartialAggregate::from_parts(
+        Arc::clone(manifest),
+        values,
+        header.first_owners.clone(),
+        header.total_weight,
+        header.count,
+        header.clients.clone(),
+    )
+    .map(Some)
+    .map_err(|e| bad(e.to_string()))
+}
+
+/// Sends a partial to `header.to` on another node; the accumulators go through the object store
+/// when the message would exceed the server's `max_payload`. Returns the bytes sent.
+///
+/// # Errors
+/// NATS errors.
+pub async fn send_remote(
+    infra: &Infra,
+    job: &JobId,
+    mut header: PartialHeader,
+    p: Option<&PartialAggregate>,
+) -> Result<u64> {
+    let values = p.map(|p| p.values()).unwrap_or(&[]);
+    let subject = infra.subjects.partial(job, header.round, &header.to);
+    let limit = infra.max_payload().saturating_sub(64 * 1024);
+    let sent;
+    let body = if values.len() * 8 + 64 * 1024 + header.clients.len() * 80 > limit {
+        let name = crate::subjects::partial_object(job, header.round, &header.sender, header.collect);
+        let meta = async_nats::jetstream::object_store::ObjectMetadata {
+            name: name.clone(),
+            chunk_size: Some(crate::jobs::chunk_size(infra)),
+            ..Default::default()
+        };
+        let raw: &[u8] = bytemuck::cast_slice(values);
+        infra
+            .update_objects
+            .put(meta, &mut &raw[..])
+            .await
+            .map_err(|e| Error::nats("store partial aggregate", e))?;
+        header.object = Some(name);
+        sent = raw.len() as u64;
+        encode_partial(&header, &[])
+    } else {
+        let b = encode_partial(&header, values);
+        sent = b.len() as u64;
+        b
+    };
+    infra.client.publish(subject, Bytes::from(body)).await.map_err(|e| Error::nats("send partial", e))?;
+    Ok(sent)
+}
+
+/// Receives one partial message: its header and accumulators (fetched from the object store,
+/// then deleted, when they travelled there). Returns the bytes received with it.
+///
+/// # Errors
+/// Decode and NATS errors.
+pub async fn receive_remote(
+    infra: &Infra,
+    manifest: &Arc<ModelManifest>,
+    msg: &async_nats::Message,
+) -> Result<(PartialHeader, Option<PartialAggregate>, u64)> {
+    let (header, raw) = decode_partial(&msg.payload)?;
+    let Some(name) = &header.object else {
+        let p = partial_from_wire(manifest, &header, raw)?;
+        return Ok((header, p, msg.payload.len() as u64));
+    };
+    use tokio::io::AsyncReadExt;
+    let mut obj =
+        infra.update_objects.get(name).await.map_err(|e| Error::nats("fetch partial aggregate", e))?;
+    let mut buf = Vec::with_capacity(manifest.numel() * 8);
+    obj.read_to_end(&mut buf).await.map_err(|e| Error::io("read partial aggregate", e))?;
+    if let Err(e) = infra.update_objects.delete(name).await {
+        tracing::debug!(object = %name, error = %e, "deleting a consumed partial failed");
+    }
+    let p = partial_from_wire(manifest, &header, &buf)?;
+    Ok((header, p, buf.len() as u64))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The leaf agent
+// ---------------------------------------------------------------------------------------------
+
+/// What a leaf agent needs.
+#[derive(Debug, Clone)]
+pub struct LeafContext {
+    /// NATS handles.
+    pub infra: Infra,
+    /// Job view (states and commit records).
+    pub directory: JobDirectory,
+    /// The node's function host.
+    pub host: Addr<FunctionHost>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Rejection path.
+    pub rejector: Rejector,
+    /// This node.
+    pub node: NodeId,
+    /// In-process links to a top on this node.
+    pub local: LocalLinks,
+    /// Node shutdown.
+    pub cancel: CancellationToken,
+    /// In-progress ack interval for the updates the leaf holds.
+    pub progress_interval: Duration,
+    /// How long a middle waits for its group before sending what it has.
+    pub collect_timeout: Duration,
+}
+
+/// A round's updates the leaf took out of the host (snapshots).
+#[derive(Debug, Default)]
+struct LeafRound {
+    partial: Option<Arc<PartialAggregate>>,
+    held: Vec<Held>,
+    /// (collection id, number of `held` it covered).
+    snapshots: Vec<(u64, usize)>,
+    last_fold_ms: u64,
+}
+
+/// Runs the leaf of `job` on this node until the job ends (and its last round is settled) or
+/// the node shuts down (then every update it holds is handed back to JetStream).
+///
+/// # Errors
+/// NATS subscription errors; an unknown job.
+pub async fn run_leaf(ctx: LeafContext, job: JobId) -> Result<()> {
+    let entry = ctx.directory.get(&job).ok_or_else(|| Error::UnknownJob(job.to_string()))?;
+    let manifest = Arc::clone(&entry.manifest);
+    let (tx, mut progress_rx) = mpsc::unbounded_channel();
+    ctx.host
+        .send(RegisterJob { job: job.clone(), progress: tx })
+        .await
+        .map_err(|e| Error::Shm(e.to_string()))?;
+    let mut collects = ctx
+        .infra
+        .client
+        .subscribe(ctx.infra.subjects.collect(&job))
+        .await
+        .map_err(|e| Error::nats("subscribe to collections", e))?;
+    let mut to_me = ctx
+        .infra
+        .client
+        .subscribe(ctx.infra.subjects.partials_to(&job, &ctx.node))
+        .await
+        .map_err(|e| Error::nats("subscribe to partials", e))?;
+    let mut rounds: BTreeMap<RoundId, LeafRound> = BTreeMap::new();
+    // Updates accepted per round on this node (cumulative, from the host).
+    let mut accepted: BTreeMap<RoundId, u32> = BTreeMap::new();
+    let mut heartbeat = tokio::time::interval(Duration::from_millis(500));
+    let mut keepalive = tokio::time::interval(ctx.progress_interval);
+    let mut settle_tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = ctx.cancel.cancelled() => {
+                let n = release(&mut rounds).await;
+                if n > 0 {
+                    tracing::info!(%job, released = n, "leaf handed its updates back to JetStream");
+                }
+                return Ok(());
+            }
+            Some(p) = progress_rx.recv() => {
+                accepted.insert(p.round, p.accepted);
+                publish_progress(&ctx, &job, p).await;
+            }
+            Some(m) = collects.next() => {
+                let req: CollectRequest = match protocol::decode("collect request", &m.payload) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!(%job, error = %e, "malformed collect request ignored");
+                        continue;
+                    }
+                };
+                if req.nodes.contains(&ctx.node) {
+                    if let Err(e) = answer_collect(&ctx, &job, &manifest, &mut rounds, &mut to_me, &req).await {
+                        tracing::warn!(%job, round = %req.round, error = %e, "answering a collection failed");
+                    }
+                }
+            }
+            _ = heartbeat.tick() => {
+                if let Some(e) = ctx.directory.get(&job) {
+                    if e.state.is_open() {
+                        let n = accepted.get(&e.state.round).copied().unwrap_or(0);
+                        publish_progress(&ctx, &job, RoundProgress { round: e.state.round, accepted: n }).await;
+                    }
+                }
+            }
+            _ = keepalive.tick() => {
+                for h in rounds.values().flat_map(|r| &r.held) {
+                    h.acker.progress().await;
+                }
+            }
+            _ = settle_tick.tick() => {
+                settle(&ctx, &job, &mut rounds, &mut accepted).await;
+                let ended = ctx.directory.get(&job).is_none_or(|e| e.state.phase != JobPhase::Running);
+                if ended && rounds.is_empty() && accepted.is_empty() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+async fn publish_progress(ctx: &LeafContext, job: &JobId, p: RoundProgress) {
+    let msg = LeafProgress { node: ctx.node.clone(), round: p.round, accepted: p.accepted };
+    let subject = ctx.infra.subjects.progress(job);
+    if let Err(e) = ctx.infra.client.publish(subject, Bytes::from(protocol::encode(&msg))).await {
+        tracing::debug!(error = %e, "publishing leaf progress failed");
+    }
+}
+
+/// Takes a snapshot of `req.round` and sends it up (merging a middle's group first).
+async fn answer_collect(
+    ctx: &LeafContext,
+    job: &JobId,
+    manifest: &Arc<ModelManifest>,
+    rounds: &mut BTreeMap<RoundId, LeafRound>,
+    to_me: &mut async_nats::Subscriber,
+    req: &CollectRequest,
+) -> Result<()> {
+    let harvest = ctx
+        .host
+        .send(CloseRound { job: job.clone(), round: req.round, seal: false })
+        .await
+        .map_err(|e| Error::Shm(format!("function host gone: {e}")))?;
+    let r = rounds.entry(req.round).or_default();
+    if let Some(p) = harvest.partial.filter(|p| p.count() > 0) {
+        match &mut r.partial {
+            None => r.partial = Some(Arc::new(p)),
+            Some(a) => Arc::make_mut(a).merge(&p)?,
+        }
+    }
+    if harvest.last_fold.is_some() {
+        r.last_fold_ms = now_ms();
+    }
+    r.held.extend(harvest.held);
+    r.snapshots.push((req.collect, r.held.len()));
+    let mut out = Partial {
+        sender: ctx.node.clone(),
+        collect: req.collect,
+        nodes: vec![ctx.node.clone()],
+        partial: r.partial.clone(),
+        cohort: r
+            .held
+            .iter()
+            .filter_map(|h| {
+                Some(CohortMember {
+                    client: h.client.clone(),
+                    weight: h.weight,
+                    slot: Arc::clone(h.slot.as_ref()?),
+                })
+            })
+            .collect(),
+        count: r.held.len() as u64,
+        last_fold_ms: r.last_fold_ms,
+    };
+    // A middle merges its group's partials before sending one up.
+    if let Some((leader, members)) = crate::hierarchy::group(&ctx.node, req) {
+        if leader == ctx.node {
+            ctx.metrics.tier("middle").inc();
+            let merged = gather_group(ctx, manifest, to_me, req, &members, &mut out).await;
+            ctx.metrics.tier("middle").dec();
+            merged?;
+        }
+    }
+    let to = parent(&ctx.node, req);
+    if to == ctx.node && req.top == ctx.node {
+        return match ctx.local.send(job, out) {
+            Ok(()) => Ok(()),
+            Err(_) => Err(Error::Shm("the top of this node is gone".into())),
+        };
+    }
+    let header = PartialHeader {
+        sender: ctx.node.clone(),
+        to,
+        round: req.round,
+        collect: req.collect,
+        nodes: out.nodes.clone(),
+        empty: out.partial.is_none(),
+        total_weight: out.partial.as_ref().map_or(0.0, |p| p.total_weight()),
+        count: out.count,
+        clients: out.partial.as_ref().map(|p| p.clients().to_vec()).unwrap_or_default(),
+        first_owners: out.partial.as_ref().map(|p| p.first_owners().to_vec()).unwrap_or_default(),
+        last_fold_ms: out.last_fold_ms,
+        object: None,
+    };
+    let bytes = send_remote(&ctx.infra, job, header, out.partial.as_deref()).await?;
+    ctx.metrics.partial_bytes_sent.inc_by(bytes);
+    Ok(())
+}
+
+/// A middle's wait for the other members of its group (bounded by the collection timeout).
+async fn gather_group(
+    ctx: &LeafContext,
+    manifest: &Arc<ModelManifest>,
+    to_me: &mut async_nats::Subscriber,
+    req: &CollectRequest,
+    members: &[NodeId],
+    out: &mut Partial,
+) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + ctx.collect_timeout;
+    while !members.iter().all(|m| out.nodes.contains(m)) {
+        let msg = tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(round = %req.round, covered = ?out.nodes, "middle: group incomplete at the timeout");
+                break;
+            }
+            m = to_me.next() => match m { Some(m) => m, None => break },
+        };
+        let (header, p, bytes) = match receive_remote(&ctx.infra, manifest, &msg).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "malformed partial ignored");
+                continue;
+            }
+        };
+        if header.collect != req.collect || header.round != req.round {
+            continue;
+        }
+        ctx.metrics.partial_bytes_received.inc_by(bytes);
+        if let Some(p) = p {
+            match &mut out.partial {
+                None => out.partial = Some(Arc::new(p)),
+                Some(a) => Arc::make_mut(a).merge(&p)?,
+            }
+        }
+        out.nodes.extend(header.nodes);
+        out.count += header.count;
+        out.last_fold_ms = out.last_fold_ms.max(header.last_fold_ms);
+    }
+    Ok(())
+}
+
+/// Acks or refuses what the leaf holds for rounds that have closed.
+async fn settle(
+    ctx: &LeafContext,
+    job: &JobId,
+    rounds: &mut BTreeMap<RoundId, LeafRound>,
+    accepted: &mut BTreeMap<RoundId, u32>,
+) {
+    let Some(entry) = ctx.directory.get(job) else { return };
+    let state = &entry.state;
+    let mut candidates: Vec<RoundId> = rounds.keys().chain(accepted.keys()).copied().collect();
+    candidates.sort();
+    candidates.dedup();
+    for round in candidates {
+        let record = ctx.directory.commit_record(job, round);
+        let closed = record.is_some() || round < state.round || state.phase != JobPhase::Running;
+        if !closed {
+            continue;
+        }
+        let leftovers = match ctx.host.send(CloseRound { job: job.clone(), round, seal: true }).await {
+            Ok(h) => h,
+            Err(_) => return,
+        };
+        let mut r = rounds.remove(&round).unwrap_or_default();
+        accepted.remove(&round);
+        let applied = record
+            .as_ref()
+            .filter(|rec| rec.nodes.contains(&ctx.node))
+            .and_then(|rec| r.snapshots.iter().find(|(c, _)| *c == rec.collect))
+            .map_or(0, |&(_, n)| n);
+        let late: Vec<Held> = r.held.split_off(applied).into_iter().chain(leftovers.held).collect();
+        for h in r.held {
+            h.acker.ack().await;
+            if let Some(obj) = h.object {
+                if let Err(e) = ctx.infra.update_objects.delete(&obj).await {
+                    tracing::debug!(object = %obj, error = %e, "deleting a consumed update object failed");
+                }
+            }
+        }
+        for h in late {
+            if h.asynchronous && state.phase == JobPhase::Running {
+                h.acker.nak(Duration::from_millis(50)).await;
+            } else {
+                let detail = match &record {
+                    Some(_) => format!("round {round} closed before this update reached its aggregate"),
+                    None => format!("round {round} ended ({})", state.phase),
+                };
+                ctx.rejector
+                    .reject(
+                        Some(job.as_str()),
+                        Some(&h.client),
+                        Some(round),
+                        RejectReason::LateUpdate,
+                        detail,
+                        Some(&h.acker),
+                    )
+                    .await;
+            }
+        }
+        if let Err(e) = ctx.infra.client.flush().await {
+            tracing::warn!(error = %e, "flushing acks failed; JetStream may redeliver (rejected as late)");
+        }
+        tracing::debug!(%job, %round, acked = applied, "leaf settled round");
+    }
+}
+
+/// Hands every update the leaf holds back to JetStream (shutdown).
+async fn release(rounds: &mut BTreeMap<RoundId, LeafRound>) -> usize {
+    let mut n = 0;
+    for (_, r) in std::mem::take(rounds) {
+        for h in r.held {
+            h.acker.nak(Duration::from_secs(1)).await;
+            n += 1;
+        }
+    }
+    n
+}

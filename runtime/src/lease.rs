@@ -1,0 +1,182 @@
+//! Leases in KV `shoal-jobs`: a node's membership (`_node.<id>`, which also keeps two processes
+//! from using one node id) and a job's top (`<job>.top`, DESIGN.md §7: one top per job, a dead
+//! top replaced when its lease lapses).
+//!
+//! A lease is a value `{node, instance, renewed_ms}` written by compare-and-set on its KV
+//! revision, renewed every [`RENEW`] and stale after [`STALE`]. Clocks only matter to tell
+//! "stale": nodes of one cluster must agree on time to within a fraction of [`STALE`].
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use shoal_functions::NodeId;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, Result};
+use crate::infra::Infra;
+use crate::protocol::{self, now_ms};
+use crate::subjects;
+
+/// A lease not renewed for this long is stale and may be taken.
+pub const STALE: Duration = Duration::from_secs(3);
+/// Renewal interval.
+pub const RENEW: Duration = Duration::from_secs(1);
+
+/// Who holds a lease.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Lease {
+    /// Holder's node.
+    pub node: NodeId,
+    /// Holder's process (random per start).
+    pub instance: u64,
+    /// Last renewal, ms since the Unix epoch.
+    pub renewed_ms: u64,
+}
+
+impl Lease {
+    fn fresh(&self, now: u64) -> bool {
+        now.saturating_sub(self.renewed_ms) < STALE.as_millis() as u64
+    }
+}
+
+/// A lease this process holds.
+#[derive(Debug, Clone)]
+pub struct Held {
+    /// KV key.
+    pub key: String,
+    /// The value written.
+    pub lease: Lease,
+    /// Its KV revision.
+    pub revision: u64,
+}
+
+/// What [`try_acquire`] found.
+#[derive(Debug)]
+pub enum Attempt {
+    /// Taken (or renewed).
+    Acquired(Held),
+    /// Another process holds it and renews it.
+    HeldBy(Lease),
+}
+
+/// Takes `key` for (`node`, `instance`) if it is free or stale.
+///
+/// # Errors
+/// NATS errors; an undecodable lease value.
+pub async fn try_acquire(infra: &Infra, key: &str, node: &NodeId, instance: u64) -> Result<Attempt> {
+    let now = now_ms();
+    let lease = Lease { node: node.clone(), instance, renewed_ms: now };
+    let value = Bytes::from(protocol::encode(&lease));
+    let entry = infra.jobs.entry(key).await.map_err(|e| Error::nats("read lease", e))?;
+    let written = match entry {
+        Some(e) if e.operation == async_nats::jetstream::kv::Operation::Put => {
+            let held: Lease = protocol::decode("lease", &e.value)?;
+            if held.fresh(now) && held.instance != instance {
+                return Ok(Attempt::HeldBy(held));
+            }
+            infra.jobs.update(key, value, e.revision).await.ok()
+        }
+        Some(e) => infra.jobs.update(key, value, e.revision).await.ok(),
+        None => infra.jobs.create(key, value).await.ok(),
+    };
+    match written {
+        Some(revision) => Ok(Attempt::Acquired(Held { key: key.to_owned(), lease, revision })),
+        // Raced with another writer: report whoever holds it now.
+        None => match infra.jobs.get(key).await.map_err(|e| Error::nats("read lease", e))? {
+            Some(v) => Ok(Attempt::HeldBy(protocol::decode("lease", &v)?)),
+            None => Ok(Attempt::HeldBy(lease)),
+        },
+    }
+}
+
+/// Renews `held`. `Ok(false)`: the lease was taken over (this process must stop acting on it).
+///
+/// # Errors
+/// NATS errors other than a lost compare-and-set (the caller retries at the next tick).
+pub async fn renew(infra: &Infra, held: &mut Held) -> Result<bool> {
+    held.lease.renewed_ms = now_ms();
+    let value = Bytes::from(protocol::encode(&held.lease));
+    match infra.jobs.update(&held.key, value, held.revision).await {
+        Ok(rev) => {
+            held.revision = rev;
+            Ok(true)
+        }
+        Err(e) if e.kind() == async_nats::jetstream::kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+        Err(e) => Err(Error::nats("renew lease", e)),
+    }
+}
+
+/// Renews `held` until `stop` is cancelled (then releases it, so a successor need not wait) or
+/// the lease is lost (then cancels `lost`).
+pub async fn keep(infra: Infra, mut held: Held, stop: CancellationToken, lost: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => {
+                let _ = infra.jobs.delete_expect_revision(&held.key, Some(held.revision)).await;
+                return;
+            }
+            _ = tokio::time::sleep(RENEW) => {}
+        }
+        match renew(&infra, &mut held).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::error!(key = %held.key, "lease taken over by another process");
+                lost.cancel();
+                return;
+            }
+            Err(e) => tracing::warn!(key = %held.key, error = %e, "renewing a lease failed; retrying"),
+        }
+    }
+}
+
+/// Takes this node's membership lease. A restarted node (same id) waits for its predecessor's
+/// lease to lapse; a live process with the same node id is refused.
+///
+/// # Errors
+/// [`Error::NodeBusy`] when another live process uses `node`; NATS errors.
+pub async fn join(infra: &Infra, node: &NodeId) -> Result<Held> {
+    let instance = rand::random::<u64>();
+    let key = subjects::node_lease_key(node);
+    let deadline = tokio::time::Instant::now() + STALE * 3;
+    loop {
+        match try_acquire(infra, &key, node, instance).await? {
+            Attempt::Acquired(h) => return Ok(h),
+            Attempt::HeldBy(_) if tokio::time::Instant::now() > deadline => {
+                return Err(Error::NodeBusy(format!(
+                    "another process of node {node} is running and renewing its lease; \
+                     give each node process its own --node-id"
+                )));
+            }
+            Attempt::HeldBy(_) => {
+                tracing::info!(%node, "waiting for the previous process of this node to go away");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+}
+
+/// The nodes whose membership lease is fresh, sorted by id.
+///
+/// # Errors
+/// NATS errors listing the bucket.
+pub async fn live_nodes(infra: &Infra) -> Result<Vec<NodeId>> {
+    let mut keys = infra.jobs.keys().await.map_err(|e| Error::nats("list node leases", e))?;
+    let now = now_ms();
+    let mut nodes = Vec::new();
+    while let Some(k) = keys.next().await {
+        let Ok(k) = k else { continue };
+        if !k.starts_with("_node.") {
+            continue;
+        }
+        let Ok(Some(v)) = infra.jobs.get(&k).await else { continue };
+        if let Ok(l) = protocol::decode::<Lease>("lease", &v) {
+            if l.fresh(now) {
+                nodes.push(l.node);
+            }
+        }
+    }
+    nodes.sort();
+    nodes.dedup();
+    Ok(nodes)
+}
