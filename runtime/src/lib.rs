@@ -9,7 +9,10 @@
 //! - [`subjects`]: every NATS subject, stream, bucket, key and object name.
 //! - [`protocol`]: update headers and the versioned msgpack control messages (job state, round
 //!   events, rejection notices).
-//! - [`infra`]: connecting to NATS and creating the JetStream resources idempotently.
+//! - [`auth`]: NATS credentials and TLS, the least-privilege permissions of a client, the
+//!   nats-server `authorization` block generator, permission-violation reporting.
+//! - [`infra`]: connecting to NATS (credentials, TLS) and creating the JetStream resources
+//!   idempotently.
 //! - [`jobs`]: job creation, job state compare-and-set, model store, the in-process job directory.
 //! - [`shm`]: shared-memory segments and the slot pool (all mapping `unsafe` lives here).
 //! - [`gateway`]: the JetStream pull consumer, validation and staging.
@@ -25,6 +28,7 @@
 //! - [`cli`]: the `shoal` command line.
 //! - [`error`]: the runtime's error type and the typed rejection reasons.
 
+pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod coordinator;
