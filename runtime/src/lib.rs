@@ -22,6 +22,7 @@
 //! - [`metrics`]: Prometheus metrics, served over NATS request/reply.
 //! - [`node`]: assembling a node and shutting it down.
 //! - [`client`]: the Rust client SDK.
+//! - [`objects`]: object-store reads and writes that need no consumer (least permissions).
 //! - [`sim`]: the digits dataset, Dirichlet split and softmax-regression trainer of the demo.
 //! - [`demo`]: `shoal demo`, a real federated training run end to end.
 //! - [`nats_server`]: starting a private `nats-server` child (the demo and the tests use it).
@@ -41,6 +42,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod nats_server;
 pub mod node;
+pub mod objects;
 pub mod protocol;
 pub mod reject;
 pub mod shm;
