@@ -28,7 +28,8 @@ use shoal_tests::*;
 
 const NODE_USER: &str = "shoal-node";
 /// Jobs of the shared secured cluster and their clients.
-const JOBS: &[(&str, &[&str])] = &[("forge", &["fa", "fb"]), ("objects", &["oa", "ob"]), ("writes", &["wa"])];
+const JOBS: &[(&str, &[&str])] =
+    &[("forge", &["fa", "fb"]), ("objects", &["oa", "ob"]), ("hijack", &["ha", "hb"]), ("writes", &["wa"])];
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 fn password(user: &str) -> String {
@@ -284,6 +285,52 @@ async fn a_client_cannot_read_or_claim_another_clients_update_object() {
     assert_matches_oracle(&oa, &job, &m, &[(a, 60.0), (b, 20.0)]).await;
 }
 
+/// The limit of the object-store permissions: a client may write an object under another
+/// client's name (chunk and metadata subjects cannot be narrowed), but its bytes are never
+/// accepted as the other client's: the victim's own message carries the digest.
+#[tokio::test]
+async fn an_overwritten_object_is_refused_not_accepted_as_the_victims() {
+    let node = node_client().await;
+    let m = large_manifest();
+    let job = JobId::new("hijack").unwrap();
+    jobs::create_job(node.infra(), &job_spec("hijack", (*m).clone(), 2, 2, 60_000, 1), None).await.unwrap();
+    let (ha, hb) = (client("ha").await, client("hb").await);
+    let state = hb.wait_for_open_round(&job, RoundId(1), TIMEOUT).await.unwrap();
+    let hb_id = ClientId::new("hb").unwrap();
+    let name = subjects::update_object(&job, state.round, &hb_id);
+    let b = as_sent(&m, &random_values(&m, 6));
+    let b_bytes = payload(&m, &b);
+    let chunk = jobs::chunk_size(hb.infra());
+    objects::put_object(hb.infra(), subjects::UPDATES_BUCKET, &name, &b_bytes, chunk).await.unwrap();
+    // ha overwrites hb's object with its own bytes before hb's message is read.
+    let forged = payload(&m, &as_sent(&m, &random_values(&m, 66)));
+    objects::put_object(ha.infra(), subjects::UPDATES_BUCKET, &name, &forged, chunk).await.unwrap();
+    let mut rejections = hb.rejections(&job, &hb_id).await.unwrap();
+    let mut h = HeaderMap::new();
+    h.insert(protocol::HDR_ROUND, state.round.to_string().as_str());
+    h.insert(protocol::HDR_BASE_VERSION, "0");
+    h.insert(protocol::HDR_NUM_EXAMPLES, "50");
+    h.insert(protocol::HDR_OBJECT, name.as_str());
+    let digest = {
+        use sha2::Digest as _;
+        hex::encode(sha2::Sha256::digest(&b_bytes))
+    };
+    h.insert(protocol::HDR_DIGEST, format!("sha256:{digest}").as_str());
+    let subject = hb.infra().subjects.update(&job, &hb_id);
+    hb.infra().js.publish_with_headers(subject, h, Bytes::new()).await.unwrap().await.unwrap();
+    let notice = next_rejection(&mut rejections).await;
+    assert_eq!(notice.reason, RejectReason::ObjectUnavailable, "{notice:?}");
+    assert!(notice.detail.contains("digest"), "{notice:?}");
+
+    // hb publishes again; with ha's honest update the round commits the honest mean.
+    hb.publish_update(request(&job, "hb", state.round, &m, &b, 50)).await.unwrap();
+    let a = as_sent(&m, &random_values(&m, 7));
+    ha.publish_update(request(&job, "ha", state.round, &m, &a, 25)).await.unwrap();
+    let after = hb.wait_for_round_closed(&job, RoundId(1), TIMEOUT).await.unwrap();
+    assert!(matches!(after.last_outcome, Some(RoundOutcome::Committed { clients: 2, .. })), "{after:?}");
+    assert_matches_oracle(&hb, &job, &m, &[(a, 25.0), (b, 50.0)]).await;
+}
+
 #[tokio::test]
 async fn a_client_cannot_write_models_or_job_state_nor_read_other_jobs() {
     let node = node_client().await;
@@ -413,4 +460,31 @@ async fn node_and_clients_work_over_tls_and_a_client_without_the_ca_gets_a_tls_e
         Err(Error::Tls { detail, .. }) => eprintln!("no client certificate: {detail}"),
         other => panic!("no client certificate: expected a TLS error, got {other:?}"),
     }
+}
+
+#[tokio::test]
+async fn token_authentication_connects_and_a_wrong_token_is_refused_at_once() {
+    init_logging();
+    let nats = NatsServer::start_with(NatsOptions {
+        authorization: Some("authorization { token: \"s3cret-token\" }".into()),
+        ..Default::default()
+    })
+    .unwrap();
+    let with = |token: &str| ConnectOptions {
+        url: nats.url(),
+        auth: NatsAuth { token: Some(auth::Secret::new(token)), ..Default::default() },
+        ..Default::default()
+    };
+    // A full-rights token user creates the resources, as a node would.
+    ShoalClient::connect(&with("s3cret-token")).await.unwrap();
+    let r = ShoalClient::connect(&with("wrong")).await;
+    assert!(matches!(r, Err(Error::Unauthorized { op: "connect", .. })), "{r:?}");
+    // A token in the URL works too, and never appears in errors.
+    let in_url =
+        ConnectOptions { url: nats.url().replace("nats://", "nats://wrong-in-url@"), ..Default::default() };
+    let err = ShoalClient::connect(&in_url).await.unwrap_err().to_string();
+    assert!(!err.contains("wrong-in-url"), "{err}");
+    let ok =
+        ConnectOptions { url: nats.url().replace("nats://", "nats://s3cret-token@"), ..Default::default() };
+    ShoalClient::connect(&ok).await.unwrap();
 }
