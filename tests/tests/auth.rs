@@ -2,11 +2,13 @@
 //!
 //! The server runs with the users `shoal_runtime::auth` generates: the node as an nkey user
 //! with every permission, each client as a password user with `client_permissions` for its
-//! job. The tests show that a client cannot publish as another client (and nothing is staged
-//! for the victim), that its own update commits, that it can read nothing from
-//! `shoal-updates` (by any route) nor claim another client's object, that it cannot write
-//! models or job state nor read another job's state; and that node and clients work over
-//! TLS with a CA generated at test time while a client without that CA fails with a TLS error.
+//! job. The tests show that a client cannot publish as another client (and nothing is stored
+//! for the victim), that its own update commits (also through `shoal client`), that it can
+//! read nothing from `shoal-updates` (by any route) nor claim another client's object, that an
+//! object it overwrites under another's name is refused rather than accepted as the other's,
+//! that it cannot write models or job state nor read another job's state; that tokens work
+//! and wrong credentials fail at connect; and that node and clients work over mutual TLS with
+//! a CA generated at test time while a client without that CA fails with a TLS error.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -28,8 +30,13 @@ use shoal_tests::*;
 
 const NODE_USER: &str = "shoal-node";
 /// Jobs of the shared secured cluster and their clients.
-const JOBS: &[(&str, &[&str])] =
-    &[("forge", &["fa", "fb"]), ("objects", &["oa", "ob"]), ("hijack", &["ha", "hb"]), ("writes", &["wa"])];
+const JOBS: &[(&str, &[&str])] = &[
+    ("forge", &["fa", "fb"]),
+    ("objects", &["oa", "ob"]),
+    ("hijack", &["ha", "hb"]),
+    ("writes", &["wa"]),
+    ("cli", &["cc"]),
+];
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 fn password(user: &str) -> String {
@@ -283,6 +290,34 @@ async fn a_client_cannot_read_or_claim_another_clients_update_object() {
     let after = oa.wait_for_round_closed(&job, RoundId(1), TIMEOUT).await.unwrap();
     assert!(matches!(after.last_outcome, Some(RoundOutcome::Committed { clients: 2, .. })), "{after:?}");
     assert_matches_oracle(&oa, &job, &m, &[(a, 60.0), (b, 20.0)]).await;
+}
+
+/// `shoal client` as a least-privilege user (password from the environment) publishes, waits
+/// and sees its round commit.
+#[tokio::test]
+async fn the_cli_client_works_with_least_permissions() {
+    let node = node_client().await;
+    let m = small_manifest();
+    let job = JobId::new("cli").unwrap();
+    jobs::create_job(node.infra(), &job_spec("cli", (*m).clone(), 1, 1, 60_000, 1), None).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cc.safetensors");
+    let values = as_sent(&m, &random_values(&m, 8));
+    std::fs::write(&file, payload(&m, &values)).unwrap();
+    let url = secured().nats.url();
+    let out = tokio::process::Command::new(shoal_bin())
+        .args(["client", "--nats-url", &url, "--nats-user", "cc", "--job", "cli", "--client-id", "cc"])
+        .args(["--num-examples", "5", "--wait", "--timeout-secs", "60", "--update"])
+        .arg(&file)
+        .env("SHOAL_NATS_PASSWORD", password("cc"))
+        .output()
+        .await
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "shoal client failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("round 1 closed: committed"), "{stdout}");
+    assert!(!stderr.contains(&password("cc")), "the password leaked: {stderr}");
+    assert_matches_oracle(&node, &job, &m, &[(values, 5.0)]).await;
 }
 
 /// The limit of the object-store permissions: a client may write an object under another
