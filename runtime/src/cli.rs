@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use shoal_functions::{ClientId, JobId, JobSpec, NodeId, Parameters, UpdateKind};
 
+use crate::auth::{NatsAuth, NatsTls, Secret};
 use crate::client::{ShoalClient, UpdateRequest};
 use crate::infra::ConnectOptions;
 use crate::node::{self, NodeConfig};
@@ -34,25 +35,77 @@ pub enum LogFormat {
     Json,
 }
 
-/// NATS connection flags shared by every command.
+/// NATS connection flags shared by every command that connects: URL, prefix, credentials, TLS.
+///
+/// Pass secrets through the environment (`SHOAL_NATS_PASSWORD`, `SHOAL_NATS_TOKEN`) or files
+/// (`--nats-creds`, `--nats-nkey`): command-line values show in `ps`. `--help` never prints
+/// the values of the secret variables, and neither do logs.
 #[derive(Debug, Clone, Args)]
 pub struct NatsArgs {
-    /// NATS server URL(s), comma-separated.
+    /// NATS server URL(s), comma-separated (`nats://` or `tls://`).
     #[arg(long, env = "SHOAL_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
     /// Subject prefix.
     #[arg(long, env = "SHOAL_PREFIX", default_value = crate::subjects::DEFAULT_PREFIX)]
     pub prefix: String,
+    /// NATS user (with a password).
+    #[arg(long, env = "SHOAL_NATS_USER")]
+    pub nats_user: Option<String>,
+    /// NATS password (prefer the environment variable).
+    #[arg(long, env = "SHOAL_NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<Secret>,
+    /// NATS token (prefer the environment variable).
+    #[arg(long, env = "SHOAL_NATS_TOKEN", hide_env_values = true)]
+    pub nats_token: Option<Secret>,
+    /// NATS `.creds` file (user JWT + nkey seed).
+    #[arg(long, env = "SHOAL_NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+    /// File holding an nkey user seed (`SU...`).
+    #[arg(long, env = "SHOAL_NATS_NKEY")]
+    pub nats_nkey: Option<PathBuf>,
+    /// PEM file of the CA that signed the NATS server's certificate (turns TLS on).
+    #[arg(long, env = "SHOAL_NATS_CA")]
+    pub nats_ca: Option<PathBuf>,
+    /// PEM client certificate, for servers that verify clients (with --nats-key).
+    #[arg(long, env = "SHOAL_NATS_CERT")]
+    pub nats_cert: Option<PathBuf>,
+    /// PEM private key of --nats-cert.
+    #[arg(long, env = "SHOAL_NATS_KEY")]
+    pub nats_key: Option<PathBuf>,
+    /// Refuse a server that does not offer TLS.
+    #[arg(long, env = "SHOAL_NATS_REQUIRE_TLS")]
+    pub nats_require_tls: bool,
+    /// Inbox prefix for replies (`shoal client` defaults to `_INBOX_<client-id>`, the inbox its
+    /// least permissions allow).
+    #[arg(long, env = "SHOAL_NATS_INBOX_PREFIX")]
+    pub nats_inbox_prefix: Option<String>,
 }
 
 impl NatsArgs {
-    fn options(&self, name: &str) -> ConnectOptions {
+    fn options(&self, name: &str) -> crate::Result<ConnectOptions> {
+        let auth = NatsAuth {
+            user: self.nats_user.clone(),
+            password: self.nats_password.clone(),
+            token: self.nats_token.clone(),
+            creds_file: self.nats_creds.clone(),
+            nkey_seed_file: self.nats_nkey.clone(),
+        };
+        auth.validate()?;
         ConnectOptions {
             url: self.nats_url.clone(),
             prefix: self.prefix.clone(),
             name: name.into(),
+            auth,
+            tls: NatsTls {
+                ca_file: self.nats_ca.clone(),
+                client_cert: self.nats_cert.clone(),
+                client_key: self.nats_key.clone(),
+                require: self.nats_require_tls,
+            },
+            inbox_prefix: self.nats_inbox_prefix.clone(),
             ..Default::default()
         }
+        .without_url_credentials()
     }
 }
 
@@ -68,6 +121,42 @@ pub enum Command {
     Client(ClientArgs),
     /// Train a real model federatedly, end to end, and compare with centralized training.
     Demo(crate::demo::DemoArgs),
+    /// NATS authentication helpers.
+    #[command(subcommand)]
+    Auth(AuthCommand),
+}
+
+/// `shoal auth ...`
+#[derive(Debug, Subcommand)]
+pub enum AuthCommand {
+    /// Print the nats-server `authorization { users = [...] }` block for one job: a node user
+    /// with every permission and one least-privilege user per client.
+    ///
+    /// Passwords are read by nats-server from the environment (`password:
+    /// $SHOAL_NATS_PASSWORD_<USER>`), so the output holds no secret. With --nkeys-dir, every
+    /// user gets an nkey pair instead: the seeds are written there (mode 0600) and the config
+    /// lists only public keys.
+    NatsConfig(NatsConfigArgs),
+}
+
+/// `shoal auth nats-config` flags.
+#[derive(Debug, Args)]
+pub struct NatsConfigArgs {
+    /// Job id.
+    #[arg(long)]
+    job: String,
+    /// Client ids, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    clients: Vec<String>,
+    /// Subject prefix.
+    #[arg(long, env = "SHOAL_PREFIX", default_value = crate::subjects::DEFAULT_PREFIX)]
+    prefix: String,
+    /// The node's user name.
+    #[arg(long, default_value = "shoal-node")]
+    node_user: String,
+    /// Generate nkey pairs and write each user's seed to `<dir>/<user>.nk`.
+    #[arg(long)]
+    nkeys_dir: Option<PathBuf>,
 }
 
 /// `shoal node` flags.
@@ -157,7 +246,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Node(a) => {
             let mut cfg = NodeConfig::new(NodeId::new(&a.node_id)?);
-            cfg.nats = a.nats.options("shoal-node");
+            cfg.nats = a.nats.options("shoal-node")?;
             cfg.shm_root = a.shm_dir;
             cfg.ack_wait = Duration::from_millis(a.ack_wait_ms.max(300));
             cfg.inline_limit = a.inline_limit_bytes;
@@ -174,7 +263,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 std::fs::read_to_string(&spec).with_context(|| format!("reading {}", spec.display()))?;
             let spec: JobSpec =
                 serde_json::from_str(&text).with_context(|| format!("parsing {}", spec.display()))?;
-            let client = ShoalClient::connect(&nats.options("shoal-cli")).await?;
+            let client = ShoalClient::connect(&nats.options("shoal-cli")?).await?;
             let initial = match initial {
                 Some(p) => {
                     let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
@@ -187,7 +276,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Job(JobCommand::Status { nats, job }) => {
-            let client = ShoalClient::connect(&nats.options("shoal-cli")).await?;
+            let client = ShoalClient::connect(&nats.options("shoal-cli")?).await?;
             let job = JobId::new(job)?;
             let state = client.job_state(&job).await?;
             println!("job:           {job}");
@@ -200,9 +289,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Client(a) => {
-            let client = ShoalClient::connect(&a.nats.options("shoal-client")).await?;
             let job = JobId::new(a.job)?;
             let me = ClientId::new(a.client_id)?;
+            let mut opts = a.nats.options("shoal-client")?;
+            if opts.inbox_prefix.is_none() {
+                opts = opts.for_client(&me);
+            }
+            let client = ShoalClient::connect(&opts).await?;
             let kind = UpdateKind::parse(&a.kind).context("--kind must be parameters or delta")?;
             let payload =
                 std::fs::read(&a.update).with_context(|| format!("reading {}", a.update.display()))?;
@@ -248,7 +341,69 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo(a) => crate::demo::run(a).await,
+        Command::Auth(AuthCommand::NatsConfig(a)) => {
+            print!("{}", nats_config(&a)?);
+            Ok(())
+        }
     }
+}
+
+/// The text `shoal auth nats-config` prints (and, with --nkeys-dir, the seed files it writes).
+fn nats_config(a: &NatsConfigArgs) -> anyhow::Result<String> {
+    use crate::auth::{self, UserCredential};
+    let job = JobId::new(&a.job)?;
+    let clients = a.clients.iter().map(ClientId::new).collect::<Result<Vec<_>, _>>()?;
+    let mut seeds = Vec::new();
+    let users = auth::job_users(&a.prefix, &job, &a.node_user, &clients, |user| match &a.nkeys_dir {
+        None => UserCredential::PasswordEnv(auth::password_env_var(user)),
+        Some(_) => {
+            let pair = nkeys::KeyPair::new_user();
+            let public = pair.public_key();
+            seeds.push((user.to_owned(), pair));
+            UserCredential::Nkey(public)
+        }
+    })?;
+    let mut text = format!(
+        "# nats-server authorization for Shoal job {job} (prefix {}), from `shoal auth nats-config`.\n",
+        a.prefix
+    );
+    match &a.nkeys_dir {
+        None => {
+            text.push_str("# nats-server reads each password from the environment variable named below.\n");
+        }
+        Some(dir) => {
+            write_seeds(dir, &seeds)?;
+            text.push_str(&format!(
+                "# nkey users; seeds in {} (pass them with --nats-nkey <dir>/<user>.nk).\n",
+                dir.display()
+            ));
+        }
+    }
+    text.push_str(&auth::authorization_block(&users)?);
+    Ok(text)
+}
+
+/// Writes `<dir>/<user>.nk` (mode 0600, in a directory created with mode 0700) for each seed.
+fn write_seeds(dir: &std::path::Path, seeds: &[(String, nkeys::KeyPair)]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    for (user, pair) in seeds {
+        let path = dir.join(format!("{user}.nk"));
+        let seed = pair.seed().map_err(|e| anyhow::anyhow!("nkey seed for {user}: {e}"))?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("creating {} (it must not exist yet)", path.display()))?;
+        writeln!(f, "{seed}").with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -2,6 +2,13 @@
 //! store, chosen by size), and wait for rounds. Used by the CLI, the demo's simulated clients and
 //! the tests. The wire protocol it speaks is in [`crate::protocol`] and DESIGN.md §4, so clients
 //! in other languages can do the same.
+//!
+//! Everything the SDK does fits a client's least permissions
+//! ([`crate::auth::client_permissions`]): it reads only its job's KV keys (direct gets), reads
+//! models and writes its large updates without creating consumers ([`crate::objects`]), and
+//! waits for rounds on `<prefix>.<job>.round` plus a slow poll of the job state. Connect with
+//! [`ConnectOptions::for_client`] so that replies come to the client's own inbox. An operation
+//! the server refuses fails as [`Error::Unauthorized`], naming the refused subject.
 
 use std::time::Duration;
 
@@ -14,6 +21,7 @@ use shoal_functions::{ClientId, JobId, JobSpec, ModelVersion, RoundId, UpdateKin
 use crate::error::{Error, Result};
 use crate::infra::{ConnectOptions, Infra};
 use crate::jobs;
+use crate::objects;
 use crate::protocol::{self, JobPhase, JobState};
 use crate::subjects;
 
@@ -47,6 +55,10 @@ pub struct UpdateRequest {
     pub force_object_store: bool,
 }
 
+/// How often a waiting client re-reads the job state when no round event arrives (events on
+/// `<prefix>.<job>.round` wake it at once; the poll covers a missed event).
+pub const STATE_POLL: Duration = Duration::from_millis(1000);
+
 /// A Shoal client.
 #[derive(Debug, Clone)]
 pub struct ShoalClient {
@@ -55,10 +67,12 @@ pub struct ShoalClient {
 }
 
 impl ShoalClient {
-    /// Connects (and ensures the JetStream resources exist).
+    /// Connects (and ensures the JetStream resources exist; with least permissions a node must
+    /// have created them).
     ///
     /// # Errors
-    /// As [`Infra::connect`].
+    /// As [`Infra::connect`]: [`Error::Unauthorized`] for refused credentials, [`Error::Tls`],
+    /// [`Error::Connect`].
     pub async fn connect(opts: &ConnectOptions) -> Result<ShoalClient> {
         Ok(Self::from_infra(Infra::connect(opts).await?))
     }
@@ -86,7 +100,7 @@ impl ShoalClient {
     /// # Errors
     /// [`Error::UnknownJob`], NATS errors.
     pub async fn job_spec(&self, job: &JobId) -> Result<JobSpec> {
-        jobs::load_spec(&self.infra, job).await
+        self.infra.violations.guard("read the job spec", jobs::load_spec(&self.infra, job)).await
     }
 
     /// The job's current state.
@@ -94,15 +108,19 @@ impl ShoalClient {
     /// # Errors
     /// [`Error::UnknownJob`], NATS errors.
     pub async fn job_state(&self, job: &JobId) -> Result<JobState> {
-        Ok(jobs::load_state(&self.infra, job).await?.0)
+        let state = self.infra.violations.guard("read the job state", jobs::load_state(&self.infra, job));
+        Ok(state.await?.0)
     }
 
-    /// The global model `version` as safetensors bytes.
+    /// The global model `version` as safetensors bytes (read with direct gets, see
+    /// [`crate::objects::read_object`]).
     ///
     /// # Errors
-    /// NATS errors (a missing version included).
+    /// NATS errors (a missing version included), [`Error::Unauthorized`].
     pub async fn fetch_model(&self, job: &JobId, version: ModelVersion) -> Result<Vec<u8>> {
-        jobs::get_model_bytes(&self.infra, job, version).await
+        let name = subjects::model_object(job, version);
+        let read = objects::read_object(&self.infra, subjects::MODELS_BUCKET, &name);
+        self.infra.violations.guard("read the model", read).await
     }
 
     /// This client's personal reward from the last committed round (RFFL: the top-q_i
@@ -112,23 +130,27 @@ impl ShoalClient {
     /// [`Error::Nats`] when no coordinator answers; [`Error::Decode`] carrying the coordinator's
     /// reason when it refuses (strategy without rewards, unknown participant, no round yet).
     pub async fn fetch_reward(&self, job: &JobId, client: &ClientId) -> Result<Vec<u8>> {
-        let m = self
-            .infra
-            .client
-            .request(self.infra.subjects.reward(job, client), Bytes::new())
-            .await
-            .map_err(|e| Error::nats("request reward", e))?;
+        let request = async {
+            self.infra
+                .client
+                .request(self.infra.subjects.reward(job, client), Bytes::new())
+                .await
+                .map_err(|e| Error::nats("request reward", e))
+        };
+        let m = self.infra.violations.guard("request the reward", request).await?;
         if let Some(why) = m.headers.as_ref().and_then(|h| h.get(protocol::HDR_ERROR)) {
             return Err(Error::Decode { what: "reward", detail: why.to_string() });
         }
         Ok(m.payload.to_vec())
     }
 
-    /// Waits until the job state satisfies `done` (checked on the current state, then on every
-    /// change, through a KV watch, so a missed event cannot strand a client).
+    /// Waits until the job state satisfies `done`: checked on the current state, then whenever
+    /// an event arrives on `<prefix>.<job>.round` (published after every commit), and at least
+    /// every [`STATE_POLL`], so a missed event cannot strand a client.
     ///
     /// # Errors
-    /// [`Error::Timeout`]; [`Error::JobEnded`] if the job ends before `done` holds.
+    /// [`Error::Timeout`]; [`Error::JobEnded`] if the job ends before `done` holds;
+    /// [`Error::Unauthorized`].
     pub async fn wait_for_state(
         &self,
         job: &JobId,
@@ -139,25 +161,32 @@ impl ShoalClient {
         // An unknown job is an error now, not a wait until the timeout.
         self.job_state(job).await?;
         let fut = async {
-            let key = subjects::job_state_key(job);
-            let mut watch = self
+            let mut events = self
                 .infra
-                .jobs
-                .watch_with_history(&key)
+                .client
+                .subscribe(self.infra.subjects.round_events(job))
                 .await
-                .map_err(|e| Error::nats("watch job state", e))?;
-            while let Some(entry) = watch.next().await {
-                let entry = entry.map_err(|e| Error::nats("watch job state", e))?;
-                let state: JobState = protocol::decode("job state", &entry.value)?;
+                .map_err(|e| Error::nats("subscribe to round events", e))?;
+            self.infra.client.flush().await.map_err(|e| Error::nats("flush", e))?;
+            loop {
+                let state = jobs::load_state(&self.infra, job).await?.0;
                 if done(&state) {
                     return Ok(state);
                 }
                 if state.phase != JobPhase::Running {
                     return Err(Error::JobEnded { job: job.to_string(), phase: state.phase.to_string() });
                 }
+                tokio::select! {
+                    m = events.next() => {
+                        if m.is_none() {
+                            return Err(Error::nats("round events", std::io::Error::other("subscription ended")));
+                        }
+                    }
+                    _ = tokio::time::sleep(STATE_POLL) => {}
+                }
             }
-            Err(Error::nats("watch job state", std::io::Error::other("watch ended")))
         };
+        let fut = self.infra.violations.guard("wait for the job state", fut);
         tokio::time::timeout(timeout, fut).await.map_err(|_| Error::Timeout(timeout, what))?
     }
 
@@ -202,14 +231,17 @@ impl ShoalClient {
     /// # Errors
     /// NATS errors.
     pub async fn rejections(&self, job: &JobId, client: &ClientId) -> Result<async_nats::Subscriber> {
-        let sub = self
-            .infra
-            .client
-            .subscribe(self.infra.subjects.rejected(job, client))
-            .await
-            .map_err(|e| Error::nats("subscribe to rejections", e))?;
-        self.infra.client.flush().await.map_err(|e| Error::nats("flush", e))?;
-        Ok(sub)
+        let subscribe = async {
+            let sub = self
+                .infra
+                .client
+                .subscribe(self.infra.subjects.rejected(job, client))
+                .await
+                .map_err(|e| Error::nats("subscribe to rejections", e))?;
+            self.infra.client.flush().await.map_err(|e| Error::nats("flush", e))?;
+            Ok(sub)
+        };
+        self.infra.violations.guard("subscribe to rejections", subscribe).await
     }
 
     /// Waits until `round` closes or the node refuses this client's update, whichever comes
@@ -238,8 +270,13 @@ impl ShoalClient {
     /// limit go through the object store first (`<job>/<round>/<client>`, digest in the header).
     ///
     /// # Errors
+    /// [`Error::Unauthorized`] when the credentials do not allow publishing as `u.client`;
     /// NATS errors (including the server refusing an oversized inline payload).
     pub async fn publish_update(&self, u: UpdateRequest) -> Result<Transport> {
+        self.infra.violations.guard("publish the update", self.publish_update_inner(u)).await
+    }
+
+    async fn publish_update_inner(&self, u: UpdateRequest) -> Result<Transport> {
         let digest = hex::encode(Sha256::digest(&u.payload));
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", subjects::update_msg_id(&u.job, u.round, &u.client, &digest).as_str());
@@ -249,16 +286,8 @@ impl ShoalClient {
         headers.insert(protocol::HDR_KIND, u.kind.as_str());
         let (payload, transport) = if u.force_object_store || u.payload.len() > self.inline_limit {
             let name = subjects::update_object(&u.job, u.round, &u.client);
-            let meta = async_nats::jetstream::object_store::ObjectMetadata {
-                name: name.clone(),
-                chunk_size: Some(jobs::chunk_size(&self.infra)),
-                ..Default::default()
-            };
-            self.infra
-                .update_objects
-                .put(meta, &mut u.payload.as_ref())
-                .await
-                .map_err(|e| Error::nats("put update object", e))?;
+            let chunk = jobs::chunk_size(&self.infra);
+            objects::put_object(&self.infra, subjects::UPDATES_BUCKET, &name, &u.payload, chunk).await?;
             headers.insert(protocol::HDR_OBJECT, name.as_str());
             headers.insert(protocol::HDR_DIGEST, format!("sha256:{digest}").as_str());
             (Bytes::new(), Transport::ObjectStore)

@@ -74,6 +74,26 @@ pub enum Error {
     /// Waiting exceeded its timeout.
     #[error("timed out after {0:?} waiting for {1}")]
     Timeout(std::time::Duration, &'static str),
+    /// NATS refused the credentials, or an operation they do not permit (a permissions
+    /// violation reported by the server).
+    #[error("not authorized to {op}: {detail}")]
+    Unauthorized {
+        /// What was attempted.
+        op: &'static str,
+        /// The server's message (names the refused subject).
+        detail: String,
+    },
+    /// TLS to NATS failed: unknown CA, bad certificate or key, or no TLS where it is required.
+    #[error("TLS to NATS at {url} failed: {detail}")]
+    Tls {
+        /// The URL tried.
+        url: String,
+        /// What went wrong (the TLS library's message).
+        detail: String,
+    },
+    /// Contradictory or incomplete options (credentials, TLS files, generator input).
+    #[error("invalid options: {0}")]
+    InvalidOptions(String),
     /// The update was rejected (client SDK view of a [`RejectReason`]).
     #[error("update rejected: {0}")]
     Rejected(RejectReason),

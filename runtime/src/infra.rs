@@ -1,18 +1,25 @@
-//! Connecting to NATS and creating Shoal's JetStream resources idempotently at start-up: stream
-//! `SHOAL_UPDATES` (work-queue retention, duplicate window), object stores `shoal-updates` and
-//! `shoal-models`, KV bucket `shoal-jobs`.
+//! Connecting to NATS (credentials, TLS, bounded retries with clear errors) and creating
+//! Shoal's JetStream resources idempotently at start-up: stream `SHOAL_UPDATES` (work-queue
+//! retention, duplicate window), object stores `shoal-updates` and `shoal-models`, KV bucket
+//! `shoal-jobs`.
 
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, object_store, stream};
 
+use crate::auth::{self, NatsAuth, NatsTls, Secret, Violations};
 use crate::error::{Error, Result};
 use crate::subjects::{self, Subjects};
+
+/// How long [`connect_client`] keeps retrying an unreachable server.
+pub const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Connection options.
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {
-    /// NATS URL(s), comma-separated.
+    /// NATS URL(s), comma-separated. Credentials in a URL (`nats://user:pass@host`,
+    /// `nats://token@host`) are moved into [`Self::auth`] before connecting, so that they are
+    /// never logged.
     pub url: String,
     /// Subject prefix.
     pub prefix: String,
@@ -20,6 +27,13 @@ pub struct ConnectOptions {
     pub duplicate_window: Duration,
     /// Client name shown in the NATS monitoring endpoints.
     pub name: String,
+    /// Credentials.
+    pub auth: NatsAuth,
+    /// TLS.
+    pub tls: NatsTls,
+    /// Inbox prefix for replies (default `_INBOX`). A client with least permissions must use
+    /// [`auth::client_inbox_prefix`], the only inbox it may subscribe to.
+    pub inbox_prefix: Option<String>,
 }
 
 impl Default for ConnectOptions {
@@ -29,8 +43,164 @@ impl Default for ConnectOptions {
             prefix: subjects::DEFAULT_PREFIX.into(),
             duplicate_window: Duration::from_secs(600),
             name: "shoal".into(),
+            auth: NatsAuth::default(),
+            tls: NatsTls::default(),
+            inbox_prefix: None,
         }
     }
+}
+
+impl ConnectOptions {
+    /// These options for client `client`: its inbox becomes [`auth::client_inbox_prefix`].
+    pub fn for_client(mut self, client: &shoal_functions::ClientId) -> ConnectOptions {
+        self.inbox_prefix = Some(auth::client_inbox_prefix(client));
+        self
+    }
+
+    /// Moves credentials out of the URLs into [`Self::auth`] (unless credentials are set
+    /// already, in which case they are only removed from the URLs).
+    ///
+    /// # Errors
+    /// [`Error::InvalidOptions`] when URLs carry different credentials.
+    pub fn without_url_credentials(mut self) -> Result<ConnectOptions> {
+        let mut found: Option<(String, Option<String>)> = None;
+        let mut urls = Vec::new();
+        for url in self.url.split(',').map(str::trim) {
+            let (scheme, rest) = url.split_once("://").map_or(("", url), |(s, r)| (s, r));
+            let (userinfo, host) = match rest.rsplit_once('@') {
+                Some((u, h)) if !u.contains('/') => (Some(u), h),
+                _ => (None, rest),
+            };
+            if let Some(u) = userinfo {
+                let creds = match u.split_once(':') {
+                    Some((user, pass)) => (user.to_owned(), Some(pass.to_owned())),
+                    None => (u.to_owned(), None),
+                };
+                match &found {
+                    Some(f) if *f != creds => {
+                        return Err(Error::InvalidOptions("NATS URLs carry different credentials".into()))
+                    }
+                    _ => found = Some(creds),
+                }
+            }
+            urls.push(if scheme.is_empty() { host.to_owned() } else { format!("{scheme}://{host}") });
+        }
+        self.url = urls.join(",");
+        if let Some((user, pass)) = found {
+            if !self.auth.is_set() {
+                self.auth = match pass {
+                    Some(p) => NatsAuth::user_password(user, p),
+                    None => NatsAuth { token: Some(Secret::new(user)), ..NatsAuth::default() },
+                };
+            }
+        }
+        Ok(self)
+    }
+}
+
+/// Connects to NATS with `opts`' credentials and TLS. Unreachable servers are retried for
+/// [`CONNECT_DEADLINE`]; refused credentials and TLS failures are returned at once. The
+/// returned [`Violations`] receives every permission violation the server reports on this
+/// connection (also logged as warnings).
+///
+/// # Errors
+/// [`Error::Unauthorized`] (credentials refused), [`Error::Tls`], [`Error::InvalidOptions`],
+/// [`Error::Io`] (unreadable creds, seed or certificate files), [`Error::Connect`] when the
+/// server stays unreachable.
+pub async fn connect_client(opts: &ConnectOptions) -> Result<(async_nats::Client, Violations)> {
+    let opts = opts.clone().without_url_credentials()?;
+    let violations = Violations::default();
+    let deadline = tokio::time::Instant::now() + CONNECT_DEADLINE;
+    loop {
+        let nats = build_options(&opts, &violations).await?;
+        let err = match nats.connect(opts.url.as_str()).await {
+            Ok(client) => return Ok((client, violations)),
+            Err(e) => e,
+        };
+        use async_nats::ConnectErrorKind as K;
+        if let Some(detail) = tls_failure(&err) {
+            return Err(Error::Tls { url: opts.url.clone(), detail });
+        }
+        match err.kind() {
+            K::AuthorizationViolation | K::Authentication => {
+                return Err(Error::Unauthorized {
+                    op: "connect",
+                    detail: format!("{err} (check the NATS credentials)"),
+                })
+            }
+            K::ServerParse => return Err(Error::Connect { url: opts.url.clone(), source: err }),
+            _ if tokio::time::Instant::now() >= deadline => {
+                return Err(Error::Connect { url: opts.url.clone(), source: err })
+            }
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+async fn build_options(opts: &ConnectOptions, violations: &Violations) -> Result<async_nats::ConnectOptions> {
+    let v = violations.clone();
+    let mut nats = async_nats::ConnectOptions::new()
+        .name(&opts.name)
+        .connection_timeout(Duration::from_secs(5))
+        .event_callback(move |event| {
+            let v = v.clone();
+            async move { on_event(&v, event) }
+        });
+    if let Some(prefix) = &opts.inbox_prefix {
+        nats = nats.custom_inbox_prefix(prefix);
+    }
+    let nats = opts.tls.apply(nats)?;
+    opts.auth.apply(nats).await
+}
+
+fn on_event(violations: &Violations, event: async_nats::Event) {
+    use async_nats::{Event, ServerError};
+    match event {
+        Event::ServerError(ServerError::Other(msg)) if auth::is_permission_violation(&msg) => {
+            tracing::warn!(error = %msg, "NATS refused an operation");
+            violations.report(msg);
+        }
+        Event::ServerError(e) => tracing::warn!(error = %e, "NATS server error"),
+        // Reconnect attempts report each failure; the connection state says the rest.
+        Event::ClientError(e) => tracing::debug!(error = %e, "NATS client error"),
+        Event::Disconnected => tracing::info!("NATS connection lost; reconnecting"),
+        Event::Connected => tracing::debug!("NATS connected"),
+        other => tracing::debug!(event = %other, "NATS event"),
+    }
+}
+
+/// The TLS library's message when a connect error is a TLS failure.
+fn tls_failure(err: &async_nats::ConnectError) -> Option<String> {
+    if err.kind() == async_nats::ConnectErrorKind::Tls {
+        return Some(error_chain(err));
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
+    while let Some(e) = source {
+        if e.is::<async_nats::rustls::Error>() {
+            return Some(error_chain(err));
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io.get_ref().is_some_and(|inner| inner.is::<async_nats::rustls::Error>()) {
+                return Some(error_chain(err));
+            }
+        }
+        source = e.source();
+    }
+    None
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        let s = e.to_string();
+        if !text.contains(&s) {
+            text.push_str(": ");
+            text.push_str(&s);
+        }
+        source = e.source();
+    }
+    text
 }
 
 /// Handles to everything Shoal uses in NATS.
@@ -50,6 +220,8 @@ pub struct Infra {
     pub jobs: kv::Store,
     /// Subject builder.
     pub subjects: Subjects,
+    /// Permission violations the server reports on this connection.
+    pub violations: Violations,
 }
 
 impl std::fmt::Debug for Infra {
@@ -59,28 +231,23 @@ impl std::fmt::Debug for Infra {
 }
 
 impl Infra {
-    /// Connects and ensures every resource exists (creating what is missing).
+    /// Connects (see [`connect_client`]) and ensures every resource exists, creating what is
+    /// missing. With least-privilege credentials the resources must exist already (a node
+    /// creates them); a creation the credentials forbid fails as [`Error::Unauthorized`].
     ///
     /// # Errors
-    /// [`Error::Connect`] when NATS is unreachable; [`Error::Nats`] when JetStream is disabled or
-    /// a resource cannot be created.
+    /// As [`connect_client`]; [`Error::Nats`] when JetStream is disabled or a resource cannot
+    /// be created.
     pub async fn connect(opts: &ConnectOptions) -> Result<Infra> {
-        let client = async_nats::ConnectOptions::new()
-            .name(&opts.name)
-            .retry_on_initial_connect()
-            .connection_timeout(Duration::from_secs(5))
-            .connect(opts.url.as_str())
+        let (client, violations) = connect_client(opts).await?;
+        let guard = violations.clone();
+        guard
+            .guard("open the JetStream resources (does a node run?)", async move {
+                let mut infra = Self::with_client(client, opts).await?;
+                infra.violations = violations;
+                Ok(infra)
+            })
             .await
-            .map_err(|source| Error::Connect { url: opts.url.clone(), source })?;
-        // retry_on_initial_connect returns at once; wait (bounded) for the first connection.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while client.connection_state() != async_nats::connection::State::Connected {
-            if tokio::time::Instant::now() > deadline {
-                return Err(Error::Timeout(Duration::from_secs(10), "the first NATS connection"));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Self::with_client(client, opts).await
     }
 
     /// Like [`Self::connect`] with an existing client.
@@ -110,7 +277,16 @@ impl Infra {
             object_bucket(&js, subjects::UPDATES_BUCKET, Duration::from_secs(24 * 3600)).await?;
         let models = object_bucket(&js, subjects::MODELS_BUCKET, Duration::ZERO).await?;
         let jobs = kv_bucket(&js, subjects::JOBS_BUCKET, 5).await?;
-        Ok(Infra { client, js, updates, update_objects, models, jobs, subjects })
+        Ok(Infra {
+            client,
+            js,
+            updates,
+            update_objects,
+            models,
+            jobs,
+            subjects,
+            violations: Violations::default(),
+        })
     }
 
     /// The server's `max_payload` in bytes.
@@ -128,7 +304,7 @@ async fn kv_bucket(js: &jetstream::Context, bucket: &str, history: i64) -> Resul
         return Ok(kv);
     }
     js.get_or_create_stream(stream::Config {
-        name: format!("KV_{bucket}"),
+        name: subjects::kv_stream(bucket),
         subjects: vec![format!("$KV.{bucket}.>")],
         max_messages_per_subject: history,
         discard: stream::DiscardPolicy::New,

@@ -9,7 +9,10 @@
 //! - [`subjects`]: every NATS subject, stream, bucket, key and object name.
 //! - [`protocol`]: update headers and the versioned msgpack control messages (job state, round
 //!   events, rejection notices).
-//! - [`infra`]: connecting to NATS and creating the JetStream resources idempotently.
+//! - [`auth`]: NATS credentials and TLS, the least-privilege permissions of a client, the
+//!   nats-server `authorization` block generator, permission-violation reporting.
+//! - [`infra`]: connecting to NATS (credentials, TLS) and creating the JetStream resources
+//!   idempotently.
 //! - [`jobs`]: job creation, job state compare-and-set, model store, the in-process job directory.
 //! - [`shm`]: shared-memory segments and the slot pool (all mapping `unsafe` lives here).
 //! - [`gateway`]: the JetStream pull consumer, validation and staging.
@@ -19,12 +22,14 @@
 //! - [`metrics`]: Prometheus metrics, served over NATS request/reply.
 //! - [`node`]: assembling a node and shutting it down.
 //! - [`client`]: the Rust client SDK.
+//! - [`objects`]: object-store reads and writes that need no consumer (least permissions).
 //! - [`sim`]: the digits dataset, Dirichlet split and softmax-regression trainer of the demo.
 //! - [`demo`]: `shoal demo`, a real federated training run end to end.
 //! - [`nats_server`]: starting a private `nats-server` child (the demo and the tests use it).
 //! - [`cli`]: the `shoal` command line.
 //! - [`error`]: the runtime's error type and the typed rejection reasons.
 
+pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod coordinator;
@@ -39,6 +44,7 @@ pub mod lease;
 pub mod metrics;
 pub mod nats_server;
 pub mod node;
+pub mod objects;
 pub mod protocol;
 pub mod reject;
 pub mod shm;

@@ -1,7 +1,9 @@
 //! A real nats-server for tests: started on a free loopback port with JetStream on and a private store dir, killed on drop.
 //!
 //! Typical use: `let server = NatsServer::start()?;` then connect a client to `server.url()`.
-//! Use [`NatsServer::start_with`] for a larger `max_payload` or extra config text.
+//! Use [`NatsServer::start_with`] for a larger `max_payload`, users and permissions
+//! ([`NatsOptions::authorization`], e.g. from [`crate::auth::authorization_block`]), TLS
+//! ([`NatsOptions::tls`]) or extra config text.
 //!
 //! How it works:
 //!
@@ -122,12 +124,30 @@ pub struct NatsOptions {
     /// configuration". Other `jetstream { ... }` keys (e.g. `max_mem`) merge fine. Keys that
     /// appear twice in the file take the last value, so this text can override `max_pending`.
     pub extra_config: Option<String>,
+    /// An `authorization { ... }` block (users and permissions), written into the config file.
+    pub authorization: Option<String>,
+    /// Serve TLS with these files (the client port then requires TLS).
+    pub tls: Option<ServerTls>,
 }
 
 impl Default for NatsOptions {
     fn default() -> Self {
-        NatsOptions { max_payload: None, jetstream: true, extra_config: None }
+        NatsOptions { max_payload: None, jetstream: true, extra_config: None, authorization: None, tls: None }
     }
+}
+
+/// The server side of TLS for [`NatsOptions::tls`] (PEM files).
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    /// The server's certificate (chain). Its subject alternative names must cover the host
+    /// clients dial (`127.0.0.1`).
+    pub cert_file: PathBuf,
+    /// The server certificate's private key.
+    pub key_file: PathBuf,
+    /// CA that signed client certificates (with `verify_clients`).
+    pub ca_file: Option<PathBuf>,
+    /// Require and verify client certificates (mutual TLS).
+    pub verify_clients: bool,
 }
 
 /// Finds the nats-server binary.
@@ -210,7 +230,11 @@ impl NatsServer {
         fs::create_dir(&ports_dir).map_err(HarnessError::io("creating ports dir"))?;
 
         let mut args: Vec<OsString> = Vec::new();
-        if opts.max_payload.is_some() || opts.extra_config.is_some() {
+        if opts.max_payload.is_some()
+            || opts.extra_config.is_some()
+            || opts.authorization.is_some()
+            || opts.tls.is_some()
+        {
             let conf = root.join("nats-server.conf");
             fs::write(&conf, config_text(&opts)).map_err(HarnessError::io("writing nats-server config"))?;
             args.push("-c".into());
@@ -234,9 +258,15 @@ impl NatsServer {
         Ok(server)
     }
 
-    /// `nats://127.0.0.1:<port>`.
+    /// `nats://127.0.0.1:<port>` (with [`NatsOptions::tls`], clients upgrade to TLS after the
+    /// server's greeting, as the server requires it).
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// `tls://127.0.0.1:<port>`: the same port, for clients that must insist on TLS.
+    pub fn tls_url(&self) -> String {
+        format!("tls://127.0.0.1:{}", self.port)
     }
 
     /// The OS process id of the running server, or `None` after [`kill`](Self::kill).
@@ -436,6 +466,21 @@ fn config_text(opts: &NatsOptions) -> String {
     if let Some(max_payload) = opts.max_payload {
         let _ = writeln!(text, "max_payload: {max_payload}");
         let _ = writeln!(text, "max_pending: {}", max_payload.max(DEFAULT_MAX_PENDING));
+    }
+    if let Some(tls) = &opts.tls {
+        let quote = |p: &Path| format!("{:?}", p.display().to_string());
+        text.push_str("tls {\n");
+        let _ = writeln!(text, "  cert_file: {}", quote(&tls.cert_file));
+        let _ = writeln!(text, "  key_file: {}", quote(&tls.key_file));
+        if let Some(ca) = &tls.ca_file {
+            let _ = writeln!(text, "  ca_file: {}", quote(ca));
+        }
+        let _ = writeln!(text, "  verify: {}", tls.verify_clients);
+        text.push_str("  timeout: 2\n}\n");
+    }
+    if let Some(auth) = &opts.authorization {
+        text.push_str(auth);
+        text.push('\n');
     }
     if let Some(extra) = &opts.extra_config {
         text.push_str(extra);

@@ -151,6 +151,28 @@ pub fn update_object(job: &JobId, round: RoundId, client: &ClientId) -> String {
     format!("{job}/{round}/{client}")
 }
 
+/// The stream behind object store `bucket`: `OBJ_<bucket>`.
+pub fn object_stream(bucket: &str) -> String {
+    format!("OBJ_{bucket}")
+}
+
+/// The stream behind KV bucket `bucket`: `KV_<bucket>`.
+pub fn kv_stream(bucket: &str) -> String {
+    format!("KV_{bucket}")
+}
+
+/// The subject of one object's chunks: `$O.<bucket>.C.<nuid>`.
+pub fn object_chunks(bucket: &str, nuid: &str) -> String {
+    format!("$O.{bucket}.C.{nuid}")
+}
+
+/// The subject of one object's metadata: `$O.<bucket>.M.<base64url(name)>`, as the NATS object
+/// store names it.
+pub fn object_meta(bucket: &str, name: &str) -> String {
+    use base64::Engine as _;
+    format!("$O.{bucket}.M.{}", base64::engine::general_purpose::URL_SAFE.encode(name))
+}
+
 /// `Nats-Msg-Id` of an update: `<job>.<round>.<client>.<first 16 hex digits of the payload's
 /// SHA-256>`. JetStream drops a retry of the same bytes within the duplicate window, while a
 /// corrected update (after a rejection) goes through.

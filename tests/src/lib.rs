@@ -1,6 +1,7 @@
 //! Test harness for Shoal's integration tests: a real `nats-server` (from
 //! `shoal_runtime::nats_server`), `shoal node` processes started from the built binary and killed
-//! on drop, and helpers to build jobs, random updates and the independent f64 oracle.
+//! on drop, and helpers to build jobs, random updates and the independent f64 oracle; a
+//! throwaway PKI ([`TestPki`], generated with rcgen) for TLS tests.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -12,7 +13,8 @@ use futures::StreamExt;
 use rand::{Rng, SeedableRng};
 use shoal_functions::tensor::encode_safetensors;
 use shoal_functions::{JobId, JobSpec, ModelManifest, RoundPolicy, StrategySpec, UpdateKind};
-pub use shoal_runtime::nats_server::{NatsOptions, NatsServer};
+use shoal_runtime::infra::ConnectOptions;
+pub use shoal_runtime::nats_server::{NatsOptions, NatsServer, ServerTls};
 use shoal_runtime::protocol::{self, RejectNotice};
 
 /// Path of the built `shoal` binary (next to the test executable's `deps/` directory).
@@ -38,6 +40,9 @@ pub struct NodeProcess {
     /// Node id.
     pub node_id: String,
     args: Vec<String>,
+    envs: Vec<(String, String)>,
+    /// How readiness probes connect (credentials, TLS); `None`: plainly to the URL.
+    probe: Option<ConnectOptions>,
     log: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -46,6 +51,19 @@ impl NodeProcess {
     /// Starts `shoal node` against `nats_url` with a private shm root and `extra` flags, and
     /// waits until it answers its metrics subject.
     pub async fn start(nats_url: &str, node_id: &str, extra: &[&str]) -> NodeProcess {
+        Self::start_with(nats_url, node_id, extra, &[], None).await
+    }
+
+    /// Like [`Self::start`], with environment variables for the process (`SHOAL_NATS_PASSWORD`
+    /// and friends) and `probe`: how the readiness probe connects to a server that wants
+    /// credentials or TLS.
+    pub async fn start_with(
+        nats_url: &str,
+        node_id: &str,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+        probe: Option<ConnectOptions>,
+    ) -> NodeProcess {
         let dir = tempfile::Builder::new().prefix("shoal-test-").tempdir_in(shm_base()).expect("shm tempdir");
         let mut args = vec![
             "node".to_string(),
@@ -58,7 +76,8 @@ impl NodeProcess {
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let log = dir.path().join("node.log");
-        let mut n = NodeProcess { child: None, node_id: node_id.into(), args, log, _dir: dir };
+        let envs = envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut n = NodeProcess { child: None, node_id: node_id.into(), args, envs, probe, log, _dir: dir };
         n.spawn();
         n.wait_ready(nats_url).await;
         n
@@ -70,6 +89,7 @@ impl NodeProcess {
         let mut cmd = Command::new(shoal_bin());
         cmd.args(&self.args)
             .env("RUST_LOG", std::env::var("SHOAL_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
@@ -77,7 +97,10 @@ impl NodeProcess {
     }
 
     async fn wait_ready(&mut self, nats_url: &str) {
-        let client = async_nats::connect(nats_url).await.expect("connect");
+        let client = match &self.probe {
+            Some(opts) => shoal_runtime::infra::connect_client(opts).await.expect("probe connect").0,
+            None => async_nats::connect(nats_url).await.expect("connect"),
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         let subject = format!("shoal.node.{}.metrics", self.node_id);
         loop {
@@ -287,5 +310,80 @@ impl SharedCluster {
             .join()
             .expect("cluster start")
         })
+    }
+}
+
+/// A throwaway PKI for TLS tests, generated with rcgen at test time: a CA, a server certificate
+/// for `127.0.0.1` and `localhost`, a client certificate (all signed by the CA), and an
+/// unrelated second CA. PEM files in a temp dir, deleted on drop.
+#[derive(Debug)]
+pub struct TestPki {
+    /// The CA certificate.
+    pub ca_cert: PathBuf,
+    /// The server certificate.
+    pub server_cert: PathBuf,
+    /// Its key.
+    pub server_key: PathBuf,
+    /// A client certificate.
+    pub client_cert: PathBuf,
+    /// Its key.
+    pub client_key: PathBuf,
+    /// A CA that signed nothing here (a client trusting only it must fail).
+    pub other_ca_cert: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TestPki {
+    /// Generates the certificates and writes them.
+    ///
+    /// # Panics
+    /// If generation or writing fails.
+    pub fn generate() -> TestPki {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+            KeyUsagePurpose,
+        };
+        let dir = tempfile::Builder::new().prefix("shoal-pki-").tempdir().expect("pki dir");
+        let write = |name: &str, pem: String| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, pem).expect("write pem");
+            path
+        };
+        let ca = |name: &str| {
+            let key = KeyPair::generate().expect("ca key");
+            let mut params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            let cert = params.self_signed(&key).expect("ca cert");
+            (cert.pem(), Issuer::new(params, key))
+        };
+        let (ca_pem, issuer) = ca("shoal test CA");
+        let (other_pem, _) = ca("unrelated test CA");
+        let leaf = |sans: Vec<String>, cn: &str, usage: ExtendedKeyUsagePurpose| {
+            let key = KeyPair::generate().expect("leaf key");
+            let mut params = CertificateParams::new(sans).expect("leaf params");
+            params.distinguished_name.push(DnType::CommonName, cn);
+            params.extended_key_usages = vec![usage];
+            params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+            let cert = params.signed_by(&key, &issuer).expect("leaf cert");
+            (cert.pem(), key.serialize_pem())
+        };
+        let (server_pem, server_key) = leaf(
+            vec!["127.0.0.1".into(), "localhost".into()],
+            "shoal test nats-server",
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        let (client_pem, client_key) =
+            leaf(vec!["shoal-node".into()], "shoal test client", ExtendedKeyUsagePurpose::ClientAuth);
+        TestPki {
+            ca_cert: write("ca.pem", ca_pem),
+            server_cert: write("server.pem", server_pem),
+            server_key: write("server-key.pem", server_key),
+            client_cert: write("client.pem", client_pem),
+            client_key: write("client-key.pem", client_key),
+            other_ca_cert: write("other-ca.pem", other_pem),
+            _dir: dir,
+        }
     }
 }

@@ -1,0 +1,143 @@
+//! Object-store reads and writes for clients with least permissions, in the NATS object-store
+//! format (so the node reads them with the ordinary `ObjectStore` API).
+//!
+//! The async-nats `ObjectStore::put` first reads the existing object's metadata, and `get`
+//! creates a consumer that delivers the chunks. A client may do neither: reading metadata of
+//! `shoal-updates` would show other clients' object names and digests, and creating consumers
+//! would let it point deliveries at subjects of its choice. So:
+//! - [`put_object`] publishes the chunks to `$O.<bucket>.C.<nuid>` and then the metadata to
+//!   `$O.<bucket>.M.<base64url(name)>` (with `Nats-Rollup: sub`), awaiting every ack, and reads
+//!   nothing;
+//! - [`read_object`] reads the metadata with a direct get of the last message on its subject,
+//!   then each chunk with a direct get of the next message on the chunk subject, and checks
+//!   size and SHA-256 digest. No consumer is created.
+
+use async_nats::jetstream::object_store::{ObjectInfo, ObjectOptions};
+use async_nats::HeaderMap;
+use base64::Engine as _;
+use bytes::Bytes;
+use rand::Rng;
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::infra::Infra;
+use crate::subjects;
+
+/// A NUID-shaped random token (22 base62 characters) naming an object's chunks.
+fn nuid() -> String {
+    const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut rng = rand::thread_rng();
+    (0..22).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect()
+}
+
+/// Puts `data` into object store `bucket` as `name`, in chunks of `chunk_size` bytes. Needs
+/// publish permission on `$O.<bucket>.C.*` and `$O.<bucket>.M.*` only. A replaced object's
+/// old chunks are not purged (the bucket's max age removes them).
+///
+/// # Errors
+/// NATS errors (a refused publish shows as [`Error::Unauthorized`] when guarded by
+/// [`crate::auth::Violations::guard`]).
+pub async fn put_object(
+    infra: &Infra,
+    bucket: &str,
+    name: &str,
+    data: &Bytes,
+    chunk_size: usize,
+) -> Result<()> {
+    let chunk_size = chunk_size.max(1);
+    let nuid = nuid();
+    let chunk_subject = subjects::object_chunks(bucket, &nuid);
+    let mut chunks = 0;
+    let mut offset = 0;
+    while offset < data.len() {
+        let end = (offset + chunk_size).min(data.len());
+        infra
+            .js
+            .publish(chunk_subject.clone(), data.slice(offset..end))
+            .await
+            .map_err(|e| Error::nats("publish object chunk", e))?
+            .await
+            .map_err(|e| Error::nats("publish object chunk (ack)", e))?;
+        chunks += 1;
+        offset = end;
+    }
+    let info = ObjectInfo {
+        name: name.to_owned(),
+        description: None,
+        metadata: Default::default(),
+        headers: None,
+        options: Some(ObjectOptions { link: None, max_chunk_size: Some(chunk_size) }),
+        bucket: bucket.to_owned(),
+        nuid,
+        size: data.len(),
+        chunks,
+        modified: None,
+        digest: Some(format!(
+            "SHA-256={}",
+            base64::engine::general_purpose::URL_SAFE.encode(Sha256::digest(data))
+        )),
+        deleted: false,
+    };
+    let meta = serde_json::to_vec(&info)
+        .map_err(|e| Error::Decode { what: "object info", detail: e.to_string() })?;
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Rollup", "sub");
+    infra
+        .js
+        .publish_with_headers(subjects::object_meta(bucket, name), headers, Bytes::from(meta))
+        .await
+        .map_err(|e| Error::nats("publish object metadata", e))?
+        .await
+        .map_err(|e| Error::nats("publish object metadata (ack)", e))?;
+    Ok(())
+}
+
+/// Reads object `name` of object store `bucket` with direct gets only. Needs publish permission
+/// on `$JS.API.DIRECT.GET.OBJ_<bucket>` and `$JS.API.DIRECT.GET.OBJ_<bucket>.>`.
+///
+/// # Errors
+/// [`Error::Nats`] when the object is missing or deleted or a read fails; [`Error::Decode`]
+/// when the chunks do not add up to the recorded size and digest.
+pub async fn read_object(infra: &Infra, bucket: &str, name: &str) -> Result<Vec<u8>> {
+    let stream = infra
+        .js
+        .get_stream_no_info(subjects::object_stream(bucket))
+        .await
+        .map_err(|e| Error::nats("open object stream", e))?;
+    let meta = stream
+        .direct_get_last_for_subject(subjects::object_meta(bucket, name))
+        .await
+        .map_err(|e| Error::nats("read object info", e))?;
+    let info: ObjectInfo = serde_json::from_slice(&meta.payload)
+        .map_err(|e| Error::Decode { what: "object info", detail: e.to_string() })?;
+    if info.deleted {
+        return Err(Error::nats("read object", std::io::Error::other(format!("object {name} was deleted"))));
+    }
+    let chunk_subject = subjects::object_chunks(bucket, &info.nuid);
+    let mut data = Vec::with_capacity(info.size);
+    let mut seq = 1;
+    for _ in 0..info.chunks {
+        let chunk = stream
+            .direct_get_next_for_subject(chunk_subject.clone(), Some(seq))
+            .await
+            .map_err(|e| Error::nats("read object chunk", e))?;
+        if data.len() + chunk.payload.len() > info.size {
+            break;
+        }
+        data.extend_from_slice(&chunk.payload);
+        seq = chunk.sequence + 1;
+    }
+    let digest =
+        format!("SHA-256={}", base64::engine::general_purpose::URL_SAFE.encode(Sha256::digest(&data)));
+    if data.len() != info.size || info.digest.as_deref().is_some_and(|d| d != digest) {
+        return Err(Error::Decode {
+            what: "object",
+            detail: format!(
+                "{name}: {} bytes read, {} recorded, or the digest differs",
+                data.len(),
+                info.size
+            ),
+        });
+    }
+    Ok(data)
+}

@@ -1,0 +1,525 @@
+//! Authentication, authorization and TLS against a real nats-server and a real `shoal node`.
+//!
+//! The server runs with the users `shoal_runtime::auth` generates: the node as an nkey user
+//! with every permission, each client as a password user with `client_permissions` for its
+//! job. The tests show that a client cannot publish as another client (and nothing is stored
+//! for the victim), that its own update commits (also through `shoal client`), that it can
+//! read nothing from `shoal-updates` (by any route) nor claim another client's object, that an
+//! object it overwrites under another's name is refused rather than accepted as the other's,
+//! that it cannot write models or job state nor read another job's state; that tokens work
+//! and wrong credentials fail at connect; and that node and clients work over mutual TLS with
+//! a CA generated at test time while a client without that CA fails with a TLS error.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::push;
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use shoal_functions::{
+    ClientId, DType, JobId, ModelManifest, ModelVersion, Parameters, RoundId, TensorSpec, UpdateKind,
+};
+use shoal_runtime::auth::{self, NatsAuth, NatsTls, UserCredential};
+use shoal_runtime::client::{ShoalClient, Transport, UpdateRequest};
+use shoal_runtime::infra::ConnectOptions;
+use shoal_runtime::protocol::{self, RoundOutcome};
+use shoal_runtime::{jobs, objects, subjects, Error, RejectReason};
+use shoal_tests::*;
+
+const NODE_USER: &str = "shoal-node";
+/// Jobs of the shared secured cluster and their clients.
+const JOBS: &[(&str, &[&str])] = &[
+    ("forge", &["fa", "fb"]),
+    ("objects", &["oa", "ob"]),
+    ("hijack", &["ha", "hb"]),
+    ("writes", &["wa"]),
+    ("cli", &["cc"]),
+];
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn password(user: &str) -> String {
+    format!("pw-{user}-not-a-real-secret")
+}
+
+/// A nats-server with per-user permissions and a node logged in with an nkey seed.
+#[derive(Debug)]
+struct Secured {
+    nats: NatsServer,
+    _node: NodeProcess,
+    node_opts: ConnectOptions,
+    _seed_dir: tempfile::TempDir,
+}
+
+static SECURED: OnceLock<Secured> = OnceLock::new();
+
+fn secured() -> &'static Secured {
+    SECURED.get_or_init(|| {
+        std::thread::spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let node_key = nkeys::KeyPair::new_user();
+                let seed_dir = tempfile::tempdir().unwrap();
+                let seed_file = seed_dir.path().join("node.nk");
+                std::fs::write(&seed_file, format!("{}\n", node_key.seed().unwrap())).unwrap();
+                let mut users = Vec::new();
+                for (job, clients) in JOBS {
+                    let job = JobId::new(*job).unwrap();
+                    let clients: Vec<ClientId> = clients.iter().map(|c| ClientId::new(*c).unwrap()).collect();
+                    let job_users = auth::job_users("shoal", &job, NODE_USER, &clients, |u| {
+                        if u == NODE_USER {
+                            UserCredential::Nkey(node_key.public_key())
+                        } else {
+                            UserCredential::Password(auth::Secret::new(password(u)))
+                        }
+                    })
+                    .unwrap();
+                    // The node user once; then this job's clients.
+                    let first = users.is_empty();
+                    users.extend(job_users.into_iter().filter(|u| first || u.name != NODE_USER));
+                }
+                let authorization = auth::authorization_block(&users).unwrap();
+                let nats = NatsServer::start_with(NatsOptions {
+                    authorization: Some(authorization),
+                    ..Default::default()
+                })
+                .unwrap();
+                let node_opts = ConnectOptions {
+                    url: nats.url(),
+                    auth: NatsAuth { nkey_seed_file: Some(seed_file.clone()), ..Default::default() },
+                    ..Default::default()
+                };
+                let seed = seed_file.display().to_string();
+                // The seed file through the environment, as a Helm chart would pass it.
+                let node = NodeProcess::start_with(
+                    &nats.url(),
+                    "secured",
+                    &["--ack-wait-ms", "5000"],
+                    &[("SHOAL_NATS_NKEY", seed.as_str())],
+                    Some(node_opts.clone()),
+                )
+                .await;
+                Secured { nats, _node: node, node_opts, _seed_dir: seed_dir }
+            })
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+async fn node_client() -> ShoalClient {
+    init_logging();
+    ShoalClient::connect(&secured().node_opts).await.unwrap()
+}
+
+/// A client logged in as `id` with its least permissions.
+async fn client(id: &str) -> ShoalClient {
+    let opts = ConnectOptions {
+        url: secured().nats.url(),
+        auth: NatsAuth::user_password(id, password(id)),
+        ..Default::default()
+    }
+    .for_client(&ClientId::new(id).unwrap());
+    ShoalClient::connect(&opts).await.unwrap()
+}
+
+fn small_manifest() -> Arc<ModelManifest> {
+    Arc::new(ModelManifest::new(vec![TensorSpec::new("w", DType::F32, vec![64])]).unwrap())
+}
+
+/// 1.2 MB of f32: above the 1 MiB inline limit, two object-store chunks.
+fn large_manifest() -> Arc<ModelManifest> {
+    Arc::new(ModelManifest::new(vec![TensorSpec::new("w", DType::F32, vec![300_000])]).unwrap())
+}
+
+fn request(
+    job: &JobId,
+    who: &str,
+    round: RoundId,
+    m: &Arc<ModelManifest>,
+    values: &[Vec<f64>],
+    n: u64,
+) -> UpdateRequest {
+    UpdateRequest {
+        job: job.clone(),
+        client: ClientId::new(who).unwrap(),
+        round,
+        base_version: ModelVersion(0),
+        num_examples: n,
+        kind: UpdateKind::Parameters,
+        payload: payload(m, values),
+        force_object_store: false,
+    }
+}
+
+fn assert_unauthorized<T: std::fmt::Debug>(r: Result<T, Error>, subject_part: &str) {
+    match r {
+        Err(Error::Unauthorized { detail, .. }) => {
+            assert!(detail.contains(subject_part), "refusal {detail:?} does not name {subject_part:?}")
+        }
+        other => panic!("expected a permissions violation naming {subject_part:?}, got {other:?}"),
+    }
+}
+
+async fn assert_matches_oracle(
+    c: &ShoalClient,
+    job: &JobId,
+    m: &Arc<ModelManifest>,
+    sent: &[(Vec<Vec<f64>>, f64)],
+) {
+    let bytes = c.fetch_model(job, ModelVersion(1)).await.unwrap();
+    let model = Parameters::from_safetensors(Arc::clone(m), &bytes).unwrap();
+    let oracle = weighted_mean_oracle(sent);
+    for (g, o) in model.tensor_f64(0).iter().zip(&oracle[0]) {
+        assert!((g - o).abs() <= 1e-6 * o.abs().max(1e-30), "committed {g}, oracle {o}");
+    }
+}
+
+#[tokio::test]
+async fn a_client_cannot_publish_as_another_and_its_own_update_commits() {
+    let node = node_client().await;
+    let m = small_manifest();
+    let job = JobId::new("forge").unwrap();
+    jobs::create_job(node.infra(), &job_spec("forge", (*m).clone(), 2, 2, 60_000, 1), None).await.unwrap();
+    let (fa, fb) = (client("fa").await, client("fb").await);
+    let state = fa.wait_for_open_round(&job, RoundId(1), TIMEOUT).await.unwrap();
+
+    // fa publishes an update as fb: NATS refuses the subject.
+    let forged = as_sent(&m, &random_values(&m, 99));
+    let r = fa.publish_update(request(&job, "fb", state.round, &m, &forged, 1000)).await;
+    assert_unauthorized(r, "Publish to \"shoal.forge.update.fb\"");
+    // Nothing was stored for fb.
+    let stream = node.infra().js.get_stream(subjects::UPDATES_STREAM).await.unwrap();
+    let stored = stream.get_last_raw_message_by_subject("shoal.forge.update.fb").await;
+    assert!(stored.is_err(), "a message for fb was stored: {stored:?}");
+
+    // fa's own update (same connection) and fb's are accepted; the round commits their mean.
+    let a = as_sent(&m, &random_values(&m, 1));
+    let b = as_sent(&m, &random_values(&m, 2));
+    assert_eq!(
+        fa.publish_update(request(&job, "fa", state.round, &m, &a, 10)).await.unwrap(),
+        Transport::Inline
+    );
+    fb.publish_update(request(&job, "fb", state.round, &m, &b, 30)).await.unwrap();
+    let after = fa.wait_for_round_closed(&job, RoundId(1), TIMEOUT).await.unwrap();
+    assert!(matches!(after.last_outcome, Some(RoundOutcome::Committed { clients: 2, .. })), "{after:?}");
+    assert_matches_oracle(&fa, &job, &m, &[(a, 10.0), (b, 30.0)]).await;
+}
+
+#[tokio::test]
+async fn a_client_cannot_read_or_claim_another_clients_update_object() {
+    let node = node_client().await;
+    let m = large_manifest();
+    let job = JobId::new("objects").unwrap();
+    jobs::create_job(node.infra(), &job_spec("objects", (*m).clone(), 2, 2, 60_000, 1), None).await.unwrap();
+    let (oa, ob) = (client("oa").await, client("ob").await);
+    let state = ob.wait_for_open_round(&job, RoundId(1), TIMEOUT).await.unwrap();
+    let b = as_sent(&m, &random_values(&m, 3));
+    let via = ob.publish_update(request(&job, "ob", state.round, &m, &b, 20)).await.unwrap();
+    assert_eq!(via, Transport::ObjectStore, "a 1.2 MB update goes through the object store");
+    let name = subjects::update_object(&job, state.round, &ClientId::new("ob").unwrap());
+    // The object is there (the node can read it) while the round is open.
+    assert!(node.infra().update_objects.info(&name).await.is_ok());
+
+    let infra = oa.infra();
+    let v = &infra.violations;
+    // The object-store API (metadata by direct get, then a consumer for the chunks).
+    let r = v
+        .guard("get", async { infra.update_objects.get(&name).await.map_err(|e| Error::nats("get", e)) })
+        .await;
+    assert_unauthorized(r.map(|_| ()), "$JS.API.DIRECT.GET.OBJ_shoal-updates.");
+    // The consumer-free reader the SDK uses for models.
+    let r = v.guard("read", objects::read_object(infra, subjects::UPDATES_BUCKET, &name)).await;
+    assert_unauthorized(r, "$JS.API.DIRECT.GET.OBJ_shoal-updates.");
+    // A consumer on the chunks, a direct get by sequence, a stream message get.
+    let stream = infra.js.get_stream_no_info("OBJ_shoal-updates").await.unwrap();
+    let consumer = push::OrderedConfig {
+        deliver_subject: infra.client.new_inbox(),
+        filter_subject: "$O.shoal-updates.C.>".into(),
+        ..Default::default()
+    };
+    let r = v
+        .guard("consume", async { stream.create_consumer(consumer).await.map_err(|e| Error::nats("c", e)) })
+        .await;
+    assert_unauthorized(r.map(|_| ()), "$JS.API.CONSUMER.CREATE.OBJ_shoal-updates");
+    let r = v.guard("direct", async { stream.direct_get(1).await.map_err(|e| Error::nats("d", e)) }).await;
+    assert_unauthorized(r.map(|_| ()), "$JS.API.DIRECT.GET.OBJ_shoal-updates");
+    let r =
+        v.guard("msg get", async { stream.get_raw_message(1).await.map_err(|e| Error::nats("m", e)) }).await;
+    assert_unauthorized(r.map(|_| ()), "$JS.API.STREAM.MSG.GET.OBJ_shoal-updates");
+    // Listening to chunks as they are published, or to the node's inbox where the gateway's
+    // reads of them are delivered.
+    for subject in ["$O.shoal-updates.>", "_INBOX.>"] {
+        let r = v
+            .guard("subscribe", async {
+                let sub = infra.client.subscribe(subject).await.map_err(|e| Error::nats("s", e))?;
+                infra.client.flush().await.map_err(|e| Error::nats("f", e))?;
+                // The refusal arrives asynchronously; wait for it (bounded).
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                Ok(sub)
+            })
+            .await;
+        assert_unauthorized(r.map(|_| ()), &format!("Subscription to \"{subject}\""));
+    }
+
+    // oa names ob's object in its own update: the gateway refuses it as unauthorized.
+    let me = ClientId::new("oa").unwrap();
+    let mut rejections = oa.rejections(&job, &me).await.unwrap();
+    let mut h = HeaderMap::new();
+    h.insert(protocol::HDR_ROUND, state.round.to_string().as_str());
+    h.insert(protocol::HDR_BASE_VERSION, "0");
+    h.insert(protocol::HDR_NUM_EXAMPLES, "20");
+    h.insert(protocol::HDR_OBJECT, name.as_str());
+    let digest = {
+        use sha2::Digest as _;
+        hex::encode(sha2::Sha256::digest(payload(&m, &b)))
+    };
+    h.insert(protocol::HDR_DIGEST, format!("sha256:{digest}").as_str());
+    let subject = infra.subjects.update(&job, &me);
+    infra.js.publish_with_headers(subject, h, Bytes::new()).await.unwrap().await.unwrap();
+    let notice = next_rejection(&mut rejections).await;
+    assert_eq!(notice.reason, RejectReason::Unauthorized, "{notice:?}");
+
+    // oa's own large update commits with ob's.
+    let a = as_sent(&m, &random_values(&m, 4));
+    assert_eq!(
+        oa.publish_update(request(&job, "oa", state.round, &m, &a, 60)).await.unwrap(),
+        Transport::ObjectStore
+    );
+    let after = oa.wait_for_round_closed(&job, RoundId(1), TIMEOUT).await.unwrap();
+    assert!(matches!(after.last_outcome, Some(RoundOutcome::Committed { clients: 2, .. })), "{after:?}");
+    assert_matches_oracle(&oa, &job, &m, &[(a, 60.0), (b, 20.0)]).await;
+}
+
+/// `shoal client` as a least-privilege user (password from the environment) publishes, waits
+/// and sees its round commit.
+#[tokio::test]
+async fn the_cli_client_works_with_least_permissions() {
+    let node = node_client().await;
+    let m = small_manifest();
+    let job = JobId::new("cli").unwrap();
+    jobs::create_job(node.infra(), &job_spec("cli", (*m).clone(), 1, 1, 60_000, 1), None).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cc.safetensors");
+    let values = as_sent(&m, &random_values(&m, 8));
+    std::fs::write(&file, payload(&m, &values)).unwrap();
+    let url = secured().nats.url();
+    let out = tokio::process::Command::new(shoal_bin())
+        .args(["client", "--nats-url", &url, "--nats-user", "cc", "--job", "cli", "--client-id", "cc"])
+        .args(["--num-examples", "5", "--wait", "--timeout-secs", "60", "--update"])
+        .arg(&file)
+        .env("SHOAL_NATS_PASSWORD", password("cc"))
+        .output()
+        .await
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "shoal client failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("round 1 closed: committed"), "{stdout}");
+    assert!(!stderr.contains(&password("cc")), "the password leaked: {stderr}");
+    assert_matches_oracle(&node, &job, &m, &[(values, 5.0)]).await;
+}
+
+/// The limit of the object-store permissions: a client may write an object under another
+/// client's name (chunk and metadata subjects cannot be narrowed), but its bytes are never
+/// accepted as the other client's: the victim's own message carries the digest.
+#[tokio::test]
+async fn an_overwritten_object_is_refused_not_accepted_as_the_victims() {
+    let node = node_client().await;
+    let m = large_manifest();
+    let job = JobId::new("hijack").unwrap();
+    jobs::create_job(node.infra(), &job_spec("hijack", (*m).clone(), 2, 2, 60_000, 1), None).await.unwrap();
+    let (ha, hb) = (client("ha").await, client("hb").await);
+    let state = hb.wait_for_open_round(&job, RoundId(1), TIMEOUT).await.unwrap();
+    let hb_id = ClientId::new("hb").unwrap();
+    let name = subjects::update_object(&job, state.round, &hb_id);
+    let b = as_sent(&m, &random_values(&m, 6));
+    let b_bytes = payload(&m, &b);
+    let chunk = jobs::chunk_size(hb.infra());
+    objects::put_object(hb.infra(), subjects::UPDATES_BUCKET, &name, &b_bytes, chunk).await.unwrap();
+    // ha overwrites hb's object with its own bytes before hb's message is read.
+    let forged = payload(&m, &as_sent(&m, &random_values(&m, 66)));
+    objects::put_object(ha.infra(), subjects::UPDATES_BUCKET, &name, &forged, chunk).await.unwrap();
+    let mut rejections = hb.rejections(&job, &hb_id).await.unwrap();
+    let mut h = HeaderMap::new();
+    h.insert(protocol::HDR_ROUND, state.round.to_string().as_str());
+    h.insert(protocol::HDR_BASE_VERSION, "0");
+    h.insert(protocol::HDR_NUM_EXAMPLES, "50");
+    h.insert(protocol::HDR_OBJECT, name.as_str());
+    let digest = {
+        use sha2::Digest as _;
+        hex::encode(sha2::Sha256::digest(&b_bytes))
+    };
+    h.insert(protocol::HDR_DIGEST, format!("sha256:{digest}").as_str());
+    let subject = hb.infra().subjects.update(&job, &hb_id);
+    hb.infra().js.publish_with_headers(subject, h, Bytes::new()).await.unwrap().await.unwrap();
+    let notice = next_rejection(&mut rejections).await;
+    assert_eq!(notice.reason, RejectReason::ObjectUnavailable, "{notice:?}");
+    assert!(notice.detail.contains("digest"), "{notice:?}");
+
+    // hb publishes again; with ha's honest update the round commits the honest mean.
+    hb.publish_update(request(&job, "hb", state.round, &m, &b, 50)).await.unwrap();
+    let a = as_sent(&m, &random_values(&m, 7));
+    ha.publish_update(request(&job, "ha", state.round, &m, &a, 25)).await.unwrap();
+    let after = hb.wait_for_round_closed(&job, RoundId(1), TIMEOUT).await.unwrap();
+    assert!(matches!(after.last_outcome, Some(RoundOutcome::Committed { clients: 2, .. })), "{after:?}");
+    assert_matches_oracle(&hb, &job, &m, &[(a, 25.0), (b, 50.0)]).await;
+}
+
+#[tokio::test]
+async fn a_client_cannot_write_models_or_job_state_nor_read_other_jobs() {
+    let node = node_client().await;
+    let m = small_manifest();
+    let job = JobId::new("writes").unwrap();
+    jobs::create_job(node.infra(), &job_spec("writes", (*m).clone(), 1, 1, 60_000, 1), None).await.unwrap();
+    let wa = client("wa").await;
+    // It can read its own job (and wait for its round through events and state reads).
+    wa.wait_for_open_round(&job, RoundId(1), TIMEOUT).await.unwrap();
+    let (state_before, rev_before) = jobs::load_state(node.infra(), &job).await.unwrap();
+    assert_eq!(wa.job_state(&job).await.unwrap(), state_before);
+    let infra = wa.infra();
+    let v = &infra.violations;
+    assert!(wa.fetch_model(&job, ModelVersion(0)).await.is_ok());
+
+    let forged = Bytes::from(Parameters::zeros(Arc::clone(&m)).to_safetensors().unwrap());
+    let r = v
+        .guard("put model", async {
+            infra.models.put("writes/1", &mut forged.as_ref()).await.map_err(|e| Error::nats("put", e))
+        })
+        .await;
+    assert_unauthorized(r.map(|_| ()), "Publish to \"$O.shoal-models.C.");
+    let r = v
+        .guard("put model", objects::put_object(infra, subjects::MODELS_BUCKET, "writes/0", &forged, 1 << 20))
+        .await;
+    assert_unauthorized(r, "Publish to \"$O.shoal-models.C.");
+    for key in ["writes.state", "writes.spec", "other.state"] {
+        let value = Bytes::from(protocol::encode(&state_before));
+        let r = v
+            .guard("put kv", async { infra.jobs.put(key, value).await.map_err(|e| Error::nats("kv", e)) })
+            .await;
+        assert_unauthorized(r.map(|_| ()), &format!("Publish to \"$KV.shoal-jobs.{key}\""));
+    }
+    let r = v
+        .guard("delete stream", async {
+            infra.js.delete_stream("OBJ_shoal-models").await.map_err(|e| Error::nats("delete", e))
+        })
+        .await;
+    assert_unauthorized(r.map(|_| ()), "$JS.API.STREAM.DELETE.OBJ_shoal-models");
+    // Another job's state is not readable.
+    assert_unauthorized(wa.job_state(&JobId::new("forge").unwrap()).await, "$KV.shoal-jobs.forge.state");
+
+    // Nothing changed.
+    assert!(node.fetch_model(&job, ModelVersion(1)).await.is_err(), "no version 1 appeared");
+    let v0 = node.fetch_model(&job, ModelVersion(0)).await.unwrap();
+    let zeros = Parameters::from_safetensors(Arc::clone(&m), &v0).unwrap();
+    assert!(zeros.tensor_f64(0).iter().all(|x| *x == 0.0));
+    // Round 1 stays open (no update, 60 s deadline): nobody wrote the state.
+    let (state_after, rev_after) = jobs::load_state(node.infra(), &job).await.unwrap();
+    assert_eq!((state_after, rev_after), (state_before, rev_before));
+
+    // Wrong credentials are refused at connect, at once.
+    let wrong = ConnectOptions {
+        url: secured().nats.url(),
+        auth: NatsAuth::user_password("wa", "wrong"),
+        ..Default::default()
+    };
+    let r = ShoalClient::connect(&wrong).await;
+    assert!(matches!(r, Err(Error::Unauthorized { op: "connect", .. })), "{r:?}");
+}
+
+#[tokio::test]
+async fn node_and_clients_work_over_tls_and_a_client_without_the_ca_gets_a_tls_error() {
+    init_logging();
+    let pki = TestPki::generate();
+    let nats = NatsServer::start_with(NatsOptions {
+        tls: Some(ServerTls {
+            cert_file: pki.server_cert.clone(),
+            key_file: pki.server_key.clone(),
+            ca_file: Some(pki.ca_cert.clone()),
+            verify_clients: true,
+        }),
+        ..Default::default()
+    })
+    .unwrap();
+    let tls = NatsTls {
+        ca_file: Some(pki.ca_cert.clone()),
+        client_cert: Some(pki.client_cert.clone()),
+        client_key: Some(pki.client_key.clone()),
+        require: true,
+    };
+    let opts = ConnectOptions { url: nats.tls_url(), tls: tls.clone(), ..Default::default() };
+    let (ca, cert, key) = (
+        pki.ca_cert.display().to_string(),
+        pki.client_cert.display().to_string(),
+        pki.client_key.display().to_string(),
+    );
+    let _node = NodeProcess::start_with(
+        &nats.tls_url(),
+        "tls-node",
+        &["--nats-ca", &ca, "--nats-cert", &cert, "--nats-key", &key, "--nats-require-tls"],
+        &[],
+        Some(opts.clone()),
+    )
+    .await;
+
+    let c = ShoalClient::connect(&opts).await.unwrap();
+    let m = small_manifest();
+    let job = JobId::new("tls").unwrap();
+    jobs::create_job(c.infra(), &job_spec("tls", (*m).clone(), 1, 1, 60_000, 1), None).await.unwrap();
+    let state = c.wait_for_open_round(&job, RoundId(1), TIMEOUT).await.unwrap();
+    let a = as_sent(&m, &random_values(&m, 5));
+    c.publish_update(request(&job, "t1", state.round, &m, &a, 7)).await.unwrap();
+    let after = c.wait_for_round_closed(&job, RoundId(1), TIMEOUT).await.unwrap();
+    assert!(matches!(after.last_outcome, Some(RoundOutcome::Committed { clients: 1, .. })), "{after:?}");
+    assert_matches_oracle(&c, &job, &m, &[(a, 7.0)]).await;
+
+    // Without the CA (platform roots only), and trusting an unrelated CA: TLS errors, not hangs.
+    for (what, ca_file) in [("no CA", None), ("another CA", Some(pki.other_ca_cert.clone()))] {
+        let bad =
+            ConnectOptions { url: nats.url(), tls: NatsTls { ca_file, ..tls.clone() }, ..Default::default() };
+        match ShoalClient::connect(&bad).await {
+            Err(Error::Tls { detail, .. }) => {
+                assert!(detail.contains("certificate"), "{what}: {detail}");
+                eprintln!("{what}: {detail}");
+            }
+            other => panic!("{what}: expected a TLS error, got {other:?}"),
+        }
+    }
+    // With the CA but without a client certificate: the server refuses the handshake.
+    let no_cert = ConnectOptions {
+        url: nats.url(),
+        tls: NatsTls { ca_file: Some(pki.ca_cert.clone()), ..Default::default() },
+        ..Default::default()
+    };
+    match ShoalClient::connect(&no_cert).await {
+        Err(Error::Tls { detail, .. }) => eprintln!("no client certificate: {detail}"),
+        other => panic!("no client certificate: expected a TLS error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn token_authentication_connects_and_a_wrong_token_is_refused_at_once() {
+    init_logging();
+    let nats = NatsServer::start_with(NatsOptions {
+        authorization: Some("authorization { token: \"s3cret-token\" }".into()),
+        ..Default::default()
+    })
+    .unwrap();
+    let with = |token: &str| ConnectOptions {
+        url: nats.url(),
+        auth: NatsAuth { token: Some(auth::Secret::new(token)), ..Default::default() },
+        ..Default::default()
+    };
+    // A full-rights token user creates the resources, as a node would.
+    ShoalClient::connect(&with("s3cret-token")).await.unwrap();
+    let r = ShoalClient::connect(&with("wrong")).await;
+    assert!(matches!(r, Err(Error::Unauthorized { op: "connect", .. })), "{r:?}");
+    // A token in the URL works too, and never appears in errors.
+    let in_url =
+        ConnectOptions { url: nats.url().replace("nats://", "nats://wrong-in-url@"), ..Default::default() };
+    let err = ShoalClient::connect(&in_url).await.unwrap_err().to_string();
+    assert!(!err.contains("wrong-in-url"), "{err}");
+    let ok =
+        ConnectOptions { url: nats.url().replace("nats://", "nats://s3cret-token@"), ..Default::default() };
+    ShoalClient::connect(&ok).await.unwrap();
+}
