@@ -182,6 +182,18 @@ pub struct NodeArgs {
     /// Shared-memory budget per job, in MiB.
     #[arg(long, default_value_t = 1024)]
     shm_budget_mib: usize,
+    /// Updates the gateway asks JetStream for per pull request. Small batches spread a burst
+    /// over several nodes; large ones cut round trips on a single node.
+    #[arg(long, default_value_t = 64)]
+    pull_batch: usize,
+    /// How long the top (or a middle) waits for the partials of a round before asking again, in
+    /// milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    collect_timeout_ms: u64,
+    /// Fold a round's updates only when it closes instead of as they arrive (the "wait for the
+    /// whole cohort" baseline; for measurements, not production).
+    #[arg(long)]
+    lazy_aggregation: bool,
 }
 
 /// `shoal job ...`
@@ -252,6 +264,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             cfg.inline_limit = a.inline_limit_bytes;
             cfg.idle_timeout = Duration::from_millis(a.idle_timeout_ms);
             cfg.shm_budget = a.shm_budget_mib << 20;
+            cfg.pull_batch = a.pull_batch.clamp(1, 10_000);
+            cfg.collect_timeout = Duration::from_millis(a.collect_timeout_ms.max(100));
+            cfg.eager = !a.lazy_aggregation;
             let handle = node::start(cfg).await.context("starting the node")?;
             shutdown_signal().await;
             tracing::info!("shutting down");

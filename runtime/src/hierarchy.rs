@@ -193,7 +193,7 @@ pub async fn send_remote(
     let subject = infra.subjects.partial(job, header.round, &header.to);
     let limit = infra.max_payload().saturating_sub(64 * 1024);
     let sent;
-    let body = if values.len() * 8 + 64 * 1024 + header.clients.len() * 80 > limit {
+    let body = if values.len() * 8 + 64 * 1024 > limit {
         let name = crate::subjects::partial_object(job, header.round, &header.sender, header.collect);
         let meta = async_nats::jetstream::object_store::ObjectMetadata {
             name: name.clone(),
@@ -444,7 +444,8 @@ async fn answer_collect(
         empty: out.partial.is_none(),
         total_weight: out.partial.as_ref().map_or(0.0, |p| p.total_weight()),
         count: out.count,
-        clients: out.partial.as_ref().map(|p| p.clients().to_vec()).unwrap_or_default(),
+        // Client ids stay on their node: the partial's size does not grow with the cohort.
+        clients: Vec::new(),
         first_owners: out.partial.as_ref().map(|p| p.first_owners().to_vec()).unwrap_or_default(),
         last_fold_ms: out.last_fold_ms,
         object: None,

@@ -51,6 +51,8 @@ pub struct NodeConfig {
     pub eager: bool,
     /// How long a top (or middle) waits for the partials of a round before asking again.
     pub collect_timeout: Duration,
+    /// Updates per JetStream pull request.
+    pub pull_batch: usize,
 }
 
 impl NodeConfig {
@@ -67,6 +69,7 @@ impl NodeConfig {
             plugins: None,
             eager: true,
             collect_timeout: Duration::from_secs(10),
+            pull_batch: 64,
         }
     }
 }
@@ -168,7 +171,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle> {
             inline_limit,
             shm_dir,
             shm_budget: config.shm_budget,
-            batch: 64,
+            batch: config.pull_batch,
         },
         node: config.node_id.clone(),
     };

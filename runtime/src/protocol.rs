@@ -214,7 +214,9 @@ pub struct PartialHeader {
     pub total_weight: f64,
     /// Updates folded.
     pub count: u64,
-    /// Their clients.
+    /// Their clients, when a sender chooses to name them (Shoal's leaves send none: client ids
+    /// stay on their node, so a partial's size does not grow with the cohort).
+    #[serde(default)]
     pub clients: Vec<ClientId>,
     /// Owner of each `first` tensor.
     pub first_owners: Vec<Option<ClientId>>,
