@@ -112,7 +112,8 @@ impl NatsArgs {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run a node: gateway + function host + round coordinators in one process.
+    /// Run a node: gateway + function host + a leaf per job, and the top of the jobs whose top
+    /// lease it holds. Start several (distinct --node-id and --shm-dir) on one NATS server.
     Node(NodeArgs),
     /// Create or inspect jobs.
     #[command(subcommand)]
@@ -124,6 +125,17 @@ pub enum Command {
     /// NATS authentication helpers.
     #[command(subcommand)]
     Auth(AuthCommand),
+    /// System benchmarks (each starts its own nats-server).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// `shoal bench ...`
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Round completion latency (last update to commit) with eager aggregation vs waiting for
+    /// the whole cohort, and the aggregator's cold-start and warm-reuse times.
+    Hierarchy(crate::bench::HierarchyArgs),
 }
 
 /// `shoal auth ...`
@@ -360,6 +372,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", nats_config(&a)?);
             Ok(())
         }
+        Command::Bench(BenchCommand::Hierarchy(a)) => crate::bench::hierarchy(a).await,
     }
 }
 

@@ -395,8 +395,8 @@ async fn answer_collect(
             Some(a) => Arc::make_mut(a).merge(&p)?,
         }
     }
-    if harvest.last_fold.is_some() {
-        r.last_fold_ms = now_ms();
+    if let Some(t) = harvest.last_fold {
+        r.last_fold_ms = r.last_fold_ms.max(now_ms().saturating_sub(t.elapsed().as_millis() as u64));
     }
     r.held.extend(harvest.held);
     r.snapshots.push((req.collect, r.held.len()));

@@ -96,7 +96,7 @@ pub struct RoundHarvest {
     pub partial: Option<PartialAggregate>,
     /// The folded updates, to ack after the commit.
     pub held: Vec<Held>,
-    /// When the last update was folded.
+    /// When the round's last update reached the function host.
     pub last_fold: Option<Instant>,
 }
 
@@ -572,7 +572,6 @@ impl Aggregator {
                     });
                 }
             }
-            act.last_fold = Some(Instant::now());
             tracing::trace!(job = %act.job, round = act.round.0, accepted = act.held.len(), "folded");
             if act.config.eager {
                 act.host.do_send(Progress {
@@ -609,6 +608,7 @@ impl Handler<Staged> for Aggregator {
     type Result = ();
     fn handle(&mut self, msg: Staged, ctx: &mut Context<Self>) {
         self.metrics.updates_staged.inc();
+        self.last_fold = Some(msg.received);
         if let Some(kind) = msg.start {
             let us = msg.received.elapsed().as_secs_f64();
             match kind {
@@ -627,13 +627,11 @@ impl Handler<Staged> for Aggregator {
                 slot: Some(Arc::new(msg.slot)),
                 asynchronous: msg.asynchronous,
             });
-            self.last_fold = Some(Instant::now());
             self.host.do_send(Progress { job: self.job.clone(), round: self.round, added: 1 });
             return;
         }
         if !self.config.eager {
             // Counted when it arrives: the lazy baseline folds only at the close.
-            self.last_fold = Some(Instant::now());
             self.host.do_send(Progress { job: self.job.clone(), round: self.round, added: 1 });
         }
         self.pending.push(msg);

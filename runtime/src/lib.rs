@@ -30,6 +30,7 @@
 //! - [`error`]: the runtime's error type and the typed rejection reasons.
 
 pub mod auth;
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod coordinator;
