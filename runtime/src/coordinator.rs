@@ -143,7 +143,7 @@ pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
     let mut partials = ctx
         .infra
         .client
-        .subscribe(ctx.infra.subjects.partials_to(&job, &ctx.node))
+        .subscribe(ctx.infra.subjects.partials_to(&job, &ctx.node, "top"))
         .await
         .map_err(|e| Error::nats("subscribe to partials", e))?;
     // A round already open when we start was opened by a top that may have died holding

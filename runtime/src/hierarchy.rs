@@ -99,11 +99,11 @@ impl LocalLinks {
     }
 }
 
-/// The parent of `node` for a collection: its group's middle, or the top.
-pub fn parent(node: &NodeId, req: &CollectRequest) -> NodeId {
+/// The parent of `node` for a collection: its group's middle (`true`), or the top (`false`).
+pub fn parent(node: &NodeId, req: &CollectRequest) -> (NodeId, bool) {
     match group(node, req) {
-        Some((leader, _)) if leader != *node => leader,
-        _ => req.top.clone(),
+        Some((leader, _)) if leader != *node => (leader, true),
+        _ => (req.top.clone(), false),
     }
 }
 
@@ -190,7 +190,8 @@ pub async fn send_remote(
     p: Option<&PartialAggregate>,
 ) -> Result<u64> {
     let values = p.map(|p| p.values()).unwrap_or(&[]);
-    let subject = infra.subjects.partial(job, header.round, &header.to);
+    let tier = if header.to_middle { "middle" } else { "top" };
+    let subject = infra.subjects.partial(job, header.round, &header.to, tier);
     let limit = infra.max_payload().saturating_sub(64 * 1024);
     let sent;
     let body = if values.len() * 8 + 64 * 1024 > limit {
@@ -306,7 +307,7 @@ pub async fn run_leaf(ctx: LeafContext, job: JobId) -> Result<()> {
     let mut to_me = ctx
         .infra
         .client
-        .subscribe(ctx.infra.subjects.partials_to(&job, &ctx.node))
+        .subscribe(ctx.infra.subjects.partials_to(&job, &ctx.node, "middle"))
         .await
         .map_err(|e| Error::nats("subscribe to partials", e))?;
     let mut rounds: BTreeMap<RoundId, LeafRound> = BTreeMap::new();
@@ -428,8 +429,8 @@ async fn answer_collect(
             merged?;
         }
     }
-    let to = parent(&ctx.node, req);
-    if to == ctx.node && req.top == ctx.node {
+    let (to, to_middle) = parent(&ctx.node, req);
+    if to == ctx.node && !to_middle {
         return match ctx.local.send(job, out) {
             Ok(()) => Ok(()),
             Err(_) => Err(Error::Shm("the top of this node is gone".into())),
@@ -438,6 +439,7 @@ async fn answer_collect(
     let header = PartialHeader {
         sender: ctx.node.clone(),
         to,
+        to_middle,
         round: req.round,
         collect: req.collect,
         nodes: out.nodes.clone(),

@@ -202,6 +202,9 @@ pub struct PartialHeader {
     pub sender: NodeId,
     /// Where it goes: the top's node, or a middle's.
     pub to: NodeId,
+    /// Whether it goes to the middle on `to` (else to the top).
+    #[serde(default)]
+    pub to_middle: bool,
     /// Round.
     pub round: RoundId,
     /// Collection id it answers.

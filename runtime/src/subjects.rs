@@ -96,15 +96,16 @@ impl Subjects {
         format!("{}.{job}.collect", self.prefix)
     }
 
-    /// `<p>.<job>.partial.<round>.<to>`: a partial aggregate of a round for node `to` (the top
-    /// or a middle), so that each partial reaches only its parent.
-    pub fn partial(&self, job: &JobId, round: RoundId, to: &NodeId) -> String {
-        format!("{}.{job}.partial.{round}.{to}", self.prefix)
+    /// `<p>.<job>.partial.<round>.<to>.<tier>`: a partial aggregate of a round for the `tier`
+    /// (`top` or `middle`) aggregator on node `to`, so that each partial reaches only its parent
+    /// (a node can be both a middle and the top).
+    pub fn partial(&self, job: &JobId, round: RoundId, to: &NodeId, tier: &str) -> String {
+        format!("{}.{job}.partial.{round}.{to}.{tier}", self.prefix)
     }
 
-    /// `<p>.<job>.partial.*.<node>`: every partial for `node`.
-    pub fn partials_to(&self, job: &JobId, node: &NodeId) -> String {
-        format!("{}.{job}.partial.*.{node}", self.prefix)
+    /// `<p>.<job>.partial.*.<node>.<tier>`: every partial for `node`'s `tier` aggregator.
+    pub fn partials_to(&self, job: &JobId, node: &NodeId, tier: &str) -> String {
+        format!("{}.{job}.partial.*.{node}.{tier}", self.prefix)
     }
 
     /// `<p>.node.<node>.metrics`: request/reply, answers the Prometheus text exposition.

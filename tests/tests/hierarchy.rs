@@ -323,3 +323,42 @@ async fn three_nodes_bristle_equals_single_node() {
     let bristle: StrategySpec = serde_json::from_str(r#"{"name":"bristle","beta":4}"#).unwrap();
     whole_cohort_round("bristle3", bristle, UpdateKind::Delta).await;
 }
+
+/// With `fan_in: 2` over nodes n1, n2, n3, n1 is the middle of {n1, n2}: n2's partial goes to
+/// n1, which merges it with its own and sends one partial up. The model still equals the oracle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_middle_merges_its_group_before_the_top() {
+    init_logging();
+    let nats = NatsServer::start().unwrap();
+    let nodes = three_nodes(&nats.url()).await;
+    let client = connect(&nats.url()).await;
+    let m = manifest();
+    let job = JobId::new("fanin").unwrap();
+    let mut spec = job_spec("fanin", (*m).clone(), 12, 12, 60_000, 1);
+    spec.fan_in = 2;
+    jobs::create_job(client.infra(), &spec, None).await.unwrap();
+    client.wait_for_open_round(&job, RoundId(1), Duration::from_secs(30)).await.unwrap();
+    let mut sent = Vec::new();
+    for c in 0..12u64 {
+        let values = as_sent(&m, &random_values(&m, 300 + c));
+        publish(&client, &job, &format!("c{c}"), 1, 0, 3 + c, UpdateKind::Parameters, &values, &m).await;
+        sent.push((values, (3 + c) as f64));
+    }
+    let (clients, _) = committed(&client, &job, 1, &nodes).await;
+    assert_eq!(clients, 12);
+    assert_close(&model(&client, &job, &m, 1).await, &weighted_mean_oracle(&sent), "fan-in 2");
+    let metric = |text: &str, name: &str| scrape(text, name).unwrap_or(0.0);
+    let mut per_node = Vec::new();
+    for n in &nodes {
+        let t = n.metrics(&client.infra().client).await;
+        per_node.push((
+            metric(&t, "shoal_updates_staged_total"),
+            metric(&t, "shoal_partial_bytes_sent_total"),
+            metric(&t, "shoal_partial_bytes_received_total"),
+        ));
+    }
+    eprintln!("(staged, sent, received) per node: {per_node:?}");
+    assert!(per_node[1].0 > 0.0, "n2 staged nothing: {per_node:?}");
+    // n2's partial went to its middle n1, not to the top.
+    assert!(per_node[0].2 >= (m.numel() * 8) as f64, "the middle n1 received no partial: {per_node:?}");
+}
