@@ -297,6 +297,7 @@ pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
         drop(collected); // releases the whole-cohort slots to their leaves
         if let Some(p) = new_global {
             global = p;
+            prune_models(&ctx.infra, &job, state.model_version, rule.max_staleness).await;
         }
     }
     Ok(())
@@ -444,6 +445,27 @@ fn close_outcome(
             (RoundOutcome::Committed { version, clients: accepted, total_weight }, Some(p))
         }
         Err(e) => (RoundOutcome::AggregationFailed { detail: e.to_string() }, None),
+    }
+}
+
+/// Model versions kept in `shoal-models`: enough for clients that trained on any version the
+/// job still accepts (`max_staleness` behind) and for a reader a round behind.
+pub fn kept_versions(max_staleness: u64) -> u64 {
+    max_staleness.saturating_add(2).max(3)
+}
+
+/// Deletes the version that just fell out of [`kept_versions`] (best effort: a failure leaves
+/// an old model behind, nothing else).
+async fn prune_models(
+    infra: &Infra,
+    job: &JobId,
+    current: shoal_functions::ModelVersion,
+    max_staleness: u64,
+) {
+    let Some(old) = current.0.checked_sub(kept_versions(max_staleness)) else { return };
+    let name = crate::subjects::model_object(job, shoal_functions::ModelVersion(old));
+    if let Err(e) = infra.models.delete(&name).await {
+        tracing::debug!(object = %name, error = %e, "pruning an old model version failed");
     }
 }
 

@@ -99,6 +99,15 @@ async fn fedavg_three_rounds_eight_clients_matches_f64_oracle() {
     }
     let state = client.job_state(&job).await.unwrap();
     assert_eq!(state.phase, shoal_runtime::protocol::JobPhase::Finished);
+    // Old versions are pruned: a sync job keeps the last 3 (1, 2, 3); version 0 is deleted.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while client.fetch_model(&job, ModelVersion(0)).await.is_ok() {
+        assert!(std::time::Instant::now() < deadline, "version 0 was not pruned");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for v in 1..=3 {
+        assert!(client.fetch_model(&job, ModelVersion(v)).await.is_ok(), "version {v} must be kept");
+    }
 
     // Round events were published in order: opened/closed per round, then the job's end.
     let mut kinds = Vec::new();
