@@ -29,7 +29,8 @@ use crate::jobs::{self, CasOutcome, JobDirectory};
 use crate::lease;
 use crate::metrics::{Metrics, OutcomeLabel};
 use crate::protocol::{
-    self, now_ms, CollectRequest, CommitRecord, JobPhase, JobState, LeafProgress, RoundEvent, RoundOutcome,
+    self, now_ms, CohortEntry, CollectRequest, CommitRecord, JobPhase, JobState, LeafProgress, RoundEvent,
+    RoundOutcome,
 };
 
 /// Everything a top needs.
@@ -146,6 +147,13 @@ pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
         .subscribe(ctx.infra.subjects.partials_to(&job, &ctx.node, "top"))
         .await
         .map_err(|e| Error::nats("subscribe to partials", e))?;
+    let mut shard_results = ctx
+        .infra
+        .client
+        .subscribe(ctx.infra.subjects.shard_results_to(&job, &ctx.node))
+        .await
+        .map_err(|e| Error::nats("subscribe to shard results", e))?;
+    let mut exchange_failures = 0u32;
     // A round already open when we start was opened by a top that may have died holding
     // staged updates: give JetStream time to redeliver them before judging the round.
     let mut earliest_close = state.is_open().then(|| tokio::time::Instant::now() + ctx.startup_grace);
@@ -210,9 +218,54 @@ pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
             }
         }
 
-        let Some(collected) = collect(&ctx, &job, &manifest, &mut local, &mut partials, round).await? else {
+        let Some(mut collected) = collect(&ctx, &job, &manifest, &mut local, &mut partials, round).await?
+        else {
             return Ok(()); // cancelled
         };
+        // Whole-cohort updates held on other nodes: a coordinate-sharded exchange, when the
+        // strategy has one (crate::exchange); otherwise they are left out of this round.
+        let remote = collected.entries.iter().any(|e| e.node != ctx.node);
+        let mut sharded = None;
+        if strategy.mergeability() == Mergeability::WholeCohort && remote {
+            if strategy.sharding() == shoal_functions::Sharding::Unsupported {
+                let holders: Vec<NodeId> =
+                    collected.entries.iter().filter(|e| e.node != ctx.node).map(|e| e.node.clone()).collect();
+                span.in_scope(|| {
+                    tracing::warn!(?holders, "whole-cohort updates staged away from the top are late")
+                });
+                collected.nodes.retain(|n| !holders.contains(n));
+                collected.count = collected.cohort.len() as u64;
+            } else if collected.entries.len() as u64 >= u64::from(rule.min_clients) {
+                let mut owners = collected.nodes.clone();
+                owners.sort();
+                let result = crate::exchange::run_top(
+                    &ctx.infra,
+                    &job,
+                    &ctx.node,
+                    &mut *strategy,
+                    &global,
+                    round,
+                    state.model_version,
+                    collected.entries.clone(),
+                    owners,
+                    &mut shard_results,
+                    ctx.collect_timeout,
+                    &ctx.metrics,
+                )
+                .await;
+                match result {
+                    Err(e @ Error::Timeout(..)) if exchange_failures < 2 => {
+                        exchange_failures += 1;
+                        span.in_scope(
+                            || tracing::warn!(error = %e, "shard exchange incomplete; collecting again"),
+                        );
+                        continue;
+                    }
+                    other => sharded = Some(other.map_err(|e| e.to_string())),
+                }
+            }
+        }
+        exchange_failures = 0;
         let accepted = collected.count as u32;
         let next_version = state.model_version.next();
         // The server step is CPU-bound (a whole-cohort strategy reads every staged update):
@@ -220,8 +273,15 @@ pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
         let min_clients = rule.min_clients;
         let (s, g, c, outcome, new_global) = tokio::task::spawn_blocking(move || {
             let (mut strategy, global, collected) = (strategy, global, collected);
-            let (outcome, new_global) =
-                close_outcome(&mut *strategy, &collected, &global, accepted, min_clients, next_version);
+            let (outcome, new_global) = close_outcome(
+                &mut *strategy,
+                &collected,
+                sharded,
+                &global,
+                accepted,
+                min_clients,
+                next_version,
+            );
             (strategy, global, collected, outcome, new_global)
         })
         .await
@@ -310,6 +370,8 @@ struct Collected {
     nodes: Vec<NodeId>,
     partial: Option<PartialAggregate>,
     cohort: Vec<hierarchy::CohortMember>,
+    /// Whole-cohort strategies: every update of the round and the node holding it.
+    entries: Vec<CohortEntry>,
     count: u64,
     last_fold_ms: u64,
 }
@@ -351,6 +413,7 @@ async fn collect(
             nodes: Vec::new(),
             partial: None,
             cohort: Vec::new(),
+            entries: Vec::new(),
             count: 0,
             last_fold_ms: 0,
         };
@@ -371,6 +434,7 @@ async fn collect(
                             cohort: Vec::new(),
                             count: h.count,
                             last_fold_ms: h.last_fold_ms,
+                            entries: h.cohort,
                         }
                     }
                     Err(e) => {
@@ -391,6 +455,7 @@ async fn collect(
                 }
             }
             got.cohort.extend(p.cohort);
+            got.entries.extend(p.entries);
             got.nodes.extend(p.nodes);
             got.count += p.count;
             got.last_fold_ms = got.last_fold_ms.max(p.last_fold_ms);
@@ -415,6 +480,7 @@ async fn collect(
 fn close_outcome(
     strategy: &mut dyn shoal_functions::Strategy,
     collected: &Collected,
+    sharded: Option<std::result::Result<Parameters, String>>,
     global: &Parameters,
     accepted: u32,
     min_clients: u32,
@@ -422,6 +488,13 @@ fn close_outcome(
 ) -> (RoundOutcome, Option<Parameters>) {
     if accepted < min_clients {
         return (RoundOutcome::QuorumNotMet { accepted, min_clients }, None);
+    }
+    if let Some(r) = sharded {
+        let total: f64 = collected.entries.iter().map(|e| e.weight).sum();
+        return match r {
+            Ok(p) => (RoundOutcome::Committed { version, clients: accepted, total_weight: total }, Some(p)),
+            Err(detail) => (RoundOutcome::AggregationFailed { detail }, None),
+        };
     }
     let result = match strategy.mergeability() {
         Mergeability::Streaming => match &collected.partial {

@@ -236,9 +236,9 @@ impl Gateway {
         if state.phase != JobPhase::Running {
             return Err(Refusal(RejectReason::JobNotRunning, format!("job {job} is {}", state.phase)));
         }
-        if spec.strategy.is_whole_cohort() && self.ctx.directory.top(job).as_ref() != Some(&self.ctx.node) {
-            // Whole-cohort strategies aggregate on the top's node (see `hierarchy`): leave the
-            // update to that node's gateway.
+        if entry.pinned && self.ctx.directory.top(job).as_ref() != Some(&self.ctx.node) {
+            // Whole-cohort strategies without a sharded form (RFFL, Bristle) aggregate on the
+            // top's node (see `hierarchy`): leave the update to that node's gateway.
             ack.nak(Duration::from_millis(100)).await;
             return Ok(None);
         }

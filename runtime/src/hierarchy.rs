@@ -38,7 +38,7 @@ use crate::host::{CloseRound, FunctionHost, Held, RegisterJob, RoundProgress};
 use crate::infra::Infra;
 use crate::jobs::JobDirectory;
 use crate::metrics::Metrics;
-use crate::protocol::{self, now_ms, CollectRequest, JobPhase, LeafProgress, PartialHeader};
+use crate::protocol::{self, now_ms, CohortEntry, CollectRequest, JobPhase, LeafProgress, PartialHeader};
 use crate::reject::Rejector;
 use crate::shm::Slot;
 
@@ -70,6 +70,8 @@ pub struct Partial {
     pub count: u64,
     /// When its last update was staged (ms since the Unix epoch; 0 = none).
     pub last_fold_ms: u64,
+    /// Whole-cohort strategies: the updates of the nodes it covers, and where they are.
+    pub entries: Vec<CohortEntry>,
 }
 
 /// In-process channels from leaves to a top on the same node, by job.
@@ -91,10 +93,11 @@ impl LocalLinks {
         self.inner.lock().unwrap_or_else(|p| p.into_inner()).remove(job);
     }
 
-    fn send(&self, job: &JobId, p: Partial) -> std::result::Result<(), Partial> {
+    /// Hands `p` to the top of `job` on this node; `false` when there is none.
+    fn send(&self, job: &JobId, p: Partial) -> bool {
         match self.inner.lock().unwrap_or_else(|p| p.into_inner()).get(job) {
-            Some(tx) => tx.send(p).map_err(|e| e.0),
-            None => Err(p),
+            Some(tx) => tx.send(p).is_ok(),
+            None => false,
         }
     }
 }
@@ -310,6 +313,25 @@ pub async fn run_leaf(ctx: LeafContext, job: JobId) -> Result<()> {
         .subscribe(ctx.infra.subjects.partials_to(&job, &ctx.node, "middle"))
         .await
         .map_err(|e| Error::nats("subscribe to partials", e))?;
+    let mut plans = ctx
+        .infra
+        .client
+        .subscribe(ctx.infra.subjects.shard_plans(&job))
+        .await
+        .map_err(|e| Error::nats("subscribe to shard plans", e))?;
+    let mut slices = ctx
+        .infra
+        .client
+        .subscribe(ctx.infra.subjects.slices_to(&job, &ctx.node))
+        .await
+        .map_err(|e| Error::nats("subscribe to update slices", e))?;
+    let mut owner = crate::exchange::Owner::new(
+        ctx.infra.clone(),
+        job.clone(),
+        ctx.node.clone(),
+        Arc::clone(&entry.spec),
+        Arc::clone(&ctx.metrics),
+    );
     let mut rounds: BTreeMap<RoundId, LeafRound> = BTreeMap::new();
     // Updates accepted per round on this node (cumulative, from the host).
     let mut accepted: BTreeMap<RoundId, u32> = BTreeMap::new();
@@ -341,6 +363,32 @@ pub async fn run_leaf(ctx: LeafContext, job: JobId) -> Result<()> {
                     if let Err(e) = answer_collect(&ctx, &job, &manifest, &mut rounds, &mut to_me, &req).await {
                         tracing::warn!(%job, round = %req.round, error = %e, "answering a collection failed");
                     }
+                }
+            }
+            Some(m) = plans.next() => {
+                let plan: protocol::ShardPlan = match protocol::decode("shard plan", &m.payload) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::warn!(%job, error = %e, "malformed shard plan ignored");
+                        continue;
+                    }
+                };
+                let held: HashMap<ClientId, Arc<Slot>> = rounds
+                    .get(&plan.round)
+                    .map(|r| {
+                        r.held
+                            .iter()
+                            .filter_map(|h| Some((h.client.clone(), Arc::clone(h.slot.as_ref()?))))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if let Err(e) = owner.on_plan(plan, &held).await {
+                    tracing::warn!(%job, error = %e, "shard exchange step failed");
+                }
+            }
+            Some(m) = slices.next() => {
+                if let Err(e) = owner.on_slice(&m).await {
+                    tracing::warn!(%job, error = %e, "update slice refused");
                 }
             }
             _ = heartbeat.tick() => {
@@ -419,7 +467,9 @@ async fn answer_collect(
             .collect(),
         count: r.held.len() as u64,
         last_fold_ms: r.last_fold_ms,
+        entries: Vec::new(),
     };
+    out.entries = r_cohort(Some(r), &ctx.node);
     // A middle merges its group's partials before sending one up.
     if let Some((leader, members)) = crate::hierarchy::group(&ctx.node, req) {
         if leader == ctx.node {
@@ -431,9 +481,10 @@ async fn answer_collect(
     }
     let (to, to_middle) = parent(&ctx.node, req);
     if to == ctx.node && !to_middle {
-        return match ctx.local.send(job, out) {
-            Ok(()) => Ok(()),
-            Err(_) => Err(Error::Shm("the top of this node is gone".into())),
+        return if ctx.local.send(job, out) {
+            Ok(())
+        } else {
+            Err(Error::Shm("the top of this node is gone".into()))
         };
     }
     let header = PartialHeader {
@@ -451,10 +502,24 @@ async fn answer_collect(
         first_owners: out.partial.as_ref().map(|p| p.first_owners().to_vec()).unwrap_or_default(),
         last_fold_ms: out.last_fold_ms,
         object: None,
+        // Whole-cohort strategies: which updates stay where (for a sharded exchange).
+        cohort: out.entries.clone(),
     };
     let bytes = send_remote(&ctx.infra, job, header, out.partial.as_deref()).await?;
     ctx.metrics.partial_bytes_sent.inc_by(bytes);
     Ok(())
+}
+
+/// Every whole-cohort update a leaf round holds on `node`.
+fn r_cohort(r: Option<&LeafRound>, node: &NodeId) -> Vec<CohortEntry> {
+    r.map(|r| {
+        r.held
+            .iter()
+            .filter(|h| h.slot.is_some())
+            .map(|h| CohortEntry { client: h.client.clone(), weight: h.weight, node: node.clone() })
+            .collect()
+    })
+    .unwrap_or_default()
 }
 
 /// A middle's wait for the other members of its group (bounded by the collection timeout).
@@ -493,6 +558,7 @@ async fn gather_group(
             }
         }
         out.nodes.extend(header.nodes);
+        out.entries.extend(header.cohort);
         out.count += header.count;
         out.last_fold_ms = out.last_fold_ms.max(header.last_fold_ms);
     }

@@ -26,6 +26,9 @@ pub struct JobEntry {
     pub state: JobState,
     /// KV revision of `state`.
     pub revision: u64,
+    /// Whether the job's updates must all be staged on its top's node: whole-cohort strategies
+    /// without a coordinate-sharded form (RFFL, Bristle, any with a server optimizer).
+    pub pinned: bool,
 }
 
 /// Commit records kept per job, so a leaf that missed a state revision still finds the record
@@ -95,7 +98,11 @@ impl JobDirectory {
             None => {
                 if let Some(spec) = spec {
                     let manifest = Arc::new(spec.manifest.clone());
-                    map.insert(job.clone(), JobEntry { spec, manifest, state, revision });
+                    let pinned = spec.build_strategy().map_or(true, |s| {
+                        s.mergeability() == shoal_functions::Mergeability::WholeCohort
+                            && s.sharding() == shoal_functions::Sharding::Unsupported
+                    });
+                    map.insert(job.clone(), JobEntry { spec, manifest, state, revision, pinned });
                 }
             }
         }

@@ -36,6 +36,7 @@ pub mod client;
 pub mod coordinator;
 pub mod demo;
 pub mod error;
+pub mod exchange;
 pub mod gateway;
 pub mod hierarchy;
 pub mod host;

@@ -66,6 +66,10 @@ pub struct Metrics {
     pub partial_bytes_sent: Counter,
     /// Bytes of partial aggregates received from other nodes.
     pub partial_bytes_received: Counter,
+    /// Bytes of update slices and shard results sent in coordinate-sharded exchanges.
+    pub shard_bytes_sent: Counter,
+    /// Bytes of update slices and shard results received in coordinate-sharded exchanges.
+    pub shard_bytes_received: Counter,
     log_state: Mutex<HashMap<RejectReason, (u64, Instant)>>,
 }
 
@@ -85,6 +89,8 @@ impl Default for Metrics {
             warm_reuse_seconds: Histogram::new(exponential_buckets(1e-6, 2.0, 24)),
             partial_bytes_sent: Counter::default(),
             partial_bytes_received: Counter::default(),
+            shard_bytes_sent: Counter::default(),
+            shard_bytes_received: Counter::default(),
             log_state: Mutex::new(HashMap::new()),
             registry: Registry::default(),
         };
@@ -129,6 +135,16 @@ impl Default for Metrics {
             "partial_bytes_sent",
             "Bytes of partial aggregates sent to other nodes",
             m.partial_bytes_sent.clone(),
+        );
+        registry.register(
+            "shard_bytes_sent",
+            "Bytes of update slices and shard results sent in coordinate-sharded exchanges",
+            m.shard_bytes_sent.clone(),
+        );
+        registry.register(
+            "shard_bytes_received",
+            "Bytes of update slices and shard results received in coordinate-sharded exchanges",
+            m.shard_bytes_received.clone(),
         );
         registry.register(
             "partial_bytes_received",

@@ -227,6 +227,72 @@ pub struct PartialHeader {
     pub last_fold_ms: u64,
     /// Object in `shoal-updates` holding the accumulators, when too large for a message.
     pub object: Option<String>,
+    /// Whole-cohort strategies: the updates the nodes it covers hold, which stay on their node
+    /// (see [`ShardPlan`]).
+    #[serde(default)]
+    pub cohort: Vec<CohortEntry>,
+}
+
+/// One update of a sharded round: who sent it, its weight, and the node that staged it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CohortEntry {
+    /// Sender.
+    pub client: ClientId,
+    /// `num_examples`.
+    pub weight: f64,
+    /// Node holding it in shared memory.
+    pub node: NodeId,
+}
+
+/// What a shard owner computes in an exchange step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "step", rename_all = "snake_case")]
+pub enum ShardStep {
+    /// The strategy on the shard's cohort (coordinate-wise strategies).
+    Aggregate,
+    /// The squared distances between the shard's updates (Krum, Bulyan: step 1).
+    Distances,
+    /// The result for the selected positions of the cohort (Krum, Bulyan: step 2).
+    Select {
+        /// Positions in [`ShardPlan::cohort`].
+        selected: Vec<u32>,
+    },
+}
+
+/// The top's plan for a coordinate-sharded exchange (DESIGN.md §5), on `<prefix>.<job>.shard`:
+/// shard `i` of the model (`shoal_functions::shard::plan(manifest, owners.len())`) is owned by
+/// `owners[i]`, which receives that range of every update of `cohort` from the nodes holding
+/// them, computes `step` and sends the result to the top.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardPlan {
+    /// Round.
+    pub round: RoundId,
+    /// This exchange (a retry uses a new id).
+    pub exchange: u64,
+    /// The top's node (where results go).
+    pub top: NodeId,
+    /// The updates, sorted by client.
+    pub cohort: Vec<CohortEntry>,
+    /// Shard owners, in shard order.
+    pub owners: Vec<NodeId>,
+    /// The global model version the round started from.
+    pub base_version: ModelVersion,
+    /// What to compute.
+    pub step: ShardStep,
+}
+
+/// Metadata of an exchange message (`u32 LE length ‖ msgpack ‖ bytes`): a slice of one update
+/// for a shard owner, or an owner's result for the top.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SliceHeader {
+    /// Exchange id.
+    pub exchange: u64,
+    /// Shard index.
+    pub shard: u32,
+    /// The update's client (slices), `None` for results.
+    pub client: Option<ClientId>,
+    /// Object in `shoal-updates` holding the bytes, when too large for a message.
+    pub object: Option<String>,
 }
 
 impl JobState {

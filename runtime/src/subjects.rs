@@ -108,6 +108,21 @@ impl Subjects {
         format!("{}.{job}.partial.*.{node}.{tier}", self.prefix)
     }
 
+    /// `<p>.<job>.shard`: the top's [`crate::protocol::ShardPlan`]s.
+    pub fn shard_plans(&self, job: &JobId) -> String {
+        format!("{}.{job}.shard", self.prefix)
+    }
+
+    /// `<p>.<job>.slice.<node>`: update slices for shard owner `node`.
+    pub fn slices_to(&self, job: &JobId, node: &NodeId) -> String {
+        format!("{}.{job}.slice.{node}", self.prefix)
+    }
+
+    /// `<p>.<job>.shard-result.<node>`: shard results for the top on `node`.
+    pub fn shard_results_to(&self, job: &JobId, node: &NodeId) -> String {
+        format!("{}.{job}.shard-result.{node}", self.prefix)
+    }
+
     /// `<p>.node.<node>.metrics`: request/reply, answers the Prometheus text exposition.
     pub fn node_metrics(&self, node: &NodeId) -> String {
         format!("{}.node.{node}.metrics", self.prefix)
@@ -140,6 +155,11 @@ pub fn top_lease_key(job: &JobId) -> String {
 /// Object name (in `shoal-updates`) of a partial too large for one message.
 pub fn partial_object(job: &JobId, round: RoundId, node: &NodeId, collect: u64) -> String {
     format!("_partials/{job}/{round}/{node}/{collect:016x}")
+}
+
+/// Object name (in `shoal-updates`) of an exchange message too large for one message.
+pub fn exchange_object(job: &JobId, exchange: u64, shard: u32, part: &str) -> String {
+    format!("_shards/{job}/{exchange:016x}/{shard}/{part}")
 }
 
 /// Object name of a committed global model: `<job>/<version>`.
