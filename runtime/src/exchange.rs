@@ -267,6 +267,10 @@ impl Owner {
         let subject = self.infra.subjects.shard_results_to(&self.job, &plan.top);
         let n = send(&self.infra, &self.job, subject, header, "result", &body).await?;
         self.metrics.shard_bytes_sent.inc_by(n);
+        if !matches!(plan.step, ShardStep::Distances) {
+            // The exchange's last step: its slices are not needed again (a retry re-sends).
+            self.slices.clear();
+        }
         Ok(())
     }
 }

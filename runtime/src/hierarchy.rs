@@ -641,3 +641,79 @@ async fn release(rounds: &mut BTreeMap<RoundId, LeafRound>) -> usize {
     }
     n
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use shoal_functions::{DType, TensorSpec};
+
+    fn node(s: &str) -> NodeId {
+        NodeId::new(s).unwrap()
+    }
+
+    fn req(nodes: &[&str], top: &str, fan_in: u32) -> CollectRequest {
+        CollectRequest {
+            round: RoundId(3),
+            collect: 7,
+            top: node(top),
+            nodes: nodes.iter().map(|n| node(n)).collect(),
+            fan_in,
+        }
+    }
+
+    #[test]
+    fn middles_group_consecutive_nodes_and_others_go_to_the_top() {
+        let r = req(&["a", "b", "c", "d", "e"], "c", 2);
+        assert_eq!(group(&node("b"), &r), Some((node("a"), vec![node("a"), node("b")])));
+        assert_eq!(parent(&node("b"), &r), (node("a"), true));
+        assert_eq!(parent(&node("a"), &r), (node("c"), false), "a middle sends to the top");
+        assert_eq!(parent(&node("d"), &r), (node("c"), true), "d's middle is c, also the top's node");
+        assert_eq!(group(&node("e"), &r), None, "a group of one has no middle");
+        assert_eq!(parent(&node("e"), &r), (node("c"), false));
+        // No fan-in, or fewer nodes than the fan-in: straight to the top.
+        assert_eq!(parent(&node("b"), &req(&["a", "b"], "a", 0)), (node("a"), false));
+        assert_eq!(parent(&node("b"), &req(&["a", "b"], "a", 2)), (node("a"), false));
+    }
+
+    #[test]
+    fn partials_round_trip_and_malformed_ones_are_refused() {
+        let m = Arc::new(ModelManifest::new(vec![TensorSpec::new("w", DType::F32, vec![3])]).unwrap());
+        let params = shoal_functions::Parameters::from_f64(Arc::clone(&m), &[vec![1.0, -2.0, 0.5]]).unwrap();
+        let client = ClientId::new("c1").unwrap();
+        let mut p = PartialAggregate::new(Arc::clone(&m));
+        p.fold(&params.as_update(&client, 4.0)).unwrap();
+        let header = PartialHeader {
+            sender: node("n2"),
+            to: node("n1"),
+            to_middle: false,
+            round: RoundId(1),
+            collect: 9,
+            nodes: vec![node("n2")],
+            empty: false,
+            total_weight: p.total_weight(),
+            count: p.count(),
+            clients: Vec::new(),
+            first_owners: p.first_owners().to_vec(),
+            last_fold_ms: 5,
+            object: None,
+            cohort: Vec::new(),
+        };
+        let bytes = encode_partial(&header, p.values());
+        let (h, raw) = decode_partial(&bytes).unwrap();
+        assert_eq!(h, header);
+        let back = partial_from_wire(&m, &h, raw).unwrap().unwrap();
+        assert_eq!(back.values(), &[4.0, -8.0, 2.0]);
+        assert_eq!((back.total_weight(), back.count()), (4.0, 1));
+        // Truncated, wrong length, NaN: typed errors, no panic.
+        assert!(decode_partial(&bytes[..3]).is_err());
+        assert!(decode_partial(&bytes[..10]).is_err());
+        assert!(partial_from_wire(&m, &h, &raw[..16]).is_err());
+        let nan = encode_partial(&header, &[f64::NAN, 0.0, 0.0]);
+        let (h2, raw2) = decode_partial(&nan).unwrap();
+        assert!(partial_from_wire(&m, &h2, raw2).is_err());
+        let mut neg = header.clone();
+        neg.total_weight = -1.0;
+        assert!(partial_from_wire(&m, &neg, raw).is_err());
+    }
+}
