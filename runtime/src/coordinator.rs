@@ -368,7 +368,9 @@ pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
 struct Collected {
     collect: u64,
     nodes: Vec<NodeId>,
-    partial: Option<PartialAggregate>,
+    /// Shared with the leaf that sent it when only one partial came (no copy); merging into it
+    /// copies it once.
+    partial: Option<Arc<PartialAggregate>>,
     cohort: Vec<hierarchy::CohortMember>,
     /// Whole-cohort strategies: every update of the round and the node holding it.
     entries: Vec<CohortEntry>,
@@ -450,8 +452,8 @@ async fn collect(
                 // Streaming strategies all merge by the partial's own rule (sums add, maxima
                 // max, the lowest client's `first` values win).
                 match &mut got.partial {
-                    None => got.partial = Some(Arc::unwrap_or_clone(pa)),
-                    Some(acc) => acc.merge(&pa)?,
+                    None => got.partial = Some(pa),
+                    Some(acc) => Arc::make_mut(acc).merge(&pa)?,
                 }
             }
             got.cohort.extend(p.cohort);
