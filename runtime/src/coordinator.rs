@@ -129,30 +129,18 @@ pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
     let (mut state, mut revision) = jobs::load_state(&ctx.infra, &job).await?;
     let mut global = load_global(&ctx.infra, &job, &state, &manifest).await?;
     let rule = spec.round_rule();
-    let mut rewards = ctx
-        .infra
-        .client
-        .subscribe(ctx.infra.subjects.all_rewards(&job))
-        .await
-        .map_err(|e| Error::nats("subscribe to reward requests", e))?;
-    let mut progress = ctx
-        .infra
-        .client
-        .subscribe(ctx.infra.subjects.progress(&job))
-        .await
-        .map_err(|e| Error::nats("subscribe to leaf progress", e))?;
+    let mut rewards =
+        ctx.infra.subscribe(ctx.infra.subjects.all_rewards(&job), "subscribe to reward requests").await?;
+    let mut progress =
+        ctx.infra.subscribe(ctx.infra.subjects.progress(&job), "subscribe to leaf progress").await?;
     let mut partials = ctx
         .infra
-        .client
-        .subscribe(ctx.infra.subjects.partials_to(&job, &ctx.node, "top"))
-        .await
-        .map_err(|e| Error::nats("subscribe to partials", e))?;
+        .subscribe(ctx.infra.subjects.partials_to(&job, &ctx.node, "top"), "subscribe to partials")
+        .await?;
     let mut shard_results = ctx
         .infra
-        .client
-        .subscribe(ctx.infra.subjects.shard_results_to(&job, &ctx.node))
-        .await
-        .map_err(|e| Error::nats("subscribe to shard results", e))?;
+        .subscribe(ctx.infra.subjects.shard_results_to(&job, &ctx.node), "subscribe to shard results")
+        .await?;
     let mut exchange_failures = 0u32;
     // A round already open when we start was opened by a top that may have died holding
     // staged updates: give JetStream time to redeliver them before judging the round.

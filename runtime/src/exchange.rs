@@ -32,16 +32,6 @@ use crate::infra::Infra;
 use crate::metrics::Metrics;
 use crate::protocol::{self, CohortEntry, ShardPlan, ShardStep, SliceHeader};
 
-/// Frames `header` and `body`: `u32 LE length ‖ msgpack header ‖ body`.
-fn frame(header: &SliceHeader, body: &[u8]) -> Vec<u8> {
-    let h = protocol::encode(header);
-    let mut out = Vec::with_capacity(4 + h.len() + body.len());
-    out.extend_from_slice(&(h.len() as u32).to_le_bytes());
-    out.extend_from_slice(&h);
-    out.extend_from_slice(body);
-    out
-}
-
 /// Sends `body` with `header` on `subject`, through the object store when larger than a
 /// message. Returns the bytes sent.
 async fn send(
@@ -55,20 +45,11 @@ async fn send(
     let limit = infra.max_payload().saturating_sub(64 * 1024);
     let msg = if body.len() > limit {
         let name = crate::subjects::exchange_object(job, header.exchange, header.shard, part);
-        let meta = async_nats::jetstream::object_store::ObjectMetadata {
-            name: name.clone(),
-            chunk_size: Some(crate::jobs::chunk_size(infra)),
-            ..Default::default()
-        };
-        infra
-            .update_objects
-            .put(meta, &mut &body[..])
-            .await
-            .map_err(|e| Error::nats("store shard data", e))?;
+        infra.put_transfer(&name, body).await?;
         header.object = Some(name);
-        frame(&header, &[])
+        protocol::frame(&header, &[])
     } else {
-        frame(&header, body)
+        protocol::frame(&header, body)
     };
     infra.client.publish(subject, Bytes::from(msg)).await.map_err(|e| Error::nats("send shard data", e))?;
     Ok(body.len() as u64)
@@ -77,21 +58,12 @@ async fn send(
 /// Reads one exchange message: its header and body (fetched from the object store, then
 /// deleted, when it travelled there).
 async fn receive(infra: &Infra, msg: &async_nats::Message) -> Result<(SliceHeader, Vec<u8>)> {
-    let bad = |d: &str| Error::Decode { what: "shard exchange message", detail: d.to_owned() };
-    let p = &msg.payload;
-    let len = p.get(..4).ok_or_else(|| bad("shorter than its length prefix"))?;
-    let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
-    let h = p.get(4..4 + len).ok_or_else(|| bad("header truncated"))?;
-    let header: SliceHeader = protocol::decode("shard exchange message", h)?;
-    let Some(name) = &header.object else {
-        return Ok((header, p[4 + len..].to_vec()));
+    let (header, body): (SliceHeader, &[u8]) = protocol::unframe("shard exchange message", &msg.payload)?;
+    let body = match &header.object {
+        None => body.to_vec(),
+        Some(name) => infra.take_transfer(name).await?,
     };
-    use tokio::io::AsyncReadExt;
-    let mut obj = infra.update_objects.get(name).await.map_err(|e| Error::nats("fetch shard data", e))?;
-    let mut buf = Vec::new();
-    obj.read_to_end(&mut buf).await.map_err(|e| Error::io("read shard data", e))?;
-    let _ = infra.update_objects.delete(name).await;
-    Ok((header, buf))
+    Ok((header, body))
 }
 
 /// Bytes copied into 64-byte-aligned storage (what `UpdateView` needs).

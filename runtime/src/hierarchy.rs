@@ -128,12 +128,7 @@ pub fn group(node: &NodeId, req: &CollectRequest) -> Option<(NodeId, Vec<NodeId>
 
 /// Encodes `header` and the accumulators: `u32 LE length ‖ msgpack header ‖ f64 LE values`.
 pub fn encode_partial(header: &PartialHeader, values: &[f64]) -> Vec<u8> {
-    let h = protocol::encode(header);
-    let mut out = Vec::with_capacity(4 + h.len() + values.len() * 8);
-    out.extend_from_slice(&(h.len() as u32).to_le_bytes());
-    out.extend_from_slice(&h);
-    out.extend_from_slice(bytemuck::cast_slice(values));
-    out
+    protocol::frame(header, bytemuck::cast_slice(values))
 }
 
 /// Splits a partial message into its header and the raw accumulator bytes.
@@ -141,11 +136,7 @@ pub fn encode_partial(header: &PartialHeader, values: &[f64]) -> Vec<u8> {
 /// # Errors
 /// [`Error::Decode`] for a truncated or malformed message.
 pub fn decode_partial(bytes: &[u8]) -> Result<(PartialHeader, &[u8])> {
-    let bad = |d: &str| Error::Decode { what: "partial aggregate", detail: d.to_owned() };
-    let len = bytes.get(..4).ok_or_else(|| bad("shorter than its length prefix"))?;
-    let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
-    let h = bytes.get(4..4 + len).ok_or_else(|| bad("header truncated"))?;
-    Ok((protocol::decode("partial aggregate", h)?, &bytes[4 + len..]))
+    protocol::unframe("partial aggregate", bytes)
 }
 
 /// Rebuilds the accumulators of a received partial.
@@ -199,17 +190,8 @@ pub async fn send_remote(
     let sent;
     let body = if values.len() * 8 + 64 * 1024 > limit {
         let name = crate::subjects::partial_object(job, header.round, &header.sender, header.collect);
-        let meta = async_nats::jetstream::object_store::ObjectMetadata {
-            name: name.clone(),
-            chunk_size: Some(crate::jobs::chunk_size(infra)),
-            ..Default::default()
-        };
         let raw: &[u8] = bytemuck::cast_slice(values);
-        infra
-            .update_objects
-            .put(meta, &mut &raw[..])
-            .await
-            .map_err(|e| Error::nats("store partial aggregate", e))?;
+        infra.put_transfer(&name, raw).await?;
         header.object = Some(name);
         sent = raw.len() as u64;
         encode_partial(&header, &[])
@@ -237,14 +219,7 @@ pub async fn receive_remote(
         let p = partial_from_wire(manifest, &header, raw)?;
         return Ok((header, p, msg.payload.len() as u64));
     };
-    use tokio::io::AsyncReadExt;
-    let mut obj =
-        infra.update_objects.get(name).await.map_err(|e| Error::nats("fetch partial aggregate", e))?;
-    let mut buf = Vec::with_capacity(manifest.numel() * 8);
-    obj.read_to_end(&mut buf).await.map_err(|e| Error::io("read partial aggregate", e))?;
-    if let Err(e) = infra.update_objects.delete(name).await {
-        tracing::debug!(object = %name, error = %e, "deleting a consumed partial failed");
-    }
+    let buf = infra.take_transfer(name).await?;
     let p = partial_from_wire(manifest, &header, &buf)?;
     Ok((header, p, buf.len() as u64))
 }
@@ -301,30 +276,18 @@ pub async fn run_leaf(ctx: LeafContext, job: JobId) -> Result<()> {
         .send(RegisterJob { job: job.clone(), progress: tx })
         .await
         .map_err(|e| Error::Shm(e.to_string()))?;
-    let mut collects = ctx
-        .infra
-        .client
-        .subscribe(ctx.infra.subjects.collect(&job))
-        .await
-        .map_err(|e| Error::nats("subscribe to collections", e))?;
+    let mut collects =
+        ctx.infra.subscribe(ctx.infra.subjects.collect(&job), "subscribe to collections").await?;
     let mut to_me = ctx
         .infra
-        .client
-        .subscribe(ctx.infra.subjects.partials_to(&job, &ctx.node, "middle"))
-        .await
-        .map_err(|e| Error::nats("subscribe to partials", e))?;
-    let mut plans = ctx
-        .infra
-        .client
-        .subscribe(ctx.infra.subjects.shard_plans(&job))
-        .await
-        .map_err(|e| Error::nats("subscribe to shard plans", e))?;
+        .subscribe(ctx.infra.subjects.partials_to(&job, &ctx.node, "middle"), "subscribe to partials")
+        .await?;
+    let mut plans =
+        ctx.infra.subscribe(ctx.infra.subjects.shard_plans(&job), "subscribe to shard plans").await?;
     let mut slices = ctx
         .infra
-        .client
-        .subscribe(ctx.infra.subjects.slices_to(&job, &ctx.node))
-        .await
-        .map_err(|e| Error::nats("subscribe to update slices", e))?;
+        .subscribe(ctx.infra.subjects.slices_to(&job, &ctx.node), "subscribe to update slices")
+        .await?;
     let mut owner = crate::exchange::Owner::new(
         ctx.infra.clone(),
         job.clone(),

@@ -337,3 +337,47 @@ async fn object_bucket(
         Err(e) => js.get_object_store(name).await.map_err(|_| Error::nats("create object store", e)),
     }
 }
+
+/// Internal transfers between nodes (partials, shard exchanges) too large for one message go
+/// through `shoal-updates` under a `_`-prefixed name.
+impl Infra {
+    /// Subscribes to `subject`; `what` names it in the error.
+    ///
+    /// # Errors
+    /// [`Error::Nats`].
+    pub async fn subscribe(&self, subject: String, what: &'static str) -> Result<async_nats::Subscriber> {
+        self.client.subscribe(subject).await.map_err(|e| Error::nats(what, e))
+    }
+
+    /// Stores `bytes` as object `name` in `shoal-updates`.
+    ///
+    /// # Errors
+    /// [`Error::Nats`].
+    pub async fn put_transfer(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        let meta = object_store::ObjectMetadata {
+            name: name.to_owned(),
+            chunk_size: Some(crate::jobs::chunk_size(self)),
+            ..Default::default()
+        };
+        self.update_objects
+            .put(meta, &mut &bytes[..])
+            .await
+            .map_err(|e| Error::nats("store a transfer", e))?;
+        Ok(())
+    }
+
+    /// Reads object `name` from `shoal-updates` and deletes it.
+    ///
+    /// # Errors
+    /// [`Error::Nats`] (e.g. a missing object), [`Error::Io`].
+    pub async fn take_transfer(&self, name: &str) -> Result<Vec<u8>> {
+        use tokio::io::AsyncReadExt;
+        let mut obj = self.update_objects.get(name).await.map_err(|e| Error::nats("fetch a transfer", e))?;
+        let mut buf = Vec::with_capacity(obj.info().size);
+        obj.read_to_end(&mut buf).await.map_err(|e| Error::io("read a transfer", e))?;
+        if let Err(e) = self.update_objects.delete(name).await {
+            tracing::debug!(object = %name, error = %e, "deleting a consumed transfer failed");
+        }
+        Ok(buf)
+    }
+}

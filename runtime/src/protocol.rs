@@ -53,6 +53,29 @@ pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T
     Ok(env.body)
 }
 
+/// Frames a control header with a raw body, for messages that carry bulk data after their
+/// metadata (partial aggregates, shard exchanges): `u32 LE length ‖ encoded header ‖ body`.
+pub fn frame<T: Serialize>(header: &T, body: &[u8]) -> Vec<u8> {
+    let h = encode(header);
+    let mut out = Vec::with_capacity(4 + h.len() + body.len());
+    out.extend_from_slice(&(h.len() as u32).to_le_bytes());
+    out.extend_from_slice(&h);
+    out.extend_from_slice(body);
+    out
+}
+
+/// Splits a [`frame`]d message into its header and body.
+///
+/// # Errors
+/// [`Error::Decode`] for a truncated message or a malformed header.
+pub fn unframe<'a, T: DeserializeOwned>(what: &'static str, bytes: &'a [u8]) -> Result<(T, &'a [u8])> {
+    let bad = |d: &str| Error::Decode { what, detail: d.to_owned() };
+    let len = bytes.get(..4).ok_or_else(|| bad("shorter than its length prefix"))?;
+    let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+    let h = bytes.get(4..4 + len).ok_or_else(|| bad("header truncated"))?;
+    Ok((decode(what, h)?, &bytes[4 + len..]))
+}
+
 /// Lifecycle of a job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "phase", rename_all = "snake_case")]
