@@ -378,9 +378,17 @@ pub fn stage_update(
     if slot.len() != manifest.slot_bytes() {
         return Err(ValidationError::SlotSize { expected: manifest.slot_bytes(), got: slot.len() });
     }
-    // safetensors 0.4.5 adds header offsets without overflow checks (`read_metadata`), which
-    // panics in builds with overflow checks on a crafted header (upstream PR #808 is open). A
-    // client's bytes must never crash a process, so any panic inside the parser is a rejection.
+    // safetensors 0.4.5 adds the last data offset to the header length without an overflow
+    // check (`read_metadata`; upstream PR #808 is open), which panics in builds with overflow
+    // checks on a crafted header. Such a header is refused before it reaches the parser, as a
+    // typed error with no panic (a panic hook, e.g. libFuzzer's, may abort before any unwinding
+    // is caught). Catching a panic from the parser stays as a last guard: a client's bytes must
+    // never crash a process.
+    if header_has_huge_integer(payload) {
+        return Err(ValidationError::Malformed(format!(
+            "safetensors header holds an integer above {MAX_HEADER_INTEGER}"
+        )));
+    }
     let parsed = std::panic::catch_unwind(|| safetensors::SafeTensors::deserialize(payload));
     let st = match parsed {
         Ok(r) => r.map_err(|e| ValidationError::Malformed(format!("{e:?}")))?,
@@ -428,6 +436,50 @@ pub fn stage_update(
         return Err(ValidationError::Malformed("tensor count differs from the manifest".into()));
     }
     check_finite(manifest, slot)
+}
+
+/// Largest integer a safetensors header may hold outside its strings: 2^62, far above any real
+/// shape or byte offset, and far enough below `usize::MAX` that safetensors' unchecked
+/// `data end + 8 + header length` cannot overflow.
+const MAX_HEADER_INTEGER: u64 = 1 << 62;
+
+/// Whether the JSON header of a safetensors `payload` holds an integer above
+/// [`MAX_HEADER_INTEGER`] outside a string (so a big number in a tensor name or in
+/// `__metadata__` is fine). One pass over the header bytes, no allocation; a payload whose
+/// header length field is out of range answers `false` and is refused by the parser itself.
+fn header_has_huge_integer(payload: &[u8]) -> bool {
+    let Some(len) = payload.get(..8) else { return false };
+    let mut n = [0u8; 8];
+    n.copy_from_slice(len);
+    let Some(header) =
+        usize::try_from(u64::from_le_bytes(n)).ok().and_then(|n| payload.get(8..8usize.checked_add(n)?))
+    else {
+        return false;
+    };
+    // JSON strings are delimited by `"` and escape with `\`; both are ASCII, so they never
+    // occur inside a multi-byte UTF-8 sequence and a byte scan finds the string boundaries.
+    let (mut in_string, mut escaped, mut value) = (false, false, None::<u64>);
+    for &b in header {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+        } else if b.is_ascii_digit() {
+            let v = value.unwrap_or(0).saturating_mul(10).saturating_add(u64::from(b - b'0'));
+            if v > MAX_HEADER_INTEGER {
+                return true;
+            }
+            value = Some(v);
+        } else {
+            value = None;
+            in_string = b == b'"';
+        }
+    }
+    false
 }
 
 /// Checks that every float tensor of a staged slot is finite.
@@ -821,5 +873,55 @@ mod tests {
         // Wrong slot size is a typed error, not a panic.
         let mut small = vec![0u8; 8];
         assert!(matches!(stage_update(&m, &ok, &mut small), Err(ValidationError::SlotSize { .. })));
+    }
+
+    /// A safetensors payload from a raw JSON header and `data` zero bytes.
+    fn raw_payload(header: &str, data: usize) -> Vec<u8> {
+        let mut p = (header.len() as u64).to_le_bytes().to_vec();
+        p.extend_from_slice(header.as_bytes());
+        p.resize(p.len() + data, 0);
+        p
+    }
+
+    #[test]
+    fn header_offsets_near_usize_max_are_refused_before_the_parser() {
+        let m = manifest();
+        let mut slot = vec![0u64; m.slot_bytes() / 8];
+        let slot = bytemuck::cast_slice_mut::<u64, u8>(&mut slot);
+        // One tensor ending at usize::MAX: safetensors 0.4.5 then computes usize::MAX + 8 + the
+        // header length, which panics with overflow checks on (and aborted the libFuzzer target).
+        let one = raw_payload(
+            r#"{"w":{"dtype":"U8","shape":[18446744073709551615],"data_offsets":[0,18446744073709551615]}}"#,
+            0,
+        );
+        // Contiguous offsets that reach usize::MAX over two tensors.
+        let two = raw_payload(
+            r#"{"w":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]},"x":{"dtype":"U8","shape":[18446744073709551591],"data_offsets":[24,18446744073709551615]}}"#,
+            24,
+        );
+        let refused =
+            ValidationError::Malformed(format!("safetensors header holds an integer above {}", 1u64 << 62));
+        for p in [one, two] {
+            // The pre-check's own error: refused before the parser, not by catching its panic.
+            assert_eq!(stage_update(&m, &p, slot), Err(refused.clone()));
+        }
+        // Digits inside strings (here after an escaped quote) are not integers: an update whose
+        // metadata holds a long number is accepted.
+        let p = Parameters::from_f64(Arc::clone(&m), &[vec![0.5; 6], vec![1.0; 3], vec![2.0]]).unwrap();
+        let bytes = p.as_bytes();
+        let views = m.tensors().iter().zip(m.slots()).map(|(t, s)| {
+            let data = &bytes[s.byte_offset..s.byte_offset + s.byte_len];
+            (
+                t.name.as_str(),
+                safetensors::tensor::TensorView::new(t.dtype.to_safetensors(), t.shape.clone(), data)
+                    .unwrap(),
+            )
+        });
+        let meta = HashMap::from([("id".to_owned(), "a\"184467440737095516150000".to_owned())]);
+        let payload = safetensors::serialize(views, &Some(meta)).unwrap();
+        let escaped = br#""a\"184467440737095516150000""#;
+        assert!(payload.windows(escaped.len()).any(|w| w == escaped), "the metadata is JSON-escaped");
+        assert_eq!(stage_update(&m, &payload, slot), Ok(()));
+        assert_eq!(&slot[..24], &bytes[..24]);
     }
 }
