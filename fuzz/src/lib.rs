@@ -203,6 +203,23 @@ pub fn check_control_messages(bytes: &[u8]) -> usize {
         assert!(!n.reason.as_str().is_empty());
         assert!(!n.client.as_str().is_empty());
     }
+    // The hierarchy's messages between nodes (DESIGN.md §7): progress, collection requests,
+    // partial-aggregate and shard-exchange headers, shard plans, leases.
+    accepted += usize::from(msgpack_round_trip::<protocol::LeafProgress>("leaf progress", bytes).is_some());
+    if let Some(r) = msgpack_round_trip::<protocol::CollectRequest>("collect request", bytes) {
+        accepted += 1;
+        for n in &r.nodes {
+            let _ = shoal_runtime::hierarchy::parent(n, &r);
+        }
+    }
+    accepted += usize::from(msgpack_round_trip::<protocol::ShardPlan>("shard plan", bytes).is_some());
+    accepted += usize::from(msgpack_round_trip::<shoal_runtime::lease::Lease>("lease", bytes).is_some());
+    // Framed messages: a header, then bulk bytes.
+    if let Ok((h, raw)) = protocol::unframe::<protocol::PartialHeader>("partial aggregate", bytes) {
+        accepted += 1;
+        let _ = shoal_runtime::hierarchy::partial_from_wire(update_manifest(), &h, raw);
+    }
+    accepted += usize::from(protocol::unframe::<protocol::SliceHeader>("shard exchange", bytes).is_ok());
     // A spec as nodes read it from KV `shoal-jobs`.
     if let Some(spec) = msgpack_round_trip::<JobSpec>("job spec", bytes) {
         accepted += 1;
@@ -367,6 +384,7 @@ fn job_spec(strategy: StrategySpec, update_kind: UpdateKind, opt: Option<ServerO
         rounds: 5,
         max_num_examples: 1_000_000,
         max_failed_rounds: 3,
+        fan_in: 0,
         server_optimizer: opt,
     }
 }
@@ -412,6 +430,11 @@ pub fn seeds() -> Vec<Seed> {
             clients: 8,
             total_weight: 4096.0,
         }),
+        last_commit: Some(protocol::CommitRecord {
+            round: RoundId(3),
+            collect: 0x1234_5678,
+            nodes: vec![shoal_functions::NodeId::new("n1").expect("node id")],
+        }),
     };
     add("control_messages", "job-state-new", protocol::encode(&JobState::new_job()), true);
     add("control_messages", "job-state-running", protocol::encode(&state), true);
@@ -446,6 +469,53 @@ pub fn seeds() -> Vec<Seed> {
         detail: "tensor \"w\" holds a non-finite value at element 2".into(),
     };
     add("control_messages", "reject-notice", protocol::encode(&notice), true);
+    let n1 = shoal_functions::NodeId::new("n1").expect("node id");
+    let n2 = shoal_functions::NodeId::new("n2").expect("node id");
+    let progress = protocol::LeafProgress { node: n1.clone(), round: RoundId(4), accepted: 17 };
+    add("control_messages", "leaf-progress", protocol::encode(&progress), true);
+    let collect = protocol::CollectRequest {
+        round: RoundId(4),
+        collect: 99,
+        top: n1.clone(),
+        nodes: vec![n1.clone(), n2.clone()],
+        fan_in: 2,
+    };
+    add("control_messages", "collect-request", protocol::encode(&collect), true);
+    let entry = protocol::CohortEntry { client: client.clone(), weight: 12.0, node: n2.clone() };
+    let plan = protocol::ShardPlan {
+        round: RoundId(4),
+        exchange: 7,
+        top: n1.clone(),
+        cohort: vec![entry.clone()],
+        owners: vec![n1.clone(), n2.clone()],
+        base_version: ModelVersion(3),
+        step: protocol::ShardStep::Select { selected: vec![0] },
+    };
+    add("control_messages", "shard-plan", protocol::encode(&plan), true);
+    let lease = shoal_runtime::lease::Lease { node: n2.clone(), instance: 5, renewed_ms: 1_700_000_000_000 };
+    add("control_messages", "lease", protocol::encode(&lease), true);
+    let header = protocol::PartialHeader {
+        sender: n2.clone(),
+        to: n1.clone(),
+        to_middle: false,
+        round: RoundId(4),
+        collect: 99,
+        nodes: vec![n2.clone()],
+        empty: false,
+        total_weight: 12.0,
+        count: 1,
+        clients: Vec::new(),
+        first_owners: vec![None; update_manifest().tensors().len()],
+        last_fold_ms: 1_700_000_000_000,
+        object: None,
+        cohort: vec![entry],
+    };
+    let values: Vec<f64> = (0..update_manifest().numel()).map(|i| i as f64 * 0.5).collect();
+    let framed: Vec<u8> =
+        protocol::frame(&header, &values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
+    add("control_messages", "partial-aggregate", framed, true);
+    let slice = protocol::SliceHeader { exchange: 7, shard: 1, client: Some(client.clone()), object: None };
+    add("control_messages", "shard-slice", protocol::frame(&slice, &[0u8; 64]), true);
     let specs = [
         ("fedavg", job_spec(StrategySpec::default(), UpdateKind::Parameters, None)),
         (
