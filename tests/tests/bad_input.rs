@@ -202,7 +202,7 @@ async fn tensor_extra() {
         TensorSpec::new("smuggled", DType::F32, vec![1]),
     ]);
     let p = payload(&m, &random_values(&m, 1));
-    c.bad_payload(p, RejectReason::SchemaMismatch).await;
+    c.bad_payload(p, RejectReason::TooManyTensors).await;
 }
 
 #[tokio::test]
