@@ -137,11 +137,22 @@ fn header<'a>(h: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
     h?.get(name).map(|v| v.as_str())
 }
 
+/// A header's decimal value: ASCII digits only (1 to 20 of them) that fit a `u64`. No sign,
+/// exponent, fraction, inner space or `0x`: `+100`, `1e3`, `7.0` and `7 0` are refused, where
+/// `str::parse` would take `+100`. (Spaces around a value are not part of it: NATS header syntax
+/// is HTTP's, and the client library strips them on receipt, so ` 7 ` arrives as `7`.)
+pub fn parse_decimal(v: &str) -> Option<u64> {
+    if v.is_empty() || v.len() > 20 || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    v.parse().ok()
+}
+
 fn header_u64(h: Option<&HeaderMap>, name: &str) -> Result<u64, Refusal> {
     let v = header(h, name)
         .ok_or_else(|| Refusal(RejectReason::MalformedHeaders, format!("header {name} missing")))?;
-    v.trim().parse().map_err(|_| {
-        Refusal(RejectReason::MalformedHeaders, format!("header {name}={v:?} is not an integer"))
+    parse_decimal(v).ok_or_else(|| {
+        Refusal(RejectReason::MalformedHeaders, format!("header {name}={v:?} is not a decimal integer"))
     })
 }
 
@@ -221,10 +232,10 @@ impl Gateway {
         })?;
         let num_examples = header(h, protocol::HDR_NUM_EXAMPLES)
             .ok_or_else(|| Refusal(RejectReason::InvalidWeight, "Shoal-Num-Examples missing".into()))?;
-        let num_examples: u64 = num_examples.trim().parse().map_err(|_| {
+        let num_examples = parse_decimal(num_examples).ok_or_else(|| {
             Refusal(
                 RejectReason::InvalidWeight,
-                format!("num_examples {num_examples:?} is not a non-negative integer"),
+                format!("num_examples {num_examples:?} is not a decimal integer (digits only)"),
             )
         })?;
 
