@@ -33,8 +33,9 @@ use crate::reject::{AckHandle, Rejector};
 use crate::shm::SlotPool;
 use crate::subjects;
 
-/// Most bytes a safetensors header may add to the tensor data (JSON names, dtypes, shapes).
-pub const MAX_HEADER_BYTES: usize = 1 << 20;
+/// How long reading one update object may take before the update is refused as
+/// `object_unavailable` (each chunk is a bounded direct get; this bounds the whole object).
+pub const OBJECT_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Gateway configuration.
 #[derive(Debug, Clone)]
@@ -331,19 +332,35 @@ impl Gateway {
             }
             None => {}
         }
+        if let Some(max) = spec.round_client_limit() {
+            let staged = self.seen.get(&(job.clone(), seen_round)).map_or(0, HashMap::len);
+            if staged >= max as usize {
+                return Err(Refusal(
+                    RejectReason::CohortFull,
+                    format!("round {round} holds {staged} updates, the job's max_clients_per_round"),
+                ));
+            }
+        }
 
         let manifest = &entry.manifest;
-        let max_bytes = manifest.data_bytes() + MAX_HEADER_BYTES;
+        let max_bytes = usize::try_from(spec.update_byte_limit()).unwrap_or(usize::MAX);
         let object = header(h, protocol::HDR_OBJECT).map(str::to_owned);
         let payload: Bytes = match &object {
             None => {
-                let limit = self.ctx.config.inline_limit.min(max_bytes);
-                if message.payload.len() > limit {
+                let len = message.payload.len();
+                if len > max_bytes {
+                    return Err(Refusal(
+                        RejectReason::PayloadTooLarge,
+                        format!("update of {len} bytes exceeds the job's max_update_bytes {max_bytes}"),
+                    ));
+                }
+                let limit = self.ctx.config.inline_limit;
+                if len > limit {
                     return Err(Refusal(
                         RejectReason::PayloadTooLarge,
                         format!(
-                            "inline payload of {} bytes exceeds {limit}; publish through the object store",
-                            message.payload.len()
+                            "inline payload of {len} bytes exceeds this node's inline limit {limit}; \
+                             publish through the object store"
                         ),
                     ));
                 }
@@ -399,7 +416,7 @@ impl Gateway {
         h: Option<&HeaderMap>,
         max_bytes: usize,
     ) -> Result<Bytes, Refusal> {
-        use tokio::io::AsyncReadExt;
+        use crate::objects::ObjectReadError as E;
         let own = subjects::update_object(job, round, client);
         if name != own {
             return Err(Refusal(
@@ -413,31 +430,31 @@ impl Gateway {
                 Refusal(RejectReason::MalformedHeaders, "Shoal-Digest sha256:<hex> missing".into())
             })?
             .to_ascii_lowercase();
-        let objects = &self.ctx.infra.update_objects;
-        let info = objects
-            .info(name)
-            .await
-            .map_err(|e| Refusal(RejectReason::ObjectUnavailable, format!("object {name:?}: {e}")))?;
-        if info.size > max_bytes {
-            return Err(Refusal(
-                RejectReason::PayloadTooLarge,
-                format!("object of {} bytes exceeds the model's {max_bytes}", info.size),
-            ));
-        }
-        let mut obj = objects
-            .get(name)
-            .await
-            .map_err(|e| Refusal(RejectReason::ObjectUnavailable, format!("object {name:?}: {e}")))?;
-        let mut buf = Vec::with_capacity(info.size);
-        (&mut obj)
-            .take(max_bytes as u64 + 1)
-            .read_to_end(&mut buf)
-            .await
-            .map_err(|e| Refusal(RejectReason::ObjectUnavailable, format!("reading object {name:?}: {e}")))?;
+        // Size from the metadata first (nothing is read for an oversized object), then every
+        // chunk by a bounded direct get: a missing chunk is a refusal, not a stalled gateway.
+        let read =
+            crate::objects::read_object_checked(&self.ctx.infra, subjects::UPDATES_BUCKET, name, max_bytes);
+        let buf = match tokio::time::timeout(OBJECT_READ_TIMEOUT, read).await {
+            Err(_) => {
+                return Err(Refusal(
+                    RejectReason::ObjectUnavailable,
+                    format!("object {name:?} not read within {OBJECT_READ_TIMEOUT:?}"),
+                ))
+            }
+            Ok(Ok(buf)) => buf,
+            Ok(Err(e)) => {
+                let reason = match e {
+                    E::TooLarge { .. } => RejectReason::PayloadTooLarge,
+                    E::Corrupt { .. } => RejectReason::DigestMismatch,
+                    E::Missing { .. } | E::MissingChunk { .. } => RejectReason::ObjectUnavailable,
+                };
+                return Err(Refusal(reason, e.to_string()));
+            }
+        };
         let got = hex::encode(Sha256::digest(&buf));
         if got != digest {
             return Err(Refusal(
-                RejectReason::ObjectUnavailable,
+                RejectReason::DigestMismatch,
                 format!("object digest {got} != header {digest}"),
             ));
         }

@@ -353,7 +353,7 @@ async fn object_of_another_client_is_unauthorized() {
 #[tokio::test]
 async fn object_digest_mismatch() {
     let c = Case::new("bad-object-digest", 1).await;
-    object_case(c, "bad", Some("sha256:00"), RejectReason::ObjectUnavailable).await;
+    object_case(c, "bad", Some("sha256:00"), RejectReason::DigestMismatch).await;
 }
 
 #[tokio::test]
