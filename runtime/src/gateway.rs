@@ -2,11 +2,14 @@
 //! once into a shared-memory slot, and hands a descriptor to the function host.
 //!
 //! Validation order (cheapest first, nothing buffered before the size checks): subject ids,
-//! headers, job, round, base version, `num_examples`, update kind, duplicate, payload size (or
-//! the object's size from its info, before fetching it), then the safetensors payload against
-//! the manifest while it is copied into the slot (names, dtypes, shapes, NaN/Inf). Every refusal
-//! is a [`RejectReason`]. Accepted messages are **not** acked here: the coordinator acks them
-//! after the commit; the aggregator keeps them alive with in-progress acks meanwhile.
+//! headers (decimal digits only), job, whether this node serves it (`--max-jobs`), round, base
+//! version, `num_examples` (1 to the job's maximum), update kind, duplicate, the round's
+//! `max_clients_per_round`, payload size against the job's `max_update_bytes` (or the object's
+//! size from its metadata, before reading a chunk), then the safetensors payload against the
+//! manifest while it is copied into the slot (tensor count from the header bytes before it is
+//! parsed, names, dtypes, shapes, NaN/Inf). Every refusal is a [`RejectReason`]. Accepted
+//! messages are **not** acked here: the coordinator acks them after the commit; the aggregator
+//! keeps them alive with in-progress acks meanwhile.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -23,6 +26,7 @@ use shoal_functions::tensor::stage_update;
 use shoal_functions::{ClientId, JobId, RoundId, UpdateKind};
 use tokio_util::sync::CancellationToken;
 
+use crate::capacity::{Admission, JobSlots};
 use crate::error::{Error, RejectReason, Result};
 use crate::host::{FunctionHost, Staged};
 use crate::infra::Infra;
@@ -71,6 +75,8 @@ pub struct GatewayContext {
     pub config: GatewayConfig,
     /// This node.
     pub node: shoal_functions::NodeId,
+    /// The jobs this node serves (`--max-jobs`).
+    pub slots: Arc<JobSlots>,
 }
 
 struct Gateway {
@@ -247,6 +253,33 @@ impl Gateway {
         let (spec, state) = (&entry.spec, &entry.state);
         if state.phase != JobPhase::Running {
             return Err(Refusal(RejectReason::JobNotRunning, format!("job {job} is {}", state.phase)));
+        }
+        match self.ctx.slots.admission(job) {
+            Admission::Served => {}
+            Admission::Unknown => {
+                // The job watch has not decided about this job yet: try again shortly.
+                ack.nak(Duration::from_millis(250)).await;
+                return Ok(None);
+            }
+            Admission::Waiting => {
+                let key = subjects::top_lease_key(job);
+                match crate::lease::fresh_holder(&self.ctx.infra, &key).await {
+                    Ok(Some(top)) if top != self.ctx.node => {
+                        // Another node serves the job: leave the update to it.
+                        ack.nak(Duration::from_millis(500)).await;
+                        return Ok(None);
+                    }
+                    _ => {
+                        return Err(Refusal(
+                            RejectReason::NodeAtCapacity,
+                            format!(
+                                "this node serves its maximum of {} jobs and no node serves job {job} yet",
+                                self.ctx.slots.max().unwrap_or(0)
+                            ),
+                        ))
+                    }
+                }
+            }
         }
         if entry.pinned && self.ctx.directory.top(job).as_ref() != Some(&self.ctx.node) {
             // Whole-cohort strategies without a sharded form (RFFL, Bristle) aggregate on the

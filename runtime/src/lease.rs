@@ -156,6 +156,19 @@ pub async fn join(infra: &Infra, node: &NodeId) -> Result<Held> {
     }
 }
 
+/// The holder of the lease `key` if it is fresh (renewed within [`STALE`]); `None` when nobody
+/// holds it or the holder stopped renewing.
+///
+/// # Errors
+/// NATS and decode errors.
+pub async fn fresh_holder(infra: &Infra, key: &str) -> Result<Option<NodeId>> {
+    let Some(v) = infra.jobs.get(key).await.map_err(|e| Error::nats("read lease", e))? else {
+        return Ok(None);
+    };
+    let lease: Lease = protocol::decode("lease", &v)?;
+    Ok(lease.fresh(now_ms()).then_some(lease.node))
+}
+
 /// The nodes whose membership lease is fresh, sorted by id.
 ///
 /// # Errors
