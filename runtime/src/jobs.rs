@@ -264,6 +264,10 @@ pub async fn watch_jobs(
     // Last value of every key first (jobs that exist already, e.g. after a restart), then changes.
     let mut watch =
         infra.jobs.watch_with_history("*.state").await.map_err(|e| Error::nats("watch jobs", e))?;
+    // Jobs handed to `on_new_job`. Not "known to the directory": the gateway may have put a job
+    // there first (read from KV for an update that came before this watch's entry), and that
+    // job must still get its leaf and top.
+    let mut started = std::collections::HashSet::new();
     loop {
         let entry = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
@@ -282,8 +286,7 @@ pub async fn watch_jobs(
             tracing::warn!(key = %entry.key, "undecodable job state ignored");
             continue;
         };
-        let known = dir.get(&job).is_some();
-        let spec = if known {
+        let spec = if dir.get(&job).is_some() {
             None
         } else {
             match load_spec(&infra, &job).await {
@@ -295,7 +298,7 @@ pub async fn watch_jobs(
             }
         };
         dir.observe_state(&job, spec, state, entry.revision);
-        if !known && dir.get(&job).is_some() {
+        if dir.get(&job).is_some() && started.insert(job.clone()) {
             on_new_job(job);
         }
     }
