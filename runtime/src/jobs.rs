@@ -119,7 +119,8 @@ impl JobDirectory {
 /// create interrupted before the state was written can be run again.
 ///
 /// # Errors
-/// [`Error::Spec`] for an invalid spec, [`Error::JobExists`], NATS errors.
+/// [`Error::Spec`] for an invalid spec, [`Error::PayloadTooLarge`] for a spec larger than the
+/// server's `max_payload` (nothing is written), [`Error::JobExists`], NATS errors.
 pub async fn create_job(infra: &Infra, spec: &JobSpec, initial: Option<&Parameters>) -> Result<()> {
     spec.validate()?;
     let manifest = Arc::new(spec.manifest.clone());
@@ -136,6 +137,17 @@ pub async fn create_job(infra: &Infra, spec: &JobSpec, initial: Option<&Paramete
             &zeros
         }
     };
+    // A spec over the server's max_payload could never be stored: say so now, as a size error,
+    // before anything is written.
+    let encoded = Bytes::from(protocol::encode(spec));
+    if encoded.len() > infra.max_payload() {
+        return Err(Error::PayloadTooLarge {
+            what: "job spec",
+            size: encoded.len(),
+            limit: infra.max_payload(),
+            limit_name: "the server's max_payload",
+        });
+    }
     // The job exists once its state exists; the state is written last. An interrupted create
     // (spec or model written, no state) is simply redone by the next create.
     let state_key = subjects::job_state_key(&spec.job);
@@ -145,7 +157,7 @@ pub async fn create_job(infra: &Infra, spec: &JobSpec, initial: Option<&Paramete
     put_model(infra, &spec.job, ModelVersion(0), initial).await?;
     infra
         .jobs
-        .put(subjects::job_spec_key(&spec.job), Bytes::from(protocol::encode(spec)))
+        .put(subjects::job_spec_key(&spec.job), encoded)
         .await
         .map_err(|e| Error::nats("write job spec", e))?;
     match infra.jobs.create(&state_key, Bytes::from(protocol::encode(&JobState::new_job()))).await {
