@@ -385,6 +385,8 @@ fn job_spec(strategy: StrategySpec, update_kind: UpdateKind, opt: Option<ServerO
         max_num_examples: 1_000_000,
         max_failed_rounds: 3,
         fan_in: 0,
+        max_update_bytes: None,
+        max_clients_per_round: None,
         server_optimizer: opt,
     }
 }
@@ -454,7 +456,10 @@ pub fn seeds() -> Vec<Seed> {
         RoundEvent::RoundClosed {
             job: job.clone(),
             round: RoundId(4),
-            outcome: RoundOutcome::AggregationFailed { detail: "zero total weight".into() },
+            outcome: RoundOutcome::AggregationFailed {
+                detail: "zero total weight".into(),
+                kind: Some(shoal_functions::ErrorKind::ZeroTotalWeight),
+            },
         },
         RoundEvent::JobEnded { job: job.clone(), phase: JobPhase::Finished },
     ];

@@ -206,6 +206,11 @@ pub struct NodeArgs {
     /// whole cohort" baseline; for measurements, not production).
     #[arg(long)]
     lazy_aggregation: bool,
+    /// Most running jobs this node serves at once (default: no limit). A job beyond it waits
+    /// for a free slot (logged, counted in shoal_jobs_refused_total); meanwhile its updates go
+    /// to a node that serves it, or are refused as node_at_capacity.
+    #[arg(long, env = "SHOAL_MAX_JOBS", value_parser = clap::value_parser!(u32).range(1..))]
+    max_jobs: Option<u32>,
 }
 
 /// `shoal job ...`
@@ -279,6 +284,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             cfg.pull_batch = a.pull_batch.clamp(1, 10_000);
             cfg.collect_timeout = Duration::from_millis(a.collect_timeout_ms.max(100));
             cfg.eager = !a.lazy_aggregation;
+            cfg.max_jobs = a.max_jobs.map(|n| n as usize);
             let handle = node::start(cfg).await.context("starting the node")?;
             shutdown_signal().await;
             tracing::info!("shutting down");

@@ -483,7 +483,7 @@ fn close_outcome(
         let total: f64 = collected.entries.iter().map(|e| e.weight).sum();
         return match r {
             Ok(p) => (RoundOutcome::Committed { version, clients: accepted, total_weight: total }, Some(p)),
-            Err(detail) => (RoundOutcome::AggregationFailed { detail }, None),
+            Err(detail) => (RoundOutcome::AggregationFailed { detail, kind: None }, None),
         };
     }
     let result = match strategy.mergeability() {
@@ -507,7 +507,7 @@ fn close_outcome(
         Ok((p, total_weight)) => {
             (RoundOutcome::Committed { version, clients: accepted, total_weight }, Some(p))
         }
-        Err(e) => (RoundOutcome::AggregationFailed { detail: e.to_string() }, None),
+        Err(e) => (RoundOutcome::AggregationFailed { detail: e.to_string(), kind: Some(e.kind()) }, None),
     }
 }
 

@@ -119,7 +119,8 @@ impl JobDirectory {
 /// create interrupted before the state was written can be run again.
 ///
 /// # Errors
-/// [`Error::Spec`] for an invalid spec, [`Error::JobExists`], NATS errors.
+/// [`Error::Spec`] for an invalid spec, [`Error::PayloadTooLarge`] for a spec larger than the
+/// server's `max_payload` (nothing is written), [`Error::JobExists`], NATS errors.
 pub async fn create_job(infra: &Infra, spec: &JobSpec, initial: Option<&Parameters>) -> Result<()> {
     spec.validate()?;
     let manifest = Arc::new(spec.manifest.clone());
@@ -136,6 +137,17 @@ pub async fn create_job(infra: &Infra, spec: &JobSpec, initial: Option<&Paramete
             &zeros
         }
     };
+    // A spec over the server's max_payload could never be stored: say so now, as a size error,
+    // before anything is written.
+    let encoded = Bytes::from(protocol::encode(spec));
+    if encoded.len() > infra.max_payload() {
+        return Err(Error::PayloadTooLarge {
+            what: "job spec",
+            size: encoded.len(),
+            limit: infra.max_payload(),
+            limit_name: "the server's max_payload",
+        });
+    }
     // The job exists once its state exists; the state is written last. An interrupted create
     // (spec or model written, no state) is simply redone by the next create.
     let state_key = subjects::job_state_key(&spec.job);
@@ -145,7 +157,7 @@ pub async fn create_job(infra: &Infra, spec: &JobSpec, initial: Option<&Paramete
     put_model(infra, &spec.job, ModelVersion(0), initial).await?;
     infra
         .jobs
-        .put(subjects::job_spec_key(&spec.job), Bytes::from(protocol::encode(spec)))
+        .put(subjects::job_spec_key(&spec.job), encoded)
         .await
         .map_err(|e| Error::nats("write job spec", e))?;
     match infra.jobs.create(&state_key, Bytes::from(protocol::encode(&JobState::new_job()))).await {
@@ -264,6 +276,10 @@ pub async fn watch_jobs(
     // Last value of every key first (jobs that exist already, e.g. after a restart), then changes.
     let mut watch =
         infra.jobs.watch_with_history("*.state").await.map_err(|e| Error::nats("watch jobs", e))?;
+    // Jobs handed to `on_new_job`. Not "known to the directory": the gateway may have put a job
+    // there first (read from KV for an update that came before this watch's entry), and that
+    // job must still get its leaf and top.
+    let mut started = std::collections::HashSet::new();
     loop {
         let entry = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
@@ -282,8 +298,7 @@ pub async fn watch_jobs(
             tracing::warn!(key = %entry.key, "undecodable job state ignored");
             continue;
         };
-        let known = dir.get(&job).is_some();
-        let spec = if known {
+        let spec = if dir.get(&job).is_some() {
             None
         } else {
             match load_spec(&infra, &job).await {
@@ -295,7 +310,7 @@ pub async fn watch_jobs(
             }
         };
         dir.observe_state(&job, spec, state, entry.revision);
-        if !known && dir.get(&job).is_some() {
+        if dir.get(&job).is_some() && started.insert(job.clone()) {
             on_new_job(job);
         }
     }

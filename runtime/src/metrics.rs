@@ -70,6 +70,12 @@ pub struct Metrics {
     pub shard_bytes_sent: Counter,
     /// Bytes of update slices and shard results received in coordinate-sharded exchanges.
     pub shard_bytes_received: Counter,
+    /// Running jobs this node serves (each holds one of its `--max-jobs` slots).
+    pub jobs_served: Gauge,
+    /// Running jobs waiting for a free slot on this node.
+    pub jobs_waiting: Gauge,
+    /// Jobs this node did not take when it learned of them because every slot was taken.
+    pub jobs_refused: Counter,
     log_state: Mutex<HashMap<RejectReason, (u64, Instant)>>,
 }
 
@@ -91,6 +97,9 @@ impl Default for Metrics {
             partial_bytes_received: Counter::default(),
             shard_bytes_sent: Counter::default(),
             shard_bytes_received: Counter::default(),
+            jobs_served: Gauge::default(),
+            jobs_waiting: Gauge::default(),
+            jobs_refused: Counter::default(),
             log_state: Mutex::new(HashMap::new()),
             registry: Registry::default(),
         };
@@ -150,6 +159,17 @@ impl Default for Metrics {
             "partial_bytes_received",
             "Bytes of partial aggregates received from other nodes",
             m.partial_bytes_received.clone(),
+        );
+        registry.register("jobs_served", "Running jobs this node serves", m.jobs_served.clone());
+        registry.register(
+            "jobs_waiting",
+            "Running jobs waiting for a free slot on this node (--max-jobs)",
+            m.jobs_waiting.clone(),
+        );
+        registry.register(
+            "jobs_refused",
+            "Jobs not taken when first seen because the node serves its --max-jobs already",
+            m.jobs_refused.clone(),
         );
         registry.register(
             "round_latency_seconds",

@@ -125,6 +125,10 @@ pub enum RoundOutcome {
     AggregationFailed {
         /// The error.
         detail: String,
+        /// Its kind (`zero_total_weight`, `non_finite_result`, ...); absent in states written
+        /// before it was recorded.
+        #[serde(default)]
+        kind: Option<shoal_functions::ErrorKind>,
     },
 }
 
@@ -143,7 +147,7 @@ impl std::fmt::Display for RoundOutcome {
                     "quorum not met: {accepted} updates, {min_clients} needed; the previous model stands"
                 )
             }
-            RoundOutcome::AggregationFailed { detail } => {
+            RoundOutcome::AggregationFailed { detail, .. } => {
                 write!(f, "aggregation failed ({detail}); the previous model stands")
             }
         }
