@@ -149,8 +149,15 @@ fn check_accepted_update(m: &Arc<ModelManifest>, payload: &[u8], slot: &[u8]) {
 
 fn check_rejected_update(payload: &[u8], e: &ValidationError) {
     assert!(!matches!(e, ValidationError::SlotSize { .. }), "the slot has the manifest's size: {e}");
-    let labels =
-        ["malformed", "missing_tensor", "extra_tensor", "dtype_mismatch", "shape_mismatch", "non_finite"];
+    let labels = [
+        "malformed",
+        "missing_tensor",
+        "extra_tensor",
+        "too_many_tensors",
+        "dtype_mismatch",
+        "shape_mismatch",
+        "non_finite",
+    ];
     assert!(labels.contains(&e.label()), "unexpected label {}", e.label());
     assert!(!e.to_string().is_empty());
     if let ValidationError::NonFinite { name, index } = e {
