@@ -244,6 +244,9 @@ pub enum RoundPolicy {
     },
 }
 
+/// Longest round deadline, FedBuff `max_wait_ms` or FedFix `period_ms` a job may set: 30 days.
+pub const MAX_DEADLINE_MS: u64 = 30 * 24 * 3600 * 1000;
+
 /// When a round of a job closes, whatever its [`RoundPolicy`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RoundRule {
@@ -357,10 +360,21 @@ impl JobSpec {
                 return Err(SpecError("round_policy mode periodic needs the fedfix strategy".into()));
             }
         }
-        if self.round_rule().deadline_ms == 0 {
-            return Err(SpecError(
-                "the round policy's deadline, max_wait_ms or period_ms must be positive".into(),
-            ));
+        let deadline_ms = self.round_rule().deadline_ms;
+        if deadline_ms == 0 || deadline_ms > MAX_DEADLINE_MS {
+            return Err(SpecError(format!(
+                "the round policy's deadline_ms, max_wait_ms or period_ms is {deadline_ms}; it must be \
+                 between 1 and {MAX_DEADLINE_MS} (30 days)"
+            )));
+        }
+        if let StrategySpec::Fedfix { clients, .. } = &self.strategy {
+            if clients.is_empty() {
+                return Err(SpecError(
+                    "fedfix needs its clients listed (compute_ticks, importance): an unlisted client's \
+                     update cannot be weighted"
+                        .into(),
+                ));
+            }
         }
         if self.rounds == 0 {
             return Err(SpecError("rounds must be at least 1".into()));
@@ -612,6 +626,26 @@ mod tests {
         let explicit = JobSpec { max_update_bytes: Some(5000), max_clients_per_round: Some(3), ..s.clone() };
         explicit.validate().unwrap();
         assert_eq!((explicit.update_byte_limit(), explicit.round_client_limit()), (5000, Some(3)));
+    }
+
+    /// Deadlines beyond 30 days (where `opened_at + deadline` could wrap) and a FedFix job
+    /// without its client list are refused when the job is created.
+    #[test]
+    fn unbounded_deadlines_and_unweighted_fedfix_are_refused() {
+        let huge = spec(RoundPolicy::Sync { cohort_size: 4, min_clients: 2, deadline_ms: u64::MAX });
+        assert!(huge.validate().unwrap_err().0.contains("30 days"), "{:?}", huge.validate());
+        let month = spec(RoundPolicy::Sync { cohort_size: 4, min_clients: 2, deadline_ms: MAX_DEADLINE_MS });
+        month.validate().unwrap();
+        let fedfix = |clients: serde_json::Value| JobSpec {
+            strategy: serde_json::from_value(
+                serde_json::json!({"name": "fedfix", "period_ticks": 2, "clients": clients}),
+            )
+            .unwrap(),
+            update_kind: UpdateKind::Delta,
+            ..spec(RoundPolicy::Periodic { period_ms: 1000, max_staleness: 2 })
+        };
+        assert!(fedfix(serde_json::json!([])).validate().unwrap_err().0.contains("clients listed"));
+        fedfix(serde_json::json!([{"client": "a", "compute_ticks": 1}])).validate().unwrap();
     }
 
     /// Limits that no update or round could satisfy are refused when the job is created.

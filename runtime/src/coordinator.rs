@@ -153,7 +153,7 @@ pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
         if !state.is_open() {
             let mut next = state.clone();
             next.opened_at_ms = now_ms();
-            next.deadline_at_ms = next.opened_at_ms + rule.deadline_ms;
+            next.deadline_at_ms = next.opened_at_ms.saturating_add(rule.deadline_ms);
             match jobs::cas_state(&ctx.infra, &job, &next, revision).await? {
                 CasOutcome::Written(rev) => {
                     state = next;
@@ -185,7 +185,9 @@ pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
         if let Some(t) = earliest_close.take() {
             deadline = deadline.max(t);
         }
-        let mut per_node: HashMap<NodeId, u32> = HashMap::new();
+        // Each node's latest count and when it came: a node that stopped reporting (dead, or
+        // handed its updates back) no longer counts once its heartbeats lapse.
+        let mut per_node: HashMap<NodeId, (u32, tokio::time::Instant)> = HashMap::new();
         loop {
             tokio::select! {
                 _ = ctx.cancel.cancelled() => return Ok(()),
@@ -197,8 +199,14 @@ pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
                 Some(m) = progress.next() => {
                     let Ok(p) = protocol::decode::<LeafProgress>("leaf progress", &m.payload) else { continue };
                     if p.round == round {
-                        per_node.insert(p.node, p.accepted);
-                        if per_node.values().map(|&n| u64::from(n)).sum::<u64>() >= u64::from(rule.cohort_size) {
+                        let now = tokio::time::Instant::now();
+                        per_node.insert(p.node, (p.accepted, now));
+                        let fresh = per_node
+                            .values()
+                            .filter(|(_, at)| now.duration_since(*at) < PROGRESS_FRESH)
+                            .map(|&(n, _)| u64::from(n))
+                            .sum::<u64>();
+                        if fresh >= u64::from(rule.cohort_size) {
                             break;
                         }
                     }
@@ -210,6 +218,14 @@ pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
         else {
             return Ok(()); // cancelled
         };
+        if tokio::time::Instant::now() < deadline && collected.count < u64::from(rule.cohort_size) {
+            // The progress counted updates the collection did not find (a node that died or
+            // handed them back since): keep the round open; they come back through JetStream.
+            span.in_scope(|| {
+                tracing::info!(collected = collected.count, "cohort incomplete at collection; waiting on")
+            });
+            continue;
+        }
         // Whole-cohort updates held on other nodes: a coordinate-sharded exchange, when the
         // strategy has one (crate::exchange); otherwise they are left out of this round.
         let remote = collected.entries.iter().any(|e| e.node != ctx.node);
@@ -351,6 +367,10 @@ pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
     Ok(())
 }
 
+/// A leaf's progress counts toward the cohort this long after it arrived (leaves report every
+/// 500 ms).
+const PROGRESS_FRESH: Duration = Duration::from_millis(1500);
+
 /// What the leaves sent for one round.
 #[derive(Debug)]
 struct Collected {
@@ -433,8 +453,11 @@ async fn collect(
                     }
                 },
             };
-            if p.collect != req.collect || p.nodes.iter().any(|n| got.nodes.contains(n)) {
-                continue; // an answer to an earlier collection, or a duplicate
+            if p.collect != req.collect
+                || !nodes.contains(&p.sender)
+                || p.nodes.iter().any(|n| got.nodes.contains(n) || !nodes.contains(n))
+            {
+                continue; // an earlier collection's answer, a duplicate, or not from a node asked
             }
             if let Some(pa) = p.partial {
                 // Streaming strategies all merge by the partial's own rule (sums add, maxima

@@ -79,8 +79,22 @@ pub struct GatewayContext {
     pub slots: Arc<JobSlots>,
 }
 
+/// How long a claim on (job, round, client) is kept: longer than any round lasts.
+const CLAIM_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
+/// The outcome of [`Gateway::claim`].
+enum Claim {
+    /// This message holds the claim.
+    Ours,
+    /// Another message of the client holds it.
+    Theirs,
+    /// KV did not answer: retry the message later.
+    Unknown,
+}
+
 struct Gateway {
     ctx: GatewayContext,
+    claims: Option<async_nats::jetstream::kv::Store>,
     pools: HashMap<JobId, Arc<SlotPool>>,
     /// Clients staged per (job, round) with their message's stream sequence (to tell a
     /// redelivery of the same message from a second update).
@@ -115,7 +129,7 @@ pub async fn run(ctx: GatewayContext, cancel: CancellationToken) -> Result<()> {
         .messages()
         .await
         .map_err(|e| Error::nats("pull updates", e))?;
-    let mut gw = Gateway { ctx, pools: HashMap::new(), seen: HashMap::new() };
+    let mut gw = Gateway { ctx, claims: None, pools: HashMap::new(), seen: HashMap::new() };
     let mut prune = tokio::time::interval(Duration::from_secs(5));
     loop {
         let next = tokio::select! {
@@ -291,7 +305,14 @@ impl Gateway {
         let staleness = if rule.asynchronous {
             // Asynchronous modes: an update for any round up to the open one is folded into the
             // open buffer, weighted by how many versions behind its base is.
+            if round.0 > state.round.0.saturating_add(1) {
+                return Err(Refusal(
+                    RejectReason::WrongRound,
+                    format!("round {round} is not open; round {} is", state.round),
+                ));
+            }
             if round > state.round || !state.is_open() {
+                // The next round, or the buffer between two: our view may lag by a moment.
                 ack.nak(Duration::from_millis(100)).await;
                 return Ok(None);
             }
@@ -420,6 +441,20 @@ impl Gateway {
         })?;
         stage_update(manifest, &payload, slot.bytes_mut())
             .map_err(|e| Refusal(RejectReason::from(&e), e.to_string()))?;
+        // One update per client and round across every node's gateway.
+        match self.claim(job, seen_round, client, stream_seq).await {
+            Claim::Ours => {}
+            Claim::Theirs => {
+                return Err(Refusal(
+                    RejectReason::Duplicate,
+                    format!("client {client} already sent an update for round {round}"),
+                ))
+            }
+            Claim::Unknown => {
+                ack.nak(Duration::from_secs(1)).await;
+                return Ok(None);
+            }
+        }
         self.ctx.metrics.bytes_staged.inc_by(manifest.data_bytes() as u64);
         self.seen.entry((job.clone(), seen_round)).or_default().insert(client.clone(), stream_seq);
         Ok(Some(Staged {
@@ -438,6 +473,42 @@ impl Gateway {
             manifest: Arc::clone(manifest),
             spec: Arc::clone(spec),
         }))
+    }
+
+    /// Claims (job, round, client) for the message at `stream_seq` in KV `shoal-claims`: the
+    /// first message claims it; a redelivery of that message (same sequence, on any node) finds
+    /// its own claim; any other message of the client for the round is a duplicate, whichever
+    /// node pulled the first.
+    async fn claim(&mut self, job: &JobId, round: RoundId, client: &ClientId, stream_seq: u64) -> Claim {
+        let claims = match &self.claims {
+            Some(c) => c.clone(),
+            None => match self.ctx.infra.claims(CLAIM_MAX_AGE).await {
+                Ok(c) => {
+                    self.claims = Some(c.clone());
+                    c
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "update claims unavailable; retrying the update");
+                    return Claim::Unknown;
+                }
+            },
+        };
+        let key = subjects::claim_key(job, round, client);
+        let value = Bytes::from(stream_seq.to_string());
+        match claims.create(&key, value).await {
+            Ok(_) => Claim::Ours,
+            Err(e) if e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {
+                match claims.get(&key).await {
+                    Ok(Some(v)) if v.as_ref() == stream_seq.to_string().as_bytes() => Claim::Ours,
+                    Ok(Some(_)) => Claim::Theirs,
+                    _ => Claim::Unknown,
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "claiming an update failed; retrying the update");
+                Claim::Unknown
+            }
+        }
     }
 
     async fn fetch_object(

@@ -322,7 +322,7 @@ pub async fn run_leaf(ctx: LeafContext, job: JobId) -> Result<()> {
                         continue;
                     }
                 };
-                if req.nodes.contains(&ctx.node) {
+                if req.nodes.contains(&ctx.node) && is_top(&ctx, &job, &req.top).await {
                     if let Err(e) = answer_collect(&ctx, &job, &manifest, &mut rounds, &mut to_me, &req).await {
                         tracing::warn!(%job, round = %req.round, error = %e, "answering a collection failed");
                     }
@@ -374,6 +374,18 @@ pub async fn run_leaf(ctx: LeafContext, job: JobId) -> Result<()> {
                     return Ok(());
                 }
             }
+        }
+    }
+}
+
+/// Whether `node` holds the job's top lease (leaves answer only the real top's collections).
+async fn is_top(ctx: &LeafContext, job: &JobId, node: &NodeId) -> bool {
+    match ctx.infra.jobs.get(crate::subjects::top_lease_key(job)).await {
+        Ok(Some(v)) => protocol::decode::<crate::lease::Lease>("lease", &v).is_ok_and(|l| l.node == *node),
+        Ok(None) => false,
+        Err(e) => {
+            tracing::warn!(%job, error = %e, "cannot read the top lease; answering the collection");
+            true
         }
     }
 }

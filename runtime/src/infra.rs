@@ -300,6 +300,16 @@ impl Infra {
 /// `create_key_value` is avoided because async-nats 0.51 cannot parse the account-info reply of
 /// nats-server 2.9, which it requests first.
 async fn kv_bucket(js: &jetstream::Context, bucket: &str, history: i64) -> Result<kv::Store> {
+    kv_bucket_aged(js, bucket, history, Duration::ZERO).await
+}
+
+/// [`kv_bucket`] whose entries expire after `max_age` (zero: never).
+async fn kv_bucket_aged(
+    js: &jetstream::Context,
+    bucket: &str,
+    history: i64,
+    max_age: Duration,
+) -> Result<kv::Store> {
     if let Ok(kv) = js.get_key_value(bucket).await {
         return Ok(kv);
     }
@@ -307,6 +317,7 @@ async fn kv_bucket(js: &jetstream::Context, bucket: &str, history: i64) -> Resul
         name: subjects::kv_stream(bucket),
         subjects: vec![format!("$KV.{bucket}.>")],
         max_messages_per_subject: history,
+        max_age,
         discard: stream::DiscardPolicy::New,
         allow_rollup: true,
         deny_delete: true,
@@ -341,6 +352,17 @@ async fn object_bucket(
 /// Internal transfers between nodes (partials, shard exchanges) too large for one message go
 /// through `shoal-updates` under a `_`-prefixed name.
 impl Infra {
+    /// The KV bucket `shoal-claims` (created on first use; only nodes use it): which update
+    /// message a client has for a round, cluster-wide, so a second update cannot slip in through
+    /// another node's gateway. Entries expire after `max_age` (the updates stream's duplicate
+    /// window).
+    ///
+    /// # Errors
+    /// [`Error::Nats`].
+    pub async fn claims(&self, max_age: Duration) -> Result<kv::Store> {
+        kv_bucket_aged(&self.js, subjects::CLAIMS_BUCKET, 1, max_age).await
+    }
+
     /// Subscribes to `subject`; `what` names it in the error.
     ///
     /// # Errors

@@ -13,6 +13,8 @@ pub const UPDATES_BUCKET: &str = "shoal-updates";
 pub const MODELS_BUCKET: &str = "shoal-models";
 /// KV bucket for job specs and job state.
 pub const JOBS_BUCKET: &str = "shoal-jobs";
+/// KV bucket of update claims: one message per (job, round, client), cluster-wide.
+pub const CLAIMS_BUCKET: &str = "shoal-claims";
 /// The durable pull consumer shared by every node's gateway.
 pub const GATEWAY_CONSUMER: &str = "shoal-gateway";
 
@@ -146,6 +148,11 @@ pub fn node_lease_key(node: &NodeId) -> String {
 
 /// KV key filter of every node lease.
 pub const NODE_LEASES: &str = "_node.*";
+
+/// KV key (in `shoal-claims`) of a client's update for a round: `<job>.<round>.<client>`.
+pub fn claim_key(job: &JobId, round: RoundId, client: &ClientId) -> String {
+    format!("{job}.{round}.{client}")
+}
 
 /// KV key of a job's top lease: `<job>.top`.
 pub fn top_lease_key(job: &JobId) -> String {

@@ -415,3 +415,90 @@ async fn a_middle_merges_its_group_before_the_top() {
     // n2's partial went to its middle n1, not to the top.
     assert!(per_node[0].2 >= (m.numel() * 8) as f64, "the middle n1 received no partial: {per_node:?}");
 }
+
+/// One update per client and round, cluster-wide: a client sending three different updates
+/// for one round (so JetStream's message-id dedupe does not apply) through a three-node
+/// cluster gets exactly one accepted, whichever nodes pull them; the others are `duplicate`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_update_is_a_duplicate_on_every_node() {
+    init_logging();
+    let nats = NatsServer::start().unwrap();
+    let nodes = three_nodes(&nats.url()).await;
+    let client = connect(&nats.url()).await;
+    let m = manifest();
+    let job = JobId::new("dup").unwrap();
+    jobs::create_job(client.infra(), &job_spec("dup", (*m).clone(), 3, 3, 60_000, 1), None).await.unwrap();
+    client.wait_for_open_round(&job, RoundId(1), Duration::from_secs(30)).await.unwrap();
+    let mut refused = rejections(&client.infra().client, "dup").await;
+    let honest: Vec<(Vec<Vec<f64>>, f64)> =
+        (0..2).map(|c| (as_sent(&m, &random_values(&m, 40 + c)), 5.0)).collect();
+    let evil: Vec<Vec<Vec<f64>>> = (0..3).map(|k| as_sent(&m, &random_values(&m, 90 + k))).collect();
+    for v in &evil {
+        publish(&client, &job, "evil", 5, UpdateKind::Parameters, v, &m).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for (c, (v, w)) in honest.iter().enumerate() {
+        publish(&client, &job, &format!("h{c}"), *w as u64, UpdateKind::Parameters, v, &m).await;
+    }
+    let (clients, weight) = committed(&client, &job, 1, &nodes).await;
+    assert_eq!((clients, weight), (3, 15.0), "{}", logs(&nodes));
+    let mut reasons = Vec::new();
+    for _ in 0..2 {
+        let n = next_rejection(&mut refused).await;
+        reasons.push((n.client.to_string(), n.reason));
+    }
+    let dup = shoal_runtime::error::RejectReason::Duplicate;
+    assert_eq!(reasons, vec![("evil".to_string(), dup), ("evil".to_string(), dup)]);
+    // The model is the mean of the honest two and one of evil's three.
+    let got = model(&client, &job, &m, 1).await;
+    let matches = evil.iter().filter(|v| {
+        let mut all = honest.clone();
+        all.push(((*v).clone(), 5.0));
+        let want = weighted_mean_oracle(&all);
+        want.iter().enumerate().all(|(i, w)| {
+            got.tensor_f64(i).iter().zip(w).all(|(g, o)| (g - o).abs() <= 1e-6 * o.abs().max(1e-3))
+        })
+    });
+    assert_eq!(matches.count(), 1, "the model is not honest + exactly one of evil's updates");
+}
+
+/// A node that is not the top stops (SIGTERM) mid-round, holding an update: the round does not
+/// close early on its stale progress; its update comes back through JetStream and the round
+/// commits all four, before its (long) deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_leaving_mid_round_loses_nothing() {
+    init_logging();
+    let nats = NatsServer::start().unwrap();
+    let mut nodes = three_nodes(&nats.url()).await;
+    let client = connect(&nats.url()).await;
+    let m = manifest();
+    let job = JobId::new("leave").unwrap();
+    jobs::create_job(client.infra(), &job_spec("leave", (*m).clone(), 4, 4, 120_000, 1), None).await.unwrap();
+    client.wait_for_open_round(&job, RoundId(1), Duration::from_secs(30)).await.unwrap();
+    let mut sent = Vec::new();
+    for c in 0..3u64 {
+        let values = as_sent(&m, &random_values(&m, 600 + c));
+        publish(&client, &job, &format!("u{c}"), 2 + c, UpdateKind::Parameters, &values, &m).await;
+        sent.push((values, (2 + c) as f64));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let lease = client.infra().jobs.get("leave.top").await.unwrap().expect("a top lease");
+    let top: shoal_runtime::lease::Lease = shoal_runtime::protocol::decode("lease", &lease).unwrap();
+    let mut victim = None;
+    for (i, n) in nodes.iter().enumerate() {
+        let staged =
+            scrape(&n.metrics(&client.infra().client).await, "shoal_updates_staged_total").unwrap_or(0.0);
+        if n.node_id != top.node.as_str() && staged > 0.0 {
+            victim = Some(i);
+        }
+    }
+    let victim = victim.expect("a node other than the top holds an update");
+    assert!(nodes[victim].terminate().success());
+    let values = as_sent(&m, &random_values(&m, 603));
+    publish(&client, &job, "u3", 5, UpdateKind::Parameters, &values, &m).await;
+    sent.push((values, 5.0));
+    let (clients, weight) = committed(&client, &job, 1, &nodes).await;
+    assert_eq!((clients, weight), (4, 14.0), "{}", logs(&nodes));
+    assert_close(&model(&client, &job, &m, 1).await, &weighted_mean_oracle(&sent), "after a node left");
+    assert_stream_drains(&client).await;
+}
