@@ -50,6 +50,7 @@ async fn total(nodes: &[NodeProcess], client: &ShoalClient, metric: &str) -> f64
     sum
 }
 
+#[allow(clippy::too_many_arguments)] // a test helper that spells out every header
 async fn publish(
     client: &ShoalClient,
     job: &JobId,
