@@ -23,6 +23,7 @@ use shoal_functions::tensor::stage_update;
 use shoal_functions::{ClientId, JobId, RoundId, UpdateKind};
 use tokio_util::sync::CancellationToken;
 
+use crate::claims::Claim;
 use crate::error::{Error, RejectReason, Result};
 use crate::host::{FunctionHost, Staged};
 use crate::infra::Infra;
@@ -70,10 +71,14 @@ pub struct GatewayContext {
     pub config: GatewayConfig,
     /// This node.
     pub node: shoal_functions::NodeId,
+    /// This process (its membership lease instance), named in the claims it makes.
+    pub instance: u64,
 }
 
 struct Gateway {
     ctx: GatewayContext,
+    /// KV `shoal-claims` (see `claims`).
+    claims: async_nats::jetstream::kv::Store,
     pools: HashMap<JobId, Arc<SlotPool>>,
     /// Clients staged per (job, round) with their message's stream sequence (to tell a
     /// redelivery of the same message from a second update).
@@ -108,7 +113,8 @@ pub async fn run(ctx: GatewayContext, cancel: CancellationToken) -> Result<()> {
         .messages()
         .await
         .map_err(|e| Error::nats("pull updates", e))?;
-    let mut gw = Gateway { ctx, pools: HashMap::new(), seen: HashMap::new() };
+    let claims = crate::claims::open(&ctx.infra).await?;
+    let mut gw = Gateway { ctx, claims, pools: HashMap::new(), seen: HashMap::new() };
     let mut prune = tokio::time::interval(Duration::from_secs(5));
     loop {
         let next = tokio::select! {
@@ -359,6 +365,36 @@ impl Gateway {
         })?;
         stage_update(manifest, &payload, slot.bytes_mut())
             .map_err(|e| Refusal(RejectReason::from(&e), e.to_string()))?;
+        // Another node may hold this very message (delivered twice) or another update of the
+        // client for the round: one node stages each (job, round, client).
+        let who = (job, seen_round, client);
+        match crate::claims::claim(
+            &self.claims,
+            &self.ctx.infra,
+            who,
+            &self.ctx.node,
+            self.ctx.instance,
+            stream_seq,
+        )
+        .await
+        {
+            Ok(Claim::Mine) => {}
+            Ok(Claim::HeldBy(node)) => {
+                tracing::debug!(%job, %client, %round, %node, stream_seq, "update held by another node; left alone");
+                return Ok(None);
+            }
+            Ok(Claim::Other(_)) => {
+                return Err(Refusal(
+                    RejectReason::Duplicate,
+                    format!("client {client} already sent an update for round {round}"),
+                ))
+            }
+            Err(e) => {
+                tracing::warn!(%job, %client, error = %e, "claiming an update failed; handed back to JetStream");
+                ack.nak(Duration::from_secs(1)).await;
+                return Ok(None);
+            }
+        }
         self.ctx.metrics.bytes_staged.inc_by(manifest.data_bytes() as u64);
         self.seen.entry((job.clone(), seen_round)).or_default().insert(client.clone(), stream_seq);
         Ok(Some(Staged {

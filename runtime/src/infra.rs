@@ -276,7 +276,7 @@ impl Infra {
         let update_objects =
             object_bucket(&js, subjects::UPDATES_BUCKET, Duration::from_secs(24 * 3600)).await?;
         let models = object_bucket(&js, subjects::MODELS_BUCKET, Duration::ZERO).await?;
-        let jobs = kv_bucket(&js, subjects::JOBS_BUCKET, 5).await?;
+        let jobs = kv_bucket(&js, subjects::JOBS_BUCKET, 5, Duration::ZERO).await?;
         Ok(Infra {
             client,
             js,
@@ -296,10 +296,19 @@ impl Infra {
 }
 
 /// Creates a KV bucket's backing stream directly, with the KV conventions (`KV_<bucket>`,
-/// subjects `$KV.<bucket>.>`, per-subject history, rollups, direct gets), then opens the bucket.
-/// `create_key_value` is avoided because async-nats 0.51 cannot parse the account-info reply of
-/// nats-server 2.9, which it requests first.
-async fn kv_bucket(js: &jetstream::Context, bucket: &str, history: i64) -> Result<kv::Store> {
+/// subjects `$KV.<bucket>.>`, per-subject history, rollups, direct gets; entries older than
+/// `max_age` expire, zero: never), then opens the bucket. `create_key_value` is avoided because
+/// async-nats 0.51 cannot parse the account-info reply of nats-server 2.9, which it requests
+/// first.
+///
+/// # Errors
+/// NATS errors creating or opening the bucket.
+pub async fn kv_bucket(
+    js: &jetstream::Context,
+    bucket: &str,
+    history: i64,
+    max_age: Duration,
+) -> Result<kv::Store> {
     if let Ok(kv) = js.get_key_value(bucket).await {
         return Ok(kv);
     }
@@ -307,6 +316,7 @@ async fn kv_bucket(js: &jetstream::Context, bucket: &str, history: i64) -> Resul
         name: subjects::kv_stream(bucket),
         subjects: vec![format!("$KV.{bucket}.>")],
         max_messages_per_subject: history,
+        max_age,
         discard: stream::DiscardPolicy::New,
         allow_rollup: true,
         deny_delete: true,

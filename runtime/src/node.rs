@@ -96,6 +96,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle> {
     let infra = Infra::connect(&nats).await?;
     // Before touching shared memory: another live process of this node id may still use it.
     let membership = lease::join(&infra, &config.node_id).await?;
+    let instance = membership.lease.instance;
     let shm_dir = shm::prepare_node_dir(&config.shm_root, config.node_id.as_str())?;
     let metrics = Arc::new(Metrics::default());
     let rejector = Rejector::new(infra.client.clone(), infra.subjects.clone(), Arc::clone(&metrics));
@@ -174,6 +175,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle> {
             batch: config.pull_batch,
         },
         node: config.node_id.clone(),
+        instance,
     };
     {
         let cancel = cancel.clone();

@@ -13,6 +13,8 @@ pub const UPDATES_BUCKET: &str = "shoal-updates";
 pub const MODELS_BUCKET: &str = "shoal-models";
 /// KV bucket for job specs and job state.
 pub const JOBS_BUCKET: &str = "shoal-jobs";
+/// KV bucket of the claims that make one node stage each (job, round, client) (`claims`).
+pub const CLAIMS_BUCKET: &str = "shoal-claims";
 /// The durable pull consumer shared by every node's gateway.
 pub const GATEWAY_CONSUMER: &str = "shoal-gateway";
 
@@ -131,6 +133,12 @@ pub fn node_lease_key(node: &NodeId) -> String {
 
 /// KV key filter of every node lease.
 pub const NODE_LEASES: &str = "_node.*";
+
+/// KV key (in `shoal-claims`) of the claim on a client's update of a round:
+/// `<job>.<round>.<client>`.
+pub fn claim_key(job: &JobId, round: RoundId, client: &ClientId) -> String {
+    format!("{job}.{round}.{client}")
+}
 
 /// KV key of a job's top lease: `<job>.top`.
 pub fn top_lease_key(job: &JobId) -> String {
