@@ -230,8 +230,12 @@ pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
         let collected = c;
         let mut next = state.clone();
         next.last_outcome = Some(outcome.clone());
-        next.last_commit =
-            Some(CommitRecord { round, collect: collected.collect, nodes: collected.nodes.clone() });
+        next.last_commit = Some(CommitRecord {
+            round,
+            collect: collected.collect,
+            nodes: collected.nodes.clone(),
+            applied: protocol::applied_ranges(collected.seqs.clone()),
+        });
         next.round = round.next();
         next.opened_at_ms = 0;
         next.deadline_at_ms = 0;
@@ -311,6 +315,7 @@ struct Collected {
     partial: Option<PartialAggregate>,
     cohort: Vec<hierarchy::CohortMember>,
     count: u64,
+    seqs: Vec<u64>,
     last_fold_ms: u64,
 }
 
@@ -352,6 +357,7 @@ async fn collect(
             partial: None,
             cohort: Vec::new(),
             count: 0,
+            seqs: Vec::new(),
             last_fold_ms: 0,
         };
         let deadline = tokio::time::Instant::now() + ctx.collect_timeout;
@@ -370,6 +376,7 @@ async fn collect(
                             partial: p.map(Arc::new),
                             cohort: Vec::new(),
                             count: h.count,
+                            seqs: h.seqs,
                             last_fold_ms: h.last_fold_ms,
                         }
                     }
@@ -393,6 +400,7 @@ async fn collect(
             got.cohort.extend(p.cohort);
             got.nodes.extend(p.nodes);
             got.count += p.count;
+            got.seqs.extend(p.seqs);
             got.last_fold_ms = got.last_fold_ms.max(p.last_fold_ms);
         }
         let missing: Vec<&NodeId> = nodes.iter().filter(|n| !got.nodes.contains(n)).collect();

@@ -239,6 +239,20 @@ impl Gateway {
             .await
             .ok_or_else(|| Refusal(RejectReason::UnknownJob, format!("job {job} does not exist")))?;
         let (spec, state) = (&entry.spec, &entry.state);
+        if let Some(applied) = self.ctx.directory.applied(job, stream_seq) {
+            // A copy of an update that a committed model already includes, delivered again
+            // because its node died before acking it (or nats-server lost the ack): done. Not
+            // folded again, and not refused as late: the client's update did count.
+            tracing::debug!(%job, %client, round = %applied, stream_seq, "update already applied; acked");
+            self.ctx.metrics.updates_already_applied.inc();
+            ack.ack().await;
+            if let Some(name) = header(h, protocol::HDR_OBJECT) {
+                if let Err(e) = self.ctx.infra.update_objects.delete(name).await {
+                    tracing::debug!(object = %name, error = %e, "deleting an applied update's object failed");
+                }
+            }
+            return Ok(None);
+        }
         if state.phase != JobPhase::Running {
             return Err(Refusal(RejectReason::JobNotRunning, format!("job {job} is {}", state.phase)));
         }

@@ -68,6 +68,8 @@ pub struct Partial {
     pub cohort: Vec<CohortMember>,
     /// Updates it covers.
     pub count: u64,
+    /// Their messages' stream sequences.
+    pub seqs: Vec<u64>,
     /// When its last update was staged (ms since the Unix epoch; 0 = none).
     pub last_fold_ms: u64,
 }
@@ -91,10 +93,11 @@ impl LocalLinks {
         self.inner.lock().unwrap_or_else(|p| p.into_inner()).remove(job);
     }
 
-    fn send(&self, job: &JobId, p: Partial) -> std::result::Result<(), Partial> {
+    /// Hands `p` to the top of `job` on this node; `false` when there is none.
+    fn send(&self, job: &JobId, p: Partial) -> bool {
         match self.inner.lock().unwrap_or_else(|p| p.into_inner()).get(job) {
-            Some(tx) => tx.send(p).map_err(|e| e.0),
-            None => Err(p),
+            Some(tx) => tx.send(p).is_ok(),
+            None => false,
         }
     }
 }
@@ -418,6 +421,7 @@ async fn answer_collect(
             })
             .collect(),
         count: r.held.len() as u64,
+        seqs: r.held.iter().map(|h| h.stream_seq).collect(),
         last_fold_ms: r.last_fold_ms,
     };
     // A middle merges its group's partials before sending one up.
@@ -432,8 +436,8 @@ async fn answer_collect(
     let (to, to_middle) = parent(&ctx.node, req);
     if to == ctx.node && !to_middle {
         return match ctx.local.send(job, out) {
-            Ok(()) => Ok(()),
-            Err(_) => Err(Error::Shm("the top of this node is gone".into())),
+            true => Ok(()),
+            false => Err(Error::Shm("the top of this node is gone".into())),
         };
     }
     let header = PartialHeader {
@@ -446,6 +450,7 @@ async fn answer_collect(
         empty: out.partial.is_none(),
         total_weight: out.partial.as_ref().map_or(0.0, |p| p.total_weight()),
         count: out.count,
+        seqs: out.seqs.clone(),
         // Client ids stay on their node: the partial's size does not grow with the cohort.
         clients: Vec::new(),
         first_owners: out.partial.as_ref().map(|p| p.first_owners().to_vec()).unwrap_or_default(),
@@ -494,6 +499,7 @@ async fn gather_group(
         }
         out.nodes.extend(header.nodes);
         out.count += header.count;
+        out.seqs.extend(header.seqs);
         out.last_fold_ms = out.last_fold_ms.max(header.last_fold_ms);
     }
     Ok(())
@@ -529,7 +535,11 @@ async fn settle(
             .and_then(|rec| r.snapshots.iter().find(|(c, _)| *c == rec.collect))
             .map_or(0, |&(_, n)| n);
         let late: Vec<Held> = r.held.split_off(applied).into_iter().chain(leftovers.held).collect();
-        for h in r.held {
+        // A copy of an update that reached the model through another node (delivered again
+        // after that node died before acking it) is done too: ack it, do not refuse it.
+        let (done, late): (Vec<Held>, Vec<Held>) =
+            late.into_iter().partition(|h| record.as_ref().is_some_and(|rec| rec.includes(h.stream_seq)));
+        for h in r.held.into_iter().chain(done) {
             h.acker.ack().await;
             if let Some(obj) = h.object {
                 if let Err(e) = ctx.infra.update_objects.delete(&obj).await {

@@ -87,6 +87,8 @@ pub struct Held {
     pub slot: Option<Arc<Slot>>,
     /// Whether the job runs an asynchronous mode (see [`Staged::asynchronous`]).
     pub asynchronous: bool,
+    /// Its message's stream sequence (named in the commit record when the round applies it).
+    pub stream_seq: u64,
 }
 
 /// What a closed round hands to the coordinator.
@@ -569,6 +571,7 @@ impl Aggregator {
                         weight: s.weight,
                         slot: None,
                         asynchronous: s.asynchronous,
+                        stream_seq: s.stream_seq,
                     });
                 }
             }
@@ -624,6 +627,7 @@ impl Handler<Staged> for Aggregator {
                 acker: msg.acker,
                 object: msg.object,
                 weight: msg.weight,
+                stream_seq: msg.stream_seq,
                 slot: Some(Arc::new(msg.slot)),
                 asynchronous: msg.asynchronous,
             });

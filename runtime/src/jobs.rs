@@ -53,6 +53,13 @@ impl JobDirectory {
         commits.get(job)?.iter().rev().find(|c| c.round == round).cloned()
     }
 
+    /// The round whose commit (among those this node has seen) applied the update message with
+    /// stream sequence `seq`.
+    pub fn applied(&self, job: &JobId, seq: u64) -> Option<shoal_functions::RoundId> {
+        let commits = self.commits.read().unwrap_or_else(|p| p.into_inner());
+        commits.get(job)?.iter().find(|c| c.includes(seq)).map(|c| c.round)
+    }
+
     /// Records which node holds `job`'s top lease (`None`: unknown or none).
     pub fn set_top(&self, job: &JobId, node: Option<shoal_functions::NodeId>) {
         let mut tops = self.tops.write().unwrap_or_else(|p| p.into_inner());

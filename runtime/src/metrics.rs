@@ -62,6 +62,9 @@ pub struct Metrics {
     pub cold_start_seconds: Histogram,
     /// As `cold_start_seconds`, for an idle aggregator reused for a new round (warm).
     pub warm_reuse_seconds: Histogram,
+    /// Update messages delivered again after their round's model already included them (their
+    /// node died before acking, or nats-server lost the ack): acked, not folded again.
+    pub updates_already_applied: Counter,
     /// Bytes of partial aggregates sent to other nodes.
     pub partial_bytes_sent: Counter,
     /// Bytes of partial aggregates received from other nodes.
@@ -83,6 +86,7 @@ impl Default for Metrics {
             round_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             cold_start_seconds: Histogram::new(exponential_buckets(1e-6, 2.0, 24)),
             warm_reuse_seconds: Histogram::new(exponential_buckets(1e-6, 2.0, 24)),
+            updates_already_applied: Counter::default(),
             partial_bytes_sent: Counter::default(),
             partial_bytes_received: Counter::default(),
             log_state: Mutex::new(HashMap::new()),
@@ -124,6 +128,11 @@ impl Default for Metrics {
             "aggregator_warm_reuse_seconds",
             "Seconds from an update reaching the function host to a reused aggregator handling it",
             m.warm_reuse_seconds.clone(),
+        );
+        registry.register(
+            "updates_already_applied",
+            "Update messages delivered again after a committed model included them (acked, not folded again)",
+            m.updates_already_applied.clone(),
         );
         registry.register(
             "partial_bytes_sent",
