@@ -518,7 +518,15 @@ async fn settle(
     candidates.sort();
     candidates.dedup();
     for round in candidates {
-        let record = ctx.directory.commit_record(job, round);
+        let mut record = ctx.directory.commit_record(job, round);
+        if record.is_none() && round < state.round {
+            // The round closed but this node missed the state revision that says how (a watch
+            // that lagged or restarted): read the state key's history before settling.
+            if let Err(e) = crate::jobs::observe_history(&ctx.infra, &ctx.directory, job, None).await {
+                tracing::debug!(%job, %round, error = %e, "reading the job history failed");
+            }
+            record = ctx.directory.commit_record(job, round);
+        }
         let closed = record.is_some() || round < state.round || state.phase != JobPhase::Running;
         if !closed {
             continue;
