@@ -91,14 +91,15 @@ pub struct NodeHandle {
 /// # Errors
 /// NATS connection or resource errors; shm directory errors.
 pub async fn start(config: NodeConfig) -> Result<NodeHandle> {
+    let metrics = Arc::new(Metrics::default());
     let mut nats = config.nats.clone();
     nats.name = format!("shoal-node-{}", config.node_id);
+    nats.slow_consumer_events = Some(metrics.slow_consumer_events.clone());
     let infra = Infra::connect(&nats).await?;
     // Before touching shared memory: another live process of this node id may still use it.
     let membership = lease::join(&infra, &config.node_id).await?;
     let instance = membership.lease.instance;
     let shm_dir = shm::prepare_node_dir(&config.shm_root, config.node_id.as_str())?;
-    let metrics = Arc::new(Metrics::default());
     let rejector = Rejector::new(infra.client.clone(), infra.subjects.clone(), Arc::clone(&metrics));
     let host = FunctionHost::new(
         HostConfig {
