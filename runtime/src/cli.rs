@@ -206,6 +206,10 @@ pub struct NodeArgs {
     /// whole cohort" baseline; for measurements, not production).
     #[arg(long)]
     lazy_aggregation: bool,
+    /// Fault injection, for backpressure tests: aggregators sleep this long per update they
+    /// fold, in milliseconds (0: off; not for production).
+    #[arg(long, default_value_t = 0)]
+    fold_delay_ms: u64,
 }
 
 /// `shoal job ...`
@@ -279,6 +283,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             cfg.pull_batch = a.pull_batch.clamp(1, 10_000);
             cfg.collect_timeout = Duration::from_millis(a.collect_timeout_ms.max(100));
             cfg.eager = !a.lazy_aggregation;
+            cfg.fold_delay = Duration::from_millis(a.fold_delay_ms);
             let handle = node::start(cfg).await.context("starting the node")?;
             shutdown_signal().await;
             tracing::info!("shutting down");

@@ -122,6 +122,9 @@ pub struct HostConfig {
     /// streaming aggregator keeps every update staged and folds them all when the round
     /// closes ("wait for the whole cohort"), the baseline of `shoal bench hierarchy`.
     pub eager: bool,
+    /// Fault injection (`shoal node --fold-delay-ms`): sleep this long per update folded, on
+    /// the blocking fold thread (zero: off, nothing is checked on the fold path but this).
+    pub fold_delay: Duration,
 }
 
 /// Registers a job's coordinator to receive [`RoundProgress`].
@@ -495,7 +498,11 @@ impl Aggregator {
         self.in_fold = true;
         let batch = std::mem::take(&mut self.pending);
         let manifest = Arc::clone(&self.manifest);
+        let fold_delay = self.config.fold_delay;
         let work = tokio::task::spawn_blocking(move || {
+            if !fold_delay.is_zero() {
+                std::thread::sleep(fold_delay.saturating_mul(batch.len() as u32));
+            }
             let mut partial = partial.take().unwrap_or_else(|| PartialAggregate::new(Arc::clone(&manifest)));
             // Each update's coefficient comes from the strategy (num_examples for FedAvg, scaled
             // or replaced by FedBuff/FedFix); sync rounds have staleness 0.

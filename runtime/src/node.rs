@@ -53,6 +53,9 @@ pub struct NodeConfig {
     pub collect_timeout: Duration,
     /// Updates per JetStream pull request.
     pub pull_batch: usize,
+    /// Fault injection: the aggregators sleep this long per update they fold (zero: off), to
+    /// play a slow aggregator in backpressure tests.
+    pub fold_delay: Duration,
 }
 
 impl NodeConfig {
@@ -70,6 +73,7 @@ impl NodeConfig {
             eager: true,
             collect_timeout: Duration::from_secs(10),
             pull_batch: 64,
+            fold_delay: Duration::ZERO,
         }
     }
 }
@@ -106,6 +110,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle> {
             idle_timeout: config.idle_timeout,
             progress_interval: config.ack_wait / 3,
             eager: config.eager,
+            fold_delay: config.fold_delay,
         },
         Arc::clone(&metrics),
         rejector.clone(),
