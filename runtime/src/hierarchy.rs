@@ -13,8 +13,10 @@
 //!    collections took) and sends it to its parent. The round stays open on the leaf: updates
 //!    redelivered from a dead node keep arriving and a later collection (a retry, or a new top)
 //!    gets a larger snapshot.
-//! 3. The top commits with a [`CommitRecord`] naming the collection and the nodes it covered.
-//!    The leaf acks exactly the updates of its snapshot for that collection; anything else it
+//! 3. The top commits with a [`CommitRecord`] naming the collection, the nodes it covered and
+//!    the stream sequences of the updates it applied (sent up with the partials). The leaf acks
+//!    exactly the updates of its snapshot for that collection, and any copy the record names
+//!    (delivered again after another node that had it died before acking); anything else it
 //!    holds for the round missed the commit and is late: rejected (`LateUpdate`) in synchronous
 //!    rounds, handed back to JetStream for the next buffer in the asynchronous modes.
 //!
