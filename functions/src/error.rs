@@ -55,8 +55,10 @@ pub enum Error {
 }
 
 /// A small `Copy` classification of [`Error`], for callers that branch on the kind and for
-/// bounded metric labels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// bounded metric labels. Serialised as its label (`zero_total_weight`, ...), e.g. in a round's
+/// `aggregation_failed` outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
     /// See [`Error::ZeroTotalWeight`].
     ZeroTotalWeight,

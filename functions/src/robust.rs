@@ -67,8 +67,9 @@ use std::sync::Arc;
 use half::{bf16, f16};
 
 use crate::error::{Error, Result};
-use crate::strategy::{Mergeability, PartialAggregate, Strategy, UpdateView};
+use crate::strategy::{Mergeability, PartialAggregate, Sharding, Strategy, UpdateView};
 use crate::tensor::{AggregationPolicy, DType, ModelManifest, Parameters, TensorData};
+use crate::ClientId;
 
 /// Coordinates per block on the `select_nth_unstable` path: the gather buffer holds `n × BLOCK`
 /// keys, coordinate-major (a 20-update f64 tensor: 20 × 512 × 8 B = 80 KiB, inside L2).
@@ -413,6 +414,70 @@ macro_rules! whole_cohort_strategy {
                 Err(Error::NotStreaming(self.name()))
             }
 
+            fn sharding(&self) -> Sharding {
+                self.sharding_kind()
+            }
+
+            /// Positions (in `clients`' order) kept by the strategy's selection over the given
+            /// squared distances; ties go to the lowest `ClientId`, as in
+            /// [`Strategy::aggregate_cohort`].
+            ///
+            /// # Errors
+            /// [`Error::ManifestMismatch`] ([`COHORT_TOO_SMALL`]) below `min_clients`; a
+            /// distance matrix that is not n × n, or not finite; coordinate-wise strategies do
+            /// not select.
+            fn select_by_distances(&self, distances: &[f64], clients: &[ClientId]) -> Result<Vec<usize>> {
+                let n = clients.len();
+                if distances.len() != n * n || distances.iter().any(|d| !d.is_finite()) {
+                    return Err(Error::Strategy {
+                        strategy: self.name(),
+                        detail: format!("{} distances for {n} updates", distances.len()),
+                    });
+                }
+                self.check_cohort(n).map_err(|_| Error::ManifestMismatch(COHORT_TOO_SMALL))?;
+                // Canonical (ClientId) order, as aggregate_cohort sorts its cohort.
+                let mut order: Vec<usize> = (0..n).collect();
+                order.sort_by(|&a, &b| clients[a].cmp(&clients[b]));
+                let d: Vec<f64> =
+                    order.iter().flat_map(|&a| order.iter().map(move |&b| distances[a * n + b])).collect();
+                let picks = self.select_positions(&d, n)?;
+                Ok(picks.into_iter().map(|k| order[k]).collect())
+            }
+
+            /// The result for `cohort` keeping the `selected` positions (from
+            /// [`Strategy::select_by_distances`]): `Max`/`First` tensors from the whole cohort,
+            /// `Mean` tensors from the selection, as [`Strategy::aggregate_cohort`] does.
+            ///
+            /// # Errors
+            /// As [`Strategy::aggregate_cohort`]; a position out of range.
+            fn aggregate_selected(
+                &mut self,
+                cohort: &[UpdateView<'_>],
+                selected: &[usize],
+                global: &Parameters,
+            ) -> Result<Parameters> {
+                if cohort.is_empty() {
+                    return Err(Error::ZeroTotalWeight { total: 0.0, count: 0 });
+                }
+                if selected.is_empty() || selected.iter().any(|&k| k >= cohort.len()) {
+                    return Err(Error::Strategy {
+                        strategy: self.name(),
+                        detail: "selection out of range".into(),
+                    });
+                }
+                let c = Canonical::new(cohort, global.manifest(), true)?;
+                let mut out = global.clone();
+                non_mean_into(&c.views, &mut out)?;
+                // The kept updates in canonical order.
+                let mut kept: Vec<usize> =
+                    selected.iter().filter_map(|&k| c.order.iter().position(|&o| o == k)).collect();
+                kept.sort_unstable();
+                let views: Vec<UpdateView<'_>> = kept.iter().map(|&k| c.views[k]).collect();
+                self.selected_into(&views, &mut out)?;
+                check_output(&out)?;
+                Ok(out)
+            }
+
             /// Aggregates the whole cohort into the next global model (`Skip` tensors keep
             /// `global`'s values).
             ///
@@ -447,9 +512,26 @@ macro_rules! whole_cohort_strategy {
     };
 }
 
+/// Selection is not how coordinate-wise rules work (see [`Sharding::Coordinatewise`]).
+fn no_selection(name: &'static str) -> Error {
+    Error::Strategy { strategy: name, detail: "coordinate-wise: nothing to select".into() }
+}
+
 impl CoordinateMedian {
     fn name(&self) -> &'static str {
         "coordinate-median"
+    }
+
+    fn sharding_kind(&self) -> Sharding {
+        Sharding::Coordinatewise
+    }
+
+    fn select_positions(&self, _: &[f64], _: usize) -> Result<Vec<usize>> {
+        Err(no_selection(self.name()))
+    }
+
+    fn selected_into(&self, _: &[UpdateView<'_>], _: &mut Parameters) -> Result<()> {
+        Err(no_selection(self.name()))
     }
 
     fn mean_tensors_into(&self, views: &[UpdateView<'_>], out: &mut Parameters) -> Result<()> {
@@ -460,6 +542,18 @@ impl CoordinateMedian {
 impl TrimmedMean {
     fn name(&self) -> &'static str {
         "trimmed-mean"
+    }
+
+    fn sharding_kind(&self) -> Sharding {
+        Sharding::Coordinatewise
+    }
+
+    fn select_positions(&self, _: &[f64], _: usize) -> Result<Vec<usize>> {
+        Err(no_selection(self.name()))
+    }
+
+    fn selected_into(&self, _: &[UpdateView<'_>], _: &mut Parameters) -> Result<()> {
+        Err(no_selection(self.name()))
     }
 
     fn mean_tensors_into(&self, views: &[UpdateView<'_>], out: &mut Parameters) -> Result<()> {
@@ -473,6 +567,33 @@ impl Krum {
             "multi-krum"
         } else {
             "krum"
+        }
+    }
+
+    fn sharding_kind(&self) -> Sharding {
+        Sharding::DistanceSelection
+    }
+
+    fn select_positions(&self, d: &[f64], n: usize) -> Result<Vec<usize>> {
+        Ok(krum_best(d, n, self.f, self.m.max(1)))
+    }
+
+    /// `kept` in canonical order: the best one alone (Krum) or their weighted mean.
+    fn selected_into(&self, kept: &[UpdateView<'_>], out: &mut Parameters) -> Result<()> {
+        if self.m <= 1 {
+            let Some(best) = kept.first() else {
+                return Err(Error::ZeroTotalWeight { total: 0.0, count: 0 });
+            };
+            let manifest = Arc::clone(out.manifest());
+            for (spec, s) in manifest.tensors().iter().zip(manifest.slots()) {
+                if spec.policy == AggregationPolicy::Mean {
+                    let r = s.byte_offset..s.byte_offset + s.byte_len;
+                    out.as_bytes_mut()[r.clone()].copy_from_slice(&best.bytes[r]);
+                }
+            }
+            Ok(())
+        } else {
+            weighted_mean_into(kept, out)
         }
     }
 
@@ -502,6 +623,25 @@ impl Krum {
 impl Bulyan {
     fn name(&self) -> &'static str {
         "bulyan"
+    }
+
+    fn sharding_kind(&self) -> Sharding {
+        Sharding::DistanceSelection
+    }
+
+    fn select_positions(&self, d: &[f64], n: usize) -> Result<Vec<usize>> {
+        Ok(bulyan_select(d, n, self.f, n - 2 * self.f))
+    }
+
+    /// `kept` (θ = n − 2f updates, canonical order): per coordinate, the mean of the
+    /// θ − 2f values closest to their median.
+    fn selected_into(&self, kept: &[UpdateView<'_>], out: &mut Parameters) -> Result<()> {
+        let keep = kept
+            .len()
+            .checked_sub(2 * self.f)
+            .filter(|&k| k > 0)
+            .ok_or(Error::ManifestMismatch(COHORT_TOO_SMALL))?;
+        coordinatewise(Rule::Bulyan { keep }, kept, out)
     }
 
     fn mean_tensors_into(&self, views: &[UpdateView<'_>], out: &mut Parameters) -> Result<()> {

@@ -244,6 +244,9 @@ pub enum RoundPolicy {
     },
 }
 
+/// Longest round deadline, FedBuff `max_wait_ms` or FedFix `period_ms` a job may set: 30 days.
+pub const MAX_DEADLINE_MS: u64 = 30 * 24 * 3600 * 1000;
+
 /// When a round of a job closes, whatever its [`RoundPolicy`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RoundRule {
@@ -295,6 +298,19 @@ pub struct JobSpec {
     /// Reddi et al., ICLR 2021). Integer and non-`mean` tensors are not put through it.
     #[serde(default)]
     pub server_optimizer: Option<crate::server_opt::ServerOptimizerConfig>,
+    /// Largest update accepted, in bytes: the whole safetensors payload (header and data),
+    /// inline or as an object. Default (absent): the manifest's data bytes plus its
+    /// [`ModelManifest::header_allowance`]. A larger update is refused as `payload_too_large`
+    /// by the SDK before it sends anything and by the gateway before it reads the bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_update_bytes: Option<u64>,
+    /// Most updates one synchronous round takes; a client beyond it is refused as
+    /// `cohort_full`. Default (absent): `cohort_size`. Counted by each node's gateway for the
+    /// updates it stages, so with several nodes a round may take up to this many per node
+    /// (the top still closes the round when `cohort_size` are in). Only for `sync` rounds: a
+    /// FedBuff or FedFix update that misses a buffer goes to the next one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_clients_per_round: Option<u32>,
 }
 
 fn default_max_examples() -> u64 {
@@ -344,10 +360,21 @@ impl JobSpec {
                 return Err(SpecError("round_policy mode periodic needs the fedfix strategy".into()));
             }
         }
-        if self.round_rule().deadline_ms == 0 {
-            return Err(SpecError(
-                "the round policy's deadline, max_wait_ms or period_ms must be positive".into(),
-            ));
+        let deadline_ms = self.round_rule().deadline_ms;
+        if deadline_ms == 0 || deadline_ms > MAX_DEADLINE_MS {
+            return Err(SpecError(format!(
+                "the round policy's deadline_ms, max_wait_ms or period_ms is {deadline_ms}; it must be \
+                 between 1 and {MAX_DEADLINE_MS} (30 days)"
+            )));
+        }
+        if let StrategySpec::Fedfix { clients, .. } = &self.strategy {
+            if clients.is_empty() {
+                return Err(SpecError(
+                    "fedfix needs its clients listed (compute_ticks, importance): an unlisted client's \
+                     update cannot be weighted"
+                        .into(),
+                ));
+            }
         }
         if self.rounds == 0 {
             return Err(SpecError("rounds must be at least 1".into()));
@@ -358,10 +385,47 @@ impl JobSpec {
         if self.max_failed_rounds == 0 {
             return Err(SpecError("max_failed_rounds must be at least 1".into()));
         }
+        if let Some(max) = self.max_update_bytes {
+            let least = self.manifest.data_bytes() as u64 + 8;
+            if max < least {
+                return Err(SpecError(format!(
+                    "max_update_bytes {max} cannot hold the model ({least} bytes of tensors and length prefix)"
+                )));
+            }
+        }
+        match (self.max_clients_per_round, &self.round_policy) {
+            (None, _) => {}
+            (Some(max), &RoundPolicy::Sync { min_clients, .. }) => {
+                if max < min_clients {
+                    return Err(SpecError(format!(
+                        "max_clients_per_round {max} is below min_clients {min_clients}: no round could commit"
+                    )));
+                }
+            }
+            (Some(_), _) => return Err(SpecError(
+                "max_clients_per_round applies to sync rounds; the buffer size bounds an asynchronous round"
+                    .into(),
+            )),
+        }
         if let StrategySpec::MultiKrum { keep: 0 | 1, .. } = self.strategy {
             return Err(SpecError("multi-krum needs keep >= 2 (keep = 1 is krum)".into()));
         }
         self.build_strategy().map(drop)
+    }
+
+    /// The largest update accepted, in bytes ([`Self::max_update_bytes`] or its default).
+    pub fn update_byte_limit(&self) -> u64 {
+        self.max_update_bytes
+            .unwrap_or((self.manifest.data_bytes() + self.manifest.header_allowance()) as u64)
+    }
+
+    /// Most updates a round takes ([`Self::max_clients_per_round`], default `cohort_size`);
+    /// `None` for asynchronous rounds.
+    pub fn round_client_limit(&self) -> Option<u32> {
+        match self.round_policy {
+            RoundPolicy::Sync { cohort_size, .. } => Some(self.max_clients_per_round.unwrap_or(cohort_size)),
+            _ => None,
+        }
     }
 
     /// When this job's rounds close.
@@ -521,5 +585,84 @@ impl JobSpec {
         } else {
             Err(SpecError(format!("strategy {name} aggregates deltas: set \"update_kind\": \"delta\"")))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::{DType, TensorSpec};
+
+    fn spec(policy: RoundPolicy) -> JobSpec {
+        let manifest = ModelManifest::new(vec![TensorSpec::new("w", DType::F32, vec![250])]).unwrap();
+        serde_json::from_value(serde_json::json!({
+            "job": "j", "manifest": manifest, "round_policy": policy, "rounds": 1
+        }))
+        .unwrap()
+    }
+
+    fn sync() -> RoundPolicy {
+        RoundPolicy::Sync { cohort_size: 4, min_clients: 2, deadline_ms: 1000 }
+    }
+
+    /// The limits' defaults: 1000 data bytes + 64 KiB + 256 + 6 (one tensor named "w"); the
+    /// cohort size; no limit in asynchronous rounds. Absent limits are not serialised, so a
+    /// spec without them reads the same in a node that predates them.
+    #[test]
+    fn limits_default_from_the_manifest_and_the_cohort() {
+        let s = spec(sync());
+        assert_eq!(s.max_update_bytes, None);
+        assert_eq!(s.update_byte_limit(), 1000 + 65_536 + 262);
+        assert_eq!(s.round_client_limit(), Some(4));
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(!json.contains("max_update_bytes") && !json.contains("max_clients_per_round"), "{json}");
+        let fedbuff = JobSpec {
+            strategy: StrategySpec::Fedbuff(crate::asynchronous::FedBuff::new(3)),
+            update_kind: UpdateKind::Delta,
+            ..spec(RoundPolicy::Buffered { max_wait_ms: 100, max_staleness: 2 })
+        };
+        fedbuff.validate().unwrap();
+        assert_eq!(fedbuff.round_client_limit(), None);
+        let explicit = JobSpec { max_update_bytes: Some(5000), max_clients_per_round: Some(3), ..s.clone() };
+        explicit.validate().unwrap();
+        assert_eq!((explicit.update_byte_limit(), explicit.round_client_limit()), (5000, Some(3)));
+    }
+
+    /// Deadlines beyond 30 days (where `opened_at + deadline` could wrap) and a FedFix job
+    /// without its client list are refused when the job is created.
+    #[test]
+    fn unbounded_deadlines_and_unweighted_fedfix_are_refused() {
+        let huge = spec(RoundPolicy::Sync { cohort_size: 4, min_clients: 2, deadline_ms: u64::MAX });
+        assert!(huge.validate().unwrap_err().0.contains("30 days"), "{:?}", huge.validate());
+        let month = spec(RoundPolicy::Sync { cohort_size: 4, min_clients: 2, deadline_ms: MAX_DEADLINE_MS });
+        month.validate().unwrap();
+        let fedfix = |clients: serde_json::Value| JobSpec {
+            strategy: serde_json::from_value(
+                serde_json::json!({"name": "fedfix", "period_ticks": 2, "clients": clients}),
+            )
+            .unwrap(),
+            update_kind: UpdateKind::Delta,
+            ..spec(RoundPolicy::Periodic { period_ms: 1000, max_staleness: 2 })
+        };
+        assert!(fedfix(serde_json::json!([])).validate().unwrap_err().0.contains("clients listed"));
+        fedfix(serde_json::json!([{"client": "a", "compute_ticks": 1}])).validate().unwrap();
+    }
+
+    /// Limits that no update or round could satisfy are refused when the job is created.
+    #[test]
+    fn impossible_limits_are_refused() {
+        let s = spec(sync());
+        let small = JobSpec { max_update_bytes: Some(1007), ..s.clone() };
+        assert!(small.validate().unwrap_err().0.contains("cannot hold the model"));
+        JobSpec { max_update_bytes: Some(1008), ..s.clone() }.validate().unwrap();
+        let few = JobSpec { max_clients_per_round: Some(1), ..s.clone() };
+        assert!(few.validate().unwrap_err().0.contains("below min_clients"));
+        let fedbuff = JobSpec {
+            strategy: StrategySpec::Fedbuff(crate::asynchronous::FedBuff::new(3)),
+            update_kind: UpdateKind::Delta,
+            max_clients_per_round: Some(3),
+            ..spec(RoundPolicy::Buffered { max_wait_ms: 100, max_staleness: 2 })
+        };
+        assert!(fedbuff.validate().unwrap_err().0.contains("sync rounds"));
     }
 }

@@ -267,6 +267,21 @@ impl PartialAggregate {
     }
 }
 
+/// How a whole-cohort strategy runs when its cohort is spread over several nodes
+/// ([`crate::shard`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sharding {
+    /// It needs every update whole on one node (RFFL, Bristle, streaming strategies).
+    Unsupported,
+    /// Coordinate-wise (median, trimmed mean): [`Strategy::aggregate_cohort`] on each shard's
+    /// cohort gives exactly that shard of the result.
+    Coordinatewise,
+    /// Selection by squared distances, which add up over shards
+    /// ([`Strategy::select_by_distances`]), then [`Strategy::aggregate_selected`] per shard
+    /// (Krum, Multi-Krum, Bulyan).
+    DistanceSelection,
+}
+
 /// An aggregation strategy: the maths and policy of one job.
 pub trait Strategy: Send + fmt::Debug {
     /// Short name (`fedavg`, `krum`, ...), used in logs and metrics.
@@ -333,6 +348,39 @@ pub trait Strategy: Send + fmt::Debug {
         into.merge(other)
     }
 
+    /// How the strategy runs over coordinate shards held by several nodes.
+    fn sharding(&self) -> Sharding {
+        Sharding::Unsupported
+    }
+
+    /// For [`Sharding::DistanceSelection`]: the positions (in `clients`' order) of the updates
+    /// the strategy keeps, given the n × n matrix of squared distances between them (row-major,
+    /// summed over every shard's `Mean` tensors, as
+    /// [`crate::robust::pairwise_sq_distances`]).
+    ///
+    /// # Errors
+    /// [`Error::Strategy`] for strategies that do not select by distances; the cohort-size
+    /// errors of [`Self::aggregate_cohort`].
+    fn select_by_distances(&self, distances: &[f64], clients: &[ClientId]) -> Result<Vec<usize>> {
+        let _ = (distances, clients);
+        Err(Error::Strategy { strategy: self.name(), detail: "does not select by distances".into() })
+    }
+
+    /// For [`Sharding::DistanceSelection`]: the result for `cohort` (one shard's, or the whole
+    /// model's) given the `selected` positions from [`Self::select_by_distances`].
+    ///
+    /// # Errors
+    /// As [`Self::aggregate_cohort`].
+    fn aggregate_selected(
+        &mut self,
+        cohort: &[UpdateView<'_>],
+        selected: &[usize],
+        global: &Parameters,
+    ) -> Result<Parameters> {
+        let _ = (cohort, selected, global);
+        Err(Error::Strategy { strategy: self.name(), detail: "does not select by distances".into() })
+    }
+
     /// Turns the round's merged partial into the next global model (the server step).
     ///
     /// # Errors
@@ -379,5 +427,19 @@ impl<S: Strategy + ?Sized> Strategy for Box<S> {
     }
     fn aggregate_cohort(&mut self, cohort: &[UpdateView<'_>], global: &Parameters) -> Result<Parameters> {
         (**self).aggregate_cohort(cohort, global)
+    }
+    fn sharding(&self) -> Sharding {
+        (**self).sharding()
+    }
+    fn select_by_distances(&self, distances: &[f64], clients: &[ClientId]) -> Result<Vec<usize>> {
+        (**self).select_by_distances(distances, clients)
+    }
+    fn aggregate_selected(
+        &mut self,
+        cohort: &[UpdateView<'_>],
+        selected: &[usize],
+        global: &Parameters,
+    ) -> Result<Parameters> {
+        (**self).aggregate_selected(cohort, selected, global)
     }
 }

@@ -292,6 +292,15 @@ impl ModelManifest {
     pub fn position(&self, name: &str) -> Option<usize> {
         self.index.get(name).copied()
     }
+
+    /// Most bytes a safetensors header for this manifest may take, in bytes: 64 KiB (8-byte
+    /// length prefix, padding and a `__metadata__` block such as PyTorch's `{"format":"pt"}`)
+    /// plus, per tensor, 256 bytes (dtype, shape and offsets) and six bytes per name byte (a
+    /// name written with `\uXXXX` escapes). [`Self::data_bytes`] plus this is the default
+    /// largest update of a job (`JobSpec::max_update_bytes`).
+    pub fn header_allowance(&self) -> usize {
+        64 * 1024 + self.tensors.iter().map(|t| 256 + 6 * t.name.len()).sum::<usize>()
+    }
 }
 
 /// Why an update's payload does not match the job's manifest. Each variant is a typed rejection
@@ -335,6 +344,16 @@ pub enum ValidationError {
         /// Index of the first non-finite element.
         index: usize,
     },
+    /// The safetensors header declares more tensors than the manifest has (`max tensors` of a
+    /// job is its manifest's tensor count). Counted by a scan of the header bytes before any of
+    /// it is parsed, so a header declaring millions of tensors costs one pass, no allocation.
+    #[error("the payload declares {declared} or more tensors; the manifest has {max}")]
+    TooManyTensors {
+        /// Tensors counted before the scan stopped (at least `max + 1`).
+        declared: usize,
+        /// The manifest's tensor count.
+        max: usize,
+    },
     /// The destination slot has the wrong size (a runtime bug guard, not client input).
     #[error("destination slot is {got} bytes, the manifest needs {expected}")]
     SlotSize {
@@ -355,6 +374,7 @@ impl ValidationError {
             ValidationError::DTypeMismatch { .. } => "dtype_mismatch",
             ValidationError::ShapeMismatch { .. } => "shape_mismatch",
             ValidationError::NonFinite { .. } => "non_finite",
+            ValidationError::TooManyTensors { .. } => "too_many_tensors",
             ValidationError::SlotSize { .. } => "slot_size",
         }
     }
@@ -378,9 +398,23 @@ pub fn stage_update(
     if slot.len() != manifest.slot_bytes() {
         return Err(ValidationError::SlotSize { expected: manifest.slot_bytes(), got: slot.len() });
     }
-    // safetensors 0.4.5 adds header offsets without overflow checks (`read_metadata`), which
-    // panics in builds with overflow checks on a crafted header (upstream PR #808 is open). A
-    // client's bytes must never crash a process, so any panic inside the parser is a rejection.
+    // Cheap before the JSON parser builds a map of every entry: count the declared tensors.
+    let max = manifest.tensors().len();
+    let declared = count_header_tensors(payload, max + 1)?;
+    if declared > max {
+        return Err(ValidationError::TooManyTensors { declared, max });
+    }
+    // safetensors 0.4.5 adds the last data offset to the header length without an overflow
+    // check (`read_metadata`; upstream PR #808 is open), which panics in builds with overflow
+    // checks on a crafted header. Such a header is refused before it reaches the parser, as a
+    // typed error with no panic (a panic hook, e.g. libFuzzer's, may abort before any unwinding
+    // is caught). Catching a panic from the parser stays as a last guard: a client's bytes must
+    // never crash a process.
+    if header_has_huge_integer(payload) {
+        return Err(ValidationError::Malformed(format!(
+            "safetensors header holds an integer above {MAX_HEADER_INTEGER}"
+        )));
+    }
     let parsed = std::panic::catch_unwind(|| safetensors::SafeTensors::deserialize(payload));
     let st = match parsed {
         Ok(r) => r.map_err(|e| ValidationError::Malformed(format!("{e:?}")))?,
@@ -428,6 +462,107 @@ pub fn stage_update(
         return Err(ValidationError::Malformed("tensor count differs from the manifest".into()));
     }
     check_finite(manifest, slot)
+}
+
+/// Largest integer a safetensors header may hold outside its strings: 2^62, far above any real
+/// shape or byte offset, and far enough below `usize::MAX` that safetensors' unchecked
+/// `data end + 8 + header length` cannot overflow.
+const MAX_HEADER_INTEGER: u64 = 1 << 62;
+
+/// Whether the JSON header of a safetensors `payload` holds an integer above
+/// [`MAX_HEADER_INTEGER`] outside a string (so a big number in a tensor name or in
+/// `__metadata__` is fine). One pass over the header bytes, no allocation; a payload whose
+/// header length field is out of range answers `false` and is refused by the parser itself.
+fn header_has_huge_integer(payload: &[u8]) -> bool {
+    let Some(len) = payload.get(..8) else { return false };
+    let mut n = [0u8; 8];
+    n.copy_from_slice(len);
+    let Some(header) =
+        usize::try_from(u64::from_le_bytes(n)).ok().and_then(|n| payload.get(8..8usize.checked_add(n)?))
+    else {
+        return false;
+    };
+    // JSON strings are delimited by `"` and escape with `\`; both are ASCII, so they never
+    // occur inside a multi-byte UTF-8 sequence and a byte scan finds the string boundaries.
+    let (mut in_string, mut escaped, mut value) = (false, false, None::<u64>);
+    for &b in header {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+        } else if b.is_ascii_digit() {
+            let v = value.unwrap_or(0).saturating_mul(10).saturating_add(u64::from(b - b'0'));
+            if v > MAX_HEADER_INTEGER {
+                return true;
+            }
+            value = Some(v);
+        } else {
+            value = None;
+            in_string = b == b'"';
+        }
+    }
+    false
+}
+
+/// Counts the tensor entries a safetensors header declares (its top-level JSON keys other than
+/// `__metadata__`), stopping at `stop`: one pass over the header bytes, no allocation. Only the
+/// JSON string and nesting structure is followed; the full parse that comes after checks the
+/// rest.
+///
+/// # Errors
+/// [`ValidationError::Malformed`] when the payload is shorter than its length prefix says.
+pub fn count_header_tensors(payload: &[u8], stop: usize) -> Result<usize, ValidationError> {
+    let malformed = |d: &str| ValidationError::Malformed(d.to_owned());
+    let prefix = payload.get(..8).ok_or_else(|| malformed("shorter than the 8-byte header length"))?;
+    let mut len = [0u8; 8];
+    len.copy_from_slice(prefix);
+    let len = usize::try_from(u64::from_le_bytes(len)).unwrap_or(usize::MAX);
+    let header = payload
+        .get(8..8usize.saturating_add(len))
+        .ok_or_else(|| malformed("header length exceeds the payload"))?;
+    let (mut depth, mut in_string, mut escaped, mut expect_key) = (0usize, false, false, false);
+    let (mut key_start, mut count) = (None::<usize>, 0usize);
+    for (i, &b) in header.iter().enumerate() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+                if let Some(start) = key_start.take() {
+                    if &header[start..i] != b"__metadata__" {
+                        count += 1;
+                        if count >= stop {
+                            return Ok(count);
+                        }
+                    }
+                }
+            }
+            continue;
+        }
+        match b {
+            b'"' => {
+                in_string = true;
+                if depth == 1 && expect_key {
+                    key_start = Some(i + 1);
+                    expect_key = false;
+                }
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                expect_key = depth == 1 && b == b'{';
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            b',' if depth == 1 => expect_key = true,
+            _ => {}
+        }
+    }
+    Ok(count)
 }
 
 /// Checks that every float tensor of a staged slot is finite.
@@ -790,7 +925,11 @@ mod tests {
             ],
             vec![good[0].clone(), good[1].clone(), good[2].clone(), vec![1.0]],
         );
-        assert_eq!(stage_update(&m, &extra, slot), Err(ValidationError::ExtraTensor("x".into())));
+        // More tensors than the manifest: refused from the header's tensor count, before parsing.
+        assert_eq!(
+            stage_update(&m, &extra, slot),
+            Err(ValidationError::TooManyTensors { declared: 4, max: 3 })
+        );
         // Same count, one renamed: the renamed one is extra.
         let renamed = other(
             vec![
@@ -821,5 +960,90 @@ mod tests {
         // Wrong slot size is a typed error, not a panic.
         let mut small = vec![0u8; 8];
         assert!(matches!(stage_update(&m, &ok, &mut small), Err(ValidationError::SlotSize { .. })));
+    }
+
+    /// A safetensors payload from a raw JSON header and `data` zero bytes.
+    fn raw_payload(header: &str, data: usize) -> Vec<u8> {
+        let mut p = (header.len() as u64).to_le_bytes().to_vec();
+        p.extend_from_slice(header.as_bytes());
+        p.resize(p.len() + data, 0);
+        p
+    }
+
+    #[test]
+    fn header_offsets_near_usize_max_are_refused_before_the_parser() {
+        let m = manifest();
+        let mut slot = vec![0u64; m.slot_bytes() / 8];
+        let slot = bytemuck::cast_slice_mut::<u64, u8>(&mut slot);
+        // One tensor ending at usize::MAX: safetensors 0.4.5 then computes usize::MAX + 8 + the
+        // header length, which panics with overflow checks on (and aborted the libFuzzer target).
+        let one = raw_payload(
+            r#"{"w":{"dtype":"U8","shape":[18446744073709551615],"data_offsets":[0,18446744073709551615]}}"#,
+            0,
+        );
+        // Contiguous offsets that reach usize::MAX over two tensors.
+        let two = raw_payload(
+            r#"{"w":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]},"x":{"dtype":"U8","shape":[18446744073709551591],"data_offsets":[24,18446744073709551615]}}"#,
+            24,
+        );
+        let refused =
+            ValidationError::Malformed(format!("safetensors header holds an integer above {}", 1u64 << 62));
+        for p in [one, two] {
+            // The pre-check's own error: refused before the parser, not by catching its panic.
+            assert_eq!(stage_update(&m, &p, slot), Err(refused.clone()));
+        }
+        // Digits inside strings (here after an escaped quote) are not integers: an update whose
+        // metadata holds a long number is accepted.
+        let p = Parameters::from_f64(Arc::clone(&m), &[vec![0.5; 6], vec![1.0; 3], vec![2.0]]).unwrap();
+        let bytes = p.as_bytes();
+        let views = m.tensors().iter().zip(m.slots()).map(|(t, s)| {
+            let data = &bytes[s.byte_offset..s.byte_offset + s.byte_len];
+            (
+                t.name.as_str(),
+                safetensors::tensor::TensorView::new(t.dtype.to_safetensors(), t.shape.clone(), data)
+                    .unwrap(),
+            )
+        });
+        let meta = HashMap::from([("id".to_owned(), "a\"184467440737095516150000".to_owned())]);
+        let payload = safetensors::serialize(views, &Some(meta)).unwrap();
+        let escaped = br#""a\"184467440737095516150000""#;
+        assert!(payload.windows(escaped.len()).any(|w| w == escaped), "the metadata is JSON-escaped");
+        assert_eq!(stage_update(&m, &payload, slot), Ok(()));
+        assert_eq!(&slot[..24], &bytes[..24]);
+    }
+
+    fn raw(header: &str) -> Vec<u8> {
+        let mut p = (header.len() as u64).to_le_bytes().to_vec();
+        p.extend_from_slice(header.as_bytes());
+        p
+    }
+
+    /// The tensor count is read from the header bytes alone: `__metadata__`, nested keys and
+    /// quotes or braces inside names do not count; the scan stops at `stop`.
+    #[test]
+    fn header_tensor_count() {
+        let h = r#"{"__metadata__":{"format":"pt","a":"b"},"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"x\"{,":{"dtype":"F32","shape":[],"data_offsets":[8,12]}}"#;
+        assert_eq!(count_header_tensors(&raw(h), usize::MAX), Ok(2));
+        assert_eq!(count_header_tensors(&raw(h), 1), Ok(1));
+        assert_eq!(count_header_tensors(&raw("{}"), 5), Ok(0));
+        assert!(matches!(count_header_tensors(b"\x05\0\0", 5), Err(ValidationError::Malformed(_))));
+        let mut short = raw(h);
+        short.truncate(20);
+        assert!(matches!(count_header_tensors(&short, 5), Err(ValidationError::Malformed(_))));
+    }
+
+    /// A header declaring more tensors than the manifest is refused before it is parsed, with
+    /// the typed `TooManyTensors` (3 declared, 3 in the manifest + 1 = stop at 4).
+    #[test]
+    fn more_tensors_than_the_manifest_is_refused_before_parsing() {
+        let m = manifest();
+        let mut slot = vec![0u64; m.slot_bytes() / 8];
+        let slot = bytemuck::cast_slice_mut::<u64, u8>(&mut slot);
+        let mut entries: Vec<String> = (0..50_000)
+            .map(|i| format!(r#""t{i}":{{"dtype":"U8","shape":[1],"data_offsets":[{i},{}]}}"#, i + 1))
+            .collect();
+        entries.insert(0, r#""__metadata__":{"x":"y"}"#.into());
+        let p = raw(&format!("{{{}}}", entries.join(",")));
+        assert_eq!(stage_update(&m, &p, slot), Err(ValidationError::TooManyTensors { declared: 4, max: 3 }));
     }
 }

@@ -114,6 +114,8 @@ fn spec(job: &str, manifest: ModelManifest, cohort: u32, rounds: u64) -> shoal_f
         max_failed_rounds: 1,
         fan_in: 0,
         server_optimizer: None,
+        max_update_bytes: None,
+        max_clients_per_round: None,
     }
 }
 

@@ -56,14 +56,6 @@ pub enum Claim {
     Other(u64),
 }
 
-/// Opens (creating it if needed) the claims bucket.
-///
-/// # Errors
-/// NATS errors.
-pub async fn open(infra: &Infra) -> Result<kv::Store> {
-    crate::infra::kv_bucket(&infra.js, subjects::CLAIMS_BUCKET, 1, MAX_AGE).await
-}
-
 /// Claims (job, round, client) for message `stream_seq` on behalf of (`node`, `instance`).
 ///
 /// # Errors

@@ -210,6 +210,11 @@ pub struct NodeArgs {
     /// fold, in milliseconds (0: off; not for production).
     #[arg(long, default_value_t = 0)]
     fold_delay_ms: u64,
+    /// Most running jobs this node serves at once (default: no limit). A job beyond it waits
+    /// for a free slot (logged, counted in shoal_jobs_refused_total); meanwhile its updates go
+    /// to a node that serves it, or are refused as node_at_capacity.
+    #[arg(long, env = "SHOAL_MAX_JOBS", value_parser = clap::value_parser!(u32).range(1..))]
+    max_jobs: Option<u32>,
 }
 
 /// `shoal job ...`
@@ -284,6 +289,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             cfg.collect_timeout = Duration::from_millis(a.collect_timeout_ms.max(100));
             cfg.eager = !a.lazy_aggregation;
             cfg.fold_delay = Duration::from_millis(a.fold_delay_ms);
+            cfg.max_jobs = a.max_jobs.map(|n| n as usize);
             let handle = node::start(cfg).await.context("starting the node")?;
             shutdown_signal().await;
             tracing::info!("shutting down");

@@ -10,8 +10,11 @@
 //! [`ConnectOptions::for_client`] so that replies come to the client's own inbox. An operation
 //! the server refuses fails as [`Error::Unauthorized`], naming the refused subject.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures::StreamExt;
@@ -59,11 +62,17 @@ pub struct UpdateRequest {
 /// `<prefix>.<job>.round` wake it at once; the poll covers a missed event).
 pub const STATE_POLL: Duration = Duration::from_millis(1000);
 
+/// Bytes kept free for an update message's headers under the server's `max_payload` (Shoal's
+/// headers take about 300).
+pub const HEADER_ALLOWANCE: usize = 4096;
+
 /// A Shoal client.
 #[derive(Debug, Clone)]
 pub struct ShoalClient {
     infra: Infra,
     inline_limit: usize,
+    /// Each job's `max_update_bytes` (specs do not change), read once.
+    update_limits: Arc<Mutex<HashMap<JobId, u64>>>,
 }
 
 impl ShoalClient {
@@ -81,10 +90,11 @@ impl ShoalClient {
     pub fn from_infra(infra: Infra) -> ShoalClient {
         // Leave room for headers under the server's max_payload.
         let inline_limit = infra.max_payload().saturating_sub(16 * 1024);
-        ShoalClient { infra, inline_limit }
+        ShoalClient { infra, inline_limit, update_limits: Arc::default() }
     }
 
-    /// Overrides the size above which updates go through the object store.
+    /// Overrides the size above which updates go through the object store (a payload that would
+    /// not fit the server's `max_payload` with its headers goes there whatever this says).
     pub fn with_inline_limit(mut self, bytes: usize) -> ShoalClient {
         self.inline_limit = bytes;
         self
@@ -266,17 +276,43 @@ impl ShoalClient {
         }
     }
 
-    /// Publishes an update and waits for JetStream to persist it. Payloads above the inline
-    /// limit go through the object store first (`<job>/<round>/<client>`, digest in the header).
+    /// The job's largest update in bytes (its spec's `max_update_bytes`), read once per job.
     ///
     /// # Errors
-    /// [`Error::Unauthorized`] when the credentials do not allow publishing as `u.client`;
-    /// NATS errors (including the server refusing an oversized inline payload).
+    /// As [`Self::job_spec`].
+    pub async fn update_limit(&self, job: &JobId) -> Result<u64> {
+        if let Some(&l) = self.update_limits.lock().unwrap_or_else(|p| p.into_inner()).get(job) {
+            return Ok(l);
+        }
+        let limit = self.job_spec(job).await?.update_byte_limit();
+        self.update_limits.lock().unwrap_or_else(|p| p.into_inner()).insert(job.clone(), limit);
+        Ok(limit)
+    }
+
+    /// Publishes an update and waits for JetStream to persist it. Payloads above the inline
+    /// limit, or too large for the server's `max_payload` with their headers, go through the
+    /// object store first (`<job>/<round>/<client>`, digest in the header), so no message this
+    /// sends exceeds `max_payload`.
+    ///
+    /// # Errors
+    /// [`Error::PayloadTooLarge`] at once, before anything is sent, when the payload exceeds the
+    /// job's `max_update_bytes`; [`Error::UnknownJob`]; [`Error::Unauthorized`] when the
+    /// credentials do not allow publishing as `u.client`; [`Error::Rejected`] with `duplicate`
+    /// when JetStream already holds these exact bytes for this round; other NATS errors.
     pub async fn publish_update(&self, u: UpdateRequest) -> Result<Transport> {
         self.infra.violations.guard("publish the update", self.publish_update_inner(u)).await
     }
 
     async fn publish_update_inner(&self, u: UpdateRequest) -> Result<Transport> {
+        let limit = self.update_limit(&u.job).await?;
+        if u.payload.len() as u64 > limit {
+            return Err(Error::PayloadTooLarge {
+                what: "update",
+                size: u.payload.len(),
+                limit: usize::try_from(limit).unwrap_or(usize::MAX),
+                limit_name: "the job's max_update_bytes",
+            });
+        }
         let digest = hex::encode(Sha256::digest(&u.payload));
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", subjects::update_msg_id(&u.job, u.round, &u.client, &digest).as_str());
@@ -284,7 +320,8 @@ impl ShoalClient {
         headers.insert(protocol::HDR_BASE_VERSION, u.base_version.to_string().as_str());
         headers.insert(protocol::HDR_NUM_EXAMPLES, u.num_examples.to_string().as_str());
         headers.insert(protocol::HDR_KIND, u.kind.as_str());
-        let (payload, transport) = if u.force_object_store || u.payload.len() > self.inline_limit {
+        let inline_max = self.inline_limit.min(self.infra.max_payload().saturating_sub(HEADER_ALLOWANCE));
+        let (payload, transport) = if u.force_object_store || u.payload.len() > inline_max {
             let name = subjects::update_object(&u.job, u.round, &u.client);
             let chunk = jobs::chunk_size(&self.infra);
             objects::put_object(&self.infra, subjects::UPDATES_BUCKET, &name, &u.payload, chunk).await?;
@@ -295,12 +332,22 @@ impl ShoalClient {
             (u.payload, Transport::Inline)
         };
         let subject = self.infra.subjects.update(&u.job, &u.client);
+        let size = payload.len();
         let ack = self
             .infra
             .js
             .publish_with_headers(subject, headers, payload)
             .await
-            .map_err(|e| Error::nats("publish update", e))?
+            .map_err(|e| match e.kind() {
+                // async-nats checks the message against the server's max_payload before sending.
+                PublishErrorKind::MaxPayloadExceeded => Error::PayloadTooLarge {
+                    what: "update message",
+                    size,
+                    limit: self.infra.max_payload(),
+                    limit_name: "the server's max_payload",
+                },
+                _ => Error::nats("publish update", e),
+            })?
             .await
             .map_err(|e| Error::nats("publish update (ack)", e))?;
         if ack.duplicate {

@@ -29,7 +29,8 @@ use crate::jobs::{self, CasOutcome, JobDirectory};
 use crate::lease;
 use crate::metrics::{Metrics, OutcomeLabel};
 use crate::protocol::{
-    self, now_ms, CollectRequest, CommitRecord, JobPhase, JobState, LeafProgress, RoundEvent, RoundOutcome,
+    self, now_ms, CohortEntry, CollectRequest, CommitRecord, JobPhase, JobState, LeafProgress, RoundEvent,
+    RoundOutcome,
 };
 
 /// Everything a top needs.
@@ -128,24 +129,19 @@ pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
     let (mut state, mut revision) = jobs::load_state(&ctx.infra, &job).await?;
     let mut global = load_global(&ctx.infra, &job, &state, &manifest).await?;
     let rule = spec.round_rule();
-    let mut rewards = ctx
-        .infra
-        .client
-        .subscribe(ctx.infra.subjects.all_rewards(&job))
-        .await
-        .map_err(|e| Error::nats("subscribe to reward requests", e))?;
-    let mut progress = ctx
-        .infra
-        .client
-        .subscribe(ctx.infra.subjects.progress(&job))
-        .await
-        .map_err(|e| Error::nats("subscribe to leaf progress", e))?;
+    let mut rewards =
+        ctx.infra.subscribe(ctx.infra.subjects.all_rewards(&job), "subscribe to reward requests").await?;
+    let mut progress =
+        ctx.infra.subscribe(ctx.infra.subjects.progress(&job), "subscribe to leaf progress").await?;
     let mut partials = ctx
         .infra
-        .client
-        .subscribe(ctx.infra.subjects.partials_to(&job, &ctx.node, "top"))
-        .await
-        .map_err(|e| Error::nats("subscribe to partials", e))?;
+        .subscribe(ctx.infra.subjects.partials_to(&job, &ctx.node, "top"), "subscribe to partials")
+        .await?;
+    let mut shard_results = ctx
+        .infra
+        .subscribe(ctx.infra.subjects.shard_results_to(&job, &ctx.node), "subscribe to shard results")
+        .await?;
+    let mut exchange_failures = 0u32;
     // A round already open when we start was opened by a top that may have died holding
     // staged updates: give JetStream time to redeliver them before judging the round.
     let mut earliest_close = state.is_open().then(|| tokio::time::Instant::now() + ctx.startup_grace);
@@ -157,7 +153,7 @@ pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
         if !state.is_open() {
             let mut next = state.clone();
             next.opened_at_ms = now_ms();
-            next.deadline_at_ms = next.opened_at_ms + rule.deadline_ms;
+            next.deadline_at_ms = next.opened_at_ms.saturating_add(rule.deadline_ms);
             match jobs::cas_state(&ctx.infra, &job, &next, revision).await? {
                 CasOutcome::Written(rev) => {
                     state = next;
@@ -189,7 +185,9 @@ pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
         if let Some(t) = earliest_close.take() {
             deadline = deadline.max(t);
         }
-        let mut per_node: HashMap<NodeId, u32> = HashMap::new();
+        // Each node's latest count and when it came: a node that stopped reporting (dead, or
+        // handed its updates back) no longer counts once its heartbeats lapse.
+        let mut per_node: HashMap<NodeId, (u32, tokio::time::Instant)> = HashMap::new();
         loop {
             tokio::select! {
                 _ = ctx.cancel.cancelled() => return Ok(()),
@@ -201,8 +199,14 @@ pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
                 Some(m) = progress.next() => {
                     let Ok(p) = protocol::decode::<LeafProgress>("leaf progress", &m.payload) else { continue };
                     if p.round == round {
-                        per_node.insert(p.node, p.accepted);
-                        if per_node.values().map(|&n| u64::from(n)).sum::<u64>() >= u64::from(rule.cohort_size) {
+                        let now = tokio::time::Instant::now();
+                        per_node.insert(p.node, (p.accepted, now));
+                        let fresh = per_node
+                            .values()
+                            .filter(|(_, at)| now.duration_since(*at) < PROGRESS_FRESH)
+                            .map(|&(n, _)| u64::from(n))
+                            .sum::<u64>();
+                        if fresh >= u64::from(rule.cohort_size) {
                             break;
                         }
                     }
@@ -210,9 +214,62 @@ pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
             }
         }
 
-        let Some(collected) = collect(&ctx, &job, &manifest, &mut local, &mut partials, round).await? else {
+        let Some(mut collected) = collect(&ctx, &job, &manifest, &mut local, &mut partials, round).await?
+        else {
             return Ok(()); // cancelled
         };
+        if tokio::time::Instant::now() < deadline && collected.count < u64::from(rule.cohort_size) {
+            // The progress counted updates the collection did not find (a node that died or
+            // handed them back since): keep the round open; they come back through JetStream.
+            span.in_scope(|| {
+                tracing::info!(collected = collected.count, "cohort incomplete at collection; waiting on")
+            });
+            continue;
+        }
+        // Whole-cohort updates held on other nodes: a coordinate-sharded exchange, when the
+        // strategy has one (crate::exchange); otherwise they are left out of this round.
+        let remote = collected.entries.iter().any(|e| e.node != ctx.node);
+        let mut sharded = None;
+        if strategy.mergeability() == Mergeability::WholeCohort && remote {
+            if strategy.sharding() == shoal_functions::Sharding::Unsupported {
+                let holders: Vec<NodeId> =
+                    collected.entries.iter().filter(|e| e.node != ctx.node).map(|e| e.node.clone()).collect();
+                span.in_scope(|| {
+                    tracing::warn!(?holders, "whole-cohort updates staged away from the top are late")
+                });
+                collected.nodes.retain(|n| !holders.contains(n));
+                collected.count = collected.cohort.len() as u64;
+            } else if collected.entries.len() as u64 >= u64::from(rule.min_clients) {
+                let mut owners = collected.nodes.clone();
+                owners.sort();
+                let result = crate::exchange::run_top(
+                    &ctx.infra,
+                    &job,
+                    &ctx.node,
+                    &mut *strategy,
+                    &global,
+                    round,
+                    state.model_version,
+                    collected.entries.clone(),
+                    owners,
+                    &mut shard_results,
+                    ctx.collect_timeout,
+                    &ctx.metrics,
+                )
+                .await;
+                match result {
+                    Err(e @ Error::Timeout(..)) if exchange_failures < 2 => {
+                        exchange_failures += 1;
+                        span.in_scope(
+                            || tracing::warn!(error = %e, "shard exchange incomplete; collecting again"),
+                        );
+                        continue;
+                    }
+                    other => sharded = Some(other.map_err(|e| e.to_string())),
+                }
+            }
+        }
+        exchange_failures = 0;
         let accepted = collected.count as u32;
         let next_version = state.model_version.next();
         // The server step is CPU-bound (a whole-cohort strategy reads every staged update):
@@ -220,8 +277,15 @@ pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
         let min_clients = rule.min_clients;
         let (s, g, c, outcome, new_global) = tokio::task::spawn_blocking(move || {
             let (mut strategy, global, collected) = (strategy, global, collected);
-            let (outcome, new_global) =
-                close_outcome(&mut *strategy, &collected, &global, accepted, min_clients, next_version);
+            let (outcome, new_global) = close_outcome(
+                &mut *strategy,
+                &collected,
+                sharded,
+                &global,
+                accepted,
+                min_clients,
+                next_version,
+            );
             (strategy, global, collected, outcome, new_global)
         })
         .await
@@ -307,13 +371,21 @@ pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
     Ok(())
 }
 
+/// A leaf's progress counts toward the cohort this long after it arrived (leaves report every
+/// 500 ms).
+const PROGRESS_FRESH: Duration = Duration::from_millis(1500);
+
 /// What the leaves sent for one round.
 #[derive(Debug)]
 struct Collected {
     collect: u64,
     nodes: Vec<NodeId>,
-    partial: Option<PartialAggregate>,
+    /// Shared with the leaf that sent it when only one partial came (no copy); merging into it
+    /// copies it once.
+    partial: Option<Arc<PartialAggregate>>,
     cohort: Vec<hierarchy::CohortMember>,
+    /// Whole-cohort strategies: every update of the round and the node holding it.
+    entries: Vec<CohortEntry>,
     count: u64,
     seqs: Vec<u64>,
     last_fold_ms: u64,
@@ -356,6 +428,7 @@ async fn collect(
             nodes: Vec::new(),
             partial: None,
             cohort: Vec::new(),
+            entries: Vec::new(),
             count: 0,
             seqs: Vec::new(),
             last_fold_ms: 0,
@@ -378,6 +451,7 @@ async fn collect(
                             count: h.count,
                             seqs: h.seqs,
                             last_fold_ms: h.last_fold_ms,
+                            entries: h.cohort,
                         }
                     }
                     Err(e) => {
@@ -386,18 +460,22 @@ async fn collect(
                     }
                 },
             };
-            if p.collect != req.collect || p.nodes.iter().any(|n| got.nodes.contains(n)) {
-                continue; // an answer to an earlier collection, or a duplicate
+            if p.collect != req.collect
+                || !nodes.contains(&p.sender)
+                || p.nodes.iter().any(|n| got.nodes.contains(n) || !nodes.contains(n))
+            {
+                continue; // an earlier collection's answer, a duplicate, or not from a node asked
             }
             if let Some(pa) = p.partial {
                 // Streaming strategies all merge by the partial's own rule (sums add, maxima
                 // max, the lowest client's `first` values win).
                 match &mut got.partial {
-                    None => got.partial = Some(Arc::unwrap_or_clone(pa)),
-                    Some(acc) => acc.merge(&pa)?,
+                    None => got.partial = Some(pa),
+                    Some(acc) => Arc::make_mut(acc).merge(&pa)?,
                 }
             }
             got.cohort.extend(p.cohort);
+            got.entries.extend(p.entries);
             got.nodes.extend(p.nodes);
             got.count += p.count;
             got.seqs.extend(p.seqs);
@@ -423,6 +501,7 @@ async fn collect(
 fn close_outcome(
     strategy: &mut dyn shoal_functions::Strategy,
     collected: &Collected,
+    sharded: Option<std::result::Result<Parameters, String>>,
     global: &Parameters,
     accepted: u32,
     min_clients: u32,
@@ -430,6 +509,13 @@ fn close_outcome(
 ) -> (RoundOutcome, Option<Parameters>) {
     if accepted < min_clients {
         return (RoundOutcome::QuorumNotMet { accepted, min_clients }, None);
+    }
+    if let Some(r) = sharded {
+        let total: f64 = collected.entries.iter().map(|e| e.weight).sum();
+        return match r {
+            Ok(p) => (RoundOutcome::Committed { version, clients: accepted, total_weight: total }, Some(p)),
+            Err(detail) => (RoundOutcome::AggregationFailed { detail, kind: None }, None),
+        };
     }
     let result = match strategy.mergeability() {
         Mergeability::Streaming => match &collected.partial {
@@ -452,7 +538,7 @@ fn close_outcome(
         Ok((p, total_weight)) => {
             (RoundOutcome::Committed { version, clients: accepted, total_weight }, Some(p))
         }
-        Err(e) => (RoundOutcome::AggregationFailed { detail: e.to_string() }, None),
+        Err(e) => (RoundOutcome::AggregationFailed { detail: e.to_string(), kind: Some(e.kind()) }, None),
     }
 }
 

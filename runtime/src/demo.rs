@@ -475,6 +475,8 @@ async fn run_experiment(
         max_failed_rounds: 3,
         fan_in: 0,
         server_optimizer: choice.optimizer,
+        max_update_bytes: None,
+        max_clients_per_round: None,
     };
     let client = &env.client;
     crate::jobs::create_job(client.infra(), &spec, None).await?;

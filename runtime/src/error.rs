@@ -97,6 +97,19 @@ pub enum Error {
     /// The update was rejected (client SDK view of a [`RejectReason`]).
     #[error("update rejected: {0}")]
     Rejected(RejectReason),
+    /// A message or update is larger than a limit: the server's `max_payload` or the job's
+    /// `max_update_bytes`. Found before anything was sent (a size error, never a time-out).
+    #[error("{what} of {size} bytes exceeds the limit of {limit} bytes ({limit_name})")]
+    PayloadTooLarge {
+        /// What was too large (`update`, `job spec`, ...).
+        what: &'static str,
+        /// Its size in bytes.
+        size: usize,
+        /// The limit in bytes.
+        limit: usize,
+        /// Which limit (`max_update_bytes`, `the server's max_payload`).
+        limit_name: &'static str,
+    },
 }
 
 impl Error {
@@ -141,15 +154,25 @@ pub enum RejectReason {
     NonFinite,
     /// The payload is not valid safetensors (truncated, bad header).
     Malformed,
-    /// The object-store path failed: object missing, unreadable, or its digest differs.
+    /// The object-store path failed: the object, its metadata or one of its chunks is missing
+    /// or unreadable.
     ObjectUnavailable,
     /// The object named is not the sender's own `<job>/<round>/<client>`.
     Unauthorized,
+    /// The bytes read do not match their digest: the message's `Shoal-Digest`, or the object
+    /// store's own SHA-256 of the chunks (an object overwritten or corrupted in between).
+    DigestMismatch,
+    /// The safetensors header declares more tensors than the job's manifest has.
+    TooManyTensors,
+    /// The round already holds the job's `max_clients_per_round` updates on this node.
+    CohortFull,
+    /// This node serves its `--max-jobs` jobs already and no other node serves this one.
+    NodeAtCapacity,
 }
 
 impl RejectReason {
     /// Every reason, for metrics initialisation.
-    pub const ALL: [RejectReason; 14] = [
+    pub const ALL: [RejectReason; 18] = [
         RejectReason::MalformedHeaders,
         RejectReason::UnknownJob,
         RejectReason::JobNotRunning,
@@ -164,6 +187,10 @@ impl RejectReason {
         RejectReason::Malformed,
         RejectReason::ObjectUnavailable,
         RejectReason::Unauthorized,
+        RejectReason::DigestMismatch,
+        RejectReason::TooManyTensors,
+        RejectReason::CohortFull,
+        RejectReason::NodeAtCapacity,
     ];
 
     /// Bounded metric label.
@@ -183,6 +210,10 @@ impl RejectReason {
             RejectReason::Malformed => "malformed",
             RejectReason::ObjectUnavailable => "object_unavailable",
             RejectReason::Unauthorized => "unauthorized",
+            RejectReason::DigestMismatch => "digest_mismatch",
+            RejectReason::TooManyTensors => "too_many_tensors",
+            RejectReason::CohortFull => "cohort_full",
+            RejectReason::NodeAtCapacity => "node_at_capacity",
         }
     }
 }
@@ -198,10 +229,27 @@ impl From<&ValidationError> for RejectReason {
         match e {
             ValidationError::Malformed(_) | ValidationError::SlotSize { .. } => RejectReason::Malformed,
             ValidationError::NonFinite { .. } => RejectReason::NonFinite,
+            ValidationError::TooManyTensors { .. } => RejectReason::TooManyTensors,
             ValidationError::MissingTensor(_)
             | ValidationError::ExtraTensor(_)
             | ValidationError::DTypeMismatch { .. }
             | ValidationError::ShapeMismatch { .. } => RejectReason::SchemaMismatch,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every reason is in `ALL` once, with a distinct label that serde uses too.
+    #[test]
+    fn reasons_are_bounded_and_distinct() {
+        let labels: std::collections::HashSet<&str> = RejectReason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(labels.len(), RejectReason::ALL.len());
+        for r in RejectReason::ALL {
+            let json = serde_json::to_string(&r).unwrap();
+            assert_eq!(json, format!("\"{}\"", r.as_str()));
         }
     }
 }

@@ -2,11 +2,14 @@
 //! once into a shared-memory slot, and hands a descriptor to the function host.
 //!
 //! Validation order (cheapest first, nothing buffered before the size checks): subject ids,
-//! headers, job, round, base version, `num_examples`, update kind, duplicate, payload size (or
-//! the object's size from its info, before fetching it), then the safetensors payload against
-//! the manifest while it is copied into the slot (names, dtypes, shapes, NaN/Inf). Every refusal
-//! is a [`RejectReason`]. Accepted messages are **not** acked here: the coordinator acks them
-//! after the commit; the aggregator keeps them alive with in-progress acks meanwhile.
+//! headers (decimal digits only), job, whether this node serves it (`--max-jobs`), round, base
+//! version, `num_examples` (1 to the job's maximum), update kind, duplicate, the round's
+//! `max_clients_per_round`, payload size against the job's `max_update_bytes` (or the object's
+//! size from its metadata, before reading a chunk), then the safetensors payload against the
+//! manifest while it is copied into the slot (tensor count from the header bytes before it is
+//! parsed, names, dtypes, shapes, NaN/Inf). Every refusal is a [`RejectReason`]. Accepted
+//! messages are **not** acked here: the coordinator acks them after the commit; the aggregator
+//! keeps them alive with in-progress acks meanwhile.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -23,7 +26,7 @@ use shoal_functions::tensor::stage_update;
 use shoal_functions::{ClientId, JobId, RoundId, UpdateKind};
 use tokio_util::sync::CancellationToken;
 
-use crate::claims::Claim;
+use crate::capacity::{Admission, JobSlots};
 use crate::error::{Error, RejectReason, Result};
 use crate::host::{FunctionHost, Staged};
 use crate::infra::Infra;
@@ -34,8 +37,9 @@ use crate::reject::{AckHandle, Rejector};
 use crate::shm::SlotPool;
 use crate::subjects;
 
-/// Most bytes a safetensors header may add to the tensor data (JSON names, dtypes, shapes).
-pub const MAX_HEADER_BYTES: usize = 1 << 20;
+/// How long reading one update object may take before the update is refused as
+/// `object_unavailable` (each chunk is a bounded direct get; this bounds the whole object).
+pub const OBJECT_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Gateway configuration.
 #[derive(Debug, Clone)]
@@ -73,12 +77,26 @@ pub struct GatewayContext {
     pub node: shoal_functions::NodeId,
     /// This process (its membership lease instance), named in the claims it makes.
     pub instance: u64,
+    /// The jobs this node serves (`--max-jobs`).
+    pub slots: Arc<JobSlots>,
+}
+
+/// The outcome of [`Gateway::claim`].
+enum Claim {
+    /// This message holds the claim.
+    Ours,
+    /// Another message of the client holds it.
+    Theirs,
+    /// Another live node process holds this very message (it was delivered twice): leave it
+    /// alone; JetStream delivers it again if that process dies.
+    HeldElsewhere(shoal_functions::NodeId),
+    /// KV did not answer: retry the message later.
+    Unknown,
 }
 
 struct Gateway {
     ctx: GatewayContext,
-    /// KV `shoal-claims` (see `claims`).
-    claims: async_nats::jetstream::kv::Store,
+    claims: Option<async_nats::jetstream::kv::Store>,
     pools: HashMap<JobId, Arc<SlotPool>>,
     /// Clients staged per (job, round) with their message's stream sequence (to tell a
     /// redelivery of the same message from a second update).
@@ -113,8 +131,7 @@ pub async fn run(ctx: GatewayContext, cancel: CancellationToken) -> Result<()> {
         .messages()
         .await
         .map_err(|e| Error::nats("pull updates", e))?;
-    let claims = crate::claims::open(&ctx.infra).await?;
-    let mut gw = Gateway { ctx, claims, pools: HashMap::new(), seen: HashMap::new() };
+    let mut gw = Gateway { ctx, claims: None, pools: HashMap::new(), seen: HashMap::new() };
     let mut prune = tokio::time::interval(Duration::from_secs(5));
     loop {
         let next = tokio::select! {
@@ -143,11 +160,22 @@ fn header<'a>(h: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
     h?.get(name).map(|v| v.as_str())
 }
 
+/// A header's decimal value: ASCII digits only (1 to 20 of them) that fit a `u64`. No sign,
+/// exponent, fraction, inner space or `0x`: `+100`, `1e3`, `7.0` and `7 0` are refused, where
+/// `str::parse` would take `+100`. (Spaces around a value are not part of it: NATS header syntax
+/// is HTTP's, and the client library strips them on receipt, so ` 7 ` arrives as `7`.)
+pub fn parse_decimal(v: &str) -> Option<u64> {
+    if v.is_empty() || v.len() > 20 || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    v.parse().ok()
+}
+
 fn header_u64(h: Option<&HeaderMap>, name: &str) -> Result<u64, Refusal> {
     let v = header(h, name)
         .ok_or_else(|| Refusal(RejectReason::MalformedHeaders, format!("header {name} missing")))?;
-    v.trim().parse().map_err(|_| {
-        Refusal(RejectReason::MalformedHeaders, format!("header {name}={v:?} is not an integer"))
+    parse_decimal(v).ok_or_else(|| {
+        Refusal(RejectReason::MalformedHeaders, format!("header {name}={v:?} is not a decimal integer"))
     })
 }
 
@@ -227,10 +255,10 @@ impl Gateway {
         })?;
         let num_examples = header(h, protocol::HDR_NUM_EXAMPLES)
             .ok_or_else(|| Refusal(RejectReason::InvalidWeight, "Shoal-Num-Examples missing".into()))?;
-        let num_examples: u64 = num_examples.trim().parse().map_err(|_| {
+        let num_examples = parse_decimal(num_examples).ok_or_else(|| {
             Refusal(
                 RejectReason::InvalidWeight,
-                format!("num_examples {num_examples:?} is not a non-negative integer"),
+                format!("num_examples {num_examples:?} is not a decimal integer (digits only)"),
             )
         })?;
 
@@ -256,9 +284,36 @@ impl Gateway {
         if state.phase != JobPhase::Running {
             return Err(Refusal(RejectReason::JobNotRunning, format!("job {job} is {}", state.phase)));
         }
-        if spec.strategy.is_whole_cohort() && self.ctx.directory.top(job).as_ref() != Some(&self.ctx.node) {
-            // Whole-cohort strategies aggregate on the top's node (see `hierarchy`): leave the
-            // update to that node's gateway.
+        match self.ctx.slots.admission(job) {
+            Admission::Served => {}
+            Admission::Unknown => {
+                // The job watch has not decided about this job yet: try again shortly.
+                ack.nak(Duration::from_millis(250)).await;
+                return Ok(None);
+            }
+            Admission::Waiting => {
+                let key = subjects::top_lease_key(job);
+                match crate::lease::fresh_holder(&self.ctx.infra, &key).await {
+                    Ok(Some(top)) if top != self.ctx.node => {
+                        // Another node serves the job: leave the update to it.
+                        ack.nak(Duration::from_millis(500)).await;
+                        return Ok(None);
+                    }
+                    _ => {
+                        return Err(Refusal(
+                            RejectReason::NodeAtCapacity,
+                            format!(
+                                "this node serves its maximum of {} jobs and no node serves job {job} yet",
+                                self.ctx.slots.max().unwrap_or(0)
+                            ),
+                        ))
+                    }
+                }
+            }
+        }
+        if entry.pinned && self.ctx.directory.top(job).as_ref() != Some(&self.ctx.node) {
+            // Whole-cohort strategies without a sharded form (RFFL, Bristle) aggregate on the
+            // top's node (see `hierarchy`): leave the update to that node's gateway.
             ack.nak(Duration::from_millis(100)).await;
             return Ok(None);
         }
@@ -266,7 +321,14 @@ impl Gateway {
         let staleness = if rule.asynchronous {
             // Asynchronous modes: an update for any round up to the open one is folded into the
             // open buffer, weighted by how many versions behind its base is.
+            if round.0 > state.round.0.saturating_add(1) {
+                return Err(Refusal(
+                    RejectReason::WrongRound,
+                    format!("round {round} is not open; round {} is", state.round),
+                ));
+            }
             if round > state.round || !state.is_open() {
+                // The next round, or the buffer between two: our view may lag by a moment.
                 ack.nak(Duration::from_millis(100)).await;
                 return Ok(None);
             }
@@ -340,19 +402,35 @@ impl Gateway {
             }
             None => {}
         }
+        if let Some(max) = spec.round_client_limit() {
+            let staged = self.seen.get(&(job.clone(), seen_round)).map_or(0, HashMap::len);
+            if staged >= max as usize {
+                return Err(Refusal(
+                    RejectReason::CohortFull,
+                    format!("round {round} holds {staged} updates, the job's max_clients_per_round"),
+                ));
+            }
+        }
 
         let manifest = &entry.manifest;
-        let max_bytes = manifest.data_bytes() + MAX_HEADER_BYTES;
+        let max_bytes = usize::try_from(spec.update_byte_limit()).unwrap_or(usize::MAX);
         let object = header(h, protocol::HDR_OBJECT).map(str::to_owned);
         let payload: Bytes = match &object {
             None => {
-                let limit = self.ctx.config.inline_limit.min(max_bytes);
-                if message.payload.len() > limit {
+                let len = message.payload.len();
+                if len > max_bytes {
+                    return Err(Refusal(
+                        RejectReason::PayloadTooLarge,
+                        format!("update of {len} bytes exceeds the job's max_update_bytes {max_bytes}"),
+                    ));
+                }
+                let limit = self.ctx.config.inline_limit;
+                if len > limit {
                     return Err(Refusal(
                         RejectReason::PayloadTooLarge,
                         format!(
-                            "inline payload of {} bytes exceeds {limit}; publish through the object store",
-                            message.payload.len()
+                            "inline payload of {len} bytes exceeds this node's inline limit {limit}; \
+                             publish through the object store"
                         ),
                     ));
                 }
@@ -379,32 +457,21 @@ impl Gateway {
         })?;
         stage_update(manifest, &payload, slot.bytes_mut())
             .map_err(|e| Refusal(RejectReason::from(&e), e.to_string()))?;
-        // Another node may hold this very message (delivered twice) or another update of the
-        // client for the round: one node stages each (job, round, client).
-        let who = (job, seen_round, client);
-        match crate::claims::claim(
-            &self.claims,
-            &self.ctx.infra,
-            who,
-            &self.ctx.node,
-            self.ctx.instance,
-            stream_seq,
-        )
-        .await
-        {
-            Ok(Claim::Mine) => {}
-            Ok(Claim::HeldBy(node)) => {
+        // One node stages each (job, round, client): another node may hold this very message
+        // (delivered twice) or another update of the client for the round.
+        match self.claim(job, seen_round, client, stream_seq).await {
+            Claim::Ours => {}
+            Claim::HeldElsewhere(node) => {
                 tracing::debug!(%job, %client, %round, %node, stream_seq, "update held by another node; left alone");
                 return Ok(None);
             }
-            Ok(Claim::Other(_)) => {
+            Claim::Theirs => {
                 return Err(Refusal(
                     RejectReason::Duplicate,
                     format!("client {client} already sent an update for round {round}"),
                 ))
             }
-            Err(e) => {
-                tracing::warn!(%job, %client, error = %e, "claiming an update failed; handed back to JetStream");
+            Claim::Unknown => {
                 ack.nak(Duration::from_secs(1)).await;
                 return Ok(None);
             }
@@ -429,6 +496,46 @@ impl Gateway {
         }))
     }
 
+    /// Claims (job, round, client) for the message at `stream_seq` in KV `shoal-claims`
+    /// (`crate::claims`): the first message claims it; a redelivery of that message finds its
+    /// own claim when this process made it or the process that made it is gone, and is left to
+    /// its live holder otherwise; any other message of the client for the round is a duplicate,
+    /// whichever node pulled the first.
+    async fn claim(&mut self, job: &JobId, round: RoundId, client: &ClientId, stream_seq: u64) -> Claim {
+        let claims = match &self.claims {
+            Some(c) => c.clone(),
+            None => match self.ctx.infra.claims(crate::claims::MAX_AGE).await {
+                Ok(c) => {
+                    self.claims = Some(c.clone());
+                    c
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "update claims unavailable; retrying the update");
+                    return Claim::Unknown;
+                }
+            },
+        };
+        let who = (job, round, client);
+        match crate::claims::claim(
+            &claims,
+            &self.ctx.infra,
+            who,
+            &self.ctx.node,
+            self.ctx.instance,
+            stream_seq,
+        )
+        .await
+        {
+            Ok(crate::claims::Claim::Mine) => Claim::Ours,
+            Ok(crate::claims::Claim::HeldBy(node)) => Claim::HeldElsewhere(node),
+            Ok(crate::claims::Claim::Other(_)) => Claim::Theirs,
+            Err(e) => {
+                tracing::warn!(error = %e, "claiming an update failed; retrying the update");
+                Claim::Unknown
+            }
+        }
+    }
+
     async fn fetch_object(
         &self,
         job: &JobId,
@@ -438,7 +545,7 @@ impl Gateway {
         h: Option<&HeaderMap>,
         max_bytes: usize,
     ) -> Result<Bytes, Refusal> {
-        use tokio::io::AsyncReadExt;
+        use crate::objects::ObjectReadError as E;
         let own = subjects::update_object(job, round, client);
         if name != own {
             return Err(Refusal(
@@ -452,31 +559,31 @@ impl Gateway {
                 Refusal(RejectReason::MalformedHeaders, "Shoal-Digest sha256:<hex> missing".into())
             })?
             .to_ascii_lowercase();
-        let objects = &self.ctx.infra.update_objects;
-        let info = objects
-            .info(name)
-            .await
-            .map_err(|e| Refusal(RejectReason::ObjectUnavailable, format!("object {name:?}: {e}")))?;
-        if info.size > max_bytes {
-            return Err(Refusal(
-                RejectReason::PayloadTooLarge,
-                format!("object of {} bytes exceeds the model's {max_bytes}", info.size),
-            ));
-        }
-        let mut obj = objects
-            .get(name)
-            .await
-            .map_err(|e| Refusal(RejectReason::ObjectUnavailable, format!("object {name:?}: {e}")))?;
-        let mut buf = Vec::with_capacity(info.size);
-        (&mut obj)
-            .take(max_bytes as u64 + 1)
-            .read_to_end(&mut buf)
-            .await
-            .map_err(|e| Refusal(RejectReason::ObjectUnavailable, format!("reading object {name:?}: {e}")))?;
+        // Size from the metadata first (nothing is read for an oversized object), then every
+        // chunk by a bounded direct get: a missing chunk is a refusal, not a stalled gateway.
+        let read =
+            crate::objects::read_object_checked(&self.ctx.infra, subjects::UPDATES_BUCKET, name, max_bytes);
+        let buf = match tokio::time::timeout(OBJECT_READ_TIMEOUT, read).await {
+            Err(_) => {
+                return Err(Refusal(
+                    RejectReason::ObjectUnavailable,
+                    format!("object {name:?} not read within {OBJECT_READ_TIMEOUT:?}"),
+                ))
+            }
+            Ok(Ok(buf)) => buf,
+            Ok(Err(e)) => {
+                let reason = match e {
+                    E::TooLarge { .. } => RejectReason::PayloadTooLarge,
+                    E::Corrupt { .. } => RejectReason::DigestMismatch,
+                    E::Missing { .. } | E::MissingChunk { .. } => RejectReason::ObjectUnavailable,
+                };
+                return Err(Refusal(reason, e.to_string()));
+            }
+        };
         let got = hex::encode(Sha256::digest(&buf));
         if got != digest {
             return Err(Refusal(
-                RejectReason::ObjectUnavailable,
+                RejectReason::DigestMismatch,
                 format!("object digest {got} != header {digest}"),
             ));
         }

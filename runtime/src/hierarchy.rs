@@ -40,7 +40,7 @@ use crate::host::{CloseRound, FunctionHost, Held, RegisterJob, RoundProgress};
 use crate::infra::Infra;
 use crate::jobs::JobDirectory;
 use crate::metrics::Metrics;
-use crate::protocol::{self, now_ms, CollectRequest, JobPhase, LeafProgress, PartialHeader};
+use crate::protocol::{self, now_ms, CohortEntry, CollectRequest, JobPhase, LeafProgress, PartialHeader};
 use crate::reject::Rejector;
 use crate::shm::Slot;
 
@@ -74,6 +74,8 @@ pub struct Partial {
     pub seqs: Vec<u64>,
     /// When its last update was staged (ms since the Unix epoch; 0 = none).
     pub last_fold_ms: u64,
+    /// Whole-cohort strategies: the updates of the nodes it covers, and where they are.
+    pub entries: Vec<CohortEntry>,
 }
 
 /// In-process channels from leaves to a top on the same node, by job.
@@ -130,12 +132,7 @@ pub fn group(node: &NodeId, req: &CollectRequest) -> Option<(NodeId, Vec<NodeId>
 
 /// Encodes `header` and the accumulators: `u32 LE length ‖ msgpack header ‖ f64 LE values`.
 pub fn encode_partial(header: &PartialHeader, values: &[f64]) -> Vec<u8> {
-    let h = protocol::encode(header);
-    let mut out = Vec::with_capacity(4 + h.len() + values.len() * 8);
-    out.extend_from_slice(&(h.len() as u32).to_le_bytes());
-    out.extend_from_slice(&h);
-    out.extend_from_slice(bytemuck::cast_slice(values));
-    out
+    protocol::frame(header, bytemuck::cast_slice(values))
 }
 
 /// Splits a partial message into its header and the raw accumulator bytes.
@@ -143,11 +140,7 @@ pub fn encode_partial(header: &PartialHeader, values: &[f64]) -> Vec<u8> {
 /// # Errors
 /// [`Error::Decode`] for a truncated or malformed message.
 pub fn decode_partial(bytes: &[u8]) -> Result<(PartialHeader, &[u8])> {
-    let bad = |d: &str| Error::Decode { what: "partial aggregate", detail: d.to_owned() };
-    let len = bytes.get(..4).ok_or_else(|| bad("shorter than its length prefix"))?;
-    let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
-    let h = bytes.get(4..4 + len).ok_or_else(|| bad("header truncated"))?;
-    Ok((protocol::decode("partial aggregate", h)?, &bytes[4 + len..]))
+    protocol::unframe("partial aggregate", bytes)
 }
 
 /// Rebuilds the accumulators of a received partial.
@@ -201,17 +194,8 @@ pub async fn send_remote(
     let sent;
     let body = if values.len() * 8 + 64 * 1024 > limit {
         let name = crate::subjects::partial_object(job, header.round, &header.sender, header.collect);
-        let meta = async_nats::jetstream::object_store::ObjectMetadata {
-            name: name.clone(),
-            chunk_size: Some(crate::jobs::chunk_size(infra)),
-            ..Default::default()
-        };
         let raw: &[u8] = bytemuck::cast_slice(values);
-        infra
-            .update_objects
-            .put(meta, &mut &raw[..])
-            .await
-            .map_err(|e| Error::nats("store partial aggregate", e))?;
+        infra.put_transfer(&name, raw).await?;
         header.object = Some(name);
         sent = raw.len() as u64;
         encode_partial(&header, &[])
@@ -239,14 +223,7 @@ pub async fn receive_remote(
         let p = partial_from_wire(manifest, &header, raw)?;
         return Ok((header, p, msg.payload.len() as u64));
     };
-    use tokio::io::AsyncReadExt;
-    let mut obj =
-        infra.update_objects.get(name).await.map_err(|e| Error::nats("fetch partial aggregate", e))?;
-    let mut buf = Vec::with_capacity(manifest.numel() * 8);
-    obj.read_to_end(&mut buf).await.map_err(|e| Error::io("read partial aggregate", e))?;
-    if let Err(e) = infra.update_objects.delete(name).await {
-        tracing::debug!(object = %name, error = %e, "deleting a consumed partial failed");
-    }
+    let buf = infra.take_transfer(name).await?;
     let p = partial_from_wire(manifest, &header, &buf)?;
     Ok((header, p, buf.len() as u64))
 }
@@ -303,18 +280,25 @@ pub async fn run_leaf(ctx: LeafContext, job: JobId) -> Result<()> {
         .send(RegisterJob { job: job.clone(), progress: tx })
         .await
         .map_err(|e| Error::Shm(e.to_string()))?;
-    let mut collects = ctx
-        .infra
-        .client
-        .subscribe(ctx.infra.subjects.collect(&job))
-        .await
-        .map_err(|e| Error::nats("subscribe to collections", e))?;
+    let mut collects =
+        ctx.infra.subscribe(ctx.infra.subjects.collect(&job), "subscribe to collections").await?;
     let mut to_me = ctx
         .infra
-        .client
-        .subscribe(ctx.infra.subjects.partials_to(&job, &ctx.node, "middle"))
-        .await
-        .map_err(|e| Error::nats("subscribe to partials", e))?;
+        .subscribe(ctx.infra.subjects.partials_to(&job, &ctx.node, "middle"), "subscribe to partials")
+        .await?;
+    let mut plans =
+        ctx.infra.subscribe(ctx.infra.subjects.shard_plans(&job), "subscribe to shard plans").await?;
+    let mut slices = ctx
+        .infra
+        .subscribe(ctx.infra.subjects.slices_to(&job, &ctx.node), "subscribe to update slices")
+        .await?;
+    let mut owner = crate::exchange::Owner::new(
+        ctx.infra.clone(),
+        job.clone(),
+        ctx.node.clone(),
+        Arc::clone(&entry.spec),
+        Arc::clone(&ctx.metrics),
+    );
     let mut rounds: BTreeMap<RoundId, LeafRound> = BTreeMap::new();
     // Updates accepted per round on this node (cumulative, from the host).
     let mut accepted: BTreeMap<RoundId, u32> = BTreeMap::new();
@@ -342,10 +326,36 @@ pub async fn run_leaf(ctx: LeafContext, job: JobId) -> Result<()> {
                         continue;
                     }
                 };
-                if req.nodes.contains(&ctx.node) {
+                if req.nodes.contains(&ctx.node) && is_top(&ctx, &job, &req.top).await {
                     if let Err(e) = answer_collect(&ctx, &job, &manifest, &mut rounds, &mut to_me, &req).await {
                         tracing::warn!(%job, round = %req.round, error = %e, "answering a collection failed");
                     }
+                }
+            }
+            Some(m) = plans.next() => {
+                let plan: protocol::ShardPlan = match protocol::decode("shard plan", &m.payload) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::warn!(%job, error = %e, "malformed shard plan ignored");
+                        continue;
+                    }
+                };
+                let held: HashMap<ClientId, Arc<Slot>> = rounds
+                    .get(&plan.round)
+                    .map(|r| {
+                        r.held
+                            .iter()
+                            .filter_map(|h| Some((h.client.clone(), Arc::clone(h.slot.as_ref()?))))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if let Err(e) = owner.on_plan(plan, &held).await {
+                    tracing::warn!(%job, error = %e, "shard exchange step failed");
+                }
+            }
+            Some(m) = slices.next() => {
+                if let Err(e) = owner.on_slice(&m).await {
+                    tracing::warn!(%job, error = %e, "update slice refused");
                 }
             }
             _ = heartbeat.tick() => {
@@ -368,6 +378,18 @@ pub async fn run_leaf(ctx: LeafContext, job: JobId) -> Result<()> {
                     return Ok(());
                 }
             }
+        }
+    }
+}
+
+/// Whether `node` holds the job's top lease (leaves answer only the real top's collections).
+async fn is_top(ctx: &LeafContext, job: &JobId, node: &NodeId) -> bool {
+    match ctx.infra.jobs.get(crate::subjects::top_lease_key(job)).await {
+        Ok(Some(v)) => protocol::decode::<crate::lease::Lease>("lease", &v).is_ok_and(|l| l.node == *node),
+        Ok(None) => false,
+        Err(e) => {
+            tracing::warn!(%job, error = %e, "cannot read the top lease; answering the collection");
+            true
         }
     }
 }
@@ -425,7 +447,9 @@ async fn answer_collect(
         count: r.held.len() as u64,
         seqs: r.held.iter().map(|h| h.stream_seq).collect(),
         last_fold_ms: r.last_fold_ms,
+        entries: Vec::new(),
     };
+    out.entries = r_cohort(Some(r), &ctx.node);
     // A middle merges its group's partials before sending one up.
     if let Some((leader, members)) = crate::hierarchy::group(&ctx.node, req) {
         if leader == ctx.node {
@@ -437,9 +461,10 @@ async fn answer_collect(
     }
     let (to, to_middle) = parent(&ctx.node, req);
     if to == ctx.node && !to_middle {
-        return match ctx.local.send(job, out) {
-            true => Ok(()),
-            false => Err(Error::Shm("the top of this node is gone".into())),
+        return if ctx.local.send(job, out) {
+            Ok(())
+        } else {
+            Err(Error::Shm("the top of this node is gone".into()))
         };
     }
     let header = PartialHeader {
@@ -458,10 +483,24 @@ async fn answer_collect(
         first_owners: out.partial.as_ref().map(|p| p.first_owners().to_vec()).unwrap_or_default(),
         last_fold_ms: out.last_fold_ms,
         object: None,
+        // Whole-cohort strategies: which updates stay where (for a sharded exchange).
+        cohort: out.entries.clone(),
     };
     let bytes = send_remote(&ctx.infra, job, header, out.partial.as_deref()).await?;
     ctx.metrics.partial_bytes_sent.inc_by(bytes);
     Ok(())
+}
+
+/// Every whole-cohort update a leaf round holds on `node`.
+fn r_cohort(r: Option<&LeafRound>, node: &NodeId) -> Vec<CohortEntry> {
+    r.map(|r| {
+        r.held
+            .iter()
+            .filter(|h| h.slot.is_some())
+            .map(|h| CohortEntry { client: h.client.clone(), weight: h.weight, node: node.clone() })
+            .collect()
+    })
+    .unwrap_or_default()
 }
 
 /// A middle's wait for the other members of its group (bounded by the collection timeout).
@@ -500,6 +539,7 @@ async fn gather_group(
             }
         }
         out.nodes.extend(header.nodes);
+        out.entries.extend(header.cohort);
         out.count += header.count;
         out.seqs.extend(header.seqs);
         out.last_fold_ms = out.last_fold_ms.max(header.last_fold_ms);
@@ -594,4 +634,81 @@ async fn release(rounds: &mut BTreeMap<RoundId, LeafRound>) -> usize {
         }
     }
     n
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use shoal_functions::{DType, TensorSpec};
+
+    fn node(s: &str) -> NodeId {
+        NodeId::new(s).unwrap()
+    }
+
+    fn req(nodes: &[&str], top: &str, fan_in: u32) -> CollectRequest {
+        CollectRequest {
+            round: RoundId(3),
+            collect: 7,
+            top: node(top),
+            nodes: nodes.iter().map(|n| node(n)).collect(),
+            fan_in,
+        }
+    }
+
+    #[test]
+    fn middles_group_consecutive_nodes_and_others_go_to_the_top() {
+        let r = req(&["a", "b", "c", "d", "e"], "c", 2);
+        assert_eq!(group(&node("b"), &r), Some((node("a"), vec![node("a"), node("b")])));
+        assert_eq!(parent(&node("b"), &r), (node("a"), true));
+        assert_eq!(parent(&node("a"), &r), (node("c"), false), "a middle sends to the top");
+        assert_eq!(parent(&node("d"), &r), (node("c"), true), "d's middle is c, also the top's node");
+        assert_eq!(group(&node("e"), &r), None, "a group of one has no middle");
+        assert_eq!(parent(&node("e"), &r), (node("c"), false));
+        // No fan-in, or fewer nodes than the fan-in: straight to the top.
+        assert_eq!(parent(&node("b"), &req(&["a", "b"], "a", 0)), (node("a"), false));
+        assert_eq!(parent(&node("b"), &req(&["a", "b"], "a", 2)), (node("a"), false));
+    }
+
+    #[test]
+    fn partials_round_trip_and_malformed_ones_are_refused() {
+        let m = Arc::new(ModelManifest::new(vec![TensorSpec::new("w", DType::F32, vec![3])]).unwrap());
+        let params = shoal_functions::Parameters::from_f64(Arc::clone(&m), &[vec![1.0, -2.0, 0.5]]).unwrap();
+        let client = ClientId::new("c1").unwrap();
+        let mut p = PartialAggregate::new(Arc::clone(&m));
+        p.fold(&params.as_update(&client, 4.0)).unwrap();
+        let header = PartialHeader {
+            sender: node("n2"),
+            to: node("n1"),
+            to_middle: false,
+            round: RoundId(1),
+            collect: 9,
+            nodes: vec![node("n2")],
+            empty: false,
+            total_weight: p.total_weight(),
+            count: p.count(),
+            seqs: vec![17],
+            clients: Vec::new(),
+            first_owners: p.first_owners().to_vec(),
+            last_fold_ms: 5,
+            object: None,
+            cohort: Vec::new(),
+        };
+        let bytes = encode_partial(&header, p.values());
+        let (h, raw) = decode_partial(&bytes).unwrap();
+        assert_eq!(h, header);
+        let back = partial_from_wire(&m, &h, raw).unwrap().unwrap();
+        assert_eq!(back.values(), &[4.0, -8.0, 2.0]);
+        assert_eq!((back.total_weight(), back.count()), (4.0, 1));
+        // Truncated, wrong length, NaN: typed errors, no panic.
+        assert!(decode_partial(&bytes[..3]).is_err());
+        assert!(decode_partial(&bytes[..10]).is_err());
+        assert!(partial_from_wire(&m, &h, &raw[..16]).is_err());
+        let nan = encode_partial(&header, &[f64::NAN, 0.0, 0.0]);
+        let (h2, raw2) = decode_partial(&nan).unwrap();
+        assert!(partial_from_wire(&m, &h2, raw2).is_err());
+        let mut neg = header.clone();
+        neg.total_weight = -1.0;
+        assert!(partial_from_wire(&m, &neg, raw).is_err());
+    }
 }

@@ -303,7 +303,7 @@ impl Infra {
         let update_objects =
             object_bucket(&js, subjects::UPDATES_BUCKET, Duration::from_secs(24 * 3600)).await?;
         let models = object_bucket(&js, subjects::MODELS_BUCKET, Duration::ZERO).await?;
-        let jobs = kv_bucket(&js, subjects::JOBS_BUCKET, 5, Duration::ZERO).await?;
+        let jobs = kv_bucket(&js, subjects::JOBS_BUCKET, 5).await?;
         Ok(Infra {
             client,
             js,
@@ -323,14 +323,15 @@ impl Infra {
 }
 
 /// Creates a KV bucket's backing stream directly, with the KV conventions (`KV_<bucket>`,
-/// subjects `$KV.<bucket>.>`, per-subject history, rollups, direct gets; entries older than
-/// `max_age` expire, zero: never), then opens the bucket. `create_key_value` is avoided because
-/// async-nats 0.51 cannot parse the account-info reply of nats-server 2.9, which it requests
-/// first.
-///
-/// # Errors
-/// NATS errors creating or opening the bucket.
-pub async fn kv_bucket(
+/// subjects `$KV.<bucket>.>`, per-subject history, rollups, direct gets), then opens the bucket.
+/// `create_key_value` is avoided because async-nats 0.51 cannot parse the account-info reply of
+/// nats-server 2.9, which it requests first.
+async fn kv_bucket(js: &jetstream::Context, bucket: &str, history: i64) -> Result<kv::Store> {
+    kv_bucket_aged(js, bucket, history, Duration::ZERO).await
+}
+
+/// [`kv_bucket`] whose entries expire after `max_age` (zero: never).
+async fn kv_bucket_aged(
     js: &jetstream::Context,
     bucket: &str,
     history: i64,
@@ -372,5 +373,60 @@ async fn object_bucket(
     {
         Ok(b) => Ok(b),
         Err(e) => js.get_object_store(name).await.map_err(|_| Error::nats("create object store", e)),
+    }
+}
+
+/// Internal transfers between nodes (partials, shard exchanges) too large for one message go
+/// through `shoal-updates` under a `_`-prefixed name.
+impl Infra {
+    /// The KV bucket `shoal-claims` (created on first use; only nodes use it): which update
+    /// message a client has for a round, cluster-wide, so a second update cannot slip in through
+    /// another node's gateway. Entries expire after `max_age` (the updates stream's duplicate
+    /// window).
+    ///
+    /// # Errors
+    /// [`Error::Nats`].
+    pub async fn claims(&self, max_age: Duration) -> Result<kv::Store> {
+        kv_bucket_aged(&self.js, subjects::CLAIMS_BUCKET, 1, max_age).await
+    }
+
+    /// Subscribes to `subject`; `what` names it in the error.
+    ///
+    /// # Errors
+    /// [`Error::Nats`].
+    pub async fn subscribe(&self, subject: String, what: &'static str) -> Result<async_nats::Subscriber> {
+        self.client.subscribe(subject).await.map_err(|e| Error::nats(what, e))
+    }
+
+    /// Stores `bytes` as object `name` in `shoal-updates`.
+    ///
+    /// # Errors
+    /// [`Error::Nats`].
+    pub async fn put_transfer(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        let meta = object_store::ObjectMetadata {
+            name: name.to_owned(),
+            chunk_size: Some(crate::jobs::chunk_size(self)),
+            ..Default::default()
+        };
+        self.update_objects
+            .put(meta, &mut &bytes[..])
+            .await
+            .map_err(|e| Error::nats("store a transfer", e))?;
+        Ok(())
+    }
+
+    /// Reads object `name` from `shoal-updates` and deletes it.
+    ///
+    /// # Errors
+    /// [`Error::Nats`] (e.g. a missing object), [`Error::Io`].
+    pub async fn take_transfer(&self, name: &str) -> Result<Vec<u8>> {
+        use tokio::io::AsyncReadExt;
+        let mut obj = self.update_objects.get(name).await.map_err(|e| Error::nats("fetch a transfer", e))?;
+        let mut buf = Vec::with_capacity(obj.info().size);
+        obj.read_to_end(&mut buf).await.map_err(|e| Error::io("read a transfer", e))?;
+        if let Err(e) = self.update_objects.delete(name).await {
+            tracing::debug!(object = %name, error = %e, "deleting a consumed transfer failed");
+        }
+        Ok(buf)
     }
 }

@@ -26,6 +26,9 @@ pub struct JobEntry {
     pub state: JobState,
     /// KV revision of `state`.
     pub revision: u64,
+    /// Whether the job's updates must all be staged on its top's node: whole-cohort strategies
+    /// without a coordinate-sharded form (RFFL, Bristle, any with a server optimizer).
+    pub pinned: bool,
 }
 
 /// Commit records kept per job, so a leaf that missed a state revision still finds the record
@@ -102,7 +105,11 @@ impl JobDirectory {
             None => {
                 if let Some(spec) = spec {
                     let manifest = Arc::new(spec.manifest.clone());
-                    map.insert(job.clone(), JobEntry { spec, manifest, state, revision });
+                    let pinned = spec.build_strategy().map_or(true, |s| {
+                        s.mergeability() == shoal_functions::Mergeability::WholeCohort
+                            && s.sharding() == shoal_functions::Sharding::Unsupported
+                    });
+                    map.insert(job.clone(), JobEntry { spec, manifest, state, revision, pinned });
                 }
             }
         }
@@ -119,7 +126,8 @@ impl JobDirectory {
 /// create interrupted before the state was written can be run again.
 ///
 /// # Errors
-/// [`Error::Spec`] for an invalid spec, [`Error::JobExists`], NATS errors.
+/// [`Error::Spec`] for an invalid spec, [`Error::PayloadTooLarge`] for a spec larger than the
+/// server's `max_payload` (nothing is written), [`Error::JobExists`], NATS errors.
 pub async fn create_job(infra: &Infra, spec: &JobSpec, initial: Option<&Parameters>) -> Result<()> {
     spec.validate()?;
     let manifest = Arc::new(spec.manifest.clone());
@@ -136,6 +144,17 @@ pub async fn create_job(infra: &Infra, spec: &JobSpec, initial: Option<&Paramete
             &zeros
         }
     };
+    // A spec over the server's max_payload could never be stored: say so now, as a size error,
+    // before anything is written.
+    let encoded = Bytes::from(protocol::encode(spec));
+    if encoded.len() > infra.max_payload() {
+        return Err(Error::PayloadTooLarge {
+            what: "job spec",
+            size: encoded.len(),
+            limit: infra.max_payload(),
+            limit_name: "the server's max_payload",
+        });
+    }
     // The job exists once its state exists; the state is written last. An interrupted create
     // (spec or model written, no state) is simply redone by the next create.
     let state_key = subjects::job_state_key(&spec.job);
@@ -145,7 +164,7 @@ pub async fn create_job(infra: &Infra, spec: &JobSpec, initial: Option<&Paramete
     put_model(infra, &spec.job, ModelVersion(0), initial).await?;
     infra
         .jobs
-        .put(subjects::job_spec_key(&spec.job), Bytes::from(protocol::encode(spec)))
+        .put(subjects::job_spec_key(&spec.job), encoded)
         .await
         .map_err(|e| Error::nats("write job spec", e))?;
     match infra.jobs.create(&state_key, Bytes::from(protocol::encode(&JobState::new_job()))).await {
@@ -309,6 +328,10 @@ pub async fn watch_jobs(
     on_new_job: impl Fn(JobId) + Send + 'static,
 ) -> Result<()> {
     let mut resync = tokio::time::interval(STATE_RESYNC);
+    // Jobs handed to `on_new_job`. Not "known to the directory": the gateway may have put a job
+    // there first (read from KV for an update that came before this watch's entry), and that
+    // job must still get its leaf and top.
+    let mut started = std::collections::HashSet::new();
     loop {
         // Last value of every key first (jobs that exist already, e.g. after a restart), then
         // changes.
@@ -371,7 +394,7 @@ pub async fn watch_jobs(
                 }
             };
             dir.observe_state(&job, spec, state, entry.revision);
-            if !known && dir.get(&job).is_some() {
+            if dir.get(&job).is_some() && started.insert(job.clone()) {
                 on_new_job(job);
             }
         }

@@ -103,7 +103,24 @@ pub async fn renew(infra: &Infra, held: &mut Held) -> Result<bool> {
             held.revision = rev;
             Ok(true)
         }
-        Err(e) if e.kind() == async_nats::jetstream::kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+        Err(e) if e.kind() == async_nats::jetstream::kv::UpdateErrorKind::WrongLastRevision => {
+            // A renewal that timed out (e.g. during a NATS outage) may still have been applied,
+            // moving the revision on: if the stored lease is still this process's, adopt its
+            // revision and go on; only another holder means the lease is lost.
+            let entry = infra.jobs.entry(&held.key).await.map_err(|e| Error::nats("read lease", e))?;
+            let ours =
+                entry.filter(|e| e.operation == async_nats::jetstream::kv::Operation::Put).and_then(|e| {
+                    let l: Lease = protocol::decode("lease", &e.value).ok()?;
+                    (l.node == held.lease.node && l.instance == held.lease.instance).then_some(e.revision)
+                });
+            match ours {
+                Some(revision) => {
+                    held.revision = revision;
+                    Ok(true)
+                }
+                None => Ok(false),
+            }
+        }
         Err(e) => Err(Error::nats("renew lease", e)),
     }
 }
@@ -155,6 +172,19 @@ pub async fn join(infra: &Infra, node: &NodeId) -> Result<Held> {
             }
         }
     }
+}
+
+/// The holder of the lease `key` if it is fresh (renewed within [`STALE`]); `None` when nobody
+/// holds it or the holder stopped renewing.
+///
+/// # Errors
+/// NATS and decode errors.
+pub async fn fresh_holder(infra: &Infra, key: &str) -> Result<Option<NodeId>> {
+    let Some(v) = infra.jobs.get(key).await.map_err(|e| Error::nats("read lease", e))? else {
+        return Ok(None);
+    };
+    let lease: Lease = protocol::decode("lease", &v)?;
+    Ok(lease.fresh(now_ms()).then_some(lease.node))
 }
 
 /// The nodes whose membership lease is fresh, sorted by id.

@@ -22,6 +22,7 @@
 //! - [`reject`]: the one rejection path (metrics, log-once, client notice, terminate) and acks.
 //! - [`metrics`]: Prometheus metrics, served over NATS request/reply.
 //! - [`node`]: assembling a node and shutting it down.
+//! - [`capacity`]: the jobs a node serves (`--max-jobs`) and the ones waiting for a slot.
 //! - [`client`]: the Rust client SDK.
 //! - [`objects`]: object-store reads and writes that need no consumer (least permissions).
 //! - [`sim`]: the digits dataset, Dirichlet split and softmax-regression trainer of the demo.
@@ -32,12 +33,14 @@
 
 pub mod auth;
 pub mod bench;
+pub mod capacity;
 pub mod claims;
 pub mod cli;
 pub mod client;
 pub mod coordinator;
 pub mod demo;
 pub mod error;
+pub mod exchange;
 pub mod gateway;
 pub mod hierarchy;
 pub mod host;

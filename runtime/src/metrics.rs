@@ -74,6 +74,16 @@ pub struct Metrics {
     pub partial_bytes_sent: Counter,
     /// Bytes of partial aggregates received from other nodes.
     pub partial_bytes_received: Counter,
+    /// Bytes of update slices and shard results sent in coordinate-sharded exchanges.
+    pub shard_bytes_sent: Counter,
+    /// Bytes of update slices and shard results received in coordinate-sharded exchanges.
+    pub shard_bytes_received: Counter,
+    /// Running jobs this node serves (each holds one of its `--max-jobs` slots).
+    pub jobs_served: Gauge,
+    /// Running jobs waiting for a free slot on this node.
+    pub jobs_waiting: Gauge,
+    /// Jobs this node did not take when it learned of them because every slot was taken.
+    pub jobs_refused: Counter,
     log_state: Mutex<HashMap<RejectReason, (u64, Instant)>>,
 }
 
@@ -95,6 +105,11 @@ impl Default for Metrics {
             slow_consumer_events: Counter::default(),
             partial_bytes_sent: Counter::default(),
             partial_bytes_received: Counter::default(),
+            shard_bytes_sent: Counter::default(),
+            shard_bytes_received: Counter::default(),
+            jobs_served: Gauge::default(),
+            jobs_waiting: Gauge::default(),
+            jobs_refused: Counter::default(),
             log_state: Mutex::new(HashMap::new()),
             registry: Registry::default(),
         };
@@ -151,9 +166,30 @@ impl Default for Metrics {
             m.partial_bytes_sent.clone(),
         );
         registry.register(
+            "shard_bytes_sent",
+            "Bytes of update slices and shard results sent in coordinate-sharded exchanges",
+            m.shard_bytes_sent.clone(),
+        );
+        registry.register(
+            "shard_bytes_received",
+            "Bytes of update slices and shard results received in coordinate-sharded exchanges",
+            m.shard_bytes_received.clone(),
+        );
+        registry.register(
             "partial_bytes_received",
             "Bytes of partial aggregates received from other nodes",
             m.partial_bytes_received.clone(),
+        );
+        registry.register("jobs_served", "Running jobs this node serves", m.jobs_served.clone());
+        registry.register(
+            "jobs_waiting",
+            "Running jobs waiting for a free slot on this node (--max-jobs)",
+            m.jobs_waiting.clone(),
+        );
+        registry.register(
+            "jobs_refused",
+            "Jobs not taken when first seen because the node serves its --max-jobs already",
+            m.jobs_refused.clone(),
         );
         registry.register(
             "round_latency_seconds",

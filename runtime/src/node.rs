@@ -15,6 +15,7 @@ use shoal_functions::NodeId;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::capacity::{JobSlots, Offer};
 use crate::coordinator::{self, CoordinatorContext};
 use crate::error::{Error, Result};
 use crate::gateway::{self, GatewayConfig, GatewayContext};
@@ -24,6 +25,7 @@ use crate::infra::{ConnectOptions, Infra};
 use crate::jobs::{self, JobDirectory};
 use crate::lease;
 use crate::metrics::Metrics;
+use crate::protocol::JobPhase;
 use crate::reject::Rejector;
 use crate::shm;
 
@@ -56,6 +58,8 @@ pub struct NodeConfig {
     /// Fault injection: the aggregators sleep this long per update they fold (zero: off), to
     /// play a slow aggregator in backpressure tests.
     pub fold_delay: Duration,
+    /// Most running jobs this node serves at once (`None`: no limit); see [`crate::capacity`].
+    pub max_jobs: Option<usize>,
 }
 
 impl NodeConfig {
@@ -74,6 +78,7 @@ impl NodeConfig {
             collect_timeout: Duration::from_secs(10),
             pull_batch: 64,
             fold_delay: Duration::ZERO,
+            max_jobs: None,
         }
     }
 }
@@ -147,16 +152,20 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle> {
         progress_interval: config.ack_wait / 3,
         collect_timeout: config.collect_timeout,
     };
-    let spawner = tracker.clone();
-    let on_new_job = move |job: shoal_functions::JobId| {
-        let (leaf, top) = (leaf_ctx.clone(), coord_ctx.clone());
-        spawner.spawn(retrying("leaf", job.clone(), leaf.cancel.clone(), move |job| {
-            hierarchy::run_leaf(leaf.clone(), job)
-        }));
-        spawner.spawn(retrying("top", job, top.cancel.clone(), move |job| {
-            coordinator::run_top(top.clone(), job)
-        }));
+    let slots = JobSlots::new(
+        config.max_jobs,
+        metrics.jobs_served.clone(),
+        metrics.jobs_waiting.clone(),
+        metrics.jobs_refused.clone(),
+    );
+    let starter = JobStarter {
+        leaf: leaf_ctx,
+        top: coord_ctx,
+        tracker: tracker.clone(),
+        slots: Arc::clone(&slots),
+        directory: directory.clone(),
     };
+    let on_new_job = move |job: shoal_functions::JobId| starter.offer(job);
     {
         let (infra, directory, cancel) = (infra.clone(), directory.clone(), cancel.clone());
         tracker.spawn(async move {
@@ -182,6 +191,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle> {
         },
         node: config.node_id.clone(),
         instance,
+        slots,
     };
     {
         let cancel = cancel.clone();
@@ -206,7 +216,10 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle> {
             }
         });
     }
-    tracing::info!(node = %config.node_id, nats = %config.nats.url, inline_limit, "node started");
+    tracing::info!(
+        node = %config.node_id, nats = %config.nats.url, inline_limit, max_jobs = ?config.max_jobs,
+        "node started"
+    );
     Ok(NodeHandle { cancel, host: host_addr, tracker, metrics, infra })
 }
 
@@ -232,6 +245,60 @@ impl NodeHandle {
     /// A token cancelled when the node shuts down.
     pub fn cancel_token(&self) -> CancellationToken {
         self.cancel.clone()
+    }
+}
+
+/// Starts the leaf and top of each job the node learns of, as `--max-jobs` allows
+/// ([`crate::capacity`]); a queued job starts when a served one ends.
+#[derive(Clone)]
+struct JobStarter {
+    leaf: LeafContext,
+    top: CoordinatorContext,
+    tracker: TaskTracker,
+    slots: Arc<JobSlots>,
+    directory: JobDirectory,
+}
+
+impl JobStarter {
+    fn running(&self, job: &shoal_functions::JobId) -> bool {
+        self.directory.get(job).is_some_and(|e| e.state.phase == JobPhase::Running)
+    }
+
+    fn offer(&self, job: shoal_functions::JobId) {
+        match self.slots.offer(&job, self.running(&job)) {
+            Offer::Start { counted } => self.start(job, counted),
+            Offer::Queued => tracing::warn!(
+                %job, max_jobs = ?self.slots.max(),
+                "node at capacity: the job waits for a free slot (its updates are refused as \
+                 node_at_capacity unless another node serves it)"
+            ),
+            Offer::Known => {}
+        }
+    }
+
+    fn start(&self, job: shoal_functions::JobId, counted: bool) {
+        let (leaf, top) = (self.leaf.clone(), self.top.clone());
+        let leaf_task = self.tracker.spawn(retrying("leaf", job.clone(), leaf.cancel.clone(), move |job| {
+            hierarchy::run_leaf(leaf.clone(), job)
+        }));
+        let top_task = self.tracker.spawn(retrying("top", job.clone(), top.cancel.clone(), move |job| {
+            coordinator::run_top(top.clone(), job)
+        }));
+        if !counted {
+            return;
+        }
+        let this = self.clone();
+        self.tracker.spawn(async move {
+            let _ = leaf_task.await;
+            let _ = top_task.await;
+            if this.top.cancel.is_cancelled() {
+                return;
+            }
+            for next in this.slots.release(&job, |j| this.running(j)) {
+                tracing::info!(job = %next, ended = %job, "a job slot is free: the waiting job starts");
+                this.start(next, true);
+            }
+        });
     }
 }
 

@@ -92,6 +92,50 @@ pub async fn put_object(
     Ok(())
 }
 
+/// Why [`read_object_checked`] could not return an object's bytes.
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectReadError {
+    /// The object (its metadata) does not exist, was deleted, or could not be read.
+    #[error("object {name:?} is unavailable: {detail}")]
+    Missing {
+        /// Object name.
+        name: String,
+        /// Why.
+        detail: String,
+    },
+    /// The metadata lists more chunks than the store holds (a chunk was lost or purged, or the
+    /// upload never finished).
+    #[error("object {name:?}: chunk {index} of {chunks} is missing ({detail})")]
+    MissingChunk {
+        /// Object name.
+        name: String,
+        /// 1-based index of the first missing chunk.
+        index: usize,
+        /// Chunks the metadata lists.
+        chunks: usize,
+        /// The store's answer.
+        detail: String,
+    },
+    /// The object is larger than the caller accepts (from its metadata, before any chunk is read).
+    #[error("object {name:?} of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// Object name.
+        name: String,
+        /// Size from the metadata.
+        size: usize,
+        /// The caller's limit.
+        limit: usize,
+    },
+    /// The chunks read do not add up to the recorded size and SHA-256 digest.
+    #[error("object {name:?}: {detail}")]
+    Corrupt {
+        /// Object name.
+        name: String,
+        /// What differs.
+        detail: String,
+    },
+}
+
 /// Reads object `name` of object store `bucket` with direct gets only. Needs publish permission
 /// on `$JS.API.DIRECT.GET.OBJ_<bucket>` and `$JS.API.DIRECT.GET.OBJ_<bucket>.>`.
 ///
@@ -99,45 +143,72 @@ pub async fn put_object(
 /// [`Error::Nats`] when the object is missing or deleted or a read fails; [`Error::Decode`]
 /// when the chunks do not add up to the recorded size and digest.
 pub async fn read_object(infra: &Infra, bucket: &str, name: &str) -> Result<Vec<u8>> {
+    read_object_checked(infra, bucket, name, usize::MAX).await.map_err(|e| match e {
+        ObjectReadError::Corrupt { .. } => Error::Decode { what: "object", detail: e.to_string() },
+        other => Error::nats("read object", other),
+    })
+}
+
+/// Reads object `name` of `bucket` chunk by chunk with direct gets, refusing one whose metadata
+/// says it is larger than `limit` before reading any chunk. Every read is a bounded request: a
+/// missing chunk is an error, never a wait (an ordered consumer would wait for it forever).
+///
+/// # Errors
+/// The [`ObjectReadError`] naming what went wrong.
+pub async fn read_object_checked(
+    infra: &Infra,
+    bucket: &str,
+    name: &str,
+    limit: usize,
+) -> Result<Vec<u8>, ObjectReadError> {
+    let missing = |detail: String| ObjectReadError::Missing { name: name.to_owned(), detail };
+    let corrupt = |detail: String| ObjectReadError::Corrupt { name: name.to_owned(), detail };
     let stream = infra
         .js
         .get_stream_no_info(subjects::object_stream(bucket))
         .await
-        .map_err(|e| Error::nats("open object stream", e))?;
+        .map_err(|e| missing(format!("open object stream: {e}")))?;
     let meta = stream
         .direct_get_last_for_subject(subjects::object_meta(bucket, name))
         .await
-        .map_err(|e| Error::nats("read object info", e))?;
-    let info: ObjectInfo = serde_json::from_slice(&meta.payload)
-        .map_err(|e| Error::Decode { what: "object info", detail: e.to_string() })?;
+        .map_err(|e| missing(format!("read object info: {e}")))?;
+    let info: ObjectInfo =
+        serde_json::from_slice(&meta.payload).map_err(|e| corrupt(format!("object info: {e}")))?;
     if info.deleted {
-        return Err(Error::nats("read object", std::io::Error::other(format!("object {name} was deleted"))));
+        return Err(missing("it was deleted".into()));
+    }
+    if info.size > limit {
+        return Err(ObjectReadError::TooLarge { name: name.to_owned(), size: info.size, limit });
+    }
+    if info.chunks > info.size.max(1) {
+        return Err(corrupt(format!("{} chunks for {} bytes", info.chunks, info.size)));
     }
     let chunk_subject = subjects::object_chunks(bucket, &info.nuid);
     let mut data = Vec::with_capacity(info.size);
     let mut seq = 1;
-    for _ in 0..info.chunks {
-        let chunk = stream
-            .direct_get_next_for_subject(chunk_subject.clone(), Some(seq))
-            .await
-            .map_err(|e| Error::nats("read object chunk", e))?;
+    for index in 1..=info.chunks {
+        let chunk =
+            stream.direct_get_next_for_subject(chunk_subject.clone(), Some(seq)).await.map_err(|e| {
+                ObjectReadError::MissingChunk {
+                    name: name.to_owned(),
+                    index,
+                    chunks: info.chunks,
+                    detail: e.to_string(),
+                }
+            })?;
         if data.len() + chunk.payload.len() > info.size {
-            break;
+            return Err(corrupt(format!("chunks hold more than the recorded {} bytes", info.size)));
         }
         data.extend_from_slice(&chunk.payload);
         seq = chunk.sequence + 1;
     }
     let digest =
         format!("SHA-256={}", base64::engine::general_purpose::URL_SAFE.encode(Sha256::digest(&data)));
-    if data.len() != info.size || info.digest.as_deref().is_some_and(|d| d != digest) {
-        return Err(Error::Decode {
-            what: "object",
-            detail: format!(
-                "{name}: {} bytes read, {} recorded, or the digest differs",
-                data.len(),
-                info.size
-            ),
-        });
+    if data.len() != info.size {
+        return Err(corrupt(format!("{} bytes read, {} recorded", data.len(), info.size)));
+    }
+    if info.digest.as_deref().is_some_and(|d| d != digest) {
+        return Err(corrupt(format!("the chunks' digest {digest} differs from the recorded one")));
     }
     Ok(data)
 }

@@ -53,6 +53,29 @@ pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T
     Ok(env.body)
 }
 
+/// Frames a control header with a raw body, for messages that carry bulk data after their
+/// metadata (partial aggregates, shard exchanges): `u32 LE length ‖ encoded header ‖ body`.
+pub fn frame<T: Serialize>(header: &T, body: &[u8]) -> Vec<u8> {
+    let h = encode(header);
+    let mut out = Vec::with_capacity(4 + h.len() + body.len());
+    out.extend_from_slice(&(h.len() as u32).to_le_bytes());
+    out.extend_from_slice(&h);
+    out.extend_from_slice(body);
+    out
+}
+
+/// Splits a [`frame`]d message into its header and body.
+///
+/// # Errors
+/// [`Error::Decode`] for a truncated message or a malformed header.
+pub fn unframe<'a, T: DeserializeOwned>(what: &'static str, bytes: &'a [u8]) -> Result<(T, &'a [u8])> {
+    let bad = |d: &str| Error::Decode { what, detail: d.to_owned() };
+    let len = bytes.get(..4).ok_or_else(|| bad("shorter than its length prefix"))?;
+    let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+    let h = bytes.get(4..4 + len).ok_or_else(|| bad("header truncated"))?;
+    Ok((decode(what, h)?, &bytes[4 + len..]))
+}
+
 /// Lifecycle of a job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "phase", rename_all = "snake_case")]
@@ -102,6 +125,10 @@ pub enum RoundOutcome {
     AggregationFailed {
         /// The error.
         detail: String,
+        /// Its kind (`zero_total_weight`, `non_finite_result`, ...); absent in states written
+        /// before it was recorded.
+        #[serde(default)]
+        kind: Option<shoal_functions::ErrorKind>,
     },
 }
 
@@ -120,7 +147,7 @@ impl std::fmt::Display for RoundOutcome {
                     "quorum not met: {accepted} updates, {min_clients} needed; the previous model stands"
                 )
             }
-            RoundOutcome::AggregationFailed { detail } => {
+            RoundOutcome::AggregationFailed { detail, .. } => {
                 write!(f, "aggregation failed ({detail}); the previous model stands")
             }
         }
@@ -257,6 +284,72 @@ pub struct PartialHeader {
     /// When its last update was staged (ms since the Unix epoch; 0 = none).
     pub last_fold_ms: u64,
     /// Object in `shoal-updates` holding the accumulators, when too large for a message.
+    pub object: Option<String>,
+    /// Whole-cohort strategies: the updates the nodes it covers hold, which stay on their node
+    /// (see [`ShardPlan`]).
+    #[serde(default)]
+    pub cohort: Vec<CohortEntry>,
+}
+
+/// One update of a sharded round: who sent it, its weight, and the node that staged it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CohortEntry {
+    /// Sender.
+    pub client: ClientId,
+    /// `num_examples`.
+    pub weight: f64,
+    /// Node holding it in shared memory.
+    pub node: NodeId,
+}
+
+/// What a shard owner computes in an exchange step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "step", rename_all = "snake_case")]
+pub enum ShardStep {
+    /// The strategy on the shard's cohort (coordinate-wise strategies).
+    Aggregate,
+    /// The squared distances between the shard's updates (Krum, Bulyan: step 1).
+    Distances,
+    /// The result for the selected positions of the cohort (Krum, Bulyan: step 2).
+    Select {
+        /// Positions in [`ShardPlan::cohort`].
+        selected: Vec<u32>,
+    },
+}
+
+/// The top's plan for a coordinate-sharded exchange (DESIGN.md §5), on `<prefix>.<job>.shard`:
+/// shard `i` of the model (`shoal_functions::shard::plan(manifest, owners.len())`) is owned by
+/// `owners[i]`, which receives that range of every update of `cohort` from the nodes holding
+/// them, computes `step` and sends the result to the top.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardPlan {
+    /// Round.
+    pub round: RoundId,
+    /// This exchange (a retry uses a new id).
+    pub exchange: u64,
+    /// The top's node (where results go).
+    pub top: NodeId,
+    /// The updates, sorted by client.
+    pub cohort: Vec<CohortEntry>,
+    /// Shard owners, in shard order.
+    pub owners: Vec<NodeId>,
+    /// The global model version the round started from.
+    pub base_version: ModelVersion,
+    /// What to compute.
+    pub step: ShardStep,
+}
+
+/// Metadata of an exchange message (`u32 LE length ‖ msgpack ‖ bytes`): a slice of one update
+/// for a shard owner, or an owner's result for the top.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SliceHeader {
+    /// Exchange id.
+    pub exchange: u64,
+    /// Shard index.
+    pub shard: u32,
+    /// The update's client (slices), `None` for results.
+    pub client: Option<ClientId>,
+    /// Object in `shoal-updates` holding the bytes, when too large for a message.
     pub object: Option<String>,
 }
 

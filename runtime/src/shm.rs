@@ -46,7 +46,13 @@ pub struct SegmentHeader {
 }
 
 impl SegmentHeader {
-    fn encode(&self) -> [u8; HEADER_LEN] {
+    /// Length of the encoded header in bytes.
+    pub const ENCODED_LEN: usize = HEADER_LEN;
+
+    /// The on-disk form of the header: the first [`SegmentHeader::ENCODED_LEN`] bytes of a
+    /// segment file. For a valid header, [`SegmentHeader::decode`] of these bytes against a file
+    /// of `total_bytes` bytes gives `self` back.
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut h = [0u8; HEADER_LEN];
         h[0..8].copy_from_slice(&MAGIC);
         h[8..12].copy_from_slice(&LAYOUT_VERSION.to_le_bytes());

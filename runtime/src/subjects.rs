@@ -13,7 +13,7 @@ pub const UPDATES_BUCKET: &str = "shoal-updates";
 pub const MODELS_BUCKET: &str = "shoal-models";
 /// KV bucket for job specs and job state.
 pub const JOBS_BUCKET: &str = "shoal-jobs";
-/// KV bucket of the claims that make one node stage each (job, round, client) (`claims`).
+/// KV bucket of update claims: one message per (job, round, client), cluster-wide.
 pub const CLAIMS_BUCKET: &str = "shoal-claims";
 /// The durable pull consumer shared by every node's gateway.
 pub const GATEWAY_CONSUMER: &str = "shoal-gateway";
@@ -110,6 +110,21 @@ impl Subjects {
         format!("{}.{job}.partial.*.{node}.{tier}", self.prefix)
     }
 
+    /// `<p>.<job>.shard`: the top's [`crate::protocol::ShardPlan`]s.
+    pub fn shard_plans(&self, job: &JobId) -> String {
+        format!("{}.{job}.shard", self.prefix)
+    }
+
+    /// `<p>.<job>.slice.<node>`: update slices for shard owner `node`.
+    pub fn slices_to(&self, job: &JobId, node: &NodeId) -> String {
+        format!("{}.{job}.slice.{node}", self.prefix)
+    }
+
+    /// `<p>.<job>.shard-result.<node>`: shard results for the top on `node`.
+    pub fn shard_results_to(&self, job: &JobId, node: &NodeId) -> String {
+        format!("{}.{job}.shard-result.{node}", self.prefix)
+    }
+
     /// `<p>.node.<node>.metrics`: request/reply, answers the Prometheus text exposition.
     pub fn node_metrics(&self, node: &NodeId) -> String {
         format!("{}.node.{node}.metrics", self.prefix)
@@ -134,8 +149,7 @@ pub fn node_lease_key(node: &NodeId) -> String {
 /// KV key filter of every node lease.
 pub const NODE_LEASES: &str = "_node.*";
 
-/// KV key (in `shoal-claims`) of the claim on a client's update of a round:
-/// `<job>.<round>.<client>`.
+/// KV key (in `shoal-claims`) of a client's update for a round: `<job>.<round>.<client>`.
 pub fn claim_key(job: &JobId, round: RoundId, client: &ClientId) -> String {
     format!("{job}.{round}.{client}")
 }
@@ -148,6 +162,11 @@ pub fn top_lease_key(job: &JobId) -> String {
 /// Object name (in `shoal-updates`) of a partial too large for one message.
 pub fn partial_object(job: &JobId, round: RoundId, node: &NodeId, collect: u64) -> String {
     format!("_partials/{job}/{round}/{node}/{collect:016x}")
+}
+
+/// Object name (in `shoal-updates`) of an exchange message too large for one message.
+pub fn exchange_object(job: &JobId, exchange: u64, shard: u32, part: &str) -> String {
+    format!("_shards/{job}/{exchange:016x}/{shard}/{part}")
 }
 
 /// Object name of a committed global model: `<job>/<version>`.

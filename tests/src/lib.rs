@@ -219,6 +219,8 @@ pub fn job_spec(
         max_failed_rounds: 5,
         fan_in: 0,
         server_optimizer: None,
+        max_update_bytes: None,
+        max_clients_per_round: None,
     }
 }
 

@@ -180,6 +180,16 @@ async fn fedbuff_flushes_a_buffer_that_never_fills_after_max_wait() {
     let job = JobId::new("flush").unwrap();
     jobs::create_job(c.infra(), &fedbuff_spec("flush", &m, 3, 1500), None).await.unwrap();
     let open = c.wait_for_open_round(&job, RoundId(1), Duration::from_secs(30)).await.unwrap();
+    // An update for a round far ahead is refused at once (not handed back forever).
+    let mut refused = rejections(&c.infra().client, "flush").await;
+    send(&c, &job, "ahead", 999_999, 0, &delta(78, &m), &m).await;
+    let notice = next_rejection(&mut refused).await;
+    assert_eq!(
+        (notice.client.as_str(), notice.reason),
+        ("ahead", shoal_runtime::error::RejectReason::WrongRound),
+        "{notice:?}\n{}",
+        logs(&nodes)
+    );
     let d = delta(77, &m);
     send(&c, &job, "only", 1, 0, &d, &m).await;
     wait_version(&c, &job, 1, &nodes).await;

@@ -354,7 +354,7 @@ async fn an_overwritten_object_is_refused_not_accepted_as_the_victims() {
     let subject = hb.infra().subjects.update(&job, &hb_id);
     hb.infra().js.publish_with_headers(subject, h, Bytes::new()).await.unwrap().await.unwrap();
     let notice = next_rejection(&mut rejections).await;
-    assert_eq!(notice.reason, RejectReason::ObjectUnavailable, "{notice:?}");
+    assert_eq!(notice.reason, RejectReason::DigestMismatch, "{notice:?}");
     assert!(notice.detail.contains("digest"), "{notice:?}");
 
     // hb publishes again; with ha's honest update the round commits the honest mean.

@@ -202,7 +202,7 @@ async fn tensor_extra() {
         TensorSpec::new("smuggled", DType::F32, vec![1]),
     ]);
     let p = payload(&m, &random_values(&m, 1));
-    c.bad_payload(p, RejectReason::SchemaMismatch).await;
+    c.bad_payload(p, RejectReason::TooManyTensors).await;
 }
 
 #[tokio::test]
@@ -353,7 +353,7 @@ async fn object_of_another_client_is_unauthorized() {
 #[tokio::test]
 async fn object_digest_mismatch() {
     let c = Case::new("bad-object-digest", 1).await;
-    object_case(c, "bad", Some("sha256:00"), RejectReason::ObjectUnavailable).await;
+    object_case(c, "bad", Some("sha256:00"), RejectReason::DigestMismatch).await;
 }
 
 #[tokio::test]

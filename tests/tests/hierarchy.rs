@@ -50,13 +50,11 @@ async fn total(nodes: &[NodeProcess], client: &ShoalClient, metric: &str) -> f64
     sum
 }
 
-#[allow(clippy::too_many_arguments)] // a test helper that spells out every header
+/// Publishes `values` as client `c`'s update for round 1, trained on version 0.
 async fn publish(
     client: &ShoalClient,
     job: &JobId,
     c: &str,
-    round: u64,
-    base: u64,
     n: u64,
     kind: UpdateKind,
     values: &[Vec<f64>],
@@ -66,8 +64,8 @@ async fn publish(
         .publish_update(UpdateRequest {
             job: job.clone(),
             client: ClientId::new(c).unwrap(),
-            round: RoundId(round),
-            base_version: ModelVersion(base),
+            round: RoundId(1),
+            base_version: ModelVersion(0),
             num_examples: n,
             kind,
             payload: payload(m, values),
@@ -146,7 +144,7 @@ async fn three_nodes_fedavg_matches_the_oracle_and_moves_only_partials() {
         for c in 0..cohort as u64 {
             let values = as_sent(&m, &random_values(&m, 1000 * cohort as u64 + c));
             let n = 1 + (c * 37) % 500;
-            publish(&client, &job, &format!("c{c}"), 1, 0, n, UpdateKind::Parameters, &values, &m).await;
+            publish(&client, &job, &format!("c{c}"), n, UpdateKind::Parameters, &values, &m).await;
             sent.push((values, n as f64));
         }
         let (clients, weight) = committed(&client, &job, 1, &nodes).await;
@@ -202,7 +200,7 @@ async fn killing_the_top_mid_round_loses_nothing() {
     let mut sent = Vec::new();
     for c in 0..6u64 {
         let values = as_sent(&m, &random_values(&m, 50 + c));
-        publish(&client, &job, &format!("c{c}"), 1, 0, 10 + c, UpdateKind::Parameters, &values, &m).await;
+        publish(&client, &job, &format!("c{c}"), 10 + c, UpdateKind::Parameters, &values, &m).await;
         sent.push((values, (10 + c) as f64));
     }
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -219,7 +217,7 @@ async fn killing_the_top_mid_round_loses_nothing() {
     nodes[victim].kill();
     for c in 6..9u64 {
         let values = as_sent(&m, &random_values(&m, 50 + c));
-        publish(&client, &job, &format!("c{c}"), 1, 0, 10 + c, UpdateKind::Parameters, &values, &m).await;
+        publish(&client, &job, &format!("c{c}"), 10 + c, UpdateKind::Parameters, &values, &m).await;
         sent.push((values, (10 + c) as f64));
     }
     let (clients, weight) = committed(&client, &job, 1, &nodes).await;
@@ -234,9 +232,10 @@ async fn killing_the_top_mid_round_loses_nothing() {
     assert_stream_drains(&client).await;
 }
 
-/// Runs one round of `strategy` on 3 nodes and returns the committed model, with the same
-/// updates' single-node result computed in this process by the strategy itself.
-async fn whole_cohort_round(name: &str, strategy: StrategySpec, kind: UpdateKind) {
+/// Runs one round of `strategy` on 3 nodes and checks the committed model against the same
+/// updates' single-node result, computed in this process by the strategy itself. Returns per
+/// node (updates staged, slice and shard-result bytes sent, received).
+async fn whole_cohort_round(name: &str, strategy: StrategySpec, kind: UpdateKind) -> Vec<(f64, f64, f64)> {
     let nats = NatsServer::start().unwrap();
     let nodes = three_nodes(&nats.url()).await;
     let client = connect(&nats.url()).await;
@@ -256,7 +255,7 @@ async fn whole_cohort_round(name: &str, strategy: StrategySpec, kind: UpdateKind
             values = as_sent(&m, &values);
         }
         let n = 5 + c * 3;
-        publish(&client, &job, &format!("c{c}"), 1, 0, n, kind, &values, &m).await;
+        publish(&client, &job, &format!("c{c}"), n, kind, &values, &m).await;
         sent.push((format!("c{c}"), values, n as f64));
     }
     committed(&client, &job, 1, &nodes).await;
@@ -282,6 +281,40 @@ async fn whole_cohort_round(name: &str, strategy: StrategySpec, kind: UpdateKind
     let want = spec.build_strategy().unwrap().aggregate_cohort(&views, &global).unwrap();
     let want: Vec<Vec<f64>> = (0..m.tensors().len()).map(|i| want.tensor_f64(i)).collect();
     assert_close(&got, &want, name);
+    let mut per_node = Vec::new();
+    for n in &nodes {
+        let t = n.metrics(&client.infra().client).await;
+        let get = |k: &str| scrape(&t, k).unwrap_or(0.0);
+        per_node.push((
+            get("shoal_updates_staged_total"),
+            get("shoal_shard_bytes_sent_total"),
+            get("shoal_shard_bytes_received_total"),
+        ));
+    }
+    eprintln!("{name}: (staged, shard bytes sent, received) per node {per_node:?}");
+    assert_stream_drains(&client).await;
+    per_node
+}
+
+/// Median, trimmed mean and Krum run as a coordinate-sharded exchange: the updates stay where
+/// they were staged (on several nodes) and every node owns a shard, so every node receives
+/// slices; no node receives a whole update's bytes from another.
+fn assert_sharded(per_node: &[(f64, f64, f64)], m: &ModelManifest) {
+    assert!(per_node.iter().filter(|n| n.0 > 0.0).count() >= 2, "updates did not spread: {per_node:?}");
+    let update = m.data_bytes() as f64;
+    for (staged, _, received) in per_node {
+        assert!(*received > 0.0, "a shard owner received nothing: {per_node:?}");
+        // Its third of the other nodes' updates (half, to allow for uneven shards), plus at most
+        // one model's worth of shard results and distances on the top.
+        let others = per_node.iter().map(|n| n.0).sum::<f64>() - staged;
+        let bound = others * update / 2.0 + update + 4096.0;
+        assert!(*received <= bound, "more than a shard's bytes: {per_node:?}");
+    }
+}
+
+/// RFFL and Bristle have no sharded form: their updates are all staged on the top's node.
+fn assert_pinned(per_node: &[(f64, f64, f64)]) {
+    assert_eq!(per_node.iter().filter(|n| n.0 > 0.0).count(), 1, "staged on several nodes: {per_node:?}");
 }
 
 fn bytemuck_words(b: &[u8]) -> Vec<u64> {
@@ -302,27 +335,46 @@ fn as_bytes(w: &[u64]) -> &[u8] {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_median_equals_single_node() {
     init_logging();
-    whole_cohort_round("median3", StrategySpec::Median, UpdateKind::Parameters).await;
+    let per_node = whole_cohort_round("median3", StrategySpec::Median, UpdateKind::Parameters).await;
+    assert_sharded(&per_node, &manifest());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_trimmed_mean_equals_single_node() {
+    init_logging();
+    let per_node =
+        whole_cohort_round("trim3", StrategySpec::TrimmedMean { beta: 0.2 }, UpdateKind::Parameters).await;
+    assert_sharded(&per_node, &manifest());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_multi_krum_equals_single_node() {
+    init_logging();
+    let spec = StrategySpec::MultiKrum { byzantine: 1, keep: 3 };
+    let per_node = whole_cohort_round("mkrum3", spec, UpdateKind::Parameters).await;
+    assert_sharded(&per_node, &manifest());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_krum_equals_single_node() {
     init_logging();
-    whole_cohort_round("krum3", StrategySpec::Krum { byzantine: 1 }, UpdateKind::Parameters).await;
+    let per_node =
+        whole_cohort_round("krum3", StrategySpec::Krum { byzantine: 1 }, UpdateKind::Parameters).await;
+    assert_sharded(&per_node, &manifest());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_rffl_equals_single_node() {
     init_logging();
     let rffl: StrategySpec = serde_json::from_str(r#"{"name":"rffl"}"#).unwrap();
-    whole_cohort_round("rffl3", rffl, UpdateKind::Delta).await;
+    assert_pinned(&whole_cohort_round("rffl3", rffl, UpdateKind::Delta).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_bristle_equals_single_node() {
     init_logging();
     let bristle: StrategySpec = serde_json::from_str(r#"{"name":"bristle","beta":4}"#).unwrap();
-    whole_cohort_round("bristle3", bristle, UpdateKind::Delta).await;
+    assert_pinned(&whole_cohort_round("bristle3", bristle, UpdateKind::Delta).await);
 }
 
 /// With `fan_in: 2` over nodes n1, n2, n3, n1 is the middle of {n1, n2}: n2's partial goes to
@@ -342,7 +394,7 @@ async fn a_middle_merges_its_group_before_the_top() {
     let mut sent = Vec::new();
     for c in 0..12u64 {
         let values = as_sent(&m, &random_values(&m, 300 + c));
-        publish(&client, &job, &format!("c{c}"), 1, 0, 3 + c, UpdateKind::Parameters, &values, &m).await;
+        publish(&client, &job, &format!("c{c}"), 3 + c, UpdateKind::Parameters, &values, &m).await;
         sent.push((values, (3 + c) as f64));
     }
     let (clients, _) = committed(&client, &job, 1, &nodes).await;
@@ -362,4 +414,91 @@ async fn a_middle_merges_its_group_before_the_top() {
     assert!(per_node[1].0 > 0.0, "n2 staged nothing: {per_node:?}");
     // n2's partial went to its middle n1, not to the top.
     assert!(per_node[0].2 >= (m.numel() * 8) as f64, "the middle n1 received no partial: {per_node:?}");
+}
+
+/// One update per client and round, cluster-wide: a client sending three different updates
+/// for one round (so JetStream's message-id dedupe does not apply) through a three-node
+/// cluster gets exactly one accepted, whichever nodes pull them; the others are `duplicate`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_update_is_a_duplicate_on_every_node() {
+    init_logging();
+    let nats = NatsServer::start().unwrap();
+    let nodes = three_nodes(&nats.url()).await;
+    let client = connect(&nats.url()).await;
+    let m = manifest();
+    let job = JobId::new("dup").unwrap();
+    jobs::create_job(client.infra(), &job_spec("dup", (*m).clone(), 3, 3, 60_000, 1), None).await.unwrap();
+    client.wait_for_open_round(&job, RoundId(1), Duration::from_secs(30)).await.unwrap();
+    let mut refused = rejections(&client.infra().client, "dup").await;
+    let honest: Vec<(Vec<Vec<f64>>, f64)> =
+        (0..2).map(|c| (as_sent(&m, &random_values(&m, 40 + c)), 5.0)).collect();
+    let evil: Vec<Vec<Vec<f64>>> = (0..3).map(|k| as_sent(&m, &random_values(&m, 90 + k))).collect();
+    for v in &evil {
+        publish(&client, &job, "evil", 5, UpdateKind::Parameters, v, &m).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for (c, (v, w)) in honest.iter().enumerate() {
+        publish(&client, &job, &format!("h{c}"), *w as u64, UpdateKind::Parameters, v, &m).await;
+    }
+    let (clients, weight) = committed(&client, &job, 1, &nodes).await;
+    assert_eq!((clients, weight), (3, 15.0), "{}", logs(&nodes));
+    let mut reasons = Vec::new();
+    for _ in 0..2 {
+        let n = next_rejection(&mut refused).await;
+        reasons.push((n.client.to_string(), n.reason));
+    }
+    let dup = shoal_runtime::error::RejectReason::Duplicate;
+    assert_eq!(reasons, vec![("evil".to_string(), dup), ("evil".to_string(), dup)]);
+    // The model is the mean of the honest two and one of evil's three.
+    let got = model(&client, &job, &m, 1).await;
+    let matches = evil.iter().filter(|v| {
+        let mut all = honest.clone();
+        all.push(((*v).clone(), 5.0));
+        let want = weighted_mean_oracle(&all);
+        want.iter().enumerate().all(|(i, w)| {
+            got.tensor_f64(i).iter().zip(w).all(|(g, o)| (g - o).abs() <= 1e-6 * o.abs().max(1e-3))
+        })
+    });
+    assert_eq!(matches.count(), 1, "the model is not honest + exactly one of evil's updates");
+}
+
+/// A node that is not the top stops (SIGTERM) mid-round, holding an update: the round does not
+/// close early on its stale progress; its update comes back through JetStream and the round
+/// commits all four, before its (long) deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_leaving_mid_round_loses_nothing() {
+    init_logging();
+    let nats = NatsServer::start().unwrap();
+    let mut nodes = three_nodes(&nats.url()).await;
+    let client = connect(&nats.url()).await;
+    let m = manifest();
+    let job = JobId::new("leave").unwrap();
+    jobs::create_job(client.infra(), &job_spec("leave", (*m).clone(), 4, 4, 120_000, 1), None).await.unwrap();
+    client.wait_for_open_round(&job, RoundId(1), Duration::from_secs(30)).await.unwrap();
+    let mut sent = Vec::new();
+    for c in 0..3u64 {
+        let values = as_sent(&m, &random_values(&m, 600 + c));
+        publish(&client, &job, &format!("u{c}"), 2 + c, UpdateKind::Parameters, &values, &m).await;
+        sent.push((values, (2 + c) as f64));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let lease = client.infra().jobs.get("leave.top").await.unwrap().expect("a top lease");
+    let top: shoal_runtime::lease::Lease = shoal_runtime::protocol::decode("lease", &lease).unwrap();
+    let mut victim = None;
+    for (i, n) in nodes.iter().enumerate() {
+        let staged =
+            scrape(&n.metrics(&client.infra().client).await, "shoal_updates_staged_total").unwrap_or(0.0);
+        if n.node_id != top.node.as_str() && staged > 0.0 {
+            victim = Some(i);
+        }
+    }
+    let victim = victim.expect("a node other than the top holds an update");
+    assert!(nodes[victim].terminate().success());
+    let values = as_sent(&m, &random_values(&m, 603));
+    publish(&client, &job, "u3", 5, UpdateKind::Parameters, &values, &m).await;
+    sent.push((values, 5.0));
+    let (clients, weight) = committed(&client, &job, 1, &nodes).await;
+    assert_eq!((clients, weight), (4, 14.0), "{}", logs(&nodes));
+    assert_close(&model(&client, &job, &m, 1).await, &weighted_mean_oracle(&sent), "after a node left");
+    assert_stream_drains(&client).await;
 }
