@@ -443,6 +443,7 @@ pub fn seeds() -> Vec<Seed> {
             round: RoundId(3),
             collect: 0x1234_5678,
             nodes: vec![shoal_functions::NodeId::new("n1").expect("node id")],
+            applied: vec![(40, 47), (52, 52)],
         }),
     };
     add("control_messages", "job-state-new", protocol::encode(&JobState::new_job()), true);
@@ -516,6 +517,7 @@ pub fn seeds() -> Vec<Seed> {
         empty: false,
         total_weight: 12.0,
         count: 1,
+        seqs: vec![41],
         clients: Vec::new(),
         first_owners: vec![None; update_manifest().tensors().len()],
         last_fold_ms: 1_700_000_000_000,

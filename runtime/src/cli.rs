@@ -206,6 +206,10 @@ pub struct NodeArgs {
     /// whole cohort" baseline; for measurements, not production).
     #[arg(long)]
     lazy_aggregation: bool,
+    /// Fault injection, for backpressure tests: aggregators sleep this long per update they
+    /// fold, in milliseconds (0: off; not for production).
+    #[arg(long, default_value_t = 0)]
+    fold_delay_ms: u64,
     /// Most running jobs this node serves at once (default: no limit). A job beyond it waits
     /// for a free slot (logged, counted in shoal_jobs_refused_total); meanwhile its updates go
     /// to a node that serves it, or are refused as node_at_capacity.
@@ -284,6 +288,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             cfg.pull_batch = a.pull_batch.clamp(1, 10_000);
             cfg.collect_timeout = Duration::from_millis(a.collect_timeout_ms.max(100));
             cfg.eager = !a.lazy_aggregation;
+            cfg.fold_delay = Duration::from_millis(a.fold_delay_ms);
             cfg.max_jobs = a.max_jobs.map(|n| n as usize);
             let handle = node::start(cfg).await.context("starting the node")?;
             shutdown_signal().await;

@@ -294,8 +294,12 @@ pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
         let collected = c;
         let mut next = state.clone();
         next.last_outcome = Some(outcome.clone());
-        next.last_commit =
-            Some(CommitRecord { round, collect: collected.collect, nodes: collected.nodes.clone() });
+        next.last_commit = Some(CommitRecord {
+            round,
+            collect: collected.collect,
+            nodes: collected.nodes.clone(),
+            applied: protocol::applied_ranges(collected.seqs.clone()),
+        });
         next.round = round.next();
         next.opened_at_ms = 0;
         next.deadline_at_ms = 0;
@@ -383,6 +387,7 @@ struct Collected {
     /// Whole-cohort strategies: every update of the round and the node holding it.
     entries: Vec<CohortEntry>,
     count: u64,
+    seqs: Vec<u64>,
     last_fold_ms: u64,
 }
 
@@ -425,6 +430,7 @@ async fn collect(
             cohort: Vec::new(),
             entries: Vec::new(),
             count: 0,
+            seqs: Vec::new(),
             last_fold_ms: 0,
         };
         let deadline = tokio::time::Instant::now() + ctx.collect_timeout;
@@ -443,6 +449,7 @@ async fn collect(
                             partial: p.map(Arc::new),
                             cohort: Vec::new(),
                             count: h.count,
+                            seqs: h.seqs,
                             last_fold_ms: h.last_fold_ms,
                             entries: h.cohort,
                         }
@@ -471,6 +478,7 @@ async fn collect(
             got.entries.extend(p.entries);
             got.nodes.extend(p.nodes);
             got.count += p.count;
+            got.seqs.extend(p.seqs);
             got.last_fold_ms = got.last_fold_ms.max(p.last_fold_ms);
         }
         let missing: Vec<&NodeId> = nodes.iter().filter(|n| !got.nodes.contains(n)).collect();

@@ -75,12 +75,11 @@ pub struct GatewayContext {
     pub config: GatewayConfig,
     /// This node.
     pub node: shoal_functions::NodeId,
+    /// This process (its membership lease instance), named in the claims it makes.
+    pub instance: u64,
     /// The jobs this node serves (`--max-jobs`).
     pub slots: Arc<JobSlots>,
 }
-
-/// How long a claim on (job, round, client) is kept: longer than any round lasts.
-const CLAIM_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 
 /// The outcome of [`Gateway::claim`].
 enum Claim {
@@ -88,6 +87,9 @@ enum Claim {
     Ours,
     /// Another message of the client holds it.
     Theirs,
+    /// Another live node process holds this very message (it was delivered twice): leave it
+    /// alone; JetStream delivers it again if that process dies.
+    HeldElsewhere(shoal_functions::NodeId),
     /// KV did not answer: retry the message later.
     Unknown,
 }
@@ -265,6 +267,20 @@ impl Gateway {
             .await
             .ok_or_else(|| Refusal(RejectReason::UnknownJob, format!("job {job} does not exist")))?;
         let (spec, state) = (&entry.spec, &entry.state);
+        if let Some(applied) = self.ctx.directory.applied(job, stream_seq) {
+            // A copy of an update that a committed model already includes, delivered again
+            // because its node died before acking it (or nats-server lost the ack): done. Not
+            // folded again, and not refused as late: the client's update did count.
+            tracing::debug!(%job, %client, round = %applied, stream_seq, "update already applied; acked");
+            self.ctx.metrics.updates_already_applied.inc();
+            ack.ack().await;
+            if let Some(name) = header(h, protocol::HDR_OBJECT) {
+                if let Err(e) = self.ctx.infra.update_objects.delete(name).await {
+                    tracing::debug!(object = %name, error = %e, "deleting an applied update's object failed");
+                }
+            }
+            return Ok(None);
+        }
         if state.phase != JobPhase::Running {
             return Err(Refusal(RejectReason::JobNotRunning, format!("job {job} is {}", state.phase)));
         }
@@ -441,9 +457,14 @@ impl Gateway {
         })?;
         stage_update(manifest, &payload, slot.bytes_mut())
             .map_err(|e| Refusal(RejectReason::from(&e), e.to_string()))?;
-        // One update per client and round across every node's gateway.
+        // One node stages each (job, round, client): another node may hold this very message
+        // (delivered twice) or another update of the client for the round.
         match self.claim(job, seen_round, client, stream_seq).await {
             Claim::Ours => {}
+            Claim::HeldElsewhere(node) => {
+                tracing::debug!(%job, %client, %round, %node, stream_seq, "update held by another node; left alone");
+                return Ok(None);
+            }
             Claim::Theirs => {
                 return Err(Refusal(
                     RejectReason::Duplicate,
@@ -475,14 +496,15 @@ impl Gateway {
         }))
     }
 
-    /// Claims (job, round, client) for the message at `stream_seq` in KV `shoal-claims`: the
-    /// first message claims it; a redelivery of that message (same sequence, on any node) finds
-    /// its own claim; any other message of the client for the round is a duplicate, whichever
-    /// node pulled the first.
+    /// Claims (job, round, client) for the message at `stream_seq` in KV `shoal-claims`
+    /// (`crate::claims`): the first message claims it; a redelivery of that message finds its
+    /// own claim when this process made it or the process that made it is gone, and is left to
+    /// its live holder otherwise; any other message of the client for the round is a duplicate,
+    /// whichever node pulled the first.
     async fn claim(&mut self, job: &JobId, round: RoundId, client: &ClientId, stream_seq: u64) -> Claim {
         let claims = match &self.claims {
             Some(c) => c.clone(),
-            None => match self.ctx.infra.claims(CLAIM_MAX_AGE).await {
+            None => match self.ctx.infra.claims(crate::claims::MAX_AGE).await {
                 Ok(c) => {
                     self.claims = Some(c.clone());
                     c
@@ -493,17 +515,20 @@ impl Gateway {
                 }
             },
         };
-        let key = subjects::claim_key(job, round, client);
-        let value = Bytes::from(stream_seq.to_string());
-        match claims.create(&key, value).await {
-            Ok(_) => Claim::Ours,
-            Err(e) if e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {
-                match claims.get(&key).await {
-                    Ok(Some(v)) if v.as_ref() == stream_seq.to_string().as_bytes() => Claim::Ours,
-                    Ok(Some(_)) => Claim::Theirs,
-                    _ => Claim::Unknown,
-                }
-            }
+        let who = (job, round, client);
+        match crate::claims::claim(
+            &claims,
+            &self.ctx.infra,
+            who,
+            &self.ctx.node,
+            self.ctx.instance,
+            stream_seq,
+        )
+        .await
+        {
+            Ok(crate::claims::Claim::Mine) => Claim::Ours,
+            Ok(crate::claims::Claim::HeldBy(node)) => Claim::HeldElsewhere(node),
+            Ok(crate::claims::Claim::Other(_)) => Claim::Theirs,
             Err(e) => {
                 tracing::warn!(error = %e, "claiming an update failed; retrying the update");
                 Claim::Unknown

@@ -13,8 +13,10 @@
 //!    collections took) and sends it to its parent. The round stays open on the leaf: updates
 //!    redelivered from a dead node keep arriving and a later collection (a retry, or a new top)
 //!    gets a larger snapshot.
-//! 3. The top commits with a [`CommitRecord`] naming the collection and the nodes it covered.
-//!    The leaf acks exactly the updates of its snapshot for that collection; anything else it
+//! 3. The top commits with a [`CommitRecord`] naming the collection, the nodes it covered and
+//!    the stream sequences of the updates it applied (sent up with the partials). The leaf acks
+//!    exactly the updates of its snapshot for that collection, and any copy the record names
+//!    (delivered again after another node that had it died before acking); anything else it
 //!    holds for the round missed the commit and is late: rejected (`LateUpdate`) in synchronous
 //!    rounds, handed back to JetStream for the next buffer in the asynchronous modes.
 //!
@@ -68,6 +70,8 @@ pub struct Partial {
     pub cohort: Vec<CohortMember>,
     /// Updates it covers.
     pub count: u64,
+    /// Their messages' stream sequences.
+    pub seqs: Vec<u64>,
     /// When its last update was staged (ms since the Unix epoch; 0 = none).
     pub last_fold_ms: u64,
     /// Whole-cohort strategies: the updates of the nodes it covers, and where they are.
@@ -441,6 +445,7 @@ async fn answer_collect(
             })
             .collect(),
         count: r.held.len() as u64,
+        seqs: r.held.iter().map(|h| h.stream_seq).collect(),
         last_fold_ms: r.last_fold_ms,
         entries: Vec::new(),
     };
@@ -472,6 +477,7 @@ async fn answer_collect(
         empty: out.partial.is_none(),
         total_weight: out.partial.as_ref().map_or(0.0, |p| p.total_weight()),
         count: out.count,
+        seqs: out.seqs.clone(),
         // Client ids stay on their node: the partial's size does not grow with the cohort.
         clients: Vec::new(),
         first_owners: out.partial.as_ref().map(|p| p.first_owners().to_vec()).unwrap_or_default(),
@@ -535,6 +541,7 @@ async fn gather_group(
         out.nodes.extend(header.nodes);
         out.entries.extend(header.cohort);
         out.count += header.count;
+        out.seqs.extend(header.seqs);
         out.last_fold_ms = out.last_fold_ms.max(header.last_fold_ms);
     }
     Ok(())
@@ -553,7 +560,15 @@ async fn settle(
     candidates.sort();
     candidates.dedup();
     for round in candidates {
-        let record = ctx.directory.commit_record(job, round);
+        let mut record = ctx.directory.commit_record(job, round);
+        if record.is_none() && round < state.round {
+            // The round closed but this node missed the state revision that says how (a watch
+            // that lagged or restarted): read the state key's history before settling.
+            if let Err(e) = crate::jobs::observe_history(&ctx.infra, &ctx.directory, job, None).await {
+                tracing::debug!(%job, %round, error = %e, "reading the job history failed");
+            }
+            record = ctx.directory.commit_record(job, round);
+        }
         let closed = record.is_some() || round < state.round || state.phase != JobPhase::Running;
         if !closed {
             continue;
@@ -570,7 +585,11 @@ async fn settle(
             .and_then(|rec| r.snapshots.iter().find(|(c, _)| *c == rec.collect))
             .map_or(0, |&(_, n)| n);
         let late: Vec<Held> = r.held.split_off(applied).into_iter().chain(leftovers.held).collect();
-        for h in r.held {
+        // A copy of an update that reached the model through another node (delivered again
+        // after that node died before acking it) is done too: ack it, do not refuse it.
+        let (done, late): (Vec<Held>, Vec<Held>) =
+            late.into_iter().partition(|h| record.as_ref().is_some_and(|rec| rec.includes(h.stream_seq)));
+        for h in r.held.into_iter().chain(done) {
             h.acker.ack().await;
             if let Some(obj) = h.object {
                 if let Err(e) = ctx.infra.update_objects.delete(&obj).await {
@@ -668,6 +687,7 @@ mod tests {
             empty: false,
             total_weight: p.total_weight(),
             count: p.count(),
+            seqs: vec![17],
             clients: Vec::new(),
             first_owners: p.first_owners().to_vec(),
             last_fold_ms: 5,

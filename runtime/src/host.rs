@@ -87,6 +87,8 @@ pub struct Held {
     pub slot: Option<Arc<Slot>>,
     /// Whether the job runs an asynchronous mode (see [`Staged::asynchronous`]).
     pub asynchronous: bool,
+    /// Its message's stream sequence (named in the commit record when the round applies it).
+    pub stream_seq: u64,
 }
 
 /// What a closed round hands to the coordinator.
@@ -120,6 +122,9 @@ pub struct HostConfig {
     /// streaming aggregator keeps every update staged and folds them all when the round
     /// closes ("wait for the whole cohort"), the baseline of `shoal bench hierarchy`.
     pub eager: bool,
+    /// Fault injection (`shoal node --fold-delay-ms`): sleep this long per update folded, on
+    /// the blocking fold thread (zero: off, nothing is checked on the fold path but this).
+    pub fold_delay: Duration,
 }
 
 /// Registers a job's coordinator to receive [`RoundProgress`].
@@ -493,7 +498,11 @@ impl Aggregator {
         self.in_fold = true;
         let batch = std::mem::take(&mut self.pending);
         let manifest = Arc::clone(&self.manifest);
+        let fold_delay = self.config.fold_delay;
         let work = tokio::task::spawn_blocking(move || {
+            if !fold_delay.is_zero() {
+                std::thread::sleep(fold_delay.saturating_mul(batch.len() as u32));
+            }
             let mut partial = partial.take().unwrap_or_else(|| PartialAggregate::new(Arc::clone(&manifest)));
             // Each update's coefficient comes from the strategy (num_examples for FedAvg, scaled
             // or replaced by FedBuff/FedFix); sync rounds have staleness 0.
@@ -569,6 +578,7 @@ impl Aggregator {
                         weight: s.weight,
                         slot: None,
                         asynchronous: s.asynchronous,
+                        stream_seq: s.stream_seq,
                     });
                 }
             }
@@ -624,6 +634,7 @@ impl Handler<Staged> for Aggregator {
                 acker: msg.acker,
                 object: msg.object,
                 weight: msg.weight,
+                stream_seq: msg.stream_seq,
                 slot: Some(Arc::new(msg.slot)),
                 asynchronous: msg.asynchronous,
             });

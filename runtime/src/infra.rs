@@ -34,6 +34,12 @@ pub struct ConnectOptions {
     /// Inbox prefix for replies (default `_INBOX`). A client with least permissions must use
     /// [`auth::client_inbox_prefix`], the only inbox it may subscribe to.
     pub inbox_prefix: Option<String>,
+    /// Messages a subscription buffers before async-nats drops what arrives next and reports a
+    /// slow consumer (`None`: async-nats's default, 65,536).
+    pub subscription_capacity: Option<usize>,
+    /// Counts the connection's slow-consumer events (a subscription's buffer was full and
+    /// messages were dropped); a node passes its `shoal_slow_consumer_events_total`.
+    pub slow_consumer_events: Option<prometheus_client::metrics::counter::Counter>,
 }
 
 impl Default for ConnectOptions {
@@ -46,6 +52,8 @@ impl Default for ConnectOptions {
             auth: NatsAuth::default(),
             tls: NatsTls::default(),
             inbox_prefix: None,
+            subscription_capacity: None,
+            slow_consumer_events: None,
         }
     }
 }
@@ -139,13 +147,17 @@ pub async fn connect_client(opts: &ConnectOptions) -> Result<(async_nats::Client
 
 async fn build_options(opts: &ConnectOptions, violations: &Violations) -> Result<async_nats::ConnectOptions> {
     let v = violations.clone();
+    let slow = opts.slow_consumer_events.clone();
     let mut nats = async_nats::ConnectOptions::new()
         .name(&opts.name)
         .connection_timeout(Duration::from_secs(5))
         .event_callback(move |event| {
-            let v = v.clone();
-            async move { on_event(&v, event) }
+            let (v, slow) = (v.clone(), slow.clone());
+            async move { on_event(&v, slow.as_ref(), event) }
         });
+    if let Some(n) = opts.subscription_capacity {
+        nats = nats.subscription_capacity(n.max(1));
+    }
     if let Some(prefix) = &opts.inbox_prefix {
         nats = nats.custom_inbox_prefix(prefix);
     }
@@ -153,9 +165,24 @@ async fn build_options(opts: &ConnectOptions, violations: &Violations) -> Result
     opts.auth.apply(nats).await
 }
 
-fn on_event(violations: &Violations, event: async_nats::Event) {
+fn on_event(
+    violations: &Violations,
+    slow_consumers: Option<&prometheus_client::metrics::counter::Counter>,
+    event: async_nats::Event,
+) {
     use async_nats::{Event, ServerError};
     match event {
+        Event::SlowConsumer(sid) => {
+            // One event per dropped message: log the 1st, 2nd, 4th, 8th, ... only.
+            let n = slow_consumers.map(|c| c.inc() + 1).unwrap_or(1);
+            if n.is_power_of_two() {
+                tracing::warn!(
+                    sid,
+                    events = n,
+                    "slow consumer: a subscription's buffer was full and messages were dropped"
+                );
+            }
+        }
         Event::ServerError(ServerError::Other(msg)) if auth::is_permission_violation(&msg) => {
             tracing::warn!(error = %msg, "NATS refused an operation");
             violations.report(msg);

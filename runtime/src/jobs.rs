@@ -56,6 +56,13 @@ impl JobDirectory {
         commits.get(job)?.iter().rev().find(|c| c.round == round).cloned()
     }
 
+    /// The round whose commit (among those this node has seen) applied the update message with
+    /// stream sequence `seq`.
+    pub fn applied(&self, job: &JobId, seq: u64) -> Option<shoal_functions::RoundId> {
+        let commits = self.commits.read().unwrap_or_else(|p| p.into_inner());
+        commits.get(job)?.iter().find(|c| c.includes(seq)).map(|c| c.round)
+    }
+
     /// Records which node holds `job`'s top lease (`None`: unknown or none).
     pub fn set_top(&self, job: &JobId, node: Option<shoal_functions::NodeId>) {
         let mut tops = self.tops.write().unwrap_or_else(|p| p.into_inner());
@@ -262,56 +269,134 @@ pub fn chunk_size(infra: &Infra) -> usize {
     (infra.max_payload().saturating_sub(64 * 1024)).clamp(64 * 1024, 1 << 20)
 }
 
-/// Keeps `dir` in step with KV until cancelled; calls `on_new_job` for each job whose state
-/// appears (so the node can start its coordinator).
+/// How often a node checks its view of the known jobs against KV directly, besides the watch
+/// (a watch can stall silently: its consumer is not always recreated after a nats-server
+/// restart).
+pub const STATE_RESYNC: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Observes every state revision still in the history of `job`'s state key (the last few
+/// rounds), so that their commit records are known even when the watch skipped them.
 ///
 /// # Errors
-/// NATS errors when the watch cannot be started.
+/// NATS errors reading the history.
+pub async fn observe_history(
+    infra: &Infra,
+    dir: &JobDirectory,
+    job: &JobId,
+    spec: Option<Arc<JobSpec>>,
+) -> Result<()> {
+    let mut history = infra
+        .jobs
+        .history(subjects::job_state_key(job))
+        .await
+        .map_err(|e| Error::nats("read job history", e))?;
+    while let Some(e) = history.next().await {
+        let e = e.map_err(|e| Error::nats("read job history", e))?;
+        if let Ok(s) = protocol::decode::<JobState>("job state", &e.value) {
+            dir.observe_state(job, spec.clone(), s, e.revision);
+        }
+    }
+    Ok(())
+}
+
+/// Reads the state of every known job and catches up with any revision the watch missed.
+async fn resync_states(infra: &Infra, dir: &JobDirectory) {
+    for job in dir.jobs() {
+        let Some(known) = dir.get(&job) else { continue };
+        match load_state(infra, &job).await {
+            Ok((_, revision)) if revision > known.revision => {
+                tracing::warn!(%job, revision, known = known.revision, "job watch lagging; caught up from KV");
+                if let Err(e) = observe_history(infra, dir, &job, None).await {
+                    tracing::debug!(%job, error = %e, "reading the job history failed");
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Keeps `dir` in step with KV until cancelled; calls `on_new_job` for each job whose state
+/// appears (so the node can start its coordinator). The watch is restarted when it ends or
+/// fails, and checked every [`STATE_RESYNC`] against KV.
+///
+/// # Errors
+/// None today: watch failures are retried (the `Result` is kept for callers).
 pub async fn watch_jobs(
     infra: Infra,
     dir: JobDirectory,
     cancel: CancellationToken,
     on_new_job: impl Fn(JobId) + Send + 'static,
 ) -> Result<()> {
-    // Last value of every key first (jobs that exist already, e.g. after a restart), then changes.
-    let mut watch =
-        infra.jobs.watch_with_history("*.state").await.map_err(|e| Error::nats("watch jobs", e))?;
+    let mut resync = tokio::time::interval(STATE_RESYNC);
     // Jobs handed to `on_new_job`. Not "known to the directory": the gateway may have put a job
     // there first (read from KV for an update that came before this watch's entry), and that
     // job must still get its leaf and top.
     let mut started = std::collections::HashSet::new();
     loop {
-        let entry = tokio::select! {
-            _ = cancel.cancelled() => return Ok(()),
-            e = watch.next() => e,
-        };
-        let Some(entry) = entry else { return Ok(()) };
-        let entry = match entry {
-            Ok(e) => e,
+        // Last value of every key first (jobs that exist already, e.g. after a restart), then
+        // changes.
+        let mut watch = match infra.jobs.watch_with_history("*.state").await {
+            Ok(w) => w,
             Err(e) => {
-                tracing::warn!(error = %e, "job watch error");
-                continue;
-            }
-        };
-        let Some(job) = entry.key.strip_suffix(".state").and_then(|j| JobId::new(j).ok()) else { continue };
-        let Ok(state) = protocol::decode::<JobState>("job state", &entry.value) else {
-            tracing::warn!(key = %entry.key, "undecodable job state ignored");
-            continue;
-        };
-        let spec = if dir.get(&job).is_some() {
-            None
-        } else {
-            match load_spec(&infra, &job).await {
-                Ok(s) => Some(Arc::new(s)),
-                Err(e) => {
-                    tracing::warn!(%job, error = %e, "job spec unreadable; job ignored");
-                    continue;
+                tracing::warn!(error = %e, "starting the job watch failed; retrying");
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
                 }
             }
         };
-        dir.observe_state(&job, spec, state, entry.revision);
-        if dir.get(&job).is_some() && started.insert(job.clone()) {
-            on_new_job(job);
+        loop {
+            let entry = tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                _ = resync.tick() => {
+                    resync_states(&infra, &dir).await;
+                    continue;
+                }
+                e = watch.next() => e,
+            };
+            let entry = match entry {
+                Some(Ok(e)) => e,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "job watch error; restarting the watch");
+                    break;
+                }
+                None => {
+                    tracing::warn!("job watch ended; restarting it");
+                    break;
+                }
+            };
+            let Some(job) = entry.key.strip_suffix(".state").and_then(|j| JobId::new(j).ok()) else {
+                continue;
+            };
+            let Ok(state) = protocol::decode::<JobState>("job state", &entry.value) else {
+                tracing::warn!(key = %entry.key, "undecodable job state ignored");
+                continue;
+            };
+            let known = dir.get(&job).is_some();
+            let spec = if known {
+                None
+            } else {
+                match load_spec(&infra, &job).await {
+                    Ok(s) => {
+                        let spec = Arc::new(s);
+                        // The key's history holds the commit records of the last rounds: a node
+                        // (re)started now still recognises their updates when they are
+                        // delivered again.
+                        if let Err(e) = observe_history(&infra, &dir, &job, Some(Arc::clone(&spec))).await {
+                            tracing::debug!(%job, error = %e, "reading the job history failed");
+                        }
+                        Some(spec)
+                    }
+                    Err(e) => {
+                        tracing::warn!(%job, error = %e, "job spec unreadable; job ignored");
+                        continue;
+                    }
+                }
+            };
+            dir.observe_state(&job, spec, state, entry.revision);
+            if dir.get(&job).is_some() && started.insert(job.clone()) {
+                on_new_job(job);
+            }
         }
     }
 }

@@ -35,7 +35,8 @@ pub struct Lease {
 }
 
 impl Lease {
-    fn fresh(&self, now: u64) -> bool {
+    /// Whether the lease was renewed less than [`STALE`] before `now` (ms since the epoch).
+    pub fn fresh(&self, now: u64) -> bool {
         now.saturating_sub(self.renewed_ms) < STALE.as_millis() as u64
     }
 }

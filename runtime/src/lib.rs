@@ -16,6 +16,7 @@
 //! - [`jobs`]: job creation, job state compare-and-set, model store, the in-process job directory.
 //! - [`shm`]: shared-memory segments and the slot pool (all mapping `unsafe` lives here).
 //! - [`gateway`]: the JetStream pull consumer, validation and staging.
+//! - [`claims`]: the cluster-wide claim that makes one node stage each (job, round, client).
 //! - [`host`]: the actix function host and its `Aggregator` actors.
 //! - [`coordinator`]: the per-job round loop (sync policy, quorum, deadline, commit, acks).
 //! - [`reject`]: the one rejection path (metrics, log-once, client notice, terminate) and acks.
@@ -33,6 +34,7 @@
 pub mod auth;
 pub mod bench;
 pub mod capacity;
+pub mod claims;
 pub mod cli;
 pub mod client;
 pub mod coordinator;

@@ -7,13 +7,15 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::error::RejectReason;
+
+/// The counter type of the node's metrics (for [`crate::infra::ConnectOptions::slow_consumer_events`]).
+pub use prometheus_client::metrics::counter::Counter;
 
 /// Label set with one `reason`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -62,6 +64,12 @@ pub struct Metrics {
     pub cold_start_seconds: Histogram,
     /// As `cold_start_seconds`, for an idle aggregator reused for a new round (warm).
     pub warm_reuse_seconds: Histogram,
+    /// Update messages delivered again after their round's model already included them (their
+    /// node died before acking, or nats-server lost the ack): acked, not folded again.
+    pub updates_already_applied: Counter,
+    /// Slow-consumer events of the node's NATS connection (a subscription's buffer was full and
+    /// async-nats dropped messages; JetStream redelivers un-acked updates).
+    pub slow_consumer_events: Counter,
     /// Bytes of partial aggregates sent to other nodes.
     pub partial_bytes_sent: Counter,
     /// Bytes of partial aggregates received from other nodes.
@@ -93,6 +101,8 @@ impl Default for Metrics {
             round_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             cold_start_seconds: Histogram::new(exponential_buckets(1e-6, 2.0, 24)),
             warm_reuse_seconds: Histogram::new(exponential_buckets(1e-6, 2.0, 24)),
+            updates_already_applied: Counter::default(),
+            slow_consumer_events: Counter::default(),
             partial_bytes_sent: Counter::default(),
             partial_bytes_received: Counter::default(),
             shard_bytes_sent: Counter::default(),
@@ -139,6 +149,16 @@ impl Default for Metrics {
             "aggregator_warm_reuse_seconds",
             "Seconds from an update reaching the function host to a reused aggregator handling it",
             m.warm_reuse_seconds.clone(),
+        );
+        registry.register(
+            "updates_already_applied",
+            "Update messages delivered again after a committed model included them (acked, not folded again)",
+            m.updates_already_applied.clone(),
+        );
+        registry.register(
+            "slow_consumer_events",
+            "Slow-consumer events of the node's NATS connection (messages dropped from a full subscription buffer)",
+            m.slow_consumer_events.clone(),
         );
         registry.register(
             "partial_bytes_sent",

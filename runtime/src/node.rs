@@ -55,6 +55,9 @@ pub struct NodeConfig {
     pub collect_timeout: Duration,
     /// Updates per JetStream pull request.
     pub pull_batch: usize,
+    /// Fault injection: the aggregators sleep this long per update they fold (zero: off), to
+    /// play a slow aggregator in backpressure tests.
+    pub fold_delay: Duration,
     /// Most running jobs this node serves at once (`None`: no limit); see [`crate::capacity`].
     pub max_jobs: Option<usize>,
 }
@@ -74,6 +77,7 @@ impl NodeConfig {
             eager: true,
             collect_timeout: Duration::from_secs(10),
             pull_batch: 64,
+            fold_delay: Duration::ZERO,
             max_jobs: None,
         }
     }
@@ -96,19 +100,22 @@ pub struct NodeHandle {
 /// # Errors
 /// NATS connection or resource errors; shm directory errors.
 pub async fn start(config: NodeConfig) -> Result<NodeHandle> {
+    let metrics = Arc::new(Metrics::default());
     let mut nats = config.nats.clone();
     nats.name = format!("shoal-node-{}", config.node_id);
+    nats.slow_consumer_events = Some(metrics.slow_consumer_events.clone());
     let infra = Infra::connect(&nats).await?;
     // Before touching shared memory: another live process of this node id may still use it.
     let membership = lease::join(&infra, &config.node_id).await?;
+    let instance = membership.lease.instance;
     let shm_dir = shm::prepare_node_dir(&config.shm_root, config.node_id.as_str())?;
-    let metrics = Arc::new(Metrics::default());
     let rejector = Rejector::new(infra.client.clone(), infra.subjects.clone(), Arc::clone(&metrics));
     let host = FunctionHost::new(
         HostConfig {
             idle_timeout: config.idle_timeout,
             progress_interval: config.ack_wait / 3,
             eager: config.eager,
+            fold_delay: config.fold_delay,
         },
         Arc::clone(&metrics),
         rejector.clone(),
@@ -183,6 +190,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle> {
             batch: config.pull_batch,
         },
         node: config.node_id.clone(),
+        instance,
         slots,
     };
     {

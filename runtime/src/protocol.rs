@@ -190,6 +190,33 @@ pub struct CommitRecord {
     pub collect: u64,
     /// Nodes whose partial the result includes.
     pub nodes: Vec<NodeId>,
+    /// Stream sequences of the update messages the result includes, as sorted inclusive ranges
+    /// ([`applied_ranges`]). A copy of one of them delivered again (its node died before
+    /// acking, or nats-server lost the ack) is acked, not folded again nor refused as late.
+    #[serde(default)]
+    pub applied: Vec<(u64, u64)>,
+}
+
+impl CommitRecord {
+    /// Whether the round's result includes the update message with stream sequence `seq`.
+    pub fn includes(&self, seq: u64) -> bool {
+        let i = self.applied.partition_point(|&(_, hi)| hi < seq);
+        self.applied.get(i).is_some_and(|&(lo, _)| lo <= seq)
+    }
+}
+
+/// Sorted inclusive ranges covering `seqs` (stream sequences; duplicates ignored).
+pub fn applied_ranges(mut seqs: Vec<u64>) -> Vec<(u64, u64)> {
+    seqs.sort_unstable();
+    seqs.dedup();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for s in seqs {
+        match out.last_mut() {
+            Some((_, hi)) if *hi + 1 == s => *hi = s,
+            _ => out.push((s, s)),
+        }
+    }
+    out
 }
 
 /// A leaf's progress on `<prefix>.<job>.progress`: how many updates node `node` holds for
@@ -244,6 +271,10 @@ pub struct PartialHeader {
     pub total_weight: f64,
     /// Updates folded.
     pub count: u64,
+    /// Their messages' stream sequences (so the commit can name what it applied: see
+    /// [`CommitRecord::applied`]); 8 bytes or less per update.
+    #[serde(default)]
+    pub seqs: Vec<u64>,
     /// Their clients, when a sender chooses to name them (Shoal's leaves send none: client ids
     /// stay on their node, so a partial's size does not grow with the cohort).
     #[serde(default)]
@@ -417,5 +448,15 @@ mod tests {
             outcome: RoundOutcome::QuorumNotMet { accepted: 1, min_clients: 2 },
         };
         assert_eq!(decode::<RoundEvent>("event", &encode(&e)).unwrap(), e);
+    }
+
+    #[test]
+    fn applied_ranges_cover_exactly_the_sequences() {
+        let ranges = applied_ranges(vec![9, 3, 4, 5, 12, 4, 11, 1]);
+        assert_eq!(ranges, vec![(1, 1), (3, 5), (9, 9), (11, 12)]);
+        let rec = CommitRecord { round: RoundId(1), collect: 7, nodes: Vec::new(), applied: ranges };
+        let inside: Vec<u64> = (0..15).filter(|&s| rec.includes(s)).collect();
+        assert_eq!(inside, vec![1, 3, 4, 5, 9, 11, 12]);
+        assert!(!CommitRecord { applied: Vec::new(), ..rec }.includes(1));
     }
 }

@@ -48,15 +48,18 @@ impl Rejector {
                 "update rejected: {detail}"
             );
         }
-        if let Some(a) = acker {
-            a.term().await;
-        }
+        // The notice goes out before the message is terminated: a process killed between the
+        // two leaves the message to be delivered and refused again (a second notice), not a
+        // refusal the client never hears of.
         if let (Some(job), Some(client)) = (job.and_then(|j| shoal_functions::JobId::new(j).ok()), client) {
             let notice = RejectNotice { job: job.to_string(), client: client.clone(), round, reason, detail };
             let subject = self.subjects.rejected(&job, client);
             if let Err(e) = self.client.publish(subject, Bytes::from(protocol::encode(&notice))).await {
                 tracing::debug!(error = %e, "publishing a reject notice failed");
             }
+        }
+        if let Some(a) = acker {
+            a.term().await;
         }
     }
 }

@@ -145,6 +145,17 @@ impl NodeProcess {
         self.wait_ready(nats_url).await;
     }
 
+    /// The process id, or `None` while the node is not running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The process's resident memory (`VmRSS` of `/proc/<pid>/status`, which includes the
+    /// shared-memory segments it maps), in bytes; `None` while not running.
+    pub fn rss_bytes(&self) -> Option<u64> {
+        rss_bytes(self.pid()?)
+    }
+
     /// The node's shared-memory directory (`<shm root>/<node id>`).
     pub fn shm_dir(&self) -> PathBuf {
         self._dir.path().join(&self.node_id)
@@ -169,6 +180,14 @@ impl Drop for NodeProcess {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// `VmRSS` of process `pid` in bytes (from `/proc/<pid>/status`).
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 fn shm_base() -> PathBuf {

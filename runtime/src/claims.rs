@@ -1,0 +1,118 @@
+//! Cluster-wide claims on staged updates, in KV `shoal-claims`: one node stages each
+//! (job, round, client).
+//!
+//! Why: JetStream delivers a message to one pull request at a time, but not exactly once. A
+//! message is delivered again while the first node still holds it when its ack wait lapses
+//! (a node too slow to send its in-progress acks), or when nats-server restarts and the
+//! consumer's delivery state was not yet on disk. A per-node check cannot see the copy on
+//! another node, and both leaves would fold it into the round: applied twice. So before a
+//! gateway hands a staged update on, it claims `<job>.<round>.<client>` with a KV create
+//! naming its stream sequence and the node process (membership lease instance):
+//! - created, or already ours: stage it;
+//! - held by another live process for the same message: leave it alone (that process acks it
+//!   after the commit; if it dies, JetStream delivers it again and the claim is taken over);
+//! - held by a process that is gone (its membership lease lapsed, or was taken by a restarted
+//!   process): take the claim over by compare-and-set and stage it;
+//! - a *different* message of the same client and round: a second update, refused as
+//!   `duplicate`.
+//!
+//! Claims expire with the bucket's max age ([`MAX_AGE`]); nothing deletes them.
+
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use shoal_functions::{ClientId, JobId, NodeId, RoundId};
+
+use crate::error::{Error, Result};
+use crate::infra::Infra;
+use crate::lease::Lease;
+use crate::protocol;
+use crate::subjects;
+
+/// How long a claim is kept (longer than any round).
+pub const MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
+/// The value of a claim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimValue {
+    /// Node that staged the update.
+    pub node: NodeId,
+    /// Its process (membership lease instance).
+    pub instance: u64,
+    /// The update message's stream sequence.
+    pub stream_seq: u64,
+}
+
+/// What [`claim`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// This process stages the update.
+    Mine,
+    /// Another live process holds this very message.
+    HeldBy(NodeId),
+    /// The client's round is claimed by another message (stream sequence).
+    Other(u64),
+}
+
+/// Claims (job, round, client) for message `stream_seq` on behalf of (`node`, `instance`).
+///
+/// # Errors
+/// NATS errors (the caller hands the message back to JetStream and tries again later).
+pub async fn claim(
+    claims: &kv::Store,
+    infra: &Infra,
+    (job, round, client): (&JobId, RoundId, &ClientId),
+    node: &NodeId,
+    instance: u64,
+    stream_seq: u64,
+) -> Result<Claim> {
+    let key = subjects::claim_key(job, round, client);
+    let mine = ClaimValue { node: node.clone(), instance, stream_seq };
+    let value = Bytes::from(protocol::encode(&mine));
+    for _ in 0..3 {
+        match claims.create(&key, value.clone()).await {
+            Ok(_) => return Ok(Claim::Mine),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+            Err(e) => return Err(Error::nats("claim an update", e)),
+        }
+        let Some(entry) = claims.entry(&key).await.map_err(|e| Error::nats("read a claim", e))? else {
+            continue; // expired meanwhile: create again
+        };
+        let held: ClaimValue = match protocol::decode("claim", &entry.value) {
+            Ok(v) if entry.operation == kv::Operation::Put => v,
+            // Undecodable or deleted: take it over.
+            _ => ClaimValue { node: node.clone(), instance: 0, stream_seq },
+        };
+        if held.stream_seq != stream_seq {
+            return Ok(Claim::Other(held.stream_seq));
+        }
+        if held.instance == instance && held.node == *node {
+            return Ok(Claim::Mine);
+        }
+        if held.instance != 0 && alive(infra, &held).await? {
+            return Ok(Claim::HeldBy(held.node));
+        }
+        match claims.update(&key, value.clone(), entry.revision).await {
+            Ok(_) => return Ok(Claim::Mine),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+            Err(e) => return Err(Error::nats("take over a claim", e)),
+        }
+    }
+    Err(Error::Nats {
+        op: "claim an update",
+        source: Box::new(std::io::Error::other(format!("claim {key} keeps changing"))),
+    })
+}
+
+/// Whether the process that made `held` still runs: its node's membership lease names it and
+/// is fresh.
+async fn alive(infra: &Infra, held: &ClaimValue) -> Result<bool> {
+    let key = subjects::node_lease_key(&held.node);
+    let Some(v) = infra.jobs.get(&key).await.map_err(|e| Error::nats("read a node lease", e))? else {
+        return Ok(false);
+    };
+    Ok(protocol::decode::<Lease>("lease", &v)
+        .is_ok_and(|l| l.instance == held.instance && l.fresh(protocol::now_ms())))
+}
