@@ -103,11 +103,10 @@ struct Gateway {
     seen: HashMap<(JobId, RoundId), HashMap<ClientId, u64>>,
 }
 
-/// Runs the gateway until `cancel`.
-///
-/// # Errors
-/// NATS errors creating the consumer or its message stream.
-pub async fn run(ctx: GatewayContext, cancel: CancellationToken) -> Result<()> {
+/// The gateway's pull subscription: (re)creates the durable consumer and its message stream.
+async fn open_updates(
+    ctx: &GatewayContext,
+) -> Result<(async_nats::jetstream::consumer::Consumer<pull::Config>, pull::Stream)> {
     let consumer = ctx
         .infra
         .updates
@@ -125,30 +124,89 @@ pub async fn run(ctx: GatewayContext, cancel: CancellationToken) -> Result<()> {
         )
         .await
         .map_err(|e| Error::nats("create gateway consumer", e))?;
-    let mut messages = consumer
+    let messages = consumer
         .stream()
         .max_messages_per_batch(ctx.config.batch)
         .messages()
         .await
         .map_err(|e| Error::nats("pull updates", e))?;
+    Ok((consumer, messages))
+}
+
+/// How often the gateway checks that its consumer makes progress.
+const STALL_CHECK: Duration = Duration::from_secs(5);
+/// Pull errors in a row after which the subscription is opened again.
+const MAX_PULL_ERRORS: u32 = 5;
+
+/// Runs the gateway until `cancel`.
+///
+/// A watchdog keeps the pull subscription alive (`bug-cases.md` row 37): when the message
+/// stream ends, fails [`MAX_PULL_ERRORS`] times in a row, or delivers nothing for a
+/// [`STALL_CHECK`] while the consumer has messages waiting, the consumer and its stream are
+/// opened again (a deleted consumer is recreated; un-acked updates are redelivered, and the
+/// claims keep a copy from being staged twice). Each reopening is counted in
+/// `shoal_consumer_restarts_total`.
+///
+/// # Errors
+/// NATS errors creating the consumer or its message stream at start-up.
+pub async fn run(ctx: GatewayContext, cancel: CancellationToken) -> Result<()> {
+    let (mut consumer, mut messages) = open_updates(&ctx).await?;
     let mut gw = Gateway { ctx, claims: None, pools: HashMap::new(), seen: HashMap::new() };
     let mut prune = tokio::time::interval(Duration::from_secs(5));
+    let mut watchdog = tokio::time::interval(STALL_CHECK);
+    let (mut delivered, mut errors) = (true, 0u32);
     loop {
-        let next = tokio::select! {
+        let reopen = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
             _ = prune.tick() => {
                 gw.release_ended_jobs();
-                continue;
+                false
             }
-            m = messages.next() => m,
+            _ = watchdog.tick() => {
+                let stalled = !std::mem::replace(&mut delivered, false) && match consumer.info().await {
+                    Ok(info) => info.num_pending > 0 && (info.num_ack_pending as i64) < gw.ctx.config.max_ack_pending,
+                    // The consumer is gone (deleted, or the server lost it): open it again.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "gateway consumer unavailable");
+                        true
+                    }
+                };
+                stalled
+            }
+            m = messages.next() => match m {
+                Some(Ok(m)) => {
+                    (delivered, errors) = (true, 0);
+                    gw.handle(m).await;
+                    false
+                }
+                Some(Err(e)) => {
+                    errors += 1;
+                    tracing::warn!(error = %e, errors, "pull error; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    errors >= MAX_PULL_ERRORS
+                }
+                None => true,
+            },
         };
-        match next {
-            Some(Ok(m)) => gw.handle(m).await,
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, "pull error; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
+        if reopen {
+            gw.ctx.metrics.consumer_restarts.inc();
+            tracing::warn!("gateway consumer stalled or ended; opening it again");
+            loop {
+                match open_updates(&gw.ctx).await {
+                    Ok((c, m)) => {
+                        (consumer, messages) = (c, m);
+                        (delivered, errors) = (true, 0);
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reopening the gateway consumer failed; retrying in 1 s");
+                        tokio::select! {
+                            _ = cancel.cancelled() => return Ok(()),
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                    }
+                }
             }
-            None => return Ok(()),
         }
     }
 }

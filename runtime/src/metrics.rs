@@ -74,6 +74,8 @@ pub struct Metrics {
     pub partial_bytes_sent: Counter,
     /// Bytes of partial aggregates received from other nodes.
     pub partial_bytes_received: Counter,
+    /// Times the gateway opened its pull consumer again (it ended, failed or stalled).
+    pub consumer_restarts: Counter,
     /// Bytes of update slices and shard results sent in coordinate-sharded exchanges.
     pub shard_bytes_sent: Counter,
     /// Bytes of update slices and shard results received in coordinate-sharded exchanges.
@@ -105,6 +107,7 @@ impl Default for Metrics {
             slow_consumer_events: Counter::default(),
             partial_bytes_sent: Counter::default(),
             partial_bytes_received: Counter::default(),
+            consumer_restarts: Counter::default(),
             shard_bytes_sent: Counter::default(),
             shard_bytes_received: Counter::default(),
             jobs_served: Gauge::default(),
@@ -174,6 +177,11 @@ impl Default for Metrics {
             "shard_bytes_received",
             "Bytes of update slices and shard results received in coordinate-sharded exchanges",
             m.shard_bytes_received.clone(),
+        );
+        registry.register(
+            "consumer_restarts",
+            "Times the gateway opened its pull consumer again after it ended, failed or stalled",
+            m.consumer_restarts.clone(),
         );
         registry.register(
             "partial_bytes_received",
