@@ -55,6 +55,8 @@ pub struct ModeResult {
 /// # Errors
 /// nats-server missing, NATS or shared-memory errors (with context).
 pub async fn hierarchy(a: HierarchyArgs) -> Result<()> {
+    anyhow::ensure!(a.updates >= 1, "--updates must be at least 1");
+    anyhow::ensure!(a.params >= 1, "--params must be at least 1");
     let bytes = a.params * 4;
     println!(
         "shoal bench hierarchy: {} updates x {} f32 ({:.1} MB each, {:.2} GB per round)",
@@ -79,6 +81,11 @@ pub async fn hierarchy(a: HierarchyArgs) -> Result<()> {
     let (cold, warm) = start_times(&a).await?;
     println!("aggregator cold start: {cold:.0} us (first descriptor to a new actor handling it)");
     println!("aggregator warm reuse: {warm:.0} us (mean over {} rounds)", a.reuse_rounds);
+    // Leave no empty directories behind (the nodes removed their segments).
+    for id in ["bench-eager", "bench-lazy", "bench-start"] {
+        let _ = std::fs::remove_dir(a.shm_dir.join(id));
+    }
+    let _ = std::fs::remove_dir(&a.shm_dir);
     Ok(())
 }
 

@@ -337,7 +337,9 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     let (train_set, validation) = sim::train_test_split(&train_all, VALIDATION_FRACTION, TEST_SPLIT_SEED + 1);
 
     let nats = ConnectOptions { url: url.clone(), ..Default::default() };
-    let mut cfg = NodeConfig::new(NodeId::new(format!("demo-{}", std::process::id()))?);
+    let node_id = NodeId::new(format!("demo-{}", std::process::id()))?;
+    let node_dir = a.shm_dir.join(node_id.as_str());
+    let mut cfg = NodeConfig::new(node_id);
     cfg.nats = nats.clone();
     cfg.shm_root = a.shm_dir.clone();
     cfg.plugins = Some(Arc::new(DemoPlugins { validation: Arc::new(validation) }));
@@ -364,6 +366,8 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     let result = if a.matrix { run_matrix(&env, &a).await } else { run_single(&env, &a).await };
     node.shutdown().await;
     drop(env);
+    // The node id is per process: leave no empty directory behind (its segments are gone).
+    let _ = std::fs::remove_dir(&node_dir);
     result
 }
 
