@@ -512,6 +512,29 @@ macro_rules! whole_cohort_strategy {
     };
 }
 
+/// The whole-cohort path of the distance-selecting rules (Krum, Bulyan): the distances, the
+/// rule's selection, then its aggregate of the selected updates in canonical order. The sharded
+/// path runs the same two steps with distances summed over shards.
+fn select_then_aggregate<S: SelectionRule>(
+    rule: &S,
+    views: &[UpdateView<'_>],
+    out: &mut Parameters,
+) -> Result<()> {
+    let d = distance_matrix(views, out.manifest())?;
+    let mut picks = rule.select_positions(&d, views.len())?;
+    picks.sort_unstable();
+    let kept: Vec<UpdateView<'_>> = picks.iter().map(|&k| views[k]).collect();
+    rule.selected_into(&kept, out)
+}
+
+/// The two steps of a distance-selecting rule.
+trait SelectionRule {
+    /// Positions kept, from the canonical-order distance matrix of `n` updates.
+    fn select_positions(&self, d: &[f64], n: usize) -> Result<Vec<usize>>;
+    /// The `Mean` tensors of `out` from the kept updates (canonical order).
+    fn selected_into(&self, kept: &[UpdateView<'_>], out: &mut Parameters) -> Result<()>;
+}
+
 /// Selection is not how coordinate-wise rules work (see [`Sharding::Coordinatewise`]).
 fn no_selection(name: &'static str) -> Error {
     Error::Strategy { strategy: name, detail: "coordinate-wise: nothing to select".into() }
@@ -526,16 +549,18 @@ impl CoordinateMedian {
         Sharding::Coordinatewise
     }
 
+    fn mean_tensors_into(&self, views: &[UpdateView<'_>], out: &mut Parameters) -> Result<()> {
+        coordinatewise(Rule::Median, views, out)
+    }
+}
+
+impl SelectionRule for CoordinateMedian {
     fn select_positions(&self, _: &[f64], _: usize) -> Result<Vec<usize>> {
         Err(no_selection(self.name()))
     }
 
     fn selected_into(&self, _: &[UpdateView<'_>], _: &mut Parameters) -> Result<()> {
         Err(no_selection(self.name()))
-    }
-
-    fn mean_tensors_into(&self, views: &[UpdateView<'_>], out: &mut Parameters) -> Result<()> {
-        coordinatewise(Rule::Median, views, out)
     }
 }
 
@@ -548,16 +573,18 @@ impl TrimmedMean {
         Sharding::Coordinatewise
     }
 
+    fn mean_tensors_into(&self, views: &[UpdateView<'_>], out: &mut Parameters) -> Result<()> {
+        coordinatewise(Rule::Trimmed { cut: self.trim_count(views.len()) }, views, out)
+    }
+}
+
+impl SelectionRule for TrimmedMean {
     fn select_positions(&self, _: &[f64], _: usize) -> Result<Vec<usize>> {
         Err(no_selection(self.name()))
     }
 
     fn selected_into(&self, _: &[UpdateView<'_>], _: &mut Parameters) -> Result<()> {
         Err(no_selection(self.name()))
-    }
-
-    fn mean_tensors_into(&self, views: &[UpdateView<'_>], out: &mut Parameters) -> Result<()> {
-        coordinatewise(Rule::Trimmed { cut: self.trim_count(views.len()) }, views, out)
     }
 }
 
@@ -574,6 +601,12 @@ impl Krum {
         Sharding::DistanceSelection
     }
 
+    fn mean_tensors_into(&self, views: &[UpdateView<'_>], out: &mut Parameters) -> Result<()> {
+        select_then_aggregate(self, views, out)
+    }
+}
+
+impl SelectionRule for Krum {
     fn select_positions(&self, d: &[f64], n: usize) -> Result<Vec<usize>> {
         Ok(krum_best(d, n, self.f, self.m.max(1)))
     }
@@ -596,28 +629,6 @@ impl Krum {
             weighted_mean_into(kept, out)
         }
     }
-
-    fn mean_tensors_into(&self, views: &[UpdateView<'_>], out: &mut Parameters) -> Result<()> {
-        let manifest = Arc::clone(out.manifest());
-        let d = distance_matrix(views, &manifest)?;
-        let mut picks = krum_best(&d, views.len(), self.f, self.m.max(1));
-        if self.m <= 1 {
-            let best = views[picks[0]];
-            // The selected update unchanged: its bytes, not a decode/encode round trip.
-            for (spec, s) in manifest.tensors().iter().zip(manifest.slots()) {
-                if spec.policy == AggregationPolicy::Mean {
-                    let r = s.byte_offset..s.byte_offset + s.byte_len;
-                    out.as_bytes_mut()[r.clone()].copy_from_slice(&best.bytes[r]);
-                }
-            }
-            Ok(())
-        } else {
-            // Canonical (ClientId) order for the summation, whatever the score order.
-            picks.sort_unstable();
-            let kept: Vec<UpdateView<'_>> = picks.iter().map(|&k| views[k]).collect();
-            weighted_mean_into(&kept, out)
-        }
-    }
 }
 
 impl Bulyan {
@@ -629,6 +640,12 @@ impl Bulyan {
         Sharding::DistanceSelection
     }
 
+    fn mean_tensors_into(&self, views: &[UpdateView<'_>], out: &mut Parameters) -> Result<()> {
+        select_then_aggregate(self, views, out)
+    }
+}
+
+impl SelectionRule for Bulyan {
     fn select_positions(&self, d: &[f64], n: usize) -> Result<Vec<usize>> {
         Ok(bulyan_select(d, n, self.f, n - 2 * self.f))
     }
@@ -642,16 +659,6 @@ impl Bulyan {
             .filter(|&k| k > 0)
             .ok_or(Error::ManifestMismatch(COHORT_TOO_SMALL))?;
         coordinatewise(Rule::Bulyan { keep }, kept, out)
-    }
-
-    fn mean_tensors_into(&self, views: &[UpdateView<'_>], out: &mut Parameters) -> Result<()> {
-        let n = views.len();
-        let theta = n - 2 * self.f;
-        let d = distance_matrix(views, out.manifest())?;
-        let mut selected = bulyan_select(&d, n, self.f, theta);
-        selected.sort_unstable();
-        let kept: Vec<UpdateView<'_>> = selected.iter().map(|&k| views[k]).collect();
-        coordinatewise(Rule::Bulyan { keep: theta - 2 * self.f }, &kept, out)
     }
 }
 
