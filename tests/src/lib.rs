@@ -408,3 +408,34 @@ impl TestPki {
         }
     }
 }
+
+/// Publishes client `who`'s update for `state`'s open round, trained on its model version:
+/// random values from `seed` (as sent, after rounding to the manifest's dtypes) with weight
+/// `n`. Returns what was sent, for the oracle.
+///
+/// # Panics
+/// If the id is invalid or the publish fails.
+pub async fn send_random(
+    c: &shoal_runtime::client::ShoalClient,
+    m: &Arc<ModelManifest>,
+    job: &JobId,
+    who: &str,
+    state: &shoal_runtime::protocol::JobState,
+    seed: u64,
+    n: u64,
+) -> (Vec<Vec<f64>>, f64) {
+    let values = as_sent(m, &random_values(m, seed));
+    c.publish_update(shoal_runtime::client::UpdateRequest {
+        job: job.clone(),
+        client: shoal_functions::ClientId::new(who).expect("client id"),
+        round: state.round,
+        base_version: state.model_version,
+        num_examples: n,
+        kind: UpdateKind::Parameters,
+        payload: payload(m, &values),
+        force_object_store: false,
+    })
+    .await
+    .expect("publish");
+    (values, n as f64)
+}

@@ -16,11 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use shoal_functions::{
-    ClientId, DType, JobId, ModelManifest, ModelVersion, Parameters, RoundId, TensorSpec, UpdateKind,
-};
+use shoal_functions::{ClientId, DType, JobId, ModelManifest, ModelVersion, Parameters, RoundId, TensorSpec};
 use shoal_runtime::auth::NatsAuth;
-use shoal_runtime::client::{ShoalClient, UpdateRequest};
+use shoal_runtime::client::ShoalClient;
 use shoal_runtime::infra::ConnectOptions;
 use shoal_runtime::metrics::scrape;
 use shoal_runtime::protocol::{now_ms, JobPhase, RoundOutcome};
@@ -35,34 +33,6 @@ fn manifest() -> Arc<ModelManifest> {
 
 async fn connect(url: &str) -> ShoalClient {
     ShoalClient::connect(&ConnectOptions { url: url.into(), ..Default::default() }).await.unwrap()
-}
-
-/// Publishes client `who`'s update (values from `seed`, weight `n`) for `round` from `base`;
-/// returns what was sent.
-async fn send(
-    c: &ShoalClient,
-    job: &JobId,
-    who: &str,
-    round: RoundId,
-    base: ModelVersion,
-    seed: u64,
-    n: u64,
-) -> (Vec<Vec<f64>>, f64) {
-    let m = manifest();
-    let values = as_sent(&m, &random_values(&m, seed));
-    c.publish_update(UpdateRequest {
-        job: job.clone(),
-        client: ClientId::new(who).unwrap(),
-        round,
-        base_version: base,
-        num_examples: n,
-        kind: UpdateKind::Parameters,
-        payload: payload(&m, &values),
-        force_object_store: false,
-    })
-    .await
-    .unwrap();
-    (values, n as f64)
 }
 
 async fn assert_model(c: &ShoalClient, job: &JobId, version: u64, sent: &[(Vec<Vec<f64>>, f64)]) {
@@ -90,7 +60,7 @@ async fn a_selected_client_that_never_reports_closes_the_round_at_its_deadline()
         let open = c.wait_for_open_round(&job, RoundId(1), Duration::from_secs(20)).await.unwrap();
         let mut sent = Vec::new();
         for (i, who) in ["c1", "c2", "c3", "c4"].iter().enumerate() {
-            sent.push(send(&c, &job, who, open.round, open.model_version, 10 + i as u64, 3 + i as u64).await);
+            sent.push(send_random(&c, &manifest(), &job, who, &open, 10 + i as u64, 3 + i as u64).await);
         }
         // c5 never publishes.
         let after = c.wait_for_round_closed(&job, RoundId(1), Duration::from_secs(30)).await.unwrap();
@@ -149,9 +119,7 @@ async fn when_every_client_dies_the_job_fails_and_releases_its_resources() {
         let open = clients[0].wait_for_open_round(&job, RoundId(1), Duration::from_secs(20)).await.unwrap();
         let mut sent = Vec::new();
         for (i, c) in clients.iter().enumerate() {
-            sent.push(
-                send(c, &job, &format!("z{i}"), open.round, open.model_version, 30 + i as u64, 7).await,
-            );
+            sent.push(send_random(c, &manifest(), &job, &format!("z{i}"), &open, 30 + i as u64, 7).await);
         }
         let after =
             clients[0].wait_for_round_closed(&job, RoundId(1), Duration::from_secs(20)).await.unwrap();
@@ -206,8 +174,8 @@ async fn a_client_reconnecting_after_its_round_closed_is_told_late_update() {
         slow.wait_for_open_round(&job, RoundId(1), Duration::from_secs(20)).await.unwrap()
     }; // the slow client's connection is gone while it trains
     let sent1 = vec![
-        send(&fast, &job, "a", round1.round, round1.model_version, 41, 5).await,
-        send(&fast, &job, "b", round1.round, round1.model_version, 42, 9).await,
+        send_random(&fast, &manifest(), &job, "a", &round1, 41, 5).await,
+        send_random(&fast, &manifest(), &job, "b", &round1, 42, 9).await,
     ];
     let after1 = fast.wait_for_round_closed(&job, RoundId(1), Duration::from_secs(20)).await.unwrap();
     assert!(matches!(after1.last_outcome, Some(RoundOutcome::Committed { clients: 2, .. })), "{after1:?}");
@@ -217,7 +185,7 @@ async fn a_client_reconnecting_after_its_round_closed_is_told_late_update() {
     let slow = connect(&nats.url()).await;
     let me = ClientId::new("slow").unwrap();
     let mut notices = slow.rejections(&job, &me).await.unwrap();
-    send(&slow, &job, "slow", round1.round, round1.model_version, 43, 7).await;
+    send_random(&slow, &manifest(), &job, "slow", &round1, 43, 7).await;
     // (Not `wait_for_outcome`: the round has closed already, so its state would race the
     // notice.)
     let m1 = tokio::time::timeout(Duration::from_secs(15), notices.next()).await;
@@ -233,8 +201,8 @@ async fn a_client_reconnecting_after_its_round_closed_is_told_late_update() {
     let round2 = slow.wait_for_open_round(&job, RoundId(2), Duration::from_secs(20)).await.unwrap();
     assert_eq!(round2.model_version, ModelVersion(1));
     let sent2 = vec![
-        send(&slow, &job, "slow", round2.round, round2.model_version, 44, 7).await,
-        send(&fast, &job, "a", round2.round, round2.model_version, 45, 5).await,
+        send_random(&slow, &manifest(), &job, "slow", &round2, 44, 7).await,
+        send_random(&fast, &manifest(), &job, "a", &round2, 45, 5).await,
     ];
     let after2 =
         slow.wait_for_outcome(&job, RoundId(2), &mut notices, Duration::from_secs(20)).await.unwrap();
@@ -283,8 +251,8 @@ async fn clients_resync_by_polling_when_every_round_event_is_dropped() {
         let open = c.wait_for_open_round(&job, RoundId(round), Duration::from_secs(20)).await.unwrap();
         assert_eq!(open.model_version, ModelVersion(round - 1));
         let sent = vec![
-            send(&c, &job, "p", open.round, open.model_version, 60 + round, 2).await,
-            send(&c, &job, "q", open.round, open.model_version, 70 + round, 6).await,
+            send_random(&c, &manifest(), &job, "p", &open, 60 + round, 2).await,
+            send_random(&c, &manifest(), &job, "q", &open, 70 + round, 6).await,
         ];
         let after = c
             .wait_for_round_closed(&job, RoundId(round), Duration::from_secs(20))

@@ -27,32 +27,6 @@ async fn client() -> ShoalClient {
     ShoalClient::connect(&ConnectOptions { url: cluster.nats.url(), ..Default::default() }).await.unwrap()
 }
 
-async fn send(
-    c: &ShoalClient,
-    job: &JobId,
-    who: &str,
-    round: RoundId,
-    base: ModelVersion,
-    seed: u64,
-    n: u64,
-) -> (Vec<Vec<f64>>, f64) {
-    let m = manifest();
-    let values = as_sent(&m, &random_values(&m, seed));
-    c.publish_update(UpdateRequest {
-        job: job.clone(),
-        client: ClientId::new(who).unwrap(),
-        round,
-        base_version: base,
-        num_examples: n,
-        kind: UpdateKind::Parameters,
-        payload: payload(&m, &values),
-        force_object_store: false,
-    })
-    .await
-    .unwrap();
-    (values, n as f64)
-}
-
 #[tokio::test]
 async fn quorum_not_met_keeps_the_model_and_a_partial_cohort_commits_at_the_deadline() {
     let c = client().await;
@@ -63,7 +37,7 @@ async fn quorum_not_met_keeps_the_model_and_a_partial_cohort_commits_at_the_dead
 
     // Round 1: one update only.
     let s1 = c.wait_for_open_round(&job, RoundId(1), Duration::from_secs(20)).await.unwrap();
-    send(&c, &job, "a", s1.round, s1.model_version, 1, 10).await;
+    send_random(&c, &manifest(), &job, "a", &s1, 1, 10).await;
     let after1 = c.wait_for_round_closed(&job, RoundId(1), Duration::from_secs(20)).await.unwrap();
     assert_eq!(after1.last_outcome, Some(RoundOutcome::QuorumNotMet { accepted: 1, min_clients: 2 }));
     assert_eq!(after1.model_version, ModelVersion(0), "the previous model stands");
@@ -73,8 +47,8 @@ async fn quorum_not_met_keeps_the_model_and_a_partial_cohort_commits_at_the_dead
     let s2 = c.wait_for_open_round(&job, RoundId(2), Duration::from_secs(20)).await.unwrap();
     assert_eq!(s2.model_version, ModelVersion(0));
     let sent = vec![
-        send(&c, &job, "a", s2.round, s2.model_version, 2, 10).await,
-        send(&c, &job, "b", s2.round, s2.model_version, 3, 30).await,
+        send_random(&c, &manifest(), &job, "a", &s2, 2, 10).await,
+        send_random(&c, &manifest(), &job, "b", &s2, 3, 30).await,
     ];
     let after2 = c.wait_for_round_closed(&job, RoundId(2), Duration::from_secs(20)).await.unwrap();
     assert!(matches!(after2.last_outcome, Some(RoundOutcome::Committed { clients: 2, .. })), "{after2:?}");
@@ -121,7 +95,7 @@ async fn median_job_commits_the_coordinate_wise_median() {
     let s = c.wait_for_open_round(&job, RoundId(1), Duration::from_secs(20)).await.unwrap();
     let mut sent = Vec::new();
     for (i, who) in ["a", "b", "c", "d", "e"].iter().enumerate() {
-        sent.push(send(&c, &job, who, s.round, s.model_version, 40 + i as u64, 1 + i as u64 * 100).await.0);
+        sent.push(send_random(&c, &manifest(), &job, who, &s, 40 + i as u64, 1 + i as u64 * 100).await.0);
     }
     let after = c.wait_for_round_closed(&job, RoundId(1), Duration::from_secs(20)).await.unwrap();
     assert!(matches!(after.last_outcome, Some(RoundOutcome::Committed { clients: 5, .. })), "{after:?}");
