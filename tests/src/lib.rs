@@ -439,3 +439,21 @@ pub async fn send_random(
     .expect("publish");
     (values, n as f64)
 }
+
+/// Asserts that the updates stream empties within `within`: every update was acked (acks follow
+/// the commit, so the work queue empties shortly after the state says committed).
+///
+/// # Panics
+/// With the number of messages left when `within` passes.
+pub async fn assert_stream_drains(client: &shoal_runtime::client::ShoalClient, within: Duration) {
+    let mut stream = client.infra().updates.clone();
+    let deadline = Instant::now() + within;
+    loop {
+        let left = stream.info().await.expect("stream info").state.messages;
+        if left == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{left} updates never acked after the commit");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

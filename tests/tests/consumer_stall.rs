@@ -75,14 +75,5 @@ async fn a_deleted_consumer_is_recreated_and_nothing_is_lost() {
     assert!(scrape(&metrics, "shoal_consumer_restarts_total") >= Some(1.0), "{metrics}");
     // Every message is acked in the end (a copy of the first, delivered by the new consumer,
     // is acked as already applied): the work queue drains.
-    let mut stream = client.infra().updates.clone();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let left = stream.info().await.unwrap().state.messages;
-        if left == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{left} updates never acked\n{}", node.log());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    assert_stream_drains(&client, Duration::from_secs(20)).await;
 }

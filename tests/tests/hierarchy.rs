@@ -103,19 +103,6 @@ async fn committed(client: &ShoalClient, job: &JobId, round: u64, nodes: &[NodeP
     }
 }
 
-async fn assert_stream_drains(client: &ShoalClient) {
-    let mut stream = client.infra().updates.clone();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let left = stream.info().await.unwrap().state.messages;
-        if left == 0 {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{left} updates never acked after the commit");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// FedAvg over 3 nodes equals the f64 oracle, and only partials cross nodes: the bytes sent
 /// between nodes are bounded by one f64 partial per remote node whatever the number of clients.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -163,7 +150,7 @@ async fn three_nodes_fedavg_matches_the_oracle_and_moves_only_partials() {
         // At most one f64 partial (plus its small header) from each of the two other nodes.
         assert!(bytes <= 2.0 * (partial_bytes + 1024.0), "{name}: {bytes} cross-node bytes");
         moved.push((bytes, staged));
-        assert_stream_drains(&client).await;
+        assert_stream_drains(&client, Duration::from_secs(15)).await;
     }
     // The large job's updates landed on several nodes, so partials did cross nodes; their bytes
     // are far below the bytes of the updates staged on the nodes other than the top.
@@ -229,7 +216,7 @@ async fn killing_the_top_mid_round_loses_nothing() {
     assert_ne!(new_top.node, top.node);
     let state = client.job_state(&job).await.unwrap();
     assert_eq!((state.round, state.model_version), (RoundId(2), ModelVersion(1)), "committed exactly once");
-    assert_stream_drains(&client).await;
+    assert_stream_drains(&client, Duration::from_secs(15)).await;
 }
 
 /// Runs one round of `strategy` on 3 nodes and checks the committed model against the same
@@ -292,7 +279,7 @@ async fn whole_cohort_round(name: &str, strategy: StrategySpec, kind: UpdateKind
         ));
     }
     eprintln!("{name}: (staged, shard bytes sent, received) per node {per_node:?}");
-    assert_stream_drains(&client).await;
+    assert_stream_drains(&client, Duration::from_secs(15)).await;
     per_node
 }
 
@@ -500,5 +487,5 @@ async fn a_node_leaving_mid_round_loses_nothing() {
     let (clients, weight) = committed(&client, &job, 1, &nodes).await;
     assert_eq!((clients, weight), (4, 14.0), "{}", logs(&nodes));
     assert_close(&model(&client, &job, &m, 1).await, &weighted_mean_oracle(&sent), "after a node left");
-    assert_stream_drains(&client).await;
+    assert_stream_drains(&client, Duration::from_secs(15)).await;
 }
