@@ -1,0 +1,3 @@
+module shoal.local/kubeassets
+
+go 1.26
