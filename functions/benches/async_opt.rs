@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
 use shoal_functions::asynchronous::{ExampleWeight, FedBuff, Staleness, StalenessWeight};
-use shoal_functions::server_opt::{ServerOptimizer, ServerOptimizerConfig};
+use shoal_functions::server_opt::{ServerOptimizer, ServerOptimizerSpec};
 
 mod common;
 use common::AlignedWords;
@@ -127,7 +127,7 @@ impl Data {
     }
 
     /// An optimiser whose state is allocated (one step taken).
-    fn optimiser(&self, config: ServerOptimizerConfig) -> ServerOptimizer {
+    fn optimiser(&self, config: ServerOptimizerSpec) -> ServerOptimizer {
         let mut opt = ServerOptimizer::new(config).expect("config");
         opt.step(&self.global, &self.aggregated).expect("step");
         opt
@@ -151,9 +151,9 @@ fn step_group(c: &mut Criterion, data: &Data) {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
     for (name, config) in [
-        ("fedadam_step", ServerOptimizerConfig::fedadam()),
-        ("fedyogi_step", ServerOptimizerConfig::fedyogi()),
-        ("fedavgm_step", ServerOptimizerConfig::fedavgm()),
+        ("fedadam_step", ServerOptimizerSpec::fedadam()),
+        ("fedyogi_step", ServerOptimizerSpec::fedyogi()),
+        ("fedavgm_step", ServerOptimizerSpec::fedavgm()),
     ] {
         let mut opt = data.optimiser(config);
         g.bench_function(name, |b| {
@@ -228,7 +228,7 @@ fn ratio_summary(data: &Data) {
     let fb = best_of(5, || timed_fold(&mut partial, &mut fb_fold));
     let avg = best_of(5, || timed_fold(&mut partial, &mut avg_fold));
     let avg_one = best_of(5, || timed_fold(&mut partial, &mut avg_fold_one));
-    let mut opt = data.optimiser(ServerOptimizerConfig::fedadam());
+    let mut opt = data.optimiser(ServerOptimizerSpec::fedadam());
     let adam = best_of(5, || {
         let t = Instant::now();
         black_box(opt.step(&data.global, &data.aggregated).expect("step"));

@@ -134,182 +134,21 @@ fn check_lr(lr: f64) -> Result<(), AsyncError> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Staleness and its weight
+// Staleness and its weight (the formulas are part of the job spec: `shoal_proto::spec`)
 // ---------------------------------------------------------------------------------------------
 
-/// Staleness τ of an update: the current global model version minus the version the client
-/// trained from, in model versions (server steps). 0 for an update on the current model.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Staleness(pub u64);
+pub use shoal_proto::spec::{ExampleWeight, FedBuffNormalisation, FedBuffSpec, StalenessWeight};
+pub use shoal_proto::Staleness;
 
-impl Staleness {
-    /// `current − base`.
-    ///
-    /// # Errors
-    /// [`AsyncError::FutureBase`] if `base > current` (a client cannot have trained on a model
-    /// that does not exist yet; reject the update).
-    pub fn between(current: ModelVersion, base: ModelVersion) -> Result<Staleness, AsyncError> {
-        current.0.checked_sub(base.0).map(Staleness).ok_or(AsyncError::FutureBase { base, current })
+impl From<shoal_proto::SpecError> for AsyncError {
+    fn from(e: shoal_proto::SpecError) -> Self {
+        AsyncError::InvalidConfig(e.0)
     }
 }
 
-impl fmt::Display for Staleness {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-/// Staleness weight s(τ) of FedBuff (Nguyen et al., "Federated Learning with Buffered
-/// Asynchronous Aggregation", AISTATS 2022), as in FLSim's
-/// `flsim/utils/async_trainer/async_staleness_weights.py` (`algorithms.md` §C.3).
-///
-/// Each function has a raw form r(τ); with `avg_staleness = Some(a)` it is normalised to
-/// s(τ) = r(τ) / r(a), so s(a) = 1 (FLSim always normalises, with a = 1 by default). With
-/// `None` it is r(τ) itself (the paper's s(τ) = 1/√(1+τ) is `Polynomial { exponent: 0.5,
-/// avg_staleness: None }`, see [`StalenessWeight::paper`]).
-///
-/// The normalisation is a constant factor, so it cancels under
-/// [`FedBuffNormalisation::ByWeightSum`] but scales the step under `ByBufferSize` and `Sum`
-/// (by √2 for FLSim's e = 0.5, a = 1).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum StalenessWeight {
-    /// r(τ) = 1: every update counts fully.
-    Constant,
-    /// r(τ) = 1 if τ ≤ `cutoff`, else `value` (≥ 0; 0 discards updates staler than `cutoff`).
-    Threshold {
-        /// Largest staleness weighted 1.
-        cutoff: u64,
-        /// Weight of staler updates, finite and ≥ 0.
-        value: f64,
-        /// Normalise so that s(avg_staleness) = 1 (FLSim: `Some(1.0)`).
-        #[serde(default)]
-        avg_staleness: Option<f64>,
-    },
-    /// r(τ) = 1 / (1 + τ)^exponent. FLSim restricts the exponent to [0, 1]; any finite
-    /// exponent ≥ 0 is accepted here.
-    Polynomial {
-        /// e ≥ 0 (0.5 in the FedBuff paper).
-        exponent: f64,
-        /// Normalise so that s(avg_staleness) = 1 (FLSim: `Some(1.0)`).
-        #[serde(default)]
-        avg_staleness: Option<f64>,
-    },
-}
-
-impl StalenessWeight {
-    /// The FedBuff paper's s(τ) = 1/√(1+τ), not normalised.
-    pub fn paper() -> StalenessWeight {
-        StalenessWeight::Polynomial { exponent: 0.5, avg_staleness: None }
-    }
-
-    /// FLSim's polynomial weight, normalised at its default average staleness 1:
-    /// s(τ) = (2/(1+τ))^e; for e = 0.5, s(τ) = √2/√(1+τ) (test vector C-5).
-    pub fn flsim_polynomial(exponent: f64) -> StalenessWeight {
-        StalenessWeight::Polynomial { exponent, avg_staleness: Some(1.0) }
-    }
-
-    /// The raw (not normalised) weight at a real staleness `tau` ≥ 0.
-    fn raw(&self, tau: f64) -> f64 {
-        match *self {
-            StalenessWeight::Constant => 1.0,
-            StalenessWeight::Threshold { cutoff, value, .. } => {
-                if tau <= cutoff as f64 {
-                    1.0
-                } else {
-                    value
-                }
-            }
-            StalenessWeight::Polynomial { exponent, .. } => 1.0 / (1.0 + tau).powf(exponent),
-        }
-    }
-
-    fn avg_staleness(&self) -> Option<f64> {
-        match *self {
-            StalenessWeight::Constant => None,
-            StalenessWeight::Threshold { avg_staleness, .. }
-            | StalenessWeight::Polynomial { avg_staleness, .. } => avg_staleness,
-        }
-    }
-
-    /// s(τ), dimensionless, ≥ 0. Meaningful only for a configuration that passes
-    /// [`Self::validate`] (otherwise it may be NaN, which folding rejects).
-    pub fn weight(&self, staleness: Staleness) -> f64 {
-        let r = self.raw(staleness.0 as f64);
-        match self.avg_staleness() {
-            Some(a) => r / self.raw(a),
-            None => r,
-        }
-    }
-
-    /// Checks the parameters.
-    ///
-    /// # Errors
-    /// [`AsyncError::InvalidConfig`] for a negative or non-finite exponent or threshold value,
-    /// a negative or non-finite `avg_staleness`, or a normaliser r(avg_staleness) that is 0
-    /// (a threshold with value 0 and `avg_staleness > cutoff`).
-    pub fn validate(&self) -> Result<(), AsyncError> {
-        match *self {
-            StalenessWeight::Constant => {}
-            StalenessWeight::Threshold { value, .. } => {
-                if !(value.is_finite() && value >= 0.0) {
-                    return Err(invalid(format!(
-                        "threshold staleness value {value} must be finite and >= 0"
-                    )));
-                }
-            }
-            StalenessWeight::Polynomial { exponent, .. } => {
-                if !(exponent.is_finite() && exponent >= 0.0) {
-                    return Err(invalid(format!("staleness exponent {exponent} must be finite and >= 0")));
-                }
-            }
-        }
-        if let Some(a) = self.avg_staleness() {
-            if !(a.is_finite() && a >= 0.0) {
-                return Err(invalid(format!("avg_staleness {a} must be finite and >= 0")));
-            }
-            let r = self.raw(a);
-            if !(r.is_finite() && r > 0.0) {
-                return Err(invalid(format!(
-                    "staleness weight at avg_staleness {a} is {r}: cannot normalise"
-                )));
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Example weight of FedBuff, as FLSim's `async_example_weights.py`, normalised at its default
-/// average of one example (so `Log10` is log10(1+n)/log10(2)). Every variant gives 0 for a
-/// zero-example update (discard it; FLSim asserts n > 0).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ExampleWeight {
-    /// 1 per update (FLSim's sent140 FedBuff config).
-    #[default]
-    Equal,
-    /// n, the update's `num_examples` (FedAvg's weighting; FLSim's `Linear`).
-    NumExamples,
-    /// √n.
-    Sqrt,
-    /// log10(1 + n) / log10(2).
-    Log10,
-}
-
-impl ExampleWeight {
-    /// The weight of an update trained on `num_examples` examples.
-    pub fn weight(self, num_examples: u64) -> f64 {
-        if num_examples == 0 {
-            return 0.0;
-        }
-        let n = num_examples as f64;
-        match self {
-            ExampleWeight::Equal => 1.0,
-            ExampleWeight::NumExamples => n,
-            ExampleWeight::Sqrt => n.sqrt(),
-            ExampleWeight::Log10 => n.ln_1p() / std::f64::consts::LN_2,
-        }
+impl From<shoal_proto::ids::FutureBase> for AsyncError {
+    fn from(e: shoal_proto::ids::FutureBase) -> Self {
+        AsyncError::FutureBase { base: e.base, current: e.current }
     }
 }
 
@@ -388,29 +227,6 @@ pub trait AsyncWeighting {
 // FedBuff
 // ---------------------------------------------------------------------------------------------
 
-/// What FedBuff divides the buffered sum Σ_k w_k Δ_k by (`algorithms.md` §D point 5,
-/// `bug-cases.md` row 26). Example: deltas `[1]`, `[1]`, `[1]` at staleness 0, 1, 3 with
-/// s(τ) = 1/√(1+τ), K = 3, η_g = 1: `ByBufferSize` steps (1 + 0.7071 + 0.5)/3 = 0.7357,
-/// `ByWeightSum` steps 1.0, `Sum` steps 2.2071.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FedBuffNormalisation {
-    /// Divide by the configured buffer size K, as the FedBuff paper's Algorithm 1 (Δ̄/K). A
-    /// **partial flush** of k < K updates (after `max_wait`) still divides by K: each update's
-    /// coefficient η_g·w/K does not depend on when the flush happens, and the step is k/K as
-    /// long as a full buffer's. If merged partials overshoot (k > K, concurrent leaves), it
-    /// divides by k instead, so a coefficient never exceeds η_g·w/K.
-    #[default]
-    ByBufferSize,
-    /// Divide by the sum of the buffered weights Σ w_k (a weighted mean of the deltas; the
-    /// alternative raised in FedScale PR #162). A partial flush takes a full-size step from the
-    /// k updates it has; staleness weights then only matter relative to each other.
-    ByWeightSum,
-    /// No division: Σ w_k Δ_k (FLSim's default `WEIGHTED_SUM` reducer; η_g absorbs the scale).
-    /// A partial flush takes a k/K-size step, as `ByBufferSize`.
-    Sum,
-}
-
 /// FedBuff: buffered asynchronous aggregation (Nguyen, Malik, Zhao, Rabbat et al., AISTATS 2022;
 /// FLSim `flsim/optimizers/async_aggregators.py`; `algorithms.md` §C.3).
 ///
@@ -456,7 +272,7 @@ impl FedBuff {
             return Err(invalid("buffer_size must be at least 1"));
         }
         check_lr(self.server_lr)?;
-        self.staleness.validate()
+        Ok(self.staleness.validate()?)
     }
 
     /// The weight the runtime folds an update with: `example_weight(num_examples) ·
@@ -485,6 +301,30 @@ impl FedBuff {
             FedBuffNormalisation::ByBufferSize => partial.count().max(u64::from(self.buffer_size)) as f64,
             FedBuffNormalisation::ByWeightSum => partial.total_weight(),
             FedBuffNormalisation::Sum => 1.0,
+        }
+    }
+}
+
+impl From<FedBuffSpec> for FedBuff {
+    fn from(s: FedBuffSpec) -> FedBuff {
+        FedBuff {
+            buffer_size: s.buffer_size,
+            staleness: s.staleness,
+            normalisation: s.normalisation,
+            example_weight: s.example_weight,
+            server_lr: s.server_lr,
+        }
+    }
+}
+
+impl From<FedBuff> for FedBuffSpec {
+    fn from(f: FedBuff) -> FedBuffSpec {
+        FedBuffSpec {
+            buffer_size: f.buffer_size,
+            staleness: f.staleness,
+            normalisation: f.normalisation,
+            example_weight: f.example_weight,
+            server_lr: f.server_lr,
         }
     }
 }

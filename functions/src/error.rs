@@ -54,33 +54,10 @@ pub enum Error {
     Encode(#[source] safetensors::SafeTensorError),
 }
 
-/// A small `Copy` classification of [`Error`], for callers that branch on the kind and for
-/// bounded metric labels. Serialised as its label (`zero_total_weight`, ...), e.g. in a round's
-/// `aggregation_failed` outcome.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorKind {
-    /// See [`Error::ZeroTotalWeight`].
-    ZeroTotalWeight,
-    /// See [`Error::InvalidWeight`].
-    InvalidWeight,
-    /// See [`Error::ManifestMismatch`].
-    ManifestMismatch,
-    /// See [`Error::NotStreaming`].
-    NotStreaming,
-    /// See [`Error::NonFiniteResult`].
-    NonFiniteResult,
-    /// See [`Error::Strategy`].
-    Strategy,
-    /// See [`Error::Validation`].
-    Validation,
-    /// See [`Error::InvalidManifest`].
-    InvalidManifest,
-    /// See [`Error::Misaligned`].
-    Misaligned,
-    /// See [`Error::Encode`].
-    Encode,
-}
+/// The `Copy` classification of [`Error`], for callers that branch on the kind and for bounded
+/// metric labels. It is the wire's [`shoal_proto::AggregationErrorKind`] (a round's
+/// `aggregation_failed` outcome names it), so the maths crate's error never travels itself.
+pub use shoal_proto::AggregationErrorKind as ErrorKind;
 
 impl Error {
     /// The error's kind.
@@ -100,20 +77,8 @@ impl Error {
     }
 }
 
-impl ErrorKind {
-    /// A bounded label for metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorKind::ZeroTotalWeight => "zero_total_weight",
-            ErrorKind::InvalidWeight => "invalid_weight",
-            ErrorKind::ManifestMismatch => "manifest_mismatch",
-            ErrorKind::NotStreaming => "not_streaming",
-            ErrorKind::NonFiniteResult => "non_finite_result",
-            ErrorKind::Strategy => "strategy",
-            ErrorKind::Validation => "validation",
-            ErrorKind::InvalidManifest => "invalid_manifest",
-            ErrorKind::Misaligned => "misaligned",
-            ErrorKind::Encode => "encode",
-        }
+impl From<shoal_proto::ManifestError> for Error {
+    fn from(e: shoal_proto::ManifestError) -> Self {
+        Error::InvalidManifest(e.0)
     }
 }

@@ -5,11 +5,9 @@
 //! (`shoal-runtime`) feeds it views of client updates staged in shared memory.
 //!
 //! Modules:
-//! - [`ids`]: newtypes for the vocabulary's identifiers (`JobId`, `ClientId`, `RoundId`,
-//!   `ModelVersion`, `NodeId`) and their validation (they become NATS subject tokens).
-//! - [`tensor`]: dtypes, the model manifest (names, dtypes, shapes, aggregation policy of every
-//!   tensor), the canonical slot layout updates are staged in, [`Parameters`](tensor::Parameters),
-//!   and ingest validation of safetensors payloads ([`tensor::stage_update`]).
+//! - [`tensor`]: [`Parameters`](tensor::Parameters) (a model's tensors in the canonical slot
+//!   layout of `shoal_proto::manifest`), typed views of tensor bytes, safetensors encoding, and
+//!   ingest validation of safetensors payloads ([`tensor::stage_update`]).
 //! - [`kernels`]: the fold kernels (`acc += w * x`, decoded from f32/f16/bf16/f64/integers into an
 //!   f64 accumulator), each with a plain reference kernel beside the optimised one, and a
 //!   memory-read baseline for benchmarks.
@@ -25,26 +23,28 @@
 //!   Multi-Krum (Blanchard et al., NeurIPS 2017), Bulyan (El Mhamdi et al., ICML 2018).
 //! - [`rffl`]: RFFL reputation, removal and per-client rewards (Xu & Lyu, FL-ICML 2021).
 //! - [`bristle`]: Bristle's distance prioritizer and per-class integrator (arXiv 2110.11006).
-//! - [`spec`]: the job specification shared by the runtime and (later) the operator.
+//! - [`factory`]: builds a job's strategy from its `shoal_proto::JobSpec`, and validates a spec
+//!   completely.
 //! - [`error`]: this crate's error type and its `Copy` kind.
 
 pub mod asynchronous;
 pub mod bristle;
 pub mod error;
+pub mod factory;
 pub mod fedavg;
-pub mod ids;
 pub mod kernels;
 pub mod rffl;
 pub mod robust;
 pub mod server_opt;
 pub mod shard;
-pub mod spec;
 pub mod strategy;
 pub mod tensor;
 
 pub use error::{Error, ErrorKind, Result};
 pub use fedavg::FedAvg;
-pub use ids::{ClientId, JobId, ModelVersion, NodeId, RoundId};
-pub use spec::{JobSpec, RoundPolicy, RoundRule, StrategySpec, UpdateKind};
+/// The contract's ids and spec, re-exported where this crate's API uses them.
+pub use shoal_proto::{ids, spec};
+pub use shoal_proto::{ClientId, JobId, ModelVersion, NodeId, RoundId};
+pub use shoal_proto::{JobSpec, RoundPolicy, RoundRule, StrategySpec, UpdateKind};
 pub use strategy::{Mergeability, PartialAggregate, Sharding, Strategy, UpdateView};
 pub use tensor::{AggregationPolicy, DType, ModelManifest, Parameters, TensorSpec, ValidationError};

@@ -44,8 +44,6 @@
 use std::fmt;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
-
 use crate::error::{Error, Result};
 use crate::strategy::{Mergeability, PartialAggregate, Strategy, UpdateView};
 use crate::tensor::{AggregationPolicy, ModelManifest, Parameters, TensorData};
@@ -91,176 +89,32 @@ impl ServerOptErrorKind {
     }
 }
 
-/// FedAdam's bias correction of the learning rate (see the module docs).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BiasCorrection {
-    /// η·√(1−β₂^(t+1))/(1−β₁^(t+1)), Flower's `FedAdam`.
-    #[default]
-    Flower,
-    /// η·√(1−β₂^t)/(1−β₁^t), Kingma & Ba's α_t.
-    KingmaBa,
-    /// η, Reddi et al. Algorithm 2.
-    Off,
+pub use shoal_proto::spec::{BiasCorrection, ServerOptimizerSpec};
+
+impl From<shoal_proto::SpecError> for ServerOptError {
+    fn from(e: shoal_proto::SpecError) -> Self {
+        ServerOptError::InvalidConfig(e.0)
+    }
 }
 
-/// Which server optimiser, with its hyperparameters. The constructors give the defaults.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "name")]
-pub enum ServerOptimizerConfig {
-    /// Server SGD with momentum (Hsu et al. 2019).
-    #[serde(rename = "fedavgm")]
-    FedAvgM {
-        /// η > 0.
-        lr: f64,
-        /// β in [0, 1).
-        momentum: f64,
-    },
-    /// Adam on the server (Reddi et al. 2021).
-    #[serde(rename = "fedadam")]
-    FedAdam {
-        /// η > 0.
-        lr: f64,
-        /// β₁ in [0, 1).
-        beta1: f64,
-        /// β₂ in [0, 1).
-        beta2: f64,
-        /// τ > 0, the adaptivity (ε of Adam).
-        tau: f64,
-        /// Learning-rate bias correction.
-        #[serde(default)]
-        bias_correction: BiasCorrection,
-    },
-    /// Yogi on the server (Reddi et al. 2021).
-    #[serde(rename = "fedyogi")]
-    FedYogi {
-        /// η > 0.
-        lr: f64,
-        /// β₁ in [0, 1).
-        beta1: f64,
-        /// β₂ in [0, 1).
-        beta2: f64,
-        /// τ > 0.
-        tau: f64,
-    },
-    /// Adagrad on the server (Reddi et al. 2021).
-    #[serde(rename = "fedadagrad")]
-    FedAdagrad {
-        /// η > 0.
-        lr: f64,
-        /// β₁ in [0, 1) (Flower fixes 0: m_t = Δ_t).
-        beta1: f64,
-        /// τ > 0.
-        tau: f64,
-    },
-}
-
-impl ServerOptimizerConfig {
-    /// FedAvgM with momentum β = 0.9 and η = 0.1, an effective learning rate η/(1−β) = 1 (the
-    /// quantity Hsu et al. 2019 sweep). Flower's `FedAvgM` defaults are η = 1, β = 0, which is
-    /// plain FedAvg; pass them explicitly for that.
-    pub fn fedavgm() -> ServerOptimizerConfig {
-        ServerOptimizerConfig::FedAvgM { lr: 0.1, momentum: 0.9 }
-    }
-
-    /// Flower's `FedAdam` defaults: η = 0.1, β₁ = 0.9, β₂ = 0.99, τ = 1e-9, Flower's bias
-    /// correction.
-    pub fn fedadam() -> ServerOptimizerConfig {
-        ServerOptimizerConfig::FedAdam {
-            lr: 0.1,
-            beta1: 0.9,
-            beta2: 0.99,
-            tau: 1e-9,
-            bias_correction: BiasCorrection::Flower,
+/// The per-element rule of step `t` (1-based).
+fn rule(cfg: &ServerOptimizerSpec, t: u64) -> Rule {
+    match *cfg {
+        ServerOptimizerSpec::FedAvgM { lr, momentum } => Rule::Momentum(Momentum { lr, beta: momentum }),
+        ServerOptimizerSpec::FedAdam { lr, beta1, beta2, tau, bias_correction } => {
+            let e = match bias_correction {
+                BiasCorrection::Flower => Some(t as f64 + 1.0),
+                BiasCorrection::KingmaBa => Some(t as f64),
+                BiasCorrection::Off => None,
+            };
+            let lr = e.map_or(lr, |e| lr * (1.0 - beta2.powf(e)).sqrt() / (1.0 - beta1.powf(e)));
+            Rule::Adam(Adaptive { lr, beta1, tau, second: Adam { beta2 } })
         }
-    }
-
-    /// Flower's `FedYogi` defaults: η = 0.01, β₁ = 0.9, β₂ = 0.99, τ = 1e-3.
-    pub fn fedyogi() -> ServerOptimizerConfig {
-        ServerOptimizerConfig::FedYogi { lr: 0.01, beta1: 0.9, beta2: 0.99, tau: 1e-3 }
-    }
-
-    /// Flower's `FedAdagrad` defaults: η = 0.1, β₁ = 0 (Flower passes `beta_1=0.0` to
-    /// `FedOpt`), τ = 1e-9.
-    pub fn fedadagrad() -> ServerOptimizerConfig {
-        ServerOptimizerConfig::FedAdagrad { lr: 0.1, beta1: 0.0, tau: 1e-9 }
-    }
-
-    /// Short name (`fedavgm`, `fedadam`, `fedyogi`, `fedadagrad`).
-    pub fn name(&self) -> &'static str {
-        match self {
-            ServerOptimizerConfig::FedAvgM { .. } => "fedavgm",
-            ServerOptimizerConfig::FedAdam { .. } => "fedadam",
-            ServerOptimizerConfig::FedYogi { .. } => "fedyogi",
-            ServerOptimizerConfig::FedAdagrad { .. } => "fedadagrad",
+        ServerOptimizerSpec::FedYogi { lr, beta1, beta2, tau } => {
+            Rule::Yogi(Adaptive { lr, beta1, tau, second: Yogi { beta2 } })
         }
-    }
-
-    /// Whether the optimiser keeps a second moment v_t.
-    pub fn has_second_moment(&self) -> bool {
-        !matches!(self, ServerOptimizerConfig::FedAvgM { .. })
-    }
-
-    /// Checks the hyperparameters.
-    ///
-    /// # Errors
-    /// [`ServerOptError::InvalidConfig`] naming the first one out of range.
-    pub fn validate(&self) -> Result<(), ServerOptError> {
-        fn positive(name: &str, x: f64) -> Result<(), ServerOptError> {
-            if x.is_finite() && x > 0.0 {
-                Ok(())
-            } else {
-                Err(ServerOptError::InvalidConfig(format!("{name} = {x} must be finite and > 0")))
-            }
-        }
-        fn unit(name: &str, x: f64) -> Result<(), ServerOptError> {
-            if (0.0..1.0).contains(&x) {
-                Ok(())
-            } else {
-                Err(ServerOptError::InvalidConfig(format!("{name} = {x} must be in [0, 1)")))
-            }
-        }
-        match *self {
-            ServerOptimizerConfig::FedAvgM { lr, momentum } => {
-                positive("lr", lr)?;
-                unit("momentum", momentum)
-            }
-            ServerOptimizerConfig::FedAdam { lr, beta1, beta2, tau, .. }
-            | ServerOptimizerConfig::FedYogi { lr, beta1, beta2, tau } => {
-                positive("lr", lr)?;
-                unit("beta1", beta1)?;
-                unit("beta2", beta2)?;
-                positive("tau", tau)
-            }
-            ServerOptimizerConfig::FedAdagrad { lr, beta1, tau } => {
-                positive("lr", lr)?;
-                unit("beta1", beta1)?;
-                positive("tau", tau)
-            }
-        }
-    }
-
-    /// The per-element rule of step `t` (1-based).
-    fn rule(&self, t: u64) -> Rule {
-        match *self {
-            ServerOptimizerConfig::FedAvgM { lr, momentum } => {
-                Rule::Momentum(Momentum { lr, beta: momentum })
-            }
-            ServerOptimizerConfig::FedAdam { lr, beta1, beta2, tau, bias_correction } => {
-                let e = match bias_correction {
-                    BiasCorrection::Flower => Some(t as f64 + 1.0),
-                    BiasCorrection::KingmaBa => Some(t as f64),
-                    BiasCorrection::Off => None,
-                };
-                let lr = e.map_or(lr, |e| lr * (1.0 - beta2.powf(e)).sqrt() / (1.0 - beta1.powf(e)));
-                Rule::Adam(Adaptive { lr, beta1, tau, second: Adam { beta2 } })
-            }
-            ServerOptimizerConfig::FedYogi { lr, beta1, beta2, tau } => {
-                Rule::Yogi(Adaptive { lr, beta1, tau, second: Yogi { beta2 } })
-            }
-            ServerOptimizerConfig::FedAdagrad { lr, beta1, tau } => {
-                Rule::Adagrad(Adaptive { lr, beta1, tau, second: Adagrad })
-            }
+        ServerOptimizerSpec::FedAdagrad { lr, beta1, tau } => {
+            Rule::Adagrad(Adaptive { lr, beta1, tau, second: Adagrad })
         }
     }
 }
@@ -509,7 +363,7 @@ macro_rules! with_rule {
 /// A server optimiser and its state (m_t, v_t, t). See the module docs for the rules.
 #[derive(Clone, PartialEq)]
 pub struct ServerOptimizer {
-    config: ServerOptimizerConfig,
+    config: ServerOptimizerSpec,
     steps: u64,
     manifest: Option<Arc<ModelManifest>>,
     m: Vec<f64>,
@@ -530,14 +384,14 @@ impl ServerOptimizer {
     /// A fresh optimiser (t = 0, no state allocated yet).
     ///
     /// # Errors
-    /// [`ServerOptError::InvalidConfig`] as [`ServerOptimizerConfig::validate`].
-    pub fn new(config: ServerOptimizerConfig) -> Result<ServerOptimizer, ServerOptError> {
+    /// [`ServerOptError::InvalidConfig`] as [`ServerOptimizerSpec::validate`].
+    pub fn new(config: ServerOptimizerSpec) -> Result<ServerOptimizer, ServerOptError> {
         config.validate()?;
         Ok(ServerOptimizer { config, steps: 0, manifest: None, m: Vec::new(), v: Vec::new() })
     }
 
     /// The configuration.
-    pub fn config(&self) -> &ServerOptimizerConfig {
+    pub fn config(&self) -> &ServerOptimizerSpec {
         &self.config
     }
 
@@ -620,7 +474,7 @@ impl ServerOptimizer {
             self.m = vec![0.0; manifest.numel()];
             self.v = if self.config.has_second_moment() { vec![0.0; manifest.numel()] } else { Vec::new() };
         }
-        let rule = self.config.rule(self.steps + 1);
+        let rule = rule(&self.config, self.steps + 1);
         let has_v = !self.v.is_empty();
         let optimised = |i: usize| {
             let spec = &manifest.tensors()[i];

@@ -7,300 +7,70 @@
 //! tensors in manifest order, each starting at a 64-byte aligned offset, little-endian, C order.
 //! Kernels view slot bytes in place (`bytemuck`), so no update is ever copied after staging.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
 use half::{bf16, f16};
-use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// Alignment of every tensor inside a slot, in bytes (a cache line; enough for AVX-512 loads).
-pub const SLOT_ALIGN: usize = 64;
+pub use shoal_proto::manifest::{
+    AggregationPolicy, DType, ManifestError, ModelManifest, TensorSlot, TensorSpec, MAX_SLOT_BYTES,
+    SLOT_ALIGN,
+};
 
-/// Element types of tensors, named as in safetensors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[allow(clippy::upper_case_acronyms)]
-pub enum DType {
-    /// IEEE 754 binary32.
-    F32,
-    /// IEEE 754 binary16; decoded and accumulated in f64.
-    F16,
-    /// bfloat16; decoded and accumulated in f64.
-    BF16,
-    /// IEEE 754 binary64.
-    F64,
-    /// Signed 64-bit integer (e.g. BatchNorm `num_batches_tracked`).
-    I64,
-    /// Signed 32-bit integer.
-    I32,
-    /// Signed 16-bit integer.
-    I16,
-    /// Signed 8-bit integer.
-    I8,
-    /// Unsigned 64-bit integer.
-    U64,
-    /// Unsigned 32-bit integer.
-    U32,
-    /// Unsigned 16-bit integer.
-    U16,
-    /// Unsigned 8-bit integer.
-    U8,
-}
-
-impl DType {
-    /// Size of one element in bytes.
-    pub fn size(self) -> usize {
-        match self {
-            DType::F64 | DType::I64 | DType::U64 => 8,
-            DType::F32 | DType::I32 | DType::U32 => 4,
-            DType::F16 | DType::BF16 | DType::I16 | DType::U16 => 2,
-            DType::I8 | DType::U8 => 1,
-        }
-    }
-
-    /// Whether the dtype is a floating-point type.
-    pub fn is_float(self) -> bool {
-        matches!(self, DType::F32 | DType::F16 | DType::BF16 | DType::F64)
-    }
-
-    /// The safetensors dtype.
-    pub fn to_safetensors(self) -> safetensors::Dtype {
-        use safetensors::Dtype as S;
-        match self {
-            DType::F32 => S::F32,
-            DType::F16 => S::F16,
-            DType::BF16 => S::BF16,
-            DType::F64 => S::F64,
-            DType::I64 => S::I64,
-            DType::I32 => S::I32,
-            DType::I16 => S::I16,
-            DType::I8 => S::I8,
-            DType::U64 => S::U64,
-            DType::U32 => S::U32,
-            DType::U16 => S::U16,
-            DType::U8 => S::U8,
-        }
-    }
-
-    /// The Shoal dtype of a safetensors dtype, if Shoal aggregates it (BOOL and FP8 are not).
-    pub fn from_safetensors(d: safetensors::Dtype) -> Option<DType> {
-        use safetensors::Dtype as S;
-        Some(match d {
-            S::F32 => DType::F32,
-            S::F16 => DType::F16,
-            S::BF16 => DType::BF16,
-            S::F64 => DType::F64,
-            S::I64 => DType::I64,
-            S::I32 => DType::I32,
-            S::I16 => DType::I16,
-            S::I8 => DType::I8,
-            S::U64 => DType::U64,
-            S::U32 => DType::U32,
-            S::U16 => DType::U16,
-            S::U8 => DType::U8,
-            _ => return None,
-        })
-    }
-
-    /// Inclusive value range of an integer dtype, as f64 (None for floats).
-    fn int_range(self) -> Option<(f64, f64)> {
-        Some(match self {
-            DType::I64 => (i64::MIN as f64, i64::MAX as f64),
-            DType::I32 => (i32::MIN as f64, i32::MAX as f64),
-            DType::I16 => (i16::MIN as f64, i16::MAX as f64),
-            DType::I8 => (i8::MIN as f64, i8::MAX as f64),
-            DType::U64 => (0.0, u64::MAX as f64),
-            DType::U32 => (0.0, u32::MAX as f64),
-            DType::U16 => (0.0, u16::MAX as f64),
-            DType::U8 => (0.0, u8::MAX as f64),
-            _ => return None,
-        })
+/// The safetensors dtype of a Shoal dtype.
+pub fn dtype_to_safetensors(d: DType) -> safetensors::Dtype {
+    use safetensors::Dtype as S;
+    match d {
+        DType::F32 => S::F32,
+        DType::F16 => S::F16,
+        DType::BF16 => S::BF16,
+        DType::F64 => S::F64,
+        DType::I64 => S::I64,
+        DType::I32 => S::I32,
+        DType::I16 => S::I16,
+        DType::I8 => S::I8,
+        DType::U64 => S::U64,
+        DType::U32 => S::U32,
+        DType::U16 => S::U16,
+        DType::U8 => S::U8,
     }
 }
 
-impl fmt::Display for DType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self, f)
-    }
+/// The Shoal dtype of a safetensors dtype, if Shoal aggregates it (BOOL and FP8 are not).
+pub fn dtype_from_safetensors(d: safetensors::Dtype) -> Option<DType> {
+    use safetensors::Dtype as S;
+    Some(match d {
+        S::F32 => DType::F32,
+        S::F16 => DType::F16,
+        S::BF16 => DType::BF16,
+        S::F64 => DType::F64,
+        S::I64 => DType::I64,
+        S::I32 => DType::I32,
+        S::I16 => DType::I16,
+        S::I8 => DType::I8,
+        S::U64 => DType::U64,
+        S::U32 => DType::U32,
+        S::U16 => DType::U16,
+        S::U8 => DType::U8,
+        _ => return None,
+    })
 }
 
-/// How the updates' values of one tensor are combined.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AggregationPolicy {
-    /// Weighted mean (the strategy's rule). Integer tensors: the f64 weighted mean rounded half
-    /// to even and saturated to the dtype's range (ints 10 and 21 with equal weights give 16),
-    /// never per-term truncation. Exact while |value| x total weight < 2^53.
-    #[default]
-    Mean,
-    /// Element-wise maximum over the updates (e.g. BatchNorm counters).
-    Max,
-    /// The value of the update from the lowest `ClientId` (deterministic whatever the arrival
-    /// order, so partial aggregates stay mergeable).
-    First,
-    /// Not aggregated: the new global model keeps the previous global value.
-    Skip,
-}
-
-/// One tensor of the model manifest.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TensorSpec {
-    /// Tensor name, as in the safetensors payload (e.g. `fc.weight`).
-    pub name: String,
-    /// Element type every update must use for this tensor.
-    pub dtype: DType,
-    /// Shape, C order. `[]` is a scalar.
-    pub shape: Vec<usize>,
-    /// Aggregation policy; defaults to [`AggregationPolicy::Mean`].
-    #[serde(default)]
-    pub policy: AggregationPolicy,
-}
-
-impl TensorSpec {
-    /// A tensor with the default (`mean`) policy.
-    pub fn new(name: impl Into<String>, dtype: DType, shape: Vec<usize>) -> TensorSpec {
-        TensorSpec { name: name.into(), dtype, shape, policy: AggregationPolicy::Mean }
-    }
-
-    /// Number of elements (product of the shape; 1 for a scalar).
-    pub fn numel(&self) -> usize {
-        self.shape.iter().product()
-    }
-}
-
-/// Where one tensor lives inside a slot and inside a [`PartialAggregate`](crate::PartialAggregate).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TensorSlot {
-    /// Byte offset inside the slot (multiple of [`SLOT_ALIGN`]).
-    pub byte_offset: usize,
-    /// Length in bytes (numel x dtype size).
-    pub byte_len: usize,
-    /// Element offset inside a flat per-element accumulator.
-    pub elem_offset: usize,
-    /// Number of elements.
-    pub numel: usize,
-}
-
-#[derive(Serialize, Deserialize)]
-struct ManifestRepr {
-    tensors: Vec<TensorSpec>,
-}
-
-/// The model manifest: every tensor's name, dtype, shape and policy, plus the derived slot
-/// layout. Built with [`ModelManifest::new`] (or deserialised, which validates the same way).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "ManifestRepr", into = "ManifestRepr")]
-pub struct ModelManifest {
-    tensors: Vec<TensorSpec>,
-    slots: Vec<TensorSlot>,
-    index: HashMap<String, usize>,
-    slot_bytes: usize,
-    numel: usize,
-}
-
-impl TryFrom<ManifestRepr> for ModelManifest {
-    type Error = Error;
-    fn try_from(r: ManifestRepr) -> Result<Self> {
-        ModelManifest::new(r.tensors)
-    }
-}
-
-impl From<ModelManifest> for ManifestRepr {
-    fn from(m: ModelManifest) -> Self {
-        ManifestRepr { tensors: m.tensors }
-    }
-}
-
-/// Largest slot Shoal accepts: 16 GiB (a 4-billion-parameter f32 model).
-pub const MAX_SLOT_BYTES: usize = 16 << 30;
-
-impl ModelManifest {
-    /// Validates the tensor list (non-empty, unique non-empty names, total size within
-    /// [`MAX_SLOT_BYTES`]) and computes the slot layout.
-    ///
-    /// # Errors
-    /// [`Error::InvalidManifest`] naming the problem.
-    pub fn new(tensors: Vec<TensorSpec>) -> Result<ModelManifest> {
-        if tensors.is_empty() {
-            return Err(Error::InvalidManifest("no tensors".into()));
-        }
-        let mut index = HashMap::with_capacity(tensors.len());
-        let mut slots = Vec::with_capacity(tensors.len());
-        let (mut byte_offset, mut elem_offset) = (0usize, 0usize);
-        for (i, t) in tensors.iter().enumerate() {
-            if t.name.is_empty() || t.name.len() > 1024 {
-                return Err(Error::InvalidManifest(format!("tensor {i} has an empty or over-long name")));
-            }
-            if index.insert(t.name.clone(), i).is_some() {
-                return Err(Error::InvalidManifest(format!("duplicate tensor name {:?}", t.name)));
-            }
-            let numel = t
-                .shape
-                .iter()
-                .try_fold(1usize, |a, &d| a.checked_mul(d))
-                .ok_or_else(|| Error::InvalidManifest(format!("shape of {:?} overflows", t.name)))?;
-            let byte_len = numel
-                .checked_mul(t.dtype.size())
-                .filter(|&b| b <= MAX_SLOT_BYTES)
-                .ok_or_else(|| Error::InvalidManifest(format!("{:?} is too large", t.name)))?;
-            slots.push(TensorSlot { byte_offset, byte_len, elem_offset, numel });
-            byte_offset = (byte_offset + byte_len).div_ceil(SLOT_ALIGN) * SLOT_ALIGN;
-            elem_offset += numel;
-            if byte_offset > MAX_SLOT_BYTES {
-                return Err(Error::InvalidManifest(format!(
-                    "model needs more than {MAX_SLOT_BYTES} bytes per update"
-                )));
-            }
-        }
-        Ok(ModelManifest {
-            tensors,
-            slots,
-            index,
-            slot_bytes: byte_offset.max(SLOT_ALIGN),
-            numel: elem_offset,
-        })
-    }
-
-    /// The tensors, in manifest order.
-    pub fn tensors(&self) -> &[TensorSpec] {
-        &self.tensors
-    }
-
-    /// The slot layout, parallel to [`Self::tensors`].
-    pub fn slots(&self) -> &[TensorSlot] {
-        &self.slots
-    }
-
-    /// Bytes one staged update occupies (a multiple of [`SLOT_ALIGN`]).
-    pub fn slot_bytes(&self) -> usize {
-        self.slot_bytes
-    }
-
-    /// Total number of elements over all tensors.
-    pub fn numel(&self) -> usize {
-        self.numel
-    }
-
-    /// Sum of the tensors' byte lengths (the payload size without padding or header).
-    pub fn data_bytes(&self) -> usize {
-        self.slots.iter().map(|s| s.byte_len).sum()
-    }
-
-    /// Index of the tensor called `name`.
-    pub fn position(&self, name: &str) -> Option<usize> {
-        self.index.get(name).copied()
-    }
-
-    /// Most bytes a safetensors header for this manifest may take, in bytes: 64 KiB (8-byte
-    /// length prefix, padding and a `__metadata__` block such as PyTorch's `{"format":"pt"}`)
-    /// plus, per tensor, 256 bytes (dtype, shape and offsets) and six bytes per name byte (a
-    /// name written with `\uXXXX` escapes). [`Self::data_bytes`] plus this is the default
-    /// largest update of a job (`JobSpec::max_update_bytes`).
-    pub fn header_allowance(&self) -> usize {
-        64 * 1024 + self.tensors.iter().map(|t| 256 + 6 * t.name.len()).sum::<usize>()
-    }
+/// Inclusive value range of an integer dtype, as f64 (None for floats).
+fn int_range(d: DType) -> Option<(f64, f64)> {
+    Some(match d {
+        DType::I64 => (i64::MIN as f64, i64::MAX as f64),
+        DType::I32 => (i32::MIN as f64, i32::MAX as f64),
+        DType::I16 => (i16::MIN as f64, i16::MAX as f64),
+        DType::I8 => (i8::MIN as f64, i8::MAX as f64),
+        DType::U64 => (0.0, u64::MAX as f64),
+        DType::U32 => (0.0, u32::MAX as f64),
+        DType::U16 => (0.0, u16::MAX as f64),
+        DType::U8 => (0.0, u8::MAX as f64),
+        _ => return None,
+    })
 }
 
 /// Why an update's payload does not match the job's manifest. Each variant is a typed rejection
@@ -362,6 +132,21 @@ pub enum ValidationError {
         /// Provided bytes.
         got: usize,
     },
+}
+
+impl From<&ValidationError> for shoal_proto::RejectReason {
+    fn from(e: &ValidationError) -> Self {
+        use shoal_proto::RejectReason as R;
+        match e {
+            ValidationError::Malformed(_) | ValidationError::SlotSize { .. } => R::Malformed,
+            ValidationError::NonFinite { .. } => R::NonFinite,
+            ValidationError::TooManyTensors { .. } => R::TooManyTensors,
+            ValidationError::MissingTensor(_)
+            | ValidationError::ExtraTensor(_)
+            | ValidationError::DTypeMismatch { .. }
+            | ValidationError::ShapeMismatch { .. } => R::SchemaMismatch,
+        }
+    }
 }
 
 impl ValidationError {
@@ -431,7 +216,7 @@ pub fn stage_update(
     let mut cursor = 0usize;
     for (spec, s) in manifest.tensors().iter().zip(manifest.slots()) {
         let view = st.tensor(&spec.name).map_err(|_| ValidationError::MissingTensor(spec.name.clone()))?;
-        if DType::from_safetensors(view.dtype()) != Some(spec.dtype) {
+        if dtype_from_safetensors(view.dtype()) != Some(spec.dtype) {
             return Err(ValidationError::DTypeMismatch {
                 name: spec.name.clone(),
                 expected: spec.dtype,
@@ -712,7 +497,7 @@ impl Parameters {
             .zip(self.manifest.slots())
             .map(|(t, s)| {
                 safetensors::tensor::TensorView::new(
-                    t.dtype.to_safetensors(),
+                    dtype_to_safetensors(t.dtype),
                     t.shape.clone(),
                     &bytes[s.byte_offset..s.byte_offset + s.byte_len],
                 )
@@ -798,7 +583,7 @@ fn write_f64_as(dtype: DType, values: impl Iterator<Item = f64>, out: &mut [u8])
             DType::F16 => chunk.copy_from_slice(&f16::from_f32(f64_to_f32_round_to_odd(v)).to_le_bytes()),
             DType::BF16 => chunk.copy_from_slice(&bf16::from_f32(f64_to_f32_round_to_odd(v)).to_le_bytes()),
             _ => {
-                let (lo, hi) = dtype.int_range().unwrap_or((0.0, 0.0));
+                let (lo, hi) = int_range(dtype).unwrap_or((0.0, 0.0));
                 let r = if v.is_nan() { 0.0 } else { v.round_ties_even().clamp(lo, hi) };
                 match dtype {
                     DType::I64 => chunk.copy_from_slice(&(r as i64).to_le_bytes()),
@@ -1000,11 +785,12 @@ mod tests {
             let data = &bytes[s.byte_offset..s.byte_offset + s.byte_len];
             (
                 t.name.as_str(),
-                safetensors::tensor::TensorView::new(t.dtype.to_safetensors(), t.shape.clone(), data)
+                safetensors::tensor::TensorView::new(dtype_to_safetensors(t.dtype), t.shape.clone(), data)
                     .unwrap(),
             )
         });
-        let meta = HashMap::from([("id".to_owned(), "a\"184467440737095516150000".to_owned())]);
+        let meta =
+            std::collections::HashMap::from([("id".to_owned(), "a\"184467440737095516150000".to_owned())]);
         let payload = safetensors::serialize(views, &Some(meta)).unwrap();
         let escaped = br#""a\"184467440737095516150000""#;
         assert!(payload.windows(escaped.len()).any(|w| w == escaped), "the metadata is JSON-escaped");

@@ -20,7 +20,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 use shoal_functions::asynchronous::sim::{simulate, Scheme, SimClient, SimStep};
 use shoal_functions::asynchronous::{
-    async_fedavg_weight, participation_period, AsyncErrorKind, AsyncFedAvg, AsyncFedAvgWeighting,
+    async_fedavg_weight, participation_period, AsyncError, AsyncErrorKind, AsyncFedAvg, AsyncFedAvgWeighting,
     AsyncWeighting, ClientProfile, ClientProfiles, ExampleWeight, FedBuff, FedBuffNormalisation, FedFix,
     SimScalar, Staleness, StalenessWeight,
 };
@@ -406,7 +406,11 @@ fn c5_staleness_weights() {
         StalenessWeight::Threshold { cutoff: 1, value: -1.0, avg_staleness: None },
         StalenessWeight::Threshold { cutoff: 1, value: 0.0, avg_staleness: Some(2.0) },
     ] {
-        assert_eq!(bad.validate().unwrap_err().kind(), AsyncErrorKind::InvalidConfig, "{bad:?}");
+        assert_eq!(
+            AsyncError::from(bad.validate().unwrap_err()).kind(),
+            AsyncErrorKind::InvalidConfig,
+            "{bad:?}"
+        );
     }
 }
 
@@ -538,7 +542,7 @@ fn fedbuff_update_weight() {
 fn staleness_between_versions() {
     assert_eq!(Staleness::between(ModelVersion(7), ModelVersion(4)).unwrap(), Staleness(3));
     assert_eq!(Staleness::between(ModelVersion(7), ModelVersion(7)).unwrap(), Staleness(0));
-    let e = Staleness::between(ModelVersion(3), ModelVersion(4)).unwrap_err();
+    let e = AsyncError::from(Staleness::between(ModelVersion(3), ModelVersion(4)).unwrap_err());
     assert_eq!(e.kind(), AsyncErrorKind::FutureBase);
     assert_eq!(e.kind().as_str(), "future_base");
 }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use proptest::prelude::*;
 use shoal_functions::asynchronous::{FedBuff, Staleness, StalenessWeight};
 use shoal_functions::server_opt::{
-    BiasCorrection, ServerOptErrorKind, ServerOptimizer, ServerOptimizerConfig, WithServerOptimizer,
+    BiasCorrection, ServerOptErrorKind, ServerOptimizer, ServerOptimizerSpec, WithServerOptimizer,
 };
 use shoal_functions::tensor::AggregationPolicy;
 use shoal_functions::{
@@ -38,7 +38,7 @@ const DELTAS: [[f64; 2]; 3] = [[1.0, -0.5], [0.0625, -1.0], [-2.0, 0.5]];
 
 /// Runs three steps from x_0 = [1, −1], `aggregated = x + Δ_t`; returns x_1..x_3 and the
 /// optimiser.
-fn three_steps(config: ServerOptimizerConfig) -> (Vec<Vec<f64>>, ServerOptimizer) {
+fn three_steps(config: ServerOptimizerSpec) -> (Vec<Vec<f64>>, ServerOptimizer) {
     let m = vec2();
     let mut opt = ServerOptimizer::new(config).unwrap();
     let mut x = params(&m, &[1.0, -1.0]);
@@ -69,7 +69,7 @@ fn assert_close(got: &[f64], want: &[f64], tol: f64, what: &str) {
 /// t=3: m = ½[0.5625, −1.25] + [−2, ½] = [−1.71875, −0.125]; x_3 = [0.921875, −1.9375]
 #[test]
 fn fedavgm_three_steps() {
-    let (x, opt) = three_steps(ServerOptimizerConfig::FedAvgM { lr: 0.5, momentum: 0.5 });
+    let (x, opt) = three_steps(ServerOptimizerSpec::FedAvgM { lr: 0.5, momentum: 0.5 });
     assert_eq!(x, vec![vec![1.5, -1.25], vec![1.78125, -1.875], vec![0.921875, -1.9375]]);
     assert_eq!(opt.first_moment().unwrap(), &[-1.71875, -0.125]);
     assert!(opt.second_moment().is_none());
@@ -90,7 +90,7 @@ fn fedavgm_three_steps() {
 ///      x_3 = x_2 + η_3·m/(√v+τ) = [1.1063290733, −1.1949349003]
 #[test]
 fn fedadam_three_steps() {
-    let (x, opt) = three_steps(ServerOptimizerConfig::fedadam());
+    let (x, opt) = three_steps(ServerOptimizerSpec::fedadam());
     assert_close(&x[0], &[1.0742459781, -1.0742459774], 1e-9, "x1");
     assert_close(&x[1], &[1.1356425705, -1.1568048903], 1e-9, "x2");
     assert_close(&x[2], &[1.1063290733, -1.1949349003], 1e-9, "x3");
@@ -101,13 +101,12 @@ fn fedadam_three_steps() {
     // x_1 = x_0 + 0.1·[0.1/(0.1+τ), −0.05/(0.05+τ)] = [1.099999999, −1.099999998].
     // Reddi et al. (no correction) gives the same first step, since √(1−β₂)/(1−β₁) = 1 here.
     for bias_correction in [BiasCorrection::KingmaBa, BiasCorrection::Off] {
-        let c =
-            ServerOptimizerConfig::FedAdam { lr: 0.1, beta1: 0.9, beta2: 0.99, tau: 1e-9, bias_correction };
+        let c = ServerOptimizerSpec::FedAdam { lr: 0.1, beta1: 0.9, beta2: 0.99, tau: 1e-9, bias_correction };
         let (x, _) = three_steps(c);
         assert_close(&x[0], &[1.099999999, -1.099999998], 1e-12, "x1 (Kingma & Ba / off)");
     }
     // ... but not the same second step: Kingma & Ba's η_2 = 0.1·√0.0199/0.19 = η_1 (Flower).
-    let kb = ServerOptimizerConfig::FedAdam {
+    let kb = ServerOptimizerSpec::FedAdam {
         lr: 0.1,
         beta1: 0.9,
         beta2: 0.99,
@@ -130,7 +129,7 @@ fn fedadam_three_steps() {
 ///      m = [−0.113375, −0.0805]; x_3 = [1.0143995011, −1.0291777096]
 #[test]
 fn fedyogi_three_steps() {
-    let (x, opt) = three_steps(ServerOptimizerConfig::fedyogi());
+    let (x, opt) = three_steps(ServerOptimizerSpec::fedyogi());
     assert_close(&x[0], &[1.0099009901, -1.0098039216], 1e-9, "x1");
     assert_close(&x[1], &[1.0194491753, -1.0226581442], 1e-9, "x2");
     assert_close(&x[2], &[1.0143995011, -1.0291777096], 1e-9, "x3");
@@ -145,7 +144,7 @@ fn fedyogi_three_steps() {
 ///      = [1.0168300276, −1.1486178898]
 #[test]
 fn fedadagrad_three_steps() {
-    let (x, opt) = three_steps(ServerOptimizerConfig::fedadagrad());
+    let (x, opt) = three_steps(ServerOptimizerSpec::fedadagrad());
     assert_close(&x[0], &[1.0999999999, -1.0999999998], 1e-9, "x1");
     assert_close(&x[1], &[1.1062378285, -1.1894427188], 1e-9, "x2");
     assert_close(&x[2], &[1.0168300276, -1.1486178898], 1e-9, "x3");
@@ -157,8 +156,8 @@ fn fedadagrad_three_steps() {
 #[test]
 fn defaults() {
     assert_eq!(
-        ServerOptimizerConfig::fedadam(),
-        ServerOptimizerConfig::FedAdam {
+        ServerOptimizerSpec::fedadam(),
+        ServerOptimizerSpec::FedAdam {
             lr: 0.1,
             beta1: 0.9,
             beta2: 0.99,
@@ -167,20 +166,20 @@ fn defaults() {
         }
     );
     assert_eq!(
-        ServerOptimizerConfig::fedyogi(),
-        ServerOptimizerConfig::FedYogi { lr: 0.01, beta1: 0.9, beta2: 0.99, tau: 1e-3 }
+        ServerOptimizerSpec::fedyogi(),
+        ServerOptimizerSpec::FedYogi { lr: 0.01, beta1: 0.9, beta2: 0.99, tau: 1e-3 }
     );
     assert_eq!(
-        ServerOptimizerConfig::fedadagrad(),
-        ServerOptimizerConfig::FedAdagrad { lr: 0.1, beta1: 0.0, tau: 1e-9 }
+        ServerOptimizerSpec::fedadagrad(),
+        ServerOptimizerSpec::FedAdagrad { lr: 0.1, beta1: 0.0, tau: 1e-9 }
     );
-    assert_eq!(ServerOptimizerConfig::fedavgm(), ServerOptimizerConfig::FedAvgM { lr: 0.1, momentum: 0.9 });
+    assert_eq!(ServerOptimizerSpec::fedavgm(), ServerOptimizerSpec::FedAvgM { lr: 0.1, momentum: 0.9 });
     // The job-spec form.
-    let json = serde_json::to_string(&ServerOptimizerConfig::fedyogi()).unwrap();
+    let json = serde_json::to_string(&ServerOptimizerSpec::fedyogi()).unwrap();
     assert_eq!(json, r#"{"name":"fedyogi","lr":0.01,"beta1":0.9,"beta2":0.99,"tau":0.001}"#);
-    let back: ServerOptimizerConfig =
+    let back: ServerOptimizerSpec =
         serde_json::from_str(r#"{"name":"fedadam","lr":0.1,"beta1":0.9,"beta2":0.99,"tau":1e-9}"#).unwrap();
-    assert_eq!(back, ServerOptimizerConfig::fedadam());
+    assert_eq!(back, ServerOptimizerSpec::fedadam());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -208,7 +207,7 @@ proptest! {
             TensorSpec::new("a", DType::F64, vec![6]),
             TensorSpec::new("b", DType::F32, vec![2, 3]),
         ]).unwrap());
-        let mut opt = ServerOptimizer::new(ServerOptimizerConfig::fedyogi()).unwrap();
+        let mut opt = ServerOptimizer::new(ServerOptimizerSpec::fedyogi()).unwrap();
         let mut x = Parameters::from_f64(Arc::clone(&m), &[x0[..6].to_vec(), x0[6..].to_vec()]).unwrap();
         for (round, e) in exps.iter().enumerate() {
             let xs: Vec<f64> = (0..2).flat_map(|i| x.tensor_f64(i)).collect();
@@ -231,14 +230,14 @@ proptest! {
 /// A scalar oracle of the four rules, written from the module's table (m_0 = v_0 = 0, t from 1,
 /// Flower's bias correction).
 struct Oracle {
-    config: ServerOptimizerConfig,
+    config: ServerOptimizerSpec,
     t: f64,
     m: Vec<f64>,
     v: Vec<f64>,
 }
 
 impl Oracle {
-    fn new(config: ServerOptimizerConfig, n: usize) -> Oracle {
+    fn new(config: ServerOptimizerSpec, n: usize) -> Oracle {
         Oracle { config, t: 0.0, m: vec![0.0; n], v: vec![0.0; n] }
     }
 
@@ -249,17 +248,17 @@ impl Oracle {
             .map(|e| {
                 let d = a[e] - x[e];
                 match self.config {
-                    ServerOptimizerConfig::FedAvgM { lr, momentum } => {
+                    ServerOptimizerSpec::FedAvgM { lr, momentum } => {
                         m[e] = momentum * m[e] + d;
                         x[e] + lr * m[e]
                     }
-                    ServerOptimizerConfig::FedAdam { lr, beta1, beta2, tau, .. } => {
+                    ServerOptimizerSpec::FedAdam { lr, beta1, beta2, tau, .. } => {
                         m[e] = beta1 * m[e] + (1.0 - beta1) * d;
                         v[e] = beta2 * v[e] + (1.0 - beta2) * (d * d);
                         let lr_t = lr * (1.0 - beta2.powf(t + 1.0)).sqrt() / (1.0 - beta1.powf(t + 1.0));
                         x[e] + lr_t * m[e] / (v[e].sqrt() + tau)
                     }
-                    ServerOptimizerConfig::FedYogi { lr, beta1, beta2, tau } => {
+                    ServerOptimizerSpec::FedYogi { lr, beta1, beta2, tau } => {
                         m[e] = beta1 * m[e] + (1.0 - beta1) * d;
                         let d2 = d * d;
                         let s = if v[e] > d2 {
@@ -272,7 +271,7 @@ impl Oracle {
                         v[e] -= (1.0 - beta2) * d2 * s;
                         x[e] + lr * m[e] / (v[e].sqrt() + tau)
                     }
-                    ServerOptimizerConfig::FedAdagrad { lr, beta1, tau } => {
+                    ServerOptimizerSpec::FedAdagrad { lr, beta1, tau } => {
                         m[e] = beta1 * m[e] + (1.0 - beta1) * d;
                         v[e] += d * d;
                         x[e] + lr * m[e] / (v[e].sqrt() + tau)
@@ -304,10 +303,10 @@ proptest! {
         let to_params = |v: &[f64]| Parameters::from_f64(Arc::clone(&m), &split(v)).unwrap();
         let flat = |p: &Parameters| (0..4).flat_map(|i| p.tensor_f64(i)).collect::<Vec<f64>>();
         for config in [
-            ServerOptimizerConfig::FedAvgM { lr: 0.7, momentum: 0.9 },
-            ServerOptimizerConfig::fedadam(),
-            ServerOptimizerConfig::fedyogi(),
-            ServerOptimizerConfig::FedAdagrad { lr: 0.1, beta1: 0.5, tau: 1e-9 },
+            ServerOptimizerSpec::FedAvgM { lr: 0.7, momentum: 0.9 },
+            ServerOptimizerSpec::fedadam(),
+            ServerOptimizerSpec::fedyogi(),
+            ServerOptimizerSpec::FedAdagrad { lr: 0.1, beta1: 0.5, tau: 1e-9 },
         ] {
             let mut opt = ServerOptimizer::new(config).unwrap();
             let mut oracle = Oracle::new(config, 14);
@@ -329,7 +328,7 @@ proptest! {
 #[test]
 fn fedyogi_sign_zero_keeps_v() {
     let m = vec2();
-    let cfg = ServerOptimizerConfig::FedYogi { lr: 0.01, beta1: 0.9, beta2: 0.75, tau: 1e-3 };
+    let cfg = ServerOptimizerSpec::FedYogi { lr: 0.01, beta1: 0.9, beta2: 0.75, tau: 1e-3 };
     let mut opt = ServerOptimizer::new(cfg).unwrap();
     let x0 = params(&m, &[0.0, 0.0]);
     let x1 = opt.step(&x0, &params(&m, &[1.0, 1.0])).unwrap();
@@ -377,10 +376,10 @@ fn integer_and_counter_tensors_untouched() {
     )
     .unwrap();
     for config in [
-        ServerOptimizerConfig::fedadam(),
-        ServerOptimizerConfig::fedyogi(),
-        ServerOptimizerConfig::fedadagrad(),
-        ServerOptimizerConfig::fedavgm(),
+        ServerOptimizerSpec::fedadam(),
+        ServerOptimizerSpec::fedyogi(),
+        ServerOptimizerSpec::fedadagrad(),
+        ServerOptimizerSpec::fedavgm(),
     ] {
         let mut opt = ServerOptimizer::new(config).unwrap();
         let out = opt.step(&global, &aggregated).unwrap();
@@ -439,7 +438,7 @@ proptest! {
                 .unwrap()
         };
         let plain = if deltas { FedAvg::deltas(1.0) } else { FedAvg::parameters() };
-        let opt = ServerOptimizer::new(ServerOptimizerConfig::FedAvgM { lr: 1.0, momentum: 0.0 }).unwrap();
+        let opt = ServerOptimizer::new(ServerOptimizerSpec::FedAvgM { lr: 1.0, momentum: 0.0 }).unwrap();
         let mut wrapped = WithServerOptimizer::new(plain, opt);
         let mut reference = plain;
         let mut global = Parameters::zeros(Arc::clone(&m));
@@ -510,13 +509,13 @@ fn composition_whole_cohort_and_streaming() {
     let views: Vec<_> = ups.iter().zip(&ids).map(|(p, id)| p.as_update(id, 1.0)).collect();
 
     let mut wrapped =
-        WithServerOptimizer::new(Median, ServerOptimizer::new(ServerOptimizerConfig::fedadam()).unwrap());
+        WithServerOptimizer::new(Median, ServerOptimizer::new(ServerOptimizerSpec::fedadam()).unwrap());
     assert_eq!(wrapped.mergeability(), Mergeability::WholeCohort);
     assert_eq!(wrapped.name(), "fedadam");
     let got = wrapped.aggregate_cohort(&views, &global).unwrap();
     let median = Median.aggregate_cohort(&views, &global).unwrap();
     assert_eq!(median.tensor_f64(0), vec![3.0, 0.0]);
-    let mut alone = ServerOptimizer::new(ServerOptimizerConfig::fedadam()).unwrap();
+    let mut alone = ServerOptimizer::new(ServerOptimizerSpec::fedadam()).unwrap();
     assert_eq!(got, alone.step(&global, &median).unwrap());
     let mut p = PartialAggregate::new(Arc::clone(&m));
     assert_eq!(wrapped.fold(&mut p, &views[0]).unwrap_err().kind(), ErrorKind::NotStreaming);
@@ -524,7 +523,7 @@ fn composition_whole_cohort_and_streaming() {
     // FedBuff (K = 3, deltas at staleness 0, 1, 3) followed by FedAdam.
     let fb = FedBuff { staleness: StalenessWeight::flsim_polynomial(0.5), ..FedBuff::new(3) };
     let mut wrapped =
-        WithServerOptimizer::new(fb, ServerOptimizer::new(ServerOptimizerConfig::fedadam()).unwrap());
+        WithServerOptimizer::new(fb, ServerOptimizer::new(ServerOptimizerSpec::fedadam()).unwrap());
     assert_eq!(wrapped.mergeability(), Mergeability::Streaming);
     let mut partial = PartialAggregate::new(Arc::clone(&m));
     for ((u, id), s) in ups.iter().zip(&ids).zip([0, 1, 3]) {
@@ -532,7 +531,7 @@ fn composition_whole_cohort_and_streaming() {
     }
     let got = wrapped.finish(&partial, &global).unwrap();
     let inner = { fb }.finish(&partial, &global).unwrap();
-    let mut alone = ServerOptimizer::new(ServerOptimizerConfig::fedadam()).unwrap();
+    let mut alone = ServerOptimizer::new(ServerOptimizerSpec::fedadam()).unwrap();
     assert_eq!(got, alone.step(&global, &inner).unwrap());
     assert_eq!(wrapped.optimizer.steps(), 1);
 
@@ -549,18 +548,18 @@ fn composition_whole_cohort_and_streaming() {
 #[test]
 fn invalid_configs_are_rejected() {
     for bad in [
-        ServerOptimizerConfig::FedAvgM { lr: 0.0, momentum: 0.9 },
-        ServerOptimizerConfig::FedAvgM { lr: 1.0, momentum: 1.0 },
-        ServerOptimizerConfig::FedAvgM { lr: f64::NAN, momentum: 0.0 },
-        ServerOptimizerConfig::FedAdam {
+        ServerOptimizerSpec::FedAvgM { lr: 0.0, momentum: 0.9 },
+        ServerOptimizerSpec::FedAvgM { lr: 1.0, momentum: 1.0 },
+        ServerOptimizerSpec::FedAvgM { lr: f64::NAN, momentum: 0.0 },
+        ServerOptimizerSpec::FedAdam {
             lr: 0.1,
             beta1: -0.1,
             beta2: 0.99,
             tau: 1e-9,
             bias_correction: BiasCorrection::Flower,
         },
-        ServerOptimizerConfig::FedYogi { lr: 0.1, beta1: 0.9, beta2: 0.99, tau: 0.0 },
-        ServerOptimizerConfig::FedAdagrad { lr: f64::INFINITY, beta1: 0.0, tau: 1e-9 },
+        ServerOptimizerSpec::FedYogi { lr: 0.1, beta1: 0.9, beta2: 0.99, tau: 0.0 },
+        ServerOptimizerSpec::FedAdagrad { lr: f64::INFINITY, beta1: 0.0, tau: 1e-9 },
     ] {
         let e = ServerOptimizer::new(bad).unwrap_err();
         assert_eq!(e.kind(), ServerOptErrorKind::InvalidConfig, "{bad:?}");
@@ -572,7 +571,7 @@ fn invalid_configs_are_rejected() {
 #[test]
 fn failed_step_keeps_state_and_restore_continues() {
     let m = Arc::new(ModelManifest::new(vec![TensorSpec::new("h", DType::F16, vec![2])]).unwrap());
-    let mut opt = ServerOptimizer::new(ServerOptimizerConfig::FedAvgM { lr: 1.0, momentum: 0.9 }).unwrap();
+    let mut opt = ServerOptimizer::new(ServerOptimizerSpec::FedAvgM { lr: 1.0, momentum: 0.9 }).unwrap();
     let g = Parameters::from_f64(Arc::clone(&m), &[vec![0.0, 0.0]]).unwrap();
     let a = Parameters::from_f64(Arc::clone(&m), &[vec![30000.0, 1.0]]).unwrap();
     let x1 = opt.step(&g, &a).unwrap();
@@ -585,7 +584,7 @@ fn failed_step_keeps_state_and_restore_continues() {
     assert_eq!(opt, before, "state unchanged by a failed step");
 
     // A fresh optimiser whose first step fails stays fresh.
-    let mut fresh = ServerOptimizer::new(ServerOptimizerConfig::FedAvgM { lr: 10.0, momentum: 0.0 }).unwrap();
+    let mut fresh = ServerOptimizer::new(ServerOptimizerSpec::FedAvgM { lr: 10.0, momentum: 0.0 }).unwrap();
     assert_eq!(fresh.step(&g, &a).unwrap_err().kind(), ErrorKind::NonFiniteResult);
     assert_eq!((fresh.steps(), fresh.first_moment()), (0, None));
 
@@ -597,10 +596,10 @@ fn failed_step_keeps_state_and_restore_continues() {
 
     // Checkpoint / restore: continuing from a restored FedAdam state equals continuing live.
     let m2 = vec2();
-    let mut live = ServerOptimizer::new(ServerOptimizerConfig::fedadam()).unwrap();
+    let mut live = ServerOptimizer::new(ServerOptimizerSpec::fedadam()).unwrap();
     let x0 = params(&m2, &[1.0, -1.0]);
     let x1 = live.step(&x0, &params(&m2, &[2.0, -1.5])).unwrap();
-    let mut restored = ServerOptimizer::new(ServerOptimizerConfig::fedadam()).unwrap();
+    let mut restored = ServerOptimizer::new(ServerOptimizerSpec::fedadam()).unwrap();
     restored
         .restore(
             Arc::clone(&m2),

@@ -18,7 +18,8 @@
 use std::io::Write;
 use std::sync::{Arc, OnceLock};
 
-use shoal_functions::server_opt::ServerOptimizerConfig;
+use shoal_functions::factory;
+use shoal_functions::server_opt::ServerOptimizerSpec;
 use shoal_functions::spec::FedFixClient;
 use shoal_functions::tensor::stage_update;
 use shoal_functions::{
@@ -130,7 +131,12 @@ fn check_accepted_update(m: &Arc<ModelManifest>, payload: &[u8], slot: &[u8]) {
     let mut covered = vec![false; SLOT_BYTES];
     for p in &LAYOUT {
         let view = st.tensor(p.name).expect("an accepted update holds every manifest tensor");
-        assert_eq!(DType::from_safetensors(view.dtype()), Some(p.dtype), "dtype of {}", p.name);
+        assert_eq!(
+            shoal_functions::tensor::dtype_from_safetensors(view.dtype()),
+            Some(p.dtype),
+            "dtype of {}",
+            p.name
+        );
         assert_eq!(view.shape(), p.shape, "shape of {}", p.name);
         assert_eq!(view.data().len(), p.len, "byte length of {}", p.name);
         assert_eq!(&slot[p.offset..p.offset + p.len], view.data(), "{} staged at its offset", p.name);
@@ -240,7 +246,7 @@ pub fn check_control_messages(bytes: &[u8]) -> usize {
         let stored = protocol::encode(&spec);
         let back: JobSpec = protocol::decode("job spec", &stored).expect("a parsed spec survives KV");
         assert_eq!(back, spec, "msgpack round trip of a JSON spec");
-        assert_eq!(back.validate().is_ok(), valid);
+        assert_eq!(factory::validate(&back).is_ok(), valid);
         let json = serde_json::to_vec(&spec).expect("a spec serialises to JSON");
         let _: JobSpec = serde_json::from_slice(&json).expect("a serialised spec parses");
     }
@@ -272,8 +278,8 @@ where
 /// Validates a spec and builds its strategy, as job creation and the coordinator do. Returns
 /// whether the spec is valid.
 fn exercise_spec(spec: &JobSpec) -> bool {
-    let valid = spec.validate().is_ok();
-    let built = spec.build_strategy();
+    let valid = factory::validate(spec).is_ok();
+    let built = factory::build_strategy(spec);
     if valid {
         assert!(built.is_ok(), "a valid spec builds its strategy");
         let m = &spec.manifest;
@@ -381,7 +387,7 @@ fn update_payload(w: &[f32], b: &[f32], n: i64, metadata: bool) -> Vec<u8> {
     safetensors::serialize(views, &info).expect("serialise update")
 }
 
-fn job_spec(strategy: StrategySpec, update_kind: UpdateKind, opt: Option<ServerOptimizerConfig>) -> JobSpec {
+fn job_spec(strategy: StrategySpec, update_kind: UpdateKind, opt: Option<ServerOptimizerSpec>) -> JobSpec {
     JobSpec {
         job: JobId::new("mnist").expect("job id"),
         manifest: (**update_manifest()).clone(),
@@ -441,7 +447,7 @@ pub fn seeds() -> Vec<Seed> {
         }),
         last_commit: Some(protocol::CommitRecord {
             round: RoundId(3),
-            collect: 0x1234_5678,
+            collect: shoal_proto::CollectId(0x1234_5678),
             nodes: vec![shoal_functions::NodeId::new("n1").expect("node id")],
             applied: vec![(40, 47), (52, 52)],
         }),
@@ -488,7 +494,7 @@ pub fn seeds() -> Vec<Seed> {
     add("control_messages", "leaf-progress", protocol::encode(&progress), true);
     let collect = protocol::CollectRequest {
         round: RoundId(4),
-        collect: 99,
+        collect: shoal_proto::CollectId(99),
         top: n1.clone(),
         nodes: vec![n1.clone(), n2.clone()],
         fan_in: 2,
@@ -497,7 +503,7 @@ pub fn seeds() -> Vec<Seed> {
     let entry = protocol::CohortEntry { client: client.clone(), weight: 12.0, node: n2.clone() };
     let plan = protocol::ShardPlan {
         round: RoundId(4),
-        exchange: 7,
+        exchange: shoal_proto::ExchangeId(7),
         top: n1.clone(),
         cohort: vec![entry.clone()],
         owners: vec![n1.clone(), n2.clone()],
@@ -505,14 +511,18 @@ pub fn seeds() -> Vec<Seed> {
         step: protocol::ShardStep::Select { selected: vec![0] },
     };
     add("control_messages", "shard-plan", protocol::encode(&plan), true);
-    let lease = shoal_runtime::lease::Lease { node: n2.clone(), instance: 5, renewed_ms: 1_700_000_000_000 };
+    let lease = shoal_runtime::lease::Lease {
+        node: n2.clone(),
+        instance: shoal_proto::InstanceId(5),
+        renewed_ms: 1_700_000_000_000,
+    };
     add("control_messages", "lease", protocol::encode(&lease), true);
     let header = protocol::PartialHeader {
         sender: n2.clone(),
         to: n1.clone(),
         to_middle: false,
         round: RoundId(4),
-        collect: 99,
+        collect: shoal_proto::CollectId(99),
         nodes: vec![n2.clone()],
         empty: false,
         total_weight: 12.0,
@@ -528,21 +538,22 @@ pub fn seeds() -> Vec<Seed> {
     let framed: Vec<u8> =
         protocol::frame(&header, &values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
     add("control_messages", "partial-aggregate", framed, true);
-    let slice = protocol::SliceHeader { exchange: 7, shard: 1, client: Some(client.clone()), object: None };
+    let slice = protocol::SliceHeader {
+        exchange: shoal_proto::ExchangeId(7),
+        shard: 1,
+        client: Some(client.clone()),
+        object: None,
+    };
     add("control_messages", "shard-slice", protocol::frame(&slice, &[0u8; 64]), true);
     let specs = [
         ("fedavg", job_spec(StrategySpec::default(), UpdateKind::Parameters, None)),
         (
             "fedavg-adam",
-            job_spec(StrategySpec::default(), UpdateKind::Delta, Some(ServerOptimizerConfig::fedadam())),
+            job_spec(StrategySpec::default(), UpdateKind::Delta, Some(ServerOptimizerSpec::fedadam())),
         ),
         (
             "fedbuff",
-            job_spec(
-                StrategySpec::Fedbuff(shoal_functions::asynchronous::FedBuff::new(4)),
-                UpdateKind::Delta,
-                None,
-            ),
+            job_spec(StrategySpec::Fedbuff(shoal_proto::spec::FedBuffSpec::new(4)), UpdateKind::Delta, None),
         ),
         (
             "fedfix",
@@ -583,7 +594,7 @@ pub fn seeds() -> Vec<Seed> {
         ),
     ];
     for (name, spec) in &specs {
-        assert!(spec.validate().is_ok(), "seed spec {name} is valid: {:?}", spec.validate());
+        assert!(factory::validate(spec).is_ok(), "seed spec {name} is valid: {:?}", factory::validate(spec));
         add("control_messages", &format!("job-spec-{name}"), protocol::encode(spec), true);
     }
     let json = serde_json::to_vec_pretty(&specs[0].1).expect("spec to JSON");

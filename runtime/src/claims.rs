@@ -22,8 +22,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
-use shoal_functions::{ClientId, JobId, NodeId, RoundId};
+use shoal_proto::{ClientId, InstanceId, JobId, NodeId, RoundId};
 
 use crate::error::{Error, Result};
 use crate::infra::Infra;
@@ -34,16 +33,7 @@ use crate::subjects;
 /// How long a claim is kept (longer than any round).
 pub const MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 
-/// The value of a claim.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ClaimValue {
-    /// Node that staged the update.
-    pub node: NodeId,
-    /// Its process (membership lease instance).
-    pub instance: u64,
-    /// The update message's stream sequence.
-    pub stream_seq: u64,
-}
+pub use shoal_proto::cluster::ClaimValue;
 
 /// What [`claim`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,7 +55,7 @@ pub async fn claim(
     infra: &Infra,
     (job, round, client): (&JobId, RoundId, &ClientId),
     node: &NodeId,
-    instance: u64,
+    instance: InstanceId,
     stream_seq: u64,
 ) -> Result<Claim> {
     let key = subjects::claim_key(job, round, client);
@@ -83,7 +73,7 @@ pub async fn claim(
         let held: ClaimValue = match protocol::decode("claim", &entry.value) {
             Ok(v) if entry.operation == kv::Operation::Put => v,
             // Undecodable or deleted: take it over.
-            _ => ClaimValue { node: node.clone(), instance: 0, stream_seq },
+            _ => ClaimValue { node: node.clone(), instance: InstanceId(0), stream_seq },
         };
         if held.stream_seq != stream_seq {
             return Ok(Claim::Other(held.stream_seq));
@@ -91,7 +81,7 @@ pub async fn claim(
         if held.instance == instance && held.node == *node {
             return Ok(Claim::Mine);
         }
-        if held.instance != 0 && alive(infra, &held).await? {
+        if held.instance != InstanceId(0) && alive(infra, &held).await? {
             return Ok(Claim::HeldBy(held.node));
         }
         match claims.update(&key, value.clone(), entry.revision).await {
@@ -114,5 +104,5 @@ async fn alive(infra: &Infra, held: &ClaimValue) -> Result<bool> {
         return Ok(false);
     };
     Ok(protocol::decode::<Lease>("lease", &v)
-        .is_ok_and(|l| l.instance == held.instance && l.fresh(protocol::now_ms())))
+        .is_ok_and(|l| l.instance == held.instance && l.fresh(protocol::now_ms(), crate::lease::STALE)))
 }

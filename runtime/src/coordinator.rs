@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use shoal_functions::spec::StrategyPlugins;
+use shoal_functions::factory::{self, StrategyPlugins};
 use shoal_functions::{
     JobId, JobSpec, Mergeability, ModelManifest, NodeId, Parameters, PartialAggregate, RoundId, UpdateView,
 };
@@ -72,7 +72,7 @@ pub trait PluginFactory: Send + Sync + std::fmt::Debug {
 /// # Errors
 /// Persistent NATS errors.
 pub async fn run_top(ctx: CoordinatorContext, job: JobId) -> Result<()> {
-    let instance = rand::random::<u64>();
+    let instance = shoal_proto::InstanceId(rand::random::<u64>());
     let key = crate::subjects::top_lease_key(&job);
     loop {
         if ctx.cancel.is_cancelled() {
@@ -125,7 +125,7 @@ pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
     let manifest = Arc::new(spec.manifest.clone());
     let mut local = ctx.local.register(&job);
     let plugins = ctx.plugins.as_ref().map(|f| f.plugins(&spec)).unwrap_or_default();
-    let mut strategy = spec.build_strategy_with(plugins)?;
+    let mut strategy = factory::build_strategy_with(&spec, plugins)?;
     let (mut state, mut revision) = jobs::load_state(&ctx.infra, &job).await?;
     let mut global = load_global(&ctx.infra, &job, &state, &manifest).await?;
     let rule = spec.round_rule();
@@ -378,7 +378,7 @@ const PROGRESS_FRESH: Duration = Duration::from_millis(1500);
 /// What the leaves sent for one round.
 #[derive(Debug)]
 struct Collected {
-    collect: u64,
+    collect: shoal_proto::CollectId,
     nodes: Vec<NodeId>,
     /// Shared with the leaf that sent it when only one partial came (no copy); merging into it
     /// copies it once.
@@ -413,7 +413,7 @@ async fn collect(
         }
         let req = CollectRequest {
             round,
-            collect: rand::random::<u64>(),
+            collect: shoal_proto::CollectId(rand::random::<u64>()),
             top: ctx.node.clone(),
             nodes: nodes.clone(),
             fan_in,

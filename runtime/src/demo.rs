@@ -24,8 +24,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use shoal_functions::asynchronous;
 use shoal_functions::bristle::{Candidate, ClassAxis, ClassEvaluator, EvaluatorError, IntegratorConfig};
-use shoal_functions::server_opt::ServerOptimizerConfig;
-use shoal_functions::spec::StrategyPlugins;
+use shoal_functions::factory::StrategyPlugins;
+use shoal_functions::server_opt::ServerOptimizerSpec;
 use shoal_functions::spec::{FedFixClient, SpecMode};
 use shoal_functions::tensor::encode_safetensors;
 use shoal_functions::tensor::TensorData;
@@ -184,7 +184,7 @@ fn to_params(p: &Parameters) -> SoftmaxParams {
 /// its clients send.
 struct StrategyChoice {
     strategy: StrategySpec,
-    optimizer: Option<ServerOptimizerConfig>,
+    optimizer: Option<ServerOptimizerSpec>,
     kind: UpdateKind,
 }
 
@@ -202,16 +202,20 @@ fn strategy_choice(name: &str, sizes: &[usize], f: usize) -> anyhow::Result<Stra
     };
     Ok(match name {
         "fedavg" => plain(fedavg),
-        "fedavgm" => optimized(ServerOptimizerConfig::fedavgm()),
-        "fedadam" => optimized(ServerOptimizerConfig::fedadam()),
-        "fedyogi" => optimized(ServerOptimizerConfig::fedyogi()),
-        "fedadagrad" => optimized(ServerOptimizerConfig::fedadagrad()),
+        "fedavgm" => optimized(ServerOptimizerSpec::fedavgm()),
+        "fedadam" => optimized(ServerOptimizerSpec::fedadam()),
+        "fedyogi" => optimized(ServerOptimizerSpec::fedyogi()),
+        "fedadagrad" => optimized(ServerOptimizerSpec::fedadagrad()),
         "fedbuff" => {
             // Synchronous rounds: every update has staleness 0 and the buffer is the cohort.
             let mut fb = asynchronous::FedBuff::new(n as u32);
             fb.example_weight = asynchronous::ExampleWeight::NumExamples;
             fb.normalisation = asynchronous::FedBuffNormalisation::ByWeightSum;
-            StrategyChoice { strategy: StrategySpec::Fedbuff(fb), optimizer: None, kind: UpdateKind::Delta }
+            StrategyChoice {
+                strategy: StrategySpec::Fedbuff(fb.into()),
+                optimizer: None,
+                kind: UpdateKind::Delta,
+            }
         }
         "fedfix" => {
             // Every client returns within the period (Δt ≥ max τ): FedFix's weights are the

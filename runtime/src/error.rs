@@ -1,8 +1,5 @@
 //! The runtime's error type and the typed reasons an update is rejected for.
 
-use serde::{Deserialize, Serialize};
-use shoal_functions::ValidationError;
-
 /// Result alias for the runtime.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -36,7 +33,7 @@ pub enum Error {
     JobExists(String),
     /// A job spec failed validation.
     #[error(transparent)]
-    Spec(#[from] shoal_functions::spec::SpecError),
+    Spec(#[from] shoal_proto::SpecError),
     /// Aggregation maths failed.
     #[error(transparent)]
     Functions(#[from] shoal_functions::Error),
@@ -124,132 +121,4 @@ impl Error {
     }
 }
 
-/// Why the gateway refused an update. Each reason is counted in
-/// `shoal_updates_rejected_total{reason}`, logged once per cause, and published to the client on
-/// `<prefix>.<job>.rejected.<client>`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RejectReason {
-    /// Subject or headers missing or unparsable.
-    MalformedHeaders,
-    /// The job does not exist.
-    UnknownJob,
-    /// The job is finished or failed.
-    JobNotRunning,
-    /// The update is for a round that has closed.
-    LateUpdate,
-    /// The update is for a round that has not opened (more than one round ahead).
-    WrongRound,
-    /// Trained from another model version than the round's base.
-    WrongBaseVersion,
-    /// A second, different update from the same client in the same round.
-    Duplicate,
-    /// `num_examples` zero, unparsable or above the job's maximum.
-    InvalidWeight,
-    /// Inline payload over the inline limit, or object larger than the model can be.
-    PayloadTooLarge,
-    /// The payload's tensors do not match the manifest (names, dtypes, shapes, kind).
-    SchemaMismatch,
-    /// A float tensor holds NaN or Inf.
-    NonFinite,
-    /// The payload is not valid safetensors (truncated, bad header).
-    Malformed,
-    /// The object-store path failed: the object, its metadata or one of its chunks is missing
-    /// or unreadable.
-    ObjectUnavailable,
-    /// The object named is not the sender's own `<job>/<round>/<client>`.
-    Unauthorized,
-    /// The bytes read do not match their digest: the message's `Shoal-Digest`, or the object
-    /// store's own SHA-256 of the chunks (an object overwritten or corrupted in between).
-    DigestMismatch,
-    /// The safetensors header declares more tensors than the job's manifest has.
-    TooManyTensors,
-    /// The round already holds the job's `max_clients_per_round` updates on this node.
-    CohortFull,
-    /// This node serves its `--max-jobs` jobs already and no other node serves this one.
-    NodeAtCapacity,
-}
-
-impl RejectReason {
-    /// Every reason, for metrics initialisation.
-    pub const ALL: [RejectReason; 18] = [
-        RejectReason::MalformedHeaders,
-        RejectReason::UnknownJob,
-        RejectReason::JobNotRunning,
-        RejectReason::LateUpdate,
-        RejectReason::WrongRound,
-        RejectReason::WrongBaseVersion,
-        RejectReason::Duplicate,
-        RejectReason::InvalidWeight,
-        RejectReason::PayloadTooLarge,
-        RejectReason::SchemaMismatch,
-        RejectReason::NonFinite,
-        RejectReason::Malformed,
-        RejectReason::ObjectUnavailable,
-        RejectReason::Unauthorized,
-        RejectReason::DigestMismatch,
-        RejectReason::TooManyTensors,
-        RejectReason::CohortFull,
-        RejectReason::NodeAtCapacity,
-    ];
-
-    /// Bounded metric label.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RejectReason::MalformedHeaders => "malformed_headers",
-            RejectReason::UnknownJob => "unknown_job",
-            RejectReason::JobNotRunning => "job_not_running",
-            RejectReason::LateUpdate => "late_update",
-            RejectReason::WrongRound => "wrong_round",
-            RejectReason::WrongBaseVersion => "wrong_base_version",
-            RejectReason::Duplicate => "duplicate",
-            RejectReason::InvalidWeight => "invalid_weight",
-            RejectReason::PayloadTooLarge => "payload_too_large",
-            RejectReason::SchemaMismatch => "schema_mismatch",
-            RejectReason::NonFinite => "non_finite",
-            RejectReason::Malformed => "malformed",
-            RejectReason::ObjectUnavailable => "object_unavailable",
-            RejectReason::Unauthorized => "unauthorized",
-            RejectReason::DigestMismatch => "digest_mismatch",
-            RejectReason::TooManyTensors => "too_many_tensors",
-            RejectReason::CohortFull => "cohort_full",
-            RejectReason::NodeAtCapacity => "node_at_capacity",
-        }
-    }
-}
-
-impl std::fmt::Display for RejectReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl From<&ValidationError> for RejectReason {
-    fn from(e: &ValidationError) -> Self {
-        match e {
-            ValidationError::Malformed(_) | ValidationError::SlotSize { .. } => RejectReason::Malformed,
-            ValidationError::NonFinite { .. } => RejectReason::NonFinite,
-            ValidationError::TooManyTensors { .. } => RejectReason::TooManyTensors,
-            ValidationError::MissingTensor(_)
-            | ValidationError::ExtraTensor(_)
-            | ValidationError::DTypeMismatch { .. }
-            | ValidationError::ShapeMismatch { .. } => RejectReason::SchemaMismatch,
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Every reason is in `ALL` once, with a distinct label that serde uses too.
-    #[test]
-    fn reasons_are_bounded_and_distinct() {
-        let labels: std::collections::HashSet<&str> = RejectReason::ALL.iter().map(|r| r.as_str()).collect();
-        assert_eq!(labels.len(), RejectReason::ALL.len());
-        for r in RejectReason::ALL {
-            let json = serde_json::to_string(&r).unwrap();
-            assert_eq!(json, format!("\"{}\"", r.as_str()));
-        }
-    }
-}
+pub use shoal_proto::RejectReason;

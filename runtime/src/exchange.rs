@@ -112,7 +112,7 @@ pub struct Owner {
     /// The shards of the current plan.
     shards: Vec<Shard>,
     /// Slices received or extracted, by (exchange, client); this node's shard only.
-    slices: HashMap<(u64, ClientId), Aligned>,
+    slices: HashMap<(shoal_proto::ExchangeId, ClientId), Aligned>,
     /// The current plan's step has been answered.
     answered: bool,
 }
@@ -215,7 +215,7 @@ impl Owner {
         let global = crate::jobs::get_model_bytes(&self.infra, &self.job, plan.base_version).await?;
         let global = Parameters::from_safetensors(Arc::clone(&self.manifest), &global)?;
         let sub_global = sh.sub_params(&global)?;
-        let mut strategy = self.spec.build_strategy()?;
+        let mut strategy = shoal_functions::factory::build_strategy(&self.spec)?;
         // The shard's cohort in plan order, read in place.
         let subs: Vec<&Aligned> =
             plan.cohort.iter().filter_map(|e| self.slices.get(&(plan.exchange, e.client.clone()))).collect();
@@ -296,7 +296,7 @@ pub async fn run_top(
     let manifest = global.manifest();
     let shards = shard::plan(manifest, owners.len())?;
     let owners: Vec<NodeId> = owners.into_iter().take(shards.len()).collect();
-    let exchange = rand::random::<u64>();
+    let exchange = shoal_proto::ExchangeId(rand::random::<u64>());
     let selecting = strategy.sharding() == shoal_functions::Sharding::DistanceSelection;
     let mut plan = ShardPlan {
         round,
@@ -354,7 +354,7 @@ pub async fn run_top(
 async fn gather(
     infra: &Infra,
     results: &mut async_nats::Subscriber,
-    exchange: u64,
+    exchange: shoal_proto::ExchangeId,
     shards: usize,
     timeout: Duration,
     metrics: &Metrics,

@@ -76,7 +76,7 @@ pub struct GatewayContext {
     /// This node.
     pub node: shoal_functions::NodeId,
     /// This process (its membership lease instance), named in the claims it makes.
-    pub instance: u64,
+    pub instance: shoal_proto::InstanceId,
     /// The jobs this node serves (`--max-jobs`).
     pub slots: Arc<JobSlots>,
 }

@@ -61,7 +61,7 @@ pub struct Partial {
     /// Sender (a leaf, or a middle).
     pub sender: NodeId,
     /// Collection it answers.
-    pub collect: u64,
+    pub collect: shoal_proto::CollectId,
     /// Nodes it covers.
     pub nodes: Vec<NodeId>,
     /// Streaming strategies: the merged accumulators (`None` when empty).
@@ -263,7 +263,7 @@ struct LeafRound {
     partial: Option<Arc<PartialAggregate>>,
     held: Vec<Held>,
     /// (collection id, number of `held` it covered).
-    snapshots: Vec<(u64, usize)>,
+    snapshots: Vec<(shoal_proto::CollectId, usize)>,
     last_fold_ms: u64,
 }
 
@@ -649,7 +649,7 @@ mod tests {
     fn req(nodes: &[&str], top: &str, fan_in: u32) -> CollectRequest {
         CollectRequest {
             round: RoundId(3),
-            collect: 7,
+            collect: shoal_proto::CollectId(7),
             top: node(top),
             nodes: nodes.iter().map(|n| node(n)).collect(),
             fan_in,
@@ -682,7 +682,7 @@ mod tests {
             to: node("n1"),
             to_middle: false,
             round: RoundId(1),
-            collect: 9,
+            collect: shoal_proto::CollectId(9),
             nodes: vec![node("n2")],
             empty: false,
             total_weight: p.total_weight(),

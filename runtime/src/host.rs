@@ -285,7 +285,7 @@ impl Handler<Staged> for FunctionHost {
                         (id, addr)
                     }
                     None => {
-                        let strategy = match msg.spec.build_strategy() {
+                        let strategy = match shoal_functions::factory::build_strategy(&msg.spec) {
                             Ok(s) => s,
                             Err(e) => {
                                 // Specs are validated when the job is created; one edited in KV

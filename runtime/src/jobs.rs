@@ -105,7 +105,7 @@ impl JobDirectory {
             None => {
                 if let Some(spec) = spec {
                     let manifest = Arc::new(spec.manifest.clone());
-                    let pinned = spec.build_strategy().map_or(true, |s| {
+                    let pinned = shoal_functions::factory::build_strategy(&spec).map_or(true, |s| {
                         s.mergeability() == shoal_functions::Mergeability::WholeCohort
                             && s.sharding() == shoal_functions::Sharding::Unsupported
                     });
@@ -129,7 +129,7 @@ impl JobDirectory {
 /// [`Error::Spec`] for an invalid spec, [`Error::PayloadTooLarge`] for a spec larger than the
 /// server's `max_payload` (nothing is written), [`Error::JobExists`], NATS errors.
 pub async fn create_job(infra: &Infra, spec: &JobSpec, initial: Option<&Parameters>) -> Result<()> {
-    spec.validate()?;
+    shoal_functions::factory::validate(spec)?;
     let manifest = Arc::new(spec.manifest.clone());
     let zeros;
     let initial = match initial {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use shoal_functions::NodeId;
+use shoal_proto::{InstanceId, NodeId};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
@@ -23,23 +23,7 @@ pub const STALE: Duration = Duration::from_secs(3);
 /// Renewal interval.
 pub const RENEW: Duration = Duration::from_secs(1);
 
-/// Who holds a lease.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Lease {
-    /// Holder's node.
-    pub node: NodeId,
-    /// Holder's process (random per start).
-    pub instance: u64,
-    /// Last renewal, ms since the Unix epoch.
-    pub renewed_ms: u64,
-}
-
-impl Lease {
-    /// Whether the lease was renewed less than [`STALE`] before `now` (ms since the epoch).
-    pub fn fresh(&self, now: u64) -> bool {
-        now.saturating_sub(self.renewed_ms) < STALE.as_millis() as u64
-    }
-}
+pub use shoal_proto::cluster::Lease;
 
 /// A lease this process holds.
 #[derive(Debug, Clone)]
@@ -65,7 +49,7 @@ pub enum Attempt {
 ///
 /// # Errors
 /// NATS errors; an undecodable lease value.
-pub async fn try_acquire(infra: &Infra, key: &str, node: &NodeId, instance: u64) -> Result<Attempt> {
+pub async fn try_acquire(infra: &Infra, key: &str, node: &NodeId, instance: InstanceId) -> Result<Attempt> {
     let now = now_ms();
     let lease = Lease { node: node.clone(), instance, renewed_ms: now };
     let value = Bytes::from(protocol::encode(&lease));
@@ -73,7 +57,7 @@ pub async fn try_acquire(infra: &Infra, key: &str, node: &NodeId, instance: u64)
     let written = match entry {
         Some(e) if e.operation == async_nats::jetstream::kv::Operation::Put => {
             let held: Lease = protocol::decode("lease", &e.value)?;
-            if held.fresh(now) && held.instance != instance {
+            if held.fresh(now, STALE) && held.instance != instance {
                 return Ok(Attempt::HeldBy(held));
             }
             infra.jobs.update(key, value, e.revision).await.ok()
@@ -154,7 +138,7 @@ pub async fn keep(infra: Infra, mut held: Held, stop: CancellationToken, lost: C
 /// # Errors
 /// [`Error::NodeBusy`] when another live process uses `node`; NATS errors.
 pub async fn join(infra: &Infra, node: &NodeId) -> Result<Held> {
-    let instance = rand::random::<u64>();
+    let instance = InstanceId(rand::random::<u64>());
     let key = subjects::node_lease_key(node);
     let deadline = tokio::time::Instant::now() + STALE * 3;
     loop {
@@ -184,7 +168,7 @@ pub async fn fresh_holder(infra: &Infra, key: &str) -> Result<Option<NodeId>> {
         return Ok(None);
     };
     let lease: Lease = protocol::decode("lease", &v)?;
-    Ok(lease.fresh(now_ms()).then_some(lease.node))
+    Ok(lease.fresh(now_ms(), STALE).then_some(lease.node))
 }
 
 /// The nodes whose membership lease is fresh, sorted by id.
@@ -202,7 +186,7 @@ pub async fn live_nodes(infra: &Infra) -> Result<Vec<NodeId>> {
         }
         let Ok(Some(v)) = infra.jobs.get(&k).await else { continue };
         if let Ok(l) = protocol::decode::<Lease>("lease", &v) {
-            if l.fresh(now) {
+            if l.fresh(now, STALE) {
                 nodes.push(l.node);
             }
         }

@@ -17,90 +17,19 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use memmap2::{MmapOptions, MmapRaw};
-use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// Magic bytes at the start of every segment.
-pub const MAGIC: [u8; 8] = *b"SHOALSEG";
-/// Version of the segment layout.
-pub const LAYOUT_VERSION: u32 = 1;
-/// Bytes before the first slot (one page; slots stay 64-byte aligned).
-pub const DATA_OFFSET: usize = 4096;
-const HEADER_LEN: usize = 40;
+pub use shoal_proto::descriptor::{
+    SegmentHeader, SegmentId, SEGMENT_DATA_OFFSET as DATA_OFFSET, SEGMENT_LAYOUT_VERSION as LAYOUT_VERSION,
+    SEGMENT_MAGIC as MAGIC,
+};
 
-/// Identifies a segment file within a node's shm directory.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct SegmentId(pub String);
+const HEADER_LEN: usize = SegmentHeader::ENCODED_LEN;
 
-/// The fixed header of a segment (little-endian on disk: magic, layout version, header bytes,
-/// slot bytes, slot count, total bytes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SegmentHeader {
-    /// Bytes per slot (multiple of 64).
-    pub slot_bytes: u64,
-    /// Number of slots.
-    pub slot_count: u64,
-    /// Total file length.
-    pub total_bytes: u64,
-}
-
-impl SegmentHeader {
-    /// Length of the encoded header in bytes.
-    pub const ENCODED_LEN: usize = HEADER_LEN;
-
-    /// The on-disk form of the header: the first [`SegmentHeader::ENCODED_LEN`] bytes of a
-    /// segment file. For a valid header, [`SegmentHeader::decode`] of these bytes against a file
-    /// of `total_bytes` bytes gives `self` back.
-    pub fn encode(&self) -> [u8; HEADER_LEN] {
-        let mut h = [0u8; HEADER_LEN];
-        h[0..8].copy_from_slice(&MAGIC);
-        h[8..12].copy_from_slice(&LAYOUT_VERSION.to_le_bytes());
-        h[12..16].copy_from_slice(&(DATA_OFFSET as u32).to_le_bytes());
-        h[16..24].copy_from_slice(&self.slot_bytes.to_le_bytes());
-        h[24..32].copy_from_slice(&self.slot_count.to_le_bytes());
-        h[32..40].copy_from_slice(&self.total_bytes.to_le_bytes());
-        h
-    }
-
-    /// Parses and validates a header against the file's actual length.
-    ///
-    /// # Errors
-    /// [`Error::Shm`] for a wrong magic, layout version or data offset, a slot size that is not
-    /// a positive multiple of 64, or lengths that disagree with each other or the file.
-    pub fn decode(bytes: &[u8], file_len: u64) -> Result<SegmentHeader> {
-        let bad = |what: &str| Error::Shm(format!("segment header invalid: {what}"));
-        if bytes.len() < HEADER_LEN {
-            return Err(bad("too short"));
-        }
-        let u32_at = |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
-        let u64_at = |o: usize| {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(&bytes[o..o + 8]);
-            u64::from_le_bytes(a)
-        };
-        if bytes[0..8] != MAGIC {
-            return Err(bad("magic"));
-        }
-        if u32_at(8) != LAYOUT_VERSION {
-            return Err(bad("layout version"));
-        }
-        if u32_at(12) as usize != DATA_OFFSET {
-            return Err(bad("data offset"));
-        }
-        let h = SegmentHeader { slot_bytes: u64_at(16), slot_count: u64_at(24), total_bytes: u64_at(32) };
-        if h.slot_bytes == 0 || !h.slot_bytes.is_multiple_of(64) || h.slot_count == 0 {
-            return Err(bad("slot geometry"));
-        }
-        let expected = h
-            .slot_bytes
-            .checked_mul(h.slot_count)
-            .and_then(|b| b.checked_add(DATA_OFFSET as u64))
-            .ok_or_else(|| bad("length overflow"))?;
-        if expected != h.total_bytes || h.total_bytes != file_len {
-            return Err(bad("length"));
-        }
-        Ok(h)
+impl From<shoal_proto::descriptor::LayoutError> for Error {
+    fn from(e: shoal_proto::descriptor::LayoutError) -> Self {
+        Error::Shm(e.to_string())
     }
 }
 
@@ -115,12 +44,19 @@ pub struct Segment {
 }
 
 impl Segment {
-    /// Creates (exclusively, mode 0600) and maps a segment of `slot_count` slots.
+    /// Creates (exclusively, mode 0600) and maps segment `id` of `slot_count` slots as file
+    /// `name` in `dir`.
     ///
     /// # Errors
     /// [`Error::Io`] when the file cannot be created, sized or mapped.
-    pub fn create(dir: &Path, id: SegmentId, slot_bytes: usize, slot_count: usize) -> Result<Segment> {
-        let path = dir.join(format!("{}.seg", id.0));
+    pub fn create(
+        dir: &Path,
+        name: &str,
+        id: SegmentId,
+        slot_bytes: usize,
+        slot_count: usize,
+    ) -> Result<Segment> {
+        let path = dir.join(name);
         let total = DATA_OFFSET + slot_bytes * slot_count;
         let header = SegmentHeader {
             slot_bytes: slot_bytes as u64,
@@ -158,13 +94,17 @@ impl Segment {
         // SAFETY: the mapping is `len` bytes long and lives as long as `map`; we only read it.
         let head = unsafe { std::slice::from_raw_parts(map.as_ptr(), HEADER_LEN.min(len as usize)) };
         let header = SegmentHeader::decode(head, len)?;
-        let id = SegmentId(path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
+        // `<job>-<n>.seg`: the number after the last dash (0 for a file named otherwise).
+        let id = path
+            .file_stem()
+            .and_then(|s| s.to_str()?.rsplit('-').next()?.parse().ok())
+            .map_or(SegmentId(0), SegmentId);
         Ok(Segment { id, path: path.to_owned(), map, header, owner: false })
     }
 
     /// The segment's id.
-    pub fn id(&self) -> &SegmentId {
-        &self.id
+    pub fn id(&self) -> SegmentId {
+        self.id
     }
 
     /// The validated header.
@@ -268,8 +208,9 @@ impl SlotPool {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if st.free.is_empty() && st.segments.len() < self.max_segments {
             let n = st.segments.len();
-            let id = SegmentId(format!("{}-{}-{}", self.name, std::process::id(), n));
-            let seg = Segment::create(&self.dir, id, self.slot_bytes, self.slots_per_segment)?;
+            let id = SegmentId(n as u32);
+            let file = format!("{}-{n}.seg", self.name);
+            let seg = Segment::create(&self.dir, &file, id, self.slot_bytes, self.slots_per_segment)?;
             st.segments.push(Arc::new(seg));
             st.free.extend((0..self.slots_per_segment).rev().map(|i| (n, i)));
         }
@@ -343,7 +284,7 @@ impl Slot {
 
     /// The descriptor fields of this slot: segment, byte offset, length.
     pub fn location(&self) -> (SegmentId, usize, usize) {
-        (self.segment.id().clone(), self.offset(), self.pool.slot_bytes)
+        (self.segment.id(), self.offset(), self.pool.slot_bytes)
     }
 }
 

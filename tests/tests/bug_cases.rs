@@ -280,9 +280,9 @@ async fn a03_invalid_num_examples_refused_at_ingest() {
 /// round 1, v = 0 − (1 − β₂)·Δ²·sign(0 − Δ²) = 0.01·Δ² (1e4 for Δ = 1e3).
 #[test]
 fn a05_fedyogi_alternating_deltas_keep_v_nonnegative_and_the_model_finite() {
-    use shoal_functions::server_opt::{ServerOptimizer, ServerOptimizerConfig};
+    use shoal_functions::server_opt::{ServerOptimizer, ServerOptimizerSpec};
     let m = manifest(vec![t("w", DType::F64, &[12])]);
-    let mut opt = ServerOptimizer::new(ServerOptimizerConfig::fedyogi()).unwrap();
+    let mut opt = ServerOptimizer::new(ServerOptimizerSpec::fedyogi()).unwrap();
     let mut x = Parameters::zeros(Arc::clone(&m));
     for round in 0..5 {
         let sign = if round % 2 == 0 { 1.0 } else { -1.0 };
@@ -329,7 +329,7 @@ async fn a06_declared_cohort_larger_than_the_arrivals() {
 async fn a07_integer_tensors_are_not_put_through_the_float_server_stage() {
     let m = manifest(vec![t("w", DType::F32, &[3]), t("steps", DType::I64, &[])]);
     let job = Job::new("a07-int-server-opt", &m, (1, 1, 30_000), |s| {
-        s.server_optimizer = Some(shoal_functions::server_opt::ServerOptimizerConfig::fedadam());
+        s.server_optimizer = Some(shoal_functions::server_opt::ServerOptimizerSpec::fedadam());
     })
     .await;
     job.send("a", 5, &[vec![0.5, -1.0, 2.0], vec![7.0]]).await;
@@ -672,7 +672,7 @@ fn with_metadata(m: &Arc<ModelManifest>, values: &[Vec<f64>], meta: &[(&str, &st
         .zip(m.slots())
         .map(|(t, s)| {
             let v = safetensors::tensor::TensorView::new(
-                t.dtype.to_safetensors(),
+                shoal_functions::tensor::dtype_to_safetensors(t.dtype),
                 t.shape.clone(),
                 &bytes[s.byte_offset..s.byte_offset + s.byte_len],
             )

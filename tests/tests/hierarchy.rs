@@ -265,7 +265,8 @@ async fn whole_cohort_round(name: &str, strategy: StrategySpec, kind: UpdateKind
         .map(|((c, _, w), words)| UpdateView { manifest: &m, bytes: as_bytes(words), weight: *w, client: c })
         .collect();
     let global = Parameters::zeros(Arc::clone(&m));
-    let want = spec.build_strategy().unwrap().aggregate_cohort(&views, &global).unwrap();
+    let want =
+        shoal_functions::factory::build_strategy(&spec).unwrap().aggregate_cohort(&views, &global).unwrap();
     let want: Vec<Vec<f64>> = (0..m.tensors().len()).map(|i| want.tensor_f64(i)).collect();
     assert_close(&got, &want, name);
     let mut per_node = Vec::new();

@@ -1,15 +1,20 @@
-//! The job specification: model manifest, strategy, round policy and limits. Shared by the
-//! runtime (stored in KV `shoal-jobs`) and the operator (the `FederatedJob` CRD, later).
+//! The job specification as plain data: model manifest, strategy and its hyperparameters,
+//! round policy, server optimizer and limits. Stored in KV `shoal-jobs` (msgpack), written by
+//! users as JSON (`shoal job create --spec`), and wrapped by the operator's `FederatedJob` CRD
+//! (feature `schema`).
+//!
+//! The structural checks live here ([`JobSpec::validate`]); the checks that need the maths
+//! (Krum's `f` against the cohort, RFFL's reputation parameters, ...) are
+//! `shoal_functions::factory::validate`, which calls this one first.
 
 use serde::{Deserialize, Serialize};
 
-use crate::fedavg::FedAvg;
-use crate::ids::JobId;
-use crate::strategy::Strategy;
-use crate::tensor::ModelManifest;
+use crate::ids::{ClientId, JobId, Staleness};
+use crate::manifest::ModelManifest;
 
 /// What the tensors of a client update hold.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum UpdateKind {
     /// The client's full model parameters after local training.
@@ -77,6 +82,7 @@ fn default_tertile_beta() -> usize {
 /// Where the paper and the reference code of RFFL or Bristle differ, which to follow
 /// (`algorithms.md` §A.6, §B.6); the reference code is the default.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum SpecMode {
     /// The reference implementation's behaviour.
@@ -88,9 +94,10 @@ pub enum SpecMode {
 
 /// One client of a FedFix job: its compute time and importance.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct FedFixClient {
     /// The client.
-    pub client: crate::ClientId,
+    pub client: ClientId,
     /// τ_i, its time per local round, in ticks (≥ 1).
     pub compute_ticks: u64,
     /// p_i; `None` gives every declared client 1/M.
@@ -101,18 +108,19 @@ pub struct FedFixClient {
 /// Which strategy aggregates the job, with its hyperparameters. Every configuration is checked
 /// when the job is created ([`JobSpec::validate`]), never mid-round.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "name", rename_all = "kebab-case")]
 pub enum StrategySpec {
-    /// [`FedAvg`]: the `num_examples`-weighted mean.
+    /// FedAvg (McMahan et al., AISTATS 2017): the `num_examples`-weighted mean.
     Fedavg {
         /// η_s for delta updates (default 1).
         #[serde(default = "one")]
         server_learning_rate: f64,
     },
-    /// [`crate::asynchronous::FedBuff`] (Nguyen et al., AISTATS 2022): buffered asynchronous
+    /// FedBuff (Nguyen et al., AISTATS 2022, [`FedBuffSpec`]): buffered asynchronous
     /// aggregation of deltas with staleness weights.
-    Fedbuff(crate::asynchronous::FedBuff),
-    /// [`crate::asynchronous::FedFix`] (Fraboni et al., JMLR 2023): a step every period, client
+    Fedbuff(FedBuffSpec),
+    /// FedFix (Fraboni et al., JMLR 2023): a step every period, client
     /// `i` weighted ⌈τ_i/Δt⌉·p_i. The job declares its clients.
     Fedfix {
         /// Δt in ticks.
@@ -207,6 +215,7 @@ impl StrategySpec {
 
 /// When a round closes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "mode", rename_all = "snake_case")]
 pub enum RoundPolicy {
     /// Synchronous rounds: close when `cohort_size` updates are accepted, or at the deadline if
@@ -266,6 +275,7 @@ pub struct RoundRule {
 /// A job: one FL training run. Unknown fields are refused (a typo must not silently fall back
 /// to a default).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
     /// The job's id (a NATS subject token).
@@ -297,7 +307,7 @@ pub struct JobSpec {
     /// A server optimizer applied after the strategy (FedAvgM, FedAdam, FedYogi, FedAdagrad;
     /// Reddi et al., ICLR 2021). Integer and non-`mean` tensors are not put through it.
     #[serde(default)]
-    pub server_optimizer: Option<crate::server_opt::ServerOptimizerConfig>,
+    pub server_optimizer: Option<ServerOptimizerSpec>,
     /// Largest update accepted, in bytes: the whole safetensors payload (header and data),
     /// inline or as an object. Default (absent): the manifest's data bytes plus its
     /// [`ModelManifest::header_allowance`]. A larger update is refused as `payload_too_large`
@@ -321,14 +331,389 @@ fn default_max_failed() -> u32 {
     5
 }
 
-/// Job-specific pieces the runtime plugs into a strategy.
-#[derive(Debug, Default)]
-pub struct StrategyPlugins {
-    /// Bristle's performance-based integrator: which tensor to integrate class by class, and the
-    /// evaluator scoring candidate models per class on a server-held validation split. Without
-    /// it Bristle averages the updates its prioritizer selects.
-    pub bristle_integrator:
-        Option<(crate::bristle::IntegratorConfig, Box<dyn crate::bristle::ClassEvaluator>)>,
+/// Staleness weight s(τ) of FedBuff (Nguyen et al., "Federated Learning with Buffered
+/// Asynchronous Aggregation", AISTATS 2022), as in FLSim's
+/// `flsim/utils/async_trainer/async_staleness_weights.py` (`algorithms.md` §C.3).
+///
+/// Each function has a raw form r(τ); with `avg_staleness = Some(a)` it is normalised to
+/// s(τ) = r(τ) / r(a), so s(a) = 1 (FLSim always normalises, with a = 1 by default). With
+/// `None` it is r(τ) itself (the paper's s(τ) = 1/√(1+τ) is `Polynomial { exponent: 0.5,
+/// avg_staleness: None }`, see [`StalenessWeight::paper`]).
+///
+/// The normalisation is a constant factor, so it cancels under
+/// [`FedBuffNormalisation::ByWeightSum`] but scales the step under `ByBufferSize` and `Sum`
+/// (by √2 for FLSim's e = 0.5, a = 1).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum StalenessWeight {
+    /// r(τ) = 1: every update counts fully.
+    Constant,
+    /// r(τ) = 1 if τ ≤ `cutoff`, else `value` (≥ 0; 0 discards updates staler than `cutoff`).
+    Threshold {
+        /// Largest staleness weighted 1.
+        cutoff: u64,
+        /// Weight of staler updates, finite and ≥ 0.
+        value: f64,
+        /// Normalise so that s(avg_staleness) = 1 (FLSim: `Some(1.0)`).
+        #[serde(default)]
+        avg_staleness: Option<f64>,
+    },
+    /// r(τ) = 1 / (1 + τ)^exponent. FLSim restricts the exponent to [0, 1]; any finite
+    /// exponent ≥ 0 is accepted here.
+    Polynomial {
+        /// e ≥ 0 (0.5 in the FedBuff paper).
+        exponent: f64,
+        /// Normalise so that s(avg_staleness) = 1 (FLSim: `Some(1.0)`).
+        #[serde(default)]
+        avg_staleness: Option<f64>,
+    },
+}
+
+impl StalenessWeight {
+    /// The FedBuff paper's s(τ) = 1/√(1+τ), not normalised.
+    pub fn paper() -> StalenessWeight {
+        StalenessWeight::Polynomial { exponent: 0.5, avg_staleness: None }
+    }
+
+    /// FLSim's polynomial weight, normalised at its default average staleness 1:
+    /// s(τ) = (2/(1+τ))^e; for e = 0.5, s(τ) = √2/√(1+τ) (test vector C-5).
+    pub fn flsim_polynomial(exponent: f64) -> StalenessWeight {
+        StalenessWeight::Polynomial { exponent, avg_staleness: Some(1.0) }
+    }
+
+    /// The raw (not normalised) weight at a real staleness `tau` ≥ 0.
+    fn raw(&self, tau: f64) -> f64 {
+        match *self {
+            StalenessWeight::Constant => 1.0,
+            StalenessWeight::Threshold { cutoff, value, .. } => {
+                if tau <= cutoff as f64 {
+                    1.0
+                } else {
+                    value
+                }
+            }
+            StalenessWeight::Polynomial { exponent, .. } => 1.0 / (1.0 + tau).powf(exponent),
+        }
+    }
+
+    fn avg_staleness(&self) -> Option<f64> {
+        match *self {
+            StalenessWeight::Constant => None,
+            StalenessWeight::Threshold { avg_staleness, .. }
+            | StalenessWeight::Polynomial { avg_staleness, .. } => avg_staleness,
+        }
+    }
+
+    /// s(τ), dimensionless, ≥ 0. Meaningful only for a configuration that passes
+    /// [`Self::validate`] (otherwise it may be NaN, which folding rejects).
+    pub fn weight(&self, staleness: Staleness) -> f64 {
+        let r = self.raw(staleness.0 as f64);
+        match self.avg_staleness() {
+            Some(a) => r / self.raw(a),
+            None => r,
+        }
+    }
+
+    /// Checks the parameters.
+    ///
+    /// # Errors
+    /// [`SpecError`] for a negative or non-finite exponent or threshold value,
+    /// a negative or non-finite `avg_staleness`, or a normaliser r(avg_staleness) that is 0
+    /// (a threshold with value 0 and `avg_staleness > cutoff`).
+    pub fn validate(&self) -> Result<(), SpecError> {
+        match *self {
+            StalenessWeight::Constant => {}
+            StalenessWeight::Threshold { value, .. } => {
+                if !(value.is_finite() && value >= 0.0) {
+                    return Err(SpecError(format!(
+                        "threshold staleness value {value} must be finite and >= 0"
+                    )));
+                }
+            }
+            StalenessWeight::Polynomial { exponent, .. } => {
+                if !(exponent.is_finite() && exponent >= 0.0) {
+                    return Err(SpecError(format!("staleness exponent {exponent} must be finite and >= 0")));
+                }
+            }
+        }
+        if let Some(a) = self.avg_staleness() {
+            if !(a.is_finite() && a >= 0.0) {
+                return Err(SpecError(format!("avg_staleness {a} must be finite and >= 0")));
+            }
+            let r = self.raw(a);
+            if !(r.is_finite() && r > 0.0) {
+                return Err(SpecError(format!(
+                    "staleness weight at avg_staleness {a} is {r}: cannot normalise"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Example weight of FedBuff, as FLSim's `async_example_weights.py`, normalised at its default
+/// average of one example (so `Log10` is log10(1+n)/log10(2)). Every variant gives 0 for a
+/// zero-example update (discard it; FLSim asserts n > 0).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum ExampleWeight {
+    /// 1 per update (FLSim's sent140 FedBuff config).
+    #[default]
+    Equal,
+    /// n, the update's `num_examples` (FedAvg's weighting; FLSim's `Linear`).
+    NumExamples,
+    /// √n.
+    Sqrt,
+    /// log10(1 + n) / log10(2).
+    Log10,
+}
+
+impl ExampleWeight {
+    /// The weight of an update trained on `num_examples` examples.
+    pub fn weight(self, num_examples: u64) -> f64 {
+        if num_examples == 0 {
+            return 0.0;
+        }
+        let n = num_examples as f64;
+        match self {
+            ExampleWeight::Equal => 1.0,
+            ExampleWeight::NumExamples => n,
+            ExampleWeight::Sqrt => n.sqrt(),
+            ExampleWeight::Log10 => n.ln_1p() / std::f64::consts::LN_2,
+        }
+    }
+}
+
+/// What FedBuff divides the buffered sum Σ_k w_k Δ_k by (`algorithms.md` §D point 5,
+/// `bug-cases.md` row 26). Example: deltas `[1]`, `[1]`, `[1]` at staleness 0, 1, 3 with
+/// s(τ) = 1/√(1+τ), K = 3, η_g = 1: `ByBufferSize` steps (1 + 0.7071 + 0.5)/3 = 0.7357,
+/// `ByWeightSum` steps 1.0, `Sum` steps 2.2071.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum FedBuffNormalisation {
+    /// Divide by the configured buffer size K, as the FedBuff paper's Algorithm 1 (Δ̄/K). A
+    /// **partial flush** of k < K updates (after `max_wait`) still divides by K: each update's
+    /// coefficient η_g·w/K does not depend on when the flush happens, and the step is k/K as
+    /// long as a full buffer's. If merged partials overshoot (k > K, concurrent leaves), it
+    /// divides by k instead, so a coefficient never exceeds η_g·w/K.
+    #[default]
+    ByBufferSize,
+    /// Divide by the sum of the buffered weights Σ w_k (a weighted mean of the deltas; the
+    /// alternative raised in FedScale PR #162). A partial flush takes a full-size step from the
+    /// k updates it has; staleness weights then only matter relative to each other.
+    ByWeightSum,
+    /// No division: Σ w_k Δ_k (FLSim's default `WEIGHTED_SUM` reducer; η_g absorbs the scale).
+    /// A partial flush takes a k/K-size step, as `ByBufferSize`.
+    Sum,
+}
+
+/// FedBuff's configuration (Nguyen et al., AISTATS 2022; FLSim `async_aggregators.py`;
+/// `algorithms.md` §C.3): each delta is folded with weight [`ExampleWeight`] ×
+/// [`StalenessWeight`], and every `buffer_size` updates (or after the round policy's
+/// `max_wait_ms`) the server steps θ + η_g · Σ w_k Δ_k / norm ([`FedBuffNormalisation`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct FedBuffSpec {
+    /// K, updates per server step (≥ 1; FLSim's sent140 example uses 10).
+    pub buffer_size: u32,
+    /// s(τ).
+    pub staleness: StalenessWeight,
+    /// What the buffered sum is divided by.
+    pub normalisation: FedBuffNormalisation,
+    /// The example-count part of the weight.
+    pub example_weight: ExampleWeight,
+    /// η_g (finite, > 0).
+    pub server_lr: f64,
+}
+
+impl FedBuffSpec {
+    /// The paper's form: buffer of `buffer_size`, s(τ) = 1/√(1+τ), division by K, equal
+    /// example weights, η_g = 1.
+    pub fn new(buffer_size: u32) -> FedBuffSpec {
+        FedBuffSpec {
+            buffer_size,
+            staleness: StalenessWeight::paper(),
+            normalisation: FedBuffNormalisation::ByBufferSize,
+            example_weight: ExampleWeight::Equal,
+            server_lr: 1.0,
+        }
+    }
+
+    /// Checks the configuration.
+    ///
+    /// # Errors
+    /// [`SpecError`] for K = 0, a bad η_g or a bad staleness function.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if self.buffer_size == 0 {
+            return Err(SpecError("buffer_size must be at least 1".into()));
+        }
+        if !(self.server_lr.is_finite() && self.server_lr > 0.0) {
+            return Err(SpecError(format!("server_lr {} must be finite and > 0", self.server_lr)));
+        }
+        self.staleness.validate()
+    }
+
+    /// The weight an update is folded with: `example_weight(num_examples) · s(staleness)`,
+    /// dimensionless, ≥ 0. **0 means discard** (zero examples, or a threshold function with
+    /// value 0 past its cutoff).
+    pub fn update_weight(&self, num_examples: u64, staleness: Staleness) -> f64 {
+        self.example_weight.weight(num_examples) * self.staleness.weight(staleness)
+    }
+}
+
+/// FedAdam's bias correction of the learning rate (see the module docs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum BiasCorrection {
+    /// η·√(1−β₂^(t+1))/(1−β₁^(t+1)), Flower's `FedAdam`.
+    #[default]
+    Flower,
+    /// η·√(1−β₂^t)/(1−β₁^t), Kingma & Ba's α_t.
+    KingmaBa,
+    /// η, Reddi et al. Algorithm 2.
+    Off,
+}
+
+/// Which server optimiser, with its hyperparameters. The constructors give the defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(tag = "name")]
+pub enum ServerOptimizerSpec {
+    /// Server SGD with momentum (Hsu et al. 2019).
+    #[serde(rename = "fedavgm")]
+    FedAvgM {
+        /// η > 0.
+        lr: f64,
+        /// β in [0, 1).
+        momentum: f64,
+    },
+    /// Adam on the server (Reddi et al. 2021).
+    #[serde(rename = "fedadam")]
+    FedAdam {
+        /// η > 0.
+        lr: f64,
+        /// β₁ in [0, 1).
+        beta1: f64,
+        /// β₂ in [0, 1).
+        beta2: f64,
+        /// τ > 0, the adaptivity (ε of Adam).
+        tau: f64,
+        /// Learning-rate bias correction.
+        #[serde(default)]
+        bias_correction: BiasCorrection,
+    },
+    /// Yogi on the server (Reddi et al. 2021).
+    #[serde(rename = "fedyogi")]
+    FedYogi {
+        /// η > 0.
+        lr: f64,
+        /// β₁ in [0, 1).
+        beta1: f64,
+        /// β₂ in [0, 1).
+        beta2: f64,
+        /// τ > 0.
+        tau: f64,
+    },
+    /// Adagrad on the server (Reddi et al. 2021).
+    #[serde(rename = "fedadagrad")]
+    FedAdagrad {
+        /// η > 0.
+        lr: f64,
+        /// β₁ in [0, 1) (Flower fixes 0: m_t = Δ_t).
+        beta1: f64,
+        /// τ > 0.
+        tau: f64,
+    },
+}
+
+impl ServerOptimizerSpec {
+    /// FedAvgM with momentum β = 0.9 and η = 0.1, an effective learning rate η/(1−β) = 1 (the
+    /// quantity Hsu et al. 2019 sweep). Flower's `FedAvgM` defaults are η = 1, β = 0, which is
+    /// plain FedAvg; pass them explicitly for that.
+    pub fn fedavgm() -> ServerOptimizerSpec {
+        ServerOptimizerSpec::FedAvgM { lr: 0.1, momentum: 0.9 }
+    }
+
+    /// Flower's `FedAdam` defaults: η = 0.1, β₁ = 0.9, β₂ = 0.99, τ = 1e-9, Flower's bias
+    /// correction.
+    pub fn fedadam() -> ServerOptimizerSpec {
+        ServerOptimizerSpec::FedAdam {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.99,
+            tau: 1e-9,
+            bias_correction: BiasCorrection::Flower,
+        }
+    }
+
+    /// Flower's `FedYogi` defaults: η = 0.01, β₁ = 0.9, β₂ = 0.99, τ = 1e-3.
+    pub fn fedyogi() -> ServerOptimizerSpec {
+        ServerOptimizerSpec::FedYogi { lr: 0.01, beta1: 0.9, beta2: 0.99, tau: 1e-3 }
+    }
+
+    /// Flower's `FedAdagrad` defaults: η = 0.1, β₁ = 0 (Flower passes `beta_1=0.0` to
+    /// `FedOpt`), τ = 1e-9.
+    pub fn fedadagrad() -> ServerOptimizerSpec {
+        ServerOptimizerSpec::FedAdagrad { lr: 0.1, beta1: 0.0, tau: 1e-9 }
+    }
+
+    /// Short name (`fedavgm`, `fedadam`, `fedyogi`, `fedadagrad`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            ServerOptimizerSpec::FedAvgM { .. } => "fedavgm",
+            ServerOptimizerSpec::FedAdam { .. } => "fedadam",
+            ServerOptimizerSpec::FedYogi { .. } => "fedyogi",
+            ServerOptimizerSpec::FedAdagrad { .. } => "fedadagrad",
+        }
+    }
+
+    /// Whether the optimiser keeps a second moment v_t.
+    pub fn has_second_moment(&self) -> bool {
+        !matches!(self, ServerOptimizerSpec::FedAvgM { .. })
+    }
+
+    /// Checks the hyperparameters.
+    ///
+    /// # Errors
+    /// [`SpecError`] naming the first one out of range.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        fn positive(name: &str, x: f64) -> Result<(), SpecError> {
+            if x.is_finite() && x > 0.0 {
+                Ok(())
+            } else {
+                Err(SpecError(format!("server_optimizer {name} = {x} must be finite and > 0")))
+            }
+        }
+        fn unit(name: &str, x: f64) -> Result<(), SpecError> {
+            if (0.0..1.0).contains(&x) {
+                Ok(())
+            } else {
+                Err(SpecError(format!("server_optimizer {name} = {x} must be in [0, 1)")))
+            }
+        }
+        match *self {
+            ServerOptimizerSpec::FedAvgM { lr, momentum } => {
+                positive("lr", lr)?;
+                unit("momentum", momentum)
+            }
+            ServerOptimizerSpec::FedAdam { lr, beta1, beta2, tau, .. }
+            | ServerOptimizerSpec::FedYogi { lr, beta1, beta2, tau } => {
+                positive("lr", lr)?;
+                unit("beta1", beta1)?;
+                unit("beta2", beta2)?;
+                positive("tau", tau)
+            }
+            ServerOptimizerSpec::FedAdagrad { lr, beta1, tau } => {
+                positive("lr", lr)?;
+                unit("beta1", beta1)?;
+                positive("tau", tau)
+            }
+        }
+    }
 }
 
 /// Why a job spec is unusable.
@@ -337,8 +722,11 @@ pub struct StrategyPlugins {
 pub struct SpecError(pub String);
 
 impl JobSpec {
-    /// Checks the spec's internal consistency, including the strategy's configuration against
-    /// the round policy (e.g. Krum's f against `min_clients`).
+    /// Checks the spec's internal consistency: the round policy against the strategy, the
+    /// deadlines, limits, the update kind each strategy needs, FedBuff's and the server
+    /// optimizer's ranges. The checks that need the maths (Krum's `f` against `min_clients`,
+    /// RFFL's and Bristle's parameters, FedFix's client profiles) are
+    /// `shoal_functions::factory::validate`, which calls this first.
     ///
     /// # Errors
     /// [`SpecError`] naming the first problem.
@@ -410,7 +798,36 @@ impl JobSpec {
         if let StrategySpec::MultiKrum { keep: 0 | 1, .. } = self.strategy {
             return Err(SpecError("multi-krum needs keep >= 2 (keep = 1 is krum)".into()));
         }
-        self.build_strategy().map(drop)
+        self.validate_strategy_kind()?;
+        match &self.server_optimizer {
+            Some(opt) => opt.validate(),
+            None => Ok(()),
+        }
+    }
+
+    /// The strategy's own ranges that need no maths, and the update kind it aggregates.
+    fn validate_strategy_kind(&self) -> Result<(), SpecError> {
+        match &self.strategy {
+            &StrategySpec::Fedavg { server_learning_rate } => {
+                if !(server_learning_rate.is_finite() && server_learning_rate > 0.0) {
+                    return Err(SpecError(format!(
+                        "server_learning_rate {server_learning_rate} must be finite and > 0"
+                    )));
+                }
+                Ok(())
+            }
+            StrategySpec::Fedbuff(f) => {
+                f.validate().map_err(|e| SpecError(format!("strategy: {}", e.0)))?;
+                self.require_delta("fedbuff")
+            }
+            StrategySpec::Fedfix { .. } => self.require_delta("fedfix"),
+            StrategySpec::Rffl { .. } => self.require_delta("rffl"),
+            StrategySpec::Median => self.require_parameters("median"),
+            StrategySpec::TrimmedMean { .. } => self.require_parameters("trimmed-mean"),
+            StrategySpec::MultiKrum { .. } => self.require_parameters("multi-krum"),
+            StrategySpec::Bulyan { .. } => self.require_parameters("bulyan"),
+            StrategySpec::Krum { .. } | StrategySpec::Bristle { .. } => Ok(()),
+        }
     }
 
     /// The largest update accepted, in bytes ([`Self::max_update_bytes`] or its default).
@@ -454,120 +871,11 @@ impl JobSpec {
         }
     }
 
-    /// Builds the strategy object (wrapped in the server optimizer, if any).
+    /// Refuses delta updates for a strategy that returns its aggregate as the new model.
     ///
     /// # Errors
-    /// [`SpecError`] for an impossible configuration.
-    pub fn build_strategy(&self) -> Result<Box<dyn Strategy>, SpecError> {
-        self.build_strategy_with(StrategyPlugins::default())
-    }
-
-    /// Like [`Self::build_strategy`], with job-specific pieces the runtime supplies (Bristle's
-    /// per-class evaluator on a server-held validation split).
-    ///
-    /// # Errors
-    /// [`SpecError`] for an impossible configuration.
-    pub fn build_strategy_with(&self, plugins: StrategyPlugins) -> Result<Box<dyn Strategy>, SpecError> {
-        use crate::{asynchronous, bristle, rffl, robust, server_opt};
-        let bad = |e: &dyn std::fmt::Display| SpecError(format!("strategy: {e}"));
-        let n = self.round_rule().min_clients as usize;
-        let inner: Box<dyn Strategy> = match &self.strategy {
-            &StrategySpec::Fedavg { server_learning_rate } => {
-                if !(server_learning_rate.is_finite() && server_learning_rate > 0.0) {
-                    return Err(SpecError(format!(
-                        "server_learning_rate {server_learning_rate} must be finite and > 0"
-                    )));
-                }
-                Box::new(FedAvg { update_kind: self.update_kind, server_learning_rate })
-            }
-            StrategySpec::Fedbuff(f) => {
-                f.validate().map_err(|e| bad(&e))?;
-                self.require_delta("fedbuff")?;
-                Box::new(*f)
-            }
-            StrategySpec::Fedfix { period_ticks, server_learning_rate, clients } => {
-                self.require_delta("fedfix")?;
-                let mut profiles = asynchronous::ClientProfiles::new();
-                let m = clients.len().max(1) as f64;
-                for c in clients {
-                    let profile = asynchronous::ClientProfile {
-                        compute_ticks: c.compute_ticks,
-                        importance: c.importance.unwrap_or(1.0 / m),
-                    };
-                    profiles.set(c.client.clone(), profile).map_err(|e| bad(&e))?;
-                }
-                let f = asynchronous::FedFix {
-                    period_ticks: *period_ticks,
-                    server_lr: *server_learning_rate,
-                    clients: profiles,
-                };
-                f.validate().map_err(|e| bad(&e))?;
-                Box::new(f)
-            }
-            StrategySpec::Median => {
-                self.require_parameters("median")?;
-                Box::new(robust::CoordinateMedian::new(n).map_err(|e| bad(&e))?)
-            }
-            &StrategySpec::TrimmedMean { beta } => {
-                self.require_parameters("trimmed-mean")?;
-                Box::new(robust::TrimmedMean::new(beta, n).map_err(|e| bad(&e))?)
-            }
-            &StrategySpec::Krum { byzantine } => {
-                Box::new(robust::Krum::new(byzantine, 1, n).map_err(|e| bad(&e))?)
-            }
-            &StrategySpec::MultiKrum { byzantine, keep } => {
-                self.require_parameters("multi-krum")?;
-                Box::new(robust::Krum::new(byzantine, keep, n).map_err(|e| bad(&e))?)
-            }
-            &StrategySpec::Bulyan { byzantine } => {
-                self.require_parameters("bulyan")?;
-                Box::new(robust::Bulyan::new(byzantine, n).map_err(|e| bad(&e))?)
-            }
-            &StrategySpec::Rffl { gamma, alpha, rth, warmup_rounds, altruism_degree, sparsify, mode } => {
-                self.require_delta("rffl")?;
-                let config = rffl::RfflConfig {
-                    mode: match mode {
-                        SpecMode::ReferenceCode => rffl::Mode::ReferenceCode,
-                        SpecMode::Paper => rffl::Mode::Paper,
-                    },
-                    alpha,
-                    gamma,
-                    rth,
-                    warmup_rounds,
-                    altruism_degree,
-                    sparsify,
-                };
-                Box::new(rffl::Rffl::new(config).map_err(|e| bad(&e))?)
-            }
-            &StrategySpec::Bristle { alpha, beta, seed, mode } => {
-                let config = bristle::BristleConfig {
-                    mode: match mode {
-                        SpecMode::ReferenceCode => bristle::Mode::ReferenceCode,
-                        SpecMode::Paper => bristle::Mode::Paper,
-                    },
-                    prioritizer: bristle::Prioritizer::AlphaTertiles { alpha, beta },
-                    seed,
-                    update_kind: self.update_kind,
-                };
-                match plugins.bristle_integrator {
-                    Some((integrator, evaluator)) => Box::new(
-                        bristle::Bristle::with_integrator(config, integrator, evaluator)
-                            .map_err(|e| bad(&e))?,
-                    ),
-                    None => Box::new(bristle::Bristle::new(config).map_err(|e| bad(&e))?),
-                }
-            }
-        };
-        Ok(match &self.server_optimizer {
-            None => inner,
-            Some(cfg) => {
-                let opt = server_opt::ServerOptimizer::new(*cfg).map_err(|e| bad(&e))?;
-                Box::new(server_opt::WithServerOptimizer::new(inner, opt))
-            }
-        })
-    }
-
-    fn require_parameters(&self, name: &str) -> Result<(), SpecError> {
+    /// [`SpecError`] naming the strategy.
+    pub fn require_parameters(&self, name: &str) -> Result<(), SpecError> {
         // The robust rules return their aggregate as the new model: over deltas that would
         // commit a delta as parameters.
         if self.update_kind == UpdateKind::Parameters {
@@ -579,7 +887,11 @@ impl JobSpec {
         }
     }
 
-    fn require_delta(&self, name: &str) -> Result<(), SpecError> {
+    /// Refuses full-parameter updates for a strategy that steps with deltas.
+    ///
+    /// # Errors
+    /// [`SpecError`] naming the strategy.
+    pub fn require_delta(&self, name: &str) -> Result<(), SpecError> {
         if self.update_kind == UpdateKind::Delta {
             Ok(())
         } else {
@@ -591,7 +903,7 @@ impl JobSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tensor::{DType, TensorSpec};
+    use crate::manifest::{DType, TensorSpec};
 
     fn spec(policy: RoundPolicy) -> JobSpec {
         let manifest = ModelManifest::new(vec![TensorSpec::new("w", DType::F32, vec![250])]).unwrap();
@@ -617,7 +929,7 @@ mod tests {
         let json = serde_json::to_string(&s).unwrap();
         assert!(!json.contains("max_update_bytes") && !json.contains("max_clients_per_round"), "{json}");
         let fedbuff = JobSpec {
-            strategy: StrategySpec::Fedbuff(crate::asynchronous::FedBuff::new(3)),
+            strategy: StrategySpec::Fedbuff(FedBuffSpec::new(3)),
             update_kind: UpdateKind::Delta,
             ..spec(RoundPolicy::Buffered { max_wait_ms: 100, max_staleness: 2 })
         };
@@ -658,7 +970,7 @@ mod tests {
         let few = JobSpec { max_clients_per_round: Some(1), ..s.clone() };
         assert!(few.validate().unwrap_err().0.contains("below min_clients"));
         let fedbuff = JobSpec {
-            strategy: StrategySpec::Fedbuff(crate::asynchronous::FedBuff::new(3)),
+            strategy: StrategySpec::Fedbuff(FedBuffSpec::new(3)),
             update_kind: UpdateKind::Delta,
             max_clients_per_round: Some(3),
             ..spec(RoundPolicy::Buffered { max_wait_ms: 100, max_staleness: 2 })

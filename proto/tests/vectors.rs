@@ -3,17 +3,16 @@
 //! written by hand (messages) or from the user-facing input (job specs). Clients in other
 //! languages test against the same files.
 //!
-//! `SHOAL_BLESS_VECTORS=1 cargo test --test golden_vectors` writes the encodings of new vectors
+//! `SHOAL_BLESS_VECTORS=1 cargo test -p shoal-proto --test vectors` writes the encodings of new vectors
 //! (files that do not exist yet); existing files are never rewritten.
 
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use shoal_functions::JobSpec;
-use shoal_runtime::lease::Lease;
-use shoal_runtime::protocol::{self, JobState, RejectNotice, RoundEvent};
-use shoal_runtime::shm::SegmentHeader;
+use shoal_proto::cluster::Lease;
+use shoal_proto::descriptor::SegmentHeader;
+use shoal_proto::{envelope as protocol, JobSpec, JobState, RejectNotice, RoundEvent};
 
 fn vectors() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto/vectors")
@@ -28,7 +27,8 @@ fn golden(path: &Path, bytes: &[u8]) -> Vec<u8> {
     if !path.exists() && bless() {
         std::fs::write(path, bytes).unwrap();
     }
-    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e} (bless with SHOAL_BLESS_VECTORS=1)", path.display()))
+    std::fs::read(path)
+        .unwrap_or_else(|e| panic!("{}: {e} (bless with SHOAL_BLESS_VECTORS=1)", path.display()))
 }
 
 fn json(path: &Path) -> serde_json::Value {
@@ -132,4 +132,45 @@ fn segment_header_encodes_byte_for_byte() {
     assert_eq!(encoded.as_slice(), bytes.as_slice(), "segment header encoding changed");
     assert_eq!(&bytes[..8], b"SHOALSEG");
     assert_eq!(SegmentHeader::decode(&bytes, header.total_bytes).unwrap(), header);
+}
+
+/// The update descriptor and its slot-release reply: 208 little-endian bytes each (layout in
+/// `shoal_proto::descriptor::UpdateDescriptor`).
+#[test]
+fn descriptors_encode_byte_for_byte() {
+    use shoal_proto::descriptor::{DescriptorKind, SegmentId, UpdateDescriptor, DESCRIPTOR_LEN};
+    use shoal_proto::{ClientId, FunctionId, JobId, RoundId, Staleness, UpdateKind};
+    let dir = vectors().join("binary");
+    for name in ["descriptor-update", "descriptor-release"] {
+        let v = json(&dir.join(format!("{name}.json")));
+        let n = |k: &str| v[k].as_u64().unwrap_or_else(|| panic!("{name}: {k}"));
+        let s = |k: &str| v[k].as_str().unwrap_or_else(|| panic!("{name}: {k}")).to_owned();
+        let d = UpdateDescriptor {
+            kind: match s("kind").as_str() {
+                "update" => DescriptorKind::Update,
+                _ => DescriptorKind::Release,
+            },
+            function: FunctionId(n("function") as u32),
+            segment: SegmentId(n("segment") as u32),
+            slot: n("slot") as u32,
+            generation: n("generation") as u32,
+            offset: n("offset"),
+            length: n("length"),
+            job: JobId::new(s("job")).unwrap(),
+            round: RoundId(n("round")),
+            client: ClientId::new(s("client")).unwrap(),
+            num_examples: n("num_examples"),
+            staleness: Staleness(n("staleness")),
+            update_kind: UpdateKind::parse(&s("update_kind")).unwrap(),
+            stream_seq: n("stream_seq"),
+        };
+        let encoded = d.encode();
+        let bytes = golden(&dir.join(format!("{name}.bin")), &encoded);
+        assert_eq!(bytes.len(), DESCRIPTOR_LEN);
+        assert_eq!(encoded.as_slice(), bytes.as_slice(), "{name}: encoding changed");
+        assert_eq!(UpdateDescriptor::decode(&bytes).unwrap(), d, "{name}: decoding");
+        assert_eq!(&bytes[..4], b"SHDS");
+        assert_eq!(u64::from_le_bytes(bytes[48..56].try_into().unwrap()), n("num_examples"));
+        assert_eq!(&bytes[73..78], b"mnist");
+    }
 }

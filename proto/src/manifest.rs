@@ -1,0 +1,259 @@
+//! The model manifest: every tensor's name, dtype, shape and aggregation policy, and the
+//! canonical **slot layout** derived from it.
+//!
+//! Because shapes and dtypes are fixed, every update of a job has the same byte size, and a node
+//! stages each one in a fixed-size slot with this layout: tensors in manifest order, each
+//! starting at a 64-byte aligned offset, little-endian, C order. Kernels view slot bytes in
+//! place, so no update is copied after staging.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Why a manifest is unusable: no tensors, an empty, over-long or duplicate name, or a model
+/// larger than [`MAX_SLOT_BYTES`]. The message names the tensor.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid model manifest: {0}")]
+pub struct ManifestError(pub String);
+
+/// Alignment of every tensor inside a slot, in bytes (a cache line; enough for AVX-512 loads).
+pub const SLOT_ALIGN: usize = 64;
+
+/// Element types of tensors, named as in safetensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[allow(clippy::upper_case_acronyms)]
+pub enum DType {
+    /// IEEE 754 binary32.
+    F32,
+    /// IEEE 754 binary16; decoded and accumulated in f64.
+    F16,
+    /// bfloat16; decoded and accumulated in f64.
+    BF16,
+    /// IEEE 754 binary64.
+    F64,
+    /// Signed 64-bit integer (e.g. BatchNorm `num_batches_tracked`).
+    I64,
+    /// Signed 32-bit integer.
+    I32,
+    /// Signed 16-bit integer.
+    I16,
+    /// Signed 8-bit integer.
+    I8,
+    /// Unsigned 64-bit integer.
+    U64,
+    /// Unsigned 32-bit integer.
+    U32,
+    /// Unsigned 16-bit integer.
+    U16,
+    /// Unsigned 8-bit integer.
+    U8,
+}
+
+impl DType {
+    /// Size of one element in bytes.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F64 | DType::I64 | DType::U64 => 8,
+            DType::F32 | DType::I32 | DType::U32 => 4,
+            DType::F16 | DType::BF16 | DType::I16 | DType::U16 => 2,
+            DType::I8 | DType::U8 => 1,
+        }
+    }
+
+    /// Whether the dtype is a floating-point type.
+    pub fn is_float(self) -> bool {
+        matches!(self, DType::F32 | DType::F16 | DType::BF16 | DType::F64)
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// How the updates' values of one tensor are combined.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum AggregationPolicy {
+    /// Weighted mean (the strategy's rule). Integer tensors: the f64 weighted mean rounded half
+    /// to even and saturated to the dtype's range (ints 10 and 21 with equal weights give 16),
+    /// never per-term truncation. Exact while |value| x total weight < 2^53.
+    #[default]
+    Mean,
+    /// Element-wise maximum over the updates (e.g. BatchNorm counters).
+    Max,
+    /// The value of the update from the lowest `ClientId` (deterministic whatever the arrival
+    /// order, so partial aggregates stay mergeable).
+    First,
+    /// Not aggregated: the new global model keeps the previous global value.
+    Skip,
+}
+
+/// One tensor of the model manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct TensorSpec {
+    /// Tensor name, as in the safetensors payload (e.g. `fc.weight`).
+    pub name: String,
+    /// Element type every update must use for this tensor.
+    pub dtype: DType,
+    /// Shape, C order. `[]` is a scalar.
+    pub shape: Vec<usize>,
+    /// Aggregation policy; defaults to [`AggregationPolicy::Mean`].
+    #[serde(default)]
+    pub policy: AggregationPolicy,
+}
+
+impl TensorSpec {
+    /// A tensor with the default (`mean`) policy.
+    pub fn new(name: impl Into<String>, dtype: DType, shape: Vec<usize>) -> TensorSpec {
+        TensorSpec { name: name.into(), dtype, shape, policy: AggregationPolicy::Mean }
+    }
+
+    /// Number of elements (product of the shape; 1 for a scalar).
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// Where one tensor lives inside a slot and inside a partial aggregate's flat accumulator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TensorSlot {
+    /// Byte offset inside the slot (multiple of [`SLOT_ALIGN`]).
+    pub byte_offset: usize,
+    /// Length in bytes (numel x dtype size).
+    pub byte_len: usize,
+    /// Element offset inside a flat per-element accumulator.
+    pub elem_offset: usize,
+    /// Number of elements.
+    pub numel: usize,
+}
+
+#[derive(Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+struct ManifestRepr {
+    tensors: Vec<TensorSpec>,
+}
+
+/// The model manifest: every tensor's name, dtype, shape and policy, plus the derived slot
+/// layout. Built with [`ModelManifest::new`] (or deserialised, which validates the same way).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "schema", schemars(with = "ManifestRepr"))]
+#[serde(try_from = "ManifestRepr", into = "ManifestRepr")]
+pub struct ModelManifest {
+    tensors: Vec<TensorSpec>,
+    slots: Vec<TensorSlot>,
+    index: HashMap<String, usize>,
+    slot_bytes: usize,
+    numel: usize,
+}
+
+impl TryFrom<ManifestRepr> for ModelManifest {
+    type Error = ManifestError;
+    fn try_from(r: ManifestRepr) -> Result<Self, ManifestError> {
+        ModelManifest::new(r.tensors)
+    }
+}
+
+impl From<ModelManifest> for ManifestRepr {
+    fn from(m: ModelManifest) -> Self {
+        ManifestRepr { tensors: m.tensors }
+    }
+}
+
+/// Largest slot Shoal accepts: 16 GiB (a 4-billion-parameter f32 model).
+pub const MAX_SLOT_BYTES: usize = 16 << 30;
+
+impl ModelManifest {
+    /// Validates the tensor list (non-empty, unique non-empty names, total size within
+    /// [`MAX_SLOT_BYTES`]) and computes the slot layout.
+    ///
+    /// # Errors
+    /// [`ManifestError`] naming the problem.
+    pub fn new(tensors: Vec<TensorSpec>) -> Result<ModelManifest, ManifestError> {
+        if tensors.is_empty() {
+            return Err(ManifestError("no tensors".into()));
+        }
+        let mut index = HashMap::with_capacity(tensors.len());
+        let mut slots = Vec::with_capacity(tensors.len());
+        let (mut byte_offset, mut elem_offset) = (0usize, 0usize);
+        for (i, t) in tensors.iter().enumerate() {
+            if t.name.is_empty() || t.name.len() > 1024 {
+                return Err(ManifestError(format!("tensor {i} has an empty or over-long name")));
+            }
+            if index.insert(t.name.clone(), i).is_some() {
+                return Err(ManifestError(format!("duplicate tensor name {:?}", t.name)));
+            }
+            let numel = t
+                .shape
+                .iter()
+                .try_fold(1usize, |a, &d| a.checked_mul(d))
+                .ok_or_else(|| ManifestError(format!("shape of {:?} overflows", t.name)))?;
+            let byte_len = numel
+                .checked_mul(t.dtype.size())
+                .filter(|&b| b <= MAX_SLOT_BYTES)
+                .ok_or_else(|| ManifestError(format!("{:?} is too large", t.name)))?;
+            slots.push(TensorSlot { byte_offset, byte_len, elem_offset, numel });
+            byte_offset = (byte_offset + byte_len).div_ceil(SLOT_ALIGN) * SLOT_ALIGN;
+            elem_offset += numel;
+            if byte_offset > MAX_SLOT_BYTES {
+                return Err(ManifestError(format!(
+                    "model needs more than {MAX_SLOT_BYTES} bytes per update"
+                )));
+            }
+        }
+        Ok(ModelManifest {
+            tensors,
+            slots,
+            index,
+            slot_bytes: byte_offset.max(SLOT_ALIGN),
+            numel: elem_offset,
+        })
+    }
+
+    /// The tensors, in manifest order.
+    pub fn tensors(&self) -> &[TensorSpec] {
+        &self.tensors
+    }
+
+    /// The slot layout, parallel to [`Self::tensors`].
+    pub fn slots(&self) -> &[TensorSlot] {
+        &self.slots
+    }
+
+    /// Bytes one staged update occupies (a multiple of [`SLOT_ALIGN`]).
+    pub fn slot_bytes(&self) -> usize {
+        self.slot_bytes
+    }
+
+    /// Total number of elements over all tensors.
+    pub fn numel(&self) -> usize {
+        self.numel
+    }
+
+    /// Sum of the tensors' byte lengths (the payload size without padding or header).
+    pub fn data_bytes(&self) -> usize {
+        self.slots.iter().map(|s| s.byte_len).sum()
+    }
+
+    /// Index of the tensor called `name`.
+    pub fn position(&self, name: &str) -> Option<usize> {
+        self.index.get(name).copied()
+    }
+
+    /// Most bytes a safetensors header for this manifest may take, in bytes: 64 KiB (8-byte
+    /// length prefix, padding and a `__metadata__` block such as PyTorch's `{"format":"pt"}`)
+    /// plus, per tensor, 256 bytes (dtype, shape and offsets) and six bytes per name byte (a
+    /// name written with `\uXXXX` escapes). [`Self::data_bytes`] plus this is the default
+    /// largest update of a job ([`JobSpec::max_update_bytes`](crate::spec::JobSpec::max_update_bytes)).
+    pub fn header_allowance(&self) -> usize {
+        64 * 1024 + self.tensors.iter().map(|t| 256 + 6 * t.name.len()).sum::<usize>()
+    }
+}

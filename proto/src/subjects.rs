@@ -1,0 +1,226 @@
+//! Every NATS subject, stream, bucket, key and object name Shoal uses is built here, and
+//! nowhere else (DESIGN.md §4).
+
+use crate::ids::{ClientId, CollectId, ExchangeId, JobId, ModelVersion, NodeId, RoundId};
+
+/// Default subject prefix.
+pub const DEFAULT_PREFIX: &str = "shoal";
+/// The JetStream work-queue stream holding client updates.
+pub const UPDATES_STREAM: &str = "SHOAL_UPDATES";
+/// Object store for updates above the inline limit.
+pub const UPDATES_BUCKET: &str = "shoal-updates";
+/// Object store for committed global models.
+pub const MODELS_BUCKET: &str = "shoal-models";
+/// KV bucket for job specs and job state.
+pub const JOBS_BUCKET: &str = "shoal-jobs";
+/// KV bucket of update claims: one message per (job, round, client), cluster-wide.
+pub const CLAIMS_BUCKET: &str = "shoal-claims";
+/// The durable pull consumer shared by every node's gateway.
+pub const GATEWAY_CONSUMER: &str = "shoal-gateway";
+
+/// Subject builder for one prefix.
+#[derive(Debug, Clone)]
+pub struct Subjects {
+    prefix: String,
+}
+
+impl Default for Subjects {
+    fn default() -> Self {
+        Subjects { prefix: DEFAULT_PREFIX.to_string() }
+    }
+}
+
+impl Subjects {
+    /// Subjects under `prefix` (a dot-free token).
+    pub fn new(prefix: impl Into<String>) -> Subjects {
+        Subjects { prefix: prefix.into() }
+    }
+
+    /// `<p>.<job>.update.<client>`: where a client publishes its update.
+    pub fn update(&self, job: &JobId, client: &ClientId) -> String {
+        format!("{}.{job}.update.{client}", self.prefix)
+    }
+
+    /// `<p>.*.update.*`: the stream's subject filter.
+    pub fn all_updates(&self) -> String {
+        format!("{}.*.update.*", self.prefix)
+    }
+
+    /// Parses `<p>.<job>.update.<client>` into its ids.
+    pub fn parse_update(&self, subject: &str) -> Option<(JobId, ClientId)> {
+        let mut it = subject.split('.');
+        if it.next()? != self.prefix {
+            return None;
+        }
+        let job = JobId::new(it.next()?).ok()?;
+        if it.next()? != "update" {
+            return None;
+        }
+        let client = ClientId::new(it.next()?).ok()?;
+        it.next().is_none().then_some((job, client))
+    }
+
+    /// `<p>.<job>.round`: round events.
+    pub fn round_events(&self, job: &JobId) -> String {
+        format!("{}.{job}.round", self.prefix)
+    }
+
+    /// `<p>.<job>.rejected.<client>`: rejection notices for one client's updates.
+    pub fn rejected(&self, job: &JobId, client: &ClientId) -> String {
+        format!("{}.{job}.rejected.{client}", self.prefix)
+    }
+
+    /// `<p>.*.rejected.*` or `<p>.<job>.rejected.*`.
+    pub fn all_rejected(&self, job: Option<&JobId>) -> String {
+        match job {
+            Some(j) => format!("{}.{j}.rejected.*", self.prefix),
+            None => format!("{}.*.rejected.*", self.prefix),
+        }
+    }
+
+    /// `<p>.<job>.reward.<client>`: request/reply, a client's personal reward (RFFL).
+    pub fn reward(&self, job: &JobId, client: &ClientId) -> String {
+        format!("{}.{job}.reward.{client}", self.prefix)
+    }
+
+    /// `<p>.<job>.reward.*`: what a job's coordinator answers.
+    pub fn all_rewards(&self, job: &JobId) -> String {
+        format!("{}.{job}.reward.*", self.prefix)
+    }
+
+    /// `<p>.<job>.progress`: leaves' [`crate::cluster::LeafProgress`].
+    pub fn progress(&self, job: &JobId) -> String {
+        format!("{}.{job}.progress", self.prefix)
+    }
+
+    /// `<p>.<job>.collect`: the top's [`crate::cluster::CollectRequest`].
+    pub fn collect(&self, job: &JobId) -> String {
+        format!("{}.{job}.collect", self.prefix)
+    }
+
+    /// `<p>.<job>.partial.<round>.<to>.<tier>`: a partial aggregate of a round for the `tier`
+    /// (`top` or `middle`) aggregator on node `to`, so that each partial reaches only its parent
+    /// (a node can be both a middle and the top).
+    pub fn partial(&self, job: &JobId, round: RoundId, to: &NodeId, tier: &str) -> String {
+        format!("{}.{job}.partial.{round}.{to}.{tier}", self.prefix)
+    }
+
+    /// `<p>.<job>.partial.*.<node>.<tier>`: every partial for `node`'s `tier` aggregator.
+    pub fn partials_to(&self, job: &JobId, node: &NodeId, tier: &str) -> String {
+        format!("{}.{job}.partial.*.{node}.{tier}", self.prefix)
+    }
+
+    /// `<p>.<job>.shard`: the top's [`crate::cluster::ShardPlan`]s.
+    pub fn shard_plans(&self, job: &JobId) -> String {
+        format!("{}.{job}.shard", self.prefix)
+    }
+
+    /// `<p>.<job>.slice.<node>`: update slices for shard owner `node`.
+    pub fn slices_to(&self, job: &JobId, node: &NodeId) -> String {
+        format!("{}.{job}.slice.{node}", self.prefix)
+    }
+
+    /// `<p>.<job>.shard-result.<node>`: shard results for the top on `node`.
+    pub fn shard_results_to(&self, job: &JobId, node: &NodeId) -> String {
+        format!("{}.{job}.shard-result.{node}", self.prefix)
+    }
+
+    /// `<p>.node.<node>.metrics`: request/reply, answers the Prometheus text exposition.
+    pub fn node_metrics(&self, node: &NodeId) -> String {
+        format!("{}.node.{node}.metrics", self.prefix)
+    }
+}
+
+/// KV key of a job's spec.
+pub fn job_spec_key(job: &JobId) -> String {
+    format!("{job}.spec")
+}
+
+/// KV key of a job's state.
+pub fn job_state_key(job: &JobId) -> String {
+    format!("{job}.state")
+}
+
+/// KV key of a node's membership lease: `_node.<id>`.
+pub fn node_lease_key(node: &NodeId) -> String {
+    format!("_node.{node}")
+}
+
+/// KV key filter of every node lease.
+pub const NODE_LEASES: &str = "_node.*";
+
+/// KV key (in `shoal-claims`) of a client's update for a round: `<job>.<round>.<client>`.
+pub fn claim_key(job: &JobId, round: RoundId, client: &ClientId) -> String {
+    format!("{job}.{round}.{client}")
+}
+
+/// KV key of a job's top lease: `<job>.top`.
+pub fn top_lease_key(job: &JobId) -> String {
+    format!("{job}.top")
+}
+
+/// Object name (in `shoal-updates`) of a partial too large for one message.
+pub fn partial_object(job: &JobId, round: RoundId, node: &NodeId, collect: CollectId) -> String {
+    format!("_partials/{job}/{round}/{node}/{:016x}", collect.0)
+}
+
+/// Object name (in `shoal-updates`) of an exchange message too large for one message.
+pub fn exchange_object(job: &JobId, exchange: ExchangeId, shard: u32, part: &str) -> String {
+    format!("_shards/{job}/{:016x}/{shard}/{part}", exchange.0)
+}
+
+/// Object name of a committed global model: `<job>/<version>`.
+pub fn model_object(job: &JobId, version: ModelVersion) -> String {
+    format!("{job}/{version}")
+}
+
+/// Object name of a large update: `<job>/<round>/<client>`.
+pub fn update_object(job: &JobId, round: RoundId, client: &ClientId) -> String {
+    format!("{job}/{round}/{client}")
+}
+
+/// The stream behind object store `bucket`: `OBJ_<bucket>`.
+pub fn object_stream(bucket: &str) -> String {
+    format!("OBJ_{bucket}")
+}
+
+/// The stream behind KV bucket `bucket`: `KV_<bucket>`.
+pub fn kv_stream(bucket: &str) -> String {
+    format!("KV_{bucket}")
+}
+
+/// The subject of one object's chunks: `$O.<bucket>.C.<nuid>`.
+pub fn object_chunks(bucket: &str, nuid: &str) -> String {
+    format!("$O.{bucket}.C.{nuid}")
+}
+
+/// The subject of one object's metadata: `$O.<bucket>.M.<base64url(name)>`, as the NATS object
+/// store names it.
+pub fn object_meta(bucket: &str, name: &str) -> String {
+    use base64::Engine as _;
+    format!("$O.{bucket}.M.{}", base64::engine::general_purpose::URL_SAFE.encode(name))
+}
+
+/// `Nats-Msg-Id` of an update: `<job>.<round>.<client>.<first 16 hex digits of the payload's
+/// SHA-256>`. JetStream drops a retry of the same bytes within the duplicate window, while a
+/// corrected update (after a rejection) goes through.
+pub fn update_msg_id(job: &JobId, round: RoundId, client: &ClientId, sha256_hex: &str) -> String {
+    format!("{job}.{round}.{client}.{}", &sha256_hex[..sha256_hex.len().min(16)])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn update_subjects_round_trip_and_reject_garbage() {
+        let s = Subjects::default();
+        let (j, c) = (JobId::new("mnist").unwrap(), ClientId::new("c-1").unwrap());
+        let subj = s.update(&j, &c);
+        assert_eq!(subj, "shoal.mnist.update.c-1");
+        assert_eq!(s.parse_update(&subj), Some((j, c)));
+        for bad in ["shoal.mnist.update", "x.mnist.update.c", "shoal.mnist.round.c", "shoal.m.update.c.d"] {
+            assert_eq!(s.parse_update(bad), None, "{bad}");
+        }
+    }
+}
