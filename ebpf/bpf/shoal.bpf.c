@@ -71,7 +71,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_SOCKHASH);
 	__uint(max_entries, SHOAL_MAX_SOCKETS);
 	__type(key, struct shoal_sock_key);
-	__type(value, __u64);
+	__type(value, __u32); /* a socket fd from user space; aya expects 4 bytes */
 } shoal_socks SEC(".maps");
 
 struct {
