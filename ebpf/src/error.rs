@@ -176,7 +176,7 @@ impl Error {
     /// feature or cgroup setup behind [`Error::errno`].
     pub fn diagnosis(&self) -> &'static str {
         if let Error::NotCgroupV2(_) = self {
-            return "no cgroup v2 at the configured path: mount cgroup2 or point --ebpf-cgroup at it";
+            return "no cgroup v2 at the configured path: mount cgroup2 or configure the cgroup path to a cgroup v2 directory";
         }
         match self.errno() {
             Some(code) => diagnose_errno(code, self.kind()),
@@ -224,7 +224,7 @@ fn diagnose_errno(code: i32, kind: ErrorKind) -> &'static str {
              sk_msg_md fields used need 5.0; 5.10 or later is recommended"
         }
         libc::ENOENT | libc::ENOTDIR if kind == ErrorKind::Cgroup => {
-            "no cgroup v2 at the configured path: mount cgroup2 or point --ebpf-cgroup at it"
+            "no cgroup v2 at the configured path: mount cgroup2 or configure the cgroup path to a cgroup v2 directory"
         }
         libc::EBADF if kind == ErrorKind::Attach => {
             "the cgroup path is not a cgroup v2 directory (sock_ops needs cgroup v2)"

@@ -26,6 +26,13 @@
 //! guarantee it at registration: register while the connection is quiet (e.g. after reading the
 //! host's hello, before replying), and only once per connection.
 //!
+//! # Shutdown
+//!
+//! Dropping the [`EbpfSidecar`] returns every socket to plain TCP, but bytes redirected into a
+//! socket and not yet read when it leaves the SOCKHASH are discarded by the kernel (seen on
+//! 6.18). Drop it after descriptor connections are drained or closed; on a live node use the
+//! kill switch instead, which loses nothing.
+//!
 //! # Requirements
 //!
 //! - **Kernel**: SK_MSG 4.17, sock_ops 4.13, the `sk_msg_md` fields used (addresses, ports,
@@ -61,7 +68,7 @@ mod key;
 mod mode;
 mod sidecar;
 
-pub use bench::{bench_pingpong, BenchMode, BenchReport};
+pub use bench::{bench_pingpong, BenchMode, BenchReport, MAX_BENCH_MESSAGE};
 pub use counters::{CounterSnapshot, Counters, Direction, FunctionCounters, FunctionId};
 pub use error::{Error, ErrorKind, Result};
 pub use key::{ConnectionTuple, SockKey};

@@ -447,14 +447,19 @@ fn warn_fallback(err: &Error, cgroup: &Path) {
     );
 }
 
-/// The error and its sources, `: `-joined, at most 2000 characters (a verifier log can be long).
+/// The error and those of its sources it does not print already, `: `-joined, at most 2000
+/// characters (a verifier log can be long).
 fn error_chain(err: &Error) -> String {
     const LIMIT: usize = 2000;
     let mut out = err.to_string();
     let mut next = std::error::Error::source(err);
     while let Some(source) = next {
-        out.push_str(": ");
-        out.push_str(&source.to_string());
+        // Most messages already print their source; add only what is new.
+        let text = source.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
         next = source.source();
     }
     if out.len() > LIMIT {
@@ -494,5 +499,10 @@ mod tests {
         let chain = error_chain(&err);
         assert!(chain.len() <= 2003, "{}", chain.len());
         assert!(chain.starts_with("benchmark: x failed"));
+        let err = Error::Cgroup {
+            path: PathBuf::from("/x"),
+            source: std::io::Error::from_raw_os_error(libc::ENOENT),
+        };
+        assert_eq!(error_chain(&err).matches("os error 2").count(), 1, "{}", error_chain(&err));
     }
 }

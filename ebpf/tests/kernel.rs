@@ -441,7 +441,8 @@ fn auto_falls_back_with_one_warning_and_required_fails_with_the_typed_error() {
 fn fallback_keeps_plain_tcp_working() {
     // What a gateway without privileges does: `auto` yields no sidecar, descriptors flow on
     // plain TCP. On a privileged machine the sidecar is forced off by a missing cgroup.
-    let cgroup = if privileged("fallback_keeps_plain_tcp_working (privileged part)").is_some() {
+    let privileged = privileged("fallback_keeps_plain_tcp_working (privileged part)").is_some();
+    let cgroup = if privileged {
         PathBuf::from("/sys/fs/cgroup/unified/shoal-no-such-cgroup")
     } else {
         default_cgroup_path()
@@ -449,7 +450,12 @@ fn fallback_keeps_plain_tcp_working() {
     let (listener, port) = listen();
     let (sidecar, logs) = with_captured_logs(|| EbpfSidecar::load(EbpfMode::Auto, &cgroup, &[port]));
     assert!(sidecar.unwrap().is_none());
-    assert_eq!(logs.lines().filter(|line| line.contains("WARN")).count(), 1, "{logs}");
+    let warnings: Vec<&str> = logs.lines().filter(|line| line.contains("WARN")).collect();
+    assert_eq!(warnings.len(), 1, "{logs}");
+    if !privileged && cgroup.join("cgroup.controllers").is_file() {
+        // Refused for want of privileges: the warning says which errno and which capability.
+        assert!(warnings[0].contains("errno=\"EPERM\"") && warnings[0].contains("CAP_BPF"), "{logs}");
+    }
     let mut conn = connect(&listener);
     let (to_host, to_gateway) = exchange(&mut conn, 50);
     assert_eq!(tcp_bytes_received(&conn.host), to_host);
@@ -461,4 +467,17 @@ fn ipv6_connections_are_refused_by_the_tuple() {
     let v6: SocketAddr = "[::1]:7000".parse().unwrap();
     let v4: SocketAddr = "127.0.0.1:40000".parse().unwrap();
     assert_eq!(ConnectionTuple::from_gateway_socket(v6, v4).unwrap_err().kind(), ErrorKind::Unsupported);
+}
+
+#[test]
+fn bench_redirect_mode_redirects_every_message() {
+    if privileged("bench_redirect_mode_redirects_every_message").is_none() {
+        let err = shoal_ebpf::bench_pingpong(shoal_ebpf::BenchMode::Redirect, 10, 96).unwrap_err();
+        assert_ne!(err.kind(), ErrorKind::InvalidConfig, "{err}");
+        return;
+    }
+    let report = shoal_ebpf::bench_pingpong(shoal_ebpf::BenchMode::Redirect, 300, 96).unwrap();
+    // 300 measured + 30 warm-up round trips, two messages each.
+    assert_eq!(report.redirected, 2 * 330);
+    assert!(report.p50_ns > 0 && report.p50_ns <= report.p99_ns);
 }
