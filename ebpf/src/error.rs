@@ -220,8 +220,8 @@ fn diagnose_errno(code: i32, kind: ErrorKind) -> &'static str {
             "missing CAP_BPF and CAP_NET_ADMIN (or root); on kernels before 5.8 CAP_SYS_ADMIN"
         }
         libc::EINVAL => {
-            "kernel too old or missing a feature: SK_MSG needs 4.17, sock_ops 4.13, the \
-             sk_msg_md fields used need 5.0; 5.10 or later is recommended"
+            "kernel too old or missing a feature: SK_MSG needs 4.17, SOCKHASH 4.18, sock_ops \
+             4.13, the sk_msg_md fields used 5.0; 5.10 or later is recommended"
         }
         libc::ENOENT | libc::ENOTDIR if kind == ErrorKind::Cgroup => {
             "no cgroup v2 at the configured path: mount cgroup2 or configure the cgroup path to a cgroup v2 directory"

@@ -35,8 +35,9 @@
 //!
 //! # Requirements
 //!
-//! - **Kernel**: SK_MSG 4.17, sock_ops 4.13, the `sk_msg_md` fields used (addresses, ports,
-//!   `size`) 5.0, and cgroup v2 for sock_ops; **5.10 or later recommended** (Calico's floor for
+//! - **Kernel**: SK_MSG 4.17, SOCKHASH and `bpf_msg_redirect_hash` 4.18, sock_ops 4.13, the
+//!   `sk_msg_md` fields used (addresses, ports, `size`) 5.0 — so 5.0 in all — and cgroup v2 for
+//!   sock_ops; **5.10 or later recommended** (Calico's floor for
 //!   its sockmap path is 4.20, Merbridge's 5.7). Tested on 6.18. Kernels before 5.11 also charge
 //!   maps to `RLIMIT_MEMLOCK`, which this crate does not raise.
 //! - **Privileges**: `CAP_BPF` + `CAP_NET_ADMIN` (or root; before 5.8, `CAP_SYS_ADMIN`), in the

@@ -475,6 +475,12 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_handle_can_move_to_another_thread() {
+        fn send<T: Send>() {}
+        send::<EbpfSidecar>();
+    }
+
+    #[test]
     fn ports_are_validated() {
         assert_eq!(validate_ports(&[7001, 7000, 7001]).unwrap(), vec![7000, 7001]);
         assert_eq!(validate_ports(&[]).unwrap_err().kind(), crate::ErrorKind::InvalidConfig);
