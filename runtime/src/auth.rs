@@ -30,7 +30,6 @@ use std::str::FromStr;
 use shoal_functions::{ClientId, JobId};
 
 use crate::error::{Error, Result};
-use crate::subjects;
 
 /// A secret string (password, token). `Debug` and `Display` never show it.
 #[derive(Clone, PartialEq, Eq)]
@@ -257,83 +256,7 @@ pub(crate) fn is_permission_violation(message: &str) -> bool {
     message.to_ascii_lowercase().contains("permissions violation")
 }
 
-/// The inbox prefix of a client: `_INBOX_<client>`. A client may subscribe only below its own
-/// prefix, so it cannot read the replies and consumer deliveries of others (the node's gateway
-/// reads update objects through its own `_INBOX.` deliveries).
-pub fn client_inbox_prefix(client: &ClientId) -> String {
-    format!("_INBOX_{client}")
-}
-
-/// What one NATS user may publish and subscribe to (allow lists; everything else is denied).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Permissions {
-    /// Subjects it may publish to (wildcards allowed).
-    pub publish: Vec<String>,
-    /// Subjects it may subscribe to.
-    pub subscribe: Vec<String>,
-}
-
-impl Permissions {
-    /// The union of two permission sets (a client in several jobs).
-    pub fn merge(mut self, other: &Permissions) -> Permissions {
-        for s in &other.publish {
-            if !self.publish.contains(s) {
-                self.publish.push(s.clone());
-            }
-        }
-        for s in &other.subscribe {
-            if !self.subscribe.contains(s) {
-                self.subscribe.push(s.clone());
-            }
-        }
-        self
-    }
-}
-
-/// The least permissions client `client` of job `job` needs with subject prefix `prefix`.
-///
-/// Publish:
-/// - `<p>.<job>.update.<client>`: its own updates (into stream `SHOAL_UPDATES`), nothing else;
-/// - `<p>.<job>.reward.<client>`: its own reward request;
-/// - `$O.shoal-updates.C.*`, `$O.shoal-updates.M.*`: the chunks and metadata of its large
-///   updates (NUIDs and base64 names cannot be narrowed; the gateway checks name and digest);
-/// - `$JS.API.STREAM.INFO.<stream>` for `SHOAL_UPDATES`, `OBJ_shoal-updates`,
-///   `OBJ_shoal-models`, `KV_shoal-jobs`: opening them (configuration and counts, no data);
-/// - `$JS.API.DIRECT.GET.KV_shoal-jobs.$KV.shoal-jobs.<job>.spec` and `.state`: reading its own
-///   job's spec and state, and no other key;
-/// - `$JS.API.DIRECT.GET.OBJ_shoal-models` and `$JS.API.DIRECT.GET.OBJ_shoal-models.>`:
-///   reading models (metadata by name, chunks by sequence).
-///
-/// Subscribe: `_INBOX_<client>.>` (replies, see [`client_inbox_prefix`]), `<p>.<job>.round`,
-/// `<p>.<job>.rejected.<client>`.
-///
-/// Not granted: creating consumers (no push deliveries to chosen subjects), any read of
-/// `shoal-updates`, any write to `shoal-models` or `shoal-jobs`, stream management.
-pub fn client_permissions(prefix: &str, job: &JobId, client: &ClientId) -> Permissions {
-    let s = subjects::Subjects::new(prefix);
-    let updates = subjects::UPDATES_BUCKET;
-    let models = subjects::object_stream(subjects::MODELS_BUCKET);
-    let kv = subjects::kv_stream(subjects::JOBS_BUCKET);
-    let mut publish = vec![
-        s.update(job, client),
-        s.reward(job, client),
-        format!("$O.{updates}.C.*"),
-        format!("$O.{updates}.M.*"),
-    ];
-    for stream in
-        [subjects::UPDATES_STREAM.to_string(), subjects::object_stream(updates), models.clone(), kv.clone()]
-    {
-        publish.push(format!("$JS.API.STREAM.INFO.{stream}"));
-    }
-    for key in [subjects::job_spec_key(job), subjects::job_state_key(job)] {
-        publish.push(format!("$JS.API.DIRECT.GET.{kv}.$KV.{}.{key}", subjects::JOBS_BUCKET));
-    }
-    publish.push(format!("$JS.API.DIRECT.GET.{models}"));
-    publish.push(format!("$JS.API.DIRECT.GET.{models}.>"));
-    let subscribe =
-        vec![format!("{}.>", client_inbox_prefix(client)), s.round_events(job), s.rejected(job, client)];
-    Permissions { publish, subscribe }
-}
+pub use shoal_proto::permissions::{client_inbox_prefix, client_permissions, Permissions};
 
 /// How a user authenticates in the generated server config.
 #[derive(Debug, Clone)]
