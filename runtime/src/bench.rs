@@ -21,7 +21,7 @@ use shoal_functions::{
 use crate::client::{ShoalClient, UpdateRequest};
 use crate::infra::ConnectOptions;
 use crate::metrics::scrape;
-use crate::nats_server::NatsServer;
+use shoal_natsd::NatsServer;
 use crate::node::{self, NodeConfig};
 
 /// `shoal bench hierarchy` flags.

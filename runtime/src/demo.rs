@@ -37,7 +37,7 @@ use shoal_functions::{
 use crate::client::{ShoalClient, UpdateRequest};
 use crate::coordinator::PluginFactory;
 use crate::infra::ConnectOptions;
-use crate::nats_server::NatsServer;
+use shoal_natsd::NatsServer;
 use crate::node::{self, NodeConfig};
 use crate::protocol::RoundOutcome;
 use crate::sim::{self, Dataset, LocalTraining, SoftmaxParams};

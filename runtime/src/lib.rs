@@ -27,7 +27,6 @@
 //! - [`objects`]: object-store reads and writes that need no consumer (least permissions).
 //! - [`sim`]: the digits dataset, Dirichlet split and softmax-regression trainer of the demo.
 //! - [`demo`]: `shoal demo`, a real federated training run end to end.
-//! - [`nats_server`]: starting a private `nats-server` child (the demo and the tests use it).
 //! - [`cli`]: the `shoal` command line.
 //! - [`error`]: the runtime's error type and the typed rejection reasons.
 
@@ -48,7 +47,6 @@ pub mod infra;
 pub mod jobs;
 pub mod lease;
 pub mod metrics;
-pub mod nats_server;
 pub mod node;
 pub mod objects;
 pub mod protocol;

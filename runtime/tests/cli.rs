@@ -54,7 +54,7 @@ fn auth_nats_config_prints_a_config_nats_server_accepts() {
     let dir = tempfile::tempdir().unwrap();
     let conf = dir.path().join("auth.conf");
     std::fs::write(&conf, &text).unwrap();
-    let bin = shoal_runtime::nats_server::find_nats_server(None).unwrap();
+    let bin = shoal_natsd::find_nats_server(None).unwrap();
     let check = Command::new(bin)
         .args(["-t", "-c"])
         .arg(&conf)

@@ -1,5 +1,5 @@
 //! Test harness for Shoal's integration tests: a real `nats-server` (from
-//! `shoal_runtime::nats_server`), `shoal node` processes started from the built binary and killed
+//! `shoal_natsd`), `shoal node` processes started from the built binary and killed
 //! on drop, and helpers to build jobs, random updates and the independent f64 oracle; a
 //! throwaway PKI ([`TestPki`], generated with rcgen) for TLS tests.
 
@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng};
 use shoal_functions::tensor::encode_safetensors;
 use shoal_functions::{JobId, JobSpec, ModelManifest, RoundPolicy, StrategySpec, UpdateKind};
 use shoal_runtime::infra::ConnectOptions;
-pub use shoal_runtime::nats_server::{NatsOptions, NatsServer, ServerTls};
+pub use shoal_natsd::{NatsOptions, NatsServer, ServerTls};
 use shoal_runtime::protocol::{self, RejectNotice};
 
 /// Path of the built `shoal` binary (next to the test executable's `deps/` directory).
@@ -93,7 +93,7 @@ impl NodeProcess {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
-        self.child = Some(shoal_runtime::nats_server::spawn_tied_to_process(cmd).expect("spawn shoal node"));
+        self.child = Some(shoal_natsd::spawn_tied_to_process(cmd).expect("spawn shoal node"));
     }
 
     async fn wait_ready(&mut self, nats_url: &str) {

@@ -1,8 +1,9 @@
-//! A real nats-server for tests: started on a free loopback port with JetStream on and a private store dir, killed on drop.
+//! A private nats-server for the demo, the benchmarks and tests: started on a free loopback
+//! port with JetStream on and a private store dir, killed on drop (and with its parent).
 //!
 //! Typical use: `let server = NatsServer::start()?;` then connect a client to `server.url()`.
 //! Use [`NatsServer::start_with`] for a larger `max_payload`, users and permissions
-//! ([`NatsOptions::authorization`], e.g. from [`crate::auth::authorization_block`]), TLS
+//! ([`NatsOptions::authorization`], e.g. from `shoal_client::auth::authorization_block`), TLS
 //! ([`NatsOptions::tls`]) or extra config text.
 //!
 //! How it works:
@@ -25,6 +26,8 @@
 //!   *thread* that forked the child exits, not the process; so every child is forked by one
 //!   long-lived spawner thread private to this module, and servers may be started from any
 //!   thread (a scoped thread, `spawn_blocking`, a `static` initialiser) and outlive it.
+
+#![deny(unsafe_code)]
 
 use std::ffi::{OsStr, OsString};
 use std::fmt::Write as _;
@@ -417,6 +420,8 @@ impl Drop for NatsServer {
 /// The spawn's I/O error.
 pub fn spawn_tied_to_process(mut cmd: Command) -> io::Result<Child> {
     let parent = std::process::id();
+    // The one unsafe block of this crate (`pre_exec`).
+    #[allow(unsafe_code)]
     // SAFETY: the closure runs in the forked child before exec, where only
     // async-signal-safe operations are allowed. It only calls prctl(2), getppid(2) and
     // builds an io::Error from a raw errno (no allocation); it touches no locks or heap.
