@@ -121,12 +121,12 @@ pub async fn run_top(ctx: CoordinatorContext, job: JobId) -> Result<()> {
 /// # Errors
 /// NATS errors that persist, an unreadable spec or model.
 pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
-    let spec = Arc::new(jobs::load_spec(&ctx.infra, &job).await?);
+    let spec = Arc::new(jobs::load_spec(&ctx.infra.js, &job).await?);
     let manifest = Arc::new(spec.manifest.clone());
     let mut local = ctx.local.register(&job);
     let plugins = ctx.plugins.as_ref().map(|f| f.plugins(&spec)).unwrap_or_default();
     let mut strategy = factory::build_strategy_with(&spec, plugins)?;
-    let (mut state, mut revision) = jobs::load_state(&ctx.infra, &job).await?;
+    let (mut state, mut revision) = jobs::load_state(&ctx.infra.js, &job).await?;
     let mut global = load_global(&ctx.infra, &job, &state, &manifest).await?;
     let rule = spec.round_rule();
     let mut rewards =
@@ -173,7 +173,7 @@ pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
                     span.in_scope(|| tracing::info!(base_version = %state.model_version, "round opened"));
                 }
                 CasOutcome::Conflict => {
-                    (state, revision) = jobs::load_state(&ctx.infra, &job).await?;
+                    (state, revision) = jobs::load_state(&ctx.infra.js, &job).await?;
                     continue;
                 }
             }
@@ -329,7 +329,7 @@ pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
             CasOutcome::Conflict => {
                 // Another committer won; the leaves settle by its record.
                 span.in_scope(|| tracing::warn!("job state changed under us; reloading"));
-                (state, revision) = jobs::load_state(&ctx.infra, &job).await?;
+                (state, revision) = jobs::load_state(&ctx.infra.js, &job).await?;
                 global = load_global(&ctx.infra, &job, &state, &manifest).await?;
                 continue;
             }

@@ -34,6 +34,9 @@ pub enum Error {
     /// A job spec failed validation.
     #[error(transparent)]
     Spec(#[from] shoal_proto::SpecError),
+    /// An SDK operation (job store, objects, connection) failed.
+    #[error(transparent)]
+    Client(#[from] shoal_client::Error),
     /// Aggregation maths failed.
     #[error(transparent)]
     Functions(#[from] shoal_functions::Error),

@@ -289,8 +289,8 @@ impl Gateway {
             return Some(e);
         }
         // Not seen by the watch yet (e.g. right after a restart): ask KV before refusing.
-        let spec = jobs::load_spec(&self.ctx.infra, job).await.ok()?;
-        let (state, rev) = jobs::load_state(&self.ctx.infra, job).await.ok()?;
+        let spec = jobs::load_spec(&self.ctx.infra.js, job).await.ok()?;
+        let (state, rev) = jobs::load_state(&self.ctx.infra.js, job).await.ok()?;
         self.ctx.directory.observe_state(job, Some(Arc::new(spec)), state, rev);
         self.ctx.directory.get(job)
     }
@@ -603,7 +603,7 @@ impl Gateway {
         h: Option<&HeaderMap>,
         max_bytes: usize,
     ) -> Result<Bytes, Refusal> {
-        use crate::objects::ObjectReadError as E;
+        use shoal_client::objects::ObjectReadError as E;
         let own = subjects::update_object(job, round, client);
         if name != own {
             return Err(Refusal(
@@ -619,8 +619,12 @@ impl Gateway {
             .to_ascii_lowercase();
         // Size from the metadata first (nothing is read for an oversized object), then every
         // chunk by a bounded direct get: a missing chunk is a refusal, not a stalled gateway.
-        let read =
-            crate::objects::read_object_checked(&self.ctx.infra, subjects::UPDATES_BUCKET, name, max_bytes);
+        let read = shoal_client::objects::read_object_checked(
+            &self.ctx.infra.js,
+            subjects::UPDATES_BUCKET,
+            name,
+            max_bytes,
+        );
         let buf = match tokio::time::timeout(OBJECT_READ_TIMEOUT, read).await {
             Err(_) => {
                 return Err(Refusal(

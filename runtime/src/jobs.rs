@@ -1,13 +1,13 @@
-//! Jobs in KV `shoal-jobs`: creation, loading, compare-and-set of the job state, and the
-//! in-process [`JobDirectory`] the gateway validates against (kept fresh by a KV watch and by the
-//! local coordinator, which updates it before announcing a round).
+//! The node's view of the jobs in KV `shoal-jobs`: the in-process [`JobDirectory`] the gateway
+//! validates against, kept fresh by a KV watch (and by the local coordinator, which updates it
+//! before announcing a round). The job store itself (create, load, compare-and-set, models) is
+//! `shoal_client::jobs`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use bytes::Bytes;
 use futures::StreamExt;
-use shoal_functions::{JobId, JobSpec, ModelVersion, Parameters};
+use shoal_functions::{JobId, JobSpec};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
@@ -121,153 +121,9 @@ impl JobDirectory {
     }
 }
 
-/// Creates a job: initial model (version 0; zeros when `initial` is `None`), spec, then state
-/// (round 1 waiting to open), which makes the job exist; a node picks it up from there. A
-/// create interrupted before the state was written can be run again.
-///
-/// # Errors
-/// [`Error::Spec`] for an invalid spec, [`Error::PayloadTooLarge`] for a spec larger than the
-/// server's `max_payload` (nothing is written), [`Error::JobExists`], NATS errors.
-pub async fn create_job(infra: &Infra, spec: &JobSpec, initial: Option<&Parameters>) -> Result<()> {
-    shoal_functions::factory::validate(spec)?;
-    let manifest = Arc::new(spec.manifest.clone());
-    let zeros;
-    let initial = match initial {
-        Some(p) => {
-            if **p.manifest() != *manifest {
-                return Err(shoal_functions::Error::ManifestMismatch("initial model vs job manifest").into());
-            }
-            p
-        }
-        None => {
-            zeros = Parameters::zeros(Arc::clone(&manifest));
-            &zeros
-        }
-    };
-    // A spec over the server's max_payload could never be stored: say so now, as a size error,
-    // before anything is written.
-    let encoded = Bytes::from(protocol::encode(spec));
-    if encoded.len() > infra.max_payload() {
-        return Err(Error::PayloadTooLarge {
-            what: "job spec",
-            size: encoded.len(),
-            limit: infra.max_payload(),
-            limit_name: "the server's max_payload",
-        });
-    }
-    // The job exists once its state exists; the state is written last. An interrupted create
-    // (spec or model written, no state) is simply redone by the next create.
-    let state_key = subjects::job_state_key(&spec.job);
-    if infra.jobs.get(&state_key).await.map_err(|e| Error::nats("read job state", e))?.is_some() {
-        return Err(Error::JobExists(spec.job.to_string()));
-    }
-    put_model(infra, &spec.job, ModelVersion(0), initial).await?;
-    infra
-        .jobs
-        .put(subjects::job_spec_key(&spec.job), encoded)
-        .await
-        .map_err(|e| Error::nats("write job spec", e))?;
-    match infra.jobs.create(&state_key, Bytes::from(protocol::encode(&JobState::new_job()))).await {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {
-            Err(Error::JobExists(spec.job.to_string()))
-        }
-        Err(e) => Err(Error::nats("create job state", e)),
-    }
-}
-
-/// Loads a job's spec.
-///
-/// # Errors
-/// [`Error::UnknownJob`], [`Error::Decode`], NATS errors.
-pub async fn load_spec(infra: &Infra, job: &JobId) -> Result<JobSpec> {
-    let bytes = infra
-        .jobs
-        .get(subjects::job_spec_key(job))
-        .await
-        .map_err(|e| Error::nats("read job spec", e))?
-        .ok_or_else(|| Error::UnknownJob(job.to_string()))?;
-    protocol::decode("job spec", &bytes)
-}
-
-/// Loads a job's state and its KV revision.
-///
-/// # Errors
-/// [`Error::UnknownJob`], [`Error::Decode`], NATS errors.
-pub async fn load_state(infra: &Infra, job: &JobId) -> Result<(JobState, u64)> {
-    let entry = infra
-        .jobs
-        .entry(subjects::job_state_key(job))
-        .await
-        .map_err(|e| Error::nats("read job state", e))?
-        .ok_or_else(|| Error::UnknownJob(job.to_string()))?;
-    Ok((protocol::decode("job state", &entry.value)?, entry.revision))
-}
-
-/// Outcome of a compare-and-set of the job state.
-#[derive(Debug)]
-pub enum CasOutcome {
-    /// Written; the new revision.
-    Written(u64),
-    /// Someone else wrote first.
-    Conflict,
-}
-
-/// Writes `state` if the stored revision is still `revision`.
-///
-/// # Errors
-/// NATS errors other than a revision conflict.
-pub async fn cas_state(infra: &Infra, job: &JobId, state: &JobState, revision: u64) -> Result<CasOutcome> {
-    match infra
-        .jobs
-        .update(subjects::job_state_key(job), Bytes::from(protocol::encode(state)), revision)
-        .await
-    {
-        Ok(rev) => Ok(CasOutcome::Written(rev)),
-        Err(e) if e.kind() == async_nats::jetstream::kv::UpdateErrorKind::WrongLastRevision => {
-            Ok(CasOutcome::Conflict)
-        }
-        Err(e) => Err(Error::nats("update job state", e)),
-    }
-}
-
-/// Stores a model version (overwriting an identical earlier write of the same version is
-/// harmless, which makes a commit retried after a crash idempotent).
-///
-/// # Errors
-/// NATS or encoding errors.
-pub async fn put_model(infra: &Infra, job: &JobId, version: ModelVersion, params: &Parameters) -> Result<()> {
-    let bytes = params.to_safetensors()?;
-    let chunk = chunk_size(infra);
-    let meta = async_nats::jetstream::object_store::ObjectMetadata {
-        name: subjects::model_object(job, version),
-        chunk_size: Some(chunk),
-        ..Default::default()
-    };
-    infra.models.put(meta, &mut bytes.as_slice()).await.map_err(|e| Error::nats("store model", e))?;
-    Ok(())
-}
-
-/// Fetches a model version as safetensors bytes.
-///
-/// # Errors
-/// NATS errors (including a missing version).
-pub async fn get_model_bytes(infra: &Infra, job: &JobId, version: ModelVersion) -> Result<Vec<u8>> {
-    use tokio::io::AsyncReadExt;
-    let mut obj = infra
-        .models
-        .get(subjects::model_object(job, version))
-        .await
-        .map_err(|e| Error::nats("fetch model", e))?;
-    let mut buf = Vec::with_capacity(obj.info().size);
-    obj.read_to_end(&mut buf).await.map_err(|e| Error::io("read model object", e))?;
-    Ok(buf)
-}
-
-/// Object-store chunk size: 1 MiB, or less when the server's `max_payload` is smaller.
-pub fn chunk_size(infra: &Infra) -> usize {
-    (infra.max_payload().saturating_sub(64 * 1024)).clamp(64 * 1024, 1 << 20)
-}
+pub use shoal_client::jobs::{
+    cas_state, chunk_size, create_job, get_model_bytes, load_spec, load_state, put_model, CasOutcome,
+};
 
 /// How often a node checks its view of the known jobs against KV directly, besides the watch
 /// (a watch can stall silently: its consumer is not always recreated after a nats-server
@@ -303,7 +159,7 @@ pub async fn observe_history(
 async fn resync_states(infra: &Infra, dir: &JobDirectory) {
     for job in dir.jobs() {
         let Some(known) = dir.get(&job) else { continue };
-        match load_state(infra, &job).await {
+        match load_state(&infra.js, &job).await {
             Ok((_, revision)) if revision > known.revision => {
                 tracing::warn!(%job, revision, known = known.revision, "job watch lagging; caught up from KV");
                 if let Err(e) = observe_history(infra, dir, &job, None).await {
@@ -376,7 +232,7 @@ pub async fn watch_jobs(
             let spec = if known {
                 None
             } else {
-                match load_spec(&infra, &job).await {
+                match load_spec(&infra.js, &job).await {
                     Ok(s) => {
                         let spec = Arc::new(s);
                         // The key's history holds the commit records of the last rounds: a node

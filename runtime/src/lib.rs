@@ -30,14 +30,9 @@
 //! - [`cli`]: the `shoal` command line.
 //! - [`error`]: the runtime's error type and the typed rejection reasons.
 
-pub mod auth;
-pub mod bench;
 pub mod capacity;
 pub mod claims;
-pub mod cli;
-pub mod client;
 pub mod coordinator;
-pub mod demo;
 pub mod error;
 pub mod exchange;
 pub mod gateway;
@@ -48,11 +43,9 @@ pub mod jobs;
 pub mod lease;
 pub mod metrics;
 pub mod node;
-pub mod objects;
 pub mod protocol;
 pub mod reject;
 pub mod shm;
-pub mod sim;
 pub mod subjects;
 
 pub use error::{Error, RejectReason, Result};

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::StreamExt;
 use rand::{Rng, SeedableRng};
+use shoal_client::connect::ConnectOptions;
 use shoal_functions::tensor::encode_safetensors;
 use shoal_functions::{JobId, JobSpec, ModelManifest, RoundPolicy, StrategySpec, UpdateKind};
-use shoal_runtime::infra::ConnectOptions;
 pub use shoal_natsd::{NatsOptions, NatsServer, ServerTls};
 use shoal_runtime::protocol::{self, RejectNotice};
 
@@ -27,7 +27,7 @@ pub fn shoal_bin() -> PathBuf {
     let bin = dir.join("shoal");
     assert!(
         bin.exists(),
-        "{} not found: run `cargo test --workspace` (which builds it) or `cargo build -p shoal-runtime` first",
+        "{} not found: run `cargo test --workspace` (which builds it) or `cargo build -p shoal-cli` first",
         bin.display()
     );
     bin
@@ -98,7 +98,7 @@ impl NodeProcess {
 
     async fn wait_ready(&mut self, nats_url: &str) {
         let client = match &self.probe {
-            Some(opts) => shoal_runtime::infra::connect_client(opts).await.expect("probe connect").0,
+            Some(opts) => shoal_client::connect::connect_client(opts).await.expect("probe connect").0,
             None => async_nats::connect(nats_url).await.expect("connect"),
         };
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -416,7 +416,7 @@ impl TestPki {
 /// # Panics
 /// If the id is invalid or the publish fails.
 pub async fn send_random(
-    c: &shoal_runtime::client::ShoalClient,
+    c: &shoal_client::ShoalClient,
     m: &Arc<ModelManifest>,
     job: &JobId,
     who: &str,
@@ -425,7 +425,7 @@ pub async fn send_random(
     n: u64,
 ) -> (Vec<Vec<f64>>, f64) {
     let values = as_sent(m, &random_values(m, seed));
-    c.publish_update(shoal_runtime::client::UpdateRequest {
+    c.publish_update(shoal_client::UpdateRequest {
         job: job.clone(),
         client: shoal_functions::ClientId::new(who).expect("client id"),
         round: state.round,
@@ -440,13 +440,22 @@ pub async fn send_random(
     (values, n as f64)
 }
 
+/// The provisioned resources, opened over `client`'s connection (tests connect without
+/// permissions, so they may inspect streams and buckets and create jobs).
+///
+/// # Panics
+/// If no node has provisioned them.
+pub async fn infra_of(client: &shoal_client::ShoalClient) -> shoal_client::Infra {
+    shoal_client::Infra::open(client.connection()).await.expect("open the provisioned resources")
+}
+
 /// Asserts that the updates stream empties within `within`: every update was acked (acks follow
 /// the commit, so the work queue empties shortly after the state says committed).
 ///
 /// # Panics
 /// With the number of messages left when `within` passes.
-pub async fn assert_stream_drains(client: &shoal_runtime::client::ShoalClient, within: Duration) {
-    let mut stream = client.infra().updates.clone();
+pub async fn assert_stream_drains(client: &shoal_client::ShoalClient, within: Duration) {
+    let mut stream = infra_of(client).await.updates;
     let deadline = Instant::now() + within;
     loop {
         let left = stream.info().await.expect("stream info").state.messages;

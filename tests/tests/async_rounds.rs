@@ -8,11 +8,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use shoal_client::connect::ConnectOptions;
+use shoal_client::{ShoalClient, UpdateRequest};
 use shoal_functions::{
     ClientId, DType, JobId, ModelManifest, ModelVersion, Parameters, RoundId, TensorSpec, UpdateKind,
 };
-use shoal_runtime::client::{ShoalClient, UpdateRequest};
-use shoal_runtime::infra::ConnectOptions;
 use shoal_runtime::jobs;
 use shoal_runtime::protocol::{now_ms, RoundOutcome};
 use shoal_tests::*;
@@ -125,7 +125,9 @@ async fn fedbuff_commits_every_k_updates_with_staleness_weights() {
     let (_nats, nodes, c) = setup().await;
     let m = manifest();
     let job = JobId::new("buff").unwrap();
-    jobs::create_job(c.infra(), &fedbuff_spec("buff", &m, 3, 60_000), None).await.unwrap();
+    jobs::create_job(&shoal_tests::infra_of(&c).await, &fedbuff_spec("buff", &m, 3, 60_000), None)
+        .await
+        .unwrap();
     c.wait_for_open_round(&job, RoundId(1), Duration::from_secs(30)).await.unwrap();
     let d: Vec<Vec<f64>> = (0..6).map(|i| delta(900 + i, &m)).collect();
 
@@ -161,7 +163,7 @@ async fn fedbuff_commits_every_k_updates_with_staleness_weights() {
     let rejected: f64 = {
         let mut n = 0.0;
         for node in &nodes {
-            let text = node.metrics(&c.infra().client).await;
+            let text = node.metrics(&c.connection().client).await;
             n +=
                 shoal_runtime::metrics::scrape(&text, "shoal_updates_rejected_total{reason=\"late_update\"}")
                     .unwrap_or(0.0);
@@ -178,10 +180,12 @@ async fn fedbuff_flushes_a_buffer_that_never_fills_after_max_wait() {
     let (_nats, nodes, c) = setup().await;
     let m = manifest();
     let job = JobId::new("flush").unwrap();
-    jobs::create_job(c.infra(), &fedbuff_spec("flush", &m, 3, 1500), None).await.unwrap();
+    jobs::create_job(&shoal_tests::infra_of(&c).await, &fedbuff_spec("flush", &m, 3, 1500), None)
+        .await
+        .unwrap();
     let open = c.wait_for_open_round(&job, RoundId(1), Duration::from_secs(30)).await.unwrap();
     // An update for a round far ahead is refused at once (not handed back forever).
-    let mut refused = rejections(&c.infra().client, "flush").await;
+    let mut refused = rejections(&c.connection().client, "flush").await;
     send(&c, &job, "ahead", 999_999, 0, &delta(78, &m), &m).await;
     let notice = next_rejection(&mut refused).await;
     assert_eq!(
@@ -223,7 +227,7 @@ async fn fedfix_commits_once_per_period() {
         serde_json::json!({"mode": "periodic", "period_ms": 2000, "max_staleness": 3}),
     )
     .unwrap();
-    jobs::create_job(c.infra(), &spec, None).await.unwrap();
+    jobs::create_job(&shoal_tests::infra_of(&c).await, &spec, None).await.unwrap();
     let open = c.wait_for_open_round(&job, RoundId(1), Duration::from_secs(30)).await.unwrap();
     assert_eq!(open.deadline_at_ms - open.opened_at_ms, 2000);
     let d: Vec<Vec<f64>> = (0..3).map(|i| delta(500 + i, &m)).collect();

@@ -1,6 +1,6 @@
 //! Authentication, authorization and TLS against a real nats-server and a real `shoal node`.
 //!
-//! The server runs with the users `shoal_runtime::auth` generates: the node as an nkey user
+//! The server runs with the users `shoal_client::auth` generates: the node as an nkey user
 //! with every permission, each client as a password user with `client_permissions` for its
 //! job. The tests show that a client cannot publish as another client (and nothing is stored
 //! for the victim), that its own update commits (also through `shoal client`), that it can
@@ -18,14 +18,15 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::push;
 use async_nats::HeaderMap;
 use bytes::Bytes;
+use shoal_client::auth::{self, NatsAuth, NatsTls, UserCredential};
+use shoal_client::connect::ConnectOptions;
+use shoal_client::{objects, Error};
+use shoal_client::{ShoalClient, Transport, UpdateRequest};
 use shoal_functions::{
     ClientId, DType, JobId, ModelManifest, ModelVersion, Parameters, RoundId, TensorSpec, UpdateKind,
 };
-use shoal_runtime::auth::{self, NatsAuth, NatsTls, UserCredential};
-use shoal_runtime::client::{ShoalClient, Transport, UpdateRequest};
-use shoal_runtime::infra::ConnectOptions;
 use shoal_runtime::protocol::{self, RoundOutcome};
-use shoal_runtime::{jobs, objects, subjects, Error, RejectReason};
+use shoal_runtime::{jobs, subjects, RejectReason};
 use shoal_tests::*;
 
 const NODE_USER: &str = "shoal-node";
@@ -181,7 +182,13 @@ async fn a_client_cannot_publish_as_another_and_its_own_update_commits() {
     let node = node_client().await;
     let m = small_manifest();
     let job = JobId::new("forge").unwrap();
-    jobs::create_job(node.infra(), &job_spec("forge", (*m).clone(), 2, 2, 60_000, 1), None).await.unwrap();
+    jobs::create_job(
+        &shoal_tests::infra_of(&node).await,
+        &job_spec("forge", (*m).clone(), 2, 2, 60_000, 1),
+        None,
+    )
+    .await
+    .unwrap();
     let (fa, fb) = (client("fa").await, client("fb").await);
     let state = fa.wait_for_open_round(&job, RoundId(1), TIMEOUT).await.unwrap();
 
@@ -190,7 +197,7 @@ async fn a_client_cannot_publish_as_another_and_its_own_update_commits() {
     let r = fa.publish_update(request(&job, "fb", state.round, &m, &forged, 1000)).await;
     assert_unauthorized(r, "Publish to \"shoal.forge.update.fb\"");
     // Nothing was stored for fb.
-    let stream = node.infra().js.get_stream(subjects::UPDATES_STREAM).await.unwrap();
+    let stream = node.connection().js.get_stream(subjects::UPDATES_STREAM).await.unwrap();
     let stored = stream.get_last_raw_message_by_subject("shoal.forge.update.fb").await;
     assert!(stored.is_err(), "a message for fb was stored: {stored:?}");
 
@@ -212,7 +219,13 @@ async fn a_client_cannot_read_or_claim_another_clients_update_object() {
     let node = node_client().await;
     let m = large_manifest();
     let job = JobId::new("objects").unwrap();
-    jobs::create_job(node.infra(), &job_spec("objects", (*m).clone(), 2, 2, 60_000, 1), None).await.unwrap();
+    jobs::create_job(
+        &shoal_tests::infra_of(&node).await,
+        &job_spec("objects", (*m).clone(), 2, 2, 60_000, 1),
+        None,
+    )
+    .await
+    .unwrap();
     let (oa, ob) = (client("oa").await, client("ob").await);
     let state = ob.wait_for_open_round(&job, RoundId(1), TIMEOUT).await.unwrap();
     let b = as_sent(&m, &random_values(&m, 3));
@@ -220,9 +233,9 @@ async fn a_client_cannot_read_or_claim_another_clients_update_object() {
     assert_eq!(via, Transport::ObjectStore, "a 1.2 MB update goes through the object store");
     let name = subjects::update_object(&job, state.round, &ClientId::new("ob").unwrap());
     // The object is there (the node can read it) while the round is open.
-    assert!(node.infra().update_objects.info(&name).await.is_ok());
+    assert!(shoal_tests::infra_of(&node).await.update_objects.info(&name).await.is_ok());
 
-    let infra = oa.infra();
+    let infra = &shoal_tests::infra_of(&oa).await;
     let v = &infra.violations;
     // The object-store API (metadata by direct get, then a consumer for the chunks).
     let r = v
@@ -230,7 +243,7 @@ async fn a_client_cannot_read_or_claim_another_clients_update_object() {
         .await;
     assert_unauthorized(r.map(|_| ()), "$JS.API.DIRECT.GET.OBJ_shoal-updates.");
     // The consumer-free reader the SDK uses for models.
-    let r = v.guard("read", objects::read_object(infra, subjects::UPDATES_BUCKET, &name)).await;
+    let r = v.guard("read", objects::read_object(&infra.js, subjects::UPDATES_BUCKET, &name)).await;
     assert_unauthorized(r, "$JS.API.DIRECT.GET.OBJ_shoal-updates.");
     // A consumer on the chunks, a direct get by sequence, a stream message get.
     let stream = infra.js.get_stream_no_info("OBJ_shoal-updates").await.unwrap();
@@ -299,7 +312,13 @@ async fn the_cli_client_works_with_least_permissions() {
     let node = node_client().await;
     let m = small_manifest();
     let job = JobId::new("cli").unwrap();
-    jobs::create_job(node.infra(), &job_spec("cli", (*m).clone(), 1, 1, 60_000, 1), None).await.unwrap();
+    jobs::create_job(
+        &shoal_tests::infra_of(&node).await,
+        &job_spec("cli", (*m).clone(), 1, 1, 60_000, 1),
+        None,
+    )
+    .await
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("cc.safetensors");
     let values = as_sent(&m, &random_values(&m, 8));
@@ -328,18 +347,24 @@ async fn an_overwritten_object_is_refused_not_accepted_as_the_victims() {
     let node = node_client().await;
     let m = large_manifest();
     let job = JobId::new("hijack").unwrap();
-    jobs::create_job(node.infra(), &job_spec("hijack", (*m).clone(), 2, 2, 60_000, 1), None).await.unwrap();
+    jobs::create_job(
+        &shoal_tests::infra_of(&node).await,
+        &job_spec("hijack", (*m).clone(), 2, 2, 60_000, 1),
+        None,
+    )
+    .await
+    .unwrap();
     let (ha, hb) = (client("ha").await, client("hb").await);
     let state = hb.wait_for_open_round(&job, RoundId(1), TIMEOUT).await.unwrap();
     let hb_id = ClientId::new("hb").unwrap();
     let name = subjects::update_object(&job, state.round, &hb_id);
     let b = as_sent(&m, &random_values(&m, 6));
     let b_bytes = payload(&m, &b);
-    let chunk = jobs::chunk_size(hb.infra());
-    objects::put_object(hb.infra(), subjects::UPDATES_BUCKET, &name, &b_bytes, chunk).await.unwrap();
+    let chunk = jobs::chunk_size(hb.connection().max_payload());
+    objects::put_object(&hb.connection().js, subjects::UPDATES_BUCKET, &name, &b_bytes, chunk).await.unwrap();
     // ha overwrites hb's object with its own bytes before hb's message is read.
     let forged = payload(&m, &as_sent(&m, &random_values(&m, 66)));
-    objects::put_object(ha.infra(), subjects::UPDATES_BUCKET, &name, &forged, chunk).await.unwrap();
+    objects::put_object(&ha.connection().js, subjects::UPDATES_BUCKET, &name, &forged, chunk).await.unwrap();
     let mut rejections = hb.rejections(&job, &hb_id).await.unwrap();
     let mut h = HeaderMap::new();
     h.insert(protocol::HDR_ROUND, state.round.to_string().as_str());
@@ -351,8 +376,8 @@ async fn an_overwritten_object_is_refused_not_accepted_as_the_victims() {
         hex::encode(sha2::Sha256::digest(&b_bytes))
     };
     h.insert(protocol::HDR_DIGEST, format!("sha256:{digest}").as_str());
-    let subject = hb.infra().subjects.update(&job, &hb_id);
-    hb.infra().js.publish_with_headers(subject, h, Bytes::new()).await.unwrap().await.unwrap();
+    let subject = hb.connection().subjects.update(&job, &hb_id);
+    hb.connection().js.publish_with_headers(subject, h, Bytes::new()).await.unwrap().await.unwrap();
     let notice = next_rejection(&mut rejections).await;
     assert_eq!(notice.reason, RejectReason::DigestMismatch, "{notice:?}");
     assert!(notice.detail.contains("digest"), "{notice:?}");
@@ -371,13 +396,19 @@ async fn a_client_cannot_write_models_or_job_state_nor_read_other_jobs() {
     let node = node_client().await;
     let m = small_manifest();
     let job = JobId::new("writes").unwrap();
-    jobs::create_job(node.infra(), &job_spec("writes", (*m).clone(), 1, 1, 60_000, 1), None).await.unwrap();
+    jobs::create_job(
+        &shoal_tests::infra_of(&node).await,
+        &job_spec("writes", (*m).clone(), 1, 1, 60_000, 1),
+        None,
+    )
+    .await
+    .unwrap();
     let wa = client("wa").await;
     // It can read its own job (and wait for its round through events and state reads).
     wa.wait_for_open_round(&job, RoundId(1), TIMEOUT).await.unwrap();
-    let (state_before, rev_before) = jobs::load_state(node.infra(), &job).await.unwrap();
+    let (state_before, rev_before) = jobs::load_state(&node.connection().js, &job).await.unwrap();
     assert_eq!(wa.job_state(&job).await.unwrap(), state_before);
-    let infra = wa.infra();
+    let infra = &shoal_tests::infra_of(&wa).await;
     let v = &infra.violations;
     assert!(wa.fetch_model(&job, ModelVersion(0)).await.is_ok());
 
@@ -389,7 +420,10 @@ async fn a_client_cannot_write_models_or_job_state_nor_read_other_jobs() {
         .await;
     assert_unauthorized(r.map(|_| ()), "Publish to \"$O.shoal-models.C.");
     let r = v
-        .guard("put model", objects::put_object(infra, subjects::MODELS_BUCKET, "writes/0", &forged, 1 << 20))
+        .guard(
+            "put model",
+            objects::put_object(&infra.js, subjects::MODELS_BUCKET, "writes/0", &forged, 1 << 20),
+        )
         .await;
     assert_unauthorized(r, "Publish to \"$O.shoal-models.C.");
     for key in ["writes.state", "writes.spec", "other.state"] {
@@ -414,7 +448,7 @@ async fn a_client_cannot_write_models_or_job_state_nor_read_other_jobs() {
     let zeros = Parameters::from_safetensors(Arc::clone(&m), &v0).unwrap();
     assert!(zeros.tensor_f64(0).iter().all(|x| *x == 0.0));
     // Round 1 stays open (no update, 60 s deadline): nobody wrote the state.
-    let (state_after, rev_after) = jobs::load_state(node.infra(), &job).await.unwrap();
+    let (state_after, rev_after) = jobs::load_state(&node.connection().js, &job).await.unwrap();
     assert_eq!((state_after, rev_after), (state_before, rev_before));
 
     // Wrong credentials are refused at connect, at once.
@@ -465,7 +499,9 @@ async fn node_and_clients_work_over_tls_and_a_client_without_the_ca_gets_a_tls_e
     let c = ShoalClient::connect(&opts).await.unwrap();
     let m = small_manifest();
     let job = JobId::new("tls").unwrap();
-    jobs::create_job(c.infra(), &job_spec("tls", (*m).clone(), 1, 1, 60_000, 1), None).await.unwrap();
+    jobs::create_job(&shoal_tests::infra_of(&c).await, &job_spec("tls", (*m).clone(), 1, 1, 60_000, 1), None)
+        .await
+        .unwrap();
     let state = c.wait_for_open_round(&job, RoundId(1), TIMEOUT).await.unwrap();
     let a = as_sent(&m, &random_values(&m, 5));
     c.publish_update(request(&job, "t1", state.round, &m, &a, 7)).await.unwrap();

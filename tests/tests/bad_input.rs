@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
+use shoal_client::connect::ConnectOptions;
+use shoal_client::{ShoalClient, UpdateRequest};
 use shoal_functions::{ClientId, DType, JobId, ModelManifest, ModelVersion, RoundId, TensorSpec, UpdateKind};
-use shoal_runtime::client::{ShoalClient, UpdateRequest};
-use shoal_runtime::infra::ConnectOptions;
 use shoal_runtime::protocol::{JobState, RoundOutcome};
 use shoal_runtime::{jobs, metrics, RejectReason};
 use shoal_tests::*;
@@ -52,10 +52,14 @@ impl Case {
             .unwrap();
         let m = manifest();
         let job = JobId::new(name).unwrap();
-        let rejected = rejections(&client.infra().client, name).await;
-        jobs::create_job(client.infra(), &job_spec(name, (*m).clone(), 2, 2, 30_000, rounds), None)
-            .await
-            .unwrap();
+        let rejected = rejections(&client.connection().client, name).await;
+        jobs::create_job(
+            &shoal_tests::infra_of(&client).await,
+            &job_spec(name, (*m).clone(), 2, 2, 30_000, rounds),
+            None,
+        )
+        .await
+        .unwrap();
         let state = client.wait_for_open_round(&job, RoundId(1), Duration::from_secs(20)).await.unwrap();
         Case { client, job, state, m, rejected }
     }
@@ -72,7 +76,14 @@ impl Case {
     /// Publishes raw bytes with raw headers as client `who`, bypassing the SDK's checks.
     async fn raw(&self, job: &str, who: &str, headers: HeaderMap, payload: Bytes) {
         let subject = format!("shoal.{job}.update.{who}");
-        self.client.infra().js.publish_with_headers(subject, headers, payload).await.unwrap().await.unwrap();
+        self.client
+            .connection()
+            .js
+            .publish_with_headers(subject, headers, payload)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
     }
 
     /// A well-formed payload for this job's manifest.
@@ -96,7 +107,7 @@ impl Case {
 
     async fn assert_counted(&self, reason: RejectReason) {
         let cluster = SharedCluster::get(&CLUSTER, NODE_ARGS);
-        let text = cluster.node.metrics(&self.client.infra().client).await;
+        let text = cluster.node.metrics(&self.client.connection().client).await;
         let key = format!("shoal_updates_rejected_total{{reason=\"{}\"}}", reason.as_str());
         assert!(metrics::scrape(&text, &key).unwrap_or(0.0) >= 1.0, "{key} not counted:\n{text}");
     }
@@ -293,7 +304,7 @@ async fn missing_round_header() {
 #[tokio::test]
 async fn unknown_job() {
     let mut c = Case::new("bad-unknown-job-host", 1).await;
-    let mut rejected = rejections(&c.client.infra().client, "no-such-job").await;
+    let mut rejected = rejections(&c.client.connection().client, "no-such-job").await;
     let (_, p) = c.good_payload(5);
     let h = c.headers(1, 0, "7");
     c.raw("no-such-job", "someone", h, p).await;
@@ -372,7 +383,7 @@ async fn object_case(mut c: Case, owner: &str, digest: Option<&str>, reason: Rej
     use sha2::Digest;
     let (_, p) = c.good_payload(20);
     let name = format!("{}/1/{owner}", c.job);
-    c.client.infra().update_objects.put(name.as_str(), &mut p.as_ref()).await.unwrap();
+    shoal_tests::infra_of(&c.client).await.update_objects.put(name.as_str(), &mut p.as_ref()).await.unwrap();
     let mut h = c.headers(1, 0, "7");
     h.insert("Shoal-Object", name.as_str());
     let real = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&p)));
@@ -407,10 +418,10 @@ async fn the_sdk_reports_refusals_and_takes_a_corrected_retry() {
         .wait_for_outcome(&c.job, RoundId(1), &mut refusals, Duration::from_secs(20))
         .await
         .unwrap_err();
-    assert!(matches!(e, shoal_runtime::Error::Rejected(RejectReason::NonFinite)), "{e}");
+    assert!(matches!(e, shoal_client::Error::Rejected(RejectReason::NonFinite)), "{e}");
     // The same bytes again: JetStream's dedupe drops them, and the SDK says so.
     let e = c.client.publish_update(request(payload(&c.m, &nan))).await.unwrap_err();
-    assert!(matches!(e, shoal_runtime::Error::Rejected(RejectReason::Duplicate)), "{e}");
+    assert!(matches!(e, shoal_client::Error::Rejected(RejectReason::Duplicate)), "{e}");
     // A corrected update goes through and counts.
     let (good, p) = c.good_payload(51);
     c.client.publish_update(request(p)).await.unwrap();

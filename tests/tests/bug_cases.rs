@@ -17,14 +17,15 @@ use std::time::{Duration, Instant};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures::StreamExt;
+use shoal_client::connect::ConnectOptions;
+use shoal_client::{objects, Error};
+use shoal_client::{ShoalClient, Transport, UpdateRequest};
 use shoal_functions::{
     AggregationPolicy, ClientId, DType, ErrorKind, JobId, JobSpec, ModelManifest, ModelVersion, Parameters,
     PartialAggregate, RoundId, Strategy, StrategySpec, TensorSpec, UpdateKind,
 };
-use shoal_runtime::client::{ShoalClient, Transport, UpdateRequest};
-use shoal_runtime::infra::ConnectOptions;
 use shoal_runtime::protocol::{JobState, RejectNotice, RoundOutcome};
-use shoal_runtime::{jobs, metrics, objects, subjects, Error, RejectReason};
+use shoal_runtime::{jobs, metrics, subjects, RejectReason};
 use shoal_tests::*;
 
 static CLUSTER: OnceLock<SharedCluster> = OnceLock::new();
@@ -83,8 +84,8 @@ impl Job {
     }
 
     async fn create(c: ShoalClient, spec: JobSpec, initial: Option<&Parameters>) -> Job {
-        let rejected = rejections(&c.infra().client, spec.job.as_str()).await;
-        jobs::create_job(c.infra(), &spec, initial).await.unwrap();
+        let rejected = rejections(&c.connection().client, spec.job.as_str()).await;
+        jobs::create_job(&shoal_tests::infra_of(&c).await, &spec, initial).await.unwrap();
         let id = spec.job.clone();
         c.wait_for_open_round(&id, RoundId(1), T).await.unwrap();
         Job { c, id, m: Arc::new(spec.manifest.clone()), rejected }
@@ -123,8 +124,8 @@ impl Job {
 
     /// Publishes raw headers and bytes as client `who`, bypassing the SDK's checks.
     async fn raw(&self, who: &str, h: HeaderMap, payload: Bytes) {
-        let subject = self.c.infra().subjects.update(&self.id, &cid(who));
-        self.c.infra().js.publish_with_headers(subject, h, payload).await.unwrap().await.unwrap();
+        let subject = self.c.connection().subjects.update(&self.id, &cid(who));
+        self.c.connection().js.publish_with_headers(subject, h, payload).await.unwrap().await.unwrap();
     }
 
     /// Waits for one notice per `(client, reason)` (in any order); returns them by client.
@@ -177,7 +178,7 @@ impl Job {
 
 /// `shoal_updates_rejected_total{reason}` on `node` is at least 1.
 async fn assert_counted(node: &NodeProcess, c: &ShoalClient, reason: RejectReason) {
-    let text = node.metrics(&c.infra().client).await;
+    let text = node.metrics(&c.connection().client).await;
     let key = format!("shoal_updates_rejected_total{{reason=\"{}\"}}", reason.as_str());
     assert!(metrics::scrape(&text, &key).unwrap_or(0.0) >= 1.0, "{key} not counted:\n{text}");
 }
@@ -488,8 +489,8 @@ async fn b12_limit_plus_one_refused_at_once_and_a_large_update_travels_by_claim_
     );
     // Bypassing the SDK: the object is written, the gateway refuses it from its metadata.
     let name = subjects::update_object(&job.id, RoundId(1), &cid("y"));
-    let chunk = jobs::chunk_size(job.c.infra());
-    objects::put_object(job.c.infra(), subjects::UPDATES_BUCKET, &name, &over, chunk).await.unwrap();
+    let chunk = jobs::chunk_size(job.c.connection().max_payload());
+    objects::put_object(&job.c.connection().js, subjects::UPDATES_BUCKET, &name, &over, chunk).await.unwrap();
     let mut h = Job::headers("1");
     h.insert("Shoal-Object", name.as_str());
     h.insert("Shoal-Digest", format!("sha256:{}", sha256_hex(&over)).as_str());
@@ -533,15 +534,15 @@ async fn object_message(job: &Job, who: &str, digest_of: &[u8]) {
 async fn b14_chunked_update_is_reassembled_and_a_missing_chunk_is_typed() {
     let m = manifest(vec![t("w", DType::F32, &[800_000])]);
     let mut job = Job::new("b14-chunks", &m, (2, 2, 30_000), |_| {}).await;
-    let infra = job.c.infra().clone();
-    let chunk = jobs::chunk_size(&infra);
+    let infra = shoal_tests::infra_of(&job.c).await;
+    let chunk = jobs::chunk_size(infra.max_payload());
     let bucket = subjects::UPDATES_BUCKET;
 
     // x: the last of its 4 chunks is lost.
     let (_, px) = big_update(&m, 10);
     assert_eq!(px.len().div_ceil(chunk), 4, "{} bytes in chunks of {chunk}", px.len());
     let name_x = subjects::update_object(&job.id, RoundId(1), &cid("x"));
-    objects::put_object(&infra, bucket, &name_x, &px, chunk).await.unwrap();
+    objects::put_object(&infra.js, bucket, &name_x, &px, chunk).await.unwrap();
     let info = infra.update_objects.info(&name_x).await.unwrap();
     assert_eq!((info.chunks, info.size), (4, px.len()));
     let stream = infra.js.get_stream(subjects::object_stream(bucket)).await.unwrap();
@@ -552,7 +553,7 @@ async fn b14_chunked_update_is_reassembled_and_a_missing_chunk_is_typed() {
     // w: every chunk is lost (an ordered consumer would wait for the first one forever).
     let (_, pw) = big_update(&m, 15);
     let name_w = subjects::update_object(&job.id, RoundId(1), &cid("w"));
-    objects::put_object(&infra, bucket, &name_w, &pw, chunk).await.unwrap();
+    objects::put_object(&infra.js, bucket, &name_w, &pw, chunk).await.unwrap();
     let nuid = infra.update_objects.info(&name_w).await.unwrap().nuid;
     let mut seq = 1;
     while let Ok(m) =
@@ -567,9 +568,9 @@ async fn b14_chunked_update_is_reassembled_and_a_missing_chunk_is_typed() {
     let (_, pz) = big_update(&m, 11);
     let (_, other) = big_update(&m, 12);
     let name_z = subjects::update_object(&job.id, RoundId(1), &cid("z"));
-    objects::put_object(&infra, bucket, &name_z, &pz, chunk).await.unwrap();
+    objects::put_object(&infra.js, bucket, &name_z, &pz, chunk).await.unwrap();
     let real_meta = stream.direct_get_last_for_subject(subjects::object_meta(bucket, &name_z)).await.unwrap();
-    objects::put_object(&infra, bucket, "b14-other", &other, chunk).await.unwrap();
+    objects::put_object(&infra.js, bucket, "b14-other", &other, chunk).await.unwrap();
     let other_meta =
         stream.direct_get_last_for_subject(subjects::object_meta(bucket, "b14-other")).await.unwrap();
     let mut forged: serde_json::Value = serde_json::from_slice(&other_meta.payload).unwrap();
@@ -782,7 +783,7 @@ fn manifest_of_size(size: usize) -> Arc<ModelManifest> {
 async fn d31_over_max_payload_is_an_immediate_typed_error_or_a_claim_check() {
     let m = manifest_of_size(MAX_PAYLOAD + 1);
     let job = Job::new("d31-over-max-payload", &m, (2, 2, 30_000), |_| {}).await;
-    assert_eq!(job.c.infra().max_payload(), MAX_PAYLOAD);
+    assert_eq!(job.c.connection().max_payload(), MAX_PAYLOAD);
     let va = as_sent(&m, &random_values(&m, 40));
     let pa = payload(&m, &va);
     assert_eq!(pa.len(), 1_048_577);
@@ -794,8 +795,9 @@ async fn d31_over_max_payload_is_an_immediate_typed_error_or_a_claim_check() {
     let huge = job_spec("d31-huge-spec", ModelManifest::new(names).unwrap(), 1, 1, 30_000, 1);
     let vb = as_sent(&m, &random_values(&m, 41));
     let started = Instant::now();
+    let infra = shoal_tests::infra_of(&job.c).await;
     let (created, published) = tokio::join!(
-        jobs::create_job(job.c.infra(), &huge, None),
+        jobs::create_job(&infra, &huge, None),
         job.c.publish_update(job.request("b", 3, payload(&m, &vb))),
     );
     let e = created.unwrap_err();
@@ -826,8 +828,8 @@ async fn d32_an_oversized_publish_does_not_take_the_next_ten_with_it() {
         matches!(e, Error::PayloadTooLarge { what: "update", size: 2_097_152, limit: 65_814, .. }),
         "{e}"
     );
-    let subject = job.c.infra().subjects.update(&job.id, &cid("big"));
-    match job.c.infra().js.publish_with_headers(subject, Job::headers("1"), big).await {
+    let subject = job.c.connection().subjects.update(&job.id, &cid("big"));
+    match job.c.connection().js.publish_with_headers(subject, Job::headers("1"), big).await {
         Err(e) => assert_eq!(e.kind(), async_nats::jetstream::context::PublishErrorKind::MaxPayloadExceeded),
         Ok(_) => panic!("a 2 MiB message went to the socket"),
     }
@@ -861,7 +863,7 @@ async fn d33_oversized_control_plane_requests_are_size_errors_not_timeouts() {
     let e = job.c.publish_update(job.request("y", 1, Bytes::from(vec![0u8; 100_000]))).await.unwrap_err();
     assert!(matches!(e, Error::PayloadTooLarge { size: 100_000, limit: 4096, .. }), "{e}");
     let subject = format!("shoal.node.{}.metrics", cluster().node.node_id);
-    let e = job.c.infra().client.request(subject, Bytes::from(vec![0u8; 2 << 20])).await.unwrap_err();
+    let e = job.c.connection().client.request(subject, Bytes::from(vec![0u8; 2 << 20])).await.unwrap_err();
     assert_eq!(e.kind(), async_nats::RequestErrorKind::MaxPayloadExceeded);
     job.send("a", 1, &[vec![1.0, 2.0, 3.0, 4.0]]).await;
     job.send("b", 1, &[vec![3.0, 4.0, 5.0, 6.0]]).await;
@@ -903,7 +905,7 @@ async fn e_c3_multi_krum_keep_above_the_cohort_is_refused_at_creation() {
     for keep in [4, 5] {
         let mut spec = job_spec(&format!("c3-keep-{keep}"), (*m).clone(), 3, 3, 30_000, 1);
         spec.strategy = StrategySpec::MultiKrum { byzantine: 0, keep };
-        let e = jobs::create_job(c.infra(), &spec, None).await.unwrap_err();
+        let e = jobs::create_job(&shoal_tests::infra_of(&c).await, &spec, None).await.unwrap_err();
         assert!(matches!(e, Error::Spec(_)), "{e}");
         assert!(matches!(c.job_state(&spec.job).await, Err(Error::UnknownJob(_))));
     }
@@ -932,7 +934,7 @@ async fn e_c4_bulyan_without_its_parameters_is_refused_at_creation() {
     let c = connect(&cluster().nats.url()).await;
     let mut spec = job_spec("c4-bulyan", (*m).clone(), 6, 6, 30_000, 1);
     spec.strategy = StrategySpec::Bulyan { byzantine: 1 };
-    let e = jobs::create_job(c.infra(), &spec, None).await.unwrap_err();
+    let e = jobs::create_job(&shoal_tests::infra_of(&c).await, &spec, None).await.unwrap_err();
     assert!(matches!(e, Error::Spec(_)), "{e}");
     assert!(matches!(c.job_state(&spec.job).await, Err(Error::UnknownJob(_))));
 }
@@ -1027,12 +1029,12 @@ async fn limit_max_jobs_queues_the_job_and_refuses_its_updates_until_a_slot_free
             .await;
     let c = connect(&nats.url()).await;
     let spec = job_spec("cap-second", (*m).clone(), 1, 1, 60_000, 1);
-    let mut second_rejected = rejections(&c.infra().client, "cap-second").await;
-    jobs::create_job(c.infra(), &spec, None).await.unwrap();
+    let mut second_rejected = rejections(&c.connection().client, "cap-second").await;
+    jobs::create_job(&shoal_tests::infra_of(&c).await, &spec, None).await.unwrap();
     let scrape = |text: &str, key: &str| metrics::scrape(text, key).unwrap_or(-1.0);
     let deadline = Instant::now() + T;
     loop {
-        let text = node.metrics(&c.infra().client).await;
+        let text = node.metrics(&c.connection().client).await;
         if scrape(&text, "shoal_jobs_waiting") == 1.0 {
             assert_eq!(scrape(&text, "shoal_jobs_served"), 1.0, "{text}");
             assert_eq!(scrape(&text, "shoal_jobs_refused_total"), 1.0, "{text}");
@@ -1085,16 +1087,17 @@ async fn the_job_watch_starts_a_job_the_gateway_saw_first() {
     let m = manifest(vec![t("w", DType::F32, &[1])]);
     let c = connect(&cluster().nats.url()).await;
     let spec = job_spec("watch-race", (*m).clone(), 1, 1, 30_000, 1);
-    jobs::create_job(c.infra(), &spec, None).await.unwrap();
+    jobs::create_job(&shoal_tests::infra_of(&c).await, &spec, None).await.unwrap();
     // What `Gateway::job_entry` does for an update of a job it has not seen yet.
     let dir = jobs::JobDirectory::default();
-    let (state, rev) = jobs::load_state(c.infra(), &spec.job).await.unwrap();
+    let (state, rev) = jobs::load_state(&c.connection().js, &spec.job).await.unwrap();
     dir.observe_state(&spec.job, Some(Arc::new(spec.clone())), state, rev);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let cancel = tokio_util::sync::CancellationToken::new();
-    let watch = tokio::spawn(jobs::watch_jobs(c.infra().clone(), dir, cancel.clone(), move |j| {
-        let _ = tx.send(j);
-    }));
+    let watch =
+        tokio::spawn(jobs::watch_jobs(shoal_tests::infra_of(&c).await, dir, cancel.clone(), move |j| {
+            let _ = tx.send(j);
+        }));
     let started = tokio::time::timeout(Duration::from_secs(10), async {
         while let Some(j) = rx.recv().await {
             if j == spec.job {

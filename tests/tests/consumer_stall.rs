@@ -7,11 +7,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use shoal_client::connect::ConnectOptions;
+use shoal_client::{ShoalClient, UpdateRequest};
 use shoal_functions::{
     ClientId, DType, JobId, ModelManifest, ModelVersion, Parameters, RoundId, TensorSpec, UpdateKind,
 };
-use shoal_runtime::client::{ShoalClient, UpdateRequest};
-use shoal_runtime::infra::ConnectOptions;
 use shoal_runtime::jobs;
 use shoal_runtime::metrics::scrape;
 use shoal_runtime::protocol::RoundOutcome;
@@ -26,7 +26,13 @@ async fn a_deleted_consumer_is_recreated_and_nothing_is_lost() {
         ShoalClient::connect(&ConnectOptions { url: nats.url(), ..Default::default() }).await.unwrap();
     let m = Arc::new(ModelManifest::new(vec![TensorSpec::new("w", DType::F32, vec![64])]).unwrap());
     let job = JobId::new("stall").unwrap();
-    jobs::create_job(client.infra(), &job_spec("stall", (*m).clone(), 3, 3, 60_000, 1), None).await.unwrap();
+    jobs::create_job(
+        &shoal_tests::infra_of(&client).await,
+        &job_spec("stall", (*m).clone(), 3, 3, 60_000, 1),
+        None,
+    )
+    .await
+    .unwrap();
     client.wait_for_open_round(&job, RoundId(1), Duration::from_secs(30)).await.unwrap();
     let mut sent = Vec::new();
     let send = |c: u64| {
@@ -48,11 +54,11 @@ async fn a_deleted_consumer_is_recreated_and_nothing_is_lost() {
     sent.push((v, 1.0));
     // Let the node take it, then pull the consumer out from under it.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while scrape(&node.metrics(&client.infra().client).await, "shoal_updates_staged_total") < Some(1.0) {
+    while scrape(&node.metrics(&client.connection().client).await, "shoal_updates_staged_total") < Some(1.0) {
         assert!(Instant::now() < deadline, "first update not staged");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    client.infra().updates.delete_consumer("shoal-gateway").await.unwrap();
+    shoal_tests::infra_of(&client).await.updates.delete_consumer("shoal-gateway").await.unwrap();
     for c in 1..3 {
         let (v, r) = send(c);
         client.publish_update(r).await.unwrap();
@@ -71,7 +77,7 @@ async fn a_deleted_consumer_is_recreated_and_nothing_is_lost() {
     for (g, w) in got.iter().zip(want) {
         assert!((g - w).abs() <= 1e-6 * w.abs().max(1e-3), "committed {g}, oracle {w}");
     }
-    let metrics = node.metrics(&client.infra().client).await;
+    let metrics = node.metrics(&client.connection().client).await;
     assert!(scrape(&metrics, "shoal_consumer_restarts_total") >= Some(1.0), "{metrics}");
     // Every message is acked in the end (a copy of the first, delivered by the new consumer,
     // is acked as already applied): the work queue drains.

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use half::bf16;
+use shoal_client::connect::ConnectOptions;
+use shoal_client::{ShoalClient, Transport, UpdateRequest};
 use shoal_functions::{ClientId, DType, JobId, ModelManifest, ModelVersion, RoundId, TensorSpec, UpdateKind};
-use shoal_runtime::client::{ShoalClient, Transport, UpdateRequest};
-use shoal_runtime::infra::ConnectOptions;
 use shoal_runtime::jobs;
 use shoal_runtime::protocol::RoundOutcome;
 use shoal_tests::*;
@@ -56,8 +56,8 @@ async fn fedavg_three_rounds_eight_clients_matches_f64_oracle() {
     let m = manifest();
     let job = JobId::new("e2e").unwrap();
     let spec = job_spec("e2e", (*m).clone(), 8, 8, 60_000, 3);
-    jobs::create_job(client.infra(), &spec, None).await.unwrap();
-    let mut events = client.infra().client.subscribe("shoal.e2e.round").await.unwrap();
+    jobs::create_job(&shoal_tests::infra_of(&client).await, &spec, None).await.unwrap();
+    let mut events = client.connection().client.subscribe("shoal.e2e.round").await.unwrap();
 
     for round in 1..=3u64 {
         let state = client.wait_for_open_round(&job, RoundId(round), Duration::from_secs(30)).await.unwrap();
@@ -126,14 +126,15 @@ async fn fedavg_three_rounds_eight_clients_matches_f64_oracle() {
     assert_stream_drains(&client, Duration::from_secs(10)).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let objects: Vec<_> = client.infra().update_objects.list().await.unwrap().collect().await;
+        let objects: Vec<_> =
+            shoal_tests::infra_of(&client).await.update_objects.list().await.unwrap().collect().await;
         if objects.is_empty() {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "update objects left behind: {}", objects.len());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let metrics = node.metrics(&client.infra().client).await;
+    let metrics = node.metrics(&client.connection().client).await;
     assert_eq!(
         shoal_runtime::metrics::scrape(&metrics, "shoal_updates_staged_total"),
         Some(24.0),
@@ -159,7 +160,13 @@ async fn killed_node_restarts_and_commits_the_same_model() {
     let client = connect(&nats.url()).await;
     let m = manifest();
     let job = JobId::new("crash").unwrap();
-    jobs::create_job(client.infra(), &job_spec("crash", (*m).clone(), 6, 6, 120_000, 1), None).await.unwrap();
+    jobs::create_job(
+        &shoal_tests::infra_of(&client).await,
+        &job_spec("crash", (*m).clone(), 6, 6, 120_000, 1),
+        None,
+    )
+    .await
+    .unwrap();
     let state = client.wait_for_open_round(&job, RoundId(1), Duration::from_secs(30)).await.unwrap();
 
     let mut sent = Vec::new();
@@ -186,7 +193,7 @@ async fn killed_node_restarts_and_commits_the_same_model() {
     // Wait until the node has staged and folded all four, then kill it before the round closes.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let text = node.metrics(&client.infra().client).await;
+        let text = node.metrics(&client.connection().client).await;
         if shoal_runtime::metrics::scrape(&text, "shoal_updates_staged_total") == Some(4.0) {
             break;
         }
@@ -219,7 +226,7 @@ async fn killed_node_restarts_and_commits_the_same_model() {
     assert_matches_oracle(&model, &weighted_mean_oracle(&sent));
     // The restarted node re-staged the four redelivered updates plus the two new ones, and
     // rejected nothing as a duplicate.
-    let text = node.metrics(&client.infra().client).await;
+    let text = node.metrics(&client.connection().client).await;
     assert_eq!(shoal_runtime::metrics::scrape(&text, "shoal_updates_staged_total"), Some(6.0), "{text}");
     assert_eq!(
         shoal_runtime::metrics::scrape(&text, "shoal_updates_rejected_total{reason=\"duplicate\"}"),
@@ -238,7 +245,13 @@ async fn sigterm_hands_held_updates_back() {
     let client = connect(&nats.url()).await;
     let m = manifest();
     let job = JobId::new("term").unwrap();
-    jobs::create_job(client.infra(), &job_spec("term", (*m).clone(), 3, 3, 120_000, 1), None).await.unwrap();
+    jobs::create_job(
+        &shoal_tests::infra_of(&client).await,
+        &job_spec("term", (*m).clone(), 3, 3, 120_000, 1),
+        None,
+    )
+    .await
+    .unwrap();
     let state = client.wait_for_open_round(&job, RoundId(1), Duration::from_secs(30)).await.unwrap();
     let mut sent = Vec::new();
     let mut publish = |c: u64| {
@@ -260,7 +273,7 @@ async fn sigterm_hands_held_updates_back() {
     client.publish_update(r1).await.unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while shoal_runtime::metrics::scrape(
-        &node.metrics(&client.infra().client).await,
+        &node.metrics(&client.connection().client).await,
         "shoal_updates_staged_total",
     ) != Some(2.0)
     {

@@ -25,13 +25,14 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use rand::{Rng, SeedableRng};
+use shoal_client::connect::ConnectOptions;
+use shoal_client::Error;
+use shoal_client::{ShoalClient, UpdateRequest};
 use shoal_functions::{
     ClientId, DType, JobId, ModelManifest, ModelVersion, Parameters, RoundId, TensorSpec, UpdateKind,
 };
-use shoal_runtime::client::{ShoalClient, UpdateRequest};
-use shoal_runtime::infra::ConnectOptions;
 use shoal_runtime::protocol::{self, JobPhase, JobState, RejectNotice, RoundOutcome};
-use shoal_runtime::{jobs, Error, RejectReason};
+use shoal_runtime::{jobs, RejectReason};
 use shoal_tests::*;
 
 const NODE_ARGS: &[&str] = &["--ack-wait-ms", "1500", "--pull-batch", "1", "--collect-timeout-ms", "1000"];
@@ -63,7 +64,7 @@ enum Victim {
 /// Runs `f` until it succeeds (NATS may be restarting), for at most 90 s.
 async fn retry<T, Fut>(what: &str, mut f: impl FnMut() -> Fut) -> T
 where
-    Fut: Future<Output = shoal_runtime::Result<T>>,
+    Fut: Future<Output = shoal_client::Result<T>>,
 {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
@@ -103,7 +104,7 @@ async fn publish(client: &ShoalClient, req: UpdateRequest) -> (u32, bool) {
 /// The job state written by the commit of `round` (from the KV key's history, so that a reader
 /// that was slow, or cut off by a NATS restart, still finds it).
 async fn state_after(client: &ShoalClient, round: u64) -> Option<JobState> {
-    let mut history = client.infra().jobs.history(format!("{JOB}.state")).await.ok()?;
+    let mut history = shoal_tests::infra_of(&client).await.jobs.history(format!("{JOB}.state")).await.ok()?;
     let mut found = None;
     while let Some(Ok(e)) = history.next().await {
         let Ok(s) = protocol::decode::<JobState>("job state", &e.value) else { continue };
@@ -116,7 +117,7 @@ async fn state_after(client: &ShoalClient, round: u64) -> Option<JobState> {
 
 /// The messages still in the updates stream: (stream sequence, subject, round header).
 async fn leftovers(client: &ShoalClient) -> Vec<(u64, String, String)> {
-    let mut stream = client.infra().updates.clone();
+    let mut stream = shoal_tests::infra_of(&client).await.updates.clone();
     let Ok(info) = stream.info().await else { return Vec::new() };
     let (first, last) = (info.state.first_sequence, info.state.last_sequence);
     let mut out = Vec::new();
@@ -151,12 +152,12 @@ async fn seeded_kills_of_nodes_tops_and_nats_lose_nothing_and_apply_nothing_twic
     let job = JobId::new(JOB).unwrap();
     let mut spec = job_spec(JOB, (*m).clone(), CLIENTS, 1, 6000, TRIALS);
     spec.max_failed_rounds = 50;
-    jobs::create_job(client.infra(), &spec, None).await.unwrap();
+    jobs::create_job(&shoal_tests::infra_of(&client).await, &spec, None).await.unwrap();
 
     // Every rejection notice, collected from the start.
     let notices: Arc<Mutex<Vec<RejectNotice>>> = Arc::default();
     {
-        let mut sub = rejections(&client.infra().client, JOB).await;
+        let mut sub = rejections(&client.connection().client, JOB).await;
         let notices = Arc::clone(&notices);
         tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
@@ -202,7 +203,13 @@ async fn seeded_kills_of_nodes_tops_and_nats_lose_nothing_and_apply_nothing_twic
                     tokio::task::block_in_place(|| nats.restart()).unwrap();
                     Victim::Nats
                 } else {
-                    let top = client.infra().jobs.get(format!("{JOB}.top")).await.ok().flatten();
+                    let top = shoal_tests::infra_of(&client)
+                        .await
+                        .jobs
+                        .get(format!("{JOB}.top"))
+                        .await
+                        .ok()
+                        .flatten();
                     let top: Option<shoal_runtime::lease::Lease> =
                         top.and_then(|b| protocol::decode("lease", &b).ok());
                     nodes[target].kill();
@@ -310,9 +317,10 @@ async fn seeded_kills_of_nodes_tops_and_nats_lose_nothing_and_apply_nothing_twic
     let mut last = None;
     let mut stable = 0;
     loop {
-        let stream = client.infra().updates.clone().info().await.map(|i| i.state.messages).ok();
-        let consumer = client
-            .infra()
+        let stream =
+            shoal_tests::infra_of(&client).await.updates.clone().info().await.map(|i| i.state.messages).ok();
+        let consumer = shoal_tests::infra_of(&client)
+            .await
             .updates
             .clone()
             .consumer_info(shoal_runtime::subjects::GATEWAY_CONSUMER)
@@ -364,7 +372,7 @@ async fn seeded_kills_of_nodes_tops_and_nats_lose_nothing_and_apply_nothing_twic
     }
     let mut reacked = 0.0;
     for n in &nodes {
-        let text = n.metrics(&client.infra().client).await;
+        let text = n.metrics(&client.connection().client).await;
         reacked +=
             shoal_runtime::metrics::scrape(&text, "shoal_updates_already_applied_total").unwrap_or(0.0);
     }

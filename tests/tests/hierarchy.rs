@@ -7,12 +7,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use shoal_client::connect::ConnectOptions;
+use shoal_client::{ShoalClient, UpdateRequest};
 use shoal_functions::{
     ClientId, DType, JobId, ModelManifest, ModelVersion, Parameters, RoundId, StrategySpec, TensorSpec,
     UpdateKind, UpdateView,
 };
-use shoal_runtime::client::{ShoalClient, UpdateRequest};
-use shoal_runtime::infra::ConnectOptions;
 use shoal_runtime::jobs;
 use shoal_runtime::metrics::scrape;
 use shoal_runtime::protocol::RoundOutcome;
@@ -45,7 +45,7 @@ async fn three_nodes(url: &str) -> Vec<NodeProcess> {
 async fn total(nodes: &[NodeProcess], client: &ShoalClient, metric: &str) -> f64 {
     let mut sum = 0.0;
     for n in nodes {
-        sum += scrape(&n.metrics(&client.infra().client).await, metric).unwrap_or(0.0);
+        sum += scrape(&n.metrics(&client.connection().client).await, metric).unwrap_or(0.0);
     }
     sum
 }
@@ -116,15 +116,20 @@ async fn three_nodes_fedavg_matches_the_oracle_and_moves_only_partials() {
     let mut moved = Vec::new();
     for (name, cohort) in [("small", 6u32), ("large", 36)] {
         let job = JobId::new(name).unwrap();
-        jobs::create_job(client.infra(), &job_spec(name, (*m).clone(), cohort, cohort, 60_000, 1), None)
-            .await
-            .unwrap();
+        jobs::create_job(
+            &shoal_tests::infra_of(&client).await,
+            &job_spec(name, (*m).clone(), cohort, cohort, 60_000, 1),
+            None,
+        )
+        .await
+        .unwrap();
         client.wait_for_open_round(&job, RoundId(1), Duration::from_secs(30)).await.unwrap();
         let sent_before = total(&nodes, &client, "shoal_partial_bytes_sent_total").await;
         let mut staged_before = Vec::new();
         for n in &nodes {
             staged_before.push(
-                scrape(&n.metrics(&client.infra().client).await, "shoal_updates_staged_total").unwrap_or(0.0),
+                scrape(&n.metrics(&client.connection().client).await, "shoal_updates_staged_total")
+                    .unwrap_or(0.0),
             );
         }
         let mut sent = Vec::new();
@@ -142,7 +147,8 @@ async fn three_nodes_fedavg_matches_the_oracle_and_moves_only_partials() {
         let mut staged = Vec::new();
         for (n, b) in nodes.iter().zip(&staged_before) {
             staged.push(
-                scrape(&n.metrics(&client.infra().client).await, "shoal_updates_staged_total").unwrap() - b,
+                scrape(&n.metrics(&client.connection().client).await, "shoal_updates_staged_total").unwrap()
+                    - b,
             );
         }
         eprintln!("{name}: {cohort} clients, staged per node {staged:?}, cross-node partial bytes {bytes}");
@@ -180,9 +186,13 @@ async fn killing_the_top_mid_round_loses_nothing() {
     let client = connect(&nats.url()).await;
     let m = manifest();
     let job = JobId::new("topkill").unwrap();
-    jobs::create_job(client.infra(), &job_spec("topkill", (*m).clone(), 9, 9, 120_000, 2), None)
-        .await
-        .unwrap();
+    jobs::create_job(
+        &shoal_tests::infra_of(&client).await,
+        &job_spec("topkill", (*m).clone(), 9, 9, 120_000, 2),
+        None,
+    )
+    .await
+    .unwrap();
     client.wait_for_open_round(&job, RoundId(1), Duration::from_secs(30)).await.unwrap();
     let mut sent = Vec::new();
     for c in 0..6u64 {
@@ -195,11 +205,13 @@ async fn killing_the_top_mid_round_loses_nothing() {
         assert!(Instant::now() < deadline, "updates not staged\n{}", logs(&nodes));
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let lease = client.infra().jobs.get("topkill.top").await.unwrap().expect("a top lease");
+    let lease =
+        shoal_tests::infra_of(&client).await.jobs.get("topkill.top").await.unwrap().expect("a top lease");
     let top: shoal_runtime::lease::Lease = shoal_runtime::protocol::decode("lease", &lease).unwrap();
     let victim = nodes.iter().position(|n| n.node_id == top.node.as_str()).unwrap();
     let held =
-        scrape(&nodes[victim].metrics(&client.infra().client).await, "shoal_updates_staged_total").unwrap();
+        scrape(&nodes[victim].metrics(&client.connection().client).await, "shoal_updates_staged_total")
+            .unwrap();
     assert!(held > 0.0, "the top's node staged nothing: the test would not exercise redelivery");
     nodes[victim].kill();
     for c in 6..9u64 {
@@ -211,7 +223,8 @@ async fn killing_the_top_mid_round_loses_nothing() {
     assert_eq!(clients, 9, "{}", logs(&nodes));
     assert_eq!(weight, sent.iter().map(|(_, w)| w).sum::<f64>());
     assert_close(&model(&client, &job, &m, 1).await, &weighted_mean_oracle(&sent), "after the top died");
-    let lease = client.infra().jobs.get("topkill.top").await.unwrap().expect("a top lease");
+    let lease =
+        shoal_tests::infra_of(&client).await.jobs.get("topkill.top").await.unwrap().expect("a top lease");
     let new_top: shoal_runtime::lease::Lease = shoal_runtime::protocol::decode("lease", &lease).unwrap();
     assert_ne!(new_top.node, top.node);
     let state = client.job_state(&job).await.unwrap();
@@ -231,7 +244,7 @@ async fn whole_cohort_round(name: &str, strategy: StrategySpec, kind: UpdateKind
     let mut spec = job_spec(name, (*m).clone(), 7, 7, 60_000, 1);
     spec.strategy = strategy;
     spec.update_kind = kind;
-    jobs::create_job(client.infra(), &spec, None).await.unwrap();
+    jobs::create_job(&shoal_tests::infra_of(&client).await, &spec, None).await.unwrap();
     client.wait_for_open_round(&job, RoundId(1), Duration::from_secs(30)).await.unwrap();
     let mut sent = Vec::new();
     for c in 0..7u64 {
@@ -271,7 +284,7 @@ async fn whole_cohort_round(name: &str, strategy: StrategySpec, kind: UpdateKind
     assert_close(&got, &want, name);
     let mut per_node = Vec::new();
     for n in &nodes {
-        let t = n.metrics(&client.infra().client).await;
+        let t = n.metrics(&client.connection().client).await;
         let get = |k: &str| scrape(&t, k).unwrap_or(0.0);
         per_node.push((
             get("shoal_updates_staged_total"),
@@ -377,7 +390,7 @@ async fn a_middle_merges_its_group_before_the_top() {
     let job = JobId::new("fanin").unwrap();
     let mut spec = job_spec("fanin", (*m).clone(), 12, 12, 60_000, 1);
     spec.fan_in = 2;
-    jobs::create_job(client.infra(), &spec, None).await.unwrap();
+    jobs::create_job(&shoal_tests::infra_of(&client).await, &spec, None).await.unwrap();
     client.wait_for_open_round(&job, RoundId(1), Duration::from_secs(30)).await.unwrap();
     let mut sent = Vec::new();
     for c in 0..12u64 {
@@ -391,7 +404,7 @@ async fn a_middle_merges_its_group_before_the_top() {
     let metric = |text: &str, name: &str| scrape(text, name).unwrap_or(0.0);
     let mut per_node = Vec::new();
     for n in &nodes {
-        let t = n.metrics(&client.infra().client).await;
+        let t = n.metrics(&client.connection().client).await;
         per_node.push((
             metric(&t, "shoal_updates_staged_total"),
             metric(&t, "shoal_partial_bytes_sent_total"),
@@ -415,9 +428,15 @@ async fn a_second_update_is_a_duplicate_on_every_node() {
     let client = connect(&nats.url()).await;
     let m = manifest();
     let job = JobId::new("dup").unwrap();
-    jobs::create_job(client.infra(), &job_spec("dup", (*m).clone(), 3, 3, 60_000, 1), None).await.unwrap();
+    jobs::create_job(
+        &shoal_tests::infra_of(&client).await,
+        &job_spec("dup", (*m).clone(), 3, 3, 60_000, 1),
+        None,
+    )
+    .await
+    .unwrap();
     client.wait_for_open_round(&job, RoundId(1), Duration::from_secs(30)).await.unwrap();
-    let mut refused = rejections(&client.infra().client, "dup").await;
+    let mut refused = rejections(&client.connection().client, "dup").await;
     let honest: Vec<(Vec<Vec<f64>>, f64)> =
         (0..2).map(|c| (as_sent(&m, &random_values(&m, 40 + c)), 5.0)).collect();
     let evil: Vec<Vec<Vec<f64>>> = (0..3).map(|k| as_sent(&m, &random_values(&m, 90 + k))).collect();
@@ -461,7 +480,13 @@ async fn a_node_leaving_mid_round_loses_nothing() {
     let client = connect(&nats.url()).await;
     let m = manifest();
     let job = JobId::new("leave").unwrap();
-    jobs::create_job(client.infra(), &job_spec("leave", (*m).clone(), 4, 4, 120_000, 1), None).await.unwrap();
+    jobs::create_job(
+        &shoal_tests::infra_of(&client).await,
+        &job_spec("leave", (*m).clone(), 4, 4, 120_000, 1),
+        None,
+    )
+    .await
+    .unwrap();
     client.wait_for_open_round(&job, RoundId(1), Duration::from_secs(30)).await.unwrap();
     let mut sent = Vec::new();
     for c in 0..3u64 {
@@ -470,12 +495,13 @@ async fn a_node_leaving_mid_round_loses_nothing() {
         sent.push((values, (2 + c) as f64));
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let lease = client.infra().jobs.get("leave.top").await.unwrap().expect("a top lease");
+    let lease =
+        shoal_tests::infra_of(&client).await.jobs.get("leave.top").await.unwrap().expect("a top lease");
     let top: shoal_runtime::lease::Lease = shoal_runtime::protocol::decode("lease", &lease).unwrap();
     let mut victim = None;
     for (i, n) in nodes.iter().enumerate() {
-        let staged =
-            scrape(&n.metrics(&client.infra().client).await, "shoal_updates_staged_total").unwrap_or(0.0);
+        let staged = scrape(&n.metrics(&client.connection().client).await, "shoal_updates_staged_total")
+            .unwrap_or(0.0);
         if n.node_id != top.node.as_str() && staged > 0.0 {
             victim = Some(i);
         }

@@ -16,13 +16,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use shoal_client::auth::NatsAuth;
+use shoal_client::connect::ConnectOptions;
+use shoal_client::Error;
+use shoal_client::ShoalClient;
 use shoal_functions::{ClientId, DType, JobId, ModelManifest, ModelVersion, Parameters, RoundId, TensorSpec};
-use shoal_runtime::auth::NatsAuth;
-use shoal_runtime::client::ShoalClient;
-use shoal_runtime::infra::ConnectOptions;
 use shoal_runtime::metrics::scrape;
 use shoal_runtime::protocol::{now_ms, JobPhase, RoundOutcome};
-use shoal_runtime::{jobs, Error, RejectReason};
+use shoal_runtime::{jobs, RejectReason};
 use shoal_tests::*;
 
 const NODE_ARGS: &[&str] = &["--ack-wait-ms", "3000", "--idle-timeout-ms", "1000"];
@@ -56,7 +57,13 @@ async fn a_selected_client_that_never_reports_closes_the_round_at_its_deadline()
     let m = manifest();
     for (name, min) in [("quorum4", 4u32), ("quorum5", 5)] {
         let job = JobId::new(name).unwrap();
-        jobs::create_job(c.infra(), &job_spec(name, (*m).clone(), 5, min, 2000, 1), None).await.unwrap();
+        jobs::create_job(
+            &shoal_tests::infra_of(&c).await,
+            &job_spec(name, (*m).clone(), 5, min, 2000, 1),
+            None,
+        )
+        .await
+        .unwrap();
         let open = c.wait_for_open_round(&job, RoundId(1), Duration::from_secs(20)).await.unwrap();
         let mut sent = Vec::new();
         for (i, who) in ["c1", "c2", "c3", "c4"].iter().enumerate() {
@@ -88,7 +95,7 @@ async fn a_selected_client_that_never_reports_closes_the_round_at_its_deadline()
             assert!(c.fetch_model(&job, ModelVersion(1)).await.is_err(), "no version 1 was written");
         }
     }
-    let text = node.metrics(&c.infra().client).await;
+    let text = node.metrics(&c.connection().client).await;
     assert_eq!(scrape(&text, "shoal_rounds_total{outcome=\"committed\"}"), Some(1.0), "{text}");
     assert_eq!(scrape(&text, "shoal_rounds_total{outcome=\"quorum_not_met\"}"), Some(1.0), "{text}");
 }
@@ -108,7 +115,7 @@ async fn when_every_client_dies_the_job_fails_and_releases_its_resources() {
     let job = JobId::new("zombie").unwrap();
     let mut spec = job_spec("zombie", (*m).clone(), 3, 2, 800, 10);
     spec.max_failed_rounds = 3;
-    jobs::create_job(admin.infra(), &spec, None).await.unwrap();
+    jobs::create_job(&shoal_tests::infra_of(&admin).await, &spec, None).await.unwrap();
     let started = Instant::now();
     {
         // Three clients, each with its own connection; they report in round 1, then die.
@@ -138,7 +145,7 @@ async fn when_every_client_dies_the_job_fails_and_releases_its_resources() {
     // Resources: no top, no leaf aggregator (idle timeout 1 s), no shared-memory segment.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let text = node.metrics(&admin.infra().client).await;
+        let text = node.metrics(&admin.connection().client).await;
         let top = scrape(&text, "shoal_aggregators{tier=\"top\"}");
         let leaf = scrape(&text, "shoal_aggregators{tier=\"leaf\"}");
         let segments = std::fs::read_dir(node.shm_dir()).map(|d| d.count()).unwrap_or(0);
@@ -166,9 +173,13 @@ async fn a_client_reconnecting_after_its_round_closed_is_told_late_update() {
     let fast = connect(&nats.url()).await;
     let m = manifest();
     let job = JobId::new("reconnect").unwrap();
-    jobs::create_job(fast.infra(), &job_spec("reconnect", (*m).clone(), 2, 2, 60_000, 2), None)
-        .await
-        .unwrap();
+    jobs::create_job(
+        &shoal_tests::infra_of(&fast).await,
+        &job_spec("reconnect", (*m).clone(), 2, 2, 60_000, 2),
+        None,
+    )
+    .await
+    .unwrap();
     let round1 = {
         let slow = connect(&nats.url()).await;
         slow.wait_for_open_round(&job, RoundId(1), Duration::from_secs(20)).await.unwrap()
@@ -194,7 +205,7 @@ async fn a_client_reconnecting_after_its_round_closed_is_told_late_update() {
         other => panic!("no late_update notice: {other:?}\n{}", node.log()),
     };
     assert_eq!((notice.reason, notice.round), (RejectReason::LateUpdate, Some(RoundId(1))), "{notice:?}");
-    let text = node.metrics(&slow.infra().client).await;
+    let text = node.metrics(&slow.connection().client).await;
     assert_eq!(scrape(&text, "shoal_updates_rejected_total{reason=\"late_update\"}"), Some(1.0), "{text}");
 
     // It trains on version 1 and takes part in round 2.
@@ -242,11 +253,17 @@ async fn clients_resync_by_polling_when_every_round_event_is_dropped() {
     )
     .await;
     let c = ShoalClient::connect(&admin_opts).await.unwrap();
-    let mut events = c.infra().client.subscribe("shoal.lost.round").await.unwrap();
-    c.infra().client.flush().await.unwrap();
+    let mut events = c.connection().client.subscribe("shoal.lost.round").await.unwrap();
+    c.connection().client.flush().await.unwrap();
     let m = manifest();
     let job = JobId::new("lost").unwrap();
-    jobs::create_job(c.infra(), &job_spec("lost", (*m).clone(), 2, 2, 60_000, 3), None).await.unwrap();
+    jobs::create_job(
+        &shoal_tests::infra_of(&c).await,
+        &job_spec("lost", (*m).clone(), 2, 2, 60_000, 3),
+        None,
+    )
+    .await
+    .unwrap();
     for round in 1..=3u64 {
         let open = c.wait_for_open_round(&job, RoundId(round), Duration::from_secs(20)).await.unwrap();
         assert_eq!(open.model_version, ModelVersion(round - 1));

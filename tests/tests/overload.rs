@@ -14,11 +14,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use shoal_client::connect::{self, ConnectOptions};
+use shoal_client::{ShoalClient, UpdateRequest};
 use shoal_functions::{
     ClientId, DType, JobId, ModelManifest, ModelVersion, Parameters, RoundId, TensorSpec, UpdateKind,
 };
-use shoal_runtime::client::{ShoalClient, UpdateRequest};
-use shoal_runtime::infra::{self, ConnectOptions};
 use shoal_runtime::metrics::scrape;
 use shoal_runtime::protocol::{self, JobPhase, RoundOutcome};
 use shoal_runtime::{jobs, subjects};
@@ -48,15 +48,19 @@ async fn a_burst_of_200_one_mib_updates_into_a_slow_aggregator_loses_nothing() {
         ShoalClient::connect(&ConnectOptions { url: nats.url(), ..Default::default() }).await.unwrap();
     let m = one_mib_manifest();
     let job = JobId::new("burst").unwrap();
-    jobs::create_job(client.infra(), &job_spec("burst", (*m).clone(), 200, 200, 300_000, 1), None)
-        .await
-        .unwrap();
+    jobs::create_job(
+        &shoal_tests::infra_of(&client).await,
+        &job_spec("burst", (*m).clone(), 200, 200, 300_000, 1),
+        None,
+    )
+    .await
+    .unwrap();
     let open = client.wait_for_open_round(&job, RoundId(1), Duration::from_secs(20)).await.unwrap();
     let rss_idle = node.rss_bytes().unwrap();
 
     // Samples while the burst drains: updates not yet delivered to the node, and its memory.
     let sampler = {
-        let (infra, pid) = (client.infra().clone(), node.pid().unwrap());
+        let (infra, pid) = (shoal_tests::infra_of(&client).await, node.pid().unwrap());
         tokio::spawn(async move {
             let (mut max_undelivered, mut max_rss) = (0u64, 0u64);
             let mut stream = infra.updates.clone();
@@ -111,13 +115,13 @@ async fn a_burst_of_200_one_mib_updates_into_a_slow_aggregator_loses_nothing() {
             h.insert(protocol::HDR_BASE_VERSION, u.base_version.to_string().as_str());
             h.insert(protocol::HDR_NUM_EXAMPLES, u.num_examples.to_string().as_str());
             h.insert(protocol::HDR_KIND, u.kind.as_str());
-            (client.infra().subjects.update(&u.job, &u.client), h, u.payload)
+            (client.connection().subjects.update(&u.job, &u.client), h, u.payload)
         })
         .collect();
     let started = Instant::now();
     let mut acks = Vec::new();
     for (subject, headers, body) in messages {
-        acks.push(client.infra().js.publish_with_headers(subject, headers, body).await.unwrap());
+        acks.push(client.connection().js.publish_with_headers(subject, headers, body).await.unwrap());
     }
     for ack in acks {
         assert!(!ack.await.unwrap().duplicate);
@@ -145,7 +149,7 @@ async fn a_burst_of_200_one_mib_updates_into_a_slow_aggregator_loses_nothing() {
     }
     let (max_undelivered, max_rss) =
         tokio::time::timeout(Duration::from_secs(30), sampler).await.unwrap().unwrap();
-    let text = node.metrics(&client.infra().client).await;
+    let text = node.metrics(&client.connection().client).await;
     let slow = scrape(&text, "shoal_slow_consumer_events_total");
     assert_eq!(slow, Some(0.0), "client-side slow consumer events\n{text}");
     assert!(!nats.log().contains("Slow Consumer"), "server-side slow consumer:\n{}", nats.log());
@@ -183,7 +187,7 @@ async fn slow_consumer_events_are_counted() {
         slow_consumer_events: Some(counter.clone()),
         ..Default::default()
     };
-    let (slow, _) = infra::connect_client(&opts).await.unwrap();
+    let (slow, _) = connect::connect_client(&opts).await.unwrap();
     let mut sub = slow.subscribe("flood").await.unwrap();
     slow.flush().await.unwrap();
     let fast = async_nats::connect(nats.url()).await.unwrap();
@@ -218,9 +222,13 @@ async fn resident_memory_stays_flat_over_300_rounds() {
         ShoalClient::connect(&ConnectOptions { url: nats.url(), ..Default::default() }).await.unwrap();
     let m = one_mib_manifest();
     let job = JobId::new("soak").unwrap();
-    jobs::create_job(client.infra(), &job_spec("soak", (*m).clone(), 2, 2, 60_000, ROUNDS), None)
-        .await
-        .unwrap();
+    jobs::create_job(
+        &shoal_tests::infra_of(&client).await,
+        &job_spec("soak", (*m).clone(), 2, 2, 60_000, ROUNDS),
+        None,
+    )
+    .await
+    .unwrap();
     let values: Vec<Vec<Vec<f64>>> = (0..2).map(|c| as_sent(&m, &random_values(&m, 900 + c))).collect();
     let payloads: Vec<_> = values.iter().map(|v| payload(&m, v)).collect();
     let started = Instant::now();

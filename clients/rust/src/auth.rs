@@ -27,7 +27,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use shoal_functions::{ClientId, JobId};
+use shoal_proto::{ClientId, JobId};
 
 use crate::error::{Error, Result};
 
@@ -204,7 +204,7 @@ impl NatsTls {
 /// NATS refuses a forbidden publish or subscription with an asynchronous `-ERR 'Permissions
 /// Violation for Publish to "<subject>"'` and keeps the connection open, so a forbidden request
 /// would otherwise surface only as a time-out. The connection's event callback (installed by
-/// [`crate::infra::connect_client`]) reports each violation here.
+/// [`crate::connect::connect_client`]) reports each violation here.
 #[derive(Debug, Clone)]
 pub struct Violations {
     tx: tokio::sync::broadcast::Sender<String>,

@@ -2,7 +2,7 @@
 //! runtime (`System::with_tokio_rt`; `System::new()` inside tokio would panic).
 
 use clap::Parser;
-use shoal_runtime::cli::{self, Cli};
+use shoal_cli::cli::{self, Cli};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();

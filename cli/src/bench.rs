@@ -18,11 +18,11 @@ use shoal_functions::{
     ClientId, DType, JobId, ModelManifest, ModelVersion, NodeId, RoundId, TensorSpec, UpdateKind,
 };
 
-use crate::client::{ShoalClient, UpdateRequest};
-use crate::infra::ConnectOptions;
-use crate::metrics::scrape;
+use shoal_client::ConnectOptions;
+use shoal_client::{ShoalClient, UpdateRequest};
 use shoal_natsd::NatsServer;
-use crate::node::{self, NodeConfig};
+use shoal_runtime::metrics::scrape;
+use shoal_runtime::node::{self, NodeConfig};
 
 /// `shoal bench hierarchy` flags.
 #[derive(Debug, Args)]
@@ -132,11 +132,13 @@ async fn run_mode(a: &HierarchyArgs, eager: bool) -> Result<ModeResult> {
     let model_bytes = a.params * 4;
     let budget = (model_bytes + (1 << 20)) * (a.updates as usize + 2);
     let node = start_node(a, &url, if eager { "bench-eager" } else { "bench-lazy" }, eager, budget).await?;
-    let client = ShoalClient::connect(&ConnectOptions { url: url.clone(), ..Default::default() }).await?;
+    let admin =
+        shoal_client::Infra::connect(&ConnectOptions { url: url.clone(), ..Default::default() }).await?;
+    let client = ShoalClient::new(admin.connection());
     let manifest = ModelManifest::new(vec![TensorSpec::new("w", DType::F32, vec![a.params])])?;
     let m = Arc::new(manifest.clone());
     let job = JobId::new("bench")?;
-    crate::jobs::create_job(client.infra(), &spec("bench", manifest, a.updates, 1), None).await?;
+    shoal_client::jobs::create_job(&admin, &spec("bench", manifest, a.updates, 1), None).await?;
     client.wait_for_open_round(&job, RoundId(1), Duration::from_secs(60)).await?;
     let values: Vec<f64> = (0..a.params).map(|i| ((i % 1000) as f64) * 1e-3).collect();
     let payload = Bytes::from(shoal_functions::tensor::encode_safetensors(&m, &[values])?);
@@ -178,12 +180,14 @@ async fn start_times(a: &HierarchyArgs) -> Result<(f64, f64)> {
     let nats = NatsServer::start().context("cannot start nats-server")?;
     let url = nats.url();
     let node = start_node(a, &url, "bench-start", true, 64 << 20).await?;
-    let client = ShoalClient::connect(&ConnectOptions { url: url.clone(), ..Default::default() }).await?;
+    let admin =
+        shoal_client::Infra::connect(&ConnectOptions { url: url.clone(), ..Default::default() }).await?;
+    let client = ShoalClient::new(admin.connection());
     let manifest = ModelManifest::new(vec![TensorSpec::new("w", DType::F32, vec![1024])])?;
     let m = Arc::new(manifest.clone());
     let job = JobId::new("starts")?;
     let rounds = a.reuse_rounds + 1;
-    crate::jobs::create_job(client.infra(), &spec("starts", manifest, 1, rounds), None).await?;
+    shoal_client::jobs::create_job(&admin, &spec("starts", manifest, 1, rounds), None).await?;
     let payload = Bytes::from(shoal_functions::tensor::encode_safetensors(&m, &[vec![0.5; 1024]])?);
     for r in 1..=rounds {
         let st = client.wait_for_open_round(&job, RoundId(r), Duration::from_secs(60)).await?;

@@ -19,9 +19,10 @@ use bytes::Bytes;
 use rand::Rng;
 use sha2::{Digest, Sha256};
 
+use async_nats::jetstream;
+use shoal_proto::subjects;
+
 use crate::error::{Error, Result};
-use crate::infra::Infra;
-use crate::subjects;
 
 /// A NUID-shaped random token (22 base62 characters) naming an object's chunks.
 fn nuid() -> String {
@@ -38,7 +39,7 @@ fn nuid() -> String {
 /// NATS errors (a refused publish shows as [`Error::Unauthorized`] when guarded by
 /// [`crate::auth::Violations::guard`]).
 pub async fn put_object(
-    infra: &Infra,
+    js: &jetstream::Context,
     bucket: &str,
     name: &str,
     data: &Bytes,
@@ -51,9 +52,7 @@ pub async fn put_object(
     let mut offset = 0;
     while offset < data.len() {
         let end = (offset + chunk_size).min(data.len());
-        infra
-            .js
-            .publish(chunk_subject.clone(), data.slice(offset..end))
+        js.publish(chunk_subject.clone(), data.slice(offset..end))
             .await
             .map_err(|e| Error::nats("publish object chunk", e))?
             .await
@@ -82,9 +81,7 @@ pub async fn put_object(
         .map_err(|e| Error::Decode { what: "object info", detail: e.to_string() })?;
     let mut headers = HeaderMap::new();
     headers.insert("Nats-Rollup", "sub");
-    infra
-        .js
-        .publish_with_headers(subjects::object_meta(bucket, name), headers, Bytes::from(meta))
+    js.publish_with_headers(subjects::object_meta(bucket, name), headers, Bytes::from(meta))
         .await
         .map_err(|e| Error::nats("publish object metadata", e))?
         .await
@@ -142,8 +139,8 @@ pub enum ObjectReadError {
 /// # Errors
 /// [`Error::Nats`] when the object is missing or deleted or a read fails; [`Error::Decode`]
 /// when the chunks do not add up to the recorded size and digest.
-pub async fn read_object(infra: &Infra, bucket: &str, name: &str) -> Result<Vec<u8>> {
-    read_object_checked(infra, bucket, name, usize::MAX).await.map_err(|e| match e {
+pub async fn read_object(js: &jetstream::Context, bucket: &str, name: &str) -> Result<Vec<u8>> {
+    read_object_checked(js, bucket, name, usize::MAX).await.map_err(|e| match e {
         ObjectReadError::Corrupt { .. } => Error::Decode { what: "object", detail: e.to_string() },
         other => Error::nats("read object", other),
     })
@@ -156,15 +153,14 @@ pub async fn read_object(infra: &Infra, bucket: &str, name: &str) -> Result<Vec<
 /// # Errors
 /// The [`ObjectReadError`] naming what went wrong.
 pub async fn read_object_checked(
-    infra: &Infra,
+    js: &jetstream::Context,
     bucket: &str,
     name: &str,
     limit: usize,
 ) -> Result<Vec<u8>, ObjectReadError> {
     let missing = |detail: String| ObjectReadError::Missing { name: name.to_owned(), detail };
     let corrupt = |detail: String| ObjectReadError::Corrupt { name: name.to_owned(), detail };
-    let stream = infra
-        .js
+    let stream = js
         .get_stream_no_info(subjects::object_stream(bucket))
         .await
         .map_err(|e| missing(format!("open object stream: {e}")))?;

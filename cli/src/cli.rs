@@ -8,11 +8,11 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use shoal_functions::{ClientId, JobId, JobSpec, NodeId, Parameters, UpdateKind};
 
-use crate::auth::{NatsAuth, NatsTls, Secret};
-use crate::client::{ShoalClient, UpdateRequest};
-use crate::infra::ConnectOptions;
-use crate::node::{self, NodeConfig};
-use crate::protocol::{JobPhase, RoundOutcome};
+use shoal_client::auth::{NatsAuth, NatsTls, Secret};
+use shoal_client::ConnectOptions;
+use shoal_client::{ShoalClient, UpdateRequest};
+use shoal_proto::{JobPhase, RoundOutcome};
+use shoal_runtime::node::{self, NodeConfig};
 
 /// Shoal: a serverless federated-learning aggregation platform on NATS.
 #[derive(Debug, Parser)]
@@ -46,7 +46,7 @@ pub struct NatsArgs {
     #[arg(long, env = "SHOAL_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
     /// Subject prefix.
-    #[arg(long, env = "SHOAL_PREFIX", default_value = crate::subjects::DEFAULT_PREFIX)]
+    #[arg(long, env = "SHOAL_PREFIX", default_value = shoal_proto::subjects::DEFAULT_PREFIX)]
     pub prefix: String,
     /// NATS user (with a password).
     #[arg(long, env = "SHOAL_NATS_USER")]
@@ -82,7 +82,7 @@ pub struct NatsArgs {
 }
 
 impl NatsArgs {
-    fn options(&self, name: &str) -> crate::Result<ConnectOptions> {
+    fn options(&self, name: &str) -> shoal_client::Result<ConnectOptions> {
         let auth = NatsAuth {
             user: self.nats_user.clone(),
             password: self.nats_password.clone(),
@@ -161,7 +161,7 @@ pub struct NatsConfigArgs {
     #[arg(long, value_delimiter = ',', required = true)]
     clients: Vec<String>,
     /// Subject prefix.
-    #[arg(long, env = "SHOAL_PREFIX", default_value = crate::subjects::DEFAULT_PREFIX)]
+    #[arg(long, env = "SHOAL_PREFIX", default_value = shoal_proto::subjects::DEFAULT_PREFIX)]
     prefix: String,
     /// The node's user name.
     #[arg(long, default_value = "shoal-node")]
@@ -301,7 +301,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 std::fs::read_to_string(&spec).with_context(|| format!("reading {}", spec.display()))?;
             let spec: JobSpec =
                 serde_json::from_str(&text).with_context(|| format!("parsing {}", spec.display()))?;
-            let client = ShoalClient::connect(&nats.options("shoal-cli")?).await?;
+            let admin = shoal_client::Infra::connect(&nats.options("shoal-cli")?).await?;
             let initial = match initial {
                 Some(p) => {
                     let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
@@ -309,7 +309,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 None => None,
             };
-            crate::jobs::create_job(client.infra(), &spec, initial.as_ref()).await?;
+            shoal_client::jobs::create_job(&admin, &spec, initial.as_ref()).await?;
             println!("job {} created", spec.job);
             Ok(())
         }
@@ -358,8 +358,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 })
                 .await?;
             let via = match via {
-                crate::client::Transport::Inline => "inline",
-                crate::client::Transport::ObjectStore => "through the object store",
+                shoal_client::Transport::Inline => "inline",
+                shoal_client::Transport::ObjectStore => "through the object store",
             };
             println!("published for round {} ({via})", state.round);
             if a.wait {
@@ -389,7 +389,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// The text `shoal auth nats-config` prints (and, with --nkeys-dir, the seed files it writes).
 fn nats_config(a: &NatsConfigArgs) -> anyhow::Result<String> {
-    use crate::auth::{self, UserCredential};
+    use shoal_client::auth::{self, UserCredential};
     let job = JobId::new(&a.job)?;
     let clients = a.clients.iter().map(ClientId::new).collect::<Result<Vec<_>, _>>()?;
     let mut seeds = Vec::new();

@@ -34,13 +34,13 @@ use shoal_functions::{
     StrategySpec, TensorSpec, UpdateKind,
 };
 
-use crate::client::{ShoalClient, UpdateRequest};
-use crate::coordinator::PluginFactory;
-use crate::infra::ConnectOptions;
-use shoal_natsd::NatsServer;
-use crate::node::{self, NodeConfig};
-use crate::protocol::RoundOutcome;
 use crate::sim::{self, Dataset, LocalTraining, SoftmaxParams};
+use shoal_client::ConnectOptions;
+use shoal_client::{ShoalClient, UpdateRequest};
+use shoal_natsd::NatsServer;
+use shoal_proto::RoundOutcome;
+use shoal_runtime::coordinator::PluginFactory;
+use shoal_runtime::node::{self, NodeConfig};
 
 /// Attacks a Byzantine client can mount. Each is applied to the client's honest delta
 /// `d = local − global` (label flipping changes the training data instead).
@@ -307,6 +307,7 @@ impl ClassEvaluator for SoftmaxEvaluator {
 /// What every experiment of one demo run shares.
 struct Env {
     client: ShoalClient,
+    admin: shoal_client::Infra,
     m: Arc<ModelManifest>,
     train_set: Arc<Dataset>,
     test_set: Arc<Dataset>,
@@ -359,8 +360,10 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         a.alpha,
         shards.iter().map(|s| s.len()).collect::<Vec<_>>()
     );
+    let admin = shoal_client::Infra::connect(&nats).await?;
     let env = Env {
-        client: ShoalClient::connect(&nats).await?,
+        client: ShoalClient::new(admin.connection()),
+        admin,
         m: manifest()?,
         train_set: Arc::new(train_set),
         test_set: Arc::new(test_set),
@@ -467,7 +470,7 @@ async fn run_experiment(
     let assumed_byzantine = (a.byzantine * a.clients as f64).round() as usize;
     let choice = strategy_choice(strategy, &sizes, assumed_byzantine)?;
     let kind = choice.kind;
-    let job = JobId::new(format!("digits-{}-{}", strategy, crate::protocol::now_ms()))?;
+    let job = JobId::new(format!("digits-{}-{}", strategy, shoal_runtime::protocol::now_ms()))?;
     let spec = JobSpec {
         job: job.clone(),
         manifest: (*env.m).clone(),
@@ -487,7 +490,7 @@ async fn run_experiment(
         max_clients_per_round: None,
     };
     let client = &env.client;
-    crate::jobs::create_job(client.infra(), &spec, None).await?;
+    shoal_client::jobs::create_job(&env.admin, &spec, None).await?;
     if verbose {
         eprintln!("job {job} created: {strategy}, {} rounds of {} clients", a.rounds, a.clients);
     }
@@ -539,7 +542,7 @@ async fn run_experiment(
         if matches!(state.last_outcome, Some(RoundOutcome::Committed { .. })) {
             pb.inc(1);
         }
-        if state.phase != crate::protocol::JobPhase::Running {
+        if state.phase != shoal_proto::JobPhase::Running {
             break;
         }
     }
@@ -578,7 +581,7 @@ impl SimClient {
         loop {
             let state = match self.client.wait_for_open_round(&self.job, next, self.timeout).await {
                 Ok(s) => s,
-                Err(crate::Error::JobEnded { .. }) => return Ok(()),
+                Err(shoal_client::Error::JobEnded { .. }) => return Ok(()),
                 Err(e) => return Err(e.into()),
             };
             let base: ModelVersion = state.model_version;

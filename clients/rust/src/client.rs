@@ -1,10 +1,11 @@
-//! The Rust client SDK: fetch the global model, publish an update (inline or through the object
+//! [`ShoalClient`]: fetch the global model, publish an update (inline or through the object
 //! store, chosen by size), and wait for rounds. Used by the CLI, the demo's simulated clients and
-//! the tests. The wire protocol it speaks is in [`crate::protocol`] and DESIGN.md §4, so clients
-//! in other languages can do the same.
+//! the tests. The wire protocol it speaks is `shoal_proto` and DESIGN.md §4, so clients in other
+//! languages can do the same.
 //!
-//! Everything the SDK does fits a client's least permissions
-//! ([`crate::auth::client_permissions`]): it reads only its job's KV keys (direct gets), reads
+//! Everything it does fits a client's least permissions
+//! ([`shoal_proto::permissions::client_permissions`]): it opens no stream (no stream
+//! information is read), reads only its job's KV keys (direct gets), reads
 //! models and writes its large updates without creating consumers ([`crate::objects`]), and
 //! waits for rounds on `<prefix>.<job>.round` plus a slow poll of the job state. Connect with
 //! [`ConnectOptions::for_client`] so that replies come to the client's own inbox. An operation
@@ -19,14 +20,14 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
-use shoal_functions::{ClientId, JobId, JobSpec, ModelVersion, RoundId, UpdateKind};
+use shoal_proto::headers as protocol;
+use shoal_proto::subjects;
+use shoal_proto::{ClientId, JobId, JobPhase, JobSpec, JobState, ModelVersion, RoundId, UpdateKind};
 
+use crate::connect::{ConnectOptions, Connection};
 use crate::error::{Error, Result};
-use crate::infra::{ConnectOptions, Infra};
 use crate::jobs;
 use crate::objects;
-use crate::protocol::{self, JobPhase, JobState};
-use crate::subjects;
 
 /// How an update travelled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,25 +70,25 @@ pub const HEADER_ALLOWANCE: usize = 4096;
 /// A Shoal client.
 #[derive(Debug, Clone)]
 pub struct ShoalClient {
-    infra: Infra,
+    infra: Connection,
     inline_limit: usize,
     /// Each job's `max_update_bytes` (specs do not change), read once.
     update_limits: Arc<Mutex<HashMap<JobId, u64>>>,
 }
 
 impl ShoalClient {
-    /// Connects (and ensures the JetStream resources exist; with least permissions a node must
-    /// have created them).
+    /// Connects. Nothing is created or opened in JetStream: a node (or the operator) must have
+    /// provisioned the streams and buckets; until one has, reads fail as [`Error::Nats`].
     ///
     /// # Errors
-    /// As [`Infra::connect`]: [`Error::Unauthorized`] for refused credentials, [`Error::Tls`],
-    /// [`Error::Connect`].
+    /// As [`Connection::connect`]: [`Error::Unauthorized`] for refused credentials,
+    /// [`Error::Tls`], [`Error::Connect`].
     pub async fn connect(opts: &ConnectOptions) -> Result<ShoalClient> {
-        Ok(Self::from_infra(Infra::connect(opts).await?))
+        Ok(Self::new(Connection::connect(opts).await?))
     }
 
-    /// A client over existing NATS handles.
-    pub fn from_infra(infra: Infra) -> ShoalClient {
+    /// A client over an existing connection.
+    pub fn new(infra: Connection) -> ShoalClient {
         // Leave room for headers under the server's max_payload.
         let inline_limit = infra.max_payload().saturating_sub(16 * 1024);
         ShoalClient { infra, inline_limit, update_limits: Arc::default() }
@@ -100,8 +101,8 @@ impl ShoalClient {
         self
     }
 
-    /// The NATS handles.
-    pub fn infra(&self) -> &Infra {
+    /// The NATS connection.
+    pub fn connection(&self) -> &Connection {
         &self.infra
     }
 
@@ -110,7 +111,7 @@ impl ShoalClient {
     /// # Errors
     /// [`Error::UnknownJob`], NATS errors.
     pub async fn job_spec(&self, job: &JobId) -> Result<JobSpec> {
-        self.infra.violations.guard("read the job spec", jobs::load_spec(&self.infra, job)).await
+        self.infra.violations.guard("read the job spec", jobs::load_spec(&self.infra.js, job)).await
     }
 
     /// The job's current state.
@@ -118,7 +119,7 @@ impl ShoalClient {
     /// # Errors
     /// [`Error::UnknownJob`], NATS errors.
     pub async fn job_state(&self, job: &JobId) -> Result<JobState> {
-        let state = self.infra.violations.guard("read the job state", jobs::load_state(&self.infra, job));
+        let state = self.infra.violations.guard("read the job state", jobs::load_state(&self.infra.js, job));
         Ok(state.await?.0)
     }
 
@@ -129,7 +130,7 @@ impl ShoalClient {
     /// NATS errors (a missing version included), [`Error::Unauthorized`].
     pub async fn fetch_model(&self, job: &JobId, version: ModelVersion) -> Result<Vec<u8>> {
         let name = subjects::model_object(job, version);
-        let read = objects::read_object(&self.infra, subjects::MODELS_BUCKET, &name);
+        let read = objects::read_object(&self.infra.js, subjects::MODELS_BUCKET, &name);
         self.infra.violations.guard("read the model", read).await
     }
 
@@ -179,7 +180,7 @@ impl ShoalClient {
                 .map_err(|e| Error::nats("subscribe to round events", e))?;
             self.infra.client.flush().await.map_err(|e| Error::nats("flush", e))?;
             loop {
-                let state = jobs::load_state(&self.infra, job).await?.0;
+                let state = jobs::load_state(&self.infra.js, job).await?.0;
                 if done(&state) {
                     return Ok(state);
                 }
@@ -269,7 +270,7 @@ impl ShoalClient {
         tokio::select! {
             state = self.wait_for_round_closed(job, round, timeout) => state,
             Some(m) = rejections.next() => {
-                let notice: crate::protocol::RejectNotice = protocol::decode("reject notice", &m.payload)?;
+                let notice: shoal_proto::RejectNotice = shoal_proto::decode("reject notice", &m.payload)?;
                 tracing::warn!(reason = %notice.reason, "update refused: {}", notice.detail);
                 Err(Error::Rejected(notice.reason))
             }
@@ -315,7 +316,10 @@ impl ShoalClient {
         }
         let digest = hex::encode(Sha256::digest(&u.payload));
         let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", subjects::update_msg_id(&u.job, u.round, &u.client, &digest).as_str());
+        headers.insert(
+            protocol::HDR_MSG_ID,
+            subjects::update_msg_id(&u.job, u.round, &u.client, &digest).as_str(),
+        );
         headers.insert(protocol::HDR_ROUND, u.round.to_string().as_str());
         headers.insert(protocol::HDR_BASE_VERSION, u.base_version.to_string().as_str());
         headers.insert(protocol::HDR_NUM_EXAMPLES, u.num_examples.to_string().as_str());
@@ -323,8 +327,8 @@ impl ShoalClient {
         let inline_max = self.inline_limit.min(self.infra.max_payload().saturating_sub(HEADER_ALLOWANCE));
         let (payload, transport) = if u.force_object_store || u.payload.len() > inline_max {
             let name = subjects::update_object(&u.job, u.round, &u.client);
-            let chunk = jobs::chunk_size(&self.infra);
-            objects::put_object(&self.infra, subjects::UPDATES_BUCKET, &name, &u.payload, chunk).await?;
+            let chunk = jobs::chunk_size(self.infra.max_payload());
+            objects::put_object(&self.infra.js, subjects::UPDATES_BUCKET, &name, &u.payload, chunk).await?;
             headers.insert(protocol::HDR_OBJECT, name.as_str());
             headers.insert(protocol::HDR_DIGEST, format!("sha256:{digest}").as_str());
             (Bytes::new(), Transport::ObjectStore)
@@ -353,7 +357,7 @@ impl ShoalClient {
         if ack.duplicate {
             // The same bytes were already published for this round (JetStream's dedupe window):
             // a retry of an update the node has, or had and refused.
-            return Err(Error::Rejected(crate::error::RejectReason::Duplicate));
+            return Err(Error::Rejected(shoal_proto::RejectReason::Duplicate));
         }
         Ok(transport)
     }

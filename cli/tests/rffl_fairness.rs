@@ -11,10 +11,10 @@ use std::sync::Arc;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use shoal_cli::sim::{self, Dataset, LocalTraining, SoftmaxParams};
 use shoal_functions::rffl::{pearson, upload_scale, Mode, Rffl, RfflConfig};
 use shoal_functions::tensor::encode_safetensors;
 use shoal_functions::{ClientId, DType, ModelManifest, Parameters, TensorSpec};
-use shoal_runtime::sim::{self, Dataset, LocalTraining, SoftmaxParams};
 
 const ROUNDS: usize = 20;
 const HONEST: usize = 10;

@@ -1,0 +1,13 @@
+//! The `shoal` command line, as a library so that its tests can drive the same code:
+//!
+//! - [`cli`]: the commands (`node`, `job`, `client`, `auth`, `demo`, `bench`) and their flags;
+//! - [`demo`]: `shoal demo`, a real federated training run end to end, with [`sim`], the
+//!   digits dataset, its Dirichlet split and the softmax-regression trainer of the simulated
+//!   clients;
+//! - [`bench`]: `shoal bench`, whole-system benchmarks that print ratios against limits measured
+//!   in the same run.
+
+pub mod bench;
+pub mod cli;
+pub mod demo;
+pub mod sim;
