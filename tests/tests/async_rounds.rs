@@ -10,17 +10,15 @@ use std::time::{Duration, Instant};
 
 use shoal_client::connect::ConnectOptions;
 use shoal_client::{ShoalClient, UpdateRequest};
-use shoal_functions::{
-    ClientId, DType, JobId, ModelManifest, ModelVersion, Parameters, RoundId, TensorSpec, UpdateKind,
-};
+use shoal_functions::{ClientId, DType, JobId, ModelManifest, ModelVersion, Parameters, RoundId, UpdateKind};
 use shoal_runtime::jobs;
 use shoal_runtime::protocol::{now_ms, RoundOutcome};
-use shoal_tests::*;
+use shoal_testkit::*;
 
 const NODE_ARGS: &[&str] = &["--ack-wait-ms", "3000", "--pull-batch", "1", "--collect-timeout-ms", "3000"];
 
 fn manifest() -> Arc<ModelManifest> {
-    Arc::new(ModelManifest::new(vec![TensorSpec::new("w", DType::F32, vec![300])]).unwrap())
+    shoal_testkit::manifest(&[("w", DType::F32, &[300])])
 }
 
 async fn setup() -> (NatsServer, Vec<NodeProcess>, ShoalClient) {
@@ -125,7 +123,7 @@ async fn fedbuff_commits_every_k_updates_with_staleness_weights() {
     let (_nats, nodes, c) = setup().await;
     let m = manifest();
     let job = JobId::new("buff").unwrap();
-    jobs::create_job(&shoal_tests::infra_of(&c).await, &fedbuff_spec("buff", &m, 3, 60_000), None)
+    jobs::create_job(&shoal_testkit::infra_of(&c).await, &fedbuff_spec("buff", &m, 3, 60_000), None)
         .await
         .unwrap();
     c.wait_for_open_round(&job, RoundId(1), Duration::from_secs(30)).await.unwrap();
@@ -180,7 +178,7 @@ async fn fedbuff_flushes_a_buffer_that_never_fills_after_max_wait() {
     let (_nats, nodes, c) = setup().await;
     let m = manifest();
     let job = JobId::new("flush").unwrap();
-    jobs::create_job(&shoal_tests::infra_of(&c).await, &fedbuff_spec("flush", &m, 3, 1500), None)
+    jobs::create_job(&shoal_testkit::infra_of(&c).await, &fedbuff_spec("flush", &m, 3, 1500), None)
         .await
         .unwrap();
     let open = c.wait_for_open_round(&job, RoundId(1), Duration::from_secs(30)).await.unwrap();
@@ -227,7 +225,7 @@ async fn fedfix_commits_once_per_period() {
         serde_json::json!({"mode": "periodic", "period_ms": 2000, "max_staleness": 3}),
     )
     .unwrap();
-    jobs::create_job(&shoal_tests::infra_of(&c).await, &spec, None).await.unwrap();
+    jobs::create_job(&shoal_testkit::infra_of(&c).await, &spec, None).await.unwrap();
     let open = c.wait_for_open_round(&job, RoundId(1), Duration::from_secs(30)).await.unwrap();
     assert_eq!(open.deadline_at_ms - open.opened_at_ms, 2000);
     let d: Vec<Vec<f64>> = (0..3).map(|i| delta(500 + i, &m)).collect();

@@ -27,7 +27,7 @@ use shoal_functions::{
 };
 use shoal_runtime::protocol::{self, RoundOutcome};
 use shoal_runtime::{jobs, subjects, RejectReason};
-use shoal_tests::*;
+use shoal_testkit::*;
 
 const NODE_USER: &str = "shoal-node";
 /// Jobs of the shared secured cluster and their clients.
@@ -183,7 +183,7 @@ async fn a_client_cannot_publish_as_another_and_its_own_update_commits() {
     let m = small_manifest();
     let job = JobId::new("forge").unwrap();
     jobs::create_job(
-        &shoal_tests::infra_of(&node).await,
+        &shoal_testkit::infra_of(&node).await,
         &job_spec("forge", (*m).clone(), 2, 2, 60_000, 1),
         None,
     )
@@ -220,7 +220,7 @@ async fn a_client_cannot_read_or_claim_another_clients_update_object() {
     let m = large_manifest();
     let job = JobId::new("objects").unwrap();
     jobs::create_job(
-        &shoal_tests::infra_of(&node).await,
+        &shoal_testkit::infra_of(&node).await,
         &job_spec("objects", (*m).clone(), 2, 2, 60_000, 1),
         None,
     )
@@ -233,9 +233,9 @@ async fn a_client_cannot_read_or_claim_another_clients_update_object() {
     assert_eq!(via, Transport::ObjectStore, "a 1.2 MB update goes through the object store");
     let name = subjects::update_object(&job, state.round, &ClientId::new("ob").unwrap());
     // The object is there (the node can read it) while the round is open.
-    assert!(shoal_tests::infra_of(&node).await.update_objects.info(&name).await.is_ok());
+    assert!(shoal_testkit::infra_of(&node).await.update_objects.info(&name).await.is_ok());
 
-    let infra = &shoal_tests::infra_of(&oa).await;
+    let infra = &shoal_testkit::infra_of(&oa).await;
     let v = &infra.violations;
     // The object-store API (metadata by direct get, then a consumer for the chunks).
     let r = v
@@ -313,7 +313,7 @@ async fn the_cli_client_works_with_least_permissions() {
     let m = small_manifest();
     let job = JobId::new("cli").unwrap();
     jobs::create_job(
-        &shoal_tests::infra_of(&node).await,
+        &shoal_testkit::infra_of(&node).await,
         &job_spec("cli", (*m).clone(), 1, 1, 60_000, 1),
         None,
     )
@@ -348,7 +348,7 @@ async fn an_overwritten_object_is_refused_not_accepted_as_the_victims() {
     let m = large_manifest();
     let job = JobId::new("hijack").unwrap();
     jobs::create_job(
-        &shoal_tests::infra_of(&node).await,
+        &shoal_testkit::infra_of(&node).await,
         &job_spec("hijack", (*m).clone(), 2, 2, 60_000, 1),
         None,
     )
@@ -397,7 +397,7 @@ async fn a_client_cannot_write_models_or_job_state_nor_read_other_jobs() {
     let m = small_manifest();
     let job = JobId::new("writes").unwrap();
     jobs::create_job(
-        &shoal_tests::infra_of(&node).await,
+        &shoal_testkit::infra_of(&node).await,
         &job_spec("writes", (*m).clone(), 1, 1, 60_000, 1),
         None,
     )
@@ -408,7 +408,7 @@ async fn a_client_cannot_write_models_or_job_state_nor_read_other_jobs() {
     wa.wait_for_open_round(&job, RoundId(1), TIMEOUT).await.unwrap();
     let (state_before, rev_before) = jobs::load_state(&node.connection().js, &job).await.unwrap();
     assert_eq!(wa.job_state(&job).await.unwrap(), state_before);
-    let infra = &shoal_tests::infra_of(&wa).await;
+    let infra = &shoal_testkit::infra_of(&wa).await;
     let v = &infra.violations;
     assert!(wa.fetch_model(&job, ModelVersion(0)).await.is_ok());
 
@@ -499,9 +499,13 @@ async fn node_and_clients_work_over_tls_and_a_client_without_the_ca_gets_a_tls_e
     let c = ShoalClient::connect(&opts).await.unwrap();
     let m = small_manifest();
     let job = JobId::new("tls").unwrap();
-    jobs::create_job(&shoal_tests::infra_of(&c).await, &job_spec("tls", (*m).clone(), 1, 1, 60_000, 1), None)
-        .await
-        .unwrap();
+    jobs::create_job(
+        &shoal_testkit::infra_of(&c).await,
+        &job_spec("tls", (*m).clone(), 1, 1, 60_000, 1),
+        None,
+    )
+    .await
+    .unwrap();
     let state = c.wait_for_open_round(&job, RoundId(1), TIMEOUT).await.unwrap();
     let a = as_sent(&m, &random_values(&m, 5));
     c.publish_update(request(&job, "t1", state.round, &m, &a, 7)).await.unwrap();

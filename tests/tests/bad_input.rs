@@ -14,20 +14,14 @@ use shoal_client::{ShoalClient, UpdateRequest};
 use shoal_functions::{ClientId, DType, JobId, ModelManifest, ModelVersion, RoundId, TensorSpec, UpdateKind};
 use shoal_runtime::protocol::{JobState, RoundOutcome};
 use shoal_runtime::{jobs, metrics, RejectReason};
-use shoal_tests::*;
+use shoal_testkit::*;
 
 static CLUSTER: OnceLock<SharedCluster> = OnceLock::new();
 /// Inline payloads above 4 KiB must use the object store on this node.
 const NODE_ARGS: &[&str] = &["--ack-wait-ms", "5000", "--inline-limit-bytes", "4096"];
 
 fn manifest() -> Arc<ModelManifest> {
-    Arc::new(
-        ModelManifest::new(vec![
-            TensorSpec::new("w", DType::F32, vec![2, 4]),
-            TensorSpec::new("n", DType::I64, vec![1]),
-        ])
-        .unwrap(),
-    )
+    shoal_testkit::manifest(&[("w", DType::F32, &[2, 4]), ("n", DType::I64, &[1])])
 }
 
 fn other_manifest(specs: Vec<TensorSpec>) -> Arc<ModelManifest> {
@@ -54,7 +48,7 @@ impl Case {
         let job = JobId::new(name).unwrap();
         let rejected = rejections(&client.connection().client, name).await;
         jobs::create_job(
-            &shoal_tests::infra_of(&client).await,
+            &shoal_testkit::infra_of(&client).await,
             &job_spec(name, (*m).clone(), 2, 2, 30_000, rounds),
             None,
         )
@@ -383,7 +377,12 @@ async fn object_case(mut c: Case, owner: &str, digest: Option<&str>, reason: Rej
     use sha2::Digest;
     let (_, p) = c.good_payload(20);
     let name = format!("{}/1/{owner}", c.job);
-    shoal_tests::infra_of(&c.client).await.update_objects.put(name.as_str(), &mut p.as_ref()).await.unwrap();
+    shoal_testkit::infra_of(&c.client)
+        .await
+        .update_objects
+        .put(name.as_str(), &mut p.as_ref())
+        .await
+        .unwrap();
     let mut h = c.headers(1, 0, "7");
     h.insert("Shoal-Object", name.as_str());
     let real = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&p)));

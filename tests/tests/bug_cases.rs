@@ -26,7 +26,7 @@ use shoal_functions::{
 };
 use shoal_runtime::protocol::{JobState, RejectNotice, RoundOutcome};
 use shoal_runtime::{jobs, metrics, subjects, RejectReason};
-use shoal_tests::*;
+use shoal_testkit::*;
 
 static CLUSTER: OnceLock<SharedCluster> = OnceLock::new();
 /// The node's inline limit is the server's max_payload (1 MiB, nats-server's default).
@@ -85,7 +85,7 @@ impl Job {
 
     async fn create(c: ShoalClient, spec: JobSpec, initial: Option<&Parameters>) -> Job {
         let rejected = rejections(&c.connection().client, spec.job.as_str()).await;
-        jobs::create_job(&shoal_tests::infra_of(&c).await, &spec, initial).await.unwrap();
+        jobs::create_job(&shoal_testkit::infra_of(&c).await, &spec, initial).await.unwrap();
         let id = spec.job.clone();
         c.wait_for_open_round(&id, RoundId(1), T).await.unwrap();
         Job { c, id, m: Arc::new(spec.manifest.clone()), rejected }
@@ -534,7 +534,7 @@ async fn object_message(job: &Job, who: &str, digest_of: &[u8]) {
 async fn b14_chunked_update_is_reassembled_and_a_missing_chunk_is_typed() {
     let m = manifest(vec![t("w", DType::F32, &[800_000])]);
     let mut job = Job::new("b14-chunks", &m, (2, 2, 30_000), |_| {}).await;
-    let infra = shoal_tests::infra_of(&job.c).await;
+    let infra = shoal_testkit::infra_of(&job.c).await;
     let chunk = jobs::chunk_size(infra.max_payload());
     let bucket = subjects::UPDATES_BUCKET;
 
@@ -795,7 +795,7 @@ async fn d31_over_max_payload_is_an_immediate_typed_error_or_a_claim_check() {
     let huge = job_spec("d31-huge-spec", ModelManifest::new(names).unwrap(), 1, 1, 30_000, 1);
     let vb = as_sent(&m, &random_values(&m, 41));
     let started = Instant::now();
-    let infra = shoal_tests::infra_of(&job.c).await;
+    let infra = shoal_testkit::infra_of(&job.c).await;
     let (created, published) = tokio::join!(
         jobs::create_job(&infra, &huge, None),
         job.c.publish_update(job.request("b", 3, payload(&m, &vb))),
@@ -905,7 +905,7 @@ async fn e_c3_multi_krum_keep_above_the_cohort_is_refused_at_creation() {
     for keep in [4, 5] {
         let mut spec = job_spec(&format!("c3-keep-{keep}"), (*m).clone(), 3, 3, 30_000, 1);
         spec.strategy = StrategySpec::MultiKrum { byzantine: 0, keep };
-        let e = jobs::create_job(&shoal_tests::infra_of(&c).await, &spec, None).await.unwrap_err();
+        let e = jobs::create_job(&shoal_testkit::infra_of(&c).await, &spec, None).await.unwrap_err();
         assert!(matches!(e, Error::Spec(_)), "{e}");
         assert!(matches!(c.job_state(&spec.job).await, Err(Error::UnknownJob(_))));
     }
@@ -934,7 +934,7 @@ async fn e_c4_bulyan_without_its_parameters_is_refused_at_creation() {
     let c = connect(&cluster().nats.url()).await;
     let mut spec = job_spec("c4-bulyan", (*m).clone(), 6, 6, 30_000, 1);
     spec.strategy = StrategySpec::Bulyan { byzantine: 1 };
-    let e = jobs::create_job(&shoal_tests::infra_of(&c).await, &spec, None).await.unwrap_err();
+    let e = jobs::create_job(&shoal_testkit::infra_of(&c).await, &spec, None).await.unwrap_err();
     assert!(matches!(e, Error::Spec(_)), "{e}");
     assert!(matches!(c.job_state(&spec.job).await, Err(Error::UnknownJob(_))));
 }
@@ -1030,7 +1030,7 @@ async fn limit_max_jobs_queues_the_job_and_refuses_its_updates_until_a_slot_free
     let c = connect(&nats.url()).await;
     let spec = job_spec("cap-second", (*m).clone(), 1, 1, 60_000, 1);
     let mut second_rejected = rejections(&c.connection().client, "cap-second").await;
-    jobs::create_job(&shoal_tests::infra_of(&c).await, &spec, None).await.unwrap();
+    jobs::create_job(&shoal_testkit::infra_of(&c).await, &spec, None).await.unwrap();
     let scrape = |text: &str, key: &str| metrics::scrape(text, key).unwrap_or(-1.0);
     let deadline = Instant::now() + T;
     loop {
@@ -1087,7 +1087,7 @@ async fn the_job_watch_starts_a_job_the_gateway_saw_first() {
     let m = manifest(vec![t("w", DType::F32, &[1])]);
     let c = connect(&cluster().nats.url()).await;
     let spec = job_spec("watch-race", (*m).clone(), 1, 1, 30_000, 1);
-    jobs::create_job(&shoal_tests::infra_of(&c).await, &spec, None).await.unwrap();
+    jobs::create_job(&shoal_testkit::infra_of(&c).await, &spec, None).await.unwrap();
     // What `Gateway::job_entry` does for an update of a job it has not seen yet.
     let dir = jobs::JobDirectory::default();
     let (state, rev) = jobs::load_state(&c.connection().js, &spec.job).await.unwrap();
@@ -1095,7 +1095,7 @@ async fn the_job_watch_starts_a_job_the_gateway_saw_first() {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let cancel = tokio_util::sync::CancellationToken::new();
     let watch =
-        tokio::spawn(jobs::watch_jobs(shoal_tests::infra_of(&c).await, dir, cancel.clone(), move |j| {
+        tokio::spawn(jobs::watch_jobs(shoal_testkit::infra_of(&c).await, dir, cancel.clone(), move |j| {
             let _ = tx.send(j);
         }));
     let started = tokio::time::timeout(Duration::from_secs(10), async {

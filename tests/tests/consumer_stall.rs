@@ -15,7 +15,7 @@ use shoal_functions::{
 use shoal_runtime::jobs;
 use shoal_runtime::metrics::scrape;
 use shoal_runtime::protocol::RoundOutcome;
-use shoal_tests::*;
+use shoal_testkit::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_consumer_is_recreated_and_nothing_is_lost() {
@@ -27,7 +27,7 @@ async fn a_deleted_consumer_is_recreated_and_nothing_is_lost() {
     let m = Arc::new(ModelManifest::new(vec![TensorSpec::new("w", DType::F32, vec![64])]).unwrap());
     let job = JobId::new("stall").unwrap();
     jobs::create_job(
-        &shoal_tests::infra_of(&client).await,
+        &shoal_testkit::infra_of(&client).await,
         &job_spec("stall", (*m).clone(), 3, 3, 60_000, 1),
         None,
     )
@@ -58,7 +58,7 @@ async fn a_deleted_consumer_is_recreated_and_nothing_is_lost() {
         assert!(Instant::now() < deadline, "first update not staged");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    shoal_tests::infra_of(&client).await.updates.delete_consumer("shoal-gateway").await.unwrap();
+    shoal_testkit::infra_of(&client).await.updates.delete_consumer("shoal-gateway").await.unwrap();
     for c in 1..3 {
         let (v, r) = send(c);
         client.publish_update(r).await.unwrap();

@@ -11,20 +11,17 @@ use futures::StreamExt;
 use half::bf16;
 use shoal_client::connect::ConnectOptions;
 use shoal_client::{ShoalClient, Transport, UpdateRequest};
-use shoal_functions::{ClientId, DType, JobId, ModelManifest, ModelVersion, RoundId, TensorSpec, UpdateKind};
+use shoal_functions::{ClientId, DType, JobId, ModelManifest, ModelVersion, RoundId, UpdateKind};
 use shoal_runtime::jobs;
 use shoal_runtime::protocol::RoundOutcome;
-use shoal_tests::*;
+use shoal_testkit::*;
 
 fn manifest() -> Arc<ModelManifest> {
-    Arc::new(
-        ModelManifest::new(vec![
-            TensorSpec::new("fc.weight", DType::F32, vec![64, 40]),
-            TensorSpec::new("fc.bias", DType::BF16, vec![40]),
-            TensorSpec::new("steps", DType::I64, vec![]),
-        ])
-        .unwrap(),
-    )
+    shoal_testkit::manifest(&[
+        ("fc.weight", DType::F32, &[64, 40]),
+        ("fc.bias", DType::BF16, &[40]),
+        ("steps", DType::I64, &[]),
+    ])
 }
 
 /// Checks a committed model against the oracle: f32 within 1e-6 relative, bf16 within its own
@@ -56,7 +53,7 @@ async fn fedavg_three_rounds_eight_clients_matches_f64_oracle() {
     let m = manifest();
     let job = JobId::new("e2e").unwrap();
     let spec = job_spec("e2e", (*m).clone(), 8, 8, 60_000, 3);
-    jobs::create_job(&shoal_tests::infra_of(&client).await, &spec, None).await.unwrap();
+    jobs::create_job(&shoal_testkit::infra_of(&client).await, &spec, None).await.unwrap();
     let mut events = client.connection().client.subscribe("shoal.e2e.round").await.unwrap();
 
     for round in 1..=3u64 {
@@ -127,7 +124,7 @@ async fn fedavg_three_rounds_eight_clients_matches_f64_oracle() {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let objects: Vec<_> =
-            shoal_tests::infra_of(&client).await.update_objects.list().await.unwrap().collect().await;
+            shoal_testkit::infra_of(&client).await.update_objects.list().await.unwrap().collect().await;
         if objects.is_empty() {
             break;
         }
@@ -161,7 +158,7 @@ async fn killed_node_restarts_and_commits_the_same_model() {
     let m = manifest();
     let job = JobId::new("crash").unwrap();
     jobs::create_job(
-        &shoal_tests::infra_of(&client).await,
+        &shoal_testkit::infra_of(&client).await,
         &job_spec("crash", (*m).clone(), 6, 6, 120_000, 1),
         None,
     )
@@ -246,7 +243,7 @@ async fn sigterm_hands_held_updates_back() {
     let m = manifest();
     let job = JobId::new("term").unwrap();
     jobs::create_job(
-        &shoal_tests::infra_of(&client).await,
+        &shoal_testkit::infra_of(&client).await,
         &job_spec("term", (*m).clone(), 3, 3, 120_000, 1),
         None,
     )

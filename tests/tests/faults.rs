@@ -28,12 +28,10 @@ use rand::{Rng, SeedableRng};
 use shoal_client::connect::ConnectOptions;
 use shoal_client::Error;
 use shoal_client::{ShoalClient, UpdateRequest};
-use shoal_functions::{
-    ClientId, DType, JobId, ModelManifest, ModelVersion, Parameters, RoundId, TensorSpec, UpdateKind,
-};
+use shoal_functions::{ClientId, DType, JobId, ModelManifest, ModelVersion, Parameters, RoundId, UpdateKind};
 use shoal_runtime::protocol::{self, JobPhase, JobState, RejectNotice, RoundOutcome};
 use shoal_runtime::{jobs, RejectReason};
-use shoal_tests::*;
+use shoal_testkit::*;
 
 const NODE_ARGS: &[&str] = &["--ack-wait-ms", "1500", "--pull-batch", "1", "--collect-timeout-ms", "1000"];
 const CLIENTS: u32 = 6;
@@ -41,13 +39,7 @@ const TRIALS: u64 = 20;
 const JOB: &str = "faults";
 
 fn manifest() -> Arc<ModelManifest> {
-    Arc::new(
-        ModelManifest::new(vec![
-            TensorSpec::new("fc.weight", DType::F32, vec![32, 16]),
-            TensorSpec::new("fc.bias", DType::F32, vec![16]),
-        ])
-        .unwrap(),
-    )
+    shoal_testkit::manifest(&[("fc.weight", DType::F32, &[32, 16]), ("fc.bias", DType::F32, &[16])])
 }
 
 /// What was killed.
@@ -104,7 +96,8 @@ async fn publish(client: &ShoalClient, req: UpdateRequest) -> (u32, bool) {
 /// The job state written by the commit of `round` (from the KV key's history, so that a reader
 /// that was slow, or cut off by a NATS restart, still finds it).
 async fn state_after(client: &ShoalClient, round: u64) -> Option<JobState> {
-    let mut history = shoal_tests::infra_of(&client).await.jobs.history(format!("{JOB}.state")).await.ok()?;
+    let mut history =
+        shoal_testkit::infra_of(&client).await.jobs.history(format!("{JOB}.state")).await.ok()?;
     let mut found = None;
     while let Some(Ok(e)) = history.next().await {
         let Ok(s) = protocol::decode::<JobState>("job state", &e.value) else { continue };
@@ -117,7 +110,7 @@ async fn state_after(client: &ShoalClient, round: u64) -> Option<JobState> {
 
 /// The messages still in the updates stream: (stream sequence, subject, round header).
 async fn leftovers(client: &ShoalClient) -> Vec<(u64, String, String)> {
-    let mut stream = shoal_tests::infra_of(&client).await.updates.clone();
+    let mut stream = shoal_testkit::infra_of(&client).await.updates.clone();
     let Ok(info) = stream.info().await else { return Vec::new() };
     let (first, last) = (info.state.first_sequence, info.state.last_sequence);
     let mut out = Vec::new();
@@ -152,7 +145,7 @@ async fn seeded_kills_of_nodes_tops_and_nats_lose_nothing_and_apply_nothing_twic
     let job = JobId::new(JOB).unwrap();
     let mut spec = job_spec(JOB, (*m).clone(), CLIENTS, 1, 6000, TRIALS);
     spec.max_failed_rounds = 50;
-    jobs::create_job(&shoal_tests::infra_of(&client).await, &spec, None).await.unwrap();
+    jobs::create_job(&shoal_testkit::infra_of(&client).await, &spec, None).await.unwrap();
 
     // Every rejection notice, collected from the start.
     let notices: Arc<Mutex<Vec<RejectNotice>>> = Arc::default();
@@ -203,7 +196,7 @@ async fn seeded_kills_of_nodes_tops_and_nats_lose_nothing_and_apply_nothing_twic
                     tokio::task::block_in_place(|| nats.restart()).unwrap();
                     Victim::Nats
                 } else {
-                    let top = shoal_tests::infra_of(&client)
+                    let top = shoal_testkit::infra_of(&client)
                         .await
                         .jobs
                         .get(format!("{JOB}.top"))
@@ -317,9 +310,15 @@ async fn seeded_kills_of_nodes_tops_and_nats_lose_nothing_and_apply_nothing_twic
     let mut last = None;
     let mut stable = 0;
     loop {
-        let stream =
-            shoal_tests::infra_of(&client).await.updates.clone().info().await.map(|i| i.state.messages).ok();
-        let consumer = shoal_tests::infra_of(&client)
+        let stream = shoal_testkit::infra_of(&client)
+            .await
+            .updates
+            .clone()
+            .info()
+            .await
+            .map(|i| i.state.messages)
+            .ok();
+        let consumer = shoal_testkit::infra_of(&client)
             .await
             .updates
             .clone()

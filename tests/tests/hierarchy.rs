@@ -10,24 +10,18 @@ use std::time::{Duration, Instant};
 use shoal_client::connect::ConnectOptions;
 use shoal_client::{ShoalClient, UpdateRequest};
 use shoal_functions::{
-    ClientId, DType, JobId, ModelManifest, ModelVersion, Parameters, RoundId, StrategySpec, TensorSpec,
-    UpdateKind, UpdateView,
+    ClientId, DType, JobId, ModelManifest, ModelVersion, Parameters, RoundId, StrategySpec, UpdateKind,
+    UpdateView,
 };
 use shoal_runtime::jobs;
 use shoal_runtime::metrics::scrape;
 use shoal_runtime::protocol::RoundOutcome;
-use shoal_tests::*;
+use shoal_testkit::*;
 
 const NODE_ARGS: &[&str] = &["--ack-wait-ms", "3000", "--pull-batch", "1", "--collect-timeout-ms", "3000"];
 
 fn manifest() -> Arc<ModelManifest> {
-    Arc::new(
-        ModelManifest::new(vec![
-            TensorSpec::new("fc.weight", DType::F32, vec![64, 40]),
-            TensorSpec::new("fc.bias", DType::F32, vec![40]),
-        ])
-        .unwrap(),
-    )
+    shoal_testkit::manifest(&[("fc.weight", DType::F32, &[64, 40]), ("fc.bias", DType::F32, &[40])])
 }
 
 async fn connect(url: &str) -> ShoalClient {
@@ -117,7 +111,7 @@ async fn three_nodes_fedavg_matches_the_oracle_and_moves_only_partials() {
     for (name, cohort) in [("small", 6u32), ("large", 36)] {
         let job = JobId::new(name).unwrap();
         jobs::create_job(
-            &shoal_tests::infra_of(&client).await,
+            &shoal_testkit::infra_of(&client).await,
             &job_spec(name, (*m).clone(), cohort, cohort, 60_000, 1),
             None,
         )
@@ -187,7 +181,7 @@ async fn killing_the_top_mid_round_loses_nothing() {
     let m = manifest();
     let job = JobId::new("topkill").unwrap();
     jobs::create_job(
-        &shoal_tests::infra_of(&client).await,
+        &shoal_testkit::infra_of(&client).await,
         &job_spec("topkill", (*m).clone(), 9, 9, 120_000, 2),
         None,
     )
@@ -206,7 +200,7 @@ async fn killing_the_top_mid_round_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let lease =
-        shoal_tests::infra_of(&client).await.jobs.get("topkill.top").await.unwrap().expect("a top lease");
+        shoal_testkit::infra_of(&client).await.jobs.get("topkill.top").await.unwrap().expect("a top lease");
     let top: shoal_runtime::lease::Lease = shoal_runtime::protocol::decode("lease", &lease).unwrap();
     let victim = nodes.iter().position(|n| n.node_id == top.node.as_str()).unwrap();
     let held =
@@ -224,7 +218,7 @@ async fn killing_the_top_mid_round_loses_nothing() {
     assert_eq!(weight, sent.iter().map(|(_, w)| w).sum::<f64>());
     assert_close(&model(&client, &job, &m, 1).await, &weighted_mean_oracle(&sent), "after the top died");
     let lease =
-        shoal_tests::infra_of(&client).await.jobs.get("topkill.top").await.unwrap().expect("a top lease");
+        shoal_testkit::infra_of(&client).await.jobs.get("topkill.top").await.unwrap().expect("a top lease");
     let new_top: shoal_runtime::lease::Lease = shoal_runtime::protocol::decode("lease", &lease).unwrap();
     assert_ne!(new_top.node, top.node);
     let state = client.job_state(&job).await.unwrap();
@@ -244,7 +238,7 @@ async fn whole_cohort_round(name: &str, strategy: StrategySpec, kind: UpdateKind
     let mut spec = job_spec(name, (*m).clone(), 7, 7, 60_000, 1);
     spec.strategy = strategy;
     spec.update_kind = kind;
-    jobs::create_job(&shoal_tests::infra_of(&client).await, &spec, None).await.unwrap();
+    jobs::create_job(&shoal_testkit::infra_of(&client).await, &spec, None).await.unwrap();
     client.wait_for_open_round(&job, RoundId(1), Duration::from_secs(30)).await.unwrap();
     let mut sent = Vec::new();
     for c in 0..7u64 {
@@ -390,7 +384,7 @@ async fn a_middle_merges_its_group_before_the_top() {
     let job = JobId::new("fanin").unwrap();
     let mut spec = job_spec("fanin", (*m).clone(), 12, 12, 60_000, 1);
     spec.fan_in = 2;
-    jobs::create_job(&shoal_tests::infra_of(&client).await, &spec, None).await.unwrap();
+    jobs::create_job(&shoal_testkit::infra_of(&client).await, &spec, None).await.unwrap();
     client.wait_for_open_round(&job, RoundId(1), Duration::from_secs(30)).await.unwrap();
     let mut sent = Vec::new();
     for c in 0..12u64 {
@@ -429,7 +423,7 @@ async fn a_second_update_is_a_duplicate_on_every_node() {
     let m = manifest();
     let job = JobId::new("dup").unwrap();
     jobs::create_job(
-        &shoal_tests::infra_of(&client).await,
+        &shoal_testkit::infra_of(&client).await,
         &job_spec("dup", (*m).clone(), 3, 3, 60_000, 1),
         None,
     )
@@ -481,7 +475,7 @@ async fn a_node_leaving_mid_round_loses_nothing() {
     let m = manifest();
     let job = JobId::new("leave").unwrap();
     jobs::create_job(
-        &shoal_tests::infra_of(&client).await,
+        &shoal_testkit::infra_of(&client).await,
         &job_spec("leave", (*m).clone(), 4, 4, 120_000, 1),
         None,
     )
@@ -496,7 +490,7 @@ async fn a_node_leaving_mid_round_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let lease =
-        shoal_tests::infra_of(&client).await.jobs.get("leave.top").await.unwrap().expect("a top lease");
+        shoal_testkit::infra_of(&client).await.jobs.get("leave.top").await.unwrap().expect("a top lease");
     let top: shoal_runtime::lease::Lease = shoal_runtime::protocol::decode("lease", &lease).unwrap();
     let mut victim = None;
     for (i, n) in nodes.iter().enumerate() {

@@ -20,16 +20,16 @@ use shoal_client::auth::NatsAuth;
 use shoal_client::connect::ConnectOptions;
 use shoal_client::Error;
 use shoal_client::ShoalClient;
-use shoal_functions::{ClientId, DType, JobId, ModelManifest, ModelVersion, Parameters, RoundId, TensorSpec};
+use shoal_functions::{ClientId, DType, JobId, ModelManifest, ModelVersion, Parameters, RoundId};
 use shoal_runtime::metrics::scrape;
 use shoal_runtime::protocol::{now_ms, JobPhase, RoundOutcome};
 use shoal_runtime::{jobs, RejectReason};
-use shoal_tests::*;
+use shoal_testkit::*;
 
 const NODE_ARGS: &[&str] = &["--ack-wait-ms", "3000", "--idle-timeout-ms", "1000"];
 
 fn manifest() -> Arc<ModelManifest> {
-    Arc::new(ModelManifest::new(vec![TensorSpec::new("w", DType::F32, vec![64])]).unwrap())
+    shoal_testkit::manifest(&[("w", DType::F32, &[64])])
 }
 
 async fn connect(url: &str) -> ShoalClient {
@@ -58,7 +58,7 @@ async fn a_selected_client_that_never_reports_closes_the_round_at_its_deadline()
     for (name, min) in [("quorum4", 4u32), ("quorum5", 5)] {
         let job = JobId::new(name).unwrap();
         jobs::create_job(
-            &shoal_tests::infra_of(&c).await,
+            &shoal_testkit::infra_of(&c).await,
             &job_spec(name, (*m).clone(), 5, min, 2000, 1),
             None,
         )
@@ -115,7 +115,7 @@ async fn when_every_client_dies_the_job_fails_and_releases_its_resources() {
     let job = JobId::new("zombie").unwrap();
     let mut spec = job_spec("zombie", (*m).clone(), 3, 2, 800, 10);
     spec.max_failed_rounds = 3;
-    jobs::create_job(&shoal_tests::infra_of(&admin).await, &spec, None).await.unwrap();
+    jobs::create_job(&shoal_testkit::infra_of(&admin).await, &spec, None).await.unwrap();
     let started = Instant::now();
     {
         // Three clients, each with its own connection; they report in round 1, then die.
@@ -174,7 +174,7 @@ async fn a_client_reconnecting_after_its_round_closed_is_told_late_update() {
     let m = manifest();
     let job = JobId::new("reconnect").unwrap();
     jobs::create_job(
-        &shoal_tests::infra_of(&fast).await,
+        &shoal_testkit::infra_of(&fast).await,
         &job_spec("reconnect", (*m).clone(), 2, 2, 60_000, 2),
         None,
     )
@@ -258,7 +258,7 @@ async fn clients_resync_by_polling_when_every_round_event_is_dropped() {
     let m = manifest();
     let job = JobId::new("lost").unwrap();
     jobs::create_job(
-        &shoal_tests::infra_of(&c).await,
+        &shoal_testkit::infra_of(&c).await,
         &job_spec("lost", (*m).clone(), 2, 2, 60_000, 3),
         None,
     )

@@ -22,7 +22,7 @@ use shoal_functions::{
 use shoal_runtime::metrics::scrape;
 use shoal_runtime::protocol::{self, JobPhase, RoundOutcome};
 use shoal_runtime::{jobs, subjects};
-use shoal_tests::*;
+use shoal_testkit::*;
 
 const MIB: usize = 1 << 20;
 
@@ -49,7 +49,7 @@ async fn a_burst_of_200_one_mib_updates_into_a_slow_aggregator_loses_nothing() {
     let m = one_mib_manifest();
     let job = JobId::new("burst").unwrap();
     jobs::create_job(
-        &shoal_tests::infra_of(&client).await,
+        &shoal_testkit::infra_of(&client).await,
         &job_spec("burst", (*m).clone(), 200, 200, 300_000, 1),
         None,
     )
@@ -60,7 +60,7 @@ async fn a_burst_of_200_one_mib_updates_into_a_slow_aggregator_loses_nothing() {
 
     // Samples while the burst drains: updates not yet delivered to the node, and its memory.
     let sampler = {
-        let (infra, pid) = (shoal_tests::infra_of(&client).await, node.pid().unwrap());
+        let (infra, pid) = (shoal_testkit::infra_of(&client).await, node.pid().unwrap());
         tokio::spawn(async move {
             let (mut max_undelivered, mut max_rss) = (0u64, 0u64);
             let mut stream = infra.updates.clone();
@@ -223,7 +223,7 @@ async fn resident_memory_stays_flat_over_300_rounds() {
     let m = one_mib_manifest();
     let job = JobId::new("soak").unwrap();
     jobs::create_job(
-        &shoal_tests::infra_of(&client).await,
+        &shoal_testkit::infra_of(&client).await,
         &job_spec("soak", (*m).clone(), 2, 2, 60_000, ROUNDS),
         None,
     )

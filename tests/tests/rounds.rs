@@ -10,15 +10,15 @@ use std::time::Duration;
 
 use shoal_client::connect::ConnectOptions;
 use shoal_client::{ShoalClient, UpdateRequest};
-use shoal_functions::{ClientId, DType, JobId, ModelManifest, ModelVersion, RoundId, TensorSpec, UpdateKind};
+use shoal_functions::{ClientId, DType, JobId, ModelManifest, ModelVersion, RoundId, UpdateKind};
 use shoal_runtime::jobs;
 use shoal_runtime::protocol::{JobPhase, RoundOutcome};
-use shoal_tests::*;
+use shoal_testkit::*;
 
 static CLUSTER: OnceLock<SharedCluster> = OnceLock::new();
 
 fn manifest() -> Arc<ModelManifest> {
-    Arc::new(ModelManifest::new(vec![TensorSpec::new("w", DType::F32, vec![16])]).unwrap())
+    shoal_testkit::manifest(&[("w", DType::F32, &[16])])
 }
 
 async fn client() -> ShoalClient {
@@ -34,7 +34,7 @@ async fn quorum_not_met_keeps_the_model_and_a_partial_cohort_commits_at_the_dead
     let job = JobId::new("quorum").unwrap();
     // Cohort 3, quorum 2, 1.5 s deadline, one model to commit.
     jobs::create_job(
-        &shoal_tests::infra_of(&c).await,
+        &shoal_testkit::infra_of(&c).await,
         &job_spec("quorum", (*m).clone(), 3, 2, 1500, 1),
         None,
     )
@@ -75,7 +75,7 @@ async fn a_job_whose_rounds_keep_failing_ends_failed() {
     let job = JobId::new("silent").unwrap();
     let mut spec = job_spec("silent", (*m).clone(), 2, 1, 300, 10);
     spec.max_failed_rounds = 3;
-    jobs::create_job(&shoal_tests::infra_of(&c).await, &spec, None).await.unwrap();
+    jobs::create_job(&shoal_testkit::infra_of(&c).await, &spec, None).await.unwrap();
     let end = c
         .wait_for_state(&job, Duration::from_secs(20), "the job to end", |s| s.phase != JobPhase::Running)
         .await;
@@ -97,7 +97,7 @@ async fn median_job_commits_the_coordinate_wise_median() {
     let job = JobId::new("median").unwrap();
     let mut spec = job_spec("median", (*m).clone(), 5, 5, 20_000, 1);
     spec.strategy = shoal_functions::StrategySpec::Median;
-    jobs::create_job(&shoal_tests::infra_of(&c).await, &spec, None).await.unwrap();
+    jobs::create_job(&shoal_testkit::infra_of(&c).await, &spec, None).await.unwrap();
     let s = c.wait_for_open_round(&job, RoundId(1), Duration::from_secs(20)).await.unwrap();
     let mut sent = Vec::new();
     for (i, who) in ["a", "b", "c", "d", "e"].iter().enumerate() {
@@ -121,7 +121,7 @@ async fn impossible_strategy_configurations_fail_at_job_creation() {
     let m = manifest();
     let mut spec = job_spec("krum-bad", (*m).clone(), 5, 5, 20_000, 1);
     spec.strategy = shoal_functions::StrategySpec::Krum { byzantine: 2 }; // needs n >= 2f + 3 = 7
-    let e = jobs::create_job(&shoal_tests::infra_of(&c).await, &spec, None).await.unwrap_err();
+    let e = jobs::create_job(&shoal_testkit::infra_of(&c).await, &spec, None).await.unwrap_err();
     assert!(e.to_string().contains("strategy"), "{e}");
     assert!(c.job_state(&JobId::new("krum-bad").unwrap()).await.is_err(), "no job was created");
 }
@@ -166,7 +166,7 @@ async fn rffl_rewards_are_served_per_client() {
         sparsify: true,
         mode: shoal_functions::spec::SpecMode::ReferenceCode,
     };
-    jobs::create_job(&shoal_tests::infra_of(&c).await, &spec, None).await.unwrap();
+    jobs::create_job(&shoal_testkit::infra_of(&c).await, &spec, None).await.unwrap();
     let s = c.wait_for_open_round(&job, RoundId(1), Duration::from_secs(20)).await.unwrap();
     for (i, who) in ["a", "b", "c", "d"].iter().enumerate() {
         let m = manifest();
@@ -213,14 +213,14 @@ async fn an_interrupted_job_create_can_be_redone() {
     let m = manifest();
     let spec = job_spec("half-made", (*m).clone(), 1, 1, 20_000, 1);
     // What an interrupted create leaves behind: the spec key only.
-    shoal_tests::infra_of(&c)
+    shoal_testkit::infra_of(&c)
         .await
         .jobs
         .put("half-made.spec", bytes::Bytes::from(shoal_runtime::protocol::encode(&spec)))
         .await
         .unwrap();
     assert!(c.job_state(&JobId::new("half-made").unwrap()).await.is_err(), "not a job yet");
-    jobs::create_job(&shoal_tests::infra_of(&c).await, &spec, None).await.unwrap();
-    let e = jobs::create_job(&shoal_tests::infra_of(&c).await, &spec, None).await.unwrap_err();
+    jobs::create_job(&shoal_testkit::infra_of(&c).await, &spec, None).await.unwrap();
+    let e = jobs::create_job(&shoal_testkit::infra_of(&c).await, &spec, None).await.unwrap_err();
     assert!(matches!(e, shoal_client::Error::JobExists(_)), "{e}");
 }

@@ -15,7 +15,26 @@ use shoal_client::connect::ConnectOptions;
 use shoal_functions::tensor::encode_safetensors;
 use shoal_functions::{JobId, JobSpec, ModelManifest, RoundPolicy, StrategySpec, UpdateKind};
 pub use shoal_natsd::{NatsOptions, NatsServer, ServerTls};
-use shoal_runtime::protocol::{self, RejectNotice};
+use shoal_proto::RejectNotice;
+
+/// A manifest of `(name, dtype, shape)` tensors with the default (`mean`) policy.
+///
+/// # Panics
+/// If the manifest is invalid (a fixture bug).
+pub fn manifest(tensors: &[(&str, shoal_proto::DType, &[usize])]) -> Arc<ModelManifest> {
+    let specs = tensors.iter().map(|(n, d, s)| shoal_proto::TensorSpec::new(*n, *d, s.to_vec())).collect();
+    Arc::new(ModelManifest::new(specs).expect("fixture manifest"))
+}
+
+/// A client without credentials (tests connect as the admin of their private server).
+///
+/// # Panics
+/// If the server cannot be reached.
+pub async fn connect(url: &str) -> shoal_client::ShoalClient {
+    shoal_client::ShoalClient::connect(&ConnectOptions { url: url.into(), ..Default::default() })
+        .await
+        .expect("connect to the test nats-server")
+}
 
 /// Path of the built `shoal` binary (next to the test executable's `deps/` directory).
 ///
@@ -289,7 +308,7 @@ pub async fn next_rejection(sub: &mut async_nats::Subscriber) -> RejectNotice {
         .await
         .expect("no rejection notice within 15 s")
         .expect("subscription ended");
-    protocol::decode("reject notice", &m.payload).expect("decode notice")
+    shoal_proto::decode("reject notice", &m.payload).expect("decode notice")
 }
 
 /// Initialises test logging once (RUST_LOG controls it).
@@ -420,7 +439,7 @@ pub async fn send_random(
     m: &Arc<ModelManifest>,
     job: &JobId,
     who: &str,
-    state: &shoal_runtime::protocol::JobState,
+    state: &shoal_proto::JobState,
     seed: u64,
     n: u64,
 ) -> (Vec<Vec<f64>>, f64) {
