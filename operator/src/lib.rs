@@ -29,8 +29,8 @@ pub mod placement;
 pub mod plan;
 pub mod policy;
 // pub mod report;
-// pub mod simulate;
-// pub mod trace;
+pub mod simulate;
+pub mod trace;
 
 pub use autoscaler::{Autoscaler, Decision, EventReason, LimitReason, Mode, NodeObservation, Observation};
 pub use duration::KubeDuration;
