@@ -639,22 +639,32 @@ fn clamp_u32(v: i64) -> u32 {
     u32::try_from(v.max(0)).unwrap_or(u32::MAX)
 }
 
-/// Spreads a total over nodes: each node's own recommendation when the total covers them all;
-/// otherwise by largest remainder in proportion to the recommendations. Hosts beyond the
-/// recommendations (held by stabilization, tolerance, panic or `minHosts`) stay where hosts
-/// already run, then go to the busiest nodes.
+/// Spreads a total over nodes, moving as few hosts as possible (R1.5: a running host is
+/// preferred to a new one): each node first keeps its current hosts up to its own
+/// recommendation; what is left of the total covers the other nodes' unmet recommendations (by
+/// largest remainder when it cannot cover them all); hosts beyond every recommendation (held by
+/// stabilization, tolerance, panic or `minHosts`) stay where hosts already run, then go to the
+/// busiest nodes, one each in turn.
 fn distribute(
     total: u32,
     recs: &BTreeMap<NodeName, u32>,
     current: &BTreeMap<NodeName, u32>,
     signals: &Signals,
 ) -> BTreeMap<NodeName, u32> {
-    let sum: u64 = recs.values().map(|v| u64::from(*v)).sum();
-    if u64::from(total) <= sum {
-        return placement::apportion(total, recs);
+    let kept: BTreeMap<NodeName, u32> =
+        recs.iter().map(|(n, r)| (n.clone(), (*r).min(current.get(n).copied().unwrap_or(0)))).collect();
+    let kept_sum: u32 = kept.values().sum();
+    if total <= kept_sum {
+        return placement::apportion(total, &kept);
     }
-    let mut demand = recs.clone();
-    let mut extra = total - sum as u32;
+    let deficit: BTreeMap<NodeName, u32> =
+        recs.iter().map(|(n, r)| (n.clone(), r - kept[n])).filter(|(_, d)| *d > 0).collect();
+    let deficit_sum: u32 = deficit.values().sum();
+    let mut demand = kept;
+    for (node, add) in placement::apportion((total - kept_sum).min(deficit_sum), &deficit) {
+        *demand.entry(node).or_default() += add;
+    }
+    let mut extra = total.saturating_sub(kept_sum + deficit_sum);
     for (node, have) in current {
         let slot = demand.entry(node.clone()).or_default();
         let keep = have.saturating_sub(*slot).min(extra);

@@ -28,7 +28,7 @@ pub mod node;
 pub mod placement;
 pub mod plan;
 pub mod policy;
-// pub mod report;
+pub mod report;
 pub mod simulate;
 pub mod trace;
 

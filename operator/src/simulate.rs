@@ -256,7 +256,7 @@ pub fn simulate(
             && jobs.values().all(|j| j.hosts.values().map(Vec::len).sum::<usize>() as u32 <= j.min_hosts);
         run.ticks.push(record);
         tick += 1;
-        if tick % 256 == 0 {
+        if tick.is_multiple_of(256) {
             progress(tick, expected_ticks);
         }
         if drained || end >= end_limit {
@@ -318,7 +318,7 @@ fn serve_tick(job: &mut JobSim, start: f64, end: f64, rate: f64, bandwidth: f64,
         }
     }
     for (node, queue) in &job.queues {
-        if !queue.is_empty() && !job.hosts.get(node).is_some_and(|h| !h.is_empty()) {
+        if !queue.is_empty() && job.hosts.get(node).is_none_or(Vec::is_empty) {
             busy_nodes.push(node.clone());
         }
     }

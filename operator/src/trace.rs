@@ -191,7 +191,7 @@ pub fn generate(p: &GeneratorParams) -> Result<Trace> {
     if !(p.round_interval_s > 0.0 && p.bin_s > 0.0 && p.round_interval_s.is_finite() && p.bin_s.is_finite()) {
         return invalid("--round-interval/--bin", "must be finite and > 0");
     }
-    if !(p.node_skew.is_finite() && p.node_skew >= 0.0) || !valid_job(&p.job) {
+    if !(p.node_skew.is_finite() && p.node_skew >= 0.0 && valid_job(&p.job)) {
         return invalid("--skew/--job", "skew must be >= 0 and the job 1-64 characters from [A-Za-z0-9_-]");
     }
     let width = p.nodes.saturating_sub(1).to_string().len().max(3);
