@@ -322,7 +322,6 @@ fn heatmap_plot(path: &Path, run: &Run) -> Result<()> {
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(80)
-        .right_y_label_area_size(10)
         .build_cartesian_2d(0f64..t_max, 0f64..n as f64)
         .map_err(err())?;
     chart
