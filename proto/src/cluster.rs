@@ -212,6 +212,36 @@ pub struct ClaimValue {
     pub stream_seq: u64,
 }
 
+/// A node's demand signal for the autoscaler, published every tick on
+/// `<prefix>.node.<node>.demand` ([`crate::subjects::Subjects::demand`]) so the operator can
+/// read it without Prometheus (reference/kubernetes.md R2.3: `num_pending` of the work queue,
+/// not `num_ack_pending`, plus what each node holds staged but not yet folded).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DemandReport {
+    /// The reporting node.
+    pub node: NodeId,
+    /// When it was measured, ms since the Unix epoch.
+    pub at_ms: u64,
+    /// Updates in the work queue not yet delivered to any node (the gateway consumer's
+    /// `num_pending`; the same cluster-wide number from every node).
+    pub num_pending: u64,
+    /// Per job served by this node.
+    pub jobs: Vec<JobDemand>,
+}
+
+/// One job's demand on one node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobDemand {
+    /// Job.
+    pub job: crate::ids::JobId,
+    /// Updates staged per second on this node, an exponentially weighted moving average.
+    pub arrivals_per_second: f64,
+    /// Updates staged on this node but not yet folded.
+    pub backlog: u64,
+    /// Function hosts serving the job on this node now.
+    pub hosts: u32,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -125,6 +125,16 @@ impl Subjects {
         format!("{}.{job}.shard-result.{node}", self.prefix)
     }
 
+    /// `<p>.node.<node>.demand`: the node's [`crate::cluster::DemandReport`], every tick.
+    pub fn demand(&self, node: &NodeId) -> String {
+        format!("{}.node.{node}.demand", self.prefix)
+    }
+
+    /// `<p>.node.*.demand`: every node's demand reports (what the operator subscribes to).
+    pub fn all_demand(&self) -> String {
+        format!("{}.node.*.demand", self.prefix)
+    }
+
     /// `<p>.node.<node>.metrics`: request/reply, answers the Prometheus text exposition.
     pub fn node_metrics(&self, node: &NodeId) -> String {
         format!("{}.node.{node}.metrics", self.prefix)
