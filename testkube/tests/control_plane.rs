@@ -17,6 +17,9 @@ async fn starts_and_reports_kubernetes_1_37() -> anyhow::Result<()> {
     assert_eq!((version.major.as_str(), version.minor.as_str()), ("1", "37"), "{version:?}");
     assert!(version.git_version.starts_with("v1.37."), "{version:?}");
     assert!(plane.etcd_version().starts_with("3.6."), "etcd {}", plane.etcd_version());
+    // A second client, built from the kubeconfig file, reaches the same server.
+    let again = plane.new_client().await?.apiserver_version().await?;
+    assert_eq!(again.git_version, version.git_version);
 
     // The client is the admin of the throwaway PKI, in system:masters.
     let review = Api::<SelfSubjectReview>::all(plane.client())
