@@ -21,8 +21,9 @@ use shoal_functions::{
 use shoal_client::ConnectOptions;
 use shoal_client::{ShoalClient, UpdateRequest};
 use shoal_natsd::NatsServer;
+use shoal_proto::config::NodeConfig;
 use shoal_runtime::metrics::scrape;
-use shoal_runtime::node::{self, NodeConfig};
+use shoal_runtime::node::{self, NodeOptions};
 
 /// `shoal bench hierarchy` flags.
 #[derive(Debug, Args)]
@@ -96,13 +97,16 @@ async fn start_node(
     eager: bool,
     budget: usize,
 ) -> Result<node::NodeHandle> {
-    let mut cfg = NodeConfig::new(NodeId::new(id)?);
-    cfg.nats = ConnectOptions { url: url.into(), ..Default::default() };
-    cfg.shm_root = a.shm_dir.clone();
-    cfg.shm_budget = budget;
-    cfg.eager = eager;
-    cfg.ack_wait = Duration::from_secs(120);
-    Ok(node::start(cfg).await?)
+    let config = NodeConfig {
+        node_id: NodeId::new(id)?,
+        nats_url: url.into(),
+        shm_dir: a.shm_dir.clone(),
+        shm_budget_mib: budget.div_ceil(1 << 20).max(1) as u64,
+        lazy_aggregation: !eager,
+        ack_wait_ms: 120_000,
+        ..NodeConfig::default()
+    };
+    Ok(node::start(NodeOptions::new(config)).await?)
 }
 
 fn spec(job: &str, manifest: ModelManifest, cohort: u32, rounds: u64) -> shoal_functions::JobSpec {

@@ -11,8 +11,9 @@ use shoal_functions::{ClientId, JobId, JobSpec, NodeId, Parameters, UpdateKind};
 use shoal_client::auth::{NatsAuth, NatsTls, Secret};
 use shoal_client::ConnectOptions;
 use shoal_client::{ShoalClient, UpdateRequest};
+use shoal_proto::config::NodeConfig;
 use shoal_proto::{JobPhase, RoundOutcome};
-use shoal_runtime::node::{self, NodeConfig};
+use shoal_runtime::node::{self, NodeOptions};
 
 /// Shoal: a serverless federated-learning aggregation platform on NATS.
 #[derive(Debug, Parser)]
@@ -171,36 +172,41 @@ pub struct NatsConfigArgs {
     nkeys_dir: Option<PathBuf>,
 }
 
-/// `shoal node` flags.
+/// `shoal node` flags. Defaults come from `shoal_proto::config::NodeConfig::default()`.
 #[derive(Debug, Args)]
 pub struct NodeArgs {
     #[command(flatten)]
     nats: NatsArgs,
     /// This node's id (1-64 of [A-Za-z0-9_-]); names its shared-memory directory.
-    #[arg(long, env = "SHOAL_NODE_ID", default_value = "node-1")]
+    #[arg(long, env = "SHOAL_NODE_ID", default_value_t = NodeConfig::default().node_id.to_string())]
     node_id: String,
     /// Root of the shared-memory directories (a tmpfs).
-    #[arg(long, env = "SHOAL_SHM_DIR", default_value = "/dev/shm/shoal")]
+    #[arg(long, env = "SHOAL_SHM_DIR", default_value_os_t = NodeConfig::default().shm_dir)]
     shm_dir: PathBuf,
-    /// JetStream ack wait for updates held until their round commits, in milliseconds.
-    #[arg(long, default_value_t = 30_000)]
+    /// JetStream ack wait for updates held until their round commits, in milliseconds (at least
+    /// 300; in-progress acks go out at a third of it).
+    #[arg(long, default_value_t = NodeConfig::default().ack_wait_ms)]
     ack_wait_ms: u64,
     /// Largest inline update in bytes (default: the server's max_payload).
     #[arg(long)]
-    inline_limit_bytes: Option<usize>,
+    inline_limit_bytes: Option<u64>,
     /// Stop aggregators idle this long, in milliseconds.
-    #[arg(long, default_value_t = 300_000)]
+    #[arg(long, default_value_t = NodeConfig::default().idle_timeout_ms)]
     idle_timeout_ms: u64,
-    /// Shared-memory budget per job, in MiB.
-    #[arg(long, default_value_t = 1024)]
-    shm_budget_mib: usize,
-    /// Updates the gateway asks JetStream for per pull request. Small batches spread a burst
-    /// over several nodes; large ones cut round trips on a single node.
-    #[arg(long, default_value_t = 64)]
-    pull_batch: usize,
+    /// Shared-memory budget per job, in MiB (at least 1).
+    #[arg(long, default_value_t = NodeConfig::default().shm_budget_mib)]
+    shm_budget_mib: u64,
+    /// Updates the gateway asks JetStream for per pull request (at least 1). Small batches
+    /// spread a burst over several nodes; large ones cut round trips on a single node.
+    #[arg(long, default_value_t = NodeConfig::default().pull_batch)]
+    pull_batch: u32,
+    /// Un-acked updates the shared consumer allows across all jobs and nodes (updates are acked
+    /// at their round's commit).
+    #[arg(long, default_value_t = NodeConfig::default().max_ack_pending)]
+    max_ack_pending: u64,
     /// How long the top (or a middle) waits for the partials of a round before asking again, in
-    /// milliseconds.
-    #[arg(long, default_value_t = 10_000)]
+    /// milliseconds (at least 100).
+    #[arg(long, default_value_t = NodeConfig::default().collect_timeout_ms)]
     collect_timeout_ms: u64,
     /// Fold a round's updates only when it closes instead of as they arrive (the "wait for the
     /// whole cohort" baseline; for measurements, not production).
@@ -208,13 +214,36 @@ pub struct NodeArgs {
     lazy_aggregation: bool,
     /// Fault injection, for backpressure tests: aggregators sleep this long per update they
     /// fold, in milliseconds (0: off; not for production).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = NodeConfig::default().fold_delay_ms)]
     fold_delay_ms: u64,
     /// Most running jobs this node serves at once (default: no limit). A job beyond it waits
     /// for a free slot (logged, counted in shoal_jobs_refused_total); meanwhile its updates go
     /// to a node that serves it, or are refused as node_at_capacity.
     #[arg(long, env = "SHOAL_MAX_JOBS", value_parser = clap::value_parser!(u32).range(1..))]
     max_jobs: Option<u32>,
+}
+
+impl NodeArgs {
+    /// The node's configuration from the flags (validated when the node starts).
+    fn config(&self) -> anyhow::Result<NodeConfig> {
+        Ok(NodeConfig {
+            node_id: NodeId::new(&self.node_id)?,
+            nats_url: self.nats.nats_url.clone(),
+            prefix: self.nats.prefix.clone(),
+            shm_dir: self.shm_dir.clone(),
+            shm_budget_mib: self.shm_budget_mib,
+            inline_limit_bytes: self.inline_limit_bytes,
+            ack_wait_ms: self.ack_wait_ms,
+            idle_timeout_ms: self.idle_timeout_ms,
+            collect_timeout_ms: self.collect_timeout_ms,
+            pull_batch: self.pull_batch,
+            max_ack_pending: self.max_ack_pending,
+            max_jobs: self.max_jobs,
+            lazy_aggregation: self.lazy_aggregation,
+            fold_delay_ms: self.fold_delay_ms,
+            timings: Default::default(),
+        })
+    }
 }
 
 /// `shoal job ...`
@@ -278,19 +307,10 @@ pub struct ClientArgs {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Node(a) => {
-            let mut cfg = NodeConfig::new(NodeId::new(&a.node_id)?);
-            cfg.nats = a.nats.options("shoal-node")?;
-            cfg.shm_root = a.shm_dir;
-            cfg.ack_wait = Duration::from_millis(a.ack_wait_ms.max(300));
-            cfg.inline_limit = a.inline_limit_bytes;
-            cfg.idle_timeout = Duration::from_millis(a.idle_timeout_ms);
-            cfg.shm_budget = a.shm_budget_mib << 20;
-            cfg.pull_batch = a.pull_batch.clamp(1, 10_000);
-            cfg.collect_timeout = Duration::from_millis(a.collect_timeout_ms.max(100));
-            cfg.eager = !a.lazy_aggregation;
-            cfg.fold_delay = Duration::from_millis(a.fold_delay_ms);
-            cfg.max_jobs = a.max_jobs.map(|n| n as usize);
-            let handle = node::start(cfg).await.context("starting the node")?;
+            let config = a.config()?;
+            config.validate().context("invalid node flags")?;
+            let opts = NodeOptions { config, nats: a.nats.options("shoal-node")?, plugins: None };
+            let handle = node::start(opts).await.context("starting the node")?;
             shutdown_signal().await;
             tracing::info!("shutting down");
             handle.shutdown().await;

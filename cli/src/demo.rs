@@ -38,9 +38,10 @@ use crate::sim::{self, Dataset, LocalTraining, SoftmaxParams};
 use shoal_client::ConnectOptions;
 use shoal_client::{ShoalClient, UpdateRequest};
 use shoal_natsd::NatsServer;
+use shoal_proto::config::NodeConfig;
 use shoal_proto::RoundOutcome;
 use shoal_runtime::cluster::top::PluginFactory;
-use shoal_runtime::node::{self, NodeConfig};
+use shoal_runtime::node::{self, NodeOptions};
 
 /// Attacks a Byzantine client can mount. Each is applied to the client's honest delta
 /// `d = local − global` (label flipping changes the training data instead).
@@ -344,11 +345,14 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     let nats = ConnectOptions { url: url.clone(), ..Default::default() };
     let node_id = NodeId::new(format!("demo-{}", std::process::id()))?;
     let node_dir = a.shm_dir.join(node_id.as_str());
-    let mut cfg = NodeConfig::new(node_id);
-    cfg.nats = nats.clone();
-    cfg.shm_root = a.shm_dir.clone();
-    cfg.plugins = Some(Arc::new(DemoPlugins { validation: Arc::new(validation) }));
-    let node = node::start(cfg).await.context("starting the node")?;
+    let config =
+        NodeConfig { node_id, nats_url: url.clone(), shm_dir: a.shm_dir.clone(), ..NodeConfig::default() };
+    let opts = NodeOptions {
+        config,
+        nats: nats.clone(),
+        plugins: Some(Arc::new(DemoPlugins { validation: Arc::new(validation) })),
+    };
+    let node = node::start(opts).await.context("starting the node")?;
 
     let parts = sim::dirichlet_split(&train_set.labels, a.clients, a.alpha, a.seed, MIN_PER_CLIENT);
     let shards: Vec<Arc<Dataset>> = parts.iter().map(|idx| Arc::new(train_set.subset(idx))).collect();

@@ -20,10 +20,12 @@
 //! - [`descriptor`]: fixed-layout records of one node's processes (segment header, update
 //!   descriptor and slot release).
 //! - [`permissions`]: a client's least NATS permissions.
+//! - [`config`]: a node's configuration, its defaults, limits and timings.
 
 #![forbid(unsafe_code)]
 
 pub mod cluster;
+pub mod config;
 pub mod descriptor;
 pub mod envelope;
 pub mod headers;

@@ -34,6 +34,9 @@ pub enum Error {
     /// A job spec failed validation.
     #[error(transparent)]
     Spec(#[from] shoal_proto::SpecError),
+    /// The node's configuration cannot work.
+    #[error("invalid node configuration: {0}")]
+    Config(#[from] shoal_proto::config::ConfigError),
     /// An SDK operation (job store, objects, connection) failed.
     #[error(transparent)]
     Client(#[from] shoal_client::Error),

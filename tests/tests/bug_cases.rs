@@ -1097,10 +1097,15 @@ async fn the_job_watch_starts_a_job_the_gateway_saw_first() {
     dir.observe_state(&spec.job, Some(Arc::new(spec.clone())), state, rev);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let cancel = tokio_util::sync::CancellationToken::new();
-    let watch =
-        tokio::spawn(jobs::watch_jobs(shoal_testkit::infra_of(&c).await, dir, cancel.clone(), move |j| {
+    let watch = tokio::spawn(jobs::watch_jobs(
+        shoal_testkit::infra_of(&c).await,
+        dir,
+        Default::default(),
+        cancel.clone(),
+        move |j| {
             let _ = tx.send(j);
-        }));
+        },
+    ));
     let started = tokio::time::timeout(Duration::from_secs(10), async {
         while let Some(j) = rx.recv().await {
             if j == spec.job {

@@ -276,26 +276,38 @@ fn step(
 // The top side
 // ---------------------------------------------------------------------------------------------
 
+/// The round a top runs an exchange for.
+#[derive(Debug, Clone, Copy)]
+pub struct TopRound<'a> {
+    /// The job.
+    pub job: &'a JobId,
+    /// The top's node (where results go).
+    pub top: &'a NodeId,
+    /// The round.
+    pub round: shoal_functions::RoundId,
+    /// The model version the round started from.
+    pub base_version: shoal_functions::ModelVersion,
+    /// How long to wait for each step's results.
+    pub timeout: Duration,
+}
+
 /// Runs the exchange for one round and returns the aggregated model.
 ///
 /// # Errors
-/// [`Error::Timeout`] when an owner does not answer within `timeout`; strategy errors (e.g. a
-/// cohort below `min_clients`); NATS errors.
+/// [`Error::Timeout`] when an owner does not answer within the timeout; strategy errors (e.g.
+/// a cohort below `min_clients`); NATS errors.
 #[allow(clippy::too_many_arguments)]
 pub async fn run_top(
     infra: &Infra,
-    job: &JobId,
-    top: &NodeId,
+    r: &TopRound<'_>,
     strategy: &mut dyn Strategy,
     global: &Parameters,
-    round: shoal_functions::RoundId,
-    base_version: shoal_functions::ModelVersion,
     mut cohort: Vec<CohortEntry>,
     owners: Vec<NodeId>,
     results: &mut async_nats::Subscriber,
-    timeout: Duration,
     metrics: &Metrics,
 ) -> Result<Parameters> {
+    let TopRound { job, top, round, base_version, timeout } = *r;
     cohort.sort_by(|a, b| a.client.cmp(&b.client));
     let manifest = global.manifest();
     let shards = shard::plan(manifest, owners.len())?;

@@ -28,25 +28,23 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use actix::Addr;
 use bytes::Bytes;
 use futures::StreamExt;
 use shoal_functions::{ClientId, JobId, ModelManifest, NodeId, PartialAggregate, RoundId};
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use crate::clock::now_ms;
 use crate::error::{Error, RejectReason, Result};
-use crate::host::{CloseRound, FunctionHost, Held, RegisterJob, RoundProgress};
-use crate::ingest::reject::Rejector;
-use crate::jobs::JobDirectory;
-use crate::metrics::Metrics;
+use crate::host::{CloseRound, Held, RegisterJob, RoundProgress};
+use crate::ingest::reject::{Refusal, Refused};
 use crate::nats::Infra;
+use crate::node::NodeContext;
 use crate::staging::Slot;
 use shoal_proto::cluster::CohortEntry;
 use shoal_proto::cluster::CollectRequest;
 use shoal_proto::cluster::LeafProgress;
 use shoal_proto::cluster::PartialHeader;
+use shoal_proto::config::ms;
 use shoal_proto::JobPhase;
 
 /// One staged update of a whole-cohort round, handed to the top on the same node.
@@ -237,31 +235,6 @@ pub async fn receive_remote(
 // The leaf agent
 // ---------------------------------------------------------------------------------------------
 
-/// What a leaf agent needs.
-#[derive(Debug, Clone)]
-pub struct LeafContext {
-    /// NATS handles.
-    pub infra: Infra,
-    /// Job view (states and commit records).
-    pub directory: JobDirectory,
-    /// The node's function host.
-    pub host: Addr<FunctionHost>,
-    /// Metrics.
-    pub metrics: Arc<Metrics>,
-    /// Rejection path.
-    pub rejector: Rejector,
-    /// This node.
-    pub node: NodeId,
-    /// In-process links to a top on this node.
-    pub local: LocalLinks,
-    /// Node shutdown.
-    pub cancel: CancellationToken,
-    /// In-progress ack interval for the updates the leaf holds.
-    pub progress_interval: Duration,
-    /// How long a middle waits for its group before sending what it has.
-    pub collect_timeout: Duration,
-}
-
 /// A round's updates the leaf took out of the host (snapshots).
 #[derive(Debug, Default)]
 struct LeafRound {
@@ -277,7 +250,7 @@ struct LeafRound {
 ///
 /// # Errors
 /// NATS subscription errors; an unknown job.
-pub async fn run_leaf(ctx: LeafContext, job: JobId) -> Result<()> {
+pub async fn run_leaf(ctx: NodeContext, job: JobId) -> Result<()> {
     let entry = ctx.directory.get(&job).ok_or_else(|| Error::UnknownJob(job.to_string()))?;
     let manifest = Arc::clone(&entry.manifest);
     let (tx, mut progress_rx) = mpsc::unbounded_channel();
@@ -307,13 +280,14 @@ pub async fn run_leaf(ctx: LeafContext, job: JobId) -> Result<()> {
     let mut rounds: BTreeMap<RoundId, LeafRound> = BTreeMap::new();
     // Updates accepted per round on this node (cumulative, from the host).
     let mut accepted: BTreeMap<RoundId, u32> = BTreeMap::new();
-    let mut heartbeat = tokio::time::interval(Duration::from_millis(500));
-    let mut keepalive = tokio::time::interval(ctx.progress_interval);
-    let mut settle_tick = tokio::time::interval(Duration::from_millis(100));
+    let t = &ctx.config.timings;
+    let mut heartbeat = tokio::time::interval(ms(t.progress_heartbeat_ms));
+    let mut keepalive = tokio::time::interval(ctx.config.progress_ack_interval());
+    let mut settle_tick = tokio::time::interval(ms(t.settle_tick_ms));
     loop {
         tokio::select! {
             _ = ctx.cancel.cancelled() => {
-                let n = release(&mut rounds).await;
+                let n = release(&mut rounds, ms(ctx.config.timings.nak_retry_ms)).await;
                 if n > 0 {
                     tracing::info!(%job, released = n, "leaf handed its updates back to JetStream");
                 }
@@ -388,7 +362,7 @@ pub async fn run_leaf(ctx: LeafContext, job: JobId) -> Result<()> {
 }
 
 /// Whether `node` holds the job's top lease (leaves answer only the real top's collections).
-async fn is_top(ctx: &LeafContext, job: &JobId, node: &NodeId) -> bool {
+async fn is_top(ctx: &NodeContext, job: &JobId, node: &NodeId) -> bool {
     match ctx.infra.jobs.get(shoal_proto::subjects::top_lease_key(job)).await {
         Ok(Some(v)) => {
             shoal_proto::decode::<crate::cluster::lease::Lease>("lease", &v).is_ok_and(|l| l.node == *node)
@@ -401,7 +375,7 @@ async fn is_top(ctx: &LeafContext, job: &JobId, node: &NodeId) -> bool {
     }
 }
 
-async fn publish_progress(ctx: &LeafContext, job: &JobId, p: RoundProgress) {
+async fn publish_progress(ctx: &NodeContext, job: &JobId, p: RoundProgress) {
     let msg = LeafProgress { node: ctx.node.clone(), round: p.round, accepted: p.accepted };
     let subject = ctx.infra.subjects.progress(job);
     if let Err(e) = ctx.infra.client.publish(subject, Bytes::from(shoal_proto::encode(&msg))).await {
@@ -411,7 +385,7 @@ async fn publish_progress(ctx: &LeafContext, job: &JobId, p: RoundProgress) {
 
 /// Takes a snapshot of `req.round` and sends it up (merging a middle's group first).
 async fn answer_collect(
-    ctx: &LeafContext,
+    ctx: &NodeContext,
     job: &JobId,
     manifest: &Arc<ModelManifest>,
     rounds: &mut BTreeMap<RoundId, LeafRound>,
@@ -446,7 +420,7 @@ async fn answer_collect(
             .filter_map(|h| {
                 Some(CohortMember {
                     client: h.client.clone(),
-                    weight: h.weight,
+                    weight: h.num_examples as f64,
                     slot: Arc::clone(h.slot.as_ref()?),
                 })
             })
@@ -504,7 +478,11 @@ fn r_cohort(r: Option<&LeafRound>, node: &NodeId) -> Vec<CohortEntry> {
         r.held
             .iter()
             .filter(|h| h.slot.is_some())
-            .map(|h| CohortEntry { client: h.client.clone(), weight: h.weight, node: node.clone() })
+            .map(|h| CohortEntry {
+                client: h.client.clone(),
+                weight: h.num_examples as f64,
+                node: node.clone(),
+            })
             .collect()
     })
     .unwrap_or_default()
@@ -512,14 +490,14 @@ fn r_cohort(r: Option<&LeafRound>, node: &NodeId) -> Vec<CohortEntry> {
 
 /// A middle's wait for the other members of its group (bounded by the collection timeout).
 async fn gather_group(
-    ctx: &LeafContext,
+    ctx: &NodeContext,
     manifest: &Arc<ModelManifest>,
     to_me: &mut async_nats::Subscriber,
     req: &CollectRequest,
     members: &[NodeId],
     out: &mut Partial,
 ) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + ctx.collect_timeout;
+    let deadline = tokio::time::Instant::now() + ctx.config.collect_timeout();
     while !members.iter().all(|m| out.nodes.contains(m)) {
         let msg = tokio::select! {
             _ = tokio::time::sleep_until(deadline) => {
@@ -556,7 +534,7 @@ async fn gather_group(
 
 /// Acks or refuses what the leaf holds for rounds that have closed.
 async fn settle(
-    ctx: &LeafContext,
+    ctx: &NodeContext,
     job: &JobId,
     rounds: &mut BTreeMap<RoundId, LeafRound>,
     accepted: &mut BTreeMap<RoundId, u32>,
@@ -606,7 +584,7 @@ async fn settle(
         }
         for h in late {
             if h.asynchronous && state.phase == JobPhase::Running {
-                h.acker.nak(Duration::from_millis(50)).await;
+                h.acker.nak(ms(ctx.config.timings.nak_restage_ms)).await;
             } else {
                 let detail = match &record {
                     Some(_) => format!("round {round} closed before this update reached its aggregate"),
@@ -614,11 +592,8 @@ async fn settle(
                 };
                 ctx.rejector
                     .reject(
-                        Some(job.as_str()),
-                        Some(&h.client),
-                        Some(round),
-                        RejectReason::LateUpdate,
-                        detail,
+                        Refused { job: Some(job.as_str()), client: Some(&h.client), round: Some(round) },
+                        Refusal::new(RejectReason::LateUpdate, detail),
                         Some(&h.acker),
                     )
                     .await;
@@ -632,11 +607,11 @@ async fn settle(
 }
 
 /// Hands every update the leaf holds back to JetStream (shutdown).
-async fn release(rounds: &mut BTreeMap<RoundId, LeafRound>) -> usize {
+async fn release(rounds: &mut BTreeMap<RoundId, LeafRound>, delay: Duration) -> usize {
     let mut n = 0;
     for (_, r) in std::mem::take(rounds) {
         for h in r.held {
-            h.acker.nak(Duration::from_secs(1)).await;
+            h.acker.nak(delay).await;
             n += 1;
         }
     }

@@ -3,13 +3,13 @@
 //! top replaced when its lease lapses).
 //!
 //! A lease is a value `{node, instance, renewed_ms}` written by compare-and-set on its KV
-//! revision, renewed every [`RENEW`] and stale after [`STALE`]. Clocks only matter to tell
-//! "stale": nodes of one cluster must agree on time to within a fraction of [`STALE`].
-
-use std::time::Duration;
+//! revision, renewed every `timings.lease_renew_ms` and stale after `timings.lease_stale_ms`
+//! (`shoal_proto::config::Timings`). Clocks only matter to tell "stale": nodes of one cluster
+//! must agree on time to within a fraction of the stale time.
 
 use bytes::Bytes;
 use futures::StreamExt;
+use shoal_proto::config::{ms, Timings};
 use shoal_proto::{InstanceId, NodeId};
 use tokio_util::sync::CancellationToken;
 
@@ -17,11 +17,6 @@ use crate::clock::now_ms;
 use crate::error::{Error, Result};
 use crate::nats::Infra;
 use shoal_proto::subjects;
-
-/// A lease not renewed for this long is stale and may be taken.
-pub const STALE: Duration = Duration::from_secs(3);
-/// Renewal interval.
-pub const RENEW: Duration = Duration::from_secs(1);
 
 pub use shoal_proto::cluster::Lease;
 
@@ -49,7 +44,13 @@ pub enum Attempt {
 ///
 /// # Errors
 /// NATS errors; an undecodable lease value.
-pub async fn try_acquire(infra: &Infra, key: &str, node: &NodeId, instance: InstanceId) -> Result<Attempt> {
+pub async fn try_acquire(
+    infra: &Infra,
+    key: &str,
+    node: &NodeId,
+    instance: InstanceId,
+    timings: &Timings,
+) -> Result<Attempt> {
     let now = now_ms();
     let lease = Lease { node: node.clone(), instance, renewed_ms: now };
     let value = Bytes::from(shoal_proto::encode(&lease));
@@ -57,7 +58,7 @@ pub async fn try_acquire(infra: &Infra, key: &str, node: &NodeId, instance: Inst
     let written = match entry {
         Some(e) if e.operation == async_nats::jetstream::kv::Operation::Put => {
             let held: Lease = shoal_proto::decode("lease", &e.value)?;
-            if held.fresh(now, STALE) && held.instance != instance {
+            if held.fresh(now, timings.lease_stale()) && held.instance != instance {
                 return Ok(Attempt::HeldBy(held));
             }
             infra.jobs.update(key, value, e.revision).await.ok()
@@ -111,14 +112,20 @@ pub async fn renew(infra: &Infra, held: &mut Held) -> Result<bool> {
 
 /// Renews `held` until `stop` is cancelled (then releases it, so a successor need not wait) or
 /// the lease is lost (then cancels `lost`).
-pub async fn keep(infra: Infra, mut held: Held, stop: CancellationToken, lost: CancellationToken) {
+pub async fn keep(
+    infra: Infra,
+    mut held: Held,
+    timings: Timings,
+    stop: CancellationToken,
+    lost: CancellationToken,
+) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => {
                 let _ = infra.jobs.delete_expect_revision(&held.key, Some(held.revision)).await;
                 return;
             }
-            _ = tokio::time::sleep(RENEW) => {}
+            _ = tokio::time::sleep(timings.lease_renew()) => {}
         }
         match renew(&infra, &mut held).await {
             Ok(true) => {}
@@ -137,12 +144,12 @@ pub async fn keep(infra: Infra, mut held: Held, stop: CancellationToken, lost: C
 ///
 /// # Errors
 /// [`Error::NodeBusy`] when another live process uses `node`; NATS errors.
-pub async fn join(infra: &Infra, node: &NodeId) -> Result<Held> {
+pub async fn join(infra: &Infra, node: &NodeId, timings: &Timings) -> Result<Held> {
     let instance = InstanceId(rand::random::<u64>());
     let key = subjects::node_lease_key(node);
-    let deadline = tokio::time::Instant::now() + STALE * 3;
+    let deadline = tokio::time::Instant::now() + timings.lease_stale() * 3;
     loop {
-        match try_acquire(infra, &key, node, instance).await? {
+        match try_acquire(infra, &key, node, instance, timings).await? {
             Attempt::Acquired(h) => return Ok(h),
             Attempt::HeldBy(_) if tokio::time::Instant::now() > deadline => {
                 return Err(Error::NodeBusy(format!(
@@ -152,30 +159,30 @@ pub async fn join(infra: &Infra, node: &NodeId) -> Result<Held> {
             }
             Attempt::HeldBy(_) => {
                 tracing::info!(%node, "waiting for the previous process of this node to go away");
-                tokio::time::sleep(Duration::from_millis(250)).await;
+                tokio::time::sleep(ms(timings.nak_lagging_ms)).await;
             }
         }
     }
 }
 
-/// The holder of the lease `key` if it is fresh (renewed within [`STALE`]); `None` when nobody
+/// The holder of the lease `key` if it is fresh (renewed within the stale time); `None` when nobody
 /// holds it or the holder stopped renewing.
 ///
 /// # Errors
 /// NATS and decode errors.
-pub async fn fresh_holder(infra: &Infra, key: &str) -> Result<Option<NodeId>> {
+pub async fn fresh_holder(infra: &Infra, key: &str, timings: &Timings) -> Result<Option<NodeId>> {
     let Some(v) = infra.jobs.get(key).await.map_err(|e| Error::nats("read lease", e))? else {
         return Ok(None);
     };
     let lease: Lease = shoal_proto::decode("lease", &v)?;
-    Ok(lease.fresh(now_ms(), STALE).then_some(lease.node))
+    Ok(lease.fresh(now_ms(), timings.lease_stale()).then_some(lease.node))
 }
 
 /// The nodes whose membership lease is fresh, sorted by id.
 ///
 /// # Errors
 /// NATS errors listing the bucket.
-pub async fn live_nodes(infra: &Infra) -> Result<Vec<NodeId>> {
+pub async fn live_nodes(infra: &Infra, timings: &Timings) -> Result<Vec<NodeId>> {
     let mut keys = infra.jobs.keys().await.map_err(|e| Error::nats("list node leases", e))?;
     let now = now_ms();
     let mut nodes = Vec::new();
@@ -186,7 +193,7 @@ pub async fn live_nodes(infra: &Infra) -> Result<Vec<NodeId>> {
         }
         let Ok(Some(v)) = infra.jobs.get(&k).await else { continue };
         if let Ok(l) = shoal_proto::decode::<Lease>("lease", &v) {
-            if l.fresh(now, STALE) {
+            if l.fresh(now, timings.lease_stale()) {
                 nodes.push(l.node);
             }
         }

@@ -17,10 +17,11 @@ use actix::prelude::*;
 use shoal_functions::{
     ClientId, JobId, JobSpec, ModelManifest, PartialAggregate, RoundId, Strategy, UpdateView,
 };
+use shoal_proto::Staleness;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::RejectReason;
-use crate::ingest::reject::{AckHandle, Rejector};
+use crate::ingest::reject::{AckHandle, Refusal, Refused, Rejector};
 use crate::metrics::Metrics;
 use crate::staging::Slot;
 
@@ -37,8 +38,8 @@ pub struct Staged {
     pub round: RoundId,
     /// Sender (from the subject).
     pub client: ClientId,
-    /// FedAvg weight (`num_examples`).
-    pub weight: f64,
+    /// The update's `num_examples` (the strategy turns it into the update's weight).
+    pub num_examples: u64,
     /// The shared-memory slot holding the tensors.
     pub slot: Slot,
     /// Acks the JetStream message once the round commits.
@@ -52,7 +53,7 @@ pub struct Staged {
     /// The job's manifest (shared).
     pub manifest: Arc<ModelManifest>,
     /// Model versions between the update's base and the current model (0 in sync rounds).
-    pub staleness: u64,
+    pub staleness: Staleness,
     /// Whether the job runs an asynchronous mode: an update that misses its round is handed
     /// back to JetStream for the next one instead of being rejected as late.
     pub asynchronous: bool,
@@ -80,8 +81,8 @@ pub struct Held {
     pub acker: AckHandle,
     /// Object to delete after the commit.
     pub object: Option<String>,
-    /// The update's weight (`num_examples`).
-    pub weight: f64,
+    /// The update's `num_examples`.
+    pub num_examples: u64,
     /// The staged bytes, kept for whole-cohort strategies (median, Krum, RFFL, ...), which read
     /// them in place at the close; `None` once a streaming strategy has folded them.
     pub slot: Option<Arc<Slot>>,
@@ -125,6 +126,10 @@ pub struct HostConfig {
     /// Fault injection (`shoal node --fold-delay-ms`): sleep this long per update folded, on
     /// the blocking fold thread (zero: off, nothing is checked on the fold path but this).
     pub fold_delay: Duration,
+    /// Nak delay of an asynchronous update that missed its buffer (staged again for the next).
+    pub nak_restage: Duration,
+    /// Nak delay of the updates handed back at shutdown.
+    pub nak_release: Duration,
 }
 
 /// Registers a job's coordinator to receive [`RoundProgress`].
@@ -181,21 +186,18 @@ pub struct FunctionHost {
 
 /// An update left an open round for a closed one on the host's way; `Staged::asynchronous`
 /// says whether it is re-staged (handed back) or rejected.
-async fn refuse_late(rejector: Rejector, msg: Staged) {
+async fn refuse_late(rejector: Rejector, msg: Staged, restage: Duration) {
     if msg.asynchronous {
         // Asynchronous modes fold a late update into the next buffer with its staleness:
         // hand it back so the gateway stages it again against the current model version.
-        msg.acker.nak(Duration::from_millis(50)).await;
+        msg.acker.nak(restage).await;
         return;
     }
     let detail = format!("round {} closed while the update was being staged", msg.round);
     rejector
         .reject(
-            Some(msg.job.as_str()),
-            Some(&msg.client),
-            Some(msg.round),
-            RejectReason::LateUpdate,
-            detail,
+            Refused { job: Some(msg.job.as_str()), client: Some(&msg.client), round: Some(msg.round) },
+            Refusal::new(RejectReason::LateUpdate, detail),
             Some(&msg.acker),
         )
         .await;
@@ -269,7 +271,7 @@ impl Handler<Staged> for FunctionHost {
 
     fn handle(&mut self, mut msg: Staged, ctx: &mut Context<Self>) -> Self::Result {
         if self.closed.get(&msg.job).is_some_and(|&c| msg.round <= c) {
-            return Box::pin(refuse_late(self.rejector.clone(), msg));
+            return Box::pin(refuse_late(self.rejector.clone(), msg, self.config.nak_restage));
         }
         let key = (msg.job.clone(), msg.round);
         let addr = match self.active.get(&key) {
@@ -294,11 +296,15 @@ impl Handler<Staged> for FunctionHost {
                                 return Box::pin(async move {
                                     rejector
                                         .reject(
-                                            Some(msg.job.as_str()),
-                                            Some(&msg.client),
-                                            Some(msg.round),
-                                            RejectReason::JobNotRunning,
-                                            format!("the job's strategy is misconfigured: {e}"),
+                                            Refused {
+                                                job: Some(msg.job.as_str()),
+                                                client: Some(&msg.client),
+                                                round: Some(msg.round),
+                                            },
+                                            Refusal::new(
+                                                RejectReason::JobNotRunning,
+                                                format!("the job's strategy is misconfigured: {e}"),
+                                            ),
                                             Some(&msg.acker),
                                         )
                                         .await;
@@ -388,11 +394,12 @@ impl Handler<ReleaseHeld> for Aggregator {
     fn handle(&mut self, _: ReleaseHeld, _: &mut Context<Self>) -> Self::Result {
         let ackers: Vec<AckHandle> =
             self.held.drain(..).map(|h| h.acker).chain(self.pending.drain(..).map(|s| s.acker)).collect();
+        let delay = self.config.nak_release;
         Box::pin(async move {
             // A short delay: an immediate redelivery could go to this node's own pull request,
             // still registered at the server until the connection closes.
             for a in &ackers {
-                a.nak(std::time::Duration::from_secs(1)).await;
+                a.nak(delay).await;
             }
             ackers.len()
         })
@@ -510,7 +517,7 @@ impl Aggregator {
             let mut views: Vec<UpdateView<'_>> = Vec::with_capacity(batch.len());
             let mut index: Vec<usize> = Vec::with_capacity(batch.len());
             for (i, s) in batch.iter().enumerate() {
-                match strategy.update_weight(&s.client, s.weight as u64, s.staleness) {
+                match strategy.update_weight(&s.client, s.num_examples, s.staleness.0) {
                     Ok(w) if w > 0.0 => {
                         views.push(UpdateView {
                             manifest: &manifest,
@@ -558,11 +565,12 @@ impl Aggregator {
                         async move {
                             rejector
                                 .reject(
-                                    Some(s.job.as_str()),
-                                    Some(&s.client),
-                                    Some(s.round),
-                                    RejectReason::InvalidWeight,
-                                    why,
+                                    Refused {
+                                        job: Some(s.job.as_str()),
+                                        client: Some(&s.client),
+                                        round: Some(s.round),
+                                    },
+                                    Refusal::new(RejectReason::InvalidWeight, why),
                                     Some(&s.acker),
                                 )
                                 .await;
@@ -575,7 +583,7 @@ impl Aggregator {
                         client: s.client,
                         acker: s.acker,
                         object: s.object,
-                        weight: s.weight,
+                        num_examples: s.num_examples,
                         slot: None,
                         asynchronous: s.asynchronous,
                         stream_seq: s.stream_seq,
@@ -633,7 +641,7 @@ impl Handler<Staged> for Aggregator {
                 client: msg.client,
                 acker: msg.acker,
                 object: msg.object,
-                weight: msg.weight,
+                num_examples: msg.num_examples,
                 stream_seq: msg.stream_seq,
                 slot: Some(Arc::new(msg.slot)),
                 asynchronous: msg.asynchronous,

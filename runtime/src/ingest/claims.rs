@@ -45,7 +45,19 @@ pub enum Claim {
     Other(u64),
 }
 
-/// Claims (job, round, client) for message `stream_seq` on behalf of (`node`, `instance`).
+/// Who claims: a node process, and how old its membership lease may be before the process
+/// counts as gone.
+#[derive(Debug, Clone, Copy)]
+pub struct Claimant<'a> {
+    /// The node.
+    pub node: &'a NodeId,
+    /// Its process (membership lease instance).
+    pub instance: InstanceId,
+    /// The lease stale time.
+    pub stale: std::time::Duration,
+}
+
+/// Claims (job, round, client) for message `stream_seq` on behalf of `claimant`.
 ///
 /// # Errors
 /// NATS errors (the caller hands the message back to JetStream and tries again later).
@@ -53,10 +65,10 @@ pub async fn claim(
     claims: &kv::Store,
     infra: &Infra,
     (job, round, client): (&JobId, RoundId, &ClientId),
-    node: &NodeId,
-    instance: InstanceId,
+    claimant: Claimant<'_>,
     stream_seq: u64,
 ) -> Result<Claim> {
+    let Claimant { node, instance, stale } = claimant;
     let key = subjects::claim_key(job, round, client);
     let mine = ClaimValue { node: node.clone(), instance, stream_seq };
     let value = Bytes::from(shoal_proto::encode(&mine));
@@ -80,7 +92,7 @@ pub async fn claim(
         if held.instance == instance && held.node == *node {
             return Ok(Claim::Mine);
         }
-        if held.instance != InstanceId(0) && alive(infra, &held).await? {
+        if held.instance != InstanceId(0) && alive(infra, &held, stale).await? {
             return Ok(Claim::HeldBy(held.node));
         }
         match claims.update(&key, value.clone(), entry.revision).await {
@@ -97,12 +109,11 @@ pub async fn claim(
 
 /// Whether the process that made `held` still runs: its node's membership lease names it and
 /// is fresh.
-async fn alive(infra: &Infra, held: &ClaimValue) -> Result<bool> {
+async fn alive(infra: &Infra, held: &ClaimValue, stale: std::time::Duration) -> Result<bool> {
     let key = subjects::node_lease_key(&held.node);
     let Some(v) = infra.jobs.get(&key).await.map_err(|e| Error::nats("read a node lease", e))? else {
         return Ok(false);
     };
-    Ok(shoal_proto::decode::<Lease>("lease", &v).is_ok_and(|l| {
-        l.instance == held.instance && l.fresh(crate::clock::now_ms(), crate::cluster::lease::STALE)
-    }))
+    Ok(shoal_proto::decode::<Lease>("lease", &v)
+        .is_ok_and(|l| l.instance == held.instance && l.fresh(crate::clock::now_ms(), stale)))
 }

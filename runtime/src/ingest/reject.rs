@@ -14,6 +14,34 @@ use crate::metrics::Metrics;
 use shoal_proto::subjects::Subjects;
 use shoal_proto::RejectNotice;
 
+/// A refusal: the typed reason the client is sent, and the detail (logged, and in the notice).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The reason.
+    pub reason: RejectReason,
+    /// Why, in words.
+    pub detail: String,
+}
+
+impl Refusal {
+    /// A refusal for `reason`.
+    pub fn new(reason: RejectReason, detail: impl Into<String>) -> Refusal {
+        Refusal { reason, detail: detail.into() }
+    }
+}
+
+/// Which update a refusal is about, as far as it parsed: its job (as sent; may be unknown),
+/// its client and its round.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Refused<'a> {
+    /// The job token of the subject.
+    pub job: Option<&'a str>,
+    /// The client of the subject.
+    pub client: Option<&'a ClientId>,
+    /// The round header, if it parsed.
+    pub round: Option<RoundId>,
+}
+
 /// Shared rejection path.
 #[derive(Clone, Debug)]
 pub struct Rejector {
@@ -28,16 +56,11 @@ impl Rejector {
         Rejector { client, subjects, metrics }
     }
 
-    /// Rejects one update. `job`/`client` are as parsed from the subject (`None` if unparsable).
-    pub async fn reject(
-        &self,
-        job: Option<&str>,
-        client: Option<&ClientId>,
-        round: Option<RoundId>,
-        reason: RejectReason,
-        detail: String,
-        acker: Option<&AckHandle>,
-    ) {
+    /// Rejects one update: counts and logs the refusal, sends the client its notice, and
+    /// terminates the message (when `acker` is given).
+    pub async fn reject(&self, update: Refused<'_>, refusal: Refusal, acker: Option<&AckHandle>) {
+        let Refused { job, client, round } = update;
+        let Refusal { reason, detail } = refusal;
         if let Some(n) = self.metrics.reject(reason) {
             tracing::warn!(
                 reason = reason.as_str(),

@@ -8,6 +8,7 @@ use std::sync::{Arc, RwLock};
 
 use futures::StreamExt;
 use shoal_functions::{JobId, JobSpec};
+use shoal_proto::config::{ms, Timings};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
@@ -126,11 +127,6 @@ pub use shoal_client::jobs::{
     cas_state, chunk_size, create_job, get_model_bytes, load_spec, load_state, put_model, CasOutcome,
 };
 
-/// How often a node checks its view of the known jobs against KV directly, besides the watch
-/// (a watch can stall silently: its consumer is not always recreated after a nats-server
-/// restart).
-pub const STATE_RESYNC: std::time::Duration = std::time::Duration::from_secs(2);
-
 /// Observes every state revision still in the history of `job`'s state key (the last few
 /// rounds), so that their commit records are known even when the watch skipped them.
 ///
@@ -174,17 +170,19 @@ async fn resync_states(infra: &Infra, dir: &JobDirectory) {
 
 /// Keeps `dir` in step with KV until cancelled; calls `on_new_job` for each job whose state
 /// appears (so the node can start its coordinator). The watch is restarted when it ends or
-/// fails, and checked every [`STATE_RESYNC`] against KV.
+/// fails, and checked every `timings.state_resync_ms` against KV (a watch can stall silently:
+/// its consumer is not always recreated after a nats-server restart).
 ///
 /// # Errors
 /// None today: watch failures are retried (the `Result` is kept for callers).
 pub async fn watch_jobs(
     infra: Infra,
     dir: JobDirectory,
+    timings: Timings,
     cancel: CancellationToken,
     on_new_job: impl Fn(JobId) + Send + 'static,
 ) -> Result<()> {
-    let mut resync = tokio::time::interval(STATE_RESYNC);
+    let mut resync = tokio::time::interval(ms(timings.state_resync_ms));
     // Jobs handed to `on_new_job`. Not "known to the directory": the gateway may have put a job
     // there first (read from KV for an update that came before this watch's entry), and that
     // job must still get its leaf and top.
@@ -198,7 +196,7 @@ pub async fn watch_jobs(
                 tracing::warn!(error = %e, "starting the job watch failed; retrying");
                 tokio::select! {
                     _ = cancel.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
+                    _ = tokio::time::sleep(ms(timings.retry_ms)) => continue,
                 }
             }
         };

@@ -10,7 +10,6 @@
 //! next top collects them again); a crash after it applies nothing twice (leaves ack exactly
 //! what the record names; redeliveries are for a closed round).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,46 +21,25 @@ use shoal_functions::{
 };
 use tokio_util::sync::CancellationToken;
 
+pub mod round;
+
+use self::round::RoundClock;
 use crate::clock::now_ms;
-use crate::cluster::leaf::{self, LocalLinks, Partial};
+use crate::cluster::leaf::{self, Partial};
 use crate::cluster::lease;
 use crate::error::{Error, Result};
-use crate::jobs::{self, CasOutcome, JobDirectory};
-use crate::metrics::{Metrics, OutcomeLabel};
+use crate::jobs::{self, CasOutcome};
+use crate::metrics::OutcomeLabel;
 use crate::nats::Infra;
+use crate::node::NodeContext;
 use shoal_proto::cluster::CohortEntry;
 use shoal_proto::cluster::CollectRequest;
-use shoal_proto::cluster::CommitRecord;
 use shoal_proto::cluster::LeafProgress;
+use shoal_proto::config::ms;
 use shoal_proto::JobPhase;
 use shoal_proto::JobState;
 use shoal_proto::RoundEvent;
 use shoal_proto::RoundOutcome;
-
-/// Everything a top needs.
-#[derive(Clone, Debug)]
-pub struct CoordinatorContext {
-    /// NATS handles.
-    pub infra: Infra,
-    /// Shared job view.
-    pub directory: JobDirectory,
-    /// Metrics.
-    pub metrics: Arc<Metrics>,
-    /// Stops this top (node shutdown, or the top lease lost).
-    pub cancel: CancellationToken,
-    /// Job-specific strategy pieces (e.g. Bristle's per-class evaluator), if the embedding
-    /// application supplies them.
-    pub plugins: Option<Arc<dyn PluginFactory>>,
-    /// After taking over an open round, the top waits this long before judging it, so that
-    /// updates a dead node held are redelivered to the live ones first.
-    pub startup_grace: Duration,
-    /// This node.
-    pub node: NodeId,
-    /// In-process links from this node's leaves.
-    pub local: LocalLinks,
-    /// How long to wait for the leaves' partials before asking again.
-    pub collect_timeout: Duration,
-}
 
 /// Supplies [`StrategyPlugins`] for a job: an application embedding a node (the demo, a
 /// deployment with a server-held validation split) implements it to give Bristle a per-class
@@ -76,9 +54,10 @@ pub trait PluginFactory: Send + Sync + std::fmt::Debug {
 ///
 /// # Errors
 /// Persistent NATS errors.
-pub async fn run_top(ctx: CoordinatorContext, job: JobId) -> Result<()> {
+pub async fn run_top(ctx: NodeContext, job: JobId) -> Result<()> {
     let instance = shoal_proto::InstanceId(rand::random::<u64>());
     let key = shoal_proto::subjects::top_lease_key(&job);
+    let timings = &ctx.config.timings;
     loop {
         if ctx.cancel.is_cancelled() {
             return Ok(());
@@ -86,12 +65,12 @@ pub async fn run_top(ctx: CoordinatorContext, job: JobId) -> Result<()> {
         if ctx.directory.get(&job).is_some_and(|e| e.state.phase != JobPhase::Running) {
             return Ok(());
         }
-        match lease::try_acquire(&ctx.infra, &key, &ctx.node, instance).await? {
+        match lease::try_acquire(&ctx.infra, &key, &ctx.node, instance, timings).await? {
             lease::Attempt::HeldBy(holder) => {
                 ctx.directory.set_top(&job, Some(holder.node));
                 tokio::select! {
                     _ = ctx.cancel.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(lease::RENEW) => continue,
+                    _ = tokio::time::sleep(timings.lease_renew()) => continue,
                 }
             }
             lease::Attempt::Acquired(held) => {
@@ -99,12 +78,16 @@ pub async fn run_top(ctx: CoordinatorContext, job: JobId) -> Result<()> {
                 tracing::info!(%job, node = %ctx.node, "this node is the job's top");
                 let stop = CancellationToken::new();
                 let lost = ctx.cancel.child_token();
-                let keeper = tokio::spawn(lease::keep(ctx.infra.clone(), held, stop.clone(), lost.clone()));
+                let keeper = tokio::spawn(lease::keep(
+                    ctx.infra.clone(),
+                    held,
+                    timings.clone(),
+                    stop.clone(),
+                    lost.clone(),
+                ));
                 let gauge = ctx.metrics.tier("top");
                 gauge.inc();
-                let mut top_ctx = ctx.clone();
-                top_ctx.cancel = lost.clone();
-                let result = run(top_ctx, job.clone()).await;
+                let result = run(&ctx, job.clone(), lost.clone()).await;
                 gauge.dec();
                 ctx.local.unregister(&job);
                 stop.cancel();
@@ -121,264 +104,329 @@ pub async fn run_top(ctx: CoordinatorContext, job: JobId) -> Result<()> {
     }
 }
 
-/// Runs the top of `job` until it finishes, fails, or `ctx.cancel`.
+/// The subscriptions a top listens on.
+struct Inbox {
+    rewards: async_nats::Subscriber,
+    progress: async_nats::Subscriber,
+    partials: async_nats::Subscriber,
+    shard_results: async_nats::Subscriber,
+    local: tokio::sync::mpsc::UnboundedReceiver<Partial>,
+}
+
+/// One job's top: its spec, strategy, state and global model.
+struct Top<'a> {
+    ctx: &'a NodeContext,
+    job: JobId,
+    cancel: CancellationToken,
+    spec: Arc<JobSpec>,
+    manifest: Arc<ModelManifest>,
+    strategy: Box<dyn shoal_functions::Strategy>,
+    state: JobState,
+    revision: u64,
+    global: Parameters,
+    inbox: Inbox,
+    exchange_failures: u32,
+}
+
+/// What the top does after waiting for a round.
+enum Step {
+    /// Cancelled (node shutdown or lease lost).
+    Stop,
+    /// Wait again (the round stays open, or the state changed under us).
+    Again,
+    /// The round closed.
+    Closed,
+}
+
+/// Runs the top of `job` until it finishes, fails, or `cancel`.
 ///
 /// # Errors
 /// NATS errors that persist, an unreadable spec or model.
-pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
-    let spec = Arc::new(jobs::load_spec(&ctx.infra.js, &job).await?);
-    let manifest = Arc::new(spec.manifest.clone());
-    let mut local = ctx.local.register(&job);
-    let plugins = ctx.plugins.as_ref().map(|f| f.plugins(&spec)).unwrap_or_default();
-    let mut strategy = factory::build_strategy_with(&spec, plugins)?;
-    let (mut state, mut revision) = jobs::load_state(&ctx.infra.js, &job).await?;
-    let mut global = load_global(&ctx.infra, &job, &state, &manifest).await?;
-    let rule = spec.round_rule();
-    let mut rewards =
-        ctx.infra.subscribe(ctx.infra.subjects.all_rewards(&job), "subscribe to reward requests").await?;
-    let mut progress =
-        ctx.infra.subscribe(ctx.infra.subjects.progress(&job), "subscribe to leaf progress").await?;
-    let mut partials = ctx
-        .infra
-        .subscribe(ctx.infra.subjects.partials_to(&job, &ctx.node, "top"), "subscribe to partials")
-        .await?;
-    let mut shard_results = ctx
-        .infra
-        .subscribe(ctx.infra.subjects.shard_results_to(&job, &ctx.node), "subscribe to shard results")
-        .await?;
-    let mut exchange_failures = 0u32;
+async fn run(ctx: &NodeContext, job: JobId, cancel: CancellationToken) -> Result<()> {
+    let mut top = Top::start(ctx, job, cancel).await?;
     // A round already open when we start was opened by a top that may have died holding
     // staged updates: give JetStream time to redeliver them before judging the round.
-    let mut earliest_close = state.is_open().then(|| tokio::time::Instant::now() + ctx.startup_grace);
-
-    while state.phase == JobPhase::Running {
-        let round = state.round;
-        let span = tracing::info_span!("round", %job, round = round.0);
-        // Open the round if no top has.
-        if !state.is_open() {
-            let mut next = state.clone();
-            next.opened_at_ms = now_ms();
-            next.deadline_at_ms = next.opened_at_ms.saturating_add(rule.deadline_ms);
-            match jobs::cas_state(&ctx.infra, &job, &next, revision).await? {
-                CasOutcome::Written(rev) => {
-                    state = next;
-                    revision = rev;
-                    ctx.directory.observe_state(&job, None, state.clone(), revision);
-                    publish_event(
-                        &ctx.infra,
-                        &job,
-                        &RoundEvent::RoundOpened {
-                            job: job.clone(),
-                            round,
-                            base_version: state.model_version,
-                            deadline_at_ms: state.deadline_at_ms,
-                        },
-                    )
-                    .await;
-                    span.in_scope(|| tracing::info!(base_version = %state.model_version, "round opened"));
-                }
-                CasOutcome::Conflict => {
-                    (state, revision) = jobs::load_state(&ctx.infra.js, &job).await?;
-                    continue;
-                }
-            }
-        }
-
-        // Wait for the cohort (the sum of the leaves' progress) or the deadline.
-        let remaining = Duration::from_millis(state.deadline_at_ms.saturating_sub(now_ms()));
-        let mut deadline = tokio::time::Instant::now() + remaining;
-        if let Some(t) = earliest_close.take() {
-            deadline = deadline.max(t);
-        }
-        // Each node's latest count and when it came: a node that stopped reporting (dead, or
-        // handed its updates back) no longer counts once its heartbeats lapse.
-        let mut per_node: HashMap<NodeId, (u32, tokio::time::Instant)> = HashMap::new();
-        loop {
-            tokio::select! {
-                _ = ctx.cancel.cancelled() => return Ok(()),
-                _ = tokio::time::sleep_until(deadline) => break,
-                Some(req) = rewards.next() => {
-                    let reward = reward_bytes(&*strategy, &req);
-                    answer_reward(&ctx.infra, req, reward).await;
-                }
-                Some(m) = progress.next() => {
-                    let Ok(p) = shoal_proto::decode::<LeafProgress>("leaf progress", &m.payload) else { continue };
-                    if p.round == round {
-                        let now = tokio::time::Instant::now();
-                        per_node.insert(p.node, (p.accepted, now));
-                        let fresh = per_node
-                            .values()
-                            .filter(|(_, at)| now.duration_since(*at) < PROGRESS_FRESH)
-                            .map(|&(n, _)| u64::from(n))
-                            .sum::<u64>();
-                        if fresh >= u64::from(rule.cohort_size) {
-                            break;
-                        }
-                    }
-                }
-            }
-        }
-
-        let Some(mut collected) = collect(&ctx, &job, &manifest, &mut local, &mut partials, round).await?
-        else {
-            return Ok(()); // cancelled
-        };
-        if tokio::time::Instant::now() < deadline && collected.count < u64::from(rule.cohort_size) {
-            // The progress counted updates the collection did not find (a node that died or
-            // handed them back since): keep the round open; they come back through JetStream.
-            span.in_scope(|| {
-                tracing::info!(collected = collected.count, "cohort incomplete at collection; waiting on")
-            });
+    let mut earliest = top.state.is_open().then(|| tokio::time::Instant::now() + ctx.config.takeover_grace());
+    while top.state.phase == JobPhase::Running {
+        if !top.state.is_open() && !top.open_round().await? {
             continue;
         }
-        // Whole-cohort updates held on other nodes: a coordinate-sharded exchange, when the
-        // strategy has one (crate::cluster::exchange); otherwise they are left out of this round.
-        let remote = collected.entries.iter().any(|e| e.node != ctx.node);
-        let mut sharded = None;
-        if strategy.mergeability() == Mergeability::WholeCohort && remote {
-            if strategy.sharding() == shoal_functions::Sharding::Unsupported {
-                let holders: Vec<NodeId> =
-                    collected.entries.iter().filter(|e| e.node != ctx.node).map(|e| e.node.clone()).collect();
-                span.in_scope(|| {
-                    tracing::warn!(?holders, "whole-cohort updates staged away from the top are late")
-                });
-                collected.nodes.retain(|n| !holders.contains(n));
-                collected.count = collected.cohort.len() as u64;
-            } else if collected.entries.len() as u64 >= u64::from(rule.min_clients) {
-                let mut owners = collected.nodes.clone();
-                owners.sort();
-                let result = crate::cluster::exchange::run_top(
-                    &ctx.infra,
-                    &job,
-                    &ctx.node,
-                    &mut *strategy,
-                    &global,
-                    round,
-                    state.model_version,
-                    collected.entries.clone(),
-                    owners,
-                    &mut shard_results,
-                    ctx.collect_timeout,
-                    &ctx.metrics,
-                )
-                .await;
-                match result {
-                    Err(e @ Error::Timeout(..)) if exchange_failures < 2 => {
-                        exchange_failures += 1;
-                        span.in_scope(
-                            || tracing::warn!(error = %e, "shard exchange incomplete; collecting again"),
-                        );
-                        continue;
-                    }
-                    other => sharded = Some(other.map_err(|e| e.to_string())),
-                }
-            }
-        }
-        exchange_failures = 0;
-        let accepted = collected.count as u32;
-        let next_version = state.model_version.next();
-        // The server step is CPU-bound (a whole-cohort strategy reads every staged update):
-        // run it on a blocking thread, handing strategy, model and partials over and back.
-        let min_clients = rule.min_clients;
-        let (s, g, c, outcome, new_global) = tokio::task::spawn_blocking(move || {
-            let (mut strategy, global, collected) = (strategy, global, collected);
-            let (outcome, new_global) = close_outcome(
-                &mut *strategy,
-                &collected,
-                sharded,
-                &global,
-                accepted,
-                min_clients,
-                next_version,
-            );
-            (strategy, global, collected, outcome, new_global)
-        })
-        .await
-        .map_err(|e| Error::Shm(format!("server step panicked: {e}")))?;
-        (strategy, global) = (s, g);
-        let collected = c;
-        let mut next = state.clone();
-        next.last_outcome = Some(outcome.clone());
-        next.last_commit = Some(CommitRecord {
-            round,
-            collect: collected.collect,
-            nodes: collected.nodes.clone(),
-            applied: shoal_proto::cluster::applied_ranges(collected.seqs.clone()),
-        });
-        next.round = round.next();
-        next.opened_at_ms = 0;
-        next.deadline_at_ms = 0;
-        if let Some(p) = &new_global {
-            jobs::put_model(&ctx.infra, &job, next_version, p).await?;
-            next.model_version = next_version;
-            next.failed_rounds_in_a_row = 0;
-        } else {
-            next.failed_rounds_in_a_row += 1;
-        }
-        if new_global.is_some() && next_version.0 >= spec.rounds {
-            next.phase = JobPhase::Finished;
-            next.round = round;
-        } else if next.failed_rounds_in_a_row >= spec.max_failed_rounds {
-            next.phase = JobPhase::Failed {
-                reason: format!("{} consecutive rounds committed nothing", next.failed_rounds_in_a_row),
-            };
-            next.round = round;
-        }
-        if ctx.cancel.is_cancelled() {
-            return Ok(()); // the lease was lost meanwhile: leave the commit to the new top
-        }
-        match jobs::cas_state(&ctx.infra, &job, &next, revision).await? {
-            CasOutcome::Written(rev) => {
-                revision = rev;
-            }
-            CasOutcome::Conflict => {
-                // Another committer won; the leaves settle by its record.
-                span.in_scope(|| tracing::warn!("job state changed under us; reloading"));
-                (state, revision) = jobs::load_state(&ctx.infra.js, &job).await?;
-                global = load_global(&ctx.infra, &job, &state, &manifest).await?;
-                continue;
-            }
-        }
-        state = next;
-        ctx.directory.observe_state(&job, None, state.clone(), revision);
-        let label = match &outcome {
-            RoundOutcome::Committed { .. } => "committed",
-            RoundOutcome::QuorumNotMet { .. } => "quorum_not_met",
-            RoundOutcome::AggregationFailed { .. } => "aggregation_failed",
-        };
-        ctx.metrics.rounds.get_or_create(&OutcomeLabel { outcome: label }).inc();
-        if let (true, RoundOutcome::Committed { .. }) = (collected.last_fold_ms > 0, &outcome) {
-            let ms = now_ms().saturating_sub(collected.last_fold_ms);
-            ctx.metrics.round_latency.observe(ms as f64 / 1000.0);
-        }
-        publish_event(
-            &ctx.infra,
-            &job,
-            &RoundEvent::RoundClosed { job: job.clone(), round, outcome: outcome.clone() },
-        )
-        .await;
-        span.in_scope(|| tracing::info!(%outcome, nodes = collected.nodes.len(), "round closed"));
-        if state.phase != JobPhase::Running {
-            publish_event(
-                &ctx.infra,
-                &job,
-                &RoundEvent::JobEnded { job: job.clone(), phase: state.phase.clone() },
-            )
-            .await;
-            tracing::info!(%job, phase = %state.phase, "job ended");
-        }
-        drop(collected); // releases the whole-cohort slots to their leaves
-        if let Some(p) = new_global {
-            global = p;
-            prune_models(&ctx.infra, &job, state.model_version, rule.max_staleness).await;
+        match top.play_round(earliest.take()).await? {
+            Step::Stop => return Ok(()),
+            Step::Again | Step::Closed => {}
         }
     }
     Ok(())
 }
 
-/// A leaf's progress counts toward the cohort this long after it arrived (leaves report every
-/// 500 ms).
-const PROGRESS_FRESH: Duration = Duration::from_millis(1500);
+impl<'a> Top<'a> {
+    async fn start(ctx: &'a NodeContext, job: JobId, cancel: CancellationToken) -> Result<Top<'a>> {
+        let spec = Arc::new(jobs::load_spec(&ctx.infra.js, &job).await?);
+        let manifest = Arc::new(spec.manifest.clone());
+        let local = ctx.local.register(&job);
+        let plugins = ctx.plugins.as_ref().map(|f| f.plugins(&spec)).unwrap_or_default();
+        let strategy = factory::build_strategy_with(&spec, plugins)?;
+        let (state, revision) = jobs::load_state(&ctx.infra.js, &job).await?;
+        let global = load_global(&ctx.infra, &job, &state, &manifest).await?;
+        let s = &ctx.infra.subjects;
+        let inbox = Inbox {
+            rewards: ctx.infra.subscribe(s.all_rewards(&job), "subscribe to reward requests").await?,
+            progress: ctx.infra.subscribe(s.progress(&job), "subscribe to leaf progress").await?,
+            partials: ctx
+                .infra
+                .subscribe(s.partials_to(&job, &ctx.node, "top"), "subscribe to partials")
+                .await?,
+            shard_results: ctx
+                .infra
+                .subscribe(s.shard_results_to(&job, &ctx.node), "subscribe to shard results")
+                .await?,
+            local,
+        };
+        Ok(Top {
+            ctx,
+            job,
+            cancel,
+            spec,
+            manifest,
+            strategy,
+            state,
+            revision,
+            global,
+            inbox,
+            exchange_failures: 0,
+        })
+    }
+
+    /// Opens the round by a compare-and-set; `false` when another top changed the state first
+    /// (it is reloaded).
+    async fn open_round(&mut self) -> Result<bool> {
+        let mut next = self.state.clone();
+        next.opened_at_ms = now_ms();
+        next.deadline_at_ms = next.opened_at_ms.saturating_add(self.spec.round_rule().deadline_ms);
+        match jobs::cas_state(&self.ctx.infra, &self.job, &next, self.revision).await? {
+            CasOutcome::Written(rev) => {
+                (self.state, self.revision) = (next, rev);
+                self.ctx.directory.observe_state(&self.job, None, self.state.clone(), self.revision);
+                let event = RoundEvent::RoundOpened {
+                    job: self.job.clone(),
+                    round: self.state.round,
+                    base_version: self.state.model_version,
+                    deadline_at_ms: self.state.deadline_at_ms,
+                };
+                publish_event(&self.ctx.infra, &self.job, &event).await;
+                tracing::info!(job = %self.job, round = self.state.round.0, base_version = %self.state.model_version, "round opened");
+                Ok(true)
+            }
+            CasOutcome::Conflict => {
+                (self.state, self.revision) = jobs::load_state(&self.ctx.infra.js, &self.job).await?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Waits for the open round's cohort or deadline, collects, aggregates and commits.
+    async fn play_round(&mut self, earliest: Option<tokio::time::Instant>) -> Result<Step> {
+        let round = self.state.round;
+        let remaining = Duration::from_millis(self.state.deadline_at_ms.saturating_sub(now_ms()));
+        let fresh = ms(self.ctx.config.timings.progress_fresh_ms);
+        let rule = self.spec.round_rule();
+        let mut clock = RoundClock::new(tokio::time::Instant::now(), remaining, earliest, &rule, fresh);
+        if !self.wait_for_cohort(&mut clock, round).await {
+            return Ok(Step::Stop);
+        }
+        let Some(mut collected) =
+            collect(self.ctx, &self.cancel, &self.job, &self.manifest, &mut self.inbox, round).await?
+        else {
+            return Ok(Step::Stop);
+        };
+        if clock.keeps_open(collected.count, tokio::time::Instant::now()) {
+            tracing::info!(job = %self.job, round = round.0, collected = collected.count, "cohort incomplete at collection; waiting on");
+            return Ok(Step::Again);
+        }
+        let Some(sharded) = self.exchange(&mut collected, round).await? else {
+            return Ok(Step::Again);
+        };
+        self.close(collected, sharded, round).await
+    }
+
+    /// Serves reward requests and counts progress until the cohort is complete or the deadline
+    /// passes; `false` when cancelled.
+    async fn wait_for_cohort(&mut self, clock: &mut RoundClock, round: RoundId) -> bool {
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return false,
+                _ = tokio::time::sleep_until(clock.deadline()) => return true,
+                Some(req) = self.inbox.rewards.next() => {
+                    let reward = reward_bytes(&*self.strategy, &req);
+                    answer_reward(&self.ctx.infra, req, reward).await;
+                }
+                Some(m) = self.inbox.progress.next() => {
+                    let Ok(p) = shoal_proto::decode::<LeafProgress>("leaf progress", &m.payload) else { continue };
+                    if p.round == round && clock.on_progress(p.node, p.accepted, tokio::time::Instant::now()) {
+                        return true;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whole-cohort updates held on other nodes: a coordinate-sharded exchange when the strategy
+    /// has one ([`crate::cluster::exchange`]); otherwise they are left out of this round.
+    /// `Ok(None)`: the exchange came up short, collect again.
+    async fn exchange(
+        &mut self,
+        collected: &mut Collected,
+        round: RoundId,
+    ) -> Result<Option<Option<std::result::Result<Parameters, String>>>> {
+        let remote = collected.entries.iter().any(|e| e.node != self.ctx.node);
+        if self.strategy.mergeability() != Mergeability::WholeCohort || !remote {
+            self.exchange_failures = 0;
+            return Ok(Some(None));
+        }
+        if self.strategy.sharding() == shoal_functions::Sharding::Unsupported {
+            let holders: Vec<NodeId> = collected
+                .entries
+                .iter()
+                .filter(|e| e.node != self.ctx.node)
+                .map(|e| e.node.clone())
+                .collect();
+            tracing::warn!(job = %self.job, round = round.0, ?holders, "whole-cohort updates staged away from the top are late");
+            collected.nodes.retain(|n| !holders.contains(n));
+            collected.count = collected.cohort.len() as u64;
+            self.exchange_failures = 0;
+            return Ok(Some(None));
+        }
+        if (collected.entries.len() as u64) < u64::from(self.spec.round_rule().min_clients) {
+            self.exchange_failures = 0;
+            return Ok(Some(None));
+        }
+        let mut owners = collected.nodes.clone();
+        owners.sort();
+        let top = crate::cluster::exchange::TopRound {
+            job: &self.job,
+            top: &self.ctx.node,
+            round,
+            base_version: self.state.model_version,
+            timeout: self.ctx.config.collect_timeout(),
+        };
+        let result = crate::cluster::exchange::run_top(
+            &self.ctx.infra,
+            &top,
+            &mut *self.strategy,
+            &self.global,
+            collected.entries.clone(),
+            owners,
+            &mut self.inbox.shard_results,
+            &self.ctx.metrics,
+        )
+        .await;
+        match result {
+            Err(e @ Error::Timeout(..)) if self.exchange_failures < 2 => {
+                self.exchange_failures += 1;
+                tracing::warn!(job = %self.job, round = round.0, error = %e, "shard exchange incomplete; collecting again");
+                Ok(None)
+            }
+            other => {
+                self.exchange_failures = 0;
+                Ok(Some(Some(other.map_err(|e| e.to_string()))))
+            }
+        }
+    }
+
+    /// Applies the server step and commits the round (model, then state, then events).
+    async fn close(
+        &mut self,
+        collected: Collected,
+        sharded: Option<std::result::Result<Parameters, String>>,
+        round: RoundId,
+    ) -> Result<Step> {
+        let accepted = collected.count as u32;
+        let version = round::next_version(&self.state);
+        let min_clients = self.spec.round_rule().min_clients;
+        // The server step is CPU-bound (a whole-cohort strategy reads every staged update): run
+        // it on a blocking thread, handing strategy, model and partials over and back. A panic
+        // there is a bug, not bad input: crash-only, as for folds (ARCHITECTURE.md, "Panics").
+        // The strategy moves to the blocking thread and back; a stateless FedAvg stands in
+        // meanwhile (nothing runs on it: this task awaits the step).
+        let stand_in =
+            shoal_functions::FedAvg { update_kind: self.spec.update_kind, server_learning_rate: 1.0 };
+        let strategy = std::mem::replace(&mut self.strategy, Box::new(stand_in));
+        let global = self.global.clone();
+        let step = tokio::task::spawn_blocking(move || {
+            let mut strategy = strategy;
+            let (outcome, model) =
+                close_outcome(&mut *strategy, &collected, sharded, &global, accepted, min_clients, version);
+            (strategy, collected, outcome, model)
+        })
+        .await;
+        let (strategy, collected, outcome, model) = step.unwrap_or_else(|e| {
+            tracing::error!(job = %self.job, error = %e, "server step panicked; aborting so the round is replayed");
+            std::process::abort()
+        });
+        self.strategy = strategy;
+        let closing = round::Closing {
+            round,
+            outcome: &outcome,
+            collect: collected.collect,
+            nodes: &collected.nodes,
+            seqs: &collected.seqs,
+        };
+        let next = round::next_state(&self.state, &self.spec, &closing);
+        if let Some(p) = &model {
+            jobs::put_model(&self.ctx.infra, &self.job, version, p).await?;
+        }
+        if self.cancel.is_cancelled() {
+            return Ok(Step::Stop); // the lease was lost meanwhile: leave the commit to the new top
+        }
+        match jobs::cas_state(&self.ctx.infra, &self.job, &next, self.revision).await? {
+            CasOutcome::Written(rev) => self.revision = rev,
+            CasOutcome::Conflict => {
+                // Another committer won; the leaves settle by its record.
+                tracing::warn!(job = %self.job, round = round.0, "job state changed under us; reloading");
+                (self.state, self.revision) = jobs::load_state(&self.ctx.infra.js, &self.job).await?;
+                self.global = load_global(&self.ctx.infra, &self.job, &self.state, &self.manifest).await?;
+                return Ok(Step::Again);
+            }
+        }
+        self.state = next;
+        self.ctx.directory.observe_state(&self.job, None, self.state.clone(), self.revision);
+        self.announce(round, &outcome, &collected).await;
+        drop(collected); // releases the whole-cohort slots to their leaves
+        if let Some(p) = model {
+            self.global = p;
+            prune_models(
+                &self.ctx.infra,
+                &self.job,
+                self.state.model_version,
+                self.spec.round_rule().max_staleness,
+            )
+            .await;
+        }
+        Ok(Step::Closed)
+    }
+
+    /// Metrics, the round's events and the log line of a committed state.
+    async fn announce(&mut self, round: RoundId, outcome: &RoundOutcome, collected: &Collected) {
+        let label = match outcome {
+            RoundOutcome::Committed { .. } => "committed",
+            RoundOutcome::QuorumNotMet { .. } => "quorum_not_met",
+            RoundOutcome::AggregationFailed { .. } => "aggregation_failed",
+        };
+        self.ctx.metrics.rounds.get_or_create(&OutcomeLabel { outcome: label }).inc();
+        if let (true, RoundOutcome::Committed { .. }) = (collected.last_fold_ms > 0, outcome) {
+            let ms = now_ms().saturating_sub(collected.last_fold_ms);
+            self.ctx.metrics.round_latency.observe(ms as f64 / 1000.0);
+        }
+        let closed = RoundEvent::RoundClosed { job: self.job.clone(), round, outcome: outcome.clone() };
+        publish_event(&self.ctx.infra, &self.job, &closed).await;
+        tracing::info!(job = %self.job, round = round.0, %outcome, nodes = collected.nodes.len(), "round closed");
+        if self.state.phase != JobPhase::Running {
+            let ended = RoundEvent::JobEnded { job: self.job.clone(), phase: self.state.phase.clone() };
+            publish_event(&self.ctx.infra, &self.job, &ended).await;
+            tracing::info!(job = %self.job, phase = %self.state.phase, "job ended");
+        }
+    }
+}
 
 /// What the leaves sent for one round.
 #[derive(Debug)]
@@ -400,18 +448,19 @@ struct Collected {
 /// collection) when a live node does not answer within the timeout, and gives up on nodes that
 /// are no longer live. `Ok(None)`: cancelled.
 async fn collect(
-    ctx: &CoordinatorContext,
+    ctx: &NodeContext,
+    cancel: &CancellationToken,
     job: &JobId,
     manifest: &Arc<ModelManifest>,
-    local: &mut tokio::sync::mpsc::UnboundedReceiver<Partial>,
-    remote: &mut async_nats::Subscriber,
+    inbox: &mut Inbox,
     round: RoundId,
 ) -> Result<Option<Collected>> {
     let fan_in = ctx.directory.get(job).map_or(0, |e| e.spec.fan_in);
+    let timings = &ctx.config.timings;
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let mut nodes = lease::live_nodes(&ctx.infra).await?;
+        let mut nodes = lease::live_nodes(&ctx.infra, timings).await?;
         if !nodes.contains(&ctx.node) {
             nodes.push(ctx.node.clone());
             nodes.sort();
@@ -428,69 +477,12 @@ async fn collect(
             .publish(ctx.infra.subjects.collect(job), Bytes::from(shoal_proto::encode(&req)))
             .await
             .map_err(|e| Error::nats("publish collect request", e))?;
-        let mut got = Collected {
-            collect: req.collect,
-            nodes: Vec::new(),
-            partial: None,
-            cohort: Vec::new(),
-            entries: Vec::new(),
-            count: 0,
-            seqs: Vec::new(),
-            last_fold_ms: 0,
-        };
-        let deadline = tokio::time::Instant::now() + ctx.collect_timeout;
-        while !nodes.iter().all(|n| got.nodes.contains(n)) {
-            let p = tokio::select! {
-                _ = ctx.cancel.cancelled() => return Ok(None),
-                _ = tokio::time::sleep_until(deadline) => break,
-                Some(p) = local.recv() => p,
-                Some(m) = remote.next() => match leaf::receive_remote(&ctx.infra, manifest, &m).await {
-                    Ok((h, p, bytes)) => {
-                        ctx.metrics.partial_bytes_received.inc_by(bytes);
-                        Partial {
-                            sender: h.sender,
-                            collect: h.collect,
-                            nodes: h.nodes,
-                            partial: p.map(Arc::new),
-                            cohort: Vec::new(),
-                            count: h.count,
-                            seqs: h.seqs,
-                            last_fold_ms: h.last_fold_ms,
-                            entries: h.cohort,
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(%job, error = %e, "malformed partial ignored");
-                        continue;
-                    }
-                },
-            };
-            if p.collect != req.collect
-                || !nodes.contains(&p.sender)
-                || p.nodes.iter().any(|n| got.nodes.contains(n) || !nodes.contains(n))
-            {
-                continue; // an earlier collection's answer, a duplicate, or not from a node asked
-            }
-            if let Some(pa) = p.partial {
-                // Streaming strategies all merge by the partial's own rule (sums add, maxima
-                // max, the lowest client's `first` values win).
-                match &mut got.partial {
-                    None => got.partial = Some(pa),
-                    Some(acc) => Arc::make_mut(acc).merge(&pa)?,
-                }
-            }
-            got.cohort.extend(p.cohort);
-            got.entries.extend(p.entries);
-            got.nodes.extend(p.nodes);
-            got.count += p.count;
-            got.seqs.extend(p.seqs);
-            got.last_fold_ms = got.last_fold_ms.max(p.last_fold_ms);
-        }
+        let Some(got) = gather(ctx, cancel, job, manifest, inbox, &req).await? else { return Ok(None) };
         let missing: Vec<&NodeId> = nodes.iter().filter(|n| !got.nodes.contains(n)).collect();
         if missing.is_empty() {
             return Ok(Some(got));
         }
-        let live = lease::live_nodes(&ctx.infra).await?;
+        let live = lease::live_nodes(&ctx.infra, timings).await?;
         let missing_live = missing.iter().any(|n| live.contains(n));
         if !missing_live || attempt >= 3 {
             tracing::warn!(
@@ -500,6 +492,85 @@ async fn collect(
             return Ok(Some(got));
         }
         tracing::info!(%job, %round, ?missing, "partials missing; collecting again");
+    }
+}
+
+/// Merges the partials that answer collection `req` until every node asked has answered or
+/// the collection timeout passes. `Ok(None)`: cancelled.
+async fn gather(
+    ctx: &NodeContext,
+    cancel: &CancellationToken,
+    job: &JobId,
+    manifest: &Arc<ModelManifest>,
+    inbox: &mut Inbox,
+    req: &CollectRequest,
+) -> Result<Option<Collected>> {
+    let mut got = Collected {
+        collect: req.collect,
+        nodes: Vec::new(),
+        partial: None,
+        cohort: Vec::new(),
+        entries: Vec::new(),
+        count: 0,
+        seqs: Vec::new(),
+        last_fold_ms: 0,
+    };
+    let deadline = tokio::time::Instant::now() + ctx.config.collect_timeout();
+    while !req.nodes.iter().all(|n| got.nodes.contains(n)) {
+        let p = tokio::select! {
+            _ = cancel.cancelled() => return Ok(None),
+            _ = tokio::time::sleep_until(deadline) => break,
+            Some(p) = inbox.local.recv() => p,
+            Some(m) = inbox.partials.next() => match leaf::receive_remote(&ctx.infra, manifest, &m).await {
+                Ok((h, p, bytes)) => {
+                    ctx.metrics.partial_bytes_received.inc_by(bytes);
+                    Partial {
+                        sender: h.sender,
+                        collect: h.collect,
+                        nodes: h.nodes,
+                        partial: p.map(Arc::new),
+                        cohort: Vec::new(),
+                        count: h.count,
+                        seqs: h.seqs,
+                        last_fold_ms: h.last_fold_ms,
+                        entries: h.cohort,
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%job, error = %e, "malformed partial ignored");
+                    continue;
+                }
+            },
+        };
+        if p.collect != req.collect
+            || !req.nodes.contains(&p.sender)
+            || p.nodes.iter().any(|n| got.nodes.contains(n) || !req.nodes.contains(n))
+        {
+            continue; // an earlier collection's answer, a duplicate, or not from a node asked
+        }
+        got.add(p)?;
+    }
+    Ok(Some(got))
+}
+
+impl Collected {
+    /// Merges one node's (or middle's) partial.
+    fn add(&mut self, p: Partial) -> Result<()> {
+        if let Some(pa) = p.partial {
+            // Streaming strategies all merge by the partial's own rule (sums add, maxima max,
+            // the lowest client's `first` values win).
+            match &mut self.partial {
+                None => self.partial = Some(pa),
+                Some(acc) => Arc::make_mut(acc).merge(&pa)?,
+            }
+        }
+        self.cohort.extend(p.cohort);
+        self.entries.extend(p.entries);
+        self.nodes.extend(p.nodes);
+        self.count += p.count;
+        self.seqs.extend(p.seqs);
+        self.last_fold_ms = self.last_fold_ms.max(p.last_fold_ms);
+        Ok(())
     }
 }
 
