@@ -363,7 +363,7 @@ pub fn check_segment_header(data: &[u8]) -> bool {
         }
         Err(e) => {
             assert_eq!(expected, None, "open_read_only refused a valid segment: {e}");
-            assert!(matches!(e, Error::Shm(_) | Error::Io { .. }), "typed error, got {e}");
+            assert!(matches!(e, Error::Segment(_) | Error::Io { .. }), "typed error, got {e}");
         }
     }
     decoded.is_some()

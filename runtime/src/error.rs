@@ -1,21 +1,17 @@
-//! The runtime's error type and the typed reasons an update is rejected for.
+//! The runtime's error type, with a `Copy` kind for callers that branch on it and for bounded
+//! metric labels. NATS, shared-memory and input problems are all values here: nothing in the
+//! runtime panics on them.
+
+use std::time::Duration;
+
+pub use shoal_proto::RejectReason;
 
 /// Result alias for the runtime.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Runtime errors. NATS, shared-memory and input problems are all values here: nothing in the
-/// runtime panics on them.
+/// Runtime errors.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// Could not connect to NATS.
-    #[error("cannot connect to NATS at {url}: {source}")]
-    Connect {
-        /// The URL tried.
-        url: String,
-        /// Cause.
-        #[source]
-        source: async_nats::ConnectError,
-    },
     /// A NATS or JetStream operation failed.
     #[error("NATS {op} failed: {source}")]
     Nats {
@@ -25,25 +21,22 @@ pub enum Error {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    /// The job does not exist.
+    /// An SDK operation (connecting, provisioning, the job store, objects) failed.
+    #[error(transparent)]
+    Client(#[from] shoal_client::Error),
+    /// The job does not exist (or this node has not seen it).
     #[error("job {0} does not exist")]
     UnknownJob(String),
-    /// A job with this id exists already.
-    #[error("job {0} exists already")]
-    JobExists(String),
     /// A job spec failed validation.
     #[error(transparent)]
     Spec(#[from] shoal_proto::SpecError),
     /// The node's configuration cannot work.
     #[error("invalid node configuration: {0}")]
     Config(#[from] shoal_proto::config::ConfigError),
-    /// An SDK operation (job store, objects, connection) failed.
-    #[error(transparent)]
-    Client(#[from] shoal_client::Error),
     /// Aggregation maths failed.
     #[error(transparent)]
     Functions(#[from] shoal_functions::Error),
-    /// A stored message (job state, event) could not be decoded.
+    /// A stored or received message (job state, partial, exchange message) could not be decoded.
     #[error("cannot decode {what}: {detail}")]
     Decode {
         /// What was being decoded.
@@ -51,10 +44,18 @@ pub enum Error {
         /// Decoder message.
         detail: String,
     },
-    /// A shared-memory segment problem.
+    /// A shared-memory segment's header is invalid (wrong magic, version or lengths).
     #[error("shared memory: {0}")]
-    Shm(String),
-    /// Local I/O.
+    Segment(#[from] shoal_proto::descriptor::LayoutError),
+    /// A slot index beyond its segment.
+    #[error("shared memory: slot {index} out of range (the segment has {slots})")]
+    SlotOutOfRange {
+        /// The index asked for.
+        index: usize,
+        /// Slots in the segment.
+        slots: u64,
+    },
+    /// Local I/O (shared-memory files and directories).
     #[error("{context}: {source}")]
     Io {
         /// What was being done.
@@ -63,56 +64,49 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// The job failed or finished while waiting.
-    #[error("job {job} is {phase}")]
-    JobEnded {
-        /// Job id.
-        job: String,
-        /// Its phase.
-        phase: String,
-    },
-    /// Another node already serves this NATS server.
-    #[error("{0}")]
-    NodeBusy(String),
+    /// Another live process uses this node id.
+    #[error(
+        "another process of node {0} is running and renewing its lease; give each node process its own --node-id"
+    )]
+    NodeBusy(shoal_proto::NodeId),
     /// Waiting exceeded its timeout.
     #[error("timed out after {0:?} waiting for {1}")]
-    Timeout(std::time::Duration, &'static str),
-    /// NATS refused the credentials, or an operation they do not permit (a permissions
-    /// violation reported by the server).
-    #[error("not authorized to {op}: {detail}")]
-    Unauthorized {
-        /// What was attempted.
-        op: &'static str,
-        /// The server's message (names the refused subject).
-        detail: String,
-    },
-    /// TLS to NATS failed: unknown CA, bad certificate or key, or no TLS where it is required.
-    #[error("TLS to NATS at {url} failed: {detail}")]
-    Tls {
-        /// The URL tried.
-        url: String,
-        /// What went wrong (the TLS library's message).
-        detail: String,
-    },
-    /// Contradictory or incomplete options (credentials, TLS files, generator input).
-    #[error("invalid options: {0}")]
-    InvalidOptions(String),
-    /// The update was rejected (client SDK view of a [`RejectReason`]).
-    #[error("update rejected: {0}")]
-    Rejected(RejectReason),
-    /// A message or update is larger than a limit: the server's `max_payload` or the job's
-    /// `max_update_bytes`. Found before anything was sent (a size error, never a time-out).
-    #[error("{what} of {size} bytes exceeds the limit of {limit} bytes ({limit_name})")]
-    PayloadTooLarge {
-        /// What was too large (`update`, `job spec`, ...).
-        what: &'static str,
-        /// Its size in bytes.
-        size: usize,
-        /// The limit in bytes.
-        limit: usize,
-        /// Which limit (`max_update_bytes`, `the server's max_payload`).
-        limit_name: &'static str,
-    },
+    Timeout(Duration, &'static str),
+    /// A part of the node (the function host, a job's top) stopped while another waited for it;
+    /// the node is shutting down.
+    #[error("the {0} of this node is gone")]
+    Gone(&'static str),
+}
+
+/// The `Copy` classification of [`Error`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// See [`Error::Nats`].
+    Nats,
+    /// See [`Error::Client`].
+    Client,
+    /// See [`Error::UnknownJob`].
+    UnknownJob,
+    /// See [`Error::Spec`].
+    Spec,
+    /// See [`Error::Config`].
+    Config,
+    /// See [`Error::Functions`].
+    Functions,
+    /// See [`Error::Decode`].
+    Decode,
+    /// See [`Error::Segment`].
+    Segment,
+    /// See [`Error::SlotOutOfRange`].
+    SlotOutOfRange,
+    /// See [`Error::Io`].
+    Io,
+    /// See [`Error::NodeBusy`].
+    NodeBusy,
+    /// See [`Error::Timeout`].
+    Timeout,
+    /// See [`Error::Gone`].
+    Gone,
 }
 
 impl Error {
@@ -125,9 +119,47 @@ impl Error {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Error {
         Error::Io { context: context.into(), source }
     }
+
+    /// The error's kind.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Nats { .. } => ErrorKind::Nats,
+            Error::Client(_) => ErrorKind::Client,
+            Error::UnknownJob(_) => ErrorKind::UnknownJob,
+            Error::Spec(_) => ErrorKind::Spec,
+            Error::Config(_) => ErrorKind::Config,
+            Error::Functions(_) => ErrorKind::Functions,
+            Error::Decode { .. } => ErrorKind::Decode,
+            Error::Segment(_) => ErrorKind::Segment,
+            Error::SlotOutOfRange { .. } => ErrorKind::SlotOutOfRange,
+            Error::Io { .. } => ErrorKind::Io,
+            Error::NodeBusy(_) => ErrorKind::NodeBusy,
+            Error::Timeout(..) => ErrorKind::Timeout,
+            Error::Gone(_) => ErrorKind::Gone,
+        }
+    }
 }
 
-pub use shoal_proto::RejectReason;
+impl ErrorKind {
+    /// A bounded label for metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Nats => "nats",
+            ErrorKind::Client => "client",
+            ErrorKind::UnknownJob => "unknown_job",
+            ErrorKind::Spec => "spec",
+            ErrorKind::Config => "config",
+            ErrorKind::Functions => "functions",
+            ErrorKind::Decode => "decode",
+            ErrorKind::Segment => "segment",
+            ErrorKind::SlotOutOfRange => "slot_out_of_range",
+            ErrorKind::Io => "io",
+            ErrorKind::NodeBusy => "node_busy",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Gone => "gone",
+        }
+    }
+}
 
 impl From<shoal_proto::DecodeError> for Error {
     fn from(e: shoal_proto::DecodeError) -> Self {

@@ -257,7 +257,7 @@ pub async fn run_leaf(ctx: NodeContext, job: JobId) -> Result<()> {
     ctx.host
         .send(RegisterJob { job: job.clone(), progress: tx })
         .await
-        .map_err(|e| Error::Shm(e.to_string()))?;
+        .map_err(|_| Error::Gone("function host"))?;
     let mut collects =
         ctx.infra.subscribe(ctx.infra.subjects.collect(&job), "subscribe to collections").await?;
     let mut to_me = ctx
@@ -396,7 +396,7 @@ async fn answer_collect(
         .host
         .send(CloseRound { job: job.clone(), round: req.round, seal: false })
         .await
-        .map_err(|e| Error::Shm(format!("function host gone: {e}")))?;
+        .map_err(|_| Error::Gone("function host"))?;
     let r = rounds.entry(req.round).or_default();
     if let Some(p) = harvest.partial.filter(|p| p.count() > 0) {
         match &mut r.partial {
@@ -445,7 +445,7 @@ async fn answer_collect(
         return if ctx.local.send(job, out) {
             Ok(())
         } else {
-            Err(Error::Shm("the top of this node is gone".into()))
+            Err(Error::Gone("top"))
         };
     }
     let header = PartialHeader {

@@ -152,10 +152,7 @@ pub async fn join(infra: &Infra, node: &NodeId, timings: &Timings) -> Result<Hel
         match try_acquire(infra, &key, node, instance, timings).await? {
             Attempt::Acquired(h) => return Ok(h),
             Attempt::HeldBy(_) if tokio::time::Instant::now() > deadline => {
-                return Err(Error::NodeBusy(format!(
-                    "another process of node {node} is running and renewing its lease; \
-                     give each node process its own --node-id"
-                )));
+                return Err(Error::NodeBusy(node.clone()));
             }
             Attempt::HeldBy(_) => {
                 tracing::info!(%node, "waiting for the previous process of this node to go away");

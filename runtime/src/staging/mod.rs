@@ -27,12 +27,6 @@ pub use shoal_proto::descriptor::{
 
 const HEADER_LEN: usize = SegmentHeader::ENCODED_LEN;
 
-impl From<shoal_proto::descriptor::LayoutError> for Error {
-    fn from(e: shoal_proto::descriptor::LayoutError) -> Self {
-        Error::Shm(e.to_string())
-    }
-}
-
 /// One mapped segment file.
 #[derive(Debug)]
 pub struct Segment {
@@ -83,7 +77,7 @@ impl Segment {
     /// another process attaches to its gateway's segments).
     ///
     /// # Errors
-    /// [`Error::Io`] if it cannot be opened; [`Error::Shm`] if the header is invalid.
+    /// [`Error::Io`] if it cannot be opened; [`Error::Segment`] if the header is invalid.
     pub fn open_read_only(path: &Path) -> Result<Segment> {
         let file =
             fs::File::open(path).map_err(|e| Error::io(format!("open segment {}", path.display()), e))?;
@@ -115,10 +109,10 @@ impl Segment {
     /// Reads slot `index` (for read-only attachments).
     ///
     /// # Errors
-    /// [`Error::Shm`] if `index` is out of range.
+    /// [`Error::SlotOutOfRange`] if `index` is out of range.
     pub fn slot(&self, index: usize) -> Result<&[u8]> {
         if index as u64 >= self.header.slot_count {
-            return Err(Error::Shm(format!("slot {index} out of range")));
+            return Err(Error::SlotOutOfRange { index, slots: self.header.slot_count });
         }
         let sb = self.header.slot_bytes as usize;
         // SAFETY: in range (checked above, and the header was validated against the file length);
@@ -353,7 +347,7 @@ mod tests {
         // A file with garbage is refused by open_read_only.
         let p = tmp.path().join("x.seg");
         fs::write(&p, vec![7u8; 8192]).unwrap();
-        assert!(matches!(Segment::open_read_only(&p), Err(Error::Shm(_))));
+        assert!(matches!(Segment::open_read_only(&p), Err(Error::Segment(_))));
         let empty = tmp.path().join("e.seg");
         fs::write(&empty, b"").unwrap();
         assert!(Segment::open_read_only(&empty).is_err());
