@@ -251,6 +251,7 @@ impl NodeArgs {
 pub enum JobCommand {
     /// Create a job from a JSON spec (see README for the format).
     Create {
+        /// NATS connection.
         #[command(flatten)]
         nats: NatsArgs,
         /// JSON job spec.
@@ -262,6 +263,7 @@ pub enum JobCommand {
     },
     /// Show a job's state.
     Status {
+        /// NATS connection.
         #[command(flatten)]
         nats: NatsArgs,
         /// Job id.
@@ -306,98 +308,12 @@ pub struct ClientArgs {
 /// Whatever the command fails with, with context for the user.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Node(a) => {
-            let config = a.config()?;
-            config.validate().context("invalid node flags")?;
-            let opts = NodeOptions { config, nats: a.nats.options("shoal-node")?, plugins: None };
-            let handle = node::start(opts).await.context("starting the node")?;
-            shutdown_signal().await;
-            tracing::info!("shutting down");
-            handle.shutdown().await;
-            Ok(())
-        }
+        Command::Node(a) => run_node(a).await,
         Command::Job(JobCommand::Create { nats, spec, initial }) => {
-            let text =
-                std::fs::read_to_string(&spec).with_context(|| format!("reading {}", spec.display()))?;
-            let spec: JobSpec =
-                serde_json::from_str(&text).with_context(|| format!("parsing {}", spec.display()))?;
-            let admin = shoal_client::Infra::connect(&nats.options("shoal-cli")?).await?;
-            let initial = match initial {
-                Some(p) => {
-                    let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
-                    Some(Parameters::from_safetensors(Arc::new(spec.manifest.clone()), &bytes)?)
-                }
-                None => None,
-            };
-            shoal_client::jobs::create_job(&admin, &spec, initial.as_ref()).await?;
-            println!("job {} created", spec.job);
-            Ok(())
+            job_create(&nats, &spec, initial.as_deref()).await
         }
-        Command::Job(JobCommand::Status { nats, job }) => {
-            let client = ShoalClient::connect(&nats.options("shoal-cli")?).await?;
-            let job = JobId::new(job)?;
-            let state = client.job_state(&job).await?;
-            println!("job:           {job}");
-            println!("phase:         {}", state.phase);
-            println!("round:         {}{}", state.round, if state.is_open() { " (open)" } else { "" });
-            println!("model version: {}", state.model_version);
-            if let Some(o) = &state.last_outcome {
-                println!("last round:    {o}");
-            }
-            Ok(())
-        }
-        Command::Client(a) => {
-            let job = JobId::new(a.job)?;
-            let me = ClientId::new(a.client_id)?;
-            let mut opts = a.nats.options("shoal-client")?;
-            if opts.inbox_prefix.is_none() {
-                opts = opts.for_client(&me);
-            }
-            let client = ShoalClient::connect(&opts).await?;
-            let kind = UpdateKind::parse(&a.kind).context("--kind must be parameters or delta")?;
-            let payload =
-                std::fs::read(&a.update).with_context(|| format!("reading {}", a.update.display()))?;
-            let timeout = Duration::from_secs(a.timeout_secs);
-            // Check the file against the job's manifest before sending it anywhere.
-            let spec = client.job_spec(&job).await?;
-            Parameters::from_safetensors(Arc::new(spec.manifest.clone()), &payload).with_context(|| {
-                format!("{} does not match job {job}'s model manifest", a.update.display())
-            })?;
-            let state = client.wait_for_open_round(&job, shoal_functions::RoundId(1), timeout).await?;
-            let mut rejections = client.rejections(&job, &me).await?;
-            let via = client
-                .publish_update(UpdateRequest {
-                    job: job.clone(),
-                    client: me.clone(),
-                    round: state.round,
-                    base_version: state.model_version,
-                    num_examples: a.num_examples,
-                    kind,
-                    payload: payload.into(),
-                    force_object_store: a.object_store,
-                })
-                .await?;
-            let via = match via {
-                shoal_client::Transport::Inline => "inline",
-                shoal_client::Transport::ObjectStore => "through the object store",
-            };
-            println!("published for round {} ({via})", state.round);
-            if a.wait {
-                let after = client
-                    .wait_for_outcome(&job, state.round, &mut rejections, timeout)
-                    .await
-                    .context("the node refused the update")?;
-                match after.last_outcome {
-                    Some(o @ RoundOutcome::Committed { .. }) => println!("round {} closed: {o}", state.round),
-                    Some(o) => anyhow::bail!("round {} closed without a model: {o}", state.round),
-                    None => anyhow::bail!("round {} closed without an outcome", state.round),
-                }
-                if let JobPhase::Failed { reason } = after.phase {
-                    anyhow::bail!("job failed: {reason}");
-                }
-            }
-            Ok(())
-        }
+        Command::Job(JobCommand::Status { nats, job }) => job_status(&nats, job).await,
+        Command::Client(a) => run_client(a).await,
         Command::Demo(a) => crate::demo::run(a).await,
         Command::Auth(AuthCommand::NatsConfig(a)) => {
             print!("{}", nats_config(&a)?);
@@ -405,6 +321,108 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench(BenchCommand::Hierarchy(a)) => crate::bench::hierarchy(a).await,
     }
+}
+
+/// `shoal node`: runs until SIGINT or SIGTERM, then shuts down cleanly.
+async fn run_node(a: NodeArgs) -> anyhow::Result<()> {
+    let config = a.config()?;
+    config.validate().context("invalid node flags")?;
+    let opts = NodeOptions { config, nats: a.nats.options("shoal-node")?, plugins: None };
+    let handle = node::start(opts).await.context("starting the node")?;
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    handle.shutdown().await;
+    Ok(())
+}
+
+/// `shoal job create`.
+async fn job_create(
+    nats: &NatsArgs,
+    spec: &std::path::Path,
+    initial: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(spec).with_context(|| format!("reading {}", spec.display()))?;
+    let spec: JobSpec = serde_json::from_str(&text).with_context(|| format!("parsing {}", spec.display()))?;
+    let admin = shoal_client::Infra::connect(&nats.options("shoal-cli")?).await?;
+    let initial = match initial {
+        Some(p) => {
+            let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+            Some(Parameters::from_safetensors(Arc::new(spec.manifest.clone()), &bytes)?)
+        }
+        None => None,
+    };
+    shoal_client::jobs::create_job(&admin, &spec, initial.as_ref()).await?;
+    println!("job {} created", spec.job);
+    Ok(())
+}
+
+/// `shoal job status`.
+async fn job_status(nats: &NatsArgs, job: String) -> anyhow::Result<()> {
+    let client = ShoalClient::connect(&nats.options("shoal-cli")?).await?;
+    let job = JobId::new(job)?;
+    let state = client.job_state(&job).await?;
+    println!("job:           {job}");
+    println!("phase:         {}", state.phase);
+    println!("round:         {}{}", state.round, if state.is_open() { " (open)" } else { "" });
+    println!("model version: {}", state.model_version);
+    if let Some(o) = &state.last_outcome {
+        println!("last round:    {o}");
+    }
+    Ok(())
+}
+
+/// `shoal client`: checks the file against the job's manifest, publishes it for the open round
+/// and, with `--wait`, waits for the round's outcome.
+async fn run_client(a: ClientArgs) -> anyhow::Result<()> {
+    let job = JobId::new(a.job)?;
+    let me = ClientId::new(a.client_id)?;
+    let mut opts = a.nats.options("shoal-client")?;
+    if opts.inbox_prefix.is_none() {
+        opts = opts.for_client(&me);
+    }
+    let client = ShoalClient::connect(&opts).await?;
+    let kind = UpdateKind::parse(&a.kind).context("--kind must be parameters or delta")?;
+    let payload = std::fs::read(&a.update).with_context(|| format!("reading {}", a.update.display()))?;
+    let timeout = Duration::from_secs(a.timeout_secs);
+    // Check the file against the job's manifest before sending it anywhere.
+    let spec = client.job_spec(&job).await?;
+    Parameters::from_safetensors(Arc::new(spec.manifest.clone()), &payload)
+        .with_context(|| format!("{} does not match job {job}'s model manifest", a.update.display()))?;
+    let state = client.wait_for_open_round(&job, shoal_functions::RoundId(1), timeout).await?;
+    let mut rejections = client.rejections(&job, &me).await?;
+    let via = client
+        .publish_update(UpdateRequest {
+            job: job.clone(),
+            client: me.clone(),
+            round: state.round,
+            base_version: state.model_version,
+            num_examples: a.num_examples,
+            kind,
+            payload: payload.into(),
+            force_object_store: a.object_store,
+        })
+        .await?;
+    let via = match via {
+        shoal_client::Transport::Inline => "inline",
+        shoal_client::Transport::ObjectStore => "through the object store",
+    };
+    println!("published for round {} ({via})", state.round);
+    if !a.wait {
+        return Ok(());
+    }
+    let after = client
+        .wait_for_outcome(&job, state.round, &mut rejections, timeout)
+        .await
+        .context("the node refused the update")?;
+    match after.last_outcome {
+        Some(o @ RoundOutcome::Committed { .. }) => println!("round {} closed: {o}", state.round),
+        Some(o) => anyhow::bail!("round {} closed without a model: {o}", state.round),
+        None => anyhow::bail!("round {} closed without an outcome", state.round),
+    }
+    if let JobPhase::Failed { reason } = after.phase {
+        anyhow::bail!("job failed: {reason}");
+    }
+    Ok(())
 }
 
 /// The text `shoal auth nats-config` prints (and, with --nkeys-dir, the seed files it writes).

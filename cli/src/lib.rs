@@ -7,6 +7,8 @@
 //! - [`bench`]: `shoal bench`, whole-system benchmarks that print ratios against limits measured
 //!   in the same run.
 
+#![forbid(unsafe_code)]
+
 pub mod bench;
 pub mod cli;
 pub mod demo;

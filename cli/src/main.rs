@@ -1,6 +1,8 @@
 //! The `shoal` binary: parses the command line and runs it inside an actix system on a tokio
 //! runtime (`System::with_tokio_rt`; `System::new()` inside tokio would panic).
 
+#![forbid(unsafe_code)]
+
 use clap::Parser;
 use shoal_cli::cli::{self, Cli};
 

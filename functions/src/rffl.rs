@@ -737,6 +737,7 @@ impl Rffl {
         p.round
     }
 
+    #[allow(clippy::too_many_lines)] // TEMP: the functions branch splits it
     fn compute(&self, cohort: &[UpdateView<'_>]) -> Result<Pending, RfflError> {
         let first = cohort.first().ok_or(RfflError::EmptyCohort)?;
         let manifest = match &self.manifest {

@@ -424,11 +424,20 @@ fn job_spec(strategy: StrategySpec, update_kind: UpdateKind, opt: Option<ServerO
 /// # Panics
 /// Never for the fixed values used.
 pub fn seeds() -> Vec<Seed> {
+    let mut out = seeds_updates();
+    out.extend(seeds_public_messages());
+    out.extend(seeds_cluster_messages());
+    out.extend(seeds_specs());
+    out.extend(seeds_segments());
+    out
+}
+
+/// Safetensors updates: valid ones, with metadata, with NaN and Inf.
+fn seeds_updates() -> Vec<Seed> {
     let mut out = Vec::new();
     let mut add = |target, name: &str, bytes: Vec<u8>, accepted| {
         out.push(Seed { target, name: format!("seed-{name}"), bytes, accepted });
     };
-
     let w = [0.5, -1.25, 3.0, 0.0, 1e-3, 7.0];
     let b = [0.5, 1.0, -2.0];
     add("stage_update", "update", update_payload(&w, &b, 42, false), true);
@@ -444,7 +453,15 @@ pub fn seeds() -> Vec<Seed> {
         vec![w.iter().map(|&v| f64::from(v)).collect(), b.iter().map(|&v| f64::from(v)).collect(), vec![3.0]];
     let enc = shoal_functions::tensor::encode_safetensors(update_manifest(), &vals).expect("encode");
     add("stage_update", "update-encoded", enc, true);
+    out
+}
 
+/// Job states, round events and a rejection notice.
+fn seeds_public_messages() -> Vec<Seed> {
+    let mut out = Vec::new();
+    let mut add = |target, name: &str, bytes: Vec<u8>, accepted| {
+        out.push(Seed { target, name: format!("seed-{name}"), bytes, accepted });
+    };
     let job = JobId::new("mnist").expect("job id");
     let client = ClientId::new("client-7").expect("client id");
     let state = JobState {
@@ -502,6 +519,16 @@ pub fn seeds() -> Vec<Seed> {
         detail: "tensor \"w\" holds a non-finite value at element 2".into(),
     };
     add("control_messages", "reject-notice", shoal_proto::encode(&notice), true);
+    out
+}
+
+/// Leaf progress, a collection, a shard plan, a lease, a framed partial and a slice.
+fn seeds_cluster_messages() -> Vec<Seed> {
+    let mut out = Vec::new();
+    let mut add = |target, name: &str, bytes: Vec<u8>, accepted| {
+        out.push(Seed { target, name: format!("seed-{name}"), bytes, accepted });
+    };
+    let client = ClientId::new("client-7").expect("client id");
     let n1 = shoal_functions::NodeId::new("n1").expect("node id");
     let n2 = shoal_functions::NodeId::new("n2").expect("node id");
     let progress = shoal_proto::cluster::LeafProgress { node: n1.clone(), round: RoundId(4), accepted: 17 };
@@ -561,6 +588,16 @@ pub fn seeds() -> Vec<Seed> {
         object: None,
     };
     add("control_messages", "shard-slice", shoal_proto::envelope::frame(&slice, &[0u8; 64]), true);
+    out
+}
+
+/// Job specs of several strategies (msgpack, and one as JSON).
+fn seeds_specs() -> Vec<Seed> {
+    let mut out = Vec::new();
+    let mut add = |target, name: &str, bytes: Vec<u8>, accepted| {
+        out.push(Seed { target, name: format!("seed-{name}"), bytes, accepted });
+    };
+    let client = ClientId::new("client-7").expect("client id");
     let specs = [
         ("fedavg", job_spec(StrategySpec::default(), UpdateKind::Parameters, None)),
         (
@@ -615,7 +652,15 @@ pub fn seeds() -> Vec<Seed> {
     }
     let json = serde_json::to_vec_pretty(&specs[0].1).expect("spec to JSON");
     add("control_messages", "job-spec-fedavg.json", json, true);
+    out
+}
 
+/// Segment headers of several geometries (file length first).
+fn seeds_segments() -> Vec<Seed> {
+    let mut out = Vec::new();
+    let mut add = |target, name: &str, bytes: Vec<u8>, accepted| {
+        out.push(Seed { target, name: format!("seed-{name}"), bytes, accepted });
+    };
     for (slot_bytes, slot_count) in [(64u64, 2u64), (192, 64), (4096, 3)] {
         let total = DATA_OFFSET as u64 + slot_bytes * slot_count;
         let h = SegmentHeader { slot_bytes, slot_count, total_bytes: total };

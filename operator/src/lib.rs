@@ -21,6 +21,8 @@
 //! - [`report`]: the simulator's report directory (CSV, PNG plots, summary table).
 //! - [`duration`], [`node`], [`error`]: `60s`-style durations, node names, this crate's errors.
 
+#![forbid(unsafe_code)]
+
 pub mod autoscaler;
 pub mod duration;
 pub mod error;

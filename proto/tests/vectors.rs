@@ -6,6 +6,8 @@
 //! `SHOAL_BLESS_VECTORS=1 cargo test -p shoal-proto --test vectors` writes the encodings of new vectors
 //! (files that do not exist yet); existing files are never rewritten.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;

@@ -23,6 +23,8 @@
 //! - [`clock`]: wall-clock milliseconds.
 //! - [`error`]: the runtime's error type.
 
+#![deny(unsafe_code)]
+
 pub mod clock;
 pub mod cluster;
 pub mod error;
@@ -32,6 +34,8 @@ pub mod jobs;
 pub mod metrics;
 pub mod nats;
 pub mod node;
+// All mapping `unsafe` of the runtime lives in `staging` (STYLE.md), with `// SAFETY:` on every block.
+#[allow(unsafe_code)]
 pub mod staging;
 
 pub use error::{Error, RejectReason, Result};

@@ -89,6 +89,102 @@ pub struct Metrics {
     log_state: Mutex<HashMap<RejectReason, (u64, Instant)>>,
 }
 
+impl Metrics {
+    fn register_ingest(&self, registry: &mut Registry) {
+        registry.register(
+            "updates_staged",
+            "Client updates staged in shared memory",
+            self.updates_staged.clone(),
+        );
+        registry.register(
+            "bytes_staged",
+            "Bytes of client updates staged in shared memory",
+            self.bytes_staged.clone(),
+        );
+        registry.register(
+            "updates_rejected",
+            "Client updates rejected, by reason",
+            self.updates_rejected.clone(),
+        );
+        registry.register("rounds", "Rounds ended, by outcome", self.rounds.clone());
+        registry.register(
+            "aggregator_cold_starts",
+            "Aggregator actors started on demand",
+            self.cold_starts.clone(),
+        );
+        registry.register(
+            "aggregator_warm_reuses",
+            "Aggregator actors reused for a new round",
+            self.warm_reuses.clone(),
+        );
+        registry.register("aggregators", "Aggregators alive on this node, by tier", self.aggregators.clone());
+        registry.register(
+            "aggregator_cold_start_seconds",
+            "Seconds from an update reaching the function host to a new aggregator handling it",
+            self.cold_start_seconds.clone(),
+        );
+        registry.register(
+            "aggregator_warm_reuse_seconds",
+            "Seconds from an update reaching the function host to a reused aggregator handling it",
+            self.warm_reuse_seconds.clone(),
+        );
+        registry.register(
+            "updates_already_applied",
+            "Update messages delivered again after a committed model included them (acked, not folded again)",
+            self.updates_already_applied.clone(),
+        );
+    }
+
+    fn register_cluster(&self, registry: &mut Registry) {
+        registry.register(
+            "slow_consumer_events",
+            "Slow-consumer events of the node's NATS connection (messages dropped from a full subscription buffer)",
+            self.slow_consumer_events.clone(),
+        );
+        registry.register(
+            "partial_bytes_sent",
+            "Bytes of partial aggregates sent to other nodes",
+            self.partial_bytes_sent.clone(),
+        );
+        registry.register(
+            "shard_bytes_sent",
+            "Bytes of update slices and shard results sent in coordinate-sharded exchanges",
+            self.shard_bytes_sent.clone(),
+        );
+        registry.register(
+            "shard_bytes_received",
+            "Bytes of update slices and shard results received in coordinate-sharded exchanges",
+            self.shard_bytes_received.clone(),
+        );
+        registry.register(
+            "consumer_restarts",
+            "Times the gateway opened its pull consumer again after it ended, failed or stalled",
+            self.consumer_restarts.clone(),
+        );
+        registry.register(
+            "partial_bytes_received",
+            "Bytes of partial aggregates received from other nodes",
+            self.partial_bytes_received.clone(),
+        );
+        registry.register("jobs_served", "Running jobs this node serves", self.jobs_served.clone());
+        registry.register(
+            "jobs_waiting",
+            "Running jobs waiting for a free slot on this node (--max-jobs)",
+            self.jobs_waiting.clone(),
+        );
+        registry.register(
+            "jobs_refused",
+            "Jobs not taken when first seen because the node serves its --max-jobs already",
+            self.jobs_refused.clone(),
+        );
+        registry.register(
+            "round_latency_seconds",
+            "Seconds from the last accepted update of a round to its commit",
+            self.round_latency.clone(),
+        );
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("shoal");
@@ -116,94 +212,8 @@ impl Default for Metrics {
             log_state: Mutex::new(HashMap::new()),
             registry: Registry::default(),
         };
-        registry.register(
-            "updates_staged",
-            "Client updates staged in shared memory",
-            m.updates_staged.clone(),
-        );
-        registry.register(
-            "bytes_staged",
-            "Bytes of client updates staged in shared memory",
-            m.bytes_staged.clone(),
-        );
-        registry.register(
-            "updates_rejected",
-            "Client updates rejected, by reason",
-            m.updates_rejected.clone(),
-        );
-        registry.register("rounds", "Rounds ended, by outcome", m.rounds.clone());
-        registry.register(
-            "aggregator_cold_starts",
-            "Aggregator actors started on demand",
-            m.cold_starts.clone(),
-        );
-        registry.register(
-            "aggregator_warm_reuses",
-            "Aggregator actors reused for a new round",
-            m.warm_reuses.clone(),
-        );
-        registry.register("aggregators", "Aggregators alive on this node, by tier", m.aggregators.clone());
-        registry.register(
-            "aggregator_cold_start_seconds",
-            "Seconds from an update reaching the function host to a new aggregator handling it",
-            m.cold_start_seconds.clone(),
-        );
-        registry.register(
-            "aggregator_warm_reuse_seconds",
-            "Seconds from an update reaching the function host to a reused aggregator handling it",
-            m.warm_reuse_seconds.clone(),
-        );
-        registry.register(
-            "updates_already_applied",
-            "Update messages delivered again after a committed model included them (acked, not folded again)",
-            m.updates_already_applied.clone(),
-        );
-        registry.register(
-            "slow_consumer_events",
-            "Slow-consumer events of the node's NATS connection (messages dropped from a full subscription buffer)",
-            m.slow_consumer_events.clone(),
-        );
-        registry.register(
-            "partial_bytes_sent",
-            "Bytes of partial aggregates sent to other nodes",
-            m.partial_bytes_sent.clone(),
-        );
-        registry.register(
-            "shard_bytes_sent",
-            "Bytes of update slices and shard results sent in coordinate-sharded exchanges",
-            m.shard_bytes_sent.clone(),
-        );
-        registry.register(
-            "shard_bytes_received",
-            "Bytes of update slices and shard results received in coordinate-sharded exchanges",
-            m.shard_bytes_received.clone(),
-        );
-        registry.register(
-            "consumer_restarts",
-            "Times the gateway opened its pull consumer again after it ended, failed or stalled",
-            m.consumer_restarts.clone(),
-        );
-        registry.register(
-            "partial_bytes_received",
-            "Bytes of partial aggregates received from other nodes",
-            m.partial_bytes_received.clone(),
-        );
-        registry.register("jobs_served", "Running jobs this node serves", m.jobs_served.clone());
-        registry.register(
-            "jobs_waiting",
-            "Running jobs waiting for a free slot on this node (--max-jobs)",
-            m.jobs_waiting.clone(),
-        );
-        registry.register(
-            "jobs_refused",
-            "Jobs not taken when first seen because the node serves its --max-jobs already",
-            m.jobs_refused.clone(),
-        );
-        registry.register(
-            "round_latency_seconds",
-            "Seconds from the last accepted update of a round to its commit",
-            m.round_latency.clone(),
-        );
+        m.register_ingest(&mut registry);
+        m.register_cluster(&mut registry);
         for tier in ["leaf", "middle", "top"] {
             let _ = m.aggregators.get_or_create(&TierLabel { tier }).get();
         }

@@ -3,6 +3,8 @@
 //! on drop, and helpers to build jobs, random updates and the independent f64 oracle; a
 //! throwaway PKI ([`TestPki`], generated with rcgen) for TLS tests.
 
+#![deny(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -151,7 +153,12 @@ impl NodeProcess {
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut c = self.child.take().expect("node running");
         // SAFETY: kill(2) on our own child's pid; no memory is involved.
-        unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+        // SAFETY: kill(2) with a pid this process spawned and a valid signal number; it touches
+        // no memory of ours.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(c.id() as libc::pid_t, libc::SIGTERM)
+        };
         c.wait().expect("wait for node")
     }
 

@@ -34,6 +34,8 @@
 //! final crate picks one; k8s-openapi refuses two). Its own tests pick `v1_37`, the version of the
 //! API server they start.
 
+#![forbid(unsafe_code)]
+
 pub mod apply;
 pub mod config;
 pub mod controlplane;

@@ -17,6 +17,7 @@
 //! `SHOAL_FAULT_SEED` replays another seed.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+#![allow(clippy::too_many_lines)] // a test reads as one scenario, top to bottom
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -100,7 +101,7 @@ async fn publish(client: &ShoalClient, req: UpdateRequest) -> (u32, bool) {
 /// that was slow, or cut off by a NATS restart, still finds it).
 async fn state_after(client: &ShoalClient, round: u64) -> Option<JobState> {
     let mut history =
-        shoal_testkit::infra_of(&client).await.jobs.history(format!("{JOB}.state")).await.ok()?;
+        shoal_testkit::infra_of(client).await.jobs.history(format!("{JOB}.state")).await.ok()?;
     let mut found = None;
     while let Some(Ok(e)) = history.next().await {
         let Ok(s) = shoal_proto::decode::<JobState>("job state", &e.value) else { continue };
@@ -113,7 +114,7 @@ async fn state_after(client: &ShoalClient, round: u64) -> Option<JobState> {
 
 /// The messages still in the updates stream: (stream sequence, subject, round header).
 async fn leftovers(client: &ShoalClient) -> Vec<(u64, String, String)> {
-    let mut stream = shoal_testkit::infra_of(&client).await.updates.clone();
+    let mut stream = shoal_testkit::infra_of(client).await.updates.clone();
     let Ok(info) = stream.info().await else { return Vec::new() };
     let (first, last) = (info.state.first_sequence, info.state.last_sequence);
     let mut out = Vec::new();

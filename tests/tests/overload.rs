@@ -9,6 +9,7 @@
 //!   warm-up under 5 % of the model size.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+#![allow(clippy::too_many_lines)] // a test reads as one scenario, top to bottom
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

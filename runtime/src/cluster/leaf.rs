@@ -245,6 +245,30 @@ struct LeafRound {
     last_fold_ms: u64,
 }
 
+/// The subscriptions a leaf listens on.
+struct LeafInbox {
+    /// The top's collection requests.
+    collects: async_nats::Subscriber,
+    /// Partials for this node's middle.
+    to_me: async_nats::Subscriber,
+    /// The top's shard plans.
+    plans: async_nats::Subscriber,
+    /// Update slices for this node as a shard owner.
+    slices: async_nats::Subscriber,
+}
+
+impl LeafInbox {
+    async fn open(ctx: &NodeContext, job: &JobId) -> Result<LeafInbox> {
+        let (infra, s) = (&ctx.infra, &ctx.infra.subjects);
+        Ok(LeafInbox {
+            collects: infra.subscribe(s.collect(job), "subscribe to collections").await?,
+            to_me: infra.subscribe(s.partials_to(job, &ctx.node, "middle"), "subscribe to partials").await?,
+            plans: infra.subscribe(s.shard_plans(job), "subscribe to shard plans").await?,
+            slices: infra.subscribe(s.slices_to(job, &ctx.node), "subscribe to update slices").await?,
+        })
+    }
+}
+
 /// Runs the leaf of `job` on this node until the job ends (and its last round is settled) or
 /// the node shuts down (then every update it holds is handed back to JetStream).
 ///
@@ -258,18 +282,7 @@ pub async fn run_leaf(ctx: NodeContext, job: JobId) -> Result<()> {
         .send(RegisterJob { job: job.clone(), progress: tx })
         .await
         .map_err(|_| Error::Gone("function host"))?;
-    let mut collects =
-        ctx.infra.subscribe(ctx.infra.subjects.collect(&job), "subscribe to collections").await?;
-    let mut to_me = ctx
-        .infra
-        .subscribe(ctx.infra.subjects.partials_to(&job, &ctx.node, "middle"), "subscribe to partials")
-        .await?;
-    let mut plans =
-        ctx.infra.subscribe(ctx.infra.subjects.shard_plans(&job), "subscribe to shard plans").await?;
-    let mut slices = ctx
-        .infra
-        .subscribe(ctx.infra.subjects.slices_to(&job, &ctx.node), "subscribe to update slices")
-        .await?;
+    let LeafInbox { mut collects, mut to_me, mut plans, mut slices } = LeafInbox::open(&ctx, &job).await?;
     let mut owner = crate::cluster::exchange::Owner::new(
         ctx.infra.clone(),
         job.clone(),
@@ -442,11 +455,7 @@ async fn answer_collect(
     }
     let (to, to_middle) = parent(&ctx.node, req);
     if to == ctx.node && !to_middle {
-        return if ctx.local.send(job, out) {
-            Ok(())
-        } else {
-            Err(Error::Gone("top"))
-        };
+        return if ctx.local.send(job, out) { Ok(()) } else { Err(Error::Gone("top")) };
     }
     let header = PartialHeader {
         sender: ctx.node.clone(),

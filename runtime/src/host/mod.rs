@@ -489,6 +489,50 @@ impl Actor for Aggregator {
     }
 }
 
+/// What a fold on the blocking thread hands back: the strategy, the partial, the batch and the
+/// updates it refused (position in the batch, why).
+type Folded = (Box<dyn Strategy>, PartialAggregate, Vec<Staged>, Vec<(usize, String)>);
+
+/// Folds `batch` into `partial` (a new one when `None`) on a blocking thread: each update's
+/// coefficient comes from the strategy (`num_examples` for FedAvg, scaled or replaced by
+/// FedBuff/FedFix; synchronous rounds have staleness 0); an update the strategy weighs 0 or
+/// refuses, or one that fails to fold, is reported back with the reason.
+fn fold_on_blocking_thread(
+    strategy: Box<dyn Strategy>,
+    partial: Option<PartialAggregate>,
+    batch: Vec<Staged>,
+    manifest: &Arc<ModelManifest>,
+    fold_delay: Duration,
+) -> Folded {
+    if !fold_delay.is_zero() {
+        std::thread::sleep(fold_delay.saturating_mul(batch.len() as u32));
+    }
+    let mut partial = partial.unwrap_or_else(|| PartialAggregate::new(Arc::clone(manifest)));
+    let mut failed: Vec<(usize, String)> = Vec::new();
+    let mut views: Vec<UpdateView<'_>> = Vec::with_capacity(batch.len());
+    let mut index: Vec<usize> = Vec::with_capacity(batch.len());
+    for (i, s) in batch.iter().enumerate() {
+        match strategy.update_weight(&s.client, s.num_examples, s.staleness.0) {
+            Ok(w) if w > 0.0 => {
+                views.push(UpdateView { manifest, bytes: s.slot.bytes(), weight: w, client: &s.client });
+                index.push(i);
+            }
+            Ok(w) => failed.push((i, format!("the strategy gives this update weight {w}"))),
+            Err(e) => failed.push((i, e.to_string())),
+        }
+    }
+    if strategy.fold_batch(&mut partial, &views).is_err() {
+        // Find the culprits one by one; nothing was folded by the failed batch call.
+        for (v, &i) in views.iter().zip(&index) {
+            if let Err(e) = strategy.fold(&mut partial, v) {
+                failed.push((i, e.to_string()));
+            }
+        }
+    }
+    drop(views);
+    (strategy, partial, batch, failed)
+}
+
 impl Aggregator {
     fn maybe_fold(&mut self, ctx: &mut Context<Self>) {
         if self.in_fold || self.pending.is_empty() {
@@ -499,7 +543,7 @@ impl Aggregator {
             // Lazy baseline: keep the updates staged until the round closes.
             return;
         }
-        let (Some(strategy), mut partial) = (self.strategy.take(), self.partial.take()) else {
+        let (Some(strategy), partial) = (self.strategy.take(), self.partial.take()) else {
             return;
         };
         self.in_fold = true;
@@ -507,40 +551,7 @@ impl Aggregator {
         let manifest = Arc::clone(&self.manifest);
         let fold_delay = self.config.fold_delay;
         let work = tokio::task::spawn_blocking(move || {
-            if !fold_delay.is_zero() {
-                std::thread::sleep(fold_delay.saturating_mul(batch.len() as u32));
-            }
-            let mut partial = partial.take().unwrap_or_else(|| PartialAggregate::new(Arc::clone(&manifest)));
-            // Each update's coefficient comes from the strategy (num_examples for FedAvg, scaled
-            // or replaced by FedBuff/FedFix); sync rounds have staleness 0.
-            let mut failed: Vec<(usize, String)> = Vec::new();
-            let mut views: Vec<UpdateView<'_>> = Vec::with_capacity(batch.len());
-            let mut index: Vec<usize> = Vec::with_capacity(batch.len());
-            for (i, s) in batch.iter().enumerate() {
-                match strategy.update_weight(&s.client, s.num_examples, s.staleness.0) {
-                    Ok(w) if w > 0.0 => {
-                        views.push(UpdateView {
-                            manifest: &manifest,
-                            bytes: s.slot.bytes(),
-                            weight: w,
-                            client: &s.client,
-                        });
-                        index.push(i);
-                    }
-                    Ok(w) => failed.push((i, format!("the strategy gives this update weight {w}"))),
-                    Err(e) => failed.push((i, e.to_string())),
-                }
-            }
-            if strategy.fold_batch(&mut partial, &views).is_err() {
-                // Find the culprits one by one; nothing was folded by the failed batch call.
-                for (v, &i) in views.iter().zip(&index) {
-                    if let Err(e) = strategy.fold(&mut partial, v) {
-                        failed.push((i, e.to_string()));
-                    }
-                }
-            }
-            drop(views);
-            (strategy, partial, batch, failed)
+            fold_on_blocking_thread(strategy, partial, batch, &manifest, fold_delay)
         });
         ctx.spawn(work.into_actor(self).map(|res, act, ctx| {
             let (strategy, partial, batch, failed) = match res {
