@@ -55,6 +55,16 @@ pub enum Error {
         /// Slots in the segment.
         slots: u64,
     },
+    /// A descriptor names an earlier lease of its slot (the slot was leased again since).
+    #[error("shared memory: slot {index} is at generation {current}, the descriptor names {generation}")]
+    StaleSlot {
+        /// The slot.
+        index: usize,
+        /// The descriptor's generation.
+        generation: u32,
+        /// The slot's current generation.
+        current: u32,
+    },
     /// Local I/O (shared-memory files and directories).
     #[error("{context}: {source}")]
     Io {
@@ -99,6 +109,8 @@ pub enum ErrorKind {
     Segment,
     /// See [`Error::SlotOutOfRange`].
     SlotOutOfRange,
+    /// See [`Error::StaleSlot`].
+    StaleSlot,
     /// See [`Error::Io`].
     Io,
     /// See [`Error::NodeBusy`].
@@ -132,6 +144,7 @@ impl Error {
             Error::Decode { .. } => ErrorKind::Decode,
             Error::Segment(_) => ErrorKind::Segment,
             Error::SlotOutOfRange { .. } => ErrorKind::SlotOutOfRange,
+            Error::StaleSlot { .. } => ErrorKind::StaleSlot,
             Error::Io { .. } => ErrorKind::Io,
             Error::NodeBusy(_) => ErrorKind::NodeBusy,
             Error::Timeout(..) => ErrorKind::Timeout,
@@ -153,6 +166,7 @@ impl ErrorKind {
             ErrorKind::Decode => "decode",
             ErrorKind::Segment => "segment",
             ErrorKind::SlotOutOfRange => "slot_out_of_range",
+            ErrorKind::StaleSlot => "stale_slot",
             ErrorKind::Io => "io",
             ErrorKind::NodeBusy => "node_busy",
             ErrorKind::Timeout => "timeout",

@@ -151,7 +151,7 @@ impl Owner {
     pub async fn on_plan(
         &mut self,
         plan: ShardPlan,
-        held: &HashMap<ClientId, Arc<crate::staging::Slot>>,
+        held: &HashMap<ClientId, crate::staging::SlotView>,
     ) -> Result<()> {
         let first_step = !matches!(plan.step, ShardStep::Select { .. });
         let same = self.plan.as_ref().is_some_and(|p| p.exchange == plan.exchange);

@@ -26,7 +26,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -36,10 +35,11 @@ use tokio::sync::mpsc;
 use crate::clock::now_ms;
 use crate::error::{Error, RejectReason, Result};
 use crate::host::{CloseRound, Held, RegisterJob, RoundProgress};
-use crate::ingest::reject::{Refusal, Refused};
+use crate::ingest::ledger::Settle;
+use crate::ingest::reject::Refusal;
 use crate::nats::Infra;
 use crate::node::NodeContext;
-use crate::staging::Slot;
+use crate::staging::SlotView;
 use shoal_proto::cluster::CohortEntry;
 use shoal_proto::cluster::CollectRequest;
 use shoal_proto::cluster::LeafProgress;
@@ -55,7 +55,7 @@ pub struct CohortMember {
     /// Its weight (`num_examples`).
     pub weight: f64,
     /// Its bytes in shared memory (read in place, never copied).
-    pub slot: Arc<Slot>,
+    pub slot: SlotView,
 }
 
 /// A partial for the top, however it travelled.
@@ -295,17 +295,11 @@ pub async fn run_leaf(ctx: NodeContext, job: JobId) -> Result<()> {
     let mut accepted: BTreeMap<RoundId, u32> = BTreeMap::new();
     let t = &ctx.config.timings;
     let mut heartbeat = tokio::time::interval(ms(t.progress_heartbeat_ms));
-    let mut keepalive = tokio::time::interval(ctx.config.progress_ack_interval());
     let mut settle_tick = tokio::time::interval(ms(t.settle_tick_ms));
     loop {
         tokio::select! {
-            _ = ctx.cancel.cancelled() => {
-                let n = release(&mut rounds, ms(ctx.config.timings.nak_retry_ms)).await;
-                if n > 0 {
-                    tracing::info!(%job, released = n, "leaf handed its updates back to JetStream");
-                }
-                return Ok(());
-            }
+            // The gateway's ledger hands every update this leaf holds back to JetStream.
+            _ = ctx.cancel.cancelled() => return Ok(()),
             Some(p) = progress_rx.recv() => {
                 accepted.insert(p.round, p.accepted);
                 publish_progress(&ctx, &job, p).await;
@@ -332,14 +326,9 @@ pub async fn run_leaf(ctx: NodeContext, job: JobId) -> Result<()> {
                         continue;
                     }
                 };
-                let held: HashMap<ClientId, Arc<Slot>> = rounds
+                let held: HashMap<ClientId, SlotView> = rounds
                     .get(&plan.round)
-                    .map(|r| {
-                        r.held
-                            .iter()
-                            .filter_map(|h| Some((h.client.clone(), Arc::clone(h.slot.as_ref()?))))
-                            .collect()
-                    })
+                    .map(|r| r.held.iter().filter_map(|h| Some((h.client.clone(), h.slot.clone()?))).collect())
                     .unwrap_or_default();
                 if let Err(e) = owner.on_plan(plan, &held).await {
                     tracing::warn!(%job, error = %e, "shard exchange step failed");
@@ -356,11 +345,6 @@ pub async fn run_leaf(ctx: NodeContext, job: JobId) -> Result<()> {
                         let n = accepted.get(&e.state.round).copied().unwrap_or(0);
                         publish_progress(&ctx, &job, RoundProgress { round: e.state.round, accepted: n }).await;
                     }
-                }
-            }
-            _ = keepalive.tick() => {
-                for h in rounds.values().flat_map(|r| &r.held) {
-                    h.acker.progress().await;
                 }
             }
             _ = settle_tick.tick() => {
@@ -434,7 +418,7 @@ async fn answer_collect(
                 Some(CohortMember {
                     client: h.client.clone(),
                     weight: h.num_examples as f64,
-                    slot: Arc::clone(h.slot.as_ref()?),
+                    slot: h.slot.clone()?,
                 })
             })
             .collect(),
@@ -583,48 +567,26 @@ async fn settle(
         // after that node died before acking it) is done too: ack it, do not refuse it.
         let (done, late): (Vec<Held>, Vec<Held>) =
             late.into_iter().partition(|h| record.as_ref().is_some_and(|rec| rec.includes(h.stream_seq)));
+        // The ledger acks (and deletes the objects of) what the commit applied, and hands back or
+        // refuses the rest.
+        let link = ctx.ledger.link();
         for h in r.held.into_iter().chain(done) {
-            h.acker.ack().await;
-            if let Some(obj) = h.object {
-                if let Err(e) = ctx.infra.update_objects.delete(&obj).await {
-                    tracing::debug!(object = %obj, error = %e, "deleting a consumed update object failed");
-                }
-            }
+            link.settle(h.stream_seq, Settle::Ack);
         }
         for h in late {
-            if h.asynchronous && state.phase == JobPhase::Running {
-                h.acker.nak(ms(ctx.config.timings.nak_restage_ms)).await;
+            let settle = if h.asynchronous && state.phase == JobPhase::Running {
+                Settle::Nak(ms(ctx.config.timings.nak_restage_ms))
             } else {
                 let detail = match &record {
                     Some(_) => format!("round {round} closed before this update reached its aggregate"),
                     None => format!("round {round} ended ({})", state.phase),
                 };
-                ctx.rejector
-                    .reject(
-                        Refused { job: Some(job.as_str()), client: Some(&h.client), round: Some(round) },
-                        Refusal::new(RejectReason::LateUpdate, detail),
-                        Some(&h.acker),
-                    )
-                    .await;
-            }
-        }
-        if let Err(e) = ctx.infra.client.flush().await {
-            tracing::warn!(error = %e, "flushing acks failed; JetStream may redeliver (rejected as late)");
+                Settle::Reject(Refusal::new(RejectReason::LateUpdate, detail))
+            };
+            link.settle(h.stream_seq, settle);
         }
         tracing::debug!(%job, %round, acked = applied, "leaf settled round");
     }
-}
-
-/// Hands every update the leaf holds back to JetStream (shutdown).
-async fn release(rounds: &mut BTreeMap<RoundId, LeafRound>, delay: Duration) -> usize {
-    let mut n = 0;
-    for (_, r) in std::mem::take(rounds) {
-        for h in r.held {
-            h.acker.nak(delay).await;
-            n += 1;
-        }
-    }
-    n
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@
 pub mod admission;
 pub mod claims;
 pub mod fetch;
+pub mod ledger;
 pub mod reject;
 
 use std::collections::HashMap;
@@ -28,13 +29,16 @@ use shoal_proto::headers::UpdateHeaders;
 use shoal_proto::{subjects, ClientId, JobId, JobPhase, NodeId, RejectReason, RoundId};
 
 use self::admission::{Admitted, Decision, Facts, Later, Seen, Service};
+use self::ledger::HeldUpdate;
 use self::reject::{AckHandle, Refusal, Refused};
 use crate::error::{Error, Result};
-use crate::host::Staged;
+use crate::host::Delivery;
 use crate::jobs::{self, JobEntry};
 use crate::node::capacity::Admission;
 use crate::node::NodeContext;
 use crate::staging::SlotPool;
+use shoal_proto::descriptor::{DescriptorKind, UpdateDescriptor};
+use shoal_proto::FunctionId;
 
 /// The outcome of [`Gateway::claim`].
 enum Claim {
@@ -287,10 +291,10 @@ impl Gateway {
                 Ok(())
             }
             Decision::Stage(admitted) => {
-                if let Some(staged) = self.stage(u, &entry, admitted).await? {
-                    tracing::trace!(job = %u.job, client = %u.client, round = staged.round.0, "update staged");
-                    if let Err(e) = self.ctx.host.send(staged).await {
-                        tracing::error!(error = %e, "function host unavailable; update will be redelivered");
+                if let Some(delivery) = self.stage(u, &entry, admitted).await? {
+                    tracing::trace!(job = %u.job, client = %u.client, round = admitted.round.0, "update staged");
+                    if let Err(e) = self.ctx.sink.deliver(delivery).await {
+                        tracing::error!(error = %e, "no function host takes the update; it is handed back at shutdown");
                     }
                 }
                 Ok(())
@@ -321,14 +325,15 @@ impl Gateway {
         }
     }
 
-    /// Reads the payload, stages it into a slot (validating it against the manifest) and claims
-    /// it; `Ok(None)`: leave the message alone (held elsewhere, or retried later).
+    /// Reads the payload, stages it into a slot (validating it against the manifest), claims it
+    /// and records it in the ledger; returns its delivery for the function host. `Ok(None)`:
+    /// leave the message alone (held elsewhere, or retried later).
     async fn stage(
         &mut self,
         u: &Incoming,
         entry: &JobEntry,
         admitted: Admitted,
-    ) -> Result<Option<Staged>, Refusal> {
+    ) -> Result<Option<Delivery>, Refusal> {
         let manifest = &entry.manifest;
         let max_bytes = usize::try_from(entry.spec.update_byte_limit()).unwrap_or(usize::MAX);
         let payload = match &u.headers.object {
@@ -380,21 +385,38 @@ impl Gateway {
         }
         self.ctx.metrics.bytes_staged.inc_by(manifest.data_bytes() as u64);
         self.seen.entry((u.job.clone(), seen_round)).or_default().insert(u.client.clone(), u.stream_seq);
-        Ok(Some(Staged {
+        let at = slot.location();
+        let descriptor = UpdateDescriptor {
+            kind: DescriptorKind::Update,
+            function: FunctionId(1),
+            segment: at.segment,
+            slot: at.index,
+            generation: at.generation,
+            offset: at.offset,
+            length: at.length,
             job: u.job.clone(),
             round: admitted.round,
-            staleness: admitted.staleness,
-            asynchronous: admitted.asynchronous,
-            received: std::time::Instant::now(),
-            start: None,
             client: u.client.clone(),
             num_examples: u.headers.num_examples,
-            slot,
-            acker: u.ack.clone(),
+            staleness: admitted.staleness,
+            update_kind: u.headers.kind,
             stream_seq: u.stream_seq,
+        };
+        // The ledger holds the message before the host can answer about it.
+        self.ctx.ledger.hold(HeldUpdate {
+            job: u.job.clone(),
+            round: admitted.round,
+            client: u.client.clone(),
+            stream_seq: u.stream_seq,
+            ack: u.ack.clone(),
+            slot: None,
             object: u.headers.object.clone(),
-            manifest: Arc::clone(manifest),
-            spec: Arc::clone(&entry.spec),
+        });
+        Ok(Some(Delivery {
+            descriptor,
+            view: slot.into_view(),
+            received: std::time::Instant::now(),
+            start: None,
         }))
     }
 

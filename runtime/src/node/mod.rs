@@ -21,8 +21,9 @@ use crate::cluster::leaf::{self, LocalLinks};
 use crate::cluster::lease;
 use crate::cluster::top;
 use crate::error::{Error, Result};
-use crate::host::{FunctionHost, HostConfig};
+use crate::host::{DescriptorSink, FunctionHost, HostConfig, InProcess};
 use crate::ingest;
+use crate::ingest::ledger::{Ledger, LedgerConfig};
 use crate::ingest::reject::Rejector;
 use crate::jobs::{self, JobDirectory};
 use crate::metrics::Metrics;
@@ -62,8 +63,12 @@ pub struct NodeContext {
     pub infra: Infra,
     /// The node's view of the jobs.
     pub directory: JobDirectory,
-    /// The function host.
+    /// The function host of this process (leaves register with it and take its harvests).
     pub host: actix::Addr<FunctionHost>,
+    /// Where the gateway delivers staged updates.
+    pub sink: Arc<dyn DescriptorSink>,
+    /// The gateway's ledger of the updates it holds (acks, slots, objects).
+    pub ledger: Ledger,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// The rejection path.
@@ -98,7 +103,7 @@ impl NodeContext {
 pub struct NodeHandle {
     cancel: CancellationToken,
     shutdown_grace: Duration,
-    host: actix::Addr<FunctionHost>,
+    ledger: Ledger,
     tracker: TaskTracker,
     /// The node's metrics.
     pub metrics: Arc<Metrics>,
@@ -126,7 +131,18 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
     let instance = membership.lease.instance;
     let shm_dir = staging::prepare_node_dir(&config.shm_dir, config.node_id.as_str())?;
     let rejector = Rejector::new(infra.client.clone(), infra.subjects.clone(), Arc::clone(&metrics));
-    let host = FunctionHost::new(host_config(&config), Arc::clone(&metrics), rejector.clone()).start();
+    let ledger = Ledger::spawn(
+        infra.clone(),
+        rejector.clone(),
+        LedgerConfig {
+            progress_interval: config.progress_ack_interval(),
+            release_delay: ms(config.timings.nak_retry_ms),
+        },
+    );
+    let directory = JobDirectory::default();
+    let host =
+        FunctionHost::new(host_config(&config), Arc::clone(&metrics), directory.clone(), ledger.link())
+            .start();
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
     // Losing the membership lease (another process took this node id) stops the node.
@@ -148,7 +164,9 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
     let ctx = NodeContext {
         config: Arc::clone(&config),
         infra: infra.clone(),
-        directory: JobDirectory::default(),
+        directory,
+        sink: Arc::new(InProcess(host.clone())),
+        ledger: ledger.clone(),
         host: host.clone(),
         metrics: Arc::clone(&metrics),
         rejector,
@@ -168,7 +186,7 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
     );
     Ok(NodeHandle {
         cancel,
-        host,
+        ledger,
         tracker,
         metrics,
         infra,
@@ -179,11 +197,9 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
 fn host_config(config: &NodeConfig) -> HostConfig {
     HostConfig {
         idle_timeout: config.idle_timeout(),
-        progress_interval: config.progress_ack_interval(),
         eager: !config.lazy_aggregation,
         fold_delay: config.fold_delay(),
         nak_restage: ms(config.timings.nak_restage_ms),
-        nak_release: ms(config.timings.nak_retry_ms),
     }
 }
 
@@ -239,9 +255,9 @@ impl NodeHandle {
         // The gateway has stopped pulling; now hand the un-acked updates straight back to
         // JetStream for the next node instead of letting them wait out the ack wait.
         let _ = self.infra.client.flush().await;
-        match self.host.send(crate::host::ReleaseHeld).await {
-            Ok(n) if n > 0 => tracing::info!(released = n, "held updates handed back to JetStream"),
-            _ => {}
+        let n = self.ledger.shutdown().await;
+        if n > 0 {
+            tracing::info!(released = n, "held updates handed back to JetStream");
         }
         let _ = self.infra.client.flush().await;
     }

@@ -27,6 +27,13 @@ pub use shoal_proto::descriptor::{
 
 const HEADER_LEN: usize = SegmentHeader::ENCODED_LEN;
 
+/// Where the slot generations start in a segment's header page: one little-endian `u32` per
+/// slot, written by the gateway when it leases the slot. A function host in another process
+/// reads it to refuse a descriptor of an earlier lease of the slot.
+pub const GENERATIONS_OFFSET: usize = 64;
+/// Most slots a segment holds (the generations fit the header page).
+pub const MAX_SLOTS_PER_SEGMENT: usize = (DATA_OFFSET - GENERATIONS_OFFSET) / 4;
+
 /// One mapped segment file.
 #[derive(Debug)]
 pub struct Segment {
@@ -51,6 +58,9 @@ impl Segment {
         slot_count: usize,
     ) -> Result<Segment> {
         let path = dir.join(name);
+        if slot_count == 0 || slot_count > MAX_SLOTS_PER_SEGMENT {
+            return Err(Error::SlotOutOfRange { index: slot_count, slots: MAX_SLOTS_PER_SEGMENT as u64 });
+        }
         let total = DATA_OFFSET + slot_bytes * slot_count;
         let header = SegmentHeader {
             slot_bytes: slot_bytes as u64,
@@ -106,6 +116,50 @@ impl Segment {
         self.header
     }
 
+    /// The generation the gateway last wrote for slot `index`.
+    ///
+    /// # Errors
+    /// [`Error::SlotOutOfRange`] if `index` is out of range.
+    pub fn generation(&self, index: usize) -> Result<u32> {
+        if index as u64 >= self.header.slot_count {
+            return Err(Error::SlotOutOfRange { index, slots: self.header.slot_count });
+        }
+        // SAFETY: the header page (4096 bytes) is inside every mapping whose header validated,
+        // and `index < slot_count <= MAX_SLOTS_PER_SEGMENT` keeps the aligned `u32` inside it.
+        // An atomic load: the gateway's process may write it concurrently.
+        let v = unsafe {
+            let p =
+                self.map.as_ptr().add(GENERATIONS_OFFSET + index * 4) as *const std::sync::atomic::AtomicU32;
+            (*p).load(std::sync::atomic::Ordering::Acquire)
+        };
+        Ok(u32::from_le(v))
+    }
+
+    fn set_generation(&self, index: usize, generation: u32) {
+        debug_assert!(self.owner && index < self.header.slot_count as usize);
+        // SAFETY: as in `generation`; only the owning (gateway) process writes, through this
+        // atomic store, while a reader may load concurrently.
+        unsafe {
+            let p = self.map.as_mut_ptr().add(GENERATIONS_OFFSET + index * 4)
+                as *const std::sync::atomic::AtomicU32;
+            (*p).store(generation.to_le(), std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// A read-only view of slot `index` if its current generation is `generation` (how a
+    /// function host in another process reads what a descriptor points at).
+    ///
+    /// # Errors
+    /// [`Error::SlotOutOfRange`] for an index past the segment; [`Error::StaleSlot`] when the
+    /// slot was leased again since the descriptor was sent.
+    pub fn view(self: &Arc<Self>, index: usize, generation: u32) -> Result<SlotView> {
+        let now = self.generation(index)?;
+        if now != generation {
+            return Err(Error::StaleSlot { index, generation, current: now });
+        }
+        Ok(SlotView { inner: ViewOf::Mapped(Arc::clone(self), index), generation })
+    }
+
     /// Reads slot `index` (for read-only attachments).
     ///
     /// # Errors
@@ -156,6 +210,8 @@ pub fn prepare_node_dir(root: &Path, node: &str) -> Result<PathBuf> {
 struct PoolState {
     segments: Vec<Arc<Segment>>,
     free: Vec<(usize, usize)>,
+    /// The last generation of each slot, per segment.
+    generations: Vec<Vec<u32>>,
 }
 
 /// A growable pool of equal-size slots for one job on one node.
@@ -175,7 +231,7 @@ impl SlotPool {
     /// (at least one segment).
     pub fn new(dir: PathBuf, name: String, slot_bytes: usize, budget_bytes: usize) -> Arc<SlotPool> {
         let slot_bytes = slot_bytes.max(64);
-        let slots_per_segment = ((256usize << 20) / slot_bytes).clamp(1, 64);
+        let slots_per_segment = ((256usize << 20) / slot_bytes).clamp(1, 64).min(MAX_SLOTS_PER_SEGMENT);
         let max_segments = (budget_bytes / (slot_bytes * slots_per_segment)).max(1);
         Arc::new(SlotPool {
             dir,
@@ -183,7 +239,7 @@ impl SlotPool {
             slot_bytes,
             slots_per_segment,
             max_segments,
-            state: Mutex::new(PoolState { segments: Vec::new(), free: Vec::new() }),
+            state: Mutex::new(PoolState { segments: Vec::new(), free: Vec::new(), generations: Vec::new() }),
             freed: tokio::sync::Notify::new(),
         })
     }
@@ -206,14 +262,17 @@ impl SlotPool {
             let file = format!("{}-{n}.seg", self.name);
             let seg = Segment::create(&self.dir, &file, id, self.slot_bytes, self.slots_per_segment)?;
             st.segments.push(Arc::new(seg));
+            st.generations.push(vec![0; self.slots_per_segment]);
             st.free.extend((0..self.slots_per_segment).rev().map(|i| (n, i)));
         }
-        Ok(st.free.pop().map(|(s, i)| Slot {
-            pool: Arc::clone(self),
-            segment: Arc::clone(&st.segments[s]),
-            seg_index: s,
-            index: i,
-        }))
+        let Some((s, i)) = st.free.pop() else { return Ok(None) };
+        // A new lease, a new generation (never 0, so a zeroed table names no lease).
+        let g = &mut st.generations[s][i];
+        *g = g.wrapping_add(1).max(1);
+        let generation = *g;
+        let segment = Arc::clone(&st.segments[s]);
+        segment.set_generation(i, generation);
+        Ok(Some(Slot { pool: Arc::clone(self), segment, seg_index: s, index: i, generation }))
     }
 
     /// Leases a slot, waiting for one to be returned when the pool is exhausted (backpressure).
@@ -248,6 +307,7 @@ pub struct Slot {
     segment: Arc<Segment>,
     seg_index: usize,
     index: usize,
+    generation: u32,
 }
 
 impl Slot {
@@ -276,9 +336,68 @@ impl Slot {
         }
     }
 
-    /// The descriptor fields of this slot: segment, byte offset, length.
-    pub fn location(&self) -> (SegmentId, usize, usize) {
-        (self.segment.id(), self.offset(), self.pool.slot_bytes)
+    /// Where the slot is, for a descriptor.
+    pub fn location(&self) -> SlotLocation {
+        SlotLocation {
+            segment: self.segment.id(),
+            index: self.index as u32,
+            generation: self.generation,
+            offset: self.offset() as u64,
+            length: self.pool.slot_bytes as u64,
+        }
+    }
+
+    /// Shares the (written) slot read-only: the slot returns to its pool when the last of the
+    /// lease and its views is dropped.
+    pub fn into_view(self) -> SlotView {
+        let generation = self.generation;
+        SlotView { inner: ViewOf::Leased(Arc::new(self)), generation }
+    }
+}
+
+/// A slot's place in its segment, as a descriptor names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotLocation {
+    /// The segment.
+    pub segment: SegmentId,
+    /// The slot's index in it.
+    pub index: u32,
+    /// The lease's generation.
+    pub generation: u32,
+    /// Byte offset of the slot in the segment file.
+    pub offset: u64,
+    /// Bytes of the slot.
+    pub length: u64,
+}
+
+/// A read-only view of a staged update's slot: in the gateway's process a share of the lease
+/// itself (the slot cannot be reused while a view lives), in a function host's process a view
+/// into its read-only mapping of the segment, checked against the slot's generation.
+#[derive(Debug, Clone)]
+pub struct SlotView {
+    inner: ViewOf,
+    generation: u32,
+}
+
+#[derive(Debug, Clone)]
+enum ViewOf {
+    Leased(Arc<Slot>),
+    Mapped(Arc<Segment>, usize),
+}
+
+impl SlotView {
+    /// The slot's bytes (64-byte aligned).
+    pub fn bytes(&self) -> &[u8] {
+        match &self.inner {
+            ViewOf::Leased(slot) => slot.bytes(),
+            // `view` checked the index against the segment.
+            ViewOf::Mapped(seg, index) => seg.slot(*index).unwrap_or_default(),
+        }
+    }
+
+    /// The lease generation viewed.
+    pub fn generation(&self) -> u32 {
+        self.generation
     }
 }
 
