@@ -11,7 +11,7 @@
 //! (the object's size and digest, the safetensors payload) and the cluster-wide claim come after
 //! admission.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use shoal_proto::headers::UpdateHeaders;
 use shoal_proto::{ClientId, JobPhase, JobSpec, JobState, NodeId, RejectReason, RoundId, Staleness};
@@ -74,9 +74,9 @@ pub struct Admitted {
     pub asynchronous: bool,
 }
 
-/// The client updates this node holds staged, per (job, round): the client and its message's
-/// stream sequence.
-pub type Seen = HashMap<(shoal_proto::JobId, RoundId), HashMap<ClientId, u64>>;
+/// The client updates this node holds staged, per job and round: the client and its message's
+/// stream sequence (looked up by reference: no key is built per update).
+pub type Seen = HashMap<shoal_proto::JobId, BTreeMap<RoundId, HashMap<ClientId, u64>>>;
 
 /// What the node knows when an update arrives.
 #[derive(Debug, Clone, Copy)]
@@ -227,7 +227,7 @@ fn check_update(f: &Facts<'_>, admitted: Admitted) -> Option<Decision> {
             format!("job {job} takes {} updates, got {}", spec.update_kind.as_str(), h.kind.as_str()),
         ));
     }
-    let held = f.seen.get(&(job.clone(), seen_round(admitted, round)));
+    let held = f.seen.get(job).and_then(|rounds| rounds.get(&seen_round(admitted, round)));
     match held.and_then(|m| m.get(f.client)) {
         Some(&seq) if seq == f.stream_seq => return Some(Decision::Redelivery),
         Some(_) => {
@@ -444,12 +444,14 @@ mod tests {
     #[test]
     fn redeliveries_duplicates_and_a_full_round_are_told_apart() {
         let mut c = Case::new(sync(), open(1, 0), headers(1, 0, 1, UpdateKind::Parameters));
-        let key = (JobId::new("j").unwrap(), RoundId(1));
-        c.seen.entry(key.clone()).or_default().insert(ClientId::new("c").unwrap(), 7);
+        let round = c.seen.entry(JobId::new("j").unwrap()).or_default().entry(RoundId(1)).or_default();
+        round.insert(ClientId::new("c").unwrap(), 7);
         assert_eq!(c.decide(), Decision::Redelivery, "same stream sequence");
-        c.seen.get_mut(&key).unwrap().insert(ClientId::new("c").unwrap(), 6);
+        let round = c.seen.get_mut(&JobId::new("j").unwrap()).unwrap().get_mut(&RoundId(1)).unwrap();
+        round.insert(ClientId::new("c").unwrap(), 6);
         assert_eq!(c.reason(), RejectReason::Duplicate, "another message of the client");
-        c.seen.insert(key, (0..3).map(|i| (ClientId::new(format!("o{i}")).unwrap(), i)).collect());
+        let others = (0..3).map(|i| (ClientId::new(format!("o{i}")).unwrap(), i)).collect();
+        c.seen.get_mut(&JobId::new("j").unwrap()).unwrap().insert(RoundId(1), others);
         assert_eq!(
             c.reason(),
             RejectReason::CohortFull,

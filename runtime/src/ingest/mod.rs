@@ -189,7 +189,7 @@ impl Gateway {
         let dir = &self.ctx.directory;
         let running = |job: &JobId| dir.get(job).is_some_and(|e| e.state.phase == JobPhase::Running);
         self.pools.retain(|job, _| running(job));
-        self.seen.retain(|(job, _), _| running(job));
+        self.seen.retain(|job, _| running(job));
     }
 
     async fn handle(&mut self, msg: async_nats::jetstream::Message) {
@@ -226,7 +226,7 @@ impl Gateway {
         }
     }
 
-    async fn job_entry(&self, job: &JobId) -> Option<JobEntry> {
+    async fn job_entry(&self, job: &JobId) -> Option<Arc<JobEntry>> {
         if let Some(e) = self.ctx.directory.get(job) {
             return Some(e);
         }
@@ -260,7 +260,10 @@ impl Gateway {
             .await
             .ok_or_else(|| Refusal::new(RejectReason::UnknownJob, format!("job {} does not exist", u.job)))?;
         let state_round = entry.state.round;
-        self.seen.retain(|(j, r), _| *j != u.job || *r >= state_round);
+        if let Some(rounds) = self.seen.get_mut(&u.job) {
+            // Rounds before the open one are settled: forget them.
+            *rounds = rounds.split_off(&state_round);
+        }
         let service = self.service(&u.job).await;
         let top = self.ctx.directory.top(&u.job);
         let decision = admission::decide(&Facts {
@@ -384,7 +387,11 @@ impl Gateway {
             }
         }
         self.ctx.metrics.bytes_staged.inc_by(manifest.data_bytes() as u64);
-        self.seen.entry((u.job.clone(), seen_round)).or_default().insert(u.client.clone(), u.stream_seq);
+        match self.seen.get_mut(&u.job) {
+            Some(rounds) => rounds.entry(seen_round).or_default(),
+            None => self.seen.entry(u.job.clone()).or_default().entry(seen_round).or_default(),
+        }
+        .insert(u.client.clone(), u.stream_seq);
         let at = slot.location();
         let descriptor = UpdateDescriptor {
             kind: DescriptorKind::Update,

@@ -40,15 +40,15 @@ const COMMIT_HISTORY: usize = 64;
 /// The node's view of every job, shared by gateway, leaves and coordinators.
 #[derive(Debug, Clone, Default)]
 pub struct JobDirectory {
-    inner: Arc<RwLock<HashMap<JobId, JobEntry>>>,
+    inner: Arc<RwLock<HashMap<JobId, Arc<JobEntry>>>>,
     commits: Arc<RwLock<HashMap<JobId, std::collections::VecDeque<CommitRecord>>>>,
     tops: Arc<RwLock<HashMap<JobId, shoal_functions::NodeId>>>,
     changed: Arc<tokio::sync::Notify>,
 }
 
 impl JobDirectory {
-    /// A job's entry.
-    pub fn get(&self, job: &JobId) -> Option<JobEntry> {
+    /// A job's entry (shared: a new state replaces the entry, nothing is copied per lookup).
+    pub fn get(&self, job: &JobId) -> Option<Arc<JobEntry>> {
         self.inner.read().unwrap_or_else(|p| p.into_inner()).get(job).cloned()
     }
 
@@ -100,8 +100,14 @@ impl JobDirectory {
         let mut map = self.inner.write().unwrap_or_else(|p| p.into_inner());
         match map.get_mut(job) {
             Some(e) if e.revision < revision => {
-                e.state = state;
-                e.revision = revision;
+                let next = JobEntry {
+                    spec: Arc::clone(&e.spec),
+                    manifest: Arc::clone(&e.manifest),
+                    state,
+                    revision,
+                    pinned: e.pinned,
+                };
+                *e = Arc::new(next);
             }
             Some(_) => {}
             None => {
@@ -111,7 +117,7 @@ impl JobDirectory {
                         s.mergeability() == shoal_functions::Mergeability::WholeCohort
                             && s.sharding() == shoal_functions::Sharding::Unsupported
                     });
-                    map.insert(job.clone(), JobEntry { spec, manifest, state, revision, pinned });
+                    map.insert(job.clone(), Arc::new(JobEntry { spec, manifest, state, revision, pinned }));
                 }
             }
         }
