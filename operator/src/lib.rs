@@ -22,6 +22,7 @@
 //! - [`duration`], [`node`], [`error`]: `60s`-style durations, node names, this crate's errors.
 
 pub mod autoscaler;
+pub mod crd;
 pub mod duration;
 pub mod error;
 pub mod node;
