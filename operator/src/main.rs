@@ -1,5 +1,9 @@
-//! `shoal-operator`: the operator binary. For now: `simulate` (replay an arrival trace through
-//! the autoscaler and placement) and `trace generate` (synthetic FL workloads).
+//! `shoal-operator`: the operator binary. `run` (the controller: reconcile `FederatedJob`s, with
+//! leader election and the `/metrics` `/healthz` `/readyz` listener), `simulate` (replay an
+//! arrival trace through the autoscaler and placement) and `trace generate` (synthetic FL
+//! workloads).
+
+mod run;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -23,6 +27,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the operator: reconcile FederatedJobs against the API server (kubeconfig from
+    /// $KUBECONFIG or the pod's service account) and NATS.
+    Run(Box<run::RunArgs>),
     /// Replay an arrival trace through the autoscaler and every placement strategy, and write a
     /// report (CSV per tick, PNG plots, summary table).
     #[command(after_help = "\
@@ -122,6 +129,7 @@ struct GenerateArgs {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Run(args) => run::main(*args),
         Command::Simulate(args) => simulate(args),
         Command::Trace(TraceCommand::Generate(args)) => trace_generate(args),
     }

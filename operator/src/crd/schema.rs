@@ -97,9 +97,7 @@ pub fn structural(value: &mut Value) {
 /// `anyOf: [T, {enum: [null], nullable: true}]` (or `{type: null}`) → `T` + `nullable: true`.
 fn unwrap_nullable(obj: &mut Map<String, Value>) {
     let Some(Value::Array(branches)) = obj.get("anyOf") else { return };
-    let is_null = |b: &Value| {
-        b.get("enum") == Some(&json!([null])) || b.get("type") == Some(&json!("null"))
-    };
+    let is_null = |b: &Value| b.get("enum") == Some(&json!([null])) || b.get("type") == Some(&json!("null"));
     if branches.len() != 2 || !is_null(&branches[1]) {
         return;
     }
@@ -263,11 +261,26 @@ mod tests {
     fn tagged_unions_become_a_discriminator_and_cel_rules() {
         let s = schema();
         let strategy = &s["properties"]["strategy"];
-        let names: Vec<&str> =
-            strategy["properties"]["name"]["enum"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+        let names: Vec<&str> = strategy["properties"]["name"]["enum"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
         assert_eq!(
             names,
-            ["fedavg", "fedbuff", "fedfix", "median", "trimmed-mean", "krum", "multi-krum", "bulyan", "rffl", "bristle"]
+            [
+                "fedavg",
+                "fedbuff",
+                "fedfix",
+                "median",
+                "trimmed-mean",
+                "krum",
+                "multi-krum",
+                "bulyan",
+                "rffl",
+                "bristle"
+            ]
         );
         // trimmed-mean's beta is a number, bristle's an integer: the merged field takes both.
         assert_eq!(strategy["properties"]["beta"]["type"], "number");
@@ -278,7 +291,10 @@ mod tests {
             .filter_map(|r| r["rule"].as_str())
             .collect();
         assert!(rules.contains(&"self.name != 'krum' || (has(self.byzantine))"), "{rules:?}");
-        assert!(rules.contains(&"self.name != 'multi-krum' || (has(self.byzantine) && has(self.keep))"), "{rules:?}");
+        assert!(
+            rules.contains(&"self.name != 'multi-krum' || (has(self.byzantine) && has(self.keep))"),
+            "{rules:?}"
+        );
         let modes = &s["properties"]["round_policy"]["properties"]["mode"]["enum"];
         assert_eq!(modes, &json!(["sync", "buffered", "periodic"]));
         assert_eq!(s["properties"]["round_policy"]["required"], json!(["mode"]));

@@ -44,7 +44,8 @@ fn crd_names_columns_and_subresources() {
     for field in ["minHosts", "maxHosts", "target", "stableWindow", "panicWindowPercentage", "behavior"] {
         assert!(auto.get(field).is_some(), "autoscaling.{field} missing");
     }
-    let conditions = &version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"];
+    let conditions =
+        &version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"];
     assert_eq!(conditions["x-kubernetes-list-type"], "map");
 }
 
