@@ -39,7 +39,7 @@ use shoal_client::ConnectOptions;
 use shoal_client::{ShoalClient, UpdateRequest};
 use shoal_natsd::NatsServer;
 use shoal_proto::RoundOutcome;
-use shoal_runtime::coordinator::PluginFactory;
+use shoal_runtime::cluster::top::PluginFactory;
 use shoal_runtime::node::{self, NodeConfig};
 
 /// Attacks a Byzantine client can mount. Each is applied to the client's honest delta
@@ -470,7 +470,7 @@ async fn run_experiment(
     let assumed_byzantine = (a.byzantine * a.clients as f64).round() as usize;
     let choice = strategy_choice(strategy, &sizes, assumed_byzantine)?;
     let kind = choice.kind;
-    let job = JobId::new(format!("digits-{}-{}", strategy, shoal_runtime::protocol::now_ms()))?;
+    let job = JobId::new(format!("digits-{}-{}", strategy, shoal_runtime::clock::now_ms()))?;
     let spec = JobSpec {
         job: job.clone(),
         manifest: (*env.m).clone(),

@@ -9,7 +9,7 @@
 //!
 //! - [`check_stage_update`]: safetensors update → `shoal_functions::tensor::stage_update` against
 //!   [`update_manifest`] (f32, bf16, i64 tensors).
-//! - [`check_control_messages`]: msgpack control messages → `shoal_runtime::protocol::decode` as
+//! - [`check_control_messages`]: msgpack control messages → `shoal_proto::decode` as
 //!   `JobState`, `RoundEvent`, `RejectNotice` and `JobSpec`; the same bytes as a JSON `JobSpec`
 //!   (what `shoal job create` parses).
 //! - [`check_segment_header`]: `SegmentHeader::decode` and `Segment::open_read_only` on a file
@@ -26,9 +26,14 @@ use shoal_functions::{
     ClientId, DType, JobId, JobSpec, ModelManifest, ModelVersion, Parameters, RoundId, RoundPolicy,
     StrategySpec, TensorSpec, UpdateKind, ValidationError,
 };
-use shoal_runtime::error::{Error, RejectReason};
-use shoal_runtime::protocol::{self, JobPhase, JobState, RejectNotice, RoundEvent, RoundOutcome};
-use shoal_runtime::shm::{Segment, SegmentHeader, DATA_OFFSET};
+use shoal_proto::JobPhase;
+use shoal_proto::JobState;
+use shoal_proto::RejectNotice;
+use shoal_proto::RejectReason;
+use shoal_proto::RoundEvent;
+use shoal_proto::RoundOutcome;
+use shoal_runtime::error::Error;
+use shoal_runtime::staging::{Segment, SegmentHeader, DATA_OFFSET};
 
 /// The fuzz targets; each is also its corpus directory under `fuzz/corpus/`.
 pub const TARGETS: [&str; 3] = ["stage_update", "control_messages", "segment_header"];
@@ -218,21 +223,29 @@ pub fn check_control_messages(bytes: &[u8]) -> usize {
     }
     // The hierarchy's messages between nodes (DESIGN.md §7): progress, collection requests,
     // partial-aggregate and shard-exchange headers, shard plans, leases.
-    accepted += usize::from(msgpack_round_trip::<protocol::LeafProgress>("leaf progress", bytes).is_some());
-    if let Some(r) = msgpack_round_trip::<protocol::CollectRequest>("collect request", bytes) {
+    accepted += usize::from(
+        msgpack_round_trip::<shoal_proto::cluster::LeafProgress>("leaf progress", bytes).is_some(),
+    );
+    if let Some(r) = msgpack_round_trip::<shoal_proto::cluster::CollectRequest>("collect request", bytes) {
         accepted += 1;
         for n in &r.nodes {
-            let _ = shoal_runtime::hierarchy::parent(n, &r);
+            let _ = shoal_runtime::cluster::leaf::parent(n, &r);
         }
     }
-    accepted += usize::from(msgpack_round_trip::<protocol::ShardPlan>("shard plan", bytes).is_some());
-    accepted += usize::from(msgpack_round_trip::<shoal_runtime::lease::Lease>("lease", bytes).is_some());
+    accepted +=
+        usize::from(msgpack_round_trip::<shoal_proto::cluster::ShardPlan>("shard plan", bytes).is_some());
+    accepted +=
+        usize::from(msgpack_round_trip::<shoal_runtime::cluster::lease::Lease>("lease", bytes).is_some());
     // Framed messages: a header, then bulk bytes.
-    if let Ok((h, raw)) = protocol::unframe::<protocol::PartialHeader>("partial aggregate", bytes) {
+    if let Ok((h, raw)) =
+        shoal_proto::envelope::unframe::<shoal_proto::cluster::PartialHeader>("partial aggregate", bytes)
+    {
         accepted += 1;
-        let _ = shoal_runtime::hierarchy::partial_from_wire(update_manifest(), &h, raw);
+        let _ = shoal_runtime::cluster::leaf::partial_from_wire(update_manifest(), &h, raw);
     }
-    accepted += usize::from(protocol::unframe::<protocol::SliceHeader>("shard exchange", bytes).is_ok());
+    accepted += usize::from(
+        shoal_proto::envelope::unframe::<shoal_proto::cluster::SliceHeader>("shard exchange", bytes).is_ok(),
+    );
     // A spec as nodes read it from KV `shoal-jobs`.
     if let Some(spec) = msgpack_round_trip::<JobSpec>("job spec", bytes) {
         accepted += 1;
@@ -243,8 +256,8 @@ pub fn check_control_messages(bytes: &[u8]) -> usize {
     if let Ok(spec) = serde_json::from_slice::<JobSpec>(bytes) {
         accepted += 1;
         let valid = exercise_spec(&spec);
-        let stored = protocol::encode(&spec);
-        let back: JobSpec = protocol::decode("job spec", &stored).expect("a parsed spec survives KV");
+        let stored = shoal_proto::encode(&spec);
+        let back: JobSpec = shoal_proto::decode("job spec", &stored).expect("a parsed spec survives KV");
         assert_eq!(back, spec, "msgpack round trip of a JSON spec");
         assert_eq!(factory::validate(&back).is_ok(), valid);
         let json = serde_json::to_vec(&spec).expect("a spec serialises to JSON");
@@ -259,15 +272,16 @@ fn msgpack_round_trip<T>(what: &'static str, bytes: &[u8]) -> Option<T>
 where
     T: serde::Serialize + serde::de::DeserializeOwned,
 {
-    match protocol::decode::<T>(what, bytes) {
+    match shoal_proto::decode::<T>(what, bytes) {
         Ok(v) => {
-            let enc = protocol::encode(&v);
+            let enc = shoal_proto::encode(&v);
             assert!(!enc.is_empty(), "{what} encodes");
-            let again: T = protocol::decode(what, &enc).expect("a re-encoded message decodes");
-            assert_eq!(protocol::encode(&again), enc, "{what}: encoding is a fixed point");
+            let again: T = shoal_proto::decode(what, &enc).expect("a re-encoded message decodes");
+            assert_eq!(shoal_proto::encode(&again), enc, "{what}: encoding is a fixed point");
             Some(v)
         }
         Err(e) => {
+            let e = Error::from(e);
             assert!(matches!(e, Error::Decode { .. }), "{what}: decode fails with Error::Decode, got {e}");
             assert!(!e.to_string().is_empty());
             None
@@ -445,21 +459,21 @@ pub fn seeds() -> Vec<Seed> {
             clients: 8,
             total_weight: 4096.0,
         }),
-        last_commit: Some(protocol::CommitRecord {
+        last_commit: Some(shoal_proto::cluster::CommitRecord {
             round: RoundId(3),
             collect: shoal_proto::CollectId(0x1234_5678),
             nodes: vec![shoal_functions::NodeId::new("n1").expect("node id")],
             applied: vec![(40, 47), (52, 52)],
         }),
     };
-    add("control_messages", "job-state-new", protocol::encode(&JobState::new_job()), true);
-    add("control_messages", "job-state-running", protocol::encode(&state), true);
+    add("control_messages", "job-state-new", shoal_proto::encode(&JobState::new_job()), true);
+    add("control_messages", "job-state-running", shoal_proto::encode(&state), true);
     let failed = JobState {
         phase: JobPhase::Failed { reason: "5 rounds in a row failed".into() },
         last_outcome: Some(RoundOutcome::QuorumNotMet { accepted: 2, min_clients: 7 }),
         ..state.clone()
     };
-    add("control_messages", "job-state-failed", protocol::encode(&failed), true);
+    add("control_messages", "job-state-failed", shoal_proto::encode(&failed), true);
     let events = [
         RoundEvent::RoundOpened {
             job: job.clone(),
@@ -478,7 +492,7 @@ pub fn seeds() -> Vec<Seed> {
         RoundEvent::JobEnded { job: job.clone(), phase: JobPhase::Finished },
     ];
     for (i, e) in events.iter().enumerate() {
-        add("control_messages", &format!("round-event-{i}"), protocol::encode(e), true);
+        add("control_messages", &format!("round-event-{i}"), shoal_proto::encode(e), true);
     }
     let notice = RejectNotice {
         job: "mnist".into(),
@@ -487,37 +501,37 @@ pub fn seeds() -> Vec<Seed> {
         reason: RejectReason::NonFinite,
         detail: "tensor \"w\" holds a non-finite value at element 2".into(),
     };
-    add("control_messages", "reject-notice", protocol::encode(&notice), true);
+    add("control_messages", "reject-notice", shoal_proto::encode(&notice), true);
     let n1 = shoal_functions::NodeId::new("n1").expect("node id");
     let n2 = shoal_functions::NodeId::new("n2").expect("node id");
-    let progress = protocol::LeafProgress { node: n1.clone(), round: RoundId(4), accepted: 17 };
-    add("control_messages", "leaf-progress", protocol::encode(&progress), true);
-    let collect = protocol::CollectRequest {
+    let progress = shoal_proto::cluster::LeafProgress { node: n1.clone(), round: RoundId(4), accepted: 17 };
+    add("control_messages", "leaf-progress", shoal_proto::encode(&progress), true);
+    let collect = shoal_proto::cluster::CollectRequest {
         round: RoundId(4),
         collect: shoal_proto::CollectId(99),
         top: n1.clone(),
         nodes: vec![n1.clone(), n2.clone()],
         fan_in: 2,
     };
-    add("control_messages", "collect-request", protocol::encode(&collect), true);
-    let entry = protocol::CohortEntry { client: client.clone(), weight: 12.0, node: n2.clone() };
-    let plan = protocol::ShardPlan {
+    add("control_messages", "collect-request", shoal_proto::encode(&collect), true);
+    let entry = shoal_proto::cluster::CohortEntry { client: client.clone(), weight: 12.0, node: n2.clone() };
+    let plan = shoal_proto::cluster::ShardPlan {
         round: RoundId(4),
         exchange: shoal_proto::ExchangeId(7),
         top: n1.clone(),
         cohort: vec![entry.clone()],
         owners: vec![n1.clone(), n2.clone()],
         base_version: ModelVersion(3),
-        step: protocol::ShardStep::Select { selected: vec![0] },
+        step: shoal_proto::cluster::ShardStep::Select { selected: vec![0] },
     };
-    add("control_messages", "shard-plan", protocol::encode(&plan), true);
-    let lease = shoal_runtime::lease::Lease {
+    add("control_messages", "shard-plan", shoal_proto::encode(&plan), true);
+    let lease = shoal_runtime::cluster::lease::Lease {
         node: n2.clone(),
         instance: shoal_proto::InstanceId(5),
         renewed_ms: 1_700_000_000_000,
     };
-    add("control_messages", "lease", protocol::encode(&lease), true);
-    let header = protocol::PartialHeader {
+    add("control_messages", "lease", shoal_proto::encode(&lease), true);
+    let header = shoal_proto::cluster::PartialHeader {
         sender: n2.clone(),
         to: n1.clone(),
         to_middle: false,
@@ -535,16 +549,18 @@ pub fn seeds() -> Vec<Seed> {
         cohort: vec![entry],
     };
     let values: Vec<f64> = (0..update_manifest().numel()).map(|i| i as f64 * 0.5).collect();
-    let framed: Vec<u8> =
-        protocol::frame(&header, &values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
+    let framed: Vec<u8> = shoal_proto::envelope::frame(
+        &header,
+        &values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(),
+    );
     add("control_messages", "partial-aggregate", framed, true);
-    let slice = protocol::SliceHeader {
+    let slice = shoal_proto::cluster::SliceHeader {
         exchange: shoal_proto::ExchangeId(7),
         shard: 1,
         client: Some(client.clone()),
         object: None,
     };
-    add("control_messages", "shard-slice", protocol::frame(&slice, &[0u8; 64]), true);
+    add("control_messages", "shard-slice", shoal_proto::envelope::frame(&slice, &[0u8; 64]), true);
     let specs = [
         ("fedavg", job_spec(StrategySpec::default(), UpdateKind::Parameters, None)),
         (
@@ -595,7 +611,7 @@ pub fn seeds() -> Vec<Seed> {
     ];
     for (name, spec) in &specs {
         assert!(factory::validate(spec).is_ok(), "seed spec {name} is valid: {:?}", factory::validate(spec));
-        add("control_messages", &format!("job-spec-{name}"), protocol::encode(spec), true);
+        add("control_messages", &format!("job-spec-{name}"), shoal_proto::encode(spec), true);
     }
     let json = serde_json::to_vec_pretty(&specs[0].1).expect("spec to JSON");
     add("control_messages", "job-spec-fedavg.json", json, true);

@@ -125,3 +125,9 @@ impl Error {
 }
 
 pub use shoal_proto::RejectReason;
+
+impl From<shoal_proto::DecodeError> for Error {
+    fn from(e: shoal_proto::DecodeError) -> Self {
+        Error::Decode { what: e.what, detail: e.detail }
+    }
+}

@@ -1,51 +1,37 @@
-//! Shoal's node runtime, client SDK and the `shoal` command.
+//! The Shoal node library: the gateway, shared-memory staging, the function host and its
+//! aggregator actors, the hierarchy and the round commits. The `shoal` binary (crate
+//! `shoal-cli`) runs it; the wire contract is `shoal_proto`, the maths `shoal_functions`, NATS
+//! access `shoal_client`.
 //!
-//! One client update's path through these modules (ARCHITECTURE.md tells it file by file):
-//! [`client`] publishes it → [`gateway`] pulls, validates and stages it into a [`shm`] slot →
-//! [`host`] routes its descriptor to an on-demand `Aggregator` actor that folds it →
-//! [`coordinator`] closes the round, commits the model ([`jobs`]) and acks the round.
+//! One client update's path through the folders (ARCHITECTURE.md tells it file by file):
+//! [`ingest`] pulls it from JetStream, validates it and stages it into a [`staging`] slot →
+//! [`host`] routes its descriptor to an on-demand aggregator actor that folds it → [`cluster`]
+//! collects the leaves' partials at the job's top, commits the model ([`jobs`]) and the leaves
+//! ack the round.
 //!
-//! Modules:
-//! - [`subjects`]: every NATS subject, stream, bucket, key and object name.
-//! - [`protocol`]: update headers and the versioned msgpack control messages (job state, round
-//!   events, rejection notices).
-//! - [`auth`]: NATS credentials and TLS, the least-privilege permissions of a client, the
-//!   nats-server `authorization` block generator, permission-violation reporting.
-//! - [`infra`]: connecting to NATS (credentials, TLS) and creating the JetStream resources
-//!   idempotently.
-//! - [`jobs`]: job creation, job state compare-and-set, model store, the in-process job directory.
-//! - [`shm`]: shared-memory segments and the slot pool (all mapping `unsafe` lives here).
-//! - [`gateway`]: the JetStream pull consumer, validation and staging.
-//! - [`claims`]: the cluster-wide claim that makes one node stage each (job, round, client).
-//! - [`host`]: the actix function host and its `Aggregator` actors.
-//! - [`coordinator`]: the per-job round loop (sync policy, quorum, deadline, commit, acks).
-//! - [`reject`]: the one rejection path (metrics, log-once, client notice, terminate) and acks.
-//! - [`metrics`]: Prometheus metrics, served over NATS request/reply.
-//! - [`node`]: assembling a node and shutting it down.
-//! - [`capacity`]: the jobs a node serves (`--max-jobs`) and the ones waiting for a slot.
-//! - [`client`]: the Rust client SDK.
-//! - [`objects`]: object-store reads and writes that need no consumer (least permissions).
-//! - [`sim`]: the digits dataset, Dirichlet split and softmax-regression trainer of the demo.
-//! - [`demo`]: `shoal demo`, a real federated training run end to end.
-//! - [`cli`]: the `shoal` command line.
-//! - [`error`]: the runtime's error type and the typed rejection reasons.
+//! Folders and modules:
+//! - [`node`]: assembling a node and shutting it down; [`node::capacity`], the jobs it serves.
+//! - [`nats`]: the node's NATS handles and its object-store transfers.
+//! - [`jobs`]: the node's view of the jobs ([`jobs::JobDirectory`]), kept fresh by a KV watch.
+//! - [`ingest`]: the gateway: JetStream pull consumer, validation, claims and staging;
+//!   [`ingest::reject`], the one rejection path; [`ingest::claims`], the cluster-wide claims.
+//! - [`staging`]: shared-memory segments and the slot pool (all mapping `unsafe` lives here).
+//! - [`host`]: the actix function host and its aggregator actors.
+//! - [`cluster`]: leases ([`cluster::lease`]), the leaf ([`cluster::leaf`]), the
+//!   coordinate-sharded exchange ([`cluster::exchange`]) and the top ([`cluster::top`]).
+//! - [`metrics`]: Prometheus metrics.
+//! - [`clock`]: wall-clock milliseconds.
+//! - [`error`]: the runtime's error type.
 
-pub mod capacity;
-pub mod claims;
-pub mod coordinator;
+pub mod clock;
+pub mod cluster;
 pub mod error;
-pub mod exchange;
-pub mod gateway;
-pub mod hierarchy;
 pub mod host;
-pub mod infra;
+pub mod ingest;
 pub mod jobs;
-pub mod lease;
 pub mod metrics;
+pub mod nats;
 pub mod node;
-pub mod protocol;
-pub mod reject;
-pub mod shm;
-pub mod subjects;
+pub mod staging;
 
 pub use error::{Error, RejectReason, Result};

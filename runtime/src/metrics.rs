@@ -14,7 +14,7 @@ use prometheus_client::registry::Registry;
 
 use crate::error::RejectReason;
 
-/// The counter type of the node's metrics (for [`crate::infra::ConnectOptions::slow_consumer_events`]).
+/// The counter type of the node's metrics (for [`crate::nats::ConnectOptions::slow_consumer_events`]).
 pub use prometheus_client::metrics::counter::Counter;
 
 /// Label set with one `reason`.

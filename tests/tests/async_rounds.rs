@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use shoal_client::connect::ConnectOptions;
 use shoal_client::{ShoalClient, UpdateRequest};
 use shoal_functions::{ClientId, DType, JobId, ModelManifest, ModelVersion, Parameters, RoundId, UpdateKind};
+use shoal_proto::RoundOutcome;
+use shoal_runtime::clock::now_ms;
 use shoal_runtime::jobs;
-use shoal_runtime::protocol::{now_ms, RoundOutcome};
 use shoal_testkit::*;
 
 const NODE_ARGS: &[&str] = &["--ack-wait-ms", "3000", "--pull-batch", "1", "--collect-timeout-ms", "3000"];
@@ -82,12 +83,7 @@ fn logs(nodes: &[NodeProcess]) -> String {
     nodes.iter().map(|n| format!("--- {} ---\n{}", n.node_id, n.log())).collect()
 }
 
-async fn wait_version(
-    c: &ShoalClient,
-    job: &JobId,
-    v: u64,
-    nodes: &[NodeProcess],
-) -> shoal_runtime::protocol::JobState {
+async fn wait_version(c: &ShoalClient, job: &JobId, v: u64, nodes: &[NodeProcess]) -> shoal_proto::JobState {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let s = c.job_state(job).await.unwrap();

@@ -25,8 +25,9 @@ use shoal_client::{ShoalClient, Transport, UpdateRequest};
 use shoal_functions::{
     ClientId, DType, JobId, ModelManifest, ModelVersion, Parameters, RoundId, TensorSpec, UpdateKind,
 };
-use shoal_runtime::protocol::{self, RoundOutcome};
-use shoal_runtime::{jobs, subjects, RejectReason};
+use shoal_proto::subjects;
+use shoal_proto::RoundOutcome;
+use shoal_runtime::{jobs, RejectReason};
 use shoal_testkit::*;
 
 const NODE_USER: &str = "shoal-node";
@@ -280,15 +281,15 @@ async fn a_client_cannot_read_or_claim_another_clients_update_object() {
     let me = ClientId::new("oa").unwrap();
     let mut rejections = oa.rejections(&job, &me).await.unwrap();
     let mut h = HeaderMap::new();
-    h.insert(protocol::HDR_ROUND, state.round.to_string().as_str());
-    h.insert(protocol::HDR_BASE_VERSION, "0");
-    h.insert(protocol::HDR_NUM_EXAMPLES, "20");
-    h.insert(protocol::HDR_OBJECT, name.as_str());
+    h.insert(shoal_proto::headers::HDR_ROUND, state.round.to_string().as_str());
+    h.insert(shoal_proto::headers::HDR_BASE_VERSION, "0");
+    h.insert(shoal_proto::headers::HDR_NUM_EXAMPLES, "20");
+    h.insert(shoal_proto::headers::HDR_OBJECT, name.as_str());
     let digest = {
         use sha2::Digest as _;
         hex::encode(sha2::Sha256::digest(payload(&m, &b)))
     };
-    h.insert(protocol::HDR_DIGEST, format!("sha256:{digest}").as_str());
+    h.insert(shoal_proto::headers::HDR_DIGEST, format!("sha256:{digest}").as_str());
     let subject = infra.subjects.update(&job, &me);
     infra.js.publish_with_headers(subject, h, Bytes::new()).await.unwrap().await.unwrap();
     let notice = next_rejection(&mut rejections).await;
@@ -367,15 +368,15 @@ async fn an_overwritten_object_is_refused_not_accepted_as_the_victims() {
     objects::put_object(&ha.connection().js, subjects::UPDATES_BUCKET, &name, &forged, chunk).await.unwrap();
     let mut rejections = hb.rejections(&job, &hb_id).await.unwrap();
     let mut h = HeaderMap::new();
-    h.insert(protocol::HDR_ROUND, state.round.to_string().as_str());
-    h.insert(protocol::HDR_BASE_VERSION, "0");
-    h.insert(protocol::HDR_NUM_EXAMPLES, "50");
-    h.insert(protocol::HDR_OBJECT, name.as_str());
+    h.insert(shoal_proto::headers::HDR_ROUND, state.round.to_string().as_str());
+    h.insert(shoal_proto::headers::HDR_BASE_VERSION, "0");
+    h.insert(shoal_proto::headers::HDR_NUM_EXAMPLES, "50");
+    h.insert(shoal_proto::headers::HDR_OBJECT, name.as_str());
     let digest = {
         use sha2::Digest as _;
         hex::encode(sha2::Sha256::digest(&b_bytes))
     };
-    h.insert(protocol::HDR_DIGEST, format!("sha256:{digest}").as_str());
+    h.insert(shoal_proto::headers::HDR_DIGEST, format!("sha256:{digest}").as_str());
     let subject = hb.connection().subjects.update(&job, &hb_id);
     hb.connection().js.publish_with_headers(subject, h, Bytes::new()).await.unwrap().await.unwrap();
     let notice = next_rejection(&mut rejections).await;
@@ -427,7 +428,7 @@ async fn a_client_cannot_write_models_or_job_state_nor_read_other_jobs() {
         .await;
     assert_unauthorized(r, "Publish to \"$O.shoal-models.C.");
     for key in ["writes.state", "writes.spec", "other.state"] {
-        let value = Bytes::from(protocol::encode(&state_before));
+        let value = Bytes::from(shoal_proto::encode(&state_before));
         let r = v
             .guard("put kv", async { infra.jobs.put(key, value).await.map_err(|e| Error::nats("kv", e)) })
             .await;

@@ -12,7 +12,8 @@ use bytes::Bytes;
 use shoal_client::connect::ConnectOptions;
 use shoal_client::{ShoalClient, UpdateRequest};
 use shoal_functions::{ClientId, DType, JobId, ModelManifest, ModelVersion, RoundId, TensorSpec, UpdateKind};
-use shoal_runtime::protocol::{JobState, RoundOutcome};
+use shoal_proto::JobState;
+use shoal_proto::RoundOutcome;
 use shoal_runtime::{jobs, metrics, RejectReason};
 use shoal_testkit::*;
 

@@ -24,8 +24,11 @@ use shoal_functions::{
     AggregationPolicy, ClientId, DType, ErrorKind, JobId, JobSpec, ModelManifest, ModelVersion, Parameters,
     PartialAggregate, RoundId, Strategy, StrategySpec, TensorSpec, UpdateKind,
 };
-use shoal_runtime::protocol::{JobState, RejectNotice, RoundOutcome};
-use shoal_runtime::{jobs, metrics, subjects, RejectReason};
+use shoal_proto::subjects;
+use shoal_proto::JobState;
+use shoal_proto::RejectNotice;
+use shoal_proto::RoundOutcome;
+use shoal_runtime::{jobs, metrics, RejectReason};
 use shoal_testkit::*;
 
 static CLUSTER: OnceLock<SharedCluster> = OnceLock::new();
@@ -170,7 +173,7 @@ impl Job {
         let waker = futures::task::noop_waker();
         let mut cx = std::task::Context::from_waker(&waker);
         if let std::task::Poll::Ready(Some(m)) = quiet.as_mut().poll(&mut cx) {
-            let n: RejectNotice = shoal_runtime::protocol::decode("notice", &m.payload).unwrap();
+            let n: RejectNotice = shoal_proto::decode("notice", &m.payload).unwrap();
             panic!("unexpected rejection {n:?}");
         }
     }

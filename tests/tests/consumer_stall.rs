@@ -12,9 +12,9 @@ use shoal_client::{ShoalClient, UpdateRequest};
 use shoal_functions::{
     ClientId, DType, JobId, ModelManifest, ModelVersion, Parameters, RoundId, TensorSpec, UpdateKind,
 };
+use shoal_proto::RoundOutcome;
 use shoal_runtime::jobs;
 use shoal_runtime::metrics::scrape;
-use shoal_runtime::protocol::RoundOutcome;
 use shoal_testkit::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,8 +12,8 @@ use half::bf16;
 use shoal_client::connect::ConnectOptions;
 use shoal_client::{ShoalClient, Transport, UpdateRequest};
 use shoal_functions::{ClientId, DType, JobId, ModelManifest, ModelVersion, RoundId, UpdateKind};
+use shoal_proto::RoundOutcome;
 use shoal_runtime::jobs;
-use shoal_runtime::protocol::RoundOutcome;
 use shoal_testkit::*;
 
 fn manifest() -> Arc<ModelManifest> {
@@ -95,7 +95,7 @@ async fn fedavg_three_rounds_eight_clients_matches_f64_oracle() {
         assert_matches_oracle(&model, &weighted_mean_oracle(&sent));
     }
     let state = client.job_state(&job).await.unwrap();
-    assert_eq!(state.phase, shoal_runtime::protocol::JobPhase::Finished);
+    assert_eq!(state.phase, shoal_proto::JobPhase::Finished);
     // Old versions are pruned: a sync job keeps the last 3 (1, 2, 3); version 0 is deleted.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while client.fetch_model(&job, ModelVersion(0)).await.is_ok() {
@@ -109,12 +109,11 @@ async fn fedavg_three_rounds_eight_clients_matches_f64_oracle() {
     // Round events were published in order: opened/closed per round, then the job's end.
     let mut kinds = Vec::new();
     while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(500), events.next()).await {
-        let e: shoal_runtime::protocol::RoundEvent =
-            shoal_runtime::protocol::decode("event", &m.payload).unwrap();
+        let e: shoal_proto::RoundEvent = shoal_proto::decode("event", &m.payload).unwrap();
         kinds.push(match e {
-            shoal_runtime::protocol::RoundEvent::RoundOpened { round, .. } => format!("open{round}"),
-            shoal_runtime::protocol::RoundEvent::RoundClosed { round, .. } => format!("close{round}"),
-            shoal_runtime::protocol::RoundEvent::JobEnded { .. } => "end".into(),
+            shoal_proto::RoundEvent::RoundOpened { round, .. } => format!("open{round}"),
+            shoal_proto::RoundEvent::RoundClosed { round, .. } => format!("close{round}"),
+            shoal_proto::RoundEvent::JobEnded { .. } => "end".into(),
         });
     }
     assert_eq!(kinds, ["open1", "close1", "open2", "close2", "open3", "close3", "end"]);

@@ -29,7 +29,10 @@ use shoal_client::connect::ConnectOptions;
 use shoal_client::Error;
 use shoal_client::{ShoalClient, UpdateRequest};
 use shoal_functions::{ClientId, DType, JobId, ModelManifest, ModelVersion, Parameters, RoundId, UpdateKind};
-use shoal_runtime::protocol::{self, JobPhase, JobState, RejectNotice, RoundOutcome};
+use shoal_proto::JobPhase;
+use shoal_proto::JobState;
+use shoal_proto::RejectNotice;
+use shoal_proto::RoundOutcome;
 use shoal_runtime::{jobs, RejectReason};
 use shoal_testkit::*;
 
@@ -100,7 +103,7 @@ async fn state_after(client: &ShoalClient, round: u64) -> Option<JobState> {
         shoal_testkit::infra_of(&client).await.jobs.history(format!("{JOB}.state")).await.ok()?;
     let mut found = None;
     while let Some(Ok(e)) = history.next().await {
-        let Ok(s) = protocol::decode::<JobState>("job state", &e.value) else { continue };
+        let Ok(s) = shoal_proto::decode::<JobState>("job state", &e.value) else { continue };
         if s.last_commit.as_ref().is_some_and(|c| c.round == RoundId(round)) {
             found = Some(s);
         }
@@ -116,7 +119,8 @@ async fn leftovers(client: &ShoalClient) -> Vec<(u64, String, String)> {
     let mut out = Vec::new();
     for seq in first..=last {
         if let Ok(m) = stream.get_raw_message(seq).await {
-            let round = m.headers.get(protocol::HDR_ROUND).map(|v| v.to_string()).unwrap_or_default();
+            let round =
+                m.headers.get(shoal_proto::headers::HDR_ROUND).map(|v| v.to_string()).unwrap_or_default();
             out.push((seq, m.subject.to_string(), round));
         }
     }
@@ -154,7 +158,7 @@ async fn seeded_kills_of_nodes_tops_and_nats_lose_nothing_and_apply_nothing_twic
         let notices = Arc::clone(&notices);
         tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
-                if let Ok(n) = protocol::decode::<RejectNotice>("notice", &msg.payload) {
+                if let Ok(n) = shoal_proto::decode::<RejectNotice>("notice", &msg.payload) {
                     notices.lock().unwrap().push(n);
                 }
             }
@@ -203,8 +207,8 @@ async fn seeded_kills_of_nodes_tops_and_nats_lose_nothing_and_apply_nothing_twic
                         .await
                         .ok()
                         .flatten();
-                    let top: Option<shoal_runtime::lease::Lease> =
-                        top.and_then(|b| protocol::decode("lease", &b).ok());
+                    let top: Option<shoal_runtime::cluster::lease::Lease> =
+                        top.and_then(|b| shoal_proto::decode("lease", &b).ok());
                     nodes[target].kill();
                     restart_node = Some(target);
                     if top.is_some_and(|l| l.node.as_str() == nodes[target].node_id) {
@@ -322,7 +326,7 @@ async fn seeded_kills_of_nodes_tops_and_nats_lose_nothing_and_apply_nothing_twic
             .await
             .updates
             .clone()
-            .consumer_info(shoal_runtime::subjects::GATEWAY_CONSUMER)
+            .consumer_info(shoal_proto::subjects::GATEWAY_CONSUMER)
             .await
             .ok()
             .map(|i| (i.num_pending, i.num_ack_pending, i.delivered.stream_sequence));

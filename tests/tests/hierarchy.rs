@@ -13,9 +13,9 @@ use shoal_functions::{
     ClientId, DType, JobId, ModelManifest, ModelVersion, Parameters, RoundId, StrategySpec, UpdateKind,
     UpdateView,
 };
+use shoal_proto::RoundOutcome;
 use shoal_runtime::jobs;
 use shoal_runtime::metrics::scrape;
-use shoal_runtime::protocol::RoundOutcome;
 use shoal_testkit::*;
 
 const NODE_ARGS: &[&str] = &["--ack-wait-ms", "3000", "--pull-batch", "1", "--collect-timeout-ms", "3000"];
@@ -201,7 +201,7 @@ async fn killing_the_top_mid_round_loses_nothing() {
     }
     let lease =
         shoal_testkit::infra_of(&client).await.jobs.get("topkill.top").await.unwrap().expect("a top lease");
-    let top: shoal_runtime::lease::Lease = shoal_runtime::protocol::decode("lease", &lease).unwrap();
+    let top: shoal_runtime::cluster::lease::Lease = shoal_proto::decode("lease", &lease).unwrap();
     let victim = nodes.iter().position(|n| n.node_id == top.node.as_str()).unwrap();
     let held =
         scrape(&nodes[victim].metrics(&client.connection().client).await, "shoal_updates_staged_total")
@@ -219,7 +219,7 @@ async fn killing_the_top_mid_round_loses_nothing() {
     assert_close(&model(&client, &job, &m, 1).await, &weighted_mean_oracle(&sent), "after the top died");
     let lease =
         shoal_testkit::infra_of(&client).await.jobs.get("topkill.top").await.unwrap().expect("a top lease");
-    let new_top: shoal_runtime::lease::Lease = shoal_runtime::protocol::decode("lease", &lease).unwrap();
+    let new_top: shoal_runtime::cluster::lease::Lease = shoal_proto::decode("lease", &lease).unwrap();
     assert_ne!(new_top.node, top.node);
     let state = client.job_state(&job).await.unwrap();
     assert_eq!((state.round, state.model_version), (RoundId(2), ModelVersion(1)), "committed exactly once");
@@ -491,7 +491,7 @@ async fn a_node_leaving_mid_round_loses_nothing() {
     }
     let lease =
         shoal_testkit::infra_of(&client).await.jobs.get("leave.top").await.unwrap().expect("a top lease");
-    let top: shoal_runtime::lease::Lease = shoal_runtime::protocol::decode("lease", &lease).unwrap();
+    let top: shoal_runtime::cluster::lease::Lease = shoal_proto::decode("lease", &lease).unwrap();
     let mut victim = None;
     for (i, n) in nodes.iter().enumerate() {
         let staged = scrape(&n.metrics(&client.connection().client).await, "shoal_updates_staged_total")

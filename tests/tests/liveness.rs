@@ -21,8 +21,10 @@ use shoal_client::connect::ConnectOptions;
 use shoal_client::Error;
 use shoal_client::ShoalClient;
 use shoal_functions::{ClientId, DType, JobId, ModelManifest, ModelVersion, Parameters, RoundId};
+use shoal_proto::JobPhase;
+use shoal_proto::RoundOutcome;
+use shoal_runtime::clock::now_ms;
 use shoal_runtime::metrics::scrape;
-use shoal_runtime::protocol::{now_ms, JobPhase, RoundOutcome};
 use shoal_runtime::{jobs, RejectReason};
 use shoal_testkit::*;
 
@@ -200,8 +202,8 @@ async fn a_client_reconnecting_after_its_round_closed_is_told_late_update() {
     // (Not `wait_for_outcome`: the round has closed already, so its state would race the
     // notice.)
     let m1 = tokio::time::timeout(Duration::from_secs(15), notices.next()).await;
-    let notice: shoal_runtime::protocol::RejectNotice = match m1 {
-        Ok(Some(m)) => shoal_runtime::protocol::decode("notice", &m.payload).unwrap(),
+    let notice: shoal_proto::RejectNotice = match m1 {
+        Ok(Some(m)) => shoal_proto::decode("notice", &m.payload).unwrap(),
         other => panic!("no late_update notice: {other:?}\n{}", node.log()),
     };
     assert_eq!((notice.reason, notice.round), (RejectReason::LateUpdate, Some(RoundId(1))), "{notice:?}");

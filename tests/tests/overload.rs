@@ -19,9 +19,11 @@ use shoal_client::{ShoalClient, UpdateRequest};
 use shoal_functions::{
     ClientId, DType, JobId, ModelManifest, ModelVersion, Parameters, RoundId, TensorSpec, UpdateKind,
 };
+use shoal_proto::subjects;
+use shoal_proto::JobPhase;
+use shoal_proto::RoundOutcome;
+use shoal_runtime::jobs;
 use shoal_runtime::metrics::scrape;
-use shoal_runtime::protocol::{self, JobPhase, RoundOutcome};
-use shoal_runtime::{jobs, subjects};
 use shoal_testkit::*;
 
 const MIB: usize = 1 << 20;
@@ -111,10 +113,10 @@ async fn a_burst_of_200_one_mib_updates_into_a_slow_aggregator_loses_nothing() {
             )));
             let mut h = async_nats::HeaderMap::new();
             h.insert("Nats-Msg-Id", subjects::update_msg_id(&u.job, u.round, &u.client, &digest).as_str());
-            h.insert(protocol::HDR_ROUND, u.round.to_string().as_str());
-            h.insert(protocol::HDR_BASE_VERSION, u.base_version.to_string().as_str());
-            h.insert(protocol::HDR_NUM_EXAMPLES, u.num_examples.to_string().as_str());
-            h.insert(protocol::HDR_KIND, u.kind.as_str());
+            h.insert(shoal_proto::headers::HDR_ROUND, u.round.to_string().as_str());
+            h.insert(shoal_proto::headers::HDR_BASE_VERSION, u.base_version.to_string().as_str());
+            h.insert(shoal_proto::headers::HDR_NUM_EXAMPLES, u.num_examples.to_string().as_str());
+            h.insert(shoal_proto::headers::HDR_KIND, u.kind.as_str());
             (client.connection().subjects.update(&u.job, &u.client), h, u.payload)
         })
         .collect();

@@ -11,8 +11,9 @@ use std::time::Duration;
 use shoal_client::connect::ConnectOptions;
 use shoal_client::{ShoalClient, UpdateRequest};
 use shoal_functions::{ClientId, DType, JobId, ModelManifest, ModelVersion, RoundId, UpdateKind};
+use shoal_proto::JobPhase;
+use shoal_proto::RoundOutcome;
 use shoal_runtime::jobs;
-use shoal_runtime::protocol::{JobPhase, RoundOutcome};
 use shoal_testkit::*;
 
 static CLUSTER: OnceLock<SharedCluster> = OnceLock::new();
@@ -216,7 +217,7 @@ async fn an_interrupted_job_create_can_be_redone() {
     shoal_testkit::infra_of(&c)
         .await
         .jobs
-        .put("half-made.spec", bytes::Bytes::from(shoal_runtime::protocol::encode(&spec)))
+        .put("half-made.spec", bytes::Bytes::from(shoal_proto::encode(&spec)))
         .await
         .unwrap();
     assert!(c.job_state(&JobId::new("half-made").unwrap()).await.is_err(), "not a job yet");

@@ -11,6 +11,9 @@
 //! messages are **not** acked here: the coordinator acks them after the commit; the aggregator
 //! keeps them alive with in-progress acks meanwhile.
 
+pub mod claims;
+pub mod reject;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -26,16 +29,16 @@ use shoal_functions::tensor::stage_update;
 use shoal_functions::{ClientId, JobId, RoundId, UpdateKind};
 use tokio_util::sync::CancellationToken;
 
-use crate::capacity::{Admission, JobSlots};
 use crate::error::{Error, RejectReason, Result};
 use crate::host::{FunctionHost, Staged};
-use crate::infra::Infra;
+use crate::ingest::reject::{AckHandle, Rejector};
 use crate::jobs::{self, JobDirectory, JobEntry};
 use crate::metrics::Metrics;
-use crate::protocol::{self, JobPhase};
-use crate::reject::{AckHandle, Rejector};
-use crate::shm::SlotPool;
-use crate::subjects;
+use crate::nats::Infra;
+use crate::node::capacity::{Admission, JobSlots};
+use crate::staging::SlotPool;
+use shoal_proto::subjects;
+use shoal_proto::JobPhase;
 
 /// How long reading one update object may take before the update is refused as
 /// `object_unavailable` (each chunk is a bounded direct get; this bounds the whole object).
@@ -266,7 +269,7 @@ impl Gateway {
                 .await;
             return;
         };
-        let round = header_u64(message.headers.as_ref(), protocol::HDR_ROUND).ok().map(RoundId);
+        let round = header_u64(message.headers.as_ref(), shoal_proto::headers::HDR_ROUND).ok().map(RoundId);
         match self.accept(&job, &client, stream_seq, &message, &ack).await {
             Ok(None) => {}
             Ok(Some(staged)) => {
@@ -305,13 +308,13 @@ impl Gateway {
         ack: &AckHandle,
     ) -> Result<Option<Staged>, Refusal> {
         let h = message.headers.as_ref();
-        let round = RoundId(header_u64(h, protocol::HDR_ROUND)?);
-        let base = header_u64(h, protocol::HDR_BASE_VERSION)?;
-        let kind = header(h, protocol::HDR_KIND).unwrap_or("parameters");
+        let round = RoundId(header_u64(h, shoal_proto::headers::HDR_ROUND)?);
+        let base = header_u64(h, shoal_proto::headers::HDR_BASE_VERSION)?;
+        let kind = header(h, shoal_proto::headers::HDR_KIND).unwrap_or("parameters");
         let kind = UpdateKind::parse(kind).ok_or_else(|| {
             Refusal(RejectReason::MalformedHeaders, format!("Shoal-Kind {kind:?} is not delta|parameters"))
         })?;
-        let num_examples = header(h, protocol::HDR_NUM_EXAMPLES)
+        let num_examples = header(h, shoal_proto::headers::HDR_NUM_EXAMPLES)
             .ok_or_else(|| Refusal(RejectReason::InvalidWeight, "Shoal-Num-Examples missing".into()))?;
         let num_examples = parse_decimal(num_examples).ok_or_else(|| {
             Refusal(
@@ -332,7 +335,7 @@ impl Gateway {
             tracing::debug!(%job, %client, round = %applied, stream_seq, "update already applied; acked");
             self.ctx.metrics.updates_already_applied.inc();
             ack.ack().await;
-            if let Some(name) = header(h, protocol::HDR_OBJECT) {
+            if let Some(name) = header(h, shoal_proto::headers::HDR_OBJECT) {
                 if let Err(e) = self.ctx.infra.update_objects.delete(name).await {
                     tracing::debug!(object = %name, error = %e, "deleting an applied update's object failed");
                 }
@@ -351,7 +354,7 @@ impl Gateway {
             }
             Admission::Waiting => {
                 let key = subjects::top_lease_key(job);
-                match crate::lease::fresh_holder(&self.ctx.infra, &key).await {
+                match crate::cluster::lease::fresh_holder(&self.ctx.infra, &key).await {
                     Ok(Some(top)) if top != self.ctx.node => {
                         // Another node serves the job: leave the update to it.
                         ack.nak(Duration::from_millis(500)).await;
@@ -472,7 +475,7 @@ impl Gateway {
 
         let manifest = &entry.manifest;
         let max_bytes = usize::try_from(spec.update_byte_limit()).unwrap_or(usize::MAX);
-        let object = header(h, protocol::HDR_OBJECT).map(str::to_owned);
+        let object = header(h, shoal_proto::headers::HDR_OBJECT).map(str::to_owned);
         let payload: Bytes = match &object {
             None => {
                 let len = message.payload.len();
@@ -555,14 +558,14 @@ impl Gateway {
     }
 
     /// Claims (job, round, client) for the message at `stream_seq` in KV `shoal-claims`
-    /// (`crate::claims`): the first message claims it; a redelivery of that message finds its
+    /// (`crate::ingest::claims`): the first message claims it; a redelivery of that message finds its
     /// own claim when this process made it or the process that made it is gone, and is left to
     /// its live holder otherwise; any other message of the client for the round is a duplicate,
     /// whichever node pulled the first.
     async fn claim(&mut self, job: &JobId, round: RoundId, client: &ClientId, stream_seq: u64) -> Claim {
         let claims = match &self.claims {
             Some(c) => c.clone(),
-            None => match self.ctx.infra.claims(crate::claims::MAX_AGE).await {
+            None => match self.ctx.infra.claims(crate::ingest::claims::MAX_AGE).await {
                 Ok(c) => {
                     self.claims = Some(c.clone());
                     c
@@ -574,7 +577,7 @@ impl Gateway {
             },
         };
         let who = (job, round, client);
-        match crate::claims::claim(
+        match crate::ingest::claims::claim(
             &claims,
             &self.ctx.infra,
             who,
@@ -584,9 +587,9 @@ impl Gateway {
         )
         .await
         {
-            Ok(crate::claims::Claim::Mine) => Claim::Ours,
-            Ok(crate::claims::Claim::HeldBy(node)) => Claim::HeldElsewhere(node),
-            Ok(crate::claims::Claim::Other(_)) => Claim::Theirs,
+            Ok(crate::ingest::claims::Claim::Mine) => Claim::Ours,
+            Ok(crate::ingest::claims::Claim::HeldBy(node)) => Claim::HeldElsewhere(node),
+            Ok(crate::ingest::claims::Claim::Other(_)) => Claim::Theirs,
             Err(e) => {
                 tracing::warn!(error = %e, "claiming an update failed; retrying the update");
                 Claim::Unknown
@@ -611,7 +614,7 @@ impl Gateway {
                 format!("object {name:?} is not this client's ({own:?})"),
             ));
         }
-        let digest = header(h, protocol::HDR_DIGEST)
+        let digest = header(h, shoal_proto::headers::HDR_DIGEST)
             .and_then(|d| d.strip_prefix("sha256:"))
             .ok_or_else(|| {
                 Refusal(RejectReason::MalformedHeaders, "Shoal-Digest sha256:<hex> missing".into())

@@ -28,9 +28,12 @@ use shoal_functions::shard::{self, Shard};
 use shoal_functions::{ClientId, JobId, JobSpec, ModelManifest, NodeId, Parameters, Strategy, UpdateView};
 
 use crate::error::{Error, Result};
-use crate::infra::Infra;
 use crate::metrics::Metrics;
-use crate::protocol::{self, CohortEntry, ShardPlan, ShardStep, SliceHeader};
+use crate::nats::Infra;
+use shoal_proto::cluster::CohortEntry;
+use shoal_proto::cluster::ShardPlan;
+use shoal_proto::cluster::ShardStep;
+use shoal_proto::cluster::SliceHeader;
 
 /// Sends `body` with `header` on `subject`, through the object store when larger than a
 /// message. Returns the bytes sent.
@@ -44,12 +47,12 @@ async fn send(
 ) -> Result<u64> {
     let limit = infra.max_payload().saturating_sub(64 * 1024);
     let msg = if body.len() > limit {
-        let name = crate::subjects::exchange_object(job, header.exchange, header.shard, part);
+        let name = shoal_proto::subjects::exchange_object(job, header.exchange, header.shard, part);
         infra.put_transfer(&name, body).await?;
         header.object = Some(name);
-        protocol::frame(&header, &[])
+        shoal_proto::envelope::frame(&header, &[])
     } else {
-        protocol::frame(&header, body)
+        shoal_proto::envelope::frame(&header, body)
     };
     infra.client.publish(subject, Bytes::from(msg)).await.map_err(|e| Error::nats("send shard data", e))?;
     Ok(body.len() as u64)
@@ -58,7 +61,8 @@ async fn send(
 /// Reads one exchange message: its header and body (fetched from the object store, then
 /// deleted, when it travelled there).
 async fn receive(infra: &Infra, msg: &async_nats::Message) -> Result<(SliceHeader, Vec<u8>)> {
-    let (header, body): (SliceHeader, &[u8]) = protocol::unframe("shard exchange message", &msg.payload)?;
+    let (header, body): (SliceHeader, &[u8]) =
+        shoal_proto::envelope::unframe("shard exchange message", &msg.payload)?;
     let body = match &header.object {
         None => body.to_vec(),
         Some(name) => infra.take_transfer(name).await?,
@@ -147,7 +151,7 @@ impl Owner {
     pub async fn on_plan(
         &mut self,
         plan: ShardPlan,
-        held: &HashMap<ClientId, Arc<crate::shm::Slot>>,
+        held: &HashMap<ClientId, Arc<crate::staging::Slot>>,
     ) -> Result<()> {
         let first_step = !matches!(plan.step, ShardStep::Select { .. });
         let same = self.plan.as_ref().is_some_and(|p| p.exchange == plan.exchange);
@@ -309,7 +313,7 @@ pub async fn run_top(
     };
     let publish = |p: &ShardPlan| {
         let (client, subject, body) =
-            (infra.client.clone(), infra.subjects.shard_plans(job), Bytes::from(protocol::encode(p)));
+            (infra.client.clone(), infra.subjects.shard_plans(job), Bytes::from(shoal_proto::encode(p)));
         async move { client.publish(subject, body).await.map_err(|e| Error::nats("publish shard plan", e)) }
     };
     publish(&plan).await?;

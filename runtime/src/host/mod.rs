@@ -20,9 +20,9 @@ use shoal_functions::{
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::RejectReason;
+use crate::ingest::reject::{AckHandle, Rejector};
 use crate::metrics::Metrics;
-use crate::reject::{AckHandle, Rejector};
-use crate::shm::Slot;
+use crate::staging::Slot;
 
 /// Mailbox capacity of host and aggregators.
 pub const MAILBOX: usize = 64;

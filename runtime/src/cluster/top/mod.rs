@@ -1,7 +1,7 @@
 //! The top of a job's hierarchy: opens rounds, closes them when the cohort is complete (summing
 //! the leaves' progress) or at the deadline, collects the leaves' partials
-//! ([`crate::hierarchy`]), applies the strategy's server step and commits. One node per job
-//! runs it: the holder of the job's top lease (`crate::lease`).
+//! ([`crate::cluster::leaf`]), applies the strategy's server step and commits. One node per job
+//! runs it: the holder of the job's top lease (`crate::cluster::lease`).
 //!
 //! Commit order (DESIGN.md §2, step 6): model version `v+1` into `shoal-models` (idempotent),
 //! job state by compare-and-set on its KV revision (with the [`CommitRecord`] naming the
@@ -22,16 +22,21 @@ use shoal_functions::{
 };
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::now_ms;
+use crate::cluster::leaf::{self, LocalLinks, Partial};
+use crate::cluster::lease;
 use crate::error::{Error, Result};
-use crate::hierarchy::{self, LocalLinks, Partial};
-use crate::infra::Infra;
 use crate::jobs::{self, CasOutcome, JobDirectory};
-use crate::lease;
 use crate::metrics::{Metrics, OutcomeLabel};
-use crate::protocol::{
-    self, now_ms, CohortEntry, CollectRequest, CommitRecord, JobPhase, JobState, LeafProgress, RoundEvent,
-    RoundOutcome,
-};
+use crate::nats::Infra;
+use shoal_proto::cluster::CohortEntry;
+use shoal_proto::cluster::CollectRequest;
+use shoal_proto::cluster::CommitRecord;
+use shoal_proto::cluster::LeafProgress;
+use shoal_proto::JobPhase;
+use shoal_proto::JobState;
+use shoal_proto::RoundEvent;
+use shoal_proto::RoundOutcome;
 
 /// Everything a top needs.
 #[derive(Clone, Debug)]
@@ -73,7 +78,7 @@ pub trait PluginFactory: Send + Sync + std::fmt::Debug {
 /// Persistent NATS errors.
 pub async fn run_top(ctx: CoordinatorContext, job: JobId) -> Result<()> {
     let instance = shoal_proto::InstanceId(rand::random::<u64>());
-    let key = crate::subjects::top_lease_key(&job);
+    let key = shoal_proto::subjects::top_lease_key(&job);
     loop {
         if ctx.cancel.is_cancelled() {
             return Ok(());
@@ -197,7 +202,7 @@ pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
                     answer_reward(&ctx.infra, req, reward).await;
                 }
                 Some(m) = progress.next() => {
-                    let Ok(p) = protocol::decode::<LeafProgress>("leaf progress", &m.payload) else { continue };
+                    let Ok(p) = shoal_proto::decode::<LeafProgress>("leaf progress", &m.payload) else { continue };
                     if p.round == round {
                         let now = tokio::time::Instant::now();
                         per_node.insert(p.node, (p.accepted, now));
@@ -227,7 +232,7 @@ pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
             continue;
         }
         // Whole-cohort updates held on other nodes: a coordinate-sharded exchange, when the
-        // strategy has one (crate::exchange); otherwise they are left out of this round.
+        // strategy has one (crate::cluster::exchange); otherwise they are left out of this round.
         let remote = collected.entries.iter().any(|e| e.node != ctx.node);
         let mut sharded = None;
         if strategy.mergeability() == Mergeability::WholeCohort && remote {
@@ -242,7 +247,7 @@ pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
             } else if collected.entries.len() as u64 >= u64::from(rule.min_clients) {
                 let mut owners = collected.nodes.clone();
                 owners.sort();
-                let result = crate::exchange::run_top(
+                let result = crate::cluster::exchange::run_top(
                     &ctx.infra,
                     &job,
                     &ctx.node,
@@ -298,7 +303,7 @@ pub async fn run(ctx: CoordinatorContext, job: JobId) -> Result<()> {
             round,
             collect: collected.collect,
             nodes: collected.nodes.clone(),
-            applied: protocol::applied_ranges(collected.seqs.clone()),
+            applied: shoal_proto::cluster::applied_ranges(collected.seqs.clone()),
         });
         next.round = round.next();
         next.opened_at_ms = 0;
@@ -383,7 +388,7 @@ struct Collected {
     /// Shared with the leaf that sent it when only one partial came (no copy); merging into it
     /// copies it once.
     partial: Option<Arc<PartialAggregate>>,
-    cohort: Vec<hierarchy::CohortMember>,
+    cohort: Vec<leaf::CohortMember>,
     /// Whole-cohort strategies: every update of the round and the node holding it.
     entries: Vec<CohortEntry>,
     count: u64,
@@ -420,7 +425,7 @@ async fn collect(
         };
         ctx.infra
             .client
-            .publish(ctx.infra.subjects.collect(job), Bytes::from(protocol::encode(&req)))
+            .publish(ctx.infra.subjects.collect(job), Bytes::from(shoal_proto::encode(&req)))
             .await
             .map_err(|e| Error::nats("publish collect request", e))?;
         let mut got = Collected {
@@ -439,7 +444,7 @@ async fn collect(
                 _ = ctx.cancel.cancelled() => return Ok(None),
                 _ = tokio::time::sleep_until(deadline) => break,
                 Some(p) = local.recv() => p,
-                Some(m) = remote.next() => match hierarchy::receive_remote(&ctx.infra, manifest, &m).await {
+                Some(m) = remote.next() => match leaf::receive_remote(&ctx.infra, manifest, &m).await {
                     Ok((h, p, bytes)) => {
                         ctx.metrics.partial_bytes_received.inc_by(bytes);
                         Partial {
@@ -557,7 +562,7 @@ async fn prune_models(
     max_staleness: u64,
 ) {
     let Some(old) = current.0.checked_sub(kept_versions(max_staleness)) else { return };
-    let name = crate::subjects::model_object(job, shoal_functions::ModelVersion(old));
+    let name = shoal_proto::subjects::model_object(job, shoal_functions::ModelVersion(old));
     if let Err(e) = infra.models.delete(&name).await {
         tracing::debug!(object = %name, error = %e, "pruning an old model version failed");
     }
@@ -608,7 +613,7 @@ async fn answer_reward(infra: &Infra, req: async_nats::Message, reward: Result<V
                 Err(e) => e,
             };
             let mut h = async_nats::HeaderMap::new();
-            h.insert(protocol::HDR_ERROR, why.as_str());
+            h.insert(shoal_proto::headers::HDR_ERROR, why.as_str());
             infra.client.publish_with_headers(reply, h, Bytes::new()).await
         }
     };
@@ -619,7 +624,7 @@ async fn answer_reward(infra: &Infra, req: async_nats::Message, reward: Result<V
 
 async fn publish_event(infra: &Infra, job: &JobId, event: &RoundEvent) {
     let subject = infra.subjects.round_events(job);
-    if let Err(e) = infra.client.publish(subject, Bytes::from(protocol::encode(event))).await {
+    if let Err(e) = infra.client.publish(subject, Bytes::from(shoal_proto::encode(event))).await {
         tracing::warn!(error = %e, "publishing a round event failed (clients also watch the job state)");
     }
 }

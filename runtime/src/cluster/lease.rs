@@ -13,10 +13,10 @@ use futures::StreamExt;
 use shoal_proto::{InstanceId, NodeId};
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::now_ms;
 use crate::error::{Error, Result};
-use crate::infra::Infra;
-use crate::protocol::{self, now_ms};
-use crate::subjects;
+use crate::nats::Infra;
+use shoal_proto::subjects;
 
 /// A lease not renewed for this long is stale and may be taken.
 pub const STALE: Duration = Duration::from_secs(3);
@@ -52,11 +52,11 @@ pub enum Attempt {
 pub async fn try_acquire(infra: &Infra, key: &str, node: &NodeId, instance: InstanceId) -> Result<Attempt> {
     let now = now_ms();
     let lease = Lease { node: node.clone(), instance, renewed_ms: now };
-    let value = Bytes::from(protocol::encode(&lease));
+    let value = Bytes::from(shoal_proto::encode(&lease));
     let entry = infra.jobs.entry(key).await.map_err(|e| Error::nats("read lease", e))?;
     let written = match entry {
         Some(e) if e.operation == async_nats::jetstream::kv::Operation::Put => {
-            let held: Lease = protocol::decode("lease", &e.value)?;
+            let held: Lease = shoal_proto::decode("lease", &e.value)?;
             if held.fresh(now, STALE) && held.instance != instance {
                 return Ok(Attempt::HeldBy(held));
             }
@@ -69,7 +69,7 @@ pub async fn try_acquire(infra: &Infra, key: &str, node: &NodeId, instance: Inst
         Some(revision) => Ok(Attempt::Acquired(Held { key: key.to_owned(), lease, revision })),
         // Raced with another writer: report whoever holds it now.
         None => match infra.jobs.get(key).await.map_err(|e| Error::nats("read lease", e))? {
-            Some(v) => Ok(Attempt::HeldBy(protocol::decode("lease", &v)?)),
+            Some(v) => Ok(Attempt::HeldBy(shoal_proto::decode("lease", &v)?)),
             None => Ok(Attempt::HeldBy(lease)),
         },
     }
@@ -81,7 +81,7 @@ pub async fn try_acquire(infra: &Infra, key: &str, node: &NodeId, instance: Inst
 /// NATS errors other than a lost compare-and-set (the caller retries at the next tick).
 pub async fn renew(infra: &Infra, held: &mut Held) -> Result<bool> {
     held.lease.renewed_ms = now_ms();
-    let value = Bytes::from(protocol::encode(&held.lease));
+    let value = Bytes::from(shoal_proto::encode(&held.lease));
     match infra.jobs.update(&held.key, value, held.revision).await {
         Ok(rev) => {
             held.revision = rev;
@@ -94,7 +94,7 @@ pub async fn renew(infra: &Infra, held: &mut Held) -> Result<bool> {
             let entry = infra.jobs.entry(&held.key).await.map_err(|e| Error::nats("read lease", e))?;
             let ours =
                 entry.filter(|e| e.operation == async_nats::jetstream::kv::Operation::Put).and_then(|e| {
-                    let l: Lease = protocol::decode("lease", &e.value).ok()?;
+                    let l: Lease = shoal_proto::decode("lease", &e.value).ok()?;
                     (l.node == held.lease.node && l.instance == held.lease.instance).then_some(e.revision)
                 });
             match ours {
@@ -167,7 +167,7 @@ pub async fn fresh_holder(infra: &Infra, key: &str) -> Result<Option<NodeId>> {
     let Some(v) = infra.jobs.get(key).await.map_err(|e| Error::nats("read lease", e))? else {
         return Ok(None);
     };
-    let lease: Lease = protocol::decode("lease", &v)?;
+    let lease: Lease = shoal_proto::decode("lease", &v)?;
     Ok(lease.fresh(now_ms(), STALE).then_some(lease.node))
 }
 
@@ -185,7 +185,7 @@ pub async fn live_nodes(infra: &Infra) -> Result<Vec<NodeId>> {
             continue;
         }
         let Ok(Some(v)) = infra.jobs.get(&k).await else { continue };
-        if let Ok(l) = protocol::decode::<Lease>("lease", &v) {
+        if let Ok(l) = shoal_proto::decode::<Lease>("lease", &v) {
             if l.fresh(now, STALE) {
                 nodes.push(l.node);
             }

@@ -11,8 +11,8 @@ use shoal_functions::{ClientId, RoundId};
 
 use crate::error::RejectReason;
 use crate::metrics::Metrics;
-use crate::protocol::{self, RejectNotice};
-use crate::subjects::Subjects;
+use shoal_proto::subjects::Subjects;
+use shoal_proto::RejectNotice;
 
 /// Shared rejection path.
 #[derive(Clone, Debug)]
@@ -54,7 +54,7 @@ impl Rejector {
         if let (Some(job), Some(client)) = (job.and_then(|j| shoal_functions::JobId::new(j).ok()), client) {
             let notice = RejectNotice { job: job.to_string(), client: client.clone(), round, reason, detail };
             let subject = self.subjects.rejected(&job, client);
-            if let Err(e) = self.client.publish(subject, Bytes::from(protocol::encode(&notice))).await {
+            if let Err(e) = self.client.publish(subject, Bytes::from(shoal_proto::encode(&notice))).await {
                 tracing::debug!(error = %e, "publishing a reject notice failed");
             }
         }

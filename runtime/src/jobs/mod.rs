@@ -11,9 +11,10 @@ use shoal_functions::{JobId, JobSpec};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
-use crate::infra::Infra;
-use crate::protocol::{self, CommitRecord, JobState};
-use crate::subjects;
+use crate::nats::Infra;
+use shoal_proto::cluster::CommitRecord;
+use shoal_proto::subjects;
+use shoal_proto::JobState;
 
 /// A job as the node knows it.
 #[derive(Debug, Clone)]
@@ -148,7 +149,7 @@ pub async fn observe_history(
         .map_err(|e| Error::nats("read job history", e))?;
     while let Some(e) = history.next().await {
         let e = e.map_err(|e| Error::nats("read job history", e))?;
-        if let Ok(s) = protocol::decode::<JobState>("job state", &e.value) {
+        if let Ok(s) = shoal_proto::decode::<JobState>("job state", &e.value) {
             dir.observe_state(job, spec.clone(), s, e.revision);
         }
     }
@@ -224,7 +225,7 @@ pub async fn watch_jobs(
             let Some(job) = entry.key.strip_suffix(".state").and_then(|j| JobId::new(j).ok()) else {
                 continue;
             };
-            let Ok(state) = protocol::decode::<JobState>("job state", &entry.value) else {
+            let Ok(state) = shoal_proto::decode::<JobState>("job state", &entry.value) else {
                 tracing::warn!(key = %entry.key, "undecodable job state ignored");
                 continue;
             };

@@ -35,14 +35,19 @@ use shoal_functions::{ClientId, JobId, ModelManifest, NodeId, PartialAggregate, 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::now_ms;
 use crate::error::{Error, RejectReason, Result};
 use crate::host::{CloseRound, FunctionHost, Held, RegisterJob, RoundProgress};
-use crate::infra::Infra;
+use crate::ingest::reject::Rejector;
 use crate::jobs::JobDirectory;
 use crate::metrics::Metrics;
-use crate::protocol::{self, now_ms, CohortEntry, CollectRequest, JobPhase, LeafProgress, PartialHeader};
-use crate::reject::Rejector;
-use crate::shm::Slot;
+use crate::nats::Infra;
+use crate::staging::Slot;
+use shoal_proto::cluster::CohortEntry;
+use shoal_proto::cluster::CollectRequest;
+use shoal_proto::cluster::LeafProgress;
+use shoal_proto::cluster::PartialHeader;
+use shoal_proto::JobPhase;
 
 /// One staged update of a whole-cohort round, handed to the top on the same node.
 #[derive(Debug, Clone)]
@@ -132,7 +137,7 @@ pub fn group(node: &NodeId, req: &CollectRequest) -> Option<(NodeId, Vec<NodeId>
 
 /// Encodes `header` and the accumulators: `u32 LE length ‖ msgpack header ‖ f64 LE values`.
 pub fn encode_partial(header: &PartialHeader, values: &[f64]) -> Vec<u8> {
-    protocol::frame(header, bytemuck::cast_slice(values))
+    shoal_proto::envelope::frame(header, bytemuck::cast_slice(values))
 }
 
 /// Splits a partial message into its header and the raw accumulator bytes.
@@ -140,7 +145,7 @@ pub fn encode_partial(header: &PartialHeader, values: &[f64]) -> Vec<u8> {
 /// # Errors
 /// [`Error::Decode`] for a truncated or malformed message.
 pub fn decode_partial(bytes: &[u8]) -> Result<(PartialHeader, &[u8])> {
-    protocol::unframe("partial aggregate", bytes)
+    Ok(shoal_proto::envelope::unframe("partial aggregate", bytes)?)
 }
 
 /// Rebuilds the accumulators of a received partial.
@@ -193,7 +198,7 @@ pub async fn send_remote(
     let limit = infra.max_payload().saturating_sub(64 * 1024);
     let sent;
     let body = if values.len() * 8 + 64 * 1024 > limit {
-        let name = crate::subjects::partial_object(job, header.round, &header.sender, header.collect);
+        let name = shoal_proto::subjects::partial_object(job, header.round, &header.sender, header.collect);
         let raw: &[u8] = bytemuck::cast_slice(values);
         infra.put_transfer(&name, raw).await?;
         header.object = Some(name);
@@ -292,7 +297,7 @@ pub async fn run_leaf(ctx: LeafContext, job: JobId) -> Result<()> {
         .infra
         .subscribe(ctx.infra.subjects.slices_to(&job, &ctx.node), "subscribe to update slices")
         .await?;
-    let mut owner = crate::exchange::Owner::new(
+    let mut owner = crate::cluster::exchange::Owner::new(
         ctx.infra.clone(),
         job.clone(),
         ctx.node.clone(),
@@ -319,7 +324,7 @@ pub async fn run_leaf(ctx: LeafContext, job: JobId) -> Result<()> {
                 publish_progress(&ctx, &job, p).await;
             }
             Some(m) = collects.next() => {
-                let req: CollectRequest = match protocol::decode("collect request", &m.payload) {
+                let req: CollectRequest = match shoal_proto::decode("collect request", &m.payload) {
                     Ok(r) => r,
                     Err(e) => {
                         tracing::warn!(%job, error = %e, "malformed collect request ignored");
@@ -333,7 +338,7 @@ pub async fn run_leaf(ctx: LeafContext, job: JobId) -> Result<()> {
                 }
             }
             Some(m) = plans.next() => {
-                let plan: protocol::ShardPlan = match protocol::decode("shard plan", &m.payload) {
+                let plan: shoal_proto::cluster::ShardPlan = match shoal_proto::decode("shard plan", &m.payload) {
                     Ok(p) => p,
                     Err(e) => {
                         tracing::warn!(%job, error = %e, "malformed shard plan ignored");
@@ -384,8 +389,10 @@ pub async fn run_leaf(ctx: LeafContext, job: JobId) -> Result<()> {
 
 /// Whether `node` holds the job's top lease (leaves answer only the real top's collections).
 async fn is_top(ctx: &LeafContext, job: &JobId, node: &NodeId) -> bool {
-    match ctx.infra.jobs.get(crate::subjects::top_lease_key(job)).await {
-        Ok(Some(v)) => protocol::decode::<crate::lease::Lease>("lease", &v).is_ok_and(|l| l.node == *node),
+    match ctx.infra.jobs.get(shoal_proto::subjects::top_lease_key(job)).await {
+        Ok(Some(v)) => {
+            shoal_proto::decode::<crate::cluster::lease::Lease>("lease", &v).is_ok_and(|l| l.node == *node)
+        }
         Ok(None) => false,
         Err(e) => {
             tracing::warn!(%job, error = %e, "cannot read the top lease; answering the collection");
@@ -397,7 +404,7 @@ async fn is_top(ctx: &LeafContext, job: &JobId, node: &NodeId) -> bool {
 async fn publish_progress(ctx: &LeafContext, job: &JobId, p: RoundProgress) {
     let msg = LeafProgress { node: ctx.node.clone(), round: p.round, accepted: p.accepted };
     let subject = ctx.infra.subjects.progress(job);
-    if let Err(e) = ctx.infra.client.publish(subject, Bytes::from(protocol::encode(&msg))).await {
+    if let Err(e) = ctx.infra.client.publish(subject, Bytes::from(shoal_proto::encode(&msg))).await {
         tracing::debug!(error = %e, "publishing leaf progress failed");
     }
 }
@@ -451,7 +458,7 @@ async fn answer_collect(
     };
     out.entries = r_cohort(Some(r), &ctx.node);
     // A middle merges its group's partials before sending one up.
-    if let Some((leader, members)) = crate::hierarchy::group(&ctx.node, req) {
+    if let Some((leader, members)) = crate::cluster::leaf::group(&ctx.node, req) {
         if leader == ctx.node {
             ctx.metrics.tier("middle").inc();
             let merged = gather_group(ctx, manifest, to_me, req, &members, &mut out).await;

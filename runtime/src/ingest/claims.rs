@@ -24,11 +24,10 @@ use async_nats::jetstream::kv;
 use bytes::Bytes;
 use shoal_proto::{ClientId, InstanceId, JobId, NodeId, RoundId};
 
+use crate::cluster::lease::Lease;
 use crate::error::{Error, Result};
-use crate::infra::Infra;
-use crate::lease::Lease;
-use crate::protocol;
-use crate::subjects;
+use crate::nats::Infra;
+use shoal_proto::subjects;
 
 /// How long a claim is kept (longer than any round).
 pub const MAX_AGE: Duration = Duration::from_secs(24 * 3600);
@@ -60,7 +59,7 @@ pub async fn claim(
 ) -> Result<Claim> {
     let key = subjects::claim_key(job, round, client);
     let mine = ClaimValue { node: node.clone(), instance, stream_seq };
-    let value = Bytes::from(protocol::encode(&mine));
+    let value = Bytes::from(shoal_proto::encode(&mine));
     for _ in 0..3 {
         match claims.create(&key, value.clone()).await {
             Ok(_) => return Ok(Claim::Mine),
@@ -70,7 +69,7 @@ pub async fn claim(
         let Some(entry) = claims.entry(&key).await.map_err(|e| Error::nats("read a claim", e))? else {
             continue; // expired meanwhile: create again
         };
-        let held: ClaimValue = match protocol::decode("claim", &entry.value) {
+        let held: ClaimValue = match shoal_proto::decode("claim", &entry.value) {
             Ok(v) if entry.operation == kv::Operation::Put => v,
             // Undecodable or deleted: take it over.
             _ => ClaimValue { node: node.clone(), instance: InstanceId(0), stream_seq },
@@ -103,6 +102,7 @@ async fn alive(infra: &Infra, held: &ClaimValue) -> Result<bool> {
     let Some(v) = infra.jobs.get(&key).await.map_err(|e| Error::nats("read a node lease", e))? else {
         return Ok(false);
     };
-    Ok(protocol::decode::<Lease>("lease", &v)
-        .is_ok_and(|l| l.instance == held.instance && l.fresh(protocol::now_ms(), crate::lease::STALE)))
+    Ok(shoal_proto::decode::<Lease>("lease", &v).is_ok_and(|l| {
+        l.instance == held.instance && l.fresh(crate::clock::now_ms(), crate::cluster::lease::STALE)
+    }))
 }

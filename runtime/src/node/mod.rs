@@ -2,7 +2,9 @@
 //! holds, in one process (`shoal node`), with one shutdown path (a `CancellationToken`
 //! broadcast, a `TaskTracker` to wait on). Any number of nodes (distinct ids and shm
 //! directories) share one NATS: each stages the updates its gateway pulls, and partials cross
-//! nodes ([`crate::hierarchy`]).
+//! nodes ([`crate::cluster::leaf`]).
+
+pub mod capacity;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,19 +17,19 @@ use shoal_functions::NodeId;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::capacity::{JobSlots, Offer};
-use crate::coordinator::{self, CoordinatorContext};
+use crate::cluster::leaf::{self, LeafContext, LocalLinks};
+use crate::cluster::lease;
+use crate::cluster::top::{self, CoordinatorContext};
 use crate::error::{Error, Result};
-use crate::gateway::{self, GatewayConfig, GatewayContext};
-use crate::hierarchy::{self, LeafContext, LocalLinks};
 use crate::host::{FunctionHost, HostConfig};
-use crate::infra::{ConnectOptions, Infra};
+use crate::ingest::reject::Rejector;
+use crate::ingest::{self, GatewayConfig, GatewayContext};
 use crate::jobs::{self, JobDirectory};
-use crate::lease;
 use crate::metrics::Metrics;
-use crate::protocol::JobPhase;
-use crate::reject::Rejector;
-use crate::shm;
+use crate::nats::{ConnectOptions, Infra};
+use crate::node::capacity::{JobSlots, Offer};
+use crate::staging;
+use shoal_proto::JobPhase;
 
 /// Node configuration (the `shoal node` flags).
 #[derive(Debug, Clone)]
@@ -47,7 +49,7 @@ pub struct NodeConfig {
     /// Shared-memory budget per job, bytes.
     pub shm_budget: usize,
     /// Job-specific strategy pieces (Bristle's evaluator), when embedding a node.
-    pub plugins: Option<Arc<dyn coordinator::PluginFactory>>,
+    pub plugins: Option<Arc<dyn top::PluginFactory>>,
     /// Fold updates as they arrive (default); `false` folds a round's updates only when it
     /// closes (the baseline of `shoal bench hierarchy`).
     pub eager: bool,
@@ -58,7 +60,7 @@ pub struct NodeConfig {
     /// Fault injection: the aggregators sleep this long per update they fold (zero: off), to
     /// play a slow aggregator in backpressure tests.
     pub fold_delay: Duration,
-    /// Most running jobs this node serves at once (`None`: no limit); see [`crate::capacity`].
+    /// Most running jobs this node serves at once (`None`: no limit); see [`crate::node::capacity`].
     pub max_jobs: Option<usize>,
 }
 
@@ -108,7 +110,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle> {
     // Before touching shared memory: another live process of this node id may still use it.
     let membership = lease::join(&infra, &config.node_id).await?;
     let instance = membership.lease.instance;
-    let shm_dir = shm::prepare_node_dir(&config.shm_root, config.node_id.as_str())?;
+    let shm_dir = staging::prepare_node_dir(&config.shm_root, config.node_id.as_str())?;
     let rejector = Rejector::new(infra.client.clone(), infra.subjects.clone(), Arc::clone(&metrics));
     let host = FunctionHost::new(
         HostConfig {
@@ -196,7 +198,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle> {
     {
         let cancel = cancel.clone();
         tracker.spawn(async move {
-            if let Err(e) = gateway::run(gw, cancel).await {
+            if let Err(e) = ingest::run(gw, cancel).await {
                 tracing::error!(error = %e, "gateway stopped");
             }
         });
@@ -249,7 +251,7 @@ impl NodeHandle {
 }
 
 /// Starts the leaf and top of each job the node learns of, as `--max-jobs` allows
-/// ([`crate::capacity`]); a queued job starts when a served one ends.
+/// ([`crate::node::capacity`]); a queued job starts when a served one ends.
 #[derive(Clone)]
 struct JobStarter {
     leaf: LeafContext,
@@ -279,10 +281,10 @@ impl JobStarter {
     fn start(&self, job: shoal_functions::JobId, counted: bool) {
         let (leaf, top) = (self.leaf.clone(), self.top.clone());
         let leaf_task = self.tracker.spawn(retrying("leaf", job.clone(), leaf.cancel.clone(), move |job| {
-            hierarchy::run_leaf(leaf.clone(), job)
+            leaf::run_leaf(leaf.clone(), job)
         }));
         let top_task = self.tracker.spawn(retrying("top", job.clone(), top.cancel.clone(), move |job| {
-            coordinator::run_top(top.clone(), job)
+            top::run_top(top.clone(), job)
         }));
         if !counted {
             return;

@@ -1,0 +1,8 @@
+//! The aggregation hierarchy across nodes (DESIGN.md §5, §7): membership and top leases
+//! ([`lease`]), every node's leaf ([`leaf`]), the coordinate-sharded exchange of whole-cohort
+//! strategies ([`exchange`]) and the job's top ([`top`]).
+
+pub mod exchange;
+pub mod leaf;
+pub mod lease;
+pub mod top;

@@ -1,3 +1,0 @@
-module shoal.local/kubeassets
-
-go 1.26
