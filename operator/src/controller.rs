@@ -525,11 +525,18 @@ fn tick(
     Some(Ticked { decision, fresh: true, last_scale: entry.last_scale })
 }
 
-/// Hosts per node to write: the fresh decision's; else, while running, the Deployments as they
+/// Hosts per node to write: the decision's; else, while running, the Deployments as they
 /// are; else (suspended, ended) zero everywhere.
 fn desired_hosts(owned: &Owned, fresh: Option<&Decision>, running: bool) -> BTreeMap<NodeName, u32> {
     match fresh {
-        Some(d) => d.desired.clone(),
+        // A node with no host and no Deployment gets none (fit strategies place only where
+        // updates are staged; the decision lists every reporting node, zeros included).
+        Some(d) => d
+            .desired
+            .iter()
+            .filter(|(n, h)| **h > 0 || owned.contains_key(*n))
+            .map(|(n, h)| (n.clone(), *h))
+            .collect(),
         None if running => owned.iter().map(|(n, (_, r, _))| (n.clone(), *r)).collect(),
         None => owned.keys().map(|n| (n.clone(), 0)).collect(),
     }

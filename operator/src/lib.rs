@@ -28,6 +28,8 @@ pub mod crd;
 pub mod demand;
 pub mod duration;
 pub mod error;
+#[cfg(test)]
+mod fixtures;
 pub mod leader;
 pub mod metrics;
 pub mod node;

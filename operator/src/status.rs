@@ -294,4 +294,67 @@ fn merge(f: &Facts<'_>, conds: &[Cond]) -> (Vec<Condition>, Vec<Transition>) {
 }
 
 #[cfg(test)]
-mod tests;
+mod tests {
+    use super::*;
+    use shoal_proto::{ModelVersion, RoundId};
+
+    fn facts<'a>(state: &'a JobState, previous: Option<&'a FederatedJobStatus>, now: Timestamp) -> Facts<'a> {
+        const EMPTY: &BTreeMap<String, u32> = &BTreeMap::new();
+        Facts {
+            now,
+            generation: Some(3),
+            previous,
+            problem: None,
+            suspended: false,
+            state: Some(state),
+            top_node: Some("node-a".into()),
+            scaling: None,
+            desired: EMPTY,
+            conflicts: &[],
+            deadline_grace_ms: 30_000,
+        }
+    }
+
+    /// Conditions keep their transition time while their status holds, and a change of status
+    /// or reason is reported once.
+    #[test]
+    fn transition_times_hold_until_the_status_changes() {
+        let t0 = Timestamp::from_second(1_000_000).unwrap();
+        let mut state = JobState::new_job();
+        let first = build(&facts(&state, None, t0));
+        assert_eq!(first.transitions.len(), 5, "every condition is new");
+        let t1 = Timestamp::from_second(1_000_010).unwrap();
+        let again = build(&facts(&state, Some(&first.status), t1));
+        assert!(again.transitions.is_empty(), "{:?}", again.transitions);
+        assert!(again.status.conditions.iter().all(|c| c.last_transition_time.0 == t0));
+        // The round opens at t1 with a 60 s deadline; 100 s later it is 40 s past it, beyond
+        // the 30 s grace.
+        state.opened_at_ms = 1_000_010_000;
+        state.deadline_at_ms = 1_000_070_000;
+        let t2 = Timestamp::from_second(1_000_110).unwrap();
+        let stuck = build(&facts(&state, Some(&again.status), t2));
+        assert_eq!(stuck.transitions.len(), 1);
+        let tr = &stuck.transitions[0];
+        assert_eq!(
+            (tr.kind, tr.status, tr.reason.as_str()),
+            (ConditionType::RoundProgressing, false, "DeadlineExceeded")
+        );
+        let cond = stuck.status.conditions.iter().find(|c| c.type_ == "RoundProgressing").unwrap();
+        assert_eq!(cond.last_transition_time.0, t2);
+        // Finished: the outcome, the updates column and the phase follow the state.
+        state.phase = JobPhase::Finished;
+        state.model_version = ModelVersion(3);
+        state.round = RoundId(4);
+        state.last_outcome =
+            Some(RoundOutcome::Committed { version: ModelVersion(3), clients: 17, total_weight: 170.0 });
+        let done = build(&facts(&state, Some(&stuck.status), t2));
+        assert_eq!(done.status.phase, Some(Phase::Finished));
+        assert_eq!(
+            (done.status.round, done.status.model_version, done.status.updates),
+            (Some(4), Some(3), Some(17))
+        );
+        assert_eq!(done.status.last_outcome.as_ref().map(|o| o.outcome.as_str()), Some("Committed"));
+        assert_eq!(done.status.top_node.as_deref(), Some("node-a"));
+        assert!(done.transitions.iter().any(|t| t.kind == ConditionType::Ready && t.reason == "JobFinished"));
+    }
+}
