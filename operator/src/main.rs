@@ -121,6 +121,9 @@ struct GenerateArgs {
     /// Time-bin width in seconds.
     #[arg(long, default_value_t = 1.0)]
     bin: f64,
+    /// Arrival jitter N of `bursty` rounds: clients report U[0, N] s after the round starts.
+    #[arg(long, default_value_t = 5.0)]
+    jitter: f64,
     /// Output file (default: stdout).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -205,6 +208,7 @@ fn trace_generate(args: GenerateArgs) -> Result<()> {
         node_skew: args.skew,
         job: args.job,
         bin_s: args.bin,
+        jitter_s: args.jitter,
     };
     let csv = generate(&params)?.to_csv();
     match args.out {
