@@ -201,14 +201,17 @@ proptest! {
 /// spilled 0.75 host.
 #[test]
 fn pack_demand_best_fit_decreasing_by_hand() {
-    let demand: BTreeMap<NodeName, f64> =
-        [("a", 2.7), ("b", 1.2), ("c", 0.3), ("d", 1.05), ("e", 0.0)].into_iter().map(|(name, d)| (n(name), d)).collect();
+    let demand: BTreeMap<NodeName, f64> = [("a", 2.7), ("b", 1.2), ("c", 0.3), ("d", 1.05), ("e", 0.0)]
+        .into_iter()
+        .map(|(name, d)| (n(name), d))
+        .collect();
     let (hosts, spilled) = pack_demand(&demand);
     let got: Vec<(&str, u32)> = hosts.iter().map(|(n, h)| (n.as_str(), *h)).collect();
     assert_eq!(got, [("a", 2), ("b", 2), ("c", 1), ("d", 1)]);
     assert!((spilled - 0.75).abs() < 1e-9, "{spilled}");
     // Whole demands pack to themselves; sub-host demand still gets its leaf.
-    let whole: BTreeMap<NodeName, f64> = [("a", 3.0), ("b", 0.1)].into_iter().map(|(name, d)| (n(name), d)).collect();
+    let whole: BTreeMap<NodeName, f64> =
+        [("a", 3.0), ("b", 0.1)].into_iter().map(|(name, d)| (n(name), d)).collect();
     let (hosts, spilled) = pack_demand(&whole);
     assert_eq!(hosts.values().copied().collect::<Vec<_>>(), [3, 1]);
     assert_eq!(spilled, 0.0);
