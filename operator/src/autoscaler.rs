@@ -434,22 +434,28 @@ impl Autoscaler {
         }
     }
 
-    /// Steps 2 and 4: the raw recommendation (total, and per node for distribution).
+    /// Steps 2 and 4: the raw recommendation (total, and per node for distribution). Each
+    /// node's demand in hosts is `rate / planned rate per host + backlog / (rate per host ×
+    /// drain)` (fractional); [`placement::pack_demand`] packs it best-fit-decreasing into whole
+    /// hosts (a leaf per node with demand, remainders spilled into spare capacity where they
+    /// fit), and `num_pending`'s term is added on top.
     fn recommend(&self, signals: &Signals, num_pending: u64, current: u32) -> (u32, BTreeMap<NodeName, u32>) {
         let per_host = self.policy.planned_rate_per_host();
         let drain =
             self.policy.target.updates_per_second_per_host * self.policy.backlog_drain_time().as_secs_f64();
-        let backlog_hosts = |backlog: u64| ceil_hosts(backlog as f64 / drain);
-        let per_node: BTreeMap<NodeName, u32> = signals
+        let demand: BTreeMap<NodeName, f64> = signals
             .per_node
             .iter()
             .map(|(node, (stable, panic, backlog))| {
                 let rate = if self.mode == Mode::Panic { *panic } else { *stable };
-                (node.clone(), ceil_hosts(rate / per_host).saturating_add(backlog_hosts(*backlog)))
+                (node.clone(), rate / per_host + *backlog as f64 / drain)
             })
             .collect();
+        let (packed, _) = placement::pack_demand(&demand);
+        let per_node: BTreeMap<NodeName, u32> =
+            signals.per_node.keys().map(|n| (n.clone(), packed.get(n).copied().unwrap_or(0))).collect();
         let mut total = per_node.values().fold(0u32, |a, b| a.saturating_add(*b));
-        total = total.saturating_add(backlog_hosts(num_pending));
+        total = total.saturating_add(ceil_hosts(num_pending as f64 / drain));
         if self.mode == Mode::Panic {
             total = total.max(current);
         }

@@ -1,4 +1,5 @@
-//! The error type of `shoal-operator`'s pure core (policy validation, traces, reports).
+//! The error type of `shoal-operator`: the pure core's (policy validation, traces, reports) and
+//! the reconcile loop's (API server, NATS, finalizer).
 
 use std::path::PathBuf;
 
@@ -74,6 +75,39 @@ pub enum Error {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// A Kubernetes API call failed.
+    #[error("kubernetes {op}: {source}")]
+    Kube {
+        /// What was attempted (`apply Deployment`, `patch status`, ...).
+        op: &'static str,
+        /// The client's error (an API status such as 404 or 409, or a transport error).
+        #[source]
+        source: Box<kube::Error>,
+    },
+    /// A NATS job-store operation failed.
+    #[error("NATS {op}: {source}")]
+    Nats {
+        /// What was attempted (`create job`, `load job state`, ...).
+        op: &'static str,
+        /// The SDK's error.
+        #[source]
+        source: Box<shoal_client::Error>,
+    },
+    /// The object lacks a field the API server always sets (`name`, `namespace`).
+    #[error("FederatedJob has no {0}")]
+    MissingObjectKey(&'static str),
+    /// The finalizer helper failed: adding or removing the finalizer, or the wrapped apply or
+    /// cleanup (whose error it carries).
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    /// Cancelling the job lost every compare-and-set race on its state.
+    #[error("cancel job {job}: its state changed {attempts} times while cancelling")]
+    CancelConflict {
+        /// The job.
+        job: String,
+        /// Attempts made.
+        attempts: u32,
+    },
 }
 
 /// A small `Copy` classification of [`Error`], for callers that branch on the kind (a reconcile
@@ -96,6 +130,16 @@ pub enum ErrorKind {
     Io,
     /// See [`Error::Plot`].
     Plot,
+    /// See [`Error::Kube`].
+    Kube,
+    /// See [`Error::Nats`].
+    Nats,
+    /// See [`Error::MissingObjectKey`].
+    MissingObjectKey,
+    /// See [`Error::Finalizer`] (adding or removing the finalizer itself).
+    Finalizer,
+    /// See [`Error::CancelConflict`].
+    CancelConflict,
 }
 
 impl Error {
@@ -110,6 +154,15 @@ impl Error {
             Error::InvalidParameter { .. } => ErrorKind::InvalidParameter,
             Error::Io { .. } => ErrorKind::Io,
             Error::Plot { .. } => ErrorKind::Plot,
+            Error::Kube { .. } => ErrorKind::Kube,
+            Error::Nats { .. } => ErrorKind::Nats,
+            Error::MissingObjectKey(_) => ErrorKind::MissingObjectKey,
+            Error::Finalizer(e) => match &**e {
+                kube::runtime::finalizer::Error::ApplyFailed(inner)
+                | kube::runtime::finalizer::Error::CleanupFailed(inner) => inner.kind(),
+                _ => ErrorKind::Finalizer,
+            },
+            Error::CancelConflict { .. } => ErrorKind::CancelConflict,
         }
     }
 
@@ -123,6 +176,25 @@ impl Error {
 
     pub(crate) fn policy(field: impl Into<String>, reason: impl Into<String>) -> Self {
         Error::InvalidPolicy { field: field.into(), reason: reason.into() }
+    }
+
+    pub(crate) fn kube(op: &'static str) -> impl FnOnce(kube::Error) -> Self {
+        move |source| Error::Kube { op, source: Box::new(source) }
+    }
+
+    pub(crate) fn nats(op: &'static str) -> impl FnOnce(shoal_client::Error) -> Self {
+        move |source| Error::Nats { op, source: Box::new(source) }
+    }
+
+    /// The HTTP status of an [`Error::Kube`] the API server answered (404, 409, ...).
+    pub fn api_status(&self) -> Option<u16> {
+        match self {
+            Error::Kube { source, .. } => match &**source {
+                kube::Error::Api(status) => Some(status.code),
+                _ => None,
+            },
+            _ => None,
+        }
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
@@ -142,6 +214,11 @@ impl ErrorKind {
             ErrorKind::InvalidParameter => "invalid_parameter",
             ErrorKind::Io => "io",
             ErrorKind::Plot => "plot",
+            ErrorKind::Kube => "kube",
+            ErrorKind::Nats => "nats",
+            ErrorKind::MissingObjectKey => "missing_object_key",
+            ErrorKind::Finalizer => "finalizer",
+            ErrorKind::CancelConflict => "cancel_conflict",
         }
     }
 }

@@ -24,14 +24,25 @@
 #![forbid(unsafe_code)]
 
 pub mod autoscaler;
+pub mod config;
+pub mod controller;
+pub mod crd;
+pub mod demand;
 pub mod duration;
 pub mod error;
+#[cfg(test)]
+mod fixtures;
+pub mod leader;
+pub mod metrics;
 pub mod node;
 pub mod placement;
 pub mod plan;
 pub mod policy;
+pub mod render;
 pub mod report;
+pub mod server;
 pub mod simulate;
+pub mod status;
 pub mod trace;
 
 pub use autoscaler::{Autoscaler, Decision, EventReason, LimitReason, Mode, NodeObservation, Observation};

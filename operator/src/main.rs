@@ -1,5 +1,9 @@
-//! `shoal-operator`: the operator binary. For now: `simulate` (replay an arrival trace through
-//! the autoscaler and placement) and `trace generate` (synthetic FL workloads).
+//! `shoal-operator`: the operator binary. `run` (the controller: reconcile `FederatedJob`s, with
+//! leader election and the `/metrics` `/healthz` `/readyz` listener), `simulate` (replay an
+//! arrival trace through the autoscaler and placement) and `trace generate` (synthetic FL
+//! workloads).
+
+mod run;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -23,6 +27,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the operator: reconcile FederatedJobs against the API server (kubeconfig from
+    /// $KUBECONFIG or the pod's service account) and NATS.
+    Run(Box<run::RunArgs>),
     /// Replay an arrival trace through the autoscaler and every placement strategy, and write a
     /// report (CSV per tick, PNG plots, summary table).
     #[command(after_help = "\
@@ -114,6 +121,9 @@ struct GenerateArgs {
     /// Time-bin width in seconds.
     #[arg(long, default_value_t = 1.0)]
     bin: f64,
+    /// Arrival jitter N of `bursty` rounds: clients report U[0, N] s after the round starts.
+    #[arg(long, default_value_t = 5.0)]
+    jitter: f64,
     /// Output file (default: stdout).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -122,6 +132,7 @@ struct GenerateArgs {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Run(args) => run::main(*args),
         Command::Simulate(args) => simulate(args),
         Command::Trace(TraceCommand::Generate(args)) => trace_generate(args),
     }
@@ -197,6 +208,7 @@ fn trace_generate(args: GenerateArgs) -> Result<()> {
         node_skew: args.skew,
         job: args.job,
         bin_s: args.bin,
+        jitter_s: args.jitter,
     };
     let csv = generate(&params)?.to_csv();
     match args.out {

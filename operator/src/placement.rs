@@ -189,6 +189,61 @@ fn round_robin(input: &PlacementInput<'_>, cursor: &mut RoundRobinCursor) -> Pla
     Placement { hosts, unplaced }
 }
 
+/// Best-fit-decreasing packing of fractional per-node demand (in hosts) into whole hosts, with
+/// locality as the hard constraint except for small remainders (R1.4, LIFL's framing):
+///
+/// 1. every node with demand needs a leaf: a node with `0 < d < 1` gets one host (its spare
+///    `1 - d` is capacity others may spill into); a node with `d ≥ 1` gets `⌊d⌋` hosts of its own;
+/// 2. the fractional remainders `d - ⌊d⌋` of the nodes with `d ≥ 1`, largest first (ties by
+///    name), go into the host with the least spare capacity that still fits them (best fit; a
+///    spill, folded across nodes), or, when none fits, open one more host on their own node
+///    (whose spare is then offered to the smaller remainders).
+///
+/// Returns hosts per node (nodes without demand left out) and the demand spilled across nodes,
+/// in hosts. Demand within `1e-9` of a whole number counts as whole.
+pub fn pack_demand(demand: &BTreeMap<NodeName, f64>) -> (BTreeMap<NodeName, u32>, f64) {
+    const EPS: f64 = 1e-9;
+    let mut hosts: BTreeMap<NodeName, u32> = BTreeMap::new();
+    let mut spare: BTreeMap<NodeName, f64> = BTreeMap::new();
+    let mut remainders: Vec<(f64, &NodeName)> = Vec::new();
+    for (node, &d) in demand {
+        if !d.is_finite() || d <= EPS {
+            continue;
+        }
+        let whole = (d + EPS).floor();
+        if whole < 1.0 {
+            hosts.insert(node.clone(), 1);
+            spare.insert(node.clone(), 1.0 - d);
+            continue;
+        }
+        hosts.insert(node.clone(), whole.min(f64::from(u32::MAX)) as u32);
+        let rest = d - whole;
+        if rest > EPS {
+            remainders.push((rest, node));
+        }
+    }
+    remainders.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(b.1)));
+    let mut spilled = 0.0;
+    for (rest, node) in remainders {
+        let best = spare
+            .iter()
+            .filter(|(m, s)| *m != node && **s + EPS >= rest)
+            .min_by(|a, b| a.1.total_cmp(b.1).then(a.0.cmp(b.0)))
+            .map(|(m, _)| m.clone());
+        match best {
+            Some(m) => {
+                *spare.entry(m).or_default() -= rest;
+                spilled += rest;
+            }
+            None => {
+                *hosts.entry(node.clone()).or_default() += 1;
+                *spare.entry(node.clone()).or_default() += 1.0 - rest;
+            }
+        }
+    }
+    (hosts, spilled)
+}
+
 /// Splits `total` hosts over nodes in proportion to `weights` by the largest-remainder method
 /// (ties: larger weight, then name). Exact: the result sums to `total` whenever some weight is
 /// positive, and never gives a node more than `⌈total × w / Σw⌉`.

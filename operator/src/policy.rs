@@ -6,8 +6,10 @@
 //! can embed them unchanged; ranges that JSON Schema can express are in the schema, and
 //! [`ScalingSpec::validate`] checks all of them plus the cross-field rules.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Toleration;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -86,7 +88,7 @@ pub struct AutoscalingPolicy {
     /// Smoothing factor of the per-node arrival-rate EWMA: `rate = α·observed + (1-α)·rate`
     /// (default 0.7, in (0, 1]; LIFL-derived, provenance unverified, reference R1.1/R1.2).
     #[serde(default = "defaults::ewma_alpha")]
-    #[schemars(range(min = 0.0, max = 1.0))]
+    #[schemars(range(min = 0.0, max = 1.0), extend("exclusiveMinimum" = true))]
     pub ewma_alpha: f64,
     /// Rate limits and stabilization in the shape and field names of HPA v2's `behavior`.
     #[serde(default)]
@@ -101,12 +103,13 @@ pub struct ScalingTarget {
     /// `requests-per-second-target`; default 10, > 0). The simulator uses it as a host's
     /// service rate.
     #[serde(default = "defaults::updates_per_second_per_host")]
-    #[schemars(extend("exclusiveMinimum" = 0))]
+    // OpenAPI v3.0 (what a CRD schema is): `exclusiveMinimum` is a flag on `minimum`.
+    #[schemars(range(min = 0.0), extend("exclusiveMinimum" = true))]
     pub updates_per_second_per_host: f64,
     /// Fraction of that rate to plan for, in percent (KPA
     /// `container-concurrency-target-percentage`, default 70, (0, 100]).
     #[serde(default = "defaults::utilization_percentage")]
-    #[schemars(range(max = 100.0), extend("exclusiveMinimum" = 0))]
+    #[schemars(range(min = 0.0, max = 100.0), extend("exclusiveMinimum" = true))]
     pub utilization_percentage: f64,
 }
 
@@ -204,6 +207,16 @@ pub struct PlacementPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_hosts_per_node: Option<u32>,
+    /// Node labels a function host's node must carry (merged into every function-host pod's
+    /// `nodeSelector`; R6.4). The hostname affinity still pins each host to the node whose
+    /// updates it folds, so a selector that excludes such a node leaves its hosts Pending. The
+    /// simulator ignores it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Tolerations added to every function-host pod (R6.4), e.g. for tainted GPU or edge nodes.
+    /// The simulator ignores them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
 }
 
 /// Placement strategies (R1.4). All but `roundRobin` put hosts only on nodes where updates are

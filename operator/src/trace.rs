@@ -118,8 +118,8 @@ impl Trace {
 pub enum TraceKind {
     /// Arrivals spread evenly over each round (asynchronous FL, FedBuff-like): constant rate.
     Steady,
-    /// Synchronous rounds whose clients all report within 5 s of the round start (LIFL's
-    /// jitter U[0, 5] s).
+    /// Synchronous rounds whose clients all report within `jitter` seconds of the round start
+    /// (LIFL's arrival jitter U[0, N] s, N ∈ {5, 30, 60}; default 5).
     Bursty,
     /// Rounds with 30 s jitter whose participation follows one sine period over the trace
     /// (10 %–100 % of the clients per round): a day of phones charging at night.
@@ -154,6 +154,9 @@ pub struct GeneratorParams {
     pub job: String,
     /// Width of a time bin in seconds (rows are aggregated per bin, node and job).
     pub bin_s: f64,
+    /// `bursty`'s arrival jitter N: offsets U[0, N] s from the round start (capped at the
+    /// round interval).
+    pub jitter_s: f64,
 }
 
 impl Default for GeneratorParams {
@@ -169,6 +172,7 @@ impl Default for GeneratorParams {
             node_skew: 0.5,
             job: "job-a".to_owned(),
             bin_s: 1.0,
+            jitter_s: 5.0,
         }
     }
 }
@@ -190,6 +194,9 @@ pub fn generate(p: &GeneratorParams) -> Result<Trace> {
     }
     if !(p.round_interval_s > 0.0 && p.bin_s > 0.0 && p.round_interval_s.is_finite() && p.bin_s.is_finite()) {
         return invalid("--round-interval/--bin", "must be finite and > 0");
+    }
+    if !(p.jitter_s.is_finite() && p.jitter_s > 0.0) {
+        return invalid("--jitter", "must be finite and > 0");
     }
     if !(p.node_skew.is_finite() && p.node_skew >= 0.0 && valid_job(&p.job)) {
         return invalid("--skew/--job", "skew must be >= 0 and the job 1-64 characters from [A-Za-z0-9_-]");
@@ -226,7 +233,7 @@ pub fn generate(p: &GeneratorParams) -> Result<Trace> {
             };
             let offset = match p.kind {
                 TraceKind::Steady => rng.gen_range(0.0..p.round_interval_s),
-                TraceKind::Bursty => rng.gen_range(0.0..5.0f64.min(p.round_interval_s)),
+                TraceKind::Bursty => rng.gen_range(0.0..p.jitter_s.min(p.round_interval_s)),
                 TraceKind::Diurnal | TraceKind::HotNode => {
                     rng.gen_range(0.0..30.0f64.min(p.round_interval_s))
                 }

@@ -275,10 +275,11 @@ fn activation_from_zero_needs_backlog_above_the_threshold() {
     let dec = d.tick(2, &[("a", 5.0, 10)]);
     assert_eq!(dec.total, 0);
     assert!(dec.events.is_empty());
-    // 11 staged: ⌈11/60⌉ = 1 backlog host + the rate host: EWMA samples 0, 0.7·5 = 3.5,
-    // 0.7·5 + 0.3·3.5 = 4.55, stable mean 8.05/3 = 2.68 → ⌈2.68/7⌉ = 1; total 2.
+    // 11 staged: EWMA samples 0, 0.7·5 = 3.5, 0.7·5 + 0.3·3.5 = 4.55, stable mean
+    // 8.05/3 = 2.68 updates/s → 2.68/7 = 0.383 hosts, plus the backlog's 11/60 = 0.183: node
+    // a's demand is 0.566 of a host, i.e. one host (its leaf).
     let dec = d.tick(4, &[("a", 5.0, 11)]);
-    assert_eq!(dec.total, 2);
+    assert_eq!(dec.total, 1);
     assert_eq!(reasons(&dec), vec![EventReason::ActivatedFromZero]);
     // From zero the HPA limit is max(0 + 4, ⌈0 × 2⌉) = 4: a 300-update backlog (⌈300/60⌉ = 5)
     // activates to 4.

@@ -192,3 +192,47 @@ proptest! {
         }
     }
 }
+
+/// Best-fit-decreasing by hand. Demand (hosts): a 2.7, b 1.2, c 0.3, d 1.05, e 0.
+/// Step 1: a 2, b 1, c 1 (a leaf, spare 0.7), d 1; e none. Remainders: a 0.7, b 0.2, d 0.05.
+/// Step 2: a's 0.7 fits c's spare 0.7 exactly (best and only fit) → spill, c spare 0;
+/// b's 0.2 fits nowhere → b opens a host (spare 0.8); d's 0.05 → the least spare that fits is
+/// b's 0.8 → spill. Hosts a 2, b 2, c 1, d 1 = 6 (per-node ceilings would be 3+2+1+2 = 8);
+/// spilled 0.75 host.
+#[test]
+fn pack_demand_best_fit_decreasing_by_hand() {
+    let demand: BTreeMap<NodeName, f64> = [("a", 2.7), ("b", 1.2), ("c", 0.3), ("d", 1.05), ("e", 0.0)]
+        .into_iter()
+        .map(|(name, d)| (n(name), d))
+        .collect();
+    let (hosts, spilled) = pack_demand(&demand);
+    let got: Vec<(&str, u32)> = hosts.iter().map(|(n, h)| (n.as_str(), *h)).collect();
+    assert_eq!(got, [("a", 2), ("b", 2), ("c", 1), ("d", 1)]);
+    assert!((spilled - 0.75).abs() < 1e-9, "{spilled}");
+    // Whole demands pack to themselves; sub-host demand still gets its leaf.
+    let whole: BTreeMap<NodeName, f64> =
+        [("a", 3.0), ("b", 0.1)].into_iter().map(|(name, d)| (n(name), d)).collect();
+    let (hosts, spilled) = pack_demand(&whole);
+    assert_eq!(hosts.values().copied().collect::<Vec<_>>(), [3, 1]);
+    assert_eq!(spilled, 0.0);
+}
+
+proptest::proptest! {
+    /// Packing never uses more hosts than the per-node ceilings, never fewer than the
+    /// aggregate's ceiling or one per node with demand, and spills only remainders.
+    #[test]
+    fn pack_demand_bounds(demand in proptest::collection::vec(0.0f64..6.0, 1..20)) {
+        let map: BTreeMap<NodeName, f64> =
+            demand.iter().enumerate().map(|(i, d)| (n(&format!("n{i:02}")), *d)).collect();
+        let (hosts, spilled) = pack_demand(&map);
+        let total: u32 = hosts.values().sum();
+        let ceilings: u32 = demand.iter().map(|d| if *d <= 1e-9 { 0 } else { (d - 1e-9).ceil() as u32 }).sum();
+        let sum: f64 = demand.iter().filter(|d| **d > 1e-9).sum();
+        let staged = demand.iter().filter(|d| **d > 1e-9).count() as u32;
+        proptest::prop_assert!(total <= ceilings);
+        proptest::prop_assert!(f64::from(total) + 1e-6 >= sum);
+        proptest::prop_assert!(total >= staged);
+        let remainders: f64 = demand.iter().filter(|d| **d >= 1.0).map(|d| d - d.floor()).sum();
+        proptest::prop_assert!(spilled <= remainders + 1e-9);
+    }
+}

@@ -176,7 +176,11 @@ fn schema_carries_names_and_ranges_for_the_crd() {
     assert_eq!(policy["maximum"], 1800);
     let target = &defs["ScalingTarget"]["properties"]["utilizationPercentage"];
     assert_eq!(target["maximum"], 100.0);
-    assert_eq!(target["exclusiveMinimum"], 0);
+    // OpenAPI v3.0, what a CRD schema is: `exclusiveMinimum` is a flag on `minimum`.
+    assert_eq!(
+        (target["minimum"].as_f64(), &target["exclusiveMinimum"]),
+        (Some(0.0), &serde_json::json!(true))
+    );
     let window = &defs["AutoscalingPolicy"]["properties"]["stableWindow"];
     assert_eq!(window["type"], "string");
 }

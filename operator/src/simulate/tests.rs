@@ -10,17 +10,18 @@ fn no_progress() -> impl FnMut(u64, u64) {
 #[test]
 fn one_burst_by_hand() {
     // 20 updates of 100 B staged on node-a at t=0; default policy (7 updates/s per host, backlog
-    // drained in 6 s = 60 updates per host), cold start 2 s.
-    // t=2: rate 20/2 = 10/s → ⌈10/7⌉ = 2, backlog ⌈20/60⌉ = 1 → 3 hosts (activation; from zero
-    //      the limit is 4). They are ready at t=4.
-    // t=4: nothing served yet. [4, 6): 3 hosts × 10/s serve the 20 updates in 2/3 s, i.e. over
-    //      [4, 4.667]: quarter points 4.083, 4.25, 4.417, 4.583 s after staging → p50 4.25,
-    //      p99 4.583, mean 4.333. Everything local.
-    // Recommendations: t=2: 3; t=4: mean(10, 3) = 6.5 → 1, + backlog 1 = 2; t=6..34: 1 (the
-    // EWMA tail, or held at 1 during the grace period that starts at t=6); t≥36: 0.
-    // Scale-down keeps the highest of the last 60 s: 3 until t=60, 2 at t=62, 1 from t=64, and
-    // 0 at t=94 (the last 1, from t=34, is 60 s old). Host-seconds: 3 hosts over [2, 62) = 180,
-    // 2 over [62, 64) = 4, 1 over [64, 94) = 30 → 214. Cold starts 3. The run stops at t=94.
+    // drained in 6 s = 60 updates per host), cold start 2 s. One node, so its demand in hosts
+    // is simply rounded up (nothing to pack it with).
+    // t=2: rate 20/2 = 10/s → 10/7 = 1.43 hosts, backlog 20/60 = 0.33 → ⌈1.76⌉ = 2 hosts
+    //      (activation; from zero the limit is 4). They are ready at t=4.
+    // t=4: nothing served yet. [4, 6): 2 hosts × 10/s serve the 20 updates in 1 s, i.e. over
+    //      [4, 5]: quarter points 4.125, 4.375, 4.625, 4.875 s after staging → p50 4.375,
+    //      p99 4.875, mean 4.5. Everything local.
+    // Recommendations: t=2: 2; t=4: mean(10, 3) = 6.5 → 0.93, + backlog 0.33 → 2; t=6..34: 1
+    // (the EWMA tail, or held at 1 during the grace period that starts at t=6); t≥36: 0.
+    // Scale-down keeps the highest of the last 60 s: 2 until t=62, 1 from t=64 (the 2 of t=4
+    // is 60 s old), and 0 at t=94 (the last 1, from t=34, is 60 s old). Host-seconds: 2 hosts
+    // over [2, 64) = 124, 1 over [64, 94) = 30 → 154. Cold starts 2. The run stops at t=94.
     let trace = Trace::new(vec![Arrival {
         time_s: 0.0,
         node: NodeName::new("node-a").unwrap(),
@@ -30,18 +31,18 @@ fn one_burst_by_hand() {
     }]);
     let run = simulate(&trace, &ScalingSpec::default(), &HostModel::default(), &mut no_progress()).unwrap();
     let s = &run.summary;
-    assert_eq!(s.cold_starts, 3);
-    assert!((s.host_seconds - 214.0).abs() < 1e-9, "{}", s.host_seconds);
-    assert!((s.delay_p50_s - 4.25).abs() < 1e-9, "{}", s.delay_p50_s);
-    assert!((s.delay_p99_s - (4.0 + 7.0 / 12.0)).abs() < 1e-9, "{}", s.delay_p99_s);
-    assert!((s.delay_mean_s - (4.0 + 1.0 / 3.0)).abs() < 1e-9, "{}", s.delay_mean_s);
+    assert_eq!(s.cold_starts, 2);
+    assert!((s.host_seconds - 154.0).abs() < 1e-9, "{}", s.host_seconds);
+    assert!((s.delay_p50_s - 4.375).abs() < 1e-9, "{}", s.delay_p50_s);
+    assert!((s.delay_p99_s - 4.875).abs() < 1e-9, "{}", s.delay_p99_s);
+    assert!((s.delay_mean_s - 4.5).abs() < 1e-9, "{}", s.delay_mean_s);
     assert_eq!(s.local_fraction, 1.0);
     assert_eq!((s.updates, s.unserved), (20, 0));
     assert_eq!(s.duration_s, 94.0);
-    assert_eq!(s.peak_hosts, 3);
+    assert_eq!(s.peak_hosts, 2);
     let hosts: Vec<u32> = run.ticks.iter().map(|t| t.hosts).collect();
-    assert_eq!(hosts[0], 3, "t=2");
-    assert_eq!(hosts[29], 3, "t=60");
+    assert_eq!(hosts[0], 2, "t=2");
+    assert_eq!(hosts[29], 2, "t=60");
     assert_eq!(hosts[30], 2, "t=62");
     assert_eq!(hosts[31], 1, "t=64");
     assert_eq!(*hosts.last().unwrap(), 0, "t=94");
