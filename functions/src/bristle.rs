@@ -44,7 +44,7 @@
 //!
 //! # Cost
 //! The filter reads each update once (tiles of the reference are decoded to f64 one at a time;
-//! f64 accumulation, f32 updates read four at a time; `scan` in `crate::rffl`); the cohort is
+//! f64 accumulation, f32 updates read four at a time; `crate::kernels`' scans); the cohort is
 //! never copied. The
 //! integrator evaluates `1 + |selection|` candidates; with delta updates each candidate model
 //! (`global + Δ`) is materialised once for the evaluator.
@@ -57,7 +57,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::fedavg::FedAvg;
 use crate::ids::ClientId;
-use crate::rffl::scan;
+use crate::kernels::scan;
 use crate::spec::UpdateKind;
 use crate::strategy::{Mergeability, PartialAggregate, Strategy, UpdateView};
 use crate::tensor::{AggregationPolicy, ModelManifest, Parameters, TensorData};
@@ -277,16 +277,24 @@ fn candidate_name(client: Option<&ClientId>) -> String {
 
 /// A `Copy` classification of [`BristleError`] for callers and metric labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[allow(missing_docs)] // one variant per `BristleError` variant, same names
 pub enum BristleErrorKind {
+    /// See [`BristleError::InvalidConfig`].
     InvalidConfig,
+    /// See [`BristleError::EmptyCohort`].
     EmptyCohort,
+    /// See [`BristleError::DuplicateClient`].
     DuplicateClient,
+    /// See [`BristleError::ManifestMismatch`].
     ManifestMismatch,
+    /// See [`BristleError::Misaligned`].
     Misaligned,
+    /// See [`BristleError::NothingSelected`].
     NothingSelected,
+    /// See [`BristleError::Evaluator`].
     Evaluator,
+    /// See [`BristleError::F1Length`].
     F1Length,
+    /// See [`BristleError::Aggregate`].
     Aggregate,
 }
 

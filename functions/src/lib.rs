@@ -9,8 +9,10 @@
 //!   layout of `shoal_proto::manifest`), typed views of tensor bytes, safetensors encoding, and
 //!   ingest validation of safetensors payloads ([`tensor::stage_update`]).
 //! - [`kernels`]: the fold kernels (`acc += w * x`, decoded from f32/f16/bf16/f64/integers into an
-//!   f64 accumulator), each with a plain reference kernel beside the optimised one, and a
-//!   memory-read baseline for benchmarks.
+//!   f64 accumulator), the cohort scans of RFFL and Bristle and Krum's Gram sub-tile, each with a
+//!   plain reference kernel beside the optimised one, and a memory-read baseline for benchmarks.
+//!   It holds all of the crate's `unsafe` (AVX2 twins chosen at run time, in its private `x86`
+//!   module); everything else is `#![deny(unsafe_code)]`.
 //! - [`strategy`]: the [`Strategy`](strategy::Strategy) trait (streaming-mergeable and
 //!   whole-cohort strategies), [`PartialAggregate`](strategy::PartialAggregate) and
 //!   [`UpdateView`](strategy::UpdateView).
@@ -26,6 +28,8 @@
 //! - [`factory`]: builds a job's strategy from its `shoal_proto::JobSpec`, and validates a spec
 //!   completely.
 //! - [`error`]: this crate's error type and its `Copy` kind.
+
+#![deny(unsafe_code)]
 
 pub mod asynchronous;
 pub mod bristle;
