@@ -34,7 +34,10 @@
 //! `finish` then computes `global + η_g · Σ_i d_i Δ_i / norm` for `mean` tensors, with `norm`
 //! from [`FedBuffNormalisation`] for FedBuff and 1 for FedFix and asynchronous FedAvg. As in
 //! [`FedAvg`](crate::FedAvg)'s delta mode, `max`/`first` tensors take `global + folded value`
-//! and `skip` tensors keep the global value; integer tensors are rounded half to even. A step
+//! and `skip` tensors keep the global value; `statistic` and `variance` tensors get
+//! `global + Σ d_i Δ_i / Σ d_i` (the weighted mean of the clients' values once stale deltas are
+//! rebased with [`PartialAggregate::rebase_statistics`], never scaled by η_g or `norm`);
+//! integer tensors are rounded half to even. A step
 //! that overflows the tensor's dtype is [`Error::NonFiniteResult`]; an empty buffer is
 //! [`Error::ZeroTotalWeight`] (the previous model stands).
 //!
@@ -59,6 +62,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::ids::{ClientId, ModelVersion};
 use crate::server_opt::{floats_mut, FloatElem};
+use crate::statistics::write_statistic;
 use crate::strategy::{Mergeability, PartialAggregate, Strategy};
 use crate::tensor::{AggregationPolicy, Parameters, TensorData};
 
@@ -170,7 +174,8 @@ fn axpy_into<T: FloatElem>(out: &mut Parameters, i: usize, g: &[T], acc: &[f64],
 }
 
 /// `global + scale · acc` for `mean` tensors, `global + acc` for `max`/`first`, `global` for
-/// `skip`; checked finite in the output dtype.
+/// `skip`, `global + acc / Σw` for `statistic`/`variance` (the weighted mean of the deltas,
+/// no step scaling; variances clamped at 0); checked finite in the output dtype.
 fn delta_step(partial: &PartialAggregate, global: &Parameters, scale: f64) -> Result<Parameters> {
     partial.check_manifest(global.manifest())?;
     let total = partial.total_weight();
@@ -197,6 +202,9 @@ fn delta_step(partial: &PartialAggregate, global: &Parameters, scale: f64) -> Re
             }
             AggregationPolicy::Max | AggregationPolicy::First => {
                 out.write_tensor_f64(i, acc.iter().enumerate().map(|(e, v)| g.get_f64(e) + v))
+            }
+            AggregationPolicy::Statistic | AggregationPolicy::Variance => {
+                write_statistic(&mut out, i, spec.policy, acc, total, Some(g))
             }
         }
     }

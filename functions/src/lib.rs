@@ -25,6 +25,9 @@
 //!   Multi-Krum (Blanchard et al., NeurIPS 2017), Bulyan (El Mhamdi et al., ICML 2018).
 //! - [`rffl`]: RFFL reputation, removal and per-client rewards (Xu & Lyu, FL-ICML 2021).
 //! - [`bristle`]: Bristle's distance prioritizer and per-class integrator (arXiv 2110.11006).
+//! - [`statistics`]: running statistics (BatchNorm): the arithmetic of the `statistic` and
+//!   `variance` policies, and the job-create warnings for statistics a server step could
+//!   invalidate.
 //! - [`factory`]: builds a job's strategy from its `shoal_proto::JobSpec`, and validates a spec
 //!   completely.
 //! - [`error`]: this crate's error type and its `Copy` kind.
@@ -41,6 +44,7 @@ pub mod rffl;
 pub mod robust;
 pub mod server_opt;
 pub mod shard;
+pub mod statistics;
 pub mod strategy;
 pub mod tensor;
 

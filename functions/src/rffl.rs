@@ -49,7 +49,10 @@
 //! The gradient is the concatenation of the manifest's `mean` tensors (norms and cosines run over
 //! all of them together, rewards are sparsified tensor by tensor). `skip` tensors are not
 //! aggregated (the global value stands); `max` and `first` tensors get FedAvg's delta semantics
-//! over the accepted updates (element-wise maximum, value of the lowest `ClientId`).
+//! over the accepted updates (element-wise maximum, value of the lowest `ClientId`);
+//! `statistic` and `variance` tensors (running statistics) get `global` plus the
+//! `num_examples`-weighted mean delta of the accepted finite updates, never clipped nor
+//! reputation-weighted, variances clamped at 0.
 //!
 //! # Cost
 //! Two passes over the cohort's memory and no copy of it: pass 1 computes the squared norms (f64,
@@ -469,7 +472,16 @@ impl RfflRound {
                 continue;
             }
             let g = global.tensor(i);
-            out.write_tensor_f64(i, u.iter().enumerate().map(|(e, v)| g.get_f64(e) + v));
+            let clamp = spec.policy == AggregationPolicy::Variance;
+            let value = |e: usize, v: f64| {
+                let x = g.get_f64(e) + v;
+                if clamp && x < 0.0 {
+                    0.0
+                } else {
+                    x
+                }
+            };
+            out.write_tensor_f64(i, u.iter().enumerate().map(|(e, &v)| value(e, v)));
         }
         if let Err(crate::tensor::ValidationError::NonFinite { name, .. }) =
             crate::tensor::check_finite(global.manifest(), out.as_bytes())
@@ -982,6 +994,7 @@ fn fold_and_dot(
 ) -> Result<Scanned, RfflError> {
     let live: Vec<usize> = (0..index.len()).filter(|&a| scaled.finite[a]).collect();
     let weights: Vec<f64> = live.iter().map(|&a| scaled.fold_weight(a)).collect();
+    let sizes: Vec<f64> = live.iter().map(|&a| cohort[index[a]].weight).collect();
     let mut aggregate: Vec<Vec<f64>> = Vec::with_capacity(manifest.tensors().len());
     let mut live_dots = vec![0.0f64; live.len()];
     let mut u_sq = 0.0f64;
@@ -1000,7 +1013,7 @@ fn fold_and_dot(
                 scan::visit(&views, fold);
                 u
             }
-            policy => non_gradient(policy, &views, numel),
+            policy => non_gradient(policy, &views, &sizes, numel),
         });
     }
     let mut dots = vec![0.0f64; index.len()];
@@ -1011,24 +1024,36 @@ fn fold_and_dot(
 }
 
 /// The aggregate of a tensor that is not part of the gradient, over the finite accepted
-/// updates (`views`, in `ClientId` order): element-wise maximum (`max`; 0 without updates),
-/// the lowest client's value (`first`), nothing (`skip`).
-fn non_gradient(policy: AggregationPolicy, views: &[TensorData<'_>], numel: usize) -> Vec<f64> {
+/// updates (`views`, in `ClientId` order, of weights `sizes` = `num_examples`): element-wise
+/// maximum (`max`; 0 without updates), the lowest client's value (`first`), the
+/// `num_examples`-weighted mean delta (`statistic`, `variance`; 0 when the weights sum to 0),
+/// nothing (`skip`).
+fn non_gradient(
+    policy: AggregationPolicy,
+    views: &[TensorData<'_>],
+    sizes: &[f64],
+    numel: usize,
+) -> Vec<f64> {
+    let mut u = vec![0.0f64; numel];
     match policy {
         AggregationPolicy::Max if !views.is_empty() => {
-            let mut u = vec![f64::NEG_INFINITY; numel];
+            u.fill(f64::NEG_INFINITY);
             views.iter().for_each(|v| crate::kernels::max_assign(&mut u, *v));
-            u
         }
         AggregationPolicy::Max | AggregationPolicy::First => {
-            let mut u = vec![0.0f64; numel];
             if let Some(v) = views.first() {
                 crate::kernels::assign(&mut u, *v);
             }
-            u
         }
-        AggregationPolicy::Mean | AggregationPolicy::Skip => Vec::new(),
+        AggregationPolicy::Statistic | AggregationPolicy::Variance => {
+            views.iter().zip(sizes).for_each(|(v, &w)| crate::kernels::scaled_add(&mut u, *v, w));
+            let total: f64 = sizes.iter().sum();
+            let scale = if total > 0.0 { 1.0 / total } else { 0.0 };
+            u.iter_mut().for_each(|x| *x *= scale);
+        }
+        AggregationPolicy::Mean | AggregationPolicy::Skip => return Vec::new(),
     }
+    u
 }
 
 impl Strategy for Rffl {

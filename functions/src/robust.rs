@@ -18,9 +18,10 @@
 //! **Per-tensor policies.** The robust rule applies to the manifest's
 //! [`AggregationPolicy::Mean`] tensors: float tensors (f32/f16/bf16/f64) are decoded exactly to
 //! f64, integer tensors are converted to f64 (exact below 2^53) and the result is rounded half to
-//! even and saturated when written, as for FedAvg. `Max`, `First` and `Skip` tensors are
-//! aggregated over the **whole** cohort exactly as [`crate::FedAvg`] does (element-wise maximum,
-//! the lowest `ClientId`'s values, the previous global value), also for Krum and Bulyan.
+//! even and saturated when written, as for FedAvg. `Max`, `First`, `Statistic`, `Variance` and
+//! `Skip` tensors are aggregated over the **whole** cohort exactly as [`crate::FedAvg`] does over
+//! parameters (element-wise maximum, the lowest `ClientId`'s values, the weighted mean of the
+//! values, clamped at 0 for variances, the previous global value), also for Krum and Bulyan.
 //!
 //! **Order independence.** Every call first sorts the cohort's views by `ClientId` (a permutation
 //! of `n` views, not of data). All later steps, including the f64 summation order, run in that
@@ -68,6 +69,7 @@ use half::{bf16, f16};
 
 use crate::error::{Error, Result};
 use crate::kernels::gram::{self, GRAM_SUB, SUB_CHUNKS};
+use crate::statistics::write_statistic;
 use crate::strategy::{Mergeability, PartialAggregate, Sharding, Strategy, UpdateView};
 use crate::tensor::{AggregationPolicy, DType, ModelManifest, Parameters, TensorData};
 use crate::ClientId;
@@ -696,15 +698,16 @@ fn check_output(out: &Parameters) -> Result<()> {
     }
 }
 
-/// `Max` and `First` tensors over the whole cohort, as FedAvg computes them (`views` in
-/// canonical order, so `views[0]` has the lowest `ClientId`). `Skip` tensors keep `out`'s values.
+/// `Max`, `First`, `Statistic` and `Variance` tensors over the whole cohort, as FedAvg computes
+/// them over parameters (`views` in canonical order, so `views[0]` has the lowest `ClientId`;
+/// statistics weighted by the views' weights). `Skip` tensors keep `out`'s values.
 fn non_mean_into(views: &[UpdateView<'_>], out: &mut Parameters) -> Result<()> {
     let manifest = Arc::clone(out.manifest());
     let max_numel = manifest
         .tensors()
         .iter()
         .zip(manifest.slots())
-        .filter(|(t, _)| t.policy == AggregationPolicy::Max)
+        .filter(|(t, _)| t.policy == AggregationPolicy::Max || t.policy.is_statistic())
         .map(|(_, s)| s.numel)
         .max()
         .unwrap_or(0);
@@ -722,6 +725,15 @@ fn non_mean_into(views: &[UpdateView<'_>], out: &mut Parameters) -> Result<()> {
             AggregationPolicy::First => {
                 let r = s.byte_offset..s.byte_offset + s.byte_len;
                 out.as_bytes_mut()[r.clone()].copy_from_slice(&views[0].bytes[r]);
+            }
+            AggregationPolicy::Statistic | AggregationPolicy::Variance => {
+                scratch.clear();
+                scratch.resize(s.numel, 0.0);
+                for v in views {
+                    crate::kernels::scaled_add(&mut scratch, v.tensor(i)?, v.weight);
+                }
+                let total: f64 = views.iter().map(|v| v.weight).sum();
+                write_statistic(out, i, spec.policy, &scratch, total, None);
             }
             AggregationPolicy::Mean | AggregationPolicy::Skip => {}
         }

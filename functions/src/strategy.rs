@@ -229,7 +229,7 @@ impl PartialAggregate {
         for (i, (spec, s)) in manifest.tensors().iter().zip(manifest.slots()).enumerate() {
             let acc = &mut self.values[s.elem_offset..s.elem_offset + s.numel];
             match spec.policy {
-                AggregationPolicy::Mean => {
+                AggregationPolicy::Mean | AggregationPolicy::Statistic | AggregationPolicy::Variance => {
                     f32_views.clear();
                     for u in updates {
                         match u.tensor(i)? {
@@ -276,7 +276,9 @@ impl PartialAggregate {
             let r = s.elem_offset..s.elem_offset + s.numel;
             let (a, b) = (&mut self.values[r.clone()], &other.values[r]);
             match spec.policy {
-                AggregationPolicy::Mean => a.iter_mut().zip(b).for_each(|(a, b)| *a += b),
+                AggregationPolicy::Mean | AggregationPolicy::Statistic | AggregationPolicy::Variance => {
+                    a.iter_mut().zip(b).for_each(|(a, b)| *a += b)
+                }
                 AggregationPolicy::Max => a.iter_mut().zip(b).for_each(|(a, b)| *a = a.max(*b)),
                 AggregationPolicy::First => {
                     if let Some(o) = &other.first_owner[i] {
@@ -296,6 +298,37 @@ impl PartialAggregate {
             // A list that misses the other partial's clients would lie: drop it.
             (Some(_), None) if other.count > 0 => self.client_list = None,
             _ => {}
+        }
+        Ok(())
+    }
+
+    /// Delta updates, `statistic` and `variance` tensors: adds `weight · (base − current)` to
+    /// their accumulators, for an update of fold weight `weight` whose client trained from
+    /// `base` while the step will be taken from `current` (a stale update in FedBuff, FedFix
+    /// or asynchronous FedAvg). With it, `current + Σ w (Δ + base − current) / Σ w` is the
+    /// weighted mean of the values the clients computed; without it, a stale delta is read as
+    /// relative to `current`. A no-op for fresh updates (`base` = `current`) and for manifests
+    /// without statistics. Call it once per folded stale update, with the same weight.
+    ///
+    /// # Errors
+    /// [`Error::ManifestMismatch`] if `base` or `current` has another manifest;
+    /// [`Error::InvalidWeight`] for a non-finite or non-positive weight. Nothing changes on
+    /// error.
+    pub fn rebase_statistics(&mut self, weight: f64, base: &Parameters, current: &Parameters) -> Result<()> {
+        self.check_manifest(base.manifest())?;
+        self.check_manifest(current.manifest())?;
+        if !(weight.is_finite() && weight > 0.0) {
+            return Err(Error::InvalidWeight(weight));
+        }
+        let manifest = Arc::clone(&self.manifest);
+        for (i, (spec, s)) in manifest.tensors().iter().zip(manifest.slots()).enumerate() {
+            if spec.policy.is_statistic() {
+                let (b, c) = (base.tensor(i), current.tensor(i));
+                let acc = &mut self.values[s.elem_offset..s.elem_offset + s.numel];
+                for (e, a) in acc.iter_mut().enumerate() {
+                    *a += weight * (b.get_f64(e) - c.get_f64(e));
+                }
+            }
         }
         Ok(())
     }
