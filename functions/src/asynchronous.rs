@@ -343,6 +343,28 @@ impl AsyncWeighting for FedBuff {
     }
 }
 
+/// The state of FedFix and asynchronous FedAvg: their client profiles, whose compute times
+/// the runtime refreshes ([`ClientProfiles::set_compute_ticks`]); restored through
+/// [`ClientProfiles::set`], so every profile is checked again.
+macro_rules! profiles_state {
+    () => {
+        fn save_state(&self) -> Result<Vec<u8>> {
+            let profiles: Vec<(&ClientId, &ClientProfile)> = self.clients.iter().collect();
+            crate::state::save(self.name(), &profiles)
+        }
+
+        fn restore_state(&mut self, bytes: &[u8]) -> Result<()> {
+            let saved: Vec<(ClientId, ClientProfile)> = crate::state::load(self.name(), bytes)?;
+            let mut clients = ClientProfiles::new();
+            for (c, p) in saved {
+                clients.set(c, p).map_err(|e| crate::state::mismatch(e.to_string()))?;
+            }
+            self.clients = clients;
+            Ok(())
+        }
+    };
+}
+
 macro_rules! streaming_fold {
     () => {
         fn mergeability(&self) -> Mergeability {
@@ -635,6 +657,7 @@ impl Strategy for FedFix {
     fn finish(&mut self, partial: &PartialAggregate, global: &Parameters) -> Result<Parameters> {
         delta_step(partial, global, self.server_lr)
     }
+    profiles_state!();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -720,6 +743,7 @@ impl Strategy for AsyncFedAvg {
     fn finish(&mut self, partial: &PartialAggregate, global: &Parameters) -> Result<Parameters> {
         delta_step(partial, global, self.server_lr)
     }
+    profiles_state!();
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -54,16 +54,19 @@ use std::fmt;
 use std::ops::Range;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use crate::error::{Error, Result};
 use crate::fedavg::FedAvg;
 use crate::ids::ClientId;
 use crate::kernels::scan;
 use crate::spec::UpdateKind;
+use crate::state::{mismatch, Bin};
 use crate::strategy::{Mergeability, PartialAggregate, Strategy, UpdateView};
 use crate::tensor::{AggregationPolicy, ModelManifest, Parameters, TensorData};
 
 /// Which variant of the α-tertile prioritizer to run (§B.2 step 1, §B.6).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Mode {
     /// The scheme as written (commented out) in `Bristle.kt`: thirds
     /// `[0, n/3) | [n/3, ⌊2n/3⌋) | [n − n/3, n)` with integer division (for `n = 10` the sizes
@@ -81,7 +84,7 @@ pub enum Mode {
 }
 
 /// How updates are selected once sorted by distance (§B.6-1).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub enum Prioritizer {
     /// The α-tertile explore/exploit scheme (default α = 0.4, β = 10). α = 0 takes only the
     /// closest third, α = 1 only the farthest.
@@ -115,7 +118,7 @@ impl Default for Prioritizer {
 }
 
 /// Bristle's filter configuration.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BristleConfig {
     /// Variant of the α-tertile scheme.
     pub mode: Mode,
@@ -986,6 +989,50 @@ fn integrate(
     Ok((values, reference_f1, assessments))
 }
 
+/// The persisted form of a [`Bristle`] ([`crate::state`]): the configuration (checked on
+/// restore), the round counter the seeded draws derive from, and the own model if one is set.
+/// The last round's report is a diagnostic and is not kept.
+#[derive(Serialize, Deserialize)]
+struct BristleState {
+    config: BristleConfig,
+    round: u64,
+    own_model: Option<(ModelManifest, Bin)>,
+}
+
+impl Bristle {
+    fn to_state(&self) -> BristleState {
+        BristleState {
+            config: self.config.clone(),
+            round: self.round,
+            own_model: self
+                .own_model
+                .as_ref()
+                .map(|p| ((**p.manifest()).clone(), Bin(p.as_bytes().to_vec()))),
+        }
+    }
+
+    /// The round counter and own model of `s`, checked against this configuration.
+    fn state_parts(&self, s: BristleState) -> Result<(u64, Option<Parameters>)> {
+        if s.config != self.config {
+            return Err(mismatch(format!("saved with {:?}, this filter has {:?}", s.config, self.config)));
+        }
+        let own = match s.own_model {
+            None => None,
+            Some((manifest, bytes)) => {
+                let mut p = Parameters::zeros(Arc::new(manifest));
+                if bytes.0.len() != p.as_bytes().len() {
+                    return Err(mismatch("the own model's bytes do not fit its manifest"));
+                }
+                p.as_bytes_mut().copy_from_slice(&bytes.0);
+                crate::tensor::check_finite(p.manifest(), p.as_bytes())
+                    .map_err(|e| mismatch(e.to_string()))?;
+                Some(p)
+            }
+        };
+        Ok((s.round, own))
+    }
+}
+
 impl Strategy for Bristle {
     fn name(&self) -> &'static str {
         "bristle"
@@ -1010,5 +1057,20 @@ impl Strategy for Bristle {
         self.round += 1;
         self.last = Some(report);
         Ok(out)
+    }
+
+    /// The round counter (the seeded draws of round t derive from it) and the own model.
+    fn save_state(&self) -> Result<Vec<u8>> {
+        crate::state::save(self.name(), &self.to_state())
+    }
+
+    /// # Errors
+    /// As [`Strategy::restore_state`]; also a state saved with another [`BristleConfig`] or an
+    /// own model whose bytes do not fit its manifest or are not finite.
+    fn restore_state(&mut self, bytes: &[u8]) -> Result<()> {
+        let state = crate::state::load(self.name(), bytes)?;
+        (self.round, self.own_model) = self.state_parts(state)?;
+        self.last = None;
+        Ok(())
     }
 }

@@ -25,6 +25,8 @@
 //!   Multi-Krum (Blanchard et al., NeurIPS 2017), Bulyan (El Mhamdi et al., ICML 2018).
 //! - [`rffl`]: RFFL reputation, removal and per-client rewards (Xu & Lyu, FL-ICML 2021).
 //! - [`bristle`]: Bristle's distance prioritizer and per-class integrator (arXiv 2110.11006).
+//! - [`state`]: the versioned, size-bounded encoding of a strategy's state (reputations,
+//!   optimizer moments, ...) that the top persists with each commit, and its typed errors.
 //! - [`statistics`]: running statistics (BatchNorm): the arithmetic of the `statistic` and
 //!   `variance` policies, and the job-create warnings for statistics a server step could
 //!   invalidate.
@@ -44,6 +46,7 @@ pub mod rffl;
 pub mod robust;
 pub mod server_opt;
 pub mod shard;
+pub mod state;
 pub mod statistics;
 pub mod strategy;
 pub mod tensor;

@@ -65,9 +65,12 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use crate::error::{Error, Result};
 use crate::ids::ClientId;
 use crate::kernels::scan;
+use crate::state::{mismatch, F64s};
 use crate::strategy::{Mergeability, PartialAggregate, Strategy, UpdateView};
 use crate::tensor::{AggregationPolicy, ModelManifest, Parameters, TensorData};
 
@@ -79,7 +82,7 @@ pub const CLIP_EPSILON: f64 = 1e-7;
 
 /// Which specification of RFFL to follow where the paper and the reference code differ
 /// (`algorithms.md` §A.6). The paper's rules are `[paper-unverified]` in the spec.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Mode {
     /// The reference code (default, the verifiable behaviour): uploads are **clipped** to norm
     /// Γ only when `‖g‖ + 1e-7 > Γ`; the reward keeps every entry with `|u| ≥ τ`, τ being the
@@ -94,7 +97,7 @@ pub enum Mode {
 }
 
 /// RFFL hyperparameters (`algorithms.md` §A.3).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RfflConfig {
     /// Paper or reference-code semantics.
     pub mode: Mode,
@@ -312,7 +315,7 @@ impl From<RfflError> for Error {
 }
 
 /// The server's state about one participant.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Participant {
     /// `s_i = n_i / Σ_j n_j`, from the round-0 weights.
     pub share: f64,
@@ -325,7 +328,7 @@ pub struct Participant {
 }
 
 /// What one round did to one participant.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct ClientRound {
     /// Whether its update was in the cohort.
     pub present: bool,
@@ -1056,6 +1059,100 @@ fn non_gradient(
     u
 }
 
+/// The persisted form of an [`Rffl`] ([`crate::state`]): configuration (checked on restore),
+/// round counter, participants, manifest and the last round (for its rewards).
+#[derive(Serialize, Deserialize)]
+struct RfflState {
+    config: RfflConfig,
+    round: u64,
+    participants: Vec<(ClientId, Participant)>,
+    manifest: Option<ModelManifest>,
+    last: Option<LastRound>,
+}
+
+/// An [`RfflRound`] without what the state holds once (mode, sparsify, manifest).
+#[derive(Serialize, Deserialize)]
+struct LastRound {
+    round: u64,
+    aggregate: Vec<F64s>,
+    aggregate_norm: f64,
+    clients: Vec<(ClientId, ClientRound)>,
+    removed: Vec<ClientId>,
+    ignored: Vec<ClientId>,
+    threshold: Option<f64>,
+}
+
+impl Rffl {
+    fn to_state(&self) -> RfflState {
+        let last = self.last.as_ref().map(|r| LastRound {
+            round: r.round,
+            aggregate: r.aggregate.iter().map(|u| F64s(u.clone())).collect(),
+            aggregate_norm: r.aggregate_norm,
+            clients: r.clients.iter().map(|(c, x)| (c.clone(), *x)).collect(),
+            removed: r.removed.clone(),
+            ignored: r.ignored.clone(),
+            threshold: r.threshold,
+        });
+        RfflState {
+            config: self.config.clone(),
+            round: self.round,
+            participants: self.participants.iter().map(|(c, p)| (c.clone(), *p)).collect(),
+            manifest: self.manifest.as_deref().cloned(),
+            last,
+        }
+    }
+
+    /// The server `s` describes, checked against this one's configuration.
+    fn with_state(&self, s: RfflState) -> Result<Rffl> {
+        if s.config != self.config {
+            return Err(mismatch(format!("saved with {:?}, this server has {:?}", s.config, self.config)));
+        }
+        let finite = |p: &Participant| p.share.is_finite() && p.share >= 0.0 && p.reputation.is_finite();
+        if let Some((c, _)) = s.participants.iter().find(|(_, p)| !finite(p)) {
+            return Err(mismatch(format!("participant {c} has a non-finite share or reputation")));
+        }
+        let participants: BTreeMap<ClientId, Participant> = s.participants.into_iter().collect();
+        let manifest = s.manifest.map(Arc::new);
+        let last = match (s.last, &manifest) {
+            (None, _) => None,
+            (Some(_), None) => return Err(mismatch("a last round without a manifest")),
+            (Some(l), Some(m)) => Some(self.last_round_from(l, m, &participants)?),
+        };
+        let config = self.config.clone();
+        Ok(Rffl { config, round: s.round, participants, manifest, last })
+    }
+
+    fn last_round_from(
+        &self,
+        l: LastRound,
+        manifest: &Arc<ModelManifest>,
+        participants: &BTreeMap<ClientId, Participant>,
+    ) -> Result<RfflRound> {
+        let fits = l.aggregate.len() == manifest.tensors().len()
+            && manifest.tensors().iter().zip(manifest.slots()).zip(&l.aggregate).all(|((t, s), u)| {
+                u.0.len() == if t.policy == AggregationPolicy::Skip { 0 } else { s.numel }
+            });
+        if !fits {
+            return Err(mismatch("the last aggregate does not fit the manifest"));
+        }
+        if l.clients.iter().any(|(c, _)| !participants.contains_key(c)) {
+            return Err(mismatch("the last round names a client that is not a participant"));
+        }
+        Ok(RfflRound {
+            round: l.round,
+            mode: self.config.mode,
+            sparsify: self.config.sparsify,
+            manifest: Arc::clone(manifest),
+            aggregate: l.aggregate.into_iter().map(|u| u.0).collect(),
+            aggregate_norm: l.aggregate_norm,
+            clients: l.clients.into_iter().collect(),
+            removed: l.removed,
+            ignored: l.ignored,
+            threshold: l.threshold,
+        })
+    }
+}
+
 impl Strategy for Rffl {
     fn name(&self) -> &'static str {
         "rffl"
@@ -1091,6 +1188,21 @@ impl Strategy for Rffl {
         let out = pending.round.apply_to(global)?;
         self.commit(pending, true);
         Ok(out)
+    }
+
+    /// Reputations, reputable set, shares, round counter, manifest and the last round (its
+    /// aggregate and per-client outcomes, from which rewards are served).
+    fn save_state(&self) -> Result<Vec<u8>> {
+        crate::state::save(self.name(), &self.to_state())
+    }
+
+    /// # Errors
+    /// As [`Strategy::restore_state`]; also a state saved with another [`RfflConfig`], a
+    /// non-finite reputation, a last aggregate that does not fit the manifest.
+    fn restore_state(&mut self, bytes: &[u8]) -> Result<()> {
+        let state = crate::state::load(self.name(), bytes)?;
+        *self = self.with_state(state)?;
+        Ok(())
     }
 }
 

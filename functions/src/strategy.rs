@@ -465,6 +465,30 @@ pub trait Strategy: Send + fmt::Debug {
         self.fold_batch(&mut p, cohort)?;
         self.finish(&p, global)
     }
+
+    /// The state this strategy carries from one round to the next, encoded for the top to
+    /// persist with each commit ([`crate::state`]: a versioned msgpack envelope naming the
+    /// strategy). A top that takes over builds the strategy from the job spec and calls
+    /// [`Self::restore_state`] with it; the rounds that follow are then exactly the
+    /// uninterrupted run's. The default, for strategies without state (FedAvg, FedBuff, the
+    /// robust rules), saves an envelope with an empty state.
+    ///
+    /// # Errors
+    /// [`Error::InvalidState`] if the state cannot be encoded (not for the crate's strategies).
+    fn save_state(&self) -> Result<Vec<u8>> {
+        crate::state::save(self.name(), &())
+    }
+
+    /// Replaces this strategy's state by one [`Self::save_state`] produced (by this strategy
+    /// or a twin built from the same job spec on another node).
+    ///
+    /// # Errors
+    /// [`Error::InvalidState`]: corrupt bytes, another format version, another strategy's
+    /// state, too large, or a state that does not fit (another configuration, non-finite or
+    /// mis-sized values). On error the strategy is unchanged, never reset.
+    fn restore_state(&mut self, bytes: &[u8]) -> Result<()> {
+        crate::state::load::<()>(self.name(), bytes)
+    }
 }
 
 impl<S: Strategy + ?Sized> Strategy for Box<S> {
@@ -508,5 +532,11 @@ impl<S: Strategy + ?Sized> Strategy for Box<S> {
         global: &Parameters,
     ) -> Result<Parameters> {
         (**self).aggregate_selected(cohort, selected, global)
+    }
+    fn save_state(&self) -> Result<Vec<u8>> {
+        (**self).save_state()
+    }
+    fn restore_state(&mut self, bytes: &[u8]) -> Result<()> {
+        (**self).restore_state(bytes)
     }
 }
