@@ -16,9 +16,9 @@
 //! # Contract with the runtime
 //!
 //! The strategies here are streaming-mergeable ([`Mergeability::Streaming`]). The coefficient
-//! d_i of an update depends on things the [`UpdateView`] does not carry (its staleness, the
+//! d_i of an update depends on things the [`UpdateView`](crate::UpdateView) does not carry (its staleness, the
 //! client's compute time), so **the runtime computes it before folding** and puts it in
-//! [`UpdateView::weight`]:
+//! [`UpdateView::weight`](crate::UpdateView::weight):
 //!
 //! | strategy | weight the runtime folds with | commit when |
 //! |---|---|---|
@@ -219,7 +219,8 @@ fn delta_step(partial: &PartialAggregate, global: &Parameters, scale: f64) -> Re
 /// One signature for the fold weight of every asynchronous strategy, for a runtime that holds
 /// the strategy generically. Each strategy ignores the inputs it does not use.
 pub trait AsyncWeighting {
-    /// The coefficient d_i to put in [`UpdateView::weight`] before folding; 0 means discard.
+    /// The coefficient d_i to put in [`UpdateView::weight`](crate::UpdateView::weight) before
+    /// folding; 0 means discard.
     ///
     /// # Errors
     /// [`AsyncError::UnknownClient`] when the strategy needs the client's profile and has none.

@@ -338,7 +338,9 @@ impl PartialAggregate {
 /// ([`crate::shard`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sharding {
-    /// It needs every update whole on one node (RFFL, Bristle, streaming strategies).
+    /// Not by coordinate shards: streaming strategies merge partials instead, and RFFL and
+    /// Bristle run their own two-phase protocol over the nodes holding the updates
+    /// ([`crate::rffl::twophase`], [`crate::bristle::twophase`]).
     Unsupported,
     /// Coordinate-wise (median, trimmed mean): [`Strategy::aggregate_cohort`] on each shard's
     /// cohort gives exactly that shard of the result.

@@ -2,20 +2,20 @@
 //!
 //! - This module: the fold kernels, `acc[i] += w * x[i]` with `x` decoded from the update's
 //!   dtype and `acc` in f64, and the memory-read baselines of the benchmarks.
-//! - [`scan`] (crate-internal): blocked scans over a cohort's tensors (squared norms, dot
+//! - `scan` (crate-internal): blocked scans over a cohort's tensors (squared norms, dot
 //!   products, distances, the fused fold-and-dot of RFFL), shared by RFFL and Bristle.
-//! - [`gram`] (crate-internal): the cache-blocked Gram sub-tile of Krum's distances.
+//! - `gram` (crate-internal): the cache-blocked Gram sub-tile of Krum's distances.
 //! - `x86` (private, x86-64 only): the `#[target_feature]` twins, the run-time CPU check and the
 //!   explicit AVX2 intrinsics. It is the one module of the crate allowed `unsafe` code; every
 //!   block states its `// SAFETY:` argument.
 //!
 //! **One body, compiled twice.** A kernel's body is written once, as the `#[inline(always)]`
-//! [`Kernel::run`] of a small struct. [`dispatch`] runs it either inside a function compiled
+//! `Kernel::run` of a small struct (crate-internal). `dispatch` runs it either inside a function compiled
 //! with `#[target_feature(enable = "avx2,fma")]` (when the CPU has both, checked at run time)
 //! or plainly, so both paths compute the same expressions in the same order: results are
 //! bit-identical by construction (Rust never contracts `a * b + c` into an FMA on its own).
-//! Every optimised kernel also has a plain reference twin ([`reference`], the portable bodies of
-//! [`scan`] and [`gram`]) that the tests compare it with bit for bit.
+//! Every optimised kernel also has a plain reference twin ([`reference`](mod@reference), the
+//! portable bodies of `scan` and `gram`) that the tests compare it with bit for bit.
 //!
 //! The optimised f32 fold is that body compiled for AVX2+FMA, and [`fold_f32_tiled`] folds
 //! several updates tile by tile so the accumulator tile stays in L1/L2 while the updates stream

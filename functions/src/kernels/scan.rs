@@ -221,6 +221,57 @@ impl Visitor for FoldDot<'_> {
     }
 }
 
+/// `u += Σ_k w_k x_k` tile by tile (zero weights skipped), as [`FoldDot`] folds.
+pub(crate) struct Fold<'o> {
+    /// The accumulator (zeroed by the caller).
+    pub u: &'o mut [f64],
+    /// One weight per view.
+    pub weights: &'o [f64],
+}
+
+impl Visitor for Fold<'_> {
+    type Out = ();
+    fn visit<T: Elem>(self, xs: &[&[T]]) {
+        let n = self.u.len();
+        let mut pairs: Vec<(&[T], f64)> = Vec::with_capacity(xs.len());
+        let mut start = 0;
+        while start < n {
+            let end = (start + TILE).min(n);
+            pairs.clear();
+            pairs.extend(
+                xs.iter().zip(self.weights).filter(|(_, w)| **w != 0.0).map(|(x, w)| (&x[start..end], *w)),
+            );
+            T::fold(&mut self.u[start..end], &pairs);
+            start = end;
+        }
+    }
+}
+
+/// `dots[k] += ⟨x_k, u⟩` tile by tile, in the order [`FoldDot`] accumulates them (so a given
+/// `u` gives the same bits).
+pub(crate) struct Dot<'o> {
+    /// The operand.
+    pub u: &'o [f64],
+    /// One dot accumulator per view.
+    pub dots: &'o mut [f64],
+}
+
+impl Visitor for Dot<'_> {
+    type Out = ();
+    fn visit<T: Elem>(self, xs: &[&[T]]) {
+        let n = self.u.len();
+        let mut tiles: Vec<&[T]> = Vec::with_capacity(xs.len());
+        let mut start = 0;
+        while start < n {
+            let end = (start + TILE).min(n);
+            tiles.clear();
+            tiles.extend(xs.iter().map(|x| &x[start..end]));
+            T::scan_many(ScanOp::Dot(&self.u[start..end]), &tiles, self.dots);
+            start = end;
+        }
+    }
+}
+
 /// `out[k] += ‖x_k − o‖²` tile by tile, with `o[e] = reference[e] − base[e]` decoded one
 /// tile at a time (`base` absent means 0).
 pub(crate) struct DistSq<'o, 'v> {

@@ -20,6 +20,12 @@
 //! `global + u`, updates are always **deltas**), and the per-participant reward gradients on
 //! request ([`RfflRound::reward`], also after `aggregate_cohort` through [`Rffl::last_round`]).
 //!
+//! # Across nodes
+//! [`twophase`] runs the same round on a cohort spread over several nodes without moving any
+//! update: each node measures its updates and folds its share of `u`, the top admits, merges and
+//! sends `u` back, each node returns its updates' dot products, the top concludes. The
+//! reputations, removals and rewards are this module's, computed by the same functions.
+//!
 //! # Keyed by participant, never by position
 //! Every per-participant quantity (data share, reputation, membership of the reputable set,
 //! rewards) is keyed by [`ClientId`], and the cohort is processed in `ClientId` order whatever
@@ -73,6 +79,8 @@ use crate::kernels::scan;
 use crate::state::{mismatch, F64s};
 use crate::strategy::{Mergeability, PartialAggregate, Strategy, UpdateView};
 use crate::tensor::{AggregationPolicy, ModelManifest, Parameters, TensorData};
+
+pub mod twophase;
 
 /// The cosine's denominator floor (`max(‖g‖·‖u‖, ε)` in the reference code).
 pub const COSINE_EPSILON: f64 = 1e-10;
@@ -219,6 +227,11 @@ pub enum RfflError {
     /// A reward was asked for a client that is not a participant.
     #[error("client {0} is not an RFFL participant")]
     UnknownClient(ClientId),
+    /// A node's two-phase message does not fit the round the top is running (another round
+    /// index, a client its node accepted and the top did not or the other way round, a dot
+    /// missing): the node ran phase 1 from another round's opening ([`twophase`]).
+    #[error("two-phase message does not fit the round: {0}")]
+    Protocol(String),
 }
 
 /// A `Copy` classification of [`RfflError`] for callers and metric labels.
@@ -246,6 +259,8 @@ pub enum RfflErrorKind {
     Misaligned,
     /// See [`RfflError::UnknownClient`].
     UnknownClient,
+    /// See [`RfflError::Protocol`].
+    Protocol,
 }
 
 impl RfflError {
@@ -263,6 +278,7 @@ impl RfflError {
             RfflError::ManifestMismatch(_) => RfflErrorKind::ManifestMismatch,
             RfflError::Misaligned(_) => RfflErrorKind::Misaligned,
             RfflError::UnknownClient(_) => RfflErrorKind::UnknownClient,
+            RfflError::Protocol(_) => RfflErrorKind::Protocol,
         }
     }
 }
@@ -282,6 +298,7 @@ impl RfflErrorKind {
             RfflErrorKind::ManifestMismatch => "manifest_mismatch",
             RfflErrorKind::Misaligned => "misaligned",
             RfflErrorKind::UnknownClient => "unknown_client",
+            RfflErrorKind::Protocol => "protocol",
         }
     }
 }
@@ -310,6 +327,7 @@ impl From<RfflError> for Error {
             RfflError::Misaligned(n) => Error::Misaligned(n),
             RfflError::InvalidConfig(s) => Error::InvalidManifest(format!("RFFL configuration: {s}")),
             RfflError::UnknownClient(c) => Error::InvalidManifest(format!("unknown RFFL participant {c}")),
+            RfflError::Protocol(detail) => Error::Strategy { strategy: "rffl", detail },
         }
     }
 }
@@ -788,19 +806,7 @@ impl Rffl {
             Some(m) => Arc::clone(m),
             None => Arc::new(first.manifest.clone()),
         };
-        let mut by_client: BTreeMap<&ClientId, usize> = BTreeMap::new();
-        for (k, u) in cohort.iter().enumerate() {
-            if !same_manifest(u.manifest, &manifest) {
-                return Err(RfflError::ManifestMismatch("an update does not match the job's manifest"));
-            }
-            check_weight(u.client, u.weight)?;
-            if by_client.insert(u.client, k).is_some() {
-                return Err(RfflError::DuplicateClient(u.client.clone()));
-            }
-            for i in 0..manifest.tensors().len() {
-                view(u, i)?;
-            }
-        }
+        let by_client = check_views(&manifest, cohort)?;
         Ok((manifest, by_client))
     }
 
@@ -896,6 +902,28 @@ impl Rffl {
     }
 }
 
+/// Checks updates against `manifest` (same manifest, finite non-negative weights, one update
+/// per client, readable tensors); each client's position, in `ClientId` order.
+fn check_views<'c>(
+    manifest: &ModelManifest,
+    cohort: &'c [UpdateView<'_>],
+) -> Result<BTreeMap<&'c ClientId, usize>, RfflError> {
+    let mut by_client: BTreeMap<&ClientId, usize> = BTreeMap::new();
+    for (k, u) in cohort.iter().enumerate() {
+        if !same_manifest(u.manifest, manifest) {
+            return Err(RfflError::ManifestMismatch("an update does not match the job's manifest"));
+        }
+        check_weight(u.client, u.weight)?;
+        if by_client.insert(u.client, k).is_some() {
+            return Err(RfflError::DuplicateClient(u.client.clone()));
+        }
+        for i in 0..manifest.tensors().len() {
+            view(u, i)?;
+        }
+    }
+    Ok(by_client)
+}
+
 fn check_weight(client: &ClientId, weight: f64) -> Result<(), RfflError> {
     if weight.is_finite() && weight >= 0.0 {
         Ok(())
@@ -905,6 +933,7 @@ fn check_weight(client: &ClientId, weight: f64) -> Result<(), RfflError> {
 }
 
 /// Who takes part in a round (see [`Rffl::admit`]).
+#[derive(Debug)]
 struct Admission {
     /// The participants as they enter the round (the new ones in round 0).
     participants: BTreeMap<ClientId, Participant>,
@@ -918,6 +947,7 @@ struct Admission {
 
 /// What the server applies to each accepted update (vectors parallel to
 /// [`Admission::accepted`]); non-finite uploads count as zero uploads.
+#[derive(Debug)]
 struct Scaled {
     /// Whether its squared norm is finite.
     finite: Vec<bool>,
