@@ -781,7 +781,6 @@ impl Rffl {
         p.round
     }
 
-    #[allow(clippy::too_many_lines)] // TEMP: the functions branch splits it
     fn compute(&self, cohort: &[UpdateView<'_>]) -> Result<Pending, RfflError> {
         let (manifest, by_client) = self.check_cohort(cohort)?;
         let present: BTreeMap<&ClientId, f64> =
