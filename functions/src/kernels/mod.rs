@@ -138,16 +138,23 @@ impl<const B: usize> Kernel for ScaledAddF32Block<'_, B> {
     type Output = ();
     #[inline(always)]
     fn run(self) {
-        let ScaledAddF32Block { acc, xs, ws } = self;
-        let n = acc.len();
-        let xs = xs.map(|x| &x[..n]);
-        for i in 0..n {
-            let mut a = acc[i];
-            for k in 0..B {
-                a += ws[k] * f64::from(xs[k][i]);
-            }
-            acc[i] = a;
+        scaled_add_f32_block_body(self.acc, self.xs, self.ws);
+    }
+}
+
+/// [`ScaledAddF32Block`]'s body, a function of its own so that `acc` is a `&mut` parameter: the
+/// compiler then knows it aliases no update (as it cannot for a struct field) and emits no
+/// run-time overlap checks.
+#[inline(always)]
+fn scaled_add_f32_block_body<const B: usize>(acc: &mut [f64], xs: [&[f32]; B], ws: [f64; B]) {
+    let n = acc.len();
+    let xs = xs.map(|x| &x[..n]);
+    for i in 0..n {
+        let mut a = acc[i];
+        for k in 0..B {
+            a += ws[k] * f64::from(xs[k][i]);
         }
+        acc[i] = a;
     }
 }
 
