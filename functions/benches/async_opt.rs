@@ -31,7 +31,7 @@ use shoal_functions::asynchronous::{ExampleWeight, FedBuff, Staleness, Staleness
 use shoal_functions::server_opt::{ServerOptimizer, ServerOptimizerSpec};
 
 mod common;
-use common::AlignedWords;
+use common::{best_of, timed_fold, AlignedWords};
 use shoal_functions::{
     ClientId, DType, FedAvg, ModelManifest, Parameters, PartialAggregate, Strategy, TensorSpec, UpdateView,
 };
@@ -134,16 +134,6 @@ impl Data {
     }
 }
 
-/// Times `fold` only, after an untimed `reset` of the partial.
-fn timed_fold(p: &mut PartialAggregate, fold: &mut impl FnMut(&mut PartialAggregate)) -> Duration {
-    p.reset();
-    let t = Instant::now();
-    fold(p);
-    let d = t.elapsed();
-    black_box(&*p);
-    d
-}
-
 fn step_group(c: &mut Criterion, data: &Data) {
     let mut g = c.benchmark_group("server_opt_step_1M_f32");
     g.throughput(Throughput::Bytes((4 * N) as u64))
@@ -209,10 +199,6 @@ fn fold_group(c: &mut Criterion, data: &Data) {
     g.finish();
 }
 
-fn best_of(runs: usize, mut f: impl FnMut() -> Duration) -> Duration {
-    (0..runs).map(|_| f()).min().unwrap_or_default()
-}
-
 /// The summary lines, from timings taken in this process.
 fn ratio_summary(data: &Data) {
     let fb_views = data.fedbuff_views();
@@ -252,12 +238,12 @@ fn ratio_summary(data: &Data) {
 }
 
 fn main() {
-    let mut criterion = Criterion::default().configure_from_args();
-    let data = Data::new();
-    step_group(&mut criterion, &data);
-    fold_group(&mut criterion, &data);
-    if std::env::args().any(|a| a == "--bench") {
-        ratio_summary(&data);
-    }
-    criterion.final_summary();
+    common::run(
+        &Data::new(),
+        |c, data| {
+            step_group(c, data);
+            fold_group(c, data);
+        },
+        ratio_summary,
+    );
 }

@@ -27,7 +27,7 @@ use shoal_functions::kernels::{self, reference};
 use shoal_functions::PartialAggregate;
 
 mod common;
-use common::{next_uniform, Cohort};
+use common::{best_of, timed_fold, uniform_cohort, Cohort};
 
 /// Elements per update.
 const N: usize = 1 << 20;
@@ -47,16 +47,6 @@ fn read_all_tiled(c: &Cohort) -> u64 {
 
 fn read_all(c: &Cohort) -> u64 {
     c.updates.iter().fold(0u64, |s, u| s.wrapping_add(kernels::read_baseline(black_box(u.words()))))
-}
-
-/// Times `fold` only, after an untimed `reset` of the partial.
-fn timed_fold(p: &mut PartialAggregate, fold: &mut impl FnMut(&mut PartialAggregate)) -> Duration {
-    p.reset();
-    let t = Instant::now();
-    fold(p);
-    let d = t.elapsed();
-    black_box(&*p);
-    d
 }
 
 fn fold_group(c: &mut Criterion, cohort: &Cohort) {
@@ -101,10 +91,6 @@ fn fold_group(c: &mut Criterion, cohort: &Cohort) {
     g.finish();
 }
 
-fn best_of(runs: usize, mut f: impl FnMut() -> Duration) -> Duration {
-    (0..runs).map(|_| f()).min().unwrap_or_default()
-}
-
 fn gbps(d: Duration) -> f64 {
     BYTES as f64 / d.as_secs_f64() / 1e9
 }
@@ -140,13 +126,5 @@ fn ratio_summary(cohort: &Cohort) {
 }
 
 fn main() {
-    let mut criterion = Criterion::default().configure_from_args();
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    let cohort = Cohort::new(COHORT, N, |_, xs| xs.iter_mut().for_each(|x| *x = next_uniform(&mut state)));
-    fold_group(&mut criterion, &cohort);
-    // The summary and experiments only make sense when benchmarking (not `cargo test --benches`).
-    if std::env::args().any(|a| a == "--bench") {
-        ratio_summary(&cohort);
-    }
-    criterion.final_summary();
+    common::run(&uniform_cohort(COHORT, N), fold_group, ratio_summary);
 }

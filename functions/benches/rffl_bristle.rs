@@ -25,11 +25,11 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, Throughput};
 use shoal_functions::bristle::{Bristle, BristleConfig};
 use shoal_functions::rffl::{Rffl, RfflConfig};
+use shoal_functions::PartialAggregate;
 use shoal_functions::Strategy as _;
-use shoal_functions::{PartialAggregate, UpdateView};
 
 mod common;
-use common::{next_uniform, Cohort};
+use common::{best_of, next_uniform, timed_fold_batch, Cohort};
 
 /// Elements per update.
 const N: usize = 1 << 20;
@@ -40,15 +40,6 @@ const BYTES: u64 = (COHORT * 4 * N) as u64;
 
 fn rffl_config() -> RfflConfig {
     RfflConfig { gamma: 1.0, ..RfflConfig::default() }
-}
-
-fn timed_fold(p: &mut PartialAggregate, views: &[UpdateView<'_>]) -> Duration {
-    p.reset();
-    let t = Instant::now();
-    p.fold_batch(black_box(views)).unwrap();
-    let d = t.elapsed();
-    black_box(&*p);
-    d
 }
 
 fn timed(f: &mut impl FnMut()) -> Duration {
@@ -67,7 +58,7 @@ fn groups(c: &mut Criterion, cohort: &Cohort) {
         .measurement_time(Duration::from_secs(3));
 
     g.bench_function("fedavg_fold_batch", |b| {
-        b.iter_custom(|iters| (0..iters).map(|_| timed_fold(&mut partial, &views)).sum())
+        b.iter_custom(|iters| (0..iters).map(|_| timed_fold_batch(&mut partial, &views)).sum())
     });
     g.bench_function("rffl_step", |b| {
         b.iter(|| {
@@ -84,10 +75,6 @@ fn groups(c: &mut Criterion, cohort: &Cohort) {
         b.iter(|| black_box(bristle.aggregate_cohort(black_box(&views), &cohort.global).unwrap()))
     });
     g.finish();
-}
-
-fn best_of(runs: usize, mut f: impl FnMut() -> Duration) -> Duration {
-    (0..runs).map(|_| f()).min().unwrap_or_default()
 }
 
 /// The ratio lines, from timings taken in this process.
@@ -107,11 +94,11 @@ fn ratio_summary(cohort: &Cohort) {
         black_box(bristle.aggregate_cohort(&views, &cohort.global).unwrap());
     };
     // Warm up (page faults, frequency) before the best-of-5.
-    timed_fold(&mut partial, &views);
+    timed_fold_batch(&mut partial, &views);
     timed(&mut rffl);
     timed(&mut select);
     timed(&mut aggregate);
-    let fold = best_of(5, || timed_fold(&mut partial, &views));
+    let fold = best_of(5, || timed_fold_batch(&mut partial, &views));
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     for (name, d) in [
         ("rffl_step", best_of(5, || timed(&mut rffl))),
@@ -128,16 +115,10 @@ fn ratio_summary(cohort: &Cohort) {
 }
 
 fn main() {
-    let mut criterion = Criterion::default().configure_from_args();
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
     let direction: Vec<f32> = (0..N).map(|_| next_uniform(&mut state) * 1e-3).collect();
     let cohort = Cohort::new(COHORT, N, |_, xs| {
         xs.iter_mut().zip(&direction).for_each(|(x, d)| *x = d + next_uniform(&mut state) * 5e-4)
     });
-    groups(&mut criterion, &cohort);
-    // The summary only makes sense when benchmarking (not `cargo test --benches`).
-    if std::env::args().any(|a| a == "--bench") {
-        ratio_summary(&cohort);
-    }
-    criterion.final_summary();
+    common::run(&cohort, groups, ratio_summary);
 }

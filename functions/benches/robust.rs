@@ -29,7 +29,7 @@ use criterion::{Criterion, Throughput};
 use shoal_functions::robust::{Bulyan, CoordinateMedian, Krum, TrimmedMean};
 
 mod common;
-use common::{next_uniform, Cohort};
+use common::{best_of, timed_fold_batch, uniform_cohort, Cohort};
 use shoal_functions::{Parameters, PartialAggregate, Strategy, UpdateView};
 
 /// Elements per update.
@@ -40,15 +40,6 @@ const COHORT: usize = 20;
 const BYTES: u64 = (COHORT * 4 * N) as u64;
 
 /// Times `fold_batch` only, after an untimed `reset` of the partial.
-fn timed_fold(p: &mut PartialAggregate, views: &[UpdateView<'_>]) -> Duration {
-    p.reset();
-    let t = Instant::now();
-    p.fold_batch(black_box(views)).expect("fold_batch");
-    let d = t.elapsed();
-    black_box(&*p);
-    d
-}
-
 fn timed_aggregate(s: &mut dyn Strategy, views: &[UpdateView<'_>], global: &Parameters) -> Duration {
     let t = Instant::now();
     let out = s.aggregate_cohort(black_box(views), global).expect("aggregate_cohort");
@@ -78,7 +69,7 @@ fn robust_group(c: &mut Criterion, cohort: &Cohort) {
         .measurement_time(Duration::from_secs(2));
 
     g.bench_function("fedavg_fold", |b| {
-        b.iter_custom(|iters| (0..iters).map(|_| timed_fold(&mut partial, &views)).sum())
+        b.iter_custom(|iters| (0..iters).map(|_| timed_fold_batch(&mut partial, &views)).sum())
     });
     for (name, mut s) in strategies() {
         g.bench_function(name, |b| {
@@ -90,16 +81,12 @@ fn robust_group(c: &mut Criterion, cohort: &Cohort) {
     g.finish();
 }
 
-fn best_of(runs: usize, mut f: impl FnMut() -> Duration) -> Duration {
-    (0..runs).map(|_| f()).min().unwrap_or_default()
-}
-
 /// The acceptance lines, from timings taken in this process.
 fn ratio_summary(cohort: &Cohort) {
     let views = cohort.views();
     let mut partial = PartialAggregate::new(Arc::clone(&cohort.manifest));
-    timed_fold(&mut partial, &views); // warm-up
-    let fold = best_of(3, || timed_fold(&mut partial, &views));
+    timed_fold_batch(&mut partial, &views); // warm-up
+    let fold = best_of(3, || timed_fold_batch(&mut partial, &views));
     let time = |s: &mut dyn Strategy| {
         timed_aggregate(s, &views, &cohort.global); // warm-up
         best_of(3, || timed_aggregate(s, &views, &cohort.global))
@@ -126,13 +113,5 @@ fn ratio_summary(cohort: &Cohort) {
 }
 
 fn main() {
-    let mut criterion = Criterion::default().configure_from_args();
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    let cohort = Cohort::new(COHORT, N, |_, xs| xs.iter_mut().for_each(|x| *x = next_uniform(&mut state)));
-    robust_group(&mut criterion, &cohort);
-    // The summary only makes sense when benchmarking (not `cargo test --benches`).
-    if std::env::args().any(|a| a == "--bench") {
-        ratio_summary(&cohort);
-    }
-    criterion.final_summary();
+    common::run(&uniform_cohort(COHORT, N), robust_group, ratio_summary);
 }

@@ -16,9 +16,9 @@
 //! # Contract with the runtime
 //!
 //! The strategies here are streaming-mergeable ([`Mergeability::Streaming`]). The coefficient
-//! d_i of an update depends on things the [`UpdateView`] does not carry (its staleness, the
+//! d_i of an update depends on things the [`UpdateView`](crate::UpdateView) does not carry (its staleness, the
 //! client's compute time), so **the runtime computes it before folding** and puts it in
-//! [`UpdateView::weight`]:
+//! [`UpdateView::weight`](crate::UpdateView::weight):
 //!
 //! | strategy | weight the runtime folds with | commit when |
 //! |---|---|---|
@@ -34,7 +34,10 @@
 //! `finish` then computes `global + η_g · Σ_i d_i Δ_i / norm` for `mean` tensors, with `norm`
 //! from [`FedBuffNormalisation`] for FedBuff and 1 for FedFix and asynchronous FedAvg. As in
 //! [`FedAvg`](crate::FedAvg)'s delta mode, `max`/`first` tensors take `global + folded value`
-//! and `skip` tensors keep the global value; integer tensors are rounded half to even. A step
+//! and `skip` tensors keep the global value; `statistic` and `variance` tensors get
+//! `global + Σ d_i Δ_i / Σ d_i` (the weighted mean of the clients' values once stale deltas are
+//! rebased with [`PartialAggregate::rebase_statistics`], never scaled by η_g or `norm`);
+//! integer tensors are rounded half to even. A step
 //! that overflows the tensor's dtype is [`Error::NonFiniteResult`]; an empty buffer is
 //! [`Error::ZeroTotalWeight`] (the previous model stands).
 //!
@@ -59,6 +62,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::ids::{ClientId, ModelVersion};
 use crate::server_opt::{floats_mut, FloatElem};
+use crate::statistics::write_statistic;
 use crate::strategy::{Mergeability, PartialAggregate, Strategy};
 use crate::tensor::{AggregationPolicy, Parameters, TensorData};
 
@@ -170,7 +174,8 @@ fn axpy_into<T: FloatElem>(out: &mut Parameters, i: usize, g: &[T], acc: &[f64],
 }
 
 /// `global + scale · acc` for `mean` tensors, `global + acc` for `max`/`first`, `global` for
-/// `skip`; checked finite in the output dtype.
+/// `skip`, `global + acc / Σw` for `statistic`/`variance` (the weighted mean of the deltas,
+/// no step scaling; variances clamped at 0); checked finite in the output dtype.
 fn delta_step(partial: &PartialAggregate, global: &Parameters, scale: f64) -> Result<Parameters> {
     partial.check_manifest(global.manifest())?;
     let total = partial.total_weight();
@@ -198,6 +203,9 @@ fn delta_step(partial: &PartialAggregate, global: &Parameters, scale: f64) -> Re
             AggregationPolicy::Max | AggregationPolicy::First => {
                 out.write_tensor_f64(i, acc.iter().enumerate().map(|(e, v)| g.get_f64(e) + v))
             }
+            AggregationPolicy::Statistic | AggregationPolicy::Variance => {
+                write_statistic(&mut out, i, spec.policy, acc, total, Some(g))
+            }
         }
     }
     if let Err(crate::tensor::ValidationError::NonFinite { name, .. }) =
@@ -211,7 +219,8 @@ fn delta_step(partial: &PartialAggregate, global: &Parameters, scale: f64) -> Re
 /// One signature for the fold weight of every asynchronous strategy, for a runtime that holds
 /// the strategy generically. Each strategy ignores the inputs it does not use.
 pub trait AsyncWeighting {
-    /// The coefficient d_i to put in [`UpdateView::weight`] before folding; 0 means discard.
+    /// The coefficient d_i to put in [`UpdateView::weight`](crate::UpdateView::weight) before
+    /// folding; 0 means discard.
     ///
     /// # Errors
     /// [`AsyncError::UnknownClient`] when the strategy needs the client's profile and has none.
@@ -333,6 +342,28 @@ impl AsyncWeighting for FedBuff {
     fn fold_weight(&self, _: &ClientId, num_examples: u64, staleness: Staleness) -> Result<f64, AsyncError> {
         Ok(self.update_weight(num_examples, staleness))
     }
+}
+
+/// The state of FedFix and asynchronous FedAvg: their client profiles, whose compute times
+/// the runtime refreshes ([`ClientProfiles::set_compute_ticks`]); restored through
+/// [`ClientProfiles::set`], so every profile is checked again.
+macro_rules! profiles_state {
+    () => {
+        fn save_state(&self) -> Result<Vec<u8>> {
+            let profiles: Vec<(&ClientId, &ClientProfile)> = self.clients.iter().collect();
+            crate::state::save(self.name(), &profiles)
+        }
+
+        fn restore_state(&mut self, bytes: &[u8]) -> Result<()> {
+            let saved: Vec<(ClientId, ClientProfile)> = crate::state::load(self.name(), bytes)?;
+            let mut clients = ClientProfiles::new();
+            for (c, p) in saved {
+                clients.set(c, p).map_err(|e| crate::state::mismatch(e.to_string()))?;
+            }
+            self.clients = clients;
+            Ok(())
+        }
+    };
 }
 
 macro_rules! streaming_fold {
@@ -627,6 +658,7 @@ impl Strategy for FedFix {
     fn finish(&mut self, partial: &PartialAggregate, global: &Parameters) -> Result<Parameters> {
         delta_step(partial, global, self.server_lr)
     }
+    profiles_state!();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -712,6 +744,7 @@ impl Strategy for AsyncFedAvg {
     fn finish(&mut self, partial: &PartialAggregate, global: &Parameters) -> Result<Parameters> {
         delta_step(partial, global, self.server_lr)
     }
+    profiles_state!();
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 //! The error type of `shoal-functions`.
 
+use crate::state::StateError;
 use crate::tensor::ValidationError;
 
 /// Result alias for this crate.
@@ -52,6 +53,10 @@ pub enum Error {
     /// safetensors could not encode the result.
     #[error("safetensors encoding failed: {0}")]
     Encode(#[source] safetensors::SafeTensorError),
+    /// A saved strategy state cannot be restored ([`crate::Strategy::restore_state`]): the
+    /// [`StateError`] says why. The strategy's state is unchanged, never reset.
+    #[error(transparent)]
+    InvalidState(StateError),
 }
 
 /// The `Copy` classification of [`Error`], for callers that branch on the kind and for bounded
@@ -73,6 +78,7 @@ impl Error {
             Error::InvalidManifest(_) => ErrorKind::InvalidManifest,
             Error::Misaligned(_) => ErrorKind::Misaligned,
             Error::Encode(_) => ErrorKind::Encode,
+            Error::InvalidState(_) => ErrorKind::InvalidState,
         }
     }
 }

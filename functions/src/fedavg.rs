@@ -14,9 +14,14 @@
 //! one ulp, and sums with catastrophic cancellation (values ~1e30 of opposite signs) are only as
 //! exact as f64 allows. The output is always checked finite: an overflow in the server step
 //! is [`Error::NonFiniteResult`], never an Inf model.
+//!
+//! `statistic` and `variance` tensors (running statistics) get the weighted mean of the
+//! clients' values in both forms, without η_s (`global + mean delta` for deltas), variances
+//! clamped at 0.
 
 use crate::error::{Error, Result};
 use crate::spec::UpdateKind;
+use crate::statistics::write_statistic;
 use crate::strategy::{Mergeability, PartialAggregate, Strategy};
 use crate::tensor::{AggregationPolicy, Parameters};
 
@@ -64,6 +69,10 @@ impl Strategy for FedAvg {
             let lr = self.server_learning_rate;
             match (spec.policy, self.update_kind) {
                 (AggregationPolicy::Skip, _) => {}
+                (AggregationPolicy::Statistic | AggregationPolicy::Variance, kind) => {
+                    let base = (kind == UpdateKind::Delta).then_some(g);
+                    write_statistic(&mut out, i, spec.policy, acc, total, base)
+                }
                 (AggregationPolicy::Mean, UpdateKind::Parameters) => {
                     out.write_tensor_f64(i, acc.iter().map(|s| s / total))
                 }

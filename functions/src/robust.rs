@@ -18,9 +18,10 @@
 //! **Per-tensor policies.** The robust rule applies to the manifest's
 //! [`AggregationPolicy::Mean`] tensors: float tensors (f32/f16/bf16/f64) are decoded exactly to
 //! f64, integer tensors are converted to f64 (exact below 2^53) and the result is rounded half to
-//! even and saturated when written, as for FedAvg. `Max`, `First` and `Skip` tensors are
-//! aggregated over the **whole** cohort exactly as [`crate::FedAvg`] does (element-wise maximum,
-//! the lowest `ClientId`'s values, the previous global value), also for Krum and Bulyan.
+//! even and saturated when written, as for FedAvg. `Max`, `First`, `Statistic`, `Variance` and
+//! `Skip` tensors are aggregated over the **whole** cohort exactly as [`crate::FedAvg`] does over
+//! parameters (element-wise maximum, the lowest `ClientId`'s values, the weighted mean of the
+//! values, clamped at 0 for variances, the previous global value), also for Krum and Bulyan.
 //!
 //! **Order independence.** Every call first sorts the cohort's views by `ClientId` (a permutation
 //! of `n` views, not of data). All later steps, including the f64 summation order, run in that
@@ -67,6 +68,8 @@ use std::sync::Arc;
 use half::{bf16, f16};
 
 use crate::error::{Error, Result};
+use crate::kernels::gram::{self, GRAM_SUB, SUB_CHUNKS};
+use crate::statistics::write_statistic;
 use crate::strategy::{Mergeability, PartialAggregate, Sharding, Strategy, UpdateView};
 use crate::tensor::{AggregationPolicy, DType, ModelManifest, Parameters, TensorData};
 use crate::ClientId;
@@ -334,7 +337,7 @@ impl Krum {
     /// # Errors
     /// [`RobustConfigError::CohortTooSmall`] if `n < min_clients`.
     pub fn check_cohort(&self, n: usize) -> Result<(), RobustConfigError> {
-        check_cohort_size(self.name(), n, self.min_clients)
+        check_cohort_size(self.rule_name(), n, self.min_clients)
     }
 
     /// The updates Krum keeps: positions in `cohort` of the max(m, 1) lowest scores, best first
@@ -403,7 +406,7 @@ macro_rules! whole_cohort_strategy {
     ($ty:ty) => {
         impl Strategy for $ty {
             fn name(&self) -> &'static str {
-                self.name()
+                self.rule_name()
             }
 
             fn mergeability(&self) -> Mergeability {
@@ -415,7 +418,7 @@ macro_rules! whole_cohort_strategy {
             }
 
             fn sharding(&self) -> Sharding {
-                self.sharding_kind()
+                <$ty as RobustRule>::SHARDING
             }
 
             /// Positions (in `clients`' order) kept by the strategy's selection over the given
@@ -512,27 +515,46 @@ macro_rules! whole_cohort_strategy {
     };
 }
 
-/// The whole-cohort path of the distance-selecting rules (Krum, Bulyan): the distances, the
-/// rule's selection, then its aggregate of the selected updates in canonical order. The sharded
-/// path runs the same two steps with distances summed over shards.
-fn select_then_aggregate<S: SelectionRule>(
-    rule: &S,
-    views: &[UpdateView<'_>],
-    out: &mut Parameters,
-) -> Result<()> {
-    let d = distance_matrix(views, out.manifest())?;
-    let mut picks = rule.select_positions(&d, views.len())?;
-    picks.sort_unstable();
-    let kept: Vec<UpdateView<'_>> = picks.iter().map(|&k| views[k]).collect();
-    rule.selected_into(&kept, out)
-}
+/// What distinguishes the four robust rules; their [`Strategy`] implementation
+/// (`whole_cohort_strategy!`) is shared.
+trait RobustRule {
+    /// How the rule runs over coordinate shards.
+    const SHARDING: Sharding;
 
-/// The two steps of a distance-selecting rule.
-trait SelectionRule {
-    /// Positions kept, from the canonical-order distance matrix of `n` updates.
-    fn select_positions(&self, d: &[f64], n: usize) -> Result<Vec<usize>>;
-    /// The `Mean` tensors of `out` from the kept updates (canonical order).
-    fn selected_into(&self, kept: &[UpdateView<'_>], out: &mut Parameters) -> Result<()>;
+    /// The strategy's name.
+    fn rule_name(&self) -> &'static str;
+
+    /// The coordinate-wise rule for a cohort of `n` (`None` for the rules that select whole
+    /// updates by their distances).
+    fn coordinate_rule(&self, n: usize) -> Option<Rule>;
+
+    /// Distance-selecting rules: the positions kept, from the canonical-order distance matrix
+    /// of `n` updates. Coordinate-wise rules do not select ([`no_selection`]).
+    fn select_positions(&self, d: &[f64], n: usize) -> Result<Vec<usize>> {
+        let _ = (d, n);
+        Err(no_selection(self.rule_name()))
+    }
+
+    /// Distance-selecting rules: the `Mean` tensors of `out` from the kept updates (canonical
+    /// order).
+    fn selected_into(&self, kept: &[UpdateView<'_>], out: &mut Parameters) -> Result<()> {
+        let _ = (kept, out);
+        Err(no_selection(self.rule_name()))
+    }
+
+    /// The `Mean` tensors of `out` from the whole cohort (canonical order): the coordinate-wise
+    /// rule, or the distances, the rule's selection, then its aggregate of the selected updates
+    /// (the sharded path runs the same two steps with distances summed over shards).
+    fn mean_tensors_into(&self, views: &[UpdateView<'_>], out: &mut Parameters) -> Result<()> {
+        if let Some(rule) = self.coordinate_rule(views.len()) {
+            return coordinatewise(rule, views, out);
+        }
+        let d = distance_matrix(views, out.manifest())?;
+        let mut picks = self.select_positions(&d, views.len())?;
+        picks.sort_unstable();
+        let kept: Vec<UpdateView<'_>> = picks.iter().map(|&k| views[k]).collect();
+        self.selected_into(&kept, out)
+    }
 }
 
 /// Selection is not how coordinate-wise rules work (see [`Sharding::Coordinatewise`]).
@@ -540,56 +562,34 @@ fn no_selection(name: &'static str) -> Error {
     Error::Strategy { strategy: name, detail: "coordinate-wise: nothing to select".into() }
 }
 
-impl CoordinateMedian {
-    fn name(&self) -> &'static str {
+impl RobustRule for CoordinateMedian {
+    const SHARDING: Sharding = Sharding::Coordinatewise;
+
+    fn rule_name(&self) -> &'static str {
         "coordinate-median"
     }
 
-    fn sharding_kind(&self) -> Sharding {
-        Sharding::Coordinatewise
-    }
-
-    fn mean_tensors_into(&self, views: &[UpdateView<'_>], out: &mut Parameters) -> Result<()> {
-        coordinatewise(Rule::Median, views, out)
+    fn coordinate_rule(&self, _: usize) -> Option<Rule> {
+        Some(Rule::Median)
     }
 }
 
-impl SelectionRule for CoordinateMedian {
-    fn select_positions(&self, _: &[f64], _: usize) -> Result<Vec<usize>> {
-        Err(no_selection(self.name()))
-    }
+impl RobustRule for TrimmedMean {
+    const SHARDING: Sharding = Sharding::Coordinatewise;
 
-    fn selected_into(&self, _: &[UpdateView<'_>], _: &mut Parameters) -> Result<()> {
-        Err(no_selection(self.name()))
-    }
-}
-
-impl TrimmedMean {
-    fn name(&self) -> &'static str {
+    fn rule_name(&self) -> &'static str {
         "trimmed-mean"
     }
 
-    fn sharding_kind(&self) -> Sharding {
-        Sharding::Coordinatewise
-    }
-
-    fn mean_tensors_into(&self, views: &[UpdateView<'_>], out: &mut Parameters) -> Result<()> {
-        coordinatewise(Rule::Trimmed { cut: self.trim_count(views.len()) }, views, out)
+    fn coordinate_rule(&self, n: usize) -> Option<Rule> {
+        Some(Rule::Trimmed { cut: self.trim_count(n) })
     }
 }
 
-impl SelectionRule for TrimmedMean {
-    fn select_positions(&self, _: &[f64], _: usize) -> Result<Vec<usize>> {
-        Err(no_selection(self.name()))
-    }
+impl RobustRule for Krum {
+    const SHARDING: Sharding = Sharding::DistanceSelection;
 
-    fn selected_into(&self, _: &[UpdateView<'_>], _: &mut Parameters) -> Result<()> {
-        Err(no_selection(self.name()))
-    }
-}
-
-impl Krum {
-    fn name(&self) -> &'static str {
+    fn rule_name(&self) -> &'static str {
         if self.m > 1 {
             "multi-krum"
         } else {
@@ -597,55 +597,44 @@ impl Krum {
         }
     }
 
-    fn sharding_kind(&self) -> Sharding {
-        Sharding::DistanceSelection
+    fn coordinate_rule(&self, _: usize) -> Option<Rule> {
+        None
     }
 
-    fn mean_tensors_into(&self, views: &[UpdateView<'_>], out: &mut Parameters) -> Result<()> {
-        select_then_aggregate(self, views, out)
-    }
-}
-
-impl SelectionRule for Krum {
     fn select_positions(&self, d: &[f64], n: usize) -> Result<Vec<usize>> {
         Ok(krum_best(d, n, self.f, self.m.max(1)))
     }
 
     /// `kept` in canonical order: the best one alone (Krum) or their weighted mean.
     fn selected_into(&self, kept: &[UpdateView<'_>], out: &mut Parameters) -> Result<()> {
-        if self.m <= 1 {
-            let Some(best) = kept.first() else {
-                return Err(Error::ZeroTotalWeight { total: 0.0, count: 0 });
-            };
-            let manifest = Arc::clone(out.manifest());
-            for (spec, s) in manifest.tensors().iter().zip(manifest.slots()) {
-                if spec.policy == AggregationPolicy::Mean {
-                    let r = s.byte_offset..s.byte_offset + s.byte_len;
-                    out.as_bytes_mut()[r.clone()].copy_from_slice(&best.bytes[r]);
-                }
-            }
-            Ok(())
-        } else {
-            weighted_mean_into(kept, out)
+        if self.m > 1 {
+            return weighted_mean_into(kept, out);
         }
+        let Some(best) = kept.first() else {
+            return Err(Error::ZeroTotalWeight { total: 0.0, count: 0 });
+        };
+        let manifest = Arc::clone(out.manifest());
+        for (spec, s) in manifest.tensors().iter().zip(manifest.slots()) {
+            if spec.policy == AggregationPolicy::Mean {
+                let r = s.byte_offset..s.byte_offset + s.byte_len;
+                out.as_bytes_mut()[r.clone()].copy_from_slice(&best.bytes[r]);
+            }
+        }
+        Ok(())
     }
 }
 
-impl Bulyan {
-    fn name(&self) -> &'static str {
+impl RobustRule for Bulyan {
+    const SHARDING: Sharding = Sharding::DistanceSelection;
+
+    fn rule_name(&self) -> &'static str {
         "bulyan"
     }
 
-    fn sharding_kind(&self) -> Sharding {
-        Sharding::DistanceSelection
+    fn coordinate_rule(&self, _: usize) -> Option<Rule> {
+        None
     }
 
-    fn mean_tensors_into(&self, views: &[UpdateView<'_>], out: &mut Parameters) -> Result<()> {
-        select_then_aggregate(self, views, out)
-    }
-}
-
-impl SelectionRule for Bulyan {
     fn select_positions(&self, d: &[f64], n: usize) -> Result<Vec<usize>> {
         Ok(bulyan_select(d, n, self.f, n - 2 * self.f))
     }
@@ -709,15 +698,16 @@ fn check_output(out: &Parameters) -> Result<()> {
     }
 }
 
-/// `Max` and `First` tensors over the whole cohort, as FedAvg computes them (`views` in
-/// canonical order, so `views[0]` has the lowest `ClientId`). `Skip` tensors keep `out`'s values.
+/// `Max`, `First`, `Statistic` and `Variance` tensors over the whole cohort, as FedAvg computes
+/// them over parameters (`views` in canonical order, so `views[0]` has the lowest `ClientId`;
+/// statistics weighted by the views' weights). `Skip` tensors keep `out`'s values.
 fn non_mean_into(views: &[UpdateView<'_>], out: &mut Parameters) -> Result<()> {
     let manifest = Arc::clone(out.manifest());
     let max_numel = manifest
         .tensors()
         .iter()
         .zip(manifest.slots())
-        .filter(|(t, _)| t.policy == AggregationPolicy::Max)
+        .filter(|(t, _)| t.policy == AggregationPolicy::Max || t.policy.is_statistic())
         .map(|(_, s)| s.numel)
         .max()
         .unwrap_or(0);
@@ -736,8 +726,26 @@ fn non_mean_into(views: &[UpdateView<'_>], out: &mut Parameters) -> Result<()> {
                 let r = s.byte_offset..s.byte_offset + s.byte_len;
                 out.as_bytes_mut()[r.clone()].copy_from_slice(&views[0].bytes[r]);
             }
+            AggregationPolicy::Statistic | AggregationPolicy::Variance => {
+                scratch.clear();
+                scratch.resize(s.numel, 0.0);
+                for v in views {
+                    crate::kernels::scaled_add(&mut scratch, v.tensor(i)?, v.weight);
+                }
+                let total: f64 = views.iter().map(|v| v.weight).sum();
+                write_statistic(out, i, spec.policy, &scratch, total, None);
+            }
             AggregationPolicy::Mean | AggregationPolicy::Skip => {}
         }
+    }
+    Ok(())
+}
+
+/// `datas` ← tensor `i` of every view.
+fn gather<'a>(views: &[UpdateView<'a>], i: usize, datas: &mut Vec<TensorData<'a>>) -> Result<()> {
+    datas.clear();
+    for v in views {
+        datas.push(v.tensor(i)?);
     }
     Ok(())
 }
@@ -943,10 +951,7 @@ fn coordinatewise(rule: Rule, views: &[UpdateView<'_>], out: &mut Parameters) ->
         if spec.policy != AggregationPolicy::Mean {
             continue;
         }
-        datas.clear();
-        for v in views {
-            datas.push(v.tensor(i)?);
-        }
+        gather(views, i, &mut datas)?;
         scratch.clear();
         if on_network(spec.dtype) {
             let mut dst: &mut [f32] = if spec.dtype == DType::F32 {
@@ -1072,7 +1077,8 @@ impl SelectionNetwork {
     }
 
     /// Gathers the block `start..start + len` of every view into `keys` (row-major, rows of
-    /// [`NET_BLOCK`]), runs the network and writes the rule's value per coordinate to `res`.
+    /// [`NET_BLOCK`]), runs the network and writes the rule's value per coordinate to `res`
+    /// (compiled for AVX2 when the CPU has it: 8 comparators per instruction).
     fn block(
         &self,
         rule: Rule,
@@ -1082,46 +1088,32 @@ impl SelectionNetwork {
         keys: &mut [i32],
         res: &mut [f64],
     ) {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked just above), the only requirement of the
-            // target-feature function.
-            unsafe { self.block_avx2(rule, datas, start, len, keys, res) };
-            return;
-        }
-        self.block_body(rule, datas, start, len, keys, res);
+        crate::kernels::dispatch(NetworkBlock { network: self, rule, datas, start, len, keys, res });
     }
+}
 
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    fn block_avx2(
-        &self,
-        rule: Rule,
-        datas: &[TensorData<'_>],
-        start: usize,
-        len: usize,
-        keys: &mut [i32],
-        res: &mut [f64],
-    ) {
-        self.block_body(rule, datas, start, len, keys, res);
-    }
+/// One block of [`SelectionNetwork::block`] as a kernel (one body, compiled twice).
+struct NetworkBlock<'a, 'd> {
+    network: &'a SelectionNetwork,
+    rule: Rule,
+    datas: &'a [TensorData<'d>],
+    start: usize,
+    len: usize,
+    keys: &'a mut [i32],
+    res: &'a mut [f64],
+}
 
+impl crate::kernels::Kernel for NetworkBlock<'_, '_> {
+    type Output = ();
     #[inline(always)]
-    fn block_body(
-        &self,
-        rule: Rule,
-        datas: &[TensorData<'_>],
-        start: usize,
-        len: usize,
-        keys: &mut [i32],
-        res: &mut [f64],
-    ) {
-        let n = self.n;
+    fn run(self) {
+        let NetworkBlock { network, rule, datas, start, len, keys, res } = self;
+        let n = network.n;
         let keys = &mut keys[..n * NET_BLOCK];
         for (row, d) in keys.chunks_exact_mut(NET_BLOCK).zip(datas) {
             gather_keys32(*d, start, &mut row[..len]);
         }
-        for &(i, j) in &self.comparators {
+        for &(i, j) in &network.comparators {
             let (lo, hi) = keys.split_at_mut(j * NET_BLOCK);
             let (ri, rj) = (&mut lo[i * NET_BLOCK..i * NET_BLOCK + len], &mut hi[..len]);
             for (x, y) in ri.iter_mut().zip(rj.iter_mut()) {
@@ -1313,20 +1305,11 @@ fn distance_matrix(views: &[UpdateView<'_>], manifest: &ModelManifest) -> Result
         if spec.policy != AggregationPolicy::Mean {
             continue;
         }
-        datas.clear();
-        for v in views {
-            datas.push(v.tensor(i)?);
-        }
+        gather(views, i, &mut datas)?;
         gram.accumulate(&datas, s.numel);
     }
     Ok(gram.distances())
 }
-
-/// Elements per sub-tile of the Gram computation: `rows × GRAM_SUB` f64 (20 updates: 20 KiB)
-/// stay in L1 while all the sub-tile's dot products run.
-const GRAM_SUB: usize = 128;
-/// Chunks of four f64 per row of a sub-tile.
-const SUB_CHUNKS: usize = GRAM_SUB / 4;
 
 /// Cache-blocked Gram matrix of `n` updates (rows padded to a multiple of 4 with zeros).
 ///
@@ -1349,27 +1332,14 @@ impl Gram {
         Gram { n, rows, tile: vec![[0.0; 4]; rows * GRAM_TILE / 4], acc: vec![[0.0; 4]; rows * rows] }
     }
 
-    /// Adds the dot products of one tensor (`datas[k]` = update k's view of `numel` elements).
+    /// Adds the dot products of one tensor (`datas[k]` = update k's view of `numel` elements),
+    /// compiled for AVX2 and FMA when the CPU has them.
     fn accumulate(&mut self, datas: &[TensorData<'_>], numel: usize) {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports AVX2 and FMA (checked just above), the only requirement
-            // of the target-feature function.
-            unsafe { self.accumulate_avx2(datas, numel) };
-            return;
-        }
-        self.accumulate_body::<false>(datas, numel);
+        crate::kernels::dispatch(GramTensor { gram: self, datas, numel });
     }
 
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    fn accumulate_avx2(&mut self, datas: &[TensorData<'_>], numel: usize) {
-        self.accumulate_body::<true>(datas, numel);
-    }
-
-    /// `SIMD` is true only when called from [`Gram::accumulate_avx2`] (AVX2 and FMA present).
     #[inline(always)]
-    fn accumulate_body<const SIMD: bool>(&mut self, datas: &[TensorData<'_>], numel: usize) {
+    fn accumulate_body(&mut self, datas: &[TensorData<'_>], numel: usize) {
         let rows = self.rows;
         let mut start = 0;
         while start < numel {
@@ -1394,14 +1364,7 @@ impl Gram {
             }
             for s in 0..subs {
                 let sub = &self.tile[s * rows * SUB_CHUNKS..(s + 1) * rows * SUB_CHUNKS];
-                #[cfg(target_arch = "x86_64")]
-                if SIMD {
-                    // SAFETY: SIMD is true only inside `accumulate_avx2`, which requires AVX2
-                    // and FMA.
-                    unsafe { gram_sub_avx2(sub, rows, &mut self.acc) };
-                    continue;
-                }
-                gram_sub_portable(sub, rows, &mut self.acc);
+                gram::sub_tile(sub, rows, &mut self.acc);
             }
             start += len;
         }
@@ -1427,62 +1390,18 @@ impl Gram {
     }
 }
 
-/// Row `r` of a sub-tile.
-#[inline(always)]
-fn sub_row(sub: &[[f64; 4]], r: usize) -> &[[f64; 4]; SUB_CHUNKS] {
-    match sub[r * SUB_CHUNKS..(r + 1) * SUB_CHUNKS].try_into() {
-        Ok(row) => row,
-        Err(_) => unreachable!("a sub-tile row is SUB_CHUNKS chunks long"),
-    }
+/// [`Gram::accumulate_body`] as a kernel (one body, compiled twice).
+struct GramTensor<'a, 'd> {
+    gram: &'a mut Gram,
+    datas: &'a [TensorData<'d>],
+    numel: usize,
 }
 
-/// The same sums as [`gram_sub_avx2`] in the same order (four lanes per product). Products of
-/// f32-decoded values are exact in f64, where FMA and multiply-then-add agree, so the two paths
-/// give identical distances for f32 models.
-fn gram_sub_portable(sub: &[[f64; 4]], rows: usize, acc: &mut [[f64; 4]]) {
-    for bj in (0..rows).step_by(4) {
-        for i in 0..bj + 4 {
-            let a = sub_row(sub, i);
-            for j in bj..bj + 4 {
-                let b = sub_row(sub, j);
-                let t = &mut acc[i * rows + j];
-                for (x, y) in a.iter().zip(b) {
-                    for l in 0..4 {
-                        t[l] += x[l] * y[l];
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Accumulates the sub-tile's dot products into `acc` with 2 × 4 blocks of AVX2 FMAs.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn gram_sub_avx2(sub: &[[f64; 4]], rows: usize, acc: &mut [[f64; 4]]) {
-    use std::arch::x86_64::{__m256d, _mm256_fmadd_pd};
-    for bj in (0..rows).step_by(4) {
-        let b = [sub_row(sub, bj), sub_row(sub, bj + 1), sub_row(sub, bj + 2), sub_row(sub, bj + 3)];
-        for bi in (0..bj + 4).step_by(2) {
-            let a = [sub_row(sub, bi), sub_row(sub, bi + 1)];
-            let mut t: [[__m256d; 4]; 2] = std::array::from_fn(|p| {
-                std::array::from_fn(|q| bytemuck::cast(acc[(bi + p) * rows + bj + q]))
-            });
-            for c in 0..SUB_CHUNKS {
-                let a0: __m256d = bytemuck::cast(a[0][c]);
-                let a1: __m256d = bytemuck::cast(a[1][c]);
-                for q in 0..4 {
-                    let bq: __m256d = bytemuck::cast(b[q][c]);
-                    t[0][q] = _mm256_fmadd_pd(a0, bq, t[0][q]);
-                    t[1][q] = _mm256_fmadd_pd(a1, bq, t[1][q]);
-                }
-            }
-            for (p, tp) in t.iter().enumerate() {
-                for (q, v) in tp.iter().enumerate() {
-                    acc[(bi + p) * rows + bj + q] = bytemuck::cast(*v);
-                }
-            }
-        }
+impl crate::kernels::Kernel for GramTensor<'_, '_> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        self.gram.accumulate_body(self.datas, self.numel);
     }
 }
 
@@ -1610,30 +1529,6 @@ mod tests {
                 let (a, b) = (f64::from(a) * 1e300, f64::from(b));
                 assert_eq!(key64(a).cmp(&key64(b)), a.total_cmp(&b), "{a} vs {b}");
                 assert_eq!(key64(a).value().to_bits(), a.to_bits());
-            }
-        }
-    }
-
-    /// The portable Gram kernel and the AVX2 one give identical sums on f32-decoded data.
-    #[test]
-    fn gram_kernels_agree() {
-        let rows = 12;
-        let sub: Vec<[f64; 4]> = (0..rows * SUB_CHUNKS)
-            .map(|c| std::array::from_fn(|l| f64::from(((c * 4 + l) * 7919 % 2003) as f32 * 0.37 - 300.0)))
-            .collect();
-        let mut a = vec![[0.0; 4]; rows * rows];
-        gram_sub_portable(&sub, rows, &mut a);
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            let mut b = vec![[0.0; 4]; rows * rows];
-            // SAFETY: AVX2 and FMA are available (checked just above).
-            unsafe { gram_sub_avx2(&sub, rows, &mut b) };
-            for i in 0..rows {
-                for j in 0..rows {
-                    if i / 4 <= j / 4 {
-                        assert_eq!(a[i * rows + j], b[i * rows + j], "({i}, {j})");
-                    }
-                }
             }
         }
     }

@@ -39,12 +39,17 @@
 //! **State.** m_t (and v_t for the adaptive ones) are f64 per element of the manifest, allocated
 //! once at the first step (8 or 16 bytes per parameter) and checked against the manifest of
 //! every later step. A step that fails leaves the state untouched: the output is computed and
-//! checked finite first, the moments are committed after.
+//! checked finite first, the moments are committed after. [`ServerOptimizer::save_state`] and
+//! [`Strategy::save_state`] of [`WithServerOptimizer`] (inner strategy and optimiser together)
+//! persist it bit-exactly for a top that takes over ([`crate::state`]).
 
 use std::fmt;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use crate::error::{Error, Result};
+use crate::state::{mismatch, Bin, F64s};
 use crate::strategy::{Mergeability, PartialAggregate, Strategy, UpdateView};
 use crate::tensor::{AggregationPolicy, ModelManifest, Parameters, TensorData};
 
@@ -520,6 +525,74 @@ impl ServerOptimizer {
     }
 }
 
+/// The persisted form of a [`ServerOptimizer`] ([`crate::state`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct OptimizerState {
+    config: ServerOptimizerSpec,
+    steps: u64,
+    manifest: Option<ModelManifest>,
+    m: F64s,
+    v: F64s,
+}
+
+impl ServerOptimizer {
+    fn to_state(&self) -> OptimizerState {
+        OptimizerState {
+            config: self.config,
+            steps: self.steps,
+            manifest: self.manifest.as_deref().cloned(),
+            m: F64s(self.m.clone()),
+            v: F64s(self.v.clone()),
+        }
+    }
+
+    /// This optimiser with the state `s` (checked), or why `s` does not fit; `self` is unchanged.
+    fn with_state(&self, s: OptimizerState) -> Result<ServerOptimizer> {
+        if s.config != self.config {
+            return Err(mismatch(format!("saved by {:?}, this optimiser is {:?}", s.config, self.config)));
+        }
+        let mut out = self.clone();
+        match s.manifest {
+            None if s.steps == 0 && s.m.0.is_empty() && s.v.0.is_empty() => out.reset(),
+            None => return Err(mismatch("moments or steps without a manifest")),
+            Some(m) => {
+                let v = self.config.has_second_moment().then_some(s.v.0);
+                out.restore(Arc::new(m), s.steps, s.m.0, v).map_err(|e| mismatch(e.to_string()))?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The optimiser's state (t, m_t, v_t and their manifest) in the [`crate::state`] envelope,
+    /// under the optimiser's name (`fedadam`, ...).
+    ///
+    /// # Errors
+    /// [`Error::InvalidState`] if it cannot be encoded (never for this plain data).
+    pub fn save_state(&self) -> Result<Vec<u8>> {
+        crate::state::save(self.config.name(), &self.to_state())
+    }
+
+    /// Restores a state [`Self::save_state`] produced by an optimiser of the same configuration.
+    ///
+    /// # Errors
+    /// [`Error::InvalidState`]: corrupt, another version, another optimiser, another
+    /// configuration, moments that do not fit their manifest or are not finite (v < 0). The
+    /// optimiser is unchanged on error.
+    pub fn restore_state(&mut self, bytes: &[u8]) -> Result<()> {
+        let s = crate::state::load(self.config.name(), bytes)?;
+        *self = self.with_state(s)?;
+        Ok(())
+    }
+}
+
+/// The persisted form of a [`WithServerOptimizer`]: the inner strategy's own envelope, and the
+/// optimiser's state.
+#[derive(Serialize, Deserialize)]
+struct WithOptimizerState {
+    inner: Bin,
+    optimizer: OptimizerState,
+}
+
 /// Any strategy followed by a server optimiser: `finish` and `aggregate_cohort` run the inner
 /// strategy, then [`ServerOptimizer::step`]`(global, inner result)`. Folding and merging are the
 /// inner strategy's (so it stays streaming or whole-cohort as it was).
@@ -581,5 +654,22 @@ impl<S: Strategy> Strategy for WithServerOptimizer<S> {
     fn aggregate_cohort(&mut self, cohort: &[UpdateView<'_>], global: &Parameters) -> Result<Parameters> {
         let aggregated = self.inner.aggregate_cohort(cohort, global)?;
         self.optimizer.step(global, &aggregated)
+    }
+
+    /// The inner strategy's state (its own envelope) and the optimiser's moments.
+    fn save_state(&self) -> Result<Vec<u8>> {
+        let state =
+            WithOptimizerState { inner: Bin(self.inner.save_state()?), optimizer: self.optimizer.to_state() };
+        crate::state::save(self.name(), &state)
+    }
+
+    /// Restores both, or neither: the optimiser's state is checked first, then the inner
+    /// strategy restores its own (atomically), then the optimiser's is applied.
+    fn restore_state(&mut self, bytes: &[u8]) -> Result<()> {
+        let state: WithOptimizerState = crate::state::load(self.name(), bytes)?;
+        let optimizer = self.optimizer.with_state(state.optimizer)?;
+        self.inner.restore_state(&state.inner.0)?;
+        self.optimizer = optimizer;
+        Ok(())
     }
 }

@@ -52,8 +52,13 @@ pub enum Mergeability {
 }
 
 /// A mergeable intermediate: per-element accumulator (weighted sums for `mean` tensors, running
-/// maxima for `max`, the lowest client's values for `first`), total weight, count and the
-/// contributing clients. Allocated once per aggregator and [`reset`](Self::reset) between rounds.
+/// maxima for `max`, the lowest client's values for `first`), total weight, count and, when
+/// asked for ([`Self::with_client_list`]), the contributing clients. Allocated once per
+/// aggregator and [`reset`](Self::reset) between rounds.
+///
+/// The client list is opt-in: a leaf never sends it (client ids stay on their node, so a
+/// partial's size does not grow with the cohort), and keeping it would cost an id clone and a
+/// push per fold on the update path.
 #[derive(Clone, PartialEq)]
 pub struct PartialAggregate {
     manifest: Arc<ModelManifest>,
@@ -61,7 +66,8 @@ pub struct PartialAggregate {
     first_owner: Vec<Option<ClientId>>,
     total_weight: f64,
     count: u64,
-    clients: Vec<ClientId>,
+    /// `Some` when the client list is kept.
+    client_list: Option<Vec<ClientId>>,
 }
 
 impl fmt::Debug for PartialAggregate {
@@ -75,7 +81,7 @@ impl fmt::Debug for PartialAggregate {
 }
 
 impl PartialAggregate {
-    /// An empty partial for `manifest` (one allocation of `numel` f64).
+    /// An empty partial for `manifest` (one allocation of `numel` f64), without a client list.
     pub fn new(manifest: Arc<ModelManifest>) -> PartialAggregate {
         let mut p = PartialAggregate {
             values: vec![0.0; manifest.numel()],
@@ -83,10 +89,17 @@ impl PartialAggregate {
             manifest,
             total_weight: 0.0,
             count: 0,
-            clients: Vec::new(),
+            client_list: None,
         };
         p.reset();
         p
+    }
+
+    /// An empty partial that also lists the clients it folds ([`Self::clients`]), for callers
+    /// that need them (tests, a single-node tool); merging a partial without a list into it
+    /// drops the list.
+    pub fn with_client_list(manifest: Arc<ModelManifest>) -> PartialAggregate {
+        PartialAggregate { client_list: Some(Vec::new()), ..PartialAggregate::new(manifest) }
     }
 
     /// Empties the partial for reuse in the next round, without reallocating.
@@ -98,7 +111,9 @@ impl PartialAggregate {
         self.first_owner.iter_mut().for_each(|o| *o = None);
         self.total_weight = 0.0;
         self.count = 0;
-        self.clients.clear();
+        if let Some(c) = &mut self.client_list {
+            c.clear();
+        }
     }
 
     /// The manifest.
@@ -116,9 +131,16 @@ impl PartialAggregate {
         self.total_weight
     }
 
-    /// Clients whose updates were folded, in fold order.
+    /// Clients whose updates were folded, in fold order, when the partial keeps its client list
+    /// ([`Self::tracks_clients`]); empty otherwise.
     pub fn clients(&self) -> &[ClientId] {
-        &self.clients
+        self.client_list.as_deref().unwrap_or(&[])
+    }
+
+    /// Whether the partial keeps its client list (created by [`Self::with_client_list`] or given
+    /// one by [`Self::with_clients`], and never merged with a partial that had none).
+    pub fn tracks_clients(&self) -> bool {
+        self.client_list.is_some()
     }
 
     /// The accumulator of tensor `i`.
@@ -140,8 +162,8 @@ impl PartialAggregate {
     }
 
     /// Rebuilds a partial from its parts (the inverse of [`Self::values`],
-    /// [`Self::first_owners`], [`Self::total_weight`], [`Self::count`], [`Self::clients`]), e.g.
-    /// after it crossed nodes.
+    /// [`Self::first_owners`], [`Self::total_weight`], [`Self::count`]), e.g. after it crossed
+    /// nodes. It has no client list; attach one with [`Self::with_clients`].
     ///
     /// # Errors
     /// [`Error::ManifestMismatch`] when the lengths do not fit `manifest`;
@@ -152,7 +174,6 @@ impl PartialAggregate {
         first_owner: Vec<Option<ClientId>>,
         total_weight: f64,
         count: u64,
-        clients: Vec<ClientId>,
     ) -> Result<PartialAggregate> {
         if values.len() != manifest.numel() || first_owner.len() != manifest.tensors().len() {
             return Err(Error::ManifestMismatch("partial aggregate parts do not fit the manifest"));
@@ -160,7 +181,13 @@ impl PartialAggregate {
         if !(total_weight.is_finite() && total_weight >= 0.0) {
             return Err(Error::InvalidWeight(total_weight));
         }
-        Ok(PartialAggregate { manifest, values, first_owner, total_weight, count, clients })
+        Ok(PartialAggregate { manifest, values, first_owner, total_weight, count, client_list: None })
+    }
+
+    /// This partial with `clients` as its client list (e.g. the list a sender named).
+    pub fn with_clients(mut self, clients: Vec<ClientId>) -> PartialAggregate {
+        self.client_list = Some(clients);
+        self
     }
 
     pub(crate) fn check_manifest(&self, m: &ModelManifest) -> Result<()> {
@@ -202,7 +229,7 @@ impl PartialAggregate {
         for (i, (spec, s)) in manifest.tensors().iter().zip(manifest.slots()).enumerate() {
             let acc = &mut self.values[s.elem_offset..s.elem_offset + s.numel];
             match spec.policy {
-                AggregationPolicy::Mean => {
+                AggregationPolicy::Mean | AggregationPolicy::Statistic | AggregationPolicy::Variance => {
                     f32_views.clear();
                     for u in updates {
                         match u.tensor(i)? {
@@ -231,7 +258,9 @@ impl PartialAggregate {
         for u in updates {
             self.total_weight += u.weight;
             self.count += 1;
-            self.clients.push(u.client.clone());
+        }
+        if let Some(list) = &mut self.client_list {
+            list.extend(updates.iter().map(|u| u.client.clone()));
         }
         Ok(())
     }
@@ -247,7 +276,9 @@ impl PartialAggregate {
             let r = s.elem_offset..s.elem_offset + s.numel;
             let (a, b) = (&mut self.values[r.clone()], &other.values[r]);
             match spec.policy {
-                AggregationPolicy::Mean => a.iter_mut().zip(b).for_each(|(a, b)| *a += b),
+                AggregationPolicy::Mean | AggregationPolicy::Statistic | AggregationPolicy::Variance => {
+                    a.iter_mut().zip(b).for_each(|(a, b)| *a += b)
+                }
                 AggregationPolicy::Max => a.iter_mut().zip(b).for_each(|(a, b)| *a = a.max(*b)),
                 AggregationPolicy::First => {
                     if let Some(o) = &other.first_owner[i] {
@@ -262,7 +293,43 @@ impl PartialAggregate {
         }
         self.total_weight += other.total_weight;
         self.count += other.count;
-        self.clients.extend_from_slice(&other.clients);
+        match (&mut self.client_list, &other.client_list) {
+            (Some(list), Some(more)) => list.extend_from_slice(more),
+            // A list that misses the other partial's clients would lie: drop it.
+            (Some(_), None) if other.count > 0 => self.client_list = None,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Delta updates, `statistic` and `variance` tensors: adds `weight · (base − current)` to
+    /// their accumulators, for an update of fold weight `weight` whose client trained from
+    /// `base` while the step will be taken from `current` (a stale update in FedBuff, FedFix
+    /// or asynchronous FedAvg). With it, `current + Σ w (Δ + base − current) / Σ w` is the
+    /// weighted mean of the values the clients computed; without it, a stale delta is read as
+    /// relative to `current`. A no-op for fresh updates (`base` = `current`) and for manifests
+    /// without statistics. Call it once per folded stale update, with the same weight.
+    ///
+    /// # Errors
+    /// [`Error::ManifestMismatch`] if `base` or `current` has another manifest;
+    /// [`Error::InvalidWeight`] for a non-finite or non-positive weight. Nothing changes on
+    /// error.
+    pub fn rebase_statistics(&mut self, weight: f64, base: &Parameters, current: &Parameters) -> Result<()> {
+        self.check_manifest(base.manifest())?;
+        self.check_manifest(current.manifest())?;
+        if !(weight.is_finite() && weight > 0.0) {
+            return Err(Error::InvalidWeight(weight));
+        }
+        let manifest = Arc::clone(&self.manifest);
+        for (i, (spec, s)) in manifest.tensors().iter().zip(manifest.slots()).enumerate() {
+            if spec.policy.is_statistic() {
+                let (b, c) = (base.tensor(i), current.tensor(i));
+                let acc = &mut self.values[s.elem_offset..s.elem_offset + s.numel];
+                for (e, a) in acc.iter_mut().enumerate() {
+                    *a += weight * (b.get_f64(e) - c.get_f64(e));
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -271,7 +338,9 @@ impl PartialAggregate {
 /// ([`crate::shard`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sharding {
-    /// It needs every update whole on one node (RFFL, Bristle, streaming strategies).
+    /// Not by coordinate shards: streaming strategies merge partials instead, and RFFL and
+    /// Bristle run their own two-phase protocol over the nodes holding the updates
+    /// ([`crate::rffl::twophase`], [`crate::bristle::twophase`]).
     Unsupported,
     /// Coordinate-wise (median, trimmed mean): [`Strategy::aggregate_cohort`] on each shard's
     /// cohort gives exactly that shard of the result.
@@ -398,6 +467,30 @@ pub trait Strategy: Send + fmt::Debug {
         self.fold_batch(&mut p, cohort)?;
         self.finish(&p, global)
     }
+
+    /// The state this strategy carries from one round to the next, encoded for the top to
+    /// persist with each commit ([`crate::state`]: a versioned msgpack envelope naming the
+    /// strategy). A top that takes over builds the strategy from the job spec and calls
+    /// [`Self::restore_state`] with it; the rounds that follow are then exactly the
+    /// uninterrupted run's. The default, for strategies without state (FedAvg, FedBuff, the
+    /// robust rules), saves an envelope with an empty state.
+    ///
+    /// # Errors
+    /// [`Error::InvalidState`] if the state cannot be encoded (not for the crate's strategies).
+    fn save_state(&self) -> Result<Vec<u8>> {
+        crate::state::save(self.name(), &())
+    }
+
+    /// Replaces this strategy's state by one [`Self::save_state`] produced (by this strategy
+    /// or a twin built from the same job spec on another node).
+    ///
+    /// # Errors
+    /// [`Error::InvalidState`]: corrupt bytes, another format version, another strategy's
+    /// state, too large, or a state that does not fit (another configuration, non-finite or
+    /// mis-sized values). On error the strategy is unchanged, never reset.
+    fn restore_state(&mut self, bytes: &[u8]) -> Result<()> {
+        crate::state::load::<()>(self.name(), bytes)
+    }
 }
 
 impl<S: Strategy + ?Sized> Strategy for Box<S> {
@@ -441,5 +534,11 @@ impl<S: Strategy + ?Sized> Strategy for Box<S> {
         global: &Parameters,
     ) -> Result<Parameters> {
         (**self).aggregate_selected(cohort, selected, global)
+    }
+    fn save_state(&self) -> Result<Vec<u8>> {
+        (**self).save_state()
+    }
+    fn restore_state(&mut self, bytes: &[u8]) -> Result<()> {
+        (**self).restore_state(bytes)
     }
 }

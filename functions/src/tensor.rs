@@ -267,30 +267,62 @@ fn header_has_huge_integer(payload: &[u8]) -> bool {
     else {
         return false;
     };
-    // JSON strings are delimited by `"` and escape with `\`; both are ASCII, so they never
-    // occur inside a multi-byte UTF-8 sequence and a byte scan finds the string boundaries.
-    let (mut in_string, mut escaped, mut value) = (false, false, None::<u64>);
+    let (mut strings, mut value) = (JsonStrings::default(), None::<u64>);
     for &b in header {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
+        match strings.step(b) {
+            JsonByte::Outside if b.is_ascii_digit() => {
+                let v = value.unwrap_or(0).saturating_mul(10).saturating_add(u64::from(b - b'0'));
+                if v > MAX_HEADER_INTEGER {
+                    return true;
+                }
+                value = Some(v);
             }
-        } else if b.is_ascii_digit() {
-            let v = value.unwrap_or(0).saturating_mul(10).saturating_add(u64::from(b - b'0'));
-            if v > MAX_HEADER_INTEGER {
-                return true;
-            }
-            value = Some(v);
-        } else {
-            value = None;
-            in_string = b == b'"';
+            JsonByte::Outside | JsonByte::Open => value = None,
+            JsonByte::Inside | JsonByte::Close => {}
         }
     }
     false
+}
+
+/// Where a byte of a JSON text stands with respect to strings ([`JsonStrings::step`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JsonByte {
+    /// Outside every string (and not a quote).
+    Outside,
+    /// The quote that opens a string.
+    Open,
+    /// Inside a string (escapes included).
+    Inside,
+    /// The quote that closes a string.
+    Close,
+}
+
+/// A byte scanner that follows JSON strings. JSON strings are delimited by `"` and escape with
+/// `\`; both are ASCII, so they never occur inside a multi-byte UTF-8 sequence and a byte scan
+/// finds the string boundaries.
+#[derive(Debug, Default)]
+struct JsonStrings {
+    in_string: bool,
+    escaped: bool,
+}
+
+impl JsonStrings {
+    /// Classifies the next byte `b`.
+    fn step(&mut self, b: u8) -> JsonByte {
+        if !self.in_string {
+            self.in_string = b == b'"';
+            return if self.in_string { JsonByte::Open } else { JsonByte::Outside };
+        }
+        if self.escaped {
+            self.escaped = false;
+        } else if b == b'\\' {
+            self.escaped = true;
+        } else if b == b'"' {
+            self.in_string = false;
+            return JsonByte::Close;
+        }
+        JsonByte::Inside
+    }
 }
 
 /// Counts the tensor entries a safetensors header declares (its top-level JSON keys other than
@@ -309,16 +341,12 @@ pub fn count_header_tensors(payload: &[u8], stop: usize) -> Result<usize, Valida
     let header = payload
         .get(8..8usize.saturating_add(len))
         .ok_or_else(|| malformed("header length exceeds the payload"))?;
-    let (mut depth, mut in_string, mut escaped, mut expect_key) = (0usize, false, false, false);
+    let (mut strings, mut depth, mut expect_key) = (JsonStrings::default(), 0usize, false);
     let (mut key_start, mut count) = (None::<usize>, 0usize);
     for (i, &b) in header.iter().enumerate() {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
+        match (strings.step(b), b) {
+            (JsonByte::Inside, _) => {}
+            (JsonByte::Close, _) => {
                 if let Some(start) = key_start.take() {
                     if &header[start..i] != b"__metadata__" {
                         count += 1;
@@ -328,23 +356,19 @@ pub fn count_header_tensors(payload: &[u8], stop: usize) -> Result<usize, Valida
                     }
                 }
             }
-            continue;
-        }
-        match b {
-            b'"' => {
-                in_string = true;
+            (JsonByte::Open, _) => {
                 if depth == 1 && expect_key {
                     key_start = Some(i + 1);
                     expect_key = false;
                 }
             }
-            b'{' | b'[' => {
+            (JsonByte::Outside, b'{' | b'[') => {
                 depth += 1;
                 expect_key = depth == 1 && b == b'{';
             }
-            b'}' | b']' => depth = depth.saturating_sub(1),
-            b',' if depth == 1 => expect_key = true,
-            _ => {}
+            (JsonByte::Outside, b'}' | b']') => depth = depth.saturating_sub(1),
+            (JsonByte::Outside, b',') if depth == 1 => expect_key = true,
+            (JsonByte::Outside, _) => {}
         }
     }
     Ok(count)
@@ -374,19 +398,30 @@ pub fn check_finite(manifest: &ModelManifest, slot: &[u8]) -> Result<(), Validat
 
 /// A typed, zero-copy view of one tensor's bytes.
 #[derive(Debug, Clone, Copy)]
-#[allow(missing_docs)]
 pub enum TensorData<'a> {
+    /// [`DType::F32`] elements.
     F32(&'a [f32]),
+    /// [`DType::F16`] elements.
     F16(&'a [f16]),
+    /// [`DType::BF16`] elements.
     BF16(&'a [bf16]),
+    /// [`DType::F64`] elements.
     F64(&'a [f64]),
+    /// [`DType::I64`] elements.
     I64(&'a [i64]),
+    /// [`DType::I32`] elements.
     I32(&'a [i32]),
+    /// [`DType::I16`] elements.
     I16(&'a [i16]),
+    /// [`DType::I8`] elements.
     I8(&'a [i8]),
+    /// [`DType::U64`] elements.
     U64(&'a [u64]),
+    /// [`DType::U32`] elements.
     U32(&'a [u32]),
+    /// [`DType::U16`] elements.
     U16(&'a [u16]),
+    /// [`DType::U8`] elements.
     U8(&'a [u8]),
 }
 
@@ -674,56 +709,31 @@ mod tests {
         let e = stage_update(&m, &ok[..5], slot).unwrap_err();
         assert_eq!(e.label(), "malformed");
 
-        // Wrong shape / dtype / missing / extra, built with other manifests.
-        let other = |ts: Vec<TensorSpec>, v: Vec<Vec<f64>>| {
+        // Wrong shape / dtype / missing / extra, built with other manifests: the test manifest's
+        // tensors with `w` and `n` replaced as given (`None` drops `n`), plus `more`.
+        let other = |w: (DType, Vec<usize>), n: Option<&str>, more: &[TensorSpec], v: Vec<Vec<f64>>| {
+            let mut ts = vec![TensorSpec::new("w", w.0, w.1), TensorSpec::new("b", DType::F16, vec![3])];
+            ts.extend(n.map(|n| TensorSpec::new(n, DType::I64, vec![])));
+            ts.extend_from_slice(more);
             encode_safetensors(&Arc::new(ModelManifest::new(ts).unwrap()), &v).unwrap()
         };
-        let shape = other(
-            vec![
-                TensorSpec::new("w", DType::F32, vec![3, 2]),
-                TensorSpec::new("b", DType::F16, vec![3]),
-                TensorSpec::new("n", DType::I64, vec![]),
-            ],
-            good.clone(),
-        );
+        let w = || (DType::F32, vec![2, 3]);
+        let shape = other((DType::F32, vec![3, 2]), Some("n"), &[], good.clone());
         assert!(matches!(stage_update(&m, &shape, slot), Err(ValidationError::ShapeMismatch { .. })));
-        let dtype = other(
-            vec![
-                TensorSpec::new("w", DType::F64, vec![2, 3]),
-                TensorSpec::new("b", DType::F16, vec![3]),
-                TensorSpec::new("n", DType::I64, vec![]),
-            ],
-            good.clone(),
-        );
+        let dtype = other((DType::F64, vec![2, 3]), Some("n"), &[], good.clone());
         assert!(matches!(stage_update(&m, &dtype, slot), Err(ValidationError::DTypeMismatch { .. })));
-        let missing = other(
-            vec![TensorSpec::new("w", DType::F32, vec![2, 3]), TensorSpec::new("b", DType::F16, vec![3])],
-            good[..2].to_vec(),
-        );
+        let missing = other(w(), None, &[], good[..2].to_vec());
         assert_eq!(stage_update(&m, &missing, slot), Err(ValidationError::MissingTensor("n".into())));
-        let extra = other(
-            vec![
-                TensorSpec::new("w", DType::F32, vec![2, 3]),
-                TensorSpec::new("b", DType::F16, vec![3]),
-                TensorSpec::new("n", DType::I64, vec![]),
-                TensorSpec::new("x", DType::F32, vec![1]),
-            ],
-            vec![good[0].clone(), good[1].clone(), good[2].clone(), vec![1.0]],
-        );
+        let x = TensorSpec::new("x", DType::F32, vec![1]);
+        let extra =
+            other(w(), Some("n"), &[x], vec![good[0].clone(), good[1].clone(), good[2].clone(), vec![1.0]]);
         // More tensors than the manifest: refused from the header's tensor count, before parsing.
         assert_eq!(
             stage_update(&m, &extra, slot),
             Err(ValidationError::TooManyTensors { declared: 4, max: 3 })
         );
         // Same count, one renamed: the renamed one is extra.
-        let renamed = other(
-            vec![
-                TensorSpec::new("w", DType::F32, vec![2, 3]),
-                TensorSpec::new("b", DType::F16, vec![3]),
-                TensorSpec::new("m", DType::I64, vec![]),
-            ],
-            good.clone(),
-        );
+        let renamed = other(w(), Some("m"), &[], good.clone());
         assert_eq!(stage_update(&m, &renamed, slot), Err(ValidationError::MissingTensor("n".into())));
 
         // NaN and Inf in f32 and f16.

@@ -25,25 +25,11 @@ use shoal_functions::tensor::TensorData;
 use shoal_functions::Strategy as _;
 use shoal_functions::{ClientId, DType, ErrorKind, ModelManifest, Parameters, TensorSpec, UpdateKind};
 
-const TOL: f64 = 1e-6;
-
-fn cid(s: &str) -> ClientId {
-    ClientId::new(s).unwrap()
-}
-
-fn close(got: f64, want: f64, what: &str) {
-    assert!((got - want).abs() <= TOL, "{what}: got {got}, want {want}");
-}
-
-fn close_all(got: &[f64], want: &[f64], what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: lengths");
-    for (k, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!((g - w).abs() <= TOL, "{what}[{k}]: got {g}, want {w} (all: {got:?})");
-    }
-}
+mod common;
+use common::{cid, close, close_all};
 
 fn vector_manifest(d: usize) -> Arc<ModelManifest> {
-    Arc::new(ModelManifest::new(vec![TensorSpec::new("w", DType::F64, vec![d])]).unwrap())
+    common::vector_manifest("w", d)
 }
 
 /// An evaluator returning fixed F1 vectors: `None` key for the reference model.

@@ -223,7 +223,7 @@ impl Case {
 /// Folds the updates of `b` in `order`, one `fold` call each or one `fold_batch`.
 fn fold_in(b: &Built, weights: &[f64], order: &[usize], batch: bool) -> PartialAggregate {
     let s = FedAvg::parameters();
-    let mut p = PartialAggregate::new(Arc::clone(&b.manifest));
+    let mut p = PartialAggregate::with_client_list(Arc::clone(&b.manifest));
     let views: Vec<_> = order.iter().map(|&k| b.updates[k].as_update(&b.ids[k], weights[k])).collect();
     if batch {
         s.fold_batch(&mut p, &views).expect("fold_batch");
@@ -403,7 +403,7 @@ proptest! {
         let b = case.build();
         let s = FedAvg::parameters();
         let mut parts: Vec<PartialAggregate> =
-            (0..3).map(|_| PartialAggregate::new(Arc::clone(&b.manifest))).collect();
+            (0..3).map(|_| PartialAggregate::with_client_list(Arc::clone(&b.manifest))).collect();
         for (k, &g) in groups.iter().enumerate() {
             s.fold(&mut parts[g], &b.updates[k].as_update(&b.ids[k], case.weights[k])).expect("fold");
         }

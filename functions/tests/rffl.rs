@@ -25,26 +25,12 @@ use shoal_functions::{
     AggregationPolicy, ClientId, DType, ErrorKind, ModelManifest, Parameters, PartialAggregate, TensorSpec,
 };
 
-const TOL: f64 = 1e-6;
-
-fn cid(s: &str) -> ClientId {
-    ClientId::new(s).unwrap()
-}
-
-fn close(got: f64, want: f64, what: &str) {
-    assert!((got - want).abs() <= TOL, "{what}: got {got}, want {want}");
-}
-
-fn close_all(got: &[f64], want: &[f64], what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: lengths");
-    for (k, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!((g - w).abs() <= TOL, "{what}[{k}]: got {g}, want {w} (all: {got:?})");
-    }
-}
+mod common;
+use common::{cid, close, close_all};
 
 /// One f64 tensor of `d` elements (exact arithmetic for the hand-checked vectors).
 fn manifest(d: usize) -> Arc<ModelManifest> {
-    Arc::new(ModelManifest::new(vec![TensorSpec::new("g", DType::F64, vec![d])]).unwrap())
+    common::vector_manifest("g", d)
 }
 
 /// The test-vector configuration: α = 0.95, Γ = ∞, reference code, warm-up 10.

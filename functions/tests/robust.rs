@@ -777,6 +777,20 @@ fn reference(
                 .collect(),
             AggregationPolicy::First => updates[0][i].clone(),
             AggregationPolicy::Skip => global[i].clone(),
+            AggregationPolicy::Statistic | AggregationPolicy::Variance => {
+                let total = weights.iter().fold(0.0, |a, w| a + w);
+                (0..spec.numel())
+                    .map(|e| {
+                        let sum = column(&all, i, e).iter().zip(weights).fold(0.0, |a, (x, w)| a + w * x);
+                        let m = sum / total;
+                        if spec.policy == AggregationPolicy::Variance && m < 0.0 {
+                            0.0
+                        } else {
+                            m
+                        }
+                    })
+                    .collect()
+            }
         })
         .collect()
 }
@@ -877,6 +891,8 @@ fn spec() -> impl Strategy<Value = (DType, Vec<usize>, AggregationPolicy)> {
         1 => Just(AggregationPolicy::Max),
         1 => Just(AggregationPolicy::First),
         1 => Just(AggregationPolicy::Skip),
+        1 => Just(AggregationPolicy::Statistic),
+        1 => Just(AggregationPolicy::Variance),
     ];
     (dtype, shape, policy)
 }

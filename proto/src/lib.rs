@@ -17,6 +17,8 @@
 //! - [`messages`]: public messages (job state, round events, rejection notices and reasons).
 //! - [`cluster`]: trusted messages between nodes (leases, claims, progress, collections,
 //!   commit records, the sharded exchange).
+//! - [`twophase`]: the per-client scalars and decisions of the two-phase protocol that runs
+//!   RFFL and Bristle across nodes without moving updates.
 //! - [`descriptor`]: fixed-layout records of one node's processes (segment header, update
 //!   descriptor and slot release).
 //! - [`permissions`]: a client's least NATS permissions.
@@ -35,6 +37,7 @@ pub mod messages;
 pub mod permissions;
 pub mod spec;
 pub mod subjects;
+pub mod twophase;
 
 pub use envelope::{decode, encode, DecodeError, PROTOCOL_VERSION};
 pub use ids::{

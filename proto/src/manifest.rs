@@ -75,6 +75,30 @@ impl fmt::Display for DType {
 }
 
 /// How the updates' values of one tensor are combined.
+///
+/// **Parameters or statistics.** `mean` tensors are the model's trainable parameters: the
+/// strategy's rule applies to them in full (server learning rate, server optimizer, FedBuff's
+/// buffered step, RFFL's clipping, robust rules). Running statistics that a layer *estimates*
+/// rather than learns (BatchNorm's `running_mean` and `running_var`) are not parameters: a
+/// server optimizer or a stale-delta step moves them to values no client ever had, and a
+/// variance can go negative (FedAdam from a zero start: 0.0742 → 0.0107 → −0.0491 in three
+/// rounds). Declare them `statistic` or `variance`.
+///
+/// | policy | parameters updates | delta updates |
+/// |---|---|---|
+/// | `mean` | the strategy's rule (FedAvg: weighted mean) | `global + η · strategy step` |
+/// | `statistic` | weighted mean of the values | `global + weighted mean of the deltas` = weighted mean of the values |
+/// | `variance` | as `statistic`, clamped at ≥ 0 | as `statistic`, clamped at ≥ 0 |
+/// | `max` | element-wise maximum | `global + maximum delta` |
+/// | `first` | lowest `ClientId`'s value | `global + its delta` |
+/// | `skip` | the global value | the global value |
+///
+/// For `statistic` and `variance` the weights are the strategy's fold weights (FedAvg:
+/// `num_examples`; FedBuff: example × staleness weight; FedFix: `d_i`), normalised by their sum,
+/// and no server learning rate, server optimizer, FedBuff normalisation or RFFL clipping
+/// applies. A stale delta is a difference from the model its client trained from, so the
+/// node that folds it also folds that base (`PartialAggregate::rebase_statistics` in
+/// `shoal-functions`): the result is the weighted mean of the values the clients computed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
@@ -91,6 +115,25 @@ pub enum AggregationPolicy {
     First,
     /// Not aggregated: the new global model keeps the previous global value.
     Skip,
+    /// A running statistic (BatchNorm `running_mean`, an EMA of activations): the weighted mean
+    /// of the clients' values, never through the server optimizer, the server learning rate or
+    /// an asynchronous step's extrapolation (see the table above). Integer tensors are rounded
+    /// half to even as for `mean`.
+    Statistic,
+    /// A running variance (BatchNorm `running_var`, Keras `moving_variance`): exactly
+    /// `statistic`, then every element clamped at 0, so rounding in `base + mean delta` or a
+    /// client sending a slightly negative value can never leave a negative variance. A separate
+    /// policy rather than a name rule, so that no tensor's arithmetic depends on how it is
+    /// named.
+    Variance,
+}
+
+impl AggregationPolicy {
+    /// Whether the tensor holds a running statistic (`statistic` or `variance`): the weighted
+    /// mean of the clients' values, outside every server step.
+    pub fn is_statistic(self) -> bool {
+        matches!(self, AggregationPolicy::Statistic | AggregationPolicy::Variance)
+    }
 }
 
 /// One tensor of the model manifest.
@@ -255,5 +298,34 @@ impl ModelManifest {
     /// largest update of a job ([`JobSpec::max_update_bytes`](crate::spec::JobSpec::max_update_bytes)).
     pub fn header_allowance(&self) -> usize {
         64 * 1024 + self.tensors.iter().map(|t| 256 + 6 * t.name.len()).sum::<usize>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The policies' wire names (snake_case), the two running-statistic policies included, and
+    /// `mean` as the default of a tensor that names none.
+    #[test]
+    fn policy_names_on_the_wire() {
+        for (p, name) in [
+            (AggregationPolicy::Mean, "mean"),
+            (AggregationPolicy::Max, "max"),
+            (AggregationPolicy::First, "first"),
+            (AggregationPolicy::Skip, "skip"),
+            (AggregationPolicy::Statistic, "statistic"),
+            (AggregationPolicy::Variance, "variance"),
+        ] {
+            assert_eq!(serde_json::to_string(&p).ok(), Some(format!("\"{name}\"")));
+            assert_eq!(serde_json::from_str::<AggregationPolicy>(&format!("\"{name}\"")).ok(), Some(p));
+        }
+        let t: Result<TensorSpec, _> = serde_json::from_str(
+            r#"{"name": "bn.running_var", "dtype": "F32", "shape": [8], "policy": "variance"}"#,
+        );
+        assert_eq!(t.map(|t| t.policy).ok(), Some(AggregationPolicy::Variance));
+        let t: Result<TensorSpec, _> = serde_json::from_str(r#"{"name": "w", "dtype": "F32", "shape": [8]}"#);
+        assert_eq!(t.map(|t| t.policy).ok(), Some(AggregationPolicy::Mean));
+        assert!(AggregationPolicy::Variance.is_statistic() && !AggregationPolicy::Mean.is_statistic());
     }
 }

@@ -209,6 +209,10 @@ pub enum AggregationErrorKind {
     Misaligned,
     /// The result could not be encoded.
     Encode,
+    /// A strategy's saved state cannot be restored: corrupt, of another format version, saved
+    /// by another strategy, too large, or not fitting the strategy's configuration. The state
+    /// is never silently reset.
+    InvalidState,
 }
 
 impl AggregationErrorKind {
@@ -225,6 +229,7 @@ impl AggregationErrorKind {
             AggregationErrorKind::InvalidManifest => "invalid_manifest",
             AggregationErrorKind::Misaligned => "misaligned",
             AggregationErrorKind::Encode => "encode",
+            AggregationErrorKind::InvalidState => "invalid_state",
         }
     }
 }

@@ -90,3 +90,52 @@ pub fn next_uniform(state: &mut u64) -> f32 {
     let r = state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40;
     r as f32 / (1u64 << 23) as f32 - 1.0
 }
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::Criterion;
+use shoal_functions::PartialAggregate;
+
+/// Times `fold` only, after an untimed `reset` of the partial (an 8 MiB fill for 1 Mi elements).
+#[allow(dead_code)]
+pub fn timed_fold(p: &mut PartialAggregate, fold: &mut impl FnMut(&mut PartialAggregate)) -> Duration {
+    p.reset();
+    let t = Instant::now();
+    fold(p);
+    let d = t.elapsed();
+    black_box(&*p);
+    d
+}
+
+/// [`timed_fold`] of one `PartialAggregate::fold_batch` of `views`.
+#[allow(dead_code)]
+pub fn timed_fold_batch(p: &mut PartialAggregate, views: &[UpdateView<'_>]) -> Duration {
+    timed_fold(p, &mut |p| p.fold_batch(black_box(views)).expect("fold_batch"))
+}
+
+/// The shortest of `runs` timings.
+#[allow(dead_code)]
+pub fn best_of(runs: usize, mut f: impl FnMut() -> Duration) -> Duration {
+    (0..runs).map(|_| f()).min().unwrap_or_default()
+}
+
+/// A bench's `main`: the criterion groups on `data`, then, only when benchmarking (not under
+/// `cargo test --benches`), the summary lines timed in this process, then criterion's summary.
+#[allow(dead_code)]
+pub fn run<D>(data: &D, groups: impl FnOnce(&mut Criterion, &D), summary: impl FnOnce(&D)) {
+    let mut criterion = Criterion::default().configure_from_args();
+    groups(&mut criterion, data);
+    if std::env::args().any(|a| a == "--bench") {
+        summary(data);
+    }
+    criterion.final_summary();
+}
+
+/// A cohort of `count` updates of `n` f32 drawn uniformly from [-1, 1) (seeded, so every run
+/// and every bench folds the same bytes).
+#[allow(dead_code)]
+pub fn uniform_cohort(count: usize, n: usize) -> Cohort {
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    Cohort::new(count, n, |_, xs| xs.iter_mut().for_each(|x| *x = next_uniform(&mut state)))
+}

@@ -173,7 +173,6 @@ pub fn partial_from_wire(
         header.first_owners.clone(),
         header.total_weight,
         header.count,
-        header.clients.clone(),
     )
     .map(Some)
     .map_err(|e| bad(e.to_string()))

@@ -1,17 +1,61 @@
-//! Fold kernels: `acc[i] += w * x[i]` with `x` decoded from the update's dtype and `acc` in f64.
+//! The numeric kernels: every loop whose speed matters, and the crate's only `unsafe`.
 //!
-//! Every optimised kernel has a plain reference kernel in [`reference`]; they compute the same
-//! expression in the same order per element, so they agree bit for bit (tested). The optimised
-//! f32 kernel is the same loop compiled for AVX2+FMA when the CPU has it (runtime detection), and
-//! [`fold_f32_tiled`] folds several updates tile by tile so the accumulator tile stays in L1/L2
-//! while the updates stream from memory once.
+//! - This module: the fold kernels, `acc[i] += w * x[i]` with `x` decoded from the update's
+//!   dtype and `acc` in f64, and the memory-read baselines of the benchmarks.
+//! - `scan` (crate-internal): blocked scans over a cohort's tensors (squared norms, dot
+//!   products, distances, the fused fold-and-dot of RFFL), shared by RFFL and Bristle.
+//! - `gram` (crate-internal): the cache-blocked Gram sub-tile of Krum's distances.
+//! - `x86` (private, x86-64 only): the `#[target_feature]` twins, the run-time CPU check and the
+//!   explicit AVX2 intrinsics. It is the one module of the crate allowed `unsafe` code; every
+//!   block states its `// SAFETY:` argument.
 //!
-//! Accumulating in f64 keeps FedAvg exact to the last f32 bit for realistic cohorts, which the
-//! end-to-end tests check against an f64 oracle at 1e-6 relative.
+//! **One body, compiled twice.** A kernel's body is written once, as the `#[inline(always)]`
+//! `Kernel::run` of a small struct (crate-internal). `dispatch` runs it either inside a function compiled
+//! with `#[target_feature(enable = "avx2,fma")]` (when the CPU has both, checked at run time)
+//! or plainly, so both paths compute the same expressions in the same order: results are
+//! bit-identical by construction (Rust never contracts `a * b + c` into an FMA on its own).
+//! Every optimised kernel also has a plain reference twin ([`reference`](mod@reference), the
+//! portable bodies of `scan` and `gram`) that the tests compare it with bit for bit.
+//!
+//! The optimised f32 fold is that body compiled for AVX2+FMA, and [`fold_f32_tiled`] folds
+//! several updates tile by tile so the accumulator tile stays in L1/L2 while the updates stream
+//! from memory once. Accumulating in f64 keeps FedAvg exact to the last f32 bit for realistic
+//! cohorts, which the end-to-end tests check against an f64 oracle at 1e-6 relative.
 
 use half::{bf16, f16};
 
 use crate::tensor::TensorData;
+
+pub(crate) mod gram;
+pub(crate) mod scan;
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)] // the crate's only unsafe: target-feature calls and AVX2 intrinsics
+mod x86;
+
+/// A kernel body written once ([`dispatch`] compiles it twice). Implementations mark
+/// [`Kernel::run`] `#[inline(always)]`, so that the body is compiled into the AVX2+FMA twin
+/// rather than called from it.
+pub(crate) trait Kernel {
+    /// What the kernel returns.
+    type Output;
+    /// The body.
+    fn run(self) -> Self::Output;
+}
+
+/// Runs `kernel` compiled for AVX2 and FMA when the CPU has both (checked at run time, a cached
+/// feature test), else compiled for the baseline target. Both compile the same body, so they
+/// return the same bits.
+#[inline]
+pub(crate) fn dispatch<K: Kernel>(kernel: K) -> K::Output {
+    #[cfg(target_arch = "x86_64")]
+    {
+        x86::dispatch(kernel)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        kernel.run()
+    }
+}
 
 /// Elements per tile in [`fold_f32_tiled`]: 8 Ki f64 = 64 KiB of accumulator, inside L2 next to
 /// eight 32 KiB update tiles.
@@ -57,10 +101,19 @@ fn scaled_add_f32_body(acc: &mut [f64], x: &[f32], w: f64) {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn scaled_add_f32_avx2(acc: &mut [f64], x: &[f32], w: f64) {
-    scaled_add_f32_body(acc, x, w);
+/// `acc += w · x` ([`scaled_add_f32`]'s body).
+struct ScaledAddF32<'a> {
+    acc: &'a mut [f64],
+    x: &'a [f32],
+    w: f64,
+}
+
+impl Kernel for ScaledAddF32<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        scaled_add_f32_body(self.acc, self.x, self.w);
+    }
 }
 
 /// `acc[i] += w * x[i]` for f32 input, vectorised (AVX2 when available).
@@ -69,19 +122,29 @@ fn scaled_add_f32_avx2(acc: &mut [f64], x: &[f32], w: f64) {
 /// If the lengths differ.
 pub fn scaled_add_f32(acc: &mut [f64], x: &[f32], w: f64) {
     assert_eq!(acc.len(), x.len(), "accumulator and update lengths differ");
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports AVX2 and FMA (checked just above), which is the only
-        // requirement of the target-feature function.
-        unsafe { scaled_add_f32_avx2(acc, x, w) };
-        return;
-    }
-    scaled_add_f32_body(acc, x, w);
+    dispatch(ScaledAddF32 { acc, x, w });
 }
 
 /// One pass over `acc` adding `B` updates in order: the accumulator is loaded and stored once
 /// per `B` updates instead of once per update, with the same per-element operation order as
 /// `B` successive [`scaled_add_f32`] calls (so results are bit-identical).
+struct ScaledAddF32Block<'a, const B: usize> {
+    acc: &'a mut [f64],
+    xs: [&'a [f32]; B],
+    ws: [f64; B],
+}
+
+impl<const B: usize> Kernel for ScaledAddF32Block<'_, B> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        scaled_add_f32_block_body(self.acc, self.xs, self.ws);
+    }
+}
+
+/// [`ScaledAddF32Block`]'s body, a function of its own so that `acc` is a `&mut` parameter: the
+/// compiler then knows it aliases no update (as it cannot for a struct field) and emits no
+/// run-time overlap checks.
 #[inline(always)]
 fn scaled_add_f32_block_body<const B: usize>(acc: &mut [f64], xs: [&[f32]; B], ws: [f64; B]) {
     let n = acc.len();
@@ -93,22 +156,6 @@ fn scaled_add_f32_block_body<const B: usize>(acc: &mut [f64], xs: [&[f32]; B], w
         }
         acc[i] = a;
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn scaled_add_f32_block_avx2<const B: usize>(acc: &mut [f64], xs: [&[f32]; B], ws: [f64; B]) {
-    scaled_add_f32_block_body(acc, xs, ws);
-}
-
-fn scaled_add_f32_block<const B: usize>(acc: &mut [f64], xs: [&[f32]; B], ws: [f64; B]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: AVX2 and FMA are available (checked just above).
-        unsafe { scaled_add_f32_block_avx2(acc, xs, ws) };
-        return;
-    }
-    scaled_add_f32_block_body(acc, xs, ws);
 }
 
 /// Folds several f32 updates into `acc`, tile by tile: for each tile of [`TILE`] elements the
@@ -129,12 +176,12 @@ pub fn fold_f32_tiled(acc: &mut [f64], updates: &[(&[f32], f64)]) {
         let mut eights = updates.chunks_exact(8);
         for c in &mut eights {
             let xs: [&[f32]; 8] = std::array::from_fn(|k| &c[k].0[start..end]);
-            scaled_add_f32_block(tile, xs, std::array::from_fn(|k| c[k].1));
+            dispatch(ScaledAddF32Block { acc: &mut *tile, xs, ws: std::array::from_fn(|k| c[k].1) });
         }
         let mut fours = eights.remainder().chunks_exact(4);
         for c in &mut fours {
             let xs: [&[f32]; 4] = std::array::from_fn(|k| &c[k].0[start..end]);
-            scaled_add_f32_block(tile, xs, std::array::from_fn(|k| c[k].1));
+            dispatch(ScaledAddF32Block { acc: &mut *tile, xs, ws: std::array::from_fn(|k| c[k].1) });
         }
         for (x, w) in fours.remainder() {
             scaled_add_f32(tile, &x[start..end], *w);
@@ -238,63 +285,58 @@ pub fn len(x: TensorData<'_>) -> usize {
     }
 }
 
-#[inline(always)]
-fn read_words_body(x: &[u64]) -> u64 {
-    // Eight independent lanes so the loop vectorises; wrapping adds cost nothing next to loads.
-    let mut lanes = [0u64; 8];
-    let mut chunks = x.chunks_exact(8);
-    for c in &mut chunks {
-        for (l, v) in lanes.iter_mut().zip(c) {
-            *l = l.wrapping_add(*v);
-        }
-    }
-    let tail = chunks.remainder().iter().fold(0u64, |a, v| a.wrapping_add(*v));
-    lanes.iter().fold(tail, |a, v| a.wrapping_add(*v))
-}
+/// The wrapping sum of `x`'s words, eight independent lanes ([`read_baseline`]'s body).
+struct ReadWords<'a>(&'a [u64]);
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn read_words_avx2(x: &[u64]) -> u64 {
-    read_words_body(x)
+impl Kernel for ReadWords<'_> {
+    type Output = u64;
+    #[inline(always)]
+    fn run(self) -> u64 {
+        // Eight independent lanes so the loop vectorises; wrapping adds cost nothing next to loads.
+        let mut lanes = [0u64; 8];
+        let mut chunks = self.0.chunks_exact(8);
+        for c in &mut chunks {
+            for (l, v) in lanes.iter_mut().zip(c) {
+                *l = l.wrapping_add(*v);
+            }
+        }
+        let tail = chunks.remainder().iter().fold(0u64, |a, v| a.wrapping_add(*v));
+        lanes.iter().fold(tail, |a, v| a.wrapping_add(*v))
+    }
 }
 
 /// The memory-read baseline for benchmarks: reads every byte of `x` once (as u64 words summed
 /// with wrapping adds) and returns a checksum so the read cannot be optimised away. No fold can
 /// be faster than this on the same buffer.
 pub fn read_baseline(x: &[u64]) -> u64 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 is available (checked just above).
-        return unsafe { read_words_avx2(x) };
-    }
-    read_words_body(x)
+    dispatch(ReadWords(x))
 }
 
-#[inline(always)]
-fn read_words_block_body<const B: usize>(xs: [&[u64]; B]) -> u64 {
-    // B streams read side by side, four lanes each, as the blocked fold reads its updates.
-    let n = xs[0].len();
-    let mut lanes = [0u64; 4];
-    let mut i = 0;
-    while i + 4 <= n {
-        for x in &xs {
-            for (l, lane) in lanes.iter_mut().enumerate() {
-                *lane = lane.wrapping_add(x[i + l]);
+/// `B` streams read side by side, four lanes each, as the blocked fold reads its updates.
+struct ReadWordsBlock<'a, const B: usize>([&'a [u64]; B]);
+
+impl<const B: usize> Kernel for ReadWordsBlock<'_, B> {
+    type Output = u64;
+    #[inline(always)]
+    fn run(self) -> u64 {
+        let xs = self.0;
+        let n = xs[0].len();
+        let mut lanes = [0u64; 4];
+        let mut i = 0;
+        while i + 4 <= n {
+            for x in &xs {
+                for (l, lane) in lanes.iter_mut().enumerate() {
+                    *lane = lane.wrapping_add(x[i + l]);
+                }
             }
+            i += 4;
         }
-        i += 4;
+        let mut tail = 0u64;
+        for x in &xs {
+            tail = x[i..].iter().fold(tail, |a, v| a.wrapping_add(*v));
+        }
+        lanes.iter().fold(tail, |a, v| a.wrapping_add(*v))
     }
-    let mut tail = 0u64;
-    for x in &xs {
-        tail = x[i..].iter().fold(tail, |a, v| a.wrapping_add(*v));
-    }
-    lanes.iter().fold(tail, |a, v| a.wrapping_add(*v))
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn read_words_block_avx2<const B: usize>(xs: [&[u64]; B]) -> u64 {
-    read_words_block_body(xs)
 }
 
 /// The memory-read baseline with the blocked fold's access pattern: the buffers are read tile
@@ -316,16 +358,7 @@ pub fn read_baseline_tiled(bufs: &[&[u64]]) -> u64 {
         let mut eights = bufs.chunks_exact(8);
         for c in &mut eights {
             let xs: [&[u64]; 8] = std::array::from_fn(|k| &c[k][start..end]);
-            #[cfg(target_arch = "x86_64")]
-            let s = if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: AVX2 is available (checked just above).
-                unsafe { read_words_block_avx2(xs) }
-            } else {
-                read_words_block_body(xs)
-            };
-            #[cfg(not(target_arch = "x86_64"))]
-            let s = read_words_block_body(xs);
-            sum = sum.wrapping_add(s);
+            sum = sum.wrapping_add(dispatch(ReadWordsBlock(xs)));
         }
         for b in eights.remainder() {
             sum = sum.wrapping_add(read_baseline(&b[start..end]));

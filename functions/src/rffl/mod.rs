@@ -20,6 +20,12 @@
 //! `global + u`, updates are always **deltas**), and the per-participant reward gradients on
 //! request ([`RfflRound::reward`], also after `aggregate_cohort` through [`Rffl::last_round`]).
 //!
+//! # Across nodes
+//! [`twophase`] runs the same round on a cohort spread over several nodes without moving any
+//! update: each node measures its updates and folds its share of `u`, the top admits, merges and
+//! sends `u` back, each node returns its updates' dot products, the top concludes. The
+//! reputations, removals and rewards are this module's, computed by the same functions.
+//!
 //! # Keyed by participant, never by position
 //! Every per-participant quantity (data share, reputation, membership of the reputable set,
 //! rewards) is keyed by [`ClientId`], and the cohort is processed in `ClientId` order whatever
@@ -49,7 +55,10 @@
 //! The gradient is the concatenation of the manifest's `mean` tensors (norms and cosines run over
 //! all of them together, rewards are sparsified tensor by tensor). `skip` tensors are not
 //! aggregated (the global value stands); `max` and `first` tensors get FedAvg's delta semantics
-//! over the accepted updates (element-wise maximum, value of the lowest `ClientId`).
+//! over the accepted updates (element-wise maximum, value of the lowest `ClientId`);
+//! `statistic` and `variance` tensors (running statistics) get `global` plus the
+//! `num_examples`-weighted mean delta of the accepted finite updates, never clipped nor
+//! reputation-weighted, variances clamped at 0.
 //!
 //! # Cost
 //! Two passes over the cohort's memory and no copy of it: pass 1 computes the squared norms (f64,
@@ -62,10 +71,16 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use crate::error::{Error, Result};
 use crate::ids::ClientId;
+use crate::kernels::scan;
+use crate::state::{mismatch, F64s};
 use crate::strategy::{Mergeability, PartialAggregate, Strategy, UpdateView};
 use crate::tensor::{AggregationPolicy, ModelManifest, Parameters, TensorData};
+
+pub mod twophase;
 
 /// The cosine's denominator floor (`max(‖g‖·‖u‖, ε)` in the reference code).
 pub const COSINE_EPSILON: f64 = 1e-10;
@@ -75,7 +90,7 @@ pub const CLIP_EPSILON: f64 = 1e-7;
 
 /// Which specification of RFFL to follow where the paper and the reference code differ
 /// (`algorithms.md` §A.6). The paper's rules are `[paper-unverified]` in the spec.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Mode {
     /// The reference code (default, the verifiable behaviour): uploads are **clipped** to norm
     /// Γ only when `‖g‖ + 1e-7 > Γ`; the reward keeps every entry with `|u| ≥ τ`, τ being the
@@ -90,7 +105,7 @@ pub enum Mode {
 }
 
 /// RFFL hyperparameters (`algorithms.md` §A.3).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RfflConfig {
     /// Paper or reference-code semantics.
     pub mode: Mode,
@@ -212,23 +227,40 @@ pub enum RfflError {
     /// A reward was asked for a client that is not a participant.
     #[error("client {0} is not an RFFL participant")]
     UnknownClient(ClientId),
+    /// A node's two-phase message does not fit the round the top is running (another round
+    /// index, a client its node accepted and the top did not or the other way round, a dot
+    /// missing): the node ran phase 1 from another round's opening ([`twophase`]).
+    #[error("two-phase message does not fit the round: {0}")]
+    Protocol(String),
 }
 
 /// A `Copy` classification of [`RfflError`] for callers and metric labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[allow(missing_docs)] // one variant per `RfflError` variant, same names
 pub enum RfflErrorKind {
+    /// See [`RfflError::InvalidConfig`].
     InvalidConfig,
+    /// See [`RfflError::EmptyCohort`].
     EmptyCohort,
+    /// See [`RfflError::DuplicateClient`].
     DuplicateClient,
+    /// See [`RfflError::InvalidWeight`].
     InvalidWeight,
+    /// See [`RfflError::NonPositiveShareSum`].
     NonPositiveShareSum,
+    /// See [`RfflError::NonPositiveReputationSum`].
     NonPositiveReputationSum,
+    /// See [`RfflError::NonPositiveMaxReputation`].
     NonPositiveMaxReputation,
+    /// See [`RfflError::NoReputableUpdate`].
     NoReputableUpdate,
+    /// See [`RfflError::ManifestMismatch`].
     ManifestMismatch,
+    /// See [`RfflError::Misaligned`].
     Misaligned,
+    /// See [`RfflError::UnknownClient`].
     UnknownClient,
+    /// See [`RfflError::Protocol`].
+    Protocol,
 }
 
 impl RfflError {
@@ -246,6 +278,7 @@ impl RfflError {
             RfflError::ManifestMismatch(_) => RfflErrorKind::ManifestMismatch,
             RfflError::Misaligned(_) => RfflErrorKind::Misaligned,
             RfflError::UnknownClient(_) => RfflErrorKind::UnknownClient,
+            RfflError::Protocol(_) => RfflErrorKind::Protocol,
         }
     }
 }
@@ -265,6 +298,7 @@ impl RfflErrorKind {
             RfflErrorKind::ManifestMismatch => "manifest_mismatch",
             RfflErrorKind::Misaligned => "misaligned",
             RfflErrorKind::UnknownClient => "unknown_client",
+            RfflErrorKind::Protocol => "protocol",
         }
     }
 }
@@ -293,12 +327,13 @@ impl From<RfflError> for Error {
             RfflError::Misaligned(n) => Error::Misaligned(n),
             RfflError::InvalidConfig(s) => Error::InvalidManifest(format!("RFFL configuration: {s}")),
             RfflError::UnknownClient(c) => Error::InvalidManifest(format!("unknown RFFL participant {c}")),
+            RfflError::Protocol(detail) => Error::Strategy { strategy: "rffl", detail },
         }
     }
 }
 
 /// The server's state about one participant.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Participant {
     /// `s_i = n_i / Σ_j n_j`, from the round-0 weights.
     pub share: f64,
@@ -311,7 +346,7 @@ pub struct Participant {
 }
 
 /// What one round did to one participant.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct ClientRound {
     /// Whether its update was in the cohort.
     pub present: bool,
@@ -458,7 +493,16 @@ impl RfflRound {
                 continue;
             }
             let g = global.tensor(i);
-            out.write_tensor_f64(i, u.iter().enumerate().map(|(e, v)| g.get_f64(e) + v));
+            let clamp = spec.policy == AggregationPolicy::Variance;
+            let value = |e: usize, v: f64| {
+                let x = g.get_f64(e) + v;
+                if clamp && x < 0.0 {
+                    0.0
+                } else {
+                    x
+                }
+            };
+            out.write_tensor_f64(i, u.iter().enumerate().map(|(e, &v)| value(e, v)));
         }
         if let Err(crate::tensor::ValidationError::NonFinite { name, .. }) =
             crate::tensor::check_finite(global.manifest(), out.as_bytes())
@@ -737,179 +781,108 @@ impl Rffl {
         p.round
     }
 
-    #[allow(clippy::too_many_lines)] // TEMP: the functions branch splits it
     fn compute(&self, cohort: &[UpdateView<'_>]) -> Result<Pending, RfflError> {
+        let (manifest, by_client) = self.check_cohort(cohort)?;
+        let present: BTreeMap<&ClientId, f64> =
+            by_client.iter().map(|(c, &k)| (*c, cohort[k].weight)).collect();
+        let adm = self.admit(&present)?;
+        // The accepted updates' positions in the cohort, in ClientId order.
+        let index: Vec<usize> = adm.accepted.iter().map(|&p| by_client[&adm.ids[p]]).collect();
+        let norm_sq = norms_sq(cohort, &index, &manifest)?;
+        let scaled = Scaled::new(&self.config, self.round, &adm, &norm_sq);
+        let scanned = fold_and_dot(cohort, &index, &scaled, &manifest)?;
+        self.conclude(adm, &scaled, scanned, |c| by_client.contains_key(c), manifest)
+    }
+
+    /// Validates the cohort: one manifest (the job's), finite non-negative weights, one update
+    /// per client, readable tensors. Returns the manifest and each client's cohort position.
+    fn check_cohort<'c>(
+        &self,
+        cohort: &'c [UpdateView<'_>],
+    ) -> Result<(Arc<ModelManifest>, BTreeMap<&'c ClientId, usize>), RfflError> {
         let first = cohort.first().ok_or(RfflError::EmptyCohort)?;
         let manifest = match &self.manifest {
             Some(m) => Arc::clone(m),
             None => Arc::new(first.manifest.clone()),
         };
-        let mut by_client: BTreeMap<&ClientId, usize> = BTreeMap::new();
-        for (k, u) in cohort.iter().enumerate() {
-            if !same_manifest(u.manifest, &manifest) {
-                return Err(RfflError::ManifestMismatch("an update does not match the job's manifest"));
-            }
-            if !(u.weight.is_finite() && u.weight >= 0.0) {
-                return Err(RfflError::InvalidWeight { client: u.client.clone(), weight: u.weight });
-            }
-            if by_client.insert(u.client, k).is_some() {
-                return Err(RfflError::DuplicateClient(u.client.clone()));
-            }
-            for i in 0..manifest.tensors().len() {
-                view(u, i)?;
-            }
+        let by_client = check_views(&manifest, cohort)?;
+        Ok((manifest, by_client))
+    }
+
+    /// Who takes part in this round, from the clients `present` and their weights
+    /// (`num_examples`): in round 0 they become the participants (data shares `s_i`), later the
+    /// present reputable participants are accepted and everyone else is ignored.
+    fn admit(&self, present: &BTreeMap<&ClientId, f64>) -> Result<Admission, RfflError> {
+        if present.is_empty() {
+            return Err(RfflError::EmptyCohort);
         }
-        let t = self.round;
-        let mut participants = if self.participants.is_empty() {
-            let total: f64 = by_client.values().map(|&k| cohort[k].weight).sum();
+        let participants = if self.participants.is_empty() {
+            let total: f64 = present.values().sum();
             if !(total > 0.0 && total.is_finite()) {
                 return Err(RfflError::NonPositiveShareSum(total));
             }
-            by_client
-                .iter()
-                .map(|(c, &k)| {
-                    let p = Participant {
-                        share: cohort[k].weight / total,
-                        reputation: 0.0,
-                        reputable: true,
-                        removed_in: None,
-                    };
-                    ((*c).clone(), p)
-                })
-                .collect()
+            let joining =
+                |w: f64| Participant { share: w / total, reputation: 0.0, reputable: true, removed_in: None };
+            present.iter().map(|(c, &w)| ((*c).clone(), joining(w))).collect()
         } else {
             self.participants.clone()
         };
-        let ignored: Vec<ClientId> = by_client
-            .keys()
-            .filter(|c| participants.get(**c).is_none_or(|p| !p.reputable))
-            .map(|c| (*c).clone())
-            .collect();
-
-        // Accepted updates: (participant position, cohort index), in ClientId order.
+        let reputable = |c: &ClientId| participants.get(c).is_some_and(|p: &Participant| p.reputable);
+        let ignored: Vec<ClientId> = present.keys().filter(|c| !reputable(c)).map(|c| (*c).clone()).collect();
         let ids: Vec<ClientId> = participants.keys().cloned().collect();
-        let accepted: Vec<(usize, usize)> = ids
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| participants[*c].reputable)
-            .filter_map(|(p, c)| by_client.get(c).map(|&k| (p, k)))
-            .collect();
+        let accepted: Vec<usize> =
+            (0..ids.len()).filter(|&p| reputable(&ids[p]) && present.contains_key(&ids[p])).collect();
         if accepted.is_empty() {
             return Err(RfflError::NoReputableUpdate { ignored: ignored.len() });
         }
+        Ok(Admission { participants, ids, ignored, accepted })
+    }
 
-        // Pass 1: squared norms over the mean tensors.
-        let mean: Vec<usize> = (0..manifest.tensors().len())
-            .filter(|&i| manifest.tensors()[i].policy == AggregationPolicy::Mean)
-            .collect();
-        let mut norm_sq = vec![0.0f64; accepted.len()];
-        let mut views: Vec<TensorData<'_>> = Vec::with_capacity(accepted.len());
-        for &i in &mean {
-            views.clear();
-            for &(_, k) in &accepted {
-                views.push(view(&cohort[k], i)?);
-            }
-            scan::visit(&views, scan::SumSq { out: &mut norm_sq });
-        }
-
-        // Scales and aggregation weights; non-finite uploads count as zero uploads.
-        let cfg = &self.config;
-        let n_acc = accepted.len();
-        let mut finite = vec![true; n_acc];
-        let mut norm = vec![0.0; n_acc];
-        let mut scale = vec![1.0; n_acc];
-        let mut weight = vec![0.0; n_acc];
-        let mut fold_weight = vec![0.0; n_acc];
-        for (a, &(p, _)) in accepted.iter().enumerate() {
-            let part = &participants[&ids[p]];
-            weight[a] = if t == 0 { part.share } else { part.reputation.max(0.0) };
-            if !norm_sq[a].is_finite() {
-                finite[a] = false;
-                continue;
-            }
-            norm[a] = norm_sq[a].sqrt();
-            scale[a] = upload_scale(cfg.mode, cfg.gamma, norm[a]);
-            fold_weight[a] = weight[a] * scale[a];
-        }
-        let live: Vec<usize> = (0..n_acc).filter(|&a| finite[a]).collect();
-
-        // Pass 2: u = Σ a_i c_i g_i tile by tile, with every update's dot product with u.
-        let mut aggregate: Vec<Vec<f64>> = Vec::with_capacity(manifest.tensors().len());
-        let mut dots = vec![0.0f64; live.len()];
-        let live_weights: Vec<f64> = live.iter().map(|&a| fold_weight[a]).collect();
-        let mut u_sq = 0.0f64;
-        for (i, spec) in manifest.tensors().iter().enumerate() {
-            let numel = manifest.slots()[i].numel;
-            views.clear();
-            for &a in &live {
-                views.push(view(&cohort[accepted[a].1], i)?);
-            }
-            let u = match spec.policy {
-                AggregationPolicy::Mean => {
-                    let mut u = vec![0.0f64; numel];
-                    scan::visit(
-                        &views,
-                        scan::FoldDot { u: &mut u, weights: &live_weights, dots: &mut dots, u_sq: &mut u_sq },
-                    );
-                    u
-                }
-                AggregationPolicy::Max => {
-                    let mut u = vec![f64::NEG_INFINITY; numel];
-                    views.iter().for_each(|v| crate::kernels::max_assign(&mut u, *v));
-                    if views.is_empty() {
-                        u.fill(0.0);
-                    }
-                    u
-                }
-                AggregationPolicy::First => {
-                    let mut u = vec![0.0f64; numel];
-                    if let Some(v) = views.first() {
-                        crate::kernels::assign(&mut u, *v);
-                    }
-                    u
-                }
-                AggregationPolicy::Skip => Vec::new(),
-            };
-            aggregate.push(u);
-        }
-        let u_norm = u_sq.sqrt();
-
-        // Contributions per participant (0 for absent, removed and non-finite).
+    /// The reputation arithmetic and the round's report, from the accepted updates' scales and
+    /// the aggregate with their dot products.
+    fn conclude(
+        &self,
+        mut adm: Admission,
+        scaled: &Scaled,
+        scanned: Scanned,
+        present: impl Fn(&ClientId) -> bool,
+        manifest: Arc<ModelManifest>,
+    ) -> Result<Pending, RfflError> {
+        let Scanned { aggregate, dots, u_norm } = scanned;
+        let (cfg, t) = (&self.config, self.round);
+        let ids = &adm.ids;
         let mut phi = vec![0.0f64; ids.len()];
         let mut acc_of = vec![None; ids.len()];
-        for (a, &(p, _)) in accepted.iter().enumerate() {
+        for (a, &p) in adm.accepted.iter().enumerate() {
             acc_of[p] = Some(a);
+            if scaled.finite[a] {
+                phi[p] = contribution(scaled.scale[a] * dots[a], scaled.scale[a] * scaled.norm[a], u_norm);
+            }
         }
-        for (l, &a) in live.iter().enumerate() {
-            phi[accepted[a].0] = contribution(scale[a] * dots[l], scale[a] * norm[a], u_norm);
-        }
-        let previous: Vec<f64> = ids.iter().map(|c| participants[c].reputation).collect();
-        let reputable: Vec<bool> = ids.iter().map(|c| participants[c].reputable).collect();
+        let previous: Vec<f64> = ids.iter().map(|c| adm.participants[c].reputation).collect();
+        let reputable: Vec<bool> = ids.iter().map(|c| adm.participants[c].reputable).collect();
         let upd = update_reputations(cfg, t, &previous, &reputable, &phi)?;
-
         let mut clients = BTreeMap::new();
         for (p, id) in ids.iter().enumerate() {
             let a = acc_of[p];
-            let part = participants.get_mut(id).ok_or_else(|| RfflError::UnknownClient(id.clone()))?;
+            let part = adm.participants.get_mut(id).ok_or_else(|| RfflError::UnknownClient(id.clone()))?;
             part.reputation = upd.reputations[p];
             part.reputable = upd.reputable[p];
             if reputable[p] && !upd.reputable[p] {
                 part.removed_in = Some(t);
             }
-            clients.insert(
-                id.clone(),
-                ClientRound {
-                    present: by_client.contains_key(id),
-                    non_finite: a.is_some_and(|a| !finite[a]),
-                    reputable: upd.reputable[p],
-                    weight: a.map_or(0.0, |a| weight[a]),
-                    norm: a.map_or(0.0, |a| norm[a]),
-                    scale: a.map_or(1.0, |a| scale[a]),
-                    contribution: phi[p],
-                    reputation: upd.reputations[p],
-                    reward_ratio: upd.reward_ratios[p],
-                },
-            );
+            let round = ClientRound {
+                present: present(id),
+                non_finite: a.is_some_and(|a| !scaled.finite[a]),
+                reputable: upd.reputable[p],
+                weight: a.map_or(0.0, |a| scaled.weight[a]),
+                norm: a.map_or(0.0, |a| scaled.norm[a]),
+                scale: a.map_or(1.0, |a| scaled.scale[a]),
+                contribution: phi[p],
+                reputation: upd.reputations[p],
+                reward_ratio: upd.reward_ratios[p],
+            };
+            clients.insert(id.clone(), round);
         }
         let removed = upd.removed.iter().map(|&p| ids[p].clone()).collect();
         let round = RfflRound {
@@ -921,10 +894,291 @@ impl Rffl {
             aggregate_norm: u_norm,
             clients,
             removed,
-            ignored,
+            ignored: std::mem::take(&mut adm.ignored),
             threshold: upd.threshold,
         };
-        Ok(Pending { round, participants, manifest })
+        Ok(Pending { round, participants: adm.participants, manifest })
+    }
+}
+
+/// Checks updates against `manifest` (same manifest, finite non-negative weights, one update
+/// per client, readable tensors); each client's position, in `ClientId` order.
+fn check_views<'c>(
+    manifest: &ModelManifest,
+    cohort: &'c [UpdateView<'_>],
+) -> Result<BTreeMap<&'c ClientId, usize>, RfflError> {
+    let mut by_client: BTreeMap<&ClientId, usize> = BTreeMap::new();
+    for (k, u) in cohort.iter().enumerate() {
+        if !same_manifest(u.manifest, manifest) {
+            return Err(RfflError::ManifestMismatch("an update does not match the job's manifest"));
+        }
+        check_weight(u.client, u.weight)?;
+        if by_client.insert(u.client, k).is_some() {
+            return Err(RfflError::DuplicateClient(u.client.clone()));
+        }
+        for i in 0..manifest.tensors().len() {
+            view(u, i)?;
+        }
+    }
+    Ok(by_client)
+}
+
+fn check_weight(client: &ClientId, weight: f64) -> Result<(), RfflError> {
+    if weight.is_finite() && weight >= 0.0 {
+        Ok(())
+    } else {
+        Err(RfflError::InvalidWeight { client: client.clone(), weight })
+    }
+}
+
+/// Who takes part in a round (see [`Rffl::admit`]).
+#[derive(Debug)]
+struct Admission {
+    /// The participants as they enter the round (the new ones in round 0).
+    participants: BTreeMap<ClientId, Participant>,
+    /// The participants' ids, in `ClientId` order (their positions below).
+    ids: Vec<ClientId>,
+    /// Present clients that are not reputable participants, in `ClientId` order.
+    ignored: Vec<ClientId>,
+    /// Positions in `ids` of the present, reputable participants.
+    accepted: Vec<usize>,
+}
+
+/// What the server applies to each accepted update (vectors parallel to
+/// [`Admission::accepted`]); non-finite uploads count as zero uploads.
+#[derive(Debug)]
+struct Scaled {
+    /// Whether its squared norm is finite.
+    finite: Vec<bool>,
+    /// `‖g_i‖` (0 when not finite).
+    norm: Vec<f64>,
+    /// The clip/normalisation factor ([`upload_scale`]).
+    scale: Vec<f64>,
+    /// `a_i`: `s_i` in round 0, else `max(0, r_i^{t-1})`.
+    weight: Vec<f64>,
+}
+
+impl Scaled {
+    fn new(cfg: &RfflConfig, round: u64, adm: &Admission, norm_sq: &[f64]) -> Scaled {
+        let n = adm.accepted.len();
+        let mut s =
+            Scaled { finite: vec![true; n], norm: vec![0.0; n], scale: vec![1.0; n], weight: vec![0.0; n] };
+        for (a, &p) in adm.accepted.iter().enumerate() {
+            let part = &adm.participants[&adm.ids[p]];
+            s.weight[a] = if round == 0 { part.share } else { part.reputation.max(0.0) };
+            if !norm_sq[a].is_finite() {
+                s.finite[a] = false;
+                continue;
+            }
+            s.norm[a] = norm_sq[a].sqrt();
+            s.scale[a] = upload_scale(cfg.mode, cfg.gamma, s.norm[a]);
+        }
+        s
+    }
+
+    /// The coefficient of update `a` in `u`: `a_i · scale_i` (0 when not finite).
+    fn fold_weight(&self, a: usize) -> f64 {
+        if self.finite[a] {
+            self.weight[a] * self.scale[a]
+        } else {
+            0.0
+        }
+    }
+}
+
+/// The aggregate `u` per tensor (see [`RfflRound::aggregate_tensor`]), the accepted updates' dot
+/// products with it (parallel to [`Admission::accepted`], 0 for non-finite ones) and `‖u‖`.
+struct Scanned {
+    aggregate: Vec<Vec<f64>>,
+    dots: Vec<f64>,
+    u_norm: f64,
+}
+
+/// Pass 1: `‖g‖²` over the `mean` tensors of the updates at `index` (cohort positions).
+fn norms_sq(
+    cohort: &[UpdateView<'_>],
+    index: &[usize],
+    manifest: &ModelManifest,
+) -> Result<Vec<f64>, RfflError> {
+    let mut norm_sq = vec![0.0f64; index.len()];
+    let mut views: Vec<TensorData<'_>> = Vec::with_capacity(index.len());
+    for (i, spec) in manifest.tensors().iter().enumerate() {
+        if spec.policy != AggregationPolicy::Mean {
+            continue;
+        }
+        views.clear();
+        for &k in index {
+            views.push(view(&cohort[k], i)?);
+        }
+        scan::visit(&views, scan::SumSq { out: &mut norm_sq });
+    }
+    Ok(norm_sq)
+}
+
+/// Pass 2: `u = Σ a_i c_i g_i` tile by tile over the finite updates at `index`, with every one's
+/// dot product with `u` and `‖u‖`. `max` and `first` tensors get the maximum / lowest client's
+/// value of the finite updates; `skip` tensors an empty vector.
+fn fold_and_dot(
+    cohort: &[UpdateView<'_>],
+    index: &[usize],
+    scaled: &Scaled,
+    manifest: &ModelManifest,
+) -> Result<Scanned, RfflError> {
+    let live: Vec<usize> = (0..index.len()).filter(|&a| scaled.finite[a]).collect();
+    let weights: Vec<f64> = live.iter().map(|&a| scaled.fold_weight(a)).collect();
+    let sizes: Vec<f64> = live.iter().map(|&a| cohort[index[a]].weight).collect();
+    let mut aggregate: Vec<Vec<f64>> = Vec::with_capacity(manifest.tensors().len());
+    let mut live_dots = vec![0.0f64; live.len()];
+    let mut u_sq = 0.0f64;
+    let mut views: Vec<TensorData<'_>> = Vec::with_capacity(live.len());
+    for (i, spec) in manifest.tensors().iter().enumerate() {
+        views.clear();
+        for &a in &live {
+            views.push(view(&cohort[index[a]], i)?);
+        }
+        let numel = manifest.slots()[i].numel;
+        aggregate.push(match spec.policy {
+            AggregationPolicy::Mean => {
+                let mut u = vec![0.0f64; numel];
+                let fold =
+                    scan::FoldDot { u: &mut u, weights: &weights, dots: &mut live_dots, u_sq: &mut u_sq };
+                scan::visit(&views, fold);
+                u
+            }
+            policy => non_gradient(policy, &views, &sizes, numel),
+        });
+    }
+    let mut dots = vec![0.0f64; index.len()];
+    for (l, &a) in live.iter().enumerate() {
+        dots[a] = live_dots[l];
+    }
+    Ok(Scanned { aggregate, dots, u_norm: u_sq.sqrt() })
+}
+
+/// The aggregate of a tensor that is not part of the gradient, over the finite accepted
+/// updates (`views`, in `ClientId` order, of weights `sizes` = `num_examples`): element-wise
+/// maximum (`max`; 0 without updates), the lowest client's value (`first`), the
+/// `num_examples`-weighted mean delta (`statistic`, `variance`; 0 when the weights sum to 0),
+/// nothing (`skip`).
+fn non_gradient(
+    policy: AggregationPolicy,
+    views: &[TensorData<'_>],
+    sizes: &[f64],
+    numel: usize,
+) -> Vec<f64> {
+    let mut u = vec![0.0f64; numel];
+    match policy {
+        AggregationPolicy::Max if !views.is_empty() => {
+            u.fill(f64::NEG_INFINITY);
+            views.iter().for_each(|v| crate::kernels::max_assign(&mut u, *v));
+        }
+        AggregationPolicy::Max | AggregationPolicy::First => {
+            if let Some(v) = views.first() {
+                crate::kernels::assign(&mut u, *v);
+            }
+        }
+        AggregationPolicy::Statistic | AggregationPolicy::Variance => {
+            views.iter().zip(sizes).for_each(|(v, &w)| crate::kernels::scaled_add(&mut u, *v, w));
+            let total: f64 = sizes.iter().sum();
+            let scale = if total > 0.0 { 1.0 / total } else { 0.0 };
+            u.iter_mut().for_each(|x| *x *= scale);
+        }
+        AggregationPolicy::Mean | AggregationPolicy::Skip => return Vec::new(),
+    }
+    u
+}
+
+/// The persisted form of an [`Rffl`] ([`crate::state`]): configuration (checked on restore),
+/// round counter, participants, manifest and the last round (for its rewards).
+#[derive(Serialize, Deserialize)]
+struct RfflState {
+    config: RfflConfig,
+    round: u64,
+    participants: Vec<(ClientId, Participant)>,
+    manifest: Option<ModelManifest>,
+    last: Option<LastRound>,
+}
+
+/// An [`RfflRound`] without what the state holds once (mode, sparsify, manifest).
+#[derive(Serialize, Deserialize)]
+struct LastRound {
+    round: u64,
+    aggregate: Vec<F64s>,
+    aggregate_norm: f64,
+    clients: Vec<(ClientId, ClientRound)>,
+    removed: Vec<ClientId>,
+    ignored: Vec<ClientId>,
+    threshold: Option<f64>,
+}
+
+impl Rffl {
+    fn to_state(&self) -> RfflState {
+        let last = self.last.as_ref().map(|r| LastRound {
+            round: r.round,
+            aggregate: r.aggregate.iter().map(|u| F64s(u.clone())).collect(),
+            aggregate_norm: r.aggregate_norm,
+            clients: r.clients.iter().map(|(c, x)| (c.clone(), *x)).collect(),
+            removed: r.removed.clone(),
+            ignored: r.ignored.clone(),
+            threshold: r.threshold,
+        });
+        RfflState {
+            config: self.config.clone(),
+            round: self.round,
+            participants: self.participants.iter().map(|(c, p)| (c.clone(), *p)).collect(),
+            manifest: self.manifest.as_deref().cloned(),
+            last,
+        }
+    }
+
+    /// The server `s` describes, checked against this one's configuration.
+    fn with_state(&self, s: RfflState) -> Result<Rffl> {
+        if s.config != self.config {
+            return Err(mismatch(format!("saved with {:?}, this server has {:?}", s.config, self.config)));
+        }
+        let finite = |p: &Participant| p.share.is_finite() && p.share >= 0.0 && p.reputation.is_finite();
+        if let Some((c, _)) = s.participants.iter().find(|(_, p)| !finite(p)) {
+            return Err(mismatch(format!("participant {c} has a non-finite share or reputation")));
+        }
+        let participants: BTreeMap<ClientId, Participant> = s.participants.into_iter().collect();
+        let manifest = s.manifest.map(Arc::new);
+        let last = match (s.last, &manifest) {
+            (None, _) => None,
+            (Some(_), None) => return Err(mismatch("a last round without a manifest")),
+            (Some(l), Some(m)) => Some(self.last_round_from(l, m, &participants)?),
+        };
+        let config = self.config.clone();
+        Ok(Rffl { config, round: s.round, participants, manifest, last })
+    }
+
+    fn last_round_from(
+        &self,
+        l: LastRound,
+        manifest: &Arc<ModelManifest>,
+        participants: &BTreeMap<ClientId, Participant>,
+    ) -> Result<RfflRound> {
+        let fits = l.aggregate.len() == manifest.tensors().len()
+            && manifest.tensors().iter().zip(manifest.slots()).zip(&l.aggregate).all(|((t, s), u)| {
+                u.0.len() == if t.policy == AggregationPolicy::Skip { 0 } else { s.numel }
+            });
+        if !fits {
+            return Err(mismatch("the last aggregate does not fit the manifest"));
+        }
+        if l.clients.iter().any(|(c, _)| !participants.contains_key(c)) {
+            return Err(mismatch("the last round names a client that is not a participant"));
+        }
+        Ok(RfflRound {
+            round: l.round,
+            mode: self.config.mode,
+            sparsify: self.config.sparsify,
+            manifest: Arc::clone(manifest),
+            aggregate: l.aggregate.into_iter().map(|u| u.0).collect(),
+            aggregate_norm: l.aggregate_norm,
+            clients: l.clients.into_iter().collect(),
+            removed: l.removed,
+            ignored: l.ignored,
+            threshold: l.threshold,
+        })
     }
 }
 
@@ -964,680 +1218,20 @@ impl Strategy for Rffl {
         self.commit(pending, true);
         Ok(out)
     }
-}
 
-/// Zero-copy, blocked scans over the cohort's tensors, shared by RFFL and Bristle: a typed
-/// dispatch over [`TensorData`] and f64-accumulating kernels with eight independent lanes per
-/// update (AVX2 when the CPU has it; f32 updates are read four at a time, which gives the memory
-/// system several streams). Results do not depend on the CPU path: both run
-/// the same operations in the same order.
-pub(crate) mod scan {
-    use half::{bf16, f16};
-
-    use crate::tensor::TensorData;
-
-    /// Elements per tile of the tiled passes: 4 Ki elements, so 20 f32 update tiles (320 KiB)
-    /// and the f64 aggregate tile (32 KiB) stay in L2 between the fold and the dot products.
-    pub(crate) const TILE: usize = 4096;
-
-    /// An element type that decodes to f64.
-    pub(crate) trait Elem: Copy + Send + Sync + 'static {
-        /// The value in f64 (exact except for 64-bit integers beyond 2^53).
-        fn to_f64(self) -> f64;
-        /// The typed slice of a view of this dtype.
-        fn slice(t: TensorData<'_>) -> Option<&[Self]>;
-        /// `acc += Σ_k w_k x_k`, updates in order.
-        fn fold(acc: &mut [f64], xs: &[(&[Self], f64)]) {
-            for (x, w) in xs {
-                axpy(acc, x, *w);
-            }
-        }
-        /// `Σ x²` (overridden by f32 with explicit AVX2 code).
-        fn sum_sq(x: &[Self]) -> f64 {
-            generic_sum_sq(x)
-        }
-        /// `Σ x·u` over the common length.
-        fn dot(x: &[Self], u: &[f64]) -> f64 {
-            generic_dot(x, u)
-        }
-        /// `Σ (x − o)²` over the common length.
-        fn dist_sq(x: &[Self], o: &[f64]) -> f64 {
-            generic_dist_sq(x, o)
-        }
-        /// `out[k] += Σ xs[k]²` for every update `k`; same result as [`Self::sum_sq`] each.
-        fn sum_sq_many(xs: &[&[Self]], out: &mut [f64]) {
-            for (o, x) in out.iter_mut().zip(xs) {
-                *o += Self::sum_sq(x);
-            }
-        }
-        /// `out[k] += ⟨xs[k], u⟩` for every update `k`; same result as [`Self::dot`] each.
-        fn dot_many(xs: &[&[Self]], u: &[f64], out: &mut [f64]) {
-            for (d, x) in out.iter_mut().zip(xs) {
-                *d += Self::dot(x, u);
-            }
-        }
-        /// `out[k] += Σ (xs[k] − o)²` for every update `k`; same result as [`Self::dist_sq`] each.
-        fn dist_sq_many(xs: &[&[Self]], o: &[f64], out: &mut [f64]) {
-            for (d, x) in out.iter_mut().zip(xs) {
-                *d += Self::dist_sq(x, o);
-            }
-        }
+    /// Reputations, reputable set, shares, round counter, manifest and the last round (its
+    /// aggregate and per-client outcomes, from which rewards are served).
+    fn save_state(&self) -> Result<Vec<u8>> {
+        crate::state::save(self.name(), &self.to_state())
     }
 
-    impl Elem for f32 {
-        #[inline(always)]
-        fn to_f64(self) -> f64 {
-            f64::from(self)
-        }
-        fn slice(t: TensorData<'_>) -> Option<&[f32]> {
-            match t {
-                TensorData::F32(x) => Some(x),
-                _ => None,
-            }
-        }
-        fn fold(acc: &mut [f64], xs: &[(&[f32], f64)]) {
-            crate::kernels::fold_f32_tiled(acc, xs);
-        }
-        fn sum_sq(x: &[f32]) -> f64 {
-            #[cfg(target_arch = "x86_64")]
-            if has_avx2() {
-                // SAFETY: the CPU supports AVX2 and FMA (checked just above), the only requirement
-                // of the target-feature function.
-                return unsafe { avx2_f32::sum_sq(x) };
-            }
-            sum_sq_body(x)
-        }
-        fn dot(x: &[f32], u: &[f64]) -> f64 {
-            #[cfg(target_arch = "x86_64")]
-            if has_avx2() {
-                // SAFETY: AVX2 and FMA are available (checked just above).
-                return unsafe { avx2_f32::dot(x, u) };
-            }
-            dot_body(x, u)
-        }
-        fn dist_sq(x: &[f32], o: &[f64]) -> f64 {
-            #[cfg(target_arch = "x86_64")]
-            if has_avx2() {
-                // SAFETY: AVX2 and FMA are available (checked just above).
-                return unsafe { avx2_f32::dist_sq(x, o) };
-            }
-            dist_sq_body(x, o)
-        }
-        fn sum_sq_many(xs: &[&[f32]], out: &mut [f64]) {
-            #[cfg(target_arch = "x86_64")]
-            if has_avx2() {
-                let mut groups = xs.chunks_exact(4);
-                let mut outs = out.chunks_exact_mut(4);
-                for (g, o) in (&mut groups).zip(&mut outs) {
-                    // SAFETY: AVX2 and FMA are available (checked just above).
-                    let r = unsafe { avx2_f32::sum_sq4([g[0], g[1], g[2], g[3]]) };
-                    o.iter_mut().zip(r).for_each(|(o, r)| *o += r);
-                }
-                for (o, x) in outs.into_remainder().iter_mut().zip(groups.remainder()) {
-                    *o += Self::sum_sq(x);
-                }
-                return;
-            }
-            for (o, x) in out.iter_mut().zip(xs) {
-                *o += Self::sum_sq(x);
-            }
-        }
-        fn dot_many(xs: &[&[f32]], u: &[f64], out: &mut [f64]) {
-            #[cfg(target_arch = "x86_64")]
-            if has_avx2() {
-                let mut groups = xs.chunks_exact(4);
-                let mut outs = out.chunks_exact_mut(4);
-                for (g, o) in (&mut groups).zip(&mut outs) {
-                    // SAFETY: AVX2 and FMA are available (checked just above).
-                    let r = unsafe { avx2_f32::dot4([g[0], g[1], g[2], g[3]], u) };
-                    o.iter_mut().zip(r).for_each(|(o, r)| *o += r);
-                }
-                for (o, x) in outs.into_remainder().iter_mut().zip(groups.remainder()) {
-                    *o += Self::dot(x, u);
-                }
-                return;
-            }
-            for (d, x) in out.iter_mut().zip(xs) {
-                *d += Self::dot(x, u);
-            }
-        }
-        fn dist_sq_many(xs: &[&[f32]], ref_: &[f64], out: &mut [f64]) {
-            #[cfg(target_arch = "x86_64")]
-            if has_avx2() {
-                let mut groups = xs.chunks_exact(4);
-                let mut outs = out.chunks_exact_mut(4);
-                for (g, o) in (&mut groups).zip(&mut outs) {
-                    // SAFETY: AVX2 and FMA are available (checked just above).
-                    let r = unsafe { avx2_f32::dist_sq4([g[0], g[1], g[2], g[3]], ref_) };
-                    o.iter_mut().zip(r).for_each(|(o, r)| *o += r);
-                }
-                for (o, x) in outs.into_remainder().iter_mut().zip(groups.remainder()) {
-                    *o += Self::dist_sq(x, ref_);
-                }
-                return;
-            }
-            for (d, x) in out.iter_mut().zip(xs) {
-                *d += Self::dist_sq(x, ref_);
-            }
-        }
-    }
-
-    macro_rules! elem {
-        ($t:ty, $variant:ident, $conv:expr) => {
-            impl Elem for $t {
-                #[inline(always)]
-                fn to_f64(self) -> f64 {
-                    $conv(self)
-                }
-                fn slice(t: TensorData<'_>) -> Option<&[$t]> {
-                    match t {
-                        TensorData::$variant(x) => Some(x),
-                        _ => None,
-                    }
-                }
-            }
-        };
-    }
-    elem!(f64, F64, |v: f64| v);
-    elem!(f16, F16, |v: f16| v.to_f64());
-    elem!(bf16, BF16, |v: bf16| v.to_f64());
-    elem!(i64, I64, |v: i64| v as f64);
-    elem!(i32, I32, f64::from);
-    elem!(i16, I16, f64::from);
-    elem!(i8, I8, f64::from);
-    elem!(u64, U64, |v: u64| v as f64);
-    elem!(u32, U32, f64::from);
-    elem!(u16, U16, f64::from);
-    elem!(u8, U8, f64::from);
-
-    /// A computation over the typed slices of one tensor of several updates.
-    pub(crate) trait Visitor {
-        /// The result.
-        type Out;
-        /// Runs on slices of one element type (all of the tensor's length).
-        fn visit<T: Elem>(self, xs: &[&[T]]) -> Self::Out;
-    }
-
-    fn typed<'a, T: Elem>(views: &[TensorData<'a>]) -> Vec<&'a [T]> {
-        views.iter().filter_map(|v| T::slice(*v)).collect()
-    }
-
-    /// Runs `v` on `views`, which must all have one dtype (they come from one manifest tensor);
-    /// views of another dtype than the first are skipped.
-    pub(crate) fn visit<V: Visitor>(views: &[TensorData<'_>], v: V) -> V::Out {
-        match views.first() {
-            None | Some(TensorData::F32(_)) => v.visit(&typed::<f32>(views)),
-            Some(TensorData::F64(_)) => v.visit(&typed::<f64>(views)),
-            Some(TensorData::F16(_)) => v.visit(&typed::<f16>(views)),
-            Some(TensorData::BF16(_)) => v.visit(&typed::<bf16>(views)),
-            Some(TensorData::I64(_)) => v.visit(&typed::<i64>(views)),
-            Some(TensorData::I32(_)) => v.visit(&typed::<i32>(views)),
-            Some(TensorData::I16(_)) => v.visit(&typed::<i16>(views)),
-            Some(TensorData::I8(_)) => v.visit(&typed::<i8>(views)),
-            Some(TensorData::U64(_)) => v.visit(&typed::<u64>(views)),
-            Some(TensorData::U32(_)) => v.visit(&typed::<u32>(views)),
-            Some(TensorData::U16(_)) => v.visit(&typed::<u16>(views)),
-            Some(TensorData::U8(_)) => v.visit(&typed::<u8>(views)),
-        }
-    }
-
-    /// Decodes `x[start..start + out.len()]` of one view into `out`.
-    pub(crate) struct Decode<'o> {
-        /// First element.
-        pub start: usize,
-        /// Destination.
-        pub out: &'o mut [f64],
-    }
-
-    impl Visitor for Decode<'_> {
-        type Out = ();
-        fn visit<T: Elem>(self, xs: &[&[T]]) {
-            if let Some(x) = xs.first() {
-                for (o, v) in self.out.iter_mut().zip(&x[self.start..]) {
-                    *o = v.to_f64();
-                }
-            }
-        }
-    }
-
-    /// `out[k] += ‖x_k‖²`.
-    pub(crate) struct SumSq<'o> {
-        /// One accumulator per view.
-        pub out: &'o mut [f64],
-    }
-
-    impl Visitor for SumSq<'_> {
-        type Out = ();
-        fn visit<T: Elem>(self, xs: &[&[T]]) {
-            T::sum_sq_many(xs, self.out);
-        }
-    }
-
-    /// Tile by tile: `u += Σ_k w_k x_k` (zero weights skipped), then `dots[k] += ⟨x_k, u⟩` and
-    /// `u_sq += ‖u‖²` on the finished tile.
-    pub(crate) struct FoldDot<'o> {
-        /// The aggregate (zeroed by the caller).
-        pub u: &'o mut [f64],
-        /// One weight per view.
-        pub weights: &'o [f64],
-        /// One dot accumulator per view.
-        pub dots: &'o mut [f64],
-        /// `‖u‖²` accumulator.
-        pub u_sq: &'o mut f64,
-    }
-
-    impl Visitor for FoldDot<'_> {
-        type Out = ();
-        fn visit<T: Elem>(self, xs: &[&[T]]) {
-            let n = self.u.len();
-            let mut pairs: Vec<(&[T], f64)> = Vec::with_capacity(xs.len());
-            let mut tiles: Vec<&[T]> = Vec::with_capacity(xs.len());
-            let mut start = 0;
-            while start < n {
-                let end = (start + TILE).min(n);
-                let tile = &mut self.u[start..end];
-                pairs.clear();
-                pairs.extend(
-                    xs.iter()
-                        .zip(self.weights)
-                        .filter(|(_, w)| **w != 0.0)
-                        .map(|(x, w)| (&x[start..end], *w)),
-                );
-                T::fold(tile, &pairs);
-                tiles.clear();
-                tiles.extend(xs.iter().map(|x| &x[start..end]));
-                T::dot_many(&tiles, tile, self.dots);
-                *self.u_sq += sum_sq(tile);
-                start = end;
-            }
-        }
-    }
-
-    /// `out[k] += ‖x_k − o‖²` tile by tile, with `o[e] = reference[e] − base[e]` decoded one
-    /// tile at a time (`base` absent means 0).
-    pub(crate) struct DistSq<'o, 'v> {
-        /// One accumulator per view.
-        pub out: &'o mut [f64],
-        /// The reference tensor.
-        pub reference: TensorData<'v>,
-        /// The base the updates are deltas from, if they are deltas.
-        pub base: Option<TensorData<'v>>,
-    }
-
-    impl Visitor for DistSq<'_, '_> {
-        type Out = ();
-        fn visit<T: Elem>(self, xs: &[&[T]]) {
-            let n = xs.first().map_or(0, |x| x.len());
-            let mut tiles: Vec<&[T]> = Vec::with_capacity(xs.len());
-            let mut o = vec![0.0f64; TILE.min(n)];
-            let mut b = vec![0.0f64; if self.base.is_some() { TILE.min(n) } else { 0 }];
-            let mut start = 0;
-            while start < n {
-                let end = (start + TILE).min(n);
-                let o = &mut o[..end - start];
-                visit(&[self.reference], Decode { start, out: o });
-                if let Some(base) = self.base {
-                    let b = &mut b[..end - start];
-                    visit(&[base], Decode { start, out: b });
-                    o.iter_mut().zip(b.iter()).for_each(|(o, b)| *o -= b);
-                }
-                tiles.clear();
-                tiles.extend(xs.iter().map(|x| &x[start..end]));
-                T::dist_sq_many(&tiles, o, self.out);
-                start = end;
-            }
-        }
-    }
-
-    /// Independent f64 accumulators per update: two AVX2 registers, enough to hide the add
-    /// latency at memory speed, and few enough that four updates can be read at once.
-    const LANES: usize = 8;
-
-    /// Pairwise sum of the lanes, in a fixed order, plus the scalar tail.
-    #[inline(always)]
-    fn lanes_sum(l: [f64; LANES], tail: f64) -> f64 {
-        let mut w = l;
-        let mut n = LANES;
-        while n > 1 {
-            n /= 2;
-            for k in 0..n {
-                w[k] += w[k + n];
-            }
-        }
-        w[0] + tail
-    }
-
-    #[inline(always)]
-    fn sum_sq_body<T: Elem>(x: &[T]) -> f64 {
-        let mut l = [0.0f64; LANES];
-        let (chunks, rest) = x.as_chunks::<LANES>();
-        for c in chunks {
-            for k in 0..LANES {
-                let v = c[k].to_f64();
-                l[k] += v * v;
-            }
-        }
-        let tail = rest.iter().map(|v| v.to_f64() * v.to_f64()).fold(0.0, |a, b| a + b);
-        lanes_sum(l, tail)
-    }
-
-    #[inline(always)]
-    fn dot_body<T: Elem>(x: &[T], u: &[f64]) -> f64 {
-        let n = x.len().min(u.len());
-        let (x, u) = (&x[..n], &u[..n]);
-        let mut l = [0.0f64; LANES];
-        let (xc, xt) = x.as_chunks::<LANES>();
-        let (uc, ut) = u.as_chunks::<LANES>();
-        for (a, b) in xc.iter().zip(uc) {
-            for k in 0..LANES {
-                l[k] += a[k].to_f64() * b[k];
-            }
-        }
-        let tail = xt.iter().zip(ut).map(|(a, b)| a.to_f64() * b).fold(0.0, |a, b| a + b);
-        lanes_sum(l, tail)
-    }
-
-    #[inline(always)]
-    fn dist_sq_body<T: Elem>(x: &[T], o: &[f64]) -> f64 {
-        let n = x.len().min(o.len());
-        let (x, o) = (&x[..n], &o[..n]);
-        let mut l = [0.0f64; LANES];
-        let (xc, xt) = x.as_chunks::<LANES>();
-        let (oc, ot) = o.as_chunks::<LANES>();
-        for (a, b) in xc.iter().zip(oc) {
-            for k in 0..LANES {
-                let d = a[k].to_f64() - b[k];
-                l[k] += d * d;
-            }
-        }
-        let tail =
-            xt.iter().zip(ot).map(|(a, b)| (a.to_f64() - b) * (a.to_f64() - b)).fold(0.0, |a, b| a + b);
-        lanes_sum(l, tail)
-    }
-
-    #[inline(always)]
-    fn axpy_body<T: Elem>(acc: &mut [f64], x: &[T], w: f64) {
-        for (a, v) in acc.iter_mut().zip(x) {
-            *a += w * v.to_f64();
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    mod avx2 {
-        use super::Elem;
-
-        #[target_feature(enable = "avx2,fma")]
-        pub(super) fn sum_sq<T: Elem>(x: &[T]) -> f64 {
-            super::sum_sq_body(x)
-        }
-
-        #[target_feature(enable = "avx2,fma")]
-        pub(super) fn dot<T: Elem>(x: &[T], u: &[f64]) -> f64 {
-            super::dot_body(x, u)
-        }
-
-        #[target_feature(enable = "avx2,fma")]
-        pub(super) fn dist_sq<T: Elem>(x: &[T], o: &[f64]) -> f64 {
-            super::dist_sq_body(x, o)
-        }
-
-        #[target_feature(enable = "avx2,fma")]
-        pub(super) fn axpy<T: Elem>(acc: &mut [f64], x: &[T], w: f64) {
-            super::axpy_body(acc, x, w)
-        }
-    }
-
-    /// Explicit AVX2 kernels for f32 updates (LLVM vectorises the portable bodies with 128-bit
-    /// registers only). Lane `4j + m` of the portable body is element `m` of register `j`, and
-    /// every lane sees the same operations in the same order (no FMA contraction), so the results
-    /// are bit-identical to the portable bodies, whether updates are read one or four at a time.
-    #[cfg(target_arch = "x86_64")]
-    mod avx2_f32 {
-        use std::arch::x86_64::{
-            __m256d, _mm256_add_pd, _mm256_cvtps_pd, _mm256_loadu_pd, _mm256_mul_pd, _mm256_setzero_pd,
-            _mm256_storeu_pd, _mm256_sub_pd, _mm_loadu_ps,
-        };
-
-        use super::{lanes_sum, LANES};
-
-        /// Registers per update.
-        const REGS: usize = LANES / 4;
-
-        /// Four f32 of `c` from `4j`, widened to f64.
-        #[inline(always)]
-        fn load_ps(c: &[f32; LANES], j: usize) -> __m256d {
-            assert!(4 * j + 4 <= LANES);
-            // SAFETY: `c` holds LANES floats and 4j + 4 <= LANES (asserted), so the four reads are
-            // in bounds; `loadu` has no alignment requirement. AVX is enabled in every caller.
-            unsafe { _mm256_cvtps_pd(_mm_loadu_ps(c.as_ptr().add(4 * j))) }
-        }
-
-        /// Four f64 of `c` from `4j`.
-        #[inline(always)]
-        fn load_pd(c: &[f64; LANES], j: usize) -> __m256d {
-            assert!(4 * j + 4 <= LANES);
-            // SAFETY: as `load_ps`, for f64.
-            unsafe { _mm256_loadu_pd(c.as_ptr().add(4 * j)) }
-        }
-
-        #[inline(always)]
-        fn finish(acc: [__m256d; REGS], tail: f64) -> f64 {
-            let mut l = [0.0f64; LANES];
-            for (j, a) in acc.iter().enumerate() {
-                assert!(4 * j + 4 <= LANES);
-                // SAFETY: `l` holds LANES f64 and 4j + 4 <= LANES (asserted).
-                unsafe { _mm256_storeu_pd(l.as_mut_ptr().add(4 * j), *a) };
-            }
-            lanes_sum(l, tail)
-        }
-
-        #[inline(always)]
-        fn sq_tail(rest: &[f32]) -> f64 {
-            rest.iter().map(|&v| f64::from(v) * f64::from(v)).fold(0.0, |a, b| a + b)
-        }
-
-        #[inline(always)]
-        fn dist_tail(x: &[f32], o: &[f64]) -> f64 {
-            x.iter().zip(o).map(|(&a, b)| (f64::from(a) - b) * (f64::from(a) - b)).fold(0.0, |a, b| a + b)
-        }
-
-        #[target_feature(enable = "avx2,fma")]
-        pub(super) fn sum_sq(x: &[f32]) -> f64 {
-            let (chunks, rest) = x.as_chunks::<LANES>();
-            let mut acc = [_mm256_setzero_pd(); REGS];
-            for c in chunks {
-                for (j, a) in acc.iter_mut().enumerate() {
-                    let v = load_ps(c, j);
-                    *a = _mm256_add_pd(*a, _mm256_mul_pd(v, v));
-                }
-            }
-            finish(acc, sq_tail(rest))
-        }
-
-        /// [`sum_sq`] of four updates of one length, read concurrently.
-        #[target_feature(enable = "avx2,fma")]
-        pub(super) fn sum_sq4(xs: [&[f32]; 4]) -> [f64; 4] {
-            let n = xs.iter().map(|x| x.len()).min().unwrap_or(0);
-            let split = xs.map(|x| x[..n].as_chunks::<LANES>());
-            let mut acc = [[_mm256_setzero_pd(); REGS]; 4];
-            for i in 0..split[0].0.len() {
-                for (k, a) in acc.iter_mut().enumerate() {
-                    let c = &split[k].0[i];
-                    for (j, r) in a.iter_mut().enumerate() {
-                        let v = load_ps(c, j);
-                        *r = _mm256_add_pd(*r, _mm256_mul_pd(v, v));
-                    }
-                }
-            }
-            std::array::from_fn(|k| finish(acc[k], sq_tail(split[k].1)))
-        }
-
-        #[target_feature(enable = "avx2,fma")]
-        pub(super) fn dot(x: &[f32], u: &[f64]) -> f64 {
-            let n = x.len().min(u.len());
-            let (xc, xt) = x[..n].as_chunks::<LANES>();
-            let (uc, ut) = u[..n].as_chunks::<LANES>();
-            let mut acc = [_mm256_setzero_pd(); REGS];
-            for (a, b) in xc.iter().zip(uc) {
-                for (j, s) in acc.iter_mut().enumerate() {
-                    *s = _mm256_add_pd(*s, _mm256_mul_pd(load_ps(a, j), load_pd(b, j)));
-                }
-            }
-            let tail = xt.iter().zip(ut).map(|(&a, b)| f64::from(a) * b).fold(0.0, |a, b| a + b);
-            finish(acc, tail)
-        }
-
-        #[target_feature(enable = "avx2,fma")]
-        pub(super) fn dist_sq(x: &[f32], o: &[f64]) -> f64 {
-            let n = x.len().min(o.len());
-            let (xc, xt) = x[..n].as_chunks::<LANES>();
-            let (oc, ot) = o[..n].as_chunks::<LANES>();
-            let mut acc = [_mm256_setzero_pd(); REGS];
-            for (a, b) in xc.iter().zip(oc) {
-                for (j, s) in acc.iter_mut().enumerate() {
-                    let d = _mm256_sub_pd(load_ps(a, j), load_pd(b, j));
-                    *s = _mm256_add_pd(*s, _mm256_mul_pd(d, d));
-                }
-            }
-            finish(acc, dist_tail(xt, ot))
-        }
-
-        /// [`dot`] of four updates with one `u`, read concurrently.
-        #[target_feature(enable = "avx2,fma")]
-        pub(super) fn dot4(xs: [&[f32]; 4], u: &[f64]) -> [f64; 4] {
-            let n = xs.iter().map(|x| x.len()).min().unwrap_or(0).min(u.len());
-            let split = xs.map(|x| x[..n].as_chunks::<LANES>());
-            let (uc, ut) = u[..n].as_chunks::<LANES>();
-            let mut acc = [[_mm256_setzero_pd(); REGS]; 4];
-            for (i, b) in uc.iter().enumerate() {
-                for (k, a) in acc.iter_mut().enumerate() {
-                    let c = &split[k].0[i];
-                    for (j, r) in a.iter_mut().enumerate() {
-                        *r = _mm256_add_pd(*r, _mm256_mul_pd(load_ps(c, j), load_pd(b, j)));
-                    }
-                }
-            }
-            std::array::from_fn(|k| {
-                let tail = split[k].1.iter().zip(ut).map(|(&a, b)| f64::from(a) * b).fold(0.0, |a, b| a + b);
-                finish(acc[k], tail)
-            })
-        }
-
-        /// [`dist_sq`] of four updates against one `o`, read concurrently.
-        #[target_feature(enable = "avx2,fma")]
-        pub(super) fn dist_sq4(xs: [&[f32]; 4], o: &[f64]) -> [f64; 4] {
-            let n = xs.iter().map(|x| x.len()).min().unwrap_or(0).min(o.len());
-            let split = xs.map(|x| x[..n].as_chunks::<LANES>());
-            let (oc, ot) = o[..n].as_chunks::<LANES>();
-            let mut acc = [[_mm256_setzero_pd(); REGS]; 4];
-            for (i, b) in oc.iter().enumerate() {
-                for (k, a) in acc.iter_mut().enumerate() {
-                    let c = &split[k].0[i];
-                    for (j, r) in a.iter_mut().enumerate() {
-                        let d = _mm256_sub_pd(load_ps(c, j), load_pd(b, j));
-                        *r = _mm256_add_pd(*r, _mm256_mul_pd(d, d));
-                    }
-                }
-            }
-            std::array::from_fn(|k| finish(acc[k], dist_tail(split[k].1, ot)))
-        }
-    }
-
-    #[inline]
-    fn has_avx2() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    }
-
-    /// `Σ x²` in f64.
-    pub(crate) fn sum_sq<T: Elem>(x: &[T]) -> f64 {
-        T::sum_sq(x)
-    }
-
-    fn generic_sum_sq<T: Elem>(x: &[T]) -> f64 {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2() {
-            // SAFETY: the CPU supports AVX2 and FMA (checked just above), the only requirement
-            // of the target-feature function.
-            return unsafe { avx2::sum_sq(x) };
-        }
-        sum_sq_body(x)
-    }
-
-    fn generic_dot<T: Elem>(x: &[T], u: &[f64]) -> f64 {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2() {
-            // SAFETY: AVX2 and FMA are available (checked just above).
-            return unsafe { avx2::dot(x, u) };
-        }
-        dot_body(x, u)
-    }
-
-    fn generic_dist_sq<T: Elem>(x: &[T], o: &[f64]) -> f64 {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2() {
-            // SAFETY: AVX2 and FMA are available (checked just above).
-            return unsafe { avx2::dist_sq(x, o) };
-        }
-        dist_sq_body(x, o)
-    }
-
-    /// `acc += w·x` over the common length.
-    pub(crate) fn axpy<T: Elem>(acc: &mut [f64], x: &[T], w: f64) {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2() {
-            // SAFETY: AVX2 and FMA are available (checked just above).
-            return unsafe { avx2::axpy(acc, x, w) };
-        }
-        axpy_body(acc, x, w)
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-
-        #[test]
-        fn kernels_match_plain_sums() {
-            let x: Vec<f32> = (0..1037).map(|i| ((i * 37) % 101) as f32 * 0.01 - 0.5).collect();
-            let u: Vec<f64> = (0..1037).map(|i| ((i * 11) % 13) as f64 * 0.1 - 0.6).collect();
-            let plain_sq: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
-            let plain_dot: f64 = x.iter().zip(&u).map(|(&a, b)| f64::from(a) * b).sum();
-            let plain_dist: f64 = x.iter().zip(&u).map(|(&a, b)| (f64::from(a) - b).powi(2)).sum();
-            assert!((sum_sq(&x) - plain_sq).abs() < 1e-9);
-            assert!((f32::dot(&x, &u) - plain_dot).abs() < 1e-9);
-            assert!((f32::dist_sq(&x, &u) - plain_dist).abs() < 1e-9);
-            assert_eq!(sum_sq(&x), sum_sq_body(&x), "CPU paths agree bit for bit");
-            assert_eq!(f32::dot(&x, &u), dot_body(&x, &u));
-            assert_eq!(f32::dist_sq(&x, &u), dist_sq_body(&x, &u));
-            let x64: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
-            assert_eq!(sum_sq(&x), sum_sq(&x64), "f32 and f64 paths sum in the same order");
-            // Four-at-a-time reads give each update's single-read result.
-            let xs: Vec<Vec<f32>> =
-                (0..6).map(|k| x.iter().map(|v| v * (k as f32 + 1.0)).collect()).collect();
-            let views: Vec<&[f32]> = xs.iter().map(|v| v.as_slice()).collect();
-            let mut many = vec![0.0; 6];
-            f32::sum_sq_many(&views, &mut many);
-            let mut dist = vec![0.0; 6];
-            f32::dist_sq_many(&views, &u, &mut dist);
-            let mut dots = vec![0.0; 6];
-            f32::dot_many(&views, &u, &mut dots);
-            for k in 0..6 {
-                assert_eq!(many[k], sum_sq_body(views[k]));
-                assert_eq!(dots[k], dot_body(views[k], &u));
-                assert_eq!(dist[k], dist_sq_body(views[k], &u));
-            }
-            let i: Vec<i64> = vec![3, -4];
-            assert_eq!(sum_sq(&i), 25.0);
-            let mut acc = vec![1.0, 1.0];
-            axpy(&mut acc, &i, 2.0);
-            assert_eq!(acc, vec![7.0, -7.0]);
-        }
+    /// # Errors
+    /// As [`Strategy::restore_state`]; also a state saved with another [`RfflConfig`], a
+    /// non-finite reputation, a last aggregate that does not fit the manifest.
+    fn restore_state(&mut self, bytes: &[u8]) -> Result<()> {
+        let state = crate::state::load(self.name(), bytes)?;
+        *self = self.with_state(state)?;
+        Ok(())
     }
 }
 

@@ -23,6 +23,11 @@
 //! (FedAvg over the selection, with the manifest's policies). With one, every tensor except the
 //! output layer gets that same weighted mean and the output layer gets the integration.
 //!
+//! # Across nodes
+//! [`twophase`] runs the filter and the integrator on a cohort spread over several nodes: the
+//! nodes send distances, the top ranks and draws exactly as here, the nodes fold (and evaluate)
+//! their selected updates. See there for what the integrator needs to be exact.
+//!
 //! # Modes (§B.6)
 //! [`Mode`] selects the tertile scheme's variant: the reference code's own split (which never
 //! selects the element at index `⌊2n/3⌋` when n is not a multiple of 3, e.g. index 6 of 10),
@@ -44,7 +49,7 @@
 //!
 //! # Cost
 //! The filter reads each update once (tiles of the reference are decoded to f64 one at a time;
-//! f64 accumulation, f32 updates read four at a time; `scan` in `crate::rffl`); the cohort is
+//! f64 accumulation, f32 updates read four at a time; `crate::kernels`' scans); the cohort is
 //! never copied. The
 //! integrator evaluates `1 + |selection|` candidates; with delta updates each candidate model
 //! (`global + Δ`) is materialised once for the evaluator.
@@ -54,16 +59,21 @@ use std::fmt;
 use std::ops::Range;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use crate::error::{Error, Result};
 use crate::fedavg::FedAvg;
 use crate::ids::ClientId;
-use crate::rffl::scan;
+use crate::kernels::scan;
 use crate::spec::UpdateKind;
+use crate::state::{mismatch, Bin};
 use crate::strategy::{Mergeability, PartialAggregate, Strategy, UpdateView};
 use crate::tensor::{AggregationPolicy, ModelManifest, Parameters, TensorData};
 
+pub mod twophase;
+
 /// Which variant of the α-tertile prioritizer to run (§B.2 step 1, §B.6).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Mode {
     /// The scheme as written (commented out) in `Bristle.kt`: thirds
     /// `[0, n/3) | [n/3, ⌊2n/3⌋) | [n − n/3, n)` with integer division (for `n = 10` the sizes
@@ -81,7 +91,7 @@ pub enum Mode {
 }
 
 /// How updates are selected once sorted by distance (§B.6-1).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub enum Prioritizer {
     /// The α-tertile explore/exploit scheme (default α = 0.4, β = 10). α = 0 takes only the
     /// closest third, α = 1 only the farthest.
@@ -115,7 +125,7 @@ impl Default for Prioritizer {
 }
 
 /// Bristle's filter configuration.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BristleConfig {
     /// Variant of the α-tertile scheme.
     pub mode: Mode,
@@ -269,6 +279,11 @@ pub enum BristleError {
     /// Building the weighted mean failed (e.g. a non-positive update weight).
     #[error(transparent)]
     Aggregate(#[from] Error),
+    /// A node's two-phase message does not fit the round the top is running (another round
+    /// index, a selected client missing or reported twice, partials that do not hold the
+    /// selection): see [`twophase`].
+    #[error("two-phase message does not fit the round: {0}")]
+    Protocol(String),
 }
 
 fn candidate_name(client: Option<&ClientId>) -> String {
@@ -277,17 +292,27 @@ fn candidate_name(client: Option<&ClientId>) -> String {
 
 /// A `Copy` classification of [`BristleError`] for callers and metric labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[allow(missing_docs)] // one variant per `BristleError` variant, same names
 pub enum BristleErrorKind {
+    /// See [`BristleError::InvalidConfig`].
     InvalidConfig,
+    /// See [`BristleError::EmptyCohort`].
     EmptyCohort,
+    /// See [`BristleError::DuplicateClient`].
     DuplicateClient,
+    /// See [`BristleError::ManifestMismatch`].
     ManifestMismatch,
+    /// See [`BristleError::Misaligned`].
     Misaligned,
+    /// See [`BristleError::NothingSelected`].
     NothingSelected,
+    /// See [`BristleError::Evaluator`].
     Evaluator,
+    /// See [`BristleError::F1Length`].
     F1Length,
+    /// See [`BristleError::Aggregate`].
     Aggregate,
+    /// See [`BristleError::Protocol`].
+    Protocol,
 }
 
 impl BristleError {
@@ -303,6 +328,7 @@ impl BristleError {
             BristleError::Evaluator { .. } => BristleErrorKind::Evaluator,
             BristleError::F1Length { .. } => BristleErrorKind::F1Length,
             BristleError::Aggregate(_) => BristleErrorKind::Aggregate,
+            BristleError::Protocol(_) => BristleErrorKind::Protocol,
         }
     }
 }
@@ -320,6 +346,7 @@ impl BristleErrorKind {
             BristleErrorKind::Evaluator => "evaluator",
             BristleErrorKind::F1Length => "f1_length",
             BristleErrorKind::Aggregate => "aggregate",
+            BristleErrorKind::Protocol => "protocol",
         }
     }
 }
@@ -340,6 +367,7 @@ impl From<BristleError> for Error {
             BristleError::ManifestMismatch(s) => Error::ManifestMismatch(s),
             BristleError::Misaligned(n) => Error::Misaligned(n),
             BristleError::Aggregate(e) => e,
+            BristleError::Protocol(detail) => Error::Strategy { strategy: "bristle", detail },
             e @ (BristleError::InvalidConfig(_)
             | BristleError::Evaluator { .. }
             | BristleError::F1Length { .. }) => Error::InvalidManifest(format!("bristle: {e}")),
@@ -631,10 +659,27 @@ pub fn integrate_output(
     familiar: &[usize],
     peers: &[(TensorData<'_>, &PeerAssessment)],
 ) -> Vec<f64> {
+    let mut num = vec![0.0f64; own.len()];
+    let mut den = vec![0.0f64; layout.classes];
+    accumulate_output(&mut num, &mut den, layout, familiar, peers);
+    finish_output(own, &num, &den, layout)
+}
+
+/// The peers' share of [`integrate_output`]: `num[e] += w_{j,c} M_j[e]` (`c` the class of `e`,
+/// zero weights skipped) and `den[c] += w_{j,c}`, peer after peer. Sums from several sets of
+/// peers add up (the two-phase protocol sums the nodes' shares).
+///
+/// # Panics
+/// If a peer tensor is shorter than `num`.
+pub fn accumulate_output(
+    num: &mut [f64],
+    den: &mut [f64],
+    layout: OutputLayout,
+    familiar: &[usize],
+    peers: &[(TensorData<'_>, &PeerAssessment)],
+) {
     let classes = layout.classes;
     let is_familiar: Vec<bool> = (0..classes).map(|c| familiar.contains(&c)).collect();
-    let mut num = vec![0.0f64; own.len()];
-    let mut den = vec![0.0f64; classes];
     let mut w = vec![0.0f64; classes];
     for (x, a) in peers {
         for (c, wc) in w.iter_mut().enumerate() {
@@ -648,7 +693,11 @@ pub fn integrate_output(
             }
         }
     }
-    own.iter().zip(&num).enumerate().map(|(e, (m, n))| (m + n) / (1.0 + den[layout.class_of(e)])).collect()
+}
+
+/// `(own[e] + num[e]) / (1 + den[c])`, `c` the class of `e` (the reference model keeps weight 1).
+pub fn finish_output(own: &[f64], num: &[f64], den: &[f64], layout: OutputLayout) -> Vec<f64> {
+    own.iter().zip(num).enumerate().map(|(e, (m, n))| (m + n) / (1.0 + den[layout.class_of(e)])).collect()
 }
 
 /// Subtracts from every class column its mean over the hidden units (`Node.kt` post-processing,
@@ -714,6 +763,57 @@ fn view<'a>(u: &UpdateView<'a>, i: usize) -> Result<TensorData<'a>, BristleError
     u.tensor(i).map_err(|_| BristleError::Misaligned(u.manifest.tensors()[i].name.clone()))
 }
 
+/// Checks updates against `manifest`: same manifest, one update per client, readable tensors.
+fn check_views(manifest: &ModelManifest, cohort: &[UpdateView<'_>]) -> Result<(), BristleError> {
+    let mut seen = BTreeSet::new();
+    for u in cohort {
+        if !same_manifest(u.manifest, manifest) {
+            return Err(BristleError::ManifestMismatch("update and global model differ in manifest"));
+        }
+        if !seen.insert(u.client) {
+            return Err(BristleError::DuplicateClient(u.client.clone()));
+        }
+        for i in 0..manifest.tensors().len() {
+            view(u, i)?;
+        }
+    }
+    Ok(())
+}
+
+/// `‖M_j − M_ref‖²` over the `mean` tensors for every update of `cohort` (in its order), the
+/// reference being `own` if set, else `global`. With delta updates, update `j` stands for
+/// `global + Δ_j` (and against `global` itself the distance is `‖Δ_j‖`). One pass over each
+/// update; each update's sum is computed alone, so it does not depend on the rest of the cohort.
+fn distances_sq(
+    own: Option<&Parameters>,
+    global: &Parameters,
+    delta: bool,
+    cohort: &[UpdateView<'_>],
+) -> Result<Vec<f64>, BristleError> {
+    let m = global.manifest();
+    let mut sq = vec![0.0f64; cohort.len()];
+    let mut views = Vec::with_capacity(cohort.len());
+    for (i, spec) in m.tensors().iter().enumerate() {
+        if spec.policy != AggregationPolicy::Mean {
+            continue;
+        }
+        views.clear();
+        for u in cohort {
+            views.push(view(u, i)?);
+        }
+        match own {
+            // ‖(global + Δ) − global‖ = ‖Δ‖.
+            None if delta => scan::visit(&views, scan::SumSq { out: &mut sq }),
+            _ => {
+                let reference = own.unwrap_or(global).tensor(i);
+                let base = delta.then(|| global.tensor(i));
+                scan::visit(&views, scan::DistSq { out: &mut sq, reference, base });
+            }
+        }
+    }
+    Ok(sq)
+}
+
 impl Bristle {
     /// The filter alone: the selected updates are averaged with their weights.
     ///
@@ -772,19 +872,7 @@ impl Bristle {
         if self.own_model.as_ref().is_some_and(|o| !same_manifest(o.manifest(), m)) {
             return Err(BristleError::ManifestMismatch("own model and global model differ in manifest"));
         }
-        let mut seen = BTreeSet::new();
-        for u in cohort {
-            if !same_manifest(u.manifest, m) {
-                return Err(BristleError::ManifestMismatch("update and global model differ in manifest"));
-            }
-            if !seen.insert(u.client) {
-                return Err(BristleError::DuplicateClient(u.client.clone()));
-            }
-            for i in 0..m.tensors().len() {
-                view(u, i)?;
-            }
-        }
-        Ok(())
+        check_views(m, cohort)
     }
 
     /// The distance of every update of `cohort` (in cohort order) to the reference model (the own
@@ -800,27 +888,8 @@ impl Bristle {
         global: &Parameters,
     ) -> Result<Vec<f64>, BristleError> {
         self.validate(cohort, global)?;
-        let m = global.manifest();
-        let reference = self.own_model.as_ref().unwrap_or(global);
         let delta = self.config.update_kind == UpdateKind::Delta;
-        let mut sq = vec![0.0f64; cohort.len()];
-        let mut views = Vec::with_capacity(cohort.len());
-        for (i, spec) in m.tensors().iter().enumerate() {
-            if spec.policy != AggregationPolicy::Mean {
-                continue;
-            }
-            views.clear();
-            for u in cohort {
-                views.push(view(u, i)?);
-            }
-            if delta && std::ptr::eq(reference, global) {
-                // ‖(global + Δ) − global‖ = ‖Δ‖.
-                scan::visit(&views, scan::SumSq { out: &mut sq });
-            } else {
-                let base = delta.then(|| global.tensor(i));
-                scan::visit(&views, scan::DistSq { out: &mut sq, reference: reference.tensor(i), base });
-            }
-        }
+        let sq = distances_sq(self.own_model.as_ref(), global, delta, cohort)?;
         Ok(sq.into_iter().map(f64::sqrt).collect())
     }
 
@@ -831,21 +900,27 @@ impl Bristle {
     /// As [`Self::distances`].
     pub fn select(&self, cohort: &[UpdateView<'_>], global: &Parameters) -> Result<Selection, BristleError> {
         let d = self.distances(cohort, global)?;
-        let mut order: Vec<usize> = (0..cohort.len()).filter(|&k| d[k].is_finite()).collect();
-        order.sort_by(|&a, &b| d[a].total_cmp(&d[b]).then_with(|| cohort[a].client.cmp(cohort[b].client)));
-        let mut rejected: Vec<ClientId> =
-            (0..cohort.len()).filter(|&k| !d[k].is_finite()).map(|k| cohort[k].client.clone()).collect();
-        rejected.sort();
+        Ok(self.rank(cohort.iter().zip(d).map(|(u, d)| (u.client.clone(), d)).collect()))
+    }
+
+    /// Ranks `(client, distance)` pairs (any order) by (distance, client), sets aside the
+    /// non-finite ones and selects with this round's seeded draws: the same selection however
+    /// the pairs were gathered.
+    fn rank(&self, entries: Vec<(ClientId, f64)>) -> Selection {
+        let (mut ranked, mut rejected): (Vec<_>, Vec<_>) =
+            entries.into_iter().partition(|(_, d)| d.is_finite());
+        ranked.sort_by(|(a, x), (b, y)| x.total_cmp(y).then_with(|| a.cmp(b)));
+        rejected.sort_by(|a, b| a.0.cmp(&b.0));
         let mut rng = SplitMix64::for_round(self.config.seed, self.round);
-        let ranks = select_ranks(order.len(), self.config.prioritizer, self.config.mode, &mut rng);
-        let mut ranked: Vec<Ranked> = order
-            .iter()
-            .map(|&k| Ranked { client: cohort[k].client.clone(), distance: d[k], selected: false })
+        let ranks = select_ranks(ranked.len(), self.config.prioritizer, self.config.mode, &mut rng);
+        let mut ranked: Vec<Ranked> = ranked
+            .into_iter()
+            .map(|(client, distance)| Ranked { client, distance, selected: false })
             .collect();
         for r in ranks {
             ranked[r].selected = true;
         }
-        Ok(Selection { ranked, rejected })
+        Selection { ranked, rejected: rejected.into_iter().map(|r| r.0).collect() }
     }
 
     fn run(
@@ -879,26 +954,150 @@ impl Bristle {
         if let Some(integrator) = self.integrator.as_mut() {
             let reference = self.own_model.as_ref().unwrap_or(global);
             let delta = self.config.update_kind == UpdateKind::Delta;
-            let (values, reference_f1, assessments) =
-                integrate(integrator, &selected, reference, global, delta)?;
-            report.reference_f1 = reference_f1;
-            report.assessments = assessments;
-            let i = manifest.position(&integrator.config.output_tensor).ok_or_else(|| {
-                BristleError::InvalidConfig(format!("no tensor {:?}", integrator.config.output_tensor))
-            })?;
-            out.write_tensor_f64(i, values.into_iter());
-            // FedAvg's `finish` checked every other tensor; the integrated one may overflow its
-            // dtype (e.g. f16).
-            if out.tensor_f64(i).iter().any(|v| !v.is_finite()) {
-                let name = integrator.config.output_tensor.clone();
-                return Err(BristleError::Aggregate(Error::NonFiniteResult(name)));
-            }
+            let done = integrate(integrator, &selected, reference, global, delta)?;
+            write_output(&mut out, done.index, done.values)?;
+            report.reference_f1 = done.reference_f1;
+            report.assessments = done.assessments;
         }
         Ok((out, report))
     }
 }
 
-type Integrated = (Vec<f64>, Vec<f64>, BTreeMap<ClientId, PeerAssessment>);
+/// Writes the integrated output tensor `index` into `out` and checks it finite: FedAvg's
+/// `finish` checked every other tensor, the integrated one may overflow its dtype (e.g. f16).
+fn write_output(out: &mut Parameters, index: usize, values: Vec<f64>) -> Result<(), BristleError> {
+    out.write_tensor_f64(index, values.into_iter());
+    if out.tensor_f64(index).iter().any(|v| !v.is_finite()) {
+        let name = out.manifest().tensors()[index].name.clone();
+        return Err(BristleError::Aggregate(Error::NonFiniteResult(name)));
+    }
+    Ok(())
+}
+
+/// The integrator's result: the output tensor's index and values, and the report's parts.
+struct Integrated {
+    index: usize,
+    values: Vec<f64>,
+    reference_f1: Vec<f64>,
+    assessments: BTreeMap<ClientId, PeerAssessment>,
+}
+
+/// What the integrator needs to know about a manifest: the output tensor's index and layout,
+/// the familiar classes F (sorted, distinct) and φ, the classes compared per peer.
+#[derive(Debug, Clone)]
+struct OutputPlan {
+    index: usize,
+    layout: OutputLayout,
+    familiar: Vec<usize>,
+    compared: usize,
+}
+
+impl OutputPlan {
+    fn new(cfg: &IntegratorConfig, manifest: &ModelManifest) -> Result<OutputPlan, BristleError> {
+        let index = manifest.position(&cfg.output_tensor).ok_or_else(|| {
+            BristleError::InvalidConfig(format!("no tensor {:?} in the manifest", cfg.output_tensor))
+        })?;
+        let layout = OutputLayout::of(&manifest.tensors()[index].shape, cfg.class_axis).ok_or_else(|| {
+            BristleError::InvalidConfig(format!("output tensor {:?} is not 2-D", cfg.output_tensor))
+        })?;
+        let classes = layout.classes;
+        let familiar: Vec<usize> = match &cfg.familiar_classes {
+            None => (0..classes).collect(),
+            Some(f) => {
+                let set: BTreeSet<usize> = f.iter().copied().collect();
+                if set.iter().any(|&c| c >= classes) {
+                    return Err(BristleError::InvalidConfig(format!("a familiar class is >= {classes}")));
+                }
+                set.into_iter().collect()
+            }
+        };
+        let compared = cfg.compared_classes.unwrap_or(familiar.len());
+        Ok(OutputPlan { index, layout, familiar, compared })
+    }
+
+    /// The integrated output tensor from the peers' summed share (§B.2 steps 8, 10 and 11):
+    /// [`finish_output`] on the reference model's tensor, then column centring if configured.
+    fn finish(&self, cfg: &IntegratorConfig, reference: &Parameters, num: &[f64], den: &[f64]) -> Vec<f64> {
+        let own = reference.tensor_f64(self.index);
+        let mut values = finish_output(&own, num, den, self.layout);
+        if cfg.center_columns {
+            center_columns(&mut values, self.layout);
+        }
+        values
+    }
+}
+
+/// The evaluator's F1 per class of `candidate`, checked for length and sanitised.
+fn evaluate(
+    evaluator: &mut dyn ClassEvaluator,
+    classes: usize,
+    candidate: Candidate<'_>,
+) -> Result<Vec<f64>, BristleError> {
+    let f1 = evaluator
+        .class_f1(&candidate)
+        .map_err(|source| BristleError::Evaluator { client: candidate.client.cloned(), source })?;
+    if f1.len() != classes {
+        return Err(BristleError::F1Length { expected: classes, got: f1.len() });
+    }
+    Ok(f1.into_iter().map(sanitise_f1).collect())
+}
+
+/// A set of peers' share of the integration: each one's F1 and assessment, and their
+/// [`accumulate_output`] sums.
+struct PeerShare {
+    f1: Vec<(ClientId, Vec<f64>)>,
+    assessments: BTreeMap<ClientId, PeerAssessment>,
+    numerator: Vec<f64>,
+    denominator: Vec<f64>,
+}
+
+/// Evaluates every update of `selected` (in its order; with delta updates the candidate is
+/// `global + Δ`, materialised one at a time), assesses it against `reference_f1` and
+/// accumulates its share of the output layer's integration.
+fn integrate_peers(
+    evaluator: &mut dyn ClassEvaluator,
+    plan: &OutputPlan,
+    reference_f1: &[f64],
+    selected: &[UpdateView<'_>],
+    global: &Parameters,
+    delta: bool,
+) -> Result<PeerShare, BristleError> {
+    let manifest = global.manifest();
+    let numel = manifest.slots()[plan.index].numel;
+    let mut share = PeerShare {
+        f1: Vec::with_capacity(selected.len()),
+        assessments: BTreeMap::new(),
+        numerator: vec![0.0; numel],
+        denominator: vec![0.0; plan.layout.classes],
+    };
+    for u in selected {
+        let materialised = if delta { Some(candidate_model(u, global)?) } else { None };
+        let bytes = materialised.as_ref().map_or(u.bytes, |p| p.as_bytes());
+        let f1 =
+            evaluate(evaluator, plan.layout.classes, Candidate { manifest, bytes, client: Some(u.client) })?;
+        let assessment = assess_peer(reference_f1, &f1, &plan.familiar, plan.compared);
+        let tensor = match &materialised {
+            Some(p) => p.tensor(plan.index),
+            None => view(u, plan.index)?,
+        };
+        let (num, den) = (&mut share.numerator, &mut share.denominator);
+        accumulate_output(num, den, plan.layout, &plan.familiar, &[(tensor, &assessment)]);
+        share.assessments.insert(u.client.clone(), assessment);
+        share.f1.push((u.client.clone(), f1));
+    }
+    Ok(share)
+}
+
+/// The model a delta update stands for: `global + Δ`, rounded to the manifest's dtypes.
+fn candidate_model(u: &UpdateView<'_>, global: &Parameters) -> Result<Parameters, BristleError> {
+    let manifest = global.manifest();
+    let mut p = Parameters::zeros(Arc::clone(manifest));
+    for t in 0..manifest.tensors().len() {
+        let (g, x) = (global.tensor(t), view(u, t)?);
+        p.write_tensor_f64(t, (0..manifest.slots()[t].numel).map(|e| g.get_f64(e) + x.get_f64(e)));
+    }
+    Ok(p)
+}
 
 /// §B.2 steps 2–11 on the selected updates (in `ClientId` order).
 fn integrate(
@@ -908,74 +1107,60 @@ fn integrate(
     global: &Parameters,
     delta: bool,
 ) -> Result<Integrated, BristleError> {
-    let cfg = &integrator.config;
-    let manifest = reference.manifest();
-    let i = manifest.position(&cfg.output_tensor).ok_or_else(|| {
-        BristleError::InvalidConfig(format!("no tensor {:?} in the manifest", cfg.output_tensor))
-    })?;
-    let layout = OutputLayout::of(&manifest.tensors()[i].shape, cfg.class_axis).ok_or_else(|| {
-        BristleError::InvalidConfig(format!("output tensor {:?} is not 2-D", cfg.output_tensor))
-    })?;
-    let classes = layout.classes;
-    let familiar: Vec<usize> = match &cfg.familiar_classes {
-        None => (0..classes).collect(),
-        Some(f) => {
-            let set: BTreeSet<usize> = f.iter().copied().collect();
-            if set.iter().any(|&c| c >= classes) {
-                return Err(BristleError::InvalidConfig(format!("a familiar class is >= {classes}")));
-            }
-            set.into_iter().collect()
-        }
-    };
-    let compared = cfg.compared_classes.unwrap_or(familiar.len());
+    let plan = OutputPlan::new(&integrator.config, reference.manifest())?;
+    let evaluator = integrator.evaluator.as_mut();
+    let reference_f1 = evaluate(
+        evaluator,
+        plan.layout.classes,
+        Candidate { manifest: reference.manifest(), bytes: reference.as_bytes(), client: None },
+    )?;
+    let share = integrate_peers(evaluator, &plan, &reference_f1, selected, global, delta)?;
+    let values = plan.finish(&integrator.config, reference, &share.numerator, &share.denominator);
+    Ok(Integrated { index: plan.index, values, reference_f1, assessments: share.assessments })
+}
 
-    let mut evaluate = |c: Candidate<'_>| -> Result<Vec<f64>, BristleError> {
-        let f1 = integrator
-            .evaluator
-            .class_f1(&c)
-            .map_err(|source| BristleError::Evaluator { client: c.client.cloned(), source })?;
-        if f1.len() != classes {
-            return Err(BristleError::F1Length { expected: classes, got: f1.len() });
-        }
-        Ok(f1.into_iter().map(sanitise_f1).collect())
-    };
-    let reference_f1 = evaluate(Candidate { manifest, bytes: reference.as_bytes(), client: None })?;
+/// The persisted form of a [`Bristle`] ([`crate::state`]): the configuration (checked on
+/// restore), the round counter the seeded draws derive from, and the own model if one is set.
+/// The last round's report is a diagnostic and is not kept.
+#[derive(Serialize, Deserialize)]
+struct BristleState {
+    config: BristleConfig,
+    round: u64,
+    own_model: Option<(ModelManifest, Bin)>,
+}
 
-    // Delta updates: materialise each candidate model global + Δ once.
-    let materialised: Vec<Parameters> = if delta {
-        selected
-            .iter()
-            .map(|u| {
-                let mut p = Parameters::zeros(Arc::clone(global.manifest()));
-                for t in 0..manifest.tensors().len() {
-                    let (g, x) = (global.tensor(t), view(u, t)?);
-                    p.write_tensor_f64(
-                        t,
-                        (0..manifest.slots()[t].numel).map(|e| g.get_f64(e) + x.get_f64(e)),
-                    );
+impl Bristle {
+    fn to_state(&self) -> BristleState {
+        BristleState {
+            config: self.config.clone(),
+            round: self.round,
+            own_model: self
+                .own_model
+                .as_ref()
+                .map(|p| ((**p.manifest()).clone(), Bin(p.as_bytes().to_vec()))),
+        }
+    }
+
+    /// The round counter and own model of `s`, checked against this configuration.
+    fn state_parts(&self, s: BristleState) -> Result<(u64, Option<Parameters>)> {
+        if s.config != self.config {
+            return Err(mismatch(format!("saved with {:?}, this filter has {:?}", s.config, self.config)));
+        }
+        let own = match s.own_model {
+            None => None,
+            Some((manifest, bytes)) => {
+                let mut p = Parameters::zeros(Arc::new(manifest));
+                if bytes.0.len() != p.as_bytes().len() {
+                    return Err(mismatch("the own model's bytes do not fit its manifest"));
                 }
-                Ok(p)
-            })
-            .collect::<Result<_, BristleError>>()?
-    } else {
-        Vec::new()
-    };
-    let mut assessments = BTreeMap::new();
-    let mut peer_tensors = Vec::with_capacity(selected.len());
-    for (k, u) in selected.iter().enumerate() {
-        let bytes = if delta { materialised[k].as_bytes() } else { u.bytes };
-        let f1 = evaluate(Candidate { manifest, bytes, client: Some(u.client) })?;
-        assessments.insert(u.client.clone(), assess_peer(&reference_f1, &f1, &familiar, compared));
-        peer_tensors.push(if delta { materialised[k].tensor(i) } else { view(u, i)? });
+                p.as_bytes_mut().copy_from_slice(&bytes.0);
+                crate::tensor::check_finite(p.manifest(), p.as_bytes())
+                    .map_err(|e| mismatch(e.to_string()))?;
+                Some(p)
+            }
+        };
+        Ok((s.round, own))
     }
-    let own = reference.tensor_f64(i);
-    let peers: Vec<(TensorData<'_>, &PeerAssessment)> =
-        selected.iter().zip(peer_tensors).map(|(u, t)| (t, &assessments[u.client])).collect();
-    let mut values = integrate_output(&own, layout, &familiar, &peers);
-    if cfg.center_columns {
-        center_columns(&mut values, layout);
-    }
-    Ok((values, reference_f1, assessments))
 }
 
 impl Strategy for Bristle {
@@ -1002,5 +1187,20 @@ impl Strategy for Bristle {
         self.round += 1;
         self.last = Some(report);
         Ok(out)
+    }
+
+    /// The round counter (the seeded draws of round t derive from it) and the own model.
+    fn save_state(&self) -> Result<Vec<u8>> {
+        crate::state::save(self.name(), &self.to_state())
+    }
+
+    /// # Errors
+    /// As [`Strategy::restore_state`]; also a state saved with another [`BristleConfig`] or an
+    /// own model whose bytes do not fit its manifest or are not finite.
+    fn restore_state(&mut self, bytes: &[u8]) -> Result<()> {
+        let state = crate::state::load(self.name(), bytes)?;
+        (self.round, self.own_model) = self.state_parts(state)?;
+        self.last = None;
+        Ok(())
     }
 }
