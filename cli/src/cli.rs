@@ -325,6 +325,7 @@ async fn run_node(a: NodeArgs) -> anyhow::Result<()> {
     let config = a.config()?;
     config.validate().context("invalid node flags")?;
     let nats = a.nats.options("shoal-node")?;
+    shoal_runtime::staging::install_sigbus_guard()?;
     let signal = shutdown_signal();
     tokio::pin!(signal);
     loop {

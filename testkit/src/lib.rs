@@ -190,6 +190,23 @@ impl NodeProcess {
         self.wait_ready(nats_url).await;
     }
 
+    /// Waits up to `within` for the process to exit on its own; its exit status, or `None` if it
+    /// is still running (or was never started).
+    pub async fn exited(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            let status = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            if status.is_some() {
+                self.child = None;
+                return status;
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The process id, or `None` while the node is not running.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
