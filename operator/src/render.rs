@@ -115,7 +115,10 @@ pub fn merged_template(defaults: &FunctionHostTemplate, job: &FunctionHostTempla
         tolerations,
         node_selector: merge_map(&defaults.node_selector, &job.node_selector),
         priority_class_name: job.priority_class_name.clone().or_else(|| defaults.priority_class_name.clone()),
-        service_account_name: job.service_account_name.clone().or_else(|| defaults.service_account_name.clone()),
+        service_account_name: job
+            .service_account_name
+            .clone()
+            .or_else(|| defaults.service_account_name.clone()),
     }
 }
 

@@ -194,7 +194,8 @@ fn read_host_template(path: &Path) -> Result<FunctionHostTemplate> {
     if text.trim().is_empty() {
         return Ok(FunctionHostTemplate::default());
     }
-    serde_yaml::from_str(&text).with_context(|| format!("{}: not a function-host pod template", path.display()))
+    serde_yaml::from_str(&text)
+        .with_context(|| format!("{}: not a function-host pod template", path.display()))
 }
 
 /// Connects to NATS and provisions Shoal's streams and buckets, retrying until it works.

@@ -185,9 +185,10 @@ fn the_job_template_overrides_the_operator_defaults_field_by_field() {
 /// A job without a podTemplate gets the defaults as they are.
 #[test]
 fn defaults_alone_fill_every_field() {
-    let defaults: FunctionHostTemplate =
-        serde_json::from_value(json!({"image": "registry.local/shoal:default", "serviceAccountName": "hosts"}))
-            .unwrap();
+    let defaults: FunctionHostTemplate = serde_json::from_value(
+        json!({"image": "registry.local/shoal:default", "serviceAccountName": "hosts"}),
+    )
+    .unwrap();
     let merged = merged_template(&defaults, &FunctionHostTemplate::default());
     assert_eq!(merged, defaults);
 }
