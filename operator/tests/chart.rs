@@ -715,3 +715,92 @@ async fn the_rendered_chart_applies_server_side_and_its_operator_reconciles_a_jo
     );
     Ok(())
 }
+
+/// No Docker engine runs here, so the Dockerfile is checked against the repository instead: it
+/// builds the packages and binaries that exist, copies them onto `PATH` where the chart's
+/// commands find them, copies the eBPF object `shoal` embeds, runs as the chart's user, and its
+/// builder and runtime are the same Debian release with a Rust at least the workspace's.
+#[test]
+fn the_dockerfile_builds_what_the_chart_runs() -> Result<()> {
+    let dockerfile = std::fs::read_to_string(root().join("Dockerfile"))?;
+    let arg = |name: &str| {
+        dockerfile
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("ARG {name}=")))
+            .map(str::to_owned)
+            .with_context(|| format!("ARG {name}"))
+    };
+    let build = dockerfile
+        .lines()
+        .find(|l| l.trim_start().starts_with("cargo build --release"))
+        .context("cargo build")?;
+    for (flag, name, manifest) in [
+        ("-p", "shoal-cli", "cli/Cargo.toml"),
+        ("-p", "shoal-operator", "operator/Cargo.toml"),
+        ("--bin", "shoal", "cli/Cargo.toml"),
+        ("--bin", "shoal-operator", "operator/Cargo.toml"),
+    ] {
+        assert!(
+            build.contains(&format!("{flag} {name} ")) || build.ends_with(&format!("{flag} {name}")),
+            "{build}"
+        );
+        let text = std::fs::read_to_string(root().join(manifest))?;
+        assert!(text.contains(&format!("name = \"{name}\"")), "{manifest} has no {name}");
+    }
+    assert!(dockerfile.contains("COPY --from=build /out/shoal /out/shoal-operator /usr/local/bin/"));
+    let sidecar = std::fs::read_to_string(root().join("ebpf/src/sidecar.rs"))?;
+    assert!(sidecar.contains("../bpf/shoal.bpf.o"), "shoal embeds ebpf/bpf/shoal.bpf.o");
+    assert!(
+        dockerfile.contains("COPY ebpf/bpf/shoal.bpf.o ") && root().join("ebpf/bpf/shoal.bpf.o").is_file()
+    );
+    let values: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(chart_dir().join("values.yaml"))?)?;
+    let user = format!(
+        "USER {}:{}",
+        values["runAsUser"].as_u64().context("runAsUser")?,
+        values["runAsGroup"].as_u64().context("runAsGroup")?
+    );
+    assert!(dockerfile.lines().any(|l| l == user), "the image runs as the chart's {user}");
+    let froms: Vec<&str> = dockerfile.lines().filter(|l| l.starts_with("FROM ")).collect();
+    assert_eq!(froms.len(), 2, "{froms:?}");
+    assert!(froms.iter().all(|f| f.contains("${DEBIAN_RELEASE}")), "one Debian release: {froms:?}");
+    let workspace = std::fs::read_to_string(root().join("Cargo.toml"))?;
+    let wanted = workspace
+        .lines()
+        .find_map(|l| l.strip_prefix("rust-version = "))
+        .context("rust-version")?
+        .trim_matches('"');
+    let parse = |v: &str| v.split('.').map(|p| p.parse::<u32>().unwrap_or(0)).collect::<Vec<_>>();
+    assert!(parse(&arg("RUST_VERSION")?) >= parse(wanted), "the builder's Rust is older than {wanted}");
+    let commands = rendered_command_names()?;
+    for command in ["shoal-operator", "shoal"] {
+        assert!(commands.contains(command), "the chart runs {command}: {commands:?}");
+    }
+    Ok(())
+}
+
+/// The commands the chart's templates run (`command: ["..."`).
+fn rendered_command_names() -> Result<BTreeSet<String>> {
+    let mut names = BTreeSet::new();
+    for entry in walk(&chart_dir().join("templates"))? {
+        for line in std::fs::read_to_string(entry)?.lines() {
+            if let Some(rest) = line.trim().strip_prefix("command: [\"") {
+                names.insert(rest.split('"').next().unwrap_or("").to_owned());
+            }
+        }
+    }
+    Ok(names)
+}
+
+fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            files.extend(walk(&path)?);
+        } else {
+            files.push(path);
+        }
+    }
+    Ok(files)
+}
