@@ -804,3 +804,48 @@ fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     Ok(files)
 }
+
+/// Every value Shoal owns has a comment right above it in values.yaml (the contents of
+/// Kubernetes-typed blocks such as `resources` excepted, and the official nats chart's own keys,
+/// which its values.yaml documents).
+#[test]
+fn every_value_is_documented_in_values_yaml() -> Result<()> {
+    let text = std::fs::read_to_string(chart_dir().join("values.yaml"))?;
+    let (mut path, mut previous, mut nats_own, mut undocumented) =
+        (Vec::<String>::new(), "", false, Vec::new());
+    let mut keys = 0;
+    for line in text.lines() {
+        if line.trim_start().starts_with("# ---- from here on") {
+            nats_own = true;
+        }
+        let indent = line.len() - line.trim_start().len();
+        let key = line.trim_start().split_once(':').map(|(k, _)| k).filter(|k| {
+            !k.is_empty()
+                && !k.starts_with('#')
+                && !k.starts_with('-')
+                && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$')
+        });
+        if let Some(key) = key {
+            let depth = indent / 2;
+            path.truncate(depth);
+            path.push(key.to_owned());
+            if depth == 0 {
+                nats_own = false;
+            }
+            let exempt =
+                nats_own || path[..path.len() - 1].iter().any(|p| p == "resources" || p == "updateStrategy");
+            if !exempt {
+                keys += 1;
+                if !previous.trim_start().starts_with('#') {
+                    undocumented.push(path.join("."));
+                }
+            }
+        }
+        if !line.trim().is_empty() {
+            previous = line;
+        }
+    }
+    assert!(undocumented.is_empty(), "values without a comment above them: {undocumented:?}");
+    eprintln!("values.yaml: {keys} keys, each with its comment");
+    Ok(())
+}
