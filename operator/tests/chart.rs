@@ -16,7 +16,8 @@
 //!   cgroup), every namespaced object in the release namespace; capabilities only where eBPF is on;
 //! - every value set's rendered manifests are applied with server-side apply (CRDs first) to the
 //!   real API server and every object is accepted (cert-manager's and the Prometheus Operator's
-//!   CRDs are installed first from `tests/fixtures/crds`); then the operator **as the chart runs
+//!   CRDs are installed first from `tests/fixtures/crds`), and so is docs/examples/federatedjob.yaml
+//!   against the CRD the chart installs; then the operator **as the chart runs
 //!   it** (its rendered arguments and environment, its ServiceAccount's RBAC by impersonation, the
 //!   function-host template from the rendered ConfigMap) reconciles a FederatedJob: the job is
 //!   created in NATS, function-host Deployments appear with the chart's image and defaults, the
@@ -605,6 +606,7 @@ fn start_chart_operator(
 async fn apply_every_value_set(t: &Tools, client: &kube::Client) -> Result<()> {
     apply_stream(client, &third_party_crds()?, &ApplyOptions::new("test-fixtures")).await?;
     namespace(client, "fl").await?;
+    let mut example_applied = false;
     for (i, set) in value_sets()?.into_iter().enumerate() {
         let name = set_name(&set);
         let (release, ns) = (format!("r{i}"), format!("set-{name}"));
@@ -620,11 +622,20 @@ async fn apply_every_value_set(t: &Tools, client: &kube::Client) -> Result<()> {
             apply_stream(client, &yaml, &options).await.with_context(|| format!("value set {name}"))?;
         assert_eq!(applied.len(), expected, "{name}: every object accepted");
         let crd_first = applied.first().is_some_and(|o| o.kind == "CustomResourceDefinition");
+        if crd_first && !example_applied {
+            // The documentation's FederatedJob, against the CRD the chart installed (its CEL
+            // rules included).
+            let example = std::fs::read_to_string(root().join("docs/examples/federatedjob.yaml"))?;
+            let applied = apply_stream(client, &example, &ApplyOptions::new("docs")).await?;
+            assert_eq!(applied.len(), 1);
+            example_applied = true;
+        }
         eprintln!(
             "{name}: {} objects applied server-side (CRDs first: {crd_first}), all accepted",
             applied.len()
         );
     }
+    assert!(example_applied, "no value set installed the CRD");
     Ok(())
 }
 
