@@ -699,6 +699,11 @@ async fn the_rendered_chart_applies_server_side_and_its_operator_reconciles_a_jo
         json!({"limits": {"memory": "2Gi"}, "requests": {"cpu": "500m", "memory": "512Mi"}}),
         "the chart's function-host resources"
     );
+    let env = pod["containers"][0]["env"].as_array().context("env")?;
+    assert!(
+        env.iter().any(|e| e["name"] == "SHOAL_PREFIX" && e["value"] == "shoal"),
+        "the subject prefix reaches the function hosts: {env:?}"
+    );
     let status = eventually("status Running", Duration::from_secs(30), || async {
         api.get("mnist").await.ok().and_then(|fj| fj.status).filter(|s| s.phase == Some(Phase::Running))
     })
