@@ -69,13 +69,15 @@ class Timings:
       (events on ``<p>.<job>.round`` wake it at once; the poll covers a missed event).
     - ``notice_grace``: after a round is seen closed, how long to wait for a rejection notice the
       node may still be sending about an update that arrived after the close.
-    - ``connect``: one connection attempt.
+    - ``connect``: one connection attempt; ``connect_deadline``: how long :meth:`ShoalClient.connect`
+      keeps retrying an unreachable server (a refused login fails at once).
     """
 
     request: float = 10.0
     state_poll: float = 1.0
     notice_grace: float = 0.3
     connect: float = 5.0
+    connect_deadline: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -200,13 +202,15 @@ class ShoalClient:
         if tls is None and (tls_ca or tls_cert or tls_key):
             tls = tls_context(tls_ca, tls_cert, tls_key)
         holder: list[ShoalClient] = []
-        connect_errors: list[BaseException] = []
+        loop = asyncio.get_running_loop()
+        refused: asyncio.Future[BaseException] = loop.create_future()
 
         async def on_error(e: Exception) -> None:
             if holder:
                 holder[0]._on_error(e)
-            else:
-                connect_errors.append(e)
+            elif isinstance(e, nats.errors.AuthorizationError) or "authorization" in str(e).lower():
+                if not refused.done():
+                    refused.set_result(e)
 
         options: dict[str, Any] = dict(
             servers=url,
@@ -216,6 +220,7 @@ class ShoalClient:
             connect_timeout=timings.connect,
             allow_reconnect=True,
             max_reconnect_attempts=-1,
+            reconnect_time_wait=0.2,
         )
         if user is not None:
             options.update(user=user, password=password)
@@ -229,12 +234,25 @@ class ShoalClient:
             options.update(nkeys_seed=nkey_seed_file)
         if tls is not None:
             options.update(tls=tls)
+        # nats-py retries a refused login like an unreachable server: give up at the first refusal,
+        # and on an unreachable server after ``timings.connect_deadline``.
+        attempt = asyncio.ensure_future(nats.connect(**options))
+        done, _ = await asyncio.wait({attempt, refused}, timeout=timings.connect_deadline, return_when=asyncio.FIRST_COMPLETED)
+        if attempt not in done:
+            attempt.cancel()
+            try:
+                await attempt
+            except BaseException:  # the cancelled attempt's own error is not the story
+                pass
+            if refused.done():
+                raise AuthenticationFailed(f"the NATS server refused the credentials of {client_id!r}: {refused.result()}")
+            raise ShoalError(f"cannot connect to {url} within {timings.connect_deadline} s")
         try:
-            nc = await nats.connect(**options)
+            nc = attempt.result()
         except Exception as e:
-            if any(isinstance(x, nats.errors.AuthorizationError) for x in [e, *connect_errors]) or "authorization" in str(e).lower():
+            if refused.done() or isinstance(e, nats.errors.AuthorizationError):
                 raise AuthenticationFailed(f"the NATS server refused the credentials of {client_id!r}: {e}") from e
-            raise ShoalError(f"cannot connect to {url}: {e!r} {connect_errors!r}") from e
+            raise ShoalError(f"cannot connect to {url}: {e!r}") from e
         client = cls(nc, client_id, subjects, timings)
         holder.append(client)
         return client
