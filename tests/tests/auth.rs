@@ -584,7 +584,9 @@ async fn generated_passwords_reach_nats_server_exactly_or_are_refused() {
     for bad in ["a;b", "a,b", "a}b", "a b", "ab;", "a#b", "", "a\"b", "a\\b", "pässword", "a\nb"] {
         let r = auth::authorization_block(&[user("u", UserCredential::Password(auth::Secret::new(bad)))]);
         match r {
-            Err(Error::InvalidOptions(m)) => assert!(bad.len() < 2 || !m.contains(bad), "the error echoes the password: {m}"),
+            Err(Error::InvalidOptions(m)) => {
+                assert!(bad.len() < 2 || !m.contains(bad), "the error echoes the password: {m}")
+            }
             other => panic!("password {bad:?} was not refused: {other:?}"),
         }
     }
@@ -598,10 +600,14 @@ async fn generated_passwords_reach_nats_server_exactly_or_are_refused() {
     let text = auth::authorization_block(&users).unwrap();
     assert!(text.contains("password: \"12345\"") && text.contains("password: \"true\""), "{text}");
     assert!(text.contains("password: $SHOAL_NATS_PASSWORD_ENVUSER"), "{text}");
-    assert!(text.contains("parses the value of $SHOAL_NATS_PASSWORD_ENVUSER"), "no guidance for the variable: {text}");
+    assert!(
+        text.contains("parses the value of $SHOAL_NATS_PASSWORD_ENVUSER"),
+        "no guidance for the variable: {text}"
+    );
     // The real server accepts the block (the variable is set, quoted as the comment says).
     std::env::set_var("SHOAL_NATS_PASSWORD_ENVUSER", "\"env;pw 1\"");
-    let nats = NatsServer::start_with(NatsOptions { authorization: Some(text), ..Default::default() }).unwrap();
+    let nats =
+        NatsServer::start_with(NatsOptions { authorization: Some(text), ..Default::default() }).unwrap();
     let login = |name: String, password: &str| {
         let opts = ConnectOptions {
             url: nats.url(),
@@ -614,7 +620,10 @@ async fn generated_passwords_reach_nats_server_exactly_or_are_refused() {
         login(format!("u{i}"), p).await.unwrap_or_else(|e| panic!("{p:?} refused: {e}"));
         let truncated = &p[..p.len() - 1];
         let r = login(format!("u{i}"), truncated).await;
-        assert!(matches!(r, Err(Error::Unauthorized { op: "connect", .. })), "{truncated:?} for {p:?}: {r:?}");
+        assert!(
+            matches!(r, Err(Error::Unauthorized { op: "connect", .. })),
+            "{truncated:?} for {p:?}: {r:?}"
+        );
     }
     login("envuser".into(), "env;pw 1").await.unwrap();
     assert!(login("envuser".into(), "env").await.is_err());
