@@ -45,30 +45,35 @@ class TensorMismatch(ValueError):
     values that the manifest's integer dtype cannot hold exactly."""
 
 
+def _contiguous(a: np.ndarray) -> np.ndarray:
+    """``a`` in C order, keeping its shape (``np.ascontiguousarray`` turns a scalar into shape (1,))."""
+    return a if a.flags.c_contiguous else a.copy(order="C")
+
+
 def _cast(spec: TensorSpec, value: object) -> np.ndarray:
     arr = np.asarray(value)
     if tuple(arr.shape) != tuple(spec.shape):
         raise TensorMismatch(f"tensor {spec.name!r} has shape {tuple(arr.shape)}, the manifest says {tuple(spec.shape)}")
     target = NUMPY_DTYPES[spec.dtype]
     if arr.dtype == target:
-        return np.ascontiguousarray(arr)
+        return _contiguous(arr)
     if spec.is_float:
         if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == NUMPY_DTYPES["BF16"] or arr.dtype == np.bool_):
             raise TensorMismatch(f"tensor {spec.name!r} of dtype {arr.dtype} is not numeric")
-        return np.ascontiguousarray(arr.astype(target))
+        return _contiguous(arr.astype(target))
     # Integer target: exact or refused.
     info = np.iinfo(target)
     if np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_:
         wide = arr.astype(np.int64) if arr.dtype != np.uint64 else arr
         if arr.size and (int(wide.min()) < info.min or int(wide.max()) > info.max):
             raise TensorMismatch(f"tensor {spec.name!r} holds values outside {spec.dtype}")
-        return np.ascontiguousarray(arr.astype(target))
+        return _contiguous(arr.astype(target))
     f = arr.astype(np.float64)
     if arr.size and (not np.all(np.isfinite(f)) or not np.all(f == np.round(f))):
         raise TensorMismatch(f"tensor {spec.name!r} holds non-integer values for dtype {spec.dtype}")
     if arr.size and (f.min() < info.min or f.max() > info.max):
         raise TensorMismatch(f"tensor {spec.name!r} holds values outside {spec.dtype}")
-    return np.ascontiguousarray(f.astype(target))
+    return _contiguous(f.astype(target))
 
 
 def encode_safetensors(arrays: Sequence[tuple[str, str, np.ndarray]], metadata: Mapping[str, str] | None = None) -> bytes:
@@ -81,7 +86,7 @@ def encode_safetensors(arrays: Sequence[tuple[str, str, np.ndarray]], metadata: 
     offset = 0
     blobs = []
     for name, dtype, arr in arrays:
-        data = np.ascontiguousarray(arr).tobytes()
+        data = np.asarray(arr).tobytes(order="C")
         header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + len(data)]}
         offset += len(data)
         blobs.append(data)

@@ -32,8 +32,8 @@ def tensor_to_numpy(t: Any) -> np.ndarray:
 def numpy_to_tensor(a: np.ndarray) -> Any:
     """A numpy array as a torch tensor (``ml_dtypes.bfloat16`` as ``torch.bfloat16``)."""
     if a.dtype == NUMPY_DTYPES["BF16"]:
-        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16).copy()).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(a).copy())
+        return torch.from_numpy(np.array(a, order="C", copy=True).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.array(a, order="C", copy=True))
 
 
 def state_dict_to_params(state: Mapping[str, Any], tensors: Sequence[TensorSpec] | None = None) -> Params:
