@@ -152,10 +152,10 @@ def delta(new: Mapping[str, object], base: Mapping[str, np.ndarray], tensors: Se
     return out
 
 
-def _exact_int(t: TensorSpec, values: np.ndarray) -> np.ndarray:
+def _exact_int(t: TensorSpec, values: object) -> np.ndarray:
     """An object array of Python ints as the integer dtype of ``t``, refusing any value outside it."""
     info = np.iinfo(NUMPY_DTYPES[t.dtype])
-    flat = [int(v) for v in values.reshape(-1).tolist()] if values.ndim else [int(values)]
+    flat = [int(v) for v in np.asarray(values, dtype=object).reshape(-1).tolist()]
     if any(v < info.min or v > info.max for v in flat):
         raise TensorMismatch(f"tensor {t.name!r}: a difference does not fit {t.dtype}")
     return np.array(flat, dtype=NUMPY_DTYPES[t.dtype]).reshape(t.shape)
