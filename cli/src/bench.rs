@@ -4,7 +4,7 @@
 //! private nats-server; plus the aggregator's cold-start and warm-reuse times.
 //!
 //! Both modes run the same job: FedAvg over `--updates` updates of `--params` f32 parameters
-//! (defaults: 100 × 11.2M, ResNet-18's size), published through the object store. The figure of
+//! (defaults: 100 × 11.2M, ResNet-18's size), published on the upload path. The figure of
 //! merit is the ratio of the two latencies, measured in the same run.
 
 use std::sync::Arc;
@@ -127,6 +127,9 @@ fn spec(job: &str, manifest: ModelManifest, cohort: u32, rounds: u64) -> shoal_f
         server_optimizer: None,
         max_update_bytes: None,
         max_clients_per_round: None,
+        inline_limit_bytes: None,
+        chunk_bytes: None,
+        upload_quota_bytes: None,
     }
 }
 
@@ -164,7 +167,7 @@ async fn run_mode(a: &HierarchyArgs, eager: bool) -> Result<ModeResult> {
                 num_examples: 1 + u64::from(c % 7),
                 kind: UpdateKind::Parameters,
                 payload: payload.clone(),
-                force_object_store: true,
+                force_upload: true,
             })
             .await?;
         bar.inc(1);
@@ -204,7 +207,7 @@ async fn start_times(a: &HierarchyArgs) -> Result<(f64, f64)> {
                 num_examples: 1,
                 kind: UpdateKind::Parameters,
                 payload: payload.clone(),
-                force_object_store: false,
+                force_upload: false,
             })
             .await?;
         client.wait_for_round_closed(&job, RoundId(r), Duration::from_secs(60)).await?;

@@ -187,9 +187,6 @@ pub struct NodeArgs {
     /// 300; in-progress acks go out at a third of it).
     #[arg(long, default_value_t = NodeConfig::default().ack_wait_ms)]
     ack_wait_ms: u64,
-    /// Largest inline update in bytes (default: the server's max_payload).
-    #[arg(long)]
-    inline_limit_bytes: Option<u64>,
     /// Stop aggregators idle this long, in milliseconds.
     #[arg(long, default_value_t = NodeConfig::default().idle_timeout_ms)]
     idle_timeout_ms: u64,
@@ -232,7 +229,6 @@ impl NodeArgs {
             prefix: self.nats.prefix.clone(),
             shm_dir: self.shm_dir.clone(),
             shm_budget_mib: self.shm_budget_mib,
-            inline_limit_bytes: self.inline_limit_bytes,
             ack_wait_ms: self.ack_wait_ms,
             idle_timeout_ms: self.idle_timeout_ms,
             collect_timeout_ms: self.collect_timeout_ms,
@@ -291,9 +287,10 @@ pub struct ClientArgs {
     /// Update kind.
     #[arg(long, default_value = "parameters")]
     kind: String,
-    /// Always use the object store.
-    #[arg(long)]
-    object_store: bool,
+    /// Always take the upload path (chunks on the job's upload stream), even for an update
+    /// small enough to go inline. `--object-store` is the old name.
+    #[arg(long, alias = "object-store")]
+    force_upload: bool,
     /// Wait for the round to close and print its outcome.
     #[arg(long)]
     wait: bool,
@@ -399,12 +396,12 @@ async fn run_client(a: ClientArgs) -> anyhow::Result<()> {
             num_examples: a.num_examples,
             kind,
             payload: payload.into(),
-            force_object_store: a.object_store,
+            force_upload: a.force_upload,
         })
         .await?;
     let via = match via {
         shoal_client::Transport::Inline => "inline",
-        shoal_client::Transport::ObjectStore => "through the object store",
+        shoal_client::Transport::Upload => "on the upload path",
     };
     println!("published for round {} ({via})", state.round);
     if !a.wait {

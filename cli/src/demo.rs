@@ -5,7 +5,7 @@
 //! and runs simulated clients that each hold a Dirichlet(α) non-IID share of the UCI digits
 //! training split: every round they fetch the global model from the object store, train a
 //! softmax-regression classifier locally ([`crate::sim`]) and publish their parameters over NATS
-//! (one client in ten through the object store, the others inline). After each commit the
+//! (one client in ten on the upload path, the others inline). After each commit the
 //! global model is evaluated on the held-out test split. Finally the same model is trained
 //! centrally on the pooled training data for the same number of epochs, and both accuracies are
 //! printed as the last two lines (scripts read them).
@@ -492,6 +492,9 @@ async fn run_experiment(
         server_optimizer: choice.optimizer,
         max_update_bytes: None,
         max_clients_per_round: None,
+        inline_limit_bytes: None,
+        chunk_bytes: None,
+        upload_quota_bytes: None,
     };
     let client = &env.client;
     shoal_client::jobs::create_job(&env.admin, &spec, None).await?;
@@ -641,7 +644,7 @@ impl SimClient {
                     num_examples: self.shard.len() as u64,
                     kind: self.kind,
                     payload: payload.into(),
-                    force_object_store: self.index % 10 == 9,
+                    force_upload: self.index % 10 == 9,
                 })
                 .await?;
             next = state.round.next();

@@ -414,6 +414,9 @@ fn job_spec(strategy: StrategySpec, update_kind: UpdateKind, opt: Option<ServerO
         fan_in: 0,
         max_update_bytes: None,
         max_clients_per_round: None,
+        inline_limit_bytes: None,
+        chunk_bytes: None,
+        upload_quota_bytes: None,
         server_optimizer: opt,
     }
 }

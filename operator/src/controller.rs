@@ -18,7 +18,7 @@
 //!    decisions, condition transitions).
 //!
 //! Deletion (the finalizer's cleanup): cancel the job in NATS (its state's phase becomes
-//! `Failed { reason: "cancelled" }` by compare-and-set; proto has no `Cancelled` phase), delete
+//! `Cancelled` by compare-and-set), delete
 //! the Deployments (no controller-manager may be running to garbage-collect them), record a
 //! `JobCancelled` Event; then the finalizer is removed.
 
@@ -371,7 +371,10 @@ async fn sync_job(ctx: &Context, spec: &JobSpec, suspended: bool) -> Result<JobS
     let changed = match (&state, created) {
         (Some(_), false) => {
             let stored = jobs::load_spec(&infra.js, &spec.job).await.map_err(Error::nats("load job spec"))?;
-            (stored != *spec).then(|| {
+            // The stored spec carries the limits job creation filled in from the server's
+            // max_payload; compare with the CR's spec as it would have been stored.
+            let published = spec.clone().with_published_limits(infra.max_payload() as u64);
+            (published.as_ref() != Ok(&stored)).then(|| {
                 format!(
                     "job {} exists in NATS with a different spec; a job spec cannot change (create a new job id)",
                     spec.job
@@ -622,7 +625,10 @@ async fn cleanup(fj: Arc<FederatedJob>, ctx: Arc<Context>) -> Result<Action> {
     Ok(Action::await_change())
 }
 
-/// Writes `Failed { reason: "cancelled" }` into a running job's state by compare-and-set;
+/// The reason a job cancelled by deleting its FederatedJob gives.
+pub const CANCEL_REASON: &str = "the FederatedJob was deleted";
+
+/// Writes `Cancelled` into a running job's state by compare-and-set;
 /// `false` when the job is absent or already ended.
 async fn cancel_job(ctx: &Context, job: &JobId) -> Result<bool> {
     let infra = &ctx.nats.infra;
@@ -635,7 +641,7 @@ async fn cancel_job(ctx: &Context, job: &JobId) -> Result<bool> {
         if state.phase != JobPhase::Running {
             return Ok(false);
         }
-        state.phase = JobPhase::Failed { reason: "cancelled".into() };
+        state.phase = JobPhase::Cancelled { reason: CANCEL_REASON.into() };
         match jobs::cas_state(infra, job, &state, revision).await.map_err(Error::nats("cancel job"))? {
             CasOutcome::Written(_) => return Ok(true),
             CasOutcome::Conflict => continue,

@@ -149,8 +149,10 @@ pub enum Phase {
     Suspended,
     /// The last round committed.
     Finished,
-    /// The job failed (too many failed rounds, or cancelled).
+    /// The job failed (too many failed rounds).
     Failed,
+    /// The job was cancelled (`shoal job cancel`, or the FederatedJob deleted).
+    Cancelled,
     /// The spec does not validate; see the `Ready` condition.
     Invalid,
 }
@@ -164,6 +166,7 @@ impl Phase {
             Phase::Suspended => "Suspended",
             Phase::Finished => "Finished",
             Phase::Failed => "Failed",
+            Phase::Cancelled => "Cancelled",
             Phase::Invalid => "Invalid",
         }
     }

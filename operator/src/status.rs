@@ -142,6 +142,7 @@ fn phase(f: &Facts<'_>) -> Phase {
     match f.state.map(|s| &s.phase) {
         Some(JobPhase::Finished) => Phase::Finished,
         Some(JobPhase::Failed { .. }) => Phase::Failed,
+        Some(JobPhase::Cancelled { .. }) => Phase::Cancelled,
         _ if f.suspended => Phase::Suspended,
         Some(JobPhase::Running) => Phase::Running,
         None => Phase::Pending,
@@ -154,7 +155,7 @@ fn mirror_state(status: &mut FederatedJobStatus, state: &JobState) {
     let at = |ms: u64| (ms > 0).then(|| Timestamp::from_millisecond(ms as i64).ok().map(Time)).flatten();
     status.round_opened_at = at(state.opened_at_ms);
     status.round_deadline = at(state.deadline_at_ms);
-    if let JobPhase::Failed { reason } = &state.phase {
+    if let JobPhase::Failed { reason } | JobPhase::Cancelled { reason } = &state.phase {
         status.failure_reason = Some(reason.clone());
     }
     status.last_outcome = state.last_outcome.as_ref().map(|o| LastOutcome {

@@ -307,6 +307,6 @@ async fn the_operator_scales_follows_the_rounds_and_cleans_up() -> Result<()> {
     })
     .await?;
     let (state, _) = jobs::load_state(&infra.js, &live).await?;
-    assert_eq!(state.phase, JobPhase::Failed { reason: "cancelled".into() });
+    assert_eq!(state.phase, JobPhase::Cancelled { reason: "the FederatedJob was deleted".into() });
     Ok(())
 }

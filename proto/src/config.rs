@@ -50,8 +50,6 @@ pub struct NodeConfig {
     pub shm_dir: PathBuf,
     /// Shared-memory budget per job, MiB.
     pub shm_budget_mib: u64,
-    /// Largest inline update in bytes; `None`: the server's `max_payload`.
-    pub inline_limit_bytes: Option<u64>,
     /// JetStream ack wait for updates held until their round commits, ms.
     pub ack_wait_ms: u64,
     /// Stop an aggregator idle this long, ms.
@@ -82,7 +80,6 @@ impl Default for NodeConfig {
             prefix: crate::subjects::DEFAULT_PREFIX.into(),
             shm_dir: PathBuf::from("/dev/shm/shoal"),
             shm_budget_mib: 1024,
-            inline_limit_bytes: None,
             ack_wait_ms: 30_000,
             idle_timeout_ms: 300_000,
             collect_timeout_ms: 10_000,
@@ -134,12 +131,6 @@ impl NodeConfig {
         }
         if self.max_jobs == Some(0) {
             return bad("max_jobs", "must be at least 1 (omit it for no limit)".into());
-        }
-        if self.inline_limit_bytes == Some(0) {
-            return bad(
-                "inline_limit_bytes",
-                "must be at least 1 byte (omit it for the server's max_payload)".into(),
-            );
         }
         if self.nats_url.trim().is_empty() {
             return bad("nats_url", "is empty".into());

@@ -24,6 +24,11 @@ pub enum JobPhase {
         /// Why.
         reason: String,
     },
+    /// Stopped by a user (`shoal job cancel`, or the operator's FederatedJob deleted).
+    Cancelled {
+        /// Why (who cancelled it).
+        reason: String,
+    },
 }
 
 impl std::fmt::Display for JobPhase {
@@ -32,6 +37,7 @@ impl std::fmt::Display for JobPhase {
             JobPhase::Running => f.write_str("running"),
             JobPhase::Finished => f.write_str("finished"),
             JobPhase::Failed { reason } => write!(f, "failed ({reason})"),
+            JobPhase::Cancelled { reason } => write!(f, "cancelled ({reason})"),
         }
     }
 }

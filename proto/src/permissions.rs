@@ -42,11 +42,9 @@ impl Permissions {
 ///
 /// Publish:
 /// - `<p>.<job>.update.<client>`: its own updates (into stream `SHOAL_UPDATES`), nothing else;
+/// - `<p>.<job>.upload.<client>.>`: the chunks of its own large updates (stream
+///   `UPLOADS_<job>`, which allows no rollup, so a client cannot purge the stream);
 /// - `<p>.<job>.reward.<client>`: its own reward request;
-/// - `$O.shoal-updates.C.*`, `$O.shoal-updates.M.*`: the chunks and metadata of its large
-///   updates (NUIDs and base64 names cannot be narrowed; the gateway checks name and digest);
-/// - `$JS.API.STREAM.INFO.<stream>` for `SHOAL_UPDATES`, `OBJ_shoal-updates`,
-///   `OBJ_shoal-models`, `KV_shoal-jobs`: opening them (configuration and counts, no data);
 /// - `$JS.API.DIRECT.GET.KV_shoal-jobs.$KV.shoal-jobs.<job>.spec` and `.state`: reading its own
 ///   job's spec and state, and no other key;
 /// - `$JS.API.DIRECT.GET.OBJ_shoal-models` and `$JS.API.DIRECT.GET.OBJ_shoal-models.>`:
@@ -55,24 +53,15 @@ impl Permissions {
 /// Subscribe: `_INBOX_<client>.>` (replies, see [`client_inbox_prefix`]), `<p>.<job>.round`,
 /// `<p>.<job>.rejected.<client>`.
 ///
-/// Not granted: creating consumers (no push deliveries to chosen subjects), any read of
-/// `shoal-updates`, any write to `shoal-models` or `shoal-jobs`, stream management.
+/// Not granted: stream information (`$JS.API.STREAM.INFO`, which would list other jobs'
+/// subjects), creating consumers (no push deliveries to chosen subjects), any read of another
+/// client's uploads or of `shoal-updates`, any write to `shoal-models` or `shoal-jobs`, stream
+/// management.
 pub fn client_permissions(prefix: &str, job: &JobId, client: &ClientId) -> Permissions {
     let s = subjects::Subjects::new(prefix);
-    let updates = subjects::UPDATES_BUCKET;
     let models = subjects::object_stream(subjects::MODELS_BUCKET);
     let kv = subjects::kv_stream(subjects::JOBS_BUCKET);
-    let mut publish = vec![
-        s.update(job, client),
-        s.reward(job, client),
-        format!("$O.{updates}.C.*"),
-        format!("$O.{updates}.M.*"),
-    ];
-    for stream in
-        [subjects::UPDATES_STREAM.to_string(), subjects::object_stream(updates), models.clone(), kv.clone()]
-    {
-        publish.push(format!("$JS.API.STREAM.INFO.{stream}"));
-    }
+    let mut publish = vec![s.update(job, client), s.uploads_of(job, client), s.reward(job, client)];
     for key in [subjects::job_spec_key(job), subjects::job_state_key(job)] {
         publish.push(format!("$JS.API.DIRECT.GET.{kv}.$KV.{}.{key}", subjects::JOBS_BUCKET));
     }

@@ -321,7 +321,29 @@ pub struct JobSpec {
     /// FedBuff or FedFix update that misses a buffer goes to the next one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_clients_per_round: Option<u32>,
+    /// Largest inline payload a client may publish, in bytes (headers not included; they count
+    /// against the server's `max_payload` too, within [`HEADER_ALLOWANCE`]). Every node refuses
+    /// a longer inline payload as `payload_too_large`; larger updates take the upload path.
+    /// Filled at job creation when absent: the server's `max_payload` − [`HEADER_ALLOWANCE`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inline_limit_bytes: Option<u64>,
+    /// Bytes per chunk on the upload path (all chunks but the last have exactly this length).
+    /// Filled at job creation when absent: min(1 MiB, `inline_limit_bytes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunk_bytes: Option<u64>,
+    /// Bytes the job's upload stream (`UPLOADS_<job>`) may hold at once: a client that floods
+    /// it fills its own job's quota, no other job's. Default: twice the updates of a round
+    /// (`cohort_size`, or FedBuff's `buffer_size`) × `max_update_bytes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload_quota_bytes: Option<u64>,
 }
+
+/// Bytes kept under the server's `max_payload` for an update message's headers: Shoal's headers
+/// with ids of at most 64 bytes take under 600.
+pub const HEADER_ALLOWANCE: u64 = 4096;
+
+/// Most bytes per upload chunk (1 MiB).
+pub const MAX_CHUNK_BYTES: u64 = 1 << 20;
 
 fn default_max_examples() -> u64 {
     1_000_000_000
@@ -834,6 +856,57 @@ impl JobSpec {
     pub fn update_byte_limit(&self) -> u64 {
         self.max_update_bytes
             .unwrap_or((self.manifest.data_bytes() + self.manifest.header_allowance()) as u64)
+    }
+
+    /// The largest inline payload ([`Self::inline_limit_bytes`]), once the job exists (job
+    /// creation fills it); `max_payload − HEADER_ALLOWANCE` for a spec that has none.
+    pub fn inline_limit(&self, max_payload: u64) -> u64 {
+        self.inline_limit_bytes.unwrap_or(max_payload.saturating_sub(HEADER_ALLOWANCE))
+    }
+
+    /// Bytes per upload chunk ([`Self::chunk_bytes`], or its default from the inline limit).
+    pub fn chunk_limit(&self, max_payload: u64) -> u64 {
+        self.chunk_bytes.unwrap_or(MAX_CHUNK_BYTES.min(self.inline_limit(max_payload))).max(1)
+    }
+
+    /// The job's upload quota ([`Self::upload_quota_bytes`], or twice a round of updates).
+    pub fn upload_quota(&self) -> u64 {
+        let per_round = match (&self.round_policy, &self.strategy) {
+            (RoundPolicy::Sync { cohort_size, .. }, _) => u64::from(*cohort_size),
+            (_, StrategySpec::Fedbuff(f)) => u64::from(f.buffer_size),
+            (RoundPolicy::Periodic { .. }, StrategySpec::Fedfix { clients, .. }) => clients.len() as u64,
+            _ => 1,
+        };
+        self.upload_quota_bytes.unwrap_or(per_round.max(1).saturating_mul(2).saturating_mul(self.update_byte_limit()))
+    }
+
+    /// Fills the limits a client must respect ([`Self::inline_limit_bytes`], [`Self::chunk_bytes`],
+    /// [`Self::upload_quota_bytes`]) for a server whose `max_payload` is `max_payload` (job
+    /// creation does this, so clients read them from the stored spec).
+    ///
+    /// # Errors
+    /// [`SpecError`] when a given inline limit or chunk size does not fit `max_payload` with its
+    /// headers, or is zero.
+    pub fn with_published_limits(mut self, max_payload: u64) -> Result<JobSpec, SpecError> {
+        let most = max_payload.saturating_sub(HEADER_ALLOWANCE);
+        let inline = self.inline_limit(max_payload);
+        if inline == 0 || inline > most {
+            return Err(SpecError(format!(
+                "inline_limit_bytes {inline} must be between 1 and {most} (the server's max_payload {max_payload} \
+                 minus {HEADER_ALLOWANCE} bytes of headers)"
+            )));
+        }
+        let chunk = self.chunk_limit(max_payload);
+        if chunk > most.min(MAX_CHUNK_BYTES) {
+            return Err(SpecError(format!(
+                "chunk_bytes {chunk} must be at most {} (1 MiB, and max_payload minus headers)",
+                most.min(MAX_CHUNK_BYTES)
+            )));
+        }
+        self.inline_limit_bytes = Some(inline);
+        self.chunk_bytes = Some(chunk);
+        self.upload_quota_bytes = Some(self.upload_quota());
+        Ok(self)
     }
 
     /// Most updates a round takes ([`Self::max_clients_per_round`], default `cohort_size`);

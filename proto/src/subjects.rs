@@ -60,6 +60,34 @@ impl Subjects {
         it.next().is_none().then_some((job, client))
     }
 
+    /// `<p>.<job>.upload.<client>.<round>.<i>`: chunk `i` (from 0) of a client's upload for a
+    /// round (stream `UPLOADS_<job>`, one message per subject).
+    pub fn upload_chunk(&self, job: &JobId, client: &ClientId, round: RoundId, i: u64) -> String {
+        format!("{}.{job}.upload.{client}.{round}.{i}", self.prefix)
+    }
+
+    /// `<p>.<job>.upload.<client>.<round>.>`: every chunk of one upload (what the node purges
+    /// when the update is settled).
+    pub fn upload_chunks(&self, job: &JobId, client: &ClientId, round: RoundId) -> String {
+        format!("{}.{job}.upload.{client}.{round}.>", self.prefix)
+    }
+
+    /// `<p>.<job>.upload.*.<round>.>`: every client's upload for a round (what the committer of
+    /// a synchronous round purges when it closes: left-overs of crashed or retried uploads).
+    pub fn round_uploads(&self, job: &JobId, round: RoundId) -> String {
+        format!("{}.{job}.upload.*.{round}.>", self.prefix)
+    }
+
+    /// `<p>.<job>.upload.<client>.>`: what client `client` may publish uploads to.
+    pub fn uploads_of(&self, job: &JobId, client: &ClientId) -> String {
+        format!("{}.{job}.upload.{client}.>", self.prefix)
+    }
+
+    /// `<p>.<job>.upload.>`: the subjects of the job's upload stream.
+    pub fn all_uploads(&self, job: &JobId) -> String {
+        format!("{}.{job}.upload.>", self.prefix)
+    }
+
     /// `<p>.<job>.round`: round events.
     pub fn round_events(&self, job: &JobId) -> String {
         format!("{}.{job}.round", self.prefix)
@@ -141,6 +169,11 @@ impl Subjects {
     }
 }
 
+/// The stream of a job's uploads: `UPLOADS_<job>`.
+pub fn uploads_stream(job: &JobId) -> String {
+    format!("UPLOADS_{job}")
+}
+
 /// KV key of a job's spec.
 pub fn job_spec_key(job: &JobId) -> String {
     format!("{job}.spec")
@@ -209,13 +242,6 @@ pub fn object_chunks(bucket: &str, nuid: &str) -> String {
 pub fn object_meta(bucket: &str, name: &str) -> String {
     use base64::Engine as _;
     format!("$O.{bucket}.M.{}", base64::engine::general_purpose::URL_SAFE.encode(name))
-}
-
-/// `Nats-Msg-Id` of an update: `<job>.<round>.<client>.<first 16 hex digits of the payload's
-/// SHA-256>`. JetStream drops a retry of the same bytes within the duplicate window, while a
-/// corrected update (after a rejection) goes through.
-pub fn update_msg_id(job: &JobId, round: RoundId, client: &ClientId, sha256_hex: &str) -> String {
-    format!("{job}.{round}.{client}.{}", &sha256_hex[..sha256_hex.len().min(16)])
 }
 
 #[cfg(test)]

@@ -247,6 +247,9 @@ pub fn job_spec(
         server_optimizer: None,
         max_update_bytes: None,
         max_clients_per_round: None,
+        inline_limit_bytes: None,
+        chunk_bytes: None,
+        upload_quota_bytes: None,
     }
 }
 
@@ -459,7 +462,7 @@ pub async fn send_random(
         num_examples: n,
         kind: UpdateKind::Parameters,
         payload: payload(m, &values),
-        force_object_store: false,
+        force_upload: false,
     })
     .await
     .expect("publish");

@@ -52,7 +52,7 @@ async fn send(
         num_examples: 10,
         kind: UpdateKind::Delta,
         payload: payload(m, &[d.to_vec()]),
-        force_object_store: false,
+        force_upload: false,
     })
     .await
     .unwrap();

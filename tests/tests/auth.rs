@@ -4,8 +4,9 @@
 //! with every permission, each client as a password user with `client_permissions` for its
 //! job. The tests show that a client cannot publish as another client (and nothing is stored
 //! for the victim), that its own update commits (also through `shoal client`), that it can
-//! read nothing from `shoal-updates` (by any route) nor claim another client's object, that an
-//! object it overwrites under another's name is refused rather than accepted as the other's,
+//! neither write nor read another client's upload chunks (by any route) nor the node-to-node
+//! object store, that an update message squatting another client's message id is refused and
+//! the victim's update still counts,
 //! that it cannot write models or job state nor read another job's state; that tokens work
 //! and wrong credentials fail at connect; and that node and clients work over mutual TLS with
 //! a CA generated at test time while a client without that CA fails with a TLS error.
@@ -130,7 +131,7 @@ fn small_manifest() -> Arc<ModelManifest> {
     Arc::new(ModelManifest::new(vec![TensorSpec::new("w", DType::F32, vec![64])]).unwrap())
 }
 
-/// 1.2 MB of f32: above the 1 MiB inline limit, two object-store chunks.
+/// 1.2 MB of f32: above the job's inline limit (1 MiB − 4 KiB), two upload chunks.
 fn large_manifest() -> Arc<ModelManifest> {
     Arc::new(ModelManifest::new(vec![TensorSpec::new("w", DType::F32, vec![300_000])]).unwrap())
 }
@@ -151,7 +152,7 @@ fn request(
         num_examples: n,
         kind: UpdateKind::Parameters,
         payload: payload(m, values),
-        force_object_store: false,
+        force_upload: false,
     }
 }
 
@@ -215,8 +216,12 @@ async fn a_client_cannot_publish_as_another_and_its_own_update_commits() {
     assert_matches_oracle(&fa, &job, &m, &[(a, 10.0), (b, 30.0)]).await;
 }
 
+/// Large updates travel on the upload path: a client can neither write nor read another
+/// client's upload chunks (by any route), nor purge the job's upload stream, nor read the
+/// node-to-node object store; an update message still carrying the retired `Shoal-Object` header
+/// is refused as malformed; both clients' honest uploads commit.
 #[tokio::test]
-async fn a_client_cannot_read_or_claim_another_clients_update_object() {
+async fn a_client_cannot_write_or_read_another_clients_upload() {
     let node = node_client().await;
     let m = large_manifest();
     let job = JobId::new("objects").unwrap();
@@ -231,40 +236,57 @@ async fn a_client_cannot_read_or_claim_another_clients_update_object() {
     let state = ob.wait_for_open_round(&job, RoundId(1), TIMEOUT).await.unwrap();
     let b = as_sent(&m, &random_values(&m, 3));
     let via = ob.publish_update(request(&job, "ob", state.round, &m, &b, 20)).await.unwrap();
-    assert_eq!(via, Transport::ObjectStore, "a 1.2 MB update goes through the object store");
-    let name = subjects::update_object(&job, state.round, &ClientId::new("ob").unwrap());
-    // The object is there (the node can read it) while the round is open.
-    assert!(shoal_testkit::infra_of(&node).await.update_objects.info(&name).await.is_ok());
+    assert_eq!(via, Transport::Upload, "a 1.2 MB update takes the upload path");
+    let ob_id = ClientId::new("ob").unwrap();
+    let chunk0 = node.connection().subjects.upload_chunk(&job, &ob_id, state.round, 0);
+    let uploads = subjects::uploads_stream(&job);
 
-    let infra = &shoal_testkit::infra_of(&oa).await;
+    let infra = oa.connection();
     let v = &infra.violations;
-    // The object-store API (metadata by direct get, then a consumer for the chunks).
+    // Writing a chunk under ob's name.
     let r = v
-        .guard("get", async { infra.update_objects.get(&name).await.map_err(|e| Error::nats("get", e)) })
+        .guard("publish chunk", async {
+            let ack = infra.js.publish(chunk0.clone(), Bytes::from_static(b"forged")).await;
+            ack.map_err(|e| Error::nats("p", e))?.await.map_err(|e| Error::nats("a", e))
+        })
         .await;
-    assert_unauthorized(r.map(|_| ()), "$JS.API.DIRECT.GET.OBJ_shoal-updates.");
-    // The consumer-free reader the SDK uses for models.
-    let r = v.guard("read", objects::read_object(&infra.js, subjects::UPDATES_BUCKET, &name)).await;
-    assert_unauthorized(r, "$JS.API.DIRECT.GET.OBJ_shoal-updates.");
-    // A consumer on the chunks, a direct get by sequence, a stream message get.
-    let stream = infra.js.get_stream_no_info("OBJ_shoal-updates").await.unwrap();
+    assert_unauthorized(r.map(|_| ()), &format!("Publish to \"{chunk0}\""));
+    // Reading ob's chunks: direct get, stream message get, a consumer, a subscription.
+    let stream = infra.js.get_stream_no_info(&uploads).await.unwrap();
+    let r = v
+        .guard("direct", async {
+            stream.direct_get_last_for_subject(&chunk0).await.map_err(|e| Error::nats("d", e))
+        })
+        .await;
+    assert_unauthorized(r.map(|_| ()), &format!("$JS.API.DIRECT.GET.{uploads}"));
+    let r =
+        v.guard("msg get", async { stream.get_raw_message(1).await.map_err(|e| Error::nats("m", e)) }).await;
+    assert_unauthorized(r.map(|_| ()), &format!("$JS.API.STREAM.MSG.GET.{uploads}"));
     let consumer = push::OrderedConfig {
         deliver_subject: infra.client.new_inbox(),
-        filter_subject: "$O.shoal-updates.C.>".into(),
+        filter_subject: "shoal.objects.upload.>".into(),
         ..Default::default()
     };
     let r = v
         .guard("consume", async { stream.create_consumer(consumer).await.map_err(|e| Error::nats("c", e)) })
         .await;
-    assert_unauthorized(r.map(|_| ()), "$JS.API.CONSUMER.CREATE.OBJ_shoal-updates");
-    let r = v.guard("direct", async { stream.direct_get(1).await.map_err(|e| Error::nats("d", e)) }).await;
-    assert_unauthorized(r.map(|_| ()), "$JS.API.DIRECT.GET.OBJ_shoal-updates");
-    let r =
-        v.guard("msg get", async { stream.get_raw_message(1).await.map_err(|e| Error::nats("m", e)) }).await;
-    assert_unauthorized(r.map(|_| ()), "$JS.API.STREAM.MSG.GET.OBJ_shoal-updates");
+    assert_unauthorized(r.map(|_| ()), &format!("$JS.API.CONSUMER.CREATE.{uploads}"));
+    let r = v.guard("purge", async { stream.purge().await.map_err(|e| Error::nats("p", e)) }).await;
+    assert_unauthorized(r.map(|_| ()), &format!("$JS.API.STREAM.PURGE.{uploads}"));
+    let r = v
+        .guard("info", async {
+            infra.js.get_stream(&uploads).await.map_err(|e| Error::nats("i", e))
+        })
+        .await;
+    assert_unauthorized(r.map(|_| ()), &format!("$JS.API.STREAM.INFO.{uploads}"));
+    // The node-to-node object store is closed to clients.
+    let r = v
+        .guard("read", objects::read_object(&infra.js, subjects::UPDATES_BUCKET, "objects/1/n1/1"))
+        .await;
+    assert_unauthorized(r, "$JS.API.DIRECT.GET.OBJ_shoal-updates.");
     // Listening to chunks as they are published, or to the node's inbox where the gateway's
     // reads of them are delivered.
-    for subject in ["$O.shoal-updates.>", "_INBOX.>"] {
+    for subject in ["shoal.objects.upload.>", "_INBOX.>"] {
         let r = v
             .guard("subscribe", async {
                 let sub = infra.client.subscribe(subject).await.map_err(|e| Error::nats("s", e))?;
@@ -277,30 +299,23 @@ async fn a_client_cannot_read_or_claim_another_clients_update_object() {
         assert_unauthorized(r.map(|_| ()), &format!("Subscription to \"{subject}\""));
     }
 
-    // oa names ob's object in its own update: the gateway refuses it as unauthorized.
+    // An update message in the retired object-store form is refused as malformed headers.
     let me = ClientId::new("oa").unwrap();
     let mut rejections = oa.rejections(&job, &me).await.unwrap();
     let mut h = HeaderMap::new();
     h.insert(shoal_proto::headers::HDR_ROUND, state.round.to_string().as_str());
     h.insert(shoal_proto::headers::HDR_BASE_VERSION, "0");
     h.insert(shoal_proto::headers::HDR_NUM_EXAMPLES, "20");
-    h.insert(shoal_proto::headers::HDR_OBJECT, name.as_str());
-    let digest = {
-        use sha2::Digest as _;
-        hex::encode(sha2::Sha256::digest(payload(&m, &b)))
-    };
-    h.insert(shoal_proto::headers::HDR_DIGEST, format!("sha256:{digest}").as_str());
+    h.insert(shoal_proto::headers::HDR_OBJECT, "objects/1/ob");
     let subject = infra.subjects.update(&job, &me);
     infra.js.publish_with_headers(subject, h, Bytes::new()).await.unwrap().await.unwrap();
     let notice = next_rejection(&mut rejections).await;
-    assert_eq!(notice.reason, RejectReason::Unauthorized, "{notice:?}");
+    assert_eq!(notice.reason, RejectReason::MalformedHeaders, "{notice:?}");
+    assert!(notice.detail.contains("Shoal-Object"), "{notice:?}");
 
     // oa's own large update commits with ob's.
     let a = as_sent(&m, &random_values(&m, 4));
-    assert_eq!(
-        oa.publish_update(request(&job, "oa", state.round, &m, &a, 60)).await.unwrap(),
-        Transport::ObjectStore
-    );
+    assert_eq!(oa.publish_update(request(&job, "oa", state.round, &m, &a, 60)).await.unwrap(), Transport::Upload);
     let after = oa.wait_for_round_closed(&job, RoundId(1), TIMEOUT).await.unwrap();
     assert!(matches!(after.last_outcome, Some(RoundOutcome::Committed { clients: 2, .. })), "{after:?}");
     assert_matches_oracle(&oa, &job, &m, &[(a, 60.0), (b, 20.0)]).await;
@@ -340,11 +355,12 @@ async fn the_cli_client_works_with_least_permissions() {
     assert_matches_oracle(&node, &job, &m, &[(values, 5.0)]).await;
 }
 
-/// The limit of the object-store permissions: a client may write an object under another
-/// client's name (chunk and metadata subjects cannot be narrowed), but its bytes are never
-/// accepted as the other client's: the victim's own message carries the digest.
+/// A message id is only a header: client ha may publish, on its own subject, the id hb's update
+/// will carry, so that JetStream would drop hb's real update as a duplicate. The node refuses
+/// ha's message (the id names another client); hb's SDK sees a duplicate it never sent and
+/// publishes again under a fresh id; the round commits the honest mean.
 #[tokio::test]
-async fn an_overwritten_object_is_refused_not_accepted_as_the_victims() {
+async fn a_squatted_message_id_is_refused_and_the_victims_update_still_counts() {
     let node = node_client().await;
     let m = large_manifest();
     let job = JobId::new("hijack").unwrap();
@@ -357,39 +373,50 @@ async fn an_overwritten_object_is_refused_not_accepted_as_the_victims() {
     .unwrap();
     let (ha, hb) = (client("ha").await, client("hb").await);
     let state = hb.wait_for_open_round(&job, RoundId(1), TIMEOUT).await.unwrap();
-    let hb_id = ClientId::new("hb").unwrap();
-    let name = subjects::update_object(&job, state.round, &hb_id);
+    let (ha_id, hb_id) = (ClientId::new("ha").unwrap(), ClientId::new("hb").unwrap());
     let b = as_sent(&m, &random_values(&m, 6));
     let b_bytes = payload(&m, &b);
-    let chunk = jobs::chunk_size(hb.connection().max_payload());
-    objects::put_object(&hb.connection().js, subjects::UPDATES_BUCKET, &name, &b_bytes, chunk).await.unwrap();
-    // ha overwrites hb's object with its own bytes before hb's message is read.
-    let forged = payload(&m, &as_sent(&m, &random_values(&m, 66)));
-    objects::put_object(&ha.connection().js, subjects::UPDATES_BUCKET, &name, &forged, chunk).await.unwrap();
-    let mut rejections = hb.rejections(&job, &hb_id).await.unwrap();
+    let limits = hb.limits(&job).await.unwrap();
+    let chunks = (b_bytes.len() as u64).div_ceil(limits.chunk_bytes);
+    assert!(chunks >= 2, "the update spans several chunks");
+    let squatted = shoal_proto::headers::update_msg_id(&shoal_proto::headers::MsgIdFields {
+        job: &job,
+        round: state.round,
+        client: &hb_id,
+        base_version: ModelVersion(0),
+        num_examples: 50,
+        kind: UpdateKind::Parameters,
+        transport: shoal_proto::headers::Transport::Upload { chunks, bytes: b_bytes.len() as u64 },
+        payload_sha256: &hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&b_bytes)),
+    });
+    let mut ha_rejections = ha.rejections(&job, &ha_id).await.unwrap();
     let mut h = HeaderMap::new();
     h.insert(shoal_proto::headers::HDR_ROUND, state.round.to_string().as_str());
     h.insert(shoal_proto::headers::HDR_BASE_VERSION, "0");
     h.insert(shoal_proto::headers::HDR_NUM_EXAMPLES, "50");
-    h.insert(shoal_proto::headers::HDR_OBJECT, name.as_str());
-    let digest = {
-        use sha2::Digest as _;
-        hex::encode(sha2::Sha256::digest(&b_bytes))
-    };
-    h.insert(shoal_proto::headers::HDR_DIGEST, format!("sha256:{digest}").as_str());
-    let subject = hb.connection().subjects.update(&job, &hb_id);
-    hb.connection().js.publish_with_headers(subject, h, Bytes::new()).await.unwrap().await.unwrap();
-    let notice = next_rejection(&mut rejections).await;
-    assert_eq!(notice.reason, RejectReason::DigestMismatch, "{notice:?}");
-    assert!(notice.detail.contains("digest"), "{notice:?}");
+    h.insert(shoal_proto::headers::HDR_MSG_ID, squatted.as_str());
+    let forged = payload(&small_of(&m), &as_sent(&small_of(&m), &random_values(&small_of(&m), 66)));
+    let subject = ha.connection().subjects.update(&job, &ha_id);
+    let ack = ha.connection().js.publish_with_headers(subject, h, forged).await.unwrap().await.unwrap();
+    assert!(!ack.duplicate);
+    let notice = next_rejection(&mut ha_rejections).await;
+    assert_eq!(notice.reason, RejectReason::Unauthorized, "{notice:?}");
+    assert!(notice.detail.contains("Nats-Msg-Id"), "{notice:?}");
 
-    // hb publishes again; with ha's honest update the round commits the honest mean.
-    hb.publish_update(request(&job, "hb", state.round, &m, &b, 50)).await.unwrap();
+    // hb publishes its real update: JetStream calls it a duplicate of ha's message, the SDK
+    // publishes again under a fresh id.
+    assert_eq!(hb.publish_update(request(&job, "hb", state.round, &m, &b, 50)).await.unwrap(), Transport::Upload);
     let a = as_sent(&m, &random_values(&m, 7));
     ha.publish_update(request(&job, "ha", state.round, &m, &a, 25)).await.unwrap();
     let after = hb.wait_for_round_closed(&job, RoundId(1), TIMEOUT).await.unwrap();
     assert!(matches!(after.last_outcome, Some(RoundOutcome::Committed { clients: 2, .. })), "{after:?}");
     assert_matches_oracle(&hb, &job, &m, &[(a, 25.0), (b, 50.0)]).await;
+}
+
+/// A manifest of the same tensor names but one element each (a small forged payload).
+fn small_of(m: &Arc<ModelManifest>) -> Arc<ModelManifest> {
+    let specs = m.tensors().iter().map(|t| TensorSpec::new(t.name.clone(), t.dtype, vec![1])).collect();
+    Arc::new(ModelManifest::new(specs).unwrap())
 }
 
 #[tokio::test]
@@ -409,17 +436,18 @@ async fn a_client_cannot_write_models_or_job_state_nor_read_other_jobs() {
     wa.wait_for_open_round(&job, RoundId(1), TIMEOUT).await.unwrap();
     let (state_before, rev_before) = jobs::load_state(&node.connection().js, &job).await.unwrap();
     assert_eq!(wa.job_state(&job).await.unwrap(), state_before);
-    let infra = &shoal_testkit::infra_of(&wa).await;
+    let infra = wa.connection();
     let v = &infra.violations;
     assert!(wa.fetch_model(&job, ModelVersion(0)).await.is_ok());
-
-    let forged = Bytes::from(Parameters::zeros(Arc::clone(&m)).to_safetensors().unwrap());
+    // Not even the buckets' stream information (async-nats's bucket handles need it).
     let r = v
-        .guard("put model", async {
-            infra.models.put("writes/1", &mut forged.as_ref()).await.map_err(|e| Error::nats("put", e))
+        .guard("open models", async {
+            infra.js.get_object_store(subjects::MODELS_BUCKET).await.map_err(|e| Error::nats("open", e))
         })
         .await;
-    assert_unauthorized(r.map(|_| ()), "Publish to \"$O.shoal-models.C.");
+    assert_unauthorized(r.map(|_| ()), "$JS.API.STREAM.INFO.OBJ_shoal-models");
+
+    let forged = Bytes::from(Parameters::zeros(Arc::clone(&m)).to_safetensors().unwrap());
     let r = v
         .guard(
             "put model",
@@ -430,7 +458,10 @@ async fn a_client_cannot_write_models_or_job_state_nor_read_other_jobs() {
     for key in ["writes.state", "writes.spec", "other.state"] {
         let value = Bytes::from(shoal_proto::encode(&state_before));
         let r = v
-            .guard("put kv", async { infra.jobs.put(key, value).await.map_err(|e| Error::nats("kv", e)) })
+            .guard("put kv", async {
+                let ack = infra.js.publish(format!("$KV.shoal-jobs.{key}"), value).await;
+                ack.map_err(|e| Error::nats("kv", e))?.await.map_err(|e| Error::nats("kv", e))
+            })
             .await;
         assert_unauthorized(r.map(|_| ()), &format!("Publish to \"$KV.shoal-jobs.{key}\""));
     }

@@ -18,8 +18,9 @@ use shoal_runtime::{jobs, metrics, RejectReason};
 use shoal_testkit::*;
 
 static CLUSTER: OnceLock<SharedCluster> = OnceLock::new();
-/// Inline payloads above 4 KiB must use the object store on this node.
-const NODE_ARGS: &[&str] = &["--ack-wait-ms", "5000", "--inline-limit-bytes", "4096"];
+const NODE_ARGS: &[&str] = &["--ack-wait-ms", "5000"];
+/// The jobs' `inline_limit_bytes`: larger payloads must take the upload path.
+const INLINE_LIMIT: u64 = 4096;
 
 fn manifest() -> Arc<ModelManifest> {
     shoal_testkit::manifest(&[("w", DType::F32, &[2, 4]), ("n", DType::I64, &[1])])
@@ -50,7 +51,10 @@ impl Case {
         let rejected = rejections(&client.connection().client, name).await;
         jobs::create_job(
             &shoal_testkit::infra_of(&client).await,
-            &job_spec(name, (*m).clone(), 2, 2, 30_000, rounds),
+            &shoal_proto::JobSpec {
+                inline_limit_bytes: Some(INLINE_LIMIT),
+                ..job_spec(name, (*m).clone(), 2, 2, 30_000, rounds)
+            },
             None,
         )
         .await
@@ -120,7 +124,7 @@ impl Case {
                     num_examples: n,
                     kind: UpdateKind::Parameters,
                     payload: p,
-                    force_object_store: false,
+                    force_upload: false,
                 })
                 .await
                 .unwrap();
@@ -246,9 +250,9 @@ async fn garbage_header_length() {
 }
 
 #[tokio::test]
-async fn inline_payload_over_the_limit_without_object_path() {
+async fn inline_payload_over_the_jobs_inline_limit() {
     let c = Case::new("bad-oversize", 1).await;
-    c.bad_payload(Bytes::from(vec![0u8; 5000]), RejectReason::PayloadTooLarge).await;
+    c.bad_payload(Bytes::from(vec![0u8; INLINE_LIMIT as usize + 1]), RejectReason::PayloadTooLarge).await;
 }
 
 #[tokio::test]
@@ -316,10 +320,11 @@ async fn duplicate_from_the_same_client_keeps_the_first() {
     let (first, p1) = c.good_payload(10);
     let (_, p2) = c.good_payload(11);
     let mut h = c.headers(1, 0, "4");
-    h.insert("Nats-Msg-Id", "first");
+    h.insert("Nats-Msg-Id", format!("{}.1.good-a.{:016x}", c.job, 1).as_str());
     c.raw(c.job.as_str(), "good-a", h, p1).await;
     let mut h = c.headers(1, 0, "4");
-    h.insert("Nats-Msg-Id", "second"); // a different message, not a retry JetStream would dedupe
+    // A different message, not a retry JetStream would dedupe.
+    h.insert("Nats-Msg-Id", format!("{}.1.good-a.{:016x}", c.job, 2).as_str());
     c.raw(c.job.as_str(), "good-a", h, p2).await;
     c.expect_rejection(RejectReason::Duplicate).await;
     let (second_client, p) = c.good_payload(12);
@@ -332,7 +337,7 @@ async fn duplicate_from_the_same_client_keeps_the_first() {
             num_examples: 6,
             kind: UpdateKind::Parameters,
             payload: p,
-            force_object_store: false,
+            force_upload: false,
         })
         .await
         .unwrap();
@@ -350,44 +355,82 @@ async fn update_for_a_closed_round() {
     c.assert_counted(RejectReason::LateUpdate).await;
 }
 
+/// Client `bad` declares an upload whose chunks `good-a-victim` published: the node reads only
+/// the sender's own upload subjects, so there is nothing to read.
 #[tokio::test]
-async fn object_of_another_client_is_unauthorized() {
-    let c = Case::new("bad-object-owner", 1).await;
-    object_case(c, "good-a-victim", None, RejectReason::Unauthorized).await;
+async fn an_upload_is_read_from_the_senders_own_subjects_only() {
+    let c = Case::new("bad-upload-owner", 1).await;
+    upload_case(c, "good-a-victim", None, RejectReason::ObjectUnavailable).await;
 }
 
 #[tokio::test]
-async fn object_digest_mismatch() {
-    let c = Case::new("bad-object-digest", 1).await;
-    object_case(c, "bad", Some("sha256:00"), RejectReason::DigestMismatch).await;
+async fn upload_digest_mismatch() {
+    let c = Case::new("bad-upload-digest", 1).await;
+    upload_case(c, "bad", Some(&"0".repeat(64)), RejectReason::DigestMismatch).await;
 }
 
 #[tokio::test]
-async fn object_missing() {
-    let mut c = Case::new("bad-object-missing", 1).await;
+async fn upload_missing() {
+    let mut c = Case::new("bad-upload-missing", 1).await;
     let mut h = c.headers(1, 0, "7");
-    h.insert("Shoal-Object", format!("{}/1/bad", c.job).as_str());
-    h.insert("Shoal-Digest", "sha256:00");
+    h.insert("Shoal-Upload-Chunks", "1");
+    h.insert("Shoal-Upload-Bytes", "100");
+    h.insert("Shoal-Digest", format!("sha256:{}", "0".repeat(64)).as_str());
     c.raw(c.job.as_str(), "bad", h, Bytes::new()).await;
     c.expect_rejection(RejectReason::ObjectUnavailable).await;
     c.round_goes_on(RejectReason::ObjectUnavailable).await;
 }
 
-/// Puts a valid payload as object `<job>/1/<owner>` and publishes as client `bad` pointing at it.
-async fn object_case(mut c: Case, owner: &str, digest: Option<&str>, reason: RejectReason) {
+#[tokio::test]
+async fn upload_headers_without_a_digest() {
+    let mut c = Case::new("bad-upload-headers", 1).await;
+    let mut h = c.headers(1, 0, "7");
+    h.insert("Shoal-Upload-Chunks", "1");
+    h.insert("Shoal-Upload-Bytes", "100");
+    c.raw(c.job.as_str(), "bad", h, Bytes::new()).await;
+    c.expect_rejection(RejectReason::MalformedHeaders).await;
+    c.round_goes_on(RejectReason::MalformedHeaders).await;
+}
+
+/// The object-store form of large updates is retired: naming an object is malformed.
+#[tokio::test]
+async fn the_retired_object_header() {
+    let mut c = Case::new("bad-object-header", 1).await;
+    let mut h = c.headers(1, 0, "7");
+    h.insert("Shoal-Object", format!("{}/1/bad", c.job).as_str());
+    h.insert("Shoal-Digest", format!("sha256:{}", "0".repeat(64)).as_str());
+    c.raw(c.job.as_str(), "bad", h, Bytes::new()).await;
+    c.expect_rejection(RejectReason::MalformedHeaders).await;
+    c.round_goes_on(RejectReason::MalformedHeaders).await;
+}
+
+/// A message id naming another client (which would make JetStream drop that client's update as
+/// a duplicate) is refused as unauthorized.
+#[tokio::test]
+async fn a_message_id_of_another_client() {
+    let mut c = Case::new("bad-msg-id", 1).await;
+    let (_, p) = c.good_payload(21);
+    let mut h = c.headers(1, 0, "7");
+    h.insert("Nats-Msg-Id", format!("{}.1.good-a.{:016x}", c.job, 7).as_str());
+    c.raw(c.job.as_str(), "bad", h, p).await;
+    c.expect_rejection(RejectReason::Unauthorized).await;
+    c.round_goes_on(RejectReason::Unauthorized).await;
+}
+
+/// Publishes a valid payload as `owner`'s upload chunks for round 1 (as the SDK does), then a
+/// message as client `bad` declaring that upload (with `digest`, or the payload's real one).
+async fn upload_case(mut c: Case, owner: &str, digest: Option<&str>, reason: RejectReason) {
     use sha2::Digest;
     let (_, p) = c.good_payload(20);
-    let name = format!("{}/1/{owner}", c.job);
-    shoal_testkit::infra_of(&c.client)
-        .await
-        .update_objects
-        .put(name.as_str(), &mut p.as_ref())
-        .await
-        .unwrap();
+    let real = hex::encode(sha2::Sha256::digest(&p));
+    let conn = c.client.connection();
+    let who = (&c.job, &ClientId::new(owner).unwrap(), RoundId(1));
+    let chunk = c.client.limits(&c.job).await.unwrap().chunk_bytes;
+    let up = shoal_client::uploads::publish(&conn.js, &conn.subjects, who, &p, chunk, &real).await.unwrap();
     let mut h = c.headers(1, 0, "7");
-    h.insert("Shoal-Object", name.as_str());
-    let real = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&p)));
-    h.insert("Shoal-Digest", digest.unwrap_or(&real));
+    h.insert("Shoal-Upload-Chunks", up.chunks.to_string().as_str());
+    h.insert("Shoal-Upload-Bytes", up.bytes.to_string().as_str());
+    h.insert("Shoal-Digest", format!("sha256:{}", digest.unwrap_or(&real)).as_str());
     c.raw(c.job.as_str(), "bad", h, Bytes::new()).await;
     c.expect_rejection(reason).await;
     c.round_goes_on(reason).await;
@@ -409,7 +452,7 @@ async fn the_sdk_reports_refusals_and_takes_a_corrected_retry() {
         num_examples: 3,
         kind: UpdateKind::Parameters,
         payload,
-        force_object_store: false,
+        force_upload: false,
     };
     let mut refusals = c.client.rejections(&c.job, &me).await.unwrap();
     c.client.publish_update(request(payload(&c.m, &nan))).await.unwrap();

@@ -18,12 +18,13 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures::StreamExt;
 use shoal_client::connect::ConnectOptions;
-use shoal_client::{objects, Error};
+use shoal_client::{uploads, Error};
 use shoal_client::{ShoalClient, Transport, UpdateRequest};
 use shoal_functions::{
     AggregationPolicy, ClientId, DType, ErrorKind, JobId, JobSpec, ModelManifest, ModelVersion, Parameters,
     PartialAggregate, RoundId, Strategy, StrategySpec, TensorSpec, UpdateKind,
 };
+use shoal_proto::headers::{self, Upload};
 use shoal_proto::subjects;
 use shoal_proto::JobState;
 use shoal_proto::RejectNotice;
@@ -103,7 +104,7 @@ impl Job {
             num_examples: n,
             kind: UpdateKind::Parameters,
             payload,
-            force_object_store: false,
+            force_upload: false,
         }
     }
 
@@ -467,14 +468,14 @@ fn big_update(m: &Arc<ModelManifest>, seed: u64) -> (Vec<Vec<f64>>, Bytes) {
 }
 
 /// Row 12 (Flower #3006): the job's limit is exactly the size L of its valid updates (1.2 MB,
-/// over the server's 1 MiB max_payload). Valid updates of L bytes travel through the object
-/// store (claim check) and commit. An update of L + 1 bytes is refused: by the SDK at once with
+/// over the server's 1 MiB max_payload). Valid updates of L bytes travel on the upload path
+/// and commit. An update of L + 1 bytes is refused: by the SDK at once with
 /// `PayloadTooLarge { size: L + 1, limit: L }` before anything is sent, and by the gateway, for
-/// a client that bypasses the SDK, as `payload_too_large` from the object's recorded size
+/// a client that bypasses the SDK, as `payload_too_large` from the upload's declared size
 /// before any chunk is read. Never a silent drop, never a time-out. (~520 MB is not run here:
 /// the same path, 1 MiB chunks.)
 #[tokio::test]
-async fn b12_limit_plus_one_refused_at_once_and_a_large_update_travels_by_claim_check() {
+async fn b12_limit_plus_one_refused_at_once_and_a_large_update_travels_by_upload() {
     let m = manifest(vec![t("w", DType::F32, &[300_000])]);
     let (_, probe) = big_update(&m, 1);
     let limit = probe.len();
@@ -490,23 +491,18 @@ async fn b12_limit_plus_one_refused_at_once_and_a_large_update_travels_by_claim_
         matches!(e, Error::PayloadTooLarge { what: "update", size, limit: l, .. } if size == limit + 1 && l == limit),
         "{e}"
     );
-    // Bypassing the SDK: the object is written, the gateway refuses it from its metadata.
-    let name = subjects::update_object(&job.id, RoundId(1), &cid("y"));
-    let chunk = jobs::chunk_size(job.c.connection().max_payload());
-    objects::put_object(&job.c.connection().js, subjects::UPDATES_BUCKET, &name, &over, chunk).await.unwrap();
-    let mut h = Job::headers("1");
-    h.insert("Shoal-Object", name.as_str());
-    h.insert("Shoal-Digest", format!("sha256:{}", sha256_hex(&over)).as_str());
-    job.raw("y", h, Bytes::new()).await;
+    // Bypassing the SDK: the chunks are written, the gateway refuses the upload from its
+    // declared size before reading any of them.
+    let up = upload_chunks(&job, "y", &over).await;
+    upload_message(&job, "y", &up).await;
     let notices = job.expect_rejections(&[("y", RejectReason::PayloadTooLarge)]).await;
     assert!(notices["y"].detail.contains(&format!("of {} bytes exceeds the limit of {limit}", limit + 1)));
-
     let mut sent = Vec::new();
     for (who, n, seed) in [("a", 2u64, 2u64), ("b", 6, 3)] {
         let (v, p) = big_update(&m, seed);
         assert_eq!(p.len(), limit);
         let via = job.c.publish_update(job.request(who, n, p)).await.unwrap();
-        assert_eq!(via, Transport::ObjectStore);
+        assert_eq!(via, Transport::Upload);
         sent.push((v, n as f64));
     }
     let model = job.committed(2, 8.0).await;
@@ -519,101 +515,97 @@ fn sha256_hex(b: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(b))
 }
 
-/// Publishes the message of an object-store update whose object `<job>/1/<who>` exists.
-async fn object_message(job: &Job, who: &str, digest_of: &[u8]) {
+/// Publishes `payload` as `who`'s upload chunks for round 1, as the SDK does.
+async fn upload_chunks(job: &Job, who: &str, payload: &Bytes) -> Upload {
+    let conn = job.c.connection();
+    let chunk = job.c.limits(&job.id).await.unwrap().chunk_bytes;
+    let who = (&job.id, &cid(who), RoundId(1));
+    uploads::publish(&conn.js, &conn.subjects, who, payload, chunk, &sha256_hex(payload)).await.unwrap()
+}
+
+/// Publishes `who`'s update message for round 1 naming the upload `up`.
+async fn upload_message(job: &Job, who: &str, up: &Upload) {
     let mut h = Job::headers("1");
-    h.insert("Shoal-Object", subjects::update_object(&job.id, RoundId(1), &cid(who)).as_str());
-    h.insert("Shoal-Digest", format!("sha256:{}", sha256_hex(digest_of)).as_str());
+    h.insert(headers::HDR_UPLOAD_CHUNKS, up.chunks.to_string().as_str());
+    h.insert(headers::HDR_UPLOAD_BYTES, up.bytes.to_string().as_str());
+    h.insert(headers::HDR_DIGEST, format!("sha256:{}", up.sha256).as_str());
     job.raw(who, h, Bytes::new()).await;
 }
 
-/// Row 14 (FATE #877): a 3.2 MB update over a transport with a 1 MiB per-message cap is put
-/// into the object store in chunks (metadata: chunk count, size, SHA-256), reassembled and
-/// checked, and commits. An object whose last chunk is lost is refused as
+/// Row 14 (FATE #877): a 3.2 MB update over a transport with a 1 MiB per-message cap goes on
+/// the upload path in chunks (the message names count, length and SHA-256), is reassembled
+/// and checked, and commits. An upload whose last chunk is lost is refused as
 /// `object_unavailable` naming "chunk 4 of 4", one that lost every chunk naming "chunk 1 of 4"
-/// (the gateway used to wait for it forever, stalling every job); one whose chunks were
-/// replaced by other bytes is refused as `digest_mismatch`. The round then commits.
+/// (the gateway used to wait for it forever, stalling every job); one whose chunks are other
+/// bytes is refused as `digest_mismatch`; one whose declared count does not match its length
+/// as `malformed`. The round then commits.
 #[tokio::test]
 async fn b14_chunked_update_is_reassembled_and_a_missing_chunk_is_typed() {
     let m = manifest(vec![t("w", DType::F32, &[800_000])]);
     let mut job = Job::new("b14-chunks", &m, (2, 2, 30_000), |_| {}).await;
     let infra = shoal_testkit::infra_of(&job.c).await;
-    let chunk = jobs::chunk_size(infra.max_payload());
-    let bucket = subjects::UPDATES_BUCKET;
+    let chunk = job.c.limits(&job.id).await.unwrap().chunk_bytes;
+    let stream = infra.js.get_stream(subjects::uploads_stream(&job.id)).await.unwrap();
 
     // x: the last of its 4 chunks is lost.
     let (_, px) = big_update(&m, 10);
-    assert_eq!(px.len().div_ceil(chunk), 4, "{} bytes in chunks of {chunk}", px.len());
-    let name_x = subjects::update_object(&job.id, RoundId(1), &cid("x"));
-    objects::put_object(&infra.js, bucket, &name_x, &px, chunk).await.unwrap();
-    let info = infra.update_objects.info(&name_x).await.unwrap();
-    assert_eq!((info.chunks, info.size), (4, px.len()));
-    let stream = infra.js.get_stream(subjects::object_stream(bucket)).await.unwrap();
-    let last = stream.direct_get_last_for_subject(subjects::object_chunks(bucket, &info.nuid)).await.unwrap();
+    assert_eq!((px.len() as u64).div_ceil(chunk), 4, "{} bytes in chunks of {chunk}", px.len());
+    let up_x = upload_chunks(&job, "x", &px).await;
+    assert_eq!((up_x.chunks, up_x.bytes), (4, px.len() as u64));
+    let last_x = infra.subjects.upload_chunk(&job.id, &cid("x"), RoundId(1), 3);
+    let last = stream.direct_get_last_for_subject(last_x).await.unwrap();
     stream.delete_message(last.sequence).await.unwrap();
-    object_message(&job, "x", &px).await;
+    upload_message(&job, "x", &up_x).await;
 
-    // w: every chunk is lost (an ordered consumer would wait for the first one forever).
+    // w: every chunk is lost.
     let (_, pw) = big_update(&m, 15);
-    let name_w = subjects::update_object(&job.id, RoundId(1), &cid("w"));
-    objects::put_object(&infra.js, bucket, &name_w, &pw, chunk).await.unwrap();
-    let nuid = infra.update_objects.info(&name_w).await.unwrap().nuid;
-    let mut seq = 1;
-    while let Ok(m) =
-        stream.direct_get_next_for_subject(subjects::object_chunks(bucket, &nuid), Some(seq)).await
-    {
-        stream.delete_message(m.sequence).await.unwrap();
-        seq = m.sequence + 1;
-    }
-    object_message(&job, "w", &pw).await;
+    let up_w = upload_chunks(&job, "w", &pw).await;
+    stream.purge().filter(infra.subjects.upload_chunks(&job.id, &cid("w"), RoundId(1))).await.unwrap();
+    upload_message(&job, "w", &up_w).await;
 
-    // z: its metadata (and digest) are those of one payload, its chunks another's.
+    // z: the message declares one payload's digest, the chunks hold another's bytes.
     let (_, pz) = big_update(&m, 11);
     let (_, other) = big_update(&m, 12);
-    let name_z = subjects::update_object(&job.id, RoundId(1), &cid("z"));
-    objects::put_object(&infra.js, bucket, &name_z, &pz, chunk).await.unwrap();
-    let real_meta = stream.direct_get_last_for_subject(subjects::object_meta(bucket, &name_z)).await.unwrap();
-    objects::put_object(&infra.js, bucket, "b14-other", &other, chunk).await.unwrap();
-    let other_meta =
-        stream.direct_get_last_for_subject(subjects::object_meta(bucket, "b14-other")).await.unwrap();
-    let mut forged: serde_json::Value = serde_json::from_slice(&other_meta.payload).unwrap();
-    let real: serde_json::Value = serde_json::from_slice(&real_meta.payload).unwrap();
-    forged["name"] = real["name"].clone();
-    forged["digest"] = real["digest"].clone();
-    let mut h = HeaderMap::new();
-    h.insert("Nats-Rollup", "sub");
-    let meta = Bytes::from(serde_json::to_vec(&forged).unwrap());
-    infra
-        .js
-        .publish_with_headers(subjects::object_meta(bucket, &name_z), h, meta)
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    object_message(&job, "z", &pz).await;
+    let mut up_z = upload_chunks(&job, "z", &other).await;
+    up_z.sha256 = sha256_hex(&pz);
+    upload_message(&job, "z", &up_z).await;
+
+    // v: 4 chunks' worth of bytes declared as 3 chunks.
+    let (_, pv) = big_update(&m, 16);
+    let mut up_v = upload_chunks(&job, "v", &pv).await;
+    up_v.chunks = 3;
+    upload_message(&job, "v", &up_v).await;
 
     let notices = job
         .expect_rejections(&[
             ("x", RejectReason::ObjectUnavailable),
             ("w", RejectReason::ObjectUnavailable),
             ("z", RejectReason::DigestMismatch),
+            ("v", RejectReason::Malformed),
         ])
         .await;
     assert!(notices["x"].detail.contains("chunk 4 of 4 is missing"), "{:?}", notices["x"]);
     assert!(notices["w"].detail.contains("chunk 1 of 4 is missing"), "{:?}", notices["w"]);
+    assert!(notices["v"].detail.contains("3 chunks declared"), "{:?}", notices["v"]);
 
     let mut sent = Vec::new();
     for (who, n, seed) in [("a", 1u64, 13u64), ("b", 4, 14)] {
         let (v, p) = big_update(&m, seed);
-        assert_eq!(job.c.publish_update(job.request(who, n, p)).await.unwrap(), Transport::ObjectStore);
+        assert_eq!(job.c.publish_update(job.request(who, n, p)).await.unwrap(), Transport::Upload);
         sent.push((v, n as f64));
     }
     let model = job.committed(2, 5.0).await;
     assert_f32_close(&model.tensor_f64(0), &weighted_mean_oracle(&sent)[0]);
+    // The settled uploads (refused and committed) are purged.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stream.clone().info().await.unwrap().state.messages > 0 {
+        assert!(Instant::now() < deadline, "upload chunks left behind");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
-/// Row 15 (FLIP #684): a client whose upload was received retries it (same bytes). The object
-/// travels in 1 MiB chunks, each acknowledged on its own (no whole-upload time-out to guess).
+/// Row 15 (FLIP #684): a client whose upload was received retries it (same bytes). The upload
+/// travels in chunks of about 1 MiB, each acknowledged on its own (no whole-upload time-out to guess).
 /// JetStream acknowledges the retry as a duplicate of what it holds (the SDK reports
 /// `Rejected(Duplicate)`), the update counts once (total weight 2 + 5 = 7, the oracle of the
 /// two clients), and the job is not wedged: round 2 opens from version 1.
@@ -624,7 +616,7 @@ async fn b15_a_retried_upload_is_acknowledged_and_counted_once() {
     let spec = job_spec("b15-retry", (*m).clone(), 2, 2, 30_000, 2);
     let job = Job::create(c, spec, None).await;
     let (va, pa) = big_update(&m, 20);
-    assert_eq!(job.c.publish_update(job.request("a", 2, pa.clone())).await.unwrap(), Transport::ObjectStore);
+    assert_eq!(job.c.publish_update(job.request("a", 2, pa.clone())).await.unwrap(), Transport::Upload);
     let e = job.c.publish_update(job.request("a", 2, pa)).await.unwrap_err();
     assert!(matches!(e, Error::Rejected(RejectReason::Duplicate)), "{e}");
     let (vb, pb) = big_update(&m, 21);
@@ -783,14 +775,14 @@ fn manifest_of_size(size: usize) -> Arc<ModelManifest> {
 ///   once with `PayloadTooLarge { limit: 1048576 }` and writes nothing, while another client's
 ///   publish in flight at the same moment goes through.
 #[tokio::test]
-async fn d31_over_max_payload_is_an_immediate_typed_error_or_a_claim_check() {
+async fn d31_over_max_payload_is_an_immediate_typed_error_or_an_upload() {
     let m = manifest_of_size(MAX_PAYLOAD + 1);
     let job = Job::new("d31-over-max-payload", &m, (2, 2, 30_000), |_| {}).await;
     assert_eq!(job.c.connection().max_payload(), MAX_PAYLOAD);
     let va = as_sent(&m, &random_values(&m, 40));
     let pa = payload(&m, &va);
     assert_eq!(pa.len(), 1_048_577);
-    assert_eq!(job.c.publish_update(job.request("a", 1, pa)).await.unwrap(), Transport::ObjectStore);
+    assert_eq!(job.c.publish_update(job.request("a", 1, pa)).await.unwrap(), Transport::Upload);
 
     let names: Vec<TensorSpec> = (0..20_000)
         .map(|i| t(&format!("encoder.layer_{i:05}.attention.output.dense.weight"), DType::F32, &[1]))
@@ -1055,7 +1047,7 @@ async fn limit_max_jobs_queues_the_job_and_refuses_its_updates_until_a_slot_free
         num_examples: 1,
         kind: UpdateKind::Parameters,
         payload: payload(&m, &[vec![v, 2.0]]),
-        force_object_store: false,
+        force_upload: false,
     };
     c.publish_update(request(3.0)).await.unwrap();
     let notice = next_rejection(&mut second_rejected).await;

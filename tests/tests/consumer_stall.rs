@@ -45,7 +45,7 @@ async fn a_deleted_consumer_is_recreated_and_nothing_is_lost() {
             num_examples: 1 + c,
             kind: UpdateKind::Parameters,
             payload: payload(&m, &values),
-            force_object_store: false,
+            force_upload: false,
         };
         (values, req)
     };

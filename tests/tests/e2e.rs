@@ -1,5 +1,5 @@
 //! End to end against a real nats-server and a real `shoal node` process: FedAvg over several
-//! rounds equals an independent f64 oracle, through both the inline and the object-store paths;
+//! rounds equals an independent f64 oracle, through both the inline and the upload paths;
 //! a node SIGKILLed mid-round loses nothing and applies nothing twice.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
@@ -73,11 +73,11 @@ async fn fedavg_three_rounds_eight_clients_matches_f64_oracle() {
                     num_examples: n,
                     kind: UpdateKind::Parameters,
                     payload: payload(&m, &values),
-                    force_object_store: c < 2,
+                    force_upload: c < 2,
                 })
                 .await
                 .unwrap();
-            assert_eq!(via, if c < 2 { Transport::ObjectStore } else { Transport::Inline });
+            assert_eq!(via, if c < 2 { Transport::Upload } else { Transport::Inline });
             sent.push((values, n as f64));
         }
         let after =
@@ -118,16 +118,21 @@ async fn fedavg_three_rounds_eight_clients_matches_f64_oracle() {
     }
     assert_eq!(kinds, ["open1", "close1", "open2", "close2", "open3", "close3", "end"]);
 
-    // Every update was acked (the work queue is empty) and the consumed objects were deleted.
+    // Every update was acked (the work queue is empty) and the settled uploads were purged.
     assert_stream_drains(&client, Duration::from_secs(10)).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let objects: Vec<_> =
-            shoal_testkit::infra_of(&client).await.update_objects.list().await.unwrap().collect().await;
-        if objects.is_empty() {
+        let mut uploads = shoal_testkit::infra_of(&client)
+            .await
+            .js
+            .get_stream(shoal_proto::subjects::uploads_stream(&job))
+            .await
+            .unwrap();
+        let left = uploads.info().await.unwrap().state.messages;
+        if left == 0 {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "update objects left behind: {}", objects.len());
+        assert!(std::time::Instant::now() < deadline, "upload chunks left behind: {left}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let metrics = node.metrics(&client.connection().client).await;
@@ -177,7 +182,7 @@ async fn killed_node_restarts_and_commits_the_same_model() {
             num_examples: n,
             kind: UpdateKind::Parameters,
             payload: payload(&m, &values),
-            force_object_store: c == 0,
+            force_upload: c == 0,
         };
         (req, (values, n as f64))
     };
@@ -261,7 +266,7 @@ async fn sigterm_hands_held_updates_back() {
             num_examples: 5,
             kind: UpdateKind::Parameters,
             payload: payload(&m, &values),
-            force_object_store: false,
+            force_upload: false,
         }
     };
     let (r0, r1) = (publish(0), publish(1));

@@ -235,7 +235,7 @@ async fn seeded_kills_of_nodes_tops_and_nats_lose_nothing_and_apply_nothing_twic
                 num_examples: 1 << k,
                 kind: UpdateKind::Parameters,
                 payload: payload(&m, &values(&m, seed, round.0, k)),
-                force_object_store: k == 0,
+                force_upload: k == 0,
             };
             let (retries, duplicate) = publish(&client, req).await;
             publish_retries += retries;

@@ -63,7 +63,7 @@ async fn publish(
             num_examples: n,
             kind,
             payload: payload(m, values),
-            force_object_store: false,
+            force_upload: false,
         })
         .await
         .unwrap();

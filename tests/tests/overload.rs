@@ -100,7 +100,7 @@ async fn a_burst_of_200_one_mib_updates_into_a_slow_aggregator_loses_nothing() {
             num_examples: n,
             kind: UpdateKind::Parameters,
             payload: payload(&m, &values),
-            force_object_store: false,
+            force_upload: false,
         });
     }
     // The messages are built (and hashed) first, as the SDK builds them, so that the burst is
@@ -113,7 +113,17 @@ async fn a_burst_of_200_one_mib_updates_into_a_slow_aggregator_loses_nothing() {
                 &u.payload,
             )));
             let mut h = async_nats::HeaderMap::new();
-            h.insert("Nats-Msg-Id", subjects::update_msg_id(&u.job, u.round, &u.client, &digest).as_str());
+            let id = shoal_proto::headers::update_msg_id(&shoal_proto::headers::MsgIdFields {
+                job: &u.job,
+                round: u.round,
+                client: &u.client,
+                base_version: u.base_version,
+                num_examples: u.num_examples,
+                kind: u.kind,
+                transport: shoal_proto::headers::Transport::Inline,
+                payload_sha256: &digest,
+            });
+            h.insert("Nats-Msg-Id", id.as_str());
             h.insert(shoal_proto::headers::HDR_ROUND, u.round.to_string().as_str());
             h.insert(shoal_proto::headers::HDR_BASE_VERSION, u.base_version.to_string().as_str());
             h.insert(shoal_proto::headers::HDR_NUM_EXAMPLES, u.num_examples.to_string().as_str());
@@ -252,7 +262,7 @@ async fn resident_memory_stays_flat_over_300_rounds() {
                     num_examples: 1 + c * 2,
                     kind: UpdateKind::Parameters,
                     payload: payloads[c as usize].clone(),
-                    force_object_store: c == 0,
+                    force_upload: c == 0,
                 })
                 .await
                 .unwrap();

@@ -180,7 +180,7 @@ async fn rffl_rewards_are_served_per_client() {
             num_examples: 10 + 10 * i as u64,
             kind: UpdateKind::Delta,
             payload: payload(&m, &values),
-            force_object_store: false,
+            force_upload: false,
         })
         .await
         .unwrap();

@@ -486,7 +486,8 @@ mod tests {
         let text = authorization_block(&users).unwrap();
         assert!(text.contains("{ user: \"node\", password: $SHOAL_NATS_PASSWORD_NODE }"), "{text}");
         assert!(text.contains("password: $SHOAL_NATS_PASSWORD_B_2"), "{text}");
-        assert!(text.contains("\"$JS.API.STREAM.INFO.SHOAL_UPDATES\""), "{text}");
+        assert!(text.contains("\"shoal.j.upload.b-2.>\""), "{text}");
+        assert!(!text.contains("STREAM.INFO"), "{text}");
         let dup = [ClientId::new("a-b").unwrap(), ClientId::new("a_b").unwrap()];
         assert!(job_users("shoal", &job, "node", &dup, |_| UserCredential::Nkey("U".into())).is_err());
         assert!(job_users("a.b", &job, "node", &clients, |_| UserCredential::Nkey("U".into())).is_err());

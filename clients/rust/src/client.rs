@@ -11,7 +11,7 @@
 //! [`ConnectOptions::for_client`] so that replies come to the client's own inbox. An operation
 //! the server refuses fails as [`Error::Unauthorized`], naming the refused subject.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,14 +28,16 @@ use crate::connect::{ConnectOptions, Connection};
 use crate::error::{Error, Result};
 use crate::jobs;
 use crate::objects;
+use crate::uploads;
 
 /// How an update travelled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
     /// In the message payload.
     Inline,
-    /// Through object store `shoal-updates`, the message carrying only name and digest.
-    ObjectStore,
+    /// On the upload path: in chunks on the job's upload stream, the message carrying their
+    /// count, length and digest.
+    Upload,
 }
 
 /// One update to publish.
@@ -55,25 +57,33 @@ pub struct UpdateRequest {
     pub kind: UpdateKind,
     /// The tensors, as a safetensors file.
     pub payload: Bytes,
-    /// Use the object store even if the payload would fit inline.
-    pub force_object_store: bool,
+    /// Take the upload path even if the payload would fit inline.
+    pub force_upload: bool,
 }
 
 /// How often a waiting client re-reads the job state when no round event arrives (events on
 /// `<prefix>.<job>.round` wake it at once; the poll covers a missed event).
 pub const STATE_POLL: Duration = Duration::from_millis(1000);
 
-/// Bytes kept free for an update message's headers under the server's `max_payload` (Shoal's
-/// headers take about 300).
-pub const HEADER_ALLOWANCE: usize = 4096;
+/// The limits of one job a client respects, read once from its spec (specs do not change).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobLimits {
+    /// The largest update in bytes (`max_update_bytes`), either path.
+    pub max_update_bytes: u64,
+    /// The largest inline payload in bytes (`inline_limit_bytes`).
+    pub inline_limit: u64,
+    /// Bytes per upload chunk (`chunk_bytes`).
+    pub chunk_bytes: u64,
+}
 
 /// A Shoal client.
 #[derive(Debug, Clone)]
 pub struct ShoalClient {
     infra: Connection,
-    inline_limit: usize,
-    /// Each job's `max_update_bytes` (specs do not change), read once.
-    update_limits: Arc<Mutex<HashMap<JobId, u64>>>,
+    limits: Arc<Mutex<HashMap<JobId, JobLimits>>>,
+    /// The message ids this client object published (to tell its own retry from another
+    /// publisher's use of an id).
+    sent_ids: Arc<Mutex<HashSet<String>>>,
 }
 
 impl ShoalClient {
@@ -89,16 +99,7 @@ impl ShoalClient {
 
     /// A client over an existing connection.
     pub fn new(infra: Connection) -> ShoalClient {
-        // Leave room for headers under the server's max_payload.
-        let inline_limit = infra.max_payload().saturating_sub(16 * 1024);
-        ShoalClient { infra, inline_limit, update_limits: Arc::default() }
-    }
-
-    /// Overrides the size above which updates go through the object store (a payload that would
-    /// not fit the server's `max_payload` with its headers goes there whatever this says).
-    pub fn with_inline_limit(mut self, bytes: usize) -> ShoalClient {
-        self.inline_limit = bytes;
-        self
+        ShoalClient { infra, limits: Arc::default(), sent_ids: Arc::default() }
     }
 
     /// The NATS connection.
@@ -277,63 +278,120 @@ impl ShoalClient {
         }
     }
 
+    /// The job's limits (from its spec, published at job creation), read once per job.
+    ///
+    /// # Errors
+    /// As [`Self::job_spec`].
+    pub async fn limits(&self, job: &JobId) -> Result<JobLimits> {
+        if let Some(&l) = self.limits.lock().unwrap_or_else(|p| p.into_inner()).get(job) {
+            return Ok(l);
+        }
+        let spec = self.job_spec(job).await?;
+        let max_payload = self.infra.max_payload() as u64;
+        let limits = JobLimits {
+            max_update_bytes: spec.update_byte_limit(),
+            inline_limit: spec.inline_limit(max_payload),
+            chunk_bytes: spec.chunk_limit(max_payload),
+        };
+        self.limits.lock().unwrap_or_else(|p| p.into_inner()).insert(job.clone(), limits);
+        Ok(limits)
+    }
+
     /// The job's largest update in bytes (its spec's `max_update_bytes`), read once per job.
     ///
     /// # Errors
     /// As [`Self::job_spec`].
     pub async fn update_limit(&self, job: &JobId) -> Result<u64> {
-        if let Some(&l) = self.update_limits.lock().unwrap_or_else(|p| p.into_inner()).get(job) {
-            return Ok(l);
-        }
-        let limit = self.job_spec(job).await?.update_byte_limit();
-        self.update_limits.lock().unwrap_or_else(|p| p.into_inner()).insert(job.clone(), limit);
-        Ok(limit)
+        Ok(self.limits(job).await?.max_update_bytes)
     }
 
-    /// Publishes an update and waits for JetStream to persist it. Payloads above the inline
-    /// limit, or too large for the server's `max_payload` with their headers, go through the
-    /// object store first (`<job>/<round>/<client>`, digest in the header), so no message this
-    /// sends exceeds `max_payload`.
+    /// Publishes an update and waits for JetStream to persist it. Payloads above the job's
+    /// `inline_limit_bytes` (published in its spec) take the upload path first
+    /// ([`crate::uploads`]: chunks in the job's upload stream, then a message naming them), so no
+    /// message this sends exceeds `max_payload`. The message id covers the headers that matter,
+    /// the path and the bytes (`shoal_proto::headers::update_msg_id`); when JetStream already
+    /// holds that id from another publisher, the update goes out again under a fresh id.
     ///
     /// # Errors
     /// [`Error::PayloadTooLarge`] at once, before anything is sent, when the payload exceeds the
-    /// job's `max_update_bytes`; [`Error::UnknownJob`]; [`Error::Unauthorized`] when the
-    /// credentials do not allow publishing as `u.client`; [`Error::Rejected`] with `duplicate`
-    /// when JetStream already holds these exact bytes for this round; other NATS errors.
+    /// job's `max_update_bytes`; [`Error::UploadQuotaFull`]; [`Error::UnknownJob`];
+    /// [`Error::Unauthorized`] when the credentials do not allow publishing as `u.client`;
+    /// [`Error::Rejected`] with `duplicate` when this client already published this very
+    /// update; other NATS errors.
     pub async fn publish_update(&self, u: UpdateRequest) -> Result<Transport> {
         self.infra.violations.guard("publish the update", self.publish_update_inner(u)).await
     }
 
     async fn publish_update_inner(&self, u: UpdateRequest) -> Result<Transport> {
-        let limit = self.update_limit(&u.job).await?;
-        if u.payload.len() as u64 > limit {
+        let limits = self.limits(&u.job).await?;
+        if u.payload.len() as u64 > limits.max_update_bytes {
             return Err(Error::PayloadTooLarge {
                 what: "update",
                 size: u.payload.len(),
-                limit: usize::try_from(limit).unwrap_or(usize::MAX),
+                limit: usize::try_from(limits.max_update_bytes).unwrap_or(usize::MAX),
                 limit_name: "the job's max_update_bytes",
             });
         }
         let digest = hex::encode(Sha256::digest(&u.payload));
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            protocol::HDR_MSG_ID,
-            subjects::update_msg_id(&u.job, u.round, &u.client, &digest).as_str(),
-        );
+        let upload = u.force_upload || u.payload.len() as u64 > limits.inline_limit;
+        let (payload, transport, mut headers) = if upload {
+            let who = (&u.job, &u.client, u.round);
+            let up = uploads::publish(&self.infra.js, &self.infra.subjects, who, &u.payload, limits.chunk_bytes, &digest)
+                .await?;
+            let mut h = HeaderMap::new();
+            h.insert(protocol::HDR_UPLOAD_CHUNKS, up.chunks.to_string().as_str());
+            h.insert(protocol::HDR_UPLOAD_BYTES, up.bytes.to_string().as_str());
+            h.insert(protocol::HDR_DIGEST, format!("sha256:{digest}").as_str());
+            let t = protocol::Transport::Upload { chunks: up.chunks, bytes: up.bytes };
+            (Bytes::new(), t, h)
+        } else {
+            (u.payload.clone(), protocol::Transport::Inline, HeaderMap::new())
+        };
         headers.insert(protocol::HDR_ROUND, u.round.to_string().as_str());
         headers.insert(protocol::HDR_BASE_VERSION, u.base_version.to_string().as_str());
         headers.insert(protocol::HDR_NUM_EXAMPLES, u.num_examples.to_string().as_str());
         headers.insert(protocol::HDR_KIND, u.kind.as_str());
-        let inline_max = self.inline_limit.min(self.infra.max_payload().saturating_sub(HEADER_ALLOWANCE));
-        let (payload, transport) = if u.force_object_store || u.payload.len() > inline_max {
-            let name = subjects::update_object(&u.job, u.round, &u.client);
-            let chunk = jobs::chunk_size(self.infra.max_payload());
-            objects::put_object(&self.infra.js, subjects::UPDATES_BUCKET, &name, &u.payload, chunk).await?;
-            headers.insert(protocol::HDR_OBJECT, name.as_str());
-            headers.insert(protocol::HDR_DIGEST, format!("sha256:{digest}").as_str());
-            (Bytes::new(), Transport::ObjectStore)
+        let id = protocol::update_msg_id(&protocol::MsgIdFields {
+            job: &u.job,
+            round: u.round,
+            client: &u.client,
+            base_version: u.base_version,
+            num_examples: u.num_examples,
+            kind: u.kind,
+            transport,
+            payload_sha256: &digest,
+        });
+        let first = self.publish_message(&u, headers.clone(), &id, payload.clone()).await?;
+        if first {
+            return Ok(if upload { Transport::Upload } else { Transport::Inline });
+        }
+        // JetStream already holds a message with this id, and not from this client object: some
+        // other publisher used it first (an id is just a header). Publish again under an id no one
+        // can have used; the node still counts one update per client and round.
+        tracing::warn!(
+            job = %u.job, client = %u.client, round = %u.round, msg_id = %id,
+            "JetStream holds another message with this update's id; publishing again under a fresh id"
+        );
+        let nonce: String = (0..12).map(|_| char::from(b'a' + rand::random::<u8>() % 26)).collect();
+        let fresh = format!("{id}.{nonce}");
+        if self.publish_message(&u, headers, &fresh, payload).await? {
+            Ok(if upload { Transport::Upload } else { Transport::Inline })
         } else {
-            (u.payload, Transport::Inline)
+            Err(Error::Rejected(shoal_proto::RejectReason::Duplicate))
+        }
+    }
+
+    /// Publishes the update message under `id`. `Ok(true)`: JetStream stored it, or already held
+    /// it from an earlier publish of this client object (a retry: counted once, reported as
+    /// [`Error::Rejected`] with `duplicate`). `Ok(false)`: JetStream already held a message with
+    /// this id that this object never published.
+    async fn publish_message(&self, u: &UpdateRequest, mut headers: HeaderMap, id: &str, payload: Bytes) -> Result<bool> {
+        headers.insert(protocol::HDR_MSG_ID, id);
+        // Recorded before sending: an attempt whose ack was lost (the server stored it, then the
+        // connection dropped) makes the retry's `duplicate` answer ours, not a squatter's.
+        let mine = {
+            let mut sent = self.sent_ids.lock().unwrap_or_else(|p| p.into_inner());
+            !sent.insert(id.to_owned())
         };
         let subject = self.infra.subjects.update(&u.job, &u.client);
         let size = payload.len();
@@ -354,11 +412,12 @@ impl ShoalClient {
             })?
             .await
             .map_err(|e| Error::nats("publish update (ack)", e))?;
-        if ack.duplicate {
-            // The same bytes were already published for this round (JetStream's dedupe window):
-            // a retry of an update the node has, or had and refused.
-            return Err(Error::Rejected(shoal_proto::RejectReason::Duplicate));
+        match (ack.duplicate, mine) {
+            (false, _) => Ok(true),
+            // The same update was already published by this client object (JetStream's dedupe
+            // window): a retry of an update the node has, or had and refused.
+            (true, true) => Err(Error::Rejected(shoal_proto::RejectReason::Duplicate)),
+            (true, false) => Ok(false),
         }
-        Ok(transport)
     }
 }

@@ -90,6 +90,13 @@ pub enum Error {
     /// The node refused the update.
     #[error("update rejected: {0}")]
     Rejected(RejectReason),
+    /// The job's upload stream is full (its `upload_quota_bytes`): wait for the round to settle
+    /// (settled uploads are deleted) or ask for a larger quota.
+    #[error("the upload quota of job {job} is full; retry after the round settles")]
+    UploadQuotaFull {
+        /// The job.
+        job: String,
+    },
     /// A message or update is larger than a limit: the server's `max_payload` or the job's
     /// `max_update_bytes`. Found before anything was sent (a size error, never a time-out).
     #[error("{what} of {size} bytes exceeds the limit of {limit} bytes ({limit_name})")]
@@ -139,6 +146,8 @@ pub enum ErrorKind {
     Rejected,
     /// See [`Error::PayloadTooLarge`].
     PayloadTooLarge,
+    /// See [`Error::UploadQuotaFull`].
+    UploadQuotaFull,
 }
 
 impl Error {
@@ -170,6 +179,7 @@ impl Error {
             Error::InvalidOptions(_) => ErrorKind::InvalidOptions,
             Error::Rejected(_) => ErrorKind::Rejected,
             Error::PayloadTooLarge { .. } => ErrorKind::PayloadTooLarge,
+            Error::UploadQuotaFull { .. } => ErrorKind::UploadQuotaFull,
         }
     }
 }
@@ -193,6 +203,7 @@ impl ErrorKind {
             ErrorKind::InvalidOptions => "invalid_options",
             ErrorKind::Rejected => "rejected",
             ErrorKind::PayloadTooLarge => "payload_too_large",
+            ErrorKind::UploadQuotaFull => "upload_quota_full",
         }
     }
 }

@@ -44,11 +44,18 @@ pub async fn read_key(js: &jetstream::Context, bucket: &str, key: &str) -> Resul
 /// (round 1 waiting to open), which makes the job exist; a node picks it up from there. A
 /// create interrupted before the state was written can be run again.
 ///
+/// The stored spec carries the limits clients must respect ([`JobSpec::with_published_limits`]:
+/// the inline limit, the upload chunk size and quota), and the job's upload stream
+/// (`UPLOADS_<job>`) is created with it.
+///
 /// # Errors
-/// [`Error::Spec`] for an invalid spec, [`Error::PayloadTooLarge`] for a spec larger than the
-/// server's `max_payload` (nothing is written), [`Error::JobExists`], NATS errors.
+/// [`Error::Spec`] for an invalid spec (or limits that do not fit the server's `max_payload`),
+/// [`Error::PayloadTooLarge`] for a spec larger than the server's `max_payload` (nothing is
+/// written), [`Error::JobExists`], NATS errors.
 pub async fn create_job(infra: &Infra, spec: &JobSpec, initial: Option<&Parameters>) -> Result<()> {
     shoal_functions::factory::validate(spec)?;
+    // The limits a client must respect are published in the stored spec.
+    let spec = &spec.clone().with_published_limits(infra.max_payload() as u64)?;
     let manifest = Arc::new(spec.manifest.clone());
     let zeros;
     let initial = match initial {
@@ -83,6 +90,7 @@ pub async fn create_job(infra: &Infra, spec: &JobSpec, initial: Option<&Paramete
         return Err(Error::JobExists(spec.job.to_string()));
     }
     put_model(infra, &spec.job, ModelVersion(0), initial).await?;
+    crate::uploads::ensure_stream(&infra.js, &infra.subjects, spec).await?;
     infra
         .jobs
         .put(subjects::job_spec_key(&spec.job), encoded)

@@ -10,7 +10,8 @@
 //!   operator call it; [`ShoalClient::connect`] never does).
 //! - [`jobs`]: the job store: create a job, read its spec and state, compare-and-set the state,
 //!   store and read models.
-//! - [`objects`]: object-store reads and writes that need no consumer.
+//! - [`objects`]: object-store reads and writes that need no consumer (models).
+//! - [`uploads`]: the upload path of large client updates (chunks in the job's own stream).
 //! - [`auth`]: credentials and TLS settings, and the nats-server `authorization` block generator
 //!   (`shoal auth nats-config`).
 //! - [`error`]: the SDK's [`Error`] and its `Copy` [`ErrorKind`].
@@ -26,6 +27,7 @@ pub mod error;
 pub mod jobs;
 pub mod objects;
 pub mod provision;
+pub mod uploads;
 
 pub use client::{ShoalClient, Transport, UpdateRequest};
 pub use connect::{ConnectOptions, Connection};

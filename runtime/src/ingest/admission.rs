@@ -103,8 +103,9 @@ pub struct Facts<'a> {
     pub node: &'a NodeId,
     /// The node holding the job's top lease, as this node last saw it.
     pub top: Option<&'a NodeId>,
-    /// The largest inline payload this node takes.
-    pub inline_limit: usize,
+    /// The server's `max_payload` (the job's inline limit defaults from it for a spec stored
+    /// without one).
+    pub max_payload: u64,
     /// The updates this node holds staged.
     pub seen: &'a Seen,
     /// The node's `max_jobs` (named in a `node_at_capacity` refusal).
@@ -121,6 +122,16 @@ pub fn decide(f: &Facts<'_>) -> Decision {
         return Decision::AlreadyApplied(round);
     }
     let job = &f.spec.job;
+    if let Some(id) = &f.headers.msg_id {
+        if !shoal_proto::headers::msg_id_is_own(id, job, f.headers.round, f.client) {
+            // Another client's id (JetStream would drop that client's own update as a
+            // duplicate): reported, never folded.
+            return refuse(
+                RejectReason::Unauthorized,
+                format!("Nats-Msg-Id {id:?} is not <job>.<round>.<client>.<hash> of this client and round"),
+            );
+        }
+    }
     if f.state.phase != JobPhase::Running {
         return refuse(RejectReason::JobNotRunning, format!("job {job} is {}", f.state.phase));
     }
@@ -247,7 +258,7 @@ fn check_update(f: &Facts<'_>, admitted: Admitted) -> Option<Decision> {
             ));
         }
     }
-    if h.object.is_none() {
+    if h.upload.is_none() {
         return check_inline_size(f);
     }
     None
@@ -262,13 +273,13 @@ fn check_inline_size(f: &Facts<'_>) -> Option<Decision> {
             format!("update of {len} bytes exceeds the job's max_update_bytes {max_bytes}"),
         ));
     }
-    let limit = f.inline_limit;
-    if len > limit {
+    let limit = f.spec.inline_limit(f.max_payload);
+    if len as u64 > limit {
         return Some(refuse(
             RejectReason::PayloadTooLarge,
             format!(
-                "inline payload of {len} bytes exceeds this node's inline limit {limit}; publish through the \
-                 object store"
+                "inline payload of {len} bytes exceeds the job's inline_limit_bytes {limit}; publish it on the \
+                 upload path"
             ),
         ));
     }
@@ -329,8 +340,8 @@ mod tests {
             base_version: ModelVersion(base),
             num_examples: n,
             kind,
-            object: None,
-            digest: None,
+            upload: None,
+            msg_id: None,
         }
     }
 
@@ -374,7 +385,7 @@ mod tests {
                 service: &self.service,
                 node: &me,
                 top: None,
-                inline_limit: 1000,
+                max_payload: 1000 + shoal_proto::spec::HEADER_ALLOWANCE,
                 seen: &self.seen,
                 max_jobs: Some(1),
             })
@@ -437,8 +448,8 @@ mod tests {
         let mut big = c(1, UpdateKind::Parameters);
         big.payload_len = 1001;
         assert_eq!(big.reason(), RejectReason::PayloadTooLarge, "over the node's inline limit");
-        big.headers.object = Some("j/1/c".into());
-        assert!(matches!(big.decide(), Decision::Stage(_)), "the object path checks its size later");
+        big.headers.upload = Some(shoal_proto::headers::Upload { chunks: 2, bytes: 1001, sha256: "0".repeat(64) });
+        assert!(matches!(big.decide(), Decision::Stage(_)), "the upload path checks its size later");
     }
 
     #[test]
@@ -457,6 +468,19 @@ mod tests {
             RejectReason::CohortFull,
             "cohort_size 3 is the default max_clients_per_round"
         );
+    }
+
+    #[test]
+    fn a_message_id_naming_another_client_or_round_is_refused() {
+        let mut c = Case::new(sync(), open(1, 0), headers(1, 0, 1, UpdateKind::Parameters));
+        c.headers.msg_id = Some("j.1.c.0123456789abcdef".into());
+        assert!(matches!(c.decide(), Decision::Stage(_)), "its own id");
+        c.headers.msg_id = Some("j.1.c.0123456789abcdef.nonce7".into());
+        assert!(matches!(c.decide(), Decision::Stage(_)), "its own id with a nonce");
+        for other in ["j.1.victim.0123456789abcdef", "j.2.c.0123456789abcdef", "x.1.c.0123456789abcdef", "j.1.c.short"] {
+            c.headers.msg_id = Some(other.into());
+            assert_eq!(c.reason(), RejectReason::Unauthorized, "{other}");
+        }
     }
 
     #[test]

@@ -1,87 +1,60 @@
-//! The object-store path of an update: the payload was put into `shoal-updates` as
-//! `<job>/<round>/<client>` and the message carries its name and SHA-256. The gateway accepts
-//! only the publishing client's own object, refuses one larger than the job allows before
-//! reading a chunk, reads every chunk with a bounded direct get, and checks the bytes against
-//! the message's digest.
+//! The upload path of an update (docs/protocol.md, "Uploads"): the payload was published in
+//! chunks on `<prefix>.<job>.upload.<client>.<round>.<i>` (stream `UPLOADS_<job>`), and the
+//! message names their count, length and SHA-256. The gateway reads only the publishing
+//! client's own upload for the message's round (the subject is its authenticated identity),
+//! refuses one larger than the job allows before reading a chunk, reads every chunk with a
+//! bounded direct get, and checks the lengths and the digest.
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use sha2::{Digest, Sha256};
-use shoal_client::objects::{self, ObjectReadError};
-use shoal_proto::{subjects, ClientId, JobId, RejectReason, RoundId};
+use shoal_client::uploads::{self, UploadBuf, UploadReadError};
+use shoal_proto::headers::Upload;
+use shoal_proto::{subjects, ClientId, JobId, JobSpec, RejectReason, RoundId};
 
 use super::reject::Refusal;
 use crate::nats::Infra;
 
-/// Which object an update names, and what its message says of it.
-#[derive(Debug, Clone, Copy)]
-pub struct ObjectRef<'a> {
-    /// The job.
-    pub job: &'a JobId,
-    /// The update's round header.
-    pub round: RoundId,
-    /// The publishing client.
-    pub client: &'a ClientId,
-    /// `Shoal-Object`.
-    pub name: &'a str,
-    /// `Shoal-Digest`, as sent.
-    pub digest: Option<&'a str>,
-}
-
-/// Reads the update object `o` names, at most `max_bytes` long, within `timeout`.
+/// Reads `client`'s upload for `round` as `upload` declares it, within `timeout`. Returns the
+/// payload and the stream sequence just past the chunks read (what to purge below once the
+/// update is settled). A refused upload's chunks that were read are purged here.
 ///
 /// # Errors
-/// A [`Refusal`]: `unauthorized` for another client's object, `malformed_headers` without a
-/// `sha256:<hex>` digest, `payload_too_large` from the metadata, `object_unavailable` for a
-/// missing object, metadata or chunk (or a read that takes longer than `timeout`),
+/// A [`Refusal`]: `payload_too_large` from the declared size, `object_unavailable` for a
+/// missing chunk (or a read slower than `timeout`), `malformed` for chunks that do not add up,
 /// `digest_mismatch` for bytes that do not match.
-pub async fn fetch_object(
+pub async fn fetch_upload(
     infra: &Infra,
-    o: ObjectRef<'_>,
-    max_bytes: usize,
+    who: (&JobId, &ClientId, RoundId),
+    upload: &Upload,
+    spec: &JobSpec,
     timeout: Duration,
-) -> Result<Bytes, Refusal> {
-    let own = subjects::update_object(o.job, o.round, o.client);
-    if o.name != own {
-        return Err(Refusal::new(
-            RejectReason::Unauthorized,
-            format!("object {:?} is not this client's ({own:?})", o.name),
-        ));
-    }
-    let digest = o
-        .digest
-        .and_then(|d| d.strip_prefix("sha256:"))
-        .ok_or_else(|| Refusal::new(RejectReason::MalformedHeaders, "Shoal-Digest sha256:<hex> missing"))?
-        .to_ascii_lowercase();
-    // Size from the metadata first (nothing is read for an oversized object), then every chunk
-    // by a bounded direct get: a missing chunk is a refusal, not a stalled gateway.
-    let read = objects::read_object_checked(&infra.js, subjects::UPDATES_BUCKET, o.name, max_bytes);
-    let buf = match tokio::time::timeout(timeout, read).await {
-        Err(_) => {
-            return Err(Refusal::new(
-                RejectReason::ObjectUnavailable,
-                format!("object {:?} not read within {timeout:?}", o.name),
-            ))
-        }
-        Ok(Ok(buf)) => buf,
+) -> Result<(Bytes, u64), Refusal> {
+    let job = who.0;
+    let max_payload = infra.max_payload() as u64;
+    let limits = (spec.chunk_limit(max_payload), spec.update_byte_limit());
+    let stream = infra
+        .js
+        .get_stream_no_info(subjects::uploads_stream(job))
+        .await
+        .map_err(|e| Refusal::new(RejectReason::ObjectUnavailable, format!("the job's upload stream: {e}")))?;
+    let mut buf = UploadBuf::default();
+    let read = uploads::read(&stream, &infra.subjects, who, upload, limits, &mut buf);
+    let refusal = match tokio::time::timeout(timeout, read).await {
+        Ok(Ok(())) => return Ok((Bytes::from(buf.bytes), buf.last_seq + 1)),
+        Err(_) => Refusal::new(RejectReason::ObjectUnavailable, format!("upload not read within {timeout:?}")),
         Ok(Err(e)) => {
             let reason = match e {
-                ObjectReadError::TooLarge { .. } => RejectReason::PayloadTooLarge,
-                ObjectReadError::Corrupt { .. } => RejectReason::DigestMismatch,
-                ObjectReadError::Missing { .. } | ObjectReadError::MissingChunk { .. } => {
-                    RejectReason::ObjectUnavailable
-                }
+                UploadReadError::TooLarge { .. } => RejectReason::PayloadTooLarge,
+                UploadReadError::Digest { .. } => RejectReason::DigestMismatch,
+                UploadReadError::Malformed(_) => RejectReason::Malformed,
+                UploadReadError::MissingChunk { .. } => RejectReason::ObjectUnavailable,
             };
-            return Err(Refusal::new(reason, e.to_string()));
+            Refusal::new(reason, e.to_string())
         }
     };
-    let got = hex::encode(Sha256::digest(&buf));
-    if got != digest {
-        return Err(Refusal::new(
-            RejectReason::DigestMismatch,
-            format!("object digest {got} != header {digest}"),
-        ));
+    if buf.last_seq > 0 {
+        uploads::purge(&stream, &infra.subjects, who, Some(buf.last_seq + 1)).await;
     }
-    Ok(Bytes::from(buf))
+    Err(refusal)
 }

@@ -1,6 +1,6 @@
 //! The gateway's ledger of the updates it staged and has not settled: each one's JetStream
 //! message (acked only after its round commits), its shared-memory slot (returned when the
-//! function host releases it), and its object in `shoal-updates` (deleted when it is acked).
+//! function host releases it), and its upload's chunks (purged when it is acked or refused).
 //!
 //! The function host never touches a message or a slot lease: it sends [`Feedback`] — the slot
 //! is released (folded, or no longer needed), the update is settled (ack, hand back, refuse) —
@@ -9,7 +9,6 @@
 //! shutdown every update still held goes back to JetStream at once.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use shoal_proto::{ClientId, JobId, RoundId};
@@ -35,14 +34,26 @@ pub struct HeldUpdate {
     /// Its slot lease, until the function host releases it (`None`: shared with the host as a
     /// view; the slot returns when the view is dropped too).
     pub slot: Option<Slot>,
-    /// Its object in `shoal-updates`, deleted when it is acked.
-    pub object: Option<String>,
+    /// Its upload's chunks, when its payload came on the upload path (purged when it is settled
+    /// for good: acked or refused).
+    pub upload: Option<UploadChunks>,
+}
+
+/// The chunks of a staged update's upload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UploadChunks {
+    /// The round the upload was published for (its `Shoal-Round` header; it differs from the
+    /// staged round for a stale update of an asynchronous job).
+    pub round: RoundId,
+    /// The stream sequence just past the chunks the gateway read: purging below it never
+    /// removes a chunk the client sent afterwards.
+    pub below_seq: u64,
 }
 
 /// How an update ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Settle {
-    /// Its round committed with it: ack it (and delete its object).
+    /// Its round committed with it: ack it (and purge its upload).
     Ack,
     /// Hand it back to JetStream, redelivered after the delay (an asynchronous update that
     /// missed its buffer; updates released at shutdown).
@@ -146,7 +157,6 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Cmd>, infra: Infra, rejector: Rejec
     let mut held: HashMap<u64, HeldUpdate> = HashMap::new();
     let mut keepalive = tokio::time::interval(config.progress_interval);
     keepalive.tick().await;
-    let objects = Arc::new(infra.update_objects.clone());
     loop {
         tokio::select! {
             cmd = rx.recv() => {
@@ -159,7 +169,7 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Cmd>, infra: Infra, rejector: Rejec
                         Cmd::Hold(u) => {
                             held.insert(u.stream_seq, *u);
                         }
-                        Cmd::Feedback(f) => settled |= apply(&mut held, f, &objects, &rejector).await,
+                        Cmd::Feedback(f) => settled |= apply(&mut held, f, &infra, &rejector).await,
                         Cmd::Shutdown(done) => {
                             let n = release_all(&mut held, config.release_delay).await;
                             let _ = infra.client.flush().await;
@@ -189,7 +199,7 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Cmd>, infra: Infra, rejector: Rejec
 async fn apply(
     held: &mut HashMap<u64, HeldUpdate>,
     f: Feedback,
-    objects: &async_nats::jetstream::object_store::ObjectStore,
+    infra: &Infra,
     rejector: &Rejector,
 ) -> bool {
     match f {
@@ -207,11 +217,7 @@ async fn apply(
             match settle {
                 Settle::Ack => {
                     u.ack.ack().await;
-                    if let Some(obj) = &u.object {
-                        if let Err(e) = objects.delete(obj).await {
-                            tracing::debug!(object = %obj, error = %e, "deleting a consumed update object failed");
-                        }
-                    }
+                    purge_upload(infra, &u).await;
                 }
                 Settle::Nak(delay) => {
                     u.ack.nak(delay).await;
@@ -220,10 +226,27 @@ async fn apply(
                     let who =
                         Refused { job: Some(u.job.as_str()), client: Some(&u.client), round: Some(u.round) };
                     rejector.reject(who, refusal, Some(&u.ack)).await;
+                    purge_upload(infra, &u).await;
                 }
             }
             true
         }
+    }
+}
+
+/// Purges the chunks of `u`'s upload, if it had one.
+async fn purge_upload(infra: &Infra, u: &HeldUpdate) {
+    if let Some(up) = u.upload {
+        purge_upload_of(infra, (&u.job, &u.client, up.round), Some(up.below_seq)).await;
+    }
+}
+
+/// Purges the chunks `client` uploaded for `round` of `job` below stream sequence `below` (all
+/// of them: `None`). Best effort: they expire.
+pub async fn purge_upload_of(infra: &Infra, who: (&JobId, &ClientId, RoundId), below: Option<u64>) {
+    match infra.js.get_stream_no_info(shoal_proto::subjects::uploads_stream(who.0)).await {
+        Ok(stream) => shoal_client::uploads::purge(&stream, &infra.subjects, who, below).await,
+        Err(e) => tracing::debug!(error = %e, "the job's upload stream is gone; nothing to purge"),
     }
 }
 

@@ -5,7 +5,7 @@
 //! One update, in order: the subject's ids → the headers' grammar
 //! ([`shoal_proto::headers::UpdateHeaders::parse`]) → the job (from the node's directory, or KV
 //! right after a restart) → [`admission::decide`] (pure) → the payload: inline, or through the
-//! object store ([`fetch`]) → a slot of the job's pool ([`crate::staging`]; waiting for one is
+//! upload path ([`fetch`]) → a slot of the job's pool ([`crate::staging`]; waiting for one is
 //! the backpressure) → `stage_update` checks the safetensors payload against the manifest while
 //! copying it into the slot → the claim → the function host. Every refusal is a typed reason
 //! through the one rejection path ([`reject`]). Accepted messages are **not** acked here: the
@@ -29,7 +29,7 @@ use shoal_proto::headers::UpdateHeaders;
 use shoal_proto::{subjects, ClientId, JobId, JobPhase, NodeId, RejectReason, RoundId};
 
 use self::admission::{Admitted, Decision, Facts, Later, Seen, Service};
-use self::ledger::HeldUpdate;
+use self::ledger::{HeldUpdate, UploadChunks};
 use self::reject::{AckHandle, Refusal, Refused};
 use crate::error::{Error, Result};
 use crate::host::Delivery;
@@ -278,7 +278,7 @@ impl Gateway {
             service: &service,
             node: &self.ctx.node,
             top: top.as_ref(),
-            inline_limit: self.ctx.inline_limit,
+            max_payload: self.ctx.infra.max_payload() as u64,
             seen: &self.seen,
             max_jobs: self.ctx.slots.max(),
         });
@@ -321,10 +321,8 @@ impl Gateway {
         tracing::debug!(job = %u.job, client = %u.client, %round, stream_seq = u.stream_seq, "update already applied; acked");
         self.ctx.metrics.updates_already_applied.inc();
         u.ack.ack().await;
-        if let Some(name) = &u.headers.object {
-            if let Err(e) = self.ctx.infra.update_objects.delete(name).await {
-                tracing::debug!(object = %name, error = %e, "deleting an applied update's object failed");
-            }
+        if u.headers.upload.is_some() {
+            ledger::purge_upload_of(&self.ctx.infra, (&u.job, &u.client, u.headers.round), None).await;
         }
     }
 
@@ -337,22 +335,33 @@ impl Gateway {
         entry: &JobEntry,
         admitted: Admitted,
     ) -> Result<Option<Delivery>, Refusal> {
-        let manifest = &entry.manifest;
-        let max_bytes = usize::try_from(entry.spec.update_byte_limit()).unwrap_or(usize::MAX);
-        let payload = match &u.headers.object {
-            None => u.payload.clone(),
-            Some(name) => {
-                let o = fetch::ObjectRef {
-                    job: &u.job,
-                    round: u.headers.round,
-                    client: &u.client,
-                    name,
-                    digest: u.headers.digest.as_deref(),
-                };
-                let timeout = ms(self.ctx.config.timings.object_read_timeout_ms);
-                fetch::fetch_object(&self.ctx.infra, o, max_bytes, timeout).await?
-            }
+        let Some(upload) = &u.headers.upload else {
+            return self.stage_payload(u, entry, admitted, &u.payload.clone(), None).await;
         };
+        let who = (&u.job, &u.client, u.headers.round);
+        let timeout = ms(self.ctx.config.timings.object_read_timeout_ms);
+        let (payload, below_seq) = fetch::fetch_upload(&self.ctx.infra, who, upload, &entry.spec, timeout).await?;
+        let chunks = UploadChunks { round: u.headers.round, below_seq };
+        let staged = self.stage_payload(u, entry, admitted, &payload, Some(chunks)).await;
+        if let Err(refusal) = &staged {
+            // Refused after reading (its bytes, or a second update of the client): the chunks
+            // read go now, not at the stream's max age.
+            tracing::trace!(reason = %refusal.reason.as_str(), "purging a refused upload");
+            ledger::purge_upload_of(&self.ctx.infra, who, Some(below_seq)).await;
+        }
+        staged
+    }
+
+    /// [`Self::stage`] once the payload is in memory.
+    async fn stage_payload(
+        &mut self,
+        u: &Incoming,
+        entry: &JobEntry,
+        admitted: Admitted,
+        payload: &Bytes,
+        upload: Option<UploadChunks>,
+    ) -> Result<Option<Delivery>, Refusal> {
+        let manifest = &entry.manifest;
         let (dir, budget) = (self.ctx.shm_dir.clone(), self.ctx.config.shm_budget_bytes());
         let pool = self
             .pools
@@ -363,7 +372,7 @@ impl Gateway {
             tracing::error!(error = %e, "cannot allocate shared memory");
             Refusal::new(RejectReason::PayloadTooLarge, format!("no shared memory for the update: {e}"))
         })?;
-        stage_update(manifest, &payload, slot.bytes_mut())
+        stage_update(manifest, payload, slot.bytes_mut())
             .map_err(|e| Refusal::new(RejectReason::from(&e), e.to_string()))?;
         // One node stages each (job, round, client): another node may hold this very message
         // (delivered twice) or another update of the client for the round.
@@ -417,7 +426,7 @@ impl Gateway {
             stream_seq: u.stream_seq,
             ack: u.ack.clone(),
             slot: None,
-            object: u.headers.object.clone(),
+            upload,
         });
         Ok(Some(Delivery {
             descriptor,

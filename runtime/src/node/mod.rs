@@ -87,8 +87,6 @@ pub struct NodeContext {
     pub cancel: CancellationToken,
     /// This node's shared-memory directory (`<shm_dir>/<node>`).
     pub shm_dir: PathBuf,
-    /// Largest inline update accepted, bytes.
-    pub inline_limit: usize,
 }
 
 impl NodeContext {
@@ -153,8 +151,6 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
         cancel.clone(),
         cancel.clone(),
     ));
-    let inline_limit =
-        config.inline_limit_bytes.map_or(infra.max_payload(), |l| usize::try_from(l).unwrap_or(usize::MAX));
     let slots = JobSlots::new(
         config.max_jobs.map(|n| n as usize),
         metrics.jobs_served.clone(),
@@ -177,11 +173,10 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
         plugins: opts.plugins,
         cancel: cancel.clone(),
         shm_dir,
-        inline_limit,
     };
     spawn_tasks(&ctx, &tracker).await?;
     tracing::info!(
-        node = %config.node_id, nats = %config.nats_url, inline_limit, max_jobs = ?config.max_jobs,
+        node = %config.node_id, nats = %config.nats_url, max_payload = infra.max_payload(), max_jobs = ?config.max_jobs,
         "node started"
     );
     Ok(NodeHandle {

@@ -392,6 +392,7 @@ impl<'a> Top<'a> {
         self.ctx.directory.observe_state(&self.job, None, self.state.clone(), self.revision);
         self.announce(round, &outcome, &collected).await;
         drop(collected); // releases the whole-cohort slots to their leaves
+        self.purge_uploads(round).await;
         if let Some(p) = model {
             self.global = p;
             prune_models(
@@ -403,6 +404,25 @@ impl<'a> Top<'a> {
             .await;
         }
         Ok(Step::Closed)
+    }
+
+    /// Removes upload chunks no update message will claim any more: when the job has ended, all
+    /// of them; when a synchronous round closed, every upload of that round (a late message for
+    /// it is refused before its chunks are read). Settled updates purge their own uploads at
+    /// the gateway; this catches crashed clients' and retried uploads.
+    async fn purge_uploads(&mut self, round: RoundId) {
+        let infra = &self.ctx.infra;
+        let filter = if self.state.phase != JobPhase::Running {
+            infra.subjects.all_uploads(&self.job)
+        } else if !self.spec.round_rule().asynchronous {
+            infra.subjects.round_uploads(&self.job, round)
+        } else {
+            return;
+        };
+        match infra.js.get_stream_no_info(shoal_proto::subjects::uploads_stream(&self.job)).await {
+            Ok(stream) => shoal_client::uploads::purge_matching(&stream, filter).await,
+            Err(e) => tracing::debug!(error = %e, "the job's upload stream is gone; nothing to purge"),
+        }
     }
 
     /// Metrics, the round's events and the log line of a committed state.

@@ -1,0 +1,199 @@
+//! The upload path of large client updates (docs/protocol.md, "Uploads"): the payload goes in
+//! chunks of the job's `chunk_bytes` to `<prefix>.<job>.upload.<client>.<round>.<i>` in the job's
+//! own stream `UPLOADS_<job>`, then the update message names the chunk count, the byte length and
+//! the SHA-256. A client may publish only below its own `…upload.<client>.>`; the stream allows no
+//! rollup and holds at most the job's upload quota, so one client cannot touch another's upload
+//! and one job cannot fill the store for others.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use bytes::Bytes;
+use shoal_proto::headers::Upload;
+use shoal_proto::subjects::{self, Subjects};
+use shoal_proto::{ClientId, JobId, JobSpec, RoundId};
+
+use crate::error::{Error, Result};
+
+/// Creates (or updates to the spec's quota) the upload stream of `spec`'s job, idempotently:
+/// one message per subject (a re-sent chunk replaces the earlier one), no rollup, new
+/// messages refused once the quota is full, chunks kept at most 24 h.
+///
+/// # Errors
+/// [`Error::Nats`] when the stream cannot be created.
+pub async fn ensure_stream(js: &jetstream::Context, subjects: &Subjects, spec: &JobSpec) -> Result<stream::Stream> {
+    let config = stream::Config {
+        name: subjects::uploads_stream(&spec.job),
+        subjects: vec![subjects.all_uploads(&spec.job)],
+        retention: stream::RetentionPolicy::Limits,
+        max_messages_per_subject: 1,
+        max_bytes: i64::try_from(spec.upload_quota()).unwrap_or(i64::MAX),
+        max_age: Duration::from_secs(24 * 3600),
+        discard: stream::DiscardPolicy::New,
+        allow_rollup: false,
+        allow_direct: true,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    };
+    match js.get_or_create_stream(config.clone()).await {
+        Ok(s) => Ok(s),
+        // Created concurrently by another process: open it.
+        Err(e) => js.get_stream(&config.name).await.map_err(|_| Error::nats("create the job's upload stream", e)),
+    }
+}
+
+/// Publishes `payload` as the chunks of `client`'s upload for `round`, waiting for every ack.
+/// Returns the upload's description for the update message's headers.
+///
+/// # Errors
+/// [`Error::UploadQuotaFull`] when the job's upload stream is full; other NATS errors.
+pub async fn publish(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    (job, client, round): (&JobId, &ClientId, RoundId),
+    payload: &Bytes,
+    chunk_bytes: u64,
+    sha256: &str,
+) -> Result<Upload> {
+    let chunk = usize::try_from(chunk_bytes.max(1)).unwrap_or(usize::MAX);
+    let mut chunks = 0u64;
+    for (i, start) in (0..payload.len().max(1)).step_by(chunk).enumerate() {
+        let end = (start + chunk).min(payload.len());
+        let subject = subjects.upload_chunk(job, client, round, i as u64);
+        let ack = js.publish(subject, payload.slice(start..end)).await.map_err(|e| Error::nats("publish an upload chunk", e))?;
+        ack.await.map_err(|e| {
+            if e.to_string().contains("maximum bytes exceeded") {
+                Error::UploadQuotaFull { job: job.to_string() }
+            } else {
+                Error::nats("publish an upload chunk (ack)", e)
+            }
+        })?;
+        chunks += 1;
+    }
+    Ok(Upload { chunks, bytes: payload.len() as u64, sha256: sha256.to_owned() })
+}
+
+/// Why an upload could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadReadError {
+    /// A chunk is missing (never published, expired, or purged). Shown counting from 1.
+    #[error("upload chunk {} of {chunks} is missing ({detail})", index + 1)]
+    MissingChunk {
+        /// The chunk's index (from 0).
+        index: u64,
+        /// Chunks declared.
+        chunks: u64,
+        /// The store's answer.
+        detail: String,
+    },
+    /// The declared size is over the caller's limit (found before reading any chunk).
+    #[error("upload of {bytes} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// Declared bytes.
+        bytes: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// The chunks do not add up to the declared count and length.
+    #[error("upload malformed: {0}")]
+    Malformed(String),
+    /// The bytes do not match the declared SHA-256.
+    #[error("upload digest {got} differs from the declared {want}")]
+    Digest {
+        /// The digest of the bytes read.
+        got: String,
+        /// The declared one.
+        want: String,
+    },
+}
+
+/// What [`read`] fills in.
+#[derive(Debug, Default)]
+pub struct UploadBuf {
+    /// The payload (cleared first).
+    pub bytes: Vec<u8>,
+    /// The highest stream sequence among the chunks read (0: none read). Purging below it + 1
+    /// removes exactly what was read, never a chunk the client re-sent since.
+    pub last_seq: u64,
+}
+
+/// Reads `client`'s upload for `round` (as the update message declares it in `upload`) with
+/// direct gets, into `out`: refuses before reading when the declared size is over `max_bytes`
+/// or inconsistent with `chunk_bytes`, and checks every chunk's length and the whole payload's
+/// SHA-256.
+///
+/// # Errors
+/// The [`UploadReadError`] naming what is wrong (`out.last_seq` still tells what was read).
+pub async fn read<I>(
+    stream: &stream::Stream<I>,
+    subjects: &Subjects,
+    (job, client, round): (&JobId, &ClientId, RoundId),
+    upload: &Upload,
+    (chunk_bytes, max_bytes): (u64, u64),
+    out: &mut UploadBuf,
+) -> std::result::Result<(), UploadReadError> {
+    use sha2::{Digest, Sha256};
+    if upload.bytes > max_bytes {
+        return Err(UploadReadError::TooLarge { bytes: upload.bytes, limit: max_bytes });
+    }
+    if upload.chunks != upload.bytes.div_ceil(chunk_bytes.max(1)).max(1) {
+        let expected = upload.bytes.div_ceil(chunk_bytes.max(1)).max(1);
+        return Err(UploadReadError::Malformed(format!(
+            "{} chunks declared for {} bytes in chunks of {chunk_bytes}; expected {expected}",
+            upload.chunks, upload.bytes
+        )));
+    }
+    out.bytes.clear();
+    out.last_seq = 0;
+    out.bytes.reserve(upload.bytes as usize);
+    let mut hasher = Sha256::new();
+    for i in 0..upload.chunks {
+        let subject = subjects.upload_chunk(job, client, round, i);
+        let m = stream.direct_get_last_for_subject(subject).await.map_err(|e| UploadReadError::MissingChunk {
+            index: i,
+            chunks: upload.chunks,
+            detail: e.to_string(),
+        })?;
+        out.last_seq = out.last_seq.max(m.sequence);
+        let want = if i + 1 < upload.chunks { chunk_bytes } else { upload.bytes - chunk_bytes * (upload.chunks - 1) };
+        if m.payload.len() as u64 != want {
+            return Err(UploadReadError::Malformed(format!("chunk {i} has {} bytes, {want} expected", m.payload.len())));
+        }
+        hasher.update(&m.payload);
+        out.bytes.extend_from_slice(&m.payload);
+    }
+    let got = hex::encode(hasher.finalize());
+    if got != upload.sha256 {
+        return Err(UploadReadError::Digest { got, want: upload.sha256.clone() });
+    }
+    Ok(())
+}
+
+/// Deletes the chunks of `client`'s upload for `round`: those stored below stream sequence
+/// `below` (the chunks a read saw: a chunk the client re-sent since survives), or all of them
+/// when `below` is `None`. Best effort: the stream's max age removes what is left.
+pub async fn purge<I>(
+    stream: &stream::Stream<I>,
+    subjects: &Subjects,
+    (job, client, round): (&JobId, &ClientId, RoundId),
+    below: Option<u64>,
+) {
+    let filter = subjects.upload_chunks(job, client, round);
+    let purge = stream.purge().filter(filter.clone());
+    let result = match below {
+        Some(seq) => purge.sequence(seq).await,
+        None => purge.await,
+    };
+    if let Err(e) = result {
+        tracing::debug!(%filter, error = %e, "purging a settled upload failed (its chunks expire)");
+    }
+}
+
+/// Deletes the chunks matching `filter` (a subject of the job's upload stream, wildcards
+/// allowed): what the node does when a synchronous round closes (every upload of it) and when
+/// the job ends (all of them). Best effort: the stream's max age removes what is left.
+pub async fn purge_matching<I>(stream: &stream::Stream<I>, filter: String) {
+    if let Err(e) = stream.purge().filter(filter.clone()).await {
+        tracing::debug!(%filter, error = %e, "purging uploads failed (they expire)");
+    }
+}
