@@ -199,6 +199,8 @@ def test_every_rejection_reason_a_node_sends(cluster) -> None:
     async def go() -> None:
         ids = [f"r{i}" for i in range(20)]
         cs = dict(zip(ids, await clients(server.url, *ids)))
+        for c in cs.values():
+            await c._watch(job)  # raw publishes below bypass publish_update's subscribe-first
         state = await cs["r0"].wait_for_open_round(job, 1, timeout=TIMEOUT)
         r, v = state.round, state.model_version
         good = {"w": np.ones(4, np.float32)}
@@ -257,12 +259,13 @@ def test_every_rejection_reason_a_node_sends(cluster) -> None:
             h = wire.update_headers(msg_id=msg_id, round_=r, base_version=0, num_examples=5, kind="parameters", upload=(declared_chunks, declared_bytes, digest))
             await js.publish(f"shoal.{job}.update.{cid}", b"", headers=h)
 
-        half = len(payload) // 2
-        await upload("r14", [payload[:half], payload[half:]], 2, len(payload), hashlib.sha256(b"other").hexdigest())
+        # The job's chunk_bytes is far above this payload: it is one chunk.
+        await upload("r14", [payload], 1, len(payload), hashlib.sha256(b"other").hexdigest())
         await expect(cs["r14"], job, r, errors.DigestMismatch)
-        await upload("r15", [payload[:half]], 2, len(payload), sha)
+        await upload("r15", [], 1, len(payload), sha)  # the chunk never published
         await expect(cs["r15"], job, r, errors.ObjectUnavailable)
-        await upload("r16", [payload[:half], payload[half:]], 2, len(payload) + 1, sha)
+        half = len(payload) // 2
+        await upload("r16", [payload[:half], payload[half:]], 2, len(payload), sha)  # 2 chunks where 1 is due
         await expect(cs["r16"], job, r, errors.Malformed)
         # Another client's message id (decision 3): unauthorized, not folded.
         other = wire.update_msg_id(job, r, "r18", base_version=0, num_examples=5, kind="parameters", transport="inline", payload_sha256_hex=sha)
