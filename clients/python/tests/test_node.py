@@ -153,16 +153,19 @@ def test_fedbuff_weights_stale_updates_and_refuses_beyond_max_staleness(cluster)
         versions = {0: np.zeros(5)}
 
         async def buffer(updates: list[tuple[shoal.ShoalClient, int, int]]) -> None:
-            """One buffer: each (client, base version, num_examples) sends a random delta."""
+            """One buffer: each (client, base version, num_examples) sends a random delta, for the
+            round of its base version (a client publishes for the round it started in: for a
+            stale base that round is closed, and the update goes into the open buffer)."""
             state = await a.wait_for_open_round(job, timeout=TIMEOUT)
             current = state.model_version
             sent = []
             for cl, base, n in updates:
                 delta = rng.normal(0, 1, 5).astype(np.float32)
-                await cl.publish_update(job, state.round, base, n, {"w": delta})
+                await cl.publish_update(job, base + 1, base, n, {"w": delta})
                 sent.append((delta, n * polynomial_staleness(current - base, 0.5)))
-            res = await asyncio.gather(*(cl.wait_for_outcome(job, state.round, timeout=TIMEOUT) for cl, _, _ in updates))
-            assert all(r.committed and r.version == current + 1 for r in res), res
+            res = await asyncio.gather(*(cl.wait_for_outcome(job, base + 1, timeout=TIMEOUT) for cl, base, _ in updates))
+            # Each result is the buffer the update went into, listed in its commit record.
+            assert all(r.committed and r.version == current + 1 and r.round == state.round and r.included for r in res), [(r.round, r.outcome, r.included, r.state.round, r.state.last_commit) for r in res]
             step = sum(w * dl.astype(np.float64) for dl, w in sent) / 2  # by_buffer_size: K = 2
             oracle = versions[current] + step
             model = await a.fetch_model(job, current + 1)

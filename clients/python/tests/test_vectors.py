@@ -4,6 +4,7 @@ float 64, absent optionals as nil)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import msgpack
@@ -107,3 +108,34 @@ def test_new_phases_and_unknown_fields_decode() -> None:
 def test_bad_envelopes_are_refused_with_decode_error(data: bytes) -> None:
     with pytest.raises(DecodeError):
         m.JobState.decode(data)
+
+
+def test_commit_record_lists_stream_sequences() -> None:
+    """docs/protocol.md 5.1: a client finds its update's stream sequence in ``last_commit.applied``
+    (sorted inclusive ranges) of the round the record names."""
+    from shoal.client import _listing
+
+    state = m.JobState.decode((VECTORS / "messages" / "job-state-committed.msgpack").read_bytes())
+    assert [_listing(state, s) for s in (1, 3, 5, 6, 9, 10)] == [(3, True), (3, True), (3, True), (3, False), (3, True), (3, False)]
+    assert _listing(state, None) is None and _listing(state, 0) is None
+    new = m.JobState.decode((VECTORS / "messages" / "job-state-new.msgpack").read_bytes())
+    assert _listing(new, 1) is None
+
+
+def test_what_a_waiting_client_concludes_from_the_commit_record() -> None:
+    """The pure decision behind ``wait_for_outcome`` (docs/protocol.md 5.1, 9.2, 13): listed,
+    refused (sync), followed into the next buffer (asynchronous), or unknown when the state
+    describes a later close."""
+    from shoal.client import _after_close
+
+    state = m.JobState.decode((VECTORS / "messages" / "job-state-committed.msgpack").read_bytes())
+    assert state.last_commit["round"] == 3
+    for asynchronous in (False, True):
+        assert _after_close(state, 3, 4, asynchronous=asynchronous) == ("listed", 3)
+        assert _after_close(state, 2, 4, asynchronous=asynchronous) == ("listed", 3)
+        assert _after_close(state, 2, 7, asynchronous=asynchronous) == ("unknown", 2)
+        assert _after_close(state, 3, None, asynchronous=asynchronous) == ("unknown", 3)
+    assert _after_close(state, 3, 7, asynchronous=False) == ("refused", 3)
+    assert _after_close(state, 3, 7, asynchronous=True) == ("follow", 4)
+    ended = dataclasses.replace(state, phase=m.JobPhase("finished"))
+    assert _after_close(ended, 3, 7, asynchronous=True) == ("refused", 3)

@@ -67,8 +67,13 @@ class Timings:
     - ``request``: one request/reply (direct get, JetStream publish acknowledgement).
     - ``state_poll``: how often a waiting client re-reads the job state when no event arrives
       (events on ``<p>.<job>.round`` wake it at once; the poll covers a missed event).
-    - ``notice_grace``: after a round is seen closed, how long to wait for a rejection notice the
-      node may still be sending about an update that arrived after the close.
+    - ``notice_grace``: after a round is seen closed when the state no longer describes that
+      round's close (two closes between reads), how long to wait for a rejection notice the
+      node may still be sending.
+    - ``notice_wait``: after a round is seen closed *without* this client's update (its commit
+      record, ``last_commit.applied``, does not list the update message's stream sequence), how
+      long to wait for the notice that says why (``late_update``, ``job_not_running``...). A
+      notice normally follows the close within milliseconds; this bounds a lost one.
     - ``connect``: one connection attempt; ``connect_deadline``: how long :meth:`ShoalClient.connect`
       keeps retrying an unreachable server (a refused login fails at once).
     """
@@ -76,6 +81,7 @@ class Timings:
     request: float = 10.0
     state_poll: float = 1.0
     notice_grace: float = 0.3
+    notice_wait: float = 10.0
     connect: float = 5.0
     connect_deadline: float = 10.0
 
@@ -104,12 +110,26 @@ class PublishResult:
 
 @dataclass(frozen=True)
 class RoundResult:
-    """How a round that carried this client's update ended: ``outcome`` (``None`` only when the job
-    state no longer holds it and its event was missed) and the job state seen after it."""
+    """How a round that carried this client's update ended.
+
+    - ``round``: the round whose close carried the update. For an asynchronous job this is the
+      buffer (period) the update went into, which may be later than the one it was published
+      for (an update that misses its buffer while being staged goes into the next).
+    - ``outcome``: how that round closed (``None`` only when the state no longer holds it and
+      its event was missed).
+    - ``state``: the job state seen after it.
+    - ``included``: whether the round closed with this update among those it counted (its commit
+      record lists the update message): with :attr:`committed`, the model aggregated it (a
+      robust strategy may still have given it no weight); with ``quorum_not_met`` it was counted
+      and the previous model stands. ``False`` when the round closed without it and no notice
+      came within ``timings.notice_wait``; ``None`` when the state seen no longer describes that
+      round's close.
+    """
 
     round: int
     outcome: RoundOutcome | None
     state: JobState
+    included: bool | None = None
 
     @property
     def committed(self) -> bool:
@@ -122,6 +142,19 @@ class RoundResult:
         return self.outcome.version if isinstance(self.outcome, Committed) else None
 
 
+@dataclass(frozen=True)
+class _Sent:
+    """The latest update this client published for a (job, round): the index of the first
+    notice that concerns it, whether it was republished under a nonce, its stream sequence in
+    ``SHOAL_UPDATES`` (``None`` if the acknowledgement had none) and the job state's ``round``
+    read just before it was sent (no round closed before that can hold it)."""
+
+    cursor: int = 0
+    republished: bool = False
+    seq: int | None = None
+    open_round: int = 0
+
+
 @dataclass
 class _JobWatch:
     """Per job: the round events and this client's rejection notices received so far."""
@@ -130,6 +163,44 @@ class _JobWatch:
     closed: dict[int, RoundOutcome] = field(default_factory=dict)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     subscribed: bool = False
+
+
+def _listing(state: JobState, seq: int | None) -> tuple[int, bool] | None:
+    """The round whose close ``state``'s commit record describes, and whether the record lists
+    the update message at stream sequence ``seq`` (``applied``: sorted inclusive ranges of
+    ``SHOAL_UPDATES`` sequences); ``None`` without a record or a sequence."""
+    rec = state.last_commit
+    if not seq or not isinstance(rec, dict):
+        return None
+    try:
+        return int(rec["round"]), any(int(lo) <= seq <= int(hi) for lo, hi in rec.get("applied") or [])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _after_close(state: JobState, target: int, seq: int | None, *, asynchronous: bool) -> tuple[str, int]:
+    """What a client that waits for the close of round ``target`` concludes from ``state``, read
+    after that round closed, about its update message at stream sequence ``seq``
+    (docs/protocol.md 5.1, 9.2, 13):
+
+    - ``("listed", r)``: the close of round ``r`` (≥ ``target``) counted the update;
+    - ``("follow", r + 1)``: asynchronous, round ``r = target`` closed without it: it goes into
+      a later buffer (while the job runs);
+    - ``("refused", target)``: round ``target`` closed without it: the node refuses it, and a
+      notice follows;
+    - ``("unknown", target)``: the state does not describe round ``target``'s close (no
+      sequence, or a later round closed too), so it cannot tell."""
+    listing = _listing(state, seq)
+    if listing is None:
+        return "unknown", target
+    r, listed = listing
+    if listed and r >= target:
+        return "listed", r
+    if r != target:
+        return "unknown", target
+    if asynchronous and state.phase.running:
+        return "follow", r + 1
+    return "refused", target
 
 
 def tls_context(ca: str | None = None, cert: str | None = None, key: str | None = None) -> ssl.SSLContext:
@@ -157,8 +228,8 @@ class ShoalClient:
         self._violation_waiters: set[asyncio.Future[PermissionDenied]] = set()
         self._subjects_used: dict[str, str] = {}
         self._attempted_ids: set[str] = set()
-        # (job, round) -> (index of the first notice that concerns the latest publish, republished)
-        self._cursors: dict[tuple[str, int], tuple[int, bool]] = {}
+        # (job, round) -> the latest update published for it
+        self._sent: dict[tuple[str, int], _Sent] = {}
 
     # -----------------------------------------------------------------------------------------
     # Connection
@@ -629,6 +700,10 @@ class ShoalClient:
             transport, body, upload_hdr = wire.transport_inline(), payload, None
         subject = self._note_subject(self.subjects.update(job, self.client_id))
         cursor = len(w.notices)
+        try:
+            open_round = (await self.job_state(job)).round
+        except UnknownJob:
+            open_round = 0  # no state yet: no round has closed
 
         async def send(nonce: str | None) -> tuple[str, dict[str, Any]]:
             msg_id = wire.update_msg_id(job, round_, self.client_id, base_version=base, num_examples=n, kind=kind, transport=transport, payload_sha256_hex=digest, nonce=nonce)
@@ -655,7 +730,8 @@ class ShoalClient:
                 republished = True
                 if ack.get("duplicate"):
                     raise ProtocolError(f"JetStream reports a fresh random message id {msg_id} as a duplicate")
-        self._cursors[(job, round_)] = (cursor, republished)
+        seq = int(ack["seq"]) if ack.get("seq") else None
+        self._sent[(job, round_)] = _Sent(cursor, republished, seq, open_round)
         return PublishResult(
             job=job,
             round=round_,
@@ -673,11 +749,11 @@ class ShoalClient:
     # -----------------------------------------------------------------------------------------
 
     def _notice_for(self, job: str, round_: int, w: _JobWatch) -> RejectNotice | None:
-        start, republished = self._cursors.get((job, round_), (0, False))
-        for n in w.notices[start:]:
+        sent = self._sent.get((job, round_), _Sent())
+        for n in w.notices[sent.cursor :]:
             if n.round not in (round_, None):
                 continue
-            if republished and n.reason == "duplicate":
+            if sent.republished and n.reason == "duplicate":
                 # Our nonce'd copy was refused because an earlier update of ours is in the round:
                 # that one counts (an attacker's message on its own subject can never be ours).
                 log.info("the republished copy was refused as a duplicate of this client's earlier update, which counts")
@@ -686,42 +762,86 @@ class ShoalClient:
         return None
 
     async def wait_for_outcome(self, job: str, round: int, timeout: float | None = None) -> RoundResult:
-        """Waits until ``round`` closes, or the node refuses this client's update for it.
+        """Waits until the round that carries this client's update for ``round`` closes, or the
+        node refuses the update.
 
         Listens on the job's round events and on ``<p>.<job>.rejected.<client>``, and re-reads the
-        job state at least every ``timings.state_poll`` seconds (events can be missed). For
-        asynchronous jobs ``round`` is the buffer the update was published for; it closes with
-        the next commit.
+        job state at least every ``timings.state_poll`` seconds (events can be missed). When the
+        round closes, the state's commit record tells whether it closed with this client's
+        latest update for ``round`` (by the stream sequence of its publish acknowledgement):
+
+        - listed: returns at once;
+        - not listed, synchronous job: the node refuses the update (``late_update``...); waits up
+          to ``timings.notice_wait`` for the notice and raises it;
+        - not listed, asynchronous job: the update went into a later buffer; waits for that one.
 
         Returns a :class:`RoundResult`. Raises the :class:`~shoal.errors.UpdateRejected`
         subclass of the notice's reason, :class:`JobEnded` if the job ends (cancelled) before
         the round closes, :class:`Timeout`."""
         w = await self._watch(job)
+        spec = await self.job_spec(job)
+        sent = self._sent.get((job, round), _Sent())
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
+        # The round (buffer) whose close is awaited: asynchronously, an update goes into the
+        # buffer open when it arrives, never into one that closed before it was sent.
+        target = max(round, sent.open_round) if spec.asynchronous else round
         while True:
             notice = self._notice_for(job, round, w)
             if notice is not None:
                 raise errors.rejection(notice)
             state = await self.job_state(job)
-            outcome = w.closed.get(round)
-            closed = outcome is not None or state.round > round or (state.phase.name in ("finished", "failed") and state.round >= round)
+            outcome = w.closed.get(target)
+            closed = outcome is not None or state.round > target or (state.phase.name in ("finished", "failed") and state.round >= target)
             if closed:
+                verdict, r = _after_close(state, target, sent.seq, asynchronous=spec.asynchronous)
+                if verdict != "listed" and not spec.asynchronous and sent.open_round > round:
+                    verdict = "refused"  # sent after its round had closed: refused as late
+                if verdict == "listed":
+                    return RoundResult(r, state.last_outcome, state, included=True)
+                if verdict == "follow":
+                    log.info("buffer %d of job %s closed without this client's update: it goes into the next", target, job)
+                    target = r
+                    continue
+                if outcome is None and (state.round == target + 1 or (not state.phase.running and state.round == target)):
+                    outcome = state.last_outcome
+                if verdict == "refused":
+                    return await self._await_refusal(job, round, w, RoundResult(target, outcome, state, included=False), deadline)
+                # Unknown: a notice, if any, normally follows the close within milliseconds.
                 await self._wait_wake(w, self.timings.notice_grace)
                 notice = self._notice_for(job, round, w)
                 if notice is not None:
                     raise errors.rejection(notice)
-                if outcome is None:
-                    outcome = w.closed.get(round)
-                if outcome is None and (state.round == round + 1 or (not state.phase.running and state.round == round)):
-                    outcome = state.last_outcome
-                return RoundResult(round, outcome, state)
+                return RoundResult(target, outcome or w.closed.get(target), state, included=None)
             if not state.phase.running:
                 raise JobEnded(job, state)
             left = self.timings.state_poll if deadline is None else min(self.timings.state_poll, deadline - loop.time())
             if deadline is not None and left <= 0:
-                raise Timeout(f"round {round} of job {job!r} did not close within {timeout} s")
+                raise Timeout(f"round {target} of job {job!r} did not close within {timeout} s")
             await self._wait_wake(w, left)
+
+    async def _await_refusal(self, job: str, round_: int, w: _JobWatch, closed: RoundResult, deadline: float | None) -> RoundResult:
+        """After ``closed.round`` closed without this client's update: waits up to
+        ``timings.notice_wait`` (and not past ``deadline``, a loop time) for the notice that says
+        why and raises it; returns ``closed`` (with a warning) if none comes."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self.timings.notice_wait
+        if deadline is not None:
+            until = min(until, deadline)
+        while True:
+            notice = self._notice_for(job, round_, w)
+            if notice is not None:
+                raise errors.rejection(notice)
+            sent = self._sent.get((job, round_), _Sent())
+            if sent.republished and any(n.reason == "duplicate" and n.round in (round_, None) for n in w.notices[sent.cursor :]):
+                # The republished copy was refused because an earlier update of this client is in
+                # the round; that one is listed under a sequence this client does not know.
+                return RoundResult(closed.round, closed.outcome, closed.state, included=None)
+            left = until - loop.time()
+            if left <= 0:
+                log.warning("round %d of job %s closed without this client's update and no notice came", closed.round, job)
+                return closed
+            await self._wait_wake(w, min(self.timings.state_poll, left))
 
     async def publish_and_wait(
         self,

@@ -99,7 +99,7 @@ async def train_rounds_async(
         results.append(result)
         if on_round is not None:
             on_round(result)
-        next_round = state.round + 1
+        next_round = result.round + 1  # asynchronous: the buffer the update went into
         if not result.state.phase.running:
             break
     return results
