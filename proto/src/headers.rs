@@ -112,7 +112,9 @@ impl UpdateHeaders {
         })?;
         let malformed = |detail: String| HeaderError { reason: RejectReason::MalformedHeaders, detail };
         if get(HDR_OBJECT).is_some() {
-            return Err(malformed("Shoal-Object is not supported: large updates take the upload path".into()));
+            return Err(malformed(
+                "Shoal-Object is not supported: large updates take the upload path".into(),
+            ));
         }
         let upload = match get(HDR_UPLOAD_CHUNKS) {
             None => None,
@@ -122,7 +124,9 @@ impl UpdateHeaders {
                 sha256: get(HDR_DIGEST)
                     .and_then(|d| d.strip_prefix("sha256:"))
                     .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-                    .ok_or_else(|| malformed("Shoal-Digest must be sha256:<64 hex digits> on the upload path".into()))?
+                    .ok_or_else(|| {
+                        malformed("Shoal-Digest must be sha256:<64 hex digits> on the upload path".into())
+                    })?
                     .to_ascii_lowercase(),
             }),
         };

@@ -877,7 +877,8 @@ impl JobSpec {
             (RoundPolicy::Periodic { .. }, StrategySpec::Fedfix { clients, .. }) => clients.len() as u64,
             _ => 1,
         };
-        self.upload_quota_bytes.unwrap_or(per_round.max(1).saturating_mul(2).saturating_mul(self.update_byte_limit()))
+        self.upload_quota_bytes
+            .unwrap_or(per_round.max(1).saturating_mul(2).saturating_mul(self.update_byte_limit()))
     }
 
     /// Fills the limits a client must respect ([`Self::inline_limit_bytes`], [`Self::chunk_bytes`],

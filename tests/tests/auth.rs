@@ -273,16 +273,12 @@ async fn a_client_cannot_write_or_read_another_clients_upload() {
     assert_unauthorized(r.map(|_| ()), &format!("$JS.API.CONSUMER.CREATE.{uploads}"));
     let r = v.guard("purge", async { stream.purge().await.map_err(|e| Error::nats("p", e)) }).await;
     assert_unauthorized(r.map(|_| ()), &format!("$JS.API.STREAM.PURGE.{uploads}"));
-    let r = v
-        .guard("info", async {
-            infra.js.get_stream(&uploads).await.map_err(|e| Error::nats("i", e))
-        })
-        .await;
+    let r =
+        v.guard("info", async { infra.js.get_stream(&uploads).await.map_err(|e| Error::nats("i", e)) }).await;
     assert_unauthorized(r.map(|_| ()), &format!("$JS.API.STREAM.INFO.{uploads}"));
     // The node-to-node object store is closed to clients.
-    let r = v
-        .guard("read", objects::read_object(&infra.js, subjects::UPDATES_BUCKET, "objects/1/n1/1"))
-        .await;
+    let r =
+        v.guard("read", objects::read_object(&infra.js, subjects::UPDATES_BUCKET, "objects/1/n1/1")).await;
     assert_unauthorized(r, "$JS.API.DIRECT.GET.OBJ_shoal-updates.");
     // Listening to chunks as they are published, or to the node's inbox where the gateway's
     // reads of them are delivered.
@@ -315,7 +311,10 @@ async fn a_client_cannot_write_or_read_another_clients_upload() {
 
     // oa's own large update commits with ob's.
     let a = as_sent(&m, &random_values(&m, 4));
-    assert_eq!(oa.publish_update(request(&job, "oa", state.round, &m, &a, 60)).await.unwrap(), Transport::Upload);
+    assert_eq!(
+        oa.publish_update(request(&job, "oa", state.round, &m, &a, 60)).await.unwrap(),
+        Transport::Upload
+    );
     let after = oa.wait_for_round_closed(&job, RoundId(1), TIMEOUT).await.unwrap();
     assert!(matches!(after.last_outcome, Some(RoundOutcome::Committed { clients: 2, .. })), "{after:?}");
     assert_matches_oracle(&oa, &job, &m, &[(a, 60.0), (b, 20.0)]).await;
@@ -405,7 +404,10 @@ async fn a_squatted_message_id_is_refused_and_the_victims_update_still_counts() 
 
     // hb publishes its real update: JetStream calls it a duplicate of ha's message, the SDK
     // publishes again under a fresh id.
-    assert_eq!(hb.publish_update(request(&job, "hb", state.round, &m, &b, 50)).await.unwrap(), Transport::Upload);
+    assert_eq!(
+        hb.publish_update(request(&job, "hb", state.round, &m, &b, 50)).await.unwrap(),
+        Transport::Upload
+    );
     let a = as_sent(&m, &random_values(&m, 7));
     ha.publish_update(request(&job, "ha", state.round, &m, &a, 25)).await.unwrap();
     let after = hb.wait_for_round_closed(&job, RoundId(1), TIMEOUT).await.unwrap();

@@ -336,8 +336,15 @@ impl ShoalClient {
         let upload = u.force_upload || u.payload.len() as u64 > limits.inline_limit;
         let (payload, transport, mut headers) = if upload {
             let who = (&u.job, &u.client, u.round);
-            let up = uploads::publish(&self.infra.js, &self.infra.subjects, who, &u.payload, limits.chunk_bytes, &digest)
-                .await?;
+            let up = uploads::publish(
+                &self.infra.js,
+                &self.infra.subjects,
+                who,
+                &u.payload,
+                limits.chunk_bytes,
+                &digest,
+            )
+            .await?;
             let mut h = HeaderMap::new();
             h.insert(protocol::HDR_UPLOAD_CHUNKS, up.chunks.to_string().as_str());
             h.insert(protocol::HDR_UPLOAD_BYTES, up.bytes.to_string().as_str());
@@ -385,7 +392,13 @@ impl ShoalClient {
     /// it from an earlier publish of this client object (a retry: counted once, reported as
     /// [`Error::Rejected`] with `duplicate`). `Ok(false)`: JetStream already held a message with
     /// this id that this object never published.
-    async fn publish_message(&self, u: &UpdateRequest, mut headers: HeaderMap, id: &str, payload: Bytes) -> Result<bool> {
+    async fn publish_message(
+        &self,
+        u: &UpdateRequest,
+        mut headers: HeaderMap,
+        id: &str,
+        payload: Bytes,
+    ) -> Result<bool> {
         headers.insert(protocol::HDR_MSG_ID, id);
         // Recorded before sending: an attempt whose ack was lost (the server stored it, then the
         // connection dropped) makes the retry's `duplicate` answer ours, not a squatter's.

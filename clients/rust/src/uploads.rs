@@ -21,7 +21,11 @@ use crate::error::{Error, Result};
 ///
 /// # Errors
 /// [`Error::Nats`] when the stream cannot be created.
-pub async fn ensure_stream(js: &jetstream::Context, subjects: &Subjects, spec: &JobSpec) -> Result<stream::Stream> {
+pub async fn ensure_stream(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    spec: &JobSpec,
+) -> Result<stream::Stream> {
     let config = stream::Config {
         name: subjects::uploads_stream(&spec.job),
         subjects: vec![subjects.all_uploads(&spec.job)],
@@ -38,7 +42,9 @@ pub async fn ensure_stream(js: &jetstream::Context, subjects: &Subjects, spec: &
     match js.get_or_create_stream(config.clone()).await {
         Ok(s) => Ok(s),
         // Created concurrently by another process: open it.
-        Err(e) => js.get_stream(&config.name).await.map_err(|_| Error::nats("create the job's upload stream", e)),
+        Err(e) => {
+            js.get_stream(&config.name).await.map_err(|_| Error::nats("create the job's upload stream", e))
+        }
     }
 }
 
@@ -60,7 +66,10 @@ pub async fn publish(
     for (i, start) in (0..payload.len().max(1)).step_by(chunk).enumerate() {
         let end = (start + chunk).min(payload.len());
         let subject = subjects.upload_chunk(job, client, round, i as u64);
-        let ack = js.publish(subject, payload.slice(start..end)).await.map_err(|e| Error::nats("publish an upload chunk", e))?;
+        let ack = js
+            .publish(subject, payload.slice(start..end))
+            .await
+            .map_err(|e| Error::nats("publish an upload chunk", e))?;
         ack.await.map_err(|e| {
             if e.to_string().contains("maximum bytes exceeded") {
                 Error::UploadQuotaFull { job: job.to_string() }
@@ -149,15 +158,20 @@ pub async fn read<I>(
     let mut hasher = Sha256::new();
     for i in 0..upload.chunks {
         let subject = subjects.upload_chunk(job, client, round, i);
-        let m = stream.direct_get_last_for_subject(subject).await.map_err(|e| UploadReadError::MissingChunk {
-            index: i,
-            chunks: upload.chunks,
-            detail: e.to_string(),
+        let m = stream.direct_get_last_for_subject(subject).await.map_err(|e| {
+            UploadReadError::MissingChunk { index: i, chunks: upload.chunks, detail: e.to_string() }
         })?;
         out.last_seq = out.last_seq.max(m.sequence);
-        let want = if i + 1 < upload.chunks { chunk_bytes } else { upload.bytes - chunk_bytes * (upload.chunks - 1) };
+        let want = if i + 1 < upload.chunks {
+            chunk_bytes
+        } else {
+            upload.bytes - chunk_bytes * (upload.chunks - 1)
+        };
         if m.payload.len() as u64 != want {
-            return Err(UploadReadError::Malformed(format!("chunk {i} has {} bytes, {want} expected", m.payload.len())));
+            return Err(UploadReadError::Malformed(format!(
+                "chunk {i} has {} bytes, {want} expected",
+                m.payload.len()
+            )));
         }
         hasher.update(&m.payload);
         out.bytes.extend_from_slice(&m.payload);

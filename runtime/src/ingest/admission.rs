@@ -448,7 +448,8 @@ mod tests {
         let mut big = c(1, UpdateKind::Parameters);
         big.payload_len = 1001;
         assert_eq!(big.reason(), RejectReason::PayloadTooLarge, "over the node's inline limit");
-        big.headers.upload = Some(shoal_proto::headers::Upload { chunks: 2, bytes: 1001, sha256: "0".repeat(64) });
+        big.headers.upload =
+            Some(shoal_proto::headers::Upload { chunks: 2, bytes: 1001, sha256: "0".repeat(64) });
         assert!(matches!(big.decide(), Decision::Stage(_)), "the upload path checks its size later");
     }
 
@@ -477,7 +478,9 @@ mod tests {
         assert!(matches!(c.decide(), Decision::Stage(_)), "its own id");
         c.headers.msg_id = Some("j.1.c.0123456789abcdef.nonce7".into());
         assert!(matches!(c.decide(), Decision::Stage(_)), "its own id with a nonce");
-        for other in ["j.1.victim.0123456789abcdef", "j.2.c.0123456789abcdef", "x.1.c.0123456789abcdef", "j.1.c.short"] {
+        for other in
+            ["j.1.victim.0123456789abcdef", "j.2.c.0123456789abcdef", "x.1.c.0123456789abcdef", "j.1.c.short"]
+        {
             c.headers.msg_id = Some(other.into());
             assert_eq!(c.reason(), RejectReason::Unauthorized, "{other}");
         }

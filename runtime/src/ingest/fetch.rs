@@ -33,16 +33,16 @@ pub async fn fetch_upload(
     let job = who.0;
     let max_payload = infra.max_payload() as u64;
     let limits = (spec.chunk_limit(max_payload), spec.update_byte_limit());
-    let stream = infra
-        .js
-        .get_stream_no_info(subjects::uploads_stream(job))
-        .await
-        .map_err(|e| Refusal::new(RejectReason::ObjectUnavailable, format!("the job's upload stream: {e}")))?;
+    let stream = infra.js.get_stream_no_info(subjects::uploads_stream(job)).await.map_err(|e| {
+        Refusal::new(RejectReason::ObjectUnavailable, format!("the job's upload stream: {e}"))
+    })?;
     let mut buf = UploadBuf::default();
     let read = uploads::read(&stream, &infra.subjects, who, upload, limits, &mut buf);
     let refusal = match tokio::time::timeout(timeout, read).await {
         Ok(Ok(())) => return Ok((Bytes::from(buf.bytes), buf.last_seq + 1)),
-        Err(_) => Refusal::new(RejectReason::ObjectUnavailable, format!("upload not read within {timeout:?}")),
+        Err(_) => {
+            Refusal::new(RejectReason::ObjectUnavailable, format!("upload not read within {timeout:?}"))
+        }
         Ok(Err(e)) => {
             let reason = match e {
                 UploadReadError::TooLarge { .. } => RejectReason::PayloadTooLarge,

@@ -196,12 +196,7 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Cmd>, infra: Infra, rejector: Rejec
 }
 
 /// Applies one feedback record; `true` when an update was settled.
-async fn apply(
-    held: &mut HashMap<u64, HeldUpdate>,
-    f: Feedback,
-    infra: &Infra,
-    rejector: &Rejector,
-) -> bool {
+async fn apply(held: &mut HashMap<u64, HeldUpdate>, f: Feedback, infra: &Infra, rejector: &Rejector) -> bool {
     match f {
         Feedback::Release { stream_seq } => {
             if let Some(u) = held.get_mut(&stream_seq) {

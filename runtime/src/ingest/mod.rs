@@ -340,7 +340,8 @@ impl Gateway {
         };
         let who = (&u.job, &u.client, u.headers.round);
         let timeout = ms(self.ctx.config.timings.object_read_timeout_ms);
-        let (payload, below_seq) = fetch::fetch_upload(&self.ctx.infra, who, upload, &entry.spec, timeout).await?;
+        let (payload, below_seq) =
+            fetch::fetch_upload(&self.ctx.infra, who, upload, &entry.spec, timeout).await?;
         let chunks = UploadChunks { round: u.headers.round, below_seq };
         let staged = self.stage_payload(u, entry, admitted, &payload, Some(chunks)).await;
         if let Err(refusal) = &staged {
