@@ -90,16 +90,18 @@ def test_fedavg_parameters_match_the_f64_oracle(cluster) -> None:
 
 def test_delta_job_with_fedadam_matches_the_formulas(cluster) -> None:
     """FedAvg over deltas (η_s = 1) then FedAdam: the aggregate is rounded to the tensor dtype
-    before the optimizer step; integer and statistic tensors skip the optimizer."""
+    before the optimizer step (f32 and bf16), the step's result rounded again; integer and
+    statistic tensors skip the optimizer."""
     server, _ = cluster
     job = "py-fedadam"
-    tensors = [("w", "F32", [6], "mean"), ("k", "I64", [2], "mean"), ("s", "F32", [2], "statistic")]
+    tensors = [("w", "F32", [6], "mean"), ("h", "BF16", [5], "mean"), ("k", "I64", [2], "mean"), ("s", "F32", [2], "statistic")]
     opt = {"name": "fedadam", "lr": 0.05, "beta1": 0.9, "beta2": 0.99, "tau": 0.001, "bias_correction": "flower"}
     spec_json = job_spec(job, tensors, cohort=2, rounds=2, update_kind="delta", server_optimizer=opt)
     rng = np.random.default_rng(7)
-    g = {"w": rng.uniform(-1, 1, 6).astype(np.float32), "k": np.array([10, -7], np.int64), "s": np.array([0.5, 2.0], np.float32)}
-    create_job(server.url, spec_json, initial=encode_safetensors([("w", "F32", g["w"]), ("k", "I64", g["k"]), ("s", "F32", g["s"])]))
+    g = {"w": rng.uniform(-1, 1, 6).astype(np.float32), "h": rng.uniform(-1, 1, 5).astype(BF16), "k": np.array([10, -7], np.int64), "s": np.array([0.5, 2.0], np.float32)}
+    create_job(server.url, spec_json, initial=encode_safetensors([("w", "F32", g["w"]), ("h", "BF16", g["h"]), ("k", "I64", g["k"]), ("s", "F32", g["s"])]))
     adam = FedAdam(0.05, 0.9, 0.99, 0.001)
+    adam_h = FedAdam(0.05, 0.9, 0.99, 0.001)  # the optimizer's moments are per tensor
 
     async def go() -> None:
         cs = await clients(server.url, "a", "b")
@@ -109,7 +111,7 @@ def test_delta_job_with_fedadam_matches_the_formulas(cluster) -> None:
             base = await cs[0].fetch_model(job, state.model_version)
             np.testing.assert_array_equal(base["w"], current["w"])
             deltas = [
-                {"w": rng.normal(0, 0.3, 6).astype(np.float32), "k": rng.integers(-5, 6, 2).astype(np.int64), "s": rng.normal(0, 0.1, 2).astype(np.float32)}
+                {"w": rng.normal(0, 0.3, 6).astype(np.float32), "h": rng.normal(0, 0.3, 5).astype(BF16), "k": rng.integers(-5, 6, 2).astype(np.int64), "s": rng.normal(0, 0.1, 2).astype(np.float32)}
                 for _ in cs
             ]
             ns = [3, 5]
@@ -122,6 +124,10 @@ def test_delta_job_with_fedadam_matches_the_formulas(cluster) -> None:
             agg = (current["w"].astype(np.float64) + weighted_mean([d["w"] for d in deltas], ns)).astype(np.float32)
             expected_w = adam.step(current["w"], agg)
             assert_f32_close(model["w"], expected_w)
+            # h: the same in bfloat16, correctly rounded twice (aggregate, then the step).
+            agg_h = bf16_nearest(current["h"].astype(np.float64) + weighted_mean([d["h"].astype(np.float64) for d in deltas], ns))
+            expected_h = bf16_nearest(adam_h.step(current["h"].astype(np.float64), agg_h.astype(np.float64)))
+            assert model["h"].dtype == BF16 and np.array_equal(model["h"].view(np.uint16), expected_h.view(np.uint16)), (model["h"], expected_h)
             # k: integer mean tensor: global + weighted mean delta, rounded half to even, no optimizer.
             expected_k = round_half_even(current["k"].astype(np.float64) + weighted_mean([d["k"] for d in deltas], ns))
             assert np.array_equal(model["k"], expected_k)
@@ -139,7 +145,7 @@ def test_fedbuff_weights_stale_updates_and_refuses_beyond_max_staleness(cluster)
     strategy = {"name": "fedbuff", "buffer_size": 2, "staleness": {"kind": "polynomial", "exponent": 0.5}, "normalisation": "by_buffer_size", "example_weight": "num_examples", "server_lr": 1.0}
     spec_json = {
         "job": job,
-        "manifest": {"tensors": [{"name": "w", "dtype": "F32", "shape": [5]}]},
+        "manifest": {"tensors": [{"name": "w", "dtype": "F32", "shape": [5]}, {"name": "h", "dtype": "BF16", "shape": [3]}, {"name": "k", "dtype": "I64", "shape": [2]}]},
         "strategy": strategy,
         "round_policy": {"mode": "buffered", "max_wait_ms": 60_000, "max_staleness": 2},
         "update_kind": "delta",
@@ -150,7 +156,10 @@ def test_fedbuff_weights_stale_updates_and_refuses_beyond_max_staleness(cluster)
 
     async def go() -> None:
         a, b, c, d = await clients(server.url, "fa", "fb", "fc", "fd")
-        versions = {0: np.zeros(5)}
+        versions = {0: {"w": np.zeros(5), "h": np.zeros(3), "k": np.zeros(2)}}
+
+        def random_delta() -> dict[str, np.ndarray]:
+            return {"w": rng.normal(0, 1, 5).astype(np.float32), "h": rng.normal(0, 1, 3).astype(BF16), "k": rng.integers(-40, 41, 2).astype(np.int64)}
 
         async def buffer(updates: list[tuple[shoal.ShoalClient, int, int]]) -> None:
             """One buffer: each (client, base version, num_examples) sends a random delta, for the
@@ -160,23 +169,25 @@ def test_fedbuff_weights_stale_updates_and_refuses_beyond_max_staleness(cluster)
             current = state.model_version
             sent = []
             for cl, base, n in updates:
-                delta = rng.normal(0, 1, 5).astype(np.float32)
-                await cl.publish_update(job, base + 1, base, n, {"w": delta})
+                delta = random_delta()
+                await cl.publish_update(job, base + 1, base, n, delta)
                 sent.append((delta, n * polynomial_staleness(current - base, 0.5)))
             res = await asyncio.gather(*(cl.wait_for_outcome(job, base + 1, timeout=TIMEOUT) for cl, base, _ in updates))
             # Each result is the buffer the update went into, listed in its commit record.
             assert all(r.committed and r.version == current + 1 and r.round == state.round and r.included for r in res), [(r.round, r.outcome, r.included, r.state.round, r.state.last_commit) for r in res]
-            step = sum(w * dl.astype(np.float64) for dl, w in sent) / 2  # by_buffer_size: K = 2
-            oracle = versions[current] + step
+            # by_buffer_size: K = 2; the sum in float64, rounded once to each tensor's dtype.
+            oracle = {k: versions[current][k] + sum(w * dl[k].astype(np.float64) for dl, w in sent) / 2 for k in ("w", "h", "k")}
             model = await a.fetch_model(job, current + 1)
-            assert_f32_close(model["w"], oracle)
-            versions[current + 1] = model["w"].astype(np.float64)
+            assert_f32_close(model["w"], oracle["w"])
+            assert model["h"].dtype == BF16 and np.array_equal(model["h"].view(np.uint16), bf16_nearest(oracle["h"]).view(np.uint16)), (model["h"], oracle["h"])
+            assert model["k"].dtype == np.int64 and np.array_equal(model["k"], round_half_even(oracle["k"])), (model["k"], oracle["k"])
+            versions[current + 1] = {k: model[k].astype(np.float64) for k in model}
 
         await buffer([(a, 0, 10), (b, 0, 30)])  # v1, staleness 0
         await buffer([(a, 1, 10), (b, 0, 30)])  # v2, b one version behind
         await buffer([(a, 2, 10), (c, 0, 20)])  # v3, c exactly max_staleness = 2 behind: accepted
         state = await a.wait_for_open_round(job, timeout=TIMEOUT)
-        await d.publish_update(job, state.round, 0, 5, {"w": np.ones(5, np.float32)})
+        await d.publish_update(job, state.round, 0, 5, random_delta())
         with pytest.raises(errors.LateUpdate) as e:
             await d.wait_for_outcome(job, state.round, timeout=TIMEOUT)  # 3 behind
         assert "3 versions behind" in e.value.detail
