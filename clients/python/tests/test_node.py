@@ -327,6 +327,50 @@ def test_late_update_job_not_running_and_cohort_full(cluster) -> None:
     run(go())
 
 
+def test_corrected_retries_reach_the_node(cluster) -> None:
+    """Defect 3 of issue 13 end to end: a retry that only corrects a header (num_examples 0 -> 5,
+    the same bytes) and a retry of an update refused inline as too large through the upload path
+    (the same bytes) both get new message ids, so JetStream stores them and the round commits
+    them; a byte-identical retry is deduplicated and answered by the first refusal."""
+    server, _ = cluster
+    job = "py-retry"
+    # inline_limit_bytes far below max_payload: a client that ignored it would be refused.
+    create_job(server.url, job_spec(job, [("w", "F32", [64], "mean")], cohort=2, inline_limit_bytes=200))
+
+    async def go() -> None:
+        a, b = await clients(server.url, "ra", "rb")
+        await a.wait_for_open_round(job, 1, timeout=TIMEOUT)
+        spec = await a.job_spec(job)
+        assert spec.inline_limit_bytes == 200
+        pa = {"w": np.full(64, 1.0, np.float32)}
+        pb = {"w": np.full(64, 4.0, np.float32)}
+        # a: num_examples 0 is refused; the identical retry is dropped by JetStream and answered by
+        # that refusal; the corrected retry (5) goes through.
+        await a.publish_update(job, 1, 0, 0, pa)
+        await expect(a, job, 1, errors.InvalidWeight)
+        again = await a.publish_update(job, 1, 0, 0, pa)
+        assert again.duplicate_of_own
+        await expect(a, job, 1, errors.InvalidWeight)
+        fixed = await a.publish_update(job, 1, 0, 5, pa)
+        assert not fixed.duplicate_of_own and fixed.msg_id != again.msg_id
+        # b: the same bytes inline, over the job's inline limit (raw: the SDK never does this).
+        payload = to_safetensors(pb, spec.tensors)
+        assert len(payload) > 200
+        inline_id = wire.update_msg_id(job, 1, "rb", base_version=0, num_examples=7, kind="parameters", transport="inline", payload_sha256_hex=hashlib.sha256(payload).hexdigest())
+        await b._watch(job)
+        await b.nats.jetstream().publish(f"shoal.{job}.update.rb", payload, headers=wire.update_headers(msg_id=inline_id, round_=1, base_version=0, num_examples=7, kind="parameters"))
+        await expect(b, job, 1, errors.PayloadTooLarge)
+        up = await b.publish_update(job, 1, 0, 7, pb)
+        assert up.transport == "upload" and up.chunks == 2 and up.msg_id != inline_id and not up.duplicate_of_own
+        res = await asyncio.gather(a.wait_for_outcome(job, 1, timeout=TIMEOUT), b.wait_for_outcome(job, 1, timeout=TIMEOUT))
+        assert all(r.committed and r.included for r in res), res
+        assert res[0].outcome == shoal.Committed(1, 2, 12.0)
+        np.testing.assert_array_equal((await a.fetch_model(job, 1))["w"], np.full(64, (5 * 1.0 + 7 * 4.0) / 12, np.float32))
+        await close(a, b)
+
+    run(go())
+
+
 def test_node_at_capacity() -> None:
     server = NatsServer()
     node = Node(server.url, extra=["--max-jobs", "1"])

@@ -93,7 +93,8 @@ class PublishResult:
     ``transport`` is ``inline`` or ``upload``; ``chunks`` the number of upload chunks (0 inline);
     ``msg_id`` the ``Nats-Msg-Id`` finally used; ``stream_seq`` the update message's sequence in
     ``SHOAL_UPDATES``; ``duplicate_of_own`` that JetStream already held this very id from an
-    earlier attempt of this client (the update is not sent twice); ``republished`` that JetStream
+    earlier attempt of this client (the update is not sent twice, and :meth:`wait_for_outcome`
+    answers with what became of that attempt, its refusal included); ``republished`` that JetStream
     held the id from a message this client did not send, so it was published again with a fresh
     nonce (decision 3)."""
 
@@ -227,7 +228,9 @@ class ShoalClient:
         self._watches: dict[str, _JobWatch] = {}
         self._violation_waiters: set[asyncio.Future[PermissionDenied]] = set()
         self._subjects_used: dict[str, str] = {}
-        self._attempted_ids: set[str] = set()
+        # message id -> the notice index when this client first sent it (a byte-identical retry
+        # that JetStream drops is answered by the notices about the first one)
+        self._attempted_ids: dict[str, int] = {}
         # (job, round) -> the latest update published for it
         self._sent: dict[tuple[str, int], _Sent] = {}
 
@@ -709,7 +712,7 @@ class ShoalClient:
             msg_id = wire.update_msg_id(job, round_, self.client_id, base_version=base, num_examples=n, kind=kind, transport=transport, payload_sha256_hex=digest, nonce=nonce)
             headers = wire.update_headers(msg_id=msg_id, round_=round_, base_version=base, num_examples=n, kind=kind, upload=upload_hdr)
             known = msg_id in self._attempted_ids
-            self._attempted_ids.add(msg_id)
+            self._attempted_ids.setdefault(msg_id, cursor)
             ack = await self._js_publish(subject, body, headers, "publish the update")
             ack["_known"] = known
             return msg_id, ack
@@ -719,6 +722,8 @@ class ShoalClient:
         if ack.get("duplicate"):
             if ack["_known"]:
                 own = True
+                # JetStream dropped this copy: what the node says about the first one answers it.
+                cursor = self._attempted_ids[msg_id]
             else:
                 # Someone else published this id first (decision 3): publish again under an id
                 # nobody can have guessed.
