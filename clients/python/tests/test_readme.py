@@ -1,7 +1,7 @@
-"""The READMEs' ten-line examples are tests: each runs as written (only the server URL is replaced),
-in a fresh interpreter, against a real node, and the committed models are checked — the numpy
-example against a local replay of its arithmetic, the PyTorch example (where torch is installed)
-against the module's final parameters."""
+"""The READMEs' ten-line examples are tests: each runs as written (only the server URL is replaced,
+and a logging set-up put before it), in a fresh interpreter, against a real node, and the
+committed models are checked — the numpy example against a local replay of its arithmetic, the
+PyTorch example (where torch is installed) against the module's final parameters."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 
 import shoal
 
-from conftest import REPO, create_job, run
+from conftest import REPO, Node, create_job, run
 
 README = REPO / "clients" / "python" / "README.md"
 ROOT_README = REPO / "README.md"
@@ -31,10 +31,19 @@ def user_lines(code: str) -> int:
     return sum(1 for line in code.splitlines() if line.strip() and not line.strip().startswith("#"))
 
 
-def run_example(code: str, url: str, epilogue: str) -> dict:
-    code = code.replace("nats://127.0.0.1:4222", url) + "\n" + epilogue
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert p.returncode == 0, p.stdout + p.stderr
+# Before the example: the SDK's log on stderr, shown if the example fails.
+PROLOGUE = "import logging; logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s %(levelname)s %(message)s')\n"
+
+
+def run_example(code: str, url: str, epilogue: str, node: Node) -> dict:
+    code = PROLOGUE + code.replace("nats://127.0.0.1:4222", url) + "\n" + epilogue
+    try:
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = (e.stderr or b"").decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        pytest.fail(f"the example did not finish in 120 s\nstdout:\n{out}\nstderr:\n{err}\nnode log (tail):\n{node.log_text()[-8000:]}")
+    assert p.returncode == 0, f"{p.stdout}{p.stderr}\nnode log (tail):\n{node.log_text()[-8000:]}"
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
@@ -56,11 +65,11 @@ def fetch(url: str, job: str, version: int) -> dict:
 
 
 def test_numpy_readme_example_runs_against_a_node(cluster) -> None:
-    server, _ = cluster
+    server, node = cluster
     (code,) = [c for c in examples(README) if "import numpy" in c]
     job = re.search(r'train_rounds\([^,]+,\s*"([^"]+)"', code).group(1)
     create_job(server.url, {"job": job, "manifest": {"tensors": [{"name": "w", "dtype": "F32", "shape": [4]}]}, "round_policy": {"mode": "sync", "cohort_size": 1, "min_clients": 1, "deadline_ms": 60_000}, "rounds": 3})
-    out = run_example(code, server.url, 'import json; print(json.dumps({"w": model["w"].tolist()}))')
+    out = run_example(code, server.url, 'import json; print(json.dumps({"w": model["w"].tolist()}))', node)
     # Replay the example's arithmetic locally: three steps from the zero initial model.
     rng = np.random.default_rng(1)
     x = rng.normal(size=(64, 4)).astype(np.float32)
@@ -75,11 +84,11 @@ def test_numpy_readme_example_runs_against_a_node(cluster) -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed: the PyTorch example runs where it is (ci.sh installs shoal-fl[torch])")
 def test_torch_readme_example_runs_against_a_node(cluster) -> None:
-    server, _ = cluster
+    server, node = cluster
     (code,) = [c for c in examples(README) if "import torch" in c]
     job = re.search(r'train_rounds\([^,]+,\s*"([^"]+)"', code).group(1)
     create_job(server.url, {"job": job, "manifest": {"tensors": [{"name": "weight", "dtype": "F32", "shape": [1, 4]}, {"name": "bias", "dtype": "F32", "shape": [1]}]}, "round_policy": {"mode": "sync", "cohort_size": 1, "min_clients": 1, "deadline_ms": 60_000}, "rounds": 3})
-    out = run_example(code, server.url, 'import json; print(json.dumps({k: v.tolist() for k, v in model.state_dict().items()}))')
+    out = run_example(code, server.url, 'import json; print(json.dumps({k: v.tolist() for k, v in model.state_dict().items()}))', node)
     committed = fetch(server.url, job, 3)
     assert np.array_equal(committed["weight"], np.array(out["weight"], np.float32))
     assert np.array_equal(committed["bias"], np.array(out["bias"], np.float32))
