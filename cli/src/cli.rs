@@ -324,12 +324,38 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 async fn run_node(a: NodeArgs) -> anyhow::Result<()> {
     let config = a.config()?;
     config.validate().context("invalid node flags")?;
-    let opts = NodeOptions { config, nats: a.nats.options("shoal-node")?, plugins: None };
-    let handle = node::start(opts).await.context("starting the node")?;
-    shutdown_signal().await;
-    tracing::info!("shutting down");
-    handle.shutdown().await;
-    Ok(())
+    let nats = a.nats.options("shoal-node")?;
+    shoal_runtime::staging::install_sigbus_guard()?;
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    loop {
+        let opts = NodeOptions { config: config.clone(), nats: nats.clone(), plugins: None };
+        let handle = node::start(opts).await.context("starting the node")?;
+        tokio::select! {
+            () = &mut signal => {
+                tracing::info!("shutting down");
+                handle.shutdown().await;
+                return Ok(());
+            }
+            why = handle.stopped() => {
+                handle.shutdown().await;
+                match why {
+                    // Everything it held was dropped and goes back to JetStream: a new instance
+                    // of the node starts clean and competes again.
+                    node::Stopped::Fenced => {
+                        tracing::warn!("the node fenced itself after a pause or partition; starting it again");
+                    }
+                    node::Stopped::LeaseLost => {
+                        anyhow::bail!(
+                            "another process took node id {}'s membership lease; this one stops \
+                             (two nodes must not share an id)",
+                            config.node_id
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// `shoal job create`.

@@ -542,6 +542,7 @@ fn seeds_cluster_messages() -> Vec<Seed> {
         top: n1.clone(),
         nodes: vec![n1.clone(), n2.clone()],
         fan_in: 2,
+        conflicts: vec![41],
     };
     add("control_messages", "collect-request", shoal_proto::encode(&collect), true);
     let entry = shoal_proto::cluster::CohortEntry { client: client.clone(), weight: 12.0, node: n2.clone() };
@@ -577,6 +578,7 @@ fn seeds_cluster_messages() -> Vec<Seed> {
         last_fold_ms: 1_700_000_000_000,
         object: None,
         cohort: vec![entry],
+        instances: vec![shoal_proto::InstanceId(5)],
     };
     let values: Vec<f64> = (0..update_manifest().numel()).map(|i| i as f64 * 0.5).collect();
     let framed: Vec<u8> = shoal_proto::envelope::frame(

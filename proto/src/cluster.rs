@@ -72,6 +72,11 @@ pub struct CollectRequest {
     pub nodes: Vec<NodeId>,
     /// Leaves per middle aggregator; 0 = every leaf sends straight to the top.
     pub fan_in: u32,
+    /// Stream sequences the previous collection got from more than one node (a claim lost in
+    /// a nats-server restart): a leaf holding one checks the claim and, when the stored claim
+    /// is not its own, drops everything it holds (it restarts) instead of answering.
+    #[serde(default)]
+    pub conflicts: Vec<u64>,
 }
 
 /// Metadata of a partial on `<prefix>.<job>.partial.<round>` (the message body is
@@ -92,6 +97,10 @@ pub struct PartialHeader {
     pub collect: CollectId,
     /// Nodes whose leaves it covers.
     pub nodes: Vec<NodeId>,
+    /// The process (membership lease instance) of each node in `nodes`, in the same order: the
+    /// top refuses a collection in which a contributor is no longer that process.
+    #[serde(default)]
+    pub instances: Vec<InstanceId>,
     /// Whether it holds any update (an empty leaf sends no accumulators).
     pub empty: bool,
     /// Sum of weights.

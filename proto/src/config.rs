@@ -7,10 +7,12 @@
 //! - **Ack wait** (`ack_wait_ms`, default 30 s): how long JetStream waits for an ack before it
 //!   redelivers a held update. Held updates get an in-progress ack every
 //!   [`NodeConfig::progress_ack_interval`] = ack wait / 3, so two may be lost before a
-//!   redelivery. A top that takes over an open round gives the dead top's updates
-//!   [`NodeConfig::takeover_grace`] = 1.5 × ack wait to come back.
-//! - **Leases** ([`Timings::lease_renew_ms`] 1 s, [`Timings::lease_stale_ms`] 3 s): a lease not
-//!   renewed for the stale time may be taken, so stale must exceed two renewals (one lost
+//!   redelivery. Failover does not wait for it: a top that takes over an open round, or finds
+//!   a node gone, adopts that node's updates from the stream by their claims.
+//! - **Leases** ([`Timings::lease_renew_ms`] 1 s, [`Timings::lease_stale_ms`] 3 s): a lease
+//!   whose revision an observer has seen unchanged for the stale time may be taken; its holder
+//!   acts on it only within two thirds of the stale time after its last acknowledged renewal,
+//!   and stops (fences itself) after a longer gap. So stale must exceed two renewals (one lost
 //!   renewal must not cost the lease).
 //! - **Progress** ([`Timings::progress_heartbeat_ms`] 500 ms, [`Timings::progress_fresh_ms`]
 //!   1.5 s): a leaf reports what it holds at least every heartbeat; the top counts a report
@@ -151,12 +153,6 @@ impl NodeConfig {
     /// Interval of in-progress acks for held updates: a third of the ack wait.
     pub fn progress_ack_interval(&self) -> Duration {
         self.ack_wait() / 3
-    }
-
-    /// How long a top that took over an open round waits before judging it: 1.5 × ack wait,
-    /// so updates the dead top's node held are redelivered to live nodes first.
-    pub fn takeover_grace(&self) -> Duration {
-        self.ack_wait() * 3 / 2
     }
 
     /// The idle timeout of aggregators.
@@ -316,7 +312,6 @@ mod tests {
         let c = NodeConfig::default();
         c.validate().unwrap();
         assert_eq!(c.progress_ack_interval(), Duration::from_secs(10));
-        assert_eq!(c.takeover_grace(), Duration::from_secs(45));
         assert_eq!(c.shm_budget_bytes(), 1 << 30);
         let json = serde_json::to_value(&c).unwrap();
         assert_eq!(json["ack_wait_ms"], 30_000);

@@ -197,6 +197,11 @@ pub fn claim_key(job: &JobId, round: RoundId, client: &ClientId) -> String {
     format!("{job}.{round}.{client}")
 }
 
+/// `<job>.<round>.*`: every claim of a round (a key pattern of KV `shoal-claims`).
+pub fn round_claims(job: &JobId, round: RoundId) -> String {
+    format!("{job}.{round}.*")
+}
+
 /// KV key of a job's top lease: `<job>.top`.
 pub fn top_lease_key(job: &JobId) -> String {
     format!("{job}.top")

@@ -38,6 +38,13 @@ pub struct TierLabel {
     pub tier: &'static str,
 }
 
+/// Label set with one fencing `event`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabel {
+    /// Bounded event name (see [`Metrics::FENCING_EVENTS`]).
+    pub event: &'static str,
+}
+
 /// All node metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -86,6 +93,11 @@ pub struct Metrics {
     pub jobs_waiting: Gauge,
     /// Jobs this node did not take when it learned of them because every slot was taken.
     pub jobs_refused: Counter,
+    /// Fencing events, by kind ([`Metrics::FENCING_EVENTS`]).
+    pub fencing: Family<EventLabel, Counter>,
+    /// Updates the gateway adopted from a dead node's claims (read from the stream by sequence
+    /// instead of waiting for JetStream to redeliver them).
+    pub updates_adopted: Counter,
     log_state: Mutex<HashMap<RejectReason, (u64, Instant)>>,
 }
 
@@ -178,6 +190,18 @@ impl Metrics {
             self.jobs_refused.clone(),
         );
         registry.register(
+            "fencing_events",
+            "Fencing: self_fenced (a lease renewal gap), partial_withheld (continuity not proven), \
+             duplicate_seq and stale_contributor (collections the top refused), conflict_dropped \
+             (a leaf whose claim was not the stored one)",
+            self.fencing.clone(),
+        );
+        registry.register(
+            "updates_adopted",
+            "Updates adopted from a dead node's claims by reading them from the stream",
+            self.updates_adopted.clone(),
+        );
+        registry.register(
             "round_latency_seconds",
             "Seconds from the last accepted update of a round to its commit",
             self.round_latency.clone(),
@@ -209,6 +233,8 @@ impl Default for Metrics {
             jobs_served: Gauge::default(),
             jobs_waiting: Gauge::default(),
             jobs_refused: Counter::default(),
+            fencing: Family::default(),
+            updates_adopted: Counter::default(),
             log_state: Mutex::new(HashMap::new()),
             registry: Registry::default(),
         };
@@ -216,6 +242,9 @@ impl Default for Metrics {
         m.register_cluster(&mut registry);
         for tier in ["leaf", "middle", "top"] {
             let _ = m.aggregators.get_or_create(&TierLabel { tier }).get();
+        }
+        for event in Metrics::FENCING_EVENTS {
+            let _ = m.fencing.get_or_create(&EventLabel { event }).get();
         }
         for r in RejectReason::ALL {
             let _ = m.updates_rejected.get_or_create(&ReasonLabel { reason: r.as_str() }).get();
@@ -248,6 +277,21 @@ impl Metrics {
                 }
             }
         }
+    }
+
+    /// The fencing events counted (label values of `shoal_fencing_events_total`).
+    pub const FENCING_EVENTS: [&'static str; 6] = [
+        "self_fenced",
+        "partial_withheld",
+        "commit_withheld",
+        "duplicate_seq",
+        "stale_contributor",
+        "conflict_dropped",
+    ];
+
+    /// The counter of fencing `event` (one of [`Self::FENCING_EVENTS`]).
+    pub fn fencing(&self, event: &'static str) -> Counter {
+        self.fencing.get_or_create(&EventLabel { event }).clone()
     }
 
     /// The gauge of aggregators of `tier`.

@@ -152,7 +152,6 @@ impl NodeProcess {
     /// SIGTERMs the process (the clean shutdown path) and waits for it to exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut c = self.child.take().expect("node running");
-        // SAFETY: kill(2) on our own child's pid; no memory is involved.
         // SAFETY: kill(2) with a pid this process spawned and a valid signal number; it touches
         // no memory of ours.
         #[allow(unsafe_code)]
@@ -162,6 +161,26 @@ impl NodeProcess {
         c.wait().expect("wait for node")
     }
 
+    /// SIGSTOPs the process: it stays alive, holds its sockets and memory, and does nothing
+    /// (a long GC pause, a frozen VM) until [`Self::resume`].
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONTs a paused process.
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        let pid = self.pid().expect("node running");
+        // SAFETY: kill(2) with a pid this process spawned and a valid signal number; it touches
+        // no memory of ours.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::kill(pid as libc::pid_t, sig) };
+        assert_eq!(rc, 0, "kill({pid}, {sig}) failed");
+    }
+
     /// Starts the same node again (same id, flags and shm root).
     pub async fn restart(&mut self, nats_url: &str) {
         if self.child.is_some() {
@@ -169,6 +188,23 @@ impl NodeProcess {
         }
         self.spawn();
         self.wait_ready(nats_url).await;
+    }
+
+    /// Waits up to `within` for the process to exit on its own; its exit status, or `None` if it
+    /// is still running (or was never started).
+    pub async fn exited(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            let status = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            if status.is_some() {
+                self.child = None;
+                return status;
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// The process id, or `None` while the node is not running.
@@ -494,4 +530,40 @@ pub async fn assert_stream_drains(client: &shoal_client::ShoalClient, within: Du
         assert!(Instant::now() < deadline, "{left} updates never acked after the commit");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Runs `f` until it succeeds (NATS may be restarting, a node may be paused), for at most
+/// 90 s; panics with the last error after that.
+pub async fn retry<T, Fut>(what: &str, mut f: impl FnMut() -> Fut) -> T
+where
+    Fut: std::future::Future<Output = shoal_client::Result<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "{what}: still failing after 90 s: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// The job state written by the commit of `round` (from the KV key's history, so that a reader
+/// that was slow, or cut off by a NATS restart, still finds it).
+pub async fn state_after(
+    client: &shoal_client::ShoalClient,
+    job: &str,
+    round: u64,
+) -> Option<shoal_proto::JobState> {
+    let mut history = infra_of(client).await.jobs.history(format!("{job}.state")).await.ok()?;
+    let mut found = None;
+    while let Some(Ok(e)) = history.next().await {
+        let Ok(s) = shoal_proto::decode::<shoal_proto::JobState>("job state", &e.value) else { continue };
+        if s.last_commit.as_ref().is_some_and(|c| c.round == shoal_functions::RoundId(round)) {
+            found = Some(s);
+        }
+    }
+    found
 }

@@ -39,6 +39,8 @@ const JOBS: &[(&str, &[&str])] = &[
     ("hijack", &["ha", "hb"]),
     ("writes", &["wa"]),
     ("cli", &["cc"]),
+    ("flood", &["fl", "fm"]),
+    ("calm", &["ca"]),
 ];
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -660,4 +662,73 @@ async fn generated_passwords_reach_nats_server_exactly_or_are_refused() {
     }
     login("envuser".into(), "env;pw 1").await.unwrap();
     assert!(login("envuser".into(), "env").await.is_err());
+}
+
+/// A least-permission client floods its job's upload stream with chunks under its own name (the
+/// only upload subjects it may write): JetStream refuses them once the job's upload quota is
+/// full. Another job is not hurt: its large update commits meanwhile. The flooding job's own
+/// uploads are blocked until its round closes (the quota is per job: see docs/reliability.md);
+/// then the node purges the round's uploads and the job's clients upload again in the next
+/// round, without anyone restarting anything.
+#[tokio::test]
+async fn a_client_flooding_its_uploads_hurts_no_other_job_and_its_job_recovers() {
+    let node = node_client().await;
+    let large = large_manifest();
+    let (flood, calm) = (JobId::new("flood").unwrap(), JobId::new("calm").unwrap());
+    // The flooding job: large updates (two 1 MiB chunks each), a quota of 3 MiB, short rounds.
+    let mut spec = job_spec("flood", (*large).clone(), 1, 1, 4_000, 1);
+    spec.upload_quota_bytes = Some(3 << 20);
+    jobs::create_job(&shoal_testkit::infra_of(&node).await, &spec, None).await.unwrap();
+    jobs::create_job(
+        &shoal_testkit::infra_of(&node).await,
+        &job_spec("calm", (*large).clone(), 1, 1, 60_000, 1),
+        None,
+    )
+    .await
+    .unwrap();
+    let (fl, fm, ca) = (client("fl").await, client("fm").await, client("ca").await);
+    let state = fl.wait_for_open_round(&flood, RoundId(1), TIMEOUT).await.unwrap();
+
+    // The flood: 512 KiB chunks under fl's own upload subjects until JetStream refuses them.
+    let fl_id = ClientId::new("fl").unwrap();
+    let junk = Bytes::from(vec![0xAB; 512 << 10]);
+    let (mut stored, mut refused) = (0u64, 0u32);
+    for i in 0..16 {
+        let subject = fl.connection().subjects.upload_chunk(&flood, &fl_id, state.round, i);
+        let ack = match fl.connection().js.publish(subject, junk.clone()).await {
+            Ok(ack) => ack.await,
+            Err(e) => panic!("publishing under its own name is allowed: {e}"),
+        };
+        match ack {
+            Ok(_) => stored += junk.len() as u64,
+            Err(_) => refused += 1,
+        }
+    }
+    assert!(stored <= 3 << 20, "{stored} bytes stored past the 3 MiB quota");
+    assert!(refused >= 8, "only {refused} of 16 flood chunks refused");
+    // The job's clients cannot upload now: a typed error (nothing half-sent is counted).
+    let b = as_sent(&large, &random_values(&large, 73));
+    let r = fm.publish_update(request(&flood, "fm", state.round, &large, &b, 20)).await;
+    assert!(matches!(r, Err(Error::UploadQuotaFull { .. })), "{r:?}");
+
+    // Another job is untouched: its large update goes through the upload path and commits.
+    let cstate = ca.wait_for_open_round(&calm, RoundId(1), TIMEOUT).await.unwrap();
+    let c = as_sent(&large, &random_values(&large, 72));
+    let via = ca.publish_update(request(&calm, "ca", cstate.round, &large, &c, 30)).await.unwrap();
+    assert_eq!(via, Transport::Upload);
+    let after = ca.wait_for_round_closed(&calm, RoundId(1), TIMEOUT).await.unwrap();
+    assert!(matches!(after.last_outcome, Some(RoundOutcome::Committed { clients: 1, .. })), "{after:?}");
+    assert_matches_oracle(&ca, &calm, &large, &[(c, 30.0)]).await;
+
+    // The flooded round ends at its deadline with nothing; its uploads are purged, and the next
+    // round takes fm's large update through the upload path again.
+    let closed = fm.wait_for_round_closed(&flood, state.round, TIMEOUT).await.unwrap();
+    assert!(matches!(closed.last_outcome, Some(RoundOutcome::QuorumNotMet { .. })), "{closed:?}");
+    let next = fm.wait_for_open_round(&flood, state.round.next(), TIMEOUT).await.unwrap();
+    let mut req = request(&flood, "fm", next.round, &large, &b, 20);
+    req.base_version = next.model_version;
+    assert_eq!(fm.publish_update(req).await.unwrap(), Transport::Upload, "the job recovered");
+    let done = fm.wait_for_round_closed(&flood, next.round, TIMEOUT).await.unwrap();
+    assert!(matches!(done.last_outcome, Some(RoundOutcome::Committed { clients: 1, .. })), "{done:?}");
+    assert_matches_oracle(&fm, &flood, &large, &[(b, 20.0)]).await;
 }

@@ -1,8 +1,9 @@
 //! Durability under faults (DESIGN.md §6; bug-cases.md rows 15 and 30): a seeded fault injector
 //! runs one trial per round of a FedAvg job served by three node processes. In each trial it
-//! SIGKILLs one process at a random point of the round — a node (gateway + function host + leaf,
-//! and the job's top when it holds the top lease), or nats-server (restarted on the same port
-//! with the same JetStream store) — and restarts it. The clients behave as real ones: a publish
+//! hits one process at a random point of the round — SIGKILLs a node (gateway + function host +
+//! leaf, and the job's top when it holds the top lease), two nodes at once, or nats-server
+//! (restarted on the same port with the same JetStream store), or SIGSTOPs a node for longer
+//! than the lease's stale time plus the ack wait — and restarts (or SIGCONTs) it. The clients behave as real ones: a publish
 //! that fails is retried, and a client told `late_update` trains again for the next round.
 //!
 //! How the test knows what each round acknowledged, without Shoal's help: client `c` sends with
@@ -20,7 +21,6 @@
 #![allow(clippy::too_many_lines)] // a test reads as one scenario, top to bottom
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,7 +31,6 @@ use shoal_client::Error;
 use shoal_client::{ShoalClient, UpdateRequest};
 use shoal_functions::{ClientId, DType, JobId, ModelManifest, ModelVersion, Parameters, RoundId, UpdateKind};
 use shoal_proto::JobPhase;
-use shoal_proto::JobState;
 use shoal_proto::RejectNotice;
 use shoal_proto::RoundOutcome;
 use shoal_runtime::{jobs, RejectReason};
@@ -55,24 +54,15 @@ enum Victim {
     OtherNode,
     /// nats-server (restarted at once, same port and store).
     Nats,
+    /// A node SIGSTOPped for longer than the lease's stale time plus the ack wait, then
+    /// SIGCONTinued: it must fence itself, and nothing it held may count twice.
+    PausedNode,
+    /// Two of the three nodes at once (one of them may be the top).
+    TwoNodes,
 }
 
-/// Runs `f` until it succeeds (NATS may be restarting), for at most 90 s.
-async fn retry<T, Fut>(what: &str, mut f: impl FnMut() -> Fut) -> T
-where
-    Fut: Future<Output = shoal_client::Result<T>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        match f().await {
-            Ok(v) => return v,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "{what}: still failing after 90 s: {e}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    }
-}
+/// How long a paused node stays stopped: beyond the lease's stale time (3 s) and the ack wait.
+const PAUSE: Duration = Duration::from_millis(4500);
 
 fn values(m: &Arc<ModelManifest>, seed: u64, round: u64, client: u32) -> Vec<Vec<f64>> {
     as_sent(m, &random_values(m, seed ^ (round << 16) ^ u64::from(client)))
@@ -95,21 +85,6 @@ async fn publish(client: &ShoalClient, req: UpdateRequest) -> (u32, bool) {
             }
         }
     }
-}
-
-/// The job state written by the commit of `round` (from the KV key's history, so that a reader
-/// that was slow, or cut off by a NATS restart, still finds it).
-async fn state_after(client: &ShoalClient, round: u64) -> Option<JobState> {
-    let mut history =
-        shoal_testkit::infra_of(client).await.jobs.history(format!("{JOB}.state")).await.ok()?;
-    let mut found = None;
-    while let Some(Ok(e)) = history.next().await {
-        let Ok(s) = shoal_proto::decode::<JobState>("job state", &e.value) else { continue };
-        if s.last_commit.as_ref().is_some_and(|c| c.round == RoundId(round)) {
-            found = Some(s);
-        }
-    }
-    found
 }
 
 /// The messages still in the updates stream: (stream sequence, subject, round header).
@@ -192,14 +167,27 @@ async fn seeded_kills_of_nodes_tops_and_nats_lose_nothing_and_apply_nothing_twic
         // collection, the commit or the leaves' acks.
         let at = rng.gen_range(0..=CLIENTS);
         let delay = Duration::from_millis(rng.gen_range(0..if at == CLIENTS { 1200 } else { 300 }));
-        let target = rng.gen_range(0..=nodes.len());
-        let mut restart_node = None;
+        // 0..3: that node; 3: nats-server; 4: pause a node; 5: kill two nodes.
+        let kind = rng.gen_range(0..nodes.len() + 3);
+        let target = if kind < nodes.len() { kind } else { rng.gen_range(0..nodes.len()) };
+        let mut restart_node = Vec::new();
+        let mut paused: Option<(usize, Instant)> = None;
         for k in 0..=CLIENTS {
             if k == at {
                 tokio::time::sleep(delay).await;
-                let victim = if target == nodes.len() {
+                let victim = if kind == nodes.len() {
                     tokio::task::block_in_place(|| nats.restart()).unwrap();
                     Victim::Nats
+                } else if kind == nodes.len() + 1 {
+                    nodes[target].pause();
+                    paused = Some((target, Instant::now()));
+                    Victim::PausedNode
+                } else if kind == nodes.len() + 2 {
+                    let second = (target + 1) % nodes.len();
+                    nodes[target].kill();
+                    nodes[second].kill();
+                    restart_node = vec![target, second];
+                    Victim::TwoNodes
                 } else {
                     let top = shoal_testkit::infra_of(&client)
                         .await
@@ -211,7 +199,7 @@ async fn seeded_kills_of_nodes_tops_and_nats_lose_nothing_and_apply_nothing_twic
                     let top: Option<shoal_runtime::cluster::lease::Lease> =
                         top.and_then(|b| shoal_proto::decode("lease", &b).ok());
                     nodes[target].kill();
-                    restart_node = Some(target);
+                    restart_node = vec![target];
                     if top.is_some_and(|l| l.node.as_str() == nodes[target].node_id) {
                         Victim::TopNode
                     } else {
@@ -221,7 +209,7 @@ async fn seeded_kills_of_nodes_tops_and_nats_lose_nothing_and_apply_nothing_twic
                 *kills.entry(victim).or_default() += 1;
                 eprintln!(
                     "trial {trials}: round {round}, {victim:?} ({}) killed after {at} updates + {delay:?}",
-                    if target < nodes.len() { nodes[target].node_id.as_str() } else { "nats-server" }
+                    if kind == nodes.len() { "nats-server" } else { nodes[target].node_id.as_str() }
                 );
             }
             if k == CLIENTS {
@@ -242,8 +230,12 @@ async fn seeded_kills_of_nodes_tops_and_nats_lose_nothing_and_apply_nothing_twic
             duplicates_on_retry += u32::from(duplicate);
             sent.insert((round.0, k));
         }
+        if let Some((i, at)) = paused {
+            tokio::time::sleep(PAUSE.saturating_sub(at.elapsed())).await;
+            nodes[i].resume();
+        }
         let restarted = async {
-            if let Some(i) = restart_node {
+            for i in restart_node {
                 nodes[i].restart(&url).await;
             }
         };
@@ -254,7 +246,7 @@ async fn seeded_kills_of_nodes_tops_and_nats_lose_nothing_and_apply_nothing_twic
 
         // What the round folded, from its commit alone.
         let after = retry("read the commit", move || async move {
-            state_after(c, round.0).await.ok_or(Error::Timeout(Duration::ZERO, "the commit record"))
+            state_after(c, JOB, round.0).await.ok_or(Error::Timeout(Duration::ZERO, "the commit record"))
         })
         .await;
         let set: BTreeSet<u32> = match after.last_outcome {

@@ -293,3 +293,31 @@ async fn clients_resync_by_polling_when_every_round_event_is_dropped() {
         node.log()
     );
 }
+
+/// Nodes (and tools) started at the same moment against a fresh server all come up: stream and
+/// bucket creation tolerates a concurrent creator, also one whose config differs (here: each
+/// process asks for a different duplicate window, so JetStream refuses every create but the
+/// first) — the losers open the stream the winner created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_starting_together_all_provision_or_open_the_same_streams() {
+    init_logging();
+    for trial in 0..4 {
+        let nats = NatsServer::start().unwrap();
+        let url = nats.url();
+        let starts = (0..6u64).map(|i| {
+            let url = url.clone();
+            async move {
+                let opts = shoal_client::ConnectOptions {
+                    url,
+                    duplicate_window: Duration::from_secs(60 * (i + 1)),
+                    ..Default::default()
+                };
+                let infra = shoal_client::Infra::connect(&opts).await?;
+                infra.claims(Duration::from_secs(3600)).await.map(|_| ())
+            }
+        });
+        for (i, r) in futures::future::join_all(starts).await.into_iter().enumerate() {
+            assert!(r.is_ok(), "trial {trial}: process {i} failed to start: {:?}", r.err());
+        }
+    }
+}

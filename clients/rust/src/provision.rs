@@ -66,22 +66,19 @@ impl Infra {
     pub async fn with_client(client: async_nats::Client, opts: &ConnectOptions) -> Result<Infra> {
         let js = jetstream::new(client.clone());
         let subjects = Subjects::new(opts.prefix.clone());
-        let updates = js
-            .get_or_create_stream(stream::Config {
+        let updates = ensure_stream(
+            &js,
+            stream::Config {
                 name: subjects::UPDATES_STREAM.into(),
                 subjects: vec![subjects.all_updates()],
                 retention: stream::RetentionPolicy::WorkQueue,
                 duplicate_window: opts.duplicate_window,
                 storage: stream::StorageType::File,
                 ..Default::default()
-            })
-            .await
-            .map_err(|e| {
-                Error::nats(
-                    "create stream SHOAL_UPDATES (is JetStream enabled? start nats-server with -js)",
-                    e,
-                )
-            })?;
+            },
+            "create stream SHOAL_UPDATES (is JetStream enabled? start nats-server with -js)",
+        )
+        .await?;
         let update_objects =
             object_bucket(&js, subjects::UPDATES_BUCKET, Duration::from_secs(24 * 3600)).await?;
         let models = object_bucket(&js, subjects::MODELS_BUCKET, Duration::ZERO).await?;
@@ -165,23 +162,45 @@ async fn kv_bucket_aged(
     if let Ok(kv) = js.get_key_value(bucket).await {
         return Ok(kv);
     }
-    js.get_or_create_stream(stream::Config {
-        name: subjects::kv_stream(bucket),
-        subjects: vec![format!("$KV.{bucket}.>")],
-        max_messages_per_subject: history,
-        max_age,
-        discard: stream::DiscardPolicy::New,
-        allow_rollup: true,
-        deny_delete: true,
-        allow_direct: true,
-        storage: stream::StorageType::File,
-        num_replicas: 1,
-        duplicate_window: Duration::from_secs(120),
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| Error::nats("create KV stream", e))?;
+    ensure_stream(
+        js,
+        stream::Config {
+            name: subjects::kv_stream(bucket),
+            subjects: vec![format!("$KV.{bucket}.>")],
+            max_messages_per_subject: history,
+            max_age,
+            discard: stream::DiscardPolicy::New,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            storage: stream::StorageType::File,
+            num_replicas: 1,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        },
+        "create KV stream",
+    )
+    .await?;
     js.get_key_value(bucket).await.map_err(|e| Error::nats("open KV bucket", e))
+}
+
+/// Opens stream `config.name`, creating it when missing. Idempotent under a race: when several
+/// processes start at once and another one created the stream between our lookup and our create
+/// (JetStream refuses a second create whose config differs in any default), the stream it
+/// created is opened instead of failing the start-up.
+async fn ensure_stream(
+    js: &jetstream::Context,
+    config: stream::Config,
+    what: &'static str,
+) -> Result<stream::Stream> {
+    let name = config.name.clone();
+    match js.get_or_create_stream(config).await {
+        Ok(s) => Ok(s),
+        Err(e) => match js.get_stream(&name).await {
+            Ok(s) => Ok(s),
+            Err(_) => Err(Error::nats(what, e)),
+        },
+    }
 }
 
 async fn object_bucket(

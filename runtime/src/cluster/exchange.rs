@@ -112,6 +112,8 @@ pub struct Owner {
     spec: Arc<JobSpec>,
     manifest: Arc<ModelManifest>,
     metrics: Arc<Metrics>,
+    /// The node's membership: slices of staged updates leave only while it holds.
+    membership: crate::cluster::lease::Continuity,
     plan: Option<ShardPlan>,
     /// The shards of the current plan.
     shards: Vec<Shard>,
@@ -123,7 +125,14 @@ pub struct Owner {
 
 impl Owner {
     /// An owner for `job` on `node`.
-    pub fn new(infra: Infra, job: JobId, node: NodeId, spec: Arc<JobSpec>, metrics: Arc<Metrics>) -> Owner {
+    pub fn new(
+        infra: Infra,
+        job: JobId,
+        node: NodeId,
+        spec: Arc<JobSpec>,
+        metrics: Arc<Metrics>,
+        membership: crate::cluster::lease::Continuity,
+    ) -> Owner {
         let manifest = Arc::new(spec.manifest.clone());
         Owner {
             infra,
@@ -132,6 +141,7 @@ impl Owner {
             spec,
             manifest,
             metrics,
+            membership,
             plan: None,
             shards: Vec::new(),
             slices: HashMap::new(),
@@ -164,6 +174,12 @@ impl Owner {
         }
         self.plan = Some(plan.clone());
         self.answered = false;
+        if first_step && !self.membership.holds() {
+            // As with partials (leaf.rs): another node may hold these updates now.
+            self.metrics.fencing("partial_withheld").inc();
+            tracing::warn!(job = %self.job, "membership continuity not proven: slices withheld");
+            return Ok(());
+        }
         if first_step {
             for e in plan.cohort.iter().filter(|e| e.node == self.node) {
                 let Some(slot) = held.get(&e.client) else {

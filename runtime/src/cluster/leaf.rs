@@ -67,6 +67,8 @@ pub struct Partial {
     pub collect: shoal_proto::CollectId,
     /// Nodes it covers.
     pub nodes: Vec<NodeId>,
+    /// The process of each node in `nodes` (membership lease instance), same order.
+    pub instances: Vec<shoal_proto::InstanceId>,
     /// Streaming strategies: the merged accumulators (`None` when empty).
     pub partial: Option<Arc<PartialAggregate>>,
     /// Whole-cohort strategies: the staged updates (same node only).
@@ -288,6 +290,7 @@ pub async fn run_leaf(ctx: NodeContext, job: JobId) -> Result<()> {
         ctx.node.clone(),
         Arc::clone(&entry.spec),
         Arc::clone(&ctx.metrics),
+        ctx.membership.clone(),
     );
     let mut rounds: BTreeMap<RoundId, LeafRound> = BTreeMap::new();
     // Updates accepted per round on this node (cumulative, from the host).
@@ -359,11 +362,9 @@ pub async fn run_leaf(ctx: NodeContext, job: JobId) -> Result<()> {
 
 /// Whether `node` holds the job's top lease (leaves answer only the real top's collections).
 async fn is_top(ctx: &NodeContext, job: &JobId, node: &NodeId) -> bool {
-    match ctx.infra.jobs.get(shoal_proto::subjects::top_lease_key(job)).await {
-        Ok(Some(v)) => {
-            shoal_proto::decode::<crate::cluster::lease::Lease>("lease", &v).is_ok_and(|l| l.node == *node)
-        }
-        Ok(None) => false,
+    let key = shoal_proto::subjects::top_lease_key(job);
+    match crate::cluster::lease::Liveness::read(&ctx.infra, &key).await {
+        Ok(r) => r.is_some_and(|r| r.lease.node == *node),
         Err(e) => {
             tracing::warn!(%job, error = %e, "cannot read the top lease; answering the collection");
             true
@@ -388,6 +389,9 @@ async fn answer_collect(
     to_me: &mut async_nats::Subscriber,
     req: &CollectRequest,
 ) -> Result<()> {
+    if !req.conflicts.is_empty() && lost_a_conflict(ctx, job, rounds, req).await {
+        return Ok(());
+    }
     let harvest = ctx
         .host
         .send(CloseRound { job: job.clone(), round: req.round, seal: false })
@@ -409,6 +413,7 @@ async fn answer_collect(
         sender: ctx.node.clone(),
         collect: req.collect,
         nodes: vec![ctx.node.clone()],
+        instances: vec![ctx.instance],
         partial: r.partial.clone(),
         cohort: r
             .held
@@ -436,6 +441,14 @@ async fn answer_collect(
             merged?;
         }
     }
+    // Nothing staged under the membership lease leaves the node unless this process can prove
+    // it held the lease without a gap: otherwise another node may have taken these updates
+    // over and folded them too. The top collects again; this node fences itself meanwhile.
+    if !ctx.membership.holds() {
+        ctx.metrics.fencing("partial_withheld").inc();
+        tracing::warn!(%job, round = %req.round, "membership continuity not proven: partial withheld");
+        return Ok(());
+    }
     let (to, to_middle) = parent(&ctx.node, req);
     if to == ctx.node && !to_middle {
         return if ctx.local.send(job, out) { Ok(()) } else { Err(Error::Gone("top")) };
@@ -447,6 +460,7 @@ async fn answer_collect(
         round: req.round,
         collect: req.collect,
         nodes: out.nodes.clone(),
+        instances: out.instances.clone(),
         empty: out.partial.is_none(),
         total_weight: out.partial.as_ref().map_or(0.0, |p| p.total_weight()),
         count: out.count,
@@ -462,6 +476,44 @@ async fn answer_collect(
     let bytes = send_remote(&ctx.infra, job, header, out.partial.as_deref()).await?;
     ctx.metrics.partial_bytes_sent.inc_by(bytes);
     Ok(())
+}
+
+/// Whether this leaf holds one of the collection's conflicting updates under a claim that is not
+/// the stored one (the claim was lost, e.g. in a nats-server restart, and another node claimed
+/// the update afresh): then it cannot take that update out of its accumulators, so it stops the
+/// node's membership (the node drops everything it holds and starts again; its updates are
+/// delivered again and staged once) and does not answer.
+async fn lost_a_conflict(
+    ctx: &NodeContext,
+    job: &JobId,
+    rounds: &BTreeMap<RoundId, LeafRound>,
+    req: &CollectRequest,
+) -> bool {
+    let Some(r) = rounds.get(&req.round) else { return false };
+    let held = r.held.iter().filter(|h| req.conflicts.contains(&h.stream_seq));
+    for h in held {
+        let key = shoal_proto::subjects::claim_key(job, req.round, &h.client);
+        let stored = match ctx.infra.claims(crate::ingest::claims::MAX_AGE).await {
+            Ok(kv) => kv.get(&key).await.ok().flatten(),
+            Err(_) => None,
+        };
+        let ours = stored
+            .and_then(|v| shoal_proto::decode::<shoal_proto::cluster::ClaimValue>("claim", &v).ok())
+            .is_some_and(|c| {
+                c.node == ctx.node && c.instance == ctx.instance && c.stream_seq == h.stream_seq
+            });
+        if !ours {
+            ctx.metrics.fencing("conflict_dropped").inc();
+            tracing::error!(
+                %job, round = %req.round, client = %h.client, seq = h.stream_seq,
+                "this node holds an update another node claimed: dropping everything it holds and starting again"
+            );
+            ctx.membership.break_now();
+            ctx.fence_now();
+            return true;
+        }
+    }
+    false
 }
 
 /// Every whole-cohort update a leaf round holds on `node`.
@@ -515,7 +567,12 @@ async fn gather_group(
                 Some(a) => Arc::make_mut(a).merge(&p)?,
             }
         }
+        if header.instances.len() != header.nodes.len() {
+            tracing::warn!(sender = %header.sender, "partial without its nodes' instances ignored");
+            continue;
+        }
         out.nodes.extend(header.nodes);
+        out.instances.extend(header.instances);
         out.entries.extend(header.cohort);
         out.count += header.count;
         out.seqs.extend(header.seqs);
@@ -605,6 +662,7 @@ mod tests {
             top: node(top),
             nodes: nodes.iter().map(|n| node(n)).collect(),
             fan_in,
+            conflicts: Vec::new(),
         }
     }
 
@@ -645,6 +703,7 @@ mod tests {
             last_fold_ms: 5,
             object: None,
             cohort: Vec::new(),
+            instances: vec![shoal_proto::InstanceId(2)],
         };
         let bytes = encode_partial(&header, p.values());
         let (h, raw) = decode_partial(&bytes).unwrap();

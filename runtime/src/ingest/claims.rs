@@ -24,7 +24,7 @@ use async_nats::jetstream::kv;
 use bytes::Bytes;
 use shoal_proto::{ClientId, InstanceId, JobId, NodeId, RoundId};
 
-use crate::cluster::lease::Lease;
+use crate::cluster::lease::Liveness;
 use crate::error::{Error, Result};
 use crate::nats::Infra;
 use shoal_proto::subjects;
@@ -45,16 +45,15 @@ pub enum Claim {
     Other(u64),
 }
 
-/// Who claims: a node process, and how old its membership lease may be before the process
-/// counts as gone.
+/// Who claims: a node process, and how it judges other processes' membership leases.
 #[derive(Debug, Clone, Copy)]
 pub struct Claimant<'a> {
     /// The node.
     pub node: &'a NodeId,
     /// Its process (membership lease instance).
     pub instance: InstanceId,
-    /// The lease stale time.
-    pub stale: std::time::Duration,
+    /// Its observations of membership leases.
+    pub liveness: &'a Liveness,
 }
 
 /// Claims (job, round, client) for message `stream_seq` on behalf of `claimant`.
@@ -68,7 +67,7 @@ pub async fn claim(
     claimant: Claimant<'_>,
     stream_seq: u64,
 ) -> Result<Claim> {
-    let Claimant { node, instance, stale } = claimant;
+    let Claimant { node, instance, liveness } = claimant;
     let key = subjects::claim_key(job, round, client);
     let mine = ClaimValue { node: node.clone(), instance, stream_seq };
     let value = Bytes::from(shoal_proto::encode(&mine));
@@ -92,7 +91,7 @@ pub async fn claim(
         if held.instance == instance && held.node == *node {
             return Ok(Claim::Mine);
         }
-        if held.instance != InstanceId(0) && alive(infra, &held, stale).await? {
+        if held.instance != InstanceId(0) && liveness.member_alive(infra, &held.node, held.instance).await? {
             return Ok(Claim::HeldBy(held.node));
         }
         match claims.update(&key, value.clone(), entry.revision).await {
@@ -105,15 +104,4 @@ pub async fn claim(
         op: "claim an update",
         source: Box::new(std::io::Error::other(format!("claim {key} keeps changing"))),
     })
-}
-
-/// Whether the process that made `held` still runs: its node's membership lease names it and
-/// is fresh.
-async fn alive(infra: &Infra, held: &ClaimValue, stale: std::time::Duration) -> Result<bool> {
-    let key = subjects::node_lease_key(&held.node);
-    let Some(v) = infra.jobs.get(&key).await.map_err(|e| Error::nats("read a node lease", e))? else {
-        return Ok(false);
-    };
-    Ok(shoal_proto::decode::<Lease>("lease", &v)
-        .is_ok_and(|l| l.instance == held.instance && l.fresh(crate::clock::now_ms(), stale)))
 }

@@ -12,6 +12,7 @@
 //! leaves ack them after the commit and keep them alive with in-progress acks meanwhile.
 
 pub mod admission;
+pub mod adopt;
 pub mod claims;
 pub mod fetch;
 pub mod ledger;
@@ -93,9 +94,15 @@ async fn open_updates(ctx: &NodeContext) -> Result<(Consumer, pull::Stream)> {
         )
         .await
         .map_err(|e| Error::nats("create gateway consumer", e))?;
+    // Pull requests expire within half the lease's stale time: a node that stops (SIGSTOP, a
+    // partition) stops being handed deliveries soon after, instead of absorbing them for the
+    // 30 s default while others wait (the heartbeat tells a live pull from a dead one).
+    let expires = ctx.config.timings.lease_stale() / 2;
     let messages = consumer
         .stream()
         .max_messages_per_batch(ctx.config.pull_batch as usize)
+        .expires(expires)
+        .heartbeat(expires / 3)
         .messages()
         .await
         .map_err(|e| Error::nats("pull updates", e))?;
@@ -117,6 +124,7 @@ pub async fn run(ctx: NodeContext) -> Result<()> {
     let (mut consumer, mut messages) = open_updates(&ctx).await?;
     let t = ctx.config.timings.clone();
     let cancel = ctx.cancel.clone();
+    let mut adoptions = ctx.adoptions.take_receiver();
     let mut gw = Gateway { ctx, claims: None, pools: HashMap::new(), seen: Seen::new() };
     let mut prune = tokio::time::interval(ms(t.prune_interval_ms));
     let mut watchdog = tokio::time::interval(ms(t.consumer_stall_check_ms));
@@ -126,6 +134,11 @@ pub async fn run(ctx: NodeContext) -> Result<()> {
             _ = cancel.cancelled() => return Ok(()),
             _ = prune.tick() => {
                 gw.release_ended_jobs();
+                false
+            }
+            Some(req) = adopt::next(&mut adoptions) => {
+                let n = gw.adopt(&req.job, req.round).await;
+                let _ = req.done.send(n);
                 false
             }
             _ = watchdog.tick() => !std::mem::replace(&mut delivered, false) && stalled(&gw.ctx, &mut consumer).await,
@@ -200,7 +213,19 @@ impl Gateway {
             return;
         };
         let ack = AckHandle::new(self.ctx.infra.client.clone(), reply);
-        let subject = message.subject.as_str();
+        self.process(message.subject.as_str(), message.headers.as_ref(), message.payload, stream_seq, ack)
+            .await;
+    }
+
+    /// Parses an update message (delivered, or adopted) and decides about it.
+    async fn process(
+        &mut self,
+        subject: &str,
+        headers: Option<&async_nats::HeaderMap>,
+        payload: Bytes,
+        stream_seq: u64,
+        ack: AckHandle,
+    ) {
         let Some((job, client)) = self.ctx.infra.subjects.parse_update(subject) else {
             let job = subject.split('.').nth(1);
             let detail = format!("subject {subject:?} is not <prefix>.<job>.update.<client>");
@@ -208,7 +233,7 @@ impl Gateway {
             self.ctx.rejector.reject(Refused { job, ..Refused::default() }, refusal, Some(&ack)).await;
             return;
         };
-        let get = |name: &str| message.headers.as_ref()?.get(name).map(|v| v.as_str());
+        let get = |name: &str| headers?.get(name).map(|v| v.as_str());
         let round = UpdateHeaders::round_of(get);
         let headers = match UpdateHeaders::parse(get) {
             Ok(h) => h,
@@ -219,7 +244,7 @@ impl Gateway {
                 return;
             }
         };
-        let update = Incoming { job, client, stream_seq, headers, payload: message.payload, ack };
+        let update = Incoming { job, client, stream_seq, headers, payload, ack };
         if let Err(refusal) = self.accept(&update).await {
             let who = Refused { job: Some(update.job.as_str()), client: Some(&update.client), round };
             self.ctx.rejector.reject(who, refusal, Some(&update.ack)).await;
@@ -244,10 +269,8 @@ impl Gateway {
             Admission::Unknown => Service::Unknown,
             Admission::Waiting => {
                 let key = subjects::top_lease_key(job);
-                let top =
-                    crate::cluster::lease::fresh_holder(&self.ctx.infra, &key, &self.ctx.config.timings)
-                        .await;
-                Service::Waiting { top: top.ok().flatten() }
+                let top = self.ctx.liveness.holder(&self.ctx.infra, &key).await;
+                Service::Waiting { top: top.ok().flatten().map(|l| l.node) }
             }
         }
     }
@@ -437,29 +460,34 @@ impl Gateway {
         }))
     }
 
+    /// The claims bucket, opened on first use; `None` (logged) while NATS does not answer.
+    async fn claims_store(&mut self) -> Option<async_nats::jetstream::kv::Store> {
+        if let Some(c) = &self.claims {
+            return Some(c.clone());
+        }
+        match self.ctx.infra.claims(claims::MAX_AGE).await {
+            Ok(c) => {
+                self.claims = Some(c.clone());
+                Some(c)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "update claims unavailable; retrying the update");
+                None
+            }
+        }
+    }
+
     /// Claims (job, round, client) for the message at `stream_seq` in KV `shoal-claims`
     /// ([`claims`]): the first message claims it; a redelivery of that message finds its
     /// own claim when this process made it or the process that made it is gone, and is left to
     /// its live holder otherwise; any other message of the client for the round is a duplicate,
     /// whichever node pulled the first.
     async fn claim(&mut self, job: &JobId, round: RoundId, client: &ClientId, stream_seq: u64) -> Claim {
-        let kv = match &self.claims {
-            Some(c) => c.clone(),
-            None => match self.ctx.infra.claims(claims::MAX_AGE).await {
-                Ok(c) => {
-                    self.claims = Some(c.clone());
-                    c
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "update claims unavailable; retrying the update");
-                    return Claim::Unknown;
-                }
-            },
-        };
+        let Some(kv) = self.claims_store().await else { return Claim::Unknown };
         let claimant = claims::Claimant {
             node: &self.ctx.node,
             instance: self.ctx.instance,
-            stale: self.ctx.config.timings.lease_stale(),
+            liveness: &self.ctx.liveness,
         };
         match claims::claim(&kv, &self.ctx.infra, (job, round, client), claimant, stream_seq).await {
             Ok(claims::Claim::Mine) => Claim::Ours,

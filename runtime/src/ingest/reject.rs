@@ -90,25 +90,57 @@ impl Rejector {
 /// Acknowledges one JetStream message later, by publishing to its reply subject (the JetStream
 /// ack protocol). Small and cloneable, so the message payload can be dropped as soon as it is
 /// staged while its ack waits for the round's commit.
+///
+/// An *adopted* message (read from the stream by sequence because the node that held it is
+/// gone, see `ingest::adopt`) has no delivery to answer: acking or refusing it deletes it from
+/// the work queue; progress and hand-back do nothing (JetStream delivers it again after its ack
+/// wait if it is still there).
 #[derive(Clone, Debug)]
 pub struct AckHandle {
     client: async_nats::Client,
-    reply: Subject,
+    to: AckTo,
+}
+
+#[derive(Clone, Debug)]
+enum AckTo {
+    Reply(Subject),
+    Adopted { stream: Box<async_nats::jetstream::stream::Stream<()>>, seq: u64 },
 }
 
 impl AckHandle {
     /// A handle for the message whose reply subject is `reply`.
     pub fn new(client: async_nats::Client, reply: Subject) -> AckHandle {
-        AckHandle { client, reply }
+        AckHandle { client, to: AckTo::Reply(reply) }
+    }
+
+    /// A handle for message `seq` of `stream`, adopted without a delivery.
+    pub fn adopted(
+        client: async_nats::Client,
+        stream: async_nats::jetstream::stream::Stream<()>,
+        seq: u64,
+    ) -> AckHandle {
+        AckHandle { client, to: AckTo::Adopted { stream: Box::new(stream), seq } }
     }
 
     async fn send(&self, kind: AckKind) -> bool {
-        match self.client.publish(self.reply.clone(), Bytes::from(kind)).await {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::debug!(error = %e, "ack publish failed; JetStream will redeliver");
-                false
-            }
+        match &self.to {
+            AckTo::Reply(reply) => match self.client.publish(reply.clone(), Bytes::from(kind)).await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::debug!(error = %e, "ack publish failed; JetStream will redeliver");
+                    false
+                }
+            },
+            AckTo::Adopted { stream, seq } => match kind {
+                AckKind::Ack | AckKind::Term => match stream.delete_message(*seq).await {
+                    Ok(_) => true,
+                    Err(e) => {
+                        tracing::debug!(seq, error = %e, "deleting an adopted update failed; JetStream will redeliver it");
+                        false
+                    }
+                },
+                _ => true,
+            },
         }
     }
 

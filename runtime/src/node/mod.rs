@@ -75,8 +75,18 @@ pub struct NodeContext {
     pub rejector: Rejector,
     /// This node.
     pub node: NodeId,
-    /// This process (its membership lease instance), named in the claims it makes.
+    /// This process (its membership lease instance), named in the claims it makes and the
+    /// partials it sends.
     pub instance: shoal_proto::InstanceId,
+    /// Whether this process has held its membership lease without a gap: nothing staged under
+    /// it leaves the node (a partial, an exchange answer, a commit) unless it holds.
+    pub membership: lease::Continuity,
+    /// This process's observations of other processes' leases.
+    pub liveness: lease::Liveness,
+    /// Why the node stopped on its own, once it has.
+    pub stopped: Arc<std::sync::OnceLock<Stopped>>,
+    /// Requests from this node's tops to its gateway to adopt a dead node's updates.
+    pub adoptions: crate::ingest::adopt::Adoptions,
     /// In-process links from this node's leaves to a top on the node.
     pub local: LocalLinks,
     /// The jobs this node serves (`max_jobs`).
@@ -94,12 +104,33 @@ impl NodeContext {
     pub fn timings(&self) -> &Timings {
         &self.config.timings
     }
+
+    /// Stops the node because something it holds may also be held by another node: it drops
+    /// everything (held updates go back to JetStream, its membership lease is released) and
+    /// reports [`Stopped::Fenced`], after which a new process instance may start.
+    pub fn fence_now(&self) {
+        self.membership.break_now();
+        let _ = self.stopped.set(Stopped::Fenced);
+        self.cancel.cancel();
+    }
+}
+
+/// Why a node stopped on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// Another process took this node id's membership lease.
+    LeaseLost,
+    /// A membership renewal came after a gap longer than the fence window (a pause or a
+    /// partition): other nodes may have taken over its updates, so it dropped everything it
+    /// held. Starting it again (a new process instance) is safe.
+    Fenced,
 }
 
 /// A running node.
 #[derive(Debug)]
 pub struct NodeHandle {
     cancel: CancellationToken,
+    stopped: Arc<std::sync::OnceLock<Stopped>>,
     shutdown_grace: Duration,
     ledger: Ledger,
     tracker: TaskTracker,
@@ -124,9 +155,10 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
     nats.name = format!("shoal-node-{}", config.node_id);
     nats.slow_consumer_events = Some(metrics.slow_consumer_events.clone());
     let infra = Infra::connect(&nats).await?;
+    let liveness = lease::Liveness::new(config.timings.lease_stale());
     // Before touching shared memory: another live process of this node id may still use it.
-    let membership = lease::join(&infra, &config.node_id, &config.timings).await?;
-    let instance = membership.lease.instance;
+    let membership = lease::join(&infra, &liveness, &config.node_id, &config.timings).await?;
+    let (instance, continuity) = (membership.lease.instance, membership.continuity.clone());
     let shm_dir = staging::prepare_node_dir(&config.shm_dir, config.node_id.as_str())?;
     let rejector = Rejector::new(infra.client.clone(), infra.subjects.clone(), Arc::clone(&metrics));
     let ledger = Ledger::spawn(
@@ -143,14 +175,27 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
             .start();
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
-    // Losing the membership lease (another process took this node id) stops the node.
-    tracker.spawn(lease::keep(
-        infra.clone(),
-        membership,
-        config.timings.clone(),
-        cancel.clone(),
-        cancel.clone(),
-    ));
+    // Losing the membership lease (another process took this node id), or continuity (a pause
+    // or partition longer than the fence window), stops the node.
+    let stopped = Arc::new(std::sync::OnceLock::new());
+    {
+        let keep =
+            lease::keep(infra.clone(), membership, config.timings.clone(), cancel.clone(), cancel.clone());
+        let (stopped, metrics) = (Arc::clone(&stopped), Arc::clone(&metrics));
+        tracker.spawn(async move {
+            match keep.await {
+                lease::LeaseEnd::Released => {}
+                lease::LeaseEnd::Lost => {
+                    let _ = stopped.set(Stopped::LeaseLost);
+                }
+                lease::LeaseEnd::Fenced(_) => {
+                    metrics.fencing("self_fenced").inc();
+                    let _ = stopped.set(Stopped::Fenced);
+                }
+            }
+        });
+    }
+    tracker.spawn(liveness.clone().watch_members(infra.clone(), cancel.clone(), ms(config.timings.retry_ms)));
     let slots = JobSlots::new(
         config.max_jobs.map(|n| n as usize),
         metrics.jobs_served.clone(),
@@ -168,6 +213,10 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
         rejector,
         node: config.node_id.clone(),
         instance,
+        membership: continuity,
+        liveness,
+        stopped: Arc::clone(&stopped),
+        adoptions: crate::ingest::adopt::Adoptions::default(),
         local: LocalLinks::default(),
         slots,
         plugins: opts.plugins,
@@ -181,6 +230,7 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
     );
     Ok(NodeHandle {
         cancel,
+        stopped,
         ledger,
         tracker,
         metrics,
@@ -260,6 +310,19 @@ impl NodeHandle {
     /// A token cancelled when the node shuts down.
     pub fn cancel_token(&self) -> CancellationToken {
         self.cancel.clone()
+    }
+
+    /// Waits until the node stops on its own, and says why (it runs until [`Self::shutdown`]
+    /// otherwise).
+    pub async fn stopped(&self) -> Stopped {
+        loop {
+            self.cancel.cancelled().await;
+            if let Some(s) = self.stopped.get() {
+                return *s;
+            }
+            // Cancelled by a shutdown, or the keeper has not recorded why yet.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 

@@ -12,7 +12,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -184,17 +184,65 @@ impl Drop for Segment {
     }
 }
 
-/// Prepares a node's shm directory: creates it with mode 0700 and removes segment files left by
-/// a previous process of this node (their updates are redelivered by JetStream).
+/// Exit code of a process stopped by [`install_sigbus_guard`] (sysexits' `EX_IOERR`).
+pub const SIGBUS_EXIT_CODE: i32 = 74;
+
+/// Turns a `SIGBUS` into a logged exit with [`SIGBUS_EXIT_CODE`] instead of a crash with no
+/// word of why. A mapped segment raises `SIGBUS` when its file was truncated under the process
+/// (someone wrote into the shm directory) or its tmpfs ran out of space (`/dev/shm` smaller than
+/// `--shm-budget-mib`); no memory access can continue after it. The process ends at once (the
+/// handler only writes its message to stderr and calls `_exit`); the updates it held are not
+/// acked, so JetStream delivers them again to the node's next process or another node.
+///
+/// Process-wide: call it once from a binary, never from a library used by others.
 ///
 /// # Errors
-/// [`Error::Io`] if the directory cannot be created or secured.
+/// [`Error::Io`] if `sigaction(2)` fails.
+pub fn install_sigbus_guard() -> Result<()> {
+    extern "C" fn on_sigbus(_: libc::c_int) {
+        const MSG: &[u8] = b"shoal: SIGBUS: a shared-memory segment of this process was truncated, or the \
+tmpfs holding it is full. Check that nothing else writes in --shm-dir and that the tmpfs (e.g. /dev/shm) \
+is larger than --shm-budget-mib. Exiting; the updates held here are delivered again by JetStream.\n";
+        // SAFETY: write(2) and _exit(2) are async-signal-safe; MSG is a static buffer.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::write(2, MSG.as_ptr().cast(), MSG.len());
+            libc::_exit(SIGBUS_EXIT_CODE);
+        }
+    }
+    // SAFETY: a zeroed sigaction is a valid value (no flags, empty mask, set below); the
+    // handler is an `extern "C" fn(c_int)` as sa_handler expects without SA_SIGINFO; sigaction
+    // reads the struct we own and writes nothing back (null old action).
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_sigbus as extern "C" fn(libc::c_int) as usize;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut())
+    };
+    if rc != 0 {
+        return Err(Error::io("install the SIGBUS handler", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Prepares a node's shm directory `<root>/<node>`: creates what is missing with mode 0700,
+/// refuses an existing directory it should not use, and removes segment files left by a
+/// previous process of this node (their updates are redelivered by JetStream).
+///
+/// Nothing is ever chmod-ed: an existing directory must already be owned by this process's
+/// effective user and not writable by group or others (`--shm-dir /dev/shm` itself, mode 1777,
+/// is refused, as is a symlink), since anyone who can write there can replace or remove a
+/// segment under the node. Segment files are created 0600 (readable by this user only).
+///
+/// # Errors
+/// [`Error::Io`] if a directory cannot be created, or exists but is a symlink, is not a
+/// directory, is owned by another user, or is writable by group or others (the message names the
+/// directory and the fix).
 pub fn prepare_node_dir(root: &Path, node: &str) -> Result<PathBuf> {
     let dir = root.join(node);
-    fs::create_dir_all(&dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
     for d in [root, dir.as_path()] {
-        fs::set_permissions(d, fs::Permissions::from_mode(0o700))
-            .map_err(|e| Error::io(format!("chmod 0700 {}", d.display()), e))?;
+        ensure_private_dir(d)?;
     }
     if let Ok(entries) = fs::read_dir(&dir) {
         for e in entries.flatten() {
@@ -204,6 +252,58 @@ pub fn prepare_node_dir(root: &Path, node: &str) -> Result<PathBuf> {
         }
     }
     Ok(dir)
+}
+
+/// Creates `d` with mode 0700 (parents as needed, with the default mode), or checks that the
+/// existing `d` is a directory owned by this user and not writable by group or others.
+fn ensure_private_dir(d: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let refuse = |why: String| {
+        Err(Error::io(
+            format!("shared-memory directory {}", d.display()),
+            std::io::Error::new(std::io::ErrorKind::PermissionDenied, why),
+        ))
+    };
+    match fs::symlink_metadata(d) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(parent) = d.parent() {
+                fs::create_dir_all(parent)
+                    .map_err(|e| Error::io(format!("create {}", parent.display()), e))?;
+            }
+            match fs::DirBuilder::new().mode(0o700).create(d) {
+                Ok(()) => {}
+                // Created by a concurrent process meanwhile: checked below like any other.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return ensure_private_dir(d),
+                Err(e) => return Err(Error::io(format!("create {}", d.display()), e)),
+            }
+            // The umask may have cleared bits but never adds any: 0700 or less. Check anyway.
+            ensure_private_dir(d)
+        }
+        Err(e) => Err(Error::io(format!("inspect {}", d.display()), e)),
+        Ok(m) if m.file_type().is_symlink() => refuse("is a symlink; give --shm-dir a real directory".into()),
+        Ok(m) if !m.is_dir() => refuse("is not a directory".into()),
+        Ok(m) => {
+            // SAFETY: geteuid(2) has no preconditions and touches no memory.
+            #[allow(unsafe_code)]
+            let me = unsafe { libc::geteuid() };
+            if m.uid() != me {
+                return refuse(format!(
+                    "is owned by uid {}, not by this process's uid {me}; use a directory of your own \
+                     (e.g. --shm-dir /dev/shm/shoal-$USER)",
+                    m.uid()
+                ));
+            }
+            if m.mode() & 0o022 != 0 {
+                return refuse(format!(
+                    "has mode {:o}, writable by group or others (anyone who can write there can replace \
+                     or remove a segment under the node); use a directory with mode 0700 or 0755 — Shoal \
+                     does not chmod directories it did not create",
+                    m.mode() & 0o7777
+                ));
+            }
+            Ok(())
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -413,6 +513,34 @@ impl Drop for Slot {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_shared_or_foreign_shm_directory_is_refused_and_never_chmod_ed() {
+        let tmp = tempfile::tempdir().unwrap();
+        // Created fresh: 0700 all the way down.
+        let dir = prepare_node_dir(&tmp.path().join("root"), "n1").unwrap();
+        assert_eq!(fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+        // An existing root open to others (like /dev/shm itself) is refused and left as it was.
+        let open = tmp.path().join("open");
+        fs::create_dir(&open).unwrap();
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o1777)).unwrap();
+        let e = prepare_node_dir(&open, "n1").unwrap_err().to_string();
+        assert!(e.contains("writable by group or others") && e.contains(&open.display().to_string()), "{e}");
+        assert_eq!(fs::metadata(&open).unwrap().permissions().mode() & 0o7777, 0o1777, "never chmod-ed");
+        assert!(!open.join("n1").exists(), "nothing created inside a refused root");
+        // A node directory writable by the group is refused too.
+        let root = tmp.path().join("root2");
+        fs::create_dir(&root).unwrap();
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o700)).unwrap();
+        fs::create_dir(root.join("n1")).unwrap();
+        fs::set_permissions(root.join("n1"), fs::Permissions::from_mode(0o770)).unwrap();
+        assert!(prepare_node_dir(&root, "n1").is_err());
+        // A symlink is refused.
+        std::os::unix::fs::symlink(&dir, tmp.path().join("link")).unwrap();
+        let e = prepare_node_dir(tmp.path(), "link").unwrap_err().to_string();
+        assert!(e.contains("symlink"), "{e}");
+    }
 
     #[test]
     fn slots_are_aligned_exclusive_and_recycled() {

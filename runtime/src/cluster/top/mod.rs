@@ -65,7 +65,7 @@ pub async fn run_top(ctx: NodeContext, job: JobId) -> Result<()> {
         if ctx.directory.get(&job).is_some_and(|e| e.state.phase != JobPhase::Running) {
             return Ok(());
         }
-        match lease::try_acquire(&ctx.infra, &key, &ctx.node, instance, timings).await? {
+        match lease::try_acquire(&ctx.infra, &ctx.liveness, &key, &ctx.node, instance, timings).await? {
             lease::Attempt::HeldBy(holder) => {
                 ctx.directory.set_top(&job, Some(holder.node));
                 tokio::select! {
@@ -78,6 +78,7 @@ pub async fn run_top(ctx: NodeContext, job: JobId) -> Result<()> {
                 tracing::info!(%job, node = %ctx.node, "this node is the job's top");
                 let stop = CancellationToken::new();
                 let lost = ctx.cancel.child_token();
+                let continuity = held.continuity.clone();
                 let keeper = tokio::spawn(lease::keep(
                     ctx.infra.clone(),
                     held,
@@ -87,7 +88,7 @@ pub async fn run_top(ctx: NodeContext, job: JobId) -> Result<()> {
                 ));
                 let gauge = ctx.metrics.tier("top");
                 gauge.inc();
-                let result = run(&ctx, job.clone(), lost.clone()).await;
+                let result = run(&ctx, job.clone(), lost.clone(), continuity).await;
                 gauge.dec();
                 ctx.local.unregister(&job);
                 stop.cancel();
@@ -118,6 +119,8 @@ struct Top<'a> {
     ctx: &'a NodeContext,
     job: JobId,
     cancel: CancellationToken,
+    /// Whether the top lease has been held without a gap (nothing is committed otherwise).
+    lease: lease::Continuity,
     spec: Arc<JobSpec>,
     manifest: Arc<ModelManifest>,
     strategy: Box<dyn shoal_functions::Strategy>,
@@ -142,16 +145,25 @@ enum Step {
 ///
 /// # Errors
 /// NATS errors that persist, an unreadable spec or model.
-async fn run(ctx: &NodeContext, job: JobId, cancel: CancellationToken) -> Result<()> {
-    let mut top = Top::start(ctx, job, cancel).await?;
-    // A round already open when we start was opened by a top that may have died holding
-    // staged updates: give JetStream time to redeliver them before judging the round.
-    let mut earliest = top.state.is_open().then(|| tokio::time::Instant::now() + ctx.config.takeover_grace());
+async fn run(
+    ctx: &NodeContext,
+    job: JobId,
+    cancel: CancellationToken,
+    lease: lease::Continuity,
+) -> Result<()> {
+    let mut top = Top::start(ctx, job, cancel, lease).await?;
+    // A round already open when we start was opened by a top that may have died holding staged
+    // updates: adopt those from the stream by their claims rather than wait for JetStream to
+    // deliver them again after their ack wait.
+    if top.state.is_open() {
+        let n = ctx.adoptions.adopt(&top.job, top.state.round).await;
+        tracing::info!(job = %top.job, round = top.state.round.0, adopted = n, "took over an open round");
+    }
     while top.state.phase == JobPhase::Running {
         if !top.state.is_open() && !top.open_round().await? {
             continue;
         }
-        match top.play_round(earliest.take()).await? {
+        match top.play_round().await? {
             Step::Stop => return Ok(()),
             Step::Again | Step::Closed => {}
         }
@@ -160,7 +172,12 @@ async fn run(ctx: &NodeContext, job: JobId, cancel: CancellationToken) -> Result
 }
 
 impl<'a> Top<'a> {
-    async fn start(ctx: &'a NodeContext, job: JobId, cancel: CancellationToken) -> Result<Top<'a>> {
+    async fn start(
+        ctx: &'a NodeContext,
+        job: JobId,
+        cancel: CancellationToken,
+        lease: lease::Continuity,
+    ) -> Result<Top<'a>> {
         let spec = Arc::new(jobs::load_spec(&ctx.infra.js, &job).await?);
         let manifest = Arc::new(spec.manifest.clone());
         let local = ctx.local.register(&job);
@@ -186,6 +203,7 @@ impl<'a> Top<'a> {
             ctx,
             job,
             cancel,
+            lease,
             spec,
             manifest,
             strategy,
@@ -225,12 +243,12 @@ impl<'a> Top<'a> {
     }
 
     /// Waits for the open round's cohort or deadline, collects, aggregates and commits.
-    async fn play_round(&mut self, earliest: Option<tokio::time::Instant>) -> Result<Step> {
+    async fn play_round(&mut self) -> Result<Step> {
         let round = self.state.round;
         let remaining = Duration::from_millis(self.state.deadline_at_ms.saturating_sub(now_ms()));
         let fresh = ms(self.ctx.config.timings.progress_fresh_ms);
         let rule = self.spec.round_rule();
-        let mut clock = RoundClock::new(tokio::time::Instant::now(), remaining, earliest, &rule, fresh);
+        let mut clock = RoundClock::new(tokio::time::Instant::now(), remaining, &rule, fresh);
         if !self.wait_for_cohort(&mut clock, round).await {
             return Ok(Step::Stop);
         }
@@ -252,10 +270,24 @@ impl<'a> Top<'a> {
     /// Serves reward requests and counts progress until the cohort is complete or the deadline
     /// passes; `false` when cancelled.
     async fn wait_for_cohort(&mut self, clock: &mut RoundClock, round: RoundId) -> bool {
+        // A node that dies while the round is open holds updates JetStream would deliver again
+        // only after their ack wait: adopt them as soon as it is seen gone.
+        let mut members = self.ctx.liveness.live_nodes(&self.ctx.infra).await.unwrap_or_default();
+        let mut tick = tokio::time::interval(self.ctx.config.timings.lease_renew());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = self.cancel.cancelled() => return false,
                 _ = tokio::time::sleep_until(clock.deadline()) => return true,
+                _ = tick.tick() => {
+                    let Ok(live) = self.ctx.liveness.live_nodes(&self.ctx.infra).await else { continue };
+                    let gone: Vec<&NodeId> = members.iter().filter(|n| !live.contains(n)).collect();
+                    if !gone.is_empty() {
+                        let n = self.ctx.adoptions.adopt(&self.job, round).await;
+                        tracing::info!(job = %self.job, round = round.0, ?gone, adopted = n, "nodes gone during the round");
+                    }
+                    members = live;
+                }
                 Some(req) = self.inbox.rewards.next() => {
                     let reward = reward_bytes(&*self.strategy, &req);
                     answer_reward(&self.ctx.infra, req, reward).await;
@@ -340,6 +372,11 @@ impl<'a> Top<'a> {
         sharded: Option<std::result::Result<Parameters, String>>,
         round: RoundId,
     ) -> Result<Step> {
+        // Only a top that can prove it held its lease (and its node its membership) without a
+        // gap goes on: after a pause another top may be committing this round already.
+        if !self.continuous() {
+            return Ok(Step::Again);
+        }
         let accepted = collected.count as u32;
         let version = round::next_version(&self.state);
         let min_clients = self.spec.round_rule().min_clients;
@@ -372,8 +409,18 @@ impl<'a> Top<'a> {
             seqs: &collected.seqs,
         };
         let next = round::next_state(&self.state, &self.spec, &closing);
+        if !self.continuous() {
+            self.cancel.cancel();
+            return Ok(Step::Stop);
+        }
         if let Some(p) = &model {
             jobs::put_model(&self.ctx.infra, &self.job, version, p).await?;
+        }
+        if !self.continuous() {
+            // The model may be written over another top's (same version) only while this one
+            // still holds its lease; it cannot tell now: give the lease up and compete again.
+            self.cancel.cancel();
+            return Ok(Step::Stop);
         }
         if self.cancel.is_cancelled() {
             return Ok(Step::Stop); // the lease was lost meanwhile: leave the commit to the new top
@@ -425,6 +472,16 @@ impl<'a> Top<'a> {
         }
     }
 
+    /// Whether this top may write: its lease and its node's membership held without a gap.
+    fn continuous(&self) -> bool {
+        let ok = self.lease.holds() && self.ctx.membership.holds();
+        if !ok {
+            self.ctx.metrics.fencing("commit_withheld").inc();
+            tracing::warn!(job = %self.job, "top lease continuity not proven: not committing now");
+        }
+        ok
+    }
+
     /// Metrics, the round's events and the log line of a committed state.
     async fn announce(&mut self, round: RoundId, outcome: &RoundOutcome, collected: &Collected) {
         let label = match outcome {
@@ -453,6 +510,8 @@ impl<'a> Top<'a> {
 struct Collected {
     collect: shoal_proto::CollectId,
     nodes: Vec<NodeId>,
+    /// Each contributing node and the process that answered for it.
+    members: Vec<(NodeId, shoal_proto::InstanceId)>,
     /// Shared with the leaf that sent it when only one partial came (no copy); merging into it
     /// copies it once.
     partial: Option<Arc<PartialAggregate>>,
@@ -466,7 +525,9 @@ struct Collected {
 
 /// Asks every live node for its partial of `round` and merges the answers; asks again (a new
 /// collection) when a live node does not answer within the timeout, and gives up on nodes that
-/// are no longer live. `Ok(None)`: cancelled.
+/// are no longer live (after adopting their updates: [`crate::ingest::adopt`]). A collection
+/// that names a stream sequence twice, or a contributor that is no longer the process that
+/// answered, is refused and collected again ([`verify`]). `Ok(None)`: cancelled.
 async fn collect(
     ctx: &NodeContext,
     cancel: &CancellationToken,
@@ -476,11 +537,10 @@ async fn collect(
     round: RoundId,
 ) -> Result<Option<Collected>> {
     let fan_in = ctx.directory.get(job).map_or(0, |e| e.spec.fan_in);
-    let timings = &ctx.config.timings;
-    let mut attempt = 0;
+    let (mut attempt, mut conflicts, mut refused) = (0, Vec::new(), 0u32);
     loop {
         attempt += 1;
-        let mut nodes = lease::live_nodes(&ctx.infra, timings).await?;
+        let mut nodes = ctx.liveness.live_nodes(&ctx.infra).await?;
         if !nodes.contains(&ctx.node) {
             nodes.push(ctx.node.clone());
             nodes.sort();
@@ -491,6 +551,7 @@ async fn collect(
             top: ctx.node.clone(),
             nodes: nodes.clone(),
             fan_in,
+            conflicts: std::mem::take(&mut conflicts),
         };
         ctx.infra
             .client
@@ -498,12 +559,44 @@ async fn collect(
             .await
             .map_err(|e| Error::nats("publish collect request", e))?;
         let Some(got) = gather(ctx, cancel, job, manifest, inbox, &req).await? else { return Ok(None) };
+        match verify(ctx, &got).await {
+            Verdict::Valid => {}
+            verdict => {
+                refused += 1;
+                let (event, detail) = match &verdict {
+                    Verdict::Duplicates(d) => {
+                        ("duplicate_seq", format!("stream sequences {d:?} came from two nodes"))
+                    }
+                    Verdict::Stale(n) => {
+                        ("stale_contributor", format!("{n:?} are no longer the processes that answered"))
+                    }
+                    Verdict::Valid => ("", String::new()),
+                };
+                ctx.metrics.fencing(event).inc();
+                if refused == 1 {
+                    tracing::warn!(%job, %round, "collection refused, collecting again: {detail}");
+                }
+                if let Verdict::Duplicates(d) = verdict {
+                    conflicts = d;
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(None),
+                    _ = tokio::time::sleep(ms(ctx.config.timings.nak_retry_ms)) => {}
+                }
+                continue;
+            }
+        }
         let missing: Vec<&NodeId> = nodes.iter().filter(|n| !got.nodes.contains(n)).collect();
         if missing.is_empty() {
             return Ok(Some(got));
         }
-        let live = lease::live_nodes(&ctx.infra, timings).await?;
+        let live = ctx.liveness.live_nodes(&ctx.infra).await?;
         let missing_live = missing.iter().any(|n| live.contains(n));
+        if !missing_live && ctx.adoptions.adopt(job, round).await > 0 {
+            // The updates a dead node held are now staged here: collect them.
+            tracing::info!(%job, %round, ?missing, "adopted the updates of nodes that are gone; collecting again");
+            continue;
+        }
         if !missing_live || attempt >= 3 {
             tracing::warn!(
                 %job, %round, ?missing, attempt,
@@ -512,6 +605,45 @@ async fn collect(
             return Ok(Some(got));
         }
         tracing::info!(%job, %round, ?missing, "partials missing; collecting again");
+    }
+}
+
+/// Whether a collection may be committed.
+#[derive(Debug)]
+enum Verdict {
+    Valid,
+    /// These stream sequences were sent up by more than one node.
+    Duplicates(Vec<u64>),
+    /// These contributors are no longer the processes that sent their partials (restarted,
+    /// gone, or this node without proven continuity).
+    Stale(Vec<NodeId>),
+}
+
+/// Checks a collection before it is committed: no update twice, every contributor still the
+/// live process that answered.
+async fn verify(ctx: &NodeContext, got: &Collected) -> Verdict {
+    let mut seqs = got.seqs.clone();
+    seqs.sort_unstable();
+    let mut dups: Vec<u64> = seqs.windows(2).filter(|w| w[0] == w[1]).map(|w| w[0]).collect();
+    dups.dedup();
+    if !dups.is_empty() {
+        return Verdict::Duplicates(dups);
+    }
+    let mut stale = Vec::new();
+    for (node, instance) in &got.members {
+        let alive = if *node == ctx.node {
+            *instance == ctx.instance && ctx.membership.holds()
+        } else {
+            ctx.liveness.member_alive(&ctx.infra, node, *instance).await.unwrap_or(false)
+        };
+        if !alive {
+            stale.push(node.clone());
+        }
+    }
+    if stale.is_empty() {
+        Verdict::Valid
+    } else {
+        Verdict::Stale(stale)
     }
 }
 
@@ -528,6 +660,7 @@ async fn gather(
     let mut got = Collected {
         collect: req.collect,
         nodes: Vec::new(),
+        members: Vec::new(),
         partial: None,
         cohort: Vec::new(),
         entries: Vec::new(),
@@ -536,18 +669,35 @@ async fn gather(
         last_fold_ms: 0,
     };
     let deadline = tokio::time::Instant::now() + ctx.config.collect_timeout();
+    // Nodes that die during the collection are not waited for until the timeout: the caller
+    // adopts their updates and collects again.
+    let mut tick = tokio::time::interval(ctx.config.timings.lease_renew());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.reset();
     while !req.nodes.iter().all(|n| got.nodes.contains(n)) {
         let p = tokio::select! {
             _ = cancel.cancelled() => return Ok(None),
             _ = tokio::time::sleep_until(deadline) => break,
+            _ = tick.tick() => {
+                let Ok(live) = ctx.liveness.live_nodes(&ctx.infra).await else { continue };
+                if req.nodes.iter().filter(|n| !got.nodes.contains(n)).all(|n| !live.contains(n)) {
+                    break;
+                }
+                continue;
+            }
             Some(p) = inbox.local.recv() => p,
             Some(m) = inbox.partials.next() => match leaf::receive_remote(&ctx.infra, manifest, &m).await {
                 Ok((h, p, bytes)) => {
                     ctx.metrics.partial_bytes_received.inc_by(bytes);
+                    if h.instances.len() != h.nodes.len() {
+                        tracing::warn!(%job, sender = %h.sender, "partial without its nodes' instances ignored");
+                        continue;
+                    }
                     Partial {
                         sender: h.sender,
                         collect: h.collect,
                         nodes: h.nodes,
+                        instances: h.instances,
                         partial: p.map(Arc::new),
                         cohort: Vec::new(),
                         count: h.count,
@@ -586,6 +736,7 @@ impl Collected {
         }
         self.cohort.extend(p.cohort);
         self.entries.extend(p.entries);
+        self.members.extend(p.nodes.iter().cloned().zip(p.instances));
         self.nodes.extend(p.nodes);
         self.count += p.count;
         self.seqs.extend(p.seqs);

@@ -25,16 +25,9 @@ pub struct RoundClock {
 }
 
 impl RoundClock {
-    /// A clock for a round whose deadline is `remaining` from `now`, not judged before
-    /// `earliest` (a top that took over an open round waits for redeliveries first).
-    pub fn new(
-        now: Instant,
-        remaining: Duration,
-        earliest: Option<Instant>,
-        rule: &RoundRule,
-        fresh: Duration,
-    ) -> RoundClock {
-        let deadline = earliest.map_or(now + remaining, |e| (now + remaining).max(e));
+    /// A clock for a round whose deadline is `remaining` from `now`.
+    pub fn new(now: Instant, remaining: Duration, rule: &RoundRule, fresh: Duration) -> RoundClock {
+        let deadline = now + remaining;
         RoundClock { deadline, cohort_size: u64::from(rule.cohort_size), fresh, per_node: HashMap::new() }
     }
 
@@ -144,8 +137,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_round_closes_when_fresh_progress_reaches_the_cohort() {
         let t0 = Instant::now();
-        let mut clock =
-            RoundClock::new(t0, Duration::from_secs(10), None, &rule(5), Duration::from_millis(1500));
+        let mut clock = RoundClock::new(t0, Duration::from_secs(10), &rule(5), Duration::from_millis(1500));
         assert_eq!(clock.deadline(), t0 + Duration::from_secs(10));
         assert!(!clock.on_progress(node("a"), 3, t0));
         tokio::time::advance(Duration::from_millis(1000)).await;
@@ -159,18 +151,13 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_takeover_waits_for_redeliveries_and_a_short_collection_stays_open_until_the_deadline() {
+    async fn a_short_collection_stays_open_until_the_deadline() {
         let t0 = Instant::now();
-        let earliest = t0 + Duration::from_secs(45);
-        let clock =
-            RoundClock::new(t0, Duration::from_secs(10), Some(earliest), &rule(4), Duration::from_secs(1));
-        assert_eq!(clock.deadline(), earliest, "1.5 × ack wait after the takeover, past the deadline");
-        let late =
-            RoundClock::new(t0, Duration::from_secs(60), Some(earliest), &rule(4), Duration::from_secs(1));
-        assert_eq!(late.deadline(), t0 + Duration::from_secs(60));
+        let clock = RoundClock::new(t0, Duration::from_secs(10), &rule(4), Duration::from_secs(1));
+        assert_eq!(clock.deadline(), t0 + Duration::from_secs(10));
         assert!(clock.keeps_open(3, t0), "3 of 4 before the deadline");
         assert!(!clock.keeps_open(4, t0));
-        tokio::time::advance(Duration::from_secs(45)).await;
+        tokio::time::advance(Duration::from_secs(10)).await;
         assert!(!clock.keeps_open(3, Instant::now()), "at the deadline the round closes with what it has");
     }
 
