@@ -222,6 +222,14 @@ pub fn model_object(job: &JobId, version: ModelVersion) -> String {
     format!("{job}/{version}")
 }
 
+/// Object name (in `shoal-models`) of the strategy state committed with model `version`:
+/// `<job>/_state/<version>` (reputations, optimizer moments; see `Strategy::save_state`). Keyed
+/// by the version it was produced with, so a top that takes over at version v reads exactly the
+/// state v's commit left, never v − 1's.
+pub fn strategy_state_object(job: &JobId, version: ModelVersion) -> String {
+    format!("{job}/_state/{version}")
+}
+
 /// Object name of a large update: `<job>/<round>/<client>`.
 pub fn update_object(job: &JobId, round: RoundId, client: &ClientId) -> String {
     format!("{job}/{round}/{client}")

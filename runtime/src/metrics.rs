@@ -95,6 +95,9 @@ pub struct Metrics {
     pub jobs_refused: Counter,
     /// Fencing events, by kind ([`Metrics::FENCING_EVENTS`]).
     pub fencing: Family<EventLabel, Counter>,
+    /// Strategy states a taking-over top restored, by outcome (`restored`, `missing`,
+    /// `refused`, `unreadable`).
+    pub strategy_state_restores: Family<EventLabel, Counter>,
     /// Updates the gateway adopted from a dead node's claims (read from the stream by sequence
     /// instead of waiting for JetStream to redeliver them).
     pub updates_adopted: Counter,
@@ -191,10 +194,16 @@ impl Metrics {
         );
         registry.register(
             "fencing_events",
-            "Fencing: self_fenced (a lease renewal gap), partial_withheld (continuity not proven), \
-             duplicate_seq and stale_contributor (collections the top refused), conflict_dropped \
-             (a leaf whose claim was not the stored one)",
+            "Fencing: self_fenced (a lease renewal gap), partial_withheld and commit_withheld \
+             (continuity not proven), duplicate_seq and stale_contributor (collections the top \
+             refused), conflict_dropped (a leaf whose claim was not the stored one)",
             self.fencing.clone(),
+        );
+        registry.register(
+            "strategy_state_restores",
+            "Strategy states (reputations, optimizer moments) a taking-over top read back, by \
+             event: restored, missing, refused, unreadable",
+            self.strategy_state_restores.clone(),
         );
         registry.register(
             "updates_adopted",
@@ -234,6 +243,7 @@ impl Default for Metrics {
             jobs_waiting: Gauge::default(),
             jobs_refused: Counter::default(),
             fencing: Family::default(),
+            strategy_state_restores: Family::default(),
             updates_adopted: Counter::default(),
             log_state: Mutex::new(HashMap::new()),
             registry: Registry::default(),
@@ -292,6 +302,12 @@ impl Metrics {
     /// The counter of fencing `event` (one of [`Self::FENCING_EVENTS`]).
     pub fn fencing(&self, event: &'static str) -> Counter {
         self.fencing.get_or_create(&EventLabel { event }).clone()
+    }
+
+    /// The counter of strategy-state restores with `outcome` (see
+    /// [`Self::strategy_state_restores`]).
+    pub fn strategy_state_restores(&self, outcome: &'static str) -> Counter {
+        self.strategy_state_restores.get_or_create(&EventLabel { event: outcome }).clone()
     }
 
     /// The gauge of aggregators of `tier`.

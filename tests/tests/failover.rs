@@ -151,3 +151,115 @@ async fn a_killed_top_is_replaced_and_the_round_commits_within_seconds() {
     assert!(median <= target, "median failover {median:?} above {target:?}\n{}", logs(&nodes));
     assert!(max <= target + Duration::from_secs(3), "slowest failover {max:?}\n{}", logs(&nodes));
 }
+
+/// Strategy state survives a change of top (issue 14 §2): a FedAdam job (moments m and v, the
+/// step count) on two nodes loses its top between rounds 2 and 3. The committed models equal an
+/// uninterrupted reference run of the same strategy over the same updates in this process
+/// (`shoal_functions`' kernel: fold each round's updates, `finish` against the previous model);
+/// a top that restarted from default moments gives a different round 3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fedadam_moments_survive_a_change_of_top() {
+    use shoal_functions::server_opt::{BiasCorrection, ServerOptimizerSpec};
+    use shoal_functions::PartialAggregate;
+    init_logging();
+    let nats = NatsServer::start().unwrap();
+    let url = nats.url();
+    let mut nodes = Vec::new();
+    for id in ["s1", "s2"] {
+        nodes.push(NodeProcess::start(&url, id, &["--pull-batch", "1"]).await);
+    }
+    let client =
+        ShoalClient::connect(&ConnectOptions { url: url.clone(), ..Default::default() }).await.unwrap();
+    let m = manifest();
+    const JOB2: &str = "adam";
+    const ROUNDS: u64 = 4;
+    let job = JobId::new(JOB2).unwrap();
+    let mut spec = job_spec(JOB2, (*m).clone(), 2, 2, 60_000, ROUNDS);
+    spec.server_optimizer = Some(ServerOptimizerSpec::FedAdam {
+        lr: 0.1,
+        beta1: 0.9,
+        beta2: 0.99,
+        tau: 1e-3,
+        bias_correction: BiasCorrection::Off,
+    });
+    shoal_runtime::jobs::create_job(&infra_of(&client).await, &spec, None).await.unwrap();
+
+    // The reference run: the same strategy, uninterrupted, in this process.
+    let mut reference = shoal_functions::factory::build_strategy(&spec).unwrap();
+    let (c, j) = (&client, &job);
+    let mut global = Parameters::from_safetensors(
+        Arc::clone(&m),
+        &retry(
+            "initial model",
+            move || async move { c.fetch_model(j, shoal_functions::ModelVersion(0)).await },
+        )
+        .await,
+    )
+    .unwrap();
+    let mut restored = 0.0;
+    for r in 1..=ROUNDS {
+        let state = retry("open", move || async move {
+            c.wait_for_state(j, Duration::from_secs(30), "a round to open", |s| s.is_open()).await
+        })
+        .await;
+        let values: Vec<Vec<Vec<f64>>> =
+            (0..2u64).map(|k| as_sent(&m, &random_values(&m, 500 + r * 10 + k))).collect();
+        let mut partial = PartialAggregate::new(Arc::clone(&m));
+        for (k, v) in values.iter().enumerate() {
+            let who = ClientId::new(format!("c{k}")).unwrap();
+            let n = 10 * (k as u64 + 1);
+            let req = UpdateRequest {
+                job: job.clone(),
+                client: who.clone(),
+                round: state.round,
+                base_version: state.model_version,
+                num_examples: n,
+                kind: UpdateKind::Parameters,
+                payload: payload(&m, v),
+                force_upload: false,
+            };
+            retry("publish", || client.publish_update(req.clone())).await;
+            let p = Parameters::from_f64(Arc::clone(&m), v).unwrap();
+            let w = reference.update_weight(&who, n, 0).unwrap();
+            reference.fold(&mut partial, &p.as_update(&who, w)).unwrap();
+        }
+        global = reference.finish(&partial, &global).unwrap();
+        let round = state.round;
+        let closed = retry("close", move || async move {
+            c.wait_for_round_closed(j, round, Duration::from_secs(60)).await
+        })
+        .await;
+        let version = match closed.last_outcome {
+            Some(RoundOutcome::Committed { version, .. }) => version,
+            other => panic!("round {r}: {other:?}"),
+        };
+        let bytes = retry("fetch", move || async move { c.fetch_model(j, version).await }).await;
+        let model = Parameters::from_safetensors(Arc::clone(&m), &bytes).unwrap();
+        for (g, o) in model.tensor_f64(0).iter().zip(&global.tensor_f64(0)) {
+            assert!(
+                (g - o).abs() <= 1e-6 * o.abs().max(1e-3),
+                "round {r}: committed {g}, uninterrupted run {o}"
+            );
+        }
+        if r == 2 {
+            // The top goes; the other node takes over for rounds 3 and 4.
+            let lease = infra_of(&client).await.jobs.get(format!("{JOB2}.top")).await.unwrap().unwrap();
+            let top: shoal_runtime::cluster::lease::Lease = shoal_proto::decode("lease", &lease).unwrap();
+            let i = nodes.iter().position(|n| n.node_id == top.node.as_str()).unwrap();
+            nodes[i].kill();
+            eprintln!("round 2 committed; killed the top {}", top.node);
+        }
+        if r == 3 {
+            for n in nodes.iter().filter(|n| n.pid().is_some()) {
+                let text = n.metrics(&client.connection().client).await;
+                for line in text.lines().filter(|l| l.starts_with("shoal_strategy_state_restores_total")) {
+                    if line.contains("restored") {
+                        restored +=
+                            line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+                    }
+                }
+            }
+        }
+    }
+    assert!(restored >= 1.0, "the new top did not report a restored strategy state");
+}

@@ -187,6 +187,49 @@ pub async fn get_model_bytes(infra: &Infra, job: &JobId, version: ModelVersion) 
     Ok(buf)
 }
 
+/// Stores the strategy state committed with model `version` (bytes of
+/// `shoal_functions::Strategy::save_state`), before the job state names that version.
+///
+/// # Errors
+/// NATS errors.
+pub async fn put_strategy_state(
+    infra: &Infra,
+    job: &JobId,
+    version: ModelVersion,
+    state: &[u8],
+) -> Result<()> {
+    let meta = async_nats::jetstream::object_store::ObjectMetadata {
+        name: subjects::strategy_state_object(job, version),
+        chunk_size: Some(chunk_size(infra.max_payload())),
+        ..Default::default()
+    };
+    let mut reader = state;
+    infra.models.put(meta, &mut reader).await.map_err(|e| Error::nats("store strategy state", e))?;
+    Ok(())
+}
+
+/// The strategy state committed with model `version`; `Ok(None)` when none was stored (a job
+/// committed before strategy state was persisted, or version 0).
+///
+/// # Errors
+/// NATS errors other than "not found".
+pub async fn get_strategy_state(
+    infra: &Infra,
+    job: &JobId,
+    version: ModelVersion,
+) -> Result<Option<Vec<u8>>> {
+    use async_nats::jetstream::object_store::GetErrorKind;
+    use tokio::io::AsyncReadExt;
+    let mut obj = match infra.models.get(subjects::strategy_state_object(job, version)).await {
+        Ok(o) => o,
+        Err(e) if e.kind() == GetErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::nats("fetch strategy state", e)),
+    };
+    let mut buf = Vec::with_capacity(obj.info().size);
+    obj.read_to_end(&mut buf).await.map_err(|e| Error::io("read strategy state", e))?;
+    Ok(Some(buf))
+}
+
 /// Object-store chunk size for a server's `max_payload`: 1 MiB, or less when `max_payload` is
 /// smaller (64 KiB kept for headers; at least 64 KiB).
 pub fn chunk_size(max_payload: usize) -> usize {

@@ -181,9 +181,9 @@ impl<'a> Top<'a> {
         let spec = Arc::new(jobs::load_spec(&ctx.infra.js, &job).await?);
         let manifest = Arc::new(spec.manifest.clone());
         let local = ctx.local.register(&job);
-        let plugins = ctx.plugins.as_ref().map(|f| f.plugins(&spec)).unwrap_or_default();
-        let strategy = factory::build_strategy_with(&spec, plugins)?;
+        let mut strategy = fresh_strategy(ctx, &spec)?;
         let (state, revision) = jobs::load_state(&ctx.infra.js, &job).await?;
+        restore_strategy(ctx, &job, state.model_version, &mut *strategy).await;
         let global = load_global(&ctx.infra, &job, &state, &manifest).await?;
         let s = &ctx.infra.subjects;
         let inbox = Inbox {
@@ -414,6 +414,20 @@ impl<'a> Top<'a> {
             return Ok(Step::Stop);
         }
         if let Some(p) = &model {
+            // The strategy state this commit leaves, keyed by the version it goes with, written
+            // before the job state names that version (a top taking over at `version` finds it).
+            match self.strategy.save_state() {
+                Ok(bytes) if bytes.len() <= shoal_functions::state::MAX_STATE_BYTES => {
+                    jobs::put_strategy_state(&self.ctx.infra, &self.job, version, &bytes).await?;
+                }
+                Ok(bytes) => tracing::error!(
+                    job = %self.job, %version, bytes = bytes.len(), limit = shoal_functions::state::MAX_STATE_BYTES,
+                    "strategy state too large to persist: a top taking over starts this strategy from its defaults"
+                ),
+                Err(e) => {
+                    tracing::error!(job = %self.job, %version, error = %e, "strategy state not persisted")
+                }
+            }
             jobs::put_model(&self.ctx.infra, &self.job, version, p).await?;
         }
         if !self.continuous() {
@@ -432,6 +446,10 @@ impl<'a> Top<'a> {
                 tracing::warn!(job = %self.job, round = round.0, "job state changed under us; reloading");
                 (self.state, self.revision) = jobs::load_state(&self.ctx.infra.js, &self.job).await?;
                 self.global = load_global(&self.ctx.infra, &self.job, &self.state, &self.manifest).await?;
+                // This top's strategy already stepped past the committed version: take the
+                // state the winner committed with it instead.
+                self.strategy = fresh_strategy(self.ctx, &self.spec)?;
+                restore_strategy(self.ctx, &self.job, self.state.model_version, &mut *self.strategy).await;
                 return Ok(Step::Again);
             }
         }
@@ -804,10 +822,58 @@ async fn prune_models(
     max_staleness: u64,
 ) {
     let Some(old) = current.0.checked_sub(kept_versions(max_staleness)) else { return };
-    let name = shoal_proto::subjects::model_object(job, shoal_functions::ModelVersion(old));
-    if let Err(e) = infra.models.delete(&name).await {
-        tracing::debug!(object = %name, error = %e, "pruning an old model version failed");
+    let old = shoal_functions::ModelVersion(old);
+    for name in [
+        shoal_proto::subjects::model_object(job, old),
+        shoal_proto::subjects::strategy_state_object(job, old),
+    ] {
+        if let Err(e) = infra.models.delete(&name).await {
+            tracing::debug!(object = %name, error = %e, "pruning an old model version failed");
+        }
     }
+}
+
+/// The job's strategy as its spec (and the node's plugins) build it, with default state.
+fn fresh_strategy(ctx: &NodeContext, spec: &JobSpec) -> Result<Box<dyn shoal_functions::Strategy>> {
+    let plugins = ctx.plugins.as_ref().map(|f| f.plugins(spec)).unwrap_or_default();
+    Ok(factory::build_strategy_with(spec, plugins)?)
+}
+
+/// Restores the strategy state committed with `version` (reputations, optimizer moments), so a
+/// top that takes over continues the uninterrupted run's sequence. Without it (a job committed
+/// before states were stored, or a state that does not fit this strategy) the strategy starts
+/// from its defaults, said in an error log line and counted in
+/// `shoal_strategy_state_restores_total{outcome}`.
+async fn restore_strategy(
+    ctx: &NodeContext,
+    job: &JobId,
+    version: shoal_functions::ModelVersion,
+    strategy: &mut dyn shoal_functions::Strategy,
+) {
+    if version.0 == 0 {
+        return; // nothing committed yet: the defaults are the state
+    }
+    let outcome = match jobs::get_strategy_state(&ctx.infra, job, version).await {
+        Ok(Some(bytes)) => match strategy.restore_state(&bytes) {
+            Ok(()) => {
+                tracing::info!(%job, %version, bytes = bytes.len(), "strategy state restored");
+                "restored"
+            }
+            Err(e) => {
+                tracing::error!(%job, %version, error = %e, "stored strategy state refused: starting from defaults; the model sequence may differ from an uninterrupted run");
+                "refused"
+            }
+        },
+        Ok(None) => {
+            tracing::error!(%job, %version, "no strategy state stored with this version: starting from defaults; the model sequence may differ from an uninterrupted run");
+            "missing"
+        }
+        Err(e) => {
+            tracing::error!(%job, %version, error = %e, "reading the strategy state failed: starting from defaults");
+            "unreadable"
+        }
+    };
+    ctx.metrics.strategy_state_restores(outcome).inc();
 }
 
 async fn load_global(
