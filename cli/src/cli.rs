@@ -366,6 +366,9 @@ async fn job_create(
 ) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(spec).with_context(|| format!("reading {}", spec.display()))?;
     let spec: JobSpec = serde_json::from_str(&text).with_context(|| format!("parsing {}", spec.display()))?;
+    for w in spec.manifest.statistic_warnings() {
+        eprintln!("warning: {w}");
+    }
     let admin = shoal_client::Infra::connect(&nats.options("shoal-cli")?).await?;
     let initial = match initial {
         Some(p) => {

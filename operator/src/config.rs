@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use crate::crd::FunctionHostTemplate;
+
 /// Where function hosts mount the node's shared memory, read-only (the gateway owns it).
 pub const SHM_DIR: &str = "/dev/shm/shoal";
 /// The function host's HTTP port (`/metrics`, `/healthz`, `/readyz`), named `http`.
@@ -26,6 +28,9 @@ pub struct OperatorConfig {
     /// Secret holding `SHOAL_NATS_USER`/`SHOAL_NATS_PASSWORD`/`SHOAL_NATS_TOKEN` for function
     /// hosts; none: hosts connect without credentials.
     pub nats_credentials_secret: Option<String>,
+    /// The defaults of every function-host pod, under each job's `spec.podTemplate`
+    /// (`--function-host-template`; the chart's `functionHost.template`).
+    pub host_defaults: FunctionHostTemplate,
     /// A node's demand report older than this is ignored (gateways report every tick; three
     /// missed reports at the default 2 s tick).
     pub demand_stale_after: Duration,
@@ -48,6 +53,7 @@ impl Default for OperatorConfig {
             nats_url: "nats://nats:4222".into(),
             prefix: shoal_proto::subjects::DEFAULT_PREFIX.into(),
             nats_credentials_secret: None,
+            host_defaults: FunctionHostTemplate::default(),
             demand_stale_after: Duration::from_secs(6),
             round_deadline_grace: Duration::from_secs(30),
             idle_requeue: Duration::from_secs(300),

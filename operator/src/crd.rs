@@ -10,7 +10,7 @@
 //! [`schema::job_spec`] (tagged unions become one object with a discriminator enum and CEL rules
 //! for each variant's required fields).
 //!
-//! `crdgen` writes [`crd_yaml`] to `charts/shoal/crds/federatedjob.yaml`, the one committed copy;
+//! `crdgen` writes [`crd_yaml`] to `charts/shoal/files/crds/federatedjob.yaml`, the one committed copy;
 //! a test fails when it differs.
 
 pub mod schema;
@@ -32,7 +32,7 @@ pub const GROUP: &str = "shoal.dev";
 /// in NATS and deletes the function-host Deployments it owns.
 pub const FINALIZER: &str = "federatedjobs.shoal.dev/cleanup";
 /// Where `crdgen`'s output is committed (relative to the repository root).
-pub const CRD_PATH: &str = "charts/shoal/crds/federatedjob.yaml";
+pub const CRD_PATH: &str = "charts/shoal/files/crds/federatedjob.yaml";
 
 /// A federated-learning job run by Shoal: the job spec (model manifest, strategy, round
 /// policy, limits), the aggregation hierarchy's fan-in, where and how many function hosts fold

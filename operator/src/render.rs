@@ -7,7 +7,9 @@
 //! node affinity `kubernetes.io/hostname In [<node>]`, `replicas` = the autoscaler's hosts for
 //! that node, probes `/healthz` and `/readyz` on port `http`, the node's shm directory mounted
 //! read-only, a restricted security context, the Shoal labels and an ownerReference to the
-//! `FederatedJob`. `spec.placement` and `spec.podTemplate` merge in.
+//! `FederatedJob`. `spec.placement` and `spec.podTemplate` merge in, the latter over the
+//! operator's function-host defaults (`--function-host-template`, the chart's `functionHost`),
+//! see [`merged_template`].
 
 use std::collections::BTreeMap;
 
@@ -23,7 +25,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 
 use crate::config::{OperatorConfig, HOST_HTTP_PORT, NATS_SECRET_KEYS, SHM_DIR};
-use crate::crd::FederatedJob;
+use crate::crd::{FederatedJob, FunctionHostTemplate};
 use crate::node::NodeName;
 
 /// `app.kubernetes.io/name`.
@@ -79,6 +81,47 @@ pub fn job_selector(job: &str) -> String {
     format!("{LABEL_COMPONENT}={COMPONENT},{LABEL_JOB}={}", label_value(job))
 }
 
+/// A job's `spec.podTemplate` over the operator's defaults, field by field: the job's value wins
+/// for a single value (image, pull policy, resources, priority class, service account); maps
+/// (labels, annotations, nodeSelector) are merged with the job's keys winning; lists are the
+/// defaults' then the job's (tolerations, pull secrets not already named; env without the
+/// defaults' variables the job sets itself). The pod's nodeSelector layers the defaults, then
+/// `spec.placement`, then the job's podTemplate.
+pub fn merged_template(defaults: &FunctionHostTemplate, job: &FunctionHostTemplate) -> FunctionHostTemplate {
+    let merge_map = |d: &BTreeMap<String, String>, j: &BTreeMap<String, String>| {
+        let mut m = d.clone();
+        m.extend(j.iter().map(|(k, v)| (k.clone(), v.clone())));
+        m
+    };
+    let mut image_pull_secrets = defaults.image_pull_secrets.clone();
+    for s in &job.image_pull_secrets {
+        if !image_pull_secrets.iter().any(|d| d.name == s.name) {
+            image_pull_secrets.push(s.clone());
+        }
+    }
+    let mut env: Vec<_> =
+        defaults.env.iter().filter(|d| !job.env.iter().any(|j| j.name == d.name)).cloned().collect();
+    env.extend(job.env.iter().cloned());
+    let mut tolerations = defaults.tolerations.clone();
+    tolerations.extend(job.tolerations.iter().cloned());
+    FunctionHostTemplate {
+        labels: merge_map(&defaults.labels, &job.labels),
+        annotations: merge_map(&defaults.annotations, &job.annotations),
+        image: job.image.clone().or_else(|| defaults.image.clone()),
+        image_pull_policy: job.image_pull_policy.clone().or_else(|| defaults.image_pull_policy.clone()),
+        image_pull_secrets,
+        resources: job.resources.clone().or_else(|| defaults.resources.clone()),
+        env,
+        tolerations,
+        node_selector: merge_map(&defaults.node_selector, &job.node_selector),
+        priority_class_name: job.priority_class_name.clone().or_else(|| defaults.priority_class_name.clone()),
+        service_account_name: job
+            .service_account_name
+            .clone()
+            .or_else(|| defaults.service_account_name.clone()),
+    }
+}
+
 /// The Deployment running `replicas` function hosts of `fj` on `node`.
 pub fn function_host_deployment(
     fj: &FederatedJob,
@@ -98,7 +141,8 @@ pub fn function_host_deployment(
     let mut labels = selector.clone();
     labels.insert(LABEL_NAME.into(), "shoal".into());
     labels.insert(LABEL_MANAGED_BY.into(), crate::config::FIELD_MANAGER.into());
-    let mut pod_labels = fj.spec.pod_template.labels.clone();
+    let template = merged_template(&cfg.host_defaults, &fj.spec.pod_template);
+    let mut pod_labels = template.labels.clone();
     pod_labels.extend(labels.clone());
     let name = deployment_name(fj.metadata.name.as_deref().unwrap_or_default(), node);
     Deployment {
@@ -116,10 +160,10 @@ pub fn function_host_deployment(
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(pod_labels),
-                    annotations: non_empty(fj.spec.pod_template.annotations.clone()),
+                    annotations: non_empty(template.annotations.clone()),
                     ..ObjectMeta::default()
                 }),
-                spec: Some(pod_spec(fj, node, cfg)),
+                spec: Some(pod_spec(fj, &template, node, cfg)),
             },
             ..DeploymentSpec::default()
         },
@@ -131,14 +175,15 @@ fn non_empty<K, V>(map: BTreeMap<K, V>) -> Option<BTreeMap<K, V>> {
     (!map.is_empty()).then_some(map)
 }
 
-fn pod_spec(fj: &FederatedJob, node: &NodeName, cfg: &OperatorConfig) -> PodSpec {
-    let t = &fj.spec.pod_template;
-    let mut node_selector = fj.spec.placement.node_selector.clone();
-    node_selector.extend(t.node_selector.clone());
+fn pod_spec(fj: &FederatedJob, t: &FunctionHostTemplate, node: &NodeName, cfg: &OperatorConfig) -> PodSpec {
+    // The operator's defaults, then the job's placement, then the job's podTemplate.
+    let mut node_selector = cfg.host_defaults.node_selector.clone();
+    node_selector.extend(fj.spec.placement.node_selector.clone());
+    node_selector.extend(fj.spec.pod_template.node_selector.clone());
     let mut tolerations = fj.spec.placement.tolerations.clone();
     tolerations.extend(t.tolerations.iter().cloned());
     PodSpec {
-        containers: vec![container(fj, cfg)],
+        containers: vec![container(fj, t, cfg)],
         affinity: Some(Affinity {
             node_affinity: Some(NodeAffinity {
                 required_during_scheduling_ignored_during_execution: Some(NodeSelector {
@@ -179,8 +224,7 @@ fn runtime_default() -> SeccompProfile {
     SeccompProfile { type_: "RuntimeDefault".into(), ..SeccompProfile::default() }
 }
 
-fn container(fj: &FederatedJob, cfg: &OperatorConfig) -> Container {
-    let t = &fj.spec.pod_template;
+fn container(fj: &FederatedJob, t: &FunctionHostTemplate, cfg: &OperatorConfig) -> Container {
     let job = fj.spec.job_spec.job.to_string();
     let command = [
         "shoal",

@@ -1,15 +1,17 @@
 //! `shoal-operator run`: the operator process.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
 use clap::{ArgAction, Args};
-use shoal_client::auth::{NatsAuth, Secret};
+use shoal_client::auth::{NatsAuth, NatsTls, Secret};
 use shoal_client::{ConnectOptions, Infra};
 use shoal_operator::config::OperatorConfig;
 use shoal_operator::controller::{self, Context, Diagnostics, Nats};
+use shoal_operator::crd::FunctionHostTemplate;
 use shoal_operator::demand::{self, DemandBook};
 use shoal_operator::leader::{self, LeaseConfig};
 use shoal_operator::metrics::Metrics;
@@ -38,9 +40,32 @@ pub(crate) struct RunArgs {
     /// The operator's own NATS token.
     #[arg(long, env = "SHOAL_NATS_TOKEN", hide_env_values = true)]
     nats_token: Option<Secret>,
+    /// The operator's own NATS `.creds` file (user JWT + nkey seed).
+    #[arg(long, env = "SHOAL_NATS_CREDS")]
+    nats_creds: Option<PathBuf>,
+    /// File holding the operator's own nkey user seed (`SU...`).
+    #[arg(long, env = "SHOAL_NATS_NKEY")]
+    nats_nkey: Option<PathBuf>,
+    /// PEM file of the CA that signed the NATS server's certificate (turns TLS on).
+    #[arg(long, env = "SHOAL_NATS_CA")]
+    nats_ca: Option<PathBuf>,
+    /// PEM client certificate, for servers that verify clients (with --nats-key).
+    #[arg(long, env = "SHOAL_NATS_CERT")]
+    nats_cert: Option<PathBuf>,
+    /// PEM private key of --nats-cert.
+    #[arg(long, env = "SHOAL_NATS_KEY")]
+    nats_key: Option<PathBuf>,
+    /// Refuse a NATS server that does not offer TLS.
+    #[arg(long, env = "SHOAL_NATS_REQUIRE_TLS")]
+    nats_require_tls: bool,
     /// NATS subject prefix.
-    #[arg(long, default_value = "shoal")]
+    #[arg(long, env = "SHOAL_PREFIX", default_value = "shoal")]
     prefix: String,
+    /// YAML file with the defaults of every function-host pod, in the shape of a FederatedJob's
+    /// spec.podTemplate (which overrides it field by field); the chart renders it from
+    /// `functionHost.template`.
+    #[arg(long, env = "SHOAL_FUNCTION_HOST_TEMPLATE")]
+    function_host_template: Option<PathBuf>,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "SHOAL_OPERATOR_HTTP", default_value = "0.0.0.0:8080")]
     http: SocketAddr,
@@ -92,6 +117,10 @@ async fn operate(args: RunArgs) -> Result<()> {
         nats_url: args.nats_url.clone(),
         prefix: args.prefix.clone(),
         nats_credentials_secret: args.nats_credentials_secret.clone(),
+        host_defaults: match &args.function_host_template {
+            Some(path) => read_host_template(path)?,
+            None => FunctionHostTemplate::default(),
+        },
         demand_stale_after: args.demand_stale_after.get(),
         round_deadline_grace: args.round_deadline_grace.get(),
         ..OperatorConfig::default()
@@ -158,20 +187,42 @@ async fn operate(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
+/// The function-host defaults file (`--function-host-template`): YAML or JSON, a FederatedJob's
+/// `spec.podTemplate` in shape; an empty file is no defaults.
+fn read_host_template(path: &Path) -> Result<FunctionHostTemplate> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    if text.trim().is_empty() {
+        return Ok(FunctionHostTemplate::default());
+    }
+    serde_yaml::from_str(&text)
+        .with_context(|| format!("{}: not a function-host pod template", path.display()))
+}
+
 /// Connects to NATS and provisions Shoal's streams and buckets, retrying until it works.
 async fn connect(args: &RunArgs) -> Result<Infra> {
-    let auth = match (&args.nats_user, &args.nats_password, &args.nats_token) {
-        (Some(user), Some(password), _) => NatsAuth::user_password(user.clone(), password.expose()),
-        (_, _, Some(token)) => NatsAuth { token: Some(token.clone()), ..NatsAuth::default() },
-        _ => NatsAuth::default(),
+    let auth = NatsAuth {
+        user: args.nats_user.clone(),
+        password: args.nats_password.clone(),
+        token: args.nats_token.clone(),
+        creds_file: args.nats_creds.clone(),
+        nkey_seed_file: args.nats_nkey.clone(),
     };
+    auth.validate().context("NATS credentials")?;
     let opts = ConnectOptions {
         url: args.nats_url.clone(),
         prefix: args.prefix.clone(),
         name: "shoal-operator".into(),
         auth,
+        tls: NatsTls {
+            ca_file: args.nats_ca.clone(),
+            client_cert: args.nats_cert.clone(),
+            client_key: args.nats_key.clone(),
+            require: args.nats_require_tls,
+        },
         ..ConnectOptions::default()
-    };
+    }
+    .without_url_credentials()
+    .context("NATS URL")?;
     loop {
         match Infra::connect(&opts).await {
             Ok(infra) => return Ok(infra),

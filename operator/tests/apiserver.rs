@@ -12,8 +12,10 @@
 //!   processes; deleting the FederatedJob runs the finalizer, which deletes the Deployments itself
 //!   (no garbage collector runs) before the object goes; deleting a running one cancels its job.
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -24,9 +26,10 @@ use shoal_client::jobs::{self, CasOutcome};
 use shoal_client::{ConnectOptions, Infra};
 use shoal_natsd::NatsServer;
 use shoal_operator::crd::{crd_yaml, FederatedJob, Phase};
-use shoal_proto::cluster::{DemandReport, JobDemand};
-use shoal_proto::{JobId, JobPhase, ModelVersion, NodeId, RoundId, RoundOutcome};
+use shoal_proto::{JobId, JobPhase, ModelVersion, RoundId, RoundOutcome};
 use shoal_testkube::{apply_stream, ApplyOptions, ControlPlane};
+
+use common::{eventually, federated_job, publish_demand, Killed};
 
 async fn plane_with_crd() -> Result<ControlPlane> {
     let plane = ControlPlane::start().await?;
@@ -34,25 +37,6 @@ async fn plane_with_crd() -> Result<ControlPlane> {
     let ns = serde_json::from_value::<Namespace>(json!({"metadata": {"name": "fl"}}))?;
     Api::<Namespace>::all(plane.client()).create(&PostParams::default(), &ns).await?;
     Ok(plane)
-}
-
-fn federated_job(name: &str, job: &str, rounds: u64) -> Value {
-    json!({
-        "apiVersion": "shoal.dev/v1alpha1",
-        "kind": "FederatedJob",
-        "metadata": {"name": name, "namespace": "fl"},
-        "spec": {
-            "jobSpec": {
-                "job": job,
-                "manifest": {"tensors": [{"name": "w", "dtype": "F32", "shape": [10]}]},
-                "strategy": {"name": "fedavg"},
-                "round_policy": {"mode": "sync", "cohort_size": 2, "min_clients": 1, "deadline_ms": 600000},
-                "rounds": rounds
-            },
-            "hierarchy": {"fanIn": 2},
-            "autoscaling": {"maxHosts": 20}
-        }
-    })
 }
 
 async fn create(api: &Api<FederatedJob>, value: Value) -> Result<FederatedJob, kube::Error> {
@@ -105,17 +89,7 @@ async fn the_crd_installs_and_its_schema_refuses_malformed_jobs() -> Result<()> 
     Ok(())
 }
 
-/// The operator process, killed on drop.
-struct Operator(Child);
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_operator(plane: &ControlPlane, nats: &NatsServer) -> Result<Operator> {
+fn start_operator(plane: &ControlPlane, nats: &NatsServer) -> Result<Killed> {
     let child = Command::new(env!("CARGO_BIN_EXE_shoal-operator"))
         .args(["run", "--nats-url", &nats.url(), "--http", "127.0.0.1:0", "--image", "shoal:test"])
         .args(["--lease-namespace", "fl", "--identity", "operator-test", "--round-deadline-grace", "5m"])
@@ -125,47 +99,7 @@ fn start_operator(plane: &ControlPlane, nats: &NatsServer) -> Result<Operator> {
         .stderr(Stdio::inherit())
         .spawn()
         .context("start shoal-operator")?;
-    Ok(Operator(child))
-}
-
-/// Polls `check` every 200 ms until it returns `Some`, or fails after `limit`.
-async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = check().await {
-            return Ok(v);
-        }
-        if Instant::now() > deadline {
-            bail!("timed out after {limit:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Publishes node-a's and node-b's demand for `job` every 500 ms (as their gateways would).
-fn publish_demand(infra: &Infra, job: &str) -> tokio::task::JoinHandle<()> {
-    let client = infra.client.clone();
-    let subjects = infra.subjects.clone();
-    let job = JobId::new(job).unwrap_or_else(|e| panic!("{e}"));
-    tokio::spawn(async move {
-        loop {
-            for (node, rate, backlog) in [("node-a", 20.0, 5), ("node-b", 3.0, 1)] {
-                let node = NodeId::new(node).unwrap_or_else(|e| panic!("{e}"));
-                let report = DemandReport {
-                    node: node.clone(),
-                    at_ms: 0,
-                    num_pending: 0,
-                    jobs: vec![JobDemand { job: job.clone(), arrivals_per_second: rate, backlog, hosts: 0 }],
-                };
-                let _ = client.publish(subjects.demand(&node), shoal_proto::encode(&report).into()).await;
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    })
+    Ok(Killed(child))
 }
 
 /// Moves the job's state as the top node would: open the round, commit it (the last commit

@@ -266,6 +266,35 @@ impl ModelManifest {
         &self.tensors
     }
 
+    /// Warnings for tensors named like running statistics (PyTorch BatchNorm's
+    /// `running_mean`/`running_var`/`num_batches_tracked`, Keras' `moving_mean`/
+    /// `moving_variance`) whose policy lets a server optimizer, a server learning rate or
+    /// staleness extrapolation move them (`mean`): a variance can then go negative (Flower #1060,
+    /// APPFL #131). Each names the tensor and the policy to declare; empty when none applies.
+    pub fn statistic_warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for t in &self.tensors {
+            let leaf = t.name.rsplit(['.', '/']).next().unwrap_or(&t.name);
+            let wanted = match leaf {
+                "running_var" | "moving_variance" => AggregationPolicy::Variance,
+                "running_mean" | "moving_mean" => AggregationPolicy::Statistic,
+                "num_batches_tracked" => AggregationPolicy::Max,
+                _ => continue,
+            };
+            if t.policy == AggregationPolicy::Mean {
+                let name = |p: AggregationPolicy| serde_json::to_value(p).ok().and_then(|v| v.as_str().map(str::to_owned));
+                out.push(format!(
+                    "tensor {:?} looks like a running statistic but has policy \"mean\": a server optimizer, \
+                     server learning rate or stale update moves it like a parameter (a variance can go \
+                     negative); declare \"policy\": {:?}",
+                    t.name,
+                    name(wanted).unwrap_or_default()
+                ));
+            }
+        }
+        out
+    }
+
     /// The slot layout, parallel to [`Self::tensors`].
     pub fn slots(&self) -> &[TensorSlot] {
         &self.slots
@@ -327,5 +356,25 @@ mod tests {
         let t: Result<TensorSpec, _> = serde_json::from_str(r#"{"name": "w", "dtype": "F32", "shape": [8]}"#);
         assert_eq!(t.map(|t| t.policy).ok(), Some(AggregationPolicy::Mean));
         assert!(AggregationPolicy::Variance.is_statistic() && !AggregationPolicy::Mean.is_statistic());
+    }
+
+    #[test]
+    fn running_statistics_with_the_mean_policy_are_warned_about() {
+        let t = |name: &str, policy| {
+            let mut t = TensorSpec::new(name, DType::F32, vec![4]);
+            t.policy = policy;
+            t
+        };
+        let m = ModelManifest::new(vec![
+            t("fc.weight", AggregationPolicy::Mean),
+            t("bn1.running_var", AggregationPolicy::Mean),
+            t("bn1.running_mean", AggregationPolicy::Statistic),
+            t("bn2/moving_variance", AggregationPolicy::Mean),
+        ])
+        .unwrap();
+        let w = m.statistic_warnings();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains("bn1.running_var") && w[0].contains("\"variance\""), "{}", w[0]);
+        assert!(w[1].contains("bn2/moving_variance"), "{}", w[1]);
     }
 }

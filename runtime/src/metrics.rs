@@ -1,6 +1,8 @@
 //! Node metrics (Prometheus text format), served on request at `<prefix>.node.<node>.metrics`.
-//! Labels are bounded (`&'static str` reasons and outcomes); nothing is recorded per element or
-//! inside a fold.
+//! Labels are bounded (`&'static str` reasons, outcomes and tiers, and job ids: a node serves a
+//! bounded set of jobs); nothing is recorded per element or inside a fold. The chart's Grafana
+//! dashboard queries these names (`charts/shoal/files/dashboards/shoal.json`, checked by
+//! `tests/tests/dashboard.rs` against a running node).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -24,12 +26,32 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
-/// Label set with one `outcome`.
+/// Label set of a job's rounds: the job id (bounded by the jobs a node serves) and the outcome.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OutcomeLabel {
-    /// Bounded outcome.
+pub struct JobOutcomeLabel {
+    /// The job id.
+    pub job: String,
+    /// Bounded outcome (`committed`, `quorum_not_met`, `aggregation_failed`).
     pub outcome: &'static str,
 }
+
+/// Label set with one `job`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JobLabel {
+    /// The job id.
+    pub job: String,
+}
+
+/// A histogram family whose histograms all have the same buckets.
+pub type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Buckets of the round latency, in seconds: 0.5 ms to about 16 s, doubling.
+fn round_latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+/// Buckets of an update's staleness, in model versions: 0 (synchronous rounds) to 64.
+pub const STALENESS_BUCKETS: [f64; 9] = [0.0, 1.0, 2.0, 3.0, 4.0, 8.0, 16.0, 32.0, 64.0];
 
 /// Label set with one aggregation `tier` (`leaf`, `middle`, `top`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -55,8 +77,8 @@ pub struct Metrics {
     pub bytes_staged: Counter,
     /// Updates refused, by reason.
     pub updates_rejected: Family<ReasonLabel, Counter>,
-    /// Rounds ended, by outcome.
-    pub rounds: Family<OutcomeLabel, Counter>,
+    /// Rounds ended, by job and outcome (counted by the node that committed or failed them).
+    pub rounds: Family<JobOutcomeLabel, Counter>,
     /// Aggregators started from nothing.
     pub cold_starts: Counter,
     /// Aggregators reused for a new round.
@@ -64,8 +86,12 @@ pub struct Metrics {
     /// Aggregators alive on this node, by tier: leaf actors, middle roles, jobs this node is
     /// the top of.
     pub aggregators: Family<TierLabel, Gauge>,
-    /// Seconds from the last accepted update of a round to its commit (observed by the top).
-    pub round_latency: Histogram,
+    /// Seconds from the last accepted update of a round to its commit, by job (observed by the
+    /// top).
+    pub round_latency: HistogramFamily<JobLabel>,
+    /// Staleness (current model version minus the update's base version) of every staged
+    /// update; 0 in synchronous rounds.
+    pub update_staleness: Histogram,
     /// Seconds from an update reaching the function host to a newly started aggregator
     /// handling it (cold start).
     pub cold_start_seconds: Histogram,
@@ -121,7 +147,12 @@ impl Metrics {
             "Client updates rejected, by reason",
             self.updates_rejected.clone(),
         );
-        registry.register("rounds", "Rounds ended, by outcome", self.rounds.clone());
+        registry.register("rounds", "Rounds ended, by job and outcome", self.rounds.clone());
+        registry.register(
+            "update_staleness",
+            "Staleness (model versions behind) of the client updates staged",
+            self.update_staleness.clone(),
+        );
         registry.register(
             "aggregator_cold_starts",
             "Aggregator actors started on demand",
@@ -212,7 +243,7 @@ impl Metrics {
         );
         registry.register(
             "round_latency_seconds",
-            "Seconds from the last accepted update of a round to its commit",
+            "Seconds from the last accepted update of a round to its commit, by job",
             self.round_latency.clone(),
         );
     }
@@ -229,7 +260,8 @@ impl Default for Metrics {
             cold_starts: Counter::default(),
             warm_reuses: Counter::default(),
             aggregators: Family::default(),
-            round_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            round_latency: Family::new_with_constructor(round_latency_histogram),
+            update_staleness: Histogram::new(STALENESS_BUCKETS.into_iter()),
             cold_start_seconds: Histogram::new(exponential_buckets(1e-6, 2.0, 24)),
             warm_reuse_seconds: Histogram::new(exponential_buckets(1e-6, 2.0, 24)),
             updates_already_applied: Counter::default(),

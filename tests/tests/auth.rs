@@ -689,8 +689,32 @@ async fn a_client_flooding_its_uploads_hurts_no_other_job_and_its_job_recovers()
     let (fl, fm, ca) = (client("fl").await, client("fm").await, client("ca").await);
     let state = fl.wait_for_open_round(&flood, RoundId(1), TIMEOUT).await.unwrap();
 
-    // The flood: 512 KiB chunks under fl's own upload subjects until JetStream refuses them.
+    // A rollup on its own upload subject would wipe every chunk of the stream (others'
+    // included): the upload stream refuses rollups, and fm's chunk stays.
     let fl_id = ClientId::new("fl").unwrap();
+    let fm_id = ClientId::new("fm").unwrap();
+    let fm_chunk = fm.connection().subjects.upload_chunk(&flood, &fm_id, state.round, 0);
+    fm.connection()
+        .js
+        .publish(fm_chunk.clone(), Bytes::from_static(b"fm's chunk"))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let mut rollup = HeaderMap::new();
+    rollup.insert("Nats-Rollup", "all");
+    let own = fl.connection().subjects.upload_chunk(&flood, &fl_id, state.round, 99);
+    let r = match fl.connection().js.publish_with_headers(own, rollup, Bytes::from_static(b"x")).await {
+        Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    assert!(r.is_err(), "a rollup on the upload stream was accepted");
+    let uploads = node.connection().js.get_stream(subjects::uploads_stream(&flood)).await.unwrap();
+    let kept = uploads.get_last_raw_message_by_subject(&fm_chunk).await.unwrap();
+    assert_eq!(&kept.payload[..], b"fm's chunk", "another client's chunk was wiped");
+    uploads.purge().filter(&fm_chunk).await.unwrap();
+
+    // The flood: 512 KiB chunks under fl's own upload subjects until JetStream refuses them.
     let junk = Bytes::from(vec![0xAB; 512 << 10]);
     let (mut stored, mut refused) = (0u64, 0u32);
     for i in 0..16 {

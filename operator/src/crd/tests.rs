@@ -10,7 +10,7 @@ fn committed_path() -> std::path::PathBuf {
 }
 
 /// CI's freshness check: the committed CRD is exactly what `crdgen` prints. Regenerate with
-/// `cargo run -p shoal-operator --bin crdgen > charts/shoal/crds/federatedjob.yaml`.
+/// `cargo run -p shoal-operator --bin crdgen > charts/shoal/files/crds/federatedjob.yaml`.
 #[test]
 fn committed_crd_matches_crdgen() {
     let committed = std::fs::read_to_string(committed_path())

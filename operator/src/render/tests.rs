@@ -136,3 +136,59 @@ fn long_and_dotted_names_stay_valid() {
         "app.kubernetes.io/component=function-host,shoal.dev/job=mnist-job"
     );
 }
+
+/// The operator's function-host defaults (the chart's `functionHost.template`) sit under each
+/// job's podTemplate: the job wins per field, maps merge, lists append.
+#[test]
+fn the_job_template_overrides_the_operator_defaults_field_by_field() {
+    let defaults: FunctionHostTemplate = serde_json::from_value(json!({
+        "labels": {"team": "platform", "tier": "fl"},
+        "image": "registry.local/shoal:default",
+        "imagePullPolicy": "IfNotPresent",
+        "imagePullSecrets": [{"name": "regcred"}],
+        "resources": {"requests": {"cpu": "500m"}},
+        "env": [{"name": "RUST_LOG", "value": "info"}, {"name": "MALLOC_ARENA_MAX", "value": "2"}],
+        "tolerations": [{"key": "gpu", "operator": "Exists"}],
+        "nodeSelector": {"disk": "ssd", "pool": "default"},
+        "priorityClassName": "shoal-hosts"
+    }))
+    .unwrap();
+    let cfg = OperatorConfig { host_defaults: defaults, ..OperatorConfig::default() };
+    let d = serde_json::to_value(function_host_deployment(&fj(), &NodeName::new("node-a").unwrap(), 1, &cfg))
+        .unwrap();
+    let pod = &d["spec"]["template"];
+    assert_eq!(pod["metadata"]["labels"]["team"], "a", "the job's label wins");
+    assert_eq!(pod["metadata"]["labels"]["tier"], "fl", "a default label stays");
+    let spec = &pod["spec"];
+    assert_eq!(spec["priorityClassName"], "shoal-hosts");
+    assert_eq!(spec["imagePullSecrets"], json!([{"name": "regcred"}]));
+    assert_eq!(spec["nodeSelector"], json!({"disk": "ssd", "pool": "fl"}), "placement's pool wins");
+    assert_eq!(
+        spec["tolerations"],
+        json!([{"key": "edge", "operator": "Exists"}, {"key": "gpu", "operator": "Exists"}])
+    );
+    let c = &spec["containers"][0];
+    assert_eq!(c["image"], "registry.local/shoal:1", "the job's image wins");
+    assert_eq!(c["imagePullPolicy"], "IfNotPresent");
+    assert_eq!(c["resources"], json!({"limits": {"cpu": "2"}}), "resources are one value: the job's");
+    let env: Vec<(String, String)> = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| Some((e["name"].as_str()?.to_owned(), e["value"].as_str()?.to_owned())))
+        .collect();
+    assert!(env.contains(&("RUST_LOG".into(), "debug".into())), "{env:?}");
+    assert!(!env.contains(&("RUST_LOG".into(), "info".into())), "{env:?}");
+    assert!(env.contains(&("MALLOC_ARENA_MAX".into(), "2".into())), "{env:?}");
+}
+
+/// A job without a podTemplate gets the defaults as they are.
+#[test]
+fn defaults_alone_fill_every_field() {
+    let defaults: FunctionHostTemplate = serde_json::from_value(
+        json!({"image": "registry.local/shoal:default", "serviceAccountName": "hosts"}),
+    )
+    .unwrap();
+    let merged = merged_template(&defaults, &FunctionHostTemplate::default());
+    assert_eq!(merged, defaults);
+}

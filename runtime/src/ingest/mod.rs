@@ -420,6 +420,7 @@ impl Gateway {
             }
         }
         self.ctx.metrics.bytes_staged.inc_by(manifest.data_bytes() as u64);
+        self.ctx.metrics.update_staleness.observe(admitted.staleness.0 as f64);
         match self.seen.get_mut(&u.job) {
             Some(rounds) => rounds.entry(seen_round).or_default(),
             None => self.seen.entry(u.job.clone()).or_default().entry(seen_round).or_default(),

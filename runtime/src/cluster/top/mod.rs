@@ -29,7 +29,7 @@ use crate::cluster::leaf::{self, Partial};
 use crate::cluster::lease;
 use crate::error::{Error, Result};
 use crate::jobs::{self, CasOutcome};
-use crate::metrics::OutcomeLabel;
+use crate::metrics::{JobLabel, JobOutcomeLabel};
 use crate::nats::Infra;
 use crate::node::NodeContext;
 use shoal_proto::cluster::CohortEntry;
@@ -507,10 +507,11 @@ impl<'a> Top<'a> {
             RoundOutcome::QuorumNotMet { .. } => "quorum_not_met",
             RoundOutcome::AggregationFailed { .. } => "aggregation_failed",
         };
-        self.ctx.metrics.rounds.get_or_create(&OutcomeLabel { outcome: label }).inc();
+        let job = self.job.to_string();
+        self.ctx.metrics.rounds.get_or_create(&JobOutcomeLabel { job: job.clone(), outcome: label }).inc();
         if let (true, RoundOutcome::Committed { .. }) = (collected.last_fold_ms > 0, outcome) {
             let ms = now_ms().saturating_sub(collected.last_fold_ms);
-            self.ctx.metrics.round_latency.observe(ms as f64 / 1000.0);
+            self.ctx.metrics.round_latency.get_or_create(&JobLabel { job }).observe(ms as f64 / 1000.0);
         }
         let closed = RoundEvent::RoundClosed { job: self.job.clone(), round, outcome: outcome.clone() };
         publish_event(&self.ctx.infra, &self.job, &closed).await;
