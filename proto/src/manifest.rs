@@ -282,7 +282,9 @@ impl ModelManifest {
                 _ => continue,
             };
             if t.policy == AggregationPolicy::Mean {
-                let name = |p: AggregationPolicy| serde_json::to_value(p).ok().and_then(|v| v.as_str().map(str::to_owned));
+                let name = |p: AggregationPolicy| {
+                    serde_json::to_value(p).ok().and_then(|v| v.as_str().map(str::to_owned))
+                };
                 out.push(format!(
                     "tensor {:?} looks like a running statistic but has policy \"mean\": a server optimizer, \
                      server learning rate or stale update moves it like a parameter (a variance can go \
