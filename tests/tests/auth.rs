@@ -600,6 +600,70 @@ async fn token_authentication_connects_and_a_wrong_token_is_refused_at_once() {
     ShoalClient::connect(&ok).await.unwrap();
 }
 
+/// Decision 6 (issue 13, defect 2): the generator never writes a password nats-server could
+/// misparse. Literal passwords are double-quoted and limited to `[A-Za-z0-9._~-]`: characters
+/// that end or split a config value (`;` `,` `}` space, quotes, backslashes) are refused with an
+/// error that does not echo the password, and number-like passwords (`12345`, `5m`, `true`,
+/// `1e10`) reach the real nats-server as the exact strings: a client logs in with exactly that
+/// password, and the truncated one is refused. Environment passwords stay `$VAR` references,
+/// with the generated comment saying how nats-server parses the variable's value.
+#[tokio::test]
+async fn generated_passwords_reach_nats_server_exactly_or_are_refused() {
+    init_logging();
+    let user = |name: &str, credential: UserCredential| auth::NatsUser {
+        name: name.into(),
+        credential,
+        permissions: None,
+        comment: format!("user {name}"),
+    };
+    for bad in ["a;b", "a,b", "a}b", "a b", "ab;", "a#b", "", "a\"b", "a\\b", "pässword", "a\nb"] {
+        let r = auth::authorization_block(&[user("u", UserCredential::Password(auth::Secret::new(bad)))]);
+        match r {
+            Err(Error::InvalidOptions(m)) => {
+                assert!(bad.len() < 2 || !m.contains(bad), "the error echoes the password: {m}")
+            }
+            other => panic!("password {bad:?} was not refused: {other:?}"),
+        }
+    }
+    let literal = ["12345", "5m", "true", "1e10", "0.5", "-1", "a.b~c-d_E9"];
+    let users: Vec<auth::NatsUser> = literal
+        .iter()
+        .enumerate()
+        .map(|(i, p)| user(&format!("u{i}"), UserCredential::Password(auth::Secret::new(*p))))
+        .chain([user("envuser", UserCredential::PasswordEnv("SHOAL_NATS_PASSWORD_ENVUSER".into()))])
+        .collect();
+    let text = auth::authorization_block(&users).unwrap();
+    assert!(text.contains("password: \"12345\"") && text.contains("password: \"true\""), "{text}");
+    assert!(text.contains("password: $SHOAL_NATS_PASSWORD_ENVUSER"), "{text}");
+    assert!(
+        text.contains("parses the value of $SHOAL_NATS_PASSWORD_ENVUSER"),
+        "no guidance for the variable: {text}"
+    );
+    // The real server accepts the block (the variable is set, quoted as the comment says).
+    std::env::set_var("SHOAL_NATS_PASSWORD_ENVUSER", "\"env;pw 1\"");
+    let nats =
+        NatsServer::start_with(NatsOptions { authorization: Some(text), ..Default::default() }).unwrap();
+    let login = |name: String, password: &str| {
+        let opts = ConnectOptions {
+            url: nats.url(),
+            auth: NatsAuth::user_password(name, password),
+            ..Default::default()
+        };
+        async move { ShoalClient::connect(&opts).await.map(drop) }
+    };
+    for (i, p) in literal.iter().enumerate() {
+        login(format!("u{i}"), p).await.unwrap_or_else(|e| panic!("{p:?} refused: {e}"));
+        let truncated = &p[..p.len() - 1];
+        let r = login(format!("u{i}"), truncated).await;
+        assert!(
+            matches!(r, Err(Error::Unauthorized { op: "connect", .. })),
+            "{truncated:?} for {p:?}: {r:?}"
+        );
+    }
+    login("envuser".into(), "env;pw 1").await.unwrap();
+    assert!(login("envuser".into(), "env").await.is_err());
+}
+
 /// A least-permission client floods its job's upload stream with chunks under its own name (the
 /// only upload subjects it may write): JetStream refuses them once the job's upload quota is
 /// full. Another job is not hurt: its large update commits meanwhile. The flooding job's own

@@ -261,11 +261,14 @@ pub use shoal_proto::permissions::{client_inbox_prefix, client_permissions, Perm
 /// How a user authenticates in the generated server config.
 #[derive(Debug, Clone)]
 pub enum UserCredential {
-    /// A password read by nats-server from this environment variable (`password: $VAR`).
+    /// A password read by nats-server from this environment variable (`password: $VAR`); the
+    /// variable must hold the password double-quoted (see [`authorization_block`]).
     PasswordEnv(String),
-    /// A password written into the config (quoted).
+    /// A password written into the config, double-quoted ([`check_password`] limits it to
+    /// `[A-Za-z0-9._~-]`).
     Password(Secret),
-    /// An nkey user public key (`U...`).
+    /// An nkey user public key (`U...`): the preferred credential (no secret in the config or
+    /// the server's environment, nothing to quote).
     Nkey(String),
 }
 
@@ -342,12 +345,46 @@ pub fn job_users(
     Ok(users)
 }
 
-/// nats-server's `authorization { users = [...] }` block for `users`.
+/// Bytes a literal password may hold: `[A-Za-z0-9._~-]` (decision 6 of docs/protocol.md). Inside
+/// double quotes nats-server reads these bytes as written; every other byte is refused rather than
+/// escaped, so no password can end, split or comment out a config value.
+fn password_byte_ok(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'~' | b'-')
+}
+
+/// Checks a literal password for [`authorization_block`]: 1 to 1024 bytes of `[A-Za-z0-9._~-]`.
+/// Number-like passwords (`12345`, `1e10`, `5m`, `true`) are fine: they are always written
+/// quoted, so nats-server reads them as strings.
 ///
 /// # Errors
-/// [`Error::InvalidOptions`] for a password or name that cannot be written into the config
-/// (quotes, backslashes, control characters) or an environment variable name that is not
-/// `[A-Z0-9_]+`.
+/// [`Error::InvalidOptions`] naming the first offending byte's position (never the password).
+pub fn check_password(password: &str) -> Result<()> {
+    if password.is_empty() || password.len() > 1024 {
+        return Err(Error::InvalidOptions("a password must be 1 to 1024 bytes long".into()));
+    }
+    match password.bytes().position(|b| !password_byte_ok(b)) {
+        None => Ok(()),
+        Some(i) => Err(Error::InvalidOptions(format!(
+            "a password may hold only [A-Za-z0-9._~-]; byte {} is not one of them (nats-server would read \
+             some such characters as the end of the value)",
+            i + 1
+        ))),
+    }
+}
+
+/// nats-server's `authorization { users = [...] }` block for `users`.
+///
+/// Literal passwords are written double-quoted and must pass [`check_password`]. A password read
+/// from the environment is written as the reference `$VAR`: nats-server parses the variable's
+/// *value* as a config value (`12345` becomes a number and the server refuses to start, `ab;`
+/// becomes `ab`), so the block's comment says to store the password in the variable
+/// double-quoted (`VAR='"<password>"'`), which nats-server reads as the exact string. nkeys
+/// need neither and are preferred.
+///
+/// # Errors
+/// [`Error::InvalidOptions`] for a literal password that fails [`check_password`], a name or
+/// subject that cannot be written into the config (quotes, backslashes, control characters), or
+/// an environment variable name that is not `[A-Z0-9_]+`.
 pub fn authorization_block(users: &[NatsUser]) -> Result<String> {
     use std::fmt::Write as _;
     let quoted = |what: &str, s: &str| -> Result<String> {
@@ -372,14 +409,16 @@ pub fn authorization_block(users: &[NatsUser]) -> Result<String> {
                 {
                     return Err(Error::InvalidOptions(format!("{var:?} is not a [A-Z0-9_] variable name")));
                 }
+                let _ = writeln!(
+                    out,
+                    "    # nats-server parses the value of ${var} as a config value: store the password \
+                     double-quoted, {var}='\"<password>\"' (unquoted, 12345 or true stop the server and ab; logs in as ab)"
+                );
                 format!("user: {}, password: ${var}", quoted("a user name", &u.name)?)
             }
             UserCredential::Password(p) => {
-                format!(
-                    "user: {}, password: {}",
-                    quoted("a user name", &u.name)?,
-                    quoted("a password", p.expose())?
-                )
+                check_password(p.expose())?;
+                format!("user: {}, password: \"{}\"", quoted("a user name", &u.name)?, p.expose())
             }
             UserCredential::Nkey(key) => format!("nkey: {}", quoted("an nkey", key)?),
         };
@@ -459,5 +498,25 @@ mod tests {
             comment: String::new(),
         }];
         assert!(authorization_block(&bad).is_err());
+    }
+
+    /// Decision 6: literal passwords are `[A-Za-z0-9._~-]`, always quoted (number-like ones
+    /// too); anything else is refused without echoing the password.
+    #[test]
+    fn literal_passwords_are_checked_and_quoted() {
+        for ok in ["12345", "5m", "true", "1e10", "a.b~c-d_E"] {
+            check_password(ok).unwrap();
+        }
+        for bad in ["", "a;b", "a,b", "a}b", "a b", "a#b", "a$b", "é", "a\tb"] {
+            let e = check_password(bad).unwrap_err().to_string();
+            assert!(bad.len() < 3 || !e.contains(bad), "{e}");
+        }
+        assert!(check_password(&"x".repeat(1025)).is_err());
+        let user =
+            |c| NatsUser { name: "u".into(), credential: c, permissions: None, comment: String::new() };
+        let text = authorization_block(&[user(UserCredential::Password(Secret::new("1e10")))]).unwrap();
+        assert!(text.contains("{ user: \"u\", password: \"1e10\" }"), "{text}");
+        let env = authorization_block(&[user(UserCredential::PasswordEnv("SHOAL_X".into()))]).unwrap();
+        assert!(env.contains("password: $SHOAL_X") && env.contains("SHOAL_X='\"<password>\"'"), "{env}");
     }
 }
