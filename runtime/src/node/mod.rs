@@ -22,6 +22,7 @@ use crate::cluster::lease;
 use crate::cluster::top;
 use crate::error::{Error, Result};
 use crate::host::{DescriptorSink, FunctionHost, HostConfig, InProcess};
+use crate::http::Probe;
 use crate::ingest;
 use crate::ingest::ledger::{Ledger, LedgerConfig};
 use crate::ingest::reject::Rejector;
@@ -45,12 +46,15 @@ pub struct NodeOptions {
     pub nats: ConnectOptions,
     /// Job-specific strategy pieces (Bristle's evaluator), when embedding a node.
     pub plugins: Option<Arc<dyn top::PluginFactory>>,
+    /// What the process's HTTP listener reports ([`crate::http`]): the node hands it its
+    /// metrics, and marks it ready once NATS and its shared-memory directory are up.
+    pub probe: Probe,
 }
 
 impl NodeOptions {
     /// Options for `config`, connecting without credentials.
     pub fn new(config: NodeConfig) -> NodeOptions {
-        NodeOptions { config, nats: ConnectOptions::default(), plugins: None }
+        NodeOptions { config, nats: ConnectOptions::default(), plugins: None, probe: Probe::default() }
     }
 }
 
@@ -134,6 +138,7 @@ pub struct NodeHandle {
     shutdown_grace: Duration,
     ledger: Ledger,
     tracker: TaskTracker,
+    probe: Probe,
     /// The node's metrics.
     pub metrics: Arc<Metrics>,
     /// The node's NATS handles.
@@ -149,6 +154,8 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
     opts.config.validate()?;
     let config = Arc::new(opts.config);
     let metrics = Arc::new(Metrics::default());
+    opts.probe.not_ready("NATS and the shared-memory directory");
+    opts.probe.set_metrics(Arc::clone(&metrics));
     let mut nats = opts.nats.clone();
     nats.url.clone_from(&config.nats_url);
     nats.prefix.clone_from(&config.prefix);
@@ -224,6 +231,7 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
         shm_dir,
     };
     spawn_tasks(&ctx, &tracker).await?;
+    opts.probe.ready();
     tracing::info!(
         node = %config.node_id, nats = %config.nats_url, max_payload = infra.max_payload(), max_jobs = ?config.max_jobs,
         "node started"
@@ -235,6 +243,7 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
         tracker,
         metrics,
         infra,
+        probe: opts.probe,
         shutdown_grace: ms(config.timings.shutdown_grace_ms),
     })
 }
@@ -292,6 +301,7 @@ impl NodeHandle {
     /// Stops intake, lets tasks reach a safe point and waits for them. Un-acked updates stay in
     /// JetStream and are redelivered to the next node.
     pub async fn shutdown(self) {
+        self.probe.not_ready("the node to start again (it is shutting down)");
         self.cancel.cancel();
         self.tracker.close();
         if tokio::time::timeout(self.shutdown_grace, self.tracker.wait()).await.is_err() {
