@@ -24,6 +24,7 @@ use crate::error::{Error, Result};
 use crate::host::{DescriptorSink, FunctionHost, HostConfig, InProcess};
 use crate::http::Probe;
 use crate::ingest;
+use crate::ingest::demand::DemandTally;
 use crate::ingest::ledger::{Ledger, LedgerConfig};
 use crate::ingest::reject::Rejector;
 use crate::jobs::{self, JobDirectory};
@@ -101,6 +102,8 @@ pub struct NodeContext {
     pub cancel: CancellationToken,
     /// This node's shared-memory directory (`<shm_dir>/<node>`).
     pub shm_dir: PathBuf,
+    /// Arrivals and unfolded updates per job, for the demand report.
+    pub demand: Arc<DemandTally>,
 }
 
 impl NodeContext {
@@ -229,6 +232,7 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
         plugins: opts.plugins,
         cancel: cancel.clone(),
         shm_dir,
+        demand: Arc::default(),
     };
     spawn_tasks(&ctx, &tracker).await?;
     opts.probe.ready();
@@ -281,6 +285,7 @@ async fn spawn_tasks(ctx: &NodeContext, tracker: &TaskTracker) -> Result<()> {
             }
         });
     }
+    tracker.spawn(ingest::demand::publish(ctx.clone()));
     let subject = ctx.infra.subjects.node_metrics(&ctx.node);
     let mut sub =
         ctx.infra.client.subscribe(subject).await.map_err(|e| Error::nats("subscribe metrics", e))?;
