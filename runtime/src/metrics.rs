@@ -98,6 +98,9 @@ pub struct Metrics {
     /// Updates the gateway adopted from a dead node's claims (read from the stream by sequence
     /// instead of waiting for JetStream to redeliver them).
     pub updates_adopted: Counter,
+    /// Descriptor-channel frames and connections refused, by reason
+    /// ([`crate::host::channel::ChannelErrorKind`]).
+    pub descriptor_channel_errors: Family<ReasonLabel, Counter>,
     log_state: Mutex<HashMap<RejectReason, (u64, Instant)>>,
 }
 
@@ -202,6 +205,11 @@ impl Metrics {
             self.updates_adopted.clone(),
         );
         registry.register(
+            "descriptor_channel_errors",
+            "Descriptor-channel connections and frames refused (wrong_version, malformed, truncated, frame_length, disconnected, refused)",
+            self.descriptor_channel_errors.clone(),
+        );
+        registry.register(
             "round_latency_seconds",
             "Seconds from the last accepted update of a round to its commit",
             self.round_latency.clone(),
@@ -235,6 +243,7 @@ impl Default for Metrics {
             jobs_refused: Counter::default(),
             fencing: Family::default(),
             updates_adopted: Counter::default(),
+            descriptor_channel_errors: Family::default(),
             log_state: Mutex::new(HashMap::new()),
             registry: Registry::default(),
         };
@@ -245,6 +254,9 @@ impl Default for Metrics {
         }
         for event in Metrics::FENCING_EVENTS {
             let _ = m.fencing.get_or_create(&EventLabel { event }).get();
+        }
+        for k in crate::host::channel::ChannelErrorKind::ALL {
+            let _ = m.descriptor_channel_errors.get_or_create(&ReasonLabel { reason: k.as_str() }).get();
         }
         for r in RejectReason::ALL {
             let _ = m.updates_rejected.get_or_create(&ReasonLabel { reason: r.as_str() }).get();
@@ -292,6 +304,11 @@ impl Metrics {
     /// The counter of fencing `event` (one of [`Self::FENCING_EVENTS`]).
     pub fn fencing(&self, event: &'static str) -> Counter {
         self.fencing.get_or_create(&EventLabel { event }).clone()
+    }
+
+    /// Counts a refused descriptor-channel connection or frame.
+    pub fn channel_error(&self, kind: crate::host::channel::ChannelErrorKind) {
+        self.descriptor_channel_errors.get_or_create(&ReasonLabel { reason: kind.as_str() }).inc();
     }
 
     /// The gauge of aggregators of `tier`.

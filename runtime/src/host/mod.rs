@@ -12,6 +12,7 @@
 //! Mailboxes are bounded, so a slow aggregator pushes back on the gateway instead of buffering.
 
 pub mod aggregator;
+pub mod channel;
 
 use std::collections::HashMap;
 use std::fmt;
