@@ -206,7 +206,7 @@ impl Metrics {
         );
         registry.register(
             "descriptor_channel_errors",
-            "Descriptor-channel connections and frames refused (wrong_version, malformed, truncated, frame_length, disconnected, refused)",
+            "Descriptor-channel connections, frames and descriptors refused (wrong_version, malformed, truncated, frame_length, refused; stale_slot, slot_out_of_range, segment, io, decode)",
             self.descriptor_channel_errors.clone(),
         );
         registry.register(
@@ -308,6 +308,12 @@ impl Metrics {
 
     /// Counts a refused descriptor-channel connection or frame.
     pub fn channel_error(&self, kind: crate::host::channel::ChannelErrorKind) {
+        self.descriptor_channel_errors.get_or_create(&ReasonLabel { reason: kind.as_str() }).inc();
+    }
+
+    /// Counts a descriptor a function host refused after checking it against the segments
+    /// (`stale_slot`, `slot_out_of_range`, `segment`, `io`, `decode`).
+    pub fn descriptor_refused(&self, kind: crate::error::ErrorKind) {
         self.descriptor_channel_errors.get_or_create(&ReasonLabel { reason: kind.as_str() }).inc();
     }
 

@@ -313,33 +313,35 @@ enum WireSettle {
     Reject { stream_seq: u64, reason: RejectReason, detail: String },
 }
 
-/// Sends a function host's feedback to its gateway: a release record (`d` is the update's
-/// descriptor) or a settlement.
+/// Sends a function host's release record for the update of descriptor `d` (it is done with
+/// the slot's bytes).
 ///
 /// # Errors
 /// I/O errors.
-pub async fn send_feedback<W: AsyncWrite + Unpin>(
+pub async fn send_release<W: AsyncWrite + Unpin>(
     w: &mut W,
     d: &UpdateDescriptor,
-    f: &Feedback,
 ) -> Result<(), ChannelError> {
-    match f {
-        Feedback::Release { .. } => write_frame(w, RELEASE, &d.release().encode()).await,
-        Feedback::Settle { stream_seq, settle } => {
-            let stream_seq = *stream_seq;
-            let wire = match settle {
-                Settle::Ack => WireSettle::Ack { stream_seq },
-                Settle::Nak(delay) => WireSettle::Nak {
-                    stream_seq,
-                    delay_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-                },
-                Settle::Reject(r) => {
-                    WireSettle::Reject { stream_seq, reason: r.reason, detail: r.detail.clone() }
-                }
-            };
-            write_frame(w, SETTLE, &shoal_proto::encode(&wire)).await
+    write_frame(w, RELEASE, &d.release().encode()).await
+}
+
+/// Sends how the update at `stream_seq` ended (ack, hand back, refuse).
+///
+/// # Errors
+/// I/O errors.
+pub async fn send_settle<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    stream_seq: u64,
+    settle: &Settle,
+) -> Result<(), ChannelError> {
+    let wire = match settle {
+        Settle::Ack => WireSettle::Ack { stream_seq },
+        Settle::Nak(delay) => {
+            WireSettle::Nak { stream_seq, delay_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX) }
         }
-    }
+        Settle::Reject(r) => WireSettle::Reject { stream_seq, reason: r.reason, detail: r.detail.clone() },
+    };
+    write_frame(w, SETTLE, &shoal_proto::encode(&wire)).await
 }
 
 /// Decodes a frame a gateway received from a function host into ledger feedback.

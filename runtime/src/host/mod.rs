@@ -13,6 +13,7 @@
 
 pub mod aggregator;
 pub mod channel;
+pub mod remote;
 
 use std::collections::HashMap;
 use std::fmt;
