@@ -221,6 +221,30 @@ pub struct NodeArgs {
     max_jobs: Option<u32>,
     #[command(flatten)]
     http: HttpArgs,
+    /// How the gateway hands descriptors to the function host: `in-process` (an actix
+    /// message), or `loopback-tcp`, the descriptor channel of separate gateway and
+    /// function-host processes run inside this one (read-only slot mappings, release records;
+    /// for tests and measurements of that path).
+    #[arg(long, value_enum, default_value_t = ChannelArg::InProcess)]
+    descriptor_channel: ChannelArg,
+}
+
+/// `--descriptor-channel` values.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ChannelArg {
+    /// An actix message in this process.
+    InProcess,
+    /// The inter-process descriptor channel over loopback TCP.
+    LoopbackTcp,
+}
+
+impl From<ChannelArg> for node::DescriptorChannel {
+    fn from(c: ChannelArg) -> Self {
+        match c {
+            ChannelArg::InProcess => node::DescriptorChannel::InProcess,
+            ChannelArg::LoopbackTcp => node::DescriptorChannel::LoopbackTcp,
+        }
+    }
 }
 
 /// The HTTP listener flag of every long-running process (`/metrics`, `/healthz`, `/readyz`).
@@ -380,8 +404,13 @@ async fn run_node(a: NodeArgs) -> anyhow::Result<()> {
     let signal = shutdown_signal();
     tokio::pin!(signal);
     loop {
-        let opts =
-            NodeOptions { config: config.clone(), nats: nats.clone(), plugins: None, probe: probe.clone() };
+        let opts = NodeOptions {
+            config: config.clone(),
+            nats: nats.clone(),
+            plugins: None,
+            probe: probe.clone(),
+            channel: a.descriptor_channel.into(),
+        };
         let handle = node::start(opts).await.context("starting the node")?;
         tokio::select! {
             () = &mut signal => {

@@ -352,6 +352,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         nats: nats.clone(),
         plugins: Some(Arc::new(DemoPlugins { validation: Arc::new(validation) })),
         probe: Default::default(),
+        channel: Default::default(),
     };
     let node = node::start(opts).await.context("starting the node")?;
 

@@ -101,6 +101,10 @@ pub struct Metrics {
     /// Descriptor-channel frames and connections refused, by reason
     /// ([`crate::host::channel::ChannelErrorKind`]).
     pub descriptor_channel_errors: Family<ReasonLabel, Counter>,
+    /// Descriptors the gateway sent to function hosts over descriptor channels.
+    pub descriptors_sent: Counter,
+    /// Release records the gateway received from function hosts.
+    pub releases_received: Counter,
     log_state: Mutex<HashMap<RejectReason, (u64, Instant)>>,
 }
 
@@ -210,6 +214,16 @@ impl Metrics {
             self.descriptor_channel_errors.clone(),
         );
         registry.register(
+            "descriptor_channel_descriptors_sent",
+            "Descriptors the gateway sent to function-host processes over descriptor channels",
+            self.descriptors_sent.clone(),
+        );
+        registry.register(
+            "descriptor_channel_releases_received",
+            "Slot release records the gateway received from function-host processes",
+            self.releases_received.clone(),
+        );
+        registry.register(
             "round_latency_seconds",
             "Seconds from the last accepted update of a round to its commit",
             self.round_latency.clone(),
@@ -244,6 +258,8 @@ impl Default for Metrics {
             fencing: Family::default(),
             updates_adopted: Counter::default(),
             descriptor_channel_errors: Family::default(),
+            descriptors_sent: Counter::default(),
+            releases_received: Counter::default(),
             log_state: Mutex::new(HashMap::new()),
             registry: Registry::default(),
         };

@@ -62,8 +62,8 @@ impl RemoteSink {
         let task = tokio::spawn(async move {
             let (mut r, mut w) = stream.into_split();
             let end = tokio::select! {
-                e = write_descriptors(&mut w, rx, &in_flight) => e,
-                e = read_feedback(&mut r, &in_flight, &link) => e,
+                e = write_descriptors(&mut w, rx, &in_flight, &metrics) => e,
+                e = read_feedback(&mut r, &in_flight, &link, &metrics) => e,
             };
             if end.kind() != ChannelErrorKind::Disconnected {
                 metrics.channel_error(end.kind());
@@ -96,6 +96,7 @@ async fn write_descriptors(
     w: &mut tokio::net::tcp::OwnedWriteHalf,
     mut rx: mpsc::Receiver<Delivery>,
     in_flight: &InFlight,
+    metrics: &Metrics,
 ) -> ChannelError {
     while let Some(d) = rx.recv().await {
         let descriptor = d.descriptor.clone();
@@ -104,6 +105,7 @@ async fn write_descriptors(
         if let Err(e) = channel::send_descriptor(w, &descriptor).await {
             return e;
         }
+        metrics.descriptors_sent.inc();
     }
     ChannelError::Closed
 }
@@ -112,6 +114,7 @@ async fn read_feedback(
     r: &mut tokio::net::tcp::OwnedReadHalf,
     in_flight: &InFlight,
     link: &Link,
+    metrics: &Metrics,
 ) -> ChannelError {
     loop {
         let f =
@@ -121,7 +124,11 @@ async fn read_feedback(
                 Err(e) => return e,
             };
         let seq = match &f {
-            Feedback::Release { stream_seq } | Feedback::Settle { stream_seq, .. } => *stream_seq,
+            Feedback::Release { stream_seq } => {
+                metrics.releases_received.inc();
+                *stream_seq
+            }
+            Feedback::Settle { stream_seq, .. } => *stream_seq,
         };
         // Dropping the delivery returns the slot lease (once the ledger lets go too) and
         // takes the update out of the backlog.
@@ -202,6 +209,53 @@ pub async fn serve_gateway(stream: TcpStream, mut side: HostSide) -> Result<(), 
             }
         }
     }
+}
+
+/// Connects a function host in this process to its gateway over loopback TCP (the handshake
+/// included) and serves both ends on `tracker` until `cancel`: the descriptor path of separate
+/// processes, everything else unchanged ([`crate::node::DescriptorChannel::LoopbackTcp`]).
+///
+/// # Errors
+/// [`Error::Io`] when the loopback socket cannot be set up or the handshake fails.
+pub async fn loopback(
+    side: HostSide,
+    link: Link,
+    tracker: &tokio_util::task::TaskTracker,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<RemoteSink> {
+    let io = |what: &'static str| move |e: std::io::Error| Error::io(what, e);
+    let listener =
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(io("bind the descriptor channel"))?;
+    let addr = listener.local_addr().map_err(io("descriptor channel address"))?;
+    let (conn, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+    let (mut host_conn, (mut gw_conn, _)) = (
+        conn.map_err(io("connect the descriptor channel"))?,
+        accepted.map_err(io("accept the descriptor channel"))?,
+    );
+    let _ = host_conn.set_nodelay(true);
+    let _ = gw_conn.set_nodelay(true);
+    let function = FunctionId(1);
+    let timeout = Duration::from_secs(5);
+    let (welcomed, said) = tokio::join!(
+        channel::accept(&mut gw_conn, timeout, &side.metrics),
+        channel::hello(&mut host_conn, function)
+    );
+    let handshake = |e: ChannelError| Error::io("descriptor channel handshake", std::io::Error::other(e));
+    let function = welcomed.map_err(handshake)?;
+    said.map_err(handshake)?;
+    let (metrics, hand_back) = (Arc::clone(&side.metrics), side.hand_back);
+    let (sink, gateway) = RemoteSink::serve(gw_conn, function, link, metrics, hand_back);
+    let stop = cancel.clone();
+    tracker.spawn(async move {
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            end = serve_gateway(host_conn, side) => tracing::warn!(result = ?end, "the function host's channel ended"),
+        }
+    });
+    tracker.spawn(async move {
+        let _ = gateway.await;
+    });
+    Ok(sink)
 }
 
 #[cfg(test)]

@@ -47,6 +47,8 @@ pub struct NodeOptions {
     pub nats: ConnectOptions,
     /// Job-specific strategy pieces (Bristle's evaluator), when embedding a node.
     pub plugins: Option<Arc<dyn top::PluginFactory>>,
+    /// How the gateway hands descriptors to the function host.
+    pub channel: DescriptorChannel,
     /// What the process's HTTP listener reports ([`crate::http`]): the node hands it its
     /// metrics, and marks it ready once NATS and its shared-memory directory are up.
     pub probe: Probe,
@@ -55,7 +57,13 @@ pub struct NodeOptions {
 impl NodeOptions {
     /// Options for `config`, connecting without credentials.
     pub fn new(config: NodeConfig) -> NodeOptions {
-        NodeOptions { config, nats: ConnectOptions::default(), plugins: None, probe: Probe::default() }
+        NodeOptions {
+            config,
+            nats: ConnectOptions::default(),
+            plugins: None,
+            probe: Probe::default(),
+            channel: DescriptorChannel::InProcess,
+        }
     }
 }
 
@@ -180,11 +188,10 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
         },
     );
     let directory = JobDirectory::default();
-    let host =
-        FunctionHost::new(host_config(&config), Arc::clone(&metrics), directory.clone(), ledger.link())
-            .start();
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
+    let (host, sink) =
+        start_host(&config, opts.channel, &metrics, &directory, &ledger, &shm_dir, &tracker, &cancel).await?;
     // Losing the membership lease (another process took this node id), or continuity (a pause
     // or partition longer than the fence window), stops the node.
     let stopped = Arc::new(std::sync::OnceLock::new());
@@ -216,7 +223,7 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
         config: Arc::clone(&config),
         infra: infra.clone(),
         directory,
-        sink: Arc::new(InProcess(host.clone())),
+        sink,
         ledger: ledger.clone(),
         host: host.clone(),
         metrics: Arc::clone(&metrics),
@@ -250,6 +257,54 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
         probe: opts.probe,
         shutdown_grace: ms(config.timings.shutdown_grace_ms),
     })
+}
+
+/// How a node's gateway hands descriptors to its function host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DescriptorChannel {
+    /// An actix message to the host in this process (the default).
+    #[default]
+    InProcess,
+    /// The descriptor channel of separate gateway and function-host processes
+    /// ([`crate::host::channel`]), over loopback TCP inside this process: the host reads the
+    /// slots through its own read-only mapping and returns them by release records (tests and
+    /// benchmarks of that path with everything else unchanged).
+    LoopbackTcp,
+}
+
+/// Starts the function host and the sink the gateway delivers to.
+#[allow(clippy::too_many_arguments)]
+async fn start_host(
+    config: &NodeConfig,
+    channel: DescriptorChannel,
+    metrics: &Arc<Metrics>,
+    directory: &JobDirectory,
+    ledger: &Ledger,
+    shm_dir: &std::path::Path,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+) -> Result<(actix::Addr<FunctionHost>, Arc<dyn DescriptorSink>)> {
+    let new_host =
+        |link| FunctionHost::new(host_config(config), Arc::clone(metrics), directory.clone(), link).start();
+    match channel {
+        DescriptorChannel::InProcess => {
+            let host = new_host(ledger.link());
+            Ok((host.clone(), Arc::new(InProcess(host))))
+        }
+        DescriptorChannel::LoopbackTcp => {
+            let (link, feedback) = crate::ingest::ledger::Link::forwarding();
+            let host = new_host(link);
+            let side = crate::host::remote::HostSide {
+                segments: crate::host::channel::SegmentCache::new(shm_dir.to_owned()),
+                host: Arc::new(InProcess(host.clone())),
+                feedback,
+                metrics: Arc::clone(metrics),
+                hand_back: ms(config.timings.nak_retry_ms),
+            };
+            let sink = crate::host::remote::loopback(side, ledger.link(), tracker, cancel).await?;
+            Ok((host, Arc::new(sink)))
+        }
+    }
 }
 
 fn host_config(config: &NodeConfig) -> HostConfig {
