@@ -28,6 +28,7 @@ use crate::error::{Error, Result};
 use crate::ingest::demand::Unfolded;
 use crate::ingest::ledger::{Feedback, FeedbackReceiver, Link, Settle};
 use crate::metrics::Metrics;
+use crate::staging::ViewGuard;
 
 type InFlight = Arc<Mutex<HashMap<u64, Delivery>>>;
 
@@ -137,6 +138,15 @@ async fn read_feedback(
     }
 }
 
+/// Reports its stream sequence when the last view of a slot is dropped.
+struct ReleaseOnDrop(u64, mpsc::UnboundedSender<u64>);
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        let _ = self.1.send(self.0);
+    }
+}
+
 /// What a function-host process needs to serve its gateway's descriptors.
 #[derive(Debug)]
 pub struct HostSide {
@@ -159,8 +169,16 @@ pub struct HostSide {
 pub async fn serve_gateway(stream: TcpStream, mut side: HostSide) -> Result<(), ChannelError> {
     let (mut r, mut w) = stream.into_split();
     let mut descriptors: HashMap<u64, UpdateDescriptor> = HashMap::new();
+    // Views dropped: the host is done with those slots, whether it said so (streaming folds
+    // release explicitly) or not (whole-cohort rounds drop their views after the commit).
+    let (dropped_tx, mut dropped) = mpsc::unbounded_channel();
     loop {
         tokio::select! {
+            Some(stream_seq) = dropped.recv() => {
+                if let Some(d) = descriptors.remove(&stream_seq) {
+                    channel::send_release(&mut w, &d).await?;
+                }
+            }
             frame = channel::read_frame(&mut r) => {
                 let (kind, body) = frame?;
                 let d = match channel::decode_descriptor(kind, &body) {
@@ -175,6 +193,7 @@ pub async fn serve_gateway(stream: TcpStream, mut side: HostSide) -> Result<(), 
                 match side.segments.view(&d) {
                     Ok(view) => {
                         descriptors.insert(d.stream_seq, d.clone());
+                        let view = view.guarded(ViewGuard::new(ReleaseOnDrop(d.stream_seq, dropped_tx.clone())));
                         let delivery = Delivery {
                             descriptor: d,
                             view,
