@@ -13,6 +13,7 @@ use shoal_client::ConnectOptions;
 use shoal_client::{ShoalClient, UpdateRequest};
 use shoal_proto::config::NodeConfig;
 use shoal_proto::{JobPhase, RoundOutcome};
+use shoal_runtime::http::{HttpListener, Probe};
 use shoal_runtime::node::{self, NodeOptions};
 
 /// Shoal: a serverless federated-learning aggregation platform on NATS.
@@ -218,6 +219,77 @@ pub struct NodeArgs {
     /// to a node that serves it, or are refused as node_at_capacity.
     #[arg(long, env = "SHOAL_MAX_JOBS", value_parser = clap::value_parser!(u32).range(1..))]
     max_jobs: Option<u32>,
+    #[command(flatten)]
+    http: HttpArgs,
+    /// How the gateway hands descriptors to the function host: `in-process` (an actix
+    /// message), or `loopback-tcp`, the descriptor channel of separate gateway and
+    /// function-host processes run inside this one (read-only slot mappings, release records;
+    /// for tests and measurements of that path).
+    #[arg(long, value_enum, default_value_t = ChannelArg::InProcess)]
+    descriptor_channel: ChannelArg,
+}
+
+/// `--descriptor-channel` values.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ChannelArg {
+    /// An actix message in this process.
+    InProcess,
+    /// The inter-process descriptor channel over loopback TCP.
+    LoopbackTcp,
+}
+
+impl From<ChannelArg> for node::DescriptorChannel {
+    fn from(c: ChannelArg) -> Self {
+        match c {
+            ChannelArg::InProcess => node::DescriptorChannel::InProcess,
+            ChannelArg::LoopbackTcp => node::DescriptorChannel::LoopbackTcp,
+        }
+    }
+}
+
+/// The HTTP listener flag of every long-running process (`/metrics`, `/healthz`, `/readyz`).
+#[derive(Debug, Clone, Args)]
+pub struct HttpArgs {
+    /// Address of the HTTP listener serving /metrics, /healthz and /readyz (`off`: none).
+    /// The default binds every interface so that Kubernetes probes reach it; port 9464 for a
+    /// node or gateway, 9465 for a function host (the operator's pod template). Two nodes on
+    /// one machine need distinct ports (`127.0.0.1:0` picks a free one and logs it).
+    #[arg(long = "http", env = "SHOAL_HTTP", default_value = "0.0.0.0:9464", value_parser = parse_http_addr)]
+    pub http: HttpAddr,
+}
+
+/// Where a process serves HTTP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpAddr {
+    /// No HTTP listener.
+    Off,
+    /// Listen on this address.
+    On(std::net::SocketAddr),
+}
+
+fn parse_http_addr(s: &str) -> Result<HttpAddr, String> {
+    if s == "off" {
+        return Ok(HttpAddr::Off);
+    }
+    s.parse().map(HttpAddr::On).map_err(|e| format!("{e}: expected <ip>:<port> or `off`"))
+}
+
+impl HttpArgs {
+    /// Binds the listener (before anything else starts, so a bad address fails at once) and
+    /// serves it until `cancel`; the probe the process reports to.
+    async fn start(
+        &self,
+        process: &'static str,
+        cancel: tokio_util::sync::CancellationToken,
+    ) -> anyhow::Result<Probe> {
+        let probe = Probe::new("start-up");
+        if let HttpAddr::On(addr) = self.http {
+            let listener = HttpListener::bind(addr).await?;
+            tracing::info!(addr = %listener.local_addr(), process, "HTTP listening (/metrics, /healthz, /readyz)");
+            tokio::spawn(listener.serve(probe.clone(), cancel));
+        }
+        Ok(probe)
+    }
 }
 
 impl NodeArgs {
@@ -326,10 +398,19 @@ async fn run_node(a: NodeArgs) -> anyhow::Result<()> {
     config.validate().context("invalid node flags")?;
     let nats = a.nats.options("shoal-node")?;
     shoal_runtime::staging::install_sigbus_guard()?;
+    let http_stop = tokio_util::sync::CancellationToken::new();
+    let _stop_http = http_stop.clone().drop_guard();
+    let probe = a.http.start("node", http_stop).await?;
     let signal = shutdown_signal();
     tokio::pin!(signal);
     loop {
-        let opts = NodeOptions { config: config.clone(), nats: nats.clone(), plugins: None };
+        let opts = NodeOptions {
+            config: config.clone(),
+            nats: nats.clone(),
+            plugins: None,
+            probe: probe.clone(),
+            channel: a.descriptor_channel.into(),
+        };
         let handle = node::start(opts).await.context("starting the node")?;
         tokio::select! {
             () = &mut signal => {

@@ -351,6 +351,8 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         config,
         nats: nats.clone(),
         plugins: Some(Arc::new(DemoPlugins { validation: Arc::new(validation) })),
+        probe: Default::default(),
+        channel: Default::default(),
     };
     let node = node::start(opts).await.context("starting the node")?;
 

@@ -217,6 +217,12 @@ pub struct Timings {
     pub nak_retry_ms: u64,
     /// Nak delay of an asynchronous update that missed its buffer (re-staged for the next).
     pub nak_restage_ms: u64,
+    /// How often the gateway publishes the node's demand report for the autoscaler (the
+    /// operator ignores a report after three of these).
+    pub demand_report_ms: u64,
+    /// Time constant of the demand report's arrival-rate EWMA: after this long without
+    /// arrivals, e^-1 of the rate is left.
+    pub demand_ewma_tau_ms: u64,
 }
 
 impl Default for Timings {
@@ -240,6 +246,8 @@ impl Default for Timings {
             nak_pinned_ms: 100,
             nak_retry_ms: 1000,
             nak_restage_ms: 50,
+            demand_report_ms: 2000,
+            demand_ewma_tau_ms: 10_000,
         }
     }
 }
@@ -285,6 +293,7 @@ impl Timings {
             ("timings.settle_tick_ms", self.settle_tick_ms),
             ("timings.retry_ms", self.retry_ms),
             ("timings.prune_interval_ms", self.prune_interval_ms),
+            ("timings.demand_report_ms", self.demand_report_ms),
         ];
         match all.iter().find(|(_, v)| *v == 0) {
             Some((field, _)) => bad(field, "must be positive".into()),

@@ -19,7 +19,7 @@
 //! - [`host`]: the actix function host and its aggregator actors.
 //! - [`cluster`]: leases ([`cluster::lease`]), the leaf ([`cluster::leaf`]), the
 //!   coordinate-sharded exchange ([`cluster::exchange`]) and the top ([`cluster::top`]).
-//! - [`metrics`]: Prometheus metrics.
+//! - [`metrics`]: Prometheus metrics; [`http`], the `/metrics` `/healthz` `/readyz` listener.
 //! - [`clock`]: wall-clock milliseconds.
 //! - [`error`]: the runtime's error type.
 
@@ -29,6 +29,7 @@ pub mod clock;
 pub mod cluster;
 pub mod error;
 pub mod host;
+pub mod http;
 pub mod ingest;
 pub mod jobs;
 pub mod metrics;

@@ -127,6 +127,13 @@ pub struct Metrics {
     /// Updates the gateway adopted from a dead node's claims (read from the stream by sequence
     /// instead of waiting for JetStream to redeliver them).
     pub updates_adopted: Counter,
+    /// Descriptor-channel frames and connections refused, by reason
+    /// ([`crate::host::channel::ChannelErrorKind`]).
+    pub descriptor_channel_errors: Family<ReasonLabel, Counter>,
+    /// Descriptors the gateway sent to function hosts over descriptor channels.
+    pub descriptors_sent: Counter,
+    /// Release records the gateway received from function hosts.
+    pub releases_received: Counter,
     log_state: Mutex<HashMap<RejectReason, (u64, Instant)>>,
 }
 
@@ -242,6 +249,21 @@ impl Metrics {
             self.updates_adopted.clone(),
         );
         registry.register(
+            "descriptor_channel_errors",
+            "Descriptor-channel connections, frames and descriptors refused (wrong_version, malformed, truncated, frame_length, refused; stale_slot, slot_out_of_range, segment, io, decode)",
+            self.descriptor_channel_errors.clone(),
+        );
+        registry.register(
+            "descriptor_channel_descriptors_sent",
+            "Descriptors the gateway sent to function-host processes over descriptor channels",
+            self.descriptors_sent.clone(),
+        );
+        registry.register(
+            "descriptor_channel_releases_received",
+            "Slot release records the gateway received from function-host processes",
+            self.releases_received.clone(),
+        );
+        registry.register(
             "round_latency_seconds",
             "Seconds from the last accepted update of a round to its commit, by job",
             self.round_latency.clone(),
@@ -277,6 +299,9 @@ impl Default for Metrics {
             fencing: Family::default(),
             strategy_state_restores: Family::default(),
             updates_adopted: Counter::default(),
+            descriptor_channel_errors: Family::default(),
+            descriptors_sent: Counter::default(),
+            releases_received: Counter::default(),
             log_state: Mutex::new(HashMap::new()),
             registry: Registry::default(),
         };
@@ -287,6 +312,9 @@ impl Default for Metrics {
         }
         for event in Metrics::FENCING_EVENTS {
             let _ = m.fencing.get_or_create(&EventLabel { event }).get();
+        }
+        for k in crate::host::channel::ChannelErrorKind::ALL {
+            let _ = m.descriptor_channel_errors.get_or_create(&ReasonLabel { reason: k.as_str() }).get();
         }
         for r in RejectReason::ALL {
             let _ = m.updates_rejected.get_or_create(&ReasonLabel { reason: r.as_str() }).get();
@@ -340,6 +368,17 @@ impl Metrics {
     /// [`Self::strategy_state_restores`]).
     pub fn strategy_state_restores(&self, outcome: &'static str) -> Counter {
         self.strategy_state_restores.get_or_create(&EventLabel { event: outcome }).clone()
+    }
+
+    /// Counts a refused descriptor-channel connection or frame.
+    pub fn channel_error(&self, kind: crate::host::channel::ChannelErrorKind) {
+        self.descriptor_channel_errors.get_or_create(&ReasonLabel { reason: kind.as_str() }).inc();
+    }
+
+    /// Counts a descriptor a function host refused after checking it against the segments
+    /// (`stale_slot`, `slot_out_of_range`, `segment`, `io`, `decode`).
+    pub fn descriptor_refused(&self, kind: crate::error::ErrorKind) {
+        self.descriptor_channel_errors.get_or_create(&ReasonLabel { reason: kind.as_str() }).inc();
     }
 
     /// The gauge of aggregators of `tier`.

@@ -85,6 +85,24 @@ impl NodeProcess {
         envs: &[(&str, &str)],
         probe: Option<ConnectOptions>,
     ) -> NodeProcess {
+        let mut n = Self::spawned(nats_url, node_id, extra, envs, probe);
+        n.wait_ready(nats_url).await;
+        n
+    }
+
+    /// Starts `shoal node` like [`Self::start`] but returns at once, without waiting for it to
+    /// answer (for tests of what it does before it is ready); [`Self::wait_ready`] waits.
+    pub fn launch(nats_url: &str, node_id: &str, extra: &[&str]) -> NodeProcess {
+        Self::spawned(nats_url, node_id, extra, &[], None)
+    }
+
+    fn spawned(
+        nats_url: &str,
+        node_id: &str,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+        probe: Option<ConnectOptions>,
+    ) -> NodeProcess {
         let dir = tempfile::Builder::new().prefix("shoal-test-").tempdir_in(shm_base()).expect("shm tempdir");
         let mut args = vec![
             "node".to_string(),
@@ -95,12 +113,15 @@ impl NodeProcess {
             "--shm-dir".into(),
             dir.path().display().to_string(),
         ];
+        // A free loopback port unless the test chose one: several nodes share this machine.
+        if !extra.contains(&"--http") {
+            args.extend(["--http".to_string(), "127.0.0.1:0".to_string()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let log = dir.path().join("node.log");
         let envs = envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let mut n = NodeProcess { child: None, node_id: node_id.into(), args, envs, probe, log, _dir: dir };
         n.spawn();
-        n.wait_ready(nats_url).await;
         n
     }
 
@@ -117,7 +138,11 @@ impl NodeProcess {
         self.child = Some(shoal_natsd::spawn_tied_to_process(cmd).expect("spawn shoal node"));
     }
 
-    async fn wait_ready(&mut self, nats_url: &str) {
+    /// Waits until the node answers its metrics subject (20 s at most).
+    ///
+    /// # Panics
+    /// If the node exits or does not answer in time, with its log.
+    pub async fn wait_ready(&mut self, nats_url: &str) {
         let client = match &self.probe {
             Some(opts) => shoal_client::connect::connect_client(opts).await.expect("probe connect").0,
             None => async_nats::connect(nats_url).await.expect("connect"),
@@ -228,6 +253,13 @@ impl NodeProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The address of the node's HTTP listener (`/metrics`, `/healthz`, `/readyz`), from the
+    /// line the node logs when it binds it; `None` until then (or with `--http off`). After a
+    /// restart, the latest.
+    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        http_addr_in_log(&self.log())
+    }
+
     /// The node's Prometheus metrics text.
     pub async fn metrics(&self, client: &async_nats::Client) -> String {
         let m = client
@@ -241,6 +273,50 @@ impl NodeProcess {
 impl Drop for NodeProcess {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// The address in the last "HTTP listening" line of a Shoal process's log.
+pub fn http_addr_in_log(log: &str) -> Option<std::net::SocketAddr> {
+    log.lines()
+        .rev()
+        .filter(|l| l.contains("HTTP listening"))
+        .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")?.parse().ok()))
+}
+
+/// One plain HTTP/1.1 `GET` of `path` (no keep-alive): the status code and the body.
+///
+/// # Errors
+/// Connecting, writing or reading failed, or the answer is not HTTP.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP response");
+    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(bad)?;
+    let (head, body) = out.split_once("\r\n\r\n").ok_or_else(bad)?;
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(body).ok_or_else(bad)?
+    } else {
+        body.to_owned()
+    };
+    Ok((code, body))
+}
+
+/// Decodes an HTTP/1.1 chunked body.
+fn dechunk(mut body: &str) -> Option<String> {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n")?;
+        let n = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+        if n == 0 {
+            return Some(out);
+        }
+        out.push_str(rest.get(..n)?);
+        body = rest.get(n..)?.strip_prefix("\r\n")?;
     }
 }
 

@@ -138,7 +138,17 @@ async fn a_second_process_with_a_live_node_id_is_refused() {
     let shm_path = shm.path().display().to_string();
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(shoal_bin())
-            .args(["node", "--node-id", "shared", "--nats-url", &url, "--shm-dir", &shm_path])
+            .args([
+                "node",
+                "--http",
+                "127.0.0.1:0",
+                "--node-id",
+                "shared",
+                "--nats-url",
+                &url,
+                "--shm-dir",
+                &shm_path,
+            ])
             .output()
             .unwrap()
     })

@@ -31,7 +31,7 @@ async fn a_shm_directory_others_can_write_is_refused_and_left_alone() {
         let (url, open) = (nats.url(), open.clone());
         move || {
             std::process::Command::new(shoal_bin())
-                .args(["node", "--nats-url", &url, "--node-id", "s1", "--shm-dir"])
+                .args(["node", "--http", "127.0.0.1:0", "--nats-url", &url, "--node-id", "s1", "--shm-dir"])
                 .arg(&open)
                 .output()
                 .unwrap()

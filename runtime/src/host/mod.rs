@@ -12,6 +12,8 @@
 //! Mailboxes are bounded, so a slow aggregator pushes back on the gateway instead of buffering.
 
 pub mod aggregator;
+pub mod channel;
+pub mod remote;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -48,6 +50,9 @@ pub struct Delivery {
     pub received: Instant,
     /// Set by the host when this update started or woke an aggregator.
     pub start: Option<StartKind>,
+    /// Counts the update in the node's backlog until the delivery is dropped (folded, refused
+    /// or handed back): [`crate::ingest::demand`].
+    pub unfolded: crate::ingest::demand::Unfolded,
 }
 
 /// Where the gateway sends [`Delivery`]s: the function host in this process, or a function-host

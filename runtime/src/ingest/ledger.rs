@@ -107,6 +107,28 @@ impl Link {
     pub fn feedback(&self, f: Feedback) {
         let _ = self.tx.send(Cmd::Feedback(f));
     }
+
+    /// A link attached to no ledger: what is sent through it comes out of the receiver (how a
+    /// function-host process forwards its feedback to the gateway over the descriptor channel).
+    pub fn forwarding() -> (Link, FeedbackReceiver) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Link { tx }, FeedbackReceiver(rx))
+    }
+}
+
+/// The receiving end of [`Link::forwarding`].
+#[derive(Debug)]
+pub struct FeedbackReceiver(mpsc::UnboundedReceiver<Cmd>);
+
+impl FeedbackReceiver {
+    /// The next feedback record; `None` once every link is dropped.
+    pub async fn recv(&mut self) -> Option<Feedback> {
+        loop {
+            if let Cmd::Feedback(f) = self.0.recv().await? {
+                return Some(f);
+            }
+        }
+    }
 }
 
 /// The gateway's handle on its ledger.

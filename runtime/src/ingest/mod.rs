@@ -14,6 +14,7 @@
 pub mod admission;
 pub mod adopt;
 pub mod claims;
+pub mod demand;
 pub mod fetch;
 pub mod ledger;
 pub mod reject;
@@ -458,6 +459,7 @@ impl Gateway {
             view: slot.into_view(),
             received: std::time::Instant::now(),
             start: None,
+            unfolded: self.ctx.demand.arrived(&u.job),
         }))
     }
 

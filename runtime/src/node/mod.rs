@@ -22,7 +22,9 @@ use crate::cluster::lease;
 use crate::cluster::top;
 use crate::error::{Error, Result};
 use crate::host::{DescriptorSink, FunctionHost, HostConfig, InProcess};
+use crate::http::Probe;
 use crate::ingest;
+use crate::ingest::demand::DemandTally;
 use crate::ingest::ledger::{Ledger, LedgerConfig};
 use crate::ingest::reject::Rejector;
 use crate::jobs::{self, JobDirectory};
@@ -45,12 +47,23 @@ pub struct NodeOptions {
     pub nats: ConnectOptions,
     /// Job-specific strategy pieces (Bristle's evaluator), when embedding a node.
     pub plugins: Option<Arc<dyn top::PluginFactory>>,
+    /// How the gateway hands descriptors to the function host.
+    pub channel: DescriptorChannel,
+    /// What the process's HTTP listener reports ([`crate::http`]): the node hands it its
+    /// metrics, and marks it ready once NATS and its shared-memory directory are up.
+    pub probe: Probe,
 }
 
 impl NodeOptions {
     /// Options for `config`, connecting without credentials.
     pub fn new(config: NodeConfig) -> NodeOptions {
-        NodeOptions { config, nats: ConnectOptions::default(), plugins: None }
+        NodeOptions {
+            config,
+            nats: ConnectOptions::default(),
+            plugins: None,
+            probe: Probe::default(),
+            channel: DescriptorChannel::InProcess,
+        }
     }
 }
 
@@ -97,6 +110,8 @@ pub struct NodeContext {
     pub cancel: CancellationToken,
     /// This node's shared-memory directory (`<shm_dir>/<node>`).
     pub shm_dir: PathBuf,
+    /// Arrivals and unfolded updates per job, for the demand report.
+    pub demand: Arc<DemandTally>,
 }
 
 impl NodeContext {
@@ -134,6 +149,7 @@ pub struct NodeHandle {
     shutdown_grace: Duration,
     ledger: Ledger,
     tracker: TaskTracker,
+    probe: Probe,
     /// The node's metrics.
     pub metrics: Arc<Metrics>,
     /// The node's NATS handles.
@@ -149,6 +165,8 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
     opts.config.validate()?;
     let config = Arc::new(opts.config);
     let metrics = Arc::new(Metrics::default());
+    opts.probe.not_ready("NATS and the shared-memory directory");
+    opts.probe.set_metrics(Arc::clone(&metrics));
     let mut nats = opts.nats.clone();
     nats.url.clone_from(&config.nats_url);
     nats.prefix.clone_from(&config.prefix);
@@ -170,11 +188,10 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
         },
     );
     let directory = JobDirectory::default();
-    let host =
-        FunctionHost::new(host_config(&config), Arc::clone(&metrics), directory.clone(), ledger.link())
-            .start();
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
+    let (host, sink) =
+        start_host(&config, opts.channel, &metrics, &directory, &ledger, &shm_dir, &tracker, &cancel).await?;
     // Losing the membership lease (another process took this node id), or continuity (a pause
     // or partition longer than the fence window), stops the node.
     let stopped = Arc::new(std::sync::OnceLock::new());
@@ -206,7 +223,7 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
         config: Arc::clone(&config),
         infra: infra.clone(),
         directory,
-        sink: Arc::new(InProcess(host.clone())),
+        sink,
         ledger: ledger.clone(),
         host: host.clone(),
         metrics: Arc::clone(&metrics),
@@ -222,8 +239,10 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
         plugins: opts.plugins,
         cancel: cancel.clone(),
         shm_dir,
+        demand: Arc::default(),
     };
     spawn_tasks(&ctx, &tracker).await?;
+    opts.probe.ready();
     tracing::info!(
         node = %config.node_id, nats = %config.nats_url, max_payload = infra.max_payload(), max_jobs = ?config.max_jobs,
         "node started"
@@ -235,8 +254,57 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
         tracker,
         metrics,
         infra,
+        probe: opts.probe,
         shutdown_grace: ms(config.timings.shutdown_grace_ms),
     })
+}
+
+/// How a node's gateway hands descriptors to its function host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DescriptorChannel {
+    /// An actix message to the host in this process (the default).
+    #[default]
+    InProcess,
+    /// The descriptor channel of separate gateway and function-host processes
+    /// ([`crate::host::channel`]), over loopback TCP inside this process: the host reads the
+    /// slots through its own read-only mapping and returns them by release records (tests and
+    /// benchmarks of that path with everything else unchanged).
+    LoopbackTcp,
+}
+
+/// Starts the function host and the sink the gateway delivers to.
+#[allow(clippy::too_many_arguments)]
+async fn start_host(
+    config: &NodeConfig,
+    channel: DescriptorChannel,
+    metrics: &Arc<Metrics>,
+    directory: &JobDirectory,
+    ledger: &Ledger,
+    shm_dir: &std::path::Path,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+) -> Result<(actix::Addr<FunctionHost>, Arc<dyn DescriptorSink>)> {
+    let new_host =
+        |link| FunctionHost::new(host_config(config), Arc::clone(metrics), directory.clone(), link).start();
+    match channel {
+        DescriptorChannel::InProcess => {
+            let host = new_host(ledger.link());
+            Ok((host.clone(), Arc::new(InProcess(host))))
+        }
+        DescriptorChannel::LoopbackTcp => {
+            let (link, feedback) = crate::ingest::ledger::Link::forwarding();
+            let host = new_host(link);
+            let side = crate::host::remote::HostSide {
+                segments: crate::host::channel::SegmentCache::new(shm_dir.to_owned()),
+                host: Arc::new(InProcess(host.clone())),
+                feedback,
+                metrics: Arc::clone(metrics),
+                hand_back: ms(config.timings.nak_retry_ms),
+            };
+            let sink = crate::host::remote::loopback(side, ledger.link(), tracker, cancel).await?;
+            Ok((host, Arc::new(sink)))
+        }
+    }
 }
 
 fn host_config(config: &NodeConfig) -> HostConfig {
@@ -272,6 +340,7 @@ async fn spawn_tasks(ctx: &NodeContext, tracker: &TaskTracker) -> Result<()> {
             }
         });
     }
+    tracker.spawn(ingest::demand::publish(ctx.clone()));
     let subject = ctx.infra.subjects.node_metrics(&ctx.node);
     let mut sub =
         ctx.infra.client.subscribe(subject).await.map_err(|e| Error::nats("subscribe metrics", e))?;
@@ -292,6 +361,7 @@ impl NodeHandle {
     /// Stops intake, lets tasks reach a safe point and waits for them. Un-acked updates stay in
     /// JetStream and are redelivered to the next node.
     pub async fn shutdown(self) {
+        self.probe.not_ready("the node to start again (it is shutting down)");
         self.cancel.cancel();
         self.tracker.close();
         if tokio::time::timeout(self.shutdown_grace, self.tracker.wait()).await.is_err() {

@@ -157,7 +157,7 @@ impl Segment {
         if now != generation {
             return Err(Error::StaleSlot { index, generation, current: now });
         }
-        Ok(SlotView { inner: ViewOf::Mapped(Arc::clone(self), index), generation })
+        Ok(SlotView { inner: ViewOf::Mapped(Arc::clone(self), index), generation, guard: None })
     }
 
     /// Reads slot `index` (for read-only attachments).
@@ -451,7 +451,7 @@ impl Slot {
     /// lease and its views is dropped.
     pub fn into_view(self) -> SlotView {
         let generation = self.generation;
-        SlotView { inner: ViewOf::Leased(Arc::new(self)), generation }
+        SlotView { inner: ViewOf::Leased(Arc::new(self)), generation, guard: None }
     }
 }
 
@@ -477,6 +477,27 @@ pub struct SlotLocation {
 pub struct SlotView {
     inner: ViewOf,
     generation: u32,
+    guard: Option<ViewGuard>,
+}
+
+/// Something a [`SlotView`] keeps alive with it: dropped when the view and every clone of it
+/// are (a function host in another process tells its gateway then that the slot is free).
+#[derive(Clone)]
+pub struct ViewGuard {
+    _keep: Arc<dyn std::any::Any + Send + Sync>,
+}
+
+impl ViewGuard {
+    /// Wraps `guard`.
+    pub fn new(guard: impl std::any::Any + Send + Sync) -> ViewGuard {
+        ViewGuard { _keep: Arc::new(guard) }
+    }
+}
+
+impl std::fmt::Debug for ViewGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ViewGuard")
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -486,6 +507,12 @@ enum ViewOf {
 }
 
 impl SlotView {
+    /// The same view, keeping `guard` alive until it and all its clones are dropped.
+    pub fn guarded(mut self, guard: ViewGuard) -> SlotView {
+        self.guard = Some(guard);
+        self
+    }
+
     /// The slot's bytes (64-byte aligned).
     pub fn bytes(&self) -> &[u8] {
         match &self.inner {

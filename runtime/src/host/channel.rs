@@ -1,0 +1,431 @@
+//! The descriptor channel between a gateway and a function-host process on one node (DESIGN.md
+//! §7): a local TCP connection carrying length-prefixed frames, opened by the function host.
+//!
+//! Framing (all integers little-endian):
+//! - every frame is `u32 length ‖ u8 type ‖ body`, `length` counting the type byte and the body,
+//!   at most [`MAX_FRAME`];
+//! - the host's first frame is `HELLO`: magic `SHCH`, protocol version (`u16`,
+//!   [`CHANNEL_VERSION`]), its [`FunctionId`] (`u32`); the gateway answers `WELCOME` (its
+//!   version) or `REFUSED` (a reason byte) and closes;
+//! - gateway → host: `DESCRIPTOR`, the 208-byte [`UpdateDescriptor`] record;
+//! - host → gateway: `RELEASE`, the descriptor's release record (the host is done with the
+//!   slot's bytes), and `SETTLE`, an update's end (ack, hand back, refuse) as msgpack.
+//!
+//! Nothing read from a socket is trusted: a wrong version, a truncated or oversized frame, an
+//! unknown type or a record that does not decode is a typed [`ChannelError`] (its
+//! [`ChannelError::kind`] is the bounded metric label), never a panic. On the function-host side
+//! [`SegmentCache`] maps the gateway's segments read-only and checks every descriptor against
+//! the segment's header and the slot's current generation before anything reads the bytes.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use shoal_proto::descriptor::{segment_file_name, DescriptorKind, SegmentId, UpdateDescriptor};
+use shoal_proto::{FunctionId, JobId, RejectReason};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::ingest::ledger::{Feedback, Settle};
+use crate::ingest::reject::Refusal;
+use crate::metrics::Metrics;
+use crate::staging::{Segment, SlotView, DATA_OFFSET};
+
+/// Magic of the `HELLO` frame.
+pub const CHANNEL_MAGIC: [u8; 4] = *b"SHCH";
+/// The channel protocol version this build speaks.
+pub const CHANNEL_VERSION: u16 = 1;
+/// Largest frame accepted (type byte and body), in bytes.
+pub const MAX_FRAME: u32 = 64 * 1024;
+
+const HELLO: u8 = 1;
+const WELCOME: u8 = 2;
+const REFUSED: u8 = 3;
+const DESCRIPTOR: u8 = 4;
+const RELEASE: u8 = 5;
+const SETTLE: u8 = 6;
+
+/// Why a channel frame or connection was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    /// The socket failed.
+    #[error("descriptor channel I/O: {0}")]
+    Io(#[source] std::io::Error),
+    /// The peer closed the connection between frames.
+    #[error("descriptor channel closed by the peer")]
+    Closed,
+    /// The peer closed the connection inside a frame.
+    #[error("descriptor channel: truncated frame")]
+    Truncated,
+    /// A frame longer than [`MAX_FRAME`] (or empty).
+    #[error("descriptor channel: frame of {0} bytes (1 to {MAX_FRAME} allowed)")]
+    FrameLength(u32),
+    /// The peer speaks another protocol version.
+    #[error("descriptor channel: peer speaks version {theirs}, this process {CHANNEL_VERSION}")]
+    WrongVersion {
+        /// The peer's version.
+        theirs: u16,
+    },
+    /// A frame that does not decode (bad magic, unknown type, wrong length, bad record).
+    #[error("descriptor channel: malformed {what}: {detail}")]
+    Malformed {
+        /// Which frame.
+        what: &'static str,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The gateway refused this host.
+    #[error("descriptor channel: the gateway refused the connection ({0})")]
+    Refused(&'static str),
+}
+
+/// The `Copy` classification of [`ChannelError`]: the label of
+/// `shoal_descriptor_channel_errors_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChannelErrorKind {
+    /// [`ChannelError::Io`] and [`ChannelError::Closed`].
+    Disconnected,
+    /// [`ChannelError::Truncated`].
+    Truncated,
+    /// [`ChannelError::FrameLength`].
+    FrameLength,
+    /// [`ChannelError::WrongVersion`].
+    WrongVersion,
+    /// [`ChannelError::Malformed`].
+    Malformed,
+    /// [`ChannelError::Refused`].
+    Refused,
+}
+
+impl ChannelError {
+    /// The error's kind.
+    pub fn kind(&self) -> ChannelErrorKind {
+        match self {
+            ChannelError::Io(_) | ChannelError::Closed => ChannelErrorKind::Disconnected,
+            ChannelError::Truncated => ChannelErrorKind::Truncated,
+            ChannelError::FrameLength(_) => ChannelErrorKind::FrameLength,
+            ChannelError::WrongVersion { .. } => ChannelErrorKind::WrongVersion,
+            ChannelError::Malformed { .. } => ChannelErrorKind::Malformed,
+            ChannelError::Refused(_) => ChannelErrorKind::Refused,
+        }
+    }
+
+    fn malformed(what: &'static str, detail: impl Into<String>) -> ChannelError {
+        ChannelError::Malformed { what, detail: detail.into() }
+    }
+}
+
+impl ChannelErrorKind {
+    /// Every kind (metric label values).
+    pub const ALL: [ChannelErrorKind; 6] = [
+        ChannelErrorKind::Disconnected,
+        ChannelErrorKind::Truncated,
+        ChannelErrorKind::FrameLength,
+        ChannelErrorKind::WrongVersion,
+        ChannelErrorKind::Malformed,
+        ChannelErrorKind::Refused,
+    ];
+
+    /// A bounded label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChannelErrorKind::Disconnected => "disconnected",
+            ChannelErrorKind::Truncated => "truncated",
+            ChannelErrorKind::FrameLength => "frame_length",
+            ChannelErrorKind::WrongVersion => "wrong_version",
+            ChannelErrorKind::Malformed => "malformed",
+            ChannelErrorKind::Refused => "refused",
+        }
+    }
+
+    fn code(self) -> u8 {
+        match self {
+            ChannelErrorKind::Disconnected => 1,
+            ChannelErrorKind::Truncated => 2,
+            ChannelErrorKind::FrameLength => 3,
+            ChannelErrorKind::WrongVersion => 4,
+            ChannelErrorKind::Malformed => 5,
+            ChannelErrorKind::Refused => 6,
+        }
+    }
+
+    fn from_code(c: u8) -> &'static str {
+        Self::ALL.iter().find(|k| k.code() == c).map_or("unknown reason", |k| k.as_str())
+    }
+}
+
+/// Reads one frame: its type and body.
+///
+/// # Errors
+/// [`ChannelError::Closed`] at a clean end between frames; `Truncated`, `FrameLength`, `Io`.
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<(u8, Vec<u8>), ChannelError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len[..1]).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(ChannelError::Closed),
+        Err(e) => return Err(ChannelError::Io(e)),
+    }
+    read_exact(r, &mut len[1..]).await?;
+    let len = u32::from_le_bytes(len);
+    if len == 0 || len > MAX_FRAME {
+        return Err(ChannelError::FrameLength(len));
+    }
+    let mut body = vec![0u8; len as usize];
+    read_exact(r, &mut body).await?;
+    let kind = body.remove(0);
+    Ok((kind, body))
+}
+
+async fn read_exact<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Result<(), ChannelError> {
+    match r.read_exact(buf).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(ChannelError::Truncated),
+        Err(e) => Err(ChannelError::Io(e)),
+    }
+}
+
+/// Writes one frame of `kind` with `body`.
+///
+/// # Errors
+/// [`ChannelError::Io`]; [`ChannelError::FrameLength`] for a body too long.
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    kind: u8,
+    body: &[u8],
+) -> Result<(), ChannelError> {
+    let len = u32::try_from(body.len() + 1).map_err(|_| ChannelError::FrameLength(u32::MAX))?;
+    if len > MAX_FRAME {
+        return Err(ChannelError::FrameLength(len));
+    }
+    let mut frame = Vec::with_capacity(body.len() + 5);
+    frame.extend_from_slice(&len.to_le_bytes());
+    frame.push(kind);
+    frame.extend_from_slice(body);
+    w.write_all(&frame).await.map_err(ChannelError::Io)?;
+    w.flush().await.map_err(ChannelError::Io)
+}
+
+fn hello_body(function: FunctionId, version: u16) -> Vec<u8> {
+    let mut b = CHANNEL_MAGIC.to_vec();
+    b.extend_from_slice(&version.to_le_bytes());
+    b.extend_from_slice(&function.0.to_le_bytes());
+    b
+}
+
+/// Decodes a `HELLO` frame: the host's function id.
+///
+/// # Errors
+/// [`ChannelError::Malformed`] for another frame, a wrong length or magic;
+/// [`ChannelError::WrongVersion`] for another protocol version.
+pub fn decode_hello(kind: u8, body: &[u8]) -> Result<FunctionId, ChannelError> {
+    if kind != HELLO {
+        return Err(ChannelError::malformed("hello", format!("frame type {kind} before the hello")));
+    }
+    if body.len() != 10 || body[0..4] != CHANNEL_MAGIC {
+        return Err(ChannelError::malformed("hello", "not SHCH magic, version and function id"));
+    }
+    let theirs = u16::from_le_bytes([body[4], body[5]]);
+    if theirs != CHANNEL_VERSION {
+        return Err(ChannelError::WrongVersion { theirs });
+    }
+    Ok(FunctionId(u32::from_le_bytes([body[6], body[7], body[8], body[9]])))
+}
+
+/// Gateway side of a new connection: reads the host's hello within `timeout` and welcomes it,
+/// or tells it why not (a wrong version, garbage), counts the refusal in `metrics`, logs it and
+/// returns it.
+///
+/// # Errors
+/// Whatever [`decode_hello`] refuses, and I/O errors; a silent peer is `Truncated`.
+pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    timeout: Duration,
+    metrics: &Metrics,
+) -> Result<FunctionId, ChannelError> {
+    let hello = match tokio::time::timeout(timeout, read_frame(s)).await {
+        Ok(r) => r,
+        Err(_) => Err(ChannelError::Truncated),
+    };
+    match hello.and_then(|(kind, body)| decode_hello(kind, &body)) {
+        Ok(function) => {
+            write_frame(s, WELCOME, &CHANNEL_VERSION.to_le_bytes()).await?;
+            Ok(function)
+        }
+        Err(e) => {
+            metrics.channel_error(e.kind());
+            tracing::warn!(error = %e, "a function host's connection refused");
+            let _ = write_frame(s, REFUSED, &[e.kind().code()]).await;
+            Err(e)
+        }
+    }
+}
+
+/// Function-host side: says hello as `function` and waits for the welcome.
+///
+/// # Errors
+/// [`ChannelError::Refused`] with the gateway's reason; malformed answers; I/O errors.
+pub async fn hello<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    function: FunctionId,
+) -> Result<(), ChannelError> {
+    write_frame(s, HELLO, &hello_body(function, CHANNEL_VERSION)).await?;
+    match read_frame(s).await? {
+        (WELCOME, b) if b.len() == 2 => Ok(()),
+        (REFUSED, b) if b.len() == 1 => Err(ChannelError::Refused(ChannelErrorKind::from_code(b[0]))),
+        (kind, _) => Err(ChannelError::malformed("welcome", format!("frame type {kind}"))),
+    }
+}
+
+/// Sends a descriptor to a function host.
+///
+/// # Errors
+/// I/O errors.
+pub async fn send_descriptor<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    d: &UpdateDescriptor,
+) -> Result<(), ChannelError> {
+    write_frame(w, DESCRIPTOR, &d.encode()).await
+}
+
+/// Decodes a frame a function host received: a descriptor of kind `Update`.
+///
+/// # Errors
+/// [`ChannelError::Malformed`] for another frame type or a record that does not decode.
+pub fn decode_descriptor(kind: u8, body: &[u8]) -> Result<UpdateDescriptor, ChannelError> {
+    if kind != DESCRIPTOR {
+        return Err(ChannelError::malformed("descriptor", format!("frame type {kind}")));
+    }
+    let d =
+        UpdateDescriptor::decode(body).map_err(|e| ChannelError::malformed("descriptor", e.to_string()))?;
+    if d.kind != DescriptorKind::Update {
+        return Err(ChannelError::malformed("descriptor", "a release record sent to a host"));
+    }
+    Ok(d)
+}
+
+/// How an update ended, on the wire (msgpack, named fields).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "how", rename_all = "snake_case")]
+enum WireSettle {
+    Ack { stream_seq: u64 },
+    Nak { stream_seq: u64, delay_ms: u64 },
+    Reject { stream_seq: u64, reason: RejectReason, detail: String },
+}
+
+/// Sends a function host's release record for the update of descriptor `d` (it is done with
+/// the slot's bytes).
+///
+/// # Errors
+/// I/O errors.
+pub async fn send_release<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    d: &UpdateDescriptor,
+) -> Result<(), ChannelError> {
+    write_frame(w, RELEASE, &d.release().encode()).await
+}
+
+/// Sends how the update at `stream_seq` ended (ack, hand back, refuse).
+///
+/// # Errors
+/// I/O errors.
+pub async fn send_settle<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    stream_seq: u64,
+    settle: &Settle,
+) -> Result<(), ChannelError> {
+    let wire = match settle {
+        Settle::Ack => WireSettle::Ack { stream_seq },
+        Settle::Nak(delay) => {
+            WireSettle::Nak { stream_seq, delay_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX) }
+        }
+        Settle::Reject(r) => WireSettle::Reject { stream_seq, reason: r.reason, detail: r.detail.clone() },
+    };
+    write_frame(w, SETTLE, &shoal_proto::encode(&wire)).await
+}
+
+/// Decodes a frame a gateway received from a function host into ledger feedback.
+///
+/// # Errors
+/// [`ChannelError::Malformed`] for another frame type or a record that does not decode.
+pub fn decode_feedback(kind: u8, body: &[u8]) -> Result<Feedback, ChannelError> {
+    match kind {
+        RELEASE => {
+            let d = UpdateDescriptor::decode(body)
+                .map_err(|e| ChannelError::malformed("release", e.to_string()))?;
+            if d.kind != DescriptorKind::Release {
+                return Err(ChannelError::malformed("release", "an update record sent back"));
+            }
+            Ok(Feedback::Release { stream_seq: d.stream_seq })
+        }
+        SETTLE => {
+            let wire: WireSettle = shoal_proto::decode("settle", body)
+                .map_err(|e| ChannelError::malformed("settle", e.to_string()))?;
+            Ok(match wire {
+                WireSettle::Ack { stream_seq } => Feedback::Settle { stream_seq, settle: Settle::Ack },
+                WireSettle::Nak { stream_seq, delay_ms } => {
+                    Feedback::Settle { stream_seq, settle: Settle::Nak(Duration::from_millis(delay_ms)) }
+                }
+                WireSettle::Reject { stream_seq, reason, detail } => {
+                    Feedback::Settle { stream_seq, settle: Settle::Reject(Refusal::new(reason, detail)) }
+                }
+            })
+        }
+        other => Err(ChannelError::malformed("feedback", format!("frame type {other}"))),
+    }
+}
+
+/// The gateway's segments, mapped read-only by a function host on first use, and every
+/// descriptor checked against them.
+#[derive(Debug)]
+pub struct SegmentCache {
+    dir: PathBuf,
+    segments: HashMap<(JobId, SegmentId), Arc<Segment>>,
+}
+
+impl SegmentCache {
+    /// Segments under the node's shm directory `dir` (`<shm_dir>/<node>`).
+    pub fn new(dir: PathBuf) -> SegmentCache {
+        SegmentCache { dir, segments: HashMap::new() }
+    }
+
+    /// The read-only view of the slot `d` names, after checking that the segment exists and its
+    /// header is valid, that the offset and length are the slot's, and that the slot is at the
+    /// descriptor's generation (not leased again since).
+    ///
+    /// # Errors
+    /// [`crate::Error::Io`] (no such segment), [`crate::Error::Segment`] (a bad header),
+    /// [`crate::Error::SlotOutOfRange`], [`crate::Error::StaleSlot`], or
+    /// [`crate::Error::Decode`] when offset or length are not the slot's.
+    pub fn view(&mut self, d: &UpdateDescriptor) -> crate::Result<SlotView> {
+        let key = (d.job.clone(), d.segment);
+        let seg = match self.segments.get(&key) {
+            Some(s) => Arc::clone(s),
+            None => {
+                let path = self.dir.join(segment_file_name(&d.job, d.segment));
+                let s = Arc::new(Segment::open_read_only(&path)?);
+                self.segments.insert(key, Arc::clone(&s));
+                s
+            }
+        };
+        let h = seg.header();
+        let index = d.slot as u64;
+        let expected = (DATA_OFFSET as u64).checked_add(index.saturating_mul(h.slot_bytes));
+        if index < h.slot_count && (expected != Some(d.offset) || d.length != h.slot_bytes) {
+            return Err(crate::Error::Decode {
+                what: "update descriptor",
+                detail: format!("offset {} / length {} are not slot {index}'s", d.offset, d.length),
+            });
+        }
+        seg.view(d.slot as usize, d.generation)
+    }
+
+    /// Forgets (unmaps) the segments of `job`, and any other whose file is gone or replaced: a
+    /// descriptor naming them maps the file again and validates its header anew.
+    pub fn forget(&mut self, job: &JobId) {
+        self.segments.retain(|(j, _), _| j != job);
+    }
+}
+
+#[cfg(test)]
+mod tests;

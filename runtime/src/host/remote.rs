@@ -1,0 +1,407 @@
+//! Both ends of a descriptor channel ([`super::channel`]) as a gateway and a function-host
+//! process use them.
+//!
+//! - Gateway: [`RemoteSink`] is the [`DescriptorSink`] of one connected function host. It keeps
+//!   each delivered update (its slot lease and backlog token) until the host's `RELEASE` or
+//!   `SETTLE`, forwards the host's feedback to the ledger's [`Link`], and when the connection
+//!   ends hands every update still in flight back to JetStream (`Settle::Nak`): it is staged
+//!   again and delivered anew, so nothing is lost, and a host that died before releasing an
+//!   update took whatever it folded from it along (its partial never reached a commit).
+//! - Function host: [`serve_gateway`] reads descriptors, checks each against the read-only
+//!   segments ([`SegmentCache`]), hands the view to the local host, and sends the host's
+//!   feedback back. A descriptor that fails the checks (no such slot, a stale generation, a
+//!   missing or corrupt segment) is refused, counted and handed back to the gateway, never read.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use shoal_proto::descriptor::UpdateDescriptor;
+use shoal_proto::FunctionId;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use super::channel::{self, ChannelError, ChannelErrorKind, SegmentCache};
+use super::{Delivery, DescriptorSink, MAILBOX};
+use crate::error::{Error, Result};
+use crate::ingest::demand::Unfolded;
+use crate::ingest::ledger::{Feedback, FeedbackReceiver, Link, Settle};
+use crate::metrics::Metrics;
+use crate::staging::ViewGuard;
+
+type InFlight = Arc<Mutex<HashMap<u64, Delivery>>>;
+
+/// The gateway's sink for one connected function-host process.
+#[derive(Debug, Clone)]
+pub struct RemoteSink {
+    function: FunctionId,
+    tx: mpsc::Sender<Delivery>,
+    in_flight: InFlight,
+}
+
+impl DescriptorSink for RemoteSink {
+    fn deliver(&self, d: Delivery) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move { self.tx.send(d).await.map_err(|_| Error::Gone("function-host connection")) })
+    }
+}
+
+impl RemoteSink {
+    /// Serves a welcomed connection ([`channel::accept`]) of host `function`: descriptors out,
+    /// feedback in to `link`. The returned task ends when the connection does, after handing
+    /// what was in flight back to JetStream with `hand_back` delay.
+    pub fn serve(
+        stream: TcpStream,
+        function: FunctionId,
+        link: Link,
+        metrics: Arc<Metrics>,
+        hand_back: Duration,
+    ) -> (RemoteSink, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(MAILBOX);
+        let in_flight: InFlight = Arc::default();
+        let sink = RemoteSink { function, tx, in_flight: Arc::clone(&in_flight) };
+        let task = tokio::spawn(async move {
+            let (mut r, mut w) = stream.into_split();
+            let end = tokio::select! {
+                e = write_descriptors(&mut w, rx, &in_flight, &metrics) => e,
+                e = read_feedback(&mut r, &in_flight, &link, &metrics) => e,
+            };
+            if end.kind() != ChannelErrorKind::Disconnected {
+                metrics.channel_error(end.kind());
+            }
+            let left: Vec<u64> = lock(&in_flight).drain().map(|(seq, _)| seq).collect();
+            tracing::warn!(%function, error = %end, handed_back = left.len(), "function host connection ended");
+            for seq in left {
+                link.settle(seq, Settle::Nak(hand_back));
+            }
+        });
+        (sink, task)
+    }
+
+    /// The host's function id.
+    pub fn function(&self) -> FunctionId {
+        self.function
+    }
+
+    /// Updates delivered to the host and not yet released or settled by it.
+    pub fn in_flight(&self) -> usize {
+        lock(&self.in_flight).len()
+    }
+}
+
+fn lock(m: &InFlight) -> std::sync::MutexGuard<'_, HashMap<u64, Delivery>> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn write_descriptors(
+    w: &mut tokio::net::tcp::OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Delivery>,
+    in_flight: &InFlight,
+    metrics: &Metrics,
+) -> ChannelError {
+    while let Some(d) = rx.recv().await {
+        let descriptor = d.descriptor.clone();
+        // Held before it is sent, so the host's answer always finds it.
+        lock(in_flight).insert(descriptor.stream_seq, d);
+        if let Err(e) = channel::send_descriptor(w, &descriptor).await {
+            return e;
+        }
+        metrics.descriptors_sent.inc();
+    }
+    ChannelError::Closed
+}
+
+async fn read_feedback(
+    r: &mut tokio::net::tcp::OwnedReadHalf,
+    in_flight: &InFlight,
+    link: &Link,
+    metrics: &Metrics,
+) -> ChannelError {
+    loop {
+        let f =
+            match channel::read_frame(r).await.and_then(|(kind, body)| channel::decode_feedback(kind, &body))
+            {
+                Ok(f) => f,
+                Err(e) => return e,
+            };
+        let seq = match &f {
+            Feedback::Release { stream_seq } => {
+                metrics.releases_received.inc();
+                *stream_seq
+            }
+            Feedback::Settle { stream_seq, .. } => *stream_seq,
+        };
+        // Dropping the delivery returns the slot lease (once the ledger lets go too) and
+        // takes the update out of the backlog.
+        drop(lock(in_flight).remove(&seq));
+        link.feedback(f);
+    }
+}
+
+/// Reports its stream sequence when the last view of a slot is dropped.
+struct ReleaseOnDrop(u64, mpsc::UnboundedSender<u64>);
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        let _ = self.1.send(self.0);
+    }
+}
+
+/// What a function-host process needs to serve its gateway's descriptors.
+#[derive(Debug)]
+pub struct HostSide {
+    /// The gateway's segments, read-only.
+    pub segments: SegmentCache,
+    /// The local function host.
+    pub host: Arc<dyn DescriptorSink>,
+    /// The feedback of the local host (its [`Link::forwarding`] end).
+    pub feedback: FeedbackReceiver,
+    /// Metrics of the process.
+    pub metrics: Arc<Metrics>,
+    /// Delay before a refused descriptor's update is delivered again.
+    pub hand_back: Duration,
+}
+
+/// Function-host side of a welcomed connection ([`channel::hello`]): runs until it ends.
+///
+/// # Errors
+/// The error that ended the connection (`Closed` when the gateway closed it cleanly).
+pub async fn serve_gateway(stream: TcpStream, mut side: HostSide) -> Result<(), ChannelError> {
+    let (mut r, mut w) = stream.into_split();
+    let mut descriptors: HashMap<u64, UpdateDescriptor> = HashMap::new();
+    // Views dropped: the host is done with those slots, whether it said so (streaming folds
+    // release explicitly) or not (whole-cohort rounds drop their views after the commit).
+    let (dropped_tx, mut dropped) = mpsc::unbounded_channel();
+    loop {
+        tokio::select! {
+            Some(stream_seq) = dropped.recv() => {
+                if let Some(d) = descriptors.remove(&stream_seq) {
+                    channel::send_release(&mut w, &d).await?;
+                }
+            }
+            frame = channel::read_frame(&mut r) => {
+                let (kind, body) = frame?;
+                let d = match channel::decode_descriptor(kind, &body) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        // Framing held: skip the record (no stream sequence to answer).
+                        side.metrics.channel_error(e.kind());
+                        tracing::warn!(error = %e, "descriptor frame refused");
+                        continue;
+                    }
+                };
+                match side.segments.view(&d) {
+                    Ok(view) => {
+                        descriptors.insert(d.stream_seq, d.clone());
+                        let view = view.guarded(ViewGuard::new(ReleaseOnDrop(d.stream_seq, dropped_tx.clone())));
+                        let delivery = Delivery {
+                            descriptor: d,
+                            view,
+                            received: Instant::now(),
+                            start: None,
+                            unfolded: Unfolded::uncounted(),
+                        };
+                        if side.host.deliver(delivery).await.is_err() {
+                            return Err(ChannelError::Closed);
+                        }
+                    }
+                    Err(e) => {
+                        side.metrics.descriptor_refused(e.kind());
+                        tracing::warn!(error = %e, stream_seq = d.stream_seq, "descriptor refused; handed back");
+                        channel::send_settle(&mut w, d.stream_seq, &Settle::Nak(side.hand_back)).await?;
+                    }
+                }
+            }
+            f = side.feedback.recv() => {
+                let Some(f) = f else { return Err(ChannelError::Closed) };
+                match f {
+                    Feedback::Release { stream_seq } => {
+                        if let Some(d) = descriptors.remove(&stream_seq) {
+                            channel::send_release(&mut w, &d).await?;
+                        }
+                    }
+                    Feedback::Settle { stream_seq, settle } => {
+                        descriptors.remove(&stream_seq);
+                        channel::send_settle(&mut w, stream_seq, &settle).await?;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Connects a function host in this process to its gateway over loopback TCP (the handshake
+/// included) and serves both ends on `tracker` until `cancel`: the descriptor path of separate
+/// processes, everything else unchanged ([`crate::node::DescriptorChannel::LoopbackTcp`]).
+///
+/// # Errors
+/// [`Error::Io`] when the loopback socket cannot be set up or the handshake fails.
+pub async fn loopback(
+    side: HostSide,
+    link: Link,
+    tracker: &tokio_util::task::TaskTracker,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<RemoteSink> {
+    let io = |what: &'static str| move |e: std::io::Error| Error::io(what, e);
+    let listener =
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(io("bind the descriptor channel"))?;
+    let addr = listener.local_addr().map_err(io("descriptor channel address"))?;
+    let (conn, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+    let (mut host_conn, (mut gw_conn, _)) = (
+        conn.map_err(io("connect the descriptor channel"))?,
+        accepted.map_err(io("accept the descriptor channel"))?,
+    );
+    let _ = host_conn.set_nodelay(true);
+    let _ = gw_conn.set_nodelay(true);
+    let function = FunctionId(1);
+    let timeout = Duration::from_secs(5);
+    let (welcomed, said) = tokio::join!(
+        channel::accept(&mut gw_conn, timeout, &side.metrics),
+        channel::hello(&mut host_conn, function)
+    );
+    let handshake = |e: ChannelError| Error::io("descriptor channel handshake", std::io::Error::other(e));
+    let function = welcomed.map_err(handshake)?;
+    said.map_err(handshake)?;
+    let (metrics, hand_back) = (Arc::clone(&side.metrics), side.hand_back);
+    let (sink, gateway) = RemoteSink::serve(gw_conn, function, link, metrics, hand_back);
+    let stop = cancel.clone();
+    tracker.spawn(async move {
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            end = serve_gateway(host_conn, side) => tracing::warn!(result = ?end, "the function host's channel ended"),
+        }
+    });
+    tracker.spawn(async move {
+        let _ = gateway.await;
+    });
+    Ok(sink)
+}
+
+#[cfg(test)]
+mod tests {
+    use shoal_proto::descriptor::DescriptorKind;
+    use shoal_proto::{ClientId, JobId, RoundId, Staleness, UpdateKind};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::ingest::demand::DemandTally;
+    use crate::staging::SlotPool;
+
+    /// The "local function host" of the test: hands every delivery to the test.
+    #[derive(Debug)]
+    struct Collect(mpsc::UnboundedSender<Delivery>);
+
+    impl DescriptorSink for Collect {
+        fn deliver(&self, d: Delivery) -> BoxFuture<'_, Result<()>> {
+            let sent = self.0.send(d).map_err(|_| Error::Gone("test host"));
+            Box::pin(async move { sent })
+        }
+    }
+
+    async fn staged(pool: &Arc<SlotPool>, tally: &DemandTally, seq: u64, byte: u8) -> Delivery {
+        let mut slot = pool.alloc().await.expect("slot");
+        slot.bytes_mut().fill(byte);
+        let at = slot.location();
+        let job = JobId::new("job").expect("job");
+        Delivery {
+            descriptor: UpdateDescriptor {
+                kind: DescriptorKind::Update,
+                function: FunctionId(1),
+                segment: at.segment,
+                slot: at.index,
+                generation: at.generation,
+                offset: at.offset,
+                length: at.length,
+                job: job.clone(),
+                round: RoundId(1),
+                client: ClientId::new(format!("c{seq}")).expect("client"),
+                num_examples: 1,
+                staleness: Staleness(0),
+                update_kind: UpdateKind::Parameters,
+                stream_seq: seq,
+            },
+            view: slot.into_view(),
+            received: Instant::now(),
+            start: None,
+            unfolded: tally.arrived(&job),
+        }
+    }
+
+    #[tokio::test]
+    async fn descriptors_cross_the_socket_and_slots_come_back_or_are_handed_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pool = SlotPool::new(dir.path().to_owned(), "job".into(), 256, 1 << 20);
+        let tally = DemandTally::default();
+        let job = JobId::new("job").expect("job");
+        let (gw_metrics, host_metrics) = (Arc::new(Metrics::default()), Arc::new(Metrics::default()));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let mut conn = TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
+        let (mut gw_conn, _) = listener.accept().await.expect("accept");
+        let wait = Duration::from_secs(5);
+        let (function, said) = tokio::join!(
+            channel::accept(&mut gw_conn, wait, &gw_metrics),
+            channel::hello(&mut conn, FunctionId(4))
+        );
+        said.expect("welcomed");
+        let (gw_link, mut gw_feedback) = Link::forwarding();
+        let hand_back = Duration::from_millis(7);
+        let (sink, gw_task) =
+            RemoteSink::serve(gw_conn, function.expect("hello"), gw_link, Arc::clone(&gw_metrics), hand_back);
+        assert_eq!(sink.function(), FunctionId(4));
+        let (host_link, host_feedback) = Link::forwarding();
+        let (to_test, mut delivered) = mpsc::unbounded_channel();
+        let side = HostSide {
+            segments: SegmentCache::new(dir.path().to_owned()),
+            host: Arc::new(Collect(to_test)),
+            feedback: host_feedback,
+            metrics: Arc::clone(&host_metrics),
+            hand_back,
+        };
+        let host_task = tokio::spawn(serve_gateway(conn, side));
+
+        // Three updates: the host reads each in place through its read-only mapping.
+        for seq in 1..=3u64 {
+            sink.deliver(staged(&pool, &tally, seq, seq as u8).await).await.expect("deliver");
+        }
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            let d = tokio::time::timeout(wait, delivered.recv()).await.expect("in time").expect("delivery");
+            assert!(d.view.bytes().iter().all(|&b| u64::from(b) == d.descriptor.stream_seq));
+            got.push(d);
+        }
+        assert_eq!((sink.in_flight(), tally.counts(&job).1), (3, 3), "held until released");
+        // The host folds them: each release reaches the ledger and returns the slot.
+        for d in &got {
+            host_link.release(d.descriptor.stream_seq);
+        }
+        for _ in 0..3 {
+            let f = tokio::time::timeout(wait, gw_feedback.recv()).await.expect("in time");
+            assert!(matches!(f, Some(Feedback::Release { .. })), "{f:?}");
+        }
+        drop(got);
+        // One segment of 64 slots (256-byte slots), every one free again.
+        assert_eq!((sink.in_flight(), tally.counts(&job).1), (0, 0));
+        assert_eq!((pool.segments(), pool.free_slots()), (1, 64));
+
+        // A descriptor of an earlier lease of its slot: refused by the host, counted, handed back.
+        let mut stale = staged(&pool, &tally, 9, 9).await;
+        stale.descriptor.generation += 1;
+        sink.deliver(stale).await.expect("deliver");
+        let f = tokio::time::timeout(wait, gw_feedback.recv()).await.expect("in time");
+        assert_eq!(f, Some(Feedback::Settle { stream_seq: 9, settle: Settle::Nak(hand_back) }));
+        let text = host_metrics.encode();
+        assert!(text.contains("shoal_descriptor_channel_errors_total{reason=\"stale_slot\"} 1"), "{text}");
+        assert!(delivered.try_recv().is_err(), "a refused descriptor is never read");
+
+        // The host process dies with an update in flight: the gateway hands it back.
+        sink.deliver(staged(&pool, &tally, 11, 11).await).await.expect("deliver");
+        let _in_host = tokio::time::timeout(wait, delivered.recv()).await.expect("in time");
+        host_task.abort();
+        let _ = host_task.await;
+        let f = tokio::time::timeout(wait, gw_feedback.recv()).await.expect("in time");
+        assert_eq!(f, Some(Feedback::Settle { stream_seq: 11, settle: Settle::Nak(hand_back) }));
+        tokio::time::timeout(wait, gw_task).await.expect("gateway side ends").expect("no panic");
+        assert_eq!((sink.in_flight(), tally.counts(&job).1), (0, 0));
+        assert!(sink.deliver(staged(&pool, &tally, 12, 12).await).await.is_err(), "no host behind the sink");
+    }
+}
