@@ -284,9 +284,10 @@ pub struct ClientArgs {
     /// Local training examples behind the update (its FedAvg weight).
     #[arg(long)]
     num_examples: u64,
-    /// Update kind.
-    #[arg(long, default_value = "parameters")]
-    kind: String,
+    /// What the update holds: the trained parameters, or their delta from the base model (the
+    /// job spec's `update_kind` says which the job takes).
+    #[arg(long, value_enum, default_value_t = KindArg::Parameters)]
+    kind: KindArg,
     /// Always take the upload path (chunks on the job's upload stream), even for an update
     /// small enough to go inline. `--object-store` is the old name.
     #[arg(long, alias = "object-store")]
@@ -297,6 +298,24 @@ pub struct ClientArgs {
     /// Give up waiting after this many seconds.
     #[arg(long, default_value_t = 600)]
     timeout_secs: u64,
+}
+
+/// `shoal client --kind`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum KindArg {
+    /// The trained parameters.
+    Parameters,
+    /// Trained parameters minus the base model.
+    Delta,
+}
+
+impl From<KindArg> for UpdateKind {
+    fn from(k: KindArg) -> UpdateKind {
+        match k {
+            KindArg::Parameters => UpdateKind::Parameters,
+            KindArg::Delta => UpdateKind::Delta,
+        }
+    }
 }
 
 /// Runs the parsed command (inside an actix system).
@@ -323,7 +342,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 /// `shoal node`: runs until SIGINT or SIGTERM, then shuts down cleanly.
 async fn run_node(a: NodeArgs) -> anyhow::Result<()> {
     let config = a.config()?;
-    config.validate().context("invalid node flags")?;
+    config.validate().map_err(|e| match e.field.strip_prefix("timings.") {
+        Some(timing) => anyhow::anyhow!("invalid node configuration: timing {timing}: {}", e.detail),
+        None => anyhow::anyhow!("invalid flag --{}: {}", e.field.replace('_', "-"), e.detail),
+    })?;
     let opts = NodeOptions { config, nats: a.nats.options("shoal-node")?, plugins: None };
     let handle = node::start(opts).await.context("starting the node")?;
     shutdown_signal().await;
@@ -378,7 +400,7 @@ async fn run_client(a: ClientArgs) -> anyhow::Result<()> {
         opts = opts.for_client(&me);
     }
     let client = ShoalClient::connect(&opts).await?;
-    let kind = UpdateKind::parse(&a.kind).context("--kind must be parameters or delta")?;
+    let kind = UpdateKind::from(a.kind);
     let payload = std::fs::read(&a.update).with_context(|| format!("reading {}", a.update.display()))?;
     let timeout = Duration::from_secs(a.timeout_secs);
     // Check the file against the job's manifest before sending it anywhere.

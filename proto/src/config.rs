@@ -98,13 +98,16 @@ impl Default for NodeConfig {
 pub const MIN_ACK_WAIT_MS: u64 = 300;
 /// Smallest collection timeout accepted.
 pub const MIN_COLLECT_TIMEOUT_MS: u64 = 100;
+/// Longest ack wait, idle timeout or collection timeout accepted: 30 days (the longest round
+/// deadline a job may set).
+pub const MAX_TIMEOUT_MS: u64 = 30 * 24 * 3600 * 1000;
 
 impl NodeConfig {
     /// Refuses a configuration that cannot work, naming the field and the accepted range.
     ///
     /// # Errors
-    /// [`ConfigError`] for a zero or too-small ack wait, pull batch, shared-memory budget,
-    /// collection timeout or max jobs, an empty NATS URL or prefix, a prefix that is not one
+    /// [`ConfigError`] for a zero, too-small or too-large ack wait, idle timeout, pull batch
+    /// (also: above `max_ack_pending`), shared-memory budget, collection timeout or max jobs, an empty NATS URL or prefix, a prefix that is not one
     /// subject token, or inconsistent timings.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |field, detail: String| Err(ConfigError { field, detail });
@@ -112,6 +115,27 @@ impl NodeConfig {
             return bad(
                 "ack_wait_ms",
                 format!("{} ms is below the minimum of {MIN_ACK_WAIT_MS} ms", self.ack_wait_ms),
+            );
+        }
+        if self.ack_wait_ms > MAX_TIMEOUT_MS {
+            return bad(
+                "ack_wait_ms",
+                format!("{} ms is above the maximum of {MAX_TIMEOUT_MS} ms (30 days)", self.ack_wait_ms),
+            );
+        }
+        if self.idle_timeout_ms == 0 || self.idle_timeout_ms > MAX_TIMEOUT_MS {
+            return bad(
+                "idle_timeout_ms",
+                format!("{} ms must be between 1 and {MAX_TIMEOUT_MS} ms (30 days)", self.idle_timeout_ms),
+            );
+        }
+        if self.collect_timeout_ms > MAX_TIMEOUT_MS {
+            return bad(
+                "collect_timeout_ms",
+                format!(
+                    "{} ms is above the maximum of {MAX_TIMEOUT_MS} ms (30 days)",
+                    self.collect_timeout_ms
+                ),
             );
         }
         if self.collect_timeout_ms < MIN_COLLECT_TIMEOUT_MS {
@@ -125,6 +149,15 @@ impl NodeConfig {
         }
         if self.max_ack_pending == 0 {
             return bad("max_ack_pending", "must be at least 1".into());
+        }
+        if u64::from(self.pull_batch) > self.max_ack_pending {
+            return bad(
+                "pull_batch",
+                format!(
+                    "{} is above max_ack_pending ({}): JetStream never has more un-acked updates to give",
+                    self.pull_batch, self.max_ack_pending
+                ),
+            );
         }
         if self.shm_budget_mib == 0 {
             return bad("shm_budget_mib", "must be at least 1 MiB".into());
@@ -336,6 +369,17 @@ mod tests {
         assert_eq!(field(NodeConfig { ack_wait_ms: 299, ..Default::default() }), "ack_wait_ms");
         NodeConfig { ack_wait_ms: 300, ..Default::default() }.validate().unwrap();
         assert_eq!(field(NodeConfig { pull_batch: 0, ..Default::default() }), "pull_batch");
+        assert_eq!(
+            field(NodeConfig { pull_batch: 11, max_ack_pending: 10, ..Default::default() }),
+            "pull_batch"
+        );
+        assert_eq!(field(NodeConfig { max_ack_pending: 0, ..Default::default() }), "max_ack_pending");
+        assert_eq!(field(NodeConfig { idle_timeout_ms: 0, ..Default::default() }), "idle_timeout_ms");
+        assert_eq!(field(NodeConfig { ack_wait_ms: u64::MAX, ..Default::default() }), "ack_wait_ms");
+        assert_eq!(
+            field(NodeConfig { collect_timeout_ms: u64::MAX, ..Default::default() }),
+            "collect_timeout_ms"
+        );
         assert_eq!(field(NodeConfig { shm_budget_mib: 0, ..Default::default() }), "shm_budget_mib");
         assert_eq!(field(NodeConfig { max_jobs: Some(0), ..Default::default() }), "max_jobs");
         assert_eq!(field(NodeConfig { collect_timeout_ms: 99, ..Default::default() }), "collect_timeout_ms");
