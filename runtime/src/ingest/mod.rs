@@ -60,6 +60,8 @@ struct Gateway {
     /// Clients staged per (job, round) with their message's stream sequence (to tell a
     /// redelivery of the same message from a second update).
     seen: Seen,
+    /// Jobs whose update slot is larger than the shared-memory budget (logged once).
+    over_budget: std::collections::HashSet<JobId>,
 }
 
 /// One update message on its way in.
@@ -117,7 +119,13 @@ pub async fn run(ctx: NodeContext) -> Result<()> {
     let (mut consumer, mut messages) = open_updates(&ctx).await?;
     let t = ctx.config.timings.clone();
     let cancel = ctx.cancel.clone();
-    let mut gw = Gateway { ctx, claims: None, pools: HashMap::new(), seen: Seen::new() };
+    let mut gw = Gateway {
+        ctx,
+        claims: None,
+        pools: HashMap::new(),
+        seen: Seen::new(),
+        over_budget: Default::default(),
+    };
     let mut prune = tokio::time::interval(ms(t.prune_interval_ms));
     let mut watchdog = tokio::time::interval(ms(t.consumer_stall_check_ms));
     let (mut delivered, mut errors) = (true, 0u32);
@@ -189,6 +197,7 @@ impl Gateway {
         let dir = &self.ctx.directory;
         let running = |job: &JobId| dir.get(job).is_some_and(|e| e.state.phase == JobPhase::Running);
         self.pools.retain(|job, _| running(job));
+        self.over_budget.retain(|job| running(job));
         self.seen.retain(|job, _| running(job));
     }
 
@@ -363,12 +372,12 @@ impl Gateway {
         upload: Option<UploadChunks>,
     ) -> Result<Option<Delivery>, Refusal> {
         let manifest = &entry.manifest;
-        let (dir, budget) = (self.ctx.shm_dir.clone(), self.ctx.config.shm_budget_bytes());
-        let pool = self
-            .pools
-            .entry(u.job.clone())
-            .or_insert_with(|| SlotPool::new(dir, u.job.to_string(), manifest.slot_bytes(), budget))
-            .clone();
+        let Some(pool) = self.pool(&u.job, manifest.slot_bytes()) else {
+            // Not one update of the job fits this node's shared-memory budget: another node may
+            // take it (the job's top refuses a job that fits no budget, `cluster::top`).
+            u.ack.nak(ms(self.ctx.config.timings.nak_handoff_ms)).await;
+            return Ok(None);
+        };
         let mut slot = pool.alloc().await.map_err(|e| {
             tracing::error!(error = %e, "cannot allocate shared memory");
             Refusal::new(RejectReason::PayloadTooLarge, format!("no shared memory for the update: {e}"))
@@ -435,6 +444,27 @@ impl Gateway {
             received: std::time::Instant::now(),
             start: None,
         }))
+    }
+
+    /// The job's slot pool, created on first use within the node's shared-memory budget; `None`
+    /// (logged once per job) when not one slot fits the budget.
+    fn pool(&mut self, job: &JobId, slot_bytes: usize) -> Option<Arc<SlotPool>> {
+        if let Some(p) = self.pools.get(job) {
+            return Some(Arc::clone(p));
+        }
+        let (dir, budget) = (self.ctx.shm_dir.clone(), self.ctx.config.shm_budget_bytes());
+        match SlotPool::new(dir, job.to_string(), slot_bytes, budget) {
+            Ok(p) => {
+                self.pools.insert(job.clone(), Arc::clone(&p));
+                Some(p)
+            }
+            Err(e) => {
+                if self.over_budget.insert(job.clone()) {
+                    tracing::error!(%job, error = %e, "the job's updates cannot be staged on this node; handed to other nodes");
+                }
+                None
+            }
+        }
     }
 
     /// Claims (job, round, client) for the message at `stream_seq` in KV `shoal-claims`

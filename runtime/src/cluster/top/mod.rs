@@ -144,6 +144,11 @@ enum Step {
 /// NATS errors that persist, an unreadable spec or model.
 async fn run(ctx: &NodeContext, job: JobId, cancel: CancellationToken) -> Result<()> {
     let mut top = Top::start(ctx, job, cancel).await?;
+    if top.state.phase == JobPhase::Running {
+        if let Err(e) = top.fits_budget() {
+            return top.refuse(format!("refused by node {}: {e}", ctx.node)).await;
+        }
+    }
     // A round already open when we start was opened by a top that may have died holding
     // staged updates: give JetStream time to redeliver them before judging the round.
     let mut earliest = top.state.is_open().then(|| tokio::time::Instant::now() + ctx.config.takeover_grace());
@@ -195,6 +200,42 @@ impl<'a> Top<'a> {
             inbox,
             exchange_failures: 0,
         })
+    }
+
+    /// Whether the job's rounds fit this node's shared-memory budget: one update slot for a
+    /// streaming strategy, a whole round of them (`max_clients_per_round`, default
+    /// `cohort_size`) for a whole-cohort strategy or with lazy aggregation. A round that could
+    /// not fit would only fail at its deadline as `quorum_not_met`.
+    fn fits_budget(&self) -> Result<()> {
+        let whole =
+            self.strategy.mergeability() == Mergeability::WholeCohort || self.ctx.config.lazy_aggregation;
+        let needed = if whole { self.spec.round_client_limit().unwrap_or(1) as usize } else { 1 };
+        let layout =
+            crate::staging::PoolLayout::new(self.manifest.slot_bytes(), self.ctx.config.shm_budget_bytes());
+        layout.check(needed)
+    }
+
+    /// Ends a job that cannot run: its state becomes `Failed { reason }` by compare-and-set (unless
+    /// another writer ended it first) and `JobEnded` is published.
+    async fn refuse(&mut self, reason: String) -> Result<()> {
+        tracing::error!(job = %self.job, %reason, "job refused");
+        while self.state.phase == JobPhase::Running {
+            let mut next = self.state.clone();
+            next.phase = JobPhase::Failed { reason: reason.clone() };
+            match jobs::cas_state(&self.ctx.infra, &self.job, &next, self.revision).await? {
+                CasOutcome::Written(rev) => {
+                    (self.state, self.revision) = (next, rev);
+                    self.ctx.directory.observe_state(&self.job, None, self.state.clone(), self.revision);
+                    let ended =
+                        RoundEvent::JobEnded { job: self.job.clone(), phase: self.state.phase.clone() };
+                    publish_event(&self.ctx.infra, &self.job, &ended).await;
+                }
+                CasOutcome::Conflict => {
+                    (self.state, self.revision) = jobs::load_state(&self.ctx.infra.js, &self.job).await?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Opens the round by a compare-and-set; `false` when another top changed the state first
