@@ -41,6 +41,11 @@ impl Subjects {
         format!("{}.{job}.update.{client}", self.prefix)
     }
 
+    /// `<p>.<job>.update.*`: every update of one job (what deleting the job purges).
+    pub fn job_updates(&self, job: &JobId) -> String {
+        format!("{}.{job}.update.*", self.prefix)
+    }
+
     /// `<p>.*.update.*`: the stream's subject filter.
     pub fn all_updates(&self) -> String {
         format!("{}.*.update.*", self.prefix)

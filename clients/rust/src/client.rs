@@ -128,11 +128,57 @@ impl ShoalClient {
     /// [`crate::objects::read_object`]).
     ///
     /// # Errors
-    /// NATS errors (a missing version included), [`Error::Unauthorized`].
+    /// As [`Self::fetch_model_into`].
     pub async fn fetch_model(&self, job: &JobId, version: ModelVersion) -> Result<Vec<u8>> {
+        let mut data = Vec::new();
+        self.fetch_model_into(job, version, &mut data).await?;
+        Ok(data)
+    }
+
+    /// Streams the global model `version` into `sink` chunk by chunk (a file, with progress: a
+    /// large model need not fit in memory) and checks its size and SHA-256 digest against the
+    /// object's metadata. Returns that metadata (`size`, `digest`).
+    ///
+    /// # Errors
+    /// [`Error::ModelNotReady`] for a version not committed yet (above the job's current one);
+    /// [`Error::ModelUnavailable`] for a committed version no longer stored (pruned) or a
+    /// missing chunk; [`Error::Decode`] when the bytes do not match the recorded size and digest;
+    /// [`Error::Io`] when `sink` fails; [`Error::UnknownJob`]; [`Error::Unauthorized`].
+    pub async fn fetch_model_into(
+        &self,
+        job: &JobId,
+        version: ModelVersion,
+        sink: &mut impl objects::ChunkSink,
+    ) -> Result<async_nats::jetstream::object_store::ObjectInfo> {
+        use objects::ObjectReadError as E;
         let name = subjects::model_object(job, version);
-        let read = objects::read_object(&self.infra.js, subjects::MODELS_BUCKET, &name);
-        self.infra.violations.guard("read the model", read).await
+        let read = async {
+            Ok(objects::read_object_into(&self.infra.js, subjects::MODELS_BUCKET, &name, usize::MAX, sink)
+                .await)
+        };
+        let unavailable =
+            |detail: String| Error::ModelUnavailable { job: job.to_string(), version: version.0, detail };
+        match self.infra.violations.guard("read the model", read).await? {
+            Ok(info) => Ok(info),
+            Err(E::Missing { detail, .. }) => {
+                let current = self.job_state(job).await?.model_version;
+                if version > current {
+                    return Err(Error::ModelNotReady {
+                        job: job.to_string(),
+                        version: version.0,
+                        current: current.0,
+                    });
+                }
+                Err(unavailable(format!(
+                    "{detail} (the job is at version {current}; older versions are pruned as new ones commit)"
+                )))
+            }
+            Err(e @ E::MissingChunk { .. }) => Err(unavailable(e.to_string())),
+            Err(e @ (E::Corrupt { .. } | E::TooLarge { .. })) => {
+                Err(Error::Decode { what: "model object", detail: e.to_string() })
+            }
+            Err(E::Sink { name, source }) => Err(Error::io(format!("writing model {name}"), source)),
+        }
     }
 
     /// This client's personal reward from the last committed round (RFFL: the top-q_i
