@@ -62,6 +62,9 @@ struct Gateway {
     seen: Seen,
     /// Jobs whose update slot is larger than the shared-memory budget (logged once).
     over_budget: std::collections::HashSet<JobId>,
+    /// The incarnation (`JobEntry::incarnation`) of each job the gateway keeps state for: a job
+    /// deleted and created again under its id starts with no pool, no seen clients.
+    incarnations: HashMap<JobId, u64>,
 }
 
 /// One update message on its way in.
@@ -125,6 +128,7 @@ pub async fn run(ctx: NodeContext) -> Result<()> {
         pools: HashMap::new(),
         seen: Seen::new(),
         over_budget: Default::default(),
+        incarnations: HashMap::new(),
     };
     let mut prune = tokio::time::interval(ms(t.prune_interval_ms));
     let mut watchdog = tokio::time::interval(ms(t.consumer_stall_check_ms));
@@ -198,6 +202,7 @@ impl Gateway {
         let running = |job: &JobId| dir.get(job).is_some_and(|e| e.state.phase == JobPhase::Running);
         self.pools.retain(|job, _| running(job));
         self.over_budget.retain(|job| running(job));
+        self.incarnations.retain(|job, _| dir.get(job).is_some());
         self.seen.retain(|job, _| running(job));
     }
 
@@ -268,6 +273,12 @@ impl Gateway {
             .job_entry(&u.job)
             .await
             .ok_or_else(|| Refusal::new(RejectReason::UnknownJob, format!("job {} does not exist", u.job)))?;
+        if self.incarnations.insert(u.job.clone(), entry.incarnation).is_some_and(|i| i != entry.incarnation)
+        {
+            self.pools.remove(&u.job);
+            self.seen.remove(&u.job);
+            self.over_budget.remove(&u.job);
+        }
         let state_round = entry.state.round;
         if let Some(rounds) = self.seen.get_mut(&u.job) {
             // Rounds before the open one are settled: forget them.
@@ -453,7 +464,10 @@ impl Gateway {
             return Some(Arc::clone(p));
         }
         let (dir, budget) = (self.ctx.shm_dir.clone(), self.ctx.config.shm_budget_bytes());
-        match SlotPool::new(dir, job.to_string(), slot_bytes, budget) {
+        // Segment files are named after the job's incarnation too: a deleted job's segments
+        // may outlive it for a moment, and a job created again under its id must not collide.
+        let incarnation = self.incarnations.get(job).copied().unwrap_or(0);
+        match SlotPool::new(dir, format!("{job}-{incarnation}"), slot_bytes, budget) {
             Ok(p) => {
                 self.pools.insert(job.clone(), Arc::clone(&p));
                 Some(p)

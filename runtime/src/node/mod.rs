@@ -278,7 +278,7 @@ impl JobStarter {
 
     fn offer(&self, job: shoal_functions::JobId) {
         match self.ctx.slots.offer(&job, self.running(&job)) {
-            Offer::Start { counted } => self.start(job, counted),
+            Offer::Start { .. } => self.start(job),
             Offer::Queued => tracing::warn!(
                 %job, max_jobs = ?self.ctx.slots.max(),
                 "node at capacity: the job waits for a free slot (its updates are refused as \
@@ -288,7 +288,8 @@ impl JobStarter {
         }
     }
 
-    fn start(&self, job: shoal_functions::JobId, counted: bool) {
+    fn start(&self, job: shoal_functions::JobId) {
+        let incarnation = self.ctx.directory.get(&job).map_or(0, |e| e.incarnation);
         let retry = ms(self.ctx.config.timings.retry_ms);
         let (leaf, top) = (self.ctx.clone(), self.ctx.clone());
         let leaf_task =
@@ -299,9 +300,6 @@ impl JobStarter {
             self.tracker.spawn(retrying("top", job.clone(), self.ctx.cancel.clone(), retry, move |job| {
                 top::run_top(top.clone(), job)
             }));
-        if !counted {
-            return;
-        }
         let this = self.clone();
         self.tracker.spawn(async move {
             let _ = leaf_task.await;
@@ -311,7 +309,12 @@ impl JobStarter {
             }
             for next in this.ctx.slots.release(&job, |j| this.running(j)) {
                 tracing::info!(job = %next, ended = %job, "a job slot is free: the waiting job starts");
-                this.start(next, true);
+                this.start(next);
+            }
+            // The id was deleted and created again while this incarnation wound down: the new
+            // job was offered while the old one still held the id, so offer it now.
+            if this.ctx.directory.get(&job).is_some_and(|e| e.incarnation != incarnation) {
+                this.offer(job);
             }
         });
     }

@@ -58,11 +58,13 @@ pub async fn run_top(ctx: NodeContext, job: JobId) -> Result<()> {
     let instance = shoal_proto::InstanceId(rand::random::<u64>());
     let key = shoal_proto::subjects::top_lease_key(&job);
     let timings = &ctx.config.timings;
+    let incarnation = ctx.directory.get(&job).map_or(0, |e| e.incarnation);
     loop {
         if ctx.cancel.is_cancelled() {
             return Ok(());
         }
-        if ctx.directory.get(&job).is_some_and(|e| e.state.phase != JobPhase::Running) {
+        // Ended (finished, failed, cancelled) or deleted: nothing to lead.
+        if !ctx.directory.runs(&job, incarnation) {
             return Ok(());
         }
         match lease::try_acquire(&ctx.infra, &key, &ctx.node, instance, timings).await? {
@@ -87,7 +89,7 @@ pub async fn run_top(ctx: NodeContext, job: JobId) -> Result<()> {
                 ));
                 let gauge = ctx.metrics.tier("top");
                 gauge.inc();
-                let result = run(&ctx, job.clone(), lost.clone()).await;
+                let result = run(&ctx, job.clone(), incarnation, lost.clone()).await;
                 gauge.dec();
                 ctx.local.unregister(&job);
                 stop.cancel();
@@ -126,6 +128,11 @@ struct Top<'a> {
     global: Parameters,
     inbox: Inbox,
     exchange_failures: u32,
+    /// The job's incarnation in this node's directory (a job deleted and created again under
+    /// the same id is another one).
+    incarnation: u64,
+    /// Wakes the top when a job's state changes in the directory (a cancel, a delete).
+    changes: tokio::sync::watch::Receiver<u64>,
 }
 
 /// What the top does after waiting for a round.
@@ -138,12 +145,12 @@ enum Step {
     Closed,
 }
 
-/// Runs the top of `job` until it finishes, fails, or `cancel`.
+/// Runs the top of `job` until it finishes, fails, is cancelled or deleted, or `cancel`.
 ///
 /// # Errors
 /// NATS errors that persist, an unreadable spec or model.
-async fn run(ctx: &NodeContext, job: JobId, cancel: CancellationToken) -> Result<()> {
-    let mut top = Top::start(ctx, job, cancel).await?;
+async fn run(ctx: &NodeContext, job: JobId, incarnation: u64, cancel: CancellationToken) -> Result<()> {
+    let mut top = Top::start(ctx, job, incarnation, cancel).await?;
     if top.state.phase == JobPhase::Running {
         if let Err(e) = top.fits_budget() {
             return top.refuse(format!("refused by node {}: {e}", ctx.node)).await;
@@ -153,6 +160,10 @@ async fn run(ctx: &NodeContext, job: JobId, cancel: CancellationToken) -> Result
     // staged updates: give JetStream time to redeliver them before judging the round.
     let mut earliest = top.state.is_open().then(|| tokio::time::Instant::now() + ctx.config.takeover_grace());
     while top.state.phase == JobPhase::Running {
+        if !ctx.directory.runs(&top.job, incarnation) {
+            tracing::info!(job = %top.job, "the job was cancelled or deleted; its top stops");
+            return Ok(());
+        }
         if !top.state.is_open() && !top.open_round().await? {
             continue;
         }
@@ -165,7 +176,12 @@ async fn run(ctx: &NodeContext, job: JobId, cancel: CancellationToken) -> Result
 }
 
 impl<'a> Top<'a> {
-    async fn start(ctx: &'a NodeContext, job: JobId, cancel: CancellationToken) -> Result<Top<'a>> {
+    async fn start(
+        ctx: &'a NodeContext,
+        job: JobId,
+        incarnation: u64,
+        cancel: CancellationToken,
+    ) -> Result<Top<'a>> {
         let spec = Arc::new(jobs::load_spec(&ctx.infra.js, &job).await?);
         let manifest = Arc::new(spec.manifest.clone());
         let local = ctx.local.register(&job);
@@ -199,6 +215,8 @@ impl<'a> Top<'a> {
             global,
             inbox,
             exchange_failures: 0,
+            incarnation,
+            changes: ctx.directory.subscribe(),
         })
     }
 
@@ -294,9 +312,16 @@ impl<'a> Top<'a> {
     /// passes; `false` when cancelled.
     async fn wait_for_cohort(&mut self, clock: &mut RoundClock, round: RoundId) -> bool {
         loop {
+            // Checked on every wake-up too: a change notified between two waits is not lost.
+            if !self.ctx.directory.runs(&self.job, self.incarnation) {
+                tracing::info!(job = %self.job, round = round.0, "the job was cancelled or deleted; its top stops");
+                return false;
+            }
             tokio::select! {
                 _ = self.cancel.cancelled() => return false,
                 _ = tokio::time::sleep_until(clock.deadline()) => return true,
+                // A cancelled or deleted job stops at once, not at its deadline.
+                _ = self.changes.changed() => {}
                 Some(req) = self.inbox.rewards.next() => {
                     let reward = reward_bytes(&*self.strategy, &req);
                     answer_reward(&self.ctx.infra, req, reward).await;
