@@ -83,7 +83,11 @@ pub struct NatsArgs {
 }
 
 impl NatsArgs {
-    fn options(&self, name: &str) -> shoal_client::Result<ConnectOptions> {
+    /// The SDK's connection options from these flags.
+    ///
+    /// # Errors
+    /// Contradictory credentials (two at once), URLs with differing credentials.
+    pub fn options(&self, name: &str) -> shoal_client::Result<ConnectOptions> {
         let auth = NatsAuth {
             user: self.nats_user.clone(),
             password: self.nats_password.clone(),
@@ -116,9 +120,12 @@ pub enum Command {
     /// Run a node: gateway + function host + a leaf per job, and the top of the jobs whose top
     /// lease it holds. Start several (distinct --node-id and --shm-dir) on one NATS server.
     Node(NodeArgs),
-    /// Create or inspect jobs.
+    /// Create, list, inspect, cancel and delete jobs.
     #[command(subcommand)]
     Job(JobCommand),
+    /// Take a job's models out of the object store.
+    #[command(subcommand)]
+    Model(ModelCommand),
     /// Publish one client update for a job's open round.
     Client(ClientArgs),
     /// Train a real model federatedly, end to end, and compare with centralized training.
@@ -242,10 +249,32 @@ impl NodeArgs {
     }
 }
 
+/// `shoal model ...`
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Write one committed model version of a job to a safetensors file.
+    ///
+    /// The model is read chunk by chunk (with a progress bar on a terminal) and its size and
+    /// SHA-256 digest are checked against the object store's record before the file appears.
+    /// Only the client's least permissions are needed.
+    ///
+    /// Exit codes: 0 written; 75 the version is not committed yet (retry later, or pass
+    /// --wait-secs); 1 any other error (unknown job, a pruned version, ...).
+    #[command(after_help = "Examples:
+  shoal model get --job mnist -o mnist.safetensors                # the latest committed version
+  shoal model get --job mnist --version 3 -o mnist-v3.safetensors
+  shoal model get --job mnist --version 10 --wait-secs 600 -o final.safetensors
+  shoal model get --job mnist -o - | python inspect.py            # to stdout")]
+    Get(crate::jobs::ModelGetArgs),
+}
+
 /// `shoal job ...`
 #[derive(Debug, Subcommand)]
 pub enum JobCommand {
     /// Create a job from a JSON spec (see README for the format).
+    #[command(after_help = "Examples:
+  shoal job create --spec job.json                                # initial model: zeros
+  shoal job create --spec job.json --initial pretrained.safetensors")]
     Create {
         /// NATS connection.
         #[command(flatten)]
@@ -257,15 +286,42 @@ pub enum JobCommand {
         #[arg(long)]
         initial: Option<PathBuf>,
     },
-    /// Show a job's state.
-    Status {
-        /// NATS connection.
-        #[command(flatten)]
-        nats: NatsArgs,
-        /// Job id.
-        job: String,
-    },
+    /// List every job: phase, round, model version, strategy and how its last round ended.
+    #[command(after_help = "Examples:
+  shoal job list
+  shoal job list --json | jq -r '.[] | select(.phase == \"running\") | .job'")]
+    List(crate::jobs::ListArgs),
+    /// Show a job's state: phase, the open round's updates received (as the serving nodes
+    /// report them) against the cohort, its deadline, the model version and its object, how the
+    /// last round ended, and which nodes serve the job.
+    ///
+    /// Exit codes: 0 running, finished or cancelled; 3 failed (the reason is printed); 1 an
+    /// error (unknown job, no connection).
+    #[command(after_help = "Examples:
+  shoal job status mnist
+  shoal job status mnist --json | jq .received")]
+    Status(crate::jobs::StatusArgs),
+    /// Cancel a running job: no round opens or commits after this; the updates of the open
+    /// round are refused as late_update. Its models stay readable (`shoal model get`).
+    #[command(after_help = "Examples:
+  shoal job cancel mnist
+  shoal job cancel mnist --reason \"wrong learning rate\"")]
+    Cancel(crate::jobs::CancelArgs),
+    /// Delete a job and free its id: its models, spec, state (with history), top lease, strategy
+    /// state, update claims, queued updates and its upload stream `UPLOADS_<job>`. A running
+    /// job is cancelled first and the command waits until no node serves it. Asks for
+    /// confirmation unless --yes.
+    #[command(after_help = "Examples:
+  shoal job delete mnist                  # asks: Delete? [y/N]
+  shoal job delete mnist --yes            # for scripts
+  shoal job delete mnist --yes && shoal job create --spec job.json   # start over under the same id")]
+    Delete(crate::jobs::DeleteArgs),
 }
+
+/// Ends the command with this exit code; whatever it had to say is already printed.
+#[derive(Debug, thiserror::Error)]
+#[error("exit code {0}")]
+pub struct Exit(pub u8);
 
 /// `shoal client` flags.
 #[derive(Debug, Args)]
@@ -292,7 +348,9 @@ pub struct ClientArgs {
     /// small enough to go inline. `--object-store` is the old name.
     #[arg(long, alias = "object-store")]
     force_upload: bool,
-    /// Wait for the round to close and print its outcome.
+    /// Wait for the round to close and print its outcome; says every 5 s on stderr what it
+    /// waits for (the round and its deadline). Exits non-zero if the node refuses the update
+    /// (the reason is printed) or the round closes without a model.
     #[arg(long)]
     wait: bool,
     /// Give up waiting after this many seconds.
@@ -328,7 +386,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Job(JobCommand::Create { nats, spec, initial }) => {
             job_create(&nats, &spec, initial.as_deref()).await
         }
-        Command::Job(JobCommand::Status { nats, job }) => job_status(&nats, job).await,
+        Command::Job(JobCommand::List(a)) => crate::jobs::list(a).await,
+        Command::Job(JobCommand::Status(a)) => crate::jobs::status(a).await,
+        Command::Job(JobCommand::Cancel(a)) => crate::jobs::cancel(a).await,
+        Command::Job(JobCommand::Delete(a)) => crate::jobs::delete(a).await,
+        Command::Model(ModelCommand::Get(a)) => crate::jobs::model_get(a).await,
         Command::Client(a) => run_client(a).await,
         Command::Demo(a) => crate::demo::run(a).await,
         Command::Auth(AuthCommand::NatsConfig(a)) => {
@@ -375,21 +437,6 @@ async fn job_create(
     Ok(())
 }
 
-/// `shoal job status`.
-async fn job_status(nats: &NatsArgs, job: String) -> anyhow::Result<()> {
-    let client = ShoalClient::connect(&nats.options("shoal-cli")?).await?;
-    let job = JobId::new(job)?;
-    let state = client.job_state(&job).await?;
-    println!("job:           {job}");
-    println!("phase:         {}", state.phase);
-    println!("round:         {}{}", state.round, if state.is_open() { " (open)" } else { "" });
-    println!("model version: {}", state.model_version);
-    if let Some(o) = &state.last_outcome {
-        println!("last round:    {o}");
-    }
-    Ok(())
-}
-
 /// `shoal client`: checks the file against the job's manifest, publishes it for the open round
 /// and, with `--wait`, waits for the round's outcome.
 async fn run_client(a: ClientArgs) -> anyhow::Result<()> {
@@ -429,10 +476,7 @@ async fn run_client(a: ClientArgs) -> anyhow::Result<()> {
     if !a.wait {
         return Ok(());
     }
-    let after = client
-        .wait_for_outcome(&job, state.round, &mut rejections, timeout)
-        .await
-        .context("the node refused the update")?;
+    let after = wait_with_progress(&client, &job, state.round, &mut rejections, timeout).await?;
     match after.last_outcome {
         Some(o @ RoundOutcome::Committed { .. }) => println!("round {} closed: {o}", state.round),
         Some(o) => anyhow::bail!("round {} closed without a model: {o}", state.round),
@@ -442,6 +486,56 @@ async fn run_client(a: ClientArgs) -> anyhow::Result<()> {
         anyhow::bail!("job failed: {reason}");
     }
     Ok(())
+}
+
+/// How often `shoal client --wait` says what it waits for.
+const WAIT_REPORT: Duration = Duration::from_secs(5);
+
+/// `shoal client --wait`: waits for the round's outcome (or the node's refusal), saying on
+/// stderr what it waits for when it starts and every [`WAIT_REPORT`]: the round, its deadline,
+/// and once the deadline has passed, that the round is being closed.
+async fn wait_with_progress(
+    client: &ShoalClient,
+    job: &JobId,
+    round: shoal_functions::RoundId,
+    rejections: &mut async_nats::Subscriber,
+    timeout: Duration,
+) -> anyhow::Result<shoal_proto::JobState> {
+    let outcome = client.wait_for_outcome(job, round, rejections, timeout);
+    tokio::pin!(outcome);
+    let mut report = tokio::time::interval(WAIT_REPORT);
+    let started = std::time::Instant::now();
+    loop {
+        tokio::select! {
+            r = &mut outcome => {
+                return r.map_err(|e| match e {
+                    shoal_client::Error::Rejected(reason) => {
+                        anyhow::anyhow!("the node refused the update: {reason}")
+                    }
+                    other => other.into(),
+                });
+            }
+            _ = report.tick() => {
+                let Ok(s) = client.job_state(job).await else { continue };
+                if s.round != round || !s.is_open() {
+                    continue;
+                }
+                let now = crate::jobs::now_ms();
+                let when = if s.deadline_at_ms >= now {
+                    format!("deadline in {}", crate::jobs::human(s.deadline_at_ms - now))
+                } else {
+                    format!("deadline passed {} ago; the round is being closed", crate::jobs::human(now - s.deadline_at_ms))
+                };
+                let waited = started.elapsed();
+                if waited < Duration::from_secs(1) {
+                    eprintln!("waiting for round {round} of job {job} to close ({when})");
+                } else {
+                    let waited = crate::jobs::human(waited.as_millis() as u64);
+                    eprintln!("waiting for round {round} of job {job} to close ({when}; waited {waited})");
+                }
+            }
+        }
+    }
 }
 
 /// The text `shoal auth nats-config` prints (and, with --nkeys-dir, the seed files it writes).
@@ -500,6 +594,24 @@ fn write_seeds(dir: &std::path::Path, seeds: &[(String, nkeys::KeyPair)]) -> any
         writeln!(f, "{seed}").with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+/// An error and its causes on one line, each cause once: a library error whose message
+/// already includes its source's text (`NATS read failed: timed out` caused by `timed out`)
+/// does not repeat it.
+pub fn error_report(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if text.contains(&s) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&s);
+    }
+    text
 }
 
 /// Resolves on SIGINT or SIGTERM.
