@@ -204,10 +204,34 @@ pub struct NodeArgs {
     /// spread a burst over several nodes; large ones cut round trips on a single node.
     #[arg(long, default_value_t = NodeConfig::default().pull_batch)]
     pull_batch: u32,
+    /// Bytes the gateway asks JetStream for per pull request, in MiB (1-1024; never less than
+    /// one whole update message). About twice this is in flight at once: keep it well below
+    /// nats-server's max_pending (64 MiB by default), past which the server cuts the node off as
+    /// a slow consumer (counted in shoal_nats_disconnects_total).
+    #[arg(long, default_value_t = NodeConfig::default().pull_max_mib)]
+    pull_max_mib: u64,
     /// Un-acked updates the shared consumer allows across all jobs and nodes (updates are acked
-    /// at their round's commit).
+    /// at their round's commit). Jobs whose rounds take more are refused at creation and at
+    /// start. The last node started sets it for all.
     #[arg(long, default_value_t = NodeConfig::default().max_ack_pending)]
     max_ack_pending: u64,
+    /// Replicas of every JetStream stream and bucket Shoal creates (1-5): 1 on a single
+    /// nats-server, 3 on a JetStream cluster of three or more servers (survives the loss of
+    /// one). Existing streams and buckets are brought to it when the node starts; job upload
+    /// streams take the updates stream's.
+    #[arg(long, env = "SHOAL_JS_REPLICAS", default_value_t = NodeConfig::default().jetstream_replicas)]
+    js_replicas: u32,
+    /// Byte limit of the updates stream (MiB; default: none). When it is full, clients' publishes
+    /// fail until rounds commit and their updates are acked.
+    #[arg(long, env = "SHOAL_UPDATES_MAX_MIB")]
+    updates_max_mib: Option<u64>,
+    /// Byte limit of the models bucket (MiB; default: none). Each job keeps its last few
+    /// versions.
+    #[arg(long, env = "SHOAL_MODELS_MAX_MIB")]
+    models_max_mib: Option<u64>,
+    /// Byte limit of the node-to-node transfers bucket (MiB; default: none).
+    #[arg(long, env = "SHOAL_TRANSFERS_MAX_MIB")]
+    transfers_max_mib: Option<u64>,
     /// How long the top (or a middle) waits for the partials of a round before asking again, in
     /// milliseconds (at least 100).
     #[arg(long, default_value_t = NodeConfig::default().collect_timeout_ms)]
@@ -240,7 +264,12 @@ impl NodeArgs {
             idle_timeout_ms: self.idle_timeout_ms,
             collect_timeout_ms: self.collect_timeout_ms,
             pull_batch: self.pull_batch,
+            pull_max_mib: self.pull_max_mib,
             max_ack_pending: self.max_ack_pending,
+            jetstream_replicas: self.js_replicas,
+            updates_max_mib: self.updates_max_mib,
+            models_max_mib: self.models_max_mib,
+            transfers_max_mib: self.transfers_max_mib,
             max_jobs: self.max_jobs,
             lazy_aggregation: self.lazy_aggregation,
             fold_delay_ms: self.fold_delay_ms,
@@ -406,7 +435,13 @@ async fn run_node(a: NodeArgs) -> anyhow::Result<()> {
     let config = a.config()?;
     config.validate().map_err(|e| match e.field.strip_prefix("timings.") {
         Some(timing) => anyhow::anyhow!("invalid node configuration: timing {timing}: {}", e.detail),
-        None => anyhow::anyhow!("invalid flag --{}: {}", e.field.replace('_', "-"), e.detail),
+        None => {
+            let flag = match e.field {
+                "jetstream_replicas" => "js-replicas".to_string(),
+                other => other.replace('_', "-"),
+            };
+            anyhow::anyhow!("invalid flag --{flag}: {}", e.detail)
+        }
     })?;
     let opts = NodeOptions { config, nats: a.nats.options("shoal-node")?, plugins: None };
     let handle = node::start(opts).await.context("starting the node")?;

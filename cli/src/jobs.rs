@@ -148,7 +148,7 @@ pub async fn list(a: ListArgs) -> anyhow::Result<()> {
     let infra = admin(&a.nats).await?;
     let mut rows = Vec::new();
     for (job, state) in jobs::list_jobs(&infra).await? {
-        let spec = jobs::load_spec(&infra.js, &job).await.ok();
+        let spec = jobs::load_spec(&infra, &job).await.ok();
         let (phase, reason) = phase_name(&state.phase);
         rows.push(ListedJob {
             job: job.to_string(),
@@ -223,8 +223,8 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
     // Listen first, so the reports of the round read below are not missed.
     let mut progress = infra.subscribe(infra.subjects.progress(&job), "subscribe to progress").await?;
     infra.client.flush().await.context("flush")?;
-    let spec = jobs::load_spec(&infra.js, &job).await?;
-    let (state, _) = jobs::load_state(&infra.js, &job).await?;
+    let spec = jobs::load_spec(&infra, &job).await?;
+    let (state, _) = jobs::load_state(&infra, &job).await?;
     let mut by_node: BTreeMap<String, u64> = BTreeMap::new();
     if state.phase == JobPhase::Running {
         let until = tokio::time::Instant::now() + Duration::from_millis(a.listen_ms);
@@ -244,7 +244,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
         }
     }
     let top = jobs::top_holder(&infra, &job, Timings::default().lease_stale()).await?.map(|n| n.to_string());
-    let status = build_status(&job, &spec, &state, top, by_node, now_ms());
+    let status = build_status(&job, &spec, &state, (top, by_node), &infra.subjects.models_bucket(), now_ms());
     if a.json {
         println!("{}", serde_json::to_string_pretty(&status)?);
     } else {
@@ -261,8 +261,8 @@ fn build_status(
     job: &JobId,
     spec: &JobSpec,
     state: &JobState,
-    top: Option<String>,
-    by_node: BTreeMap<String, u64>,
+    (top, by_node): (Option<String>, BTreeMap<String, u64>),
+    models_bucket: &str,
     now: u64,
 ) -> Status {
     let (phase, reason) = phase_name(&state.phase);
@@ -289,7 +289,7 @@ fn build_status(
         model_version: state.model_version.0,
         rounds: spec.rounds,
         model_object: shoal_proto::subjects::model_object(job, state.model_version),
-        models_bucket: shoal_proto::subjects::MODELS_BUCKET.into(),
+        models_bucket: models_bucket.to_owned(),
         last_outcome: state.last_outcome.clone(),
         failed_rounds_in_a_row: state.failed_rounds_in_a_row,
         top,
@@ -404,7 +404,7 @@ pub async fn cancel(a: CancelArgs) -> anyhow::Result<()> {
 pub async fn delete(a: DeleteArgs) -> anyhow::Result<()> {
     let infra = admin(&a.nats).await?;
     let job = JobId::new(&a.job)?;
-    let state = match jobs::load_state(&infra.js, &job).await {
+    let state = match jobs::load_state(&infra, &job).await {
         Ok((s, _)) => Some(s),
         Err(e) if e.kind() == ErrorKind::UnknownJob => None,
         Err(e) => return Err(e.into()),

@@ -58,10 +58,27 @@ pub struct NodeConfig {
     pub collect_timeout_ms: u64,
     /// Updates per JetStream pull request.
     pub pull_batch: u32,
+    /// Bytes per JetStream pull request, MiB (at least the server's `max_payload` is asked for,
+    /// so that one update always fits). Up to about twice this is in flight to the node at
+    /// once; it must stay below nats-server's `max_pending` per connection (64 MiB by
+    /// default), past which the server cuts the node off as a slow consumer.
+    pub pull_max_mib: u64,
     /// Un-acked updates the shared work-queue consumer allows (JetStream `max_ack_pending`):
     /// updates are acked at their round's commit, so it bounds the updates staged across all
-    /// jobs and nodes at once.
+    /// jobs and nodes at once. A job whose rounds need more is refused at creation and at
+    /// start.
     pub max_ack_pending: u64,
+    /// Replicas of every JetStream stream and bucket Shoal creates (1 on a single nats-server;
+    /// 3 on a JetStream cluster of three or more servers). Existing ones are brought to it when
+    /// the node starts.
+    pub jetstream_replicas: u32,
+    /// Byte limit of the updates stream, MiB (`None`: none). When it is full, publishing an
+    /// update fails.
+    pub updates_max_mib: Option<u64>,
+    /// Byte limit of the models bucket, MiB (`None`: none).
+    pub models_max_mib: Option<u64>,
+    /// Byte limit of the node-to-node transfers bucket, MiB (`None`: none).
+    pub transfers_max_mib: Option<u64>,
     /// Most running jobs served at once; `None`: no limit.
     pub max_jobs: Option<u32>,
     /// Fold a round's updates only when it closes (the benchmark's baseline).
@@ -84,7 +101,12 @@ impl Default for NodeConfig {
             idle_timeout_ms: 300_000,
             collect_timeout_ms: 10_000,
             pull_batch: 64,
-            max_ack_pending: 10_000,
+            pull_max_mib: 16,
+            max_ack_pending: 1_000_000,
+            jetstream_replicas: 1,
+            updates_max_mib: None,
+            models_max_mib: None,
+            transfers_max_mib: None,
             max_jobs: None,
             lazy_aggregation: false,
             fold_delay_ms: 0,
@@ -98,6 +120,8 @@ impl Default for NodeConfig {
 pub const MIN_ACK_WAIT_MS: u64 = 300;
 /// Smallest collection timeout accepted.
 pub const MIN_COLLECT_TIMEOUT_MS: u64 = 100;
+/// Largest pull request accepted, MiB.
+pub const MAX_PULL_MIB: u64 = 1024;
 /// Longest ack wait, idle timeout or collection timeout accepted: 30 days (the longest round
 /// deadline a job may set).
 pub const MAX_TIMEOUT_MS: u64 = 30 * 24 * 3600 * 1000;
@@ -106,8 +130,8 @@ impl NodeConfig {
     /// Refuses a configuration that cannot work, naming the field and the accepted range.
     ///
     /// # Errors
-    /// [`ConfigError`] for a zero, too-small or too-large ack wait, idle timeout, pull batch
-    /// (also: above `max_ack_pending`), shared-memory budget, collection timeout or max jobs, an empty NATS URL or prefix, a prefix that is not one
+    /// [`ConfigError`] for a zero, too-small or too-large ack wait, idle timeout, pull batch or
+    /// pull size, shared-memory budget, collection timeout, max jobs or replicas, an empty NATS URL or prefix, a prefix that is not one
     /// subject token, or inconsistent timings.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |field, detail: String| Err(ConfigError { field, detail });
@@ -150,17 +174,29 @@ impl NodeConfig {
         if self.max_ack_pending == 0 {
             return bad("max_ack_pending", "must be at least 1".into());
         }
-        if u64::from(self.pull_batch) > self.max_ack_pending {
-            return bad(
-                "pull_batch",
-                format!(
-                    "{} is above max_ack_pending ({}): JetStream never has more un-acked updates to give",
-                    self.pull_batch, self.max_ack_pending
-                ),
-            );
-        }
         if self.shm_budget_mib == 0 {
             return bad("shm_budget_mib", "must be at least 1 MiB".into());
+        }
+        if !(1..=MAX_PULL_MIB).contains(&self.pull_max_mib) {
+            return bad(
+                "pull_max_mib",
+                format!("{} MiB must be between 1 and {MAX_PULL_MIB}", self.pull_max_mib),
+            );
+        }
+        if !(1..=5).contains(&self.jetstream_replicas) {
+            return bad(
+                "jetstream_replicas",
+                format!("{} must be between 1 and 5 (JetStream's range)", self.jetstream_replicas),
+            );
+        }
+        for (field, v) in [
+            ("updates_max_mib", self.updates_max_mib),
+            ("models_max_mib", self.models_max_mib),
+            ("transfers_max_mib", self.transfers_max_mib),
+        ] {
+            if v == Some(0) {
+                return bad(field, "must be at least 1 MiB (omit it for no limit)".into());
+            }
         }
         if self.max_jobs == Some(0) {
             return bad("max_jobs", "must be at least 1 (omit it for no limit)".into());
@@ -168,10 +204,8 @@ impl NodeConfig {
         if self.nats_url.trim().is_empty() {
             return bad("nats_url", "is empty".into());
         }
-        let token =
-            |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-        if !token(&self.prefix) {
-            return bad("prefix", format!("{:?} must be one subject token of [A-Za-z0-9_-]", self.prefix));
+        if let Err(why) = crate::subjects::validate_prefix(&self.prefix) {
+            return bad("prefix", why);
         }
         self.timings.validate()
     }
@@ -205,6 +239,18 @@ impl NodeConfig {
     /// The shared-memory budget per job, bytes.
     pub fn shm_budget_bytes(&self) -> usize {
         usize::try_from(self.shm_budget_mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX)
+    }
+
+    /// Bytes per pull request for a server whose `max_payload` is `max_payload`: `pull_max_mib`,
+    /// and never less than one whole message (the payload and 64 KiB of headers).
+    pub fn pull_max_bytes(&self, max_payload: usize) -> usize {
+        let mib = usize::try_from(self.pull_max_mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
+        mib.max(max_payload.saturating_add(64 << 10))
+    }
+
+    /// A byte limit given in MiB, in bytes.
+    pub fn mib_bytes(mib: Option<u64>) -> Option<u64> {
+        mib.map(|m| m.saturating_mul(1 << 20))
     }
 
     /// The fold delay (fault injection).
@@ -369,11 +415,14 @@ mod tests {
         assert_eq!(field(NodeConfig { ack_wait_ms: 299, ..Default::default() }), "ack_wait_ms");
         NodeConfig { ack_wait_ms: 300, ..Default::default() }.validate().unwrap();
         assert_eq!(field(NodeConfig { pull_batch: 0, ..Default::default() }), "pull_batch");
-        assert_eq!(
-            field(NodeConfig { pull_batch: 11, max_ack_pending: 10, ..Default::default() }),
-            "pull_batch"
-        );
         assert_eq!(field(NodeConfig { max_ack_pending: 0, ..Default::default() }), "max_ack_pending");
+        assert_eq!(field(NodeConfig { pull_max_mib: 0, ..Default::default() }), "pull_max_mib");
+        assert_eq!(field(NodeConfig { jetstream_replicas: 0, ..Default::default() }), "jetstream_replicas");
+        assert_eq!(field(NodeConfig { jetstream_replicas: 7, ..Default::default() }), "jetstream_replicas");
+        assert_eq!(field(NodeConfig { models_max_mib: Some(0), ..Default::default() }), "models_max_mib");
+        let c = NodeConfig::default();
+        assert_eq!(c.pull_max_bytes(1 << 20), 16 << 20);
+        assert_eq!(c.pull_max_bytes(64 << 20), (64 << 20) + (64 << 10), "one whole message at least");
         assert_eq!(field(NodeConfig { idle_timeout_ms: 0, ..Default::default() }), "idle_timeout_ms");
         assert_eq!(field(NodeConfig { ack_wait_ms: u64::MAX, ..Default::default() }), "ack_wait_ms");
         assert_eq!(
@@ -384,6 +433,7 @@ mod tests {
         assert_eq!(field(NodeConfig { max_jobs: Some(0), ..Default::default() }), "max_jobs");
         assert_eq!(field(NodeConfig { collect_timeout_ms: 99, ..Default::default() }), "collect_timeout_ms");
         assert_eq!(field(NodeConfig { prefix: "a.b".into(), ..Default::default() }), "prefix");
+        assert_eq!(field(NodeConfig { prefix: "Other".into(), ..Default::default() }), "prefix");
         let t = Timings { lease_stale_ms: 2000, ..Default::default() };
         assert_eq!(field(NodeConfig { timings: t, ..Default::default() }), "timings.lease_stale_ms");
         let t = Timings { progress_fresh_ms: 500, ..Default::default() };

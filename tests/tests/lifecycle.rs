@@ -262,7 +262,11 @@ async fn delete_frees_the_id_and_the_job_can_be_created_again() {
     // Round 2 is open: client "a" is staged there, then the job is deleted while running.
     let s2 = c.wait_for_open_round(&job, RoundId(2), Duration::from_secs(20)).await.unwrap();
     let infra = infra_of(&c).await;
-    assert!(infra.js.get_stream(shoal_proto::subjects::uploads_stream(&job)).await.is_ok());
+    assert!(infra
+        .js
+        .get_stream(shoal_proto::subjects::Subjects::default().uploads_stream(&job))
+        .await
+        .is_ok());
 
     // No confirmation, no deletion.
     let (code, _, err) = shoal_with_stdin(&["job", "delete", "reuse"], b"n\n").await;
@@ -283,7 +287,11 @@ async fn delete_frees_the_id_and_the_job_can_be_created_again() {
         let o = o.unwrap();
         assert!(o.deleted || !o.name.starts_with("reuse/"), "model object {} left", o.name);
     }
-    assert!(infra.js.get_stream(shoal_proto::subjects::uploads_stream(&job)).await.is_err());
+    assert!(infra
+        .js
+        .get_stream(shoal_proto::subjects::Subjects::default().uploads_stream(&job))
+        .await
+        .is_err());
     let claims = infra.claims(Duration::from_secs(600)).await.unwrap();
     let mut keys = claims.keys().await.unwrap();
     while let Some(k) = keys.next().await {

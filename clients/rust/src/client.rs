@@ -112,7 +112,7 @@ impl ShoalClient {
     /// # Errors
     /// [`Error::UnknownJob`], NATS errors.
     pub async fn job_spec(&self, job: &JobId) -> Result<JobSpec> {
-        self.infra.violations.guard("read the job spec", jobs::load_spec(&self.infra.js, job)).await
+        self.infra.violations.guard("read the job spec", jobs::load_spec(&self.infra, job)).await
     }
 
     /// The job's current state.
@@ -120,7 +120,7 @@ impl ShoalClient {
     /// # Errors
     /// [`Error::UnknownJob`], NATS errors.
     pub async fn job_state(&self, job: &JobId) -> Result<JobState> {
-        let state = self.infra.violations.guard("read the job state", jobs::load_state(&self.infra.js, job));
+        let state = self.infra.violations.guard("read the job state", jobs::load_state(&self.infra, job));
         Ok(state.await?.0)
     }
 
@@ -153,8 +153,8 @@ impl ShoalClient {
         use objects::ObjectReadError as E;
         let name = subjects::model_object(job, version);
         let read = async {
-            Ok(objects::read_object_into(&self.infra.js, subjects::MODELS_BUCKET, &name, usize::MAX, sink)
-                .await)
+            let bucket = self.infra.subjects.models_bucket();
+            Ok(objects::read_object_into(&self.infra.js, &bucket, &name, usize::MAX, sink).await)
         };
         let unavailable =
             |detail: String| Error::ModelUnavailable { job: job.to_string(), version: version.0, detail };
@@ -227,7 +227,7 @@ impl ShoalClient {
                 .map_err(|e| Error::nats("subscribe to round events", e))?;
             self.infra.client.flush().await.map_err(|e| Error::nats("flush", e))?;
             loop {
-                let state = jobs::load_state(&self.infra.js, job).await?.0;
+                let state = jobs::load_state(&self.infra, job).await?.0;
                 if done(&state) {
                     return Ok(state);
                 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use async_nats::jetstream;
 use bytes::Bytes;
 use shoal_functions::Parameters;
-use shoal_proto::subjects;
+use shoal_proto::subjects::{self, Subjects};
 use shoal_proto::{JobId, JobSpec, JobState, ModelVersion};
 
 use crate::error::{Error, Result};
@@ -49,11 +49,13 @@ pub async fn read_key(js: &jetstream::Context, bucket: &str, key: &str) -> Resul
 /// (`UPLOADS_<job>`) is created with it.
 ///
 /// # Errors
-/// [`Error::Spec`] for an invalid spec (or limits that do not fit the server's `max_payload`),
+/// [`Error::Spec`] for an invalid spec (or limits that do not fit the server's `max_payload`,
+/// or rounds larger than the gateway consumer's `max_ack_pending`),
 /// [`Error::PayloadTooLarge`] for a spec larger than the server's `max_payload` (nothing is
 /// written), [`Error::JobExists`], NATS errors.
 pub async fn create_job(infra: &Infra, spec: &JobSpec, initial: Option<&Parameters>) -> Result<()> {
     shoal_functions::factory::validate(spec)?;
+    check_ack_pending(infra, spec).await?;
     // The limits a client must respect are published in the stored spec.
     let spec = &spec.clone().with_published_limits(infra.max_payload() as u64)?;
     let manifest = Arc::new(spec.manifest.clone());
@@ -90,7 +92,9 @@ pub async fn create_job(infra: &Infra, spec: &JobSpec, initial: Option<&Paramete
         return Err(Error::JobExists(spec.job.to_string()));
     }
     put_model(infra, &spec.job, ModelVersion(0), initial).await?;
-    crate::uploads::ensure_stream(&infra.js, &infra.subjects, spec).await?;
+    // As many replicas as the updates stream a node provisioned.
+    let replicas = infra.updates.cached_info().config.num_replicas;
+    crate::uploads::ensure_stream(&infra.js, &infra.subjects, spec, replicas).await?;
     infra
         .jobs
         .put(subjects::job_spec_key(&spec.job), encoded)
@@ -105,12 +109,71 @@ pub async fn create_job(infra: &Infra, spec: &JobSpec, initial: Option<&Paramete
     }
 }
 
+/// What reading a deployment's job keys needs: JetStream, and the deployment's names (its
+/// prefix names the KV bucket). [`Infra`] and [`crate::Connection`] have both.
+pub trait JobKeys {
+    /// The JetStream context.
+    fn js(&self) -> &jetstream::Context;
+    /// The deployment's names.
+    fn subjects(&self) -> &Subjects;
+}
+
+impl<T: JobKeys + ?Sized> JobKeys for &T {
+    fn js(&self) -> &jetstream::Context {
+        (**self).js()
+    }
+    fn subjects(&self) -> &Subjects {
+        (**self).subjects()
+    }
+}
+
+impl JobKeys for Infra {
+    fn js(&self) -> &jetstream::Context {
+        &self.js
+    }
+    fn subjects(&self) -> &Subjects {
+        &self.subjects
+    }
+}
+
+impl JobKeys for crate::Connection {
+    fn js(&self) -> &jetstream::Context {
+        &self.js
+    }
+    fn subjects(&self) -> &Subjects {
+        &self.subjects
+    }
+}
+
+/// Refuses a job whose rounds take more updates than the gateway consumer lets stay un-acked
+/// (its `max_ack_pending`, `shoal node --max-ack-pending`): each update is acked only when its
+/// round commits, so such a round could never complete. Nothing to check before a node has
+/// created the consumer (the node checks again when the job starts).
+///
+/// # Errors
+/// [`Error::Spec`] naming both numbers.
+async fn check_ack_pending(infra: &Infra, spec: &JobSpec) -> Result<()> {
+    let Ok(info) = infra.updates.consumer_info(infra.subjects.gateway_consumer()).await else {
+        return Ok(());
+    };
+    let allowed = info.config.max_ack_pending;
+    let per_round = spec.updates_per_round();
+    if allowed > 0 && per_round > allowed as u64 {
+        return Err(Error::Spec(shoal_proto::SpecError(format!(
+            "a round of job {} takes {per_round} updates, each un-acked until the round commits, but the nodes' \
+             gateway consumer allows {allowed} un-acked updates (shoal node --max-ack-pending)",
+            spec.job
+        ))));
+    }
+    Ok(())
+}
+
 /// Loads a job's spec.
 ///
 /// # Errors
 /// [`Error::UnknownJob`], [`Error::Decode`], NATS errors.
-pub async fn load_spec(js: &jetstream::Context, job: &JobId) -> Result<JobSpec> {
-    let (bytes, _) = read_key(js, subjects::JOBS_BUCKET, &subjects::job_spec_key(job))
+pub async fn load_spec(at: &impl JobKeys, job: &JobId) -> Result<JobSpec> {
+    let (bytes, _) = read_key(at.js(), &at.subjects().jobs_bucket(), &subjects::job_spec_key(job))
         .await?
         .ok_or_else(|| Error::UnknownJob(job.to_string()))?;
     Ok(shoal_proto::decode("job spec", &bytes)?)
@@ -120,8 +183,8 @@ pub async fn load_spec(js: &jetstream::Context, job: &JobId) -> Result<JobSpec> 
 ///
 /// # Errors
 /// [`Error::UnknownJob`], [`Error::Decode`], NATS errors.
-pub async fn load_state(js: &jetstream::Context, job: &JobId) -> Result<(JobState, u64)> {
-    let (bytes, revision) = read_key(js, subjects::JOBS_BUCKET, &subjects::job_state_key(job))
+pub async fn load_state(at: &impl JobKeys, job: &JobId) -> Result<(JobState, u64)> {
+    let (bytes, revision) = read_key(at.js(), &at.subjects().jobs_bucket(), &subjects::job_state_key(job))
         .await?
         .ok_or_else(|| Error::UnknownJob(job.to_string()))?;
     Ok((shoal_proto::decode("job state", &bytes)?, revision))
@@ -211,7 +274,7 @@ pub async fn list_jobs(infra: &Infra) -> Result<Vec<(JobId, JobState)>> {
     ids.sort();
     let mut jobs = Vec::with_capacity(ids.len());
     for job in ids {
-        match load_state(&infra.js, &job).await {
+        match load_state(&infra, &job).await {
             Ok((state, _)) => jobs.push((job, state)),
             Err(Error::UnknownJob(_)) => {} // deleted meanwhile
             Err(e) => tracing::warn!(%job, error = %e, "job state unreadable; left out of the list"),
@@ -238,7 +301,7 @@ pub enum CancelOutcome {
 /// [`Error::UnknownJob`]; [`Error::Nats`], also when ten compare-and-sets in a row lose a race.
 pub async fn cancel_job(infra: &Infra, job: &JobId, reason: &str) -> Result<CancelOutcome> {
     for _ in 0..10 {
-        let (mut state, revision) = load_state(&infra.js, job).await?;
+        let (mut state, revision) = load_state(&infra, job).await?;
         if state.phase != shoal_proto::JobPhase::Running {
             return Ok(CancelOutcome::AlreadyEnded(state));
         }
@@ -282,7 +345,7 @@ pub async fn top_holder(
     Ok(lease.fresh(now, stale).then_some(lease.node))
 }
 
-/// What [`delete_job`] removed.
+/// What [`delete_job`] removed (bucket names are the default prefix's).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DeleteReport {
     /// Model versions (and any other object named `<job>/...`) deleted from `shoal-models`.
@@ -314,7 +377,7 @@ pub struct DeleteReport {
 /// [`Error::JobRunning`]; [`Error::UnknownJob`] when the job has neither state nor spec;
 /// [`Error::Nats`].
 pub async fn delete_job(infra: &Infra, job: &JobId) -> Result<DeleteReport> {
-    let state = match load_state(&infra.js, job).await {
+    let state = match load_state(&infra, job).await {
         Ok((s, _)) => Some(s),
         Err(Error::UnknownJob(_)) => None,
         Err(e) => return Err(e),
@@ -325,7 +388,10 @@ pub async fn delete_job(infra: &Infra, job: &JobId) -> Result<DeleteReport> {
         }
         Some(_) => {}
         // A create interrupted before its state (or a delete interrupted after it) leaves a spec.
-        None if read_key(&infra.js, subjects::JOBS_BUCKET, &subjects::job_spec_key(job)).await?.is_none() => {
+        None if read_key(&infra.js, &infra.subjects.jobs_bucket(), &subjects::job_spec_key(job))
+            .await?
+            .is_none() =>
+        {
             return Err(Error::UnknownJob(job.to_string()))
         }
         None => {}
@@ -337,7 +403,7 @@ pub async fn delete_job(infra: &Infra, job: &JobId) -> Result<DeleteReport> {
     let (partials, shards) = (format!("_partials/{job}/"), format!("_shards/{job}/"));
     report.transfers =
         delete_objects(&infra.update_objects, |n| n.starts_with(&partials) || n.starts_with(&shards)).await?;
-    match infra.js.delete_stream(subjects::uploads_stream(job)).await {
+    match infra.js.delete_stream(infra.subjects.uploads_stream(job)).await {
         Ok(_) => report.upload_stream = true,
         Err(e)
             if matches!(
@@ -351,19 +417,11 @@ pub async fn delete_job(infra: &Infra, job: &JobId) -> Result<DeleteReport> {
         Err(e) => return Err(Error::nats("delete the job's upload stream", e)),
     }
     report.updates =
-        purge_subject(&infra.js, subjects::UPDATES_STREAM, infra.subjects.job_updates(job)).await?;
-    report.claims = purge_subject(
-        &infra.js,
-        &subjects::kv_stream(subjects::CLAIMS_BUCKET),
-        format!("$KV.{}.{job}.>", subjects::CLAIMS_BUCKET),
-    )
-    .await?;
-    report.keys = purge_subject(
-        &infra.js,
-        &subjects::kv_stream(subjects::JOBS_BUCKET),
-        format!("$KV.{}.{job}.>", subjects::JOBS_BUCKET),
-    )
-    .await?;
+        purge_subject(&infra.js, &infra.subjects.updates_stream(), infra.subjects.job_updates(job)).await?;
+    let (claims, kv) = (infra.subjects.claims_bucket(), infra.subjects.jobs_bucket());
+    report.claims =
+        purge_subject(&infra.js, &subjects::kv_stream(&claims), format!("$KV.{claims}.{job}.>")).await?;
+    report.keys = purge_subject(&infra.js, &subjects::kv_stream(&kv), format!("$KV.{kv}.{job}.>")).await?;
     // The marker nodes see (their watch of `*.state`); a later create writes over it.
     infra
         .jobs

@@ -80,27 +80,46 @@ struct Incoming {
 type Consumer = async_nats::jetstream::consumer::Consumer<pull::Config>;
 
 /// The gateway's pull subscription: (re)creates the durable consumer and its message stream.
+/// An existing consumer whose ack wait or `max_ack_pending` differ from this node's flags is
+/// updated to them (the last node started sets them for all). Pulls are sized by count
+/// (`--pull-batch`) and by bytes (`--pull-max-mib`), so a batch of large inline updates stays
+/// below nats-server's per-connection `max_pending` instead of getting the node cut off as a
+/// slow consumer.
 async fn open_updates(ctx: &NodeContext) -> Result<(Consumer, pull::Stream)> {
-    let consumer = ctx
+    let name = ctx.infra.subjects.gateway_consumer();
+    let config = pull::Config {
+        durable_name: Some(name.clone()),
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: ctx.config.ack_wait(),
+        max_ack_pending: i64::try_from(ctx.config.max_ack_pending).unwrap_or(i64::MAX),
+        deliver_policy: DeliverPolicy::All,
+        filter_subject: ctx.infra.subjects.all_updates(),
+        ..Default::default()
+    };
+    let mut consumer = ctx
         .infra
         .updates
-        .get_or_create_consumer(
-            subjects::GATEWAY_CONSUMER,
-            pull::Config {
-                durable_name: Some(subjects::GATEWAY_CONSUMER.into()),
-                ack_policy: AckPolicy::Explicit,
-                ack_wait: ctx.config.ack_wait(),
-                max_ack_pending: i64::try_from(ctx.config.max_ack_pending).unwrap_or(i64::MAX),
-                deliver_policy: DeliverPolicy::All,
-                filter_subject: ctx.infra.subjects.all_updates(),
-                ..Default::default()
-            },
-        )
+        .get_or_create_consumer(&name, config.clone())
         .await
         .map_err(|e| Error::nats("create gateway consumer", e))?;
+    let have = &consumer.cached_info().config;
+    if have.ack_wait != config.ack_wait || have.max_ack_pending != config.max_ack_pending {
+        tracing::info!(
+            ack_wait = ?config.ack_wait, max_ack_pending = config.max_ack_pending,
+            was_ack_wait = ?have.ack_wait, was_max_ack_pending = have.max_ack_pending,
+            "updating the gateway consumer to this node's flags"
+        );
+        consumer = ctx
+            .infra
+            .updates
+            .update_consumer(config)
+            .await
+            .map_err(|e| Error::nats("update gateway consumer", e))?;
+    }
     let messages = consumer
         .stream()
         .max_messages_per_batch(ctx.config.pull_batch as usize)
+        .max_bytes_per_batch(ctx.config.pull_max_bytes(ctx.infra.max_payload()))
         .messages()
         .await
         .map_err(|e| Error::nats("pull updates", e))?;
@@ -245,8 +264,8 @@ impl Gateway {
             return Some(e);
         }
         // Not seen by the watch yet (e.g. right after a restart): ask KV before refusing.
-        let spec = jobs::load_spec(&self.ctx.infra.js, job).await.ok()?;
-        let (state, rev) = jobs::load_state(&self.ctx.infra.js, job).await.ok()?;
+        let spec = jobs::load_spec(&self.ctx.infra, job).await.ok()?;
+        let (state, rev) = jobs::load_state(&self.ctx.infra, job).await.ok()?;
         self.ctx.directory.observe_state(job, Some(Arc::new(spec)), state, rev);
         self.ctx.directory.get(job)
     }

@@ -209,7 +209,7 @@ async fn resync_states(infra: &Infra, dir: &JobDirectory) -> Vec<JobId> {
     let mut deleted = Vec::new();
     for job in dir.jobs() {
         let Some(known) = dir.get(&job) else { continue };
-        match load_state(&infra.js, &job).await {
+        match load_state(&infra, &job).await {
             Err(shoal_client::Error::UnknownJob(_)) => {
                 tracing::info!(%job, "job deleted");
                 dir.forget(&job);
@@ -301,7 +301,7 @@ pub async fn watch_jobs(
             let spec = if known {
                 None
             } else {
-                match load_spec(&infra.js, &job).await {
+                match load_spec(&infra, &job).await {
                     Ok(s) => {
                         let spec = Arc::new(s);
                         // The key's history holds the commit records of the last rounds: a node

@@ -123,6 +123,13 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
     nats.prefix.clone_from(&config.prefix);
     nats.name = format!("shoal-node-{}", config.node_id);
     nats.slow_consumer_events = Some(metrics.slow_consumer_events.clone());
+    nats.disconnects = Some(metrics.nats_disconnects.clone());
+    nats.jetstream = Some(crate::nats::JetStreamOptions {
+        replicas: config.jetstream_replicas as usize,
+        updates_max_bytes: NodeConfig::mib_bytes(config.updates_max_mib),
+        models_max_bytes: NodeConfig::mib_bytes(config.models_max_mib),
+        transfers_max_bytes: NodeConfig::mib_bytes(config.transfers_max_mib),
+    });
     let infra = Infra::connect(&nats).await?;
     // Before touching shared memory: another live process of this node id may still use it.
     let membership = lease::join(&infra, &config.node_id, &config.timings).await?;

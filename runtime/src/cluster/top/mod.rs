@@ -152,8 +152,8 @@ enum Step {
 async fn run(ctx: &NodeContext, job: JobId, incarnation: u64, cancel: CancellationToken) -> Result<()> {
     let mut top = Top::start(ctx, job, incarnation, cancel).await?;
     if top.state.phase == JobPhase::Running {
-        if let Err(e) = top.fits_budget() {
-            return top.refuse(format!("refused by node {}: {e}", ctx.node)).await;
+        if let Err(why) = top.fits_node() {
+            return top.refuse(format!("refused by node {}: {why}", ctx.node)).await;
         }
     }
     // A round already open when we start was opened by a top that may have died holding
@@ -182,12 +182,12 @@ impl<'a> Top<'a> {
         incarnation: u64,
         cancel: CancellationToken,
     ) -> Result<Top<'a>> {
-        let spec = Arc::new(jobs::load_spec(&ctx.infra.js, &job).await?);
+        let spec = Arc::new(jobs::load_spec(&ctx.infra, &job).await?);
         let manifest = Arc::new(spec.manifest.clone());
         let local = ctx.local.register(&job);
         let plugins = ctx.plugins.as_ref().map(|f| f.plugins(&spec)).unwrap_or_default();
         let strategy = factory::build_strategy_with(&spec, plugins)?;
-        let (state, revision) = jobs::load_state(&ctx.infra.js, &job).await?;
+        let (state, revision) = jobs::load_state(&ctx.infra, &job).await?;
         let global = load_global(&ctx.infra, &job, &state, &manifest).await?;
         let s = &ctx.infra.subjects;
         let inbox = Inbox {
@@ -220,17 +220,29 @@ impl<'a> Top<'a> {
         })
     }
 
-    /// Whether the job's rounds fit this node's shared-memory budget: one update slot for a
-    /// streaming strategy, a whole round of them (`max_clients_per_round`, default
-    /// `cohort_size`) for a whole-cohort strategy or with lazy aggregation. A round that could
-    /// not fit would only fail at its deadline as `quorum_not_met`.
-    fn fits_budget(&self) -> Result<()> {
+    /// Whether the job fits this node (`Err`: why not). A round that does not fit would only
+    /// fail at its deadline as `quorum_not_met`, so the job is refused at start instead:
+    /// - the shared-memory budget must hold one update slot for a streaming strategy, a whole
+    ///   round of them (`max_clients_per_round`, default `cohort_size`) for a whole-cohort
+    ///   strategy or with lazy aggregation;
+    /// - the gateway consumer's `max_ack_pending` must let a round's updates stay un-acked until
+    ///   the round commits.
+    fn fits_node(&self) -> std::result::Result<(), String> {
         let whole =
             self.strategy.mergeability() == Mergeability::WholeCohort || self.ctx.config.lazy_aggregation;
         let needed = if whole { self.spec.round_client_limit().unwrap_or(1) as usize } else { 1 };
         let layout =
             crate::staging::PoolLayout::new(self.manifest.slot_bytes(), self.ctx.config.shm_budget_bytes());
-        layout.check(needed)
+        layout.check(needed).map_err(|e| e.to_string())?;
+        let per_round = self.spec.updates_per_round();
+        if per_round > self.ctx.config.max_ack_pending {
+            return Err(format!(
+                "a round takes {per_round} updates, each un-acked until the round commits, but the gateway \
+                 consumer allows {} un-acked updates (--max-ack-pending)",
+                self.ctx.config.max_ack_pending
+            ));
+        }
+        Ok(())
     }
 
     /// Ends a job that cannot run: its state becomes `Failed { reason }` by compare-and-set (unless
@@ -249,7 +261,7 @@ impl<'a> Top<'a> {
                     publish_event(&self.ctx.infra, &self.job, &ended).await;
                 }
                 CasOutcome::Conflict => {
-                    (self.state, self.revision) = jobs::load_state(&self.ctx.infra.js, &self.job).await?;
+                    (self.state, self.revision) = jobs::load_state(&self.ctx.infra, &self.job).await?;
                 }
             }
         }
@@ -277,7 +289,7 @@ impl<'a> Top<'a> {
                 Ok(true)
             }
             CasOutcome::Conflict => {
-                (self.state, self.revision) = jobs::load_state(&self.ctx.infra.js, &self.job).await?;
+                (self.state, self.revision) = jobs::load_state(&self.ctx.infra, &self.job).await?;
                 Ok(false)
             }
         }
@@ -449,7 +461,7 @@ impl<'a> Top<'a> {
             CasOutcome::Conflict => {
                 // Another committer won; the leaves settle by its record.
                 tracing::warn!(job = %self.job, round = round.0, "job state changed under us; reloading");
-                (self.state, self.revision) = jobs::load_state(&self.ctx.infra.js, &self.job).await?;
+                (self.state, self.revision) = jobs::load_state(&self.ctx.infra, &self.job).await?;
                 self.global = load_global(&self.ctx.infra, &self.job, &self.state, &self.manifest).await?;
                 return Ok(Step::Again);
             }
@@ -485,7 +497,7 @@ impl<'a> Top<'a> {
         } else {
             return;
         };
-        match infra.js.get_stream_no_info(shoal_proto::subjects::uploads_stream(&self.job)).await {
+        match infra.js.get_stream_no_info(infra.subjects.uploads_stream(&self.job)).await {
             Ok(stream) => shoal_client::uploads::purge_matching(&stream, filter).await,
             Err(e) => tracing::debug!(error = %e, "the job's upload stream is gone; nothing to purge"),
         }
