@@ -11,7 +11,7 @@
 //! [`ConnectOptions::for_client`] so that replies come to the client's own inbox. An operation
 //! the server refuses fails as [`Error::Unauthorized`], naming the refused subject.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -76,14 +76,73 @@ pub struct JobLimits {
     pub chunk_bytes: u64,
 }
 
+/// How long a published message id is remembered: twice the updates stream's default
+/// duplicate window (10 min). JetStream answers `duplicate` only within its window, so an older
+/// id can never come back as one.
+pub const SENT_ID_TTL: Duration = Duration::from_secs(20 * 60);
+/// Most message ids remembered (one update per round: thousands of rounds); the oldest go
+/// first.
+pub const SENT_ID_CAP: usize = 10_000;
+
+/// The message ids a client object published, remembered for [`SENT_ID_TTL`] and at most
+/// [`SENT_ID_CAP`] of them, so a long-lived client does not grow without limit.
+#[derive(Debug)]
+pub struct SentIds {
+    order: VecDeque<(std::time::Instant, String)>,
+    ids: HashSet<String>,
+    ttl: Duration,
+    cap: usize,
+}
+
+impl Default for SentIds {
+    fn default() -> Self {
+        SentIds::new(SENT_ID_TTL, SENT_ID_CAP)
+    }
+}
+
+impl SentIds {
+    /// Ids remembered for `ttl`, at most `cap` (at least 1) of them.
+    pub fn new(ttl: Duration, cap: usize) -> SentIds {
+        SentIds { order: VecDeque::new(), ids: HashSet::new(), ttl, cap: cap.max(1) }
+    }
+
+    /// Records `id` as published now; `false` when it was already remembered (a retry).
+    pub fn insert(&mut self, id: &str, now: std::time::Instant) -> bool {
+        while let Some((at, _)) = self.order.front() {
+            if now.saturating_duration_since(*at) <= self.ttl && self.order.len() < self.cap {
+                break;
+            }
+            if let Some((_, old)) = self.order.pop_front() {
+                self.ids.remove(&old);
+            }
+        }
+        if self.ids.contains(id) {
+            return false;
+        }
+        self.ids.insert(id.to_owned());
+        self.order.push_back((now, id.to_owned()));
+        true
+    }
+
+    /// Ids remembered.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether none is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
 /// A Shoal client.
 #[derive(Debug, Clone)]
 pub struct ShoalClient {
     infra: Connection,
     limits: Arc<Mutex<HashMap<JobId, JobLimits>>>,
-    /// The message ids this client object published (to tell its own retry from another
-    /// publisher's use of an id).
-    sent_ids: Arc<Mutex<HashSet<String>>>,
+    /// The message ids this client object published recently (to tell its own retry from
+    /// another publisher's use of an id), bounded ([`SentIds`]).
+    sent_ids: Arc<Mutex<SentIds>>,
 }
 
 impl ShoalClient {
@@ -450,7 +509,7 @@ impl ShoalClient {
         // connection dropped) makes the retry's `duplicate` answer ours, not a squatter's.
         let mine = {
             let mut sent = self.sent_ids.lock().unwrap_or_else(|p| p.into_inner());
-            !sent.insert(id.to_owned())
+            !sent.insert(id, std::time::Instant::now())
         };
         let subject = self.infra.subjects.update(&u.job, &u.client);
         let size = payload.len();
@@ -478,5 +537,34 @@ impl ShoalClient {
             (true, true) => Err(Error::Rejected(shoal_proto::RejectReason::Duplicate)),
             (true, false) => Ok(false),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A long-lived client remembers a bounded number of ids: old ones expire after the TTL,
+    /// and beyond the cap the oldest go first; a retry within both is still recognised.
+    #[test]
+    fn sent_ids_are_bounded_by_age_and_count() {
+        let t0 = std::time::Instant::now();
+        let mut s = SentIds::new(Duration::from_secs(60), 3);
+        assert!(s.insert("a", t0));
+        assert!(!s.insert("a", t0 + Duration::from_secs(1)), "a retry is recognised");
+        assert!(s.insert("b", t0 + Duration::from_secs(2)));
+        assert!(s.insert("c", t0 + Duration::from_secs(3)));
+        assert!(s.insert("d", t0 + Duration::from_secs(4)), "the cap evicts the oldest");
+        assert_eq!(s.len(), 3);
+        assert!(s.insert("a", t0 + Duration::from_secs(5)), "a was evicted");
+        // Past the TTL everything older goes.
+        assert!(s.insert("e", t0 + Duration::from_secs(200)));
+        assert_eq!(s.len(), 1);
+        // A million publishes keep at most the cap.
+        let mut s = SentIds::default();
+        for i in 0..1_000_000u64 {
+            s.insert(&format!("job.{i}.c.0123456789abcdef"), t0);
+        }
+        assert_eq!(s.len(), SENT_ID_CAP);
     }
 }
