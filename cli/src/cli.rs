@@ -385,6 +385,10 @@ pub struct ClientArgs {
     /// Give up waiting after this many seconds.
     #[arg(long, default_value_t = 600)]
     timeout_secs: u64,
+    /// Without --wait: how long to listen for an immediate refusal by the node (a second
+    /// update for the same round is refused as duplicate), in milliseconds.
+    #[arg(long, default_value_t = 1500)]
+    linger_ms: u64,
 }
 
 /// `shoal client --kind`.
@@ -509,6 +513,16 @@ async fn run_client(a: ClientArgs) -> anyhow::Result<()> {
     };
     println!("published for round {} ({via})", state.round);
     if !a.wait {
+        // A refusal the node sends at once (a second update for the round, a wrong shape) is
+        // worth a moment's wait: the publish itself cannot tell.
+        let linger = tokio::time::sleep(Duration::from_millis(a.linger_ms));
+        tokio::select! {
+            _ = linger => {}
+            Some(m) = futures::StreamExt::next(&mut rejections) => {
+                let n: shoal_proto::RejectNotice = shoal_proto::decode("reject notice", &m.payload)?;
+                anyhow::bail!("the node refused the update: {}: {}", n.reason, n.detail);
+            }
+        }
         return Ok(());
     }
     let after = wait_with_progress(&client, &job, state.round, &mut rejections, timeout).await?;

@@ -183,7 +183,9 @@ async fn ensure_stream(
         Err(e) => js.get_stream(&name).await.map_err(|_| create_failed(&e))?,
     };
     let have = s.info().await.map_err(|e| Error::nats("read stream info", e))?.config.clone();
-    if reconcile && (have.num_replicas != config.num_replicas || have.max_bytes != config.max_bytes) {
+    if reconcile
+        && (have.num_replicas != config.num_replicas || limit(have.max_bytes) != limit(config.max_bytes))
+    {
         tracing::info!(
             stream = %name, replicas = config.num_replicas, max_bytes = config.max_bytes,
             was_replicas = have.num_replicas, was_max_bytes = have.max_bytes,
@@ -195,6 +197,15 @@ async fn ensure_stream(
         s = js.get_stream(&name).await.map_err(|e| Error::nats("open stream", e))?;
     }
     Ok(s)
+}
+
+/// A byte limit as the server reports it: none (0 or negative in a request) is -1.
+fn limit(max_bytes: i64) -> i64 {
+    if max_bytes <= 0 {
+        -1
+    } else {
+        max_bytes
+    }
 }
 
 fn clamp_i64(v: u64) -> i64 {
@@ -268,7 +279,7 @@ async fn object_bucket(
     let stream =
         js.get_stream(subjects::object_stream(name)).await.map_err(|e| Error::nats("open stream", e))?;
     let have = stream.cached_info().config.clone();
-    if reconcile && (have.num_replicas != replicas || have.max_bytes != max_bytes) {
+    if reconcile && (have.num_replicas != replicas || limit(have.max_bytes) != limit(max_bytes)) {
         ensure_stream(js, true, stream::Config { num_replicas: replicas, max_bytes, ..have }).await?;
     }
     Ok(store)

@@ -103,6 +103,8 @@ pub struct NodeHandle {
     shutdown_grace: Duration,
     ledger: Ledger,
     tracker: TaskTracker,
+    /// `<shm_dir>/<node>` and `<shm_dir>`, removed at shutdown when empty.
+    shm_dirs: (PathBuf, PathBuf),
     /// The node's metrics.
     pub metrics: Arc<Metrics>,
     /// The node's NATS handles.
@@ -179,7 +181,7 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
         slots,
         plugins: opts.plugins,
         cancel: cancel.clone(),
-        shm_dir,
+        shm_dir: shm_dir.clone(),
     };
     spawn_tasks(&ctx, &tracker).await?;
     tracing::info!(
@@ -193,6 +195,7 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
         metrics,
         infra,
         shutdown_grace: ms(config.timings.shutdown_grace_ms),
+        shm_dirs: (shm_dir, config.shm_dir.clone()),
     })
 }
 
@@ -262,6 +265,12 @@ impl NodeHandle {
             tracing::info!(released = n, "held updates handed back to JetStream");
         }
         let _ = self.infra.client.flush().await;
+        // The segments went with the gateway's pools; leave no empty directory behind (a
+        // directory still holding files, or another node's, stays).
+        let (node_dir, root) = &self.shm_dirs;
+        if std::fs::remove_dir(node_dir).is_ok() {
+            let _ = std::fs::remove_dir(root);
+        }
     }
 
     /// A token cancelled when the node shuts down.
