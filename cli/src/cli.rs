@@ -46,7 +46,8 @@ pub struct NatsArgs {
     /// NATS server URL(s), comma-separated (`nats://` or `tls://`).
     #[arg(long, env = "SHOAL_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
-    /// Subject prefix.
+    /// The deployment's prefix: names its subjects, streams, buckets and consumer (1-32 of
+    /// [a-z0-9_-]; see README, "Prefixes and NATS clusters"). Use the nodes' prefix.
     #[arg(long, env = "SHOAL_PREFIX", default_value = shoal_proto::subjects::DEFAULT_PREFIX)]
     pub prefix: String,
     /// NATS user (with a password).
@@ -168,7 +169,7 @@ pub struct NatsConfigArgs {
     /// Client ids, comma-separated.
     #[arg(long, value_delimiter = ',', required = true)]
     clients: Vec<String>,
-    /// Subject prefix.
+    /// The deployment's prefix (the permissions name its subjects, streams and buckets).
     #[arg(long, env = "SHOAL_PREFIX", default_value = shoal_proto::subjects::DEFAULT_PREFIX)]
     prefix: String,
     /// The node's user name.
@@ -590,6 +591,8 @@ async fn wait_with_progress(
 /// The text `shoal auth nats-config` prints (and, with --nkeys-dir, the seed files it writes).
 fn nats_config(a: &NatsConfigArgs) -> anyhow::Result<String> {
     use shoal_client::auth::{self, UserCredential};
+    shoal_proto::subjects::validate_prefix(&a.prefix)
+        .map_err(|why| anyhow::anyhow!("invalid flag --prefix: {why}"))?;
     let job = JobId::new(&a.job)?;
     let clients = a.clients.iter().map(ClientId::new).collect::<Result<Vec<_>, _>>()?;
     let mut seeds = Vec::new();
