@@ -99,7 +99,8 @@ impl Segment {
         // SAFETY: the mapping is `len` bytes long and lives as long as `map`; we only read it.
         let head = unsafe { std::slice::from_raw_parts(map.as_ptr(), HEADER_LEN.min(len as usize)) };
         let header = SegmentHeader::decode(head, len)?;
-        // `<job>-<n>.seg`: the number after the last dash (0 for a file named otherwise).
+        // `<job>-<incarnation>-<n>.seg`: the number after the last dash (0 for a file named
+        // otherwise).
         let id = path
             .file_stem()
             .and_then(|s| s.to_str()?.rsplit('-').next()?.parse().ok())
