@@ -47,7 +47,8 @@ pub struct NatsArgs {
     /// NATS server URL(s), comma-separated (`nats://` or `tls://`).
     #[arg(long, env = "SHOAL_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
-    /// Subject prefix.
+    /// The deployment's prefix: names its subjects, streams, buckets and consumer (1-32 of
+    /// [a-z0-9_-]; see README, "Prefixes and NATS clusters"). Use the nodes' prefix.
     #[arg(long, env = "SHOAL_PREFIX", default_value = shoal_proto::subjects::DEFAULT_PREFIX)]
     pub prefix: String,
     /// NATS user (with a password).
@@ -84,7 +85,11 @@ pub struct NatsArgs {
 }
 
 impl NatsArgs {
-    fn options(&self, name: &str) -> shoal_client::Result<ConnectOptions> {
+    /// The SDK's connection options from these flags.
+    ///
+    /// # Errors
+    /// Contradictory credentials (two at once), URLs with differing credentials.
+    pub fn options(&self, name: &str) -> shoal_client::Result<ConnectOptions> {
         let auth = NatsAuth {
             user: self.nats_user.clone(),
             password: self.nats_password.clone(),
@@ -117,9 +122,12 @@ pub enum Command {
     /// Run a node: gateway + function host + a leaf per job, and the top of the jobs whose top
     /// lease it holds. Start several (distinct --node-id and --shm-dir) on one NATS server.
     Node(NodeArgs),
-    /// Create or inspect jobs.
+    /// Create, list, inspect, cancel and delete jobs.
     #[command(subcommand)]
     Job(JobCommand),
+    /// Take a job's models out of the object store.
+    #[command(subcommand)]
+    Model(ModelCommand),
     /// Publish one client update for a job's open round.
     Client(ClientArgs),
     /// Train a real model federatedly, end to end, and compare with centralized training.
@@ -162,7 +170,7 @@ pub struct NatsConfigArgs {
     /// Client ids, comma-separated.
     #[arg(long, value_delimiter = ',', required = true)]
     clients: Vec<String>,
-    /// Subject prefix.
+    /// The deployment's prefix (the permissions name its subjects, streams and buckets).
     #[arg(long, env = "SHOAL_PREFIX", default_value = shoal_proto::subjects::DEFAULT_PREFIX)]
     prefix: String,
     /// The node's user name.
@@ -198,10 +206,34 @@ pub struct NodeArgs {
     /// spread a burst over several nodes; large ones cut round trips on a single node.
     #[arg(long, default_value_t = NodeConfig::default().pull_batch)]
     pull_batch: u32,
+    /// Bytes the gateway asks JetStream for per pull request, in MiB (1-1024; never less than
+    /// one whole update message). About twice this is in flight at once: keep it well below
+    /// nats-server's max_pending (64 MiB by default), past which the server cuts the node off as
+    /// a slow consumer (counted in shoal_nats_disconnects_total).
+    #[arg(long, default_value_t = NodeConfig::default().pull_max_mib)]
+    pull_max_mib: u64,
     /// Un-acked updates the shared consumer allows across all jobs and nodes (updates are acked
-    /// at their round's commit).
+    /// at their round's commit). Jobs whose rounds take more are refused at creation and at
+    /// start. The last node started sets it for all.
     #[arg(long, default_value_t = NodeConfig::default().max_ack_pending)]
     max_ack_pending: u64,
+    /// Replicas of every JetStream stream and bucket Shoal creates (1-5): 1 on a single
+    /// nats-server, 3 on a JetStream cluster of three or more servers (survives the loss of
+    /// one). Existing streams and buckets are brought to it when the node starts; job upload
+    /// streams take the updates stream's.
+    #[arg(long, env = "SHOAL_JS_REPLICAS", default_value_t = NodeConfig::default().jetstream_replicas)]
+    js_replicas: u32,
+    /// Byte limit of the updates stream (MiB; default: none). When it is full, clients' publishes
+    /// fail until rounds commit and their updates are acked.
+    #[arg(long, env = "SHOAL_UPDATES_MAX_MIB")]
+    updates_max_mib: Option<u64>,
+    /// Byte limit of the models bucket (MiB; default: none). Each job keeps its last few
+    /// versions.
+    #[arg(long, env = "SHOAL_MODELS_MAX_MIB")]
+    models_max_mib: Option<u64>,
+    /// Byte limit of the node-to-node transfers bucket (MiB; default: none).
+    #[arg(long, env = "SHOAL_TRANSFERS_MAX_MIB")]
+    transfers_max_mib: Option<u64>,
     /// How long the top (or a middle) waits for the partials of a round before asking again, in
     /// milliseconds (at least 100).
     #[arg(long, default_value_t = NodeConfig::default().collect_timeout_ms)]
@@ -305,7 +337,12 @@ impl NodeArgs {
             idle_timeout_ms: self.idle_timeout_ms,
             collect_timeout_ms: self.collect_timeout_ms,
             pull_batch: self.pull_batch,
+            pull_max_mib: self.pull_max_mib,
             max_ack_pending: self.max_ack_pending,
+            jetstream_replicas: self.js_replicas,
+            updates_max_mib: self.updates_max_mib,
+            models_max_mib: self.models_max_mib,
+            transfers_max_mib: self.transfers_max_mib,
             max_jobs: self.max_jobs,
             lazy_aggregation: self.lazy_aggregation,
             fold_delay_ms: self.fold_delay_ms,
@@ -314,10 +351,32 @@ impl NodeArgs {
     }
 }
 
+/// `shoal model ...`
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Write one committed model version of a job to a safetensors file.
+    ///
+    /// The model is read chunk by chunk (with a progress bar on a terminal) and its size and
+    /// SHA-256 digest are checked against the object store's record before the file appears.
+    /// Only the client's least permissions are needed.
+    ///
+    /// Exit codes: 0 written; 75 the version is not committed yet (retry later, or pass
+    /// --wait-secs); 1 any other error (unknown job, a pruned version, ...).
+    #[command(after_help = "Examples:
+  shoal model get --job mnist -o mnist.safetensors                # the latest committed version
+  shoal model get --job mnist --version 3 -o mnist-v3.safetensors
+  shoal model get --job mnist --version 10 --wait-secs 600 -o final.safetensors
+  shoal model get --job mnist -o - | python inspect.py            # to stdout")]
+    Get(crate::jobs::ModelGetArgs),
+}
+
 /// `shoal job ...`
 #[derive(Debug, Subcommand)]
 pub enum JobCommand {
     /// Create a job from a JSON spec (see README for the format).
+    #[command(after_help = "Examples:
+  shoal job create --spec job.json                                # initial model: zeros
+  shoal job create --spec job.json --initial pretrained.safetensors")]
     Create {
         /// NATS connection.
         #[command(flatten)]
@@ -329,15 +388,42 @@ pub enum JobCommand {
         #[arg(long)]
         initial: Option<PathBuf>,
     },
-    /// Show a job's state.
-    Status {
-        /// NATS connection.
-        #[command(flatten)]
-        nats: NatsArgs,
-        /// Job id.
-        job: String,
-    },
+    /// List every job: phase, round, model version, strategy and how its last round ended.
+    #[command(after_help = "Examples:
+  shoal job list
+  shoal job list --json | jq -r '.[] | select(.phase == \"running\") | .job'")]
+    List(crate::jobs::ListArgs),
+    /// Show a job's state: phase, the open round's updates received (as the serving nodes
+    /// report them) against the cohort, its deadline, the model version and its object, how the
+    /// last round ended, and which nodes serve the job.
+    ///
+    /// Exit codes: 0 running, finished or cancelled; 3 failed (the reason is printed); 1 an
+    /// error (unknown job, no connection).
+    #[command(after_help = "Examples:
+  shoal job status mnist
+  shoal job status mnist --json | jq .received")]
+    Status(crate::jobs::StatusArgs),
+    /// Cancel a running job: no round opens or commits after this; the updates of the open
+    /// round are refused as late_update. Its models stay readable (`shoal model get`).
+    #[command(after_help = "Examples:
+  shoal job cancel mnist
+  shoal job cancel mnist --reason \"wrong learning rate\"")]
+    Cancel(crate::jobs::CancelArgs),
+    /// Delete a job and free its id: its models, spec, state (with history), top lease, strategy
+    /// state, update claims, queued updates and its upload stream `UPLOADS_<job>`. A running
+    /// job is cancelled first and the command waits until no node serves it. Asks for
+    /// confirmation unless --yes.
+    #[command(after_help = "Examples:
+  shoal job delete mnist                  # asks: Delete? [y/N]
+  shoal job delete mnist --yes            # for scripts
+  shoal job delete mnist --yes && shoal job create --spec job.json   # start over under the same id")]
+    Delete(crate::jobs::DeleteArgs),
 }
+
+/// Ends the command with this exit code; whatever it had to say is already printed.
+#[derive(Debug, thiserror::Error)]
+#[error("exit code {0}")]
+pub struct Exit(pub u8);
 
 /// `shoal client` flags.
 #[derive(Debug, Args)]
@@ -356,19 +442,44 @@ pub struct ClientArgs {
     /// Local training examples behind the update (its FedAvg weight).
     #[arg(long)]
     num_examples: u64,
-    /// Update kind.
-    #[arg(long, default_value = "parameters")]
-    kind: String,
+    /// What the update holds: the trained parameters, or their delta from the base model (the
+    /// job spec's `update_kind` says which the job takes).
+    #[arg(long, value_enum, default_value_t = KindArg::Parameters)]
+    kind: KindArg,
     /// Always take the upload path (chunks on the job's upload stream), even for an update
     /// small enough to go inline. `--object-store` is the old name.
     #[arg(long, alias = "object-store")]
     force_upload: bool,
-    /// Wait for the round to close and print its outcome.
+    /// Wait for the round to close and print its outcome; says every 5 s on stderr what it
+    /// waits for (the round and its deadline). Exits non-zero if the node refuses the update
+    /// (the reason is printed) or the round closes without a model.
     #[arg(long)]
     wait: bool,
     /// Give up waiting after this many seconds.
     #[arg(long, default_value_t = 600)]
     timeout_secs: u64,
+    /// Without --wait: how long to listen for an immediate refusal by the node (a second
+    /// update for the same round is refused as duplicate), in milliseconds.
+    #[arg(long, default_value_t = 1500)]
+    linger_ms: u64,
+}
+
+/// `shoal client --kind`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum KindArg {
+    /// The trained parameters.
+    Parameters,
+    /// Trained parameters minus the base model.
+    Delta,
+}
+
+impl From<KindArg> for UpdateKind {
+    fn from(k: KindArg) -> UpdateKind {
+        match k {
+            KindArg::Parameters => UpdateKind::Parameters,
+            KindArg::Delta => UpdateKind::Delta,
+        }
+    }
 }
 
 /// Runs the parsed command (inside an actix system).
@@ -381,7 +492,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Job(JobCommand::Create { nats, spec, initial }) => {
             job_create(&nats, &spec, initial.as_deref()).await
         }
-        Command::Job(JobCommand::Status { nats, job }) => job_status(&nats, job).await,
+        Command::Job(JobCommand::List(a)) => crate::jobs::list(a).await,
+        Command::Job(JobCommand::Status(a)) => crate::jobs::status(a).await,
+        Command::Job(JobCommand::Cancel(a)) => crate::jobs::cancel(a).await,
+        Command::Job(JobCommand::Delete(a)) => crate::jobs::delete(a).await,
+        Command::Model(ModelCommand::Get(a)) => crate::jobs::model_get(a).await,
         Command::Client(a) => run_client(a).await,
         Command::Demo(a) => crate::demo::run(a).await,
         Command::Auth(AuthCommand::NatsConfig(a)) => {
@@ -395,7 +510,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 /// `shoal node`: runs until SIGINT or SIGTERM, then shuts down cleanly.
 async fn run_node(a: NodeArgs) -> anyhow::Result<()> {
     let config = a.config()?;
-    config.validate().context("invalid node flags")?;
+    config.validate().map_err(|e| match e.field.strip_prefix("timings.") {
+        Some(timing) => anyhow::anyhow!("invalid node configuration: timing {timing}: {}", e.detail),
+        None => {
+            let flag = match e.field {
+                "jetstream_replicas" => "js-replicas".to_string(),
+                other => other.replace('_', "-"),
+            };
+            anyhow::anyhow!("invalid flag --{flag}: {}", e.detail)
+        }
+    })?;
     let nats = a.nats.options("shoal-node")?;
     shoal_runtime::staging::install_sigbus_guard()?;
     let http_stop = tokio_util::sync::CancellationToken::new();
@@ -463,21 +587,6 @@ async fn job_create(
     Ok(())
 }
 
-/// `shoal job status`.
-async fn job_status(nats: &NatsArgs, job: String) -> anyhow::Result<()> {
-    let client = ShoalClient::connect(&nats.options("shoal-cli")?).await?;
-    let job = JobId::new(job)?;
-    let state = client.job_state(&job).await?;
-    println!("job:           {job}");
-    println!("phase:         {}", state.phase);
-    println!("round:         {}{}", state.round, if state.is_open() { " (open)" } else { "" });
-    println!("model version: {}", state.model_version);
-    if let Some(o) = &state.last_outcome {
-        println!("last round:    {o}");
-    }
-    Ok(())
-}
-
 /// `shoal client`: checks the file against the job's manifest, publishes it for the open round
 /// and, with `--wait`, waits for the round's outcome.
 async fn run_client(a: ClientArgs) -> anyhow::Result<()> {
@@ -488,7 +597,7 @@ async fn run_client(a: ClientArgs) -> anyhow::Result<()> {
         opts = opts.for_client(&me);
     }
     let client = ShoalClient::connect(&opts).await?;
-    let kind = UpdateKind::parse(&a.kind).context("--kind must be parameters or delta")?;
+    let kind = UpdateKind::from(a.kind);
     let payload = std::fs::read(&a.update).with_context(|| format!("reading {}", a.update.display()))?;
     let timeout = Duration::from_secs(a.timeout_secs);
     // Check the file against the job's manifest before sending it anywhere.
@@ -515,12 +624,19 @@ async fn run_client(a: ClientArgs) -> anyhow::Result<()> {
     };
     println!("published for round {} ({via})", state.round);
     if !a.wait {
+        // A refusal the node sends at once (a second update for the round, a wrong shape) is
+        // worth a moment's wait: the publish itself cannot tell.
+        let linger = tokio::time::sleep(Duration::from_millis(a.linger_ms));
+        tokio::select! {
+            _ = linger => {}
+            Some(m) = futures::StreamExt::next(&mut rejections) => {
+                let n: shoal_proto::RejectNotice = shoal_proto::decode("reject notice", &m.payload)?;
+                anyhow::bail!("the node refused the update: {}: {}", n.reason, n.detail);
+            }
+        }
         return Ok(());
     }
-    let after = client
-        .wait_for_outcome(&job, state.round, &mut rejections, timeout)
-        .await
-        .context("the node refused the update")?;
+    let after = wait_with_progress(&client, &job, state.round, &mut rejections, timeout).await?;
     match after.last_outcome {
         Some(o @ RoundOutcome::Committed { .. }) => println!("round {} closed: {o}", state.round),
         Some(o) => anyhow::bail!("round {} closed without a model: {o}", state.round),
@@ -532,9 +648,61 @@ async fn run_client(a: ClientArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How often `shoal client --wait` says what it waits for.
+const WAIT_REPORT: Duration = Duration::from_secs(5);
+
+/// `shoal client --wait`: waits for the round's outcome (or the node's refusal), saying on
+/// stderr what it waits for when it starts and every [`WAIT_REPORT`]: the round, its deadline,
+/// and once the deadline has passed, that the round is being closed.
+async fn wait_with_progress(
+    client: &ShoalClient,
+    job: &JobId,
+    round: shoal_functions::RoundId,
+    rejections: &mut async_nats::Subscriber,
+    timeout: Duration,
+) -> anyhow::Result<shoal_proto::JobState> {
+    let outcome = client.wait_for_outcome(job, round, rejections, timeout);
+    tokio::pin!(outcome);
+    let mut report = tokio::time::interval(WAIT_REPORT);
+    let started = std::time::Instant::now();
+    loop {
+        tokio::select! {
+            r = &mut outcome => {
+                return r.map_err(|e| match e {
+                    shoal_client::Error::Rejected(reason) => {
+                        anyhow::anyhow!("the node refused the update: {reason}")
+                    }
+                    other => other.into(),
+                });
+            }
+            _ = report.tick() => {
+                let Ok(s) = client.job_state(job).await else { continue };
+                if s.round != round || !s.is_open() {
+                    continue;
+                }
+                let now = crate::jobs::now_ms();
+                let when = if s.deadline_at_ms >= now {
+                    format!("deadline in {}", crate::jobs::human(s.deadline_at_ms - now))
+                } else {
+                    format!("deadline passed {} ago; the round is being closed", crate::jobs::human(now - s.deadline_at_ms))
+                };
+                let waited = started.elapsed();
+                if waited < Duration::from_secs(1) {
+                    eprintln!("waiting for round {round} of job {job} to close ({when})");
+                } else {
+                    let waited = crate::jobs::human(waited.as_millis() as u64);
+                    eprintln!("waiting for round {round} of job {job} to close ({when}; waited {waited})");
+                }
+            }
+        }
+    }
+}
+
 /// The text `shoal auth nats-config` prints (and, with --nkeys-dir, the seed files it writes).
 fn nats_config(a: &NatsConfigArgs) -> anyhow::Result<String> {
     use shoal_client::auth::{self, UserCredential};
+    shoal_proto::subjects::validate_prefix(&a.prefix)
+        .map_err(|why| anyhow::anyhow!("invalid flag --prefix: {why}"))?;
     let job = JobId::new(&a.job)?;
     let clients = a.clients.iter().map(ClientId::new).collect::<Result<Vec<_>, _>>()?;
     let mut seeds = Vec::new();
@@ -588,6 +756,24 @@ fn write_seeds(dir: &std::path::Path, seeds: &[(String, nkeys::KeyPair)]) -> any
         writeln!(f, "{seed}").with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+/// An error and its causes on one line, each cause once: a library error whose message
+/// already includes its source's text (`NATS read failed: timed out` caused by `timed out`)
+/// does not repeat it.
+pub fn error_report(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if text.contains(&s) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&s);
+    }
+    text
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -1,6 +1,8 @@
 //! The `shoal` command line, as a library so that its tests can drive the same code:
 //!
-//! - [`cli`]: the commands (`node`, `job`, `client`, `auth`, `demo`, `bench`) and their flags;
+//! - [`cli`]: the commands (`node`, `job`, `model`, `client`, `auth`, `demo`, `bench`) and their
+//!   flags;
+//! - [`jobs`]: `shoal job list|status|cancel|delete` and `shoal model get`;
 //! - [`demo`]: `shoal demo`, a real federated training run end to end, with [`sim`], the
 //!   digits dataset, its Dirichlet split and the softmax-regression trainer of the simulated
 //!   clients;
@@ -12,4 +14,5 @@
 pub mod bench;
 pub mod cli;
 pub mod demo;
+pub mod jobs;
 pub mod sim;

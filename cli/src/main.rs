@@ -8,8 +8,9 @@ use shoal_cli::cli::{self, Cli};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    // The demo prints its own progress; node internals only speak up when something is wrong.
-    let default_level = if matches!(cli.command, cli::Command::Demo(_)) { "warn" } else { "info" };
+    // A node logs what it does; every other command prints its own output, and its libraries
+    // (the NATS client's connection events) only speak up when something is wrong.
+    let default_level = if matches!(cli.command, cli::Command::Node(_)) { "info" } else { "warn" };
     cli::init_tracing(cli.log_format, default_level);
     let system = actix::System::with_tokio_rt(|| {
         tokio::runtime::Builder::new_multi_thread()
@@ -19,9 +20,12 @@ fn main() -> std::process::ExitCode {
     });
     match system.block_on(cli::run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
+        Err(e) => match e.downcast_ref::<cli::Exit>() {
+            Some(cli::Exit(code)) => std::process::ExitCode::from(*code),
+            None => {
+                eprintln!("error: {}", cli::error_report(&e));
+                std::process::ExitCode::FAILURE
+            }
+        },
     }
 }

@@ -134,7 +134,8 @@ pub fn build_strategy_with(spec: &JobSpec, plugins: StrategyPlugins) -> Result<B
     Ok(match &spec.server_optimizer {
         None => inner,
         Some(cfg) => {
-            let opt = server_opt::ServerOptimizer::new(*cfg).map_err(|e| bad(&e))?;
+            let opt = server_opt::ServerOptimizer::new(*cfg)
+                .map_err(|e| SpecError(format!("server_optimizer {}: {e}", cfg.name())))?;
             Box::new(server_opt::WithServerOptimizer::new(inner, opt))
         }
     })

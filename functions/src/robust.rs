@@ -345,7 +345,8 @@ impl Krum {
     ///
     /// # Errors
     /// As [`Strategy::aggregate_cohort`], except that weights are not checked and the manifest is
-    /// the first update's.
+    /// the first update's; [`Error::Strategy`] when fewer than max(m, 1) updates have a finite
+    /// score (see [`pairwise_sq_distances`]).
     pub fn select(&self, cohort: &[UpdateView<'_>]) -> Result<Vec<usize>> {
         let Some(first) = cohort.first() else {
             return Err(Error::ZeroTotalWeight { total: 0.0, count: 0 });
@@ -353,7 +354,7 @@ impl Krum {
         self.check_cohort(cohort.len()).map_err(|_| Error::ManifestMismatch(COHORT_TOO_SMALL))?;
         let c = Canonical::new(cohort, first.manifest, false)?;
         let d = distance_matrix(&c.views, first.manifest)?;
-        let picks = krum_best(&d, c.views.len(), self.f, self.m.max(1));
+        let picks = self.select_positions(&d, c.views.len())?;
         Ok(picks.into_iter().map(|k| c.order[k]).collect())
     }
 }
@@ -431,7 +432,9 @@ macro_rules! whole_cohort_strategy {
             /// not select.
             fn select_by_distances(&self, distances: &[f64], clients: &[ClientId]) -> Result<Vec<usize>> {
                 let n = clients.len();
-                if distances.len() != n * n || distances.iter().any(|d| !d.is_finite()) {
+                // +∞ is a distance (an update holding NaN is infinitely far from the others); NaN
+                // and negative values are not.
+                if distances.len() != n * n || distances.iter().any(|d| d.is_nan() || *d < 0.0) {
                     return Err(Error::Strategy {
                         strategy: self.name(),
                         detail: format!("{} distances for {n} updates", distances.len()),
@@ -602,7 +605,8 @@ impl RobustRule for Krum {
     }
 
     fn select_positions(&self, d: &[f64], n: usize) -> Result<Vec<usize>> {
-        Ok(krum_best(d, n, self.f, self.m.max(1)))
+        krum_best(d, n, self.f, self.m.max(1))
+            .map_err(|detail| Error::Strategy { strategy: self.rule_name(), detail })
     }
 
     /// `kept` in canonical order: the best one alone (Krum) or their weighted mean.
@@ -636,7 +640,8 @@ impl RobustRule for Bulyan {
     }
 
     fn select_positions(&self, d: &[f64], n: usize) -> Result<Vec<usize>> {
-        Ok(bulyan_select(d, n, self.f, n - 2 * self.f))
+        bulyan_select(d, n, self.f, n - 2 * self.f)
+            .map_err(|detail| Error::Strategy { strategy: "bulyan", detail })
     }
 
     /// `kept` (θ = n − 2f updates, canonical order): per coordinate, the mean of the
@@ -1276,7 +1281,9 @@ fn prune(network: Vec<(usize, usize)>, n: usize, needed: impl Fn(usize) -> bool)
 /// d·2^-53·(‖a‖² + ‖b‖²) for d elements (typically far less); results that cancellation would
 /// make negative are clamped to 0. Identical updates give exactly 0. The relative error is
 /// therefore tiny when updates are spread out, and only as good as that absolute bound when
-/// two updates are much closer to each other than to the origin.
+/// two updates are much closer to each other than to the origin. A distance that is not a
+/// number (an update holding NaN, or values whose squares overflow f64) is `+∞`, never 0: such
+/// an update is infinitely far from every other, so Krum, Multi-Krum and Bulyan never select it.
 ///
 /// # Errors
 /// [`Error::ManifestMismatch`] if the updates' manifests differ; [`Error::Misaligned`] for a
@@ -1370,7 +1377,9 @@ impl Gram {
         }
     }
 
-    /// d(i, j) = G_ii + G_jj − 2 G_ij, clamped at 0; n × n row-major.
+    /// d(i, j) = G_ii + G_jj − 2 G_ij, clamped at 0, and `+∞` where it is NaN (a NaN element,
+    /// or ∞ − ∞ from overflowing squares: `NaN.max(0.0)` would be 0, the closest possible);
+    /// n × n row-major.
     fn distances(&self) -> Vec<f64> {
         let (n, rows) = (self.n, self.rows);
         let dot = |i: usize, j: usize| {
@@ -1382,7 +1391,8 @@ impl Gram {
         for i in 0..n {
             for j in 0..n {
                 if i != j {
-                    d[i * n + j] = (dot(i, i) + dot(j, j) - 2.0 * dot(i, j)).max(0.0);
+                    let v = dot(i, i) + dot(j, j) - 2.0 * dot(i, j);
+                    d[i * n + j] = if v.is_nan() { f64::INFINITY } else { v.max(0.0) };
                 }
             }
         }
@@ -1421,19 +1431,34 @@ fn krum_scores(d: &[f64], n: usize, active: &[usize], f: usize, tmp: &mut Vec<f6
     }
 }
 
-/// The `keep` best (lowest score, then lowest canonical index) of all `n` updates.
-fn krum_best(d: &[f64], n: usize, f: usize, keep: usize) -> Vec<usize> {
+/// The `keep` best (lowest score, then lowest canonical index) of all `n` updates; `Err` (why)
+/// when fewer than `keep` have a finite score: an infinite score means every one of the update's
+/// nearest neighbours is infinitely far (NaN or overflowing values), and such an update is
+/// never selected.
+fn krum_best(d: &[f64], n: usize, f: usize, keep: usize) -> std::result::Result<Vec<usize>, String> {
     let active: Vec<usize> = (0..n).collect();
     let (mut tmp, mut scores) = (Vec::with_capacity(n), Vec::with_capacity(n));
     krum_scores(d, n, &active, f, &mut tmp, &mut scores);
     let mut idx = active;
     idx.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]).then(a.cmp(&b)));
     idx.truncate(keep);
-    idx
+    if idx.iter().any(|&k| !scores[k].is_finite()) {
+        return Err(non_finite_scores(keep, n));
+    }
+    Ok(idx)
 }
 
-/// Bulyan's selection: Krum (single model) `theta` times on the not-yet-selected updates.
-fn bulyan_select(d: &[f64], n: usize, f: usize, theta: usize) -> Vec<usize> {
+/// Why a distance selection found too few updates with a finite score.
+fn non_finite_scores(needed: usize, n: usize) -> String {
+    format!(
+        "fewer than {needed} of {n} updates have a finite score (updates holding NaN, or values whose \
+         squares overflow, are infinitely far from the others and are never selected)"
+    )
+}
+
+/// Bulyan's selection: Krum (single model) `theta` times on the not-yet-selected updates; `Err`
+/// (why) when an iteration's best score is not finite.
+fn bulyan_select(d: &[f64], n: usize, f: usize, theta: usize) -> std::result::Result<Vec<usize>, String> {
     let mut active: Vec<usize> = (0..n).collect();
     let mut selected = Vec::with_capacity(theta);
     let (mut tmp, mut scores) = (Vec::with_capacity(n), Vec::with_capacity(n));
@@ -1446,9 +1471,12 @@ fn bulyan_select(d: &[f64], n: usize, f: usize, theta: usize) -> Vec<usize> {
                 best = p;
             }
         }
+        if !scores[best].is_finite() {
+            return Err(non_finite_scores(theta, n));
+        }
         selected.push(active.remove(best));
     }
-    selected
+    Ok(selected)
 }
 
 #[cfg(test)]

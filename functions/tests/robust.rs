@@ -1033,3 +1033,83 @@ proptest! {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Non-finite distances (issue 16, item 13)
+// ---------------------------------------------------------------------------------------------
+
+/// A distance that is not a number must not become 0 (the closest possible): an update holding
+/// NaN (ingest refuses it, but API callers can pass one) or f64 values whose squares overflow
+/// (ingest accepts those) is infinitely far from every other. Krum, Multi-Krum and Bulyan never
+/// select it, on the whole-cohort path and on the sharded path (`select_by_distances`); with too
+/// few finite scores they refuse the round rather than return it.
+#[test]
+fn nan_and_overflowing_updates_are_infinitely_far_and_never_selected() {
+    let m = manifest(vec![TensorSpec::new("w", DType::F64, vec![2])]);
+    // client-000 holds NaN and client-001 values whose squares overflow: both sort before the
+    // honest clients, so any tie (0 == 0) would select them.
+    let values =
+        [[f64::NAN, 0.0], [1e200, -1e200], [1.0, 1.0], [1.1, 0.9], [0.9, 1.2], [1.0, 1.05], [1.05, 1.0]];
+    let ps: Vec<Parameters> = values.iter().map(|v| params(&m, &[v.to_vec()])).collect();
+    let ids: Vec<ClientId> = (0..values.len()).map(client).collect();
+    let vs = views(&ps, &ids, &ones(values.len()));
+    let n = values.len();
+    let d = pairwise_sq_distances(&vs).unwrap();
+    for j in 1..n {
+        assert_eq!(d[j], f64::INFINITY, "NaN update to {j}");
+        assert_eq!(d[j * n], f64::INFINITY, "{j} to the NaN update");
+    }
+    for j in 2..n {
+        assert_eq!(d[n + j], f64::INFINITY, "overflowing update to {j}");
+    }
+    assert!(d.iter().all(|x| !x.is_nan()));
+    let global = Parameters::zeros(Arc::clone(&m));
+    let honest = |picks: &[usize]| picks.iter().all(|&k| k >= 2);
+
+    // Krum (f = 2, n = 7 ≥ 2f + 3) and Multi-Krum keeping the 5 honest updates.
+    let krum = Krum::new(2, 0, n).unwrap();
+    assert!(honest(&krum.select(&vs).unwrap()));
+    assert!(honest(&krum.select_by_distances(&d, &ids).unwrap()), "sharded path");
+    let out = Krum::new(2, 0, n).unwrap().aggregate_cohort(&vs, &global).unwrap();
+    assert!(
+        out.tensor_f64(0).iter().all(|x| x.is_finite() && (0.8..1.3).contains(x)),
+        "{:?}",
+        out.tensor_f64(0)
+    );
+    let multi = Krum::new(2, 5, n).unwrap();
+    let picks = multi.select_by_distances(&d, &ids).unwrap();
+    assert_eq!(picks.len(), 5);
+    assert!(honest(&picks));
+    let out = Krum::new(2, 5, n).unwrap().aggregate_cohort(&vs, &global).unwrap();
+    assert!(out.tensor_f64(0).iter().all(|x| x.is_finite()));
+    // Keeping 6 would need one of the two: refused, not selected.
+    let e = Krum::new(2, 6, n).unwrap().aggregate_cohort(&vs, &global).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Strategy, "{e}");
+    assert!(Krum::new(2, 6, n).unwrap().select_by_distances(&d, &ids).is_err());
+
+    // Bulyan (f = 1, n = 7 ≥ 4f + 3) with the NaN update alone: θ = 5 of the 6 honest.
+    let bulyan = Bulyan::new(1, n).unwrap();
+    let mut one_bad = values;
+    one_bad[1] = [1.02, 1.01];
+    let ps1: Vec<Parameters> = one_bad.iter().map(|v| params(&m, &[v.to_vec()])).collect();
+    let vs1 = views(&ps1, &ids, &ones(n));
+    let d1 = pairwise_sq_distances(&vs1).unwrap();
+    let picks = bulyan.select_by_distances(&d1, &ids).unwrap();
+    assert_eq!(picks.len(), 5);
+    assert!(!picks.contains(&0));
+    let out = Bulyan::new(1, n).unwrap().aggregate_cohort(&vs1, &global).unwrap();
+    assert!(out.tensor_f64(0).iter().all(|x| x.is_finite()));
+
+    // Krum with every score infinite (two NaN updates of three): an error, not a NaN model.
+    let three: Vec<Parameters> =
+        [[f64::NAN, 0.0], [0.0, f64::NAN], [1.0, 1.0]].iter().map(|v| params(&m, &[v.to_vec()])).collect();
+    let vs3 = views(&three, &ids[..3], &ones(3));
+    let e = Krum::new(0, 0, 3).unwrap().aggregate_cohort(&vs3, &global).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Strategy, "{e}");
+    // NaN and negative distances are refused on the sharded path; +∞ is a distance.
+    let mut bad = d.clone();
+    bad[1] = f64::NAN;
+    assert!(krum.select_by_distances(&bad, &ids).is_err());
+    bad[1] = -1.0;
+    assert!(krum.select_by_distances(&bad, &ids).is_err());
+}

@@ -355,7 +355,7 @@ fn transition_event(t: &status::Transition) -> Option<KubeEvent> {
 async fn sync_job(ctx: &Context, spec: &JobSpec, suspended: bool) -> Result<JobSync> {
     let infra = &ctx.nats.infra;
     let mut created = false;
-    let state = match jobs::load_state(&infra.js, &spec.job).await {
+    let state = match jobs::load_state(&infra, &spec.job).await {
         Ok((state, _)) => Some(state),
         Err(e) if e.kind() == shoal_client::ErrorKind::UnknownJob && suspended => None,
         Err(e) if e.kind() == shoal_client::ErrorKind::UnknownJob => {
@@ -364,13 +364,13 @@ async fn sync_job(ctx: &Context, spec: &JobSpec, suspended: bool) -> Result<JobS
                 Err(e) if e.kind() == shoal_client::ErrorKind::JobExists => {}
                 Err(e) => return Err(Error::nats("create job")(e)),
             }
-            Some(jobs::load_state(&infra.js, &spec.job).await.map_err(Error::nats("load job state"))?.0)
+            Some(jobs::load_state(&infra, &spec.job).await.map_err(Error::nats("load job state"))?.0)
         }
         Err(e) => return Err(Error::nats("load job state")(e)),
     };
     let changed = match (&state, created) {
         (Some(_), false) => {
-            let stored = jobs::load_spec(&infra.js, &spec.job).await.map_err(Error::nats("load job spec"))?;
+            let stored = jobs::load_spec(&infra, &spec.job).await.map_err(Error::nats("load job spec"))?;
             // The stored spec carries the limits job creation filled in from the server's
             // max_payload; compare with the CR's spec as it would have been stored.
             let published = spec.clone().with_published_limits(infra.max_payload() as u64);
@@ -390,8 +390,7 @@ async fn sync_job(ctx: &Context, spec: &JobSpec, suspended: bool) -> Result<JobS
 /// The node holding the job's top lease (`<job>.top` in KV `shoal-jobs`), if readable.
 async fn top_node(infra: &Infra, job: &JobId) -> Option<String> {
     let key = shoal_proto::subjects::top_lease_key(job);
-    let (bytes, _) =
-        jobs::read_key(&infra.js, shoal_proto::subjects::JOBS_BUCKET, &key).await.ok().flatten()?;
+    let (bytes, _) = jobs::read_key(&infra.js, &infra.subjects.jobs_bucket(), &key).await.ok().flatten()?;
     let lease: shoal_proto::cluster::Lease = shoal_proto::decode("top lease", &bytes).ok()?;
     Some(lease.node.to_string())
 }
@@ -633,7 +632,7 @@ pub const CANCEL_REASON: &str = "the FederatedJob was deleted";
 async fn cancel_job(ctx: &Context, job: &JobId) -> Result<bool> {
     let infra = &ctx.nats.infra;
     for _ in 0..ctx.config.cancel_attempts {
-        let (mut state, revision) = match jobs::load_state(&infra.js, job).await {
+        let (mut state, revision) = match jobs::load_state(&infra, job).await {
             Ok(s) => s,
             Err(e) if e.kind() == shoal_client::ErrorKind::UnknownJob => return Ok(false),
             Err(e) => return Err(Error::nats("load job state")(e)),

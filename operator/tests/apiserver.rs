@@ -106,7 +106,7 @@ fn start_operator(plane: &ControlPlane, nats: &NatsServer) -> Result<Killed> {
 /// finishes the job).
 async fn drive_round(infra: &Infra, job: &JobId, rounds: u64) -> Result<()> {
     for _ in 0..10 {
-        let (mut state, revision) = jobs::load_state(&infra.js, job).await?;
+        let (mut state, revision) = jobs::load_state(&infra, job).await?;
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
         if !state.is_open() {
             state.opened_at_ms = now;
@@ -149,10 +149,10 @@ async fn the_operator_scales_follows_the_rounds_and_cleans_up() -> Result<()> {
     create(&api, federated_job("mnist", "mnist-job", 3)).await?;
     let job = JobId::new("mnist-job")?;
     eventually("the job in NATS", Duration::from_secs(30), || async {
-        jobs::load_state(&infra.js, &job).await.ok()
+        jobs::load_state(&infra, &job).await.ok()
     })
     .await?;
-    let spec = jobs::load_spec(&infra.js, &job).await?;
+    let spec = jobs::load_spec(&infra, &job).await?;
     assert_eq!(spec.fan_in, 2, "hierarchy.fanIn reached the job spec");
 
     // Demand: node-a 20/s with 5 staged = 20/7 + 5/60 = 2.94 hosts; node-b 3/s with 1 staged =
@@ -220,7 +220,7 @@ async fn the_operator_scales_follows_the_rounds_and_cleans_up() -> Result<()> {
     .await?;
     let left = deployments.list(&ListParams::default()).await?;
     assert!(left.items.is_empty(), "{:?}", left.items.iter().map(|d| &d.metadata.name).collect::<Vec<_>>());
-    let (state, _) = jobs::load_state(&infra.js, &job).await?;
+    let (state, _) = jobs::load_state(&infra, &job).await?;
     assert_eq!(state.phase, JobPhase::Finished, "a finished job is not cancelled");
     demand.abort();
 
@@ -228,7 +228,7 @@ async fn the_operator_scales_follows_the_rounds_and_cleans_up() -> Result<()> {
     create(&api, federated_job("live", "live-job", 5)).await?;
     let live = JobId::new("live-job")?;
     eventually("live-job in NATS", Duration::from_secs(15), || async {
-        jobs::load_state(&infra.js, &live).await.ok()
+        jobs::load_state(&infra, &live).await.ok()
     })
     .await?;
     eventually("the finalizer on live", Duration::from_secs(15), || async {
@@ -240,7 +240,7 @@ async fn the_operator_scales_follows_the_rounds_and_cleans_up() -> Result<()> {
         matches!(api.get("live").await, Err(kube::Error::Api(s)) if s.code == 404).then_some(())
     })
     .await?;
-    let (state, _) = jobs::load_state(&infra.js, &live).await?;
+    let (state, _) = jobs::load_state(&infra, &live).await?;
     assert_eq!(state.phase, JobPhase::Cancelled { reason: "the FederatedJob was deleted".into() });
     Ok(())
 }

@@ -680,7 +680,7 @@ async fn the_rendered_chart_applies_server_side_and_its_operator_reconciles_a_jo
     api.create(&PostParams::default(), &fj).await?;
     let job = JobId::new("mnist-job")?;
     eventually("the job in NATS", Duration::from_secs(60), || async {
-        jobs::load_state(&infra.js, &job).await.ok()
+        jobs::load_state(&infra, &job).await.ok()
     })
     .await?;
     let demand = publish_demand(&infra, "mnist-job");

@@ -60,10 +60,27 @@ pub struct NodeConfig {
     pub collect_timeout_ms: u64,
     /// Updates per JetStream pull request.
     pub pull_batch: u32,
+    /// Bytes per JetStream pull request, MiB (at least the server's `max_payload` is asked for,
+    /// so that one update always fits). Up to about twice this is in flight to the node at
+    /// once; it must stay below nats-server's `max_pending` per connection (64 MiB by
+    /// default), past which the server cuts the node off as a slow consumer.
+    pub pull_max_mib: u64,
     /// Un-acked updates the shared work-queue consumer allows (JetStream `max_ack_pending`):
     /// updates are acked at their round's commit, so it bounds the updates staged across all
-    /// jobs and nodes at once.
+    /// jobs and nodes at once. A job whose rounds need more is refused at creation and at
+    /// start.
     pub max_ack_pending: u64,
+    /// Replicas of every JetStream stream and bucket Shoal creates (1 on a single nats-server;
+    /// 3 on a JetStream cluster of three or more servers). Existing ones are brought to it when
+    /// the node starts.
+    pub jetstream_replicas: u32,
+    /// Byte limit of the updates stream, MiB (`None`: none). When it is full, publishing an
+    /// update fails.
+    pub updates_max_mib: Option<u64>,
+    /// Byte limit of the models bucket, MiB (`None`: none).
+    pub models_max_mib: Option<u64>,
+    /// Byte limit of the node-to-node transfers bucket, MiB (`None`: none).
+    pub transfers_max_mib: Option<u64>,
     /// Most running jobs served at once; `None`: no limit.
     pub max_jobs: Option<u32>,
     /// Fold a round's updates only when it closes (the benchmark's baseline).
@@ -86,7 +103,12 @@ impl Default for NodeConfig {
             idle_timeout_ms: 300_000,
             collect_timeout_ms: 10_000,
             pull_batch: 64,
-            max_ack_pending: 10_000,
+            pull_max_mib: 16,
+            max_ack_pending: 1_000_000,
+            jetstream_replicas: 1,
+            updates_max_mib: None,
+            models_max_mib: None,
+            transfers_max_mib: None,
             max_jobs: None,
             lazy_aggregation: false,
             fold_delay_ms: 0,
@@ -100,13 +122,18 @@ impl Default for NodeConfig {
 pub const MIN_ACK_WAIT_MS: u64 = 300;
 /// Smallest collection timeout accepted.
 pub const MIN_COLLECT_TIMEOUT_MS: u64 = 100;
+/// Largest pull request accepted, MiB.
+pub const MAX_PULL_MIB: u64 = 1024;
+/// Longest ack wait, idle timeout or collection timeout accepted: 30 days (the longest round
+/// deadline a job may set).
+pub const MAX_TIMEOUT_MS: u64 = 30 * 24 * 3600 * 1000;
 
 impl NodeConfig {
     /// Refuses a configuration that cannot work, naming the field and the accepted range.
     ///
     /// # Errors
-    /// [`ConfigError`] for a zero or too-small ack wait, pull batch, shared-memory budget,
-    /// collection timeout or max jobs, an empty NATS URL or prefix, a prefix that is not one
+    /// [`ConfigError`] for a zero, too-small or too-large ack wait, idle timeout, pull batch or
+    /// pull size, shared-memory budget, collection timeout, max jobs or replicas, an empty NATS URL or prefix, a prefix that is not one
     /// subject token, or inconsistent timings.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |field, detail: String| Err(ConfigError { field, detail });
@@ -114,6 +141,27 @@ impl NodeConfig {
             return bad(
                 "ack_wait_ms",
                 format!("{} ms is below the minimum of {MIN_ACK_WAIT_MS} ms", self.ack_wait_ms),
+            );
+        }
+        if self.ack_wait_ms > MAX_TIMEOUT_MS {
+            return bad(
+                "ack_wait_ms",
+                format!("{} ms is above the maximum of {MAX_TIMEOUT_MS} ms (30 days)", self.ack_wait_ms),
+            );
+        }
+        if self.idle_timeout_ms == 0 || self.idle_timeout_ms > MAX_TIMEOUT_MS {
+            return bad(
+                "idle_timeout_ms",
+                format!("{} ms must be between 1 and {MAX_TIMEOUT_MS} ms (30 days)", self.idle_timeout_ms),
+            );
+        }
+        if self.collect_timeout_ms > MAX_TIMEOUT_MS {
+            return bad(
+                "collect_timeout_ms",
+                format!(
+                    "{} ms is above the maximum of {MAX_TIMEOUT_MS} ms (30 days)",
+                    self.collect_timeout_ms
+                ),
             );
         }
         if self.collect_timeout_ms < MIN_COLLECT_TIMEOUT_MS {
@@ -131,16 +179,35 @@ impl NodeConfig {
         if self.shm_budget_mib == 0 {
             return bad("shm_budget_mib", "must be at least 1 MiB".into());
         }
+        if !(1..=MAX_PULL_MIB).contains(&self.pull_max_mib) {
+            return bad(
+                "pull_max_mib",
+                format!("{} MiB must be between 1 and {MAX_PULL_MIB}", self.pull_max_mib),
+            );
+        }
+        if !(1..=5).contains(&self.jetstream_replicas) {
+            return bad(
+                "jetstream_replicas",
+                format!("{} must be between 1 and 5 (JetStream's range)", self.jetstream_replicas),
+            );
+        }
+        for (field, v) in [
+            ("updates_max_mib", self.updates_max_mib),
+            ("models_max_mib", self.models_max_mib),
+            ("transfers_max_mib", self.transfers_max_mib),
+        ] {
+            if v == Some(0) {
+                return bad(field, "must be at least 1 MiB (omit it for no limit)".into());
+            }
+        }
         if self.max_jobs == Some(0) {
             return bad("max_jobs", "must be at least 1 (omit it for no limit)".into());
         }
         if self.nats_url.trim().is_empty() {
             return bad("nats_url", "is empty".into());
         }
-        let token =
-            |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-        if !token(&self.prefix) {
-            return bad("prefix", format!("{:?} must be one subject token of [A-Za-z0-9_-]", self.prefix));
+        if let Err(why) = crate::subjects::validate_prefix(&self.prefix) {
+            return bad("prefix", why);
         }
         self.timings.validate()
     }
@@ -168,6 +235,18 @@ impl NodeConfig {
     /// The shared-memory budget per job, bytes.
     pub fn shm_budget_bytes(&self) -> usize {
         usize::try_from(self.shm_budget_mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX)
+    }
+
+    /// Bytes per pull request for a server whose `max_payload` is `max_payload`: `pull_max_mib`,
+    /// and never less than one whole message (the payload and 64 KiB of headers).
+    pub fn pull_max_bytes(&self, max_payload: usize) -> usize {
+        let mib = usize::try_from(self.pull_max_mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
+        mib.max(max_payload.saturating_add(64 << 10))
+    }
+
+    /// A byte limit given in MiB, in bytes.
+    pub fn mib_bytes(mib: Option<u64>) -> Option<u64> {
+        mib.map(|m| m.saturating_mul(1 << 20))
     }
 
     /// The fold delay (fault injection).
@@ -340,10 +419,25 @@ mod tests {
         assert_eq!(field(NodeConfig { ack_wait_ms: 299, ..Default::default() }), "ack_wait_ms");
         NodeConfig { ack_wait_ms: 300, ..Default::default() }.validate().unwrap();
         assert_eq!(field(NodeConfig { pull_batch: 0, ..Default::default() }), "pull_batch");
+        assert_eq!(field(NodeConfig { max_ack_pending: 0, ..Default::default() }), "max_ack_pending");
+        assert_eq!(field(NodeConfig { pull_max_mib: 0, ..Default::default() }), "pull_max_mib");
+        assert_eq!(field(NodeConfig { jetstream_replicas: 0, ..Default::default() }), "jetstream_replicas");
+        assert_eq!(field(NodeConfig { jetstream_replicas: 7, ..Default::default() }), "jetstream_replicas");
+        assert_eq!(field(NodeConfig { models_max_mib: Some(0), ..Default::default() }), "models_max_mib");
+        let c = NodeConfig::default();
+        assert_eq!(c.pull_max_bytes(1 << 20), 16 << 20);
+        assert_eq!(c.pull_max_bytes(64 << 20), (64 << 20) + (64 << 10), "one whole message at least");
+        assert_eq!(field(NodeConfig { idle_timeout_ms: 0, ..Default::default() }), "idle_timeout_ms");
+        assert_eq!(field(NodeConfig { ack_wait_ms: u64::MAX, ..Default::default() }), "ack_wait_ms");
+        assert_eq!(
+            field(NodeConfig { collect_timeout_ms: u64::MAX, ..Default::default() }),
+            "collect_timeout_ms"
+        );
         assert_eq!(field(NodeConfig { shm_budget_mib: 0, ..Default::default() }), "shm_budget_mib");
         assert_eq!(field(NodeConfig { max_jobs: Some(0), ..Default::default() }), "max_jobs");
         assert_eq!(field(NodeConfig { collect_timeout_ms: 99, ..Default::default() }), "collect_timeout_ms");
         assert_eq!(field(NodeConfig { prefix: "a.b".into(), ..Default::default() }), "prefix");
+        assert_eq!(field(NodeConfig { prefix: "Other".into(), ..Default::default() }), "prefix");
         let t = Timings { lease_stale_ms: 2000, ..Default::default() };
         assert_eq!(field(NodeConfig { timings: t, ..Default::default() }), "timings.lease_stale_ms");
         let t = Timings { progress_fresh_ms: 500, ..Default::default() };

@@ -215,8 +215,8 @@ impl From<ModelManifest> for ManifestRepr {
 pub const MAX_SLOT_BYTES: usize = 16 << 30;
 
 impl ModelManifest {
-    /// Validates the tensor list (non-empty, unique non-empty names, total size within
-    /// [`MAX_SLOT_BYTES`]) and computes the slot layout.
+    /// Validates the tensor list (non-empty, unique non-empty names, no zero dimension, total
+    /// size within [`MAX_SLOT_BYTES`]) and computes the slot layout.
     ///
     /// # Errors
     /// [`ManifestError`] naming the problem.
@@ -234,21 +234,33 @@ impl ModelManifest {
             if index.insert(t.name.clone(), i).is_some() {
                 return Err(ManifestError(format!("duplicate tensor name {:?}", t.name)));
             }
+            if let Some(axis) = t.shape.iter().position(|&d| d == 0) {
+                return Err(ManifestError(format!(
+                    "tensor {:?} has shape {:?}: dimension {axis} is 0, so it holds no parameters \
+                     (a scalar is shape [])",
+                    t.name, t.shape
+                )));
+            }
             let numel = t
                 .shape
                 .iter()
                 .try_fold(1usize, |a, &d| a.checked_mul(d))
                 .ok_or_else(|| ManifestError(format!("shape of {:?} overflows", t.name)))?;
-            let byte_len = numel
-                .checked_mul(t.dtype.size())
-                .filter(|&b| b <= MAX_SLOT_BYTES)
-                .ok_or_else(|| ManifestError(format!("{:?} is too large", t.name)))?;
+            let byte_len =
+                numel.checked_mul(t.dtype.size()).filter(|&b| b <= MAX_SLOT_BYTES).ok_or_else(|| {
+                    ManifestError(format!(
+                    "tensor {:?} ({numel} elements of {} bytes) is larger than the limit of {MAX_SLOT_BYTES} \
+                     bytes (16 GiB) per update",
+                    t.name,
+                    t.dtype.size()
+                ))
+                })?;
             slots.push(TensorSlot { byte_offset, byte_len, elem_offset, numel });
             byte_offset = (byte_offset + byte_len).div_ceil(SLOT_ALIGN) * SLOT_ALIGN;
             elem_offset += numel;
             if byte_offset > MAX_SLOT_BYTES {
                 return Err(ManifestError(format!(
-                    "model needs more than {MAX_SLOT_BYTES} bytes per update"
+                    "the model needs more than the limit of {MAX_SLOT_BYTES} bytes (16 GiB) per update"
                 )));
             }
         }
@@ -380,5 +392,21 @@ mod tests {
         assert_eq!(w.len(), 2, "{w:?}");
         assert!(w[0].contains("bn1.running_var") && w[0].contains("\"variance\""), "{}", w[0]);
         assert!(w[1].contains("bn2/moving_variance"), "{}", w[1]);
+    }
+
+    /// A zero dimension (`[10, 0]`: no parameters) is refused, naming the tensor and the axis;
+    /// a scalar (`[]`) is one element.
+    #[test]
+    fn zero_dimensions_are_refused() {
+        let e = ModelManifest::new(vec![
+            TensorSpec::new("fc.weight", DType::F32, vec![10, 0]),
+            TensorSpec::new("fc.bias", DType::F32, vec![10]),
+        ])
+        .unwrap_err();
+        assert!(e.0.contains("\"fc.weight\"") && e.0.contains("dimension 1 is 0"), "{e}");
+        let json = r#"{"tensors": [{"name": "w", "dtype": "F32", "shape": [0]}]}"#;
+        assert!(serde_json::from_str::<ModelManifest>(json).is_err(), "deserialising validates too");
+        let m = ModelManifest::new(vec![TensorSpec::new("s", DType::F32, vec![])]).unwrap();
+        assert_eq!(m.numel(), 1);
     }
 }

@@ -41,7 +41,8 @@ impl Permissions {
 /// The least permissions client `client` of job `job` needs with subject prefix `prefix`.
 ///
 /// Publish:
-/// - `<p>.<job>.update.<client>`: its own updates (into stream `SHOAL_UPDATES`), nothing else;
+/// - `<p>.<job>.update.<client>`: its own updates (into stream `SHOAL_UPDATES`; the names here
+///   are the default prefix's, see [`crate::subjects`]), nothing else;
 /// - `<p>.<job>.upload.<client>.>`: the chunks of its own large updates (stream
 ///   `UPLOADS_<job>`, which allows no rollup, so a client cannot purge the stream);
 /// - `<p>.<job>.reward.<client>`: its own reward request;
@@ -59,11 +60,12 @@ impl Permissions {
 /// management.
 pub fn client_permissions(prefix: &str, job: &JobId, client: &ClientId) -> Permissions {
     let s = subjects::Subjects::new(prefix);
-    let models = subjects::object_stream(subjects::MODELS_BUCKET);
-    let kv = subjects::kv_stream(subjects::JOBS_BUCKET);
+    let models = subjects::object_stream(&s.models_bucket());
+    let jobs = s.jobs_bucket();
+    let kv = subjects::kv_stream(&jobs);
     let mut publish = vec![s.update(job, client), s.uploads_of(job, client), s.reward(job, client)];
     for key in [subjects::job_spec_key(job), subjects::job_state_key(job)] {
-        publish.push(format!("$JS.API.DIRECT.GET.{kv}.$KV.{}.{key}", subjects::JOBS_BUCKET));
+        publish.push(format!("$JS.API.DIRECT.GET.{kv}.$KV.{jobs}.{key}"));
     }
     publish.push(format!("$JS.API.DIRECT.GET.{models}"));
     publish.push(format!("$JS.API.DIRECT.GET.{models}.>"));

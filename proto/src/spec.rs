@@ -869,16 +869,22 @@ impl JobSpec {
         self.chunk_bytes.unwrap_or(MAX_CHUNK_BYTES.min(self.inline_limit(max_payload))).max(1)
     }
 
-    /// The job's upload quota ([`Self::upload_quota_bytes`], or twice a round of updates).
-    pub fn upload_quota(&self) -> u64 {
-        let per_round = match (&self.round_policy, &self.strategy) {
+    /// The updates one round takes: `cohort_size` (sync), `buffer_size` (FedBuff), the listed
+    /// clients (FedFix); at least 1. Each stays un-acked in JetStream until its round commits.
+    pub fn updates_per_round(&self) -> u64 {
+        let n = match (&self.round_policy, &self.strategy) {
             (RoundPolicy::Sync { cohort_size, .. }, _) => u64::from(*cohort_size),
             (_, StrategySpec::Fedbuff(f)) => u64::from(f.buffer_size),
             (RoundPolicy::Periodic { .. }, StrategySpec::Fedfix { clients, .. }) => clients.len() as u64,
             _ => 1,
         };
+        n.max(1)
+    }
+
+    /// The job's upload quota ([`Self::upload_quota_bytes`], or twice a round of updates).
+    pub fn upload_quota(&self) -> u64 {
         self.upload_quota_bytes
-            .unwrap_or(per_round.max(1).saturating_mul(2).saturating_mul(self.update_byte_limit()))
+            .unwrap_or(self.updates_per_round().saturating_mul(2).saturating_mul(self.update_byte_limit()))
     }
 
     /// Fills the limits a client must respect ([`Self::inline_limit_bytes`], [`Self::chunk_bytes`],

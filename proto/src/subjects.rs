@@ -1,25 +1,57 @@
 //! Every NATS subject, stream, bucket, key and object name Shoal uses is built here, and
 //! nowhere else (DESIGN.md §4).
+//!
+//! The prefix (`--prefix`, default `shoal`) names everything of one deployment, so several
+//! deployments can share a NATS account without seeing each other's jobs: subjects
+//! `<p>.<job>...`, streams `<P>_UPDATES` and `<P>_UPLOADS_<job>` (`P` the prefix in upper case),
+//! buckets `<p>-jobs`, `<p>-models`, `<p>-updates`, `<p>-claims` (streams `KV_<bucket>`,
+//! `OBJ_<bucket>`) and the consumer `<p>-gateway`. The default prefix keeps the names Shoal has
+//! always used: `SHOAL_UPDATES`, `shoal-jobs`, ..., and upload streams `UPLOADS_<job>`. A
+//! prefix is 1–32 characters of `[a-z0-9_-]` ([`validate_prefix`]): lower case, so that two
+//! prefixes never map to one stream name.
 
 use crate::ids::{ClientId, CollectId, ExchangeId, JobId, ModelVersion, NodeId, RoundId};
 
 /// Default subject prefix.
 pub const DEFAULT_PREFIX: &str = "shoal";
-/// The JetStream work-queue stream holding client updates.
+/// The default prefix's work-queue stream of client updates ([`Subjects::updates_stream`]).
 pub const UPDATES_STREAM: &str = "SHOAL_UPDATES";
-/// Object store for updates above the inline limit.
+/// The default prefix's object store of node-to-node transfers
+/// ([`Subjects::update_objects_bucket`]).
 pub const UPDATES_BUCKET: &str = "shoal-updates";
-/// Object store for committed global models.
+/// The default prefix's object store of committed models ([`Subjects::models_bucket`]).
 pub const MODELS_BUCKET: &str = "shoal-models";
-/// KV bucket for job specs and job state.
+/// The default prefix's KV bucket of job specs and states ([`Subjects::jobs_bucket`]).
 pub const JOBS_BUCKET: &str = "shoal-jobs";
-/// KV bucket of update claims: one message per (job, round, client), cluster-wide.
+/// The default prefix's KV bucket of update claims ([`Subjects::claims_bucket`]).
 pub const CLAIMS_BUCKET: &str = "shoal-claims";
-/// The durable pull consumer shared by every node's gateway.
+/// The default prefix's durable pull consumer shared by every gateway
+/// ([`Subjects::gateway_consumer`]).
 pub const GATEWAY_CONSUMER: &str = "shoal-gateway";
 
-/// Subject builder for one prefix.
-#[derive(Debug, Clone)]
+/// Longest prefix accepted (stream names built from it stay well under NATS's limits).
+pub const MAX_PREFIX_LEN: usize = 32;
+
+/// Checks a prefix: 1–[`MAX_PREFIX_LEN`] characters of `[a-z0-9_-]`.
+///
+/// # Errors
+/// What is wrong, for a message.
+pub fn validate_prefix(prefix: &str) -> Result<(), String> {
+    let ok = !prefix.is_empty()
+        && prefix.len() <= MAX_PREFIX_LEN
+        && prefix.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "prefix {prefix:?} must be 1-{MAX_PREFIX_LEN} characters of [a-z0-9_-] (one subject token; \
+             lower case, because stream names are the prefix in upper case)"
+        ))
+    }
+}
+
+/// Subject and resource-name builder for one prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Subjects {
     prefix: String,
 }
@@ -31,14 +63,68 @@ impl Default for Subjects {
 }
 
 impl Subjects {
-    /// Subjects under `prefix` (a dot-free token).
+    /// Names under `prefix` (see [`validate_prefix`]; connecting and `NodeConfig::validate`
+    /// refuse an invalid one).
     pub fn new(prefix: impl Into<String>) -> Subjects {
         Subjects { prefix: prefix.into() }
+    }
+
+    /// The prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn is_default(&self) -> bool {
+        self.prefix == DEFAULT_PREFIX
+    }
+
+    /// The work-queue stream of client updates: `<P>_UPDATES` (`SHOAL_UPDATES`).
+    pub fn updates_stream(&self) -> String {
+        format!("{}_UPDATES", self.prefix.to_ascii_uppercase())
+    }
+
+    /// A job's upload stream: `<P>_UPLOADS_<job>`; `UPLOADS_<job>` under the default prefix.
+    pub fn uploads_stream(&self, job: &JobId) -> String {
+        if self.is_default() {
+            format!("UPLOADS_{job}")
+        } else {
+            format!("{}_UPLOADS_{job}", self.prefix.to_ascii_uppercase())
+        }
+    }
+
+    /// The object store of node-to-node transfers: `<p>-updates`.
+    pub fn update_objects_bucket(&self) -> String {
+        format!("{}-updates", self.prefix)
+    }
+
+    /// The object store of committed models: `<p>-models`.
+    pub fn models_bucket(&self) -> String {
+        format!("{}-models", self.prefix)
+    }
+
+    /// The KV bucket of job specs, states and leases: `<p>-jobs`.
+    pub fn jobs_bucket(&self) -> String {
+        format!("{}-jobs", self.prefix)
+    }
+
+    /// The KV bucket of update claims: `<p>-claims`.
+    pub fn claims_bucket(&self) -> String {
+        format!("{}-claims", self.prefix)
+    }
+
+    /// The durable pull consumer every gateway shares: `<p>-gateway`.
+    pub fn gateway_consumer(&self) -> String {
+        format!("{}-gateway", self.prefix)
     }
 
     /// `<p>.<job>.update.<client>`: where a client publishes its update.
     pub fn update(&self, job: &JobId, client: &ClientId) -> String {
         format!("{}.{job}.update.{client}", self.prefix)
+    }
+
+    /// `<p>.<job>.update.*`: every update of one job (what deleting the job purges).
+    pub fn job_updates(&self, job: &JobId) -> String {
+        format!("{}.{job}.update.*", self.prefix)
     }
 
     /// `<p>.*.update.*`: the stream's subject filter.
@@ -169,11 +255,6 @@ impl Subjects {
     }
 }
 
-/// The stream of a job's uploads: `UPLOADS_<job>`.
-pub fn uploads_stream(job: &JobId) -> String {
-    format!("UPLOADS_{job}")
-}
-
 /// KV key of a job's spec.
 pub fn job_spec_key(job: &JobId) -> String {
     format!("{job}.spec")
@@ -260,6 +341,41 @@ pub fn object_meta(bucket: &str, name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The default prefix keeps every historical name; another prefix renames every stream,
+    /// bucket and consumer; prefixes that would collide or break a subject are refused.
+    #[test]
+    fn the_prefix_names_every_resource() {
+        let job = JobId::new("mnist").unwrap();
+        let d = Subjects::default();
+        assert_eq!(d.updates_stream(), UPDATES_STREAM);
+        assert_eq!(d.uploads_stream(&job), "UPLOADS_mnist");
+        assert_eq!(d.update_objects_bucket(), UPDATES_BUCKET);
+        assert_eq!(d.models_bucket(), MODELS_BUCKET);
+        assert_eq!(d.jobs_bucket(), JOBS_BUCKET);
+        assert_eq!(d.claims_bucket(), CLAIMS_BUCKET);
+        assert_eq!(d.gateway_consumer(), GATEWAY_CONSUMER);
+        let o = Subjects::new("other");
+        assert_eq!(o.updates_stream(), "OTHER_UPDATES");
+        assert_eq!(o.uploads_stream(&job), "OTHER_UPLOADS_mnist");
+        assert_eq!(
+            [
+                o.update_objects_bucket(),
+                o.models_bucket(),
+                o.jobs_bucket(),
+                o.claims_bucket(),
+                o.gateway_consumer()
+            ],
+            ["other-updates", "other-models", "other-jobs", "other-claims", "other-gateway"]
+        );
+        assert_eq!(o.update(&job, &ClientId::new("c").unwrap()), "other.mnist.update.c");
+        for good in ["shoal", "a", "team-2_x"] {
+            assert!(validate_prefix(good).is_ok(), "{good}");
+        }
+        for bad in ["", "Other", "a.b", "a b", "a*", "a>", &"x".repeat(33)] {
+            assert!(validate_prefix(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn update_subjects_round_trip_and_reject_garbage() {

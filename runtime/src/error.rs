@@ -74,6 +74,24 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A job needs more shared memory than the node's budget (`--shm-budget-mib`): its update
+    /// slot is larger than the budget, or a whole-cohort round's updates do not fit in it.
+    #[error(
+        "the job needs {needed} shared-memory slot(s) of {slot_bytes} bytes ({}), but this node's \
+         shared-memory budget of {} (--shm-budget-mib) holds {fits}",
+        mib(*slot_bytes as u64 * *needed as u64),
+        mib(*budget as u64)
+    )]
+    ShmBudget {
+        /// Bytes per update slot (the model's staged size).
+        slot_bytes: usize,
+        /// Slots the job needs on one node at once (1, or a whole-cohort round's updates).
+        needed: usize,
+        /// Slots the budget holds (segment headers counted).
+        fits: usize,
+        /// The budget, bytes.
+        budget: usize,
+    },
     /// Another live process uses this node id.
     #[error(
         "another process of node {0} is running and renewing its lease; give each node process its own --node-id"
@@ -113,6 +131,8 @@ pub enum ErrorKind {
     StaleSlot,
     /// See [`Error::Io`].
     Io,
+    /// See [`Error::ShmBudget`].
+    ShmBudget,
     /// See [`Error::NodeBusy`].
     NodeBusy,
     /// See [`Error::Timeout`].
@@ -146,6 +166,7 @@ impl Error {
             Error::SlotOutOfRange { .. } => ErrorKind::SlotOutOfRange,
             Error::StaleSlot { .. } => ErrorKind::StaleSlot,
             Error::Io { .. } => ErrorKind::Io,
+            Error::ShmBudget { .. } => ErrorKind::ShmBudget,
             Error::NodeBusy(_) => ErrorKind::NodeBusy,
             Error::Timeout(..) => ErrorKind::Timeout,
             Error::Gone(_) => ErrorKind::Gone,
@@ -168,11 +189,17 @@ impl ErrorKind {
             ErrorKind::SlotOutOfRange => "slot_out_of_range",
             ErrorKind::StaleSlot => "stale_slot",
             ErrorKind::Io => "io",
+            ErrorKind::ShmBudget => "shm_budget",
             ErrorKind::NodeBusy => "node_busy",
             ErrorKind::Timeout => "timeout",
             ErrorKind::Gone => "gone",
         }
     }
+}
+
+/// `bytes` in MiB with one decimal (`12.5 MiB`), for messages.
+pub fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / f64::from(1u32 << 20))
 }
 
 impl From<shoal_proto::DecodeError> for Error {

@@ -103,6 +103,10 @@ pub struct Metrics {
     /// Slow-consumer events of the node's NATS connection (a subscription's buffer was full and
     /// async-nats dropped messages; JetStream redelivers un-acked updates).
     pub slow_consumer_events: Counter,
+    /// Losses of the node's NATS connection. nats-server cuts off a slow consumer (more than
+    /// its `max_pending` waiting to be written to the connection) without telling the client:
+    /// such server-side slow-consumer events count here (and in the server's log).
+    pub nats_disconnects: Counter,
     /// Bytes of partial aggregates sent to other nodes.
     pub partial_bytes_sent: Counter,
     /// Bytes of partial aggregates received from other nodes.
@@ -193,6 +197,11 @@ impl Metrics {
             "slow_consumer_events",
             "Slow-consumer events of the node's NATS connection (messages dropped from a full subscription buffer)",
             self.slow_consumer_events.clone(),
+        );
+        registry.register(
+            "nats_disconnects",
+            "Losses of the node's NATS connection (a server-side slow-consumer cut-off is one)",
+            self.nats_disconnects.clone(),
         );
         registry.register(
             "partial_bytes_sent",
@@ -288,6 +297,7 @@ impl Default for Metrics {
             warm_reuse_seconds: Histogram::new(exponential_buckets(1e-6, 2.0, 24)),
             updates_already_applied: Counter::default(),
             slow_consumer_events: Counter::default(),
+            nats_disconnects: Counter::default(),
             partial_bytes_sent: Counter::default(),
             partial_bytes_received: Counter::default(),
             consumer_restarts: Counter::default(),

@@ -148,7 +148,7 @@ impl NodeProcess {
             None => async_nats::connect(nats_url).await.expect("connect"),
         };
         let deadline = Instant::now() + Duration::from_secs(20);
-        let subject = format!("shoal.node.{}.metrics", self.node_id);
+        let subject = self.metrics_subject();
         loop {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 panic!("node exited early ({status}); log:\n{}", self.log());
@@ -164,6 +164,17 @@ impl NodeProcess {
             assert!(Instant::now() < deadline, "node not ready after 20 s; log:\n{}", self.log());
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// `<prefix>.node.<id>.metrics`, with the node's `--prefix` (default `shoal`).
+    fn metrics_subject(&self) -> String {
+        let prefix = self
+            .args
+            .iter()
+            .position(|a| a == "--prefix")
+            .and_then(|i| self.args.get(i + 1))
+            .map_or(shoal_proto::subjects::DEFAULT_PREFIX, String::as_str);
+        format!("{prefix}.node.{}.metrics", self.node_id)
     }
 
     /// SIGKILLs the process (no shutdown path runs) and reaps it.
@@ -262,10 +273,7 @@ impl NodeProcess {
 
     /// The node's Prometheus metrics text.
     pub async fn metrics(&self, client: &async_nats::Client) -> String {
-        let m = client
-            .request(format!("shoal.node.{}.metrics", self.node_id), Bytes::new())
-            .await
-            .expect("metrics request");
+        let m = client.request(self.metrics_subject(), Bytes::new()).await.expect("metrics request");
         String::from_utf8_lossy(&m.payload).into_owned()
     }
 }

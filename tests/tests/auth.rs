@@ -241,7 +241,7 @@ async fn a_client_cannot_write_or_read_another_clients_upload() {
     assert_eq!(via, Transport::Upload, "a 1.2 MB update takes the upload path");
     let ob_id = ClientId::new("ob").unwrap();
     let chunk0 = node.connection().subjects.upload_chunk(&job, &ob_id, state.round, 0);
-    let uploads = subjects::uploads_stream(&job);
+    let uploads = subjects::Subjects::default().uploads_stream(&job);
 
     let infra = oa.connection();
     let v = &infra.violations;
@@ -438,7 +438,7 @@ async fn a_client_cannot_write_models_or_job_state_nor_read_other_jobs() {
     let wa = client("wa").await;
     // It can read its own job (and wait for its round through events and state reads).
     wa.wait_for_open_round(&job, RoundId(1), TIMEOUT).await.unwrap();
-    let (state_before, rev_before) = jobs::load_state(&node.connection().js, &job).await.unwrap();
+    let (state_before, rev_before) = jobs::load_state(&node.connection(), &job).await.unwrap();
     assert_eq!(wa.job_state(&job).await.unwrap(), state_before);
     let infra = wa.connection();
     let v = &infra.violations;
@@ -484,7 +484,7 @@ async fn a_client_cannot_write_models_or_job_state_nor_read_other_jobs() {
     let zeros = Parameters::from_safetensors(Arc::clone(&m), &v0).unwrap();
     assert!(zeros.tensor_f64(0).iter().all(|x| *x == 0.0));
     // Round 1 stays open (no update, 60 s deadline): nobody wrote the state.
-    let (state_after, rev_after) = jobs::load_state(&node.connection().js, &job).await.unwrap();
+    let (state_after, rev_after) = jobs::load_state(&node.connection(), &job).await.unwrap();
     assert_eq!((state_after, rev_after), (state_before, rev_before));
 
     // Wrong credentials are refused at connect, at once.
@@ -709,7 +709,8 @@ async fn a_client_flooding_its_uploads_hurts_no_other_job_and_its_job_recovers()
         Err(e) => Err(e.to_string()),
     };
     assert!(r.is_err(), "a rollup on the upload stream was accepted");
-    let uploads = node.connection().js.get_stream(subjects::uploads_stream(&flood)).await.unwrap();
+    let uploads =
+        node.connection().js.get_stream(node.connection().subjects.uploads_stream(&flood)).await.unwrap();
     let kept = uploads.get_last_raw_message_by_subject(&fm_chunk).await.unwrap();
     assert_eq!(&kept.payload[..], b"fm's chunk", "another client's chunk was wiped");
     uploads.purge().filter(&fm_chunk).await.unwrap();

@@ -545,7 +545,7 @@ async fn b14_chunked_update_is_reassembled_and_a_missing_chunk_is_typed() {
     let mut job = Job::new("b14-chunks", &m, (2, 2, 30_000), |_| {}).await;
     let infra = shoal_testkit::infra_of(&job.c).await;
     let chunk = job.c.limits(&job.id).await.unwrap().chunk_bytes;
-    let stream = infra.js.get_stream(subjects::uploads_stream(&job.id)).await.unwrap();
+    let stream = infra.js.get_stream(subjects::Subjects::default().uploads_stream(&job.id)).await.unwrap();
 
     // x: the last of its 4 chunks is lost.
     let (_, px) = big_update(&m, 10);
@@ -1085,7 +1085,7 @@ async fn the_job_watch_starts_a_job_the_gateway_saw_first() {
     jobs::create_job(&shoal_testkit::infra_of(&c).await, &spec, None).await.unwrap();
     // What `Gateway::job_entry` does for an update of a job it has not seen yet.
     let dir = jobs::JobDirectory::default();
-    let (state, rev) = jobs::load_state(&c.connection().js, &spec.job).await.unwrap();
+    let (state, rev) = jobs::load_state(&c.connection(), &spec.job).await.unwrap();
     dir.observe_state(&spec.job, Some(Arc::new(spec.clone())), state, rev);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let cancel = tokio_util::sync::CancellationToken::new();

@@ -125,7 +125,7 @@ async fn fedavg_three_rounds_eight_clients_matches_f64_oracle() {
         let mut uploads = shoal_testkit::infra_of(&client)
             .await
             .js
-            .get_stream(shoal_proto::subjects::uploads_stream(&job))
+            .get_stream(shoal_proto::subjects::Subjects::default().uploads_stream(&job))
             .await
             .unwrap();
         let left = uploads.info().await.unwrap().state.messages;

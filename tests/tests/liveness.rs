@@ -98,8 +98,16 @@ async fn a_selected_client_that_never_reports_closes_the_round_at_its_deadline()
         }
     }
     let text = node.metrics(&c.connection().client).await;
-    assert_eq!(scrape(&text, "shoal_rounds_total{outcome=\"committed\"}"), Some(1.0), "{text}");
-    assert_eq!(scrape(&text, "shoal_rounds_total{outcome=\"quorum_not_met\"}"), Some(1.0), "{text}");
+    assert_eq!(
+        scrape(&text, "shoal_rounds_total{job=\"quorum4\",outcome=\"committed\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        scrape(&text, "shoal_rounds_total{job=\"quorum5\",outcome=\"quorum_not_met\"}"),
+        Some(1.0),
+        "{text}"
+    );
 }
 
 /// Row 21: after round 1 commits, every client dies. Rounds 2, 3 and 4 fail at their 800 ms

@@ -170,8 +170,8 @@ async fn a_burst_of_200_one_mib_updates_into_a_slow_aggregator_loses_nothing() {
     assert_eq!(scrape(&text, "shoal_updates_rejected_total{reason=\"late_update\"}"), Some(0.0), "{text}");
     // Backpressure: while the aggregator was slow, updates waited in JetStream, not in the node.
     assert!(max_undelivered >= 50, "at most {max_undelivered} updates ever waited in JetStream");
-    // The node holds one shared-memory segment of 64 slots (the 32 MiB budget rounds up to one
-    // segment), the pull batches in flight (16 messages each) and what its allocator keeps: less
+    // The node holds 31 shared-memory slots of 1 MiB (the 32 MiB budget, header pages counted),
+    // the pull batches in flight (16 messages each) and what its allocator keeps: less
     // than the 200 MiB of the burst, which it would exceed had it pulled the burst in.
     let held = max_rss.saturating_sub(rss_idle);
     assert!(held < 200 * MIB as u64, "the node's RSS grew by {} MiB during the burst", held >> 20);

@@ -11,7 +11,7 @@
 //! [`ConnectOptions::for_client`] so that replies come to the client's own inbox. An operation
 //! the server refuses fails as [`Error::Unauthorized`], naming the refused subject.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -76,14 +76,73 @@ pub struct JobLimits {
     pub chunk_bytes: u64,
 }
 
+/// How long a published message id is remembered: twice the updates stream's default
+/// duplicate window (10 min). JetStream answers `duplicate` only within its window, so an older
+/// id can never come back as one.
+pub const SENT_ID_TTL: Duration = Duration::from_secs(20 * 60);
+/// Most message ids remembered (one update per round: thousands of rounds); the oldest go
+/// first.
+pub const SENT_ID_CAP: usize = 10_000;
+
+/// The message ids a client object published, remembered for [`SENT_ID_TTL`] and at most
+/// [`SENT_ID_CAP`] of them, so a long-lived client does not grow without limit.
+#[derive(Debug)]
+pub struct SentIds {
+    order: VecDeque<(std::time::Instant, String)>,
+    ids: HashSet<String>,
+    ttl: Duration,
+    cap: usize,
+}
+
+impl Default for SentIds {
+    fn default() -> Self {
+        SentIds::new(SENT_ID_TTL, SENT_ID_CAP)
+    }
+}
+
+impl SentIds {
+    /// Ids remembered for `ttl`, at most `cap` (at least 1) of them.
+    pub fn new(ttl: Duration, cap: usize) -> SentIds {
+        SentIds { order: VecDeque::new(), ids: HashSet::new(), ttl, cap: cap.max(1) }
+    }
+
+    /// Records `id` as published now; `false` when it was already remembered (a retry).
+    pub fn insert(&mut self, id: &str, now: std::time::Instant) -> bool {
+        while let Some((at, _)) = self.order.front() {
+            if now.saturating_duration_since(*at) <= self.ttl && self.order.len() < self.cap {
+                break;
+            }
+            if let Some((_, old)) = self.order.pop_front() {
+                self.ids.remove(&old);
+            }
+        }
+        if self.ids.contains(id) {
+            return false;
+        }
+        self.ids.insert(id.to_owned());
+        self.order.push_back((now, id.to_owned()));
+        true
+    }
+
+    /// Ids remembered.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether none is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
 /// A Shoal client.
 #[derive(Debug, Clone)]
 pub struct ShoalClient {
     infra: Connection,
     limits: Arc<Mutex<HashMap<JobId, JobLimits>>>,
-    /// The message ids this client object published (to tell its own retry from another
-    /// publisher's use of an id).
-    sent_ids: Arc<Mutex<HashSet<String>>>,
+    /// The message ids this client object published recently (to tell its own retry from
+    /// another publisher's use of an id), bounded ([`SentIds`]).
+    sent_ids: Arc<Mutex<SentIds>>,
 }
 
 impl ShoalClient {
@@ -112,7 +171,7 @@ impl ShoalClient {
     /// # Errors
     /// [`Error::UnknownJob`], NATS errors.
     pub async fn job_spec(&self, job: &JobId) -> Result<JobSpec> {
-        self.infra.violations.guard("read the job spec", jobs::load_spec(&self.infra.js, job)).await
+        self.infra.violations.guard("read the job spec", jobs::load_spec(&self.infra, job)).await
     }
 
     /// The job's current state.
@@ -120,7 +179,7 @@ impl ShoalClient {
     /// # Errors
     /// [`Error::UnknownJob`], NATS errors.
     pub async fn job_state(&self, job: &JobId) -> Result<JobState> {
-        let state = self.infra.violations.guard("read the job state", jobs::load_state(&self.infra.js, job));
+        let state = self.infra.violations.guard("read the job state", jobs::load_state(&self.infra, job));
         Ok(state.await?.0)
     }
 
@@ -128,11 +187,57 @@ impl ShoalClient {
     /// [`crate::objects::read_object`]).
     ///
     /// # Errors
-    /// NATS errors (a missing version included), [`Error::Unauthorized`].
+    /// As [`Self::fetch_model_into`].
     pub async fn fetch_model(&self, job: &JobId, version: ModelVersion) -> Result<Vec<u8>> {
+        let mut data = Vec::new();
+        self.fetch_model_into(job, version, &mut data).await?;
+        Ok(data)
+    }
+
+    /// Streams the global model `version` into `sink` chunk by chunk (a file, with progress: a
+    /// large model need not fit in memory) and checks its size and SHA-256 digest against the
+    /// object's metadata. Returns that metadata (`size`, `digest`).
+    ///
+    /// # Errors
+    /// [`Error::ModelNotReady`] for a version not committed yet (above the job's current one);
+    /// [`Error::ModelUnavailable`] for a committed version no longer stored (pruned) or a
+    /// missing chunk; [`Error::Decode`] when the bytes do not match the recorded size and digest;
+    /// [`Error::Io`] when `sink` fails; [`Error::UnknownJob`]; [`Error::Unauthorized`].
+    pub async fn fetch_model_into(
+        &self,
+        job: &JobId,
+        version: ModelVersion,
+        sink: &mut impl objects::ChunkSink,
+    ) -> Result<async_nats::jetstream::object_store::ObjectInfo> {
+        use objects::ObjectReadError as E;
         let name = subjects::model_object(job, version);
-        let read = objects::read_object(&self.infra.js, subjects::MODELS_BUCKET, &name);
-        self.infra.violations.guard("read the model", read).await
+        let read = async {
+            let bucket = self.infra.subjects.models_bucket();
+            Ok(objects::read_object_into(&self.infra.js, &bucket, &name, usize::MAX, sink).await)
+        };
+        let unavailable =
+            |detail: String| Error::ModelUnavailable { job: job.to_string(), version: version.0, detail };
+        match self.infra.violations.guard("read the model", read).await? {
+            Ok(info) => Ok(info),
+            Err(E::Missing { detail, .. }) => {
+                let current = self.job_state(job).await?.model_version;
+                if version > current {
+                    return Err(Error::ModelNotReady {
+                        job: job.to_string(),
+                        version: version.0,
+                        current: current.0,
+                    });
+                }
+                Err(unavailable(format!(
+                    "{detail} (the job is at version {current}; older versions are pruned as new ones commit)"
+                )))
+            }
+            Err(e @ E::MissingChunk { .. }) => Err(unavailable(e.to_string())),
+            Err(e @ (E::Corrupt { .. } | E::TooLarge { .. })) => {
+                Err(Error::Decode { what: "model object", detail: e.to_string() })
+            }
+            Err(E::Sink { name, source }) => Err(Error::io(format!("writing model {name}"), source)),
+        }
     }
 
     /// This client's personal reward from the last committed round (RFFL: the top-q_i
@@ -181,7 +286,7 @@ impl ShoalClient {
                 .map_err(|e| Error::nats("subscribe to round events", e))?;
             self.infra.client.flush().await.map_err(|e| Error::nats("flush", e))?;
             loop {
-                let state = jobs::load_state(&self.infra.js, job).await?.0;
+                let state = jobs::load_state(&self.infra, job).await?.0;
                 if done(&state) {
                     return Ok(state);
                 }
@@ -404,7 +509,7 @@ impl ShoalClient {
         // connection dropped) makes the retry's `duplicate` answer ours, not a squatter's.
         let mine = {
             let mut sent = self.sent_ids.lock().unwrap_or_else(|p| p.into_inner());
-            !sent.insert(id.to_owned())
+            !sent.insert(id, std::time::Instant::now())
         };
         let subject = self.infra.subjects.update(&u.job, &u.client);
         let size = payload.len();
@@ -432,5 +537,34 @@ impl ShoalClient {
             (true, true) => Err(Error::Rejected(shoal_proto::RejectReason::Duplicate)),
             (true, false) => Ok(false),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A long-lived client remembers a bounded number of ids: old ones expire after the TTL,
+    /// and beyond the cap the oldest go first; a retry within both is still recognised.
+    #[test]
+    fn sent_ids_are_bounded_by_age_and_count() {
+        let t0 = std::time::Instant::now();
+        let mut s = SentIds::new(Duration::from_secs(60), 3);
+        assert!(s.insert("a", t0));
+        assert!(!s.insert("a", t0 + Duration::from_secs(1)), "a retry is recognised");
+        assert!(s.insert("b", t0 + Duration::from_secs(2)));
+        assert!(s.insert("c", t0 + Duration::from_secs(3)));
+        assert!(s.insert("d", t0 + Duration::from_secs(4)), "the cap evicts the oldest");
+        assert_eq!(s.len(), 3);
+        assert!(s.insert("a", t0 + Duration::from_secs(5)), "a was evicted");
+        // Past the TTL everything older goes.
+        assert!(s.insert("e", t0 + Duration::from_secs(200)));
+        assert_eq!(s.len(), 1);
+        // A million publishes keep at most the cap.
+        let mut s = SentIds::default();
+        for i in 0..1_000_000u64 {
+            s.insert(&format!("job.{i}.c.0123456789abcdef"), t0);
+        }
+        assert_eq!(s.len(), SENT_ID_CAP);
     }
 }

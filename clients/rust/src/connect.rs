@@ -41,6 +41,43 @@ pub struct ConnectOptions {
     /// Counts the connection's slow-consumer events (a subscription's buffer was full and
     /// messages were dropped); a node passes its `shoal_slow_consumer_events_total`.
     pub slow_consumer_events: Option<prometheus_client::metrics::counter::Counter>,
+    /// Counts the connection's losses (a node passes its `shoal_nats_disconnects_total`).
+    /// nats-server cuts off a *slow consumer* (more than its `max_pending`, 64 MiB by default,
+    /// waiting to be written to the connection) without telling the client why: it shows here,
+    /// as a disconnect, and as "Slow Consumer Detected" in the server's log.
+    pub disconnects: Option<prometheus_client::metrics::counter::Counter>,
+    /// How [`crate::Infra::connect`] provisions streams and buckets. `None` (tools, job
+    /// creation): missing ones get one replica and no byte limit, existing ones are left alone;
+    /// a node passes its settings, and existing resources are brought to them.
+    pub jetstream: Option<JetStreamOptions>,
+}
+
+/// Replicas and storage limits of Shoal's JetStream resources (`shoal node --js-replicas`,
+/// `--updates-max-mib`, `--models-max-mib`, `--transfers-max-mib`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JetStreamOptions {
+    /// Replicas of every stream and bucket (1 on a single nats-server; 3 on a JetStream cluster
+    /// of three or more servers, to survive the loss of one). Job upload streams take the
+    /// updates stream's.
+    pub replicas: usize,
+    /// Byte limit of the updates stream (`None`: none). When full, publishing an update fails
+    /// (the stream discards nothing: it is a work queue).
+    pub updates_max_bytes: Option<u64>,
+    /// Byte limit of the models bucket (`None`: none). Each job keeps its last few versions.
+    pub models_max_bytes: Option<u64>,
+    /// Byte limit of the node-to-node transfers bucket (`None`: none).
+    pub transfers_max_bytes: Option<u64>,
+}
+
+impl Default for JetStreamOptions {
+    fn default() -> Self {
+        JetStreamOptions {
+            replicas: 1,
+            updates_max_bytes: None,
+            models_max_bytes: None,
+            transfers_max_bytes: None,
+        }
+    }
 }
 
 impl Default for ConnectOptions {
@@ -55,6 +92,8 @@ impl Default for ConnectOptions {
             inbox_prefix: None,
             subscription_capacity: None,
             slow_consumer_events: None,
+            disconnects: None,
+            jetstream: None,
         }
     }
 }
@@ -113,11 +152,12 @@ impl ConnectOptions {
 /// connection (also logged as warnings).
 ///
 /// # Errors
-/// [`Error::Unauthorized`] (credentials refused), [`Error::Tls`], [`Error::InvalidOptions`],
-/// [`Error::Io`] (unreadable creds, seed or certificate files), [`Error::Connect`] when the
-/// server stays unreachable.
+/// [`Error::Unauthorized`] (credentials refused), [`Error::Tls`], [`Error::InvalidOptions`]
+/// (also: an invalid prefix), [`Error::Io`] (unreadable creds, seed or certificate files),
+/// [`Error::Connect`] when the server stays unreachable.
 pub async fn connect_client(opts: &ConnectOptions) -> Result<(async_nats::Client, Violations)> {
     let opts = opts.clone().without_url_credentials()?;
+    subjects::validate_prefix(&opts.prefix).map_err(Error::InvalidOptions)?;
     let violations = Violations::default();
     let deadline = tokio::time::Instant::now() + CONNECT_DEADLINE;
     loop {
@@ -148,13 +188,14 @@ pub async fn connect_client(opts: &ConnectOptions) -> Result<(async_nats::Client
 
 async fn build_options(opts: &ConnectOptions, violations: &Violations) -> Result<async_nats::ConnectOptions> {
     let v = violations.clone();
-    let slow = opts.slow_consumer_events.clone();
+    let counters =
+        Counters { slow_consumers: opts.slow_consumer_events.clone(), disconnects: opts.disconnects.clone() };
     let mut nats = async_nats::ConnectOptions::new()
         .name(&opts.name)
         .connection_timeout(Duration::from_secs(5))
         .event_callback(move |event| {
-            let (v, slow) = (v.clone(), slow.clone());
-            async move { on_event(&v, slow.as_ref(), event) }
+            let (v, counters) = (v.clone(), counters.clone());
+            async move { on_event(&v, &counters, event) }
         });
     if let Some(n) = opts.subscription_capacity {
         nats = nats.subscription_capacity(n.max(1));
@@ -166,16 +207,19 @@ async fn build_options(opts: &ConnectOptions, violations: &Violations) -> Result
     opts.auth.apply(nats).await
 }
 
-fn on_event(
-    violations: &Violations,
-    slow_consumers: Option<&prometheus_client::metrics::counter::Counter>,
-    event: async_nats::Event,
-) {
+/// The metrics a connection's events count.
+#[derive(Debug, Clone)]
+struct Counters {
+    slow_consumers: Option<prometheus_client::metrics::counter::Counter>,
+    disconnects: Option<prometheus_client::metrics::counter::Counter>,
+}
+
+fn on_event(violations: &Violations, counters: &Counters, event: async_nats::Event) {
     use async_nats::{Event, ServerError};
     match event {
         Event::SlowConsumer(sid) => {
             // One event per dropped message: log the 1st, 2nd, 4th, 8th, ... only.
-            let n = slow_consumers.map(|c| c.inc() + 1).unwrap_or(1);
+            let n = counters.slow_consumers.as_ref().map(|c| c.inc() + 1).unwrap_or(1);
             if n.is_power_of_two() {
                 tracing::warn!(
                     sid,
@@ -191,7 +235,14 @@ fn on_event(
         Event::ServerError(e) => tracing::warn!(error = %e, "NATS server error"),
         // Reconnect attempts report each failure; the connection state says the rest.
         Event::ClientError(e) => tracing::debug!(error = %e, "NATS client error"),
-        Event::Disconnected => tracing::info!("NATS connection lost; reconnecting"),
+        Event::Disconnected => {
+            let n = counters.disconnects.as_ref().map(|c| c.inc() + 1);
+            tracing::warn!(
+                disconnects = n,
+                "NATS connection lost; reconnecting (if nats-server logged \"Slow Consumer Detected\" for \
+                 this connection, it cut it off for falling behind its max_pending)"
+            );
+        }
         Event::Connected => tracing::debug!("NATS connected"),
         other => tracing::debug!(event = %other, "NATS event"),
     }

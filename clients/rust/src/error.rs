@@ -33,6 +33,31 @@ pub enum Error {
     /// A job with this id exists already.
     #[error("job {0} exists already")]
     JobExists(String),
+    /// The job is running: it must be cancelled (`shoal job cancel`) before it is deleted.
+    #[error("job {0} is running; cancel it first")]
+    JobRunning(String),
+    /// A model version that is not committed yet: the job's current version is lower. Retry
+    /// after the round closes (wait on `<prefix>.<job>.round`).
+    #[error("model version {version} of job {job} is not committed yet (the job is at version {current})")]
+    ModelNotReady {
+        /// Job id.
+        job: String,
+        /// The version asked for.
+        version: u64,
+        /// The job's current model version.
+        current: u64,
+    },
+    /// A committed model version that is no longer stored (older versions are pruned: a job
+    /// keeps the last `max(3, max_staleness + 2)`), or whose object cannot be read.
+    #[error("model version {version} of job {job} is unavailable: {detail}")]
+    ModelUnavailable {
+        /// Job id.
+        job: String,
+        /// The version asked for.
+        version: u64,
+        /// Why (pruned, missing chunk, ...).
+        detail: String,
+    },
     /// A job spec failed validation.
     #[error(transparent)]
     Spec(#[from] shoal_proto::SpecError),
@@ -124,6 +149,12 @@ pub enum ErrorKind {
     UnknownJob,
     /// See [`Error::JobExists`].
     JobExists,
+    /// See [`Error::JobRunning`].
+    JobRunning,
+    /// See [`Error::ModelNotReady`].
+    ModelNotReady,
+    /// See [`Error::ModelUnavailable`].
+    ModelUnavailable,
     /// See [`Error::Spec`].
     Spec,
     /// See [`Error::Model`].
@@ -168,6 +199,9 @@ impl Error {
             Error::Nats { .. } => ErrorKind::Nats,
             Error::UnknownJob(_) => ErrorKind::UnknownJob,
             Error::JobExists(_) => ErrorKind::JobExists,
+            Error::JobRunning(_) => ErrorKind::JobRunning,
+            Error::ModelNotReady { .. } => ErrorKind::ModelNotReady,
+            Error::ModelUnavailable { .. } => ErrorKind::ModelUnavailable,
             Error::Spec(_) => ErrorKind::Spec,
             Error::Model(_) => ErrorKind::Model,
             Error::Decode { .. } => ErrorKind::Decode,
@@ -192,6 +226,9 @@ impl ErrorKind {
             ErrorKind::Nats => "nats",
             ErrorKind::UnknownJob => "unknown_job",
             ErrorKind::JobExists => "job_exists",
+            ErrorKind::JobRunning => "job_running",
+            ErrorKind::ModelNotReady => "model_not_ready",
+            ErrorKind::ModelUnavailable => "model_unavailable",
             ErrorKind::Spec => "spec",
             ErrorKind::Model => "model",
             ErrorKind::Decode => "decode",

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use async_nats::jetstream;
 use bytes::Bytes;
 use shoal_functions::Parameters;
-use shoal_proto::subjects;
+use shoal_proto::subjects::{self, Subjects};
 use shoal_proto::{JobId, JobSpec, JobState, ModelVersion};
 
 use crate::error::{Error, Result};
@@ -49,11 +49,13 @@ pub async fn read_key(js: &jetstream::Context, bucket: &str, key: &str) -> Resul
 /// (`UPLOADS_<job>`) is created with it.
 ///
 /// # Errors
-/// [`Error::Spec`] for an invalid spec (or limits that do not fit the server's `max_payload`),
+/// [`Error::Spec`] for an invalid spec (or limits that do not fit the server's `max_payload`,
+/// or rounds larger than the gateway consumer's `max_ack_pending`),
 /// [`Error::PayloadTooLarge`] for a spec larger than the server's `max_payload` (nothing is
 /// written), [`Error::JobExists`], NATS errors.
 pub async fn create_job(infra: &Infra, spec: &JobSpec, initial: Option<&Parameters>) -> Result<()> {
     shoal_functions::factory::validate(spec)?;
+    check_ack_pending(infra, spec).await?;
     // The limits a client must respect are published in the stored spec.
     let spec = &spec.clone().with_published_limits(infra.max_payload() as u64)?;
     let manifest = Arc::new(spec.manifest.clone());
@@ -90,7 +92,9 @@ pub async fn create_job(infra: &Infra, spec: &JobSpec, initial: Option<&Paramete
         return Err(Error::JobExists(spec.job.to_string()));
     }
     put_model(infra, &spec.job, ModelVersion(0), initial).await?;
-    crate::uploads::ensure_stream(&infra.js, &infra.subjects, spec).await?;
+    // As many replicas as the updates stream a node provisioned.
+    let replicas = infra.updates.cached_info().config.num_replicas;
+    crate::uploads::ensure_stream(&infra.js, &infra.subjects, spec, replicas).await?;
     infra
         .jobs
         .put(subjects::job_spec_key(&spec.job), encoded)
@@ -105,12 +109,71 @@ pub async fn create_job(infra: &Infra, spec: &JobSpec, initial: Option<&Paramete
     }
 }
 
+/// What reading a deployment's job keys needs: JetStream, and the deployment's names (its
+/// prefix names the KV bucket). [`Infra`] and [`crate::Connection`] have both.
+pub trait JobKeys {
+    /// The JetStream context.
+    fn js(&self) -> &jetstream::Context;
+    /// The deployment's names.
+    fn subjects(&self) -> &Subjects;
+}
+
+impl<T: JobKeys + ?Sized> JobKeys for &T {
+    fn js(&self) -> &jetstream::Context {
+        (**self).js()
+    }
+    fn subjects(&self) -> &Subjects {
+        (**self).subjects()
+    }
+}
+
+impl JobKeys for Infra {
+    fn js(&self) -> &jetstream::Context {
+        &self.js
+    }
+    fn subjects(&self) -> &Subjects {
+        &self.subjects
+    }
+}
+
+impl JobKeys for crate::Connection {
+    fn js(&self) -> &jetstream::Context {
+        &self.js
+    }
+    fn subjects(&self) -> &Subjects {
+        &self.subjects
+    }
+}
+
+/// Refuses a job whose rounds take more updates than the gateway consumer lets stay un-acked
+/// (its `max_ack_pending`, `shoal node --max-ack-pending`): each update is acked only when its
+/// round commits, so such a round could never complete. Nothing to check before a node has
+/// created the consumer (the node checks again when the job starts).
+///
+/// # Errors
+/// [`Error::Spec`] naming both numbers.
+async fn check_ack_pending(infra: &Infra, spec: &JobSpec) -> Result<()> {
+    let Ok(info) = infra.updates.consumer_info(infra.subjects.gateway_consumer()).await else {
+        return Ok(());
+    };
+    let allowed = info.config.max_ack_pending;
+    let per_round = spec.updates_per_round();
+    if allowed > 0 && per_round > allowed as u64 {
+        return Err(Error::Spec(shoal_proto::SpecError(format!(
+            "a round of job {} takes {per_round} updates, each un-acked until the round commits, but the nodes' \
+             gateway consumer allows {allowed} un-acked updates (shoal node --max-ack-pending)",
+            spec.job
+        ))));
+    }
+    Ok(())
+}
+
 /// Loads a job's spec.
 ///
 /// # Errors
 /// [`Error::UnknownJob`], [`Error::Decode`], NATS errors.
-pub async fn load_spec(js: &jetstream::Context, job: &JobId) -> Result<JobSpec> {
-    let (bytes, _) = read_key(js, subjects::JOBS_BUCKET, &subjects::job_spec_key(job))
+pub async fn load_spec(at: &impl JobKeys, job: &JobId) -> Result<JobSpec> {
+    let (bytes, _) = read_key(at.js(), &at.subjects().jobs_bucket(), &subjects::job_spec_key(job))
         .await?
         .ok_or_else(|| Error::UnknownJob(job.to_string()))?;
     Ok(shoal_proto::decode("job spec", &bytes)?)
@@ -120,8 +183,8 @@ pub async fn load_spec(js: &jetstream::Context, job: &JobId) -> Result<JobSpec> 
 ///
 /// # Errors
 /// [`Error::UnknownJob`], [`Error::Decode`], NATS errors.
-pub async fn load_state(js: &jetstream::Context, job: &JobId) -> Result<(JobState, u64)> {
-    let (bytes, revision) = read_key(js, subjects::JOBS_BUCKET, &subjects::job_state_key(job))
+pub async fn load_state(at: &impl JobKeys, job: &JobId) -> Result<(JobState, u64)> {
+    let (bytes, revision) = read_key(at.js(), &at.subjects().jobs_bucket(), &subjects::job_state_key(job))
         .await?
         .ok_or_else(|| Error::UnknownJob(job.to_string()))?;
     Ok((shoal_proto::decode("job state", &bytes)?, revision))
@@ -234,4 +297,209 @@ pub async fn get_strategy_state(
 /// smaller (64 KiB kept for headers; at least 64 KiB).
 pub fn chunk_size(max_payload: usize) -> usize {
     max_payload.saturating_sub(64 * 1024).clamp(64 * 1024, 1 << 20)
+}
+
+/// Every job in KV `shoal-jobs` (keys `<job>.state`), sorted by id, with its state. A job whose
+/// state cannot be read or decoded is left out (and logged).
+///
+/// # Errors
+/// [`Error::Nats`] when the bucket's keys cannot be listed.
+pub async fn list_jobs(infra: &Infra) -> Result<Vec<(JobId, JobState)>> {
+    use futures::StreamExt;
+    let mut keys = infra.jobs.keys().await.map_err(|e| Error::nats("list jobs", e))?;
+    let mut ids = Vec::new();
+    while let Some(k) = keys.next().await {
+        let k = k.map_err(|e| Error::nats("list jobs", e))?;
+        if let Some(job) = k.strip_suffix(".state").and_then(|j| JobId::new(j).ok()) {
+            ids.push(job);
+        }
+    }
+    ids.sort();
+    let mut jobs = Vec::with_capacity(ids.len());
+    for job in ids {
+        match load_state(&infra, &job).await {
+            Ok((state, _)) => jobs.push((job, state)),
+            Err(Error::UnknownJob(_)) => {} // deleted meanwhile
+            Err(e) => tracing::warn!(%job, error = %e, "job state unreadable; left out of the list"),
+        }
+    }
+    Ok(jobs)
+}
+
+/// What [`cancel_job`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CancelOutcome {
+    /// The job was running; its state is now `Cancelled` (this state).
+    Cancelled(JobState),
+    /// The job had already ended (finished, failed or cancelled): nothing was written.
+    AlreadyEnded(JobState),
+}
+
+/// Cancels a running job: its state's phase becomes `Cancelled { reason }` by compare-and-set
+/// (retried when a commit races with it). The node serving the job stops it at once: no round
+/// opens or commits after this, and the updates it holds for the open round are refused as
+/// `late_update`. The job's models stay readable.
+///
+/// # Errors
+/// [`Error::UnknownJob`]; [`Error::Nats`], also when ten compare-and-sets in a row lose a race.
+pub async fn cancel_job(infra: &Infra, job: &JobId, reason: &str) -> Result<CancelOutcome> {
+    for _ in 0..10 {
+        let (mut state, revision) = load_state(&infra, job).await?;
+        if state.phase != shoal_proto::JobPhase::Running {
+            return Ok(CancelOutcome::AlreadyEnded(state));
+        }
+        state.phase = shoal_proto::JobPhase::Cancelled { reason: reason.to_owned() };
+        if let CasOutcome::Written(_) = cas_state(infra, job, &state, revision).await? {
+            // Clients waiting on the job's round events learn at once (they also poll the state).
+            let ended = shoal_proto::RoundEvent::JobEnded { job: job.clone(), phase: state.phase.clone() };
+            let subject = infra.subjects.round_events(job);
+            if let Err(e) = infra.client.publish(subject, Bytes::from(shoal_proto::encode(&ended))).await {
+                tracing::debug!(%job, error = %e, "publishing JobEnded failed (clients poll the state)");
+            }
+            return Ok(CancelOutcome::Cancelled(state));
+        }
+    }
+    Err(Error::nats("cancel job", std::io::Error::other("the job state kept changing under ten attempts")))
+}
+
+/// Whether a node still serves `job`: the holder of its top lease, while it renews it.
+/// `None` when no node holds the lease or its holder stopped renewing it (`stale`: the nodes'
+/// lease stale time, `shoal_proto::config::Timings::lease_stale_ms`).
+///
+/// # Errors
+/// [`Error::Nats`], [`Error::Decode`].
+pub async fn top_holder(
+    infra: &Infra,
+    job: &JobId,
+    stale: std::time::Duration,
+) -> Result<Option<shoal_proto::NodeId>> {
+    let Some(v) = infra
+        .jobs
+        .get(subjects::top_lease_key(job))
+        .await
+        .map_err(|e| Error::nats("read the top lease", e))?
+    else {
+        return Ok(None);
+    };
+    let lease: shoal_proto::cluster::Lease = shoal_proto::decode("top lease", &v)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    Ok(lease.fresh(now, stale).then_some(lease.node))
+}
+
+/// What [`delete_job`] removed (bucket names are the default prefix's).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeleteReport {
+    /// Model versions (and any other object named `<job>/...`) deleted from `shoal-models`.
+    pub models: usize,
+    /// Node-to-node transfers (`_partials/<job>/...`, `_shards/<job>/...`) deleted from
+    /// `shoal-updates`.
+    pub transfers: usize,
+    /// Messages purged from KV `shoal-jobs` under `<job>.`: spec, state and their history, the
+    /// top lease, strategy state.
+    pub keys: u64,
+    /// Update claims purged from KV `shoal-claims`.
+    pub claims: u64,
+    /// Update messages of the job still in the updates stream, purged.
+    pub updates: u64,
+    /// Whether the job's upload stream `UPLOADS_<job>` existed and was deleted.
+    pub upload_stream: bool,
+}
+
+/// Deletes an ended job so that its id can be used again: its models and other objects, its
+/// node-to-node transfers, its KV keys (spec, state, their history, the top lease, strategy
+/// state), its update claims, its updates still queued and its upload stream. The state key is
+/// left with a purge marker, so nodes watching it forget the job. Deleting again finds nothing
+/// and is not an error as long as the marker is there.
+///
+/// A running job is refused: cancel it ([`cancel_job`]) and wait until no node serves it
+/// ([`top_holder`]) first, so that no top commits into a deleted (or re-created) job.
+///
+/// # Errors
+/// [`Error::JobRunning`]; [`Error::UnknownJob`] when the job has neither state nor spec;
+/// [`Error::Nats`].
+pub async fn delete_job(infra: &Infra, job: &JobId) -> Result<DeleteReport> {
+    let state = match load_state(&infra, job).await {
+        Ok((s, _)) => Some(s),
+        Err(Error::UnknownJob(_)) => None,
+        Err(e) => return Err(e),
+    };
+    match &state {
+        Some(s) if s.phase == shoal_proto::JobPhase::Running => {
+            return Err(Error::JobRunning(job.to_string()))
+        }
+        Some(_) => {}
+        // A create interrupted before its state (or a delete interrupted after it) leaves a spec.
+        None if read_key(&infra.js, &infra.subjects.jobs_bucket(), &subjects::job_spec_key(job))
+            .await?
+            .is_none() =>
+        {
+            return Err(Error::UnknownJob(job.to_string()))
+        }
+        None => {}
+    }
+    let mut report = DeleteReport::default();
+    // Objects first: the job's KV keys (which name the job) go last.
+    let model_prefix = format!("{job}/");
+    report.models = delete_objects(&infra.models, |n| n.starts_with(&model_prefix)).await?;
+    let (partials, shards) = (format!("_partials/{job}/"), format!("_shards/{job}/"));
+    report.transfers =
+        delete_objects(&infra.update_objects, |n| n.starts_with(&partials) || n.starts_with(&shards)).await?;
+    match infra.js.delete_stream(infra.subjects.uploads_stream(job)).await {
+        Ok(_) => report.upload_stream = true,
+        Err(e)
+            if matches!(
+                e.kind(),
+                async_nats::jetstream::context::DeleteStreamErrorKind::JetStream(j)
+                    if j.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND
+            ) =>
+        {
+            // Not found (a job created before upload streams, or deleted twice).
+        }
+        Err(e) => return Err(Error::nats("delete the job's upload stream", e)),
+    }
+    report.updates =
+        purge_subject(&infra.js, &infra.subjects.updates_stream(), infra.subjects.job_updates(job)).await?;
+    let (claims, kv) = (infra.subjects.claims_bucket(), infra.subjects.jobs_bucket());
+    report.claims =
+        purge_subject(&infra.js, &subjects::kv_stream(&claims), format!("$KV.{claims}.{job}.>")).await?;
+    report.keys = purge_subject(&infra.js, &subjects::kv_stream(&kv), format!("$KV.{kv}.{job}.>")).await?;
+    // The marker nodes see (their watch of `*.state`); a later create writes over it.
+    infra
+        .jobs
+        .purge(subjects::job_state_key(job))
+        .await
+        .map_err(|e| Error::nats("mark the job deleted", e))?;
+    Ok(report)
+}
+
+/// Deletes every object of `store` whose name `matches`; returns how many.
+async fn delete_objects(
+    store: &async_nats::jetstream::object_store::ObjectStore,
+    matches: impl Fn(&str) -> bool,
+) -> Result<usize> {
+    use futures::StreamExt;
+    let mut list = store.list().await.map_err(|e| Error::nats("list objects", e))?;
+    let mut names = Vec::new();
+    while let Some(info) = list.next().await {
+        let info = info.map_err(|e| Error::nats("list objects", e))?;
+        if !info.deleted && matches(&info.name) {
+            names.push(info.name);
+        }
+    }
+    for name in &names {
+        store.delete(name).await.map_err(|e| Error::nats("delete an object", e))?;
+    }
+    Ok(names.len())
+}
+
+/// Purges the messages of `stream` on `subject` (a filter); 0 when the stream does not exist.
+async fn purge_subject(js: &jetstream::Context, stream: &str, subject: String) -> Result<u64> {
+    let stream = match js.get_stream_no_info(stream).await {
+        Ok(s) => s,
+        Err(_) => return Ok(0),
+    };
+    let purged = stream.purge().filter(subject).await.map_err(|e| Error::nats("purge messages", e))?;
+    Ok(purged.purged)
 }

@@ -10,7 +10,8 @@
 //!   nothing;
 //! - [`read_object`] reads the metadata with a direct get of the last message on its subject,
 //!   then each chunk with a direct get of the next message on the chunk subject, and checks
-//!   size and SHA-256 digest. No consumer is created.
+//!   size and SHA-256 digest. No consumer is created. [`read_object_into`] does the same into a
+//!   [`ChunkSink`] (a file, with progress), so a large model need not fit in memory.
 
 use async_nats::jetstream::object_store::{ObjectInfo, ObjectOptions};
 use async_nats::HeaderMap;
@@ -131,6 +132,15 @@ pub enum ObjectReadError {
         /// What differs.
         detail: String,
     },
+    /// The [`ChunkSink`] failed (e.g. the output file could not be written).
+    #[error("object {name:?}: writing it failed: {source}")]
+    Sink {
+        /// Object name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Reads object `name` of object store `bucket` with direct gets only. Needs publish permission
@@ -146,6 +156,36 @@ pub async fn read_object(js: &jetstream::Context, bucket: &str, name: &str) -> R
     })
 }
 
+/// Where [`read_object_into`] puts an object's bytes, chunk by chunk.
+pub trait ChunkSink {
+    /// Called once with the object's size (from its metadata) before the first chunk.
+    ///
+    /// # Errors
+    /// An I/O error ends the read.
+    fn start(&mut self, size: usize) -> std::io::Result<()> {
+        let _ = size;
+        Ok(())
+    }
+
+    /// Called with each chunk, in order.
+    ///
+    /// # Errors
+    /// An I/O error ends the read.
+    fn chunk(&mut self, bytes: &[u8]) -> std::io::Result<()>;
+}
+
+impl ChunkSink for Vec<u8> {
+    fn start(&mut self, size: usize) -> std::io::Result<()> {
+        self.reserve_exact(size);
+        Ok(())
+    }
+
+    fn chunk(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.extend_from_slice(bytes);
+        Ok(())
+    }
+}
+
 /// Reads object `name` of `bucket` chunk by chunk with direct gets, refusing one whose metadata
 /// says it is larger than `limit` before reading any chunk. Every read is a bounded request: a
 /// missing chunk is an error, never a wait (an ordered consumer would wait for it forever).
@@ -158,8 +198,28 @@ pub async fn read_object_checked(
     name: &str,
     limit: usize,
 ) -> Result<Vec<u8>, ObjectReadError> {
+    let mut data = Vec::new();
+    read_object_into(js, bucket, name, limit, &mut data).await?;
+    Ok(data)
+}
+
+/// [`read_object_checked`] into any [`ChunkSink`] (a file, with progress): the chunks go to
+/// `sink` as they arrive, and the size and SHA-256 digest recorded in the object's metadata are
+/// checked over what was written. Returns the object's metadata. A sink that fails ends the read
+/// with [`ObjectReadError::Sink`]; what it holds then is incomplete.
+///
+/// # Errors
+/// The [`ObjectReadError`] naming what went wrong.
+pub async fn read_object_into(
+    js: &jetstream::Context,
+    bucket: &str,
+    name: &str,
+    limit: usize,
+    sink: &mut impl ChunkSink,
+) -> Result<ObjectInfo, ObjectReadError> {
     let missing = |detail: String| ObjectReadError::Missing { name: name.to_owned(), detail };
     let corrupt = |detail: String| ObjectReadError::Corrupt { name: name.to_owned(), detail };
+    let sink_error = |source: std::io::Error| ObjectReadError::Sink { name: name.to_owned(), source };
     let stream = js
         .get_stream_no_info(subjects::object_stream(bucket))
         .await
@@ -179,8 +239,10 @@ pub async fn read_object_checked(
     if info.chunks > info.size.max(1) {
         return Err(corrupt(format!("{} chunks for {} bytes", info.chunks, info.size)));
     }
+    sink.start(info.size).map_err(sink_error)?;
     let chunk_subject = subjects::object_chunks(bucket, &info.nuid);
-    let mut data = Vec::with_capacity(info.size);
+    let mut hasher = Sha256::new();
+    let mut read = 0usize;
     let mut seq = 1;
     for index in 1..=info.chunks {
         let chunk =
@@ -192,19 +254,20 @@ pub async fn read_object_checked(
                     detail: e.to_string(),
                 }
             })?;
-        if data.len() + chunk.payload.len() > info.size {
+        if read + chunk.payload.len() > info.size {
             return Err(corrupt(format!("chunks hold more than the recorded {} bytes", info.size)));
         }
-        data.extend_from_slice(&chunk.payload);
+        hasher.update(&chunk.payload);
+        sink.chunk(&chunk.payload).map_err(sink_error)?;
+        read += chunk.payload.len();
         seq = chunk.sequence + 1;
     }
-    let digest =
-        format!("SHA-256={}", base64::engine::general_purpose::URL_SAFE.encode(Sha256::digest(&data)));
-    if data.len() != info.size {
-        return Err(corrupt(format!("{} bytes read, {} recorded", data.len(), info.size)));
+    let digest = format!("SHA-256={}", base64::engine::general_purpose::URL_SAFE.encode(hasher.finalize()));
+    if read != info.size {
+        return Err(corrupt(format!("{read} bytes read, {} recorded", info.size)));
     }
     if info.digest.as_deref().is_some_and(|d| d != digest) {
         return Err(corrupt(format!("the chunks' digest {digest} differs from the recorded one")));
     }
-    Ok(data)
+    Ok(info)
 }

@@ -1,7 +1,10 @@
 //! Shoal's JetStream resources, created idempotently (nodes at start-up, the operator):
 //! stream `SHOAL_UPDATES` (work-queue retention, duplicate window), object stores
-//! `shoal-updates` and `shoal-models`, KV buckets `shoal-jobs` and `shoal-claims`. Two
-//! processes creating them at once both succeed.
+//! `shoal-updates` and `shoal-models`, KV buckets `shoal-jobs` and `shoal-claims` (the default
+//! prefix's names: see `shoal_proto::subjects`). Two processes creating them at once both
+//! succeed. Their replicas and byte limits come from [`crate::connect::JetStreamOptions`]
+//! (`shoal node --js-replicas`, `--updates-max-mib`, `--models-max-mib`,
+//! `--transfers-max-mib`); job upload streams take the updates stream's replicas.
 
 use std::time::Duration;
 
@@ -66,23 +69,33 @@ impl Infra {
     pub async fn with_client(client: async_nats::Client, opts: &ConnectOptions) -> Result<Infra> {
         let js = jetstream::new(client.clone());
         let subjects = Subjects::new(opts.prefix.clone());
+        // Without settings (job creation, tools), missing resources get one replica and no byte
+        // limit, and existing ones are left as they are; a node passes its settings.
+        let reconcile = opts.jetstream.is_some();
+        let p = opts.jetstream.clone().unwrap_or_default();
         let updates = ensure_stream(
             &js,
+            reconcile,
             stream::Config {
-                name: subjects::UPDATES_STREAM.into(),
+                name: subjects.updates_stream(),
                 subjects: vec![subjects.all_updates()],
                 retention: stream::RetentionPolicy::WorkQueue,
                 duplicate_window: opts.duplicate_window,
                 storage: stream::StorageType::File,
+                num_replicas: p.replicas,
+                max_bytes: p.updates_max_bytes.map_or(-1, clamp_i64),
                 ..Default::default()
             },
-            "create stream SHOAL_UPDATES (is JetStream enabled? start nats-server with -js)",
         )
         .await?;
+        let day = Duration::from_secs(24 * 3600);
+        let transfers = (p.replicas, p.transfers_max_bytes);
         let update_objects =
-            object_bucket(&js, subjects::UPDATES_BUCKET, Duration::from_secs(24 * 3600)).await?;
-        let models = object_bucket(&js, subjects::MODELS_BUCKET, Duration::ZERO).await?;
-        let jobs = kv_bucket(&js, subjects::JOBS_BUCKET, 5).await?;
+            object_bucket(&js, reconcile, &subjects.update_objects_bucket(), day, transfers).await?;
+        let models_limits = (p.replicas, p.models_max_bytes);
+        let models =
+            object_bucket(&js, reconcile, &subjects.models_bucket(), Duration::ZERO, models_limits).await?;
+        let jobs = kv_bucket(&js, reconcile, &subjects.jobs_bucket(), 5, Duration::ZERO, p.replicas).await?;
         Ok(Infra {
             client,
             js,
@@ -102,20 +115,22 @@ impl Infra {
     /// [`Error::Nats`] naming the resource that does not exist or cannot be opened.
     pub async fn open(conn: &Connection) -> Result<Infra> {
         let js = conn.js.clone();
-        let updates = js
-            .get_stream(subjects::UPDATES_STREAM)
-            .await
-            .map_err(|e| Error::nats("open stream SHOAL_UPDATES", e))?;
+        let s = &conn.subjects;
+        let missing = |what: String| {
+            move |e: Box<dyn std::error::Error + Send + Sync>| Error::Nats {
+                op: "open a provisioned resource",
+                source: format!("{what}: {e}").into(),
+            }
+        };
+        let updates =
+            js.get_stream(s.updates_stream()).await.map_err(|e| missing(s.updates_stream())(e.into()))?;
         let update_objects = js
-            .get_object_store(subjects::UPDATES_BUCKET)
+            .get_object_store(s.update_objects_bucket())
             .await
-            .map_err(|e| Error::nats("open shoal-updates", e))?;
-        let models = js
-            .get_object_store(subjects::MODELS_BUCKET)
-            .await
-            .map_err(|e| Error::nats("open shoal-models", e))?;
-        let jobs =
-            js.get_key_value(subjects::JOBS_BUCKET).await.map_err(|e| Error::nats("open shoal-jobs", e))?;
+            .map_err(|e| missing(s.update_objects_bucket())(e.into()))?;
+        let models =
+            js.get_object_store(s.models_bucket()).await.map_err(|e| missing(s.models_bucket())(e.into()))?;
+        let jobs = js.get_key_value(s.jobs_bucket()).await.map_err(|e| missing(s.jobs_bucket())(e.into()))?;
         Ok(Infra {
             client: conn.client.clone(),
             js,
@@ -144,26 +159,74 @@ impl Infra {
     }
 }
 
+/// A stream with `config`, created when missing; with `reconcile`, an existing one whose
+/// replicas or byte limit differ from `config`'s is updated to them (so a changed
+/// `--js-replicas` or limit takes effect at the next node start). Two processes creating it at
+/// once both succeed.
+async fn ensure_stream(
+    js: &jetstream::Context,
+    reconcile: bool,
+    config: stream::Config,
+) -> Result<stream::Stream> {
+    let name = config.name.clone();
+    let create_failed = |e: &dyn std::fmt::Display| Error::Nats {
+        op: "create a stream",
+        source: format!(
+            "{name} ({} replica(s)): {e} (is JetStream enabled, `nats-server -js`? More than one replica \
+             needs a JetStream cluster of at least that many servers: see --js-replicas)",
+            config.num_replicas
+        )
+        .into(),
+    };
+    let mut s = match js.get_or_create_stream(config.clone()).await {
+        Ok(s) => s,
+        Err(e) => js.get_stream(&name).await.map_err(|_| create_failed(&e))?,
+    };
+    let have = s.info().await.map_err(|e| Error::nats("read stream info", e))?.config.clone();
+    if reconcile
+        && (have.num_replicas != config.num_replicas || limit(have.max_bytes) != limit(config.max_bytes))
+    {
+        tracing::info!(
+            stream = %name, replicas = config.num_replicas, max_bytes = config.max_bytes,
+            was_replicas = have.num_replicas, was_max_bytes = have.max_bytes,
+            "updating the stream's replicas and byte limit"
+        );
+        let update =
+            stream::Config { num_replicas: config.num_replicas, max_bytes: config.max_bytes, ..have };
+        js.update_stream(update).await.map_err(|e| create_failed(&e))?;
+        s = js.get_stream(&name).await.map_err(|e| Error::nats("open stream", e))?;
+    }
+    Ok(s)
+}
+
+/// A byte limit as the server reports it: none (0 or negative in a request) is -1.
+fn limit(max_bytes: i64) -> i64 {
+    if max_bytes <= 0 {
+        -1
+    } else {
+        max_bytes
+    }
+}
+
+fn clamp_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
 /// Creates a KV bucket's backing stream directly, with the KV conventions (`KV_<bucket>`,
 /// subjects `$KV.<bucket>.>`, per-subject history, rollups, direct gets), then opens the bucket.
 /// `create_key_value` is avoided because async-nats 0.51 cannot parse the account-info reply of
-/// nats-server 2.9, which it requests first.
-async fn kv_bucket(js: &jetstream::Context, bucket: &str, history: i64) -> Result<kv::Store> {
-    kv_bucket_aged(js, bucket, history, Duration::ZERO).await
-}
-
-/// [`kv_bucket`] whose entries expire after `max_age` (zero: never).
-async fn kv_bucket_aged(
+/// nats-server 2.9, which it requests first. Entries expire after `max_age` (zero: never).
+async fn kv_bucket(
     js: &jetstream::Context,
+    reconcile: bool,
     bucket: &str,
     history: i64,
     max_age: Duration,
+    replicas: usize,
 ) -> Result<kv::Store> {
-    if let Ok(kv) = js.get_key_value(bucket).await {
-        return Ok(kv);
-    }
     ensure_stream(
         js,
+        reconcile,
         stream::Config {
             name: subjects::kv_stream(bucket),
             subjects: vec![format!("$KV.{bucket}.>")],
@@ -174,50 +237,52 @@ async fn kv_bucket_aged(
             deny_delete: true,
             allow_direct: true,
             storage: stream::StorageType::File,
-            num_replicas: 1,
+            num_replicas: replicas,
             duplicate_window: Duration::from_secs(120),
             ..Default::default()
         },
-        "create KV stream",
     )
     .await?;
     js.get_key_value(bucket).await.map_err(|e| Error::nats("open KV bucket", e))
 }
 
-/// Opens stream `config.name`, creating it when missing. Idempotent under a race: when several
-/// processes start at once and another one created the stream between our lookup and our create
-/// (JetStream refuses a second create whose config differs in any default), the stream it
-/// created is opened instead of failing the start-up.
-async fn ensure_stream(
-    js: &jetstream::Context,
-    config: stream::Config,
-    what: &'static str,
-) -> Result<stream::Stream> {
-    let name = config.name.clone();
-    match js.get_or_create_stream(config).await {
-        Ok(s) => Ok(s),
-        Err(e) => match js.get_stream(&name).await {
-            Ok(s) => Ok(s),
-            Err(_) => Err(Error::nats(what, e)),
-        },
-    }
-}
-
+/// An object store (stream `OBJ_<name>`) with (`replicas`, byte limit), created when missing;
+/// reconciled as [`ensure_stream`] does.
 async fn object_bucket(
     js: &jetstream::Context,
+    reconcile: bool,
     name: &str,
     max_age: Duration,
+    (replicas, max_bytes): (usize, Option<u64>),
 ) -> Result<object_store::ObjectStore> {
-    if let Ok(b) = js.get_object_store(name).await {
-        return Ok(b);
+    let max_bytes = max_bytes.map_or(-1, clamp_i64);
+    let store = match js.get_object_store(name).await {
+        Ok(b) => b,
+        Err(_) => {
+            let config = object_store::Config {
+                bucket: name.into(),
+                max_age,
+                num_replicas: replicas,
+                max_bytes,
+                ..Default::default()
+            };
+            match js.create_object_store(config).await {
+                Ok(b) => b,
+                Err(e) => js.get_object_store(name).await.map_err(|_| Error::Nats {
+                    op: "create an object store",
+                    source: format!("{name} ({replicas} replica(s)): {e}").into(),
+                })?,
+            }
+        }
+    };
+    // An existing bucket takes the configured replicas and limit (its stream is `OBJ_<name>`).
+    let stream =
+        js.get_stream(subjects::object_stream(name)).await.map_err(|e| Error::nats("open stream", e))?;
+    let have = stream.cached_info().config.clone();
+    if reconcile && (have.num_replicas != replicas || limit(have.max_bytes) != limit(max_bytes)) {
+        ensure_stream(js, true, stream::Config { num_replicas: replicas, max_bytes, ..have }).await?;
     }
-    match js
-        .create_object_store(object_store::Config { bucket: name.into(), max_age, ..Default::default() })
-        .await
-    {
-        Ok(b) => Ok(b),
-        Err(e) => js.get_object_store(name).await.map_err(|_| Error::nats("create object store", e)),
-    }
+    Ok(store)
 }
 
 impl Infra {
@@ -229,7 +294,12 @@ impl Infra {
     /// # Errors
     /// [`Error::Nats`].
     pub async fn claims(&self, max_age: Duration) -> Result<kv::Store> {
-        kv_bucket_aged(&self.js, subjects::CLAIMS_BUCKET, 1, max_age).await
+        if let Ok(kv) = self.js.get_key_value(self.subjects.claims_bucket()).await {
+            return Ok(kv);
+        }
+        // As many replicas as the updates stream the node provisioned.
+        let replicas = self.updates.cached_info().config.num_replicas;
+        kv_bucket(&self.js, false, &self.subjects.claims_bucket(), 1, max_age, replicas).await
     }
 
     /// Subscribes to `subject`; `what` names it in the error.

@@ -10,12 +10,12 @@ use std::time::Duration;
 use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 use shoal_proto::headers::Upload;
-use shoal_proto::subjects::{self, Subjects};
+use shoal_proto::subjects::Subjects;
 use shoal_proto::{ClientId, JobId, JobSpec, RoundId};
 
 use crate::error::{Error, Result};
 
-/// Creates (or updates to the spec's quota) the upload stream of `spec`'s job, idempotently:
+/// Creates the upload stream of `spec`'s job (`replicas` of it), idempotently:
 /// one message per subject (a re-sent chunk replaces the earlier one), no rollup, new
 /// messages refused once the quota is full, chunks kept at most 24 h.
 ///
@@ -25,9 +25,10 @@ pub async fn ensure_stream(
     js: &jetstream::Context,
     subjects: &Subjects,
     spec: &JobSpec,
+    replicas: usize,
 ) -> Result<stream::Stream> {
     let config = stream::Config {
-        name: subjects::uploads_stream(&spec.job),
+        name: subjects.uploads_stream(&spec.job),
         subjects: vec![subjects.all_uploads(&spec.job)],
         retention: stream::RetentionPolicy::Limits,
         max_messages_per_subject: 1,
@@ -37,6 +38,7 @@ pub async fn ensure_stream(
         allow_rollup: false,
         allow_direct: true,
         storage: stream::StorageType::File,
+        num_replicas: replicas.max(1),
         ..Default::default()
     };
     match js.get_or_create_stream(config.clone()).await {

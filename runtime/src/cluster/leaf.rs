@@ -278,9 +278,10 @@ impl LeafInbox {
 pub async fn run_leaf(ctx: NodeContext, job: JobId) -> Result<()> {
     let entry = ctx.directory.get(&job).ok_or_else(|| Error::UnknownJob(job.to_string()))?;
     let manifest = Arc::clone(&entry.manifest);
+    let incarnation = entry.incarnation;
     let (tx, mut progress_rx) = mpsc::unbounded_channel();
     ctx.host
-        .send(RegisterJob { job: job.clone(), progress: tx })
+        .send(RegisterJob { job: job.clone(), incarnation, progress: tx })
         .await
         .map_err(|_| Error::Gone("function host"))?;
     let LeafInbox { mut collects, mut to_me, mut plans, mut slices } = LeafInbox::open(&ctx, &job).await?;
@@ -350,8 +351,8 @@ pub async fn run_leaf(ctx: NodeContext, job: JobId) -> Result<()> {
                 }
             }
             _ = settle_tick.tick() => {
-                settle(&ctx, &job, &mut rounds, &mut accepted).await;
-                let ended = ctx.directory.get(&job).is_none_or(|e| e.state.phase != JobPhase::Running);
+                settle(&ctx, &job, incarnation, &mut rounds, &mut accepted).await;
+                let ended = !ctx.directory.runs(&job, incarnation);
                 if ended && rounds.is_empty() && accepted.is_empty() {
                     return Ok(());
                 }
@@ -585,14 +586,31 @@ async fn gather_group(
 async fn settle(
     ctx: &NodeContext,
     job: &JobId,
+    incarnation: u64,
     rounds: &mut BTreeMap<RoundId, LeafRound>,
     accepted: &mut BTreeMap<RoundId, u32>,
 ) {
-    let Some(entry) = ctx.directory.get(job) else { return };
-    let state = &entry.state;
     let mut candidates: Vec<RoundId> = rounds.keys().chain(accepted.keys()).copied().collect();
     candidates.sort();
     candidates.dedup();
+    let Some(entry) = ctx.directory.get(job).filter(|e| e.incarnation == incarnation) else {
+        // Deleted (and perhaps created again): nothing held for it can commit any more.
+        let link = ctx.ledger.link();
+        for round in candidates {
+            let leftovers = match ctx.host.send(CloseRound { job: job.clone(), round, seal: true }).await {
+                Ok(h) => h.held,
+                Err(_) => return,
+            };
+            let held = rounds.remove(&round).map(|r| r.held).unwrap_or_default();
+            for h in held.into_iter().chain(leftovers) {
+                let why = Refusal::new(RejectReason::UnknownJob, format!("job {job} was deleted"));
+                link.settle(h.stream_seq, Settle::Reject(why));
+            }
+            accepted.remove(&round);
+        }
+        return;
+    };
+    let state = &entry.state;
     for round in candidates {
         let mut record = ctx.directory.commit_record(job, round);
         if record.is_none() && round < state.round {

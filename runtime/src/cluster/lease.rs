@@ -423,14 +423,26 @@ pub async fn join(infra: &Infra, liveness: &Liveness, node: &NodeId, timings: &T
     let instance = InstanceId(rand::random::<u64>());
     let key = subjects::node_lease_key(node);
     let deadline = tokio::time::Instant::now() + timings.lease_stale() * 3;
+    let mut told = false;
     loop {
         match try_acquire(infra, liveness, &key, node, instance, timings).await? {
             Attempt::Acquired(h) => return Ok(h),
             Attempt::HeldBy(_) if tokio::time::Instant::now() > deadline => {
                 return Err(Error::NodeBusy(node.clone()));
             }
-            Attempt::HeldBy(_) => {
-                tracing::info!(%node, "waiting for the previous process of this node to go away");
+            Attempt::HeldBy(held) => {
+                if !told {
+                    // Once: a restarted node's predecessor stops renewing, and its lease goes
+                    // stale `lease_stale` after its last renewal.
+                    let age = now_ms().saturating_sub(held.renewed_ms);
+                    let left = (timings.lease_stale_ms).saturating_sub(age);
+                    tracing::info!(
+                        %node,
+                        "waiting up to {left} ms for the previous process of this node to go away (its lease \
+                         was renewed {age} ms ago)"
+                    );
+                    told = true;
+                }
                 tokio::time::sleep(ms(timings.nak_lagging_ms)).await;
             }
         }

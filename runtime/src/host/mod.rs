@@ -142,6 +142,9 @@ pub struct HostConfig {
 pub struct RegisterJob {
     /// Job.
     pub job: JobId,
+    /// Its incarnation (`crate::jobs::JobEntry::incarnation`): a new one clears what the host
+    /// kept for an earlier job of the same id.
+    pub incarnation: u64,
     /// Progress channel.
     pub progress: mpsc::UnboundedSender<RoundProgress>,
 }
@@ -172,6 +175,8 @@ pub struct FunctionHost {
     closed: HashMap<JobId, RoundId>,
     progress: HashMap<JobId, mpsc::UnboundedSender<RoundProgress>>,
     latest: HashMap<JobId, RoundProgress>,
+    /// The incarnation of each job the host has state for.
+    incarnations: HashMap<JobId, u64>,
     next_id: u64,
 }
 
@@ -194,7 +199,24 @@ impl FunctionHost {
             closed: HashMap::new(),
             progress: HashMap::new(),
             latest: HashMap::new(),
+            incarnations: HashMap::new(),
             next_id: 0,
+        }
+    }
+
+    /// Records `job`'s incarnation; a new one (the id was deleted and created again) drops what
+    /// the host kept for the old job: its closed rounds, its aggregators (idle ones are not
+    /// reused for the new job; they stop at their idle timeout) and its last progress.
+    fn adopt(&mut self, job: &JobId, incarnation: u64) {
+        match self.incarnations.insert(job.clone(), incarnation) {
+            Some(old) if old != incarnation => {
+                self.closed.remove(job);
+                self.idle.remove(job);
+                self.latest.remove(job);
+                self.active.retain(|(j, _), _| j != job);
+                tracing::debug!(%job, "a new job under a deleted job's id: the host's state for the old one is dropped");
+            }
+            _ => {}
         }
     }
 
@@ -281,6 +303,7 @@ impl Actor for FunctionHost {
 impl Handler<RegisterJob> for FunctionHost {
     type Result = ();
     fn handle(&mut self, msg: RegisterJob, _: &mut Context<Self>) {
+        self.adopt(&msg.job, msg.incarnation);
         // Updates may have been folded before the leaf registered (e.g. redeliveries right
         // after a restart): hand it the latest progress at once.
         if let Some(p) = self.latest.get(&msg.job) {
@@ -328,6 +351,7 @@ impl Handler<Delivery> for FunctionHost {
             self.link.settle(d.stream_seq, Settle::Reject(Refusal::new(RejectReason::UnknownJob, why)));
             return Box::pin(async {});
         };
+        self.adopt(&d.job, entry.incarnation);
         if self.closed.get(&d.job).is_some_and(|&c| d.round <= c) {
             self.refuse_late(d, entry.spec.round_rule().asynchronous);
             return Box::pin(async {});

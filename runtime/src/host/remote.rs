@@ -330,7 +330,7 @@ mod tests {
     #[tokio::test]
     async fn descriptors_cross_the_socket_and_slots_come_back_or_are_handed_back() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let pool = SlotPool::new(dir.path().to_owned(), "job".into(), 256, 1 << 20);
+        let pool = SlotPool::new(dir.path().to_owned(), "job".into(), 256, 1 << 20).unwrap();
         let tally = DemandTally::default();
         let job = JobId::new("job").expect("job");
         let (gw_metrics, host_metrics) = (Arc::new(Metrics::default()), Arc::new(Metrics::default()));

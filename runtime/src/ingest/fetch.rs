@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use shoal_client::uploads::{self, UploadBuf, UploadReadError};
 use shoal_proto::headers::Upload;
-use shoal_proto::{subjects, ClientId, JobId, JobSpec, RejectReason, RoundId};
+use shoal_proto::{ClientId, JobId, JobSpec, RejectReason, RoundId};
 
 use super::reject::Refusal;
 use crate::nats::Infra;
@@ -33,7 +33,7 @@ pub async fn fetch_upload(
     let job = who.0;
     let max_payload = infra.max_payload() as u64;
     let limits = (spec.chunk_limit(max_payload), spec.update_byte_limit());
-    let stream = infra.js.get_stream_no_info(subjects::uploads_stream(job)).await.map_err(|e| {
+    let stream = infra.js.get_stream_no_info(infra.subjects.uploads_stream(job)).await.map_err(|e| {
         Refusal::new(RejectReason::ObjectUnavailable, format!("the job's upload stream: {e}"))
     })?;
     let mut buf = UploadBuf::default();

@@ -261,7 +261,7 @@ async fn purge_upload(infra: &Infra, u: &HeldUpdate) {
 /// Purges the chunks `client` uploaded for `round` of `job` below stream sequence `below` (all
 /// of them: `None`). Best effort: they expire.
 pub async fn purge_upload_of(infra: &Infra, who: (&JobId, &ClientId, RoundId), below: Option<u64>) {
-    match infra.js.get_stream_no_info(shoal_proto::subjects::uploads_stream(who.0)).await {
+    match infra.js.get_stream_no_info(infra.subjects.uploads_stream(who.0)).await {
         Ok(stream) => shoal_client::uploads::purge(&stream, &infra.subjects, who, below).await,
         Err(e) => tracing::debug!(error = %e, "the job's upload stream is gone; nothing to purge"),
     }

@@ -62,6 +62,11 @@ struct Gateway {
     /// Clients staged per (job, round) with their message's stream sequence (to tell a
     /// redelivery of the same message from a second update).
     seen: Seen,
+    /// Jobs whose update slot is larger than the shared-memory budget (logged once).
+    over_budget: std::collections::HashSet<JobId>,
+    /// The incarnation (`JobEntry::incarnation`) of each job the gateway keeps state for: a job
+    /// deleted and created again under its id starts with no pool, no seen clients.
+    incarnations: HashMap<JobId, u64>,
 }
 
 /// One update message on its way in.
@@ -77,24 +82,42 @@ struct Incoming {
 type Consumer = async_nats::jetstream::consumer::Consumer<pull::Config>;
 
 /// The gateway's pull subscription: (re)creates the durable consumer and its message stream.
+/// An existing consumer whose ack wait or `max_ack_pending` differ from this node's flags is
+/// updated to them (the last node started sets them for all). Pulls are sized by count
+/// (`--pull-batch`) and by bytes (`--pull-max-mib`), so a batch of large inline updates stays
+/// below nats-server's per-connection `max_pending` instead of getting the node cut off as a
+/// slow consumer.
 async fn open_updates(ctx: &NodeContext) -> Result<(Consumer, pull::Stream)> {
-    let consumer = ctx
+    let name = ctx.infra.subjects.gateway_consumer();
+    let config = pull::Config {
+        durable_name: Some(name.clone()),
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: ctx.config.ack_wait(),
+        max_ack_pending: i64::try_from(ctx.config.max_ack_pending).unwrap_or(i64::MAX),
+        deliver_policy: DeliverPolicy::All,
+        filter_subject: ctx.infra.subjects.all_updates(),
+        ..Default::default()
+    };
+    let mut consumer = ctx
         .infra
         .updates
-        .get_or_create_consumer(
-            subjects::GATEWAY_CONSUMER,
-            pull::Config {
-                durable_name: Some(subjects::GATEWAY_CONSUMER.into()),
-                ack_policy: AckPolicy::Explicit,
-                ack_wait: ctx.config.ack_wait(),
-                max_ack_pending: i64::try_from(ctx.config.max_ack_pending).unwrap_or(i64::MAX),
-                deliver_policy: DeliverPolicy::All,
-                filter_subject: ctx.infra.subjects.all_updates(),
-                ..Default::default()
-            },
-        )
+        .get_or_create_consumer(&name, config.clone())
         .await
         .map_err(|e| Error::nats("create gateway consumer", e))?;
+    let have = &consumer.cached_info().config;
+    if have.ack_wait != config.ack_wait || have.max_ack_pending != config.max_ack_pending {
+        tracing::info!(
+            ack_wait = ?config.ack_wait, max_ack_pending = config.max_ack_pending,
+            was_ack_wait = ?have.ack_wait, was_max_ack_pending = have.max_ack_pending,
+            "updating the gateway consumer to this node's flags"
+        );
+        consumer = ctx
+            .infra
+            .updates
+            .update_consumer(config)
+            .await
+            .map_err(|e| Error::nats("update gateway consumer", e))?;
+    }
     // Pull requests expire within half the lease's stale time: a node that stops (SIGSTOP, a
     // partition) stops being handed deliveries soon after, instead of absorbing them for the
     // 30 s default while others wait (the heartbeat tells a live pull from a dead one).
@@ -102,6 +125,7 @@ async fn open_updates(ctx: &NodeContext) -> Result<(Consumer, pull::Stream)> {
     let messages = consumer
         .stream()
         .max_messages_per_batch(ctx.config.pull_batch as usize)
+        .max_bytes_per_batch(ctx.config.pull_max_bytes(ctx.infra.max_payload()))
         .expires(expires)
         .heartbeat(expires / 3)
         .messages()
@@ -126,7 +150,14 @@ pub async fn run(ctx: NodeContext) -> Result<()> {
     let t = ctx.config.timings.clone();
     let cancel = ctx.cancel.clone();
     let mut adoptions = ctx.adoptions.take_receiver();
-    let mut gw = Gateway { ctx, claims: None, pools: HashMap::new(), seen: Seen::new() };
+    let mut gw = Gateway {
+        ctx,
+        claims: None,
+        pools: HashMap::new(),
+        seen: Seen::new(),
+        over_budget: Default::default(),
+        incarnations: HashMap::new(),
+    };
     let mut prune = tokio::time::interval(ms(t.prune_interval_ms));
     let mut watchdog = tokio::time::interval(ms(t.consumer_stall_check_ms));
     let (mut delivered, mut errors) = (true, 0u32);
@@ -203,6 +234,8 @@ impl Gateway {
         let dir = &self.ctx.directory;
         let running = |job: &JobId| dir.get(job).is_some_and(|e| e.state.phase == JobPhase::Running);
         self.pools.retain(|job, _| running(job));
+        self.over_budget.retain(|job| running(job));
+        self.incarnations.retain(|job, _| dir.get(job).is_some());
         self.seen.retain(|job, _| running(job));
     }
 
@@ -257,8 +290,8 @@ impl Gateway {
             return Some(e);
         }
         // Not seen by the watch yet (e.g. right after a restart): ask KV before refusing.
-        let spec = jobs::load_spec(&self.ctx.infra.js, job).await.ok()?;
-        let (state, rev) = jobs::load_state(&self.ctx.infra.js, job).await.ok()?;
+        let spec = jobs::load_spec(&self.ctx.infra, job).await.ok()?;
+        let (state, rev) = jobs::load_state(&self.ctx.infra, job).await.ok()?;
         self.ctx.directory.observe_state(job, Some(Arc::new(spec)), state, rev);
         self.ctx.directory.get(job)
     }
@@ -283,6 +316,12 @@ impl Gateway {
             .job_entry(&u.job)
             .await
             .ok_or_else(|| Refusal::new(RejectReason::UnknownJob, format!("job {} does not exist", u.job)))?;
+        if self.incarnations.insert(u.job.clone(), entry.incarnation).is_some_and(|i| i != entry.incarnation)
+        {
+            self.pools.remove(&u.job);
+            self.seen.remove(&u.job);
+            self.over_budget.remove(&u.job);
+        }
         let state_round = entry.state.round;
         if let Some(rounds) = self.seen.get_mut(&u.job) {
             // Rounds before the open one are settled: forget them.
@@ -387,12 +426,12 @@ impl Gateway {
         upload: Option<UploadChunks>,
     ) -> Result<Option<Delivery>, Refusal> {
         let manifest = &entry.manifest;
-        let (dir, budget) = (self.ctx.shm_dir.clone(), self.ctx.config.shm_budget_bytes());
-        let pool = self
-            .pools
-            .entry(u.job.clone())
-            .or_insert_with(|| SlotPool::new(dir, u.job.to_string(), manifest.slot_bytes(), budget))
-            .clone();
+        let Some(pool) = self.pool(&u.job, manifest.slot_bytes()) else {
+            // Not one update of the job fits this node's shared-memory budget: another node may
+            // take it (the job's top refuses a job that fits no budget, `cluster::top`).
+            u.ack.nak(ms(self.ctx.config.timings.nak_handoff_ms)).await;
+            return Ok(None);
+        };
         let mut slot = pool.alloc().await.map_err(|e| {
             tracing::error!(error = %e, "cannot allocate shared memory");
             Refusal::new(RejectReason::PayloadTooLarge, format!("no shared memory for the update: {e}"))
@@ -475,6 +514,30 @@ impl Gateway {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "update claims unavailable; retrying the update");
+                None
+            }
+        }
+    }
+
+    /// The job's slot pool, created on first use within the node's shared-memory budget; `None`
+    /// (logged once per job) when not one slot fits the budget.
+    fn pool(&mut self, job: &JobId, slot_bytes: usize) -> Option<Arc<SlotPool>> {
+        if let Some(p) = self.pools.get(job) {
+            return Some(Arc::clone(p));
+        }
+        let (dir, budget) = (self.ctx.shm_dir.clone(), self.ctx.config.shm_budget_bytes());
+        // Segment files are named after the job's incarnation too: a deleted job's segments
+        // may outlive it for a moment, and a job created again under its id must not collide.
+        let incarnation = self.incarnations.get(job).copied().unwrap_or(0);
+        match SlotPool::new(dir, format!("{job}-{incarnation}"), slot_bytes, budget) {
+            Ok(p) => {
+                self.pools.insert(job.clone(), Arc::clone(&p));
+                Some(p)
+            }
+            Err(e) => {
+                if self.over_budget.insert(job.clone()) {
+                    tracing::error!(%job, error = %e, "the job's updates cannot be staged on this node; handed to other nodes");
+                }
                 None
             }
         }

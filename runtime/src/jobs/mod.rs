@@ -31,19 +31,38 @@ pub struct JobEntry {
     /// Whether the job's updates must all be staged on its top's node: whole-cohort strategies
     /// without a coordinate-sharded form (RFFL, Bristle, any with a server optimizer).
     pub pinned: bool,
+    /// Which life of the job id this is, in this process: a job deleted (`shoal job delete`)
+    /// and created again under the same id gets a new incarnation, so that per-job state kept
+    /// by the gateway, the host, the leaf and the top for the old one is not applied to it.
+    pub incarnation: u64,
 }
+
+/// Source of [`JobEntry::incarnation`]s (process-wide, never reused).
+static INCARNATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Commit records kept per job, so a leaf that missed a state revision still finds the record
 /// of the round it holds updates for.
 const COMMIT_HISTORY: usize = 64;
 
 /// The node's view of every job, shared by gateway, leaves and coordinators.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct JobDirectory {
     inner: Arc<RwLock<HashMap<JobId, Arc<JobEntry>>>>,
     commits: Arc<RwLock<HashMap<JobId, std::collections::VecDeque<CommitRecord>>>>,
     tops: Arc<RwLock<HashMap<JobId, shoal_functions::NodeId>>>,
-    changed: Arc<tokio::sync::Notify>,
+    /// Bumped on every state change of any job ([`Self::subscribe`]).
+    changed: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Default for JobDirectory {
+    fn default() -> Self {
+        JobDirectory {
+            inner: Arc::default(),
+            commits: Arc::default(),
+            tops: Arc::default(),
+            changed: Arc::new(tokio::sync::watch::Sender::new(0)),
+        }
+    }
 }
 
 impl JobDirectory {
@@ -79,9 +98,14 @@ impl JobDirectory {
         self.tops.read().unwrap_or_else(|p| p.into_inner()).get(job).cloned()
     }
 
-    /// Resolves after the next state change of any job.
-    pub async fn changed(&self) {
-        self.changed.notified().await;
+    /// A receiver whose `changed()` resolves after each state change of any job (a change
+    /// that happens while the holder is busy is not lost: it resolves at the next wait).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn notify(&self) {
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
     }
 
     /// Records a state if it is newer than the known one.
@@ -96,7 +120,6 @@ impl JobDirectory {
                 }
             }
         }
-        self.changed.notify_waiters();
         let mut map = self.inner.write().unwrap_or_else(|p| p.into_inner());
         match map.get_mut(job) {
             Some(e) if e.revision < revision => {
@@ -106,6 +129,7 @@ impl JobDirectory {
                     state,
                     revision,
                     pinned: e.pinned,
+                    incarnation: e.incarnation,
                 };
                 *e = Arc::new(next);
             }
@@ -117,10 +141,31 @@ impl JobDirectory {
                         s.mergeability() == shoal_functions::Mergeability::WholeCohort
                             && s.sharding() == shoal_functions::Sharding::Unsupported
                     });
-                    map.insert(job.clone(), Arc::new(JobEntry { spec, manifest, state, revision, pinned }));
+                    let incarnation = INCARNATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let entry = JobEntry { spec, manifest, state, revision, pinned, incarnation };
+                    map.insert(job.clone(), Arc::new(entry));
                 }
             }
         }
+        drop(map);
+        // After the update: a waiter woken by this sees the new state.
+        self.notify();
+    }
+
+    /// Forgets a deleted job: its entry, commit records and top. A job created again under the
+    /// same id is a new entry with a new [`JobEntry::incarnation`].
+    pub fn forget(&self, job: &JobId) {
+        self.inner.write().unwrap_or_else(|p| p.into_inner()).remove(job);
+        self.commits.write().unwrap_or_else(|p| p.into_inner()).remove(job);
+        self.tops.write().unwrap_or_else(|p| p.into_inner()).remove(job);
+        self.notify();
+    }
+
+    /// Whether `job` is still the incarnation `incarnation` and running (what a job's leaf and
+    /// top check before acting on it).
+    pub fn runs(&self, job: &JobId, incarnation: u64) -> bool {
+        self.get(job)
+            .is_some_and(|e| e.incarnation == incarnation && e.state.phase == shoal_proto::JobPhase::Running)
     }
 
     /// Jobs known.
@@ -159,11 +204,18 @@ pub async fn observe_history(
     Ok(())
 }
 
-/// Reads the state of every known job and catches up with any revision the watch missed.
-async fn resync_states(infra: &Infra, dir: &JobDirectory) {
+/// Reads the state of every known job and catches up with any revision the watch missed;
+/// returns the jobs found deleted (forgotten here).
+async fn resync_states(infra: &Infra, dir: &JobDirectory) -> Vec<JobId> {
+    let mut deleted = Vec::new();
     for job in dir.jobs() {
         let Some(known) = dir.get(&job) else { continue };
-        match load_state(&infra.js, &job).await {
+        match load_state(&infra, &job).await {
+            Err(shoal_client::Error::UnknownJob(_)) => {
+                tracing::info!(%job, "job deleted");
+                dir.forget(&job);
+                deleted.push(job);
+            }
             Ok((_, revision)) if revision > known.revision => {
                 tracing::warn!(%job, revision, known = known.revision, "job watch lagging; caught up from KV");
                 if let Err(e) = observe_history(infra, dir, &job, None).await {
@@ -173,6 +225,7 @@ async fn resync_states(infra: &Infra, dir: &JobDirectory) {
             _ => {}
         }
     }
+    deleted
 }
 
 /// Keeps `dir` in step with KV until cancelled; calls `on_new_job` for each job whose state
@@ -211,7 +264,9 @@ pub async fn watch_jobs(
             let entry = tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 _ = resync.tick() => {
-                    resync_states(&infra, &dir).await;
+                    for job in resync_states(&infra, &dir).await {
+                        started.remove(&job);
+                    }
                     continue;
                 }
                 e = watch.next() => e,
@@ -230,6 +285,15 @@ pub async fn watch_jobs(
             let Some(job) = entry.key.strip_suffix(".state").and_then(|j| JobId::new(j).ok()) else {
                 continue;
             };
+            if entry.operation != async_nats::jetstream::kv::Operation::Put {
+                // Deleted (`shoal job delete`): forget it, so the id can start a new job.
+                if dir.get(&job).is_some() {
+                    tracing::info!(%job, "job deleted");
+                }
+                dir.forget(&job);
+                started.remove(&job);
+                continue;
+            }
             let Ok(state) = shoal_proto::decode::<JobState>("job state", &entry.value) else {
                 tracing::warn!(key = %entry.key, "undecodable job state ignored");
                 continue;
@@ -238,7 +302,7 @@ pub async fn watch_jobs(
             let spec = if known {
                 None
             } else {
-                match load_spec(&infra.js, &job).await {
+                match load_spec(&infra, &job).await {
                     Ok(s) => {
                         let spec = Arc::new(s);
                         // The key's history holds the commit records of the last rounds: a node

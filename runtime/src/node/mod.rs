@@ -150,6 +150,8 @@ pub struct NodeHandle {
     ledger: Ledger,
     tracker: TaskTracker,
     probe: Probe,
+    /// `<shm_dir>/<node>` and `<shm_dir>`, removed at shutdown when empty.
+    shm_dirs: (PathBuf, PathBuf),
     /// The node's metrics.
     pub metrics: Arc<Metrics>,
     /// The node's NATS handles.
@@ -161,6 +163,7 @@ pub struct NodeHandle {
 /// # Errors
 /// [`Error::Config`] for a configuration [`NodeConfig::validate`] refuses; NATS connection or
 /// resource errors; shm directory errors.
+#[allow(clippy::too_many_lines)] // one start-up sequence, in order; each step is a call
 pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
     opts.config.validate()?;
     let config = Arc::new(opts.config);
@@ -172,6 +175,13 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
     nats.prefix.clone_from(&config.prefix);
     nats.name = format!("shoal-node-{}", config.node_id);
     nats.slow_consumer_events = Some(metrics.slow_consumer_events.clone());
+    nats.disconnects = Some(metrics.nats_disconnects.clone());
+    nats.jetstream = Some(crate::nats::JetStreamOptions {
+        replicas: config.jetstream_replicas as usize,
+        updates_max_bytes: NodeConfig::mib_bytes(config.updates_max_mib),
+        models_max_bytes: NodeConfig::mib_bytes(config.models_max_mib),
+        transfers_max_bytes: NodeConfig::mib_bytes(config.transfers_max_mib),
+    });
     let infra = Infra::connect(&nats).await?;
     let liveness = lease::Liveness::new(config.timings.lease_stale());
     // Before touching shared memory: another live process of this node id may still use it.
@@ -238,7 +248,7 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
         slots,
         plugins: opts.plugins,
         cancel: cancel.clone(),
-        shm_dir,
+        shm_dir: shm_dir.clone(),
         demand: Arc::default(),
     };
     spawn_tasks(&ctx, &tracker).await?;
@@ -256,6 +266,7 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
         infra,
         probe: opts.probe,
         shutdown_grace: ms(config.timings.shutdown_grace_ms),
+        shm_dirs: (shm_dir, config.shm_dir.clone()),
     })
 }
 
@@ -375,6 +386,12 @@ impl NodeHandle {
             tracing::info!(released = n, "held updates handed back to JetStream");
         }
         let _ = self.infra.client.flush().await;
+        // The segments went with the gateway's pools; leave no empty directory behind (a
+        // directory still holding files, or another node's, stays).
+        let (node_dir, root) = &self.shm_dirs;
+        if std::fs::remove_dir(node_dir).is_ok() {
+            let _ = std::fs::remove_dir(root);
+        }
     }
 
     /// A token cancelled when the node shuts down.
@@ -411,7 +428,7 @@ impl JobStarter {
 
     fn offer(&self, job: shoal_functions::JobId) {
         match self.ctx.slots.offer(&job, self.running(&job)) {
-            Offer::Start { counted } => self.start(job, counted),
+            Offer::Start { .. } => self.start(job),
             Offer::Queued => tracing::warn!(
                 %job, max_jobs = ?self.ctx.slots.max(),
                 "node at capacity: the job waits for a free slot (its updates are refused as \
@@ -421,7 +438,8 @@ impl JobStarter {
         }
     }
 
-    fn start(&self, job: shoal_functions::JobId, counted: bool) {
+    fn start(&self, job: shoal_functions::JobId) {
+        let incarnation = self.ctx.directory.get(&job).map_or(0, |e| e.incarnation);
         let retry = ms(self.ctx.config.timings.retry_ms);
         let (leaf, top) = (self.ctx.clone(), self.ctx.clone());
         let leaf_task =
@@ -432,9 +450,6 @@ impl JobStarter {
             self.tracker.spawn(retrying("top", job.clone(), self.ctx.cancel.clone(), retry, move |job| {
                 top::run_top(top.clone(), job)
             }));
-        if !counted {
-            return;
-        }
         let this = self.clone();
         self.tracker.spawn(async move {
             let _ = leaf_task.await;
@@ -444,7 +459,12 @@ impl JobStarter {
             }
             for next in this.ctx.slots.release(&job, |j| this.running(j)) {
                 tracing::info!(job = %next, ended = %job, "a job slot is free: the waiting job starts");
-                this.start(next, true);
+                this.start(next);
+            }
+            // The id was deleted and created again while this incarnation wound down: the new
+            // job was offered while the old one still held the id, so offer it now.
+            if this.ctx.directory.get(&job).is_some_and(|e| e.incarnation != incarnation) {
+                this.offer(job);
             }
         });
     }

@@ -2,7 +2,8 @@
 //!
 //! A segment is a file under `<shm-dir>/<node>/` (tmpfs `/dev/shm` by default), created `0600`
 //! in a `0700` directory, mapped with `MAP_POPULATE` (a first touch of a fresh page runs at a
-//! fraction of memory speed), starting with a validated header followed by fixed-size **slots**:
+//! fraction of memory speed; no segment is ever larger than the budget, [`PoolLayout`]),
+//! starting with a validated header followed by fixed-size **slots**:
 //! every update of a job has the same size (the manifest fixes dtypes and shapes), so a slot
 //! allocator is a free list. Slots are leased by the gateway, written once, read in place by the
 //! aggregator, and returned when dropped; segments persist across rounds, so a warm job stages
@@ -98,7 +99,8 @@ impl Segment {
         // SAFETY: the mapping is `len` bytes long and lives as long as `map`; we only read it.
         let head = unsafe { std::slice::from_raw_parts(map.as_ptr(), HEADER_LEN.min(len as usize)) };
         let header = SegmentHeader::decode(head, len)?;
-        // `<job>-<n>.seg`: the number after the last dash (0 for a file named otherwise).
+        // `<job>-<incarnation>-<n>.seg`: the number after the last dash (0 for a file named
+        // otherwise).
         let id = path
             .file_stem()
             .and_then(|s| s.to_str()?.rsplit('-').next()?.parse().ok())
@@ -314,39 +316,109 @@ struct PoolState {
     generations: Vec<Vec<u32>>,
 }
 
-/// A growable pool of equal-size slots for one job on one node.
+/// Slots per segment are chosen so that a segment holds about this many bytes (between 1 and 64
+/// slots): segments are created one at a time as a job's rounds need them.
+pub const SEGMENT_TARGET_BYTES: usize = 256 << 20;
+
+/// How a job's slots are laid out in segments within a node's shared-memory budget
+/// (`--shm-budget-mib`). The budget is a real cap: every byte mapped counts, header pages
+/// included, and the last segment is smaller when the budget ends part-way through one. So a
+/// 1 GiB budget holds 23 slots of 45 MB (four segments of 5 and one of 3), not 20, and a 1 MiB
+/// budget holds no slot of a 4 MiB model (nothing is mapped: the job is refused).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolLayout {
+    /// Bytes per slot (at least 64).
+    pub slot_bytes: usize,
+    /// Slots in every segment but the last.
+    pub slots_per_segment: usize,
+    /// Slots in all: what the budget holds.
+    pub capacity: usize,
+    /// The budget, bytes.
+    pub budget_bytes: usize,
+}
+
+impl PoolLayout {
+    /// The layout of `slot_bytes` slots within `budget_bytes`.
+    pub fn new(slot_bytes: usize, budget_bytes: usize) -> PoolLayout {
+        let slot_bytes = slot_bytes.max(64);
+        let slots_per_segment = (SEGMENT_TARGET_BYTES / slot_bytes).clamp(1, 64).min(MAX_SLOTS_PER_SEGMENT);
+        let full = DATA_OFFSET.saturating_add(slots_per_segment.saturating_mul(slot_bytes));
+        let full_segments = budget_bytes / full;
+        let rest = budget_bytes - full_segments * full;
+        let tail = rest.saturating_sub(DATA_OFFSET) / slot_bytes;
+        PoolLayout {
+            slot_bytes,
+            slots_per_segment,
+            capacity: full_segments.saturating_mul(slots_per_segment).saturating_add(tail),
+            budget_bytes,
+        }
+    }
+
+    /// Slots of segment `n` (from 0); 0 past the last segment.
+    pub fn segment_slots(&self, n: usize) -> usize {
+        self.capacity.saturating_sub(n.saturating_mul(self.slots_per_segment)).min(self.slots_per_segment)
+    }
+
+    /// Bytes mapped once every segment exists (at most the budget).
+    pub fn mapped_bytes(&self) -> usize {
+        let segments = self.capacity.div_ceil(self.slots_per_segment);
+        segments * DATA_OFFSET + self.capacity * self.slot_bytes
+    }
+
+    /// Checks that `needed` slots fit.
+    ///
+    /// # Errors
+    /// [`Error::ShmBudget`] naming the slots, their size and the budget.
+    pub fn check(&self, needed: usize) -> Result<()> {
+        if self.capacity >= needed {
+            return Ok(());
+        }
+        Err(Error::ShmBudget {
+            slot_bytes: self.slot_bytes,
+            needed,
+            fits: self.capacity,
+            budget: self.budget_bytes,
+        })
+    }
+}
+
+/// A growable pool of equal-size slots for one job on one node, within the node's budget
+/// ([`PoolLayout`]).
 #[derive(Debug)]
 pub struct SlotPool {
     dir: PathBuf,
     name: String,
-    slot_bytes: usize,
-    slots_per_segment: usize,
-    max_segments: usize,
+    layout: PoolLayout,
     state: Mutex<PoolState>,
     freed: tokio::sync::Notify,
 }
 
 impl SlotPool {
-    /// A pool of `slot_bytes` slots, growing one segment at a time up to about `budget_bytes`
-    /// (at least one segment).
-    pub fn new(dir: PathBuf, name: String, slot_bytes: usize, budget_bytes: usize) -> Arc<SlotPool> {
-        let slot_bytes = slot_bytes.max(64);
-        let slots_per_segment = ((256usize << 20) / slot_bytes).clamp(1, 64).min(MAX_SLOTS_PER_SEGMENT);
-        let max_segments = (budget_bytes / (slot_bytes * slots_per_segment)).max(1);
-        Arc::new(SlotPool {
+    /// A pool of `slot_bytes` slots, growing one segment at a time up to `budget_bytes`
+    /// (segment headers counted). Nothing is mapped yet.
+    ///
+    /// # Errors
+    /// [`Error::ShmBudget`] when not even one slot fits the budget.
+    pub fn new(dir: PathBuf, name: String, slot_bytes: usize, budget_bytes: usize) -> Result<Arc<SlotPool>> {
+        let layout = PoolLayout::new(slot_bytes, budget_bytes);
+        layout.check(1)?;
+        Ok(Arc::new(SlotPool {
             dir,
             name,
-            slot_bytes,
-            slots_per_segment,
-            max_segments,
+            layout,
             state: Mutex::new(PoolState { segments: Vec::new(), free: Vec::new(), generations: Vec::new() }),
             freed: tokio::sync::Notify::new(),
-        })
+        }))
+    }
+
+    /// The pool's layout (slots per segment, capacity).
+    pub fn layout(&self) -> PoolLayout {
+        self.layout
     }
 
     /// Bytes per slot.
     pub fn slot_bytes(&self) -> usize {
-        self.slot_bytes
+        self.layout.slot_bytes
     }
 
     /// Leases a free slot, creating a segment if none is free and the budget allows.
@@ -356,14 +428,15 @@ impl SlotPool {
     /// [`Error::Io`] if a new segment cannot be created.
     pub fn try_alloc(self: &Arc<Self>) -> Result<Option<Slot>> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if st.free.is_empty() && st.segments.len() < self.max_segments {
-            let n = st.segments.len();
+        let n = st.segments.len();
+        let slots = self.layout.segment_slots(n);
+        if st.free.is_empty() && slots > 0 {
             let id = SegmentId(n as u32);
             let file = format!("{}-{n}.seg", self.name);
-            let seg = Segment::create(&self.dir, &file, id, self.slot_bytes, self.slots_per_segment)?;
+            let seg = Segment::create(&self.dir, &file, id, self.layout.slot_bytes, slots)?;
             st.segments.push(Arc::new(seg));
-            st.generations.push(vec![0; self.slots_per_segment]);
-            st.free.extend((0..self.slots_per_segment).rev().map(|i| (n, i)));
+            st.generations.push(vec![0; slots]);
+            st.free.extend((0..slots).rev().map(|i| (n, i)));
         }
         let Some((s, i)) = st.free.pop() else { return Ok(None) };
         // A new lease, a new generation (never 0, so a zeroed table names no lease).
@@ -412,16 +485,19 @@ pub struct Slot {
 
 impl Slot {
     fn offset(&self) -> usize {
-        DATA_OFFSET + self.index * self.pool.slot_bytes
+        DATA_OFFSET + self.index * self.pool.layout.slot_bytes
     }
 
     /// The slot's bytes (64-byte aligned, `slot_bytes` long).
     pub fn bytes(&self) -> &[u8] {
-        // SAFETY: the slot lies inside the mapping (index < slots_per_segment, and the file was
-        // sized for all of them); the mapping lives as long as `self.segment`; the free list
+        // SAFETY: the slot lies inside the mapping (index < the segment's slot count, and the
+        // file was sized for all of them); the mapping lives as long as `self.segment`; the free list
         // hands each (segment, slot) to one lease at a time, so no other reference aliases it.
         unsafe {
-            std::slice::from_raw_parts(self.segment.map.as_ptr().add(self.offset()), self.pool.slot_bytes)
+            std::slice::from_raw_parts(
+                self.segment.map.as_ptr().add(self.offset()),
+                self.pool.layout.slot_bytes,
+            )
         }
     }
 
@@ -431,7 +507,7 @@ impl Slot {
         unsafe {
             std::slice::from_raw_parts_mut(
                 self.segment.map.as_mut_ptr().add(self.offset()),
-                self.pool.slot_bytes,
+                self.pool.layout.slot_bytes,
             )
         }
     }
@@ -443,7 +519,7 @@ impl Slot {
             index: self.index as u32,
             generation: self.generation,
             offset: self.offset() as u64,
-            length: self.pool.slot_bytes as u64,
+            length: self.pool.layout.slot_bytes as u64,
         }
     }
 
@@ -574,7 +650,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = prepare_node_dir(tmp.path(), "n1").unwrap();
         assert_eq!(fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
-        let pool = SlotPool::new(dir.clone(), "job".into(), 128, 128 * 64);
+        let pool = SlotPool::new(dir.clone(), "job".into(), 128, DATA_OFFSET + 128 * 64).unwrap();
         let mut a = pool.try_alloc().unwrap().unwrap();
         let mut b = pool.try_alloc().unwrap().unwrap();
         assert_eq!(a.bytes().as_ptr() as usize % 64, 0);
@@ -599,6 +675,51 @@ mod tests {
         drop(held);
         drop(pool);
         assert!(fs::read_dir(&dir).unwrap().next().is_none(), "segments unlinked with the pool");
+    }
+
+    /// The budget is a real cap: headers count, the last segment is partial, and a slot larger
+    /// than the budget is refused before anything is mapped.
+    #[test]
+    fn the_budget_caps_what_is_mapped() {
+        const MIB: usize = 1 << 20;
+        // ResNet-18 (44.8 MB per update) in 1 GiB: four segments of 5 and one of 3.
+        let l = PoolLayout::new(44_800_000, 1024 * MIB);
+        assert_eq!((l.slots_per_segment, l.capacity), (5, 23));
+        assert_eq!((l.segment_slots(3), l.segment_slots(4), l.segment_slots(5)), (5, 3, 0));
+        assert!(l.mapped_bytes() <= 1024 * MIB);
+        assert!(l.check(23).is_ok());
+        let e = l.check(24).unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::ShmBudget);
+        let text = e.to_string();
+        assert!(
+            text.contains("1024.0 MiB") && text.contains("--shm-budget-mib") && text.contains("holds 23"),
+            "{text}"
+        );
+        // A 4 MiB model and a 1 MiB budget: nothing fits, nothing is mapped.
+        let tmp = tempfile::tempdir().unwrap();
+        let err = SlotPool::new(tmp.path().to_owned(), "j".into(), 4 * MIB, MIB).unwrap_err();
+        assert_eq!(err.kind(), crate::error::ErrorKind::ShmBudget);
+        assert!(fs::read_dir(tmp.path()).unwrap().next().is_none());
+        // Exactly one slot and its header page fit: one segment of one slot.
+        let l = PoolLayout::new(4 * MIB, 4 * MIB + DATA_OFFSET);
+        assert_eq!((l.capacity, l.mapped_bytes()), (1, 4 * MIB + DATA_OFFSET));
+        assert_eq!(PoolLayout::new(4 * MIB, 4 * MIB).capacity, 0, "the header page counts");
+        // Small slots: at most 64 per segment, segments up to the budget.
+        let l = PoolLayout::new(1000, 1024 * MIB);
+        assert_eq!(l.slot_bytes, 1000);
+        assert_eq!(l.slots_per_segment, 64);
+        assert!(l.mapped_bytes() <= 1024 * MIB && l.mapped_bytes() + DATA_OFFSET + 1000 > 1024 * MIB);
+        // A pool never maps more than its layout: exhaust a 2.5-segment budget.
+        let dir = prepare_node_dir(tmp.path(), "n").unwrap();
+        let budget = 2 * (DATA_OFFSET + 64 * 128) + DATA_OFFSET + 10 * 128;
+        let pool = SlotPool::new(dir.clone(), "k".into(), 128, budget).unwrap();
+        let mut held = Vec::new();
+        while let Some(s) = pool.try_alloc().unwrap() {
+            held.push(s);
+        }
+        assert_eq!((held.len(), pool.segments()), (138, 3));
+        let mapped: u64 = fs::read_dir(&dir).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+        assert_eq!(mapped as usize, budget);
     }
 
     #[test]

@@ -58,11 +58,13 @@ pub async fn run_top(ctx: NodeContext, job: JobId) -> Result<()> {
     let instance = shoal_proto::InstanceId(rand::random::<u64>());
     let key = shoal_proto::subjects::top_lease_key(&job);
     let timings = &ctx.config.timings;
+    let incarnation = ctx.directory.get(&job).map_or(0, |e| e.incarnation);
     loop {
         if ctx.cancel.is_cancelled() {
             return Ok(());
         }
-        if ctx.directory.get(&job).is_some_and(|e| e.state.phase != JobPhase::Running) {
+        // Ended (finished, failed, cancelled) or deleted: nothing to lead.
+        if !ctx.directory.runs(&job, incarnation) {
             return Ok(());
         }
         match lease::try_acquire(&ctx.infra, &ctx.liveness, &key, &ctx.node, instance, timings).await? {
@@ -88,7 +90,7 @@ pub async fn run_top(ctx: NodeContext, job: JobId) -> Result<()> {
                 ));
                 let gauge = ctx.metrics.tier("top");
                 gauge.inc();
-                let result = run(&ctx, job.clone(), lost.clone(), continuity).await;
+                let result = run(&ctx, job.clone(), incarnation, lost.clone(), continuity).await;
                 gauge.dec();
                 ctx.local.unregister(&job);
                 stop.cancel();
@@ -129,6 +131,11 @@ struct Top<'a> {
     global: Parameters,
     inbox: Inbox,
     exchange_failures: u32,
+    /// The job's incarnation in this node's directory (a job deleted and created again under
+    /// the same id is another one).
+    incarnation: u64,
+    /// Wakes the top when a job's state changes in the directory (a cancel, a delete).
+    changes: tokio::sync::watch::Receiver<u64>,
 }
 
 /// What the top does after waiting for a round.
@@ -141,17 +148,23 @@ enum Step {
     Closed,
 }
 
-/// Runs the top of `job` until it finishes, fails, or `cancel`.
+/// Runs the top of `job` until it finishes, fails, is cancelled or deleted, or `cancel`.
 ///
 /// # Errors
 /// NATS errors that persist, an unreadable spec or model.
 async fn run(
     ctx: &NodeContext,
     job: JobId,
+    incarnation: u64,
     cancel: CancellationToken,
     lease: lease::Continuity,
 ) -> Result<()> {
-    let mut top = Top::start(ctx, job, cancel, lease).await?;
+    let mut top = Top::start(ctx, job, incarnation, cancel, lease).await?;
+    if top.state.phase == JobPhase::Running {
+        if let Err(why) = top.fits_node() {
+            return top.refuse(format!("refused by node {}: {why}", ctx.node)).await;
+        }
+    }
     // A round already open when we start was opened by a top that may have died holding staged
     // updates: adopt those from the stream by their claims rather than wait for JetStream to
     // deliver them again after their ack wait.
@@ -160,6 +173,10 @@ async fn run(
         tracing::info!(job = %top.job, round = top.state.round.0, adopted = n, "took over an open round");
     }
     while top.state.phase == JobPhase::Running {
+        if !ctx.directory.runs(&top.job, incarnation) {
+            tracing::info!(job = %top.job, "the job was cancelled or deleted; its top stops");
+            return Ok(());
+        }
         if !top.state.is_open() && !top.open_round().await? {
             continue;
         }
@@ -175,14 +192,15 @@ impl<'a> Top<'a> {
     async fn start(
         ctx: &'a NodeContext,
         job: JobId,
+        incarnation: u64,
         cancel: CancellationToken,
         lease: lease::Continuity,
     ) -> Result<Top<'a>> {
-        let spec = Arc::new(jobs::load_spec(&ctx.infra.js, &job).await?);
+        let spec = Arc::new(jobs::load_spec(&ctx.infra, &job).await?);
         let manifest = Arc::new(spec.manifest.clone());
         let local = ctx.local.register(&job);
         let mut strategy = fresh_strategy(ctx, &spec)?;
-        let (state, revision) = jobs::load_state(&ctx.infra.js, &job).await?;
+        let (state, revision) = jobs::load_state(&ctx.infra, &job).await?;
         restore_strategy(ctx, &job, state.model_version, &mut *strategy).await;
         let global = load_global(&ctx.infra, &job, &state, &manifest).await?;
         let s = &ctx.infra.subjects;
@@ -212,7 +230,57 @@ impl<'a> Top<'a> {
             global,
             inbox,
             exchange_failures: 0,
+            incarnation,
+            changes: ctx.directory.subscribe(),
         })
+    }
+
+    /// Whether the job fits this node (`Err`: why not). A round that does not fit would only
+    /// fail at its deadline as `quorum_not_met`, so the job is refused at start instead:
+    /// - the shared-memory budget must hold one update slot for a streaming strategy, a whole
+    ///   round of them (`max_clients_per_round`, default `cohort_size`) for a whole-cohort
+    ///   strategy or with lazy aggregation;
+    /// - the gateway consumer's `max_ack_pending` must let a round's updates stay un-acked until
+    ///   the round commits.
+    fn fits_node(&self) -> std::result::Result<(), String> {
+        let whole =
+            self.strategy.mergeability() == Mergeability::WholeCohort || self.ctx.config.lazy_aggregation;
+        let needed = if whole { self.spec.round_client_limit().unwrap_or(1) as usize } else { 1 };
+        let layout =
+            crate::staging::PoolLayout::new(self.manifest.slot_bytes(), self.ctx.config.shm_budget_bytes());
+        layout.check(needed).map_err(|e| e.to_string())?;
+        let per_round = self.spec.updates_per_round();
+        if per_round > self.ctx.config.max_ack_pending {
+            return Err(format!(
+                "a round takes {per_round} updates, each un-acked until the round commits, but the gateway \
+                 consumer allows {} un-acked updates (--max-ack-pending)",
+                self.ctx.config.max_ack_pending
+            ));
+        }
+        Ok(())
+    }
+
+    /// Ends a job that cannot run: its state becomes `Failed { reason }` by compare-and-set (unless
+    /// another writer ended it first) and `JobEnded` is published.
+    async fn refuse(&mut self, reason: String) -> Result<()> {
+        tracing::error!(job = %self.job, %reason, "job refused");
+        while self.state.phase == JobPhase::Running {
+            let mut next = self.state.clone();
+            next.phase = JobPhase::Failed { reason: reason.clone() };
+            match jobs::cas_state(&self.ctx.infra, &self.job, &next, self.revision).await? {
+                CasOutcome::Written(rev) => {
+                    (self.state, self.revision) = (next, rev);
+                    self.ctx.directory.observe_state(&self.job, None, self.state.clone(), self.revision);
+                    let ended =
+                        RoundEvent::JobEnded { job: self.job.clone(), phase: self.state.phase.clone() };
+                    publish_event(&self.ctx.infra, &self.job, &ended).await;
+                }
+                CasOutcome::Conflict => {
+                    (self.state, self.revision) = jobs::load_state(&self.ctx.infra, &self.job).await?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Opens the round by a compare-and-set; `false` when another top changed the state first
@@ -236,7 +304,7 @@ impl<'a> Top<'a> {
                 Ok(true)
             }
             CasOutcome::Conflict => {
-                (self.state, self.revision) = jobs::load_state(&self.ctx.infra.js, &self.job).await?;
+                (self.state, self.revision) = jobs::load_state(&self.ctx.infra, &self.job).await?;
                 Ok(false)
             }
         }
@@ -276,6 +344,11 @@ impl<'a> Top<'a> {
         let mut tick = tokio::time::interval(self.ctx.config.timings.lease_renew());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // Checked on every wake-up too: a change notified between two waits is not lost.
+            if !self.ctx.directory.runs(&self.job, self.incarnation) {
+                tracing::info!(job = %self.job, round = round.0, "the job was cancelled or deleted; its top stops");
+                return false;
+            }
             tokio::select! {
                 _ = self.cancel.cancelled() => return false,
                 _ = tokio::time::sleep_until(clock.deadline()) => return true,
@@ -288,6 +361,8 @@ impl<'a> Top<'a> {
                     }
                     members = live;
                 }
+                // A cancelled or deleted job stops at once, not at its deadline.
+                _ = self.changes.changed() => {}
                 Some(req) = self.inbox.rewards.next() => {
                     let reward = reward_bytes(&*self.strategy, &req);
                     answer_reward(&self.ctx.infra, req, reward).await;
@@ -444,7 +519,7 @@ impl<'a> Top<'a> {
             CasOutcome::Conflict => {
                 // Another committer won; the leaves settle by its record.
                 tracing::warn!(job = %self.job, round = round.0, "job state changed under us; reloading");
-                (self.state, self.revision) = jobs::load_state(&self.ctx.infra.js, &self.job).await?;
+                (self.state, self.revision) = jobs::load_state(&self.ctx.infra, &self.job).await?;
                 self.global = load_global(&self.ctx.infra, &self.job, &self.state, &self.manifest).await?;
                 // This top's strategy already stepped past the committed version: take the
                 // state the winner committed with it instead.
@@ -484,7 +559,7 @@ impl<'a> Top<'a> {
         } else {
             return;
         };
-        match infra.js.get_stream_no_info(shoal_proto::subjects::uploads_stream(&self.job)).await {
+        match infra.js.get_stream_no_info(infra.subjects.uploads_stream(&self.job)).await {
             Ok(stream) => shoal_client::uploads::purge_matching(&stream, filter).await,
             Err(e) => tracing::debug!(error = %e, "the job's upload stream is gone; nothing to purge"),
         }

@@ -144,7 +144,7 @@ async fn garbage_truncated_and_oversized_frames_are_typed_refusals() {
 #[tokio::test]
 async fn descriptors_are_checked_against_the_read_only_segments() {
     let dir = tempfile::tempdir().unwrap();
-    let pool = SlotPool::new(dir.path().to_owned(), "job".into(), 128, 1 << 20);
+    let pool = SlotPool::new(dir.path().to_owned(), "job".into(), 128, 1 << 20).unwrap();
     let mut slot = pool.alloc().await.unwrap();
     slot.bytes_mut()[..5].copy_from_slice(b"hello");
     let at = slot.location();
