@@ -598,10 +598,39 @@ async fn run_client(a: ClientArgs) -> anyhow::Result<()> {
     }
     let client = ShoalClient::connect(&opts).await?;
     let kind = UpdateKind::from(a.kind);
-    let payload = std::fs::read(&a.update).with_context(|| format!("reading {}", a.update.display()))?;
     let timeout = Duration::from_secs(a.timeout_secs);
     // Check the file against the job's manifest before sending it anywhere.
     let spec = client.job_spec(&job).await?;
+    // Read at most one byte more than the job accepts: a device or a huge file is refused
+    // without reading it whole (`--update /dev/zero` used to read until memory ran out).
+    let limit = spec.update_byte_limit();
+    let payload = {
+        use std::io::Read as _;
+        let file =
+            std::fs::File::open(&a.update).with_context(|| format!("opening {}", a.update.display()))?;
+        let mut buf = Vec::new();
+        file.take(limit.saturating_add(1))
+            .read_to_end(&mut buf)
+            .with_context(|| format!("reading {}", a.update.display()))?;
+        anyhow::ensure!(
+            buf.len() as u64 <= limit,
+            "{} is larger than job {job} accepts ({limit} bytes, its max_update_bytes)",
+            a.update.display()
+        );
+        buf
+    };
+    if a.num_examples == 0 || a.num_examples > spec.max_num_examples {
+        anyhow::bail!(
+            "--num-examples {} is outside 1..={} (job {job}'s max_num_examples); the node would refuse it",
+            a.num_examples,
+            spec.max_num_examples
+        );
+    }
+    anyhow::ensure!(
+        kind == spec.update_kind,
+        "--kind {kind:?} does not match job {job}, which takes {:?} updates",
+        spec.update_kind
+    );
     Parameters::from_safetensors(Arc::new(spec.manifest.clone()), &payload)
         .with_context(|| format!("{} does not match job {job}'s model manifest", a.update.display()))?;
     let state = client.wait_for_open_round(&job, shoal_functions::RoundId(1), timeout).await?;

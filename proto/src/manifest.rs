@@ -231,6 +231,13 @@ impl ModelManifest {
             if t.name.is_empty() || t.name.len() > 1024 {
                 return Err(ManifestError(format!("tensor {i} has an empty or over-long name")));
             }
+            if t.name == "__metadata__" {
+                return Err(ManifestError(
+                    "tensor name \"__metadata__\" is reserved by the safetensors format (its header's metadata \
+                     entry); rename the tensor"
+                        .into(),
+                ));
+            }
             if index.insert(t.name.clone(), i).is_some() {
                 return Err(ManifestError(format!("duplicate tensor name {:?}", t.name)));
             }
@@ -408,5 +415,8 @@ mod tests {
         assert!(serde_json::from_str::<ModelManifest>(json).is_err(), "deserialising validates too");
         let m = ModelManifest::new(vec![TensorSpec::new("s", DType::F32, vec![])]).unwrap();
         assert_eq!(m.numel(), 1);
+        // safetensors' reserved header key cannot be a tensor (a job with it never started).
+        let e = ModelManifest::new(vec![TensorSpec::new("__metadata__", DType::F32, vec![2])]).unwrap_err();
+        assert!(e.0.contains("reserved"), "{e}");
     }
 }

@@ -903,12 +903,27 @@ impl JobSpec {
                  minus {HEADER_ALLOWANCE} bytes of headers)"
             )));
         }
+        if self.chunk_bytes == Some(0) {
+            return Err(SpecError(
+                "chunk_bytes 0: an upload chunk holds at least one byte (omit it for the default)".into(),
+            ));
+        }
         let chunk = self.chunk_limit(max_payload);
         if chunk > most.min(MAX_CHUNK_BYTES) {
             return Err(SpecError(format!(
                 "chunk_bytes {chunk} must be at most {} (1 MiB, and max_payload minus headers)",
                 most.min(MAX_CHUNK_BYTES)
             )));
+        }
+        if let Some(q) = self.upload_quota_bytes {
+            // A quota below one update would refuse every upload with "retry later", forever.
+            let one = self.update_byte_limit();
+            if one > inline && q < one {
+                return Err(SpecError(format!(
+                    "upload_quota_bytes {q} is below one update on the upload path ({one} bytes): every upload \
+                     would be refused; omit it for the default (two rounds of updates)"
+                )));
+            }
         }
         self.inline_limit_bytes = Some(inline);
         self.chunk_bytes = Some(chunk);
