@@ -163,7 +163,6 @@ pub struct NodeHandle {
 /// # Errors
 /// [`Error::Config`] for a configuration [`NodeConfig::validate`] refuses; NATS connection or
 /// resource errors; shm directory errors.
-#[allow(clippy::too_many_lines)] // one start-up sequence, in order; each step is a call
 pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
     opts.config.validate()?;
     let config = Arc::new(opts.config);
@@ -204,24 +203,7 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
         start_host(&config, opts.channel, &metrics, &directory, &ledger, &shm_dir, &tracker, &cancel).await?;
     // Losing the membership lease (another process took this node id), or continuity (a pause
     // or partition longer than the fence window), stops the node.
-    let stopped = Arc::new(std::sync::OnceLock::new());
-    {
-        let keep =
-            lease::keep(infra.clone(), membership, config.timings.clone(), cancel.clone(), cancel.clone());
-        let (stopped, metrics) = (Arc::clone(&stopped), Arc::clone(&metrics));
-        tracker.spawn(async move {
-            match keep.await {
-                lease::LeaseEnd::Released => {}
-                lease::LeaseEnd::Lost => {
-                    let _ = stopped.set(Stopped::LeaseLost);
-                }
-                lease::LeaseEnd::Fenced(_) => {
-                    metrics.fencing("self_fenced").inc();
-                    let _ = stopped.set(Stopped::Fenced);
-                }
-            }
-        });
-    }
+    let stopped = keep_membership(&infra, membership, &config, &metrics, &tracker, &cancel);
     tracker.spawn(liveness.clone().watch_members(infra.clone(), cancel.clone(), ms(config.timings.retry_ms)));
     let slots = JobSlots::new(
         config.max_jobs.map(|n| n as usize),
@@ -268,6 +250,34 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
         shutdown_grace: ms(config.timings.shutdown_grace_ms),
         shm_dirs: (shm_dir, config.shm_dir.clone()),
     })
+}
+
+/// Keeps the node's membership lease renewed; the returned cell says why the node stopped on
+/// its own (another process took the lease, or a renewal gap fenced it).
+fn keep_membership(
+    infra: &Infra,
+    membership: lease::Held,
+    config: &NodeConfig,
+    metrics: &Arc<Metrics>,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+) -> Arc<std::sync::OnceLock<Stopped>> {
+    let stopped = Arc::new(std::sync::OnceLock::new());
+    let keep = lease::keep(infra.clone(), membership, config.timings.clone(), cancel.clone(), cancel.clone());
+    let (cell, metrics) = (Arc::clone(&stopped), Arc::clone(metrics));
+    tracker.spawn(async move {
+        match keep.await {
+            lease::LeaseEnd::Released => {}
+            lease::LeaseEnd::Lost => {
+                let _ = cell.set(Stopped::LeaseLost);
+            }
+            lease::LeaseEnd::Fenced(_) => {
+                metrics.fencing("self_fenced").inc();
+                let _ = cell.set(Stopped::Fenced);
+            }
+        }
+    });
+    stopped
 }
 
 /// How a node's gateway hands descriptors to its function host.
