@@ -109,7 +109,8 @@ class Node:
         self.node_id = node_id or f"py-{uuid.uuid4().hex[:8]}"
         self.dir = Path(tempfile.mkdtemp(prefix="shoal-py-node-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
         self.log = self.dir / "node.log"
-        cmd = [shoal_bin(), "node", "--nats-url", url, "--node-id", self.node_id, "--shm-dir", str(self.dir / "shm"), *(extra or [])]
+        # No HTTP listener: its default port (9464) would collide between the nodes of one test.
+        cmd = [shoal_bin(), "node", "--nats-url", url, "--node-id", self.node_id, "--shm-dir", str(self.dir / "shm"), "--http", "off", *(extra or [])]
         penv = {**os.environ, "RUST_LOG": os.environ.get("SHOAL_TEST_LOG", "info"), **(env or {})}
         self.proc = subprocess.Popen(cmd, env=penv, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         run(self._wait_ready(url, probe or {}))
