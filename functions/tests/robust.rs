@@ -883,7 +883,7 @@ fn spec() -> impl Strategy<Value = (DType, Vec<usize>, AggregationPolicy)> {
     let dtype = prop::sample::select(vec![DType::F32, DType::F16, DType::BF16, DType::F64, DType::I64]);
     let shape = prop_oneof![
         Just(vec![]),
-        (0usize..=12).prop_map(|n| vec![n]),
+        (1usize..=12).prop_map(|n| vec![n]),
         (1usize..=3, 1usize..=4).prop_map(|(a, b)| vec![a, b])
     ];
     let policy = prop_oneof![
