@@ -73,8 +73,10 @@ async fn run(extra: &[&str], strategy: shoal_functions::StrategySpec) -> (Vec<Ve
                 .unwrap();
             sent.push((values, n as f64));
         }
-        let after =
-            client.wait_for_round_closed(&job, RoundId(round), Duration::from_secs(30)).await.unwrap();
+        let after = client
+            .wait_for_round_closed(&job, RoundId(round), Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: {e}\n{}", node.log()));
         assert!(
             matches!(after.last_outcome, Some(RoundOutcome::Committed { clients: 6, .. })),
             "round {round}: {:?}\n{}",

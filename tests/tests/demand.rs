@@ -30,7 +30,7 @@ async fn the_node_reports_arrivals_backlog_and_the_undelivered_queue() {
     let mut reports = client.connection().client.subscribe("shoal.node.d1.demand").await.unwrap();
     let m = manifest(&[("w", DType::F32, &[8])]);
     let job = JobId::new("dem").unwrap();
-    let spec = job_spec("dem", (*m).clone(), 6, 2, 6_000, 2);
+    let spec = job_spec("dem", (*m).clone(), 2, 2, 6_000, 2);
     jobs::create_job(&infra_of(&client).await, &spec, None).await.unwrap();
     let state = client.wait_for_open_round(&job, RoundId(1), Duration::from_secs(30)).await.unwrap();
     for c in 0..6u64 {

@@ -529,7 +529,7 @@ impl Gateway {
         // Segment files are named after the job's incarnation too: a deleted job's segments
         // may outlive it for a moment, and a job created again under its id must not collide.
         let incarnation = self.incarnations.get(job).copied().unwrap_or(0);
-        match SlotPool::new(dir, format!("{job}-{incarnation}"), slot_bytes, budget) {
+        match SlotPool::for_incarnation(dir, job, incarnation, slot_bytes, budget) {
             Ok(p) => {
                 self.pools.insert(job.clone(), Arc::clone(&p));
                 Some(p)

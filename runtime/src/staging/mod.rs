@@ -99,8 +99,8 @@ impl Segment {
         // SAFETY: the mapping is `len` bytes long and lives as long as `map`; we only read it.
         let head = unsafe { std::slice::from_raw_parts(map.as_ptr(), HEADER_LEN.min(len as usize)) };
         let header = SegmentHeader::decode(head, len)?;
-        // `<job>-<incarnation>-<n>.seg`: the number after the last dash (0 for a file named
-        // otherwise).
+        // `<job>-<segment id>.seg` ([`shoal_proto::descriptor::segment_file_name`]): the number after the last dash (0
+        // for a file named otherwise).
         let id = path
             .file_stem()
             .and_then(|s| s.to_str()?.rsplit('-').next()?.parse().ok())
@@ -388,6 +388,9 @@ impl PoolLayout {
 pub struct SlotPool {
     dir: PathBuf,
     name: String,
+    /// Added to each segment's number in its [`SegmentId`] (and so its file name): the job's
+    /// incarnation in the high 16 bits ([`Self::for_incarnation`]).
+    segment_base: u32,
     layout: PoolLayout,
     state: Mutex<PoolState>,
     freed: tokio::sync::Notify,
@@ -405,10 +408,31 @@ impl SlotPool {
         Ok(Arc::new(SlotPool {
             dir,
             name,
+            segment_base: 0,
             layout,
             state: Mutex::new(PoolState { segments: Vec::new(), free: Vec::new(), generations: Vec::new() }),
             freed: tokio::sync::Notify::new(),
         }))
+    }
+
+    /// [`Self::new`] for one incarnation of job `job`: segment files are
+    /// [`shoal_proto::descriptor::segment_file_name`]`(job, SegmentId(incarnation << 16 | n))`, so a job deleted and
+    /// created again under its id never shares a file with its previous life, and a function host
+    /// in another process finds a segment from the descriptor alone (job and segment id).
+    ///
+    /// # Errors
+    /// As [`Self::new`].
+    pub fn for_incarnation(
+        dir: PathBuf,
+        job: &shoal_proto::JobId,
+        incarnation: u64,
+        slot_bytes: usize,
+        budget_bytes: usize,
+    ) -> Result<Arc<SlotPool>> {
+        let mut pool = Arc::into_inner(Self::new(dir, job.to_string(), slot_bytes, budget_bytes)?)
+            .ok_or(Error::Gone("slot pool"))?;
+        pool.segment_base = ((incarnation & 0xFFFF) as u32) << 16;
+        Ok(Arc::new(pool))
     }
 
     /// The pool's layout (slots per segment, capacity).
@@ -431,8 +455,8 @@ impl SlotPool {
         let n = st.segments.len();
         let slots = self.layout.segment_slots(n);
         if st.free.is_empty() && slots > 0 {
-            let id = SegmentId(n as u32);
-            let file = format!("{}-{n}.seg", self.name);
+            let id = SegmentId(self.segment_base | (n as u32 & 0xFFFF));
+            let file = format!("{}-{id}.seg", self.name);
             let seg = Segment::create(&self.dir, &file, id, self.layout.slot_bytes, slots)?;
             st.segments.push(Arc::new(seg));
             st.generations.push(vec![0; slots]);
