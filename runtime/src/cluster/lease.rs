@@ -95,7 +95,7 @@ impl Liveness {
     /// # Errors
     /// NATS errors other than "no such key"; an undecodable lease.
     pub async fn read(infra: &Infra, key: &str) -> Result<Option<Reading>> {
-        let subject = format!("$KV.{}.{key}", subjects::JOBS_BUCKET);
+        let subject = format!("$KV.{}.{key}", infra.subjects.jobs_bucket());
         let m = match infra.jobs.stream.get_last_raw_message_by_subject(&subject).await {
             Ok(m) => m,
             Err(e) if e.kind() == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {

@@ -74,12 +74,13 @@ impl super::Gateway {
     /// docs); returns how many it staged or otherwise settled.
     pub(super) async fn adopt(&mut self, job: &JobId, round: RoundId) -> usize {
         let Some(kv) = self.claims_store().await else { return 0 };
-        let filter = format!("$KV.{}.{}", subjects::CLAIMS_BUCKET, subjects::round_claims(job, round));
+        let bucket = self.ctx.infra.subjects.claims_bucket();
+        let filter = format!("$KV.{bucket}.{}", subjects::round_claims(job, round));
         let mut keys = Vec::new();
         match kv.stream.info_with_subjects(&filter).await {
             Ok(mut list) => {
                 while let Some(Ok((subject, _))) = list.next().await {
-                    if let Some(key) = subject.strip_prefix(&format!("$KV.{}.", subjects::CLAIMS_BUCKET)) {
+                    if let Some(key) = subject.strip_prefix(&format!("$KV.{bucket}.")) {
                         keys.push(key.to_owned());
                     }
                 }
@@ -115,7 +116,7 @@ impl super::Gateway {
             }
             // Acked (and deleted) since, or never stored: nothing to adopt.
             let Ok(m) = self.ctx.infra.updates.get_raw_message(claim.stream_seq).await else { continue };
-            let stream = self.ctx.infra.js.get_stream_no_info(subjects::UPDATES_STREAM).await;
+            let stream = self.ctx.infra.js.get_stream_no_info(self.ctx.infra.subjects.updates_stream()).await;
             let Ok(stream) = stream else { continue };
             let ack = AckHandle::adopted(self.ctx.infra.client.clone(), stream, claim.stream_seq);
             tracing::info!(%job, %round, key, from = %claim.node, seq = claim.stream_seq, "adopting an update of a node that is gone");

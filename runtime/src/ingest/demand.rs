@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::consumer::pull;
 use shoal_proto::cluster::{DemandReport, JobDemand};
 use shoal_proto::config::ms;
-use shoal_proto::{subjects, JobId, JobPhase};
+use shoal_proto::{JobId, JobPhase};
 
 use crate::node::capacity::Admission;
 use crate::node::NodeContext;
@@ -154,7 +154,7 @@ async fn pending(
     consumer: &mut Option<async_nats::jetstream::consumer::Consumer<pull::Config>>,
 ) -> Option<u64> {
     if consumer.is_none() {
-        *consumer = ctx.infra.updates.get_consumer(subjects::GATEWAY_CONSUMER).await.ok();
+        *consumer = ctx.infra.updates.get_consumer(&ctx.infra.subjects.gateway_consumer()).await.ok();
     }
     match consumer.as_mut()?.info().await {
         Ok(info) => Some(info.num_pending),
