@@ -651,3 +651,39 @@ pub async fn state_after(
     }
     found
 }
+
+/// The clients a commit folded when client `c` sends with weight 2^c: the bits of
+/// `total_weight`. Panics (with `context`) when `total_weight` is no such set below 2^`clients`,
+/// or when the commit's update count `count` is not its popcount (a second 2^c carries into
+/// another bit: an update folded twice).
+pub fn folded_by_weight(
+    total_weight: f64,
+    count: u32,
+    clients: u32,
+    context: &str,
+) -> std::collections::BTreeSet<u32> {
+    let bits = total_weight as u64;
+    assert!(
+        bits as f64 == total_weight && bits > 0 && bits < 1 << clients,
+        "{context}: total weight {total_weight} is no set of clients"
+    );
+    assert_eq!(
+        count,
+        bits.count_ones(),
+        "{context}: {count} updates for total weight {total_weight}: one was folded twice"
+    );
+    (0..clients).filter(|c| bits & (1 << c) != 0).collect()
+}
+
+/// Asserts every element of `model` is within 1e-6 relative (absolute below 1e-3) of `oracle`,
+/// naming `context` in the failure.
+pub fn assert_model_near(model: &shoal_functions::Parameters, oracle: &[Vec<f64>], context: &str) {
+    for (i, want) in oracle.iter().enumerate() {
+        for (e, (g, o)) in model.tensor_f64(i).iter().zip(want).enumerate() {
+            assert!(
+                (g - o).abs() <= 1e-6 * o.abs().max(1e-3),
+                "{context} tensor {i}[{e}]: committed {g}, oracle {o}"
+            );
+        }
+    }
+}

@@ -252,18 +252,12 @@ async fn seeded_kills_of_nodes_tops_and_nats_lose_nothing_and_apply_nothing_twic
         let set: BTreeSet<u32> = match after.last_outcome {
             Some(RoundOutcome::Committed { version, clients, total_weight }) => {
                 assert_eq!(version, base.next(), "round {round} committed a version out of order");
-                let bits = total_weight as u64;
-                assert!(
-                    bits as f64 == total_weight && bits > 0 && bits < 1 << CLIENTS,
-                    "round {round}: {clients} updates, total weight {total_weight}: no set of clients\n{}",
-                    logs(&nodes)
-                );
-                assert_eq!(
+                let set = folded_by_weight(
+                    total_weight,
                     clients,
-                    bits.count_ones(),
-                    "round {round}: {clients} updates for total weight {total_weight}: one was folded twice"
+                    CLIENTS,
+                    &format!("round {round}\n{}", logs(&nodes)),
                 );
-                let set: BTreeSet<u32> = (0..CLIENTS).filter(|c| bits & (1 << c) != 0).collect();
                 let oracle = weighted_mean_oracle(
                     &set.iter()
                         .map(|&c| (values(&m, seed, round.0, c), f64::from(1u32 << c)))
@@ -272,14 +266,7 @@ async fn seeded_kills_of_nodes_tops_and_nats_lose_nothing_and_apply_nothing_twic
                 let bytes =
                     retry("fetch the model", move || async move { c.fetch_model(j, version).await }).await;
                 let model = Parameters::from_safetensors(Arc::clone(&m), &bytes).unwrap();
-                for (i, want) in oracle.iter().enumerate() {
-                    for (e, (g, o)) in model.tensor_f64(i).iter().zip(want).enumerate() {
-                        assert!(
-                            (g - o).abs() <= 1e-6 * o.abs().max(1e-3),
-                            "round {round} tensor {i}[{e}]: committed {g}, oracle over {set:?} {o}"
-                        );
-                    }
-                }
+                assert_model_near(&model, &oracle, &format!("round {round}, oracle over {set:?},"));
                 set
             }
             Some(RoundOutcome::QuorumNotMet { accepted: 0, .. }) => {

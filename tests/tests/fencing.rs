@@ -242,38 +242,24 @@ impl Cluster {
         let set: BTreeSet<u32> = match after.last_outcome {
             Some(RoundOutcome::Committed { version, clients, total_weight }) => {
                 assert_eq!(version, base.next(), "{closed:?}");
-                let bits = total_weight as u64;
-                assert!(
-                    bits as f64 == total_weight && bits > 0 && bits < 1 << CLIENTS,
-                    "round {round}: total weight {total_weight} is no set of clients\n{}",
-                    self.logs()
-                );
-                assert_eq!(
+                let set = folded_by_weight(
+                    total_weight,
                     clients,
-                    bits.count_ones(),
-                    "round {round}: {clients} updates for total weight {total_weight}: one was folded twice\n{}",
-                    self.logs()
+                    CLIENTS,
+                    &format!("round {round}\n{}", self.logs()),
                 );
                 // The record names each stream sequence once (sorted disjoint ranges), and as
                 // many as the round counted.
                 let named: u64 = record.applied.iter().map(|(lo, hi)| hi - lo + 1).sum();
                 assert!(record.applied.windows(2).all(|w| w[0].1 < w[1].0), "{:?}", record.applied);
                 assert_eq!(named, u64::from(clients), "record {:?} vs {clients} updates", record.applied);
-                let set: BTreeSet<u32> = (0..CLIENTS).filter(|c| bits & (1 << c) != 0).collect();
                 let oracle = weighted_mean_oracle(
                     &set.iter().map(|&c| (values(&m, round.0, c), f64::from(1u32 << c))).collect::<Vec<_>>(),
                 );
                 let bytes =
                     retry("fetch the model", move || async move { c.fetch_model(j, version).await }).await;
                 let model = Parameters::from_safetensors(Arc::clone(&m), &bytes).unwrap();
-                for (i, want) in oracle.iter().enumerate() {
-                    for (e, (g, o)) in model.tensor_f64(i).iter().zip(want).enumerate() {
-                        assert!(
-                            (g - o).abs() <= 1e-6 * o.abs().max(1e-3),
-                            "round {round} tensor {i}[{e}]: committed {g}, oracle over {set:?} {o}"
-                        );
-                    }
-                }
+                assert_model_near(&model, &oracle, &format!("round {round}, oracle over {set:?},"));
                 set
             }
             other => panic!("round {round}: unexpected outcome {other:?}\n{}", self.logs()),
