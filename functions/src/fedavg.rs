@@ -21,7 +21,7 @@
 
 use crate::error::{Error, Result};
 use crate::spec::UpdateKind;
-use crate::statistics::write_statistic;
+use crate::statistics::statistic_value;
 use crate::strategy::{Mergeability, PartialAggregate, Strategy};
 use crate::tensor::{AggregationPolicy, Parameters};
 
@@ -56,42 +56,47 @@ impl Strategy for FedAvg {
     }
 
     fn finish(&mut self, partial: &PartialAggregate, global: &Parameters) -> Result<Parameters> {
+        let mut out = global.clone();
+        self.finish_into(partial, &mut out)?;
+        Ok(out)
+    }
+
+    /// In place: every element of the new model depends only on the same element of the old
+    /// one, so `global` is overwritten tensor by tensor with no model-sized copy.
+    fn finish_into(&mut self, partial: &PartialAggregate, global: &mut Parameters) -> Result<()> {
         partial.check_manifest(global.manifest())?;
         let total = partial.total_weight();
         if partial.count() == 0 || !(total > 0.0 && total.is_finite()) {
             return Err(Error::ZeroTotalWeight { total, count: partial.count() });
         }
-        let mut out = global.clone();
         let manifest = std::sync::Arc::clone(global.manifest());
+        let lr = self.server_learning_rate;
         for (i, spec) in manifest.tensors().iter().enumerate() {
             let acc = partial.tensor_values(i);
-            let g = global.tensor(i);
-            let lr = self.server_learning_rate;
             match (spec.policy, self.update_kind) {
                 (AggregationPolicy::Skip, _) => {}
-                (AggregationPolicy::Statistic | AggregationPolicy::Variance, kind) => {
-                    let base = (kind == UpdateKind::Delta).then_some(g);
-                    write_statistic(&mut out, i, spec.policy, acc, total, base)
+                (AggregationPolicy::Statistic | AggregationPolicy::Variance, UpdateKind::Parameters) => {
+                    global.map_tensor_f64(i, |e, _| statistic_value(spec.policy, 0.0, acc[e], total))
+                }
+                (AggregationPolicy::Statistic | AggregationPolicy::Variance, UpdateKind::Delta) => {
+                    global.map_tensor_f64(i, |e, g| statistic_value(spec.policy, g, acc[e], total))
                 }
                 (AggregationPolicy::Mean, UpdateKind::Parameters) => {
-                    out.write_tensor_f64(i, acc.iter().map(|s| s / total))
+                    global.map_tensor_f64(i, |e, _| acc[e] / total)
                 }
-                (AggregationPolicy::Mean, UpdateKind::Delta) => out.write_tensor_f64(
-                    i,
-                    acc.iter().enumerate().map(|(e, s)| g.get_f64(e) + lr * (s / total)),
-                ),
-                (_, UpdateKind::Parameters) => out.write_tensor_f64(i, acc.iter().copied()),
-                (_, UpdateKind::Delta) => {
-                    out.write_tensor_f64(i, acc.iter().enumerate().map(|(e, v)| g.get_f64(e) + v))
+                (AggregationPolicy::Mean, UpdateKind::Delta) => {
+                    global.map_tensor_f64(i, |e, g| g + lr * (acc[e] / total))
                 }
+                (_, UpdateKind::Parameters) => global.map_tensor_f64(i, |e, _| acc[e]),
+                (_, UpdateKind::Delta) => global.map_tensor_f64(i, |e, g| g + acc[e]),
             }
         }
         if let Err(crate::tensor::ValidationError::NonFinite { name, .. }) =
-            crate::tensor::check_finite(&manifest, out.as_bytes())
+            crate::tensor::check_finite(&manifest, global.as_bytes())
         {
             return Err(Error::NonFiniteResult(name));
         }
-        Ok(out)
+        Ok(())
     }
 }
 

@@ -25,16 +25,19 @@ pub(crate) fn write_statistic(
     total: f64,
     base: Option<TensorData<'_>>,
 ) {
-    let clamp = policy == AggregationPolicy::Variance;
-    let value = |e: usize, s: f64| {
-        let v = base.map_or(0.0, |b| b.get_f64(e)) + s / total;
-        if clamp && v < 0.0 {
-            0.0
-        } else {
-            v
-        }
-    };
+    let value = |e: usize, s: f64| statistic_value(policy, base.map_or(0.0, |b| b.get_f64(e)), s, total);
     out.write_tensor_f64(i, acc.iter().enumerate().map(|(e, &s)| value(e, s)));
+}
+
+/// One element of a running statistic: `base + s / total`, clamped at 0 for a `variance`
+/// tensor (NaN stays NaN). `base` is 0 for full-parameter updates.
+pub(crate) fn statistic_value(policy: AggregationPolicy, base: f64, s: f64, total: f64) -> f64 {
+    let v = base + s / total;
+    if policy == AggregationPolicy::Variance && v < 0.0 {
+        0.0
+    } else {
+        v
+    }
 }
 
 /// Which running statistic a tensor name looks like ([`RunningStatistic::of`]).

@@ -457,6 +457,19 @@ pub trait Strategy: Send + fmt::Debug {
     /// produced and the previous global model must stand.
     fn finish(&mut self, partial: &PartialAggregate, global: &Parameters) -> Result<Parameters>;
 
+    /// [`Self::finish`] into `global` itself: on success `global` is the new model. Strategies
+    /// that compute the new model element by element from the old one (FedAvg) override it to
+    /// write in place, which saves a model-sized copy at the top (memory O(model): accumulator
+    /// plus one model); the default computes the new model and moves it in.
+    ///
+    /// # Errors
+    /// As [`Self::finish`]. On error `global` may hold a partly written model: the caller must
+    /// not use it (the top reloads the committed model).
+    fn finish_into(&mut self, partial: &PartialAggregate, global: &mut Parameters) -> Result<()> {
+        *global = self.finish(partial, global)?;
+        Ok(())
+    }
+
     /// Aggregates a whole cohort at once. The default folds every update and finishes, which is
     /// what streaming strategies mean by it; whole-cohort strategies override it.
     ///
@@ -517,6 +530,9 @@ impl<S: Strategy + ?Sized> Strategy for Box<S> {
     }
     fn finish(&mut self, partial: &PartialAggregate, global: &Parameters) -> Result<Parameters> {
         (**self).finish(partial, global)
+    }
+    fn finish_into(&mut self, partial: &PartialAggregate, global: &mut Parameters) -> Result<()> {
+        (**self).finish_into(partial, global)
     }
     fn aggregate_cohort(&mut self, cohort: &[UpdateView<'_>], global: &Parameters) -> Result<Parameters> {
         (**self).aggregate_cohort(cohort, global)

@@ -249,6 +249,214 @@ pub fn stage_update(
     check_finite(manifest, slot)
 }
 
+/// Stages a safetensors payload that arrives in pieces (the upload path's chunks, a model
+/// object's chunks) straight into a slot: the same checks and the same slot bytes as
+/// [`stage_update`] on the whole payload, without the payload ever being assembled in memory.
+///
+/// The header is collected first (at most [`MAX_STREAM_HEADER_BYTES`]) and checked against the
+/// manifest before any data byte is accepted, so a wrong schema is refused at its first chunk;
+/// data bytes are then copied to their canonical offsets as they arrive (the one copy of the
+/// ingest path); [`Self::finish`] checks that every byte came and scans floats for NaN/Inf.
+#[derive(Debug)]
+pub struct StreamStager<'a> {
+    manifest: &'a ModelManifest,
+    slot: &'a mut [u8],
+    /// Payload bytes declared (header length field included).
+    total: u64,
+    /// Payload bytes received so far.
+    received: u64,
+    /// The 8-byte length field and the header, until the header is complete.
+    head: Vec<u8>,
+    /// Payload offset where the data starts (8 + header length), once the header is checked.
+    data_start: Option<u64>,
+    /// Data ranges `(begin, end, slot offset)` relative to the data start, sorted, contiguous.
+    plan: Vec<(u64, u64, usize)>,
+}
+
+/// The largest safetensors header [`StreamStager`] accepts (the safetensors crate's own limit).
+pub const MAX_STREAM_HEADER_BYTES: u64 = 100_000_000;
+
+impl<'a> StreamStager<'a> {
+    /// A stager of a payload of `total` bytes into `slot` (exactly
+    /// [`ModelManifest::slot_bytes`] long).
+    ///
+    /// # Errors
+    /// [`ValidationError::SlotSize`] for a wrong slot; [`ValidationError::Malformed`] for a
+    /// payload too short to hold a header.
+    pub fn new(manifest: &'a ModelManifest, slot: &'a mut [u8], total: u64) -> Result<Self, ValidationError> {
+        if slot.len() != manifest.slot_bytes() {
+            return Err(ValidationError::SlotSize { expected: manifest.slot_bytes(), got: slot.len() });
+        }
+        if total < 8 {
+            return Err(ValidationError::Malformed("shorter than the 8-byte header length".into()));
+        }
+        Ok(StreamStager {
+            manifest,
+            slot,
+            total,
+            received: 0,
+            head: Vec::new(),
+            data_start: None,
+            plan: Vec::new(),
+        })
+    }
+
+    /// Accepts the next `chunk` of the payload.
+    ///
+    /// # Errors
+    /// A [`ValidationError`] naming the first problem (more bytes than declared, a header that
+    /// does not match the manifest). The slot's content is then unspecified.
+    pub fn push(&mut self, mut chunk: &[u8]) -> Result<(), ValidationError> {
+        let end = self.received.checked_add(chunk.len() as u64).filter(|&e| e <= self.total);
+        let Some(end) = end else {
+            return Err(ValidationError::Malformed(format!("more than the {} bytes declared", self.total)));
+        };
+        while self.data_start.is_none() && !chunk.is_empty() {
+            // The length field first, then the header it announces.
+            let want = self.header_end()?.unwrap_or(8);
+            let take = ((want - self.received) as usize).min(chunk.len());
+            self.head.extend_from_slice(&chunk[..take]);
+            self.received += take as u64;
+            chunk = &chunk[take..];
+            if self.header_end()?.is_some_and(|h| self.received == h) {
+                self.check_header()?;
+            }
+        }
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        let start = self.data_start.unwrap_or(0);
+        let (from, to) = (self.received - start, end - start);
+        for &(b, e, at) in &self.plan {
+            if e <= from || b >= to {
+                continue;
+            }
+            let (lo, hi) = (b.max(from), e.min(to));
+            let src = &chunk[(lo - from) as usize..(hi - from) as usize];
+            let dst = at + (lo - b) as usize;
+            self.slot[dst..dst + src.len()].copy_from_slice(src);
+        }
+        self.received = end;
+        Ok(())
+    }
+
+    /// Checks that the whole payload came, zeroes the padding and scans floats for NaN/Inf.
+    ///
+    /// # Errors
+    /// [`ValidationError::Malformed`] for a short payload; [`ValidationError::NonFinite`].
+    pub fn finish(self) -> Result<(), ValidationError> {
+        if self.data_start.is_none() || self.received != self.total {
+            return Err(ValidationError::Malformed(format!(
+                "{} of the {} bytes declared arrived",
+                self.received, self.total
+            )));
+        }
+        let mut cursor = 0;
+        for s in self.manifest.slots() {
+            self.slot[cursor..s.byte_offset].fill(0);
+            cursor = s.byte_offset + s.byte_len;
+        }
+        self.slot[cursor..].fill(0);
+        check_finite(self.manifest, self.slot)
+    }
+
+    /// Where the header ends (8 + its length) once the length field is in.
+    fn header_end(&self) -> Result<Option<u64>, ValidationError> {
+        let Some(len) = self.head.get(..8) else { return Ok(None) };
+        let mut n = [0u8; 8];
+        n.copy_from_slice(len);
+        let n = u64::from_le_bytes(n);
+        if n > MAX_STREAM_HEADER_BYTES || 8 + n > self.total {
+            return Err(ValidationError::Malformed(format!(
+                "header of {n} bytes in a payload of {} (at most {MAX_STREAM_HEADER_BYTES})",
+                self.total
+            )));
+        }
+        Ok(Some(8 + n))
+    }
+
+    /// Checks the complete header against the manifest and plans where each data byte goes.
+    fn check_header(&mut self) -> Result<(), ValidationError> {
+        let m = self.manifest;
+        let max = m.tensors().len();
+        let declared = count_header_tensors(&self.head, max + 1)?;
+        if declared > max {
+            return Err(ValidationError::TooManyTensors { declared, max });
+        }
+        if header_has_huge_integer(&self.head) {
+            return Err(ValidationError::Malformed(format!(
+                "safetensors header holds an integer above {MAX_HEADER_INTEGER}"
+            )));
+        }
+        let malformed = |d: String| ValidationError::Malformed(d);
+        let text = std::str::from_utf8(&self.head[8..]).map_err(|_| malformed("InvalidHeader".into()))?;
+        let meta: safetensors::tensor::Metadata =
+            serde_json::from_str(text).map_err(|_| malformed("InvalidHeaderDeserialization".into()))?;
+        let infos = meta.tensors();
+        for name in infos.keys() {
+            if m.position(name).is_none() {
+                return Err(ValidationError::ExtraTensor(name.to_string()));
+            }
+        }
+        // What safetensors checks of a whole file: data ranges contiguous from 0, each as long
+        // as its shape and dtype say, the last ending where the payload does.
+        let mut ranges: Vec<(usize, usize, usize)> = Vec::with_capacity(infos.len());
+        for info in infos.values() {
+            let (b, e) = info.data_offsets;
+            let numel = info.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+            let nbytes = numel.and_then(|n| n.checked_mul(info.dtype.size()));
+            if e < b || nbytes != Some(e - b) {
+                return Err(malformed("TensorInvalidInfo".into()));
+            }
+            ranges.push((b, e, 0));
+        }
+        ranges.sort_unstable();
+        let mut at = 0;
+        for &(b, e, _) in &ranges {
+            if b != at {
+                return Err(malformed(format!("InvalidOffset at data byte {b}")));
+            }
+            at = e;
+        }
+        let data_start = self.head.len() as u64;
+        if data_start + at as u64 != self.total {
+            return Err(malformed("MetadataIncompleteBuffer".into()));
+        }
+        let mut plan = Vec::with_capacity(max);
+        for (spec, s) in m.tensors().iter().zip(m.slots()) {
+            let info =
+                infos.get(&spec.name).ok_or_else(|| ValidationError::MissingTensor(spec.name.clone()))?;
+            if dtype_from_safetensors(info.dtype) != Some(spec.dtype) {
+                return Err(ValidationError::DTypeMismatch {
+                    name: spec.name.clone(),
+                    expected: spec.dtype,
+                    got: format!("{:?}", info.dtype),
+                });
+            }
+            if info.shape != spec.shape {
+                return Err(ValidationError::ShapeMismatch {
+                    name: spec.name.clone(),
+                    expected: spec.shape.clone(),
+                    got: info.shape.clone(),
+                });
+            }
+            let (b, e) = info.data_offsets;
+            if e - b != s.byte_len {
+                return Err(malformed(format!("tensor {:?} has {} data bytes", spec.name, e - b)));
+            }
+            plan.push((b as u64, e as u64, s.byte_offset));
+        }
+        if infos.len() != max {
+            return Err(malformed("tensor count differs from the manifest".into()));
+        }
+        plan.sort_unstable();
+        self.plan = plan;
+        self.data_start = Some(data_start);
+        self.head = Vec::new();
+        Ok(())
+    }
+}
+
 /// Largest integer a safetensors header may hold outside its strings: 2^62, far above any real
 /// shape or byte offset, and far enough below `usize::MAX` that safetensors' unchecked
 /// `data end + 8 + header length` cannot overflow.
@@ -524,23 +732,57 @@ impl Parameters {
     /// # Errors
     /// [`Error::Encode`] if safetensors rejects the data (cannot happen for a valid manifest).
     pub fn to_safetensors(&self) -> Result<Vec<u8>> {
+        let (header, parts) = self.safetensors_parts()?;
+        let mut out = Vec::with_capacity(header.len() + self.manifest.data_bytes());
+        out.extend_from_slice(&header);
+        for p in parts {
+            out.extend_from_slice(p);
+        }
+        Ok(out)
+    }
+
+    /// The safetensors file of [`Self::to_safetensors`] in pieces, without a copy of the data:
+    /// the header (length field included), then the tensors' bytes in file order, borrowed
+    /// from these parameters. Concatenated, they are exactly [`Self::to_safetensors`]'s bytes
+    /// (what a model is stored as, streamed to the object store chunk by chunk).
+    ///
+    /// # Errors
+    /// [`Error::Encode`] if safetensors rejects the data (cannot happen for a valid manifest).
+    pub fn safetensors_parts(&self) -> Result<(Vec<u8>, Vec<&[u8]>)> {
+        /// A tensor's dtype, shape and length with no data: safetensors lays the header out
+        /// from these and writes an empty body, so `serialize` gives the header alone.
+        struct Shape<'a>(safetensors::Dtype, &'a [usize], usize);
+        impl safetensors::View for Shape<'_> {
+            fn dtype(&self) -> safetensors::Dtype {
+                self.0
+            }
+            fn shape(&self) -> &[usize] {
+                self.1
+            }
+            fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+                std::borrow::Cow::Borrowed(&[])
+            }
+            fn data_len(&self) -> usize {
+                self.2
+            }
+        }
         let bytes = self.as_bytes();
-        let views = self
-            .manifest
-            .tensors()
-            .iter()
-            .zip(self.manifest.slots())
-            .map(|(t, s)| {
-                safetensors::tensor::TensorView::new(
-                    dtype_to_safetensors(t.dtype),
-                    t.shape.clone(),
-                    &bytes[s.byte_offset..s.byte_offset + s.byte_len],
-                )
-                .map(|v| (t.name.as_str(), v))
-            })
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(Error::Encode)?;
-        safetensors::serialize(views, &None).map_err(Error::Encode)
+        let tensors = self.manifest.tensors().iter().zip(self.manifest.slots());
+        let header = safetensors::serialize(
+            tensors
+                .clone()
+                .map(|(t, s)| (t.name.as_str(), Shape(dtype_to_safetensors(t.dtype), &t.shape, s.byte_len))),
+            &None,
+        )
+        .map_err(Error::Encode)?;
+        // The data order safetensors writes (`serialize`): dtype descending, then name.
+        let mut order: Vec<_> = tensors.collect();
+        order.sort_by(|(l, _), (r, _)| {
+            dtype_to_safetensors(r.dtype).cmp(&dtype_to_safetensors(l.dtype)).then(l.name.cmp(&r.name))
+        });
+        let parts =
+            order.into_iter().map(|(_, s)| &bytes[s.byte_offset..s.byte_offset + s.byte_len]).collect();
+        Ok((header, parts))
     }
 
     /// The manifest.
@@ -580,6 +822,29 @@ impl Parameters {
     /// A view of these parameters as a client update (used by tests and the simulator).
     pub fn as_update<'a>(&'a self, client: &'a crate::ClientId, weight: f64) -> crate::UpdateView<'a> {
         crate::UpdateView { manifest: &self.manifest, bytes: self.as_bytes(), weight, client }
+    }
+
+    /// Rewrites tensor `i` in place, element `e` becoming `f(e, old value)` rounded to the
+    /// tensor's dtype (as [`Self::write_tensor_f64`]); f32 tensors take a direct path.
+    pub(crate) fn map_tensor_f64(&mut self, i: usize, mut f: impl FnMut(usize, f64) -> f64) {
+        let s = self.manifest.slots()[i];
+        let dtype = self.manifest.tensors()[i].dtype;
+        let out = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut self.buf)
+            [s.byte_offset..s.byte_offset + s.byte_len];
+        if dtype == DType::F32 {
+            // Slot offsets are 8-byte aligned (the manifest's layout), so this cast holds.
+            if let Ok(x) = bytemuck::try_cast_slice_mut::<u8, f32>(out) {
+                for (e, v) in x.iter_mut().enumerate() {
+                    *v = f(e, f64::from(*v)) as f32;
+                }
+                return;
+            }
+        }
+        let n = dtype.size();
+        for (e, chunk) in out.chunks_exact_mut(n).enumerate() {
+            let old = TensorData::view(dtype, chunk).map_or(0.0, |t| t.get_f64(0));
+            write_f64_as(dtype, std::iter::once(f(e, old)), chunk);
+        }
     }
 
     /// Writes tensor `i` from f64 values, rounding to its dtype.

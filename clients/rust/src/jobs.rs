@@ -223,15 +223,84 @@ pub async fn cas_state(infra: &Infra, job: &JobId, state: &JobState, revision: u
 /// # Errors
 /// NATS or encoding errors.
 pub async fn put_model(infra: &Infra, job: &JobId, version: ModelVersion, params: &Parameters) -> Result<()> {
-    let bytes = params.to_safetensors().map_err(Error::Model)?;
+    // Streamed from the parameters themselves: the file is never assembled (memory O(model)).
+    let (header, mut parts) = params.safetensors_parts().map_err(Error::Model)?;
+    parts.insert(0, &header);
     let chunk = chunk_size(infra.max_payload());
     let meta = async_nats::jetstream::object_store::ObjectMetadata {
         name: subjects::model_object(job, version),
         chunk_size: Some(chunk),
         ..Default::default()
     };
-    infra.models.put(meta, &mut bytes.as_slice()).await.map_err(|e| Error::nats("store model", e))?;
+    let mut reader = PartsReader { parts, at: 0 };
+    infra.models.put(meta, &mut reader).await.map_err(|e| Error::nats("store model", e))?;
     Ok(())
+}
+
+/// An [`tokio::io::AsyncRead`] over borrowed byte slices in order (a model's safetensors
+/// header and tensors), so the object store reads its chunks from them with no copy between.
+struct PartsReader<'a> {
+    parts: Vec<&'a [u8]>,
+    /// Bytes of `parts[0]` already read.
+    at: usize,
+}
+
+impl tokio::io::AsyncRead for PartsReader<'_> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        while let Some(first) = self.parts.first().copied() {
+            let rest = &first[self.at..];
+            if rest.is_empty() {
+                self.parts.remove(0);
+                self.at = 0;
+                continue;
+            }
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            self.at += n;
+            break;
+        }
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// Fetches model `version` straight into [`Parameters`] of `manifest`: the object's chunks are
+/// validated and staged as they arrive ([`shoal_functions::tensor::StreamStager`]), so the file
+/// is never held in memory beside the parameters.
+///
+/// # Errors
+/// NATS errors (including a missing version); [`Error::Model`] when the stored bytes do not
+/// match the manifest.
+pub async fn load_model(
+    infra: &Infra,
+    job: &JobId,
+    version: ModelVersion,
+    manifest: &Arc<shoal_functions::ModelManifest>,
+) -> Result<Parameters> {
+    use tokio::io::AsyncReadExt;
+    let mut obj = infra
+        .models
+        .get(subjects::model_object(job, version))
+        .await
+        .map_err(|e| Error::nats("fetch model", e))?;
+    let size = obj.info().size as u64;
+    let mut params = Parameters::zeros(Arc::clone(manifest));
+    let invalid = |e: shoal_functions::ValidationError| Error::Model(shoal_functions::Error::Validation(e));
+    let mut stager =
+        shoal_functions::tensor::StreamStager::new(manifest, params.as_bytes_mut(), size).map_err(invalid)?;
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        let n = obj.read(&mut buf).await.map_err(|e| Error::io("read model object", e))?;
+        if n == 0 {
+            break;
+        }
+        stager.push(&buf[..n]).map_err(invalid)?;
+    }
+    stager.finish().map_err(invalid)?;
+    Ok(params)
 }
 
 /// Fetches a model version as safetensors bytes.

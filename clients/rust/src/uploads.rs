@@ -138,49 +138,94 @@ pub struct UploadBuf {
 pub async fn read<I>(
     stream: &stream::Stream<I>,
     subjects: &Subjects,
+    who: (&JobId, &ClientId, RoundId),
+    upload: &Upload,
+    limits: (u64, u64),
+    out: &mut UploadBuf,
+) -> std::result::Result<(), UploadReadError> {
+    out.bytes.clear();
+    out.last_seq = 0;
+    let bytes = &mut out.bytes;
+    let mut sink = |chunk: &[u8]| {
+        if bytes.is_empty() {
+            bytes.reserve(upload.bytes as usize);
+        }
+        bytes.extend_from_slice(chunk);
+        Ok::<(), std::convert::Infallible>(())
+    };
+    read_into(stream, subjects, who, upload, limits, &mut out.last_seq, &mut sink).await.map_err(
+        |e| match e {
+            SinkOr::Read(e) => e,
+            SinkOr::Sink(never) => match never {},
+        },
+    )
+}
+
+/// Why [`read_into`] stopped: the upload itself, or the sink refused a chunk.
+#[derive(Debug)]
+pub enum SinkOr<E> {
+    /// The upload is missing, malformed, too large or does not match its digest.
+    Read(UploadReadError),
+    /// The sink refused a chunk (e.g. a header that does not match the job's manifest).
+    Sink(E),
+}
+
+/// [`read`] without assembling the payload: each chunk goes to `sink` as it arrives (in order),
+/// and the SHA-256 is computed in the same pass. `last_seq` gets the highest stream sequence
+/// read (0: none). The digest is checked after the last chunk, so a sink must treat its bytes
+/// as unverified until this returns `Ok` (the gateway stages into a slot it releases on error).
+///
+/// # Errors
+/// [`SinkOr::Read`] as [`read`]; [`SinkOr::Sink`] with the sink's error (nothing more is read).
+pub async fn read_into<I, E>(
+    stream: &stream::Stream<I>,
+    subjects: &Subjects,
     (job, client, round): (&JobId, &ClientId, RoundId),
     upload: &Upload,
     (chunk_bytes, max_bytes): (u64, u64),
-    out: &mut UploadBuf,
-) -> std::result::Result<(), UploadReadError> {
+    last_seq: &mut u64,
+    sink: &mut (dyn FnMut(&[u8]) -> std::result::Result<(), E> + Send),
+) -> std::result::Result<(), SinkOr<E>> {
     use sha2::{Digest, Sha256};
     if upload.bytes > max_bytes {
-        return Err(UploadReadError::TooLarge { bytes: upload.bytes, limit: max_bytes });
+        return Err(SinkOr::Read(UploadReadError::TooLarge { bytes: upload.bytes, limit: max_bytes }));
     }
     if upload.chunks != upload.bytes.div_ceil(chunk_bytes.max(1)).max(1) {
         let expected = upload.bytes.div_ceil(chunk_bytes.max(1)).max(1);
-        return Err(UploadReadError::Malformed(format!(
+        return Err(SinkOr::Read(UploadReadError::Malformed(format!(
             "{} chunks declared for {} bytes in chunks of {chunk_bytes}; expected {expected}",
             upload.chunks, upload.bytes
-        )));
+        ))));
     }
-    out.bytes.clear();
-    out.last_seq = 0;
-    out.bytes.reserve(upload.bytes as usize);
+    *last_seq = 0;
     let mut hasher = Sha256::new();
     for i in 0..upload.chunks {
         let subject = subjects.upload_chunk(job, client, round, i);
         let m = stream.direct_get_last_for_subject(subject).await.map_err(|e| {
-            UploadReadError::MissingChunk { index: i, chunks: upload.chunks, detail: e.to_string() }
+            SinkOr::Read(UploadReadError::MissingChunk {
+                index: i,
+                chunks: upload.chunks,
+                detail: e.to_string(),
+            })
         })?;
-        out.last_seq = out.last_seq.max(m.sequence);
+        *last_seq = (*last_seq).max(m.sequence);
         let want = if i + 1 < upload.chunks {
             chunk_bytes
         } else {
             upload.bytes - chunk_bytes * (upload.chunks - 1)
         };
         if m.payload.len() as u64 != want {
-            return Err(UploadReadError::Malformed(format!(
+            return Err(SinkOr::Read(UploadReadError::Malformed(format!(
                 "chunk {i} has {} bytes, {want} expected",
                 m.payload.len()
-            )));
+            ))));
         }
         hasher.update(&m.payload);
-        out.bytes.extend_from_slice(&m.payload);
+        sink(&m.payload).map_err(SinkOr::Sink)?;
     }
     let got = hex::encode(hasher.finalize());
     if got != upload.sha256 {
-        return Err(UploadReadError::Digest { got, want: upload.sha256.clone() });
+        return Err(SinkOr::Read(UploadReadError::Digest { got, want: upload.sha256.clone() }));
     }
     Ok(())
 }

@@ -232,8 +232,8 @@ impl Owner {
         }
         self.answered = true;
         let sh = self.shards[i].clone();
-        let global = crate::jobs::get_model_bytes(&self.infra, &self.job, plan.base_version).await?;
-        let global = Parameters::from_safetensors(Arc::clone(&self.manifest), &global)?;
+        let global =
+            crate::jobs::load_model(&self.infra, &self.job, plan.base_version, &self.manifest).await?;
         let sub_global = sh.sub_params(&global)?;
         let mut strategy = shoal_functions::factory::build_strategy(&self.spec)?;
         // The shard's cohort in plan order, read in place.

@@ -398,33 +398,6 @@ impl Gateway {
         entry: &JobEntry,
         admitted: Admitted,
     ) -> Result<Option<Delivery>, Refusal> {
-        let Some(upload) = &u.headers.upload else {
-            return self.stage_payload(u, entry, admitted, &u.payload.clone(), None).await;
-        };
-        let who = (&u.job, &u.client, u.headers.round);
-        let timeout = ms(self.ctx.config.timings.object_read_timeout_ms);
-        let (payload, below_seq) =
-            fetch::fetch_upload(&self.ctx.infra, who, upload, &entry.spec, timeout).await?;
-        let chunks = UploadChunks { round: u.headers.round, below_seq };
-        let staged = self.stage_payload(u, entry, admitted, &payload, Some(chunks)).await;
-        if let Err(refusal) = &staged {
-            // Refused after reading (its bytes, or a second update of the client): the chunks
-            // read go now, not at the stream's max age.
-            tracing::trace!(reason = %refusal.reason.as_str(), "purging a refused upload");
-            ledger::purge_upload_of(&self.ctx.infra, who, Some(below_seq)).await;
-        }
-        staged
-    }
-
-    /// [`Self::stage`] once the payload is in memory.
-    async fn stage_payload(
-        &mut self,
-        u: &Incoming,
-        entry: &JobEntry,
-        admitted: Admitted,
-        payload: &Bytes,
-        upload: Option<UploadChunks>,
-    ) -> Result<Option<Delivery>, Refusal> {
         let manifest = &entry.manifest;
         let Some(pool) = self.pool(&u.job, manifest.slot_bytes()) else {
             // Not one update of the job fits this node's shared-memory budget: another node may
@@ -436,8 +409,44 @@ impl Gateway {
             tracing::error!(error = %e, "cannot allocate shared memory");
             Refusal::new(RejectReason::PayloadTooLarge, format!("no shared memory for the update: {e}"))
         })?;
-        stage_update(manifest, payload, slot.bytes_mut())
-            .map_err(|e| Refusal::new(RejectReason::from(&e), e.to_string()))?;
+        let Some(upload) = &u.headers.upload else {
+            stage_update(manifest, &u.payload, slot.bytes_mut())
+                .map_err(|e| Refusal::new(RejectReason::from(&e), e.to_string()))?;
+            return self.stage_payload(u, entry, admitted, slot, None).await;
+        };
+        // The upload path: chunks go straight into the slot (refused chunks are purged there).
+        let who = (&u.job, &u.client, u.headers.round);
+        let timeout = ms(self.ctx.config.timings.object_read_timeout_ms);
+        let below_seq = fetch::stage_upload(
+            &self.ctx.infra,
+            who,
+            upload,
+            &entry.spec,
+            (manifest, slot.bytes_mut()),
+            timeout,
+        )
+        .await?;
+        let chunks = UploadChunks { round: u.headers.round, below_seq };
+        let staged = self.stage_payload(u, entry, admitted, slot, Some(chunks)).await;
+        if let Err(refusal) = &staged {
+            // Refused after reading (a second update of the client): the chunks read go now,
+            // not at the stream's max age.
+            tracing::trace!(reason = %refusal.reason.as_str(), "purging a refused upload");
+            ledger::purge_upload_of(&self.ctx.infra, who, Some(below_seq)).await;
+        }
+        staged
+    }
+
+    /// [`Self::stage`] once the update's bytes are in `slot`: claims it, records it in the
+    /// ledger and makes its delivery.
+    async fn stage_payload(
+        &mut self,
+        u: &Incoming,
+        entry: &JobEntry,
+        admitted: Admitted,
+        slot: crate::staging::Slot,
+        upload: Option<UploadChunks>,
+    ) -> Result<Option<Delivery>, Refusal> {
         // One node stages each (job, round, client): another node may hold this very message
         // (delivered twice) or another update of the client for the round.
         let seen_round = admission::seen_round(admitted, u.headers.round);
@@ -459,7 +468,7 @@ impl Gateway {
                 return Ok(None);
             }
         }
-        self.ctx.metrics.bytes_staged.inc_by(manifest.data_bytes() as u64);
+        self.ctx.metrics.bytes_staged.inc_by(entry.manifest.data_bytes() as u64);
         self.ctx.metrics.update_staleness.observe(admitted.staleness.0 as f64);
         match self.seen.get_mut(&u.job) {
             Some(rounds) => rounds.entry(seen_round).or_default(),

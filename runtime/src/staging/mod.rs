@@ -1,13 +1,17 @@
 //! Shared-memory segments: the node's staging area for client updates (DESIGN.md §7).
 //!
 //! A segment is a file under `<shm-dir>/<node>/` (tmpfs `/dev/shm` by default), created `0600`
-//! in a `0700` directory, mapped with `MAP_POPULATE` (a first touch of a fresh page runs at a
-//! fraction of memory speed; no segment is ever larger than the budget, [`PoolLayout`]),
-//! starting with a validated header followed by fixed-size **slots**:
+//! in a `0700` directory, starting with a validated header followed by fixed-size **slots**:
 //! every update of a job has the same size (the manifest fixes dtypes and shapes), so a slot
 //! allocator is a free list. Slots are leased by the gateway, written once, read in place by the
-//! aggregator, and returned when dropped; segments persist across rounds, so a warm job stages
-//! into already-populated pages and allocates nothing.
+//! aggregator, and returned when dropped; segments persist across rounds.
+//!
+//! Memory: a node's resident memory must stay O(model), not O(slots) (`shoal bench memory`).
+//! Free slots are kept resident ("warm": a first touch of a fresh page runs at a fraction of
+//! memory speed) only up to [`WARM_FREE_BYTES`] per pool; past that a returned slot's pages are
+//! given back to the kernel (`MADV_REMOVE` on the tmpfs mapping), so a pool of 64 MB slots holds
+//! only the slots in use, and a pool of small slots stays warm. A segment is pre-faulted
+//! (`MAP_POPULATE`) only when it fits within that warm allowance.
 //!
 //! All `unsafe` for memory maps in the runtime lives in this module.
 
@@ -77,10 +81,12 @@ impl Segment {
             .map_err(|e| Error::io(format!("create segment {}", path.display()), e))?;
         file.set_len(total as u64).map_err(|e| Error::io(format!("size segment {}", path.display()), e))?;
         file.write_all(&header.encode()).map_err(|e| Error::io("write segment header", e))?;
-        let map = MmapOptions::new()
-            .populate()
-            .map_raw(&file)
-            .map_err(|e| Error::io(format!("map segment {}", path.display()), e))?;
+        let mut options = MmapOptions::new();
+        if total <= WARM_FREE_BYTES {
+            options.populate();
+        }
+        let map =
+            options.map_raw(&file).map_err(|e| Error::io(format!("map segment {}", path.display()), e))?;
         Ok(Segment { id, path, map, header, owner: true })
     }
 
@@ -106,6 +112,26 @@ impl Segment {
             .and_then(|s| s.to_str()?.rsplit('-').next()?.parse().ok())
             .map_or(SegmentId(0), SegmentId);
         Ok(Segment { id, path: path.to_owned(), map, header, owner: false })
+    }
+
+    /// Gives the pages of bytes `[offset, offset + len)` back to the kernel (`MADV_REMOVE`: the
+    /// tmpfs file's backing pages are freed; the range reads as zeros afterwards). Only whole
+    /// pages inside the range are removed. Best effort: an error leaves the pages resident.
+    fn release_pages(&self, offset: usize, len: usize) {
+        const PAGE: usize = 4096;
+        let start = offset.next_multiple_of(PAGE);
+        let end = (offset + len) / PAGE * PAGE;
+        if !self.owner || end <= start || end > self.map.len() {
+            return;
+        }
+        // SAFETY: `[start, end)` lies inside this mapping (checked above) and is page aligned
+        // (the mapping itself is). MADV_REMOVE changes no mapping, only the file's backing
+        // pages; the caller holds the only lease of the slot, so no one reads these bytes.
+        let rc =
+            unsafe { libc::madvise(self.map.as_mut_ptr().add(start).cast(), end - start, libc::MADV_REMOVE) };
+        if rc != 0 {
+            tracing::debug!(error = %std::io::Error::last_os_error(), "MADV_REMOVE on a returned slot failed");
+        }
     }
 
     /// The segment's id.
@@ -311,10 +337,21 @@ fn ensure_private_dir(d: &Path) -> Result<()> {
 #[derive(Debug)]
 struct PoolState {
     segments: Vec<Arc<Segment>>,
+    /// Free slots, (segment, slot); the last is leased next, so a warm slot is reused first.
     free: Vec<(usize, usize)>,
     /// The last generation of each slot, per segment.
     generations: Vec<Vec<u32>>,
+    /// Whether each slot's pages may be resident (written since they were last removed), per
+    /// segment.
+    resident: Vec<Vec<bool>>,
+    /// Bytes of free slots kept resident (at most [`WARM_FREE_BYTES`]).
+    warm_free: usize,
 }
+
+/// Bytes of free slots a pool keeps resident for the next updates (see the module doc): above
+/// this, a returned slot's pages are removed. 32 MiB keeps small models' pools warm and keeps a
+/// large model's node at the accumulator plus the slots in use.
+pub const WARM_FREE_BYTES: usize = 32 << 20;
 
 /// Slots per segment are chosen so that a segment holds about this many bytes (between 1 and 64
 /// slots): segments are created one at a time as a job's rounds need them.
@@ -410,7 +447,13 @@ impl SlotPool {
             name,
             segment_base: 0,
             layout,
-            state: Mutex::new(PoolState { segments: Vec::new(), free: Vec::new(), generations: Vec::new() }),
+            state: Mutex::new(PoolState {
+                segments: Vec::new(),
+                free: Vec::new(),
+                generations: Vec::new(),
+                resident: Vec::new(),
+                warm_free: 0,
+            }),
             freed: tokio::sync::Notify::new(),
         }))
     }
@@ -458,11 +501,20 @@ impl SlotPool {
             let id = SegmentId(self.segment_base | (n as u32 & 0xFFFF));
             let file = format!("{}-{id}.seg", self.name);
             let seg = Segment::create(&self.dir, &file, id, self.layout.slot_bytes, slots)?;
+            // Pre-faulted (and so warm) only when it fits the warm allowance ([`Segment::create`]).
+            let warm = DATA_OFFSET + self.layout.slot_bytes * slots <= WARM_FREE_BYTES;
             st.segments.push(Arc::new(seg));
             st.generations.push(vec![0; slots]);
+            st.resident.push(vec![warm; slots]);
+            if warm {
+                st.warm_free += self.layout.slot_bytes * slots;
+            }
             st.free.extend((0..slots).rev().map(|i| (n, i)));
         }
         let Some((s, i)) = st.free.pop() else { return Ok(None) };
+        if std::mem::replace(&mut st.resident[s][i], true) {
+            st.warm_free = st.warm_free.saturating_sub(self.layout.slot_bytes);
+        }
         // A new lease, a new generation (never 0, so a zeroed table names no lease).
         let g = &mut st.generations[s][i];
         *g = g.wrapping_add(1).max(1);
@@ -630,7 +682,23 @@ impl SlotView {
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        let bytes = self.pool.layout.slot_bytes;
+        let warm = {
+            let mut st = self.pool.state.lock().unwrap_or_else(|p| p.into_inner());
+            let warm = st.warm_free + bytes <= WARM_FREE_BYTES;
+            if warm {
+                st.warm_free += bytes;
+            }
+            warm
+        };
+        if !warm {
+            // Past the warm allowance: the pages go back to the kernel (the node's memory stays
+            // the slots in use, not every slot ever written). Outside the lock: freeing a large
+            // slot's pages takes a while.
+            self.segment.release_pages(self.offset(), bytes);
+        }
         let mut st = self.pool.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.resident[self.seg_index][self.index] = warm;
         st.free.push((self.seg_index, self.index));
         drop(st);
         self.pool.freed.notify_one();

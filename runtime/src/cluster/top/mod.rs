@@ -463,19 +463,41 @@ impl<'a> Top<'a> {
         let stand_in =
             shoal_functions::FedAvg { update_kind: self.spec.update_kind, server_learning_rate: 1.0 };
         let strategy = std::mem::replace(&mut self.strategy, Box::new(stand_in));
-        let global = self.global.clone();
+        // The global model moves to the blocking thread and back too (a streaming strategy
+        // writes the new model into it in place: no model-sized copy). The stand-in is
+        // `calloc`-ed zeros that nothing touches, so it costs address space, not memory.
+        let mut global = std::mem::replace(&mut self.global, Parameters::zeros(Arc::clone(&self.manifest)));
         let step = tokio::task::spawn_blocking(move || {
             let mut strategy = strategy;
-            let (outcome, model) =
-                close_outcome(&mut *strategy, &collected, sharded, &global, accepted, min_clients, version);
-            (strategy, collected, outcome, model)
+            let (outcome, fate) = close_outcome(
+                &mut *strategy,
+                &collected,
+                sharded,
+                &mut global,
+                accepted,
+                min_clients,
+                version,
+            );
+            (strategy, collected, outcome, fate, global)
         })
         .await;
-        let (strategy, collected, outcome, model) = step.unwrap_or_else(|e| {
+        let (strategy, collected, outcome, fate, global) = step.unwrap_or_else(|e| {
             tracing::error!(job = %self.job, error = %e, "server step panicked; aborting so the round is replayed");
             std::process::abort()
         });
         self.strategy = strategy;
+        // From here `self.global` is the new model when one was made (a top that stops before
+        // committing it is dropped; one that loses the commit reloads the winner's).
+        self.global = global;
+        let model = match fate {
+            ModelFate::New => true,
+            ModelFate::Unchanged => false,
+            ModelFate::Clobbered => {
+                // The step failed part-way through writing in place: the committed model again.
+                self.global = load_global(&self.ctx.infra, &self.job, &self.state, &self.manifest).await?;
+                false
+            }
+        };
         let closing = round::Closing {
             round,
             outcome: &outcome,
@@ -488,7 +510,7 @@ impl<'a> Top<'a> {
             self.cancel.cancel();
             return Ok(Step::Stop);
         }
-        if let Some(p) = &model {
+        if model {
             // The strategy state this commit leaves, keyed by the version it goes with, written
             // before the job state names that version (a top taking over at `version` finds it).
             match self.strategy.save_state() {
@@ -503,7 +525,7 @@ impl<'a> Top<'a> {
                     tracing::error!(job = %self.job, %version, error = %e, "strategy state not persisted")
                 }
             }
-            jobs::put_model(&self.ctx.infra, &self.job, version, p).await?;
+            jobs::put_model(&self.ctx.infra, &self.job, version, &self.global).await?;
         }
         if !self.continuous() {
             // The model may be written over another top's (same version) only while this one
@@ -533,8 +555,7 @@ impl<'a> Top<'a> {
         self.announce(round, &outcome, &collected).await;
         drop(collected); // releases the whole-cohort slots to their leaves
         self.purge_uploads(round).await;
-        if let Some(p) = model {
-            self.global = p;
+        if model {
             prune_models(
                 &self.ctx.infra,
                 &self.job,
@@ -839,47 +860,78 @@ impl Collected {
     }
 }
 
+/// What a server step did to the global model handed to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ModelFate {
+    /// It is the new model to commit.
+    New,
+    /// Untouched (no model this round).
+    Unchanged,
+    /// Partly overwritten by a step that failed: reload the committed one.
+    Clobbered,
+}
+
 fn close_outcome(
     strategy: &mut dyn shoal_functions::Strategy,
     collected: &Collected,
     sharded: Option<std::result::Result<Parameters, String>>,
-    global: &Parameters,
+    global: &mut Parameters,
     accepted: u32,
     min_clients: u32,
     version: shoal_functions::ModelVersion,
-) -> (RoundOutcome, Option<Parameters>) {
+) -> (RoundOutcome, ModelFate) {
+    let failed = |e: shoal_functions::Error| RoundOutcome::AggregationFailed {
+        detail: e.to_string(),
+        kind: Some(e.kind()),
+    };
     if accepted < min_clients {
-        return (RoundOutcome::QuorumNotMet { accepted, min_clients }, None);
+        return (RoundOutcome::QuorumNotMet { accepted, min_clients }, ModelFate::Unchanged);
     }
     if let Some(r) = sharded {
         let total: f64 = collected.entries.iter().map(|e| e.weight).sum();
         return match r {
-            Ok(p) => (RoundOutcome::Committed { version, clients: accepted, total_weight: total }, Some(p)),
-            Err(detail) => (RoundOutcome::AggregationFailed { detail, kind: None }, None),
+            Ok(p) => {
+                *global = p;
+                (RoundOutcome::Committed { version, clients: accepted, total_weight: total }, ModelFate::New)
+            }
+            Err(detail) => (RoundOutcome::AggregationFailed { detail, kind: None }, ModelFate::Unchanged),
         };
     }
-    let result = match strategy.mergeability() {
-        Mergeability::Streaming => match &collected.partial {
-            Some(partial) => strategy.finish(partial, global).map(|p| (p, partial.total_weight())),
-            None => return (RoundOutcome::QuorumNotMet { accepted, min_clients }, None),
-        },
+    match strategy.mergeability() {
+        Mergeability::Streaming => {
+            let Some(partial) = &collected.partial else {
+                return (RoundOutcome::QuorumNotMet { accepted, min_clients }, ModelFate::Unchanged);
+            };
+            let total_weight = partial.total_weight();
+            match strategy.finish_into(partial, global) {
+                Ok(()) => {
+                    (RoundOutcome::Committed { version, clients: accepted, total_weight }, ModelFate::New)
+                }
+                Err(e) => (failed(e), ModelFate::Clobbered),
+            }
+        }
         Mergeability::WholeCohort => {
             // The cohort is read in place from shared memory: no update is copied.
-            let manifest = global.manifest();
+            let manifest = Arc::clone(global.manifest());
             let views: Vec<UpdateView<'_>> = collected
                 .cohort
                 .iter()
-                .map(|m| UpdateView { manifest, bytes: m.slot.bytes(), weight: m.weight, client: &m.client })
+                .map(|m| UpdateView {
+                    manifest: &manifest,
+                    bytes: m.slot.bytes(),
+                    weight: m.weight,
+                    client: &m.client,
+                })
                 .collect();
-            let total: f64 = views.iter().map(|v| v.weight).sum();
-            strategy.aggregate_cohort(&views, global).map(|p| (p, total))
+            let total_weight: f64 = views.iter().map(|v| v.weight).sum();
+            match strategy.aggregate_cohort(&views, global) {
+                Ok(p) => {
+                    *global = p;
+                    (RoundOutcome::Committed { version, clients: accepted, total_weight }, ModelFate::New)
+                }
+                Err(e) => (failed(e), ModelFate::Unchanged),
+            }
         }
-    };
-    match result {
-        Ok((p, total_weight)) => {
-            (RoundOutcome::Committed { version, clients: accepted, total_weight }, Some(p))
-        }
-        Err(e) => (RoundOutcome::AggregationFailed { detail: e.to_string(), kind: Some(e.kind()) }, None),
     }
 }
 
@@ -958,8 +1010,7 @@ async fn load_global(
     state: &JobState,
     manifest: &Arc<ModelManifest>,
 ) -> Result<Parameters> {
-    let bytes = jobs::get_model_bytes(infra, job, state.model_version).await?;
-    Ok(Parameters::from_safetensors(Arc::clone(manifest), &bytes)?)
+    Ok(jobs::load_model(infra, job, state.model_version, manifest).await?)
 }
 
 /// The reward requested on `<p>.<job>.reward.<client>`, as safetensors, or why not.
