@@ -542,6 +542,9 @@ impl<S: Strategy + ?Sized> Strategy for Box<S> {
     fn sharding(&self) -> Sharding {
         (**self).sharding()
     }
+    fn two_phase(&mut self) -> Option<TwoPhase<'_>> {
+        (**self).two_phase()
+    }
     fn select_by_distances(&self, distances: &[f64], clients: &[ClientId]) -> Result<Vec<usize>> {
         (**self).select_by_distances(distances, clients)
     }
