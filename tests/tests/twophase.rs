@@ -86,7 +86,10 @@ fn view<'a>(m: &'a ModelManifest, s: &'a Staged) -> UpdateView<'a> {
 fn assert_params_close(got: &Parameters, want: &Parameters, what: &str) {
     for i in 0..want.manifest().tensors().len() {
         for (e, (g, o)) in got.tensor_f64(i).iter().zip(want.tensor_f64(i)).enumerate() {
-            assert!((g - o).abs() <= 1e-6 * o.abs().max(g.abs()).max(1e-3), "{what}: tensor {i}[{e}] = {g}, want {o}");
+            assert!(
+                (g - o).abs() <= 1e-6 * o.abs().max(g.abs()).max(1e-3),
+                "{what}: tensor {i}[{e}] = {g}, want {o}"
+            );
         }
     }
 }
@@ -99,7 +102,9 @@ fn delta(m: &Arc<ModelManifest>, c: usize, r: u64) -> Vec<Vec<f64>> {
     let values: Vec<Vec<f64>> = common
         .iter()
         .zip(&own)
-        .map(|(a, b)| a.iter().zip(b).map(|(x, y)| if c == 0 { 0.05 * y } else { 0.2 * x + 0.1 * y }).collect())
+        .map(|(a, b)| {
+            a.iter().zip(b).map(|(x, y)| if c == 0 { 0.05 * y } else { 0.2 * x + 0.1 * y }).collect()
+        })
         .collect();
     as_sent(m, &values)
 }

@@ -353,32 +353,7 @@ pub async fn run_leaf(ctx: NodeContext, job: JobId) -> Result<()> {
                     tracing::warn!(%job, error = %e, "update slice refused");
                 }
             }
-            Some(m) = phases.next() => {
-                if member.is_none() {
-                    match crate::cluster::twophase::Member::new(&ctx, job.clone(), &entry.spec) {
-                        Ok(x) => member = Some(x),
-                        Err(e) => {
-                            tracing::warn!(%job, error = %e, "cannot take part in two-phase exchanges");
-                            continue;
-                        }
-                    }
-                }
-                let Some(member) = member.as_mut() else { continue };
-                let (req, body) = match member.read(&m).await {
-                    Ok(Some(x)) => x,
-                    Ok(None) => continue,
-                    Err(e) => {
-                        tracing::warn!(%job, error = %e, "malformed two-phase step ignored");
-                        continue;
-                    }
-                };
-                let held = rounds
-                    .get(&req.round)
-                    .and_then(|r| crate::cluster::twophase::snapshot(&r.held, &r.snapshots, req.collect));
-                if let Err(e) = member.answer(&req, &body, held).await {
-                    tracing::warn!(%job, round = %req.round, error = %e, "two-phase step failed");
-                }
-            }
+            Some(m) = phases.next() => on_phase(&ctx, &job, &entry.spec, &mut member, &rounds, &m).await,
             _ = heartbeat.tick() => {
                 if let Some(e) = ctx.directory.get(&job) {
                     if e.state.is_open() {
@@ -395,6 +370,42 @@ pub async fn run_leaf(ctx: NodeContext, job: JobId) -> Result<()> {
                 }
             }
         }
+    }
+}
+
+/// Answers one of the top's two-phase steps (RFFL, Bristle) from the snapshot the step names
+/// (building this node's share of the job on first use).
+async fn on_phase(
+    ctx: &NodeContext,
+    job: &JobId,
+    spec: &shoal_functions::JobSpec,
+    member: &mut Option<crate::cluster::twophase::Member>,
+    rounds: &BTreeMap<RoundId, LeafRound>,
+    m: &async_nats::Message,
+) {
+    if member.is_none() {
+        match crate::cluster::twophase::Member::new(ctx, job.clone(), spec) {
+            Ok(x) => *member = Some(x),
+            Err(e) => {
+                tracing::warn!(%job, error = %e, "cannot take part in two-phase exchanges");
+                return;
+            }
+        }
+    }
+    let Some(member) = member.as_mut() else { return };
+    let (req, body) = match member.read(m).await {
+        Ok(Some(x)) => x,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(%job, error = %e, "malformed two-phase step ignored");
+            return;
+        }
+    };
+    let held = rounds
+        .get(&req.round)
+        .and_then(|r| crate::cluster::twophase::snapshot(&r.held, &r.snapshots, req.collect));
+    if let Err(e) = member.answer(&req, &body, held).await {
+        tracing::warn!(%job, round = %req.round, error = %e, "two-phase step failed");
     }
 }
 

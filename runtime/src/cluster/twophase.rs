@@ -73,7 +73,11 @@ async fn send<T: serde::Serialize>(
         shoal_proto::envelope::frame(&header, body)
     };
     let n = msg.len() as u64 + if body.len() > limit { body.len() as u64 } else { 0 };
-    infra.client.publish(subject, Bytes::from(msg)).await.map_err(|e| Error::nats("send a two-phase step", e))?;
+    infra
+        .client
+        .publish(subject, Bytes::from(msg))
+        .await
+        .map_err(|e| Error::nats("send a two-phase step", e))?;
     Ok(n)
 }
 
@@ -173,21 +177,33 @@ impl NodeShare {
             }
             (Some(TwoPhase::Rffl(_)), PhaseStep::RfflDots(open)) => {
                 let u = f64s("rffl aggregate", body, m.numel())?;
-                let dots = shoal_functions::rffl::twophase::node_dots(open, m, &u, views).map_err(|e| f(e.into()))?;
+                let dots = shoal_functions::rffl::twophase::node_dots(open, m, &u, views)
+                    .map_err(|e| f(e.into()))?;
                 Ok((PhaseReport::RfflDots(dots), None))
             }
             (Some(TwoPhase::Bristle(b)), PhaseStep::BristleDistances(open)) => {
                 let own = if open.own_model { Some(params_from_slot(m, body)?) } else { None };
-                let d = shoal_functions::bristle::twophase::node_distances(b.config(), open, own.as_ref(), global, views)
-                    .map_err(|e| f(e.into()))?;
+                let d = shoal_functions::bristle::twophase::node_distances(
+                    b.config(),
+                    open,
+                    own.as_ref(),
+                    global,
+                    views,
+                )
+                .map_err(|e| f(e.into()))?;
                 Ok((PhaseReport::BristleDistances(d), None))
             }
             (Some(TwoPhase::Bristle(b)), PhaseStep::BristleIntegrate(selection)) => {
                 let integrator =
                     self.integrator.as_mut().map(|(c, e)| (&*c, &mut **e as &mut dyn ClassEvaluator));
-                let (i, p) =
-                    shoal_functions::bristle::twophase::node_integrate(b.config(), integrator, selection, global, views)
-                        .map_err(|e| f(e.into()))?;
+                let (i, p) = shoal_functions::bristle::twophase::node_integrate(
+                    b.config(),
+                    integrator,
+                    selection,
+                    global,
+                    views,
+                )
+                .map_err(|e| f(e.into()))?;
                 Ok((PhaseReport::BristleIntegration(i), Some(p)))
             }
             _ => Err(wrong()),
@@ -283,7 +299,11 @@ impl Member {
         let members: Vec<CohortMember> = held
             .iter()
             .filter_map(|h| {
-                Some(CohortMember { client: h.client.clone(), weight: h.num_examples as f64, slot: h.slot.clone()? })
+                Some(CohortMember {
+                    client: h.client.clone(),
+                    weight: h.num_examples as f64,
+                    slot: h.slot.clone()?,
+                })
             })
             .collect();
         let manifest = Arc::clone(&self.share.manifest);
@@ -311,7 +331,12 @@ impl Member {
         };
         let body = partial.as_ref().map(|p| f64_bytes(p.values())).unwrap_or_default();
         let subject = self.infra.subjects.phase_answers_to(&self.job, &req.top);
-        let object = shoal_proto::subjects::exchange_object(&self.job, req.exchange, 0, &format!("answer-{}", self.node));
+        let object = shoal_proto::subjects::exchange_object(
+            &self.job,
+            req.exchange,
+            0,
+            &format!("answer-{}", self.node),
+        );
         let n = send(&self.infra, subject, answer, object, |a, o| a.object = Some(o), &body).await?;
         self.metrics.twophase_bytes_sent.inc_by(n);
         Ok(())
@@ -320,7 +345,11 @@ impl Member {
 
 /// The updates a leaf sent up for collection `collect` of a round: the first `n` held, `n` as
 /// recorded by the snapshot.
-pub fn snapshot<'a>(held: &'a [Held], snapshots: &[(CollectId, usize)], collect: CollectId) -> Option<&'a [Held]> {
+pub fn snapshot<'a>(
+    held: &'a [Held],
+    snapshots: &[(CollectId, usize)],
+    collect: CollectId,
+) -> Option<&'a [Held]> {
     snapshots.iter().find(|(c, _)| *c == collect).and_then(|&(_, n)| held.get(..n))
 }
 
@@ -432,52 +461,53 @@ impl Exchange<'_, '_> {
             }
             self.ctx.metrics.twophase_bytes_received.inc_by(n);
             let node = a.node.clone();
-            let (report, partial) = self.check(a, &body, &manifest)?;
+            let (report, partial) = check_answer(&self.expected, self.cohort.members, a, &body, &manifest)?;
             answered.insert(node);
             out.push((report, partial));
         }
         Ok(out)
     }
+}
 
-    /// An answer's consistency with the collection: the process that sent the partial, the
-    /// clients it listed, a partial that fits the manifest.
-    fn check(
-        &self,
-        a: PhaseAnswer,
-        body: &[u8],
-        manifest: &Arc<ModelManifest>,
-    ) -> Result<(PhaseReport, Option<PartialAggregate>)> {
-        let refuse = |detail: String| Error::TwoPhase { node: a.node.clone(), detail };
-        let Some(expected) = self.expected.get(&a.node) else {
-            return Err(refuse("answered a step it was not asked".into()));
-        };
-        if !self.cohort.members.iter().any(|(n, i)| *n == a.node && *i == a.instance) {
-            return Err(refuse("answered from another process than the one that sent its partial".into()));
-        }
-        if a.clients != *expected {
-            return Err(refuse(format!(
-                "answered for {} updates that are not the {} its partial listed",
-                a.clients.len(),
-                expected.len()
-            )));
-        }
-        let partial = match a.partial {
-            None => None,
-            Some(meta) => {
-                let values = f64s("two-phase partial", body, manifest.numel())?;
-                let p = PartialAggregate::from_parts(
-                    Arc::clone(manifest),
-                    values,
-                    meta.first_owners,
-                    meta.total_weight,
-                    meta.count,
-                )
-                .map_err(|e| refuse(format!("a partial that does not fit: {e}")))?;
-                Some(p)
-            }
-        };
-        Ok((a.report, partial))
+/// An answer's consistency with the collection: the process that sent the partial, the
+/// clients it listed, a partial that fits the manifest.
+fn check_answer(
+    expected: &BTreeMap<NodeId, Vec<ClientId>>,
+    members: &[(NodeId, InstanceId)],
+    a: PhaseAnswer,
+    body: &[u8],
+    manifest: &Arc<ModelManifest>,
+) -> Result<(PhaseReport, Option<PartialAggregate>)> {
+    let refuse = |detail: String| Error::TwoPhase { node: a.node.clone(), detail };
+    let Some(expected) = expected.get(&a.node) else {
+        return Err(refuse("answered a step it was not asked".into()));
+    };
+    if !members.iter().any(|(n, i)| *n == a.node && *i == a.instance) {
+        return Err(refuse("answered from another process than the one that sent its partial".into()));
     }
+    if a.clients != *expected {
+        return Err(refuse(format!(
+            "answered for {} updates that are not the {} its partial listed",
+            a.clients.len(),
+            expected.len()
+        )));
+    }
+    let partial = match a.partial {
+        None => None,
+        Some(meta) => {
+            let values = f64s("two-phase partial", body, manifest.numel())?;
+            let p = PartialAggregate::from_parts(
+                Arc::clone(manifest),
+                values,
+                meta.first_owners,
+                meta.total_weight,
+                meta.count,
+            )
+            .map_err(|e| refuse(format!("a partial that does not fit: {e}")))?;
+            Some(p)
+        }
+    };
+    Ok((a.report, partial))
 }
 
 /// Runs the two-phase exchange of one round and returns the new model. The strategy's state
@@ -512,13 +542,17 @@ pub async fn run_top(
             let (mut uploads, mut partials) = (Vec::new(), Vec::new());
             for (report, partial) in first {
                 let (PhaseReport::RfflUploads(u), Some(p)) = (report, partial) else {
-                    return Err(Error::Decode { what: "rffl phase 1", detail: "not an upload report".into() });
+                    return Err(Error::Decode {
+                        what: "rffl phase 1",
+                        detail: "not an upload report".into(),
+                    });
                 };
                 uploads.push(u);
                 partials.push(p);
             }
-            let collected = tokio::task::block_in_place(|| rffl.collect_uploads(&manifest, &uploads, &partials))
-                .map_err(|e| fx(e.into()))?;
+            let collected =
+                tokio::task::block_in_place(|| rffl.collect_uploads(&manifest, &uploads, &partials))
+                    .map_err(|e| fx(e.into()))?;
             let u = f64_bytes(&collected.aggregate_values());
             let second = x.step(PhaseStep::RfflDots(open), &u, global).await?;
             let mut dots = Vec::new();
@@ -537,7 +571,10 @@ pub async fn run_top(
             let mut distances = Vec::new();
             for (report, _) in first {
                 let PhaseReport::BristleDistances(d) = report else {
-                    return Err(Error::Decode { what: "bristle phase 1", detail: "not a distance report".into() });
+                    return Err(Error::Decode {
+                        what: "bristle phase 1",
+                        detail: "not a distance report".into(),
+                    });
                 };
                 distances.push(d);
             }
@@ -547,14 +584,96 @@ pub async fn run_top(
             let (mut partials, mut integrations) = (Vec::new(), Vec::new());
             for (report, partial) in second {
                 let (PhaseReport::BristleIntegration(i), Some(p)) = (report, partial) else {
-                    return Err(Error::Decode { what: "bristle phase 2", detail: "not an integration".into() });
+                    return Err(Error::Decode {
+                        what: "bristle phase 2",
+                        detail: "not an integration".into(),
+                    });
                 };
                 partials.push(p);
                 integrations.extend(i);
             }
-            tokio::task::block_in_place(|| bristle.finish_integration(decision, global, &partials, &integrations))
-                .map_err(|e| fx(e.into()))
+            tokio::task::block_in_place(|| {
+                bristle.finish_integration(decision, global, &partials, &integrations)
+            })
+            .map_err(|e| fx(e.into()))
         }
-        None => Err(Error::Decode { what: "two-phase exchange", detail: "the strategy has no two-phase protocol".into() }),
+        None => Err(Error::Decode {
+            what: "two-phase exchange",
+            detail: "the strategy has no two-phase protocol".into(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use shoal_functions::{DType, TensorSpec};
+    use shoal_proto::twophase::{RfflDot, RfflDots};
+
+    fn id(s: &str) -> ClientId {
+        ClientId::new(s).unwrap()
+    }
+
+    fn node(s: &str) -> NodeId {
+        NodeId::new(s).unwrap()
+    }
+
+    fn answer(from: &str, instance: u64, clients: &[&str], partial: bool) -> PhaseAnswer {
+        PhaseAnswer {
+            exchange: ExchangeId(1),
+            node: node(from),
+            instance: InstanceId(instance),
+            clients: clients.iter().map(|c| id(c)).collect(),
+            report: PhaseReport::RfflDots(RfflDots {
+                round: 0,
+                dots: vec![RfflDot { client: id("a"), dot: 1.0 }],
+            }),
+            partial: partial.then(|| PartialMeta { total_weight: 3.0, count: 1, first_owners: vec![None] }),
+            object: None,
+        }
+    }
+
+    /// An answer is taken only from the process that sent the collection's partial, for
+    /// exactly the clients that partial listed, with a partial that fits: anything else is a
+    /// typed refusal (`ErrorKind::TwoPhase`, or `Decode` for a malformed partial), never folded.
+    #[test]
+    fn inconsistent_answers_are_refused() {
+        let m = Arc::new(ModelManifest::new(vec![TensorSpec::new("w", DType::F32, vec![2])]).unwrap());
+        let expected: BTreeMap<NodeId, Vec<ClientId>> = [(node("n2"), vec![id("a"), id("b")])].into();
+        let members = [(node("n1"), InstanceId(1)), (node("n2"), InstanceId(2))];
+        let values = f64_bytes(&[1.5, -2.0]);
+        let ok = check_answer(&expected, &members, answer("n2", 2, &["a", "b"], true), &values, &m).unwrap();
+        assert_eq!(
+            ok.1.map(|p| (p.values().to_vec(), p.total_weight(), p.count())),
+            Some((vec![1.5, -2.0], 3.0, 1))
+        );
+        let kind =
+            |a: PhaseAnswer, body: &[u8]| check_answer(&expected, &members, a, body, &m).unwrap_err().kind();
+        use crate::error::ErrorKind;
+        assert_eq!(kind(answer("n2", 9, &["a", "b"], true), &values), ErrorKind::TwoPhase, "another process");
+        assert_eq!(kind(answer("n2", 2, &["a"], true), &values), ErrorKind::TwoPhase, "a client missing");
+        assert_eq!(
+            kind(answer("n2", 2, &["a", "b", "c"], true), &values),
+            ErrorKind::TwoPhase,
+            "a client more"
+        );
+        assert_eq!(kind(answer("n3", 3, &["a", "b"], true), &values), ErrorKind::TwoPhase, "not asked");
+        assert_eq!(
+            kind(answer("n2", 2, &["a", "b"], true), &values[..8]),
+            ErrorKind::Decode,
+            "short partial"
+        );
+        let nan = f64_bytes(&[f64::NAN, 0.0]);
+        assert_eq!(kind(answer("n2", 2, &["a", "b"], true), &nan), ErrorKind::Decode, "NaN partial");
+    }
+
+    /// The snapshot a step names is the prefix of the held updates the collection took.
+    #[test]
+    fn snapshots_are_found_by_collection() {
+        let snaps = [(CollectId(7), 0usize), (CollectId(8), 0)];
+        assert!(snapshot(&[], &snaps, CollectId(8)).is_some_and(<[Held]>::is_empty));
+        assert!(snapshot(&[], &snaps, CollectId(9)).is_none());
+        assert!(snapshot(&[], &[(CollectId(7), 3)], CollectId(7)).is_none(), "more than held: none");
     }
 }
