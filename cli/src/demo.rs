@@ -92,6 +92,12 @@ pub struct DemoArgs {
     /// Simulated clients.
     #[arg(long, default_value_t = 20)]
     pub clients: usize,
+    /// Nodes, all in this process (distinct node ids and shared-memory directories). With more
+    /// than one, the run is made first on one node, then again on all of them (the work queue
+    /// spreads the updates), and both accuracies are printed: RFFL and Bristle run the
+    /// two-phase protocol across the nodes and should give the same accuracy.
+    #[arg(long, default_value_t = 1)]
+    pub nodes: usize,
     /// Rounds.
     #[arg(long, default_value_t = 20)]
     pub rounds: u64,
@@ -343,17 +349,30 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     let (train_set, validation) = sim::train_test_split(&train_all, VALIDATION_FRACTION, TEST_SPLIT_SEED + 1);
 
     let nats = ConnectOptions { url: url.clone(), ..Default::default() };
-    let node_id = NodeId::new(format!("demo-{}", std::process::id()))?;
-    let node_dir = a.shm_dir.join(node_id.as_str());
-    let config =
-        NodeConfig { node_id, nats_url: url.clone(), shm_dir: a.shm_dir.clone(), ..NodeConfig::default() };
-    let opts = NodeOptions {
-        config,
-        nats: nats.clone(),
-        plugins: Some(Arc::new(DemoPlugins { validation: Arc::new(validation) })),
-        probe: Default::default(),
-        channel: Default::default(),
+    let validation = Arc::new(validation);
+    let node_opts = |i: usize| -> anyhow::Result<NodeOptions> {
+        let id = if i == 0 {
+            format!("demo-{}", std::process::id())
+        } else {
+            format!("demo-{}-{i}", std::process::id())
+        };
+        let node_id = NodeId::new(id)?;
+        let config = NodeConfig {
+            node_id,
+            nats_url: url.clone(),
+            shm_dir: a.shm_dir.clone(),
+            ..NodeConfig::default()
+        };
+        Ok(NodeOptions {
+            config,
+            nats: nats.clone(),
+            plugins: Some(Arc::new(DemoPlugins { validation: Arc::clone(&validation) })),
+            probe: Default::default(),
+            channel: Default::default(),
+        })
     };
+    let opts = node_opts(0)?;
+    let node_dir = a.shm_dir.join(opts.config.node_id.as_str());
     let node = node::start(opts).await.context("starting the node")?;
 
     let parts = sim::dirichlet_split(&train_set.labels, a.clients, a.alpha, a.seed, MIN_PER_CLIENT);
@@ -376,12 +395,43 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         shards,
     };
 
-    let result = if a.matrix { run_matrix(&env, &a).await } else { run_single(&env, &a).await };
+    let mut extra = Vec::new();
+    let result = if a.matrix {
+        run_matrix(&env, &a).await
+    } else if a.nodes > 1 {
+        run_on_nodes(&env, &a, &mut extra, node_opts).await
+    } else {
+        run_single(&env, &a).await
+    };
+    for n in extra {
+        let dir = a.shm_dir.join(n.0.as_str());
+        n.1.shutdown().await;
+        let _ = std::fs::remove_dir(&dir);
+    }
     node.shutdown().await;
     drop(env);
     // The node id is per process: leave no empty directory behind (its segments are gone).
     let _ = std::fs::remove_dir(&node_dir);
     result
+}
+
+/// The same run on one node, then on `a.nodes` nodes (the others started in `extra`).
+async fn run_on_nodes(
+    env: &Env,
+    a: &DemoArgs,
+    extra: &mut Vec<(NodeId, node::NodeHandle)>,
+    node_opts: impl Fn(usize) -> anyhow::Result<NodeOptions>,
+) -> anyhow::Result<()> {
+    let one = run_experiment(env, a, &a.strategy, a.attack, true).await?;
+    for i in 1..a.nodes {
+        let opts = node_opts(i)?;
+        let id = opts.config.node_id.clone();
+        extra.push((id, node::start(opts).await.context("starting a node")?));
+    }
+    let many = run_experiment(env, a, &a.strategy, a.attack, true).await?;
+    println!("accuracy on 1 node: {one:.3}");
+    println!("accuracy on {} nodes: {many:.3}", a.nodes);
+    Ok(())
 }
 
 async fn run_single(env: &Env, a: &DemoArgs) -> anyhow::Result<()> {

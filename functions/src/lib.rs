@@ -59,5 +59,5 @@ pub use fedavg::FedAvg;
 pub use shoal_proto::{ids, spec};
 pub use shoal_proto::{ClientId, JobId, ModelVersion, NodeId, RoundId};
 pub use shoal_proto::{JobSpec, RoundPolicy, RoundRule, StrategySpec, UpdateKind};
-pub use strategy::{Mergeability, PartialAggregate, Sharding, Strategy, UpdateView};
+pub use strategy::{Mergeability, PartialAggregate, Sharding, Strategy, TwoPhase, UpdateView};
 pub use tensor::{AggregationPolicy, DType, ModelManifest, Parameters, TensorSpec, ValidationError};

@@ -338,10 +338,13 @@ impl PartialAggregate {
 /// ([`crate::shard`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sharding {
-    /// Not by coordinate shards: streaming strategies merge partials instead, and RFFL and
-    /// Bristle run their own two-phase protocol over the nodes holding the updates
-    /// ([`crate::rffl::twophase`], [`crate::bristle::twophase`]).
+    /// Not across nodes at all (a whole-cohort strategy under a server optimizer runs on one
+    /// node), or not needed (streaming strategies merge partials instead).
     Unsupported,
+    /// The two-phase protocol (DESIGN.md §5): per-client scalars and per-node partials cross
+    /// nodes, never updates ([`crate::rffl::twophase`], [`crate::bristle::twophase`]); the
+    /// runtime reaches the strategy through [`Strategy::two_phase`] (RFFL, Bristle).
+    TwoPhase,
     /// Coordinate-wise (median, trimmed mean): [`Strategy::aggregate_cohort`] on each shard's
     /// cohort gives exactly that shard of the result.
     Coordinatewise,
@@ -349,6 +352,15 @@ pub enum Sharding {
     /// ([`Strategy::select_by_distances`]), then [`Strategy::aggregate_selected`] per shard
     /// (Krum, Multi-Krum, Bulyan).
     DistanceSelection,
+}
+
+/// A strategy that runs across nodes by the two-phase protocol ([`Sharding::TwoPhase`]).
+#[derive(Debug)]
+pub enum TwoPhase<'a> {
+    /// RFFL ([`crate::rffl::twophase`]).
+    Rffl(&'a mut crate::rffl::Rffl),
+    /// Bristle ([`crate::bristle::twophase`]).
+    Bristle(&'a mut crate::bristle::Bristle),
 }
 
 /// An aggregation strategy: the maths and policy of one job.
@@ -420,6 +432,12 @@ pub trait Strategy: Send + fmt::Debug {
     /// How the strategy runs over coordinate shards held by several nodes.
     fn sharding(&self) -> Sharding {
         Sharding::Unsupported
+    }
+
+    /// For [`Sharding::TwoPhase`]: the strategy itself, whose two-phase steps the runtime's top
+    /// drives (`None` for every other strategy).
+    fn two_phase(&mut self) -> Option<TwoPhase<'_>> {
+        None
     }
 
     /// For [`Sharding::DistanceSelection`]: the positions (in `clients`' order) of the updates
@@ -539,6 +557,9 @@ impl<S: Strategy + ?Sized> Strategy for Box<S> {
     }
     fn sharding(&self) -> Sharding {
         (**self).sharding()
+    }
+    fn two_phase(&mut self) -> Option<TwoPhase<'_>> {
+        (**self).two_phase()
     }
     fn select_by_distances(&self, distances: &[f64], clients: &[ClientId]) -> Result<Vec<usize>> {
         (**self).select_by_distances(distances, clients)

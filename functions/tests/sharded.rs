@@ -105,7 +105,7 @@ fn sharded(
             }
             Some(s.select_by_distances(&d, &clients).unwrap())
         }
-        Sharding::Unsupported => panic!("{} is not shardable", s.name()),
+        Sharding::Unsupported | Sharding::TwoPhase => panic!("{} is not shardable", s.name()),
     };
     let mut out = g.clone();
     for (i, sh) in shards.iter().enumerate() {

@@ -239,6 +239,17 @@ impl Subjects {
         format!("{}.{job}.shard-result.{node}", self.prefix)
     }
 
+    /// `<p>.<job>.phase`: the top's [`crate::twophase::PhaseRequest`]s (RFFL, Bristle).
+    pub fn phase_requests(&self, job: &JobId) -> String {
+        format!("{}.{job}.phase", self.prefix)
+    }
+
+    /// `<p>.<job>.phase-answer.<node>`: nodes' [`crate::twophase::PhaseAnswer`]s for the top on
+    /// `node`.
+    pub fn phase_answers_to(&self, job: &JobId, node: &NodeId) -> String {
+        format!("{}.{job}.phase-answer.{node}", self.prefix)
+    }
+
     /// `<p>.node.<node>.demand`: the node's [`crate::cluster::DemandReport`], every tick.
     pub fn demand(&self, node: &NodeId) -> String {
         format!("{}.node.{node}.demand", self.prefix)

@@ -28,7 +28,92 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::ClientId;
+use crate::ids::{ClientId, CollectId, ExchangeId, InstanceId, ModelVersion, NodeId, RoundId};
+
+/// Top → every node (`<p>.<job>.phase`): one step of a round's two-phase exchange. Framed
+/// (`u32 LE length ‖ msgpack ‖ body`, [`crate::envelope::frame`]); the body is model-sized
+/// data of the step (RFFL's aggregate `u` as f64 LE for [`PhaseStep::RfflDots`], Bristle's own
+/// model's slot bytes when it is the reference), in the object store when larger than a
+/// message. Its size does not depend on the cohort beyond the step's own per-client scalars.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PhaseRequest {
+    /// The job round.
+    pub round: RoundId,
+    /// This exchange (a retry after a re-collection uses a new id).
+    pub exchange: ExchangeId,
+    /// The collection whose snapshot each node answers from (the updates it sent up then).
+    pub collect: CollectId,
+    /// The top's node (where answers go).
+    pub top: NodeId,
+    /// The global model version the round started from.
+    pub base_version: ModelVersion,
+    /// The nodes asked (those holding updates of the collection, the top's own node aside).
+    pub nodes: Vec<NodeId>,
+    /// What to compute.
+    pub step: PhaseStep,
+    /// Object in the transfer store holding the body, when too large for a message.
+    pub object: Option<String>,
+}
+
+/// What a node computes in one step, over the updates of its snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum PhaseStep {
+    /// RFFL phase 1: norms and the partial sum.
+    RfflUploads(RfflRoundOpen),
+    /// RFFL phase 2: dot products with `u` (the body).
+    RfflDots(RfflRoundOpen),
+    /// Bristle phase 1: distances to the reference.
+    BristleDistances(BristleRoundOpen),
+    /// Bristle phase 2: the selected updates' partial (and integration shares).
+    BristleIntegrate(BristleSelection),
+}
+
+/// Node → top (`<p>.<job>.phase-answer.<top>`): one node's answer to a step. Framed like the
+/// request; the body is the node's partial aggregate (f64 LE, `numel` values) when the step
+/// has one (RFFL phase 1, Bristle phase 2).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PhaseAnswer {
+    /// The exchange answered.
+    pub exchange: ExchangeId,
+    /// The answering node.
+    pub node: NodeId,
+    /// Its process (membership lease instance): must be the one that sent the collection's
+    /// partial.
+    pub instance: InstanceId,
+    /// The clients whose updates the answer covers, sorted (must be what the node's partial
+    /// listed for the collection).
+    pub clients: Vec<ClientId>,
+    /// The step's per-client scalars.
+    pub report: PhaseReport,
+    /// The partial aggregate's metadata, when the body holds one.
+    pub partial: Option<PartialMeta>,
+    /// Object in the transfer store holding the body, when too large for a message.
+    pub object: Option<String>,
+}
+
+/// The per-client part of a [`PhaseAnswer`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum PhaseReport {
+    /// RFFL phase 1.
+    RfflUploads(RfflUploads),
+    /// RFFL phase 2.
+    RfflDots(RfflDots),
+    /// Bristle phase 1.
+    BristleDistances(BristleDistances),
+    /// Bristle phase 2 (`None` without the integrator).
+    BristleIntegration(Option<BristleIntegration>),
+}
+
+/// Metadata of a partial aggregate travelling as a body (its values are the body).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartialMeta {
+    /// Σ of the folded updates' `num_examples`.
+    pub total_weight: f64,
+    /// Updates folded.
+    pub count: u64,
+    /// Per tensor, the client whose values a `first` tensor holds.
+    pub first_owners: Vec<Option<ClientId>>,
+}
 
 /// RFFL, top → every node at the opening of round `round`: what phase 1 needs besides the job
 /// spec. One [`RfflWeight`] per reputable participant (client id + 8 bytes), the same message

@@ -100,6 +100,16 @@ pub enum Error {
     /// Waiting exceeded its timeout.
     #[error("timed out after {0:?} waiting for {1}")]
     Timeout(Duration, &'static str),
+    /// A node's answer in a two-phase exchange (RFFL, Bristle) was refused: from another process
+    /// than the one that sent its partial, for other updates than that partial listed, or the
+    /// node went away between the phases. Nothing of it is folded; the top collects again.
+    #[error("two-phase answer of node {node} refused: {detail}")]
+    TwoPhase {
+        /// The node.
+        node: shoal_proto::NodeId,
+        /// Why.
+        detail: String,
+    },
     /// A part of the node (the function host, a job's top) stopped while another waited for it;
     /// the node is shutting down.
     #[error("the {0} of this node is gone")]
@@ -137,6 +147,8 @@ pub enum ErrorKind {
     NodeBusy,
     /// See [`Error::Timeout`].
     Timeout,
+    /// See [`Error::TwoPhase`].
+    TwoPhase,
     /// See [`Error::Gone`].
     Gone,
 }
@@ -169,6 +181,7 @@ impl Error {
             Error::ShmBudget { .. } => ErrorKind::ShmBudget,
             Error::NodeBusy(_) => ErrorKind::NodeBusy,
             Error::Timeout(..) => ErrorKind::Timeout,
+            Error::TwoPhase { .. } => ErrorKind::TwoPhase,
             Error::Gone(_) => ErrorKind::Gone,
         }
     }
@@ -192,6 +205,7 @@ impl ErrorKind {
             ErrorKind::ShmBudget => "shm_budget",
             ErrorKind::NodeBusy => "node_busy",
             ErrorKind::Timeout => "timeout",
+            ErrorKind::TwoPhase => "two_phase",
             ErrorKind::Gone => "gone",
         }
     }

@@ -117,6 +117,14 @@ pub struct Metrics {
     pub shard_bytes_sent: Counter,
     /// Bytes of update slices and shard results received in coordinate-sharded exchanges.
     pub shard_bytes_received: Counter,
+    /// Bytes this node sent to other nodes in two-phase exchanges (RFFL, Bristle): requests
+    /// (counted once per node asked) and answers.
+    pub twophase_bytes_sent: Counter,
+    /// Bytes this node received from other nodes in two-phase exchanges.
+    pub twophase_bytes_received: Counter,
+    /// Updates this node read from its own shared memory in two-phase exchanges (phase 1 of
+    /// each exchange: its share of the cohort).
+    pub twophase_updates: Counter,
     /// Running jobs this node serves (each holds one of its `--max-jobs` slots).
     pub jobs_served: Gauge,
     /// Running jobs waiting for a free slot on this node.
@@ -219,6 +227,21 @@ impl Metrics {
             self.shard_bytes_received.clone(),
         );
         registry.register(
+            "twophase_bytes_sent",
+            "Bytes sent to other nodes in two-phase exchanges (RFFL, Bristle): requests once per node asked, answers",
+            self.twophase_bytes_sent.clone(),
+        );
+        registry.register(
+            "twophase_bytes_received",
+            "Bytes received from other nodes in two-phase exchanges (RFFL, Bristle)",
+            self.twophase_bytes_received.clone(),
+        );
+        registry.register(
+            "twophase_updates",
+            "Updates this node read from its own shared memory in two-phase exchanges (its share of each cohort)",
+            self.twophase_updates.clone(),
+        );
+        registry.register(
             "consumer_restarts",
             "Times the gateway opened its pull consumer again after it ended, failed or stalled",
             self.consumer_restarts.clone(),
@@ -303,6 +326,9 @@ impl Default for Metrics {
             consumer_restarts: Counter::default(),
             shard_bytes_sent: Counter::default(),
             shard_bytes_received: Counter::default(),
+            twophase_bytes_sent: Counter::default(),
+            twophase_bytes_received: Counter::default(),
+            twophase_updates: Counter::default(),
             jobs_served: Gauge::default(),
             jobs_waiting: Gauge::default(),
             jobs_refused: Counter::default(),

@@ -1176,6 +1176,15 @@ impl Strategy for Bristle {
         Err(Error::NotStreaming("bristle"))
     }
 
+    /// Across nodes by the two-phase protocol ([`twophase`]).
+    fn sharding(&self) -> crate::strategy::Sharding {
+        crate::strategy::Sharding::TwoPhase
+    }
+
+    fn two_phase(&mut self) -> Option<crate::strategy::TwoPhase<'_>> {
+        Some(crate::strategy::TwoPhase::Bristle(self))
+    }
+
     /// Filter, then integrate (or average) the selection; the round counter advances and the
     /// report is kept for [`Bristle::last_round`] only on success.
     ///

@@ -1202,6 +1202,15 @@ impl Strategy for Rffl {
         Err(Error::NotStreaming("rffl"))
     }
 
+    /// Across nodes by the two-phase protocol ([`twophase`]).
+    fn sharding(&self) -> crate::strategy::Sharding {
+        crate::strategy::Sharding::TwoPhase
+    }
+
+    fn two_phase(&mut self) -> Option<crate::strategy::TwoPhase<'_>> {
+        Some(crate::strategy::TwoPhase::Rffl(self))
+    }
+
     /// One RFFL round on `cohort` (deltas): returns `global + u` (`skip` tensors keep the global
     /// value) and keeps the round for [`Rffl::last_round`]. The state is committed only when the
     /// new model is finite.

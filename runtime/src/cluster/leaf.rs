@@ -21,8 +21,13 @@
 //!    rounds, handed back to JetStream for the next buffer in the asynchronous modes.
 //!
 //! Whole-cohort strategies (median, Krum, RFFL, Bristle) keep their updates in shared memory and
-//! need all of them at the close; they run on the top's node for now: other nodes hand their
-//! updates back to JetStream until the top's node stages them (see `gateway`).
+//! need all of them at the close. Their updates stay where they were staged: the leaf lists them
+//! in its partial (client, weight, node), then takes part in the top's exchange — slices of
+//! updates by coordinate shard for median, trimmed mean and Krum ([`crate::cluster::exchange`]),
+//! per-client scalars and per-node partials for RFFL and Bristle
+//! ([`crate::cluster::twophase`]), answered from the snapshot of the collection. Only a
+//! whole-cohort strategy under a server optimizer still runs on the top's node: other nodes
+//! hand its updates back to JetStream until the top's node stages them (see `gateway`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -256,6 +261,8 @@ struct LeafInbox {
     plans: async_nats::Subscriber,
     /// Update slices for this node as a shard owner.
     slices: async_nats::Subscriber,
+    /// The top's two-phase steps (RFFL, Bristle).
+    phases: async_nats::Subscriber,
 }
 
 impl LeafInbox {
@@ -266,6 +273,7 @@ impl LeafInbox {
             to_me: infra.subscribe(s.partials_to(job, &ctx.node, "middle"), "subscribe to partials").await?,
             plans: infra.subscribe(s.shard_plans(job), "subscribe to shard plans").await?,
             slices: infra.subscribe(s.slices_to(job, &ctx.node), "subscribe to update slices").await?,
+            phases: infra.subscribe(s.phase_requests(job), "subscribe to two-phase steps").await?,
         })
     }
 }
@@ -284,7 +292,10 @@ pub async fn run_leaf(ctx: NodeContext, job: JobId) -> Result<()> {
         .send(RegisterJob { job: job.clone(), incarnation, progress: tx })
         .await
         .map_err(|_| Error::Gone("function host"))?;
-    let LeafInbox { mut collects, mut to_me, mut plans, mut slices } = LeafInbox::open(&ctx, &job).await?;
+    let LeafInbox { mut collects, mut to_me, mut plans, mut slices, mut phases } =
+        LeafInbox::open(&ctx, &job).await?;
+    // RFFL and Bristle: this node's share of their two-phase exchanges (built on first use).
+    let mut member: Option<crate::cluster::twophase::Member> = None;
     let mut owner = crate::cluster::exchange::Owner::new(
         ctx.infra.clone(),
         job.clone(),
@@ -342,6 +353,7 @@ pub async fn run_leaf(ctx: NodeContext, job: JobId) -> Result<()> {
                     tracing::warn!(%job, error = %e, "update slice refused");
                 }
             }
+            Some(m) = phases.next() => on_phase(&ctx, &job, &entry.spec, &mut member, &rounds, &m).await,
             _ = heartbeat.tick() => {
                 if let Some(e) = ctx.directory.get(&job) {
                     if e.state.is_open() {
@@ -358,6 +370,42 @@ pub async fn run_leaf(ctx: NodeContext, job: JobId) -> Result<()> {
                 }
             }
         }
+    }
+}
+
+/// Answers one of the top's two-phase steps (RFFL, Bristle) from the snapshot the step names
+/// (building this node's share of the job on first use).
+async fn on_phase(
+    ctx: &NodeContext,
+    job: &JobId,
+    spec: &shoal_functions::JobSpec,
+    member: &mut Option<crate::cluster::twophase::Member>,
+    rounds: &BTreeMap<RoundId, LeafRound>,
+    m: &async_nats::Message,
+) {
+    if member.is_none() {
+        match crate::cluster::twophase::Member::new(ctx, job.clone(), spec) {
+            Ok(x) => *member = Some(x),
+            Err(e) => {
+                tracing::warn!(%job, error = %e, "cannot take part in two-phase exchanges");
+                return;
+            }
+        }
+    }
+    let Some(member) = member.as_mut() else { return };
+    let (req, body) = match member.read(m).await {
+        Ok(Some(x)) => x,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(%job, error = %e, "malformed two-phase step ignored");
+            return;
+        }
+    };
+    let held = rounds
+        .get(&req.round)
+        .and_then(|r| crate::cluster::twophase::snapshot(&r.held, &r.snapshots, req.collect));
+    if let Err(e) = member.answer(&req, &body, held).await {
+        tracing::warn!(%job, round = %req.round, error = %e, "two-phase step failed");
     }
 }
 

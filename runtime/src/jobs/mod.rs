@@ -29,7 +29,8 @@ pub struct JobEntry {
     /// KV revision of `state`.
     pub revision: u64,
     /// Whether the job's updates must all be staged on its top's node: whole-cohort strategies
-    /// without a coordinate-sharded form (RFFL, Bristle, any with a server optimizer).
+    /// that run on one node (any under a server optimizer). Median, trimmed mean and Krum run a
+    /// coordinate-sharded exchange and RFFL and Bristle the two-phase protocol: not pinned.
     pub pinned: bool,
     /// Which life of the job id this is, in this process: a job deleted (`shoal job delete`)
     /// and created again under the same id gets a new incarnation, so that per-job state kept

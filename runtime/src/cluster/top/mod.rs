@@ -113,6 +113,7 @@ struct Inbox {
     progress: async_nats::Subscriber,
     partials: async_nats::Subscriber,
     shard_results: async_nats::Subscriber,
+    phase_answers: async_nats::Subscriber,
     local: tokio::sync::mpsc::UnboundedReceiver<Partial>,
 }
 
@@ -131,6 +132,8 @@ struct Top<'a> {
     global: Parameters,
     inbox: Inbox,
     exchange_failures: u32,
+    /// RFFL and Bristle: this node's share of their two-phase exchanges (built on first use).
+    share: Option<crate::cluster::twophase::NodeShare>,
     /// The job's incarnation in this node's directory (a job deleted and created again under
     /// the same id is another one).
     incarnation: u64,
@@ -215,6 +218,10 @@ impl<'a> Top<'a> {
                 .infra
                 .subscribe(s.shard_results_to(&job, &ctx.node), "subscribe to shard results")
                 .await?,
+            phase_answers: ctx
+                .infra
+                .subscribe(s.phase_answers_to(&job, &ctx.node), "subscribe to two-phase answers")
+                .await?,
             local,
         };
         Ok(Top {
@@ -230,6 +237,7 @@ impl<'a> Top<'a> {
             global,
             inbox,
             exchange_failures: 0,
+            share: None,
             incarnation,
             changes: ctx.directory.subscribe(),
         })
@@ -390,6 +398,11 @@ impl<'a> Top<'a> {
             self.exchange_failures = 0;
             return Ok(Some(None));
         }
+        if (collected.entries.len() as u64) >= u64::from(self.spec.round_rule().min_clients)
+            && self.strategy.sharding() == shoal_functions::Sharding::TwoPhase
+        {
+            return self.two_phase(collected, round).await;
+        }
         if self.strategy.sharding() == shoal_functions::Sharding::Unsupported {
             let holders: Vec<NodeId> = collected
                 .entries
@@ -431,6 +444,58 @@ impl<'a> Top<'a> {
             Err(e @ Error::Timeout(..)) if self.exchange_failures < 2 => {
                 self.exchange_failures += 1;
                 tracing::warn!(job = %self.job, round = round.0, error = %e, "shard exchange incomplete; collecting again");
+                Ok(None)
+            }
+            other => {
+                self.exchange_failures = 0;
+                Ok(Some(Some(other.map_err(|e| e.to_string()))))
+            }
+        }
+    }
+
+    /// RFFL and Bristle with updates on several nodes: the two-phase exchange
+    /// ([`crate::cluster::twophase`]). `Ok(None)`: a node was silent, gone or inconsistent;
+    /// collect again (twice, then the round fails).
+    async fn two_phase(
+        &mut self,
+        collected: &Collected,
+        round: RoundId,
+    ) -> Result<Option<Option<std::result::Result<Parameters, String>>>> {
+        let share = match self.share.take() {
+            Some(s) => s,
+            None => crate::cluster::twophase::NodeShare::new(&self.spec, self.ctx.plugins.as_ref())?,
+        };
+        let mut share = share;
+        let r = crate::cluster::twophase::TopRound {
+            job: &self.job,
+            top: &self.ctx.node,
+            round,
+            collect: collected.collect,
+            base_version: self.state.model_version,
+            timeout: self.ctx.config.collect_timeout(),
+            liveness_tick: self.ctx.config.timings.lease_renew(),
+        };
+        let cohort = crate::cluster::twophase::Cohort {
+            entries: &collected.entries,
+            members: &collected.members,
+            local: &collected.cohort,
+        };
+        let result = crate::cluster::twophase::run_top(
+            self.ctx,
+            &r,
+            &mut *self.strategy,
+            &mut share,
+            &self.global,
+            &cohort,
+            &mut self.inbox.phase_answers,
+        )
+        .await;
+        self.share = Some(share);
+        match result {
+            Err(e @ (Error::Timeout(..) | Error::TwoPhase { .. })) if self.exchange_failures < 2 => {
+                self.exchange_failures += 1;
+                self.ctx.metrics.fencing("two_phase_refused").inc();
+                tracing::warn!(job = %self.job, round = round.0, error = %e, "two-phase exchange incomplete; collecting again");
                 Ok(None)
             }
             other => {
