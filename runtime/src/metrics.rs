@@ -202,7 +202,7 @@ impl Metrics {
         );
     }
 
-    fn register_cluster(&self, registry: &mut Registry) {
+    fn register_hosts(&self, registry: &mut Registry) {
         registry.register(
             "function_hosts",
             "Function-host processes connected to this gateway",
@@ -228,6 +228,9 @@ impl Metrics {
             "Seconds from spawning a function-host process to its channel handshake",
             self.function_host_cold_start_seconds.clone(),
         );
+    }
+
+    fn register_cluster(&self, registry: &mut Registry) {
         registry.register(
             "slow_consumer_events",
             "Slow-consumer events of the node's NATS connection (messages dropped from a full subscription buffer)",
@@ -357,6 +360,7 @@ impl Default for Metrics {
         };
         m.register_ingest(&mut registry);
         m.register_cluster(&mut registry);
+        m.register_hosts(&mut registry);
         for tier in ["leaf", "middle", "top"] {
             let _ = m.aggregators.get_or_create(&TierLabel { tier }).get();
         }

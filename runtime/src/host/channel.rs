@@ -587,7 +587,7 @@ pub fn decode_host_frame(kind: u8, body: &[u8]) -> Result<HostFrame, ChannelErro
             .map(HostFrame::Harvest)
             .map_err(|e| ChannelError::malformed("harvest", e.to_string())),
         HARVEST_CHUNK => {
-            if body.len() < 8 || (body.len() - 8) % 8 != 0 {
+            if body.len() < 8 || !(body.len() - 8).is_multiple_of(8) {
                 return Err(ChannelError::malformed("harvest chunk", format!("{} bytes", body.len())));
             }
             let request = u64::from_le_bytes(body[..8].try_into().unwrap_or_default());
