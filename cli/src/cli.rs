@@ -122,6 +122,14 @@ pub enum Command {
     /// Run a node: gateway + function host + a leaf per job, and the top of the jobs whose top
     /// lease it holds. Start several (distinct --node-id and --shm-dir) on one NATS server.
     Node(NodeArgs),
+    /// Run a node's gateway alone: NATS ingest, staging into its segments, the leaf and top
+    /// roles, and descriptor dispatch to separate `shoal function-host` processes (spawned on
+    /// demand and stopped when idle, or started by the operator and registering).
+    Gateway(GatewayArgs),
+    /// Run a function host: the aggregator actors of this node's jobs, fed by the gateway's
+    /// descriptor channel (segments mapped read-only). Started by `shoal gateway` or the
+    /// operator.
+    FunctionHost(FunctionHostArgs),
     /// Create, list, inspect, cancel and delete jobs.
     #[command(subcommand)]
     Job(JobCommand),
@@ -261,6 +269,77 @@ pub struct NodeArgs {
     descriptor_channel: ChannelArg,
 }
 
+/// `shoal gateway` flags: every `shoal node` flag (`--descriptor-channel` aside: the gateway
+/// always uses the channel) and who starts the function hosts.
+#[derive(Debug, Args)]
+pub struct GatewayArgs {
+    #[command(flatten)]
+    node: NodeArgs,
+    /// Who starts function hosts: `spawn` (this gateway, on a job's first update; stopped after
+    /// --host-idle-timeout-ms) or `external` (the operator's pods, which register here).
+    #[arg(long, value_enum, env = "SHOAL_FUNCTION_HOSTS", default_value_t = HostsArg::Spawn)]
+    function_hosts: HostsArg,
+    /// Address of the descriptor channel function hosts connect to (port 0: a free one; hosts
+    /// started without --gateway ask for it over NATS).
+    #[arg(long, env = "SHOAL_CHANNEL_LISTEN", default_value = "127.0.0.1:0")]
+    channel_listen: std::net::SocketAddr,
+    /// Stop a spawned function host after this long without work, in milliseconds (scale to
+    /// zero).
+    #[arg(long, default_value_t = 30_000)]
+    host_idle_timeout_ms: u64,
+    /// How long an update waits for a function host (a spawned one to connect, an external one
+    /// to register) before it is handed back to JetStream, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    host_wait_ms: u64,
+}
+
+/// `--function-hosts` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum HostsArg {
+    /// The gateway spawns them.
+    Spawn,
+    /// Someone else starts them.
+    External,
+}
+
+/// `shoal function-host` flags (the operator's pod template passes --node-id, --job,
+/// --nats-url, --shm-dir and --http).
+#[derive(Debug, Args)]
+pub struct FunctionHostArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    /// The node's id (names its shared-memory directory).
+    #[arg(long, env = "SHOAL_NODE_ID", default_value_t = NodeConfig::default().node_id.to_string())]
+    node_id: String,
+    /// Root of the shared-memory directories (the gateway's).
+    #[arg(long, env = "SHOAL_SHM_DIR", default_value_os_t = NodeConfig::default().shm_dir)]
+    shm_dir: PathBuf,
+    /// The job this host serves (default: any the gateway gives it).
+    #[arg(long, env = "SHOAL_JOB")]
+    job: Option<String>,
+    /// This host's function id (default: its process id).
+    #[arg(long, env = "SHOAL_FUNCTION_ID")]
+    function_id: Option<u32>,
+    /// The gateway's descriptor channel (default: ask the node's gateway over NATS).
+    #[arg(long, env = "SHOAL_GATEWAY")]
+    gateway: Option<std::net::SocketAddr>,
+    /// Exit when the channel ends instead of reconnecting (hosts the gateway spawns).
+    #[arg(long)]
+    exit_on_disconnect: bool,
+    /// Stop aggregators idle this long, in milliseconds.
+    #[arg(long, default_value_t = NodeConfig::default().idle_timeout_ms)]
+    idle_timeout_ms: u64,
+    /// Fold only when a round closes (see `shoal node --lazy-aggregation`).
+    #[arg(long)]
+    lazy_aggregation: bool,
+    /// Fault injection: sleep this long per update folded, in milliseconds.
+    #[arg(long, default_value_t = NodeConfig::default().fold_delay_ms)]
+    fold_delay_ms: u64,
+    /// Address of the HTTP listener serving /metrics, /healthz and /readyz (`off`: none).
+    #[arg(long = "http", env = "SHOAL_HTTP", default_value = "0.0.0.0:9465", value_parser = parse_http_addr)]
+    http: HttpAddr,
+}
+
 /// `--descriptor-channel` values.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum ChannelArg {
@@ -307,21 +386,30 @@ fn parse_http_addr(s: &str) -> Result<HttpAddr, String> {
 }
 
 impl HttpArgs {
-    /// Binds the listener (before anything else starts, so a bad address fails at once) and
-    /// serves it until `cancel`; the probe the process reports to.
+    /// Binds the listener (see [`start_http`]).
     async fn start(
         &self,
         process: &'static str,
         cancel: tokio_util::sync::CancellationToken,
     ) -> anyhow::Result<Probe> {
-        let probe = Probe::new("start-up");
-        if let HttpAddr::On(addr) = self.http {
-            let listener = HttpListener::bind(addr).await?;
-            tracing::info!(addr = %listener.local_addr(), process, "HTTP listening (/metrics, /healthz, /readyz)");
-            tokio::spawn(listener.serve(probe.clone(), cancel));
-        }
-        Ok(probe)
+        start_http(self.http, process, cancel).await
     }
+}
+
+/// Binds the HTTP listener (before anything else starts, so a bad address fails at once) and
+/// serves it until `cancel`; the probe the process reports to.
+async fn start_http(
+    http: HttpAddr,
+    process: &'static str,
+    cancel: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<Probe> {
+    let probe = Probe::new("start-up");
+    if let HttpAddr::On(addr) = http {
+        let listener = HttpListener::bind(addr).await?;
+        tracing::info!(addr = %listener.local_addr(), process, "HTTP listening (/metrics, /healthz, /readyz)");
+        tokio::spawn(listener.serve(probe.clone(), cancel));
+    }
+    Ok(probe)
 }
 
 impl NodeArgs {
@@ -488,7 +576,12 @@ impl From<KindArg> for UpdateKind {
 /// Whatever the command fails with, with context for the user.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Node(a) => run_node(a).await,
+        Command::Node(a) => {
+            let channel = a.descriptor_channel.into();
+            run_node(a, channel, "node").await
+        }
+        Command::Gateway(a) => run_gateway(a).await,
+        Command::FunctionHost(a) => run_function_host(a).await,
         Command::Job(JobCommand::Create { nats, spec, initial }) => {
             job_create(&nats, &spec, initial.as_deref()).await
         }
@@ -507,8 +600,120 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// `shoal node`: runs until SIGINT or SIGTERM, then shuts down cleanly.
-async fn run_node(a: NodeArgs) -> anyhow::Result<()> {
+/// `shoal gateway`: a node whose aggregators run in function-host processes.
+async fn run_gateway(a: GatewayArgs) -> anyhow::Result<()> {
+    let hosts = match a.function_hosts {
+        HostsArg::External => shoal_runtime::host::pool::Hosts::External,
+        HostsArg::Spawn => {
+            let n = &a.node;
+            let program =
+                std::env::current_exe().context("finding this executable to spawn function hosts")?;
+            let mut args: Vec<std::ffi::OsString> = vec!["function-host".into()];
+            let mut flag = |k: &str, v: std::ffi::OsString| {
+                args.push(format!("--{k}").into());
+                args.push(v);
+            };
+            flag("nats-url", n.nats.nats_url.clone().into());
+            flag("prefix", n.nats.prefix.clone().into());
+            flag("node-id", n.node_id.clone().into());
+            flag("shm-dir", n.shm_dir.clone().into());
+            flag("idle-timeout-ms", n.idle_timeout_ms.to_string().into());
+            flag("fold-delay-ms", n.fold_delay_ms.to_string().into());
+            // Several hosts run on one node: no fixed HTTP port each (the gateway's is the node's).
+            flag("http", "off".into());
+            let files = [
+                ("nats-creds", &n.nats.nats_creds),
+                ("nats-nkey", &n.nats.nats_nkey),
+                ("nats-ca", &n.nats.nats_ca),
+                ("nats-cert", &n.nats.nats_cert),
+                ("nats-key", &n.nats.nats_key),
+            ];
+            for (k, v) in files {
+                if let Some(p) = v {
+                    flag(k, p.clone().into());
+                }
+            }
+            if let Some(u) = &n.nats.nats_user {
+                flag("nats-user", u.clone().into());
+            }
+            args.push("--exit-on-disconnect".into());
+            if n.lazy_aggregation {
+                args.push("--lazy-aggregation".into());
+            }
+            if n.nats.nats_require_tls {
+                args.push("--nats-require-tls".into());
+            }
+            // Secrets go through the environment, never the command line (`ps`).
+            let mut envs: Vec<(std::ffi::OsString, std::ffi::OsString)> = Vec::new();
+            if let Some(p) = &n.nats.nats_password {
+                envs.push(("SHOAL_NATS_PASSWORD".into(), p.expose().into()));
+            }
+            if let Some(t) = &n.nats.nats_token {
+                envs.push(("SHOAL_NATS_TOKEN".into(), t.expose().into()));
+            }
+            shoal_runtime::host::pool::Hosts::Spawn(shoal_runtime::host::pool::SpawnConfig {
+                program,
+                args,
+                envs,
+                idle_timeout: Duration::from_millis(a.host_idle_timeout_ms),
+            })
+        }
+    };
+    let channel = node::DescriptorChannel::Split(node::SplitOptions {
+        listen: a.channel_listen,
+        hosts,
+        wait_for_host: Duration::from_millis(a.host_wait_ms),
+    });
+    run_node(a.node, channel, "gateway").await
+}
+
+/// `shoal function-host`: runs until SIGINT or SIGTERM (or, with --exit-on-disconnect, until
+/// the gateway's channel ends).
+async fn run_function_host(a: FunctionHostArgs) -> anyhow::Result<()> {
+    let node_id = NodeId::new(&a.node_id)?;
+    let job = a.job.as_deref().map(JobId::new).transpose()?;
+    let mut nats = a.nats.options("shoal-function-host")?;
+    nats.jetstream = None;
+    shoal_runtime::staging::install_sigbus_guard()?;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let _stop = cancel.clone().drop_guard();
+    let probe = start_http(a.http, "function-host", cancel.clone()).await?;
+    let defaults = NodeConfig::default();
+    let config = NodeConfig {
+        idle_timeout_ms: a.idle_timeout_ms,
+        lazy_aggregation: a.lazy_aggregation,
+        fold_delay_ms: a.fold_delay_ms,
+        ..defaults
+    };
+    let process = shoal_runtime::host::process::HostProcess {
+        node_dir: a.shm_dir.join(node_id.as_str()),
+        node: node_id,
+        gateway: a.gateway,
+        function: shoal_proto::FunctionId(a.function_id.unwrap_or_else(std::process::id)),
+        job,
+        nats,
+        host: node::host_config(&config),
+        timings: config.timings.clone(),
+        exit_on_disconnect: a.exit_on_disconnect,
+        probe,
+    };
+    let run = shoal_runtime::host::process::run(process, cancel.clone());
+    tokio::select! {
+        () = shutdown_signal() => {
+            tracing::info!("shutting down");
+            cancel.cancel();
+            Ok(())
+        }
+        r = run => r.context("function host"),
+    }
+}
+
+/// `shoal node` (and `shoal gateway`): runs until SIGINT or SIGTERM, then shuts down cleanly.
+async fn run_node(
+    a: NodeArgs,
+    channel: node::DescriptorChannel,
+    process: &'static str,
+) -> anyhow::Result<()> {
     let config = a.config()?;
     config.validate().map_err(|e| match e.field.strip_prefix("timings.") {
         Some(timing) => anyhow::anyhow!("invalid node configuration: timing {timing}: {}", e.detail),
@@ -524,7 +729,7 @@ async fn run_node(a: NodeArgs) -> anyhow::Result<()> {
     shoal_runtime::staging::install_sigbus_guard()?;
     let http_stop = tokio_util::sync::CancellationToken::new();
     let _stop_http = http_stop.clone().drop_guard();
-    let probe = a.http.start("node", http_stop).await?;
+    let probe = a.http.start(process, http_stop).await?;
     let signal = shutdown_signal();
     tokio::pin!(signal);
     loop {
@@ -533,7 +738,7 @@ async fn run_node(a: NodeArgs) -> anyhow::Result<()> {
             nats: nats.clone(),
             plugins: None,
             probe: probe.clone(),
-            channel: a.descriptor_channel.into(),
+            channel: channel.clone(),
         };
         let handle = node::start(opts).await.context("starting the node")?;
         tokio::select! {

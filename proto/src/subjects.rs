@@ -260,6 +260,12 @@ impl Subjects {
         format!("{}.node.*.demand", self.prefix)
     }
 
+    /// `<p>.node.<node>.channel`: request/reply, the gateway answers its descriptor channel's
+    /// address (`ip:port`) for function hosts started without `--gateway`.
+    pub fn node_channel(&self, node: &NodeId) -> String {
+        format!("{}.node.{node}.channel", self.prefix)
+    }
+
     /// `<p>.node.<node>.metrics`: request/reply, answers the Prometheus text exposition.
     pub fn node_metrics(&self, node: &NodeId) -> String {
         format!("{}.node.{node}.metrics", self.prefix)

@@ -146,6 +146,16 @@ pub struct Metrics {
     pub descriptors_sent: Counter,
     /// Release records the gateway received from function hosts.
     pub releases_received: Counter,
+    /// Function-host processes connected to this gateway.
+    pub function_hosts: Gauge,
+    /// Function hosts serving each job on this gateway's node.
+    pub function_hosts_per_job: Family<JobLabel, Gauge>,
+    /// Function-host processes this gateway spawned (cold starts of a process).
+    pub function_host_spawns: Counter,
+    /// Function-host processes this gateway stopped after their idle timeout (scale to zero).
+    pub function_host_stops: Counter,
+    /// Seconds from spawning a function-host process to its channel's handshake.
+    pub function_host_cold_start_seconds: Histogram,
     log_state: Mutex<HashMap<RejectReason, (u64, Instant)>>,
 }
 
@@ -197,6 +207,34 @@ impl Metrics {
             "updates_already_applied",
             "Update messages delivered again after a committed model included them (acked, not folded again)",
             self.updates_already_applied.clone(),
+        );
+    }
+
+    fn register_hosts(&self, registry: &mut Registry) {
+        registry.register(
+            "function_hosts",
+            "Function-host processes connected to this gateway",
+            self.function_hosts.clone(),
+        );
+        registry.register(
+            "function_hosts_per_job",
+            "Function hosts serving each job on this node",
+            self.function_hosts_per_job.clone(),
+        );
+        registry.register(
+            "function_host_spawns",
+            "Function-host processes spawned by this gateway (process cold starts)",
+            self.function_host_spawns.clone(),
+        );
+        registry.register(
+            "function_host_stops",
+            "Function-host processes stopped after their idle timeout (scale to zero)",
+            self.function_host_stops.clone(),
+        );
+        registry.register(
+            "function_host_cold_start_seconds",
+            "Seconds from spawning a function-host process to its channel handshake",
+            self.function_host_cold_start_seconds.clone(),
         );
     }
 
@@ -338,11 +376,17 @@ impl Default for Metrics {
             descriptor_channel_errors: Family::default(),
             descriptors_sent: Counter::default(),
             releases_received: Counter::default(),
+            function_hosts: Gauge::default(),
+            function_hosts_per_job: Family::default(),
+            function_host_spawns: Counter::default(),
+            function_host_stops: Counter::default(),
+            function_host_cold_start_seconds: Histogram::new(exponential_buckets(1e-3, 2.0, 16)),
             log_state: Mutex::new(HashMap::new()),
             registry: Registry::default(),
         };
         m.register_ingest(&mut registry);
         m.register_cluster(&mut registry);
+        m.register_hosts(&mut registry);
         for tier in ["leaf", "middle", "top"] {
             let _ = m.aggregators.get_or_create(&TierLabel { tier }).get();
         }

@@ -75,6 +75,14 @@ impl NodeProcess {
         Self::start_with(nats_url, node_id, extra, &[], None).await
     }
 
+    /// Like [`Self::start`] with `shoal gateway` instead of `shoal node` (function hosts in
+    /// processes of their own).
+    pub async fn start_gateway(nats_url: &str, node_id: &str, extra: &[&str]) -> NodeProcess {
+        let mut n = Self::spawned_as("gateway", nats_url, node_id, extra, &[], None);
+        n.wait_ready(nats_url).await;
+        n
+    }
+
     /// Like [`Self::start`], with environment variables for the process (`SHOAL_NATS_PASSWORD`
     /// and friends) and `probe`: how the readiness probe connects to a server that wants
     /// credentials or TLS.
@@ -103,9 +111,20 @@ impl NodeProcess {
         envs: &[(&str, &str)],
         probe: Option<ConnectOptions>,
     ) -> NodeProcess {
+        Self::spawned_as("node", nats_url, node_id, extra, envs, probe)
+    }
+
+    fn spawned_as(
+        command: &str,
+        nats_url: &str,
+        node_id: &str,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+        probe: Option<ConnectOptions>,
+    ) -> NodeProcess {
         let dir = tempfile::Builder::new().prefix("shoal-test-").tempdir_in(shm_base()).expect("shm tempdir");
         let mut args = vec![
-            "node".to_string(),
+            command.to_string(),
             "--nats-url".into(),
             nats_url.into(),
             "--node-id".into(),

@@ -288,10 +288,7 @@ pub async fn run_leaf(ctx: NodeContext, job: JobId) -> Result<()> {
     let manifest = Arc::clone(&entry.manifest);
     let incarnation = entry.incarnation;
     let (tx, mut progress_rx) = mpsc::unbounded_channel();
-    ctx.host
-        .send(RegisterJob { job: job.clone(), incarnation, progress: tx })
-        .await
-        .map_err(|_| Error::Gone("function host"))?;
+    ctx.host.register(RegisterJob { job: job.clone(), incarnation, progress: tx }).await?;
     let LeafInbox { mut collects, mut to_me, mut plans, mut slices, mut phases } =
         LeafInbox::open(&ctx, &job).await?;
     // RFFL and Bristle: this node's share of their two-phase exchanges (built on first use).
@@ -441,11 +438,7 @@ async fn answer_collect(
     if !req.conflicts.is_empty() && lost_a_conflict(ctx, job, rounds, req).await {
         return Ok(());
     }
-    let harvest = ctx
-        .host
-        .send(CloseRound { job: job.clone(), round: req.round, seal: false })
-        .await
-        .map_err(|_| Error::Gone("function host"))?;
+    let harvest = ctx.host.close(CloseRound { job: job.clone(), round: req.round, seal: false }).await?;
     let r = rounds.entry(req.round).or_default();
     if let Some(p) = harvest.partial.filter(|p| p.count() > 0) {
         match &mut r.partial {
@@ -645,7 +638,7 @@ async fn settle(
         // Deleted (and perhaps created again): nothing held for it can commit any more.
         let link = ctx.ledger.link();
         for round in candidates {
-            let leftovers = match ctx.host.send(CloseRound { job: job.clone(), round, seal: true }).await {
+            let leftovers = match ctx.host.close(CloseRound { job: job.clone(), round, seal: true }).await {
                 Ok(h) => h.held,
                 Err(_) => return,
             };
@@ -673,7 +666,7 @@ async fn settle(
         if !closed {
             continue;
         }
-        let leftovers = match ctx.host.send(CloseRound { job: job.clone(), round, seal: true }).await {
+        let leftovers = match ctx.host.close(CloseRound { job: job.clone(), round, seal: true }).await {
             Ok(h) => h,
             Err(_) => return,
         };

@@ -5,11 +5,20 @@
 //! - every frame is `u32 length ‖ u8 type ‖ body`, `length` counting the type byte and the body,
 //!   at most [`MAX_FRAME`];
 //! - the host's first frame is `HELLO`: magic `SHCH`, protocol version (`u16`,
-//!   [`CHANNEL_VERSION`]), its [`FunctionId`] (`u32`); the gateway answers `WELCOME` (its
-//!   version) or `REFUSED` (a reason byte) and closes;
-//! - gateway → host: `DESCRIPTOR`, the 208-byte [`UpdateDescriptor`] record;
+//!   [`CHANNEL_VERSION`]), its [`FunctionId`] (`u32`), then (version 2) the job it is for as
+//!   `u8 length ‖ UTF-8` (length 0: any job); the gateway answers `WELCOME` (its version) or
+//!   `REFUSED` (a reason byte) and closes;
+//! - gateway → host: `DESCRIPTOR`, the 208-byte [`UpdateDescriptor`] record; `REGISTER`
+//!   (msgpack [`Register`]: a job whose round progress the host reports); `CLOSE` (msgpack
+//!   [`CloseRequest`]: take the harvest of a (job, round), sealing it or as a snapshot);
 //! - host → gateway: `RELEASE`, the descriptor's release record (the host is done with the
-//!   slot's bytes), and `SETTLE`, an update's end (ack, hand back, refuse) as msgpack.
+//!   slot's bytes), and `SETTLE`, an update's end (ack, hand back, refuse) as msgpack;
+//!   `PROGRESS` (msgpack [`ProgressRecord`]); and the answer to a `CLOSE`: zero or more
+//!   `HARVEST_CHUNK` frames (`u64 request ‖ f64 LE accumulator values`, at most
+//!   [`HARVEST_CHUNK_VALUES`] values each, in order) then one `HARVEST` frame (msgpack
+//!   [`HarvestRecord`]: the partial's weight, count and `first` owners, the number of values
+//!   sent, and the updates folded, by stream sequence). A partial aggregate is model-sized, so
+//!   it crosses in chunks: neither side ever holds more than one copy of it plus one frame.
 //!
 //! Nothing read from a socket is trusted: a wrong version, a truncated or oversized frame, an
 //! unknown type or a record that does not decode is a typed [`ChannelError`] (its
@@ -24,7 +33,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use shoal_proto::descriptor::{segment_file_name, DescriptorKind, SegmentId, UpdateDescriptor};
-use shoal_proto::{FunctionId, JobId, RejectReason};
+use shoal_proto::{ClientId, FunctionId, JobId, RejectReason, RoundId};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::ingest::ledger::{Feedback, Settle};
@@ -35,7 +44,7 @@ use crate::staging::{Segment, SlotView, DATA_OFFSET};
 /// Magic of the `HELLO` frame.
 pub const CHANNEL_MAGIC: [u8; 4] = *b"SHCH";
 /// The channel protocol version this build speaks.
-pub const CHANNEL_VERSION: u16 = 1;
+pub const CHANNEL_VERSION: u16 = 2;
 /// Largest frame accepted (type byte and body), in bytes.
 pub const MAX_FRAME: u32 = 64 * 1024;
 
@@ -45,6 +54,15 @@ const REFUSED: u8 = 3;
 const DESCRIPTOR: u8 = 4;
 const RELEASE: u8 = 5;
 const SETTLE: u8 = 6;
+const REGISTER: u8 = 7;
+const CLOSE: u8 = 8;
+const PROGRESS: u8 = 9;
+const HARVEST_CHUNK: u8 = 10;
+const HARVEST: u8 = 11;
+
+/// Accumulator values per `HARVEST_CHUNK` frame (8 KiB values, 64 KiB: one frame's worth
+/// less the type byte and request id).
+pub const HARVEST_CHUNK_VALUES: usize = (MAX_FRAME as usize - 1 - 8) / 8;
 
 /// Why a channel frame or connection was refused.
 #[derive(Debug, thiserror::Error)]
@@ -206,30 +224,60 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
     w.flush().await.map_err(ChannelError::Io)
 }
 
+#[cfg(test)]
 fn hello_body(function: FunctionId, version: u16) -> Vec<u8> {
+    hello_body_for(function, version, None)
+}
+
+fn hello_body_for(function: FunctionId, version: u16, job: Option<&JobId>) -> Vec<u8> {
     let mut b = CHANNEL_MAGIC.to_vec();
     b.extend_from_slice(&version.to_le_bytes());
     b.extend_from_slice(&function.0.to_le_bytes());
+    let job = job.map(JobId::as_str).unwrap_or_default().as_bytes();
+    // Job ids are at most 64 bytes (`JobId`'s rule), so the length fits the byte.
+    b.push(u8::try_from(job.len()).unwrap_or(0));
+    b.extend_from_slice(&job[..job.len().min(255)]);
     b
 }
 
-/// Decodes a `HELLO` frame: the host's function id.
+/// What a function host says in its `HELLO`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// Its function id.
+    pub function: FunctionId,
+    /// The job it serves (`None`: any job the gateway gives it).
+    pub job: Option<JobId>,
+}
+
+/// Decodes a `HELLO` frame: the host's function id and job.
 ///
 /// # Errors
-/// [`ChannelError::Malformed`] for another frame, a wrong length or magic;
+/// [`ChannelError::Malformed`] for another frame, a wrong length, magic or job id;
 /// [`ChannelError::WrongVersion`] for another protocol version.
-pub fn decode_hello(kind: u8, body: &[u8]) -> Result<FunctionId, ChannelError> {
+pub fn decode_hello(kind: u8, body: &[u8]) -> Result<Hello, ChannelError> {
     if kind != HELLO {
         return Err(ChannelError::malformed("hello", format!("frame type {kind} before the hello")));
     }
-    if body.len() != 10 || body[0..4] != CHANNEL_MAGIC {
+    if body.len() < 6 || body[0..4] != CHANNEL_MAGIC {
         return Err(ChannelError::malformed("hello", "not SHCH magic, version and function id"));
     }
     let theirs = u16::from_le_bytes([body[4], body[5]]);
     if theirs != CHANNEL_VERSION {
         return Err(ChannelError::WrongVersion { theirs });
     }
-    Ok(FunctionId(u32::from_le_bytes([body[6], body[7], body[8], body[9]])))
+    if body.len() < 11 || body.len() != 11 + body[10] as usize {
+        return Err(ChannelError::malformed("hello", "not SHCH magic, version, function id and job"));
+    }
+    let function = FunctionId(u32::from_le_bytes([body[6], body[7], body[8], body[9]]));
+    let job = match &body[11..] {
+        [] => None,
+        raw => {
+            let text =
+                std::str::from_utf8(raw).map_err(|e| ChannelError::malformed("hello", e.to_string()))?;
+            Some(JobId::new(text).map_err(|e| ChannelError::malformed("hello", e.to_string()))?)
+        }
+    };
+    Ok(Hello { function, job })
 }
 
 /// Gateway side of a new connection: reads the host's hello within `timeout` and welcomes it,
@@ -243,14 +291,26 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     timeout: Duration,
     metrics: &Metrics,
 ) -> Result<FunctionId, ChannelError> {
+    accept_hello(s, timeout, metrics).await.map(|h| h.function)
+}
+
+/// [`accept`], returning the whole [`Hello`] (function id and job).
+///
+/// # Errors
+/// As [`accept`].
+pub async fn accept_hello<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    timeout: Duration,
+    metrics: &Metrics,
+) -> Result<Hello, ChannelError> {
     let hello = match tokio::time::timeout(timeout, read_frame(s)).await {
         Ok(r) => r,
         Err(_) => Err(ChannelError::Truncated),
     };
     match hello.and_then(|(kind, body)| decode_hello(kind, &body)) {
-        Ok(function) => {
+        Ok(hello) => {
             write_frame(s, WELCOME, &CHANNEL_VERSION.to_le_bytes()).await?;
-            Ok(function)
+            Ok(hello)
         }
         Err(e) => {
             metrics.channel_error(e.kind());
@@ -269,7 +329,19 @@ pub async fn hello<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     function: FunctionId,
 ) -> Result<(), ChannelError> {
-    write_frame(s, HELLO, &hello_body(function, CHANNEL_VERSION)).await?;
+    hello_for(s, function, None).await
+}
+
+/// [`hello`], naming the job the host serves (`None`: any).
+///
+/// # Errors
+/// As [`hello`].
+pub async fn hello_for<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    function: FunctionId,
+    job: Option<&JobId>,
+) -> Result<(), ChannelError> {
+    write_frame(s, HELLO, &hello_body_for(function, CHANNEL_VERSION, job)).await?;
     match read_frame(s).await? {
         (WELCOME, b) if b.len() == 2 => Ok(()),
         (REFUSED, b) if b.len() == 1 => Err(ChannelError::Refused(ChannelErrorKind::from_code(b[0]))),
@@ -372,6 +444,190 @@ pub fn decode_feedback(kind: u8, body: &[u8]) -> Result<Feedback, ChannelError> 
             })
         }
         other => Err(ChannelError::malformed("feedback", format!("frame type {other}"))),
+    }
+}
+
+/// `REGISTER`: the host reports the round progress of `job` (incarnation `incarnation`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Register {
+    /// Job.
+    pub job: JobId,
+    /// Its incarnation.
+    pub incarnation: u64,
+}
+
+/// `CLOSE`: take the harvest of (job, round); `seal` closes the round on the host for good.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloseRequest {
+    /// Matches the answer's [`HarvestRecord::request`].
+    pub request: u64,
+    /// Job.
+    pub job: JobId,
+    /// Round.
+    pub round: RoundId,
+    /// Close the round for good (else a snapshot).
+    pub seal: bool,
+}
+
+/// `PROGRESS`: updates accepted for (job, round) on the host so far.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgressRecord {
+    /// Job.
+    pub job: JobId,
+    /// Round.
+    pub round: RoundId,
+    /// Updates accepted.
+    pub accepted: u32,
+}
+
+/// One update a harvest covers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HarvestedUpdate {
+    /// Sender.
+    pub client: ClientId,
+    /// `num_examples`.
+    pub num_examples: u64,
+    /// Its message's stream sequence.
+    pub stream_seq: u64,
+    /// The job runs an asynchronous mode.
+    pub asynchronous: bool,
+    /// The host kept the bytes (whole-cohort strategies): the gateway's own view of the slot
+    /// stands in for it.
+    pub kept: bool,
+}
+
+/// `HARVEST`: the answer to a [`CloseRequest`], after its `HARVEST_CHUNK` frames.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HarvestRecord {
+    /// The request answered.
+    pub request: u64,
+    /// Accumulator values sent in the chunks (0: no partial).
+    pub values: u64,
+    /// The partial's total weight.
+    pub total_weight: f64,
+    /// Updates the partial folded.
+    pub count: u64,
+    /// Owner of each `first` tensor.
+    pub first_owners: Vec<Option<ClientId>>,
+    /// The updates the harvest covers.
+    pub held: Vec<HarvestedUpdate>,
+    /// How long ago the round's last update reached the host, in ms (`None`: none did).
+    pub last_fold_age_ms: Option<u64>,
+}
+
+/// Sends a control record (`REGISTER` or `CLOSE`) to a host.
+///
+/// # Errors
+/// I/O errors.
+pub async fn send_register<W: AsyncWrite + Unpin>(w: &mut W, r: &Register) -> Result<(), ChannelError> {
+    write_frame(w, REGISTER, &shoal_proto::encode(r)).await
+}
+
+/// Sends a `CLOSE` request to a host.
+///
+/// # Errors
+/// I/O errors.
+pub async fn send_close<W: AsyncWrite + Unpin>(w: &mut W, r: &CloseRequest) -> Result<(), ChannelError> {
+    write_frame(w, CLOSE, &shoal_proto::encode(r)).await
+}
+
+/// Sends a `PROGRESS` record to the gateway.
+///
+/// # Errors
+/// I/O errors.
+pub async fn send_progress<W: AsyncWrite + Unpin>(w: &mut W, p: &ProgressRecord) -> Result<(), ChannelError> {
+    write_frame(w, PROGRESS, &shoal_proto::encode(p)).await
+}
+
+/// Sends a harvest: its accumulator values in chunks, then the record (`record.values` is set
+/// from `values`).
+///
+/// # Errors
+/// I/O errors.
+pub async fn send_harvest<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    mut record: HarvestRecord,
+    values: &[f64],
+) -> Result<(), ChannelError> {
+    let mut frame = Vec::with_capacity(8 + HARVEST_CHUNK_VALUES * 8);
+    for chunk in values.chunks(HARVEST_CHUNK_VALUES) {
+        frame.clear();
+        frame.extend_from_slice(&record.request.to_le_bytes());
+        frame.extend_from_slice(bytemuck::cast_slice(chunk));
+        write_frame(w, HARVEST_CHUNK, &frame).await?;
+    }
+    record.values = values.len() as u64;
+    write_frame(w, HARVEST, &shoal_proto::encode(&record)).await
+}
+
+/// What a host sends the gateway, decoded.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HostFrame {
+    /// `RELEASE` or `SETTLE`: for the ledger.
+    Feedback(Feedback),
+    /// `PROGRESS`.
+    Progress(ProgressRecord),
+    /// `HARVEST_CHUNK`: (request, values).
+    HarvestChunk(u64, Vec<f64>),
+    /// `HARVEST`.
+    Harvest(HarvestRecord),
+}
+
+/// Decodes any frame a gateway receives from a function host.
+///
+/// # Errors
+/// [`ChannelError::Malformed`] for an unknown type or a record that does not decode (a chunk
+/// that is not a request id and whole `f64`s, a non-finite value).
+pub fn decode_host_frame(kind: u8, body: &[u8]) -> Result<HostFrame, ChannelError> {
+    match kind {
+        PROGRESS => shoal_proto::decode("progress", body)
+            .map(HostFrame::Progress)
+            .map_err(|e| ChannelError::malformed("progress", e.to_string())),
+        HARVEST => shoal_proto::decode("harvest", body)
+            .map(HostFrame::Harvest)
+            .map_err(|e| ChannelError::malformed("harvest", e.to_string())),
+        HARVEST_CHUNK => {
+            if body.len() < 8 || !(body.len() - 8).is_multiple_of(8) {
+                return Err(ChannelError::malformed("harvest chunk", format!("{} bytes", body.len())));
+            }
+            let request = u64::from_le_bytes(body[..8].try_into().unwrap_or_default());
+            let values: Vec<f64> = body[8..]
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap_or_default()))
+                .collect();
+            if values.iter().any(|v| v.is_nan()) {
+                return Err(ChannelError::malformed("harvest chunk", "NaN in the accumulators"));
+            }
+            Ok(HostFrame::HarvestChunk(request, values))
+        }
+        _ => decode_feedback(kind, body).map(HostFrame::Feedback),
+    }
+}
+
+/// What a gateway sends a host, decoded.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GatewayFrame {
+    /// `DESCRIPTOR`.
+    Descriptor(UpdateDescriptor),
+    /// `REGISTER`.
+    Register(Register),
+    /// `CLOSE`.
+    Close(CloseRequest),
+}
+
+/// Decodes any frame a function host receives from its gateway.
+///
+/// # Errors
+/// [`ChannelError::Malformed`] for an unknown type or a record that does not decode.
+pub fn decode_gateway_frame(kind: u8, body: &[u8]) -> Result<GatewayFrame, ChannelError> {
+    match kind {
+        REGISTER => shoal_proto::decode("register", body)
+            .map(GatewayFrame::Register)
+            .map_err(|e| ChannelError::malformed("register", e.to_string())),
+        CLOSE => shoal_proto::decode("close", body)
+            .map(GatewayFrame::Close)
+            .map_err(|e| ChannelError::malformed("close", e.to_string())),
+        _ => decode_descriptor(kind, body).map(GatewayFrame::Descriptor),
     }
 }
 

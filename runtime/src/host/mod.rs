@@ -13,6 +13,8 @@
 
 pub mod aggregator;
 pub mod channel;
+pub mod pool;
+pub mod process;
 pub mod remote;
 
 use std::collections::HashMap;
@@ -70,6 +72,44 @@ pub struct InProcess(pub Addr<FunctionHost>);
 impl DescriptorSink for InProcess {
     fn deliver(&self, d: Delivery) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move { self.0.send(d).await.map_err(|_| Error::Gone("function host")) })
+    }
+}
+
+/// How a node's leaves reach the function host: the actor in this process, or the gateway's
+/// pool of function-host processes ([`pool::HostPool`]).
+#[derive(Debug, Clone)]
+pub enum HostHandle {
+    /// The function host of this process.
+    Local(Addr<FunctionHost>),
+    /// Function-host processes behind descriptor channels.
+    Pool(pool::HostPool),
+}
+
+impl HostHandle {
+    /// Registers a job's leaf for the host's round progress.
+    ///
+    /// # Errors
+    /// [`Error::Gone`] when the local host has stopped.
+    pub async fn register(&self, msg: RegisterJob) -> Result<()> {
+        match self {
+            HostHandle::Local(a) => a.send(msg).await.map_err(|_| Error::Gone("function host")),
+            HostHandle::Pool(p) => {
+                p.register(msg).await;
+                Ok(())
+            }
+        }
+    }
+
+    /// Takes (job, round)'s harvest ([`CloseRound`]).
+    ///
+    /// # Errors
+    /// [`Error::Gone`] when the local host has stopped. A pool answers an empty harvest when
+    /// no host serves the job (what a dead host folded goes back to JetStream).
+    pub async fn close(&self, msg: CloseRound) -> Result<RoundHarvest> {
+        match self {
+            HostHandle::Local(a) => a.send(msg).await.map_err(|_| Error::Gone("function host")),
+            HostHandle::Pool(p) => Ok(p.close(msg).await),
+        }
     }
 }
 

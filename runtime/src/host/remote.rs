@@ -18,12 +18,12 @@ use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use shoal_proto::descriptor::UpdateDescriptor;
-use shoal_proto::FunctionId;
+use shoal_proto::{FunctionId, JobId};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
-use super::channel::{self, ChannelError, ChannelErrorKind, SegmentCache};
-use super::{Delivery, DescriptorSink, MAILBOX};
+use super::channel::{self, ChannelError, ChannelErrorKind, HostFrame, SegmentCache};
+use super::{CloseRound, Delivery, DescriptorSink, Held, RoundHarvest, MAILBOX};
 use crate::error::{Error, Result};
 use crate::ingest::demand::Unfolded;
 use crate::ingest::ledger::{Feedback, FeedbackReceiver, Link, Settle};
@@ -32,17 +32,50 @@ use crate::staging::ViewGuard;
 
 type InFlight = Arc<Mutex<HashMap<u64, Delivery>>>;
 
+/// What the gateway writes to a host: a delivery, or a control frame (`REGISTER`, `CLOSE`).
+#[derive(Debug)]
+enum Outgoing {
+    Delivery(Delivery),
+    Register(channel::Register),
+    Close(channel::CloseRequest),
+}
+
+/// A `CLOSE` waiting for its harvest: the job's manifest (the values must fit it), the values
+/// received so far, and who waits.
+#[derive(Debug)]
+struct PendingClose {
+    manifest: Arc<shoal_functions::ModelManifest>,
+    values: Vec<f64>,
+    done: oneshot::Sender<RoundHarvest>,
+}
+
+/// Gateway-side state of a split host (a function-host process that runs the aggregators):
+/// the updates it folded and no harvest took yet, its open `CLOSE` requests, and where its
+/// progress goes.
+#[derive(Debug, Default)]
+struct Split {
+    /// Stream sequences delivered to the host and not yet harvested or settled: if the host
+    /// dies, what it folded from them dies with it, so they go back to JetStream.
+    unharvested: std::collections::HashSet<u64>,
+    requests: HashMap<u64, PendingClose>,
+}
+
+type SplitState = Arc<Mutex<Split>>;
+
 /// The gateway's sink for one connected function-host process.
 #[derive(Debug, Clone)]
 pub struct RemoteSink {
     function: FunctionId,
-    tx: mpsc::Sender<Delivery>,
+    tx: mpsc::Sender<Outgoing>,
     in_flight: InFlight,
+    split: Option<SplitState>,
 }
 
 impl DescriptorSink for RemoteSink {
     fn deliver(&self, d: Delivery) -> BoxFuture<'_, Result<()>> {
-        Box::pin(async move { self.tx.send(d).await.map_err(|_| Error::Gone("function-host connection")) })
+        Box::pin(async move {
+            self.tx.send(Outgoing::Delivery(d)).await.map_err(|_| Error::Gone("function-host connection"))
+        })
     }
 }
 
@@ -57,19 +90,55 @@ impl RemoteSink {
         metrics: Arc<Metrics>,
         hand_back: Duration,
     ) -> (RemoteSink, tokio::task::JoinHandle<()>) {
+        Self::serve_inner(stream, function, link, metrics, hand_back, None)
+    }
+
+    /// Like [`Self::serve`] for a host process that runs the aggregators itself (`shoal
+    /// gateway`): its round progress goes to `progress`, [`Self::close`] takes its harvests,
+    /// and when the connection ends, every update it folded that no harvest took is handed back
+    /// to JetStream too (its partial died with it).
+    pub fn serve_split(
+        stream: TcpStream,
+        function: FunctionId,
+        link: Link,
+        metrics: Arc<Metrics>,
+        hand_back: Duration,
+        progress: mpsc::UnboundedSender<channel::ProgressRecord>,
+    ) -> (RemoteSink, tokio::task::JoinHandle<()>) {
+        Self::serve_inner(stream, function, link, metrics, hand_back, Some(progress))
+    }
+
+    fn serve_inner(
+        stream: TcpStream,
+        function: FunctionId,
+        link: Link,
+        metrics: Arc<Metrics>,
+        hand_back: Duration,
+        progress: Option<mpsc::UnboundedSender<channel::ProgressRecord>>,
+    ) -> (RemoteSink, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(MAILBOX);
         let in_flight: InFlight = Arc::default();
-        let sink = RemoteSink { function, tx, in_flight: Arc::clone(&in_flight) };
+        let split: Option<SplitState> = progress.as_ref().map(|_| Arc::default());
+        let sink = RemoteSink { function, tx, in_flight: Arc::clone(&in_flight), split: split.clone() };
         let task = tokio::spawn(async move {
             let (mut r, mut w) = stream.into_split();
+            let ends = Ends { in_flight: &in_flight, link: &link, metrics: &metrics, split: split.as_ref() };
             let end = tokio::select! {
-                e = write_descriptors(&mut w, rx, &in_flight, &metrics) => e,
-                e = read_feedback(&mut r, &in_flight, &link, &metrics) => e,
+                e = write_descriptors(&mut w, rx, &ends) => e,
+                e = read_feedback(&mut r, &ends, progress.as_ref()) => e,
             };
             if end.kind() != ChannelErrorKind::Disconnected {
                 metrics.channel_error(end.kind());
             }
-            let left: Vec<u64> = lock(&in_flight).drain().map(|(seq, _)| seq).collect();
+            let mut left: Vec<u64> = lock(&in_flight).drain().map(|(seq, _)| seq).collect();
+            if let Some(split) = &split {
+                let mut s = lock_split(split);
+                left.extend(s.unharvested.drain());
+                // Waiters of open CLOSE requests get an error (their sender is dropped).
+                s.requests.clear();
+            }
+            left.sort_unstable();
+            left.dedup();
             tracing::warn!(%function, error = %end, handed_back = left.len(), "function host connection ended");
             for seq in left {
                 link.settle(seq, Settle::Nak(hand_back));
@@ -87,55 +156,220 @@ impl RemoteSink {
     pub fn in_flight(&self) -> usize {
         lock(&self.in_flight).len()
     }
+
+    /// Updates delivered to a split host that no harvest has taken yet (0 for other hosts).
+    pub fn unharvested(&self) -> usize {
+        self.split.as_ref().map_or(0, |s| lock_split(s).unharvested.len())
+    }
+
+    /// Whether the connection still runs.
+    pub fn is_open(&self) -> bool {
+        !self.tx.is_closed()
+    }
+
+    /// Asks the host to report the progress of `job`.
+    ///
+    /// # Errors
+    /// [`Error::Gone`] when the connection has ended.
+    pub async fn register(&self, job: &JobId, incarnation: u64) -> Result<()> {
+        let r = channel::Register { job: job.clone(), incarnation };
+        self.tx.send(Outgoing::Register(r)).await.map_err(|_| Error::Gone("function-host connection"))
+    }
+
+    /// Takes the harvest of (job, round) from a split host (`manifest`: the job's, which the
+    /// partial must fit).
+    ///
+    /// # Errors
+    /// [`Error::Gone`] when the connection ends before the answer (the updates it covered are
+    /// handed back to JetStream), [`Error::Config`] on a sink that is not a split host's.
+    pub async fn close(
+        &self,
+        request: u64,
+        close: &CloseRound,
+        manifest: Arc<shoal_functions::ModelManifest>,
+    ) -> Result<RoundHarvest> {
+        let Some(split) = &self.split else {
+            return Err(Error::Gone("a split function host"));
+        };
+        let (done, answer) = oneshot::channel();
+        lock_split(split).requests.insert(request, PendingClose { manifest, values: Vec::new(), done });
+        let req =
+            channel::CloseRequest { request, job: close.job.clone(), round: close.round, seal: close.seal };
+        self.tx.send(Outgoing::Close(req)).await.map_err(|_| Error::Gone("function-host connection"))?;
+        answer.await.map_err(|_| Error::Gone("function-host connection"))
+    }
 }
 
 fn lock(m: &InFlight) -> std::sync::MutexGuard<'_, HashMap<u64, Delivery>> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+fn lock_split(m: &SplitState) -> std::sync::MutexGuard<'_, Split> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What both halves of a gateway-side connection share.
+struct Ends<'a> {
+    in_flight: &'a InFlight,
+    link: &'a Link,
+    metrics: &'a Metrics,
+    split: Option<&'a SplitState>,
+}
+
 async fn write_descriptors(
     w: &mut tokio::net::tcp::OwnedWriteHalf,
-    mut rx: mpsc::Receiver<Delivery>,
-    in_flight: &InFlight,
-    metrics: &Metrics,
+    mut rx: mpsc::Receiver<Outgoing>,
+    ends: &Ends<'_>,
 ) -> ChannelError {
-    while let Some(d) = rx.recv().await {
-        let descriptor = d.descriptor.clone();
-        // Held before it is sent, so the host's answer always finds it.
-        lock(in_flight).insert(descriptor.stream_seq, d);
-        if let Err(e) = channel::send_descriptor(w, &descriptor).await {
+    while let Some(out) = rx.recv().await {
+        let sent = match out {
+            Outgoing::Delivery(d) => {
+                let descriptor = d.descriptor.clone();
+                // Held before it is sent, so the host's answer always finds it.
+                lock(ends.in_flight).insert(descriptor.stream_seq, d);
+                if let Some(split) = ends.split {
+                    lock_split(split).unharvested.insert(descriptor.stream_seq);
+                }
+                let sent = channel::send_descriptor(w, &descriptor).await;
+                if sent.is_ok() {
+                    ends.metrics.descriptors_sent.inc();
+                }
+                sent
+            }
+            Outgoing::Register(r) => channel::send_register(w, &r).await,
+            Outgoing::Close(c) => channel::send_close(w, &c).await,
+        };
+        if let Err(e) = sent {
             return e;
         }
-        metrics.descriptors_sent.inc();
     }
     ChannelError::Closed
 }
 
 async fn read_feedback(
     r: &mut tokio::net::tcp::OwnedReadHalf,
-    in_flight: &InFlight,
-    link: &Link,
-    metrics: &Metrics,
+    ends: &Ends<'_>,
+    progress: Option<&mpsc::UnboundedSender<channel::ProgressRecord>>,
 ) -> ChannelError {
     loop {
-        let f =
-            match channel::read_frame(r).await.and_then(|(kind, body)| channel::decode_feedback(kind, &body))
-            {
-                Ok(f) => f,
-                Err(e) => return e,
-            };
+        let frame = match channel::read_frame(r)
+            .await
+            .and_then(|(kind, body)| channel::decode_host_frame(kind, &body))
+        {
+            Ok(f) => f,
+            Err(e) => return e,
+        };
+        let f = match frame {
+            HostFrame::Feedback(f) => f,
+            HostFrame::Progress(p) => {
+                if let Some(tx) = progress {
+                    let _ = tx.send(p);
+                }
+                continue;
+            }
+            HostFrame::HarvestChunk(request, values) => {
+                if let Err(e) = harvest_chunk(ends, request, &values) {
+                    return e;
+                }
+                continue;
+            }
+            HostFrame::Harvest(record) => {
+                if let Err(e) = harvest_done(ends, record) {
+                    return e;
+                }
+                continue;
+            }
+        };
         let seq = match &f {
             Feedback::Release { stream_seq } => {
-                metrics.releases_received.inc();
+                ends.metrics.releases_received.inc();
                 *stream_seq
             }
-            Feedback::Settle { stream_seq, .. } => *stream_seq,
+            Feedback::Settle { stream_seq, .. } => {
+                if let Some(split) = ends.split {
+                    lock_split(split).unharvested.remove(stream_seq);
+                }
+                *stream_seq
+            }
         };
         // Dropping the delivery returns the slot lease (once the ledger lets go too) and
         // takes the update out of the backlog.
-        drop(lock(in_flight).remove(&seq));
-        link.feedback(f);
+        drop(lock(ends.in_flight).remove(&seq));
+        ends.link.feedback(f);
     }
+}
+
+/// Appends a harvest chunk to its request; more values than the job's model has, or a chunk
+/// for no request, ends the connection (the host is not trusted to be right).
+fn harvest_chunk(ends: &Ends<'_>, request: u64, values: &[f64]) -> Result<(), ChannelError> {
+    let Some(split) = ends.split else {
+        return Err(ChannelError::Malformed { what: "harvest chunk", detail: "not a split host".into() });
+    };
+    let mut s = lock_split(split);
+    let Some(p) = s.requests.get_mut(&request) else {
+        return Err(ChannelError::Malformed {
+            what: "harvest chunk",
+            detail: format!("no request {request}"),
+        });
+    };
+    let numel = p.manifest.numel();
+    if p.values.len() + values.len() > numel {
+        return Err(ChannelError::Malformed {
+            what: "harvest chunk",
+            detail: format!("more than the model's {numel} values"),
+        });
+    }
+    if p.values.capacity() == 0 {
+        p.values.reserve_exact(numel);
+    }
+    p.values.extend_from_slice(values);
+    Ok(())
+}
+
+/// Completes a harvest: rebuilds the partial from its chunks, and for each update it covers
+/// whose bytes the host kept, the gateway's own view of the slot.
+fn harvest_done(ends: &Ends<'_>, record: channel::HarvestRecord) -> Result<(), ChannelError> {
+    let bad = |detail: String| ChannelError::Malformed { what: "harvest", detail };
+    let Some(split) = ends.split else { return Err(bad("not a split host".into())) };
+    let mut s = lock_split(split);
+    let Some(p) = s.requests.remove(&record.request) else {
+        return Err(bad(format!("no request {}", record.request)));
+    };
+    if p.values.len() as u64 != record.values {
+        return Err(bad(format!("{} values announced, {} received", record.values, p.values.len())));
+    }
+    let partial = if record.values == 0 {
+        None
+    } else {
+        let built = shoal_functions::PartialAggregate::from_parts(
+            Arc::clone(&p.manifest),
+            p.values,
+            record.first_owners,
+            record.total_weight,
+            record.count,
+        );
+        Some(built.map_err(|e| bad(e.to_string()))?)
+    };
+    let in_flight = lock(ends.in_flight);
+    let held = record
+        .held
+        .into_iter()
+        .map(|h| {
+            s.unharvested.remove(&h.stream_seq);
+            let slot = if h.kept { in_flight.get(&h.stream_seq).map(|d| d.view.clone()) } else { None };
+            Held {
+                client: h.client,
+                num_examples: h.num_examples,
+                slot,
+                asynchronous: h.asynchronous,
+                stream_seq: h.stream_seq,
+            }
+        })
+        .collect();
+    let last_fold =
+        record.last_fold_age_ms.and_then(|a| Instant::now().checked_sub(Duration::from_millis(a)));
+    let _ = p.done.send(RoundHarvest { partial, held, last_fold });
+    Ok(())
 }
 
 /// Reports its stream sequence when the last view of a slot is dropped.
@@ -160,6 +394,17 @@ pub struct HostSide {
     pub metrics: Arc<Metrics>,
     /// Delay before a refused descriptor's update is delivered again.
     pub hand_back: Duration,
+    /// A function-host process (`shoal function-host`): its aggregators' host, which answers
+    /// `REGISTER` and `CLOSE`, and its view of the jobs (a descriptor of a job it does not know
+    /// yet is handed back, not refused). `None` inside a node (`loopback`), whose leaves talk
+    /// to the host directly.
+    pub process: Option<(actix::Addr<super::FunctionHost>, crate::jobs::JobDirectory)>,
+}
+
+/// Host-side events the connection loop writes out.
+enum HostEvent {
+    Progress(channel::ProgressRecord),
+    Harvest(u64, RoundHarvest),
 }
 
 /// Function-host side of a welcomed connection ([`channel::hello`]): runs until it ends.
@@ -172,6 +417,7 @@ pub async fn serve_gateway(stream: TcpStream, mut side: HostSide) -> Result<(), 
     // Views dropped: the host is done with those slots, whether it said so (streaming folds
     // release explicitly) or not (whole-cohort rounds drop their views after the commit).
     let (dropped_tx, mut dropped) = mpsc::unbounded_channel();
+    let (events_tx, mut events) = mpsc::unbounded_channel::<HostEvent>();
     loop {
         tokio::select! {
             Some(stream_seq) = dropped.recv() => {
@@ -179,10 +425,42 @@ pub async fn serve_gateway(stream: TcpStream, mut side: HostSide) -> Result<(), 
                     channel::send_release(&mut w, &d).await?;
                 }
             }
+            Some(e) = events.recv() => match e {
+                HostEvent::Progress(p) => channel::send_progress(&mut w, &p).await?,
+                HostEvent::Harvest(request, h) => {
+                    let record = channel::HarvestRecord {
+                        request,
+                        values: 0,
+                        total_weight: h.partial.as_ref().map_or(0.0, |p| p.total_weight()),
+                        count: h.partial.as_ref().map_or(0, |p| p.count()),
+                        first_owners: h.partial.as_ref().map(|p| p.first_owners().to_vec()).unwrap_or_default(),
+                        held: h.held.iter().map(|x| channel::HarvestedUpdate {
+                            client: x.client.clone(),
+                            num_examples: x.num_examples,
+                            stream_seq: x.stream_seq,
+                            asynchronous: x.asynchronous,
+                            kept: x.slot.is_some(),
+                        }).collect(),
+                        last_fold_age_ms: h.last_fold.map(|t| t.elapsed().as_millis() as u64),
+                    };
+                    let values = h.partial.as_ref().map(|p| p.values()).unwrap_or(&[]);
+                    channel::send_harvest(&mut w, record, values).await?;
+                    // Kept views drop here: their RELEASE frames follow the harvest.
+                    drop(h);
+                }
+            },
             frame = channel::read_frame(&mut r) => {
                 let (kind, body) = frame?;
-                let d = match channel::decode_descriptor(kind, &body) {
-                    Ok(d) => d,
+                let d = match channel::decode_gateway_frame(kind, &body) {
+                    Ok(channel::GatewayFrame::Descriptor(d)) => d,
+                    Ok(channel::GatewayFrame::Register(reg)) => {
+                        register(&side, reg, &events_tx).await?;
+                        continue;
+                    }
+                    Ok(channel::GatewayFrame::Close(c)) => {
+                        close(&side, c, &events_tx);
+                        continue;
+                    }
                     Err(e) => {
                         // Framing held: skip the record (no stream sequence to answer).
                         side.metrics.channel_error(e.kind());
@@ -190,6 +468,14 @@ pub async fn serve_gateway(stream: TcpStream, mut side: HostSide) -> Result<(), 
                         continue;
                     }
                 };
+                if let Some((_, directory)) = &side.process {
+                    if directory.get(&d.job).is_none() {
+                        // The job watch has not seen it yet: hand it back, do not refuse it.
+                        tracing::debug!(job = %d.job, "descriptor of a job not known yet; handed back");
+                        channel::send_settle(&mut w, d.stream_seq, &Settle::Nak(side.hand_back)).await?;
+                        continue;
+                    }
+                }
                 match side.segments.view(&d) {
                     Ok(view) => {
                         descriptors.insert(d.stream_seq, d.clone());
@@ -228,6 +514,48 @@ pub async fn serve_gateway(stream: TcpStream, mut side: HostSide) -> Result<(), 
             }
         }
     }
+}
+
+/// `REGISTER`: the job's progress, tagged with the job, goes out as `PROGRESS` frames.
+async fn register(
+    side: &HostSide,
+    reg: channel::Register,
+    events: &mpsc::UnboundedSender<HostEvent>,
+) -> Result<(), ChannelError> {
+    let Some((host, _)) = &side.process else {
+        side.metrics.channel_error(ChannelErrorKind::Malformed);
+        tracing::warn!("REGISTER sent to a host without aggregators of its own; ignored");
+        return Ok(());
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel::<super::RoundProgress>();
+    let job = reg.job.clone();
+    let events = events.clone();
+    tokio::spawn(async move {
+        while let Some(p) = rx.recv().await {
+            let rec = channel::ProgressRecord { job: job.clone(), round: p.round, accepted: p.accepted };
+            if events.send(HostEvent::Progress(rec)).is_err() {
+                return;
+            }
+        }
+    });
+    host.send(super::RegisterJob { job: reg.job, incarnation: reg.incarnation, progress: tx })
+        .await
+        .map_err(|_| ChannelError::Closed)
+}
+
+/// `CLOSE`: the host's harvest, answered when every queued update is folded.
+fn close(side: &HostSide, c: channel::CloseRequest, events: &mpsc::UnboundedSender<HostEvent>) {
+    let Some((host, _)) = &side.process else {
+        side.metrics.channel_error(ChannelErrorKind::Malformed);
+        tracing::warn!("CLOSE sent to a host without aggregators of its own; ignored");
+        return;
+    };
+    let (host, events) = (host.clone(), events.clone());
+    tokio::spawn(async move {
+        let msg = CloseRound { job: c.job, round: c.round, seal: c.seal };
+        let harvest = host.send(msg).await.unwrap_or_default();
+        let _ = events.send(HostEvent::Harvest(c.request, harvest));
+    });
 }
 
 /// Connects a function host in this process to its gateway over loopback TCP (the handshake
@@ -356,6 +684,7 @@ mod tests {
             feedback: host_feedback,
             metrics: Arc::clone(&host_metrics),
             hand_back,
+            process: None,
         };
         let host_task = tokio::spawn(serve_gateway(conn, side));
 

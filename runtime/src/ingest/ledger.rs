@@ -135,7 +135,16 @@ impl FeedbackReceiver {
 #[derive(Debug, Clone)]
 pub struct Ledger {
     tx: mpsc::UnboundedSender<Cmd>,
+    handed_back: HandedBack,
 }
+
+/// Stream sequences the ledger handed back to JetStream (`Settle::Nak`): the gateway no longer
+/// holds them, so their redelivery is staged again, not ignored as a copy of one it holds.
+type HandedBack = std::sync::Arc<std::sync::Mutex<std::collections::HashSet<u64>>>;
+
+/// At most this many handed-back sequences are remembered (the redeliveries of the others may
+/// have gone to other nodes): past it the set starts again.
+const HANDED_BACK_MAX: usize = 1 << 16;
 
 /// What the ledger needs to settle updates.
 #[derive(Debug, Clone)]
@@ -150,8 +159,15 @@ impl Ledger {
     /// Starts the ledger's task.
     pub fn spawn(infra: Infra, rejector: Rejector, config: LedgerConfig) -> Ledger {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(rx, infra, rejector, config));
-        Ledger { tx }
+        let handed_back = HandedBack::default();
+        tokio::spawn(run(rx, infra, rejector, config, handed_back.clone()));
+        Ledger { tx, handed_back }
+    }
+
+    /// Whether the update at `stream_seq` was handed back to JetStream since it was staged
+    /// (forgotten once asked): its redelivery must be staged again.
+    pub fn take_handed_back(&self, stream_seq: u64) -> bool {
+        self.handed_back.lock().unwrap_or_else(|p| p.into_inner()).remove(&stream_seq)
     }
 
     /// Records a staged update (before its descriptor goes to the host, so the host's feedback
@@ -175,7 +191,13 @@ impl Ledger {
     }
 }
 
-async fn run(mut rx: mpsc::UnboundedReceiver<Cmd>, infra: Infra, rejector: Rejector, config: LedgerConfig) {
+async fn run(
+    mut rx: mpsc::UnboundedReceiver<Cmd>,
+    infra: Infra,
+    rejector: Rejector,
+    config: LedgerConfig,
+    handed_back: HandedBack,
+) {
     let mut held: HashMap<u64, HeldUpdate> = HashMap::new();
     let mut keepalive = tokio::time::interval(config.progress_interval);
     keepalive.tick().await;
@@ -191,7 +213,18 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Cmd>, infra: Infra, rejector: Rejec
                         Cmd::Hold(u) => {
                             held.insert(u.stream_seq, *u);
                         }
-                        Cmd::Feedback(f) => settled |= apply(&mut held, f, &infra, &rejector).await,
+                        Cmd::Feedback(f) => {
+                            if let Feedback::Settle { stream_seq, settle: Settle::Nak(_) } = &f {
+                                if held.contains_key(stream_seq) {
+                                    let mut h = handed_back.lock().unwrap_or_else(|p| p.into_inner());
+                                    if h.len() >= HANDED_BACK_MAX {
+                                        h.clear();
+                                    }
+                                    h.insert(*stream_seq);
+                                }
+                            }
+                            settled |= apply(&mut held, f, &infra, &rejector).await;
+                        }
                         Cmd::Shutdown(done) => {
                             let n = release_all(&mut held, config.release_delay).await;
                             let _ = infra.client.flush().await;

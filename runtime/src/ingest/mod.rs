@@ -326,6 +326,13 @@ impl Gateway {
         if let Some(rounds) = self.seen.get_mut(&u.job) {
             // Rounds before the open one are settled: forget them.
             *rounds = rounds.split_off(&state_round);
+            // An update this gateway handed back (its function host died, or refused its
+            // descriptor) is not held any more: its redelivery is staged again.
+            if self.ctx.ledger.take_handed_back(u.stream_seq) {
+                for clients in rounds.values_mut() {
+                    clients.retain(|_, seq| *seq != u.stream_seq);
+                }
+            }
         }
         let service = self.service(&u.job).await;
         let top = self.ctx.directory.top(&u.job);

@@ -21,7 +21,7 @@ use crate::cluster::leaf::{self, LocalLinks};
 use crate::cluster::lease;
 use crate::cluster::top;
 use crate::error::{Error, Result};
-use crate::host::{DescriptorSink, FunctionHost, HostConfig, InProcess};
+use crate::host::{DescriptorSink, FunctionHost, HostConfig, HostHandle, InProcess};
 use crate::http::Probe;
 use crate::ingest;
 use crate::ingest::demand::DemandTally;
@@ -76,8 +76,9 @@ pub struct NodeContext {
     pub infra: Infra,
     /// The node's view of the jobs.
     pub directory: JobDirectory,
-    /// The function host of this process (leaves register with it and take its harvests).
-    pub host: actix::Addr<FunctionHost>,
+    /// The function host (leaves register with it and take its harvests): the actor of this
+    /// process, or the gateway's function-host processes.
+    pub host: HostHandle,
     /// Where the gateway delivers staged updates.
     pub sink: Arc<dyn DescriptorSink>,
     /// The gateway's ledger of the updates it holds (acks, slots, objects).
@@ -199,8 +200,14 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
     let directory = JobDirectory::default();
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let (host, sink) =
-        start_host(&config, opts.channel, &metrics, &directory, &ledger, &shm_dir, &tracker, &cancel).await?;
+    let (host, sink) = start_host(
+        &config,
+        opts.channel,
+        HostDeps { metrics: &metrics, directory: &directory, ledger: &ledger, shm_dir: &shm_dir },
+        &tracker,
+        &cancel,
+    )
+    .await?;
     // Losing the membership lease (another process took this node id), or continuity (a pause
     // or partition longer than the fence window), stops the node.
     let stopped = keep_membership(&infra, membership, &config, &metrics, &tracker, &cancel);
@@ -281,7 +288,7 @@ fn keep_membership(
 }
 
 /// How a node's gateway hands descriptors to its function host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Default)]
 pub enum DescriptorChannel {
     /// An actix message to the host in this process (the default).
     #[default]
@@ -291,26 +298,46 @@ pub enum DescriptorChannel {
     /// slots through its own read-only mapping and returns them by release records (tests and
     /// benchmarks of that path with everything else unchanged).
     LoopbackTcp,
+    /// `shoal gateway`: no aggregators in this process; function-host processes (spawned by the
+    /// gateway or started by someone else) connect to the descriptor channel
+    /// ([`crate::host::pool`]).
+    Split(SplitOptions),
+}
+
+/// The gateway's side of separate function-host processes.
+#[derive(Debug, Clone)]
+pub struct SplitOptions {
+    /// Where the descriptor channel listens.
+    pub listen: std::net::SocketAddr,
+    /// Who starts function hosts.
+    pub hosts: crate::host::pool::Hosts,
+    /// How long a delivery waits for a host before its update is handed back.
+    pub wait_for_host: Duration,
+}
+
+/// What starting the function host needs from the node.
+struct HostDeps<'a> {
+    metrics: &'a Arc<Metrics>,
+    directory: &'a JobDirectory,
+    ledger: &'a Ledger,
+    shm_dir: &'a std::path::Path,
 }
 
 /// Starts the function host and the sink the gateway delivers to.
-#[allow(clippy::too_many_arguments)]
 async fn start_host(
     config: &NodeConfig,
     channel: DescriptorChannel,
-    metrics: &Arc<Metrics>,
-    directory: &JobDirectory,
-    ledger: &Ledger,
-    shm_dir: &std::path::Path,
+    deps: HostDeps<'_>,
     tracker: &TaskTracker,
     cancel: &CancellationToken,
-) -> Result<(actix::Addr<FunctionHost>, Arc<dyn DescriptorSink>)> {
+) -> Result<(HostHandle, Arc<dyn DescriptorSink>)> {
+    let HostDeps { metrics, directory, ledger, shm_dir } = deps;
     let new_host =
         |link| FunctionHost::new(host_config(config), Arc::clone(metrics), directory.clone(), link).start();
     match channel {
         DescriptorChannel::InProcess => {
             let host = new_host(ledger.link());
-            Ok((host.clone(), Arc::new(InProcess(host))))
+            Ok((HostHandle::Local(host.clone()), Arc::new(InProcess(host))))
         }
         DescriptorChannel::LoopbackTcp => {
             let (link, feedback) = crate::ingest::ledger::Link::forwarding();
@@ -321,14 +348,33 @@ async fn start_host(
                 feedback,
                 metrics: Arc::clone(metrics),
                 hand_back: ms(config.timings.nak_retry_ms),
+                process: None,
             };
             let sink = crate::host::remote::loopback(side, ledger.link(), tracker, cancel).await?;
-            Ok((host, Arc::new(sink)))
+            Ok((HostHandle::Local(host), Arc::new(sink)))
+        }
+        DescriptorChannel::Split(split) => {
+            let pool = crate::host::pool::HostPool::start(
+                crate::host::pool::PoolConfig {
+                    listen: split.listen,
+                    hosts: split.hosts,
+                    hand_back: ms(config.timings.nak_retry_ms),
+                    wait_for_host: split.wait_for_host,
+                },
+                Arc::clone(metrics),
+                ledger.link(),
+                directory.clone(),
+                tracker,
+                cancel,
+            )
+            .await?;
+            Ok((HostHandle::Pool(pool.clone()), Arc::new(pool)))
         }
     }
 }
 
-fn host_config(config: &NodeConfig) -> HostConfig {
+/// The aggregator settings of a node's configuration (also a function-host process's).
+pub fn host_config(config: &NodeConfig) -> HostConfig {
     HostConfig {
         idle_timeout: config.idle_timeout(),
         eager: !config.lazy_aggregation,
@@ -362,6 +408,22 @@ async fn spawn_tasks(ctx: &NodeContext, tracker: &TaskTracker) -> Result<()> {
         });
     }
     tracker.spawn(ingest::demand::publish(ctx.clone()));
+    if let HostHandle::Pool(pool) = &ctx.host {
+        // Function hosts started without --gateway ask here for the channel's address.
+        let subject = ctx.infra.subjects.node_channel(&ctx.node);
+        let mut sub =
+            ctx.infra.client.subscribe(subject).await.map_err(|e| Error::nats("subscribe channel", e))?;
+        let (client, cancel, addr) = (ctx.infra.client.clone(), ctx.cancel.clone(), pool.addr().to_string());
+        tracker.spawn(async move {
+            loop {
+                let m = tokio::select! { _ = cancel.cancelled() => break, m = sub.next() => m };
+                let Some(m) = m else { break };
+                if let Some(reply) = m.reply {
+                    let _ = client.publish(reply, Bytes::from(addr.clone())).await;
+                }
+            }
+        });
+    }
     let subject = ctx.infra.subjects.node_metrics(&ctx.node);
     let mut sub =
         ctx.infra.client.subscribe(subject).await.map_err(|e| Error::nats("subscribe metrics", e))?;
