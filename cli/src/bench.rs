@@ -109,7 +109,7 @@ async fn start_node(
     Ok(node::start(NodeOptions::new(config)).await?)
 }
 
-fn spec(job: &str, manifest: ModelManifest, cohort: u32, rounds: u64) -> shoal_functions::JobSpec {
+pub(crate) fn spec(job: &str, manifest: ModelManifest, cohort: u32, rounds: u64) -> shoal_functions::JobSpec {
     shoal_functions::JobSpec {
         job: JobId::new(job).unwrap_or_else(|_| unreachable!("constant job id")),
         manifest,

@@ -154,6 +154,10 @@ pub enum BenchCommand {
     /// Round completion latency (last update to commit) with eager aggregation vs waiting for
     /// the whole cohort, and the aggregator's cold-start and warm-reuse times.
     Hierarchy(crate::bench::HierarchyArgs),
+    /// A node's peak resident memory (VmHWM) against the model for FedAvg, with where the
+    /// bytes go (accumulator, slots, process). Example: `shoal bench memory --updates 8
+    /// --params 16777216` (8 x 64 MiB).
+    Memory(crate::bench_memory::MemoryArgs),
 }
 
 /// `shoal auth ...`
@@ -597,6 +601,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(BenchCommand::Hierarchy(a)) => crate::bench::hierarchy(a).await,
+        Command::Bench(BenchCommand::Memory(a)) => crate::bench_memory::memory(a).await,
     }
 }
 

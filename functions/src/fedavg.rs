@@ -61,6 +61,11 @@ impl Strategy for FedAvg {
         Ok(out)
     }
 
+    fn finish_reads_global(&self, manifest: &crate::ModelManifest) -> bool {
+        self.update_kind == UpdateKind::Delta
+            || manifest.tensors().iter().any(|t| t.policy == AggregationPolicy::Skip)
+    }
+
     /// In place: every element of the new model depends only on the same element of the old
     /// one, so `global` is overwritten tensor by tensor with no model-sized copy.
     fn finish_into(&mut self, partial: &PartialAggregate, global: &mut Parameters) -> Result<()> {
@@ -135,6 +140,60 @@ mod tests {
             .unwrap();
         assert_eq!(out.tensor_f64(0), vec![2.5, 5.0]);
         assert_eq!(out.tensor_f64(1), vec![3.0]);
+    }
+
+    /// The top hands zeros to `finish_into` when `finish_reads_global` says the old model is not
+    /// read: the result must equal `finish` from the real global model, element for element,
+    /// for every policy but `skip` (and `skip` or delta updates must say they read it).
+    #[test]
+    fn finish_into_zeros_equals_finish_when_the_global_is_not_read() {
+        use crate::AggregationPolicy as P;
+        let spec = |name: &str, dtype, shape: Vec<usize>, policy| TensorSpec {
+            name: name.into(),
+            dtype,
+            shape,
+            policy,
+        };
+        let m = Arc::new(
+            ModelManifest::new(vec![
+                spec("w", DType::F32, vec![3], P::Mean),
+                spec("h", DType::F16, vec![2], P::Mean),
+                spec("bn.running_var", DType::F32, vec![2], P::Variance),
+                spec("bn.running_mean", DType::F64, vec![2], P::Statistic),
+                spec("n", DType::I64, vec![], P::Max),
+            ])
+            .unwrap(),
+        );
+        let a = Parameters::from_f64(
+            Arc::clone(&m),
+            &[vec![1.0, -2.0, 0.3], vec![0.5, 1.5], vec![0.2, 0.1], vec![1.0, 2.0], vec![7.0]],
+        )
+        .unwrap();
+        let b = Parameters::from_f64(
+            Arc::clone(&m),
+            &[vec![3.0, 6.5, -0.1], vec![-1.0, 2.0], vec![0.4, 0.0], vec![-3.0, 4.0], vec![9.0]],
+        )
+        .unwrap();
+        let global = Parameters::from_f64(
+            Arc::clone(&m),
+            &[vec![9.0, 9.0, 9.0], vec![9.0, 9.0], vec![9.0, 9.0], vec![9.0, 9.0], vec![99.0]],
+        )
+        .unwrap();
+        let (ca, cb) = (cid("a"), cid("b"));
+        let mut s = FedAvg::parameters();
+        assert!(!s.finish_reads_global(&m));
+        let mut p = PartialAggregate::new(Arc::clone(&m));
+        s.fold(&mut p, &a.as_update(&ca, 1.0)).unwrap();
+        s.fold(&mut p, &b.as_update(&cb, 3.0)).unwrap();
+        let want = s.finish(&p, &global).unwrap();
+        let mut got = Parameters::zeros(Arc::clone(&m));
+        s.finish_into(&p, &mut got).unwrap();
+        assert_eq!(got.as_bytes(), want.as_bytes());
+        // Hand-derived (exact in f32): (1·x_a + 3·x_b) / 4.
+        assert_eq!(want.tensor_f64(0)[..2], [2.5, 4.375]);
+        assert!(FedAvg::deltas(1.0).finish_reads_global(&m));
+        let skip = Arc::new(ModelManifest::new(vec![spec("s", DType::F32, vec![1], P::Skip)]).unwrap());
+        assert!(FedAvg::parameters().finish_reads_global(&skip));
     }
 
     /// bug-cases.md #9: int64 [10] and [21], equal weights: 16 (round half to even of 15.5),

@@ -488,6 +488,13 @@ pub trait Strategy: Send + fmt::Debug {
         Ok(())
     }
 
+    /// Whether [`Self::finish_into`] reads `global`'s values. When it does not (FedAvg over
+    /// full parameters with no `skip` tensor: every element comes from the accumulator), the
+    /// top hands it zeros instead of loading the global model (memory and a model read saved).
+    fn finish_reads_global(&self, _manifest: &crate::ModelManifest) -> bool {
+        true
+    }
+
     /// Aggregates a whole cohort at once. The default folds every update and finishes, which is
     /// what streaming strategies mean by it; whole-cohort strategies override it.
     ///
@@ -551,6 +558,9 @@ impl<S: Strategy + ?Sized> Strategy for Box<S> {
     }
     fn finish_into(&mut self, partial: &PartialAggregate, global: &mut Parameters) -> Result<()> {
         (**self).finish_into(partial, global)
+    }
+    fn finish_reads_global(&self, manifest: &crate::ModelManifest) -> bool {
+        (**self).finish_reads_global(manifest)
     }
     fn aggregate_cohort(&mut self, cohort: &[UpdateView<'_>], global: &Parameters) -> Result<Parameters> {
         (**self).aggregate_cohort(cohort, global)

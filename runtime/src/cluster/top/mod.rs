@@ -129,7 +129,10 @@ struct Top<'a> {
     strategy: Box<dyn shoal_functions::Strategy>,
     state: JobState,
     revision: u64,
-    global: Parameters,
+    /// The global model, when held: a streaming strategy's top lets it go between rounds (the
+    /// close reloads it from the object store) so that a node holds the accumulator and the
+    /// slots in use, not a model more (memory O(model), `shoal bench memory`).
+    global: Option<Parameters>,
     inbox: Inbox,
     exchange_failures: u32,
     /// RFFL and Bristle: this node's share of their two-phase exchanges (built on first use).
@@ -205,7 +208,12 @@ impl<'a> Top<'a> {
         let mut strategy = fresh_strategy(ctx, &spec)?;
         let (state, revision) = jobs::load_state(&ctx.infra, &job).await?;
         restore_strategy(ctx, &job, state.model_version, &mut *strategy).await;
-        let global = load_global(&ctx.infra, &job, &state, &manifest).await?;
+        // Whole-cohort strategies read it during the round (exchanges); streaming ones only at
+        // the close.
+        let global = match strategy.mergeability() {
+            Mergeability::Streaming => None,
+            Mergeability::WholeCohort => Some(load_global(&ctx.infra, &job, &state, &manifest).await?),
+        };
         let s = &ctx.infra.subjects;
         let inbox = Inbox {
             rewards: ctx.infra.subscribe(s.all_rewards(&job), "subscribe to reward requests").await?,
@@ -422,6 +430,7 @@ impl<'a> Top<'a> {
         }
         let mut owners = collected.nodes.clone();
         owners.sort();
+        self.hold_global().await?;
         let top = crate::cluster::exchange::TopRound {
             job: &self.job,
             top: &self.ctx.node,
@@ -429,11 +438,12 @@ impl<'a> Top<'a> {
             base_version: self.state.model_version,
             timeout: self.ctx.config.collect_timeout(),
         };
+        let global = self.global.as_ref().ok_or(Error::Gone("the top's global model"))?;
         let result = crate::cluster::exchange::run_top(
             &self.ctx.infra,
             &top,
             &mut *self.strategy,
-            &self.global,
+            global,
             collected.entries.clone(),
             owners,
             &mut self.inbox.shard_results,
@@ -461,6 +471,7 @@ impl<'a> Top<'a> {
         collected: &Collected,
         round: RoundId,
     ) -> Result<Option<Option<std::result::Result<Parameters, String>>>> {
+        self.hold_global().await?;
         let share = match self.share.take() {
             Some(s) => s,
             None => crate::cluster::twophase::NodeShare::new(&self.spec, self.ctx.plugins.as_ref())?,
@@ -480,12 +491,16 @@ impl<'a> Top<'a> {
             members: &collected.members,
             local: &collected.cohort,
         };
+        let Some(global) = self.global.as_ref() else {
+            self.share = Some(share);
+            return Err(Error::Gone("the top's global model"));
+        };
         let result = crate::cluster::twophase::run_top(
             self.ctx,
             &r,
             &mut *self.strategy,
             &mut share,
-            &self.global,
+            global,
             &cohort,
             &mut self.inbox.phase_answers,
         )
@@ -519,50 +534,7 @@ impl<'a> Top<'a> {
         }
         let accepted = collected.count as u32;
         let version = round::next_version(&self.state);
-        let min_clients = self.spec.round_rule().min_clients;
-        // The server step is CPU-bound (a whole-cohort strategy reads every staged update): run
-        // it on a blocking thread, handing strategy, model and partials over and back. A panic
-        // there is a bug, not bad input: crash-only, as for folds (ARCHITECTURE.md, "Panics").
-        // The strategy moves to the blocking thread and back; a stateless FedAvg stands in
-        // meanwhile (nothing runs on it: this task awaits the step).
-        let stand_in =
-            shoal_functions::FedAvg { update_kind: self.spec.update_kind, server_learning_rate: 1.0 };
-        let strategy = std::mem::replace(&mut self.strategy, Box::new(stand_in));
-        // The global model moves to the blocking thread and back too (a streaming strategy
-        // writes the new model into it in place: no model-sized copy). The stand-in is
-        // `calloc`-ed zeros that nothing touches, so it costs address space, not memory.
-        let mut global = std::mem::replace(&mut self.global, Parameters::zeros(Arc::clone(&self.manifest)));
-        let step = tokio::task::spawn_blocking(move || {
-            let mut strategy = strategy;
-            let (outcome, fate) = close_outcome(
-                &mut *strategy,
-                &collected,
-                sharded,
-                &mut global,
-                accepted,
-                min_clients,
-                version,
-            );
-            (strategy, collected, outcome, fate, global)
-        })
-        .await;
-        let (strategy, collected, outcome, fate, global) = step.unwrap_or_else(|e| {
-            tracing::error!(job = %self.job, error = %e, "server step panicked; aborting so the round is replayed");
-            std::process::abort()
-        });
-        self.strategy = strategy;
-        // From here `self.global` is the new model when one was made (a top that stops before
-        // committing it is dropped; one that loses the commit reloads the winner's).
-        self.global = global;
-        let model = match fate {
-            ModelFate::New => true,
-            ModelFate::Unchanged => false,
-            ModelFate::Clobbered => {
-                // The step failed part-way through writing in place: the committed model again.
-                self.global = load_global(&self.ctx.infra, &self.job, &self.state, &self.manifest).await?;
-                false
-            }
-        };
+        let (collected, outcome, model) = self.server_step(collected, sharded, accepted, version).await?;
         let closing = round::Closing {
             round,
             outcome: &outcome,
@@ -590,7 +562,9 @@ impl<'a> Top<'a> {
                     tracing::error!(job = %self.job, %version, error = %e, "strategy state not persisted")
                 }
             }
-            jobs::put_model(&self.ctx.infra, &self.job, version, &self.global).await?;
+            if let Some(global) = &self.global {
+                jobs::put_model(&self.ctx.infra, &self.job, version, global).await?;
+            }
         }
         if !self.continuous() {
             // The model may be written over another top's (same version) only while this one
@@ -607,9 +581,9 @@ impl<'a> Top<'a> {
                 // Another committer won; the leaves settle by its record.
                 tracing::warn!(job = %self.job, round = round.0, "job state changed under us; reloading");
                 (self.state, self.revision) = jobs::load_state(&self.ctx.infra, &self.job).await?;
-                self.global = load_global(&self.ctx.infra, &self.job, &self.state, &self.manifest).await?;
-                // This top's strategy already stepped past the committed version: take the
-                // state the winner committed with it instead.
+                self.global = None; // the winner's model, reloaded when next needed
+                                    // This top's strategy already stepped past the committed version: take the
+                                    // state the winner committed with it instead.
                 self.strategy = fresh_strategy(self.ctx, &self.spec)?;
                 restore_strategy(self.ctx, &self.job, self.state.model_version, &mut *self.strategy).await;
                 return Ok(Step::Again);
@@ -619,6 +593,9 @@ impl<'a> Top<'a> {
         self.ctx.directory.observe_state(&self.job, None, self.state.clone(), self.revision);
         self.announce(round, &outcome, &collected).await;
         drop(collected); // releases the whole-cohort slots to their leaves
+        if self.strategy.mergeability() == Mergeability::Streaming {
+            self.global = None; // reloaded at the next close
+        }
         self.purge_uploads(round).await;
         if model {
             prune_models(
@@ -630,6 +607,70 @@ impl<'a> Top<'a> {
             .await;
         }
         Ok(Step::Closed)
+    }
+
+    /// The server step of a close on a blocking thread: the outcome, and whether
+    /// `self.global` is now the new model to commit.
+    async fn server_step(
+        &mut self,
+        collected: Collected,
+        sharded: Option<std::result::Result<Parameters, String>>,
+        accepted: u32,
+        version: shoal_functions::ModelVersion,
+    ) -> Result<(Collected, RoundOutcome, bool)> {
+        let min_clients = self.spec.round_rule().min_clients;
+        // The server step is CPU-bound (a whole-cohort strategy reads every staged update): run
+        // it on a blocking thread, handing strategy, model and partials over and back. A panic
+        // there is a bug, not bad input: crash-only, as for folds (ARCHITECTURE.md, "Panics").
+        // The strategy moves to the blocking thread and back; a stateless FedAvg stands in
+        // meanwhile (nothing runs on it: this task awaits the step).
+        let stand_in =
+            shoal_functions::FedAvg { update_kind: self.spec.update_kind, server_learning_rate: 1.0 };
+        let strategy = std::mem::replace(&mut self.strategy, Box::new(stand_in));
+        // The global model moves to the blocking thread and back too (a streaming strategy
+        // writes the new model into it in place: no model-sized copy).
+        let mut global = match self.global.take() {
+            Some(g) => g,
+            // Zeros (untouched pages: no memory until written) when the step writes every
+            // element without reading the old model.
+            None if !self.strategy.finish_reads_global(&self.manifest) => {
+                Parameters::zeros(Arc::clone(&self.manifest))
+            }
+            None => load_global(&self.ctx.infra, &self.job, &self.state, &self.manifest).await?,
+        };
+        let step = tokio::task::spawn_blocking(move || {
+            let mut strategy = strategy;
+            let (outcome, fate) = close_outcome(
+                &mut *strategy,
+                &collected,
+                sharded,
+                &mut global,
+                accepted,
+                min_clients,
+                version,
+            );
+            (strategy, collected, outcome, fate, global)
+        })
+        .await;
+        let (strategy, collected, outcome, fate, global) = step.unwrap_or_else(|e| {
+            tracing::error!(job = %self.job, error = %e, "server step panicked; aborting so the round is replayed");
+            std::process::abort()
+        });
+        self.strategy = strategy;
+        // From here `self.global` is the new model when one was made (a top that stops before
+        // committing it is dropped; one that loses the commit reloads the winner's).
+        // The step failed part-way through writing in place: the committed model is reloaded
+        // when next needed.
+        self.global = (fate != ModelFate::Clobbered).then_some(global);
+        Ok((collected, outcome, fate == ModelFate::New))
+    }
+
+    /// Loads the global model of the committed version when it was let go.
+    async fn hold_global(&mut self) -> Result<()> {
+        if self.global.is_none() {
+            self.global = Some(load_global(&self.ctx.infra, &self.job, &self.state, &self.manifest).await?);
+        }
+        Ok(())
     }
 
     /// Removes upload chunks no update message will claim any more: when the job has ended, all
