@@ -259,6 +259,36 @@ pub struct NodeArgs {
     /// for tests and measurements of that path).
     #[arg(long, value_enum, default_value_t = ChannelArg::InProcess)]
     descriptor_channel: ChannelArg,
+    #[command(flatten)]
+    ebpf: EbpfArgs,
+}
+
+/// The eBPF sidecar flags of a process that owns descriptor listeners (`shoal node` with a TCP
+/// descriptor channel; the gateway).
+#[derive(Debug, Clone, Args)]
+pub struct EbpfArgs {
+    /// The eBPF sidecar on TCP descriptor channels (sock_ops + SK_MSG redirect, per-function
+    /// counters): `auto` loads it when this process may (root or CAP_BPF + CAP_NET_ADMIN, cgroup
+    /// v2) and otherwise warns once and uses plain TCP; `required` fails to start instead;
+    /// `off` never loads it. Kill switch at run time: SIGUSR1 turns redirect off, SIGUSR2 on.
+    #[arg(long, env = "SHOAL_EBPF", default_value_t = shoal_ebpf::EbpfMode::Auto)]
+    pub ebpf: shoal_ebpf::EbpfMode,
+    /// The cgroup v2 directory the sock_ops program attaches to (default: the cgroup this
+    /// process runs in, under the cgroup2 mount). The descriptor sockets must be created in it
+    /// or below.
+    #[arg(long, env = "SHOAL_EBPF_CGROUP")]
+    pub ebpf_cgroup: Option<PathBuf>,
+}
+
+impl EbpfArgs {
+    /// The data-plane configuration these flags ask for.
+    pub fn config(&self) -> shoal_runtime::dataplane::DataplaneConfig {
+        shoal_runtime::dataplane::DataplaneConfig {
+            ebpf: self.ebpf,
+            cgroup: self.ebpf_cgroup.clone(),
+            ..Default::default()
+        }
+    }
 }
 
 /// `--descriptor-channel` values.
@@ -520,6 +550,13 @@ async fn run_node(a: NodeArgs) -> anyhow::Result<()> {
             anyhow::anyhow!("invalid flag --{flag}: {}", e.detail)
         }
     })?;
+    if a.ebpf.ebpf == shoal_ebpf::EbpfMode::Required && matches!(a.descriptor_channel, ChannelArg::InProcess)
+    {
+        anyhow::bail!(
+            "--ebpf required needs a TCP descriptor channel (--descriptor-channel loopback-tcp): \
+             in process, descriptors never touch a socket"
+        );
+    }
     let nats = a.nats.options("shoal-node")?;
     shoal_runtime::staging::install_sigbus_guard()?;
     let http_stop = tokio_util::sync::CancellationToken::new();
@@ -534,6 +571,7 @@ async fn run_node(a: NodeArgs) -> anyhow::Result<()> {
             plugins: None,
             probe: probe.clone(),
             channel: a.descriptor_channel.into(),
+            dataplane: a.ebpf.config(),
         };
         let handle = node::start(opts).await.context("starting the node")?;
         tokio::select! {

@@ -353,6 +353,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         plugins: Some(Arc::new(DemoPlugins { validation: Arc::new(validation) })),
         probe: Default::default(),
         channel: Default::default(),
+        dataplane: Default::default(),
     };
     let node = node::start(opts).await.context("starting the node")?;
 

@@ -49,6 +49,8 @@ pub struct NodeOptions {
     pub plugins: Option<Arc<dyn top::PluginFactory>>,
     /// How the gateway hands descriptors to the function host.
     pub channel: DescriptorChannel,
+    /// The eBPF sidecar on a TCP descriptor channel (`--ebpf`); unused in process.
+    pub dataplane: crate::dataplane::DataplaneConfig,
     /// What the process's HTTP listener reports ([`crate::http`]): the node hands it its
     /// metrics, and marks it ready once NATS and its shared-memory directory are up.
     pub probe: Probe,
@@ -63,6 +65,7 @@ impl NodeOptions {
             plugins: None,
             probe: Probe::default(),
             channel: DescriptorChannel::InProcess,
+            dataplane: crate::dataplane::DataplaneConfig::default(),
         }
     }
 }
@@ -156,6 +159,8 @@ pub struct NodeHandle {
     pub metrics: Arc<Metrics>,
     /// The node's NATS handles.
     pub infra: Infra,
+    /// The eBPF sidecar (if loaded): detached when the handle goes, after its tasks ended.
+    dataplane: crate::dataplane::Dataplane,
 }
 
 /// Starts a node. Must run inside an actix system (see `actix::System::with_tokio_rt`).
@@ -199,8 +204,10 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
     let directory = JobDirectory::default();
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let (host, sink) =
-        start_host(&config, opts.channel, &metrics, &directory, &ledger, &shm_dir, &tracker, &cancel).await?;
+    let channel = (opts.channel, &opts.dataplane);
+    let (host, sink, dataplane) =
+        start_host(&config, channel, &metrics, &directory, &ledger, &shm_dir, &tracker, &cancel).await?;
+    dataplane.spawn(Arc::clone(&metrics), opts.dataplane.counters_interval, &tracker, cancel.clone());
     // Losing the membership lease (another process took this node id), or continuity (a pause
     // or partition longer than the fence window), stops the node.
     let stopped = keep_membership(&infra, membership, &config, &metrics, &tracker, &cancel);
@@ -249,6 +256,7 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
         probe: opts.probe,
         shutdown_grace: ms(config.timings.shutdown_grace_ms),
         shm_dirs: (shm_dir, config.shm_dir.clone()),
+        dataplane,
     })
 }
 
@@ -293,24 +301,25 @@ pub enum DescriptorChannel {
     LoopbackTcp,
 }
 
-/// Starts the function host and the sink the gateway delivers to.
+/// Starts the function host, the sink the gateway delivers to, and the descriptor data plane
+/// (plain, or the eBPF sidecar on a TCP channel).
 #[allow(clippy::too_many_arguments)]
 async fn start_host(
     config: &NodeConfig,
-    channel: DescriptorChannel,
+    (channel, dataplane): (DescriptorChannel, &crate::dataplane::DataplaneConfig),
     metrics: &Arc<Metrics>,
     directory: &JobDirectory,
     ledger: &Ledger,
     shm_dir: &std::path::Path,
     tracker: &TaskTracker,
     cancel: &CancellationToken,
-) -> Result<(actix::Addr<FunctionHost>, Arc<dyn DescriptorSink>)> {
+) -> Result<(actix::Addr<FunctionHost>, Arc<dyn DescriptorSink>, crate::dataplane::Dataplane)> {
     let new_host =
         |link| FunctionHost::new(host_config(config), Arc::clone(metrics), directory.clone(), link).start();
     match channel {
         DescriptorChannel::InProcess => {
             let host = new_host(ledger.link());
-            Ok((host.clone(), Arc::new(InProcess(host))))
+            Ok((host.clone(), Arc::new(InProcess(host)), crate::dataplane::Dataplane::plain()))
         }
         DescriptorChannel::LoopbackTcp => {
             let (link, feedback) = crate::ingest::ledger::Link::forwarding();
@@ -322,8 +331,9 @@ async fn start_host(
                 metrics: Arc::clone(metrics),
                 hand_back: ms(config.timings.nak_retry_ms),
             };
-            let sink = crate::host::remote::loopback(side, ledger.link(), tracker, cancel).await?;
-            Ok((host, Arc::new(sink)))
+            let (sink, plane) =
+                crate::host::remote::loopback(side, ledger.link(), dataplane, tracker, cancel).await?;
+            Ok((host, Arc::new(sink), plane))
         }
     }
 }
@@ -402,6 +412,14 @@ impl NodeHandle {
         if std::fs::remove_dir(node_dir).is_ok() {
             let _ = std::fs::remove_dir(root);
         }
+        // Last, with the descriptor channels closed: detaching earlier would drop descriptors
+        // redirected into a socket and not read yet.
+        drop(self.dataplane);
+    }
+
+    /// The descriptor data plane (the eBPF sidecar, when loaded): its kill switch and counters.
+    pub fn dataplane(&self) -> &crate::dataplane::Dataplane {
+        &self.dataplane
     }
 
     /// A token cancelled when the node shuts down.
