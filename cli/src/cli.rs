@@ -146,6 +146,10 @@ pub enum BenchCommand {
     /// Round completion latency (last update to commit) with eager aggregation vs waiting for
     /// the whole cohort, and the aggregator's cold-start and warm-reuse times.
     Hierarchy(crate::bench::HierarchyArgs),
+    /// Descriptor delivery between gateway and function host: p50/p99 round trip and round
+    /// trips per second in process, over loopback TCP and through the eBPF sidecar's SK_MSG
+    /// redirect, with their ratios.
+    Dataplane(crate::bench_dataplane::DataplaneArgs),
 }
 
 /// `shoal auth ...`
@@ -534,6 +538,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(BenchCommand::Hierarchy(a)) => crate::bench::hierarchy(a).await,
+        Command::Bench(BenchCommand::Dataplane(a)) => crate::bench_dataplane::dataplane(a).await,
     }
 }
 

@@ -7,11 +7,13 @@
 //!   digits dataset, its Dirichlet split and the softmax-regression trainer of the simulated
 //!   clients;
 //! - [`bench`]: `shoal bench`, whole-system benchmarks that print ratios against limits measured
-//!   in the same run.
+//!   in the same run; [`bench_dataplane`], `shoal bench dataplane`: descriptor round trips in
+//!   process, over loopback TCP and through SK_MSG redirect.
 
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod bench_dataplane;
 pub mod cli;
 pub mod demo;
 pub mod jobs;
