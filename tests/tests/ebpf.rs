@@ -294,4 +294,10 @@ async fn auto_falls_back_to_plain_tcp_with_one_warning_and_required_fails_clearl
     let log = node.log();
     assert!(log.contains("eBPF sidecar") && log.contains("not a cgroup v2 directory"), "{log}");
     assert!(log.contains("mount cgroup2 or configure the cgroup path"), "the diagnosis is printed:\n{log}");
+
+    // In process, descriptors never touch a socket: `required` there is a mistake, said at once.
+    let mut node = NodeProcess::launch(&nats.url(), "ebpf-in-process", &["--ebpf", "required"]);
+    let status = node.exited(Duration::from_secs(20)).await.expect("refused at start");
+    assert!(!status.success());
+    assert!(node.log().contains("--ebpf required needs a TCP descriptor channel"), "{}", node.log());
 }
