@@ -158,6 +158,10 @@ pub enum BenchCommand {
     /// bytes go (accumulator, slots, process). Example: `shoal bench memory --updates 8
     /// --params 16777216` (8 x 64 MiB).
     Memory(crate::bench_memory::MemoryArgs),
+    /// Descriptor delivery between gateway and function host: p50/p99 round trip and round
+    /// trips per second in process, over loopback TCP and through the eBPF sidecar's SK_MSG
+    /// redirect, with their ratios.
+    Dataplane(crate::bench_dataplane::DataplaneArgs),
 }
 
 /// `shoal auth ...`
@@ -271,6 +275,36 @@ pub struct NodeArgs {
     /// for tests and measurements of that path).
     #[arg(long, value_enum, default_value_t = ChannelArg::InProcess)]
     descriptor_channel: ChannelArg,
+    #[command(flatten)]
+    ebpf: EbpfArgs,
+}
+
+/// The eBPF sidecar flags of a process that owns descriptor listeners (`shoal node` with a TCP
+/// descriptor channel; the gateway).
+#[derive(Debug, Clone, Args)]
+pub struct EbpfArgs {
+    /// The eBPF sidecar on TCP descriptor channels (sock_ops + SK_MSG redirect, per-function
+    /// counters): `auto` loads it when this process may (root or CAP_BPF + CAP_NET_ADMIN, cgroup
+    /// v2) and otherwise warns once and uses plain TCP; `required` fails to start instead;
+    /// `off` never loads it. Kill switch at run time: SIGUSR1 turns redirect off, SIGUSR2 on.
+    #[arg(long, env = "SHOAL_EBPF", default_value_t = shoal_ebpf::EbpfMode::Auto)]
+    pub ebpf: shoal_ebpf::EbpfMode,
+    /// The cgroup v2 directory the sock_ops program attaches to (default: the cgroup this
+    /// process runs in, under the cgroup2 mount). The descriptor sockets must be created in it
+    /// or below.
+    #[arg(long, env = "SHOAL_EBPF_CGROUP")]
+    pub ebpf_cgroup: Option<PathBuf>,
+}
+
+impl EbpfArgs {
+    /// The data-plane configuration these flags ask for.
+    pub fn config(&self) -> shoal_runtime::dataplane::DataplaneConfig {
+        shoal_runtime::dataplane::DataplaneConfig {
+            ebpf: self.ebpf,
+            cgroup: self.ebpf_cgroup.clone(),
+            ..Default::default()
+        }
+    }
 }
 
 /// `shoal gateway` flags: every `shoal node` flag (`--descriptor-channel` aside: the gateway
@@ -602,6 +636,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench(BenchCommand::Hierarchy(a)) => crate::bench::hierarchy(a).await,
         Command::Bench(BenchCommand::Memory(a)) => crate::bench_memory::memory(a).await,
+        Command::Bench(BenchCommand::Dataplane(a)) => crate::bench_dataplane::dataplane(a).await,
     }
 }
 
@@ -730,6 +765,19 @@ async fn run_node(
             anyhow::anyhow!("invalid flag --{flag}: {}", e.detail)
         }
     })?;
+    if a.ebpf.ebpf == shoal_ebpf::EbpfMode::Required {
+        match &channel {
+            node::DescriptorChannel::InProcess => anyhow::bail!(
+                "--ebpf required needs a TCP descriptor channel (--descriptor-channel loopback-tcp): \
+                 in process, descriptors never touch a socket"
+            ),
+            node::DescriptorChannel::Split(_) => anyhow::bail!(
+                "--ebpf required: the eBPF sidecar is not wired to shoal gateway's function-host \
+                 connections yet (README, \"Not yet\"); use --ebpf auto or off"
+            ),
+            node::DescriptorChannel::LoopbackTcp => {}
+        }
+    }
     let nats = a.nats.options("shoal-node")?;
     shoal_runtime::staging::install_sigbus_guard()?;
     let http_stop = tokio_util::sync::CancellationToken::new();
@@ -744,6 +792,7 @@ async fn run_node(
             plugins: None,
             probe: probe.clone(),
             channel: channel.clone(),
+            dataplane: a.ebpf.config(),
         };
         let handle = node::start(opts).await.context("starting the node")?;
         tokio::select! {

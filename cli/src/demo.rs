@@ -369,6 +369,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
             plugins: Some(Arc::new(DemoPlugins { validation: Arc::clone(&validation) })),
             probe: Default::default(),
             channel: Default::default(),
+            dataplane: Default::default(),
         })
     };
     let opts = node_opts(0)?;

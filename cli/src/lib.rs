@@ -9,10 +9,13 @@
 //! - [`bench`]: `shoal bench`, whole-system benchmarks that print ratios against limits measured
 //!   in the same run; [`bench_memory`]: `shoal bench memory`, a node's peak memory against the
 //!   model.
+//!   in the same run; [`bench_dataplane`], `shoal bench dataplane`: descriptor round trips in
+//!   process, over loopback TCP and through SK_MSG redirect.
 
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod bench_dataplane;
 pub mod bench_memory;
 pub mod cli;
 pub mod demo;

@@ -1,5 +1,6 @@
-//! Descriptor round trips over loopback TCP, with and without SK_MSG redirect: the library
-//! half of `shoal bench dataplane`.
+//! Raw message round trips over loopback TCP, with and without SK_MSG redirect (blocking std
+//! sockets, the `pingpong` example). `shoal bench dataplane` measures the descriptor channel
+//! itself (tokio sockets, real frames) against the in-process path.
 //!
 //! One thread plays the function host: it writes a `size`-byte message (one `write`,
 //! `TCP_NODELAY`) and waits for the reply. Another plays the gateway and echoes each message

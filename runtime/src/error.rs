@@ -114,6 +114,18 @@ pub enum Error {
     /// the node is shutting down.
     #[error("the {0} of this node is gone")]
     Gone(&'static str),
+    /// The eBPF sidecar refused (`--ebpf required`: it cannot load or attach here, with what is
+    /// missing), or a descriptor channel could not be registered with it.
+    #[error("eBPF sidecar: {source} ({})", source.diagnosis())]
+    Ebpf {
+        /// The sidecar's error.
+        #[source]
+        source: shoal_ebpf::Error,
+    },
+    /// A function host said it is function 0, which is never assigned (the eBPF counters use 0
+    /// for connections not registered yet).
+    #[error("function id 0 is not a function host's id")]
+    FunctionIdZero,
 }
 
 /// The `Copy` classification of [`Error`].
@@ -151,6 +163,8 @@ pub enum ErrorKind {
     TwoPhase,
     /// See [`Error::Gone`].
     Gone,
+    /// See [`Error::Ebpf`] and [`Error::FunctionIdZero`].
+    Ebpf,
 }
 
 impl Error {
@@ -183,6 +197,7 @@ impl Error {
             Error::Timeout(..) => ErrorKind::Timeout,
             Error::TwoPhase { .. } => ErrorKind::TwoPhase,
             Error::Gone(_) => ErrorKind::Gone,
+            Error::Ebpf { .. } | Error::FunctionIdZero => ErrorKind::Ebpf,
         }
     }
 }
@@ -207,6 +222,7 @@ impl ErrorKind {
             ErrorKind::Timeout => "timeout",
             ErrorKind::TwoPhase => "two_phase",
             ErrorKind::Gone => "gone",
+            ErrorKind::Ebpf => "ebpf",
         }
     }
 }

@@ -19,6 +19,8 @@
 //! - [`host`]: the actix function host and its aggregator actors.
 //! - [`cluster`]: leases ([`cluster::lease`]), the leaf ([`cluster::leaf`]), the
 //!   coordinate-sharded exchange ([`cluster::exchange`]) and the top ([`cluster::top`]).
+//! - [`dataplane`]: the descriptor data plane: `--ebpf off|auto|required`, the eBPF sidecar's
+//!   loading, connection registration, counters and kill switch.
 //! - [`metrics`]: Prometheus metrics; [`http`], the `/metrics` `/healthz` `/readyz` listener.
 //! - [`clock`]: wall-clock milliseconds.
 //! - [`error`]: the runtime's error type.
@@ -27,6 +29,7 @@
 
 pub mod clock;
 pub mod cluster;
+pub mod dataplane;
 pub mod error;
 pub mod host;
 pub mod http;

@@ -60,6 +60,18 @@ pub struct TierLabel {
     pub tier: &'static str,
 }
 
+/// Label set of the eBPF sidecar's per-function descriptor counters: the function host
+/// ([`shoal_proto::FunctionId`] as a number, or `unregistered` for messages of a channel before
+/// its handshake ended; bounded by the hosts of a node) and the `direction` (`to_host`:
+/// descriptors; `to_gateway`: releases and settles).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FunctionDirectionLabel {
+    /// The function id, or `unregistered`.
+    pub function: String,
+    /// `to_host` or `to_gateway`.
+    pub direction: &'static str,
+}
+
 /// Label set with one fencing `event`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EventLabel {
@@ -156,6 +168,17 @@ pub struct Metrics {
     pub function_host_stops: Counter,
     /// Seconds from spawning a function-host process to its channel's handshake.
     pub function_host_cold_start_seconds: Histogram,
+    /// Descriptor-channel messages (one per frame) counted by the eBPF sidecar, by function and
+    /// direction, summed over CPUs every counter tick ([`crate::dataplane`]).
+    pub descriptor_messages: Family<FunctionDirectionLabel, Counter>,
+    /// Their bytes (frames: 4-byte length, type byte, body).
+    pub descriptor_bytes: Family<FunctionDirectionLabel, Counter>,
+    /// Of [`Self::descriptor_messages`], those SK_MSG moved straight into the peer socket.
+    pub descriptor_messages_redirected: Family<FunctionDirectionLabel, Counter>,
+    /// 1 while the eBPF sidecar's programs are attached, else 0.
+    pub ebpf_attached: Gauge,
+    /// 1 while descriptors are redirected (sidecar attached, kill switch on), else 0.
+    pub ebpf_redirect: Gauge,
     log_state: Mutex<HashMap<RejectReason, (u64, Instant)>>,
 }
 
@@ -341,6 +364,36 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    fn register_dataplane(&self, registry: &mut Registry) {
+        registry.register(
+            "descriptor_messages",
+            "Descriptor-channel messages counted by the eBPF sidecar, by function and direction (to_host: descriptors; to_gateway: releases and settles; function=unregistered: handshakes)",
+            self.descriptor_messages.clone(),
+        );
+        registry.register(
+            "descriptor_bytes",
+            "Bytes of those descriptor-channel messages, by function and direction",
+            self.descriptor_bytes.clone(),
+        );
+        registry.register(
+            "descriptor_messages_redirected",
+            "Descriptor-channel messages the eBPF sidecar redirected into the peer socket (the rest took plain TCP)",
+            self.descriptor_messages_redirected.clone(),
+        );
+        registry.register(
+            "ebpf_sidecar_attached",
+            "1 while the eBPF sidecar's programs are attached (--ebpf), else 0",
+            self.ebpf_attached.clone(),
+        );
+        registry.register(
+            "ebpf_redirect_enabled",
+            "1 while descriptors are redirected by SK_MSG (sidecar attached and the kill switch on), else 0",
+            self.ebpf_redirect.clone(),
+        );
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("shoal");
@@ -381,12 +434,18 @@ impl Default for Metrics {
             function_host_spawns: Counter::default(),
             function_host_stops: Counter::default(),
             function_host_cold_start_seconds: Histogram::new(exponential_buckets(1e-3, 2.0, 16)),
+            descriptor_messages: Family::default(),
+            descriptor_bytes: Family::default(),
+            descriptor_messages_redirected: Family::default(),
+            ebpf_attached: Gauge::default(),
+            ebpf_redirect: Gauge::default(),
             log_state: Mutex::new(HashMap::new()),
             registry: Registry::default(),
         };
         m.register_ingest(&mut registry);
         m.register_cluster(&mut registry);
         m.register_hosts(&mut registry);
+        m.register_dataplane(&mut registry);
         for tier in ["leaf", "middle", "top"] {
             let _ = m.aggregators.get_or_create(&TierLabel { tier }).get();
         }

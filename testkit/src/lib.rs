@@ -706,3 +706,42 @@ pub fn assert_model_near(model: &shoal_functions::Parameters, oracle: &[Vec<f64>
         }
     }
 }
+
+/// Why this machine cannot run a node's eBPF sidecar (`--ebpf required`), or `None` when it can:
+/// root or CAP_BPF + CAP_NET_ADMIN in the effective set, and a cgroup2 mount. The tests that
+/// need it skip with this reason, or fail when `SHOAL_EBPF_REQUIRED=1` (`.ci/run` sets it where
+/// the machine allows loading).
+pub fn ebpf_unavailable() -> Option<String> {
+    const CAP_NET_ADMIN: u32 = 12;
+    const CAP_BPF: u32 = 39;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let caps = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |cap: u32| caps & (1 << cap) != 0;
+    if !(has(CAP_BPF) && has(CAP_NET_ADMIN)) {
+        return Some(format!("no CAP_BPF + CAP_NET_ADMIN (CapEff {caps:#x})"));
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    if !mounts.lines().any(|l| l.split_whitespace().nth(2) == Some("cgroup2")) {
+        return Some("no cgroup v2 mounted".into());
+    }
+    None
+}
+
+/// `true` if the eBPF tests may run here; otherwise prints `<test>: skipped: <reason>` and
+/// returns `false`.
+///
+/// # Panics
+/// When the machine cannot load and `SHOAL_EBPF_REQUIRED=1` insists.
+pub fn ebpf_allowed(test: &str) -> bool {
+    let Some(reason) = ebpf_unavailable() else { return true };
+    assert!(
+        std::env::var("SHOAL_EBPF_REQUIRED").as_deref() != Ok("1"),
+        "{test}: SHOAL_EBPF_REQUIRED=1 but {reason}"
+    );
+    println!("{test}: skipped: {reason}");
+    false
+}

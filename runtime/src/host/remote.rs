@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
+use shoal_ebpf::EbpfMode;
 use shoal_proto::descriptor::UpdateDescriptor;
 use shoal_proto::{FunctionId, JobId};
 use tokio::net::TcpStream;
@@ -24,6 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::channel::{self, ChannelError, ChannelErrorKind, HostFrame, SegmentCache};
 use super::{CloseRound, Delivery, DescriptorSink, Held, RoundHarvest, MAILBOX};
+use crate::dataplane::{Dataplane, DataplaneConfig};
 use crate::error::{Error, Result};
 use crate::ingest::demand::Unfolded;
 use crate::ingest::ledger::{Feedback, FeedbackReceiver, Link, Settle};
@@ -562,18 +564,28 @@ fn close(side: &HostSide, c: channel::CloseRequest, events: &mpsc::UnboundedSend
 /// included) and serves both ends on `tracker` until `cancel`: the descriptor path of separate
 /// processes, everything else unchanged ([`crate::node::DescriptorChannel::LoopbackTcp`]).
 ///
+/// The data plane is set up as `dataplane` says, between binding the listener (its port selects
+/// the sockets) and connecting (sock_ops puts both ends into the SOCKHASH as they connect); the
+/// connection is registered under the host's function id once the handshake is over, so every
+/// descriptor and release after it is counted for that function and, while the kill switch is
+/// on, redirected by SK_MSG.
+///
 /// # Errors
-/// [`Error::Io`] when the loopback socket cannot be set up or the handshake fails.
+/// [`Error::Io`] when the loopback socket cannot be set up or the handshake fails;
+/// [`Error::Ebpf`] in `--ebpf required` mode when the sidecar cannot load or the connection
+/// cannot be registered.
 pub async fn loopback(
     side: HostSide,
     link: Link,
+    dataplane: &DataplaneConfig,
     tracker: &tokio_util::task::TaskTracker,
     cancel: &tokio_util::sync::CancellationToken,
-) -> Result<RemoteSink> {
+) -> Result<(RemoteSink, Dataplane)> {
     let io = |what: &'static str| move |e: std::io::Error| Error::io(what, e);
     let listener =
         tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(io("bind the descriptor channel"))?;
     let addr = listener.local_addr().map_err(io("descriptor channel address"))?;
+    let plane = Dataplane::load(dataplane, &[addr.port()])?;
     let (conn, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
     let (mut host_conn, (mut gw_conn, _)) = (
         conn.map_err(io("connect the descriptor channel"))?,
@@ -590,6 +602,18 @@ pub async fn loopback(
     let handshake = |e: ChannelError| Error::io("descriptor channel handshake", std::io::Error::other(e));
     let function = welcomed.map_err(handshake)?;
     said.map_err(handshake)?;
+    // Both ends have read everything sent so far: the connection is quiet, as registration wants.
+    let registered = match plane.register(&gw_conn, function) {
+        Ok(registered) => Some(registered),
+        Err(e) if plane.mode() == EbpfMode::Required => return Err(e),
+        Err(e) => {
+            tracing::warn!(error = %e, %function, "descriptor channel not registered with the eBPF sidecar: plain TCP, counted as unregistered");
+            None
+        }
+    };
+    if plane.is_attached() {
+        tracing::info!(%function, port = addr.port(), "descriptor channel on the eBPF sidecar (SK_MSG redirect)");
+    }
     let (metrics, hand_back) = (Arc::clone(&side.metrics), side.hand_back);
     let (sink, gateway) = RemoteSink::serve(gw_conn, function, link, metrics, hand_back);
     let stop = cancel.clone();
@@ -601,8 +625,9 @@ pub async fn loopback(
     });
     tracker.spawn(async move {
         let _ = gateway.await;
+        drop(registered);
     });
-    Ok(sink)
+    Ok((sink, plane))
 }
 
 #[cfg(test)]

@@ -49,6 +49,8 @@ pub struct NodeOptions {
     pub plugins: Option<Arc<dyn top::PluginFactory>>,
     /// How the gateway hands descriptors to the function host.
     pub channel: DescriptorChannel,
+    /// The eBPF sidecar on a TCP descriptor channel (`--ebpf`); unused in process.
+    pub dataplane: crate::dataplane::DataplaneConfig,
     /// What the process's HTTP listener reports ([`crate::http`]): the node hands it its
     /// metrics, and marks it ready once NATS and its shared-memory directory are up.
     pub probe: Probe,
@@ -63,6 +65,7 @@ impl NodeOptions {
             plugins: None,
             probe: Probe::default(),
             channel: DescriptorChannel::InProcess,
+            dataplane: crate::dataplane::DataplaneConfig::default(),
         }
     }
 }
@@ -157,6 +160,8 @@ pub struct NodeHandle {
     pub metrics: Arc<Metrics>,
     /// The node's NATS handles.
     pub infra: Infra,
+    /// The eBPF sidecar (if loaded): detached when the handle goes, after its tasks ended.
+    dataplane: crate::dataplane::Dataplane,
 }
 
 /// Starts a node. Must run inside an actix system (see `actix::System::with_tokio_rt`).
@@ -200,14 +205,15 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
     let directory = JobDirectory::default();
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let (host, sink) = start_host(
+    let (host, sink, dataplane) = start_host(
         &config,
-        opts.channel,
+        (opts.channel, &opts.dataplane),
         HostDeps { metrics: &metrics, directory: &directory, ledger: &ledger, shm_dir: &shm_dir },
         &tracker,
         &cancel,
     )
     .await?;
+    dataplane.spawn(Arc::clone(&metrics), opts.dataplane.counters_interval, &tracker, cancel.clone());
     // Losing the membership lease (another process took this node id), or continuity (a pause
     // or partition longer than the fence window), stops the node.
     let stopped = keep_membership(&infra, membership, &config, &metrics, &tracker, &cancel);
@@ -256,6 +262,7 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
         probe: opts.probe,
         shutdown_grace: ms(config.timings.shutdown_grace_ms),
         shm_dirs: (shm_dir, config.shm_dir.clone()),
+        dataplane,
     })
 }
 
@@ -323,21 +330,26 @@ struct HostDeps<'a> {
     shm_dir: &'a std::path::Path,
 }
 
-/// Starts the function host and the sink the gateway delivers to.
+/// Starts the function host, the sink the gateway delivers to, and the descriptor data plane
+/// (plain, or the eBPF sidecar on the loopback TCP channel).
 async fn start_host(
     config: &NodeConfig,
-    channel: DescriptorChannel,
+    (channel, dataplane): (DescriptorChannel, &crate::dataplane::DataplaneConfig),
     deps: HostDeps<'_>,
     tracker: &TaskTracker,
     cancel: &CancellationToken,
-) -> Result<(HostHandle, Arc<dyn DescriptorSink>)> {
+) -> Result<(HostHandle, Arc<dyn DescriptorSink>, crate::dataplane::Dataplane)> {
     let HostDeps { metrics, directory, ledger, shm_dir } = deps;
     let new_host =
         |link| FunctionHost::new(host_config(config), Arc::clone(metrics), directory.clone(), link).start();
     match channel {
         DescriptorChannel::InProcess => {
             let host = new_host(ledger.link());
-            Ok((HostHandle::Local(host.clone()), Arc::new(InProcess(host))))
+            Ok((
+                HostHandle::Local(host.clone()),
+                Arc::new(InProcess(host)),
+                crate::dataplane::Dataplane::plain(),
+            ))
         }
         DescriptorChannel::LoopbackTcp => {
             let (link, feedback) = crate::ingest::ledger::Link::forwarding();
@@ -350,10 +362,13 @@ async fn start_host(
                 hand_back: ms(config.timings.nak_retry_ms),
                 process: None,
             };
-            let sink = crate::host::remote::loopback(side, ledger.link(), tracker, cancel).await?;
-            Ok((HostHandle::Local(host), Arc::new(sink)))
+            let (sink, plane) =
+                crate::host::remote::loopback(side, ledger.link(), dataplane, tracker, cancel).await?;
+            Ok((HostHandle::Local(host), Arc::new(sink), plane))
         }
         DescriptorChannel::Split(split) => {
+            // The gateway's host pool: plain TCP (the eBPF sidecar is wired to the loopback
+            // channel only so far; README, "Not yet").
             let pool = crate::host::pool::HostPool::start(
                 crate::host::pool::PoolConfig {
                     listen: split.listen,
@@ -368,7 +383,7 @@ async fn start_host(
                 cancel,
             )
             .await?;
-            Ok((HostHandle::Pool(pool.clone()), Arc::new(pool)))
+            Ok((HostHandle::Pool(pool.clone()), Arc::new(pool), crate::dataplane::Dataplane::plain()))
         }
     }
 }
@@ -464,6 +479,14 @@ impl NodeHandle {
         if std::fs::remove_dir(node_dir).is_ok() {
             let _ = std::fs::remove_dir(root);
         }
+        // Last, with the descriptor channels closed: detaching earlier would drop descriptors
+        // redirected into a socket and not read yet.
+        drop(self.dataplane);
+    }
+
+    /// The descriptor data plane (the eBPF sidecar, when loaded): its kill switch and counters.
+    pub fn dataplane(&self) -> &crate::dataplane::Dataplane {
+        &self.dataplane
     }
 
     /// A token cancelled when the node shuts down.
