@@ -35,8 +35,9 @@ const ROUNDS: u64 = 2;
 const CLIENTS: u64 = 6;
 /// `u32` length + type byte + the 208-byte descriptor record.
 const DESCRIPTOR_FRAME: u64 = 4 + 1 + 208;
-/// The host's hello: length, type, magic `SHCH`, version `u16`, function id `u32`.
-const HELLO_FRAME: u64 = 4 + 1 + 4 + 2 + 4;
+/// The host's hello (channel v2): length, type, magic `SHCH`, version `u16`, function id `u32`,
+/// the job's length byte and the job (none: the loopback host serves any job).
+const HELLO_FRAME: u64 = 4 + 1 + 4 + 2 + 4 + 1;
 /// The gateway's welcome: length, type, version `u16`.
 const WELCOME_FRAME: u64 = 4 + 1 + 2;
 

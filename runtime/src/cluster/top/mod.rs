@@ -624,9 +624,6 @@ impl<'a> Top<'a> {
         // there is a bug, not bad input: crash-only, as for folds (ARCHITECTURE.md, "Panics").
         // The strategy moves to the blocking thread and back; a stateless FedAvg stands in
         // meanwhile (nothing runs on it: this task awaits the step).
-        let stand_in =
-            shoal_functions::FedAvg { update_kind: self.spec.update_kind, server_learning_rate: 1.0 };
-        let strategy = std::mem::replace(&mut self.strategy, Box::new(stand_in));
         // The global model moves to the blocking thread and back too (a streaming strategy
         // writes the new model into it in place: no model-sized copy).
         let mut global = match self.global.take() {
@@ -638,6 +635,9 @@ impl<'a> Top<'a> {
             }
             None => load_global(&self.ctx.infra, &self.job, &self.state, &self.manifest).await?,
         };
+        let stand_in =
+            shoal_functions::FedAvg { update_kind: self.spec.update_kind, server_learning_rate: 1.0 };
+        let strategy = std::mem::replace(&mut self.strategy, Box::new(stand_in));
         let step = tokio::task::spawn_blocking(move || {
             let mut strategy = strategy;
             let (outcome, fate) = close_outcome(
