@@ -147,8 +147,6 @@ async fn run_mode(a: &HierarchyArgs, eager: bool) -> Result<ModeResult> {
     let job = JobId::new("bench")?;
     shoal_client::jobs::create_job(&admin, &spec("bench", manifest, a.updates, 1), None).await?;
     client.wait_for_open_round(&job, RoundId(1), Duration::from_secs(60)).await?;
-    let values: Vec<f64> = (0..a.params).map(|i| ((i % 1000) as f64) * 1e-3).collect();
-    let payload = Bytes::from(shoal_functions::tensor::encode_safetensors(&m, &[values])?);
     let bar = ProgressBar::new(u64::from(a.updates)).with_style(
         ProgressStyle::with_template(&format!(
             "{} {{bar:40}} {{pos}}/{{len}} updates published",
@@ -157,7 +155,33 @@ async fn run_mode(a: &HierarchyArgs, eager: bool) -> Result<ModeResult> {
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let started = Instant::now();
-    for c in 0..a.updates {
+    publish_round(&client, &job, &m, a.updates, &bar).await?;
+    client.wait_for_round_closed(&job, RoundId(1), Duration::from_secs(3600)).await?;
+    let round_s = started.elapsed().as_secs_f64();
+    let text = node.metrics.encode();
+    let latency_s = scrape(&text, "shoal_round_latency_seconds_sum").context("no round latency recorded")?;
+    node.shutdown().await;
+    drop(nats);
+    Ok(ModeResult { latency_s, round_s })
+}
+
+/// Publishes round 1 of `job`: `updates` clients `c0, c1, ...` (`num_examples` 1 + c mod 7)
+/// each sending the same model of one f32 tensor (values `(i mod 1000) · 1e-3`) on the upload
+/// path, ticking `bar` per update.
+///
+/// # Errors
+/// Encoding or NATS errors.
+pub(crate) async fn publish_round(
+    client: &ShoalClient,
+    job: &JobId,
+    m: &Arc<ModelManifest>,
+    updates: u32,
+    bar: &ProgressBar,
+) -> Result<()> {
+    let params = m.slots().first().map_or(0, |s| s.numel);
+    let values: Vec<f64> = (0..params).map(|i| ((i % 1000) as f64) * 1e-3).collect();
+    let payload = Bytes::from(shoal_functions::tensor::encode_safetensors(m, &[values])?);
+    for c in 0..updates {
         client
             .publish_update(UpdateRequest {
                 job: job.clone(),
@@ -173,13 +197,7 @@ async fn run_mode(a: &HierarchyArgs, eager: bool) -> Result<ModeResult> {
         bar.inc(1);
     }
     bar.finish_and_clear();
-    client.wait_for_round_closed(&job, RoundId(1), Duration::from_secs(3600)).await?;
-    let round_s = started.elapsed().as_secs_f64();
-    let text = node.metrics.encode();
-    let latency_s = scrape(&text, "shoal_round_latency_seconds_sum").context("no round latency recorded")?;
-    node.shutdown().await;
-    drop(nats);
-    Ok(ModeResult { latency_s, round_s })
+    Ok(())
 }
 
 /// Cold start and mean warm reuse, µs: a one-update job over `reuse_rounds + 1` rounds.

@@ -17,11 +17,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
-use bytes::Bytes;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use shoal_client::{ConnectOptions, ShoalClient, UpdateRequest};
-use shoal_functions::{ClientId, DType, JobId, ModelManifest, ModelVersion, RoundId, TensorSpec, UpdateKind};
+use shoal_client::{ConnectOptions, ShoalClient};
+use shoal_functions::{DType, JobId, ModelManifest, RoundId, TensorSpec};
 use shoal_natsd::NatsServer;
 
 /// `shoal bench memory` flags.
@@ -172,31 +171,13 @@ pub async fn memory(a: MemoryArgs) -> Result<()> {
 
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = sample_peak(pid, Arc::clone(&stop));
-    let values: Vec<f64> = (0..a.params).map(|i| ((i % 1000) as f64) * 1e-3).collect();
-    let payload = Bytes::from(shoal_functions::tensor::encode_safetensors(&m, &[values])?);
     let bar = if a.json { ProgressBar::hidden() } else { ProgressBar::new(u64::from(a.updates)) };
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} updates published")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let started = Instant::now();
-    for c in 0..a.updates {
-        client
-            .publish_update(UpdateRequest {
-                job: job.clone(),
-                client: ClientId::new(format!("c{c}"))?,
-                round: RoundId(1),
-                base_version: ModelVersion(0),
-                num_examples: 1 + u64::from(c % 7),
-                kind: UpdateKind::Parameters,
-                payload: payload.clone(),
-                force_upload: true,
-            })
-            .await?;
-        bar.inc(1);
-    }
-    bar.finish_and_clear();
-    drop(payload);
+    crate::bench::publish_round(&client, &job, &m, a.updates, &bar).await?;
     client.wait_for_round_closed(&job, RoundId(1), Duration::from_secs(3600)).await?;
     let round_s = started.elapsed().as_secs_f64();
     // The commit is announced after the model is stored: the peak is behind us.
