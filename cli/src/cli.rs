@@ -771,11 +771,7 @@ async fn run_node(
                 "--ebpf required needs a TCP descriptor channel (--descriptor-channel loopback-tcp): \
                  in process, descriptors never touch a socket"
             ),
-            node::DescriptorChannel::Split(_) => anyhow::bail!(
-                "--ebpf required: the eBPF sidecar is not wired to shoal gateway's function-host \
-                 connections yet (README, \"Not yet\"); use --ebpf auto or off"
-            ),
-            node::DescriptorChannel::LoopbackTcp => {}
+            node::DescriptorChannel::Split(_) | node::DescriptorChannel::LoopbackTcp => {}
         }
     }
     let nats = a.nats.options("shoal-node")?;

@@ -72,6 +72,20 @@ pub struct FunctionDirectionLabel {
     pub direction: &'static str,
 }
 
+/// Label set of the gateway's own tally of descriptor-channel frames: the function host (its
+/// [`shoal_proto::FunctionId`] as a number; bounded by the hosts of a node), the `direction`
+/// (`to_host`, `to_gateway`) and the frame type
+/// ([`crate::host::channel::frame_name`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FunctionFrameLabel {
+    /// The function id.
+    pub function: String,
+    /// `to_host` or `to_gateway`.
+    pub direction: &'static str,
+    /// The frame type.
+    pub frame: &'static str,
+}
+
 /// Label set with one fencing `event`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EventLabel {
@@ -175,6 +189,11 @@ pub struct Metrics {
     pub descriptor_bytes: Family<FunctionDirectionLabel, Counter>,
     /// Of [`Self::descriptor_messages`], those SK_MSG moved straight into the peer socket.
     pub descriptor_messages_redirected: Family<FunctionDirectionLabel, Counter>,
+    /// Descriptor-channel frames a gateway wrote to and read from each function-host process
+    /// (its own count, with or without the eBPF sidecar; the welcome included, the hello not).
+    pub channel_frames: Family<FunctionFrameLabel, Counter>,
+    /// Their bytes (4-byte length, type byte, body).
+    pub channel_frame_bytes: Family<FunctionFrameLabel, Counter>,
     /// 1 while the eBPF sidecar's programs are attached, else 0.
     pub ebpf_attached: Gauge,
     /// 1 while descriptors are redirected (sidecar attached, kill switch on), else 0.
@@ -382,6 +401,16 @@ impl Metrics {
             self.descriptor_messages_redirected.clone(),
         );
         registry.register(
+            "descriptor_channel_frames",
+            "Descriptor-channel frames the gateway wrote to (to_host) and read from (to_gateway) each function-host process, by frame type (its own count, eBPF or not)",
+            self.channel_frames.clone(),
+        );
+        registry.register(
+            "descriptor_channel_frame_bytes",
+            "Bytes of those frames (length prefix and type byte included)",
+            self.channel_frame_bytes.clone(),
+        );
+        registry.register(
             "ebpf_sidecar_attached",
             "1 while the eBPF sidecar's programs are attached (--ebpf), else 0",
             self.ebpf_attached.clone(),
@@ -437,6 +466,8 @@ impl Default for Metrics {
             descriptor_messages: Family::default(),
             descriptor_bytes: Family::default(),
             descriptor_messages_redirected: Family::default(),
+            channel_frames: Family::default(),
+            channel_frame_bytes: Family::default(),
             ebpf_attached: Gauge::default(),
             ebpf_redirect: Gauge::default(),
             log_state: Mutex::new(HashMap::new()),
@@ -541,4 +572,49 @@ impl Metrics {
 /// Reads one counter value from a Prometheus text exposition (for tests and `shoal job status`).
 pub fn scrape(text: &str, name_and_labels: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
+}
+
+/// The gateway's tally of one descriptor channel's frames ([`Metrics::channel_frames`] and
+/// [`Metrics::channel_frame_bytes`] of one function host): the label lookups happen once per
+/// frame type and direction, not once per frame.
+#[derive(Debug)]
+pub struct ChannelTally {
+    metrics: std::sync::Arc<Metrics>,
+    function: shoal_proto::FunctionId,
+    /// `[direction][frame type]` (frame types above 15 share slot 0 with the other unknowns).
+    cells: [[std::sync::OnceLock<(Counter, Counter)>; 16]; 2],
+}
+
+impl ChannelTally {
+    /// The tally of function host `function`'s channel.
+    pub fn new(metrics: std::sync::Arc<Metrics>, function: shoal_proto::FunctionId) -> ChannelTally {
+        ChannelTally { metrics, function, cells: Default::default() }
+    }
+
+    /// Counts a frame of type `kind` and `bytes` bytes the gateway wrote to the host.
+    pub fn to_host(&self, kind: u8, bytes: usize) {
+        self.count(0, kind, bytes);
+    }
+
+    /// Counts a frame of type `kind` and `bytes` bytes the gateway read from the host.
+    pub fn to_gateway(&self, kind: u8, bytes: usize) {
+        self.count(1, kind, bytes);
+    }
+
+    fn count(&self, direction: usize, kind: u8, bytes: usize) {
+        let slot = if usize::from(kind) < 16 { usize::from(kind) } else { 0 };
+        let (frames, total) = self.cells[direction][slot].get_or_init(|| {
+            let label = FunctionFrameLabel {
+                function: self.function.0.to_string(),
+                direction: ["to_host", "to_gateway"][direction],
+                frame: crate::host::channel::frame_name(kind),
+            };
+            (
+                self.metrics.channel_frames.get_or_create(&label).clone(),
+                self.metrics.channel_frame_bytes.get_or_create(&label).clone(),
+            )
+        });
+        frames.inc();
+        total.inc_by(bytes as u64);
+    }
 }

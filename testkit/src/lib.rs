@@ -83,6 +83,11 @@ impl NodeProcess {
         n
     }
 
+    /// Like [`Self::launch`] with `shoal gateway` instead of `shoal node`.
+    pub fn launch_gateway(nats_url: &str, node_id: &str, extra: &[&str]) -> NodeProcess {
+        Self::spawned_as("gateway", nats_url, node_id, extra, &[], None)
+    }
+
     /// Like [`Self::start`], with environment variables for the process (`SHOAL_NATS_PASSWORD`
     /// and friends) and `probe`: how the readiness probe connects to a server that wants
     /// credentials or TLS.

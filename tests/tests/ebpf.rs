@@ -7,8 +7,9 @@
 //! - every frame is `u32 length ‖ u8 type ‖ body`, sent with one `sendmsg`;
 //! - a `DESCRIPTOR` (gateway → host) and a `RELEASE` (host → gateway) carry the 208-byte
 //!   descriptor record: 4 + 1 + 208 = 213 bytes each;
-//! - before registration: the host's `HELLO` (magic 4 + version 2 + function id 4: 15 bytes) and
-//!   the gateway's `WELCOME` (version 2: 7 bytes), counted as `unregistered`.
+//! - before registration: the host's `HELLO` (magic 4 + version 2 + function id 4 + job length
+//!   1, zero for "any job": 16 bytes) and the gateway's `WELCOME` (version 2: 7 bytes), counted
+//!   as `unregistered`.
 //!
 //! The node's single loopback function host is function 1; each update is one descriptor and,
 //! once folded, one release. Tests that need to load programs run where the machine allows it
@@ -35,8 +36,8 @@ const ROUNDS: u64 = 2;
 const CLIENTS: u64 = 6;
 /// `u32` length + type byte + the 208-byte descriptor record.
 const DESCRIPTOR_FRAME: u64 = 4 + 1 + 208;
-/// The host's hello (channel v2): length, type, magic `SHCH`, version `u16`, function id `u32`,
-/// the job's length byte and the job (none: the loopback host serves any job).
+/// The host's hello: length, type, magic `SHCH`, version `u16`, function id `u32`, job length
+/// `u8` (0: the node's loopback host serves any job; channel version 2).
 const HELLO_FRAME: u64 = 4 + 1 + 4 + 2 + 4 + 1;
 /// The gateway's welcome: length, type, version `u16`.
 const WELCOME_FRAME: u64 = 4 + 1 + 2;

@@ -1,7 +1,10 @@
 //! HTTP on a real `shoal node` process: `/healthz` answers from the start, `/readyz` only once
 //! NATS and the shared-memory directory are up, and `/metrics` parses with a Prometheus text
 //! parser (`prometheus-parse`, independent of the `prometheus-client` encoder the node uses) and
-//! counts a real round. The NATS request/reply metrics subject still answers beside it.
+//! counts a real round. The NATS request/reply metrics subject still answers beside it. The
+//! same for `shoal gateway` (ready only once NATS and its segments are up) and for a
+//! `shoal function-host` process started beside it with `--function-hosts external` (ready once
+//! it holds the gateway's descriptor channel; its own `/metrics`).
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -139,4 +142,140 @@ async fn node_serves_metrics_and_turns_ready_only_once_nats_is_up() {
     // SIGTERM: the listener goes away with the process.
     assert!(node.terminate().success());
     assert!(http_get(addr, "/healthz").await.is_err(), "the listener outlived the node");
+}
+
+/// A `shoal function-host` child process (started by the test, as the operator would start one
+/// with `--function-hosts external`), SIGKILLed on drop.
+struct FunctionHostProcess {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl FunctionHostProcess {
+    fn start(nats_url: &str, gateway: &NodeProcess, function: u32) -> FunctionHostProcess {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("host.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let shm_root = gateway.shm_dir().parent().unwrap().to_owned();
+        let mut cmd = std::process::Command::new(shoal_bin());
+        cmd.args(["function-host", "--nats-url", nats_url, "--node-id", &gateway.node_id])
+            .arg("--shm-dir")
+            .arg(&shm_root)
+            .args(["--function-id", &function.to_string(), "--http", "127.0.0.1:0"])
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out);
+        let child = shoal_natsd::spawn_tied_to_process(cmd).unwrap();
+        FunctionHostProcess { child, log, _dir: dir }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    async fn http_addr(&self) -> SocketAddr {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(a) = http_addr_in_log(&self.log()) {
+                return a;
+            }
+            assert!(Instant::now() < deadline, "the function host logged no HTTP listener:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for FunctionHostProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn wait_ready(addr: SocketAddr, what: &str, log: impl Fn() -> String) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http_get(addr, "/readyz").await.unwrap().0 != 200 {
+        assert!(Instant::now() < deadline, "{what} never ready; log:\n{}", log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `shoal gateway --function-hosts external`: its `/readyz` turns ready only once NATS and its
+/// shared-memory directory are up; a function host started beside it (as the operator would)
+/// serves `/metrics` and `/readyz` of its own, ready once it holds the gateway's descriptor
+/// channel, and its metrics (parsed strictly) count the aggregator it ran for a real round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_and_function_host_serve_http_and_turn_ready_in_order() {
+    init_logging();
+    let mut nats = NatsServer::start().unwrap();
+    let url = nats.url();
+    nats.kill();
+    let mut gateway =
+        NodeProcess::launch_gateway(&url, "hg", &["--function-hosts", "external", "--ebpf", "off"]);
+    let gw_addr = wait_for_http_addr(&gateway).await;
+    assert_eq!(http_get(gw_addr, "/healthz").await.unwrap().0, 200);
+    let (code, body) = http_get(gw_addr, "/readyz").await.unwrap();
+    assert_eq!(code, 503, "gateway ready before NATS is up: {body}");
+    assert!(body.contains("NATS"), "{body}");
+    nats.restart().unwrap();
+    gateway.wait_ready(&url).await;
+    wait_ready(gw_addr, "the gateway", || gateway.log()).await;
+    assert!(gateway.shm_dir().is_dir(), "gateway ready before the shared-memory directory exists");
+
+    let host = FunctionHostProcess::start(&url, &gateway, 7);
+    let host_addr = host.http_addr().await;
+    assert_ne!(host_addr, gw_addr);
+    assert_eq!(http_get(host_addr, "/healthz").await.unwrap().0, 200);
+    wait_ready(host_addr, "the function host", || host.log()).await;
+    assert!(gateway.log().contains("function host connected"), "ready before connecting:\n{}", gateway.log());
+
+    let client = connect(&url).await;
+    let m = manifest(&[("w", DType::F32, &[16]), ("b", DType::F32, &[4])]);
+    let job = JobId::new("hg").unwrap();
+    let spec = job_spec("hg", (*m).clone(), 2, 2, 60_000, 1);
+    jobs::create_job(&infra_of(&client).await, &spec, None).await.unwrap();
+    let state = client.wait_for_open_round(&job, RoundId(1), Duration::from_secs(30)).await.unwrap();
+    for c in 0..2u64 {
+        let values = as_sent(&m, &random_values(&m, c));
+        client
+            .publish_update(UpdateRequest {
+                job: job.clone(),
+                client: ClientId::new(format!("c{c}")).unwrap(),
+                round: state.round,
+                base_version: state.model_version,
+                num_examples: 10 + c,
+                kind: UpdateKind::Parameters,
+                payload: payload(&m, &values),
+                force_upload: false,
+            })
+            .await
+            .unwrap();
+    }
+    let after = client.wait_for_round_closed(&job, RoundId(1), Duration::from_secs(30)).await.unwrap();
+    assert!(matches!(after.last_outcome, Some(RoundOutcome::Committed { .. })), "{after:?}");
+
+    // The host's own registry: one aggregator started on demand, nothing refused.
+    let (code, text) = http_get(host_addr, "/metrics").await.unwrap();
+    assert_eq!(code, 200);
+    let scrape = parse_strictly(&text);
+    assert_eq!(value(&scrape, "shoal_aggregator_cold_starts_total", &[]), Some(1.0), "{text}");
+    // Counted by the aggregator as it takes the update (runtime/src/host/aggregator.rs): in a
+    // split node, by the function host.
+    assert_eq!(value(&scrape, "shoal_updates_staged_total", &[]), Some(2.0), "{text}");
+    let refused: Vec<_> = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == "shoal_descriptor_channel_errors_total")
+        .filter(|s| !matches!(s.value, Value::Counter(v) | Value::Untyped(v) if v == 0.0))
+        .collect();
+    assert!(refused.is_empty(), "{refused:?}");
+    // The gateway's: two descriptors to the one host, which serves the job.
+    let (code, text) = http_get(gw_addr, "/metrics").await.unwrap();
+    assert_eq!(code, 200);
+    let scrape = parse_strictly(&text);
+    assert_eq!(value(&scrape, "shoal_descriptor_channel_descriptors_sent_total", &[]), Some(2.0), "{text}");
+    assert_eq!(value(&scrape, "shoal_function_hosts", &[]), Some(1.0), "{text}");
+    assert_eq!(value(&scrape, "shoal_function_hosts_per_job", &[("job", "hg")]), Some(1.0), "{text}");
 }

@@ -2,6 +2,14 @@
 //! `shoal function-host` on a job's first update, the round's partial crosses the descriptor
 //! channel back to the gateway's leaf, a SIGKILLed host loses nothing, and an idle host is
 //! stopped (scale to zero) and cold-started again by the next update.
+//!
+//! The same job commits bit-identical models in three modes: the all-in-one node, the gateway
+//! with spawned hosts on plain TCP, and the same with the eBPF sidecar redirecting the host
+//! channels (`--ebpf required`, where the machine allows loading programs; elsewhere that mode
+//! is skipped with the reason printed). There the sidecar's per-function counters equal the
+//! frames the gateway wrote and read, and the descriptors and releases among them equal the
+//! updates the test sent, sized by hand from the frame layout (runtime/src/host/channel.rs):
+//! `u32 length ‖ u8 type ‖ body`, a descriptor or release body being the 208-byte record.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -19,20 +27,42 @@ fn manifest() -> Arc<ModelManifest> {
     shoal_testkit::manifest(&[("fc.weight", DType::F32, &[64, 40]), ("fc.bias", DType::F32, &[40])])
 }
 
-/// How the node runs. An eBPF-redirect mode is meant to join as a third case.
+/// How the node runs.
 #[derive(Debug, Clone, Copy)]
 enum Mode {
     /// `shoal node`: gateway and aggregators in one process.
     AllInOne,
-    /// `shoal gateway` spawning `shoal function-host` processes.
-    GatewaySpawn,
+    /// `shoal gateway` spawning `shoal function-host` processes, `--ebpf <mode>`.
+    GatewaySpawn { ebpf: &'static str },
 }
 
 async fn start(mode: Mode, nats: &str, node: &str, extra: &[&str]) -> NodeProcess {
     match mode {
         Mode::AllInOne => NodeProcess::start(nats, node, extra).await,
-        Mode::GatewaySpawn => NodeProcess::start_gateway(nats, node, extra).await,
+        Mode::GatewaySpawn { ebpf } => {
+            let mut args = vec!["--ebpf", ebpf];
+            args.extend_from_slice(extra);
+            NodeProcess::start_gateway(nats, node, &args).await
+        }
     }
+}
+
+/// `u32` length + type byte + the 208-byte descriptor (or release) record.
+const DESCRIPTOR_FRAME: f64 = (4 + 1 + 208) as f64;
+/// The gateway's welcome: length, type, version `u16`.
+const WELCOME_FRAME: f64 = (4 + 1 + 2) as f64;
+/// A spawned host's hello for job `sp`: length, type, magic, version `u16`, function id `u32`,
+/// job length byte, the job id.
+const HELLO_SP_FRAME: f64 = (4 + 1 + 4 + 2 + 4 + 1 + 2) as f64;
+
+/// The sum of family `name`'s samples whose labels include every `labels` pair.
+fn sum_of(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(name)?.strip_prefix('{'))
+        .filter_map(|l| l.split_once("} "))
+        .filter(|(set, _)| labels.iter().all(|(k, v)| set.split(',').any(|kv| kv == format!("{k}=\"{v}\""))))
+        .map(|(_, v)| v.trim().parse::<f64>().unwrap())
+        .sum()
 }
 
 /// Process ids of the function hosts `parent` spawned (from /proc).
@@ -121,22 +151,103 @@ async fn two_rounds(mode: Mode) -> (Vec<Vec<u8>>, String) {
         assert_model_near(&model, &weighted_mean_oracle(&sent), &format!("{mode:?} round {round}"));
         models.push(bytes);
     }
-    let metrics = node.metrics(&client.connection().client).await;
+    let nc = client.connection().client.clone();
+    let metrics = match mode {
+        Mode::GatewaySpawn { ebpf: "required" } => counters_settled(&node, &nc).await,
+        _ => node.metrics(&nc).await,
+    };
     (models, metrics)
+}
+
+/// The gateway's metrics once the sidecar's counters (summed every second) caught up with the
+/// gateway's own frame tally, and one more tick later.
+async fn counters_settled(node: &NodeProcess, nc: &async_nats::Client) -> String {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let text = node.metrics(nc).await;
+        let caught_up = ["to_host", "to_gateway"].iter().all(|d| {
+            let f = [("function", "1"), ("direction", *d)];
+            let kernel = sum_of(&text, "shoal_descriptor_bytes_total", &f);
+            kernel > 0.0 && kernel == sum_of(&text, "shoal_descriptor_channel_frame_bytes_total", &f)
+        });
+        if caught_up && scrape(&text, "shoal_descriptor_channel_releases_received_total") == Some(12.0) {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            return node.metrics(nc).await;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the eBPF counters never matched the frames:\n{text}\n{}",
+            node.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The sidecar counted, for the one spawned host (function 1), exactly the frames the gateway
+/// wrote to it and read from it, every one after the hello redirected; among them the 12
+/// descriptors and 12 releases of the test's updates, and the welcome, sized by hand.
+fn assert_counted_exactly(text: &str) {
+    assert_eq!(scrape(text, "shoal_ebpf_sidecar_attached"), Some(1.0), "{text}");
+    assert_eq!(scrape(text, "shoal_ebpf_redirect_enabled"), Some(1.0), "{text}");
+    let frames = |direction: &str, frame: &str| {
+        let l = [("function", "1"), ("direction", direction), ("frame", frame)];
+        (
+            sum_of(text, "shoal_descriptor_channel_frames_total", &l),
+            sum_of(text, "shoal_descriptor_channel_frame_bytes_total", &l),
+        )
+    };
+    assert_eq!(frames("to_host", "descriptor"), (12.0, 12.0 * DESCRIPTOR_FRAME), "{text}");
+    assert_eq!(frames("to_gateway", "release"), (12.0, 12.0 * DESCRIPTOR_FRAME), "{text}");
+    assert_eq!(frames("to_host", "welcome"), (1.0, WELCOME_FRAME), "{text}");
+    for direction in ["to_host", "to_gateway"] {
+        let f = [("function", "1"), ("direction", direction)];
+        let (msgs, bytes) = (
+            sum_of(text, "shoal_descriptor_messages_total", &f),
+            sum_of(text, "shoal_descriptor_bytes_total", &f),
+        );
+        assert_eq!(msgs, sum_of(text, "shoal_descriptor_channel_frames_total", &f), "{direction}:\n{text}");
+        assert_eq!(
+            bytes,
+            sum_of(text, "shoal_descriptor_channel_frame_bytes_total", &f),
+            "{direction}:\n{text}"
+        );
+        assert_eq!(
+            sum_of(text, "shoal_descriptor_messages_redirected_total", &f),
+            msgs,
+            "every frame of a registered channel is redirected ({direction}):\n{text}"
+        );
+    }
+    // Only the hello came before registration.
+    let u = |direction: &str, family: &str| {
+        sum_of(text, family, &[("function", "unregistered"), ("direction", direction)])
+    };
+    assert_eq!(u("to_gateway", "shoal_descriptor_messages_total"), 1.0, "{text}");
+    assert_eq!(u("to_gateway", "shoal_descriptor_bytes_total"), HELLO_SP_FRAME, "{text}");
+    assert_eq!(u("to_host", "shoal_descriptor_messages_total"), 0.0, "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_with_spawned_function_hosts_commits_the_all_in_one_nodes_models_bit_for_bit() {
     init_logging();
     let (all_in_one, _) = two_rounds(Mode::AllInOne).await;
-    let (split, metrics) = two_rounds(Mode::GatewaySpawn).await;
-    for (v, (a, b)) in all_in_one.iter().zip(&split).enumerate() {
-        assert!(a == b, "model version {} differs between shoal node and gateway + function hosts", v + 1);
+    let mut modes = vec![Mode::GatewaySpawn { ebpf: "off" }];
+    if ebpf_allowed("split::gateway_with_spawned_function_hosts (--ebpf required)") {
+        modes.push(Mode::GatewaySpawn { ebpf: "required" });
     }
-    // The updates crossed the channel (12 descriptors, every slot released) to one spawned host.
-    assert_eq!(scrape(&metrics, "shoal_descriptor_channel_descriptors_sent_total"), Some(12.0));
-    assert_eq!(scrape(&metrics, "shoal_descriptor_channel_releases_received_total"), Some(12.0));
-    assert_eq!(scrape(&metrics, "shoal_function_host_spawns_total"), Some(1.0));
+    for mode in modes {
+        let (split, metrics) = two_rounds(mode).await;
+        for (v, (a, b)) in all_in_one.iter().zip(&split).enumerate() {
+            assert!(a == b, "model version {} differs between shoal node and {mode:?}", v + 1);
+        }
+        // The updates crossed the channel (12 descriptors, every slot released) to one spawned host.
+        assert_eq!(scrape(&metrics, "shoal_descriptor_channel_descriptors_sent_total"), Some(12.0));
+        assert_eq!(scrape(&metrics, "shoal_descriptor_channel_releases_received_total"), Some(12.0));
+        assert_eq!(scrape(&metrics, "shoal_function_host_spawns_total"), Some(1.0));
+        match mode {
+            Mode::GatewaySpawn { ebpf: "required" } => assert_counted_exactly(&metrics),
+            _ => assert_eq!(scrape(&metrics, "shoal_ebpf_sidecar_attached"), Some(0.0), "{mode:?}"),
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

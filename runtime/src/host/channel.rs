@@ -48,17 +48,28 @@ pub const CHANNEL_VERSION: u16 = 2;
 /// Largest frame accepted (type byte and body), in bytes.
 pub const MAX_FRAME: u32 = 64 * 1024;
 
-const HELLO: u8 = 1;
-const WELCOME: u8 = 2;
-const REFUSED: u8 = 3;
-const DESCRIPTOR: u8 = 4;
-const RELEASE: u8 = 5;
-const SETTLE: u8 = 6;
-const REGISTER: u8 = 7;
-const CLOSE: u8 = 8;
-const PROGRESS: u8 = 9;
-const HARVEST_CHUNK: u8 = 10;
-const HARVEST: u8 = 11;
+/// Frame type: the host's hello.
+pub const HELLO: u8 = 1;
+/// Frame type: the gateway's welcome.
+pub const WELCOME: u8 = 2;
+/// Frame type: the gateway's refusal.
+pub const REFUSED: u8 = 3;
+/// Frame type: the descriptor.
+pub const DESCRIPTOR: u8 = 4;
+/// Frame type: the release record.
+pub const RELEASE: u8 = 5;
+/// Frame type: the settle record.
+pub const SETTLE: u8 = 6;
+/// Frame type: the register record.
+pub const REGISTER: u8 = 7;
+/// Frame type: the close request.
+pub const CLOSE: u8 = 8;
+/// Frame type: the progress record.
+pub const PROGRESS: u8 = 9;
+/// Frame type: the harvest chunk.
+pub const HARVEST_CHUNK: u8 = 10;
+/// Frame type: the harvest record.
+pub const HARVEST: u8 = 11;
 
 /// Accumulator values per `HARVEST_CHUNK` frame (8 KiB values, 64 KiB: one frame's worth
 /// less the type byte and request id).
@@ -173,7 +184,7 @@ impl ChannelErrorKind {
     }
 }
 
-/// Reads one frame: its type and body.
+/// Reads one frame: its type and body (the frame was `5 + body.len()` bytes on the wire).
 ///
 /// # Errors
 /// [`ChannelError::Closed`] at a clean end between frames; `Truncated`, `FrameLength`, `Io`.
@@ -203,7 +214,8 @@ async fn read_exact<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Result<(
     }
 }
 
-/// Writes one frame of `kind` with `body`.
+/// Writes one frame of `kind` with `body`, in one `write` (one `sendmsg`, one message for the
+/// eBPF sidecar's counters, when the socket takes it whole); returns the frame's size in bytes.
 ///
 /// # Errors
 /// [`ChannelError::Io`]; [`ChannelError::FrameLength`] for a body too long.
@@ -211,7 +223,7 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
     w: &mut W,
     kind: u8,
     body: &[u8],
-) -> Result<(), ChannelError> {
+) -> Result<usize, ChannelError> {
     let len = u32::try_from(body.len() + 1).map_err(|_| ChannelError::FrameLength(u32::MAX))?;
     if len > MAX_FRAME {
         return Err(ChannelError::FrameLength(len));
@@ -221,7 +233,26 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
     frame.push(kind);
     frame.extend_from_slice(body);
     w.write_all(&frame).await.map_err(ChannelError::Io)?;
-    w.flush().await.map_err(ChannelError::Io)
+    w.flush().await.map_err(ChannelError::Io)?;
+    Ok(frame.len())
+}
+
+/// The name of frame type `kind` (a bounded metric label; `unknown` for any other byte).
+pub fn frame_name(kind: u8) -> &'static str {
+    match kind {
+        HELLO => "hello",
+        WELCOME => "welcome",
+        REFUSED => "refused",
+        DESCRIPTOR => "descriptor",
+        RELEASE => "release",
+        SETTLE => "settle",
+        REGISTER => "register",
+        CLOSE => "close",
+        PROGRESS => "progress",
+        HARVEST_CHUNK => "harvest_chunk",
+        HARVEST => "harvest",
+        _ => "unknown",
+    }
 }
 
 #[cfg(test)]
@@ -303,22 +334,49 @@ pub async fn accept_hello<S: AsyncRead + AsyncWrite + Unpin>(
     timeout: Duration,
     metrics: &Metrics,
 ) -> Result<Hello, ChannelError> {
+    let hello = read_hello(s, timeout, metrics).await?;
+    welcome(s).await?;
+    Ok(hello)
+}
+
+/// The first half of [`accept_hello`]: reads the host's hello within `timeout`, or tells it why
+/// not (counted in `metrics`, logged) and returns the refusal. Between this and [`welcome`] the
+/// connection is quiet both ways: the moment to register it with the eBPF sidecar.
+///
+/// # Errors
+/// As [`accept`].
+pub async fn read_hello<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    timeout: Duration,
+    metrics: &Metrics,
+) -> Result<Hello, ChannelError> {
     let hello = match tokio::time::timeout(timeout, read_frame(s)).await {
         Ok(r) => r,
         Err(_) => Err(ChannelError::Truncated),
     };
     match hello.and_then(|(kind, body)| decode_hello(kind, &body)) {
-        Ok(hello) => {
-            write_frame(s, WELCOME, &CHANNEL_VERSION.to_le_bytes()).await?;
-            Ok(hello)
-        }
+        Ok(hello) => Ok(hello),
         Err(e) => {
-            metrics.channel_error(e.kind());
-            tracing::warn!(error = %e, "a function host's connection refused");
-            let _ = write_frame(s, REFUSED, &[e.kind().code()]).await;
+            refuse(s, &e, metrics).await;
             Err(e)
         }
     }
+}
+
+/// Tells a host why its connection is refused (`REFUSED` with `e`'s reason), counts the refusal
+/// in `metrics` and logs it.
+pub async fn refuse<S: AsyncWrite + Unpin>(s: &mut S, e: &ChannelError, metrics: &Metrics) {
+    metrics.channel_error(e.kind());
+    tracing::warn!(error = %e, "a function host's connection refused");
+    let _ = write_frame(s, REFUSED, &[e.kind().code()]).await;
+}
+
+/// The second half of [`accept_hello`]: the `WELCOME` frame; returns its size in bytes.
+///
+/// # Errors
+/// I/O errors.
+pub async fn welcome<S: AsyncWrite + Unpin>(s: &mut S) -> Result<usize, ChannelError> {
+    write_frame(s, WELCOME, &CHANNEL_VERSION.to_le_bytes()).await
 }
 
 /// Function-host side: says hello as `function` and waits for the welcome.
@@ -349,14 +407,14 @@ pub async fn hello_for<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// Sends a descriptor to a function host.
+/// Sends a descriptor to a function host; returns the frame's size in bytes (as every `send_*`).
 ///
 /// # Errors
 /// I/O errors.
 pub async fn send_descriptor<W: AsyncWrite + Unpin>(
     w: &mut W,
     d: &UpdateDescriptor,
-) -> Result<(), ChannelError> {
+) -> Result<usize, ChannelError> {
     write_frame(w, DESCRIPTOR, &d.encode()).await
 }
 
@@ -393,7 +451,7 @@ enum WireSettle {
 pub async fn send_release<W: AsyncWrite + Unpin>(
     w: &mut W,
     d: &UpdateDescriptor,
-) -> Result<(), ChannelError> {
+) -> Result<usize, ChannelError> {
     write_frame(w, RELEASE, &d.release().encode()).await
 }
 
@@ -405,7 +463,7 @@ pub async fn send_settle<W: AsyncWrite + Unpin>(
     w: &mut W,
     stream_seq: u64,
     settle: &Settle,
-) -> Result<(), ChannelError> {
+) -> Result<usize, ChannelError> {
     let wire = match settle {
         Settle::Ack => WireSettle::Ack { stream_seq },
         Settle::Nak(delay) => {
@@ -519,7 +577,7 @@ pub struct HarvestRecord {
 ///
 /// # Errors
 /// I/O errors.
-pub async fn send_register<W: AsyncWrite + Unpin>(w: &mut W, r: &Register) -> Result<(), ChannelError> {
+pub async fn send_register<W: AsyncWrite + Unpin>(w: &mut W, r: &Register) -> Result<usize, ChannelError> {
     write_frame(w, REGISTER, &shoal_proto::encode(r)).await
 }
 
@@ -527,7 +585,7 @@ pub async fn send_register<W: AsyncWrite + Unpin>(w: &mut W, r: &Register) -> Re
 ///
 /// # Errors
 /// I/O errors.
-pub async fn send_close<W: AsyncWrite + Unpin>(w: &mut W, r: &CloseRequest) -> Result<(), ChannelError> {
+pub async fn send_close<W: AsyncWrite + Unpin>(w: &mut W, r: &CloseRequest) -> Result<usize, ChannelError> {
     write_frame(w, CLOSE, &shoal_proto::encode(r)).await
 }
 
@@ -535,7 +593,10 @@ pub async fn send_close<W: AsyncWrite + Unpin>(w: &mut W, r: &CloseRequest) -> R
 ///
 /// # Errors
 /// I/O errors.
-pub async fn send_progress<W: AsyncWrite + Unpin>(w: &mut W, p: &ProgressRecord) -> Result<(), ChannelError> {
+pub async fn send_progress<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    p: &ProgressRecord,
+) -> Result<usize, ChannelError> {
     write_frame(w, PROGRESS, &shoal_proto::encode(p)).await
 }
 
@@ -557,7 +618,8 @@ pub async fn send_harvest<W: AsyncWrite + Unpin>(
         write_frame(w, HARVEST_CHUNK, &frame).await?;
     }
     record.values = values.len() as u64;
-    write_frame(w, HARVEST, &shoal_proto::encode(&record)).await
+    write_frame(w, HARVEST, &shoal_proto::encode(&record)).await?;
+    Ok(())
 }
 
 /// What a host sends the gateway, decoded.

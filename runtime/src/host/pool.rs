@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use futures::StreamExt;
+use shoal_ebpf::EbpfMode;
 use shoal_proto::{FunctionId, JobId};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Notify};
@@ -33,10 +34,11 @@ use tokio_util::task::TaskTracker;
 use super::channel::{self, ProgressRecord};
 use super::remote::RemoteSink;
 use super::{CloseRound, Delivery, DescriptorSink, RegisterJob, RoundHarvest, RoundProgress};
+use crate::dataplane::{Dataplane, DataplaneConfig};
 use crate::error::{Error, Result};
 use crate::ingest::ledger::{Link, Settle};
 use crate::jobs::JobDirectory;
-use crate::metrics::Metrics;
+use crate::metrics::{ChannelTally, Metrics};
 
 /// Who starts function hosts.
 #[derive(Debug, Clone)]
@@ -107,6 +109,9 @@ struct State {
 struct Inner {
     config: PoolConfig,
     addr: SocketAddr,
+    /// The eBPF sidecar on the listener's port (or plain TCP): each host's connection is
+    /// registered under its function id between its hello and the welcome.
+    dataplane: Dataplane,
     metrics: Arc<Metrics>,
     link: Link,
     directory: JobDirectory,
@@ -129,14 +134,17 @@ enum Route {
 }
 
 impl HostPool {
-    /// Binds the descriptor-channel listener and starts accepting hosts (and, when spawning,
-    /// the idle reaper) on `tracker` until `cancel`; then every host is disconnected and every
-    /// spawned process stopped.
+    /// Binds the descriptor-channel listener, sets up the data plane on its port as `dataplane`
+    /// says (the eBPF sidecar, loaded before any host connects so sock_ops sees every channel),
+    /// and starts accepting hosts (and, when spawning, the idle reaper) on `tracker` until
+    /// `cancel`; then every host is disconnected and every spawned process stopped.
     ///
     /// # Errors
-    /// [`Error::Io`] when the listener cannot be bound.
+    /// [`Error::Io`] when the listener cannot be bound; [`Error::Ebpf`] when `--ebpf required`
+    /// and the sidecar cannot load.
     pub async fn start(
         config: PoolConfig,
+        dataplane: &DataplaneConfig,
         metrics: Arc<Metrics>,
         link: Link,
         directory: JobDirectory,
@@ -147,11 +155,16 @@ impl HostPool {
             .await
             .map_err(|e| Error::io("bind the descriptor channel", e))?;
         let addr = listener.local_addr().map_err(|e| Error::io("descriptor channel address", e))?;
-        tracing::info!(%addr, hosts = ?config.hosts, "descriptor channel listening for function hosts");
+        let dataplane = Dataplane::load(dataplane, &[addr.port()])?;
+        tracing::info!(
+            %addr, hosts = ?config.hosts, ebpf = dataplane.is_attached(),
+            "descriptor channel listening for function hosts"
+        );
         let pool = HostPool {
             inner: Arc::new(Inner {
                 config,
                 addr,
+                dataplane,
                 metrics,
                 link,
                 directory,
@@ -215,6 +228,11 @@ impl HostPool {
         self.inner.addr
     }
 
+    /// The descriptor data plane (the eBPF sidecar, when loaded): its counters and kill switch.
+    pub fn dataplane(&self) -> Dataplane {
+        self.inner.dataplane.clone()
+    }
+
     /// Function ids of the connected hosts.
     pub fn hosts(&self) -> Vec<FunctionId> {
         self.lock().hosts.keys().copied().collect()
@@ -232,11 +250,23 @@ impl HostPool {
     ) {
         let _ = stream.set_nodelay(true);
         let inner = &self.inner;
-        let hello = match channel::accept_hello(&mut stream, Duration::from_secs(5), &inner.metrics).await {
+        let hello = match channel::read_hello(&mut stream, Duration::from_secs(5), &inner.metrics).await {
             Ok(h) => h,
-            Err(_) => return, // counted and logged by `accept_hello`
+            Err(_) => return, // counted and logged by `read_hello`
         };
         let function = hello.function;
+        // Quiet both ways (the hello read, nothing sent yet): register it with the sidecar now,
+        // so every frame from the welcome on is counted for this host and redirected.
+        let Some(registered) = self.register_channel(&mut stream, function).await else { return };
+        match channel::welcome(&mut stream).await {
+            Ok(bytes) => {
+                ChannelTally::new(Arc::clone(&inner.metrics), function).to_host(channel::WELCOME, bytes)
+            }
+            Err(e) => {
+                tracing::warn!(%function, error = %e, "welcoming a function host failed");
+                return;
+            }
+        }
         let (sink, task) = RemoteSink::serve_split(
             stream,
             function,
@@ -277,13 +307,39 @@ impl HostPool {
             self.update_gauges(&st);
             register
         };
-        tracing::info!(%function, job = ?hello.job, "function host connected");
+        let redirect = registered.as_ref().is_some_and(crate::dataplane::Registered::is_registered);
+        tracing::info!(%function, job = ?hello.job, ebpf = redirect, "function host connected");
         if let Some((job, inc)) = register {
             let _ = sink.register(&job, inc).await;
         }
         inner.changed.notify_waiters();
         let _ = task.await;
+        drop(registered);
         self.disconnected(function).await;
+    }
+
+    /// Registers a host's connection with the eBPF sidecar under `function`: `Some(guard)`
+    /// (`Some(None)`: not registered, plain TCP, after a warning with `--ebpf auto`); `None`
+    /// when `--ebpf required` and it cannot be registered (the host is refused).
+    async fn register_channel(
+        &self,
+        stream: &mut tokio::net::TcpStream,
+        function: FunctionId,
+    ) -> Option<Option<crate::dataplane::Registered>> {
+        let plane = &self.inner.dataplane;
+        match plane.register(stream, function) {
+            Ok(registered) => Some(Some(registered)),
+            Err(e) if plane.mode() == EbpfMode::Required => {
+                tracing::error!(%function, error = %e, "--ebpf required: the function host's channel cannot be registered with the eBPF sidecar; refused");
+                let refusal = channel::ChannelError::Refused("not registered with the eBPF sidecar");
+                channel::refuse(stream, &refusal, &self.inner.metrics).await;
+                None
+            }
+            Err(e) => {
+                tracing::warn!(%function, error = %e, "function host's channel not registered with the eBPF sidecar: plain TCP, counted as unregistered");
+                Some(None)
+            }
+        }
     }
 
     /// A host's connection ended: it is forgotten (its updates were handed back by its

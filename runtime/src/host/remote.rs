@@ -124,7 +124,14 @@ impl RemoteSink {
         let sink = RemoteSink { function, tx, in_flight: Arc::clone(&in_flight), split: split.clone() };
         let task = tokio::spawn(async move {
             let (mut r, mut w) = stream.into_split();
-            let ends = Ends { in_flight: &in_flight, link: &link, metrics: &metrics, split: split.as_ref() };
+            let tally = crate::metrics::ChannelTally::new(Arc::clone(&metrics), function);
+            let ends = Ends {
+                in_flight: &in_flight,
+                link: &link,
+                metrics: &metrics,
+                split: split.as_ref(),
+                tally: &tally,
+            };
             let end = tokio::select! {
                 e = write_descriptors(&mut w, rx, &ends) => e,
                 e = read_feedback(&mut r, &ends, progress.as_ref()) => e,
@@ -216,6 +223,8 @@ struct Ends<'a> {
     link: &'a Link,
     metrics: &'a Metrics,
     split: Option<&'a SplitState>,
+    /// The frames written and read, by type.
+    tally: &'a crate::metrics::ChannelTally,
 }
 
 async fn write_descriptors(
@@ -236,13 +245,14 @@ async fn write_descriptors(
                 if sent.is_ok() {
                     ends.metrics.descriptors_sent.inc();
                 }
-                sent
+                sent.map(|n| (channel::DESCRIPTOR, n))
             }
-            Outgoing::Register(r) => channel::send_register(w, &r).await,
-            Outgoing::Close(c) => channel::send_close(w, &c).await,
+            Outgoing::Register(r) => channel::send_register(w, &r).await.map(|n| (channel::REGISTER, n)),
+            Outgoing::Close(c) => channel::send_close(w, &c).await.map(|n| (channel::CLOSE, n)),
         };
-        if let Err(e) = sent {
-            return e;
+        match sent {
+            Ok((kind, bytes)) => ends.tally.to_host(kind, bytes),
+            Err(e) => return e,
         }
     }
     ChannelError::Closed
@@ -254,10 +264,10 @@ async fn read_feedback(
     progress: Option<&mpsc::UnboundedSender<channel::ProgressRecord>>,
 ) -> ChannelError {
     loop {
-        let frame = match channel::read_frame(r)
-            .await
-            .and_then(|(kind, body)| channel::decode_host_frame(kind, &body))
-        {
+        let frame = match channel::read_frame(r).await.and_then(|(kind, body)| {
+            ends.tally.to_gateway(kind, 5 + body.len());
+            channel::decode_host_frame(kind, &body)
+        }) {
             Ok(f) => f,
             Err(e) => return e,
         };
@@ -428,7 +438,7 @@ pub async fn serve_gateway(stream: TcpStream, mut side: HostSide) -> Result<(), 
                 }
             }
             Some(e) = events.recv() => match e {
-                HostEvent::Progress(p) => channel::send_progress(&mut w, &p).await?,
+                HostEvent::Progress(p) => channel::send_progress(&mut w, &p).await.map(|_| ())?,
                 HostEvent::Harvest(request, h) => {
                     let record = channel::HarvestRecord {
                         request,

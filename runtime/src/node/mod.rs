@@ -367,8 +367,8 @@ async fn start_host(
             Ok((HostHandle::Local(host), Arc::new(sink), plane))
         }
         DescriptorChannel::Split(split) => {
-            // The gateway's host pool: plain TCP (the eBPF sidecar is wired to the loopback
-            // channel only so far; README, "Not yet").
+            // The gateway's host pool: its listener carries the eBPF sidecar (when loaded), and
+            // each function-host process's channel is registered under its function id.
             let pool = crate::host::pool::HostPool::start(
                 crate::host::pool::PoolConfig {
                     listen: split.listen,
@@ -376,6 +376,7 @@ async fn start_host(
                     hand_back: ms(config.timings.nak_retry_ms),
                     wait_for_host: split.wait_for_host,
                 },
+                dataplane,
                 Arc::clone(metrics),
                 ledger.link(),
                 directory.clone(),
@@ -383,7 +384,8 @@ async fn start_host(
                 cancel,
             )
             .await?;
-            Ok((HostHandle::Pool(pool.clone()), Arc::new(pool), crate::dataplane::Dataplane::plain()))
+            let plane = pool.dataplane();
+            Ok((HostHandle::Pool(pool.clone()), Arc::new(pool), plane))
         }
     }
 }

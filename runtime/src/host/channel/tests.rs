@@ -67,7 +67,7 @@ async fn a_host_is_welcomed_and_records_flow_both_ways() {
             Feedback::Settle { stream_seq, settle } => {
                 send_settle(&mut host, *stream_seq, settle).await.unwrap()
             }
-        }
+        };
         let (kind, body) = read_frame(&mut gw).await.unwrap();
         assert_eq!(&decode_feedback(kind, &body).unwrap(), f);
     }
