@@ -46,7 +46,13 @@ impl Probe {
         p
     }
 
-    /// The metrics `/metrics` serves from now on (a restarted node instance brings new ones).
+    /// The metrics `/metrics` serves, if set (a node instance started again in the same process
+    /// keeps them, so counters survive the restart).
+    pub fn metrics(&self) -> Option<Arc<Metrics>> {
+        self.inner.metrics.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The metrics `/metrics` serves from now on.
     pub fn set_metrics(&self, metrics: Arc<Metrics>) {
         *self.inner.metrics.write().unwrap_or_else(|p| p.into_inner()) = Some(metrics);
     }

@@ -172,7 +172,10 @@ pub struct NodeHandle {
 pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
     opts.config.validate()?;
     let config = Arc::new(opts.config);
-    let metrics = Arc::new(Metrics::default());
+    // A node instance started again in the same process (after fencing) keeps counting on the
+    // metrics its probe serves: `shoal_nats_disconnects_total` must not fall back to 0 after
+    // the very outage it counts.
+    let metrics = opts.probe.metrics().unwrap_or_default();
     opts.probe.not_ready("NATS and the shared-memory directory");
     opts.probe.set_metrics(Arc::clone(&metrics));
     let mut nats = opts.nats.clone();
@@ -248,6 +251,7 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
     };
     spawn_tasks(&ctx, &tracker).await?;
     opts.probe.ready();
+    tracker.spawn(watch_connection(infra.client.clone(), opts.probe.clone(), cancel.clone()));
     tracing::info!(
         node = %config.node_id, nats = %config.nats_url, max_payload = infra.max_payload(), max_jobs = ?config.max_jobs,
         "node started"
@@ -455,6 +459,29 @@ async fn spawn_tasks(ctx: &NodeContext, tracker: &TaskTracker) -> Result<()> {
         }
     });
     Ok(())
+}
+
+/// `/readyz` follows the NATS connection: 503 while it is down (the client reconnects; updates
+/// wait in JetStream), 200 again once it is back. Checked every 500 ms.
+async fn watch_connection(client: async_nats::Client, probe: Probe, cancel: CancellationToken) {
+    use async_nats::connection::State;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut up = true;
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = client.connection_state() == State::Connected;
+        if now != up {
+            if now {
+                probe.ready();
+            } else {
+                probe.not_ready("NATS (the connection is down; reconnecting)");
+            }
+            up = now;
+        }
+    }
 }
 
 impl NodeHandle {
