@@ -365,6 +365,8 @@ fn harvest_done(ends: &Ends<'_>, record: channel::HarvestRecord) -> Result<(), C
                 slot,
                 asynchronous: h.asynchronous,
                 stream_seq: h.stream_seq,
+                fold_weight: h.fold_weight,
+                staleness: h.staleness,
             }
         })
         .collect();
@@ -442,6 +444,8 @@ pub async fn serve_gateway(stream: TcpStream, mut side: HostSide) -> Result<(), 
                             stream_seq: x.stream_seq,
                             asynchronous: x.asynchronous,
                             kept: x.slot.is_some(),
+                            fold_weight: x.fold_weight,
+                            staleness: x.staleness,
                         }).collect(),
                         last_fold_age_ms: h.last_fold.map(|t| t.elapsed().as_millis() as u64),
                     };
