@@ -540,7 +540,9 @@ async fn an_unreadable_strategy_state_fails_the_job() {
         ShoalClient::connect(&ConnectOptions { url: url.clone(), ..Default::default() }).await.unwrap();
     let infra = infra_of(&client).await;
     let m = manifest();
-    let cases: [(&str, &str, fn(Vec<u8>) -> Vec<u8>); 2] = [
+    /// (job, what the failure reason must say, how the stored state is spoiled).
+    type Case = (&'static str, &'static str, fn(Vec<u8>) -> Vec<u8>);
+    let cases: [Case; 2] = [
         ("corrupt", "corrupt strategy state", |_| b"\x93not a strategy state".to_vec()),
         ("wrongversion", "strategy state version 9 is not supported", |mut bytes| {
             // msgpack named fields: "version" (fixstr 7) then its value, positive fixint 1.

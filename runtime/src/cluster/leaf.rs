@@ -440,31 +440,7 @@ async fn answer_collect(
     if !req.conflicts.is_empty() && lost_a_conflict(ctx, job, rounds, req).await {
         return Ok(());
     }
-    // Asynchronous delta jobs with running statistics: the model versions stale updates were
-    // trained from, read before the harvest is taken (a failed read loses nothing).
-    let current = if bases.needed() {
-        let Some(state) = ctx.directory.get(job).map(|e| e.state.clone()) else { return Ok(()) };
-        if state.round != req.round {
-            tracing::warn!(%job, round = %req.round, open = %state.round, "collection for a round this node does not see open yet");
-            return Ok(());
-        }
-        bases.prepare(&ctx.infra, job, state.model_version).await?;
-        Some(state.model_version)
-    } else {
-        None
-    };
-    let mut harvest = ctx.host.close(CloseRound { job: job.clone(), round: req.round, seal: false }).await?;
-    if let (Some(current), Some(p)) = (current, harvest.partial.as_mut()) {
-        match bases.rebase(current, p, &harvest.held) {
-            Ok(0) => {}
-            Ok(n) => {
-                tracing::debug!(%job, round = %req.round, updates = n, "stale updates' statistics rebased")
-            }
-            Err(e) => {
-                tracing::error!(%job, round = %req.round, error = %e, "rebasing stale statistics failed")
-            }
-        }
-    }
+    let Some(harvest) = rebased_harvest(ctx, job, bases, req).await? else { return Ok(()) };
     let r = rounds.entry(req.round).or_default();
     if let Some(p) = harvest.partial.filter(|p| p.count() > 0) {
         match &mut r.partial {
@@ -544,6 +520,42 @@ async fn answer_collect(
     let bytes = send_remote(&ctx.infra, job, header, out.partial.as_deref()).await?;
     ctx.metrics.partial_bytes_sent.inc_by(bytes);
     Ok(())
+}
+
+/// Takes the round's harvest from the host; in asynchronous delta jobs with running statistics,
+/// rebases its stale updates' statistics first ([`crate::cluster::statistics`]). The model
+/// versions they need are read before the harvest is taken, so a failed read loses nothing;
+/// `None` when this node does not see the collection's round open yet (the top collects again).
+async fn rebased_harvest(
+    ctx: &NodeContext,
+    job: &JobId,
+    bases: &mut crate::cluster::statistics::StatisticBases,
+    req: &CollectRequest,
+) -> Result<Option<crate::host::RoundHarvest>> {
+    let current = if bases.needed() {
+        let Some(state) = ctx.directory.get(job).map(|e| e.state.clone()) else { return Ok(None) };
+        if state.round != req.round {
+            tracing::warn!(%job, round = %req.round, open = %state.round, "collection for a round this node does not see open yet");
+            return Ok(None);
+        }
+        bases.prepare(&ctx.infra, job, state.model_version).await?;
+        Some(state.model_version)
+    } else {
+        None
+    };
+    let mut harvest = ctx.host.close(CloseRound { job: job.clone(), round: req.round, seal: false }).await?;
+    if let (Some(current), Some(p)) = (current, harvest.partial.as_mut()) {
+        match bases.rebase(current, p, &harvest.held) {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::debug!(%job, round = %req.round, updates = n, "stale updates' statistics rebased")
+            }
+            Err(e) => {
+                tracing::error!(%job, round = %req.round, error = %e, "rebasing stale statistics failed")
+            }
+        }
+    }
+    Ok(Some(harvest))
 }
 
 /// Whether this leaf holds one of the collection's conflicting updates under a claim that is not
