@@ -247,3 +247,133 @@ async fn fedfix_commits_once_per_period() {
     let theta2: Vec<f64> = (0..300).map(|e| theta1[e] + d[2][e] / 3.0).collect();
     assert_close(&model(&c, &job, &m, 2).await, &theta2, "θ2");
 }
+
+/// `{w [8], bn.running_mean [3] (statistic), bn.running_var [3] (variance),
+/// bn.num_batches_tracked [] (i64, max)}`.
+fn bn_manifest() -> Arc<ModelManifest> {
+    use shoal_functions::{AggregationPolicy, TensorSpec};
+    let spec =
+        |name: &str, dtype, shape: Vec<usize>, policy| TensorSpec { name: name.into(), dtype, shape, policy };
+    Arc::new(
+        ModelManifest::new(vec![
+            spec("w", DType::F32, vec![8], AggregationPolicy::Mean),
+            spec("bn.running_mean", DType::F32, vec![3], AggregationPolicy::Statistic),
+            spec("bn.running_var", DType::F32, vec![3], AggregationPolicy::Variance),
+            spec("bn.num_batches_tracked", DType::I64, vec![], AggregationPolicy::Max),
+        ])
+        .unwrap(),
+    )
+}
+
+/// Running statistics through FedBuff with stale clients on two nodes (issue 14 §3): K = 4,
+/// s(τ) = 1/√(1+τ), η_g = 0.5, clients trained from versions up to 3 behind. Over 6 commits,
+/// checked against f64 values computed here from the policies' definitions:
+/// - `bn.running_mean` and `bn.running_var` are the s(τ)-weighted means of the values the
+///   clients computed (their base plus their delta), never scaled by η_g or divided by K, and
+///   `running_var` is finite and ≥ 0 — the leaves rebase each stale delta's statistics from
+///   the client's base to the current model before their partial leaves the node;
+/// - `w` = θ + η_g · Σ s(τ_k) Δ_k / K; the counter = θ + max_k Δ_k (its `max` policy);
+/// - the committed file holds exactly the four keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fedbuff_with_stale_clients_keeps_running_statistics_at_the_weighted_mean() {
+    use rand::{Rng, SeedableRng};
+    const K: usize = 4;
+    let (_nats, nodes, c) = setup().await;
+    let m = bn_manifest();
+    let job = JobId::new("bnbuff").unwrap();
+    let mut spec = fedbuff_spec("bnbuff", &m, K as u32, 60_000);
+    spec.strategy = serde_json::from_value(serde_json::json!({
+        "name": "fedbuff", "buffer_size": K,
+        "staleness": {"kind": "polynomial", "exponent": 0.5},
+        "normalisation": "by_buffer_size", "example_weight": "equal", "server_lr": 0.5
+    }))
+    .unwrap();
+    let initial = vec![vec![0.0; 8], vec![0.5; 3], vec![0.3; 3], vec![7.0]];
+    let initial = Parameters::from_f64(Arc::clone(&m), &initial).unwrap();
+    jobs::create_job(&shoal_testkit::infra_of(&c).await, &spec, Some(&initial)).await.unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(14);
+    let version = |c: &ShoalClient, v: u64| {
+        let (c, job, m) = (c.clone(), job.clone(), Arc::clone(&m));
+        async move {
+            let bytes = c.fetch_model(&job, ModelVersion(v)).await.unwrap();
+            let p = Parameters::from_safetensors(Arc::clone(&m), &bytes).unwrap();
+            let values: Vec<Vec<f64>> = (0..4).map(|i| p.tensor_f64(i)).collect();
+            (values, bytes)
+        }
+    };
+    let mut history = vec![version(&c, 0).await.0];
+    let mut stale_rounds = 0;
+    for r in 1..=6u64 {
+        c.wait_for_open_round(&job, RoundId(r), Duration::from_secs(30)).await.unwrap();
+        let current = r - 1;
+        let theta = history[current as usize].clone();
+        let mut stats_num = [vec![0.0; 3], vec![0.0; 3]];
+        let (mut total, mut w_sum, mut count_max) = (0.0, vec![0.0; 8], i64::MIN);
+        for k in 0..K {
+            // Client 0 is as stale as the job allows (3, or all the history there is).
+            let tau = if k == 0 { current.min(3) } else { rng.gen_range(0..=current.min(3)) };
+            let base = &history[(current - tau) as usize];
+            let w: Vec<f64> = base[0].iter().map(|x| x + rng.gen_range(-0.5..0.5)).collect();
+            let mean: Vec<f64> = (0..3).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let var: Vec<f64> = (0..3)
+                .map(|e| if e == 0 { rng.gen_range(0.0..1e-4) } else { rng.gen_range(0.0..0.2) })
+                .collect();
+            let count = vec![base[3][0] + f64::from(rng.gen_range(1u32..50))];
+            let computed = [w, mean, var, count];
+            let d: Vec<Vec<f64>> = computed
+                .iter()
+                .zip(base)
+                .map(|(v, b)| v.iter().zip(b).map(|(x, y)| x - y).collect())
+                .collect();
+            let d = as_sent(&m, &d);
+            let s = 1.0 / (1.0 + tau as f64).sqrt();
+            total += s;
+            for (i, num) in stats_num.iter_mut().enumerate() {
+                for e in 0..3 {
+                    num[e] += s * (base[i + 1][e] + d[i + 1][e]);
+                }
+            }
+            for e in 0..8 {
+                w_sum[e] += s * d[0][e];
+            }
+            count_max = count_max.max(d[3][0] as i64);
+            c.publish_update(UpdateRequest {
+                job: job.clone(),
+                client: ClientId::new(format!("c{k}")).unwrap(),
+                round: RoundId(r),
+                base_version: ModelVersion(current - tau),
+                num_examples: 10,
+                kind: UpdateKind::Delta,
+                payload: payload(&m, &d),
+                force_upload: false,
+            })
+            .await
+            .unwrap();
+            if tau > 0 && k == 0 {
+                stale_rounds += 1;
+            }
+        }
+        let st = wait_version(&c, &job, r, &nodes).await;
+        match st.last_outcome {
+            Some(RoundOutcome::Committed { clients, .. }) => assert_eq!(clients as usize, K),
+            other => panic!("round {r}: {other:?}\n{}", logs(&nodes)),
+        }
+        let (got, bytes) = version(&c, r).await;
+        let names: std::collections::BTreeSet<String> =
+            safetensors::SafeTensors::deserialize(&bytes).unwrap().names().into_iter().cloned().collect();
+        let want_names: std::collections::BTreeSet<String> =
+            m.tensors().iter().map(|t| t.name.to_string()).collect();
+        assert_eq!(names, want_names, "round {r}: key set");
+        let w_want: Vec<f64> = (0..8).map(|e| theta[0][e] + 0.5 * w_sum[e] / K as f64).collect();
+        assert_close(&got[0], &w_want, &format!("round {r}: w"));
+        let mean_want: Vec<f64> = stats_num[0].iter().map(|x| x / total).collect();
+        assert_close(&got[1], &mean_want, &format!("round {r}: bn.running_mean\n{}", logs(&nodes)));
+        let var_want: Vec<f64> = stats_num[1].iter().map(|x| (x / total).max(0.0)).collect();
+        assert!(got[2].iter().all(|v| v.is_finite() && *v >= 0.0), "round {r}: running_var {:?}", got[2]);
+        assert_close(&got[2], &var_want, &format!("round {r}: bn.running_var"));
+        assert_eq!(got[3][0] as i64, theta[3][0] as i64 + count_max, "round {r}: num_batches_tracked");
+        eprintln!("round {r}: running_var {:?} (weighted mean {:?})", got[2], var_want);
+        history.push(got);
+    }
+    assert!(stale_rounds >= 5, "stale clients in {stale_rounds} rounds");
+}

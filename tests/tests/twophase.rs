@@ -243,3 +243,112 @@ async fn three_nodes_spread_the_work_and_move_only_scalars() {
         assert!(per_client < update / 20.0, "{name}: update bytes cross nodes ({per_client} per client)");
     }
 }
+
+/// A leaf SIGKILLed between the two phases of an RFFL round (issue 14): node n3 joins a 2-node
+/// cluster after the top is chosen, with [`shoal_runtime::cluster::twophase::HOLD_ENV`] set so
+/// that it waits 30 s after its phase-1 answer; the test kills it as soon as its log says it
+/// holds (deterministically between the phases). The top's phase-2 wait fails, it collects
+/// again, the dead node's updates reach the survivors (adopted, or redelivered after the 3 s
+/// ack wait) and both phases run again: every committed model equals
+/// the single-node oracle (an update folded twice or lost would change RFFL's weights), every
+/// commit counts each client once, and the rewards after the last round match.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaf_killed_between_the_phases_changes_nothing() {
+    const CLIENTS: usize = 8;
+    const ROUNDS: u64 = 4;
+    init_logging();
+    let nats = NatsServer::start().unwrap();
+    let url = nats.url();
+    let mut nodes = cluster(&url, 2).await;
+    let client = connect(&url).await;
+    let m = manifest();
+    let name = "rffl-leafkill";
+    let job = JobId::new(name).unwrap();
+    let mut spec: JobSpec = job_spec(name, (*m).clone(), CLIENTS as u32, CLIENTS as u32, 60_000, ROUNDS + 1);
+    spec.strategy = rffl("reference-code");
+    spec.update_kind = UpdateKind::Delta;
+    jobs::create_job(&infra_of(&client).await, &spec, None).await.unwrap();
+    client.wait_for_open_round(&job, RoundId(1), Duration::from_secs(60)).await.unwrap();
+    // The top is n1 or n2 now; n3 only leads a leaf.
+    let hold = [(shoal_runtime::cluster::twophase::HOLD_ENV, "30000")];
+    nodes.push(NodeProcess::start_with(&url, "n3", NODE_ARGS, &hold, None).await);
+    let mut oracle = shoal_functions::factory::build_strategy(&spec).unwrap();
+    let mut global = Parameters::zeros(Arc::clone(&m));
+    let mut killed_in = None;
+    for r in 1..=ROUNDS {
+        client.wait_for_open_round(&job, RoundId(r), Duration::from_secs(60)).await.unwrap();
+        let mut staged = Vec::new();
+        for c in 0..CLIENTS {
+            let values = delta(&m, c, r);
+            let n = 5 + 3 * c as u64;
+            client
+                .publish_update(UpdateRequest {
+                    job: job.clone(),
+                    client: ClientId::new(format!("c{c}")).unwrap(),
+                    round: RoundId(r),
+                    base_version: ModelVersion(r - 1),
+                    num_examples: n,
+                    kind: UpdateKind::Delta,
+                    payload: payload(&m, &values),
+                    force_upload: false,
+                })
+                .await
+                .unwrap();
+            staged.push(stage(&m, &format!("c{c}"), &values, n as f64));
+        }
+        if killed_in.is_none() {
+            // n3 holds after its phase-1 answer if it staged any of this round's updates;
+            // otherwise the round commits without it and the next round tries again.
+            loop {
+                if nodes[2].log().contains("phase 1 answered; holding") {
+                    nodes[2].kill();
+                    killed_in = Some(r);
+                    eprintln!("round {r}: n3 SIGKILLed between its phase-1 answer and phase 2");
+                    break;
+                }
+                if state_after(&client, name, r).await.is_some() {
+                    eprintln!("round {r}: n3 staged none of the round's updates; trying the next round");
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let st = client.wait_for_round_closed(&job, RoundId(r), Duration::from_secs(60)).await.unwrap();
+        match st.last_outcome {
+            Some(RoundOutcome::Committed { clients: got, .. }) => {
+                assert_eq!(got as usize, CLIENTS, "round {r}: each client once\n{}", logs(&nodes));
+            }
+            other => panic!("round {r} did not commit: {other:?}\n{}", logs(&nodes)),
+        }
+        let views: Vec<UpdateView<'_>> = staged.iter().map(|s| view(&m, s)).collect();
+        let want = oracle.aggregate_cohort(&views, &global).unwrap();
+        let bytes = client.fetch_model(&job, ModelVersion(r)).await.unwrap();
+        let got = Parameters::from_safetensors(Arc::clone(&m), &bytes).unwrap();
+        assert_params_close(&got, &want, &format!("{name} round {r}"));
+        global = want;
+    }
+    let killed_in = killed_in.expect("n3 never staged an update in 4 rounds of 8 clients");
+    for c in 0..CLIENTS {
+        let id = ClientId::new(format!("c{c}")).unwrap();
+        let want = oracle.client_reward(&id).unwrap().unwrap();
+        let bytes = client.fetch_reward(&job, &id).await.unwrap();
+        let got = Parameters::from_safetensors(Arc::clone(&m), &bytes).unwrap();
+        assert_params_close(&got, &want, &format!("{name}: reward of {id}"));
+    }
+    // The top saw the exchange fail and collected again; the dead node's updates reached the
+    // survivors by adoption or by JetStream's redelivery (ack wait 3 s here), whichever first.
+    let top_log: String = nodes[..2].iter().map(|n| n.log()).collect();
+    for line in top_log.lines().filter(|l| {
+        l.contains("collecting again")
+            || l.contains("adopt")
+            || l.contains(&format!("round={killed_in} outcome"))
+    }) {
+        eprintln!("{line}");
+    }
+    assert!(
+        top_log.contains("collecting again"),
+        "round {killed_in}: no second collection\n{}",
+        logs(&nodes)
+    );
+    shoal_client::jobs::cancel_job(&infra_of(&client).await, &job, "test done").await.unwrap();
+}

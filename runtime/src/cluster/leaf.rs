@@ -302,6 +302,7 @@ pub async fn run_leaf(ctx: NodeContext, job: JobId) -> Result<()> {
         ctx.membership.clone(),
     );
     let mut rounds: BTreeMap<RoundId, LeafRound> = BTreeMap::new();
+    let mut bases = crate::cluster::statistics::StatisticBases::new(&entry.spec, &manifest);
     // Updates accepted per round on this node (cumulative, from the host).
     let mut accepted: BTreeMap<RoundId, u32> = BTreeMap::new();
     let t = &ctx.config.timings;
@@ -324,7 +325,7 @@ pub async fn run_leaf(ctx: NodeContext, job: JobId) -> Result<()> {
                     }
                 };
                 if req.nodes.contains(&ctx.node) && is_top(&ctx, &job, &req.top).await {
-                    if let Err(e) = answer_collect(&ctx, &job, &manifest, &mut rounds, &mut to_me, &req).await {
+                    if let Err(e) = answer_collect(&ctx, &job, &manifest, &mut rounds, &mut to_me, &mut bases, &req).await {
                         tracing::warn!(%job, round = %req.round, error = %e, "answering a collection failed");
                     }
                 }
@@ -433,12 +434,13 @@ async fn answer_collect(
     manifest: &Arc<ModelManifest>,
     rounds: &mut BTreeMap<RoundId, LeafRound>,
     to_me: &mut async_nats::Subscriber,
+    bases: &mut crate::cluster::statistics::StatisticBases,
     req: &CollectRequest,
 ) -> Result<()> {
     if !req.conflicts.is_empty() && lost_a_conflict(ctx, job, rounds, req).await {
         return Ok(());
     }
-    let harvest = ctx.host.close(CloseRound { job: job.clone(), round: req.round, seal: false }).await?;
+    let Some(harvest) = rebased_harvest(ctx, job, bases, req).await? else { return Ok(()) };
     let r = rounds.entry(req.round).or_default();
     if let Some(p) = harvest.partial.filter(|p| p.count() > 0) {
         match &mut r.partial {
@@ -518,6 +520,42 @@ async fn answer_collect(
     let bytes = send_remote(&ctx.infra, job, header, out.partial.as_deref()).await?;
     ctx.metrics.partial_bytes_sent.inc_by(bytes);
     Ok(())
+}
+
+/// Takes the round's harvest from the host; in asynchronous delta jobs with running statistics,
+/// rebases its stale updates' statistics first ([`crate::cluster::statistics`]). The model
+/// versions they need are read before the harvest is taken, so a failed read loses nothing;
+/// `None` when this node does not see the collection's round open yet (the top collects again).
+async fn rebased_harvest(
+    ctx: &NodeContext,
+    job: &JobId,
+    bases: &mut crate::cluster::statistics::StatisticBases,
+    req: &CollectRequest,
+) -> Result<Option<crate::host::RoundHarvest>> {
+    let current = if bases.needed() {
+        let Some(state) = ctx.directory.get(job).map(|e| e.state.clone()) else { return Ok(None) };
+        if state.round != req.round {
+            tracing::warn!(%job, round = %req.round, open = %state.round, "collection for a round this node does not see open yet");
+            return Ok(None);
+        }
+        bases.prepare(&ctx.infra, job, state.model_version).await?;
+        Some(state.model_version)
+    } else {
+        None
+    };
+    let mut harvest = ctx.host.close(CloseRound { job: job.clone(), round: req.round, seal: false }).await?;
+    if let (Some(current), Some(p)) = (current, harvest.partial.as_mut()) {
+        match bases.rebase(current, p, &harvest.held) {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::debug!(%job, round = %req.round, updates = n, "stale updates' statistics rebased")
+            }
+            Err(e) => {
+                tracing::error!(%job, round = %req.round, error = %e, "rebasing stale statistics failed")
+            }
+        }
+    }
+    Ok(Some(harvest))
 }
 
 /// Whether this leaf holds one of the collection's conflicting updates under a claim that is not

@@ -239,7 +239,14 @@ pub struct Member {
     share: NodeShare,
     /// The base model of the last step answered.
     global: Option<(ModelVersion, Parameters)>,
+    /// Test only: how long to wait after answering a first phase (`SHOAL_TEST_TWOPHASE_HOLD_MS`),
+    /// so that a fault test can SIGKILL this node between the two phases of a round.
+    hold: Option<Duration>,
 }
+
+/// The environment variable that makes a leaf wait between its two-phase answers (test only:
+/// `tests/twophase.rs` kills the node in that window; never set in production).
+pub const HOLD_ENV: &str = "SHOAL_TEST_TWOPHASE_HOLD_MS";
 
 impl Member {
     /// The member of `job` on this node.
@@ -256,6 +263,7 @@ impl Member {
             membership: ctx.membership.clone(),
             share: NodeShare::new(spec, ctx.plugins.as_ref())?,
             global: None,
+            hold: std::env::var(HOLD_ENV).ok().and_then(|v| v.parse().ok()).map(Duration::from_millis),
         })
     }
 
@@ -339,6 +347,10 @@ impl Member {
         );
         let n = send(&self.infra, subject, answer, object, |a, o| a.object = Some(o), &body).await?;
         self.metrics.twophase_bytes_sent.inc_by(n);
+        if let (true, Some(hold)) = (first, self.hold) {
+            tracing::warn!(job = %self.job, round = %req.round, hold_ms = hold.as_millis() as u64, "phase 1 answered; holding before phase 2 ({HOLD_ENV})");
+            tokio::time::sleep(hold).await;
+        }
         Ok(())
     }
 }

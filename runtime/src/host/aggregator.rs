@@ -117,9 +117,9 @@ impl Actor for Aggregator {
     }
 }
 
-/// What a fold on the blocking thread hands back: the strategy, the partial, the batch and the
-/// updates it refused (position in the batch, why).
-type Folded = (Box<dyn Strategy>, PartialAggregate, Vec<Delivery>, Vec<(usize, String)>);
+/// What a fold on the blocking thread hands back: the strategy, the partial, the batch, the
+/// updates it refused (position in the batch, why) and each update's fold weight (by position).
+type Folded = (Box<dyn Strategy>, PartialAggregate, Vec<Delivery>, Vec<(usize, String)>, Vec<f64>);
 
 /// Folds `batch` into `partial` (a new one when `None`) on a blocking thread: each update's
 /// coefficient comes from the strategy (`num_examples` for FedAvg, scaled or replaced by
@@ -139,6 +139,7 @@ fn fold_on_blocking_thread(
     let mut failed: Vec<(usize, String)> = Vec::new();
     let mut views: Vec<UpdateView<'_>> = Vec::with_capacity(batch.len());
     let mut index: Vec<usize> = Vec::with_capacity(batch.len());
+    let mut weights = vec![0.0; batch.len()];
     for (i, d) in batch.iter().enumerate() {
         let (client, n, staleness) =
             (&d.descriptor.client, d.descriptor.num_examples, d.descriptor.staleness.0);
@@ -146,6 +147,7 @@ fn fold_on_blocking_thread(
             Ok(w) if w > 0.0 => {
                 views.push(UpdateView { manifest, bytes: d.view.bytes(), weight: w, client });
                 index.push(i);
+                weights[i] = w;
             }
             Ok(w) => failed.push((i, format!("the strategy gives this update weight {w}"))),
             Err(e) => failed.push((i, e.to_string())),
@@ -160,7 +162,7 @@ fn fold_on_blocking_thread(
         }
     }
     drop(views);
-    (strategy, partial, batch, failed)
+    (strategy, partial, batch, failed, weights)
 }
 
 impl Aggregator {
@@ -184,7 +186,7 @@ impl Aggregator {
             fold_on_blocking_thread(strategy, partial, batch, &manifest, fold_delay)
         });
         ctx.spawn(work.into_actor(self).map(|res, act, ctx| {
-            let Ok((strategy, partial, batch, failed)) = res else {
+            let Ok((strategy, partial, batch, failed, weights)) = res else {
                 // A panic in a kernel is a bug, not bad input (input is validated before it is
                 // staged). Crash-only: JetStream redelivers every un-acked update to the
                 // restarted node, so nothing is lost or applied twice.
@@ -194,14 +196,14 @@ impl Aggregator {
             act.strategy = Some(strategy);
             act.partial = Some(partial);
             act.in_fold = false;
-            act.after_fold(batch, &failed);
+            act.after_fold(batch, &failed, &weights);
             act.maybe_fold(ctx);
         }));
     }
 
     /// Releases the folded updates' slots (a streaming strategy is done with the bytes), refuses
     /// the ones that failed, and reports progress.
-    fn after_fold(&mut self, batch: Vec<Delivery>, failed: &[(usize, String)]) {
+    fn after_fold(&mut self, batch: Vec<Delivery>, failed: &[(usize, String)], weights: &[f64]) {
         let before = self.held.len();
         for (i, d) in batch.into_iter().enumerate() {
             let seq = d.descriptor.stream_seq;
@@ -217,6 +219,8 @@ impl Aggregator {
                 slot: None,
                 asynchronous: self.asynchronous,
                 stream_seq: seq,
+                fold_weight: weights.get(i).copied().unwrap_or(0.0),
+                staleness: d.descriptor.staleness.0,
             });
         }
         tracing::trace!(job = %self.job, round = self.round.0, accepted = self.held.len(), "folded");
@@ -267,6 +271,8 @@ impl Handler<Delivery> for Aggregator {
                 stream_seq: msg.descriptor.stream_seq,
                 slot: Some(msg.view),
                 asynchronous: self.asynchronous,
+                fold_weight: 0.0,
+                staleness: msg.descriptor.staleness.0,
             });
             self.host.do_send(Progress { job: self.job.clone(), round: self.round, added: 1 });
             return;

@@ -539,7 +539,7 @@ pub struct ProgressRecord {
 }
 
 /// One update a harvest covers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HarvestedUpdate {
     /// Sender.
     pub client: ClientId,
@@ -552,6 +552,12 @@ pub struct HarvestedUpdate {
     /// The host kept the bytes (whole-cohort strategies): the gateway's own view of the slot
     /// stands in for it.
     pub kept: bool,
+    /// The coefficient the host folded it with (0 when kept).
+    #[serde(default)]
+    pub fold_weight: f64,
+    /// Model versions between its base and the round's base.
+    #[serde(default)]
+    pub staleness: u64,
 }
 
 /// `HARVEST`: the answer to a [`CloseRequest`], after its `HARVEST_CHUNK` frames.

@@ -138,6 +138,11 @@ pub struct Held {
     /// Its message's stream sequence (the ledger's key; named in the commit record when the
     /// round applies it).
     pub stream_seq: u64,
+    /// The coefficient it was folded into the partial with (the strategy's `update_weight`);
+    /// 0 when its bytes are kept instead (whole-cohort strategies).
+    pub fold_weight: f64,
+    /// Model versions between its base and the round's base (asynchronous modes; 0 otherwise).
+    pub staleness: u64,
 }
 
 /// What a closed round hands to the coordinator.

@@ -375,6 +375,8 @@ fn harvest_done(ends: &Ends<'_>, record: channel::HarvestRecord) -> Result<(), C
                 slot,
                 asynchronous: h.asynchronous,
                 stream_seq: h.stream_seq,
+                fold_weight: h.fold_weight,
+                staleness: h.staleness,
             }
         })
         .collect();
@@ -382,6 +384,19 @@ fn harvest_done(ends: &Ends<'_>, record: channel::HarvestRecord) -> Result<(), C
         record.last_fold_age_ms.and_then(|a| Instant::now().checked_sub(Duration::from_millis(a)));
     let _ = p.done.send(RoundHarvest { partial, held, last_fold });
     Ok(())
+}
+
+/// The record of one harvested update that crosses the channel to the gateway.
+fn harvested(x: &Held) -> channel::HarvestedUpdate {
+    channel::HarvestedUpdate {
+        client: x.client.clone(),
+        num_examples: x.num_examples,
+        stream_seq: x.stream_seq,
+        asynchronous: x.asynchronous,
+        kept: x.slot.is_some(),
+        fold_weight: x.fold_weight,
+        staleness: x.staleness,
+    }
 }
 
 /// Reports its stream sequence when the last view of a slot is dropped.
@@ -446,13 +461,7 @@ pub async fn serve_gateway(stream: TcpStream, mut side: HostSide) -> Result<(), 
                         total_weight: h.partial.as_ref().map_or(0.0, |p| p.total_weight()),
                         count: h.partial.as_ref().map_or(0, |p| p.count()),
                         first_owners: h.partial.as_ref().map(|p| p.first_owners().to_vec()).unwrap_or_default(),
-                        held: h.held.iter().map(|x| channel::HarvestedUpdate {
-                            client: x.client.clone(),
-                            num_examples: x.num_examples,
-                            stream_seq: x.stream_seq,
-                            asynchronous: x.asynchronous,
-                            kept: x.slot.is_some(),
-                        }).collect(),
+                        held: h.held.iter().map(harvested).collect(),
                         last_fold_age_ms: h.last_fold.map(|t| t.elapsed().as_millis() as u64),
                     };
                     let values = h.partial.as_ref().map(|p| p.values()).unwrap_or(&[]);

@@ -137,6 +137,8 @@ struct Top<'a> {
     exchange_failures: u32,
     /// RFFL and Bristle: this node's share of their two-phase exchanges (built on first use).
     share: Option<crate::cluster::twophase::NodeShare>,
+    /// Set at start when the committed strategy state cannot be restored: the job fails.
+    restore_failure: Option<StateFailure>,
     /// The job's incarnation in this node's directory (a job deleted and created again under
     /// the same id is another one).
     incarnation: u64,
@@ -166,6 +168,9 @@ async fn run(
     lease: lease::Continuity,
 ) -> Result<()> {
     let mut top = Top::start(ctx, job, incarnation, cancel, lease).await?;
+    if let Some(why) = top.restore_failure.take() {
+        return top.refuse(why.to_string()).await;
+    }
     if top.state.phase == JobPhase::Running {
         if let Err(why) = top.fits_node() {
             return top.refuse(format!("refused by node {}: {why}", ctx.node)).await;
@@ -207,7 +212,11 @@ impl<'a> Top<'a> {
         let local = ctx.local.register(&job);
         let mut strategy = fresh_strategy(ctx, &spec)?;
         let (state, revision) = jobs::load_state(&ctx.infra, &job).await?;
-        restore_strategy(ctx, &job, state.model_version, &mut *strategy).await;
+        let restore_failure = if state.phase == JobPhase::Running {
+            restore_strategy(ctx, &job, state.model_version, &mut *strategy).await?.err()
+        } else {
+            None
+        };
         // Whole-cohort strategies read it during the round (exchanges); streaming ones only at
         // the close.
         let global = match strategy.mergeability() {
@@ -246,6 +255,7 @@ impl<'a> Top<'a> {
             inbox,
             exchange_failures: 0,
             share: None,
+            restore_failure,
             incarnation,
             changes: ctx.directory.subscribe(),
         })
@@ -550,16 +560,23 @@ impl<'a> Top<'a> {
         if model {
             // The strategy state this commit leaves, keyed by the version it goes with, written
             // before the job state names that version (a top taking over at `version` finds it).
-            match self.strategy.save_state() {
-                Ok(bytes) if bytes.len() <= shoal_functions::state::MAX_STATE_BYTES => {
-                    jobs::put_strategy_state(&self.ctx.infra, &self.job, version, &bytes).await?;
-                }
-                Ok(bytes) => tracing::error!(
-                    job = %self.job, %version, bytes = bytes.len(), limit = shoal_functions::state::MAX_STATE_BYTES,
-                    "strategy state too large to persist: a top taking over starts this strategy from its defaults"
-                ),
-                Err(e) => {
-                    tracing::error!(job = %self.job, %version, error = %e, "strategy state not persisted")
+            let saved = match self.strategy.save_state() {
+                Ok(bytes) if bytes.len() <= shoal_functions::state::MAX_STATE_BYTES => Ok(bytes),
+                Ok(bytes) => Err(format!(
+                    "{} bytes, over the {}-byte limit",
+                    bytes.len(),
+                    shoal_functions::state::MAX_STATE_BYTES
+                )),
+                Err(e) => Err(e.to_string()),
+            };
+            match saved {
+                Ok(bytes) => jobs::put_strategy_state(&self.ctx.infra, &self.job, version, &bytes).await?,
+                Err(detail) => {
+                    // A commit whose state a later top could not restore would fail the job then;
+                    // fail it now, at the version that still has its state.
+                    let why = StateFailure::Unsaved { version: version.0, detail };
+                    self.refuse(why.to_string()).await?;
+                    return Ok(Step::Stop);
                 }
             }
             if let Some(global) = &self.global {
@@ -585,7 +602,14 @@ impl<'a> Top<'a> {
                                     // This top's strategy already stepped past the committed version: take the
                                     // state the winner committed with it instead.
                 self.strategy = fresh_strategy(self.ctx, &self.spec)?;
-                restore_strategy(self.ctx, &self.job, self.state.model_version, &mut *self.strategy).await;
+                if self.state.phase == JobPhase::Running {
+                    let restored =
+                        restore_strategy(self.ctx, &self.job, self.state.model_version, &mut *self.strategy)
+                            .await?;
+                    if let Err(why) = restored {
+                        self.refuse(why.to_string()).await?;
+                    }
+                }
                 return Ok(Step::Again);
             }
         }
@@ -624,15 +648,16 @@ impl<'a> Top<'a> {
         // there is a bug, not bad input: crash-only, as for folds (ARCHITECTURE.md, "Panics").
         // The strategy moves to the blocking thread and back; a stateless FedAvg stands in
         // meanwhile (nothing runs on it: this task awaits the step).
+        // Asked of the job's strategy (the stand-in below is FedAvg, which may not read the
+        // model: asking it made server optimizers step from zeros).
+        let reads_global = self.strategy.finish_reads_global(&self.manifest);
         // The global model moves to the blocking thread and back too (a streaming strategy
         // writes the new model into it in place: no model-sized copy).
         let mut global = match self.global.take() {
             Some(g) => g,
             // Zeros (untouched pages: no memory until written) when the step writes every
             // element without reading the old model.
-            None if !self.strategy.finish_reads_global(&self.manifest) => {
-                Parameters::zeros(Arc::clone(&self.manifest))
-            }
+            None if !reads_global => Parameters::zeros(Arc::clone(&self.manifest)),
             None => load_global(&self.ctx.infra, &self.job, &self.state, &self.manifest).await?,
         };
         let stand_in =
@@ -1073,41 +1098,95 @@ fn fresh_strategy(ctx: &NodeContext, spec: &JobSpec) -> Result<Box<dyn shoal_fun
     Ok(factory::build_strategy_with(spec, plugins)?)
 }
 
+/// Why a top cannot carry the job's strategy state on: the job fails with this as its reason
+/// (`JobPhase::Failed { reason }` starts with [`StateFailure::as_str`]) rather than continue
+/// from default state, a model sequence no uninterrupted run would produce.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateFailure {
+    /// The state stored with the committed version is refused by the strategy: corrupt bytes, a
+    /// format version this build does not read, another strategy's or configuration's state.
+    #[error("strategy_state_unreadable: the strategy state stored with model version {version} cannot be restored: {source}")]
+    Unreadable {
+        /// The committed model version the state belongs to.
+        version: u64,
+        /// What the strategy found wrong.
+        #[source]
+        source: shoal_functions::state::StateError,
+    },
+    /// No state is stored with the committed version (every commit stores one before the job
+    /// state names its version, so it was deleted or never written).
+    #[error("strategy_state_missing: no strategy state is stored with model version {version}")]
+    Missing {
+        /// The committed model version.
+        version: u64,
+    },
+    /// The state this commit leaves cannot be stored (too large, or the strategy cannot encode
+    /// it): the commit is refused, as a later top could not continue from it.
+    #[error(
+        "strategy_state_unsaved: the strategy state for model version {version} cannot be stored: {detail}"
+    )]
+    Unsaved {
+        /// The model version the commit would produce.
+        version: u64,
+        /// Why.
+        detail: String,
+    },
+}
+
+impl StateFailure {
+    /// The bounded label of this failure (the prefix of the job's failure reason).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            StateFailure::Unreadable { .. } => "strategy_state_unreadable",
+            StateFailure::Missing { .. } => "strategy_state_missing",
+            StateFailure::Unsaved { .. } => "strategy_state_unsaved",
+        }
+    }
+}
+
 /// Restores the strategy state committed with `version` (reputations, optimizer moments), so a
-/// top that takes over continues the uninterrupted run's sequence. Without it (a job committed
-/// before states were stored, or a state that does not fit this strategy) the strategy starts
-/// from its defaults, said in an error log line and counted in
-/// `shoal_strategy_state_restores_total{outcome}`.
+/// top that takes over continues the uninterrupted run's sequence. `Ok(Err(_))`: the state is
+/// missing or refused, and the job must fail with that reason (it is never reset to defaults
+/// silently); each outcome is counted in `shoal_strategy_state_restores_total{event}`
+/// (`restored`, `refused`, `missing`, `unreadable`).
+///
+/// # Errors
+/// NATS errors reading the object (transient: the caller gives up this attempt, not the job).
 async fn restore_strategy(
     ctx: &NodeContext,
     job: &JobId,
     version: shoal_functions::ModelVersion,
     strategy: &mut dyn shoal_functions::Strategy,
-) {
+) -> Result<std::result::Result<(), StateFailure>> {
     if version.0 == 0 {
-        return; // nothing committed yet: the defaults are the state
+        return Ok(Ok(())); // nothing committed yet: the defaults are the state
     }
-    let outcome = match jobs::get_strategy_state(&ctx.infra, job, version).await {
+    let (event, outcome) = match jobs::get_strategy_state(&ctx.infra, job, version).await {
         Ok(Some(bytes)) => match strategy.restore_state(&bytes) {
             Ok(()) => {
                 tracing::info!(%job, %version, bytes = bytes.len(), "strategy state restored");
-                "restored"
+                ("restored", Ok(()))
             }
             Err(e) => {
-                tracing::error!(%job, %version, error = %e, "stored strategy state refused: starting from defaults; the model sequence may differ from an uninterrupted run");
-                "refused"
+                let source = match e {
+                    shoal_functions::Error::InvalidState(s) => s,
+                    other => shoal_functions::state::StateError::Mismatch(other.to_string()),
+                };
+                ("refused", Err(StateFailure::Unreadable { version: version.0, source }))
             }
         },
-        Ok(None) => {
-            tracing::error!(%job, %version, "no strategy state stored with this version: starting from defaults; the model sequence may differ from an uninterrupted run");
-            "missing"
-        }
+        Ok(None) => ("missing", Err(StateFailure::Missing { version: version.0 })),
         Err(e) => {
-            tracing::error!(%job, %version, error = %e, "reading the strategy state failed: starting from defaults");
-            "unreadable"
+            ctx.metrics.strategy_state_restores("unreadable").inc();
+            tracing::warn!(%job, %version, error = %e, "reading the strategy state failed");
+            return Err(e.into());
         }
     };
-    ctx.metrics.strategy_state_restores(outcome).inc();
+    if let Err(why) = &outcome {
+        tracing::error!(%job, %version, error = %why, "strategy state cannot be restored: the job fails");
+    }
+    ctx.metrics.strategy_state_restores(event).inc();
+    Ok(outcome)
 }
 
 async fn load_global(
