@@ -32,9 +32,10 @@ pub struct MemoryArgs {
     /// f32 parameters per update (67,108,864 = 256 MiB).
     #[arg(long, default_value_t = 64 << 20)]
     pub params: usize,
-    /// Root of the node's shared-memory directory.
-    #[arg(long, default_value = "/dev/shm/shoal-bench-memory")]
-    pub shm_dir: PathBuf,
+    /// Root of the node's shared-memory directory (default: a fresh directory under /dev/shm,
+    /// removed at the end).
+    #[arg(long)]
+    pub shm_dir: Option<PathBuf>,
     /// The node's shared-memory budget (MiB); default: one slot, so the gateway stages the next
     /// update once the last is folded (the design's bound). Larger budgets let staging run
     /// ahead of folding, each slot ahead adding one model.
@@ -129,8 +130,26 @@ fn sample_peak(pid: u32, stop: Arc<std::sync::atomic::AtomicBool>) -> std::threa
 /// nats-server missing, the node not starting, NATS errors, a round that does not commit.
 pub async fn memory(a: MemoryArgs) -> Result<()> {
     anyhow::ensure!(a.updates >= 1, "--updates must be at least 1");
-    anyhow::ensure!(a.params >= 1, "--params must be at least 1");
+    anyhow::ensure!(
+        (1..=1 << 32).contains(&a.params),
+        "--params must be between 1 and 4294967296 (16 GiB of f32), got {}",
+        a.params
+    );
     let model_bytes = a.params as u64 * 4;
+    let own_dir = match &a.shm_dir {
+        Some(_) => None,
+        None => Some(
+            tempfile::Builder::new()
+                .prefix("shoal-bench-memory-")
+                .tempdir_in("/dev/shm")
+                .context("a directory under /dev/shm (pass --shm-dir)")?,
+        ),
+    };
+    let shm_dir = a
+        .shm_dir
+        .clone()
+        .or_else(|| own_dir.as_ref().map(|t| t.path().join("node")))
+        .context("no shared-memory directory")?;
     if !a.json {
         println!(
             "shoal bench memory: FedAvg over {} updates of {} f32 ({:.1} MiB each), one node",
@@ -148,7 +167,7 @@ pub async fn memory(a: MemoryArgs) -> Result<()> {
         std::process::Command::new(exe)
             .args(["node", "--nats-url", &url, "--node-id", "bench-memory", "--http", "off"])
             .arg("--shm-dir")
-            .arg(&a.shm_dir)
+            .arg(&shm_dir)
             .args(["--shm-budget-mib", &budget_mib.to_string()])
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::null())
@@ -188,7 +207,8 @@ pub async fn memory(a: MemoryArgs) -> Result<()> {
     drop(client);
     drop(admin);
     drop(nats);
-    let _ = std::fs::remove_dir_all(&a.shm_dir);
+    let _ = std::fs::remove_dir_all(&shm_dir);
+    drop(own_dir);
     let vm_hwm_bytes = hwm_kib * 1024;
     let report = MemoryReport {
         updates: a.updates,
@@ -226,7 +246,7 @@ fn print_report(r: &MemoryReport) {
     );
     println!("where it goes, at the largest sample (design: f64 accumulator 2.00 x + one slot 1.00 x):");
     println!(
-        "  heap (RssAnon):          {:8.1} MiB  {:.2} x   (accumulator, global model at the close, process {:.1} MiB)",
+        "  heap (RssAnon):          {:8.1} MiB  {:.2} x   (f64 accumulator; at the close also the new model; the node's own {:.1} MiB)",
         mib(r.peak.anon_kib),
         of(r.peak.anon_kib),
         mib(r.baseline.anon_kib)

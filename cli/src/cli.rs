@@ -581,8 +581,8 @@ pub struct ClientArgs {
     /// (the reason is printed) or the round closes without a model.
     #[arg(long)]
     wait: bool,
-    /// Give up waiting after this many seconds.
-    #[arg(long, default_value_t = 600)]
+    /// Give up waiting after this many seconds (at least 1).
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
     timeout_secs: u64,
     /// Without --wait: how long to listen for an immediate refusal by the node (a second
     /// update for the same round is refused as duplicate), in milliseconds.
@@ -883,8 +883,9 @@ async fn run_client(a: ClientArgs) -> anyhow::Result<()> {
     }
     anyhow::ensure!(
         kind == spec.update_kind,
-        "--kind {kind:?} does not match job {job}, which takes {:?} updates",
-        spec.update_kind
+        "--kind {} does not match job {job}, which takes {} updates",
+        kind.as_str(),
+        spec.update_kind.as_str()
     );
     Parameters::from_safetensors(Arc::new(spec.manifest.clone()), &payload)
         .with_context(|| format!("{} does not match job {job}'s model manifest", a.update.display()))?;

@@ -501,6 +501,13 @@ pub async fn model_get(a: ModelGetArgs) -> anyhow::Result<()> {
         Some(v) => ModelVersion(v),
         None => state.model_version,
     };
+    // `rounds` is the number of models a job commits: a version past it never exists.
+    let spec = client.job_spec(&job).await?;
+    anyhow::ensure!(
+        version.0 <= spec.rounds,
+        "job {job} commits versions 0 to {} (its `rounds`); version {version} will never exist",
+        spec.rounds
+    );
     if version > state.model_version && a.wait_secs > 0 {
         let timeout = Duration::from_secs(a.wait_secs);
         eprintln!(

@@ -202,7 +202,7 @@ pub fn stage_update(
     }
     let parsed = std::panic::catch_unwind(|| safetensors::SafeTensors::deserialize(payload));
     let st = match parsed {
-        Ok(r) => r.map_err(|e| ValidationError::Malformed(format!("{e:?}")))?,
+        Ok(r) => r.map_err(|e| ValidationError::Malformed(describe_safetensors_error(&e)))?,
         Err(_) => return Err(ValidationError::Malformed("safetensors header offsets overflow".into())),
     };
     if st.len() != manifest.tensors().len() {
@@ -389,9 +389,12 @@ impl<'a> StreamStager<'a> {
             )));
         }
         let malformed = |d: String| ValidationError::Malformed(d);
-        let text = std::str::from_utf8(&self.head[8..]).map_err(|_| malformed("InvalidHeader".into()))?;
-        let meta: safetensors::tensor::Metadata =
-            serde_json::from_str(text).map_err(|_| malformed("InvalidHeaderDeserialization".into()))?;
+        let text = std::str::from_utf8(&self.head[8..]).map_err(|_| {
+            malformed(describe_safetensors_error(&safetensors::SafeTensorError::InvalidHeader))
+        })?;
+        let meta: safetensors::tensor::Metadata = serde_json::from_str(text).map_err(|_| {
+            malformed(describe_safetensors_error(&safetensors::SafeTensorError::InvalidHeaderDeserialization))
+        })?;
         let infos = meta.tensors();
         for name in infos.keys() {
             if m.position(name).is_none() {
@@ -406,7 +409,9 @@ impl<'a> StreamStager<'a> {
             let numel = info.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
             let nbytes = numel.and_then(|n| n.checked_mul(info.dtype.size()));
             if e < b || nbytes != Some(e - b) {
-                return Err(malformed("TensorInvalidInfo".into()));
+                return Err(malformed(describe_safetensors_error(
+                    &safetensors::SafeTensorError::TensorInvalidInfo,
+                )));
             }
             ranges.push((b, e, 0));
         }
@@ -414,13 +419,17 @@ impl<'a> StreamStager<'a> {
         let mut at = 0;
         for &(b, e, _) in &ranges {
             if b != at {
-                return Err(malformed(format!("InvalidOffset at data byte {b}")));
+                return Err(malformed(format!(
+                    "the data offsets of the header leave a gap or an overlap at data byte {b}"
+                )));
             }
             at = e;
         }
         let data_start = self.head.len() as u64;
         if data_start + at as u64 != self.total {
-            return Err(malformed("MetadataIncompleteBuffer".into()));
+            return Err(malformed(describe_safetensors_error(
+                &safetensors::SafeTensorError::MetadataIncompleteBuffer,
+            )));
         }
         let mut plan = Vec::with_capacity(max);
         for (spec, s) in m.tensors().iter().zip(m.slots()) {
@@ -454,6 +463,30 @@ impl<'a> StreamStager<'a> {
         self.data_start = Some(data_start);
         self.head = Vec::new();
         Ok(())
+    }
+}
+
+/// A safetensors parse error in words (the crate's variant names are not messages).
+pub fn describe_safetensors_error(e: &safetensors::SafeTensorError) -> String {
+    use safetensors::SafeTensorError as E;
+    match e {
+        E::HeaderTooSmall => "shorter than the 8-byte header length".into(),
+        E::HeaderTooLarge => "the header length field is above 100,000,000 bytes".into(),
+        E::InvalidHeaderLength => "the header length field points past the end of the payload".into(),
+        E::InvalidHeader => "the header is not UTF-8".into(),
+        E::InvalidHeaderStart => "the header does not start with '{'".into(),
+        E::InvalidHeaderDeserialization => {
+            "the header is not safetensors JSON ({name: {dtype, shape, data_offsets}})".into()
+        }
+        E::MetadataIncompleteBuffer => {
+            "the data does not end where the header says (a truncated payload, or extra bytes)".into()
+        }
+        E::InvalidOffset(name) => {
+            format!("the data offsets of tensor {name:?} leave a gap or an overlap with the previous tensor")
+        }
+        E::TensorInvalidInfo => "a tensor's data offsets do not match its shape and dtype".into(),
+        E::ValidationOverflow => "a tensor's shape overflows".into(),
+        other => format!("safetensors: {other:?}"),
     }
 }
 

@@ -107,9 +107,7 @@ impl UpdateHeaders {
         })?;
         let invalid_weight = |detail: String| HeaderError { reason: RejectReason::InvalidWeight, detail };
         let n = get(HDR_NUM_EXAMPLES).ok_or_else(|| invalid_weight("Shoal-Num-Examples missing".into()))?;
-        let num_examples = parse_decimal(n).ok_or_else(|| {
-            invalid_weight(format!("num_examples {n:?} is not a decimal integer (digits only)"))
-        })?;
+        let num_examples = parse_decimal(n).ok_or_else(|| invalid_weight(not_decimal("num_examples", n)))?;
         let malformed = |detail: String| HeaderError { reason: RejectReason::MalformedHeaders, detail };
         if get(HDR_OBJECT).is_some() {
             return Err(malformed(
@@ -226,7 +224,16 @@ pub fn msg_id_is_own(msg_id: &str, job: &JobId, round: RoundId, client: &ClientI
 fn decimal<'a>(get: &impl Fn(&str) -> Option<&'a str>, name: &str) -> Result<u64, HeaderError> {
     let malformed = |detail: String| HeaderError { reason: RejectReason::MalformedHeaders, detail };
     let v = get(name).ok_or_else(|| malformed(format!("header {name} missing")))?;
-    parse_decimal(v).ok_or_else(|| malformed(format!("header {name}={v:?} is not a decimal integer")))
+    parse_decimal(v).ok_or_else(|| malformed(not_decimal(&format!("header {name}"), v)))
+}
+
+/// Why `v` is not a value [`parse_decimal`] takes: not digits only, or too large for a `u64`.
+fn not_decimal(what: &str, v: &str) -> String {
+    if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+        format!("{what} {v:?} is larger than {} (the largest u64)", u64::MAX)
+    } else {
+        format!("{what} {v:?} is not a decimal integer (digits only)")
+    }
 }
 
 #[cfg(test)]

@@ -77,15 +77,14 @@ impl std::fmt::Display for RoundOutcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             RoundOutcome::Committed { version, clients, total_weight } => {
-                write!(
-                    f,
-                    "committed model version {version} from {clients} updates (total weight {total_weight})"
-                )
+                let s = if *clients == 1 { "" } else { "s" };
+                write!(f, "committed model version {version} from {clients} update{s} (total weight {total_weight})")
             }
             RoundOutcome::QuorumNotMet { accepted, min_clients } => {
+                let s = if *accepted == 1 { "" } else { "s" };
                 write!(
                     f,
-                    "quorum not met: {accepted} updates, {min_clients} needed; the previous model stands"
+                    "quorum not met: {accepted} update{s}, {min_clients} needed; the previous model stands"
                 )
             }
             RoundOutcome::AggregationFailed { detail, .. } => {

@@ -1,5 +1,6 @@
 //! HTTP on a real `shoal node` process: `/healthz` answers from the start, `/readyz` only once
-//! NATS and the shared-memory directory are up, and `/metrics` parses with a Prometheus text
+//! NATS and the shared-memory directory are up and 503 again during a NATS outage (the
+//! counters, `shoal_nats_disconnects_total` among them, surviving it), and `/metrics` parses with a Prometheus text
 //! parser (`prometheus-parse`, independent of the `prometheus-client` encoder the node uses) and
 //! counts a real round. The NATS request/reply metrics subject still answers beside it. The
 //! same for `shoal gateway` (ready only once NATS and its segments are up) and for a
@@ -72,7 +73,7 @@ fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn node_serves_metrics_and_turns_ready_only_once_nats_is_up() {
+async fn node_serves_metrics_and_is_ready_only_while_nats_is_up() {
     init_logging();
     let mut nats = NatsServer::start().unwrap();
     let url = nats.url();
@@ -138,6 +139,35 @@ async fn node_serves_metrics_and_turns_ready_only_once_nats_is_up() {
     // The NATS request/reply subject serves the same registry.
     let nats_text = node.metrics(&client.connection().client).await;
     assert_eq!(value(&parse_strictly(&nats_text), "shoal_updates_staged_total", &[]), Some(2.0));
+
+    // NATS goes away: /readyz says so within a few checks (500 ms apart) and turns ready again
+    // once it is back (the node may fence itself and start again meanwhile); the counters
+    // survive, the disconnect among them.
+    drop(client);
+    nats.kill();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (code, body) = http_get(addr, "/readyz").await.unwrap();
+        if code == 503 {
+            assert!(body.contains("NATS"), "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "still ready 5 s into a NATS outage; log:\n{}", node.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    nats.restart().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http_get(addr, "/readyz").await.unwrap().0 != 200 {
+        assert!(Instant::now() < deadline, "not ready again after NATS came back; log:\n{}", node.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let scrape = parse_strictly(&http_get(addr, "/metrics").await.unwrap().1);
+    assert!(
+        value(&scrape, "shoal_nats_disconnects_total", &[]).unwrap_or(0.0) >= 1.0,
+        "the outage is not counted; log:\n{}",
+        node.log()
+    );
+    assert_eq!(value(&scrape, "shoal_updates_staged_total", &[]), Some(2.0), "counters reset");
 
     // SIGTERM: the listener goes away with the process.
     assert!(node.terminate().success());
