@@ -295,8 +295,21 @@ async fn raw_consumer(
         let name = admin.subjects.uploads_stream(job);
         let uploads = js.get_stream(&name).await.context("the job's upload stream")?;
         let chunks = uploads.clone().info().await?.state.messages;
-        let ordered = uploads.create_consumer(consumer::pull::OrderedConfig::default()).await?;
-        let mut stream = ordered.messages().await?;
+        // A plain pull consumer sized like the node's pulls: an ordered consumer's default
+        // batch (hundreds of 1 MiB chunks) outruns nats-server's 64 MiB per-connection
+        // `max_pending`, and the server cuts the connection off as a slow consumer.
+        let reader = uploads
+            .create_consumer(consumer::pull::Config {
+                ack_policy: consumer::AckPolicy::None,
+                ..Default::default()
+            })
+            .await?;
+        let mut stream = reader
+            .stream()
+            .max_messages_per_batch(cfg.pull_batch as usize)
+            .max_bytes_per_batch(cfg.pull_max_bytes(admin.max_payload()))
+            .messages()
+            .await?;
         for _ in 0..chunks {
             let m =
                 stream.next().await.context("ordered consumer ended")?.map_err(|e| anyhow::anyhow!("{e}"))?;

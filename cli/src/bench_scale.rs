@@ -140,6 +140,13 @@ pub async fn scale(a: ScaleArgs) -> Result<()> {
     );
     let text = node.metrics.encode();
     let get = |name: &str| scrape(&text, name).unwrap_or(0.0);
+    // `shoal_round_latency_seconds` is labelled by job: the sum of the series' sums.
+    let labelled = |name: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
     let r = ScaleReport {
         clients: a.clients,
         update_bytes: update_bytes as u64,
@@ -149,7 +156,7 @@ pub async fn scale(a: ScaleArgs) -> Result<()> {
         stage_s: get("shoal_ingest_stage_seconds_total"),
         claim_s: get("shoal_ingest_claim_seconds_total"),
         fold_s: get("shoal_fold_seconds_total"),
-        commit_s: get("shoal_round_latency_seconds_sum"),
+        commit_s: labelled("shoal_round_latency_seconds_sum"),
     };
     drop(client);
     drop(admin);
