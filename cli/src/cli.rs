@@ -162,6 +162,14 @@ pub enum BenchCommand {
     /// trips per second in process, over loopback TCP and through the eBPF sidecar's SK_MSG
     /// redirect, with their ratios.
     Dataplane(crate::bench_dataplane::DataplaneArgs),
+    /// End-to-end ingest (NATS -> staged -> folded -> committed) of one node against a raw
+    /// JetStream consumer of the same bytes, inline path and upload path, as ratios.
+    /// Example: `shoal bench ingest --inline-updates 5000 --upload-updates 8`.
+    Ingest(crate::bench_ingest::IngestArgs),
+    /// Clients per round: one node, one synchronous FedAvg round of `--clients` inline updates;
+    /// round time, updates/s and where the time goes (publish, gateway, claims, fold, commit).
+    /// Example: `shoal bench scale --clients 10000`.
+    Scale(crate::bench_scale::ScaleArgs),
 }
 
 /// `shoal auth ...`
@@ -637,6 +645,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Hierarchy(a)) => crate::bench::hierarchy(a).await,
         Command::Bench(BenchCommand::Memory(a)) => crate::bench_memory::memory(a).await,
         Command::Bench(BenchCommand::Dataplane(a)) => crate::bench_dataplane::dataplane(a).await,
+        Command::Bench(BenchCommand::Ingest(a)) => crate::bench_ingest::ingest(a).await,
+        Command::Bench(BenchCommand::Scale(a)) => crate::bench_scale::scale(a).await,
     }
 }
 

@@ -8,15 +8,18 @@
 //!   clients;
 //! - [`bench`]: `shoal bench`, whole-system benchmarks that print ratios against limits measured
 //!   in the same run; [`bench_memory`]: `shoal bench memory`, a node's peak memory against the
-//!   model.
-//!   in the same run; [`bench_dataplane`], `shoal bench dataplane`: descriptor round trips in
-//!   process, over loopback TCP and through SK_MSG redirect.
+//!   model; [`bench_dataplane`], `shoal bench dataplane`: descriptor round trips in process,
+//!   over loopback TCP and through SK_MSG redirect; [`bench_ingest`], `shoal bench ingest`: a
+//!   node's end-to-end ingest against a raw JetStream consumer of the same bytes;
+//!   [`bench_scale`], `shoal bench scale`: clients per round and where the round's time goes.
 
 #![forbid(unsafe_code)]
 
 pub mod bench;
 pub mod bench_dataplane;
+pub mod bench_ingest;
 pub mod bench_memory;
+pub mod bench_scale;
 pub mod cli;
 pub mod demo;
 pub mod jobs;

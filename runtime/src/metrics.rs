@@ -165,6 +165,16 @@ pub struct Metrics {
     /// Updates the gateway adopted from a dead node's claims (read from the stream by sequence
     /// instead of waiting for JetStream to redeliver them).
     pub updates_adopted: Counter,
+    /// Seconds the gateway spent taking updates in (after admission: reading an upload's
+    /// chunks, copying into the slot, checking, claiming, handing to the host), summed over
+    /// updates. One gateway takes one update at a time, so this over the round's length is
+    /// its busy fraction.
+    pub ingest_stage_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    /// Of [`Self::ingest_stage_seconds`], the seconds spent on the claim's KV round trips.
+    pub ingest_claim_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    /// Seconds the leaves spent folding (the strategy's fold kernels on their blocking
+    /// threads), summed over batches.
+    pub fold_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
     /// Descriptor-channel frames and connections refused, by reason
     /// ([`crate::host::channel::ChannelErrorKind`]).
     pub descriptor_channel_errors: Family<ReasonLabel, Counter>,
@@ -212,6 +222,21 @@ impl Metrics {
             "bytes_staged",
             "Bytes of client updates staged in shared memory",
             self.bytes_staged.clone(),
+        );
+        registry.register(
+            "ingest_stage_seconds",
+            "Seconds the gateway spent taking admitted updates in (upload read, slot copy, checks, claim, hand-off)",
+            self.ingest_stage_seconds.clone(),
+        );
+        registry.register(
+            "ingest_claim_seconds",
+            "Seconds the gateway spent on update claims in KV",
+            self.ingest_claim_seconds.clone(),
+        );
+        registry.register(
+            "fold_seconds",
+            "Seconds the leaves spent folding updates",
+            self.fold_seconds.clone(),
         );
         registry.register(
             "updates_rejected",
@@ -455,6 +480,9 @@ impl Default for Metrics {
             fencing: Family::default(),
             strategy_state_restores: Family::default(),
             updates_adopted: Counter::default(),
+            ingest_stage_seconds: Counter::default(),
+            ingest_claim_seconds: Counter::default(),
+            fold_seconds: Counter::default(),
             descriptor_channel_errors: Family::default(),
             descriptors_sent: Counter::default(),
             releases_received: Counter::default(),

@@ -161,6 +161,11 @@ pub async fn read<I>(
     )
 }
 
+/// Chunk reads [`read_into`] keeps in flight: enough to cover a direct get's round trip on
+/// loopback while hashing and copying the chunk before, few enough that the chunks waiting
+/// stay a few MiB (chunks are at most `max_payload`).
+pub const CHUNKS_IN_FLIGHT: usize = 4;
+
 /// Why [`read_into`] stopped: the upload itself, or the sink refused a chunk.
 #[derive(Debug)]
 pub enum SinkOr<E> {
@@ -197,11 +202,19 @@ pub async fn read_into<I, E>(
             upload.chunks, upload.bytes
         ))));
     }
+    use futures::StreamExt as _;
     *last_seq = 0;
     let mut hasher = Sha256::new();
-    for i in 0..upload.chunks {
-        let subject = subjects.upload_chunk(job, client, round, i);
-        let m = stream.direct_get_last_for_subject(subject).await.map_err(|e| {
+    // Several direct gets in flight, answers taken in chunk order: the reads overlap their round
+    // trips while the sink and the hash see the same sequence as one read at a time.
+    let mut gets = futures::stream::iter(0..upload.chunks)
+        .map(|i| {
+            let subject = subjects.upload_chunk(job, client, round, i);
+            async move { (i, stream.direct_get_last_for_subject(subject).await) }
+        })
+        .buffered(CHUNKS_IN_FLIGHT);
+    while let Some((i, got)) = gets.next().await {
+        let m = got.map_err(|e| {
             SinkOr::Read(UploadReadError::MissingChunk {
                 index: i,
                 chunks: upload.chunks,

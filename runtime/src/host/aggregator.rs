@@ -182,8 +182,12 @@ impl Aggregator {
         let batch = std::mem::take(&mut self.pending);
         let manifest = Arc::clone(&self.manifest);
         let fold_delay = self.config.fold_delay;
+        let metrics = Arc::clone(&self.metrics);
         let work = tokio::task::spawn_blocking(move || {
-            fold_on_blocking_thread(strategy, partial, batch, &manifest, fold_delay)
+            let started = Instant::now();
+            let folded = fold_on_blocking_thread(strategy, partial, batch, &manifest, fold_delay);
+            metrics.fold_seconds.inc_by(started.elapsed().as_secs_f64());
+            folded
         });
         ctx.spawn(work.into_actor(self).map(|res, act, ctx| {
             let Ok((strategy, partial, batch, failed, weights)) = res else {

@@ -364,13 +364,20 @@ impl Gateway {
                 Ok(())
             }
             Decision::Stage(admitted) => {
-                if let Some(delivery) = self.stage(u, &entry, admitted).await? {
-                    tracing::trace!(job = %u.job, client = %u.client, round = admitted.round.0, "update staged");
-                    if let Err(e) = self.ctx.sink.deliver(delivery).await {
-                        tracing::error!(error = %e, "no function host takes the update; it is handed back at shutdown");
+                let started = std::time::Instant::now();
+                let staged = match self.stage(u, &entry, admitted).await {
+                    Ok(Some(delivery)) => {
+                        tracing::trace!(job = %u.job, client = %u.client, round = admitted.round.0, "update staged");
+                        if let Err(e) = self.ctx.sink.deliver(delivery).await {
+                            tracing::error!(error = %e, "no function host takes the update; it is handed back at shutdown");
+                        }
+                        Ok(())
                     }
-                }
-                Ok(())
+                    Ok(None) => Ok(()),
+                    Err(refusal) => Err(refusal),
+                };
+                self.ctx.metrics.ingest_stage_seconds.inc_by(started.elapsed().as_secs_f64());
+                staged
             }
         }
     }
@@ -457,7 +464,10 @@ impl Gateway {
         // One node stages each (job, round, client): another node may hold this very message
         // (delivered twice) or another update of the client for the round.
         let seen_round = admission::seen_round(admitted, u.headers.round);
-        match self.claim(&u.job, seen_round, &u.client, u.stream_seq).await {
+        let claiming = std::time::Instant::now();
+        let claim = self.claim(&u.job, seen_round, &u.client, u.stream_seq).await;
+        self.ctx.metrics.ingest_claim_seconds.inc_by(claiming.elapsed().as_secs_f64());
+        match claim {
             Claim::Ours => {}
             Claim::HeldElsewhere(node) => {
                 tracing::debug!(job = %u.job, client = %u.client, %node, "update held by another node; left alone");
