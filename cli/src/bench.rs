@@ -22,7 +22,7 @@ use shoal_client::ConnectOptions;
 use shoal_client::{ShoalClient, UpdateRequest};
 use shoal_natsd::NatsServer;
 use shoal_proto::config::NodeConfig;
-use shoal_runtime::metrics::scrape;
+use shoal_runtime::metrics::{scrape, scrape_sum};
 use shoal_runtime::node::{self, NodeOptions};
 
 /// `shoal bench hierarchy` flags.
@@ -159,8 +159,13 @@ async fn run_mode(a: &HierarchyArgs, eager: bool) -> Result<ModeResult> {
     client.wait_for_round_closed(&job, RoundId(1), Duration::from_secs(3600)).await?;
     let round_s = started.elapsed().as_secs_f64();
     let text = node.metrics.encode();
-    let latency_s = scrape(&text, "shoal_round_latency_seconds_sum").context("no round latency recorded")?;
+    // Labelled by job since the metrics carry one.
+    let latency_s =
+        scrape_sum(&text, "shoal_round_latency_seconds_sum").context("no round latency recorded")?;
     node.shutdown().await;
+    // The clients go before their server (else they log a lost connection).
+    drop(client);
+    drop(admin);
     drop(nats);
     Ok(ModeResult { latency_s, round_s })
 }

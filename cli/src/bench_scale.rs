@@ -141,12 +141,7 @@ pub async fn scale(a: ScaleArgs) -> Result<()> {
     let text = node.metrics.encode();
     let get = |name: &str| scrape(&text, name).unwrap_or(0.0);
     // `shoal_round_latency_seconds` is labelled by job: the sum of the series' sums.
-    let labelled = |name: &str| -> f64 {
-        text.lines()
-            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
+    let labelled = |name: &str| shoal_runtime::metrics::scrape_sum(&text, name).unwrap_or(0.0);
     let r = ScaleReport {
         clients: a.clients,
         update_bytes: update_bytes as u64,

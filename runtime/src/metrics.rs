@@ -602,6 +602,21 @@ pub fn scrape(text: &str, name_and_labels: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
 }
 
+/// The sum of metric `name` over all its label sets in Prometheus `text` (a labelled family
+/// such as `shoal_round_latency_seconds_sum{job=...}`, or the unlabelled sample); `None` when
+/// no sample of it is there.
+pub fn scrape_sum(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            if !(rest.starts_with('{') || rest.starts_with(' ')) {
+                return None; // another metric whose name starts with this one
+            }
+            l.rsplit(' ').next()?.parse::<f64>().ok()
+        })
+        .reduce(|a, b| a + b)
+}
+
 /// The gateway's tally of one descriptor channel's frames ([`Metrics::channel_frames`] and
 /// [`Metrics::channel_frame_bytes`] of one function host): the label lookups happen once per
 /// frame type and direction, not once per frame.
