@@ -330,12 +330,12 @@ pub struct GatewayArgs {
     #[arg(long, env = "SHOAL_CHANNEL_LISTEN", default_value = "127.0.0.1:0")]
     channel_listen: std::net::SocketAddr,
     /// Stop a spawned function host after this long without work, in milliseconds (scale to
-    /// zero).
-    #[arg(long, default_value_t = 30_000)]
+    /// zero; at least 1).
+    #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
     host_idle_timeout_ms: u64,
     /// How long an update waits for a function host (a spawned one to connect, an external one
-    /// to register) before it is handed back to JetStream, in milliseconds.
-    #[arg(long, default_value_t = 10_000)]
+    /// to register) before it is handed back to JetStream, in milliseconds (at least 1).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     host_wait_ms: u64,
 }
 
