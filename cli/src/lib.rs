@@ -17,6 +17,7 @@
 pub mod bench;
 pub mod bench_dataplane;
 pub mod bench_memory;
+pub mod bench_split;
 pub mod cli;
 pub mod demo;
 pub mod jobs;

@@ -76,6 +76,11 @@ pub struct PoolConfig {
     /// How long a delivery waits for a host (a spawned one to connect, an external one to
     /// register) before its update is handed back.
     pub wait_for_host: Duration,
+    /// How long a harvest (`CLOSE`) waits for the host's answer. A host that does not answer
+    /// in time hangs (stopped, deadlocked): it is abandoned like a dead one — its connection
+    /// ended, what it held handed back to JetStream, a spawned process killed. Shorter than the
+    /// top's collect timeout, so the leaf still answers the collection.
+    pub harvest_timeout: Duration,
 }
 
 /// A connected host.
@@ -102,6 +107,9 @@ struct State {
     assigned: HashMap<JobId, FunctionId>,
     registered: HashMap<JobId, (u64, mpsc::UnboundedSender<RoundProgress>)>,
     spawned: HashMap<FunctionId, Spawned>,
+    /// Jobs whose spawned host has not folded yet, with when it was spawned (the cold start a
+    /// round sees ends at the first fold: the job's first progress report).
+    cold: HashMap<JobId, Instant>,
     next_function: u32,
 }
 
@@ -200,7 +208,13 @@ impl HostPool {
             let pool = pool.clone();
             tracker.spawn(async move {
                 while let Some(p) = progress_rx.recv().await {
-                    let st = pool.lock();
+                    let mut st = pool.lock();
+                    if let Some(at) = st.cold.remove(&p.job) {
+                        pool.inner
+                            .metrics
+                            .function_host_first_fold_seconds
+                            .observe(at.elapsed().as_secs_f64());
+                    }
                     if let Some((_, tx)) = st.registered.get(&p.job) {
                         let _ = tx.send(RoundProgress { round: p.round, accepted: p.accepted });
                     }
@@ -398,6 +412,7 @@ impl HostPool {
                     match self.spawn(spawn, function, job) {
                         Ok(child) => {
                             self.inner.metrics.function_host_spawns.inc();
+                            st.cold.insert(job.clone(), Instant::now());
                             st.spawned
                                 .insert(function, Spawned { job: job.clone(), child, at: Instant::now() });
                         }
@@ -526,7 +541,16 @@ impl HostPool {
             return RoundHarvest::default();
         };
         let request = self.inner.next_request.fetch_add(1, Ordering::Relaxed);
-        match sink.close(request, &msg, Arc::clone(&entry.manifest)).await {
+        let bound = self.inner.config.harvest_timeout;
+        let answer =
+            match tokio::time::timeout(bound, sink.close(request, &msg, Arc::clone(&entry.manifest))).await {
+                Ok(answer) => answer,
+                Err(_) => {
+                    self.abandon(&sink, bound);
+                    return RoundHarvest::default();
+                }
+            };
+        match answer {
             Ok(h) => {
                 if !h.held.is_empty() {
                     if let Some(host) = self.lock().hosts.get_mut(&sink.function()) {
@@ -540,6 +564,33 @@ impl HostPool {
                 RoundHarvest::default()
             }
         }
+    }
+}
+
+impl HostPool {
+    /// Gives up on a host that did not answer a harvest within `bound`: a spawned process is
+    /// killed at once (SIGKILL: it may be stopped), and the connection is ended from this side,
+    /// which hands back what the host held exactly as when it dies ([`RemoteSink::abandon`]).
+    /// The job is unassigned; its next delivery starts (or picks) another host.
+    fn abandon(&self, sink: &RemoteSink, bound: Duration) {
+        let function = sink.function();
+        let child = {
+            let mut st = self.lock();
+            st.assigned.retain(|_, f| *f != function);
+            self.update_gauges(&st);
+            st.hosts.get_mut(&function).and_then(|h| h.child.take())
+        };
+        self.inner.metrics.function_host_hangs.inc();
+        tracing::warn!(
+            %function, pid = child.as_ref().and_then(tokio::process::Child::id), ?bound,
+            "function host did not answer a harvest in time; abandoned (killed if spawned), what it held is handed back"
+        );
+        if let Some(mut child) = child {
+            let _ = child.start_kill();
+            tokio::spawn(reap(child, function));
+        }
+        sink.abandon();
+        self.inner.changed.notify_waiters();
     }
 }
 

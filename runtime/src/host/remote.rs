@@ -71,6 +71,8 @@ pub struct RemoteSink {
     tx: mpsc::Sender<Outgoing>,
     in_flight: InFlight,
     split: Option<SplitState>,
+    /// Ends the connection from this side ([`Self::abandon`]).
+    abandon: tokio_util::sync::CancellationToken,
 }
 
 impl DescriptorSink for RemoteSink {
@@ -121,7 +123,14 @@ impl RemoteSink {
         let (tx, rx) = mpsc::channel(MAILBOX);
         let in_flight: InFlight = Arc::default();
         let split: Option<SplitState> = progress.as_ref().map(|_| Arc::default());
-        let sink = RemoteSink { function, tx, in_flight: Arc::clone(&in_flight), split: split.clone() };
+        let abandon = tokio_util::sync::CancellationToken::new();
+        let sink = RemoteSink {
+            function,
+            tx,
+            in_flight: Arc::clone(&in_flight),
+            split: split.clone(),
+            abandon: abandon.clone(),
+        };
         let task = tokio::spawn(async move {
             let (mut r, mut w) = stream.into_split();
             let tally = crate::metrics::ChannelTally::new(Arc::clone(&metrics), function);
@@ -135,6 +144,7 @@ impl RemoteSink {
             let end = tokio::select! {
                 e = write_descriptors(&mut w, rx, &ends) => e,
                 e = read_feedback(&mut r, &ends, progress.as_ref()) => e,
+                () = abandon.cancelled() => ChannelError::Abandoned,
             };
             if end.kind() != ChannelErrorKind::Disconnected {
                 metrics.channel_error(end.kind());
@@ -173,7 +183,14 @@ impl RemoteSink {
 
     /// Whether the connection still runs.
     pub fn is_open(&self) -> bool {
-        !self.tx.is_closed()
+        !self.tx.is_closed() && !self.abandon.is_cancelled()
+    }
+
+    /// Ends the connection from the gateway's side, as if the host had died: everything in
+    /// flight and every folded update no harvest took goes back to JetStream, open `CLOSE`
+    /// requests fail. For a host that hangs (stopped, deadlocked) rather than dies.
+    pub fn abandon(&self) {
+        self.abandon.cancel();
     }
 
     /// Asks the host to report the progress of `job`.
