@@ -185,8 +185,8 @@ pub struct Metrics {
     /// Seconds from spawning a function-host process to its first fold (the first progress
     /// report of the job it was spawned for): the cold start a round sees.
     pub function_host_first_fold_seconds: Histogram,
-    /// Function hosts abandoned as hung: a harvest not answered within the bound
-    /// (`--host-harvest-timeout-ms`); what they held was handed back, a spawned one killed.
+    /// Function hosts abandoned as hung: a harvest or a descriptor not answered within the
+    /// bound (`--host-harvest-timeout-ms`); what they held was handed back, a spawned one killed.
     pub function_host_hangs: Counter,
     /// Descriptor-channel messages (one per frame) counted by the eBPF sidecar, by function and
     /// direction, summed over CPUs every counter tick ([`crate::dataplane`]).
@@ -291,7 +291,7 @@ impl Metrics {
         );
         registry.register(
             "function_host_hangs",
-            "Function hosts abandoned because a harvest was not answered in time (spawned ones killed)",
+            "Function hosts abandoned because a harvest or a descriptor was not answered in time (spawned ones killed)",
             self.function_host_hangs.clone(),
         );
     }

@@ -307,6 +307,75 @@ async fn a_sigkilled_function_host_loses_nothing_and_folds_nothing_twice() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_host_that_hangs_is_abandoned_killed_and_loses_nothing() {
+    init_logging();
+    let nats = NatsServer::start().unwrap();
+    let bound_ms = 1500;
+    let node = NodeProcess::start_gateway(
+        &nats.url(),
+        "hang",
+        &["--host-harvest-timeout-ms", &bound_ms.to_string()],
+    )
+    .await;
+    let gateway = node.pid().unwrap();
+    let client = connect(&nats.url()).await;
+    let nc = client.connection().client.clone();
+    let m = manifest();
+    let job = JobId::new("hang").unwrap();
+    // The cohort waits for a fourth update, published once the host is stopped.
+    let spec = job_spec("hang", (*m).clone(), 4, 4, 60_000, 1);
+    jobs::create_job(&infra_of(&client).await, &spec, None).await.unwrap();
+    let state = client.wait_for_open_round(&job, RoundId(1), Duration::from_secs(30)).await.unwrap();
+    let mut sent = Vec::new();
+    for c in 0..3u64 {
+        sent.push(send(&client, &m, &job, &state, c, 1 << c).await);
+    }
+    // Folded and released: the three are only in the host's partial now.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = node.metrics(&nc).await;
+        if scrape(&text, "shoal_descriptor_channel_releases_received_total") == Some(3.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "three releases never came:\n{text}\n{}", node.log());
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let hosts = function_hosts_of(gateway);
+    assert_eq!(hosts.len(), 1, "one function host for the job: {hosts:?}");
+    // The host hangs (SIGSTOP): alive, connected, silent.
+    let stopped = hosts[0];
+    let status = std::process::Command::new("kill").args(["-STOP", &stopped.to_string()]).status().unwrap();
+    assert!(status.success(), "kill -STOP {stopped}");
+    let t0 = Instant::now();
+    sent.push(send(&client, &m, &job, &state, 3, 1 << 3).await);
+    let after = client
+        .wait_for_round_closed(&job, RoundId(1), Duration::from_secs(60))
+        .unwrap_or_else_async(&node)
+        .await;
+    let Some(RoundOutcome::Committed { clients, total_weight, .. }) = after.last_outcome else {
+        panic!("{:?}\n{}", after.last_outcome, node.log());
+    };
+    assert!(
+        t0.elapsed() >= Duration::from_millis(bound_ms),
+        "the round closed before the bound: the stopped host was not what it waited for"
+    );
+    let folded = folded_by_weight(total_weight, clients, 4, "after a SIGSTOP");
+    assert_eq!(folded.len(), 4, "every update folded once: {folded:?}");
+    let bytes = client.fetch_model(&job, ModelVersion(1)).await.unwrap();
+    let model = shoal_functions::Parameters::from_safetensors(Arc::clone(&m), &bytes).unwrap();
+    assert_model_near(&model, &weighted_mean_oracle(&sent), "after a SIGSTOP");
+    let text = node.metrics(&nc).await;
+    assert_eq!(scrape(&text, "shoal_function_host_hangs_total"), Some(1.0), "one host abandoned as hung");
+    assert_eq!(scrape(&text, "shoal_function_host_spawns_total"), Some(2.0), "a new host was cold-started");
+    // The stopped process was killed (SIGKILL reaches a stopped process), not left behind.
+    wait_for("the stopped host is killed", Duration::from_secs(10), &node, || {
+        !function_hosts_of(gateway).contains(&stopped)
+    })
+    .await;
+    assert_stream_drains(&client, Duration::from_secs(20)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_function_host_is_stopped_and_the_next_update_cold_starts_one() {
     init_logging();
     let nats = NatsServer::start().unwrap();

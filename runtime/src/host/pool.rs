@@ -76,10 +76,10 @@ pub struct PoolConfig {
     /// How long a delivery waits for a host (a spawned one to connect, an external one to
     /// register) before its update is handed back.
     pub wait_for_host: Duration,
-    /// How long a harvest (`CLOSE`) waits for the host's answer. A host that does not answer
-    /// in time hangs (stopped, deadlocked): it is abandoned like a dead one — its connection
-    /// ended, what it held handed back to JetStream, a spawned process killed. Shorter than the
-    /// top's collect timeout, so the leaf still answers the collection.
+    /// How long a harvest (`CLOSE`), or a descriptor, waits for the host's answer. A host that
+    /// does not answer in time hangs (stopped, deadlocked): it is abandoned like a dead one —
+    /// its connection ended, what it held handed back to JetStream, a spawned process killed.
+    /// Shorter than the top's collect timeout, so the leaf still answers the collection.
     pub harvest_timeout: Duration,
 }
 
@@ -221,15 +221,27 @@ impl HostPool {
                 }
             });
         }
-        if let Hosts::Spawn(spawn) = &pool.inner.config.hosts {
-            let (pool, cancel, idle) = (pool.clone(), cancel.clone(), spawn.idle_timeout);
-            let every = (idle / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
+        {
+            // The idle reaper (spawned hosts) and the hang watchdog (every host).
+            let idle = match &pool.inner.config.hosts {
+                Hosts::Spawn(spawn) => Some(spawn.idle_timeout),
+                Hosts::External => None,
+            };
+            let hang = pool.inner.config.harvest_timeout;
+            let (pool, cancel) = (pool.clone(), cancel.clone());
+            let every =
+                (idle.unwrap_or(hang).min(hang) / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
             tracker.spawn(async move {
                 let mut tick = tokio::time::interval(every);
                 loop {
                     tokio::select! {
                         _ = cancel.cancelled() => break,
-                        _ = tick.tick() => pool.reap_idle(idle),
+                        _ = tick.tick() => {
+                            if let Some(idle) = idle {
+                                pool.reap_idle(idle);
+                            }
+                            pool.abandon_hung(hang);
+                        }
                     }
                 }
             });
@@ -568,7 +580,24 @@ impl HostPool {
 }
 
 impl HostPool {
-    /// Gives up on a host that did not answer a harvest within `bound`: a spawned process is
+    /// Abandons every host that has left a descriptor unanswered (no frame at all since it
+    /// was written) for `bound`: it is stopped or deadlocked, and the round would otherwise
+    /// wait for its deadline.
+    fn abandon_hung(&self, bound: Duration) {
+        let hung: Vec<RemoteSink> = self
+            .lock()
+            .hosts
+            .values()
+            .filter(|h| h.sink.is_open() && h.sink.unanswered_for().is_some_and(|t| t >= bound))
+            .map(|h| h.sink.clone())
+            .collect();
+        for sink in hung {
+            self.abandon(&sink, bound);
+        }
+    }
+
+    /// Gives up on a host that did not answer a harvest or a descriptor within `bound`: a
+    /// spawned process is
     /// killed at once (SIGKILL: it may be stopped), and the connection is ended from this side,
     /// which hands back what the host held exactly as when it dies ([`RemoteSink::abandon`]).
     /// The job is unassigned; its next delivery starts (or picks) another host.
@@ -583,7 +612,7 @@ impl HostPool {
         self.inner.metrics.function_host_hangs.inc();
         tracing::warn!(
             %function, pid = child.as_ref().and_then(tokio::process::Child::id), ?bound,
-            "function host did not answer a harvest in time; abandoned (killed if spawned), what it held is handed back"
+            "function host did not answer a harvest or a descriptor in time; abandoned (killed if spawned), what it held is handed back"
         );
         if let Some(mut child) = child {
             let _ = child.start_kill();
