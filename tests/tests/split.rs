@@ -415,6 +415,114 @@ async fn an_idle_function_host_is_stopped_and_the_next_update_cold_starts_one() 
     assert_eq!(scrape(&text, "shoal_function_host_spawns_total"), Some(2.0), "one cold start per round");
 }
 
+/// A gateway SIGKILLed and started again while an external function host runs: the host (no
+/// `--gateway`: it asks the node's gateway for the channel's address over NATS, so a new port
+/// is found) reconnects with a fresh aggregator, the updates the dead gateway never acked come
+/// back from JetStream after their ack wait, and the round commits once with the oracle's
+/// model. The host process is the same one throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_gateway_gets_its_external_host_back_and_loses_nothing() {
+    init_logging();
+    let nats = NatsServer::start().unwrap();
+    let url = nats.url();
+    let mut node = NodeProcess::start_gateway(
+        &url,
+        "rs",
+        &["--function-hosts", "external", "--ebpf", "off", "--ack-wait-ms", "3000"],
+    )
+    .await;
+    let host = ExternalHost::start(&url, &node, 7);
+    let client = connect(&url).await;
+    let nc = client.connection().client.clone();
+    let m = manifest();
+    let job = JobId::new("rs").unwrap();
+    let spec = job_spec("rs", (*m).clone(), 4, 4, 120_000, 1);
+    jobs::create_job(&infra_of(&client).await, &spec, None).await.unwrap();
+    let state = client.wait_for_open_round(&job, RoundId(1), Duration::from_secs(30)).await.unwrap();
+    let mut sent = Vec::new();
+    for c in 0..2u64 {
+        sent.push(send(&client, &m, &job, &state, c, 1 << c).await);
+    }
+    // Folded on the host, held (un-acked) by the gateway.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = node.metrics(&nc).await;
+        if scrape(&text, "shoal_descriptor_channel_releases_received_total") == Some(2.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "two releases never came:\n{text}\n{}\n{}",
+            node.log(),
+            host.log()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let host_pid = host.child.id();
+    node.kill();
+    node.restart(&url).await;
+    for c in 2..4u64 {
+        sent.push(send(&client, &m, &job, &state, c, 1 << c).await);
+    }
+    let after = client
+        .wait_for_round_closed(&job, RoundId(1), Duration::from_secs(60))
+        .unwrap_or_else_async(&node)
+        .await;
+    let Some(RoundOutcome::Committed { clients, total_weight, .. }) = after.last_outcome else {
+        panic!("{:?}\n{}\n{}", after.last_outcome, node.log(), host.log());
+    };
+    let folded = folded_by_weight(total_weight, clients, 4, "after a gateway restart");
+    assert_eq!(folded.len(), 4, "every update folded once: {folded:?}");
+    let bytes = client.fetch_model(&job, ModelVersion(1)).await.unwrap();
+    let model = shoal_functions::Parameters::from_safetensors(Arc::clone(&m), &bytes).unwrap();
+    assert_model_near(&model, &weighted_mean_oracle(&sent), "after a gateway restart");
+    // The same host process served both gateways.
+    assert_eq!(host.child.id(), host_pid);
+    let log = host.log();
+    assert_eq!(log.matches("connected to the gateway").count(), 2, "one reconnect:\n{log}");
+    assert!(log.contains("reconnecting"), "{log}");
+    assert_stream_drains(&client, Duration::from_secs(20)).await;
+}
+
+/// A `shoal function-host` started beside a gateway (as the operator would, no `--gateway`),
+/// SIGKILLed on drop.
+struct ExternalHost {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl ExternalHost {
+    fn start(nats_url: &str, gateway: &NodeProcess, function: u32) -> ExternalHost {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("host.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let shm_root = gateway.shm_dir().parent().unwrap().to_owned();
+        let mut cmd = std::process::Command::new(shoal_bin());
+        cmd.args(["function-host", "--nats-url", nats_url, "--node-id", &gateway.node_id])
+            .arg("--shm-dir")
+            .arg(&shm_root)
+            .args(["--function-id", &function.to_string(), "--http", "off"])
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out);
+        let child = shoal_natsd::spawn_tied_to_process(cmd).unwrap();
+        ExternalHost { child, log, _dir: dir }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ExternalHost {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// SIGKILLs `pid`; returns it.
 fn nix_kill(pid: u32) -> u32 {
     let status = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
