@@ -159,7 +159,8 @@ async fn run_mode(a: &HierarchyArgs, eager: bool) -> Result<ModeResult> {
     client.wait_for_round_closed(&job, RoundId(1), Duration::from_secs(3600)).await?;
     let round_s = started.elapsed().as_secs_f64();
     let text = node.metrics.encode();
-    let latency_s = scrape(&text, "shoal_round_latency_seconds_sum").context("no round latency recorded")?;
+    let latency_s = scrape(&text, "shoal_round_latency_seconds_sum{job=\"bench\"}")
+        .context("no round latency recorded")?;
     node.shutdown().await;
     drop(nats);
     Ok(ModeResult { latency_s, round_s })
