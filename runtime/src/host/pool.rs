@@ -13,6 +13,9 @@
 //! JetStream every update it had not released or that no harvest took, the job is unassigned,
 //! and the next delivery of the job starts (or picks) another host. JetStream redelivers the
 //! handed-back updates, the gateway stages them again, and the round commits with each once.
+//! A host that hangs instead (stopped, deadlocked: a descriptor or a harvest unanswered for
+//! [`PoolConfig::harvest_timeout`]) is abandoned the same way: killed if spawned, its
+//! connection ended from this side ([`RemoteSink::abandon`]).
 
 use std::collections::HashMap;
 use std::ffi::OsString;
