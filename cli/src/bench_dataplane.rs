@@ -10,6 +10,9 @@
 //!   the connection registered (`shoal_runtime::dataplane`), so each frame is moved straight
 //!   into the peer socket.
 //!
+//! Then the processes ([`crate::bench_split`]): round latency of a gateway with spawned
+//! function hosts against the all-in-one node, and a function-host process's cold start.
+//!
 //! One sample is one round trip (descriptor out, its release back, both decoded and checked),
 //! one at a time. Figures are ratios between paths measured in the same run; absolute times
 //! depend on the machine and on what else runs on it.
@@ -43,6 +46,21 @@ pub struct DataplaneArgs {
     /// The cgroup v2 directory for sock_ops (default: this process's own).
     #[arg(long)]
     pub ebpf_cgroup: Option<PathBuf>,
+    /// Rounds run by the all-in-one node and by the gateway with spawned hosts (0: skip).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u64,
+    /// Updates per round (FedAvg, upload path, as `shoal bench hierarchy`).
+    #[arg(long, default_value_t = 20)]
+    pub round_updates: u32,
+    /// f32 parameters per update.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub round_params: usize,
+    /// Function-host process cold starts to time (spawn to first fold; 0: skip).
+    #[arg(long, default_value_t = 5)]
+    pub cold_starts: u64,
+    /// Root of the shared-memory directories of those nodes.
+    #[arg(long, default_value = "/dev/shm/shoal-bench-dataplane")]
+    pub shm_dir: PathBuf,
 }
 
 /// What one path measured.
@@ -109,6 +127,16 @@ pub async fn dataplane(a: DataplaneArgs) -> Result<()> {
             ratio(r.per_sec, tcp.per_sec),
             ratio(r.p50_ns as f64, in_process.p50_ns as f64)
         );
+    }
+    if a.rounds > 0 || a.cold_starts > 0 {
+        let rounds = crate::bench_split::SplitBench {
+            updates: a.round_updates,
+            params: a.round_params,
+            rounds: a.rounds,
+            cold_starts: a.cold_starts,
+            shm_dir: a.shm_dir.clone(),
+        };
+        crate::bench_split::run(&rounds).await?;
     }
     Ok(())
 }

@@ -337,6 +337,11 @@ pub struct GatewayArgs {
     /// to register) before it is handed back to JetStream, in milliseconds (at least 1).
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     host_wait_ms: u64,
+    /// How long a harvest waits for a function host's answer before the host is abandoned as
+    /// hung (killed if spawned; what it held goes back to JetStream), in milliseconds (default:
+    /// half the collect timeout, so the top's collection is still answered).
+    #[arg(long)]
+    host_harvest_timeout_ms: Option<u64>,
 }
 
 /// `--function-hosts` values.
@@ -713,6 +718,7 @@ async fn run_gateway(a: GatewayArgs) -> anyhow::Result<()> {
         listen: a.channel_listen,
         hosts,
         wait_for_host: Duration::from_millis(a.host_wait_ms),
+        harvest_timeout: a.host_harvest_timeout_ms.map(Duration::from_millis),
     });
     run_node(a.node, channel, "gateway").await
 }

@@ -11,7 +11,9 @@
 //!   model; [`bench_dataplane`], `shoal bench dataplane`: descriptor round trips in process,
 //!   over loopback TCP and through SK_MSG redirect; [`bench_ingest`], `shoal bench ingest`: a
 //!   node's end-to-end ingest against a raw JetStream consumer of the same bytes;
-//!   [`bench_scale`], `shoal bench scale`: clients per round and where the round's time goes.
+//!   [`bench_scale`], `shoal bench scale`: clients per round and where the round's time goes;
+//!   [`bench_split`]: the gateway + function-host half of `shoal bench dataplane` (cold start,
+//!   round latency against the all-in-one node).
 
 #![forbid(unsafe_code)]
 
@@ -20,6 +22,7 @@ pub mod bench_dataplane;
 pub mod bench_ingest;
 pub mod bench_memory;
 pub mod bench_scale;
+pub mod bench_split;
 pub mod cli;
 pub mod demo;
 pub mod jobs;

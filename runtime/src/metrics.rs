@@ -192,6 +192,12 @@ pub struct Metrics {
     pub function_host_stops: Counter,
     /// Seconds from spawning a function-host process to its channel's handshake.
     pub function_host_cold_start_seconds: Histogram,
+    /// Seconds from spawning a function-host process to its first fold (the first progress
+    /// report of the job it was spawned for): the cold start a round sees.
+    pub function_host_first_fold_seconds: Histogram,
+    /// Function hosts abandoned as hung: a harvest or a descriptor not answered within the
+    /// bound (`--host-harvest-timeout-ms`); what they held was handed back, a spawned one killed.
+    pub function_host_hangs: Counter,
     /// Descriptor-channel messages (one per frame) counted by the eBPF sidecar, by function and
     /// direction, summed over CPUs every counter tick ([`crate::dataplane`]).
     pub descriptor_messages: Family<FunctionDirectionLabel, Counter>,
@@ -302,6 +308,16 @@ impl Metrics {
             "function_host_cold_start_seconds",
             "Seconds from spawning a function-host process to its channel handshake",
             self.function_host_cold_start_seconds.clone(),
+        );
+        registry.register(
+            "function_host_first_fold_seconds",
+            "Seconds from spawning a function-host process to its first fold",
+            self.function_host_first_fold_seconds.clone(),
+        );
+        registry.register(
+            "function_host_hangs",
+            "Function hosts abandoned because a harvest or a descriptor was not answered in time (spawned ones killed)",
+            self.function_host_hangs.clone(),
         );
     }
 
@@ -491,6 +507,8 @@ impl Default for Metrics {
             function_host_spawns: Counter::default(),
             function_host_stops: Counter::default(),
             function_host_cold_start_seconds: Histogram::new(exponential_buckets(1e-3, 2.0, 16)),
+            function_host_first_fold_seconds: Histogram::new(exponential_buckets(1e-3, 2.0, 16)),
+            function_host_hangs: Counter::default(),
             descriptor_messages: Family::default(),
             descriptor_bytes: Family::default(),
             descriptor_messages_redirected: Family::default(),

@@ -307,6 +307,75 @@ async fn a_sigkilled_function_host_loses_nothing_and_folds_nothing_twice() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_host_that_hangs_is_abandoned_killed_and_loses_nothing() {
+    init_logging();
+    let nats = NatsServer::start().unwrap();
+    let bound_ms = 1500;
+    let node = NodeProcess::start_gateway(
+        &nats.url(),
+        "hang",
+        &["--host-harvest-timeout-ms", &bound_ms.to_string()],
+    )
+    .await;
+    let gateway = node.pid().unwrap();
+    let client = connect(&nats.url()).await;
+    let nc = client.connection().client.clone();
+    let m = manifest();
+    let job = JobId::new("hang").unwrap();
+    // The cohort waits for a fourth update, published once the host is stopped.
+    let spec = job_spec("hang", (*m).clone(), 4, 4, 60_000, 1);
+    jobs::create_job(&infra_of(&client).await, &spec, None).await.unwrap();
+    let state = client.wait_for_open_round(&job, RoundId(1), Duration::from_secs(30)).await.unwrap();
+    let mut sent = Vec::new();
+    for c in 0..3u64 {
+        sent.push(send(&client, &m, &job, &state, c, 1 << c).await);
+    }
+    // Folded and released: the three are only in the host's partial now.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = node.metrics(&nc).await;
+        if scrape(&text, "shoal_descriptor_channel_releases_received_total") == Some(3.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "three releases never came:\n{text}\n{}", node.log());
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let hosts = function_hosts_of(gateway);
+    assert_eq!(hosts.len(), 1, "one function host for the job: {hosts:?}");
+    // The host hangs (SIGSTOP): alive, connected, silent.
+    let stopped = hosts[0];
+    let status = std::process::Command::new("kill").args(["-STOP", &stopped.to_string()]).status().unwrap();
+    assert!(status.success(), "kill -STOP {stopped}");
+    let t0 = Instant::now();
+    sent.push(send(&client, &m, &job, &state, 3, 1 << 3).await);
+    let after = client
+        .wait_for_round_closed(&job, RoundId(1), Duration::from_secs(60))
+        .unwrap_or_else_async(&node)
+        .await;
+    let Some(RoundOutcome::Committed { clients, total_weight, .. }) = after.last_outcome else {
+        panic!("{:?}\n{}", after.last_outcome, node.log());
+    };
+    assert!(
+        t0.elapsed() >= Duration::from_millis(bound_ms),
+        "the round closed before the bound: the stopped host was not what it waited for"
+    );
+    let folded = folded_by_weight(total_weight, clients, 4, "after a SIGSTOP");
+    assert_eq!(folded.len(), 4, "every update folded once: {folded:?}");
+    let bytes = client.fetch_model(&job, ModelVersion(1)).await.unwrap();
+    let model = shoal_functions::Parameters::from_safetensors(Arc::clone(&m), &bytes).unwrap();
+    assert_model_near(&model, &weighted_mean_oracle(&sent), "after a SIGSTOP");
+    let text = node.metrics(&nc).await;
+    assert_eq!(scrape(&text, "shoal_function_host_hangs_total"), Some(1.0), "one host abandoned as hung");
+    assert_eq!(scrape(&text, "shoal_function_host_spawns_total"), Some(2.0), "a new host was cold-started");
+    // The stopped process was killed (SIGKILL reaches a stopped process), not left behind.
+    wait_for("the stopped host is killed", Duration::from_secs(10), &node, || {
+        !function_hosts_of(gateway).contains(&stopped)
+    })
+    .await;
+    assert_stream_drains(&client, Duration::from_secs(20)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_function_host_is_stopped_and_the_next_update_cold_starts_one() {
     init_logging();
     let nats = NatsServer::start().unwrap();
@@ -344,6 +413,114 @@ async fn an_idle_function_host_is_stopped_and_the_next_update_cold_starts_one() 
     }
     let text = node.metrics(&nc).await;
     assert_eq!(scrape(&text, "shoal_function_host_spawns_total"), Some(2.0), "one cold start per round");
+}
+
+/// A gateway SIGKILLed and started again while an external function host runs: the host (no
+/// `--gateway`: it asks the node's gateway for the channel's address over NATS, so a new port
+/// is found) reconnects with a fresh aggregator, the updates the dead gateway never acked come
+/// back from JetStream after their ack wait, and the round commits once with the oracle's
+/// model. The host process is the same one throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_gateway_gets_its_external_host_back_and_loses_nothing() {
+    init_logging();
+    let nats = NatsServer::start().unwrap();
+    let url = nats.url();
+    let mut node = NodeProcess::start_gateway(
+        &url,
+        "rs",
+        &["--function-hosts", "external", "--ebpf", "off", "--ack-wait-ms", "3000"],
+    )
+    .await;
+    let host = ExternalHost::start(&url, &node, 7);
+    let client = connect(&url).await;
+    let nc = client.connection().client.clone();
+    let m = manifest();
+    let job = JobId::new("rs").unwrap();
+    let spec = job_spec("rs", (*m).clone(), 4, 4, 120_000, 1);
+    jobs::create_job(&infra_of(&client).await, &spec, None).await.unwrap();
+    let state = client.wait_for_open_round(&job, RoundId(1), Duration::from_secs(30)).await.unwrap();
+    let mut sent = Vec::new();
+    for c in 0..2u64 {
+        sent.push(send(&client, &m, &job, &state, c, 1 << c).await);
+    }
+    // Folded on the host, held (un-acked) by the gateway.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = node.metrics(&nc).await;
+        if scrape(&text, "shoal_descriptor_channel_releases_received_total") == Some(2.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "two releases never came:\n{text}\n{}\n{}",
+            node.log(),
+            host.log()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let host_pid = host.child.id();
+    node.kill();
+    node.restart(&url).await;
+    for c in 2..4u64 {
+        sent.push(send(&client, &m, &job, &state, c, 1 << c).await);
+    }
+    let after = client
+        .wait_for_round_closed(&job, RoundId(1), Duration::from_secs(60))
+        .unwrap_or_else_async(&node)
+        .await;
+    let Some(RoundOutcome::Committed { clients, total_weight, .. }) = after.last_outcome else {
+        panic!("{:?}\n{}\n{}", after.last_outcome, node.log(), host.log());
+    };
+    let folded = folded_by_weight(total_weight, clients, 4, "after a gateway restart");
+    assert_eq!(folded.len(), 4, "every update folded once: {folded:?}");
+    let bytes = client.fetch_model(&job, ModelVersion(1)).await.unwrap();
+    let model = shoal_functions::Parameters::from_safetensors(Arc::clone(&m), &bytes).unwrap();
+    assert_model_near(&model, &weighted_mean_oracle(&sent), "after a gateway restart");
+    // The same host process served both gateways.
+    assert_eq!(host.child.id(), host_pid);
+    let log = host.log();
+    assert_eq!(log.matches("connected to the gateway").count(), 2, "one reconnect:\n{log}");
+    assert!(log.contains("reconnecting"), "{log}");
+    assert_stream_drains(&client, Duration::from_secs(20)).await;
+}
+
+/// A `shoal function-host` started beside a gateway (as the operator would, no `--gateway`),
+/// SIGKILLed on drop.
+struct ExternalHost {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl ExternalHost {
+    fn start(nats_url: &str, gateway: &NodeProcess, function: u32) -> ExternalHost {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("host.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let shm_root = gateway.shm_dir().parent().unwrap().to_owned();
+        let mut cmd = std::process::Command::new(shoal_bin());
+        cmd.args(["function-host", "--nats-url", nats_url, "--node-id", &gateway.node_id])
+            .arg("--shm-dir")
+            .arg(&shm_root)
+            .args(["--function-id", &function.to_string(), "--http", "off"])
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out);
+        let child = shoal_natsd::spawn_tied_to_process(cmd).unwrap();
+        ExternalHost { child, log, _dir: dir }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ExternalHost {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// SIGKILLs `pid`; returns it.

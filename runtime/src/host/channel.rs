@@ -107,13 +107,17 @@ pub enum ChannelError {
     /// The gateway refused this host.
     #[error("descriptor channel: the gateway refused the connection ({0})")]
     Refused(&'static str),
+    /// The gateway gave up on the host (a harvest not answered within its bound) and ended the
+    /// connection itself.
+    #[error("descriptor channel: abandoned by the gateway (the host did not answer in time)")]
+    Abandoned,
 }
 
 /// The `Copy` classification of [`ChannelError`]: the label of
 /// `shoal_descriptor_channel_errors_total{reason}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ChannelErrorKind {
-    /// [`ChannelError::Io`] and [`ChannelError::Closed`].
+    /// [`ChannelError::Io`], [`ChannelError::Closed`] and [`ChannelError::Abandoned`].
     Disconnected,
     /// [`ChannelError::Truncated`].
     Truncated,
@@ -131,7 +135,9 @@ impl ChannelError {
     /// The error's kind.
     pub fn kind(&self) -> ChannelErrorKind {
         match self {
-            ChannelError::Io(_) | ChannelError::Closed => ChannelErrorKind::Disconnected,
+            ChannelError::Io(_) | ChannelError::Closed | ChannelError::Abandoned => {
+                ChannelErrorKind::Disconnected
+            }
             ChannelError::Truncated => ChannelErrorKind::Truncated,
             ChannelError::FrameLength(_) => ChannelErrorKind::FrameLength,
             ChannelError::WrongVersion { .. } => ChannelErrorKind::WrongVersion,

@@ -13,6 +13,9 @@
 //! JetStream every update it had not released or that no harvest took, the job is unassigned,
 //! and the next delivery of the job starts (or picks) another host. JetStream redelivers the
 //! handed-back updates, the gateway stages them again, and the round commits with each once.
+//! A host that hangs instead (stopped, deadlocked: a descriptor or a harvest unanswered for
+//! [`PoolConfig::harvest_timeout`]) is abandoned the same way: killed if spawned, its
+//! connection ended from this side ([`RemoteSink::abandon`]).
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -76,6 +79,11 @@ pub struct PoolConfig {
     /// How long a delivery waits for a host (a spawned one to connect, an external one to
     /// register) before its update is handed back.
     pub wait_for_host: Duration,
+    /// How long a harvest (`CLOSE`), or a descriptor, waits for the host's answer. A host that
+    /// does not answer in time hangs (stopped, deadlocked): it is abandoned like a dead one —
+    /// its connection ended, what it held handed back to JetStream, a spawned process killed.
+    /// Shorter than the top's collect timeout, so the leaf still answers the collection.
+    pub harvest_timeout: Duration,
 }
 
 /// A connected host.
@@ -102,6 +110,9 @@ struct State {
     assigned: HashMap<JobId, FunctionId>,
     registered: HashMap<JobId, (u64, mpsc::UnboundedSender<RoundProgress>)>,
     spawned: HashMap<FunctionId, Spawned>,
+    /// Jobs whose spawned host has not folded yet, with when it was spawned (the cold start a
+    /// round sees ends at the first fold: the job's first progress report).
+    cold: HashMap<JobId, Instant>,
     next_function: u32,
 }
 
@@ -200,22 +211,40 @@ impl HostPool {
             let pool = pool.clone();
             tracker.spawn(async move {
                 while let Some(p) = progress_rx.recv().await {
-                    let st = pool.lock();
+                    let mut st = pool.lock();
+                    if let Some(at) = st.cold.remove(&p.job) {
+                        pool.inner
+                            .metrics
+                            .function_host_first_fold_seconds
+                            .observe(at.elapsed().as_secs_f64());
+                    }
                     if let Some((_, tx)) = st.registered.get(&p.job) {
                         let _ = tx.send(RoundProgress { round: p.round, accepted: p.accepted });
                     }
                 }
             });
         }
-        if let Hosts::Spawn(spawn) = &pool.inner.config.hosts {
-            let (pool, cancel, idle) = (pool.clone(), cancel.clone(), spawn.idle_timeout);
-            let every = (idle / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
+        {
+            // The idle reaper (spawned hosts) and the hang watchdog (every host).
+            let idle = match &pool.inner.config.hosts {
+                Hosts::Spawn(spawn) => Some(spawn.idle_timeout),
+                Hosts::External => None,
+            };
+            let hang = pool.inner.config.harvest_timeout;
+            let (pool, cancel) = (pool.clone(), cancel.clone());
+            let every =
+                (idle.unwrap_or(hang).min(hang) / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
             tracker.spawn(async move {
                 let mut tick = tokio::time::interval(every);
                 loop {
                     tokio::select! {
                         _ = cancel.cancelled() => break,
-                        _ = tick.tick() => pool.reap_idle(idle),
+                        _ = tick.tick() => {
+                            if let Some(idle) = idle {
+                                pool.reap_idle(idle);
+                            }
+                            pool.abandon_hung(hang);
+                        }
                     }
                 }
             });
@@ -398,6 +427,7 @@ impl HostPool {
                     match self.spawn(spawn, function, job) {
                         Ok(child) => {
                             self.inner.metrics.function_host_spawns.inc();
+                            st.cold.insert(job.clone(), Instant::now());
                             st.spawned
                                 .insert(function, Spawned { job: job.clone(), child, at: Instant::now() });
                         }
@@ -526,7 +556,16 @@ impl HostPool {
             return RoundHarvest::default();
         };
         let request = self.inner.next_request.fetch_add(1, Ordering::Relaxed);
-        match sink.close(request, &msg, Arc::clone(&entry.manifest)).await {
+        let bound = self.inner.config.harvest_timeout;
+        let answer =
+            match tokio::time::timeout(bound, sink.close(request, &msg, Arc::clone(&entry.manifest))).await {
+                Ok(answer) => answer,
+                Err(_) => {
+                    self.abandon(&sink, bound);
+                    return RoundHarvest::default();
+                }
+            };
+        match answer {
             Ok(h) => {
                 if !h.held.is_empty() {
                     if let Some(host) = self.lock().hosts.get_mut(&sink.function()) {
@@ -540,6 +579,50 @@ impl HostPool {
                 RoundHarvest::default()
             }
         }
+    }
+}
+
+impl HostPool {
+    /// Abandons every host that has left a descriptor unanswered (no frame at all since it
+    /// was written) for `bound`: it is stopped or deadlocked, and the round would otherwise
+    /// wait for its deadline.
+    fn abandon_hung(&self, bound: Duration) {
+        let hung: Vec<RemoteSink> = self
+            .lock()
+            .hosts
+            .values()
+            .filter(|h| h.sink.is_open() && h.sink.unanswered_for().is_some_and(|t| t >= bound))
+            .map(|h| h.sink.clone())
+            .collect();
+        for sink in hung {
+            self.abandon(&sink, bound);
+        }
+    }
+
+    /// Gives up on a host that did not answer a harvest or a descriptor within `bound`: a
+    /// spawned process is
+    /// killed at once (SIGKILL: it may be stopped), and the connection is ended from this side,
+    /// which hands back what the host held exactly as when it dies ([`RemoteSink::abandon`]).
+    /// The job is unassigned; its next delivery starts (or picks) another host.
+    fn abandon(&self, sink: &RemoteSink, bound: Duration) {
+        let function = sink.function();
+        let child = {
+            let mut st = self.lock();
+            st.assigned.retain(|_, f| *f != function);
+            self.update_gauges(&st);
+            st.hosts.get_mut(&function).and_then(|h| h.child.take())
+        };
+        self.inner.metrics.function_host_hangs.inc();
+        tracing::warn!(
+            %function, pid = child.as_ref().and_then(tokio::process::Child::id), ?bound,
+            "function host did not answer a harvest or a descriptor in time; abandoned (killed if spawned), what it held is handed back"
+        );
+        if let Some(mut child) = child {
+            let _ = child.start_kill();
+            tokio::spawn(reap(child, function));
+        }
+        sink.abandon();
+        self.inner.changed.notify_waiters();
     }
 }
 

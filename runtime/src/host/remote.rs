@@ -64,6 +64,41 @@ struct Split {
 
 type SplitState = Arc<Mutex<Split>>;
 
+/// When the gateway last wrote a descriptor to a host and last read any frame from it
+/// (milliseconds since `base`, 0: never). Every descriptor draws an answer soon (a release
+/// after the fold, a progress report when kept for the close, a settle when refused), so a
+/// descriptor written after the last frame read and unanswered for long means a hung host.
+#[derive(Debug)]
+struct Liveness {
+    base: Instant,
+    delivered_ms: std::sync::atomic::AtomicU64,
+    heard_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Liveness {
+    fn new() -> Liveness {
+        Liveness { base: Instant::now(), delivered_ms: 0.into(), heard_ms: 0.into() }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.base.elapsed().as_millis() as u64 + 1
+    }
+
+    fn delivered(&self) {
+        self.delivered_ms.store(self.now_ms(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn heard(&self) {
+        self.heard_ms.store(self.now_ms(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn unanswered_for(&self) -> Option<Duration> {
+        let delivered = self.delivered_ms.load(std::sync::atomic::Ordering::Relaxed);
+        let heard = self.heard_ms.load(std::sync::atomic::Ordering::Relaxed);
+        (delivered > heard).then(|| Duration::from_millis(self.now_ms().saturating_sub(delivered)))
+    }
+}
+
 /// The gateway's sink for one connected function-host process.
 #[derive(Debug, Clone)]
 pub struct RemoteSink {
@@ -71,6 +106,9 @@ pub struct RemoteSink {
     tx: mpsc::Sender<Outgoing>,
     in_flight: InFlight,
     split: Option<SplitState>,
+    /// Ends the connection from this side ([`Self::abandon`]).
+    abandon: tokio_util::sync::CancellationToken,
+    liveness: Arc<Liveness>,
 }
 
 impl DescriptorSink for RemoteSink {
@@ -121,7 +159,16 @@ impl RemoteSink {
         let (tx, rx) = mpsc::channel(MAILBOX);
         let in_flight: InFlight = Arc::default();
         let split: Option<SplitState> = progress.as_ref().map(|_| Arc::default());
-        let sink = RemoteSink { function, tx, in_flight: Arc::clone(&in_flight), split: split.clone() };
+        let abandon = tokio_util::sync::CancellationToken::new();
+        let liveness = Arc::new(Liveness::new());
+        let sink = RemoteSink {
+            function,
+            tx,
+            in_flight: Arc::clone(&in_flight),
+            split: split.clone(),
+            abandon: abandon.clone(),
+            liveness: Arc::clone(&liveness),
+        };
         let task = tokio::spawn(async move {
             let (mut r, mut w) = stream.into_split();
             let tally = crate::metrics::ChannelTally::new(Arc::clone(&metrics), function);
@@ -131,10 +178,12 @@ impl RemoteSink {
                 metrics: &metrics,
                 split: split.as_ref(),
                 tally: &tally,
+                liveness: &liveness,
             };
             let end = tokio::select! {
                 e = write_descriptors(&mut w, rx, &ends) => e,
                 e = read_feedback(&mut r, &ends, progress.as_ref()) => e,
+                () = abandon.cancelled() => ChannelError::Abandoned,
             };
             if end.kind() != ChannelErrorKind::Disconnected {
                 metrics.channel_error(end.kind());
@@ -173,7 +222,20 @@ impl RemoteSink {
 
     /// Whether the connection still runs.
     pub fn is_open(&self) -> bool {
-        !self.tx.is_closed()
+        !self.tx.is_closed() && !self.abandon.is_cancelled()
+    }
+
+    /// How long the last descriptor written has gone without any frame from the host since
+    /// (`None`: the host has answered since its last descriptor).
+    pub fn unanswered_for(&self) -> Option<Duration> {
+        self.liveness.unanswered_for()
+    }
+
+    /// Ends the connection from the gateway's side, as if the host had died: everything in
+    /// flight and every folded update no harvest took goes back to JetStream, open `CLOSE`
+    /// requests fail. For a host that hangs (stopped, deadlocked) rather than dies.
+    pub fn abandon(&self) {
+        self.abandon.cancel();
     }
 
     /// Asks the host to report the progress of `job`.
@@ -225,6 +287,7 @@ struct Ends<'a> {
     split: Option<&'a SplitState>,
     /// The frames written and read, by type.
     tally: &'a crate::metrics::ChannelTally,
+    liveness: &'a Liveness,
 }
 
 async fn write_descriptors(
@@ -244,6 +307,7 @@ async fn write_descriptors(
                 let sent = channel::send_descriptor(w, &descriptor).await;
                 if sent.is_ok() {
                     ends.metrics.descriptors_sent.inc();
+                    ends.liveness.delivered();
                 }
                 sent.map(|n| (channel::DESCRIPTOR, n))
             }
@@ -265,6 +329,7 @@ async fn read_feedback(
 ) -> ChannelError {
     loop {
         let frame = match channel::read_frame(r).await.and_then(|(kind, body)| {
+            ends.liveness.heard();
             ends.tally.to_gateway(kind, 5 + body.len());
             channel::decode_host_frame(kind, &body)
         }) {

@@ -324,6 +324,9 @@ pub struct SplitOptions {
     pub hosts: crate::host::pool::Hosts,
     /// How long a delivery waits for a host before its update is handed back.
     pub wait_for_host: Duration,
+    /// How long a harvest waits for a host's answer before the host is abandoned as hung
+    /// (`None`: half the collect timeout, so the leaf still answers the top's collection).
+    pub harvest_timeout: Option<Duration>,
 }
 
 /// What starting the function host needs from the node.
@@ -379,6 +382,7 @@ async fn start_host(
                     hosts: split.hosts,
                     hand_back: ms(config.timings.nak_retry_ms),
                     wait_for_host: split.wait_for_host,
+                    harvest_timeout: split.harvest_timeout.unwrap_or(config.collect_timeout() / 2),
                 },
                 dataplane,
                 Arc::clone(metrics),
