@@ -13,7 +13,7 @@
 //!    collections took) and sends it to its parent. The round stays open on the leaf: updates
 //!    redelivered from a dead node keep arriving and a later collection (a retry, or a new top)
 //!    gets a larger snapshot.
-//! 3. The top commits with a [`CommitRecord`] naming the collection, the nodes it covered and
+//! 3. The top commits with a [`CommitRecord`](shoal_proto::cluster::CommitRecord) naming the collection, the nodes it covered and
 //!    the stream sequences of the updates it applied (sent up with the partials). The leaf acks
 //!    exactly the updates of its snapshot for that collection, and any copy the record names
 //!    (delivered again after another node that had it died before acking); anything else it

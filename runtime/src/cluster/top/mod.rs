@@ -4,7 +4,7 @@
 //! runs it: the holder of the job's top lease (`crate::cluster::lease`).
 //!
 //! Commit order (DESIGN.md §2, step 6): model version `v+1` into `shoal-models` (idempotent),
-//! job state by compare-and-set on its KV revision (with the [`CommitRecord`] naming the
+//! job state by compare-and-set on its KV revision (with the [`CommitRecord`](shoal_proto::cluster::CommitRecord) naming the
 //! collection), `RoundClosed`/`RoundOpened` events; each leaf then acks the updates of its
 //! snapshot. A crash before the compare-and-set loses nothing (the updates are un-acked; the
 //! next top collects them again); a crash after it applies nothing twice (leaves ack exactly
