@@ -413,6 +413,9 @@ async fn an_idle_function_host_is_stopped_and_the_next_update_cold_starts_one() 
     }
     let text = node.metrics(&nc).await;
     assert_eq!(scrape(&text, "shoal_function_host_spawns_total"), Some(2.0), "one cold start per round");
+    // Each stopped host exited by itself when its connection ended: none had to be killed.
+    let log = node.log();
+    assert!(!log.contains("did not exit; killed"), "a stopped host lingered until killed:\n{log}");
 }
 
 /// A gateway SIGKILLed and started again while an external function host runs: the host (no

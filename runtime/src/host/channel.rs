@@ -111,13 +111,18 @@ pub enum ChannelError {
     /// connection itself.
     #[error("descriptor channel: abandoned by the gateway (the host did not answer in time)")]
     Abandoned,
+    /// The gateway let the host go (scale to zero, shutdown): its sink was dropped and the
+    /// connection ended from this side, the host's cue to exit.
+    #[error("descriptor channel: closed by the gateway (host stopped)")]
+    Stopped,
 }
 
 /// The `Copy` classification of [`ChannelError`]: the label of
 /// `shoal_descriptor_channel_errors_total{reason}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ChannelErrorKind {
-    /// [`ChannelError::Io`], [`ChannelError::Closed`] and [`ChannelError::Abandoned`].
+    /// [`ChannelError::Io`], [`ChannelError::Closed`], [`ChannelError::Abandoned`] and
+    /// [`ChannelError::Stopped`].
     Disconnected,
     /// [`ChannelError::Truncated`].
     Truncated,
@@ -135,7 +140,7 @@ impl ChannelError {
     /// The error's kind.
     pub fn kind(&self) -> ChannelErrorKind {
         match self {
-            ChannelError::Io(_) | ChannelError::Closed | ChannelError::Abandoned => {
+            ChannelError::Io(_) | ChannelError::Closed | ChannelError::Abandoned | ChannelError::Stopped => {
                 ChannelErrorKind::Disconnected
             }
             ChannelError::Truncated => ChannelErrorKind::Truncated,

@@ -341,6 +341,9 @@ impl HostPool {
         if let Some((job, inc)) = register {
             let _ = sink.register(&job, inc).await;
         }
+        // The pool's entry holds the sink from here: when it is dropped (scale to zero,
+        // shutdown) the connection ends and the host exits; a clone kept here would keep it open.
+        drop(sink);
         inner.changed.notify_waiters();
         let _ = task.await;
         drop(registered);
@@ -504,7 +507,8 @@ impl HostPool {
         for (function, host) in stopped {
             tracing::info!(%function, job = ?host.job, "function host idle; stopped (scale to zero)");
             self.inner.metrics.function_host_stops.inc();
-            // Dropping the sink closes the connection; the host process exits on its own.
+            // Dropping the sink closes the connection (the last sender of its mailbox goes); the
+            // host process exits on its own.
             drop(host.sink);
             if let Some(child) = host.child {
                 tokio::spawn(reap(child, function));

@@ -197,7 +197,11 @@ impl RemoteSink {
             }
             left.sort_unstable();
             left.dedup();
-            tracing::warn!(%function, error = %end, handed_back = left.len(), "function host connection ended");
+            if matches!(end, ChannelError::Stopped) && left.is_empty() {
+                tracing::info!(%function, "function host connection closed (host stopped)");
+            } else {
+                tracing::warn!(%function, error = %end, handed_back = left.len(), "function host connection ended");
+            }
             for seq in left {
                 link.settle(seq, Settle::Nak(hand_back));
             }
@@ -319,7 +323,8 @@ async fn write_descriptors(
             Err(e) => return e,
         }
     }
-    ChannelError::Closed
+    // Every sender is gone: the gateway let this host go.
+    ChannelError::Stopped
 }
 
 async fn read_feedback(
