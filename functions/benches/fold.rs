@@ -14,7 +14,9 @@
 //!
 //! After the groups, one line `fold/read ratio: X.XX (fold_tiled A GB/s, read_baseline B GB/s)`
 //! is printed from best-of-5 `Instant` timings taken in this process (GB = 10^9 bytes; criterion
-//! prints GiB/s).
+//! prints GiB/s), and one line `fedavg call/read ratio: X.XX (...)` for the whole FedAvg call as
+//! the top makes it: `PartialAggregate::new` (the zero-filled accumulator), the tiled fold, and
+//! `finish_into` a fresh zeroed model (f64 → f32, finiteness scan), against the same limit.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -24,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
 use shoal_functions::kernels::{self, reference};
-use shoal_functions::PartialAggregate;
+use shoal_functions::{FedAvg, Parameters, PartialAggregate, Strategy};
 
 mod common;
 use common::{best_of, timed_fold, uniform_cohort, Cohort};
@@ -114,6 +116,16 @@ fn ratio_summary(cohort: &Cohort) {
         t.elapsed()
     });
     let tiled = best_of(5, || timed_fold(&mut partial, &mut fold));
+    let mut fedavg = FedAvg::parameters();
+    let call = best_of(5, || {
+        let t = Instant::now();
+        let mut p = PartialAggregate::new(Arc::clone(&cohort.manifest));
+        p.fold_batch(&views).expect("fold_batch");
+        let mut global = Parameters::zeros(Arc::clone(&cohort.manifest));
+        fedavg.finish_into(&p, &mut global).expect("finish_into");
+        black_box(&global);
+        t.elapsed()
+    });
     // The limit is the faster of the two read patterns measured here.
     let limit = read.min(read_tiled);
     println!(
@@ -122,6 +134,12 @@ fn ratio_summary(cohort: &Cohort) {
         gbps(tiled),
         gbps(read),
         gbps(read_tiled)
+    );
+    println!(
+        "fedavg call/read ratio: {:.2} (new + fold_batch + finish_into {:.2} GB/s of update bytes; the fold alone {:.2})",
+        limit.as_secs_f64() / call.as_secs_f64(),
+        gbps(call),
+        gbps(tiled)
     );
 }
 
