@@ -5,8 +5,9 @@
 //! The design bound is the f64 accumulator (2 × an f32 model) plus the one slot being staged
 //! (1 ×) = 3 × the model, plus what does not grow with the model: the process's own memory
 //! before the job (measured by the bench: the executable's pages and heap, 15 MiB in a release
-//! build, 31 MiB in a debug one) and the allocator's and NATS client's buffers (13–19 MiB
-//! measured at 64 and 256 MiB models; 24 MiB allowed). Before the change (upload payload assembled in the
+//! build, 31 MiB in a debug one) and the allocator's and NATS client's buffers (13–38 MiB
+//! measured at 64 and 256 MiB models, varying between runs; 48 MiB allowed, still less than the
+//! 64 MiB copy of the model this test exists to catch). Before the change (upload payload assembled in the
 //! heap, every segment pre-faulted, the global model cloned twice at the close) the same run
 //! peaked at 9.15 × the model, so one model-sized copy coming back fails this test.
 
@@ -33,7 +34,7 @@ fn eight_updates_of_64_mib_peak_at_the_accumulator_plus_one_slot() {
     let b = &r["baseline"];
     let baseline =
         ["anon_kib", "shmem_kib", "file_kib"].iter().map(|k| b[k].as_u64().unwrap()).sum::<u64>() * 1024;
-    let buffers = 24u64 << 20;
+    let buffers = 48u64 << 20;
     assert!(
         hwm <= 3 * model + baseline + buffers,
         "VmHWM {:.1} MiB > 3 x the model + the node's own {:.1} MiB + {} MiB ({:.2} x): {r}",
