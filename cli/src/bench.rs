@@ -155,7 +155,7 @@ async fn run_mode(a: &HierarchyArgs, eager: bool) -> Result<ModeResult> {
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let started = Instant::now();
-    publish_round(&client, &job, &m, a.updates, &bar).await?;
+    publish_round(&client, &job, &m, a.updates, true, &bar).await?;
     client.wait_for_round_closed(&job, RoundId(1), Duration::from_secs(3600)).await?;
     let round_s = started.elapsed().as_secs_f64();
     let text = node.metrics.encode();
@@ -171,8 +171,8 @@ async fn run_mode(a: &HierarchyArgs, eager: bool) -> Result<ModeResult> {
 }
 
 /// Publishes round 1 of `job`: `updates` clients `c0, c1, ...` (`num_examples` 1 + c mod 7)
-/// each sending the same model of one f32 tensor (values `(i mod 1000) · 1e-3`) on the upload
-/// path, ticking `bar` per update.
+/// each sending the same model of one f32 tensor (values `(i mod 1000) · 1e-3`), on the upload
+/// path when `force_upload` (else inline when it fits), ticking `bar` per update.
 ///
 /// # Errors
 /// Encoding or NATS errors.
@@ -181,6 +181,7 @@ pub(crate) async fn publish_round(
     job: &JobId,
     m: &Arc<ModelManifest>,
     updates: u32,
+    force_upload: bool,
     bar: &ProgressBar,
 ) -> Result<()> {
     let params = m.slots().first().map_or(0, |s| s.numel);
@@ -196,7 +197,7 @@ pub(crate) async fn publish_round(
                 num_examples: 1 + u64::from(c % 7),
                 kind: UpdateKind::Parameters,
                 payload: payload.clone(),
-                force_upload: true,
+                force_upload,
             })
             .await?;
         bar.inc(1);

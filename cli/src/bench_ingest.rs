@@ -23,14 +23,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use async_nats::jetstream::{consumer, stream};
-use bytes::Bytes;
 use clap::Args;
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
-use shoal_client::{ConnectOptions, ShoalClient, UpdateRequest};
-use shoal_functions::{
-    ClientId, DType, JobId, ModelManifest, ModelVersion, NodeId, RoundId, TensorSpec, UpdateKind,
-};
+use shoal_client::{ConnectOptions, ShoalClient};
+use shoal_functions::{DType, JobId, ModelManifest, ModelVersion, NodeId, RoundId, TensorSpec};
 use shoal_natsd::{NatsOptions, NatsServer};
 use shoal_proto::config::NodeConfig;
 use shoal_runtime::node::{self, NodeOptions};
@@ -165,25 +162,8 @@ async fn run_path(a: &IngestArgs, upload: bool) -> Result<PathReport> {
     shoal_client::jobs::create_job(&admin, &spec, None).await?;
 
     // (1) Every update into the stream before any node runs.
-    let values: Vec<f64> = (0..params).map(|i| ((i % 1000) as f64) * 1e-3).collect();
-    let payload = Bytes::from(shoal_functions::tensor::encode_safetensors(&m, &[values])?);
     let pb = bar(u64::from(updates), &format!("{name}: publishing"));
-    for c in 0..updates {
-        client
-            .publish_update(UpdateRequest {
-                job: job.clone(),
-                client: ClientId::new(format!("c{c}"))?,
-                round: RoundId(1),
-                base_version: ModelVersion(0),
-                num_examples: 1 + u64::from(c % 7),
-                kind: UpdateKind::Parameters,
-                payload: payload.clone(),
-                force_upload: upload,
-            })
-            .await?;
-        pb.inc(1);
-    }
-    pb.finish_and_clear();
+    crate::bench::publish_round(&client, &job, &m, updates, upload, &pb).await?;
 
     // (2) The limit: the same messages (and chunks) read by a plain consumer.
     let (raw_s, raw_bytes) = raw_consumer(a, &admin, &job, upload).await?;

@@ -196,7 +196,7 @@ pub async fn memory(a: MemoryArgs) -> Result<()> {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let started = Instant::now();
-    crate::bench::publish_round(&client, &job, &m, a.updates, &bar).await?;
+    crate::bench::publish_round(&client, &job, &m, a.updates, true, &bar).await?;
     client.wait_for_round_closed(&job, RoundId(1), Duration::from_secs(3600)).await?;
     let round_s = started.elapsed().as_secs_f64();
     // The commit is announced after the model is stored: the peak is behind us.
