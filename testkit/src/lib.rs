@@ -308,6 +308,73 @@ impl Drop for NodeProcess {
     }
 }
 
+/// A `shoal function-host` child process started beside a gateway (as the operator would start
+/// one with `--function-hosts external`, no `--gateway`: it asks the node over NATS), SIGKILLed
+/// on drop (and when the test process dies).
+#[derive(Debug)]
+pub struct FunctionHostProcess {
+    child: Child,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl FunctionHostProcess {
+    /// Starts function host `function` for `gateway`'s node, mapping its segments, with `--http
+    /// <http>` (`off`, or `127.0.0.1:0` for a free port it logs).
+    ///
+    /// # Panics
+    /// If the process cannot be spawned.
+    pub fn start(nats_url: &str, gateway: &NodeProcess, function: u32, http: &str) -> FunctionHostProcess {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("host.log");
+        let out = std::fs::File::create(&log).expect("host log");
+        let shm_root = gateway.shm_dir().parent().expect("the gateway's shm root").to_owned();
+        let mut cmd = Command::new(shoal_bin());
+        cmd.args(["function-host", "--nats-url", nats_url, "--node-id", &gateway.node_id])
+            .arg("--shm-dir")
+            .arg(&shm_root)
+            .args(["--function-id", &function.to_string(), "--http", http])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("host log"))
+            .stderr(out);
+        let child = shoal_natsd::spawn_tied_to_process(cmd).expect("spawn shoal function-host");
+        FunctionHostProcess { child, log, _dir: dir }
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The HTTP address it logged (started with `--http 127.0.0.1:0`), waiting up to 20 s.
+    ///
+    /// # Panics
+    /// If it logs none in time, with its log.
+    pub async fn http_addr(&self) -> std::net::SocketAddr {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(a) = http_addr_in_log(&self.log()) {
+                return a;
+            }
+            assert!(Instant::now() < deadline, "the function host logged no HTTP listener:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for FunctionHostProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// The address in the last "HTTP listening" line of a Shoal process's log.
 pub fn http_addr_in_log(log: &str) -> Option<std::net::SocketAddr> {
     log.lines()

@@ -174,56 +174,6 @@ async fn node_serves_metrics_and_is_ready_only_while_nats_is_up() {
     assert!(http_get(addr, "/healthz").await.is_err(), "the listener outlived the node");
 }
 
-/// A `shoal function-host` child process (started by the test, as the operator would start one
-/// with `--function-hosts external`), SIGKILLed on drop.
-struct FunctionHostProcess {
-    child: std::process::Child,
-    log: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl FunctionHostProcess {
-    fn start(nats_url: &str, gateway: &NodeProcess, function: u32) -> FunctionHostProcess {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("host.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let shm_root = gateway.shm_dir().parent().unwrap().to_owned();
-        let mut cmd = std::process::Command::new(shoal_bin());
-        cmd.args(["function-host", "--nats-url", nats_url, "--node-id", &gateway.node_id])
-            .arg("--shm-dir")
-            .arg(&shm_root)
-            .args(["--function-id", &function.to_string(), "--http", "127.0.0.1:0"])
-            .env("RUST_LOG", "info")
-            .stdin(std::process::Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out);
-        let child = shoal_natsd::spawn_tied_to_process(cmd).unwrap();
-        FunctionHostProcess { child, log, _dir: dir }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    async fn http_addr(&self) -> SocketAddr {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(a) = http_addr_in_log(&self.log()) {
-                return a;
-            }
-            assert!(Instant::now() < deadline, "the function host logged no HTTP listener:\n{}", self.log());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for FunctionHostProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 async fn wait_ready(addr: SocketAddr, what: &str, log: impl Fn() -> String) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while http_get(addr, "/readyz").await.unwrap().0 != 200 {
@@ -254,7 +204,7 @@ async fn gateway_and_function_host_serve_http_and_turn_ready_in_order() {
     wait_ready(gw_addr, "the gateway", || gateway.log()).await;
     assert!(gateway.shm_dir().is_dir(), "gateway ready before the shared-memory directory exists");
 
-    let host = FunctionHostProcess::start(&url, &gateway, 7);
+    let host = FunctionHostProcess::start(&url, &gateway, 7, "127.0.0.1:0");
     let host_addr = host.http_addr().await;
     assert_ne!(host_addr, gw_addr);
     assert_eq!(http_get(host_addr, "/healthz").await.unwrap().0, 200);

@@ -434,7 +434,7 @@ async fn a_restarted_gateway_gets_its_external_host_back_and_loses_nothing() {
         &["--function-hosts", "external", "--ebpf", "off", "--ack-wait-ms", "3000"],
     )
     .await;
-    let host = ExternalHost::start(&url, &node, 7);
+    let host = FunctionHostProcess::start(&url, &node, 7, "off");
     let client = connect(&url).await;
     let nc = client.connection().client.clone();
     let m = manifest();
@@ -461,7 +461,7 @@ async fn a_restarted_gateway_gets_its_external_host_back_and_loses_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    let host_pid = host.child.id();
+    let host_pid = host.pid();
     node.kill();
     node.restart(&url).await;
     for c in 2..4u64 {
@@ -480,50 +480,11 @@ async fn a_restarted_gateway_gets_its_external_host_back_and_loses_nothing() {
     let model = shoal_functions::Parameters::from_safetensors(Arc::clone(&m), &bytes).unwrap();
     assert_model_near(&model, &weighted_mean_oracle(&sent), "after a gateway restart");
     // The same host process served both gateways.
-    assert_eq!(host.child.id(), host_pid);
+    assert_eq!(host.pid(), host_pid);
     let log = host.log();
     assert_eq!(log.matches("connected to the gateway").count(), 2, "one reconnect:\n{log}");
     assert!(log.contains("reconnecting"), "{log}");
     assert_stream_drains(&client, Duration::from_secs(20)).await;
-}
-
-/// A `shoal function-host` started beside a gateway (as the operator would, no `--gateway`),
-/// SIGKILLed on drop.
-struct ExternalHost {
-    child: std::process::Child,
-    log: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl ExternalHost {
-    fn start(nats_url: &str, gateway: &NodeProcess, function: u32) -> ExternalHost {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("host.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let shm_root = gateway.shm_dir().parent().unwrap().to_owned();
-        let mut cmd = std::process::Command::new(shoal_bin());
-        cmd.args(["function-host", "--nats-url", nats_url, "--node-id", &gateway.node_id])
-            .arg("--shm-dir")
-            .arg(&shm_root)
-            .args(["--function-id", &function.to_string(), "--http", "off"])
-            .env("RUST_LOG", "info")
-            .stdin(std::process::Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out);
-        let child = shoal_natsd::spawn_tied_to_process(cmd).unwrap();
-        ExternalHost { child, log, _dir: dir }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for ExternalHost {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// SIGKILLs `pid`; returns it.
