@@ -94,6 +94,30 @@ async fn wait_for(what: &str, within: Duration, node: &NodeProcess, mut ok: impl
     }
 }
 
+/// Waits (20 s at most) until the gateway has received `n` slot releases: the host folded those
+/// updates, so they are only in its partial now.
+async fn wait_for_releases(
+    node: &NodeProcess,
+    nc: &async_nats::Client,
+    n: u64,
+    extra_log: impl Fn() -> String,
+) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = node.metrics(nc).await;
+        if scrape(&text, "shoal_descriptor_channel_releases_received_total") == Some(n as f64) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{n} releases never came:\n{text}\n{}\n{}",
+            node.log(),
+            extra_log()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
 /// Publishes client `c`'s update for `round` (weight `n`); returns what the oracle needs.
 async fn send(
     client: &shoal_client::ShoalClient,
@@ -269,15 +293,7 @@ async fn a_sigkilled_function_host_loses_nothing_and_folds_nothing_twice() {
     }
     let nc = client.connection().client.clone();
     // The host folded (and released) the first three: they are only in its partial now.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let text = node.metrics(&nc).await;
-        if scrape(&text, "shoal_descriptor_channel_releases_received_total") == Some(3.0) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "three releases never came:\n{text}\n{}", node.log());
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    wait_for_releases(&node, &nc, 3, String::new).await;
     let hosts = function_hosts_of(gateway);
     assert_eq!(hosts.len(), 1, "one function host for the job: {hosts:?}");
     // SIGKILL mid-round.
@@ -331,15 +347,7 @@ async fn a_function_host_that_hangs_is_abandoned_killed_and_loses_nothing() {
         sent.push(send(&client, &m, &job, &state, c, 1 << c).await);
     }
     // Folded and released: the three are only in the host's partial now.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let text = node.metrics(&nc).await;
-        if scrape(&text, "shoal_descriptor_channel_releases_received_total") == Some(3.0) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "three releases never came:\n{text}\n{}", node.log());
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    wait_for_releases(&node, &nc, 3, String::new).await;
     let hosts = function_hosts_of(gateway);
     assert_eq!(hosts.len(), 1, "one function host for the job: {hosts:?}");
     // The host hangs (SIGSTOP): alive, connected, silent.
@@ -447,20 +455,7 @@ async fn a_restarted_gateway_gets_its_external_host_back_and_loses_nothing() {
         sent.push(send(&client, &m, &job, &state, c, 1 << c).await);
     }
     // Folded on the host, held (un-acked) by the gateway.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let text = node.metrics(&nc).await;
-        if scrape(&text, "shoal_descriptor_channel_releases_received_total") == Some(2.0) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "two releases never came:\n{text}\n{}\n{}",
-            node.log(),
-            host.log()
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    wait_for_releases(&node, &nc, 2, || host.log()).await;
     let host_pid = host.pid();
     node.kill();
     node.restart(&url).await;
