@@ -112,6 +112,37 @@ fn delta(m: &Arc<ModelManifest>, c: usize, r: u64) -> Vec<Vec<f64>> {
 /// Runs `rounds` rounds of job `name` with `clients` clients on `nodes` and checks every
 /// committed model (and, for RFFL, every client's reward after the last round) against the
 /// strategy run in this process on the same updates.
+/// Publishes round `r` of `job`: clients `c0..` send [`delta`] with `num_examples` 5 + 3c on
+/// base version r − 1; returns what the single-node oracle folds.
+async fn publish_deltas(
+    client: &ShoalClient,
+    m: &Arc<ModelManifest>,
+    job: &JobId,
+    r: u64,
+    clients: usize,
+) -> Vec<Staged> {
+    let mut staged = Vec::new();
+    for c in 0..clients {
+        let values = delta(m, c, r);
+        let n = 5 + 3 * c as u64;
+        client
+            .publish_update(UpdateRequest {
+                job: job.clone(),
+                client: ClientId::new(format!("c{c}")).unwrap(),
+                round: RoundId(r),
+                base_version: ModelVersion(r - 1),
+                num_examples: n,
+                kind: UpdateKind::Delta,
+                payload: payload(m, &values),
+                force_upload: false,
+            })
+            .await
+            .unwrap();
+        staged.push(stage(m, &format!("c{c}"), &values, n as f64));
+    }
+    staged
+}
+
 async fn run_job(
     client: &ShoalClient,
     nodes: &[NodeProcess],
@@ -132,25 +163,7 @@ async fn run_job(
     let mut global = Parameters::zeros(Arc::clone(&m));
     for r in 1..=rounds {
         client.wait_for_open_round(&job, RoundId(r), Duration::from_secs(60)).await.unwrap();
-        let mut staged = Vec::new();
-        for c in 0..clients {
-            let values = delta(&m, c, r);
-            let n = 5 + 3 * c as u64;
-            client
-                .publish_update(UpdateRequest {
-                    job: job.clone(),
-                    client: ClientId::new(format!("c{c}")).unwrap(),
-                    round: RoundId(r),
-                    base_version: ModelVersion(r - 1),
-                    num_examples: n,
-                    kind: UpdateKind::Delta,
-                    payload: payload(&m, &values),
-                    force_upload: false,
-                })
-                .await
-                .unwrap();
-            staged.push(stage(&m, &format!("c{c}"), &values, n as f64));
-        }
+        let staged = publish_deltas(client, &m, &job, r, clients).await;
         let st = client.wait_for_round_closed(&job, RoundId(r), Duration::from_secs(60)).await.unwrap();
         match st.last_outcome {
             Some(RoundOutcome::Committed { clients: got, .. }) => assert_eq!(got as usize, clients),
@@ -277,25 +290,7 @@ async fn a_leaf_killed_between_the_phases_changes_nothing() {
     let mut killed_in = None;
     for r in 1..=ROUNDS {
         client.wait_for_open_round(&job, RoundId(r), Duration::from_secs(60)).await.unwrap();
-        let mut staged = Vec::new();
-        for c in 0..CLIENTS {
-            let values = delta(&m, c, r);
-            let n = 5 + 3 * c as u64;
-            client
-                .publish_update(UpdateRequest {
-                    job: job.clone(),
-                    client: ClientId::new(format!("c{c}")).unwrap(),
-                    round: RoundId(r),
-                    base_version: ModelVersion(r - 1),
-                    num_examples: n,
-                    kind: UpdateKind::Delta,
-                    payload: payload(&m, &values),
-                    force_upload: false,
-                })
-                .await
-                .unwrap();
-            staged.push(stage(&m, &format!("c{c}"), &values, n as f64));
-        }
+        let staged = publish_deltas(&client, &m, &job, r, CLIENTS).await;
         if killed_in.is_none() {
             // n3 holds after its phase-1 answer if it staged any of this round's updates;
             // otherwise the round commits without it and the next round tries again.
