@@ -496,6 +496,37 @@ pub fn payload(manifest: &Arc<ModelManifest>, values: &[Vec<f64>]) -> Bytes {
     Bytes::from(encode_safetensors(manifest, values).expect("encode"))
 }
 
+/// Publishes client `client-<c>`'s update for the open round `state` of `job`: values drawn by
+/// [`random_values`] from `seed` and rounded as sent, weight `n`, on the upload path when
+/// `upload`. Returns what the f64 oracle needs (the values as sent, the weight).
+///
+/// # Panics
+/// If the publish fails (test input).
+pub async fn send_update(
+    client: &shoal_client::ShoalClient,
+    m: &Arc<ModelManifest>,
+    job: &JobId,
+    state: &shoal_proto::JobState,
+    (c, seed, n): (u64, u64, u64),
+    upload: bool,
+) -> (Vec<Vec<f64>>, f64) {
+    let values = as_sent(m, &random_values(m, seed));
+    client
+        .publish_update(shoal_client::UpdateRequest {
+            job: job.clone(),
+            client: shoal_functions::ClientId::new(format!("client-{c}")).expect("client id"),
+            round: state.round,
+            base_version: state.model_version,
+            num_examples: n,
+            kind: UpdateKind::Parameters,
+            payload: payload(m, &values),
+            force_upload: upload,
+        })
+        .await
+        .expect("publish");
+    (values, n as f64)
+}
+
 /// The independent f64 oracle: Σ w_i x_i / Σ w_i per element, computed here from the values
 /// as sent, without any Shoal code.
 pub fn weighted_mean_oracle(updates: &[(Vec<Vec<f64>>, f64)]) -> Vec<Vec<f64>> {

@@ -25,8 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use half::bf16;
-use shoal_client::UpdateRequest;
-use shoal_functions::{ClientId, DType, JobId, ModelManifest, ModelVersion, RoundId, UpdateKind};
+use shoal_functions::{DType, JobId, ModelManifest, ModelVersion, RoundId};
 use shoal_proto::RoundOutcome;
 use shoal_runtime::jobs;
 use shoal_runtime::metrics::scrape;
@@ -137,22 +136,8 @@ async fn run(mode: Mode, extra: &[&str], kill_switch_at: Option<u64>) -> Run {
         }
         let mut sent = Vec::new();
         for c in 0..CLIENTS {
-            let values = as_sent(&m, &random_values(&m, round * 100 + c));
             let n = 1 + (round * 37 + c * 101) % 900;
-            client
-                .publish_update(UpdateRequest {
-                    job: job.clone(),
-                    client: ClientId::new(format!("client-{c}")).unwrap(),
-                    round: state.round,
-                    base_version: state.model_version,
-                    num_examples: n,
-                    kind: UpdateKind::Parameters,
-                    payload: payload(&m, &values),
-                    force_upload: c == 0,
-                })
-                .await
-                .unwrap();
-            sent.push((values, n as f64));
+            sent.push(send_update(&client, &m, &job, &state, (c, round * 100 + c, n), c == 0).await);
         }
         let after = client
             .wait_for_round_closed(&job, RoundId(round), Duration::from_secs(30))

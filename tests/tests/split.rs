@@ -16,8 +16,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shoal_client::UpdateRequest;
-use shoal_functions::{ClientId, DType, JobId, ModelManifest, ModelVersion, RoundId, UpdateKind};
+use shoal_functions::{DType, JobId, ModelManifest, ModelVersion, RoundId};
 use shoal_proto::RoundOutcome;
 use shoal_runtime::jobs;
 use shoal_runtime::metrics::scrape;
@@ -127,21 +126,7 @@ async fn send(
     c: u64,
     n: u64,
 ) -> (Vec<Vec<f64>>, f64) {
-    let values = as_sent(m, &random_values(m, state.round.0 * 1000 + c));
-    client
-        .publish_update(UpdateRequest {
-            job: job.clone(),
-            client: ClientId::new(format!("client-{c}")).unwrap(),
-            round: state.round,
-            base_version: state.model_version,
-            num_examples: n,
-            kind: UpdateKind::Parameters,
-            payload: payload(m, &values),
-            force_upload: false,
-        })
-        .await
-        .unwrap();
-    (values, n as f64)
+    send_update(client, m, job, state, (c, state.round.0 * 1000 + c, n), false).await
 }
 
 /// Two rounds of six clients in `mode`: the committed models (each checked against the f64
