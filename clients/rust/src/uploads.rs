@@ -118,49 +118,6 @@ pub enum UploadReadError {
     },
 }
 
-/// What [`read`] fills in.
-#[derive(Debug, Default)]
-pub struct UploadBuf {
-    /// The payload (cleared first).
-    pub bytes: Vec<u8>,
-    /// The highest stream sequence among the chunks read (0: none read). Purging below it + 1
-    /// removes exactly what was read, never a chunk the client re-sent since.
-    pub last_seq: u64,
-}
-
-/// Reads `client`'s upload for `round` (as the update message declares it in `upload`) with
-/// direct gets, into `out`: refuses before reading when the declared size is over `max_bytes`
-/// or inconsistent with `chunk_bytes`, and checks every chunk's length and the whole payload's
-/// SHA-256.
-///
-/// # Errors
-/// The [`UploadReadError`] naming what is wrong (`out.last_seq` still tells what was read).
-pub async fn read<I>(
-    stream: &stream::Stream<I>,
-    subjects: &Subjects,
-    who: (&JobId, &ClientId, RoundId),
-    upload: &Upload,
-    limits: (u64, u64),
-    out: &mut UploadBuf,
-) -> std::result::Result<(), UploadReadError> {
-    out.bytes.clear();
-    out.last_seq = 0;
-    let bytes = &mut out.bytes;
-    let mut sink = |chunk: &[u8]| {
-        if bytes.is_empty() {
-            bytes.reserve(upload.bytes as usize);
-        }
-        bytes.extend_from_slice(chunk);
-        Ok::<(), std::convert::Infallible>(())
-    };
-    read_into(stream, subjects, who, upload, limits, &mut out.last_seq, &mut sink).await.map_err(
-        |e| match e {
-            SinkOr::Read(e) => e,
-            SinkOr::Sink(never) => match never {},
-        },
-    )
-}
-
 /// Chunk reads [`read_into`] keeps in flight: enough to cover a direct get's round trip on
 /// loopback while hashing and copying the chunk before, few enough that the chunks waiting
 /// stay a few MiB (chunks are at most `max_payload`).
@@ -175,13 +132,18 @@ pub enum SinkOr<E> {
     Sink(E),
 }
 
-/// [`read`] without assembling the payload: each chunk goes to `sink` as it arrives (in order),
-/// and the SHA-256 is computed in the same pass. `last_seq` gets the highest stream sequence
-/// read (0: none). The digest is checked after the last chunk, so a sink must treat its bytes
-/// as unverified until this returns `Ok` (the gateway stages into a slot it releases on error).
+/// Reads `client`'s upload for `round` (as the update message declares it in `upload`) with
+/// direct gets, without assembling the payload: refuses before reading when the declared size
+/// is over `max_bytes` or inconsistent with `chunk_bytes`, checks every chunk's length, hands
+/// each chunk to `sink` as it arrives (in order) and computes the SHA-256 in the same pass.
+/// `last_seq` gets the highest stream sequence read (0: none; purging below it + 1 removes
+/// exactly what was read, never a chunk the client re-sent since). The digest is checked after
+/// the last chunk, so a sink must treat its bytes as unverified until this returns `Ok` (the
+/// gateway stages into a slot it releases on error).
 ///
 /// # Errors
-/// [`SinkOr::Read`] as [`read`]; [`SinkOr::Sink`] with the sink's error (nothing more is read).
+/// [`SinkOr::Read`] with the [`UploadReadError`] naming what is wrong; [`SinkOr::Sink`] with the
+/// sink's error (nothing more is read).
 pub async fn read_into<I, E>(
     stream: &stream::Stream<I>,
     subjects: &Subjects,
