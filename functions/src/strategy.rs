@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::ids::ClientId;
-use crate::tensor::{AggregationPolicy, ModelManifest, Parameters, TensorData};
+use crate::tensor::{AggregationPolicy, ModelManifest, Parameters, TensorData, ValidationError};
 
 /// A client update as the kernels see it: the staged slot bytes (canonical layout of
 /// `manifest`, 8-byte aligned), the update's weight and its client.
@@ -261,6 +261,86 @@ impl PartialAggregate {
         }
         if let Some(list) = &mut self.client_list {
             list.extend(updates.iter().map(|u| u.client.clone()));
+        }
+        Ok(())
+    }
+
+    /// Whether updates of `manifest` can be folded piece by piece ([`Self::fold_prefix`]):
+    /// every tensor f32 with an element-wise sum policy (`mean`, `statistic`, `variance`) or
+    /// `skip`.
+    pub fn folds_by_range(manifest: &ModelManifest) -> bool {
+        manifest.tensors().iter().all(|t| {
+            t.policy == AggregationPolicy::Skip
+                || (t.dtype == crate::DType::F32
+                    && matches!(
+                        t.policy,
+                        AggregationPolicy::Mean | AggregationPolicy::Statistic | AggregationPolicy::Variance
+                    ))
+        })
+    }
+
+    /// Folds bytes `[from, prefix.len())` of an update's slot of which only the first
+    /// `prefix.len()` bytes are staged so far: `acc += weight * x` per element, exactly what
+    /// [`Self::fold`] does to those elements, so folding a slot piece by piece as it is staged
+    /// gives the same bits as folding it whole (fold-while-staging). Both ends must fall on
+    /// 4-byte boundaries (f32 elements). The update is not counted: call
+    /// [`Self::count_folded`] once every byte of it is folded.
+    ///
+    /// # Errors
+    /// [`Error::ManifestMismatch`] for a manifest [`Self::folds_by_range`] refuses, unaligned
+    /// ends or a prefix longer than the slot; [`Error::InvalidWeight`];
+    /// [`ValidationError::NonFinite`] for NaN/±Inf in the range. Nothing is folded on error.
+    pub fn fold_prefix(&mut self, prefix: &[u8], from: usize, weight: f64) -> Result<()> {
+        let to = prefix.len();
+        if !Self::folds_by_range(&self.manifest) {
+            return Err(Error::ManifestMismatch("the manifest cannot be folded piece by piece"));
+        }
+        if from % 4 != 0 || to % 4 != 0 || from > to || to > self.manifest.slot_bytes() {
+            return Err(Error::ManifestMismatch(
+                "a piece of an update must cover whole f32 elements of its slot",
+            ));
+        }
+        if !(weight.is_finite() && weight > 0.0) {
+            return Err(Error::InvalidWeight(weight));
+        }
+        let manifest = Arc::clone(&self.manifest);
+        let pieces = || {
+            manifest.tensors().iter().zip(manifest.slots()).filter_map(move |(spec, s)| {
+                let (lo, hi) = (s.byte_offset.max(from), (s.byte_offset + s.byte_len).min(to));
+                (lo < hi && spec.policy != AggregationPolicy::Skip).then_some((spec, s, lo, hi))
+            })
+        };
+        for (spec, s, lo, hi) in pieces() {
+            let Some(TensorData::F32(x)) = TensorData::view(spec.dtype, &prefix[lo..hi]) else {
+                return Err(Error::Misaligned(spec.name.clone()));
+            };
+            if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+                let index = (lo - s.byte_offset) / 4 + i;
+                return Err(ValidationError::NonFinite { name: spec.name.clone(), index }.into());
+            }
+        }
+        for (spec, s, lo, hi) in pieces() {
+            let Some(TensorData::F32(x)) = TensorData::view(spec.dtype, &prefix[lo..hi]) else {
+                return Err(Error::Misaligned(spec.name.clone()));
+            };
+            let at = s.elem_offset + (lo - s.byte_offset) / 4;
+            crate::kernels::fold_f32_tiled(&mut self.values[at..at + x.len()], &[(x, weight)]);
+        }
+        Ok(())
+    }
+
+    /// Counts an update folded piece by piece ([`Self::fold_prefix`]) once all of it is.
+    ///
+    /// # Errors
+    /// [`Error::InvalidWeight`] (the partial is unchanged).
+    pub fn count_folded(&mut self, weight: f64, client: &ClientId) -> Result<()> {
+        if !(weight.is_finite() && weight > 0.0) {
+            return Err(Error::InvalidWeight(weight));
+        }
+        self.total_weight += weight;
+        self.count += 1;
+        if let Some(list) = &mut self.client_list {
+            list.push(client.clone());
         }
         Ok(())
     }

@@ -257,20 +257,11 @@ pub fn stage_update(
 /// manifest before any data byte is accepted, so a wrong schema is refused at its first chunk;
 /// data bytes are then copied to their canonical offsets as they arrive (the one copy of the
 /// ingest path); [`Self::finish`] checks that every byte came and scans floats for NaN/Inf.
+/// (The planning without the slot is [`StreamPlan`].)
 #[derive(Debug)]
 pub struct StreamStager<'a> {
-    manifest: &'a ModelManifest,
     slot: &'a mut [u8],
-    /// Payload bytes declared (header length field included).
-    total: u64,
-    /// Payload bytes received so far.
-    received: u64,
-    /// The 8-byte length field and the header, until the header is complete.
-    head: Vec<u8>,
-    /// Payload offset where the data starts (8 + header length), once the header is checked.
-    data_start: Option<u64>,
-    /// Data ranges `(begin, end, slot offset)` relative to the data start, sorted, contiguous.
-    plan: Vec<(u64, u64, usize)>,
+    plan: StreamPlan<'a>,
 }
 
 /// The largest safetensors header [`StreamStager`] accepts (the safetensors crate's own limit).
@@ -287,18 +278,11 @@ impl<'a> StreamStager<'a> {
         if slot.len() != manifest.slot_bytes() {
             return Err(ValidationError::SlotSize { expected: manifest.slot_bytes(), got: slot.len() });
         }
-        if total < 8 {
-            return Err(ValidationError::Malformed("shorter than the 8-byte header length".into()));
+        let plan = StreamPlan::new(manifest, total)?;
+        for r in plan.padding() {
+            slot[r].fill(0);
         }
-        Ok(StreamStager {
-            manifest,
-            slot,
-            total,
-            received: 0,
-            head: Vec::new(),
-            data_start: None,
-            plan: Vec::new(),
-        })
+        Ok(StreamStager { slot, plan })
     }
 
     /// Accepts the next `chunk` of the payload.
@@ -306,7 +290,90 @@ impl<'a> StreamStager<'a> {
     /// # Errors
     /// A [`ValidationError`] naming the first problem (more bytes than declared, a header that
     /// does not match the manifest). The slot's content is then unspecified.
-    pub fn push(&mut self, mut chunk: &[u8]) -> Result<(), ValidationError> {
+    pub fn push(&mut self, chunk: &[u8]) -> Result<(), ValidationError> {
+        let slot = &mut *self.slot;
+        self.plan.push(chunk, |at, src| slot[at..at + src.len()].copy_from_slice(src))
+    }
+
+    /// Checks that the whole payload came and scans floats for NaN/Inf.
+    ///
+    /// # Errors
+    /// [`ValidationError::Malformed`] for a short payload; [`ValidationError::NonFinite`].
+    pub fn finish(self) -> Result<(), ValidationError> {
+        self.plan.finish()?;
+        check_finite(self.plan.manifest, self.slot)
+    }
+}
+
+/// Where each byte of a safetensors payload arriving in pieces goes in a slot, without the
+/// slot: [`StreamStager`] on a slot it borrows, and the gateway's fold-while-staging path on
+/// a shared-memory slot that a reader consumes while it is written ([`Self::staged_prefix`]).
+#[derive(Debug)]
+pub struct StreamPlan<'a> {
+    manifest: &'a ModelManifest,
+    /// Payload bytes declared (header length field included).
+    total: u64,
+    /// Payload bytes received so far.
+    received: u64,
+    /// The 8-byte length field and the header, until the header is complete.
+    head: Vec<u8>,
+    /// Payload offset where the data starts (8 + header length), once the header is checked.
+    data_start: Option<u64>,
+    /// Data ranges `(begin, end, slot offset)` relative to the data start, sorted, contiguous.
+    plan: Vec<(u64, u64, usize)>,
+    /// Each manifest tensor's data range `(begin, end)` relative to the data start, in
+    /// manifest (slot) order.
+    by_slot: Vec<(u64, u64)>,
+}
+
+impl<'a> StreamPlan<'a> {
+    /// A plan for a payload of `total` bytes into a slot of `manifest`.
+    ///
+    /// # Errors
+    /// [`ValidationError::Malformed`] for a payload too short to hold a header.
+    pub fn new(manifest: &'a ModelManifest, total: u64) -> Result<Self, ValidationError> {
+        if total < 8 {
+            return Err(ValidationError::Malformed("shorter than the 8-byte header length".into()));
+        }
+        Ok(StreamPlan {
+            manifest,
+            total,
+            received: 0,
+            head: Vec::new(),
+            data_start: None,
+            plan: Vec::new(),
+            by_slot: Vec::new(),
+        })
+    }
+
+    /// The slot's padding (bytes no tensor owns), to be zeroed before any data byte: written
+    /// first, a reader of the staged prefix sees it final.
+    pub fn padding(&self) -> Vec<std::ops::Range<usize>> {
+        let mut out = Vec::new();
+        let mut cursor = 0;
+        for s in self.manifest.slots() {
+            if cursor < s.byte_offset {
+                out.push(cursor..s.byte_offset);
+            }
+            cursor = s.byte_offset + s.byte_len;
+        }
+        if cursor < self.manifest.slot_bytes() {
+            out.push(cursor..self.manifest.slot_bytes());
+        }
+        out
+    }
+
+    /// Accepts the next `chunk`: calls `write(slot offset, bytes)` for each piece of tensor data
+    /// in it (every slot byte at most once, each tensor's bytes in order).
+    ///
+    /// # Errors
+    /// A [`ValidationError`] naming the first problem (more bytes than declared, a header that
+    /// does not match the manifest).
+    pub fn push(
+        &mut self,
+        mut chunk: &[u8],
+        mut write: impl FnMut(usize, &[u8]),
+    ) -> Result<(), ValidationError> {
         let end = self.received.checked_add(chunk.len() as u64).filter(|&e| e <= self.total);
         let Some(end) = end else {
             return Err(ValidationError::Malformed(format!("more than the {} bytes declared", self.total)));
@@ -332,32 +399,38 @@ impl<'a> StreamStager<'a> {
                 continue;
             }
             let (lo, hi) = (b.max(from), e.min(to));
-            let src = &chunk[(lo - from) as usize..(hi - from) as usize];
-            let dst = at + (lo - b) as usize;
-            self.slot[dst..dst + src.len()].copy_from_slice(src);
+            write(at + (lo - b) as usize, &chunk[(lo - from) as usize..(hi - from) as usize]);
         }
         self.received = end;
         Ok(())
     }
 
-    /// Checks that the whole payload came, zeroes the padding and scans floats for NaN/Inf.
+    /// Bytes `[0, n)` of the slot that are final (given the padding was zeroed first): every
+    /// tensor before the first one not yet complete, and that one's bytes so far; the slot's
+    /// size once everything arrived.
+    pub fn staged_prefix(&self) -> usize {
+        let Some(start) = self.data_start else { return 0 };
+        let data = self.received - start;
+        for ((b, e), s) in self.by_slot.iter().zip(self.manifest.slots()) {
+            if data < *e {
+                return s.byte_offset + data.saturating_sub(*b) as usize;
+            }
+        }
+        self.manifest.slot_bytes()
+    }
+
+    /// Checks that the whole payload came (NaN/Inf are the caller's to check).
     ///
     /// # Errors
-    /// [`ValidationError::Malformed`] for a short payload; [`ValidationError::NonFinite`].
-    pub fn finish(self) -> Result<(), ValidationError> {
+    /// [`ValidationError::Malformed`] for a short payload.
+    pub fn finish(&self) -> Result<(), ValidationError> {
         if self.data_start.is_none() || self.received != self.total {
             return Err(ValidationError::Malformed(format!(
                 "{} of the {} bytes declared arrived",
                 self.received, self.total
             )));
         }
-        let mut cursor = 0;
-        for s in self.manifest.slots() {
-            self.slot[cursor..s.byte_offset].fill(0);
-            cursor = s.byte_offset + s.byte_len;
-        }
-        self.slot[cursor..].fill(0);
-        check_finite(self.manifest, self.slot)
+        Ok(())
     }
 
     /// Where the header ends (8 + its length) once the length field is in.
@@ -455,6 +528,7 @@ impl<'a> StreamStager<'a> {
             }
             plan.push((b as u64, e as u64, s.byte_offset));
         }
+        self.by_slot = plan.iter().map(|&(b, e, _)| (b, e)).collect();
         if infos.len() != max {
             return Err(malformed("tensor count differs from the manifest".into()));
         }
