@@ -66,6 +66,31 @@ impl Strategy for FedAvg {
             || manifest.tensors().iter().any(|t| t.policy == AggregationPolicy::Skip)
     }
 
+    /// Over parameters (the global model is not read): the new model is computed from the
+    /// accumulator as it is stored, with the same values as [`Self::finish_into`].
+    fn finish_streamed(
+        &mut self,
+        partial: &std::sync::Arc<PartialAggregate>,
+    ) -> Option<Result<crate::tensor::AccumulatorModel>> {
+        let manifest = partial.manifest();
+        if self.finish_reads_global(manifest) {
+            return None;
+        }
+        let (total, count) = (partial.total_weight(), partial.count());
+        if count == 0 || !(total > 0.0 && total.is_finite()) {
+            return Some(Err(Error::ZeroTotalWeight { total, count }));
+        }
+        let policies: Vec<AggregationPolicy> = manifest.tensors().iter().map(|t| t.policy).collect();
+        let value = move |i: usize, acc: f64| match policies[i] {
+            AggregationPolicy::Mean => acc / total,
+            p @ (AggregationPolicy::Statistic | AggregationPolicy::Variance) => {
+                statistic_value(p, 0.0, acc, total)
+            }
+            _ => acc,
+        };
+        Some(crate::tensor::AccumulatorModel::new(std::sync::Arc::clone(partial), Box::new(value)))
+    }
+
     /// In place: every element of the new model depends only on the same element of the old
     /// one, so `global` is overwritten tensor by tensor with no model-sized copy.
     fn finish_into(&mut self, partial: &PartialAggregate, global: &mut Parameters) -> Result<()> {
@@ -194,6 +219,76 @@ mod tests {
         assert!(FedAvg::deltas(1.0).finish_reads_global(&m));
         let skip = Arc::new(ModelManifest::new(vec![spec("s", DType::F32, vec![1], P::Skip)]).unwrap());
         assert!(FedAvg::parameters().finish_reads_global(&skip));
+    }
+
+    /// The model computed from the accumulator as it is read is `finish`'s model's file bit for
+    /// bit, for every dtype and policy FedAvg over parameters has, whatever the read sizes.
+    #[test]
+    fn finish_streamed_reads_the_file_finish_would_write() {
+        use crate::AggregationPolicy as P;
+        let spec = |name: &str, dtype, shape: Vec<usize>, policy| TensorSpec {
+            name: name.into(),
+            dtype,
+            shape,
+            policy,
+        };
+        let m = Arc::new(
+            ModelManifest::new(vec![
+                spec("w", DType::F32, vec![40], P::Mean),
+                spec("h", DType::BF16, vec![3], P::Mean),
+                spec("bn.running_var", DType::F32, vec![16], P::Variance),
+                spec("bn.running_mean", DType::F64, vec![5], P::Statistic),
+                spec("n", DType::I64, vec![], P::Max),
+            ])
+            .unwrap(),
+        );
+        let values = |seed: f64| -> Vec<Vec<f64>> {
+            m.slots()
+                .iter()
+                .map(|s| (0..s.numel).map(|j| ((j as f64 + seed) * 0.731).sin() * 5.0).collect())
+                .collect()
+        };
+        let a = Parameters::from_f64(Arc::clone(&m), &values(1.0)).unwrap();
+        let b = Parameters::from_f64(Arc::clone(&m), &values(2.5)).unwrap();
+        let (ca, cb) = (cid("a"), cid("b"));
+        let mut s = FedAvg::parameters();
+        let mut p = PartialAggregate::new(Arc::clone(&m));
+        s.fold(&mut p, &a.as_update(&ca, 1.0)).unwrap();
+        s.fold(&mut p, &b.as_update(&cb, 3.0)).unwrap();
+        let want = s.finish(&p, &Parameters::zeros(Arc::clone(&m))).unwrap();
+        let want_file = want.to_safetensors().unwrap();
+        // Hand-derived: w[0] = (1·5 sin(0.731) + 3·5 sin(1.8275)) / 4, rounded to f32.
+        let w0 = (5.0 * 0.731f64.sin() + 15.0 * (2.5 * 0.731f64).sin()) / 4.0;
+        assert_eq!(want.tensor_f64(0)[0], f64::from(w0 as f32));
+        let p = Arc::new(p);
+        for step in [1usize, 3, 7, 64, 1 << 20] {
+            let mut model = s.finish_streamed(&p).unwrap().unwrap();
+            model.check_finite().unwrap();
+            assert_eq!(model.len(), want_file.len());
+            let (mut file, mut buf) = (Vec::new(), vec![0u8; step]);
+            loop {
+                let n = model.read(&mut buf);
+                if n == 0 {
+                    break;
+                }
+                file.extend_from_slice(&buf[..n]);
+            }
+            assert!(file == want_file, "reads of {step} bytes give another file");
+        }
+        // Over deltas the old model is read: no streamed result.
+        assert!(FedAvg::deltas(1.0).finish_streamed(&p).is_none());
+        // An empty partial is ZeroTotalWeight, as from `finish`.
+        let empty = Arc::new(PartialAggregate::new(Arc::clone(&m)));
+        assert!(matches!(s.finish_streamed(&empty), Some(Err(Error::ZeroTotalWeight { .. }))));
+        // An accumulator that overflowed (weight 1e308 × values up to 5) is a non-finite
+        // result, found before anything is stored, as `finish` finds it.
+        let mut p = PartialAggregate::new(Arc::clone(&m));
+        s.fold(&mut p, &a.as_update(&ca, 1e308)).unwrap();
+        s.fold(&mut p, &b.as_update(&cb, 1.0)).unwrap();
+        let zeros = Parameters::zeros(Arc::clone(&m));
+        assert!(matches!(s.finish(&p, &zeros), Err(Error::NonFiniteResult(n)) if n == "w"));
+        let e = s.finish_streamed(&Arc::new(p)).unwrap().unwrap().check_finite();
+        assert!(matches!(&e, Err(Error::NonFiniteResult(n)) if n == "w"), "{e:?}");
     }
 
     /// bug-cases.md #9: int64 [10] and [21], equal weights: 16 (round half to even of 15.5),

@@ -83,16 +83,22 @@ impl fmt::Debug for PartialAggregate {
 impl PartialAggregate {
     /// An empty partial for `manifest` (one allocation of `numel` f64), without a client list.
     pub fn new(manifest: Arc<ModelManifest>) -> PartialAggregate {
-        let mut p = PartialAggregate {
-            values: vec![0.0; manifest.numel()],
+        // Zeroed memory straight from the allocator (pages the kernel zero-fills when the fold
+        // first touches them): only `max` tensors are written here.
+        let mut values = vec![0.0; manifest.numel()];
+        for (spec, s) in manifest.tensors().iter().zip(manifest.slots()) {
+            if spec.policy == AggregationPolicy::Max {
+                values[s.elem_offset..s.elem_offset + s.numel].fill(f64::NEG_INFINITY);
+            }
+        }
+        PartialAggregate {
+            values,
             first_owner: vec![None; manifest.tensors().len()],
             manifest,
             total_weight: 0.0,
             count: 0,
             client_list: None,
-        };
-        p.reset();
-        p
+        }
     }
 
     /// An empty partial that also lists the clients it folds ([`Self::clients`]), for callers
@@ -295,7 +301,7 @@ impl PartialAggregate {
         if !Self::folds_by_range(&self.manifest) {
             return Err(Error::ManifestMismatch("the manifest cannot be folded piece by piece"));
         }
-        if from % 4 != 0 || to % 4 != 0 || from > to || to > self.manifest.slot_bytes() {
+        if !from.is_multiple_of(4) || !to.is_multiple_of(4) || from > to || to > self.manifest.slot_bytes() {
             return Err(Error::ManifestMismatch(
                 "a piece of an update must cover whole f32 elements of its slot",
             ));
@@ -566,6 +572,20 @@ pub trait Strategy: Send + fmt::Debug {
     fn finish_into(&mut self, partial: &PartialAggregate, global: &mut Parameters) -> Result<()> {
         *global = self.finish(partial, global)?;
         Ok(())
+    }
+
+    /// The new model as a file computed from the partial as it is read, when the strategy can
+    /// ([`crate::tensor::AccumulatorModel`]: no model-sized buffer beside the accumulator at
+    /// the close; FedAvg over parameters). `None`: call [`Self::finish_into`].
+    ///
+    /// # Errors
+    /// As [`Self::finish`] (a non-finite result is found by
+    /// [`crate::tensor::AccumulatorModel::check_finite`]).
+    fn finish_streamed(
+        &mut self,
+        _partial: &Arc<PartialAggregate>,
+    ) -> Option<Result<crate::tensor::AccumulatorModel>> {
+        None
     }
 
     /// Whether [`Self::finish_into`] reads `global`'s values. When it does not (FedAvg over

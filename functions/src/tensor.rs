@@ -856,39 +856,13 @@ impl Parameters {
     /// # Errors
     /// [`Error::Encode`] if safetensors rejects the data (cannot happen for a valid manifest).
     pub fn safetensors_parts(&self) -> Result<(Vec<u8>, Vec<&[u8]>)> {
-        /// A tensor's dtype, shape and length with no data: safetensors lays the header out
-        /// from these and writes an empty body, so `serialize` gives the header alone.
-        struct Shape<'a>(safetensors::Dtype, &'a [usize], usize);
-        impl safetensors::View for Shape<'_> {
-            fn dtype(&self) -> safetensors::Dtype {
-                self.0
-            }
-            fn shape(&self) -> &[usize] {
-                self.1
-            }
-            fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-                std::borrow::Cow::Borrowed(&[])
-            }
-            fn data_len(&self) -> usize {
-                self.2
-            }
-        }
         let bytes = self.as_bytes();
-        let tensors = self.manifest.tensors().iter().zip(self.manifest.slots());
-        let header = safetensors::serialize(
-            tensors
-                .clone()
-                .map(|(t, s)| (t.name.as_str(), Shape(dtype_to_safetensors(t.dtype), &t.shape, s.byte_len))),
-            &None,
-        )
-        .map_err(Error::Encode)?;
-        // The data order safetensors writes (`serialize`): dtype descending, then name.
-        let mut order: Vec<_> = tensors.collect();
-        order.sort_by(|(l, _), (r, _)| {
-            dtype_to_safetensors(r.dtype).cmp(&dtype_to_safetensors(l.dtype)).then(l.name.cmp(&r.name))
-        });
-        let parts =
-            order.into_iter().map(|(_, s)| &bytes[s.byte_offset..s.byte_offset + s.byte_len]).collect();
+        let (header, order) = safetensors_layout(&self.manifest)?;
+        let slots = self.manifest.slots();
+        let parts = order
+            .into_iter()
+            .map(|i| &bytes[slots[i].byte_offset..slots[i].byte_offset + slots[i].byte_len])
+            .collect();
         Ok((header, parts))
     }
 
@@ -961,6 +935,176 @@ impl Parameters {
         let out = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut self.buf)
             [s.byte_offset..s.byte_offset + s.byte_len];
         write_f64_as(dtype, values, out);
+    }
+}
+
+/// The safetensors header of a model of `manifest` and the order in which its tensors' data
+/// follow it (manifest indices): what [`Parameters::safetensors_parts`] and
+/// [`AccumulatorModel`] write.
+///
+/// # Errors
+/// [`Error::Encode`] if safetensors rejects the layout (cannot happen for a valid manifest).
+pub fn safetensors_layout(manifest: &ModelManifest) -> Result<(Vec<u8>, Vec<usize>)> {
+    /// A tensor's dtype, shape and length with no data: safetensors lays the header out
+    /// from these and writes an empty body, so `serialize` gives the header alone.
+    struct Shape<'a>(safetensors::Dtype, &'a [usize], usize);
+    impl safetensors::View for Shape<'_> {
+        fn dtype(&self) -> safetensors::Dtype {
+            self.0
+        }
+        fn shape(&self) -> &[usize] {
+            self.1
+        }
+        fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+            std::borrow::Cow::Borrowed(&[])
+        }
+        fn data_len(&self) -> usize {
+            self.2
+        }
+    }
+    let tensors = manifest.tensors().iter().zip(manifest.slots());
+    let header = safetensors::serialize(
+        tensors
+            .clone()
+            .map(|(t, s)| (t.name.as_str(), Shape(dtype_to_safetensors(t.dtype), &t.shape, s.byte_len))),
+        &None,
+    )
+    .map_err(Error::Encode)?;
+    // The data order safetensors writes (`serialize`): dtype descending, then name.
+    let mut order: Vec<usize> = (0..manifest.tensors().len()).collect();
+    let t = manifest.tensors();
+    order.sort_by(|&l, &r| {
+        dtype_to_safetensors(t[r].dtype)
+            .cmp(&dtype_to_safetensors(t[l].dtype))
+            .then(t[l].name.cmp(&t[r].name))
+    });
+    Ok((header, order))
+}
+
+/// A model's safetensors file computed piece by piece from an f64 accumulator as it is read
+/// (element `e` of tensor `i` is `f(i, acc)` rounded to the tensor's dtype, as
+/// [`Parameters::from_f64`]): a strategy's result stored without the model ever being whole in
+/// memory beside the accumulator ([`crate::Strategy::finish_streamed`]). Its bytes are exactly
+/// [`Parameters::to_safetensors`] of the same values.
+pub struct AccumulatorModel {
+    manifest: Arc<ModelManifest>,
+    partial: Arc<crate::PartialAggregate>,
+    value: Box<dyn Fn(usize, f64) -> f64 + Send + Sync>,
+    header: Vec<u8>,
+    /// Tensors in data order.
+    order: Vec<usize>,
+    /// Read cursor: header bytes, then (position in `order`, element).
+    header_at: usize,
+    part: usize,
+    elem: usize,
+    /// Bytes of the current element not yet handed out.
+    carry: Vec<u8>,
+}
+
+impl fmt::Debug for AccumulatorModel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AccumulatorModel").field("bytes", &self.len()).finish()
+    }
+}
+
+impl AccumulatorModel {
+    /// The model `value(tensor, accumulated)` of `partial`'s accumulator.
+    ///
+    /// # Errors
+    /// [`Error::Encode`] (cannot happen for a valid manifest).
+    pub fn new(
+        partial: Arc<crate::PartialAggregate>,
+        value: Box<dyn Fn(usize, f64) -> f64 + Send + Sync>,
+    ) -> Result<AccumulatorModel> {
+        let manifest = Arc::clone(partial.manifest());
+        let (header, order) = safetensors_layout(&manifest)?;
+        Ok(AccumulatorModel {
+            manifest,
+            partial,
+            value,
+            header,
+            order,
+            header_at: 0,
+            part: 0,
+            elem: 0,
+            carry: Vec::new(),
+        })
+    }
+
+    /// Bytes of the whole file.
+    pub fn len(&self) -> usize {
+        self.header.len() + self.manifest.slots().iter().map(|s| s.byte_len).sum::<usize>()
+    }
+
+    /// Whether the file is empty (never: it has a header).
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Checks that every element rounds to a finite value of its dtype (one pass over the
+    /// accumulator, nothing written).
+    ///
+    /// # Errors
+    /// [`Error::NonFiniteResult`] naming the first tensor that is not.
+    pub fn check_finite(&self) -> Result<()> {
+        for (i, (t, s)) in self.manifest.tensors().iter().zip(self.manifest.slots()).enumerate() {
+            let acc = &self.partial.values()[s.elem_offset..s.elem_offset + s.numel];
+            let finite = match t.dtype {
+                DType::F32 => acc.iter().all(|&v| ((self.value)(i, v) as f32).is_finite()),
+                DType::F64 => acc.iter().all(|&v| (self.value)(i, v).is_finite()),
+                DType::F16 | DType::BF16 => acc.iter().all(|&v| {
+                    let mut b = [0u8; 2];
+                    write_f64_as(t.dtype, std::iter::once((self.value)(i, v)), &mut b);
+                    TensorData::view(t.dtype, &b).is_some_and(|x| x.get_f64(0).is_finite())
+                }),
+                _ => true,
+            };
+            if !finite {
+                return Err(Error::NonFiniteResult(t.name.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Fills `out` with the file's next bytes; returns how many (0: the end).
+    pub fn read(&mut self, out: &mut [u8]) -> usize {
+        let mut n = 0;
+        if self.header_at < self.header.len() {
+            let k = (self.header.len() - self.header_at).min(out.len());
+            out[..k].copy_from_slice(&self.header[self.header_at..self.header_at + k]);
+            self.header_at += k;
+            n = k;
+        }
+        while n < out.len() {
+            if !self.carry.is_empty() {
+                let k = self.carry.len().min(out.len() - n);
+                out[n..n + k].copy_from_slice(&self.carry[..k]);
+                self.carry.drain(..k);
+                n += k;
+                continue;
+            }
+            let Some(&i) = self.order.get(self.part) else { break };
+            let (t, s) = (&self.manifest.tensors()[i], self.manifest.slots()[i]);
+            if self.elem >= s.numel {
+                (self.part, self.elem) = (self.part + 1, 0);
+                continue;
+            }
+            let size = t.dtype.size();
+            let acc = &self.partial.values()[s.elem_offset..s.elem_offset + s.numel];
+            // Whole elements straight into `out`, then one through `carry` if it is cut.
+            let whole = ((out.len() - n) / size).min(s.numel - self.elem);
+            let values = acc[self.elem..self.elem + whole].iter().map(|&v| (self.value)(i, v));
+            write_f64_as(t.dtype, values, &mut out[n..n + whole * size]);
+            n += whole * size;
+            self.elem += whole;
+            if whole == 0 {
+                let mut b = vec![0u8; size];
+                write_f64_as(t.dtype, std::iter::once((self.value)(i, acc[self.elem])), &mut b);
+                self.carry = b;
+                self.elem += 1;
+            }
+        }
+        n
     }
 }
 

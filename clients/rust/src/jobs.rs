@@ -237,6 +237,44 @@ pub async fn put_model(infra: &Infra, job: &JobId, version: ModelVersion, params
     Ok(())
 }
 
+/// Stores a model version computed from an accumulator as it is read
+/// ([`shoal_functions::tensor::AccumulatorModel`]): the file is never whole in memory, nor the
+/// model beside the accumulator. Same object as [`put_model`] of the same values.
+///
+/// # Errors
+/// NATS errors.
+pub async fn put_model_streamed(
+    infra: &Infra,
+    job: &JobId,
+    version: ModelVersion,
+    model: shoal_functions::tensor::AccumulatorModel,
+) -> Result<()> {
+    let chunk = chunk_size(infra.max_payload());
+    let meta = async_nats::jetstream::object_store::ObjectMetadata {
+        name: subjects::model_object(job, version),
+        chunk_size: Some(chunk),
+        ..Default::default()
+    };
+    let mut reader = ModelReader(model);
+    infra.models.put(meta, &mut reader).await.map_err(|e| Error::nats("store model", e))?;
+    Ok(())
+}
+
+/// An [`tokio::io::AsyncRead`] over an [`shoal_functions::tensor::AccumulatorModel`].
+struct ModelReader(shoal_functions::tensor::AccumulatorModel);
+
+impl tokio::io::AsyncRead for ModelReader {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let n = self.0.read(buf.initialize_unfilled());
+        buf.advance(n);
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
 /// An [`tokio::io::AsyncRead`] over borrowed byte slices in order (a model's safetensors
 /// header and tensors), so the object store reads its chunks from them with no copy between.
 struct PartsReader<'a> {

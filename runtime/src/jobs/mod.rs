@@ -177,7 +177,7 @@ impl JobDirectory {
 
 pub use shoal_client::jobs::{
     cas_state, chunk_size, create_job, get_model_bytes, get_strategy_state, load_model, load_spec,
-    load_state, put_model, put_strategy_state, CasOutcome,
+    load_state, put_model, put_model_streamed, put_strategy_state, CasOutcome,
 };
 
 /// Observes every state revision still in the history of `job`'s state key (the last few

@@ -133,6 +133,9 @@ struct Top<'a> {
     /// close reloads it from the object store) so that a node holds the accumulator and the
     /// slots in use, not a model more (memory O(model), `shoal bench memory`).
     global: Option<Parameters>,
+    /// The model a streaming strategy computes from the round's accumulator as it is stored
+    /// (`Strategy::finish_streamed`), between the step and the commit.
+    streamed: Option<shoal_functions::tensor::AccumulatorModel>,
     inbox: Inbox,
     exchange_failures: u32,
     /// RFFL and Bristle: this node's share of their two-phase exchanges (built on first use).
@@ -252,6 +255,7 @@ impl<'a> Top<'a> {
             state,
             revision,
             global,
+            streamed: None,
             inbox,
             exchange_failures: 0,
             share: None,
@@ -579,7 +583,9 @@ impl<'a> Top<'a> {
                     return Ok(Step::Stop);
                 }
             }
-            if let Some(global) = &self.global {
+            if let Some(model) = self.streamed.take() {
+                jobs::put_model_streamed(&self.ctx.infra, &self.job, version, model).await?;
+            } else if let Some(global) = &self.global {
                 jobs::put_model(&self.ctx.infra, &self.job, version, global).await?;
             }
         }
@@ -686,8 +692,17 @@ impl<'a> Top<'a> {
         // committing it is dropped; one that loses the commit reloads the winner's).
         // The step failed part-way through writing in place: the committed model is reloaded
         // when next needed.
-        self.global = (fate != ModelFate::Clobbered).then_some(global);
-        Ok((collected, outcome, fate == ModelFate::New))
+        let new = matches!(fate, ModelFate::New | ModelFate::Streamed(_));
+        match fate {
+            ModelFate::Streamed(model) => {
+                // Not held: the next step that reads it loads the committed one.
+                self.streamed = Some(model);
+                self.global = None;
+            }
+            ModelFate::Clobbered => self.global = None,
+            ModelFate::New | ModelFate::Unchanged => self.global = Some(global),
+        }
+        Ok((collected, outcome, new))
     }
 
     /// Loads the global model of the committed version when it was let go.
@@ -992,10 +1007,12 @@ impl Collected {
 }
 
 /// What a server step did to the global model handed to it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 enum ModelFate {
     /// It is the new model to commit.
     New,
+    /// Untouched: the new model is computed from the accumulator as it is stored.
+    Streamed(shoal_functions::tensor::AccumulatorModel),
     /// Untouched (no model this round).
     Unchanged,
     /// Partly overwritten by a step that failed: reload the committed one.
@@ -1034,6 +1051,18 @@ fn close_outcome(
                 return (RoundOutcome::QuorumNotMet { accepted, min_clients }, ModelFate::Unchanged);
             };
             let total_weight = partial.total_weight();
+            // Computed from the accumulator as it is stored when the strategy can (no model-sized
+            // buffer beside the accumulator); else written into the global model in place.
+            match strategy.finish_streamed(partial).map(|m| m.and_then(|m| m.check_finite().map(|()| m))) {
+                Some(Ok(model)) => {
+                    return (
+                        RoundOutcome::Committed { version, clients: accepted, total_weight },
+                        ModelFate::Streamed(model),
+                    );
+                }
+                Some(Err(e)) => return (failed(e), ModelFate::Unchanged),
+                None => {}
+            }
             match strategy.finish_into(partial, global) {
                 Ok(()) => {
                     (RoundOutcome::Committed { version, clients: accepted, total_weight }, ModelFate::New)
