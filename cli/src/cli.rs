@@ -270,6 +270,13 @@ pub struct NodeArgs {
     /// fold, in milliseconds (0: off; not for production).
     #[arg(long, default_value_t = NodeConfig::default().fold_delay_ms)]
     fold_delay_ms: u64,
+    /// Fold-while-staging: updates on the upload path whose slot is at least this many MiB are
+    /// folded piece by piece as their chunks arrive, so a node holds the f64 accumulator plus a
+    /// few chunks instead of the accumulator plus a whole update (`off`: stage whole, then
+    /// fold). Applies to the in-process function host, synchronous streaming strategies and f32
+    /// mean/statistic/variance/skip tensors; other updates are staged whole as before.
+    #[arg(long, default_value = "16", value_parser = parse_mib_or_off)]
+    fold_while_staging_min_mib: MibOrOff,
     /// Most running jobs this node serves at once (default: no limit). A job beyond it waits
     /// for a free slot (logged, counted in shoal_jobs_refused_total); meanwhile its updates go
     /// to a node that serves it, or are refused as node_at_capacity.
@@ -463,6 +470,19 @@ async fn start_http(
     Ok(probe)
 }
 
+/// A size in MiB, or `off`.
+#[derive(Debug, Clone, Copy)]
+struct MibOrOff(Option<u64>);
+
+fn parse_mib_or_off(s: &str) -> Result<MibOrOff, String> {
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(MibOrOff(None));
+    }
+    s.parse::<u64>()
+        .map(|m| MibOrOff(Some(m)))
+        .map_err(|_| format!("{s:?} is neither a size in MiB nor `off`"))
+}
+
 impl NodeArgs {
     /// The node's configuration from the flags (validated when the node starts).
     fn config(&self) -> anyhow::Result<NodeConfig> {
@@ -485,6 +505,7 @@ impl NodeArgs {
             max_jobs: self.max_jobs,
             lazy_aggregation: self.lazy_aggregation,
             fold_delay_ms: self.fold_delay_ms,
+            fold_while_staging_min_mib: self.fold_while_staging_min_mib.0,
             timings: Default::default(),
         })
     }

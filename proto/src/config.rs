@@ -87,6 +87,12 @@ pub struct NodeConfig {
     pub lazy_aggregation: bool,
     /// Fault injection: aggregators sleep this long per update they fold, ms (0: off).
     pub fold_delay_ms: u64,
+    /// Fold-while-staging: an update on the upload path whose slot is at least this many MiB is
+    /// folded piece by piece as its chunks are staged, so it never sits whole in shared memory
+    /// next to the accumulator (`None`: off). Only where it is exact and safe: the node's own
+    /// function host (not function-host processes), a synchronous streaming strategy, f32
+    /// tensors with `mean`/`statistic`/`variance`/`skip` policies.
+    pub fold_while_staging_min_mib: Option<u64>,
     /// The protocol's fixed timings.
     pub timings: Timings,
 }
@@ -112,6 +118,7 @@ impl Default for NodeConfig {
             max_jobs: None,
             lazy_aggregation: false,
             fold_delay_ms: 0,
+            fold_while_staging_min_mib: Some(16),
             timings: Timings::default(),
         }
     }

@@ -175,6 +175,11 @@ pub struct Metrics {
     /// Seconds the leaves spent folding (the strategy's fold kernels on their blocking
     /// threads), summed over batches.
     pub fold_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    /// Updates folded while they were staged (fold-while-staging, [`crate::staging::stream`]).
+    pub updates_folded_while_staged: Counter,
+    /// Partials given up because a streamed update failed after part of it was folded (their
+    /// updates were handed back and folded again).
+    pub partials_spoiled: Counter,
     /// Descriptor-channel frames and connections refused, by reason
     /// ([`crate::host::channel::ChannelErrorKind`]).
     pub descriptor_channel_errors: Family<ReasonLabel, Counter>,
@@ -243,6 +248,16 @@ impl Metrics {
             "fold_seconds",
             "Seconds the leaves spent folding updates",
             self.fold_seconds.clone(),
+        );
+        registry.register(
+            "updates_folded_while_staged",
+            "Updates folded piece by piece while the gateway staged them",
+            self.updates_folded_while_staged.clone(),
+        );
+        registry.register(
+            "partials_spoiled",
+            "Partials given up (their updates folded again) because a streamed update failed half-folded",
+            self.partials_spoiled.clone(),
         );
         registry.register(
             "updates_rejected",
@@ -499,6 +514,8 @@ impl Default for Metrics {
             ingest_stage_seconds: Counter::default(),
             ingest_claim_seconds: Counter::default(),
             fold_seconds: Counter::default(),
+            updates_folded_while_staged: Counter::default(),
+            partials_spoiled: Counter::default(),
             descriptor_channel_errors: Family::default(),
             descriptors_sent: Counter::default(),
             releases_received: Counter::default(),

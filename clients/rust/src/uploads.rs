@@ -132,6 +132,22 @@ pub enum SinkOr<E> {
     Sink(E),
 }
 
+/// Where [`read_into`] puts an upload's chunks, in order.
+pub trait ChunkSink: Send {
+    /// Why the sink refuses a chunk.
+    type Error;
+    /// Takes the next chunk.
+    ///
+    /// # Errors
+    /// The sink refuses it (the read stops).
+    fn push(&mut self, chunk: &[u8]) -> std::result::Result<(), Self::Error>;
+    /// Awaited after each chunk: a sink that cannot take more yet holds the read back
+    /// (backpressure). Ready at once by default.
+    fn ready(&mut self) -> impl std::future::Future<Output = ()> + Send {
+        std::future::ready(())
+    }
+}
+
 /// Reads `client`'s upload for `round` (as the update message declares it in `upload`) with
 /// direct gets, without assembling the payload: refuses before reading when the declared size
 /// is over `max_bytes` or inconsistent with `chunk_bytes`, checks every chunk's length, hands
@@ -144,15 +160,15 @@ pub enum SinkOr<E> {
 /// # Errors
 /// [`SinkOr::Read`] with the [`UploadReadError`] naming what is wrong; [`SinkOr::Sink`] with the
 /// sink's error (nothing more is read).
-pub async fn read_into<I, E>(
+pub async fn read_into<I, S: ChunkSink>(
     stream: &stream::Stream<I>,
     subjects: &Subjects,
     (job, client, round): (&JobId, &ClientId, RoundId),
     upload: &Upload,
     (chunk_bytes, max_bytes): (u64, u64),
     last_seq: &mut u64,
-    sink: &mut (dyn FnMut(&[u8]) -> std::result::Result<(), E> + Send),
-) -> std::result::Result<(), SinkOr<E>> {
+    sink: &mut S,
+) -> std::result::Result<(), SinkOr<S::Error>> {
     use sha2::{Digest, Sha256};
     if upload.bytes > max_bytes {
         return Err(SinkOr::Read(UploadReadError::TooLarge { bytes: upload.bytes, limit: max_bytes }));
@@ -196,7 +212,8 @@ pub async fn read_into<I, E>(
             ))));
         }
         hasher.update(&m.payload);
-        sink(&m.payload).map_err(SinkOr::Sink)?;
+        sink.push(&m.payload).map_err(SinkOr::Sink)?;
+        sink.ready().await;
     }
     let got = hex::encode(hasher.finalize());
     if got != upload.sha256 {

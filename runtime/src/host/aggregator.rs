@@ -165,6 +165,112 @@ fn fold_on_blocking_thread(
     (strategy, partial, batch, failed, weights)
 }
 
+/// How a streamed update's fold ended ([`fold_streamed`]).
+#[derive(Debug)]
+enum Streamed {
+    /// Every byte folded and the gateway's verdict good: the update counts, with this weight.
+    Folded(f64),
+    /// The update failed before any of it was folded: the partial is as it was.
+    Clean,
+    /// The update failed after some of it was folded: the partial is spoiled.
+    Spoiled,
+}
+
+/// Folds a streamed update ([`Delivery::stream`]) piece by piece as the gateway stages it,
+/// giving each folded piece's pages back to the kernel (fold-while-staging,
+/// [`crate::staging::stream`]). A strategy or manifest that cannot fold by pieces waits for the
+/// whole slot and folds it as usual. Blocking: runs on the fold thread.
+fn fold_streamed(
+    strategy: &dyn Strategy,
+    partial: &mut PartialAggregate,
+    d: &Delivery,
+    manifest: &Arc<ModelManifest>,
+) -> Streamed {
+    use crate::staging::stream::StreamFailure;
+    let Some(reader) = &d.stream else { return Streamed::Clean };
+    let (client, n, staleness) = (&d.descriptor.client, d.descriptor.num_examples, d.descriptor.staleness.0);
+    let refuse = |reason: RejectReason, detail: String| reader.fail(StreamFailure { reason, detail });
+    let weight = match strategy.update_weight(client, n, staleness) {
+        Ok(w) if w > 0.0 && w.is_finite() => w,
+        Ok(w) => {
+            refuse(RejectReason::InvalidWeight, format!("the strategy gives this update weight {w}"));
+            return Streamed::Clean;
+        }
+        Err(e) => {
+            refuse(RejectReason::InvalidWeight, e.to_string());
+            return Streamed::Clean;
+        }
+    };
+    let by_pieces = PartialAggregate::folds_by_range(manifest);
+    let len = manifest.slot_bytes();
+    let mut folded = 0;
+    if by_pieces {
+        reader.folded(0);
+    }
+    loop {
+        let (ready, end) = reader.wait(folded);
+        if let Some(Err(_)) = end {
+            // Refused: fold nothing more (the partial may still be clean).
+            return spoiled_or_clean(folded);
+        }
+        let upto = ready / 4 * 4;
+        if by_pieces && upto > folded {
+            let Some(prefix) = reader.prefix(upto) else { return spoiled_or_clean(folded) };
+            if let Err(e) = partial.fold_prefix(prefix, folded, weight) {
+                let reason = match &e {
+                    shoal_functions::Error::Validation(v) => RejectReason::from(v),
+                    _ => RejectReason::Malformed,
+                };
+                refuse(reason, e.to_string());
+                return spoiled_or_clean(folded);
+            }
+            // The page straddling the last boundary is whole now: give it back too.
+            reader.release(folded.saturating_sub(4096), upto);
+            folded = upto;
+            reader.folded(folded);
+        }
+        match end {
+            None => {}
+            Some(Err(_)) => return spoiled_or_clean(folded),
+            Some(Ok(())) if by_pieces => {
+                if folded < len {
+                    // Everything final is folded: a good verdict on a slot not all final is a
+                    // gateway bug, not input.
+                    refuse(RejectReason::Malformed, format!("staged {ready} of {len} bytes"));
+                    return spoiled_or_clean(folded);
+                }
+                return match partial.count_folded(weight, client) {
+                    Ok(()) => Streamed::Folded(weight),
+                    Err(_) => Streamed::Spoiled,
+                };
+            }
+            Some(Ok(())) => {
+                // Not folded by pieces, so not checked by pieces: NaN/Inf first.
+                if let Err(e) = shoal_functions::tensor::check_finite(manifest, d.view.bytes()) {
+                    refuse(RejectReason::from(&e), e.to_string());
+                    return Streamed::Clean;
+                }
+                let view = UpdateView { manifest, bytes: d.view.bytes(), weight, client };
+                return match strategy.fold(partial, &view) {
+                    Ok(()) => Streamed::Folded(weight),
+                    Err(e) => {
+                        refuse(RejectReason::InvalidWeight, e.to_string());
+                        Streamed::Clean
+                    }
+                };
+            }
+        }
+    }
+}
+
+fn spoiled_or_clean(folded: usize) -> Streamed {
+    if folded > 0 {
+        Streamed::Spoiled
+    } else {
+        Streamed::Clean
+    }
+}
+
 impl Aggregator {
     fn maybe_fold(&mut self, ctx: &mut Context<Self>) {
         if self.in_fold || self.pending.is_empty() {
@@ -179,7 +285,13 @@ impl Aggregator {
             return;
         };
         self.in_fold = true;
-        let batch = std::mem::take(&mut self.pending);
+        if self.pending[0].stream.is_some() {
+            self.fold_stream(strategy, partial, ctx);
+            return;
+        }
+        // Up to the next streamed update (folded on its own, as it is staged).
+        let cut = self.pending.iter().position(|d| d.stream.is_some()).unwrap_or(self.pending.len());
+        let batch: Vec<Delivery> = self.pending.drain(..cut).collect();
         let manifest = Arc::clone(&self.manifest);
         let fold_delay = self.config.fold_delay;
         let metrics = Arc::clone(&self.metrics);
@@ -203,6 +315,86 @@ impl Aggregator {
             act.after_fold(batch, &failed, &weights);
             act.maybe_fold(ctx);
         }));
+    }
+
+    /// Folds the streamed update at the head of the queue on a blocking thread while the
+    /// gateway stages it ([`fold_streamed`]).
+    fn fold_stream(
+        &mut self,
+        strategy: Box<dyn Strategy>,
+        partial: Option<PartialAggregate>,
+        ctx: &mut Context<Self>,
+    ) {
+        let d = self.pending.remove(0);
+        let manifest = Arc::clone(&self.manifest);
+        let fold_delay = self.config.fold_delay;
+        let metrics = Arc::clone(&self.metrics);
+        let work = tokio::task::spawn_blocking(move || {
+            if !fold_delay.is_zero() {
+                std::thread::sleep(fold_delay);
+            }
+            // Pacing starts now, not once a new accumulator is allocated.
+            if let (Some(reader), true) = (&d.stream, PartialAggregate::folds_by_range(&manifest)) {
+                reader.folded(0);
+            }
+            let mut partial = partial.unwrap_or_else(|| PartialAggregate::new(Arc::clone(&manifest)));
+            let started = Instant::now();
+            let outcome = fold_streamed(strategy.as_ref(), &mut partial, &d, &manifest);
+            metrics.fold_seconds.inc_by(started.elapsed().as_secs_f64());
+            (strategy, partial, d, outcome)
+        });
+        ctx.spawn(work.into_actor(self).map(|res, act, ctx| {
+            let Ok((strategy, partial, d, outcome)) = res else {
+                tracing::error!("fold task failed; aborting so the round is replayed");
+                std::process::abort();
+            };
+            act.strategy = Some(strategy);
+            act.partial = Some(partial);
+            act.in_fold = false;
+            if let (Streamed::Clean | Streamed::Spoiled, Some(why)) =
+                (&outcome, d.stream.as_ref().and_then(|r| r.failure()))
+            {
+                // Refused here: the gateway refuses it too when it is still reading (the first
+                // refusal settles it); this covers a verdict it had already given.
+                act.link
+                    .settle(d.descriptor.stream_seq, Settle::Reject(Refusal::new(why.reason, why.detail)));
+            }
+            match outcome {
+                Streamed::Folded(weight) => act.after_fold(vec![d], &[], &[weight]),
+                // The gateway refuses it (it holds the verdict); nothing of it was folded.
+                Streamed::Clean => drop(d),
+                Streamed::Spoiled => {
+                    drop(d);
+                    act.spoil();
+                }
+            }
+            act.maybe_fold(ctx);
+        }));
+    }
+
+    /// A streamed update failed after part of it was folded: the partial cannot be trusted, so
+    /// it starts again and every update folded into it goes back to JetStream, to be staged
+    /// and folded again (nothing is lost, nothing counts twice). The failed update itself is
+    /// refused by the gateway.
+    fn spoil(&mut self) {
+        if let Some(p) = &mut self.partial {
+            p.reset();
+        }
+        let back = std::mem::take(&mut self.held);
+        tracing::warn!(
+            job = %self.job,
+            round = self.round.0,
+            handed_back = back.len(),
+            "an update failed after part of it was folded; this node folds the round's updates again"
+        );
+        self.metrics.partials_spoiled.inc();
+        for h in &back {
+            self.link.settle(h.stream_seq, Settle::Nak(Duration::ZERO));
+        }
+        if !back.is_empty() {
+            let added = -(back.len() as i64);
+            self.host.do_send(Progress { job: self.job.clone(), round: self.round, added });
+        }
     }
 
     /// Releases the folded updates' slots (a streaming strategy is done with the bytes), refuses
@@ -229,7 +421,7 @@ impl Aggregator {
         }
         tracing::trace!(job = %self.job, round = self.round.0, accepted = self.held.len(), "folded");
         if self.config.eager {
-            let added = (self.held.len() - before) as u32;
+            let added = (self.held.len() - before) as i64;
             self.host.do_send(Progress { job: self.job.clone(), round: self.round, added });
         }
     }
@@ -265,6 +457,15 @@ impl Handler<Delivery> for Aggregator {
                 StartKind::Cold => self.metrics.cold_start_seconds.observe(seconds),
                 StartKind::Warm => self.metrics.warm_reuse_seconds.observe(seconds),
             }
+        }
+        if let (true, Some(reader)) = (self.whole_cohort, &msg.stream) {
+            // The gateway streams only to streaming strategies: refuse rather than keep a slot
+            // still being written.
+            reader.fail(crate::staging::stream::StreamFailure {
+                reason: RejectReason::Malformed,
+                detail: "a whole-cohort strategy cannot fold an update while it is staged".into(),
+            });
+            return;
         }
         if self.whole_cohort {
             // Whole-cohort strategies need every update at once: keep the bytes in shared memory

@@ -55,6 +55,9 @@ pub struct Delivery {
     /// Counts the update in the node's backlog until the delivery is dropped (folded, refused
     /// or handed back): [`crate::ingest::demand`].
     pub unfolded: crate::ingest::demand::Unfolded,
+    /// Fold-while-staging: the slot is still being written, and this reads what is final
+    /// ([`crate::staging::stream`]); `view` must not be read before the stream ends well.
+    pub stream: Option<crate::staging::stream::SlotReader>,
 }
 
 /// Where the gateway sends [`Delivery`]s: the function host in this process, or a function-host
@@ -63,6 +66,12 @@ pub trait DescriptorSink: Send + Sync + fmt::Debug {
     /// Delivers one staged update; it fails only when no function host can take it (the update
     /// stays in the gateway's ledger and is handed back at shutdown or redelivered).
     fn deliver(&self, d: Delivery) -> BoxFuture<'_, Result<()>>;
+
+    /// Whether it takes deliveries whose slot is still being written
+    /// ([`Delivery::stream`]: fold-while-staging needs the function host in this process).
+    fn takes_streams(&self) -> bool {
+        false
+    }
 }
 
 /// The function host of this process.
@@ -72,6 +81,10 @@ pub struct InProcess(pub Addr<FunctionHost>);
 impl DescriptorSink for InProcess {
     fn deliver(&self, d: Delivery) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move { self.0.send(d).await.map_err(|_| Error::Gone("function host")) })
+    }
+
+    fn takes_streams(&self) -> bool {
+        true
     }
 }
 
@@ -358,13 +371,14 @@ impl Handler<RegisterJob> for FunctionHost {
     }
 }
 
-/// `added` more updates accepted for (job, round) by one aggregator.
+/// `added` more updates accepted for (job, round) by one aggregator (negative: updates it gave
+/// back, its partial spoiled by a streamed update that failed half-folded).
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 struct Progress {
     job: JobId,
     round: RoundId,
-    added: u32,
+    added: i64,
 }
 
 impl Handler<Progress> for FunctionHost {
@@ -376,7 +390,8 @@ impl Handler<Progress> for FunctionHost {
             *latest = RoundProgress { round: msg.round, accepted: 0 };
         }
         if latest.round == msg.round {
-            latest.accepted += msg.added;
+            latest.accepted =
+                u32::try_from((i64::from(latest.accepted) + msg.added).max(0)).unwrap_or(u32::MAX);
             if let Some(tx) = self.progress.get(&msg.job) {
                 let _ = tx.send(*latest);
             }

@@ -577,6 +577,7 @@ pub async fn serve_gateway(stream: TcpStream, mut side: HostSide) -> Result<(), 
                             received: Instant::now(),
                             start: None,
                             unfolded: Unfolded::uncounted(),
+                            stream: None,
                         };
                         if side.host.deliver(delivery).await.is_err() {
                             return Err(ChannelError::Closed);
@@ -766,6 +767,7 @@ mod tests {
             received: Instant::now(),
             start: None,
             unfolded: tally.arrived(&job),
+            stream: None,
         }
     }
 

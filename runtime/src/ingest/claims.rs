@@ -105,3 +105,29 @@ pub async fn claim(
         source: Box::new(std::io::Error::other(format!("claim {key} keeps changing"))),
     })
 }
+
+/// Gives up the claim on (job, round, client) if it still names message `stream_seq`: the
+/// update was refused after it was claimed (fold-while-staging claims before reading), so the
+/// client may send another. Best effort (a claim left behind only makes a retry `duplicate`
+/// until it expires).
+///
+/// # Errors
+/// NATS errors.
+pub async fn release(
+    claims: &kv::Store,
+    (job, round, client): (&JobId, RoundId, &ClientId),
+    stream_seq: u64,
+) -> Result<()> {
+    let key = subjects::claim_key(job, round, client);
+    let Some(entry) = claims.entry(&key).await.map_err(|e| Error::nats("read a claim", e))? else {
+        return Ok(());
+    };
+    let held: Option<ClaimValue> = shoal_proto::decode("claim", &entry.value).ok();
+    if entry.operation != kv::Operation::Put || held.is_none_or(|h| h.stream_seq != stream_seq) {
+        return Ok(());
+    }
+    claims
+        .delete_expect_revision(&key, Some(entry.revision))
+        .await
+        .map_err(|e| Error::nats("release a claim", e))
+}

@@ -82,6 +82,7 @@ pub enum Feedback {
 #[derive(Debug)]
 enum Cmd {
     Hold(Box<HeldUpdate>),
+    SetUpload(u64, UploadChunks),
     Feedback(Feedback),
     Shutdown(oneshot::Sender<usize>),
 }
@@ -176,6 +177,12 @@ impl Ledger {
         let _ = self.tx.send(Cmd::Hold(Box::new(update)));
     }
 
+    /// Names the upload chunks of an update held before they were read (fold-while-staging:
+    /// the update is held, and handed to the host, before its upload is read).
+    pub fn set_upload(&self, stream_seq: u64, chunks: UploadChunks) {
+        let _ = self.tx.send(Cmd::SetUpload(stream_seq, chunks));
+    }
+
     /// The link a function host sends its feedback through.
     pub fn link(&self) -> Link {
         Link { tx: self.tx.clone() }
@@ -212,6 +219,11 @@ async fn run(
                     match cmd {
                         Cmd::Hold(u) => {
                             held.insert(u.stream_seq, *u);
+                        }
+                        Cmd::SetUpload(seq, chunks) => {
+                            if let Some(u) = held.get_mut(&seq) {
+                                u.upload = Some(chunks);
+                            }
                         }
                         Cmd::Feedback(f) => {
                             if let Feedback::Settle { stream_seq, settle: Settle::Nak(_) } = &f {

@@ -26,18 +26,21 @@ use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use bytes::Bytes;
 use futures::StreamExt;
 use shoal_functions::tensor::stage_update;
+use shoal_functions::{Mergeability, PartialAggregate};
 use shoal_proto::config::ms;
 use shoal_proto::headers::UpdateHeaders;
+use shoal_proto::headers::Upload;
 use shoal_proto::{subjects, ClientId, JobId, JobPhase, NodeId, RejectReason, RoundId};
 
 use self::admission::{Admitted, Decision, Facts, Later, Seen, Service};
-use self::ledger::{HeldUpdate, UploadChunks};
+use self::ledger::{HeldUpdate, Settle, UploadChunks};
 use self::reject::{AckHandle, Refusal, Refused};
 use crate::error::{Error, Result};
 use crate::host::Delivery;
 use crate::jobs::{self, JobEntry};
 use crate::node::capacity::Admission;
 use crate::node::NodeContext;
+use crate::staging::stream::StreamFailure;
 use crate::staging::SlotPool;
 use shoal_proto::descriptor::{DescriptorKind, UpdateDescriptor};
 use shoal_proto::FunctionId;
@@ -55,6 +58,11 @@ enum Claim {
     Unknown,
 }
 
+/// The environment variable that makes the gateway wait between staging a streamed upload's
+/// last chunk and giving its verdict (test only: `tests/fold_while_staging.rs` lets the host
+/// fold every byte of an update the gateway then refuses; never set in production).
+pub const STREAM_HOLD_ENV: &str = "SHOAL_TEST_STREAM_VERDICT_HOLD_MS";
+
 struct Gateway {
     ctx: NodeContext,
     claims: Option<async_nats::jetstream::kv::Store>,
@@ -67,6 +75,9 @@ struct Gateway {
     /// The incarnation (`JobEntry::incarnation`) of each job the gateway keeps state for: a job
     /// deleted and created again under its id starts with no pool, no seen clients.
     incarnations: HashMap<JobId, u64>,
+    /// Whether a job's updates may be folded while they are staged, by job (with the
+    /// incarnation it was decided for).
+    streamable: HashMap<JobId, (u64, bool)>,
 }
 
 /// One update message on its way in.
@@ -157,6 +168,7 @@ pub async fn run(ctx: NodeContext) -> Result<()> {
         seen: Seen::new(),
         over_budget: Default::default(),
         incarnations: HashMap::new(),
+        streamable: HashMap::new(),
     };
     let mut prune = tokio::time::interval(ms(t.prune_interval_ms));
     let mut watchdog = tokio::time::interval(ms(t.consumer_stall_check_ms));
@@ -237,6 +249,7 @@ impl Gateway {
         self.over_budget.retain(|job| running(job));
         self.incarnations.retain(|job, _| dir.get(job).is_some());
         self.seen.retain(|job, _| running(job));
+        self.streamable.retain(|job, _| running(job));
     }
 
     async fn handle(&mut self, msg: async_nats::jetstream::Message) {
@@ -321,6 +334,7 @@ impl Gateway {
             self.pools.remove(&u.job);
             self.seen.remove(&u.job);
             self.over_budget.remove(&u.job);
+            self.streamable.remove(&u.job);
         }
         let state_round = entry.state.round;
         if let Some(rounds) = self.seen.get_mut(&u.job) {
@@ -428,6 +442,9 @@ impl Gateway {
                 .map_err(|e| Refusal::new(RejectReason::from(&e), e.to_string()))?;
             return self.stage_payload(u, entry, admitted, slot, None).await;
         };
+        if self.folds_while_staging(entry) {
+            return self.stage_streamed(u, entry, admitted, slot, upload).await;
+        }
         // The upload path: chunks go straight into the slot (refused chunks are purged there).
         let who = (&u.job, &u.client, u.headers.round);
         let timeout = ms(self.ctx.config.timings.object_read_timeout_ms);
@@ -464,27 +481,175 @@ impl Gateway {
         // One node stages each (job, round, client): another node may hold this very message
         // (delivered twice) or another update of the client for the round.
         let seen_round = admission::seen_round(admitted, u.headers.round);
+        if !self.claim_update(u, seen_round).await? {
+            return Ok(None);
+        }
+        self.note_staged(u, entry, admitted, seen_round);
+        let descriptor = descriptor(u, admitted, slot.location());
+        // The ledger holds the message before the host can answer about it.
+        self.hold(u, admitted, upload);
+        Ok(Some(Delivery {
+            descriptor,
+            view: slot.into_view(),
+            received: std::time::Instant::now(),
+            start: None,
+            unfolded: self.ctx.demand.arrived(&u.job),
+            stream: None,
+        }))
+    }
+
+    /// Whether `entry`'s uploads are folded while they are staged
+    /// ([`crate::staging::stream`]): the function host is in this process, the node's
+    /// threshold admits the slot, the rounds are synchronous and eager, the strategy streams
+    /// and every tensor folds by pieces.
+    fn folds_while_staging(&mut self, entry: &JobEntry) -> bool {
+        let config = &self.ctx.config;
+        let Some(min_mib) = config.fold_while_staging_min_mib else { return false };
+        if !self.ctx.sink.takes_streams()
+            || config.lazy_aggregation
+            || (entry.manifest.slot_bytes() as u64) < min_mib.saturating_mul(1 << 20)
+        {
+            return false;
+        }
+        let job = &entry.spec.job;
+        match self.streamable.get(job) {
+            Some(&(incarnation, yes)) if incarnation == entry.incarnation => yes,
+            _ => {
+                let yes = !entry.spec.round_rule().asynchronous
+                    && PartialAggregate::folds_by_range(&entry.manifest)
+                    && shoal_functions::factory::build_strategy(&entry.spec)
+                        .is_ok_and(|s| s.mergeability() == Mergeability::Streaming);
+                self.streamable.insert(job.clone(), (entry.incarnation, yes));
+                yes
+            }
+        }
+    }
+
+    /// Fold-while-staging: claims the update before reading it (folded bytes cannot be taken
+    /// back, so a duplicate must never be read), holds it and hands it to the function host,
+    /// then reads its upload into the slot while the host folds what is staged. The verdict
+    /// goes to the host at the end; a refused update is refused here (through the ledger) and
+    /// its claim given up, so the client may send it again.
+    async fn stage_streamed(
+        &mut self,
+        u: &Incoming,
+        entry: &JobEntry,
+        admitted: Admitted,
+        slot: crate::staging::Slot,
+        upload: &Upload,
+    ) -> Result<Option<Delivery>, Refusal> {
+        let seen_round = admission::seen_round(admitted, u.headers.round);
+        if !self.claim_update(u, seen_round).await? {
+            return Ok(None);
+        }
+        let descriptor = descriptor(u, admitted, slot.location());
+        let (writer, reader, view) = slot.into_streamed();
+        self.hold(u, admitted, None);
+        let delivery = Delivery {
+            descriptor,
+            view,
+            received: std::time::Instant::now(),
+            start: None,
+            unfolded: self.ctx.demand.arrived(&u.job),
+            stream: Some(reader),
+        };
+        if let Err(e) = self.ctx.sink.deliver(delivery).await {
+            tracing::error!(error = %e, "no function host takes the update; it is handed back at shutdown");
+        }
+        let who = (&u.job, &u.client, u.headers.round);
+        let timeout = ms(self.ctx.config.timings.object_read_timeout_ms);
+        let mut read = fetch::stream_upload(
+            &self.ctx.infra,
+            who,
+            upload,
+            &entry.spec,
+            (&entry.manifest, &writer),
+            timeout,
+        )
+        .await;
+        if read.is_ok() {
+            // The host's word too (NaN/Inf are found as it folds): wait until it has folded
+            // every byte, or stopped.
+            writer.until_folded_within(0).await;
+            if let Some(why) = writer.reader_stopped() {
+                read = Err(why.map_or_else(
+                    || {
+                        Refusal::new(
+                            RejectReason::ObjectUnavailable,
+                            "the function host stopped reading the update",
+                        )
+                    },
+                    |w| Refusal::new(w.reason, w.detail),
+                ));
+            }
+        }
+        if let Some(hold) = std::env::var(STREAM_HOLD_ENV).ok().and_then(|v| v.parse().ok()) {
+            tracing::warn!(hold_ms = hold, "upload staged; holding its verdict ({STREAM_HOLD_ENV})");
+            tokio::time::sleep(std::time::Duration::from_millis(hold)).await;
+        }
+        let link = self.ctx.ledger.link();
+        match read {
+            Ok(below_seq) => {
+                self.ctx.ledger.set_upload(u.stream_seq, UploadChunks { round: u.headers.round, below_seq });
+                self.note_staged(u, entry, admitted, seen_round);
+                self.ctx.metrics.updates_folded_while_staged.inc();
+                writer.end(Ok(()));
+            }
+            Err(refusal) => match writer.reader_stopped() {
+                // The host dropped it: it refused it (and settled it), or gave it back.
+                Some(None) => {
+                    writer.end(Err(StreamFailure { reason: refusal.reason, detail: refusal.detail }));
+                    link.settle(u.stream_seq, Settle::Nak(ms(self.ctx.config.timings.nak_retry_ms)));
+                }
+                why => {
+                    let refusal = why.flatten().map_or(refusal, |w| Refusal::new(w.reason, w.detail));
+                    tracing::debug!(job = %u.job, client = %u.client, reason = %refusal.reason.as_str(), "streamed update refused");
+                    writer.end(Err(StreamFailure { reason: refusal.reason, detail: refusal.detail.clone() }));
+                    if let Some(kv) = self.claims_store().await {
+                        if let Err(e) =
+                            claims::release(&kv, (&u.job, seen_round, &u.client), u.stream_seq).await
+                        {
+                            tracing::debug!(error = %e, "releasing the claim of a refused update failed");
+                        }
+                    }
+                    link.settle(u.stream_seq, Settle::Reject(refusal));
+                }
+            },
+        }
+        Ok(None)
+    }
+
+    /// Claims (job, round, client) for the update; `Ok(true)`: this node stages it;
+    /// `Ok(false)`: leave the message alone (held elsewhere, or handed back to try later).
+    ///
+    /// # Errors
+    /// `duplicate`: the client's round is claimed by another of its messages.
+    async fn claim_update(&mut self, u: &Incoming, seen_round: RoundId) -> Result<bool, Refusal> {
         let claiming = std::time::Instant::now();
         let claim = self.claim(&u.job, seen_round, &u.client, u.stream_seq).await;
         self.ctx.metrics.ingest_claim_seconds.inc_by(claiming.elapsed().as_secs_f64());
         match claim {
-            Claim::Ours => {}
+            Claim::Ours => Ok(true),
             Claim::HeldElsewhere(node) => {
                 tracing::debug!(job = %u.job, client = %u.client, %node, "update held by another node; left alone");
-                return Ok(None);
+                Ok(false)
             }
             Claim::Theirs => {
                 let round = u.headers.round;
-                return Err(Refusal::new(
+                Err(Refusal::new(
                     RejectReason::Duplicate,
                     format!("client {} already sent an update for round {round}", u.client),
-                ));
+                ))
             }
             Claim::Unknown => {
                 u.ack.nak(ms(self.ctx.config.timings.nak_retry_ms)).await;
-                return Ok(None);
+                Ok(false)
             }
         }
+    }
+
+    /// Counts a staged update and remembers its message for the round.
+    fn note_staged(&mut self, u: &Incoming, entry: &JobEntry, admitted: Admitted, seen_round: RoundId) {
         self.ctx.metrics.bytes_staged.inc_by(entry.manifest.data_bytes() as u64);
         self.ctx.metrics.update_staleness.observe(admitted.staleness.0 as f64);
         match self.seen.get_mut(&u.job) {
@@ -492,24 +657,10 @@ impl Gateway {
             None => self.seen.entry(u.job.clone()).or_default().entry(seen_round).or_default(),
         }
         .insert(u.client.clone(), u.stream_seq);
-        let at = slot.location();
-        let descriptor = UpdateDescriptor {
-            kind: DescriptorKind::Update,
-            function: FunctionId(1),
-            segment: at.segment,
-            slot: at.index,
-            generation: at.generation,
-            offset: at.offset,
-            length: at.length,
-            job: u.job.clone(),
-            round: admitted.round,
-            client: u.client.clone(),
-            num_examples: u.headers.num_examples,
-            staleness: admitted.staleness,
-            update_kind: u.headers.kind,
-            stream_seq: u.stream_seq,
-        };
-        // The ledger holds the message before the host can answer about it.
+    }
+
+    /// Records the staged update in the ledger.
+    fn hold(&self, u: &Incoming, admitted: Admitted, upload: Option<UploadChunks>) {
         self.ctx.ledger.hold(HeldUpdate {
             job: u.job.clone(),
             round: admitted.round,
@@ -519,13 +670,6 @@ impl Gateway {
             slot: None,
             upload,
         });
-        Ok(Some(Delivery {
-            descriptor,
-            view: slot.into_view(),
-            received: std::time::Instant::now(),
-            start: None,
-            unfolded: self.ctx.demand.arrived(&u.job),
-        }))
     }
 
     /// The claims bucket, opened on first use; `None` (logged) while NATS does not answer.
@@ -590,5 +734,25 @@ impl Gateway {
                 Claim::Unknown
             }
         }
+    }
+}
+
+/// The descriptor of an update staged at `at`.
+fn descriptor(u: &Incoming, admitted: Admitted, at: crate::staging::SlotLocation) -> UpdateDescriptor {
+    UpdateDescriptor {
+        kind: DescriptorKind::Update,
+        function: FunctionId(1),
+        segment: at.segment,
+        slot: at.index,
+        generation: at.generation,
+        offset: at.offset,
+        length: at.length,
+        job: u.job.clone(),
+        round: admitted.round,
+        client: u.client.clone(),
+        num_examples: u.headers.num_examples,
+        staleness: admitted.staleness,
+        update_kind: u.headers.kind,
+        stream_seq: u.stream_seq,
     }
 }

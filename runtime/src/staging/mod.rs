@@ -23,6 +23,8 @@ use std::sync::{Arc, Mutex};
 
 use memmap2::{MmapOptions, MmapRaw};
 
+pub mod stream;
+
 use crate::error::{Error, Result};
 
 pub use shoal_proto::descriptor::{
