@@ -5,12 +5,15 @@
 //! nats-server, so its `/proc/<pid>/status` holds only the node: `VmHWM` (peak resident set,
 //! shared memory included) is the figure of merit, as a ratio to the model's bytes. A sampler
 //! reads `RssAnon` (heap: the f64 accumulator, 2 × an f32 model, and the process), `RssShmem`
-//! (the shared-memory slots staged and not yet folded) and `RssFile` (the executable's pages)
-//! every 5 ms and reports them at the sampled peak. The updates are published on the upload
-//! path (chunks, as clients send large models) by this process, whose memory is not counted.
+//! (the part of the shared-memory slots staged and not yet folded) and `RssFile` (the
+//! executable's pages) every 5 ms and reports them at the sampled peak. The updates are
+//! published on the upload path (chunks, as clients send large models) by this process, whose
+//! memory is not counted.
 //!
-//! The design bound is the f64 accumulator plus one slot, 3 × the model, whatever the number of
-//! clients; the process's own memory (measured before the job starts) comes on top.
+//! The design: the f64 accumulator is the only model-sized buffer, whatever the number of
+//! clients. Uploads are folded while they are staged (the gateway stays a few MiB ahead of the
+//! fold; `--fold-while-staging-min-mib`), and the new model is computed from the accumulator as
+//! it is stored; the process's own memory (measured before the job starts) comes on top.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -37,8 +40,9 @@ pub struct MemoryArgs {
     #[arg(long)]
     pub shm_dir: Option<PathBuf>,
     /// The node's shared-memory budget (MiB); default: one slot, so the gateway stages the next
-    /// update once the last is folded (the design's bound). Larger budgets let staging run
-    /// ahead of folding, each slot ahead adding one model.
+    /// update once the last is folded. Larger budgets let staging run ahead of folding (each
+    /// slot staged whole ahead of the fold adds one model; an update folded while it is staged
+    /// only a few MiB).
     #[arg(long)]
     pub shm_budget_mib: Option<u64>,
     /// Print one JSON object instead of the report.
@@ -244,15 +248,15 @@ fn print_report(r: &MemoryReport) {
         r.job_ratio,
         mib(r.baseline.total())
     );
-    println!("where it goes, at the largest sample (design: f64 accumulator 2.00 x + one slot 1.00 x):");
+    println!("where it goes, at the largest sample (design: the f64 accumulator, 2.00 x, and a few MiB staged ahead of the fold):");
     println!(
-        "  heap (RssAnon):          {:8.1} MiB  {:.2} x   (f64 accumulator; at the close also the new model; the node's own {:.1} MiB)",
+        "  heap (RssAnon):          {:8.1} MiB  {:.2} x   (f64 accumulator; the node's own {:.1} MiB)",
         mib(r.peak.anon_kib),
         of(r.peak.anon_kib),
         mib(r.baseline.anon_kib)
     );
     println!(
-        "  shared memory (RssShmem):{:8.1} MiB  {:.2} x   (slots staged, not yet folded)",
+        "  shared memory (RssShmem):{:8.1} MiB  {:.2} x   (staged, not yet folded)",
         mib(r.peak.shmem_kib),
         of(r.peak.shmem_kib)
     );

@@ -10,14 +10,15 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // A node logs what it does; every other command prints its own output, and its libraries
     // (the NATS client's connection events) only speak up when something is wrong.
-    let default_level = if matches!(
+    let serves = matches!(
         cli.command,
         cli::Command::Node(_) | cli::Command::Gateway(_) | cli::Command::FunctionHost(_)
-    ) {
-        "info"
-    } else {
-        "warn"
-    };
+    );
+    let default_level = if serves { "info" } else { "warn" };
+    if serves {
+        // Before the runtime's threads exist.
+        shoal_runtime::staging::tune_allocator();
+    }
     cli::init_tracing(cli.log_format, default_level);
     let system = actix::System::with_tokio_rt(|| {
         tokio::runtime::Builder::new_multi_thread()

@@ -34,6 +34,26 @@ pub use shoal_proto::descriptor::{
 
 const HEADER_LEN: usize = SegmentHeader::ENCODED_LEN;
 
+/// Tunes glibc's allocator for a node process (call before any thread starts): at most one
+/// malloc arena per core (glibc's default, eight per core, keeps freed chunk buffers in many
+/// arenas at once), and a fixed mmap threshold of 1 MiB, so a freed buffer of an update's chunk
+/// size goes back to the kernel instead of raising the threshold and staying in the heap. The
+/// node's memory stays the accumulator plus a few chunks (`shoal bench memory`: 8 × 64 MiB in
+/// a debug build, 3.01 → 2.82 × the model). A no-op on other C libraries.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let cores = std::thread::available_parallelism().map_or(2, usize::from).max(2);
+        let arenas = libc::c_int::try_from(cores).unwrap_or(libc::c_int::MAX);
+        // SAFETY: `mallopt` only sets allocator parameters; it is called before the runtime
+        // starts its threads and takes plain integers.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, arenas);
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        }
+    }
+}
+
 /// Where the slot generations start in a segment's header page: one little-endian `u32` per
 /// slot, written by the gateway when it leases the slot. A function host in another process
 /// reads it to refuse a descriptor of an earlier lease of the slot.
