@@ -80,15 +80,19 @@ impl Strategy for FedAvg {
         if count == 0 || !(total > 0.0 && total.is_finite()) {
             return Some(Err(Error::ZeroTotalWeight { total, count }));
         }
-        let policies: Vec<AggregationPolicy> = manifest.tensors().iter().map(|t| t.policy).collect();
-        let value = move |i: usize, acc: f64| match policies[i] {
-            AggregationPolicy::Mean => acc / total,
-            p @ (AggregationPolicy::Statistic | AggregationPolicy::Variance) => {
-                statistic_value(p, 0.0, acc, total)
-            }
-            _ => acc,
-        };
-        Some(crate::tensor::AccumulatorModel::new(std::sync::Arc::clone(partial), Box::new(value)))
+        use crate::tensor::ElementOp;
+        let ops = manifest
+            .tensors()
+            .iter()
+            .map(|t| match t.policy {
+                AggregationPolicy::Mean => ElementOp::Divide(total),
+                AggregationPolicy::Statistic | AggregationPolicy::Variance => {
+                    ElementOp::Statistic { total, clamp_at_zero: t.policy == AggregationPolicy::Variance }
+                }
+                _ => ElementOp::Copy,
+            })
+            .collect();
+        Some(crate::tensor::AccumulatorModel::new(std::sync::Arc::clone(partial), ops))
     }
 
     /// In place: every element of the new model depends only on the same element of the old

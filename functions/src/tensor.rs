@@ -981,15 +981,64 @@ pub fn safetensors_layout(manifest: &ModelManifest) -> Result<(Vec<u8>, Vec<usiz
     Ok((header, order))
 }
 
+/// How an accumulator element becomes a model element ([`AccumulatorModel`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ElementOp {
+    /// `acc / total`: a weighted mean.
+    Divide(f64),
+    /// `0 + acc / total`, clamped at 0 when `clamp_at_zero`: a running statistic's mean or
+    /// variance (the same expression as `finish` over parameters).
+    Statistic {
+        /// The total weight.
+        total: f64,
+        /// A variance: negative results become 0.
+        clamp_at_zero: bool,
+    },
+    /// The accumulated value itself (`max`, `first`).
+    Copy,
+}
+
+impl ElementOp {
+    #[inline]
+    fn apply(self, v: f64) -> f64 {
+        match self {
+            ElementOp::Divide(t) => v / t,
+            ElementOp::Statistic { total, clamp_at_zero } => {
+                let v = 0.0 + v / total;
+                if clamp_at_zero && v < 0.0 {
+                    0.0
+                } else {
+                    v
+                }
+            }
+            ElementOp::Copy => v,
+        }
+    }
+}
+
+/// Writes `f(acc[e])` for each element into `out` as `dtype` (f32 without the per-element
+/// dtype dispatch: the hot case).
+#[inline]
+fn convert(dtype: DType, acc: &[f64], out: &mut [u8], f: impl Fn(f64) -> f64) {
+    if dtype == DType::F32 {
+        for (o, &v) in out.chunks_exact_mut(4).zip(acc) {
+            o.copy_from_slice(&(f(v) as f32).to_le_bytes());
+        }
+    } else {
+        write_f64_as(dtype, acc.iter().map(|&v| f(v)), out);
+    }
+}
+
 /// A model's safetensors file computed piece by piece from an f64 accumulator as it is read
-/// (element `e` of tensor `i` is `f(i, acc)` rounded to the tensor's dtype, as
-/// [`Parameters::from_f64`]): a strategy's result stored without the model ever being whole in
-/// memory beside the accumulator ([`crate::Strategy::finish_streamed`]). Its bytes are exactly
-/// [`Parameters::to_safetensors`] of the same values.
+/// (element `e` of tensor `i` is `ops[i]` of the accumulated value, rounded to the tensor's
+/// dtype as [`Parameters::from_f64`] rounds): a strategy's result stored without the model ever
+/// being whole in memory beside the accumulator ([`crate::Strategy::finish_streamed`]). Its
+/// bytes are exactly [`Parameters::to_safetensors`] of the same values.
+#[derive(Debug)]
 pub struct AccumulatorModel {
     manifest: Arc<ModelManifest>,
     partial: Arc<crate::PartialAggregate>,
-    value: Box<dyn Fn(usize, f64) -> f64 + Send + Sync>,
+    ops: Vec<ElementOp>,
     header: Vec<u8>,
     /// Tensors in data order.
     order: Vec<usize>,
@@ -997,31 +1046,26 @@ pub struct AccumulatorModel {
     header_at: usize,
     part: usize,
     elem: usize,
-    /// Bytes of the current element not yet handed out.
+    /// Bytes of an element cut by the end of a read, not yet handed out.
     carry: Vec<u8>,
 }
 
-impl fmt::Debug for AccumulatorModel {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AccumulatorModel").field("bytes", &self.len()).finish()
-    }
-}
-
 impl AccumulatorModel {
-    /// The model `value(tensor, accumulated)` of `partial`'s accumulator.
+    /// The model `ops[i]` (one per tensor) of `partial`'s accumulator.
     ///
     /// # Errors
-    /// [`Error::Encode`] (cannot happen for a valid manifest).
-    pub fn new(
-        partial: Arc<crate::PartialAggregate>,
-        value: Box<dyn Fn(usize, f64) -> f64 + Send + Sync>,
-    ) -> Result<AccumulatorModel> {
+    /// [`Error::ManifestMismatch`] for a wrong number of ops; [`Error::Encode`] (cannot happen
+    /// for a valid manifest).
+    pub fn new(partial: Arc<crate::PartialAggregate>, ops: Vec<ElementOp>) -> Result<AccumulatorModel> {
         let manifest = Arc::clone(partial.manifest());
+        if ops.len() != manifest.tensors().len() {
+            return Err(Error::ManifestMismatch("one element op per tensor"));
+        }
         let (header, order) = safetensors_layout(&manifest)?;
         Ok(AccumulatorModel {
             manifest,
             partial,
-            value,
+            ops,
             header,
             order,
             header_at: 0,
@@ -1047,14 +1091,15 @@ impl AccumulatorModel {
     /// # Errors
     /// [`Error::NonFiniteResult`] naming the first tensor that is not.
     pub fn check_finite(&self) -> Result<()> {
-        for (i, (t, s)) in self.manifest.tensors().iter().zip(self.manifest.slots()).enumerate() {
+        for ((t, s), &op) in self.manifest.tensors().iter().zip(self.manifest.slots()).zip(&self.ops) {
             let acc = &self.partial.values()[s.elem_offset..s.elem_offset + s.numel];
             let finite = match t.dtype {
-                DType::F32 => acc.iter().all(|&v| ((self.value)(i, v) as f32).is_finite()),
-                DType::F64 => acc.iter().all(|&v| (self.value)(i, v).is_finite()),
+                // No early exit, so the pass vectorizes (NaN and ±Inf both fail `is_finite`).
+                DType::F32 => acc.iter().fold(true, |ok, &v| ok & (op.apply(v) as f32).is_finite()),
+                DType::F64 => acc.iter().all(|&v| op.apply(v).is_finite()),
                 DType::F16 | DType::BF16 => acc.iter().all(|&v| {
                     let mut b = [0u8; 2];
-                    write_f64_as(t.dtype, std::iter::once((self.value)(i, v)), &mut b);
+                    write_f64_as(t.dtype, std::iter::once(op.apply(v)), &mut b);
                     TensorData::view(t.dtype, &b).is_some_and(|x| x.get_f64(0).is_finite())
                 }),
                 _ => true,
@@ -1084,7 +1129,7 @@ impl AccumulatorModel {
                 continue;
             }
             let Some(&i) = self.order.get(self.part) else { break };
-            let (t, s) = (&self.manifest.tensors()[i], self.manifest.slots()[i]);
+            let (t, s, op) = (&self.manifest.tensors()[i], self.manifest.slots()[i], self.ops[i]);
             if self.elem >= s.numel {
                 (self.part, self.elem) = (self.part + 1, 0);
                 continue;
@@ -1093,13 +1138,17 @@ impl AccumulatorModel {
             let acc = &self.partial.values()[s.elem_offset..s.elem_offset + s.numel];
             // Whole elements straight into `out`, then one through `carry` if it is cut.
             let whole = ((out.len() - n) / size).min(s.numel - self.elem);
-            let values = acc[self.elem..self.elem + whole].iter().map(|&v| (self.value)(i, v));
-            write_f64_as(t.dtype, values, &mut out[n..n + whole * size]);
+            let (from, dst) = (&acc[self.elem..self.elem + whole], &mut out[n..n + whole * size]);
+            match op {
+                ElementOp::Divide(total) => convert(t.dtype, from, dst, |v| v / total),
+                ElementOp::Copy => convert(t.dtype, from, dst, |v| v),
+                op => convert(t.dtype, from, dst, |v| op.apply(v)),
+            }
             n += whole * size;
             self.elem += whole;
             if whole == 0 {
                 let mut b = vec![0u8; size];
-                write_f64_as(t.dtype, std::iter::once((self.value)(i, acc[self.elem])), &mut b);
+                write_f64_as(t.dtype, std::iter::once(op.apply(acc[self.elem])), &mut b);
                 self.carry = b;
                 self.elem += 1;
             }
