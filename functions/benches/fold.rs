@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
 use shoal_functions::kernels::{self, reference};
-use shoal_functions::{FedAvg, Parameters, PartialAggregate, Strategy};
+use shoal_functions::{FedAvg, PartialAggregate, Strategy};
 
 mod common;
 use common::{best_of, timed_fold, uniform_cohort, Cohort};
