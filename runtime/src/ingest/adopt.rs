@@ -124,6 +124,7 @@ impl super::Gateway {
             self.process(m.subject.as_str(), Some(&m.headers), m.payload, claim.stream_seq, ack).await;
             adopted += 1;
         }
+        self.flush().await;
         adopted
     }
 }

@@ -78,9 +78,21 @@ struct Gateway {
     /// Whether a job's updates may be folded while they are staged, by job (with the
     /// incarnation it was decided for).
     streamable: HashMap<JobId, (u64, bool)>,
+    /// Inline updates staged and not yet claimed: their claims go out together
+    /// ([`Gateway::flush`]), one round trip's wait for the batch instead of one per update.
+    batch: Vec<Unclaimed>,
+}
+
+/// An inline update staged in its slot, waiting for its claim ([`Gateway::flush`]).
+struct Unclaimed {
+    u: Incoming,
+    entry: Arc<JobEntry>,
+    admitted: Admitted,
+    slot: crate::staging::Slot,
 }
 
 /// One update message on its way in.
+#[derive(Clone)]
 struct Incoming {
     job: JobId,
     client: ClientId,
@@ -169,6 +181,7 @@ pub async fn run(ctx: NodeContext) -> Result<()> {
         over_budget: Default::default(),
         incarnations: HashMap::new(),
         streamable: HashMap::new(),
+        batch: Vec::new(),
     };
     let mut prune = tokio::time::interval(ms(t.prune_interval_ms));
     let mut watchdog = tokio::time::interval(ms(t.consumer_stall_check_ms));
@@ -182,6 +195,7 @@ pub async fn run(ctx: NodeContext) -> Result<()> {
             }
             Some(req) = adopt::next(&mut adoptions) => {
                 let n = gw.adopt(&req.job, req.round).await;
+                gw.flush().await;
                 let _ = req.done.send(n);
                 false
             }
@@ -190,7 +204,24 @@ pub async fn run(ctx: NodeContext) -> Result<()> {
                 Some(Ok(m)) => {
                     (delivered, errors) = (true, 0);
                     gw.handle(m).await;
-                    false
+                    // The messages already here join the batch; their claims go out together.
+                    let mut ended = false;
+                    for _ in 1..BATCH_MAX {
+                        match futures::FutureExt::now_or_never(messages.next()) {
+                            Some(Some(Ok(m))) => gw.handle(m).await,
+                            Some(Some(Err(e))) => {
+                                tracing::warn!(error = %e, "pull error; retrying");
+                                break;
+                            }
+                            Some(None) => {
+                                ended = true;
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                    gw.flush().await;
+                    ended
                 }
                 Some(Err(e)) => {
                     errors += 1;
@@ -423,7 +454,7 @@ impl Gateway {
     async fn stage(
         &mut self,
         u: &Incoming,
-        entry: &JobEntry,
+        entry: &Arc<JobEntry>,
         admitted: Admitted,
     ) -> Result<Option<Delivery>, Refusal> {
         let manifest = &entry.manifest;
@@ -433,14 +464,29 @@ impl Gateway {
             u.ack.nak(ms(self.ctx.config.timings.nak_handoff_ms)).await;
             return Ok(None);
         };
-        let mut slot = pool.alloc().await.map_err(|e| {
+        let no_shm = |e: crate::Error| {
             tracing::error!(error = %e, "cannot allocate shared memory");
             Refusal::new(RejectReason::PayloadTooLarge, format!("no shared memory for the update: {e}"))
-        })?;
+        };
+        let free = pool.try_alloc().map_err(no_shm)?;
+        if u.headers.upload.is_some() || free.is_none() {
+            // An upload is read, and a full pool waited for, with no claim outstanding: the
+            // batch's updates go to the host first (their slots come back as they are folded).
+            self.flush().await;
+        }
+        let mut slot = match free {
+            Some(slot) => slot,
+            None => pool.alloc().await.map_err(no_shm)?,
+        };
         let Some(upload) = &u.headers.upload else {
             stage_update(manifest, &u.payload, slot.bytes_mut())
                 .map_err(|e| Refusal::new(RejectReason::from(&e), e.to_string()))?;
-            return self.stage_payload(u, entry, admitted, slot, None).await;
+            if self.batch.iter().any(|b| b.u.stream_seq == u.stream_seq) {
+                // The same message twice in one batch: the copy is a redelivery of one staged.
+                return Ok(None);
+            }
+            self.batch.push(Unclaimed { u: u.clone(), entry: Arc::clone(entry), admitted, slot });
+            return Ok(None);
         };
         if self.folds_while_staging(entry) {
             return self.stage_streamed(u, entry, admitted, slot, upload).await;
@@ -619,6 +665,68 @@ impl Gateway {
         Ok(None)
     }
 
+    /// Claims the batch's updates together (one round trip's wait for all) and delivers the
+    /// ones this node holds, in the order they came; refuses the duplicates, leaves the others.
+    async fn flush(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.batch);
+        let started = std::time::Instant::now();
+        let claims: Vec<Claim> = match self.claims_store().await {
+            Some(kv) => {
+                let claimant = claims::Claimant {
+                    node: &self.ctx.node,
+                    instance: self.ctx.instance,
+                    liveness: &self.ctx.liveness,
+                };
+                let infra = &self.ctx.infra;
+                let asks = batch.iter().map(|b| {
+                    let seen_round = admission::seen_round(b.admitted, b.u.headers.round);
+                    let who = (&b.u.job, seen_round, &b.u.client);
+                    claims::claim(&kv, infra, who, claimant, b.u.stream_seq)
+                });
+                futures::future::join_all(asks).await.into_iter().map(claim_of).collect()
+            }
+            None => batch.iter().map(|_| Claim::Unknown).collect(),
+        };
+        self.ctx.metrics.ingest_claim_seconds.inc_by(started.elapsed().as_secs_f64());
+        for (b, claim) in batch.into_iter().zip(claims) {
+            let Unclaimed { u, entry, admitted, slot } = b;
+            let seen_round = admission::seen_round(admitted, u.headers.round);
+            let staged = match self.claim_outcome(&u, claim).await {
+                Ok(true) => {
+                    self.note_staged(&u, &entry, admitted, seen_round);
+                    let descriptor = descriptor(&u, admitted, slot.location());
+                    self.hold(&u, admitted, None);
+                    let delivery = Delivery {
+                        descriptor,
+                        view: slot.into_view(),
+                        received: std::time::Instant::now(),
+                        start: None,
+                        unfolded: self.ctx.demand.arrived(&u.job),
+                        stream: None,
+                    };
+                    if let Err(e) = self.ctx.sink.deliver(delivery).await {
+                        tracing::error!(error = %e, "no function host takes the update; it is handed back at shutdown");
+                    }
+                    Ok(())
+                }
+                Ok(false) => Ok(()),
+                Err(refusal) => Err(refusal),
+            };
+            if let Err(refusal) = staged {
+                let who = Refused {
+                    job: Some(u.job.as_str()),
+                    client: Some(&u.client),
+                    round: Some(u.headers.round),
+                };
+                self.ctx.rejector.reject(who, refusal, Some(&u.ack)).await;
+            }
+        }
+        self.ctx.metrics.ingest_stage_seconds.inc_by(started.elapsed().as_secs_f64());
+    }
+
     /// Claims (job, round, client) for the update; `Ok(true)`: this node stages it;
     /// `Ok(false)`: leave the message alone (held elsewhere, or handed back to try later).
     ///
@@ -628,6 +736,11 @@ impl Gateway {
         let claiming = std::time::Instant::now();
         let claim = self.claim(&u.job, seen_round, &u.client, u.stream_seq).await;
         self.ctx.metrics.ingest_claim_seconds.inc_by(claiming.elapsed().as_secs_f64());
+        self.claim_outcome(u, claim).await
+    }
+
+    /// What a claim means for the update (see [`Self::claim_update`]).
+    async fn claim_outcome(&self, u: &Incoming, claim: Claim) -> Result<bool, Refusal> {
         match claim {
             Claim::Ours => Ok(true),
             Claim::HeldElsewhere(node) => {
@@ -725,15 +838,7 @@ impl Gateway {
             instance: self.ctx.instance,
             liveness: &self.ctx.liveness,
         };
-        match claims::claim(&kv, &self.ctx.infra, (job, round, client), claimant, stream_seq).await {
-            Ok(claims::Claim::Mine) => Claim::Ours,
-            Ok(claims::Claim::HeldBy(node)) => Claim::HeldElsewhere(node),
-            Ok(claims::Claim::Other(_)) => Claim::Theirs,
-            Err(e) => {
-                tracing::warn!(error = %e, "claiming an update failed; retrying the update");
-                Claim::Unknown
-            }
-        }
+        claim_of(claims::claim(&kv, &self.ctx.infra, (job, round, client), claimant, stream_seq).await)
     }
 }
 
@@ -756,3 +861,19 @@ fn descriptor(u: &Incoming, admitted: Admitted, at: crate::staging::SlotLocation
         stream_seq: u.stream_seq,
     }
 }
+
+/// The gateway's reading of a claim's answer.
+fn claim_of(r: Result<claims::Claim>) -> Claim {
+    match r {
+        Ok(claims::Claim::Mine) => Claim::Ours,
+        Ok(claims::Claim::HeldBy(node)) => Claim::HeldElsewhere(node),
+        Ok(claims::Claim::Other(_)) => Claim::Theirs,
+        Err(e) => {
+            tracing::warn!(error = %e, "claiming an update failed; retrying the update");
+            Claim::Unknown
+        }
+    }
+}
+
+/// Most messages taken into one batch of claims (those already delivered to the gateway).
+const BATCH_MAX: usize = 64;
