@@ -485,6 +485,10 @@ impl Gateway {
                 // The same message twice in one batch: the copy is a redelivery of one staged.
                 return Ok(None);
             }
+            // Counted as staged now (what admission reads: a second update of the client, the
+            // round's client limit), taken back at the flush if the claim is not this node's.
+            let seen_round = admission::seen_round(admitted, u.headers.round);
+            self.seen_insert(u, seen_round);
             self.batch.push(Unclaimed { u: u.clone(), entry: Arc::clone(entry), admitted, slot });
             return Ok(None);
         };
@@ -694,6 +698,9 @@ impl Gateway {
         for (b, claim) in batch.into_iter().zip(claims) {
             let Unclaimed { u, entry, admitted, slot } = b;
             let seen_round = admission::seen_round(admitted, u.headers.round);
+            if !matches!(claim, Claim::Ours) {
+                self.seen_forget(&u, seen_round);
+            }
             let staged = match self.claim_outcome(&u, claim).await {
                 Ok(true) => {
                     self.note_staged(&u, &entry, admitted, seen_round);
@@ -765,11 +772,25 @@ impl Gateway {
     fn note_staged(&mut self, u: &Incoming, entry: &JobEntry, admitted: Admitted, seen_round: RoundId) {
         self.ctx.metrics.bytes_staged.inc_by(entry.manifest.data_bytes() as u64);
         self.ctx.metrics.update_staleness.observe(admitted.staleness.0 as f64);
+        self.seen_insert(u, seen_round);
+    }
+
+    /// Remembers the update's message as the client's for the round.
+    fn seen_insert(&mut self, u: &Incoming, seen_round: RoundId) {
         match self.seen.get_mut(&u.job) {
             Some(rounds) => rounds.entry(seen_round).or_default(),
             None => self.seen.entry(u.job.clone()).or_default().entry(seen_round).or_default(),
         }
         .insert(u.client.clone(), u.stream_seq);
+    }
+
+    /// Forgets the update's message as the client's for the round, if it still is.
+    fn seen_forget(&mut self, u: &Incoming, seen_round: RoundId) {
+        if let Some(clients) = self.seen.get_mut(&u.job).and_then(|r| r.get_mut(&seen_round)) {
+            if clients.get(&u.client) == Some(&u.stream_seq) {
+                clients.remove(&u.client);
+            }
+        }
     }
 
     /// Records the staged update in the ledger.
