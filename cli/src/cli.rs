@@ -270,11 +270,13 @@ pub struct NodeArgs {
     /// fold, in milliseconds (0: off; not for production).
     #[arg(long, default_value_t = NodeConfig::default().fold_delay_ms)]
     fold_delay_ms: u64,
-    /// Fold-while-staging: updates on the upload path whose slot is at least this many MiB are
-    /// folded piece by piece as their chunks arrive, so a node holds the f64 accumulator plus a
-    /// few chunks instead of the accumulator plus a whole update (`off`: stage whole, then
-    /// fold). Applies to the in-process function host, synchronous streaming strategies and f32
-    /// mean/statistic/variance/skip tensors; other updates are staged whole as before.
+    /// Fold-while-staging: an update sent on the upload path whose model is at least this many
+    /// MiB is read twice: once to check it (digest, schema, NaN/Inf), then folded piece by piece
+    /// as its chunks arrive, so the node holds the f64 accumulator plus a few MiB instead of the
+    /// accumulator plus the whole update. `0`: every upload; `off`: never (stage whole, then
+    /// fold). Only in `shoal node` (not with function hosts in their own processes), for
+    /// synchronous FedAvg-like strategies (FedAvg, FedAdam, FedYogi, FedAdagrad, FedAvgM) over
+    /// f32 tensors; other updates are staged whole.
     #[arg(long, default_value = "16", value_parser = parse_mib_or_off)]
     fold_while_staging_min_mib: MibOrOff,
     /// Most running jobs this node serves at once (default: no limit). A job beyond it waits

@@ -4,12 +4,15 @@
 //!
 //! - The same round gives byte-identical models with fold-while-staging on (every upload
 //!   streamed: `--fold-while-staging-min-mib 0`) and off, both equal to the f64 oracle.
-//! - An upload refused after all of it was folded (a digest that does not match its chunks; the
-//!   gateway holds its verdict until the host has folded every byte,
-//!   `SHOAL_TEST_STREAM_VERDICT_HOLD_MS`) spoils the node's partial: the two updates folded
-//!   before it go back to JetStream and are folded again, the bad one is refused as
-//!   `digest_mismatch` and its claim given up, so the client's corrected retry is taken (not
-//!   `duplicate`); the round commits the three good updates once, equal to the oracle.
+//! - A bad upload (a digest that does not match its chunks, a NaN in its last tensor) is refused
+//!   by the first read, before anything of it is folded: no partial is given up, and the
+//!   client's corrected retry is taken.
+//! - An upload whose chunks change between the two reads (re-published by its client in that
+//!   window, `SHOAL_TEST_STREAM_VERIFIED_HOLD_MS`; the gateway holds its verdict until the host
+//!   has folded every byte, `SHOAL_TEST_STREAM_VERDICT_HOLD_MS`) spoils the node's partial: the
+//!   two updates folded before it go back to JetStream and are folded again, the changed one is
+//!   refused as `digest_mismatch` and its claim given up, so the client's next update is taken
+//!   (not `duplicate`); the round commits the three good updates once, equal to the oracle.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -112,13 +115,13 @@ async fn folding_uploads_while_they_are_staged_commits_the_same_model_bit_for_bi
 }
 
 #[tokio::test]
-async fn an_upload_refused_after_it_was_folded_spoils_the_partial_and_loses_nothing() {
+async fn an_upload_changed_between_its_two_reads_spoils_the_partial_and_loses_nothing() {
     let nats = NatsServer::start().unwrap();
     let node = NodeProcess::start_with(
         &nats.url(),
         "fws-bad",
         &["--fold-while-staging-min-mib", "0"],
-        &[("SHOAL_TEST_STREAM_VERDICT_HOLD_MS", "400")],
+        &[("SHOAL_TEST_STREAM_VERIFIED_HOLD_MS", "1500"), ("SHOAL_TEST_STREAM_VERDICT_HOLD_MS", "400")],
         None,
     )
     .await;
@@ -135,18 +138,24 @@ async fn an_upload_refused_after_it_was_folded_spoils_the_partial_and_loses_noth
     }
     wait_metric(&node, &nc, "shoal_updates_folded_while_staged_total", 2.0).await;
 
-    // client-2's good bytes as upload chunks, declared with another digest.
-    let p = payload(&m, &as_sent(&m, &random_values(&m, 42)));
-    publish_upload(&client, &job, "client-2", &p, Some(&"0".repeat(64))).await;
+    // client-2's upload passes the first read; then its chunks are published again with other
+    // bytes, which the second read folds and the digest refuses.
+    publish_upload(&client, &job, "client-2", &payload(&m, &as_sent(&m, &random_values(&m, 42))), None).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let other = payload(&m, &as_sent(&m, &random_values(&m, 43)));
+    let conn = client.connection();
+    let owner = (&job, &ClientId::new("client-2").unwrap(), RoundId(1));
+    let chunk = client.limits(&job).await.unwrap().chunk_bytes;
+    shoal_client::uploads::publish(&conn.js, &conn.subjects, owner, &other, chunk, "unused").await.unwrap();
     let notice = next_rejection(&mut refused).await;
-    assert_eq!(notice.reason, RejectReason::DigestMismatch, "{notice:?}");
+    assert_eq!(notice.reason, RejectReason::DigestMismatch, "{notice:?}\n{}", node.log());
 
     // The partial was given up and its two updates folded again.
     let text = wait_metric(&node, &nc, "shoal_updates_folded_while_staged_total", 4.0).await;
     assert_eq!(scrape(&text, "shoal_partials_spoiled_total"), Some(1.0), "{text}\n{}", node.log());
 
-    // The corrected retry is taken: the refused update's claim was given up.
-    sent.push(send_update(&client, &m, &job, &state, (2, 42, 7), true).await);
+    // The client's next update is taken: the refused update's claim was given up.
+    sent.push(send_update(&client, &m, &job, &state, (2, 44, 7), true).await);
     let after = client.wait_for_round_closed(&job, RoundId(1), Duration::from_secs(30)).await.unwrap();
     let want: f64 = sent.iter().map(|(_, w)| w).sum();
     match after.last_outcome {
@@ -161,36 +170,45 @@ async fn an_upload_refused_after_it_was_folded_spoils_the_partial_and_loses_noth
     assert_eq!(scrape(&text, "shoal_partials_spoiled_total"), Some(1.0), "{text}");
 }
 
-/// A NaN in an upload's last tensor is found by the host as it folds that piece, after the
-/// gateway has read every chunk and checked the digest: the gateway waits for the host's word,
-/// refuses the update as `non_finite` and gives up its claim; the corrected retry is taken and
-/// the round commits the good updates once (whether or not the partial had to be folded again).
+/// Bad uploads are refused by the first read, before any of their bytes is folded: a NaN in
+/// the last f32 of the tensor written last, and a digest that does not match the chunks. No
+/// partial is given up, the corrected retries are taken, and the round commits the good
+/// updates once.
 #[tokio::test]
-async fn a_nan_found_while_folding_is_refused_and_the_corrected_retry_taken() {
+async fn bad_uploads_are_refused_before_anything_of_them_is_folded() {
     let nats = NatsServer::start().unwrap();
     let node = NodeProcess::start(&nats.url(), "fws-nan", &["--fold-while-staging-min-mib", "0"]).await;
     let client = connect(&nats.url()).await;
     let nc = client.connection().client.clone();
     let m = manifest();
     let job = JobId::new("fws-nan").unwrap();
-    jobs::create_job(&infra_of(&client).await, &spec("fws-nan", &m, 2), None).await.unwrap();
+    jobs::create_job(&infra_of(&client).await, &spec("fws-nan", &m, 3), None).await.unwrap();
     let state = client.wait_for_open_round(&job, RoundId(1), Duration::from_secs(30)).await.unwrap();
     let mut refused = rejections(&nc, "fws-nan").await;
     let mut sent = vec![send_update(&client, &m, &job, &state, (0, 50, 4), true).await];
+    wait_metric(&node, &nc, "shoal_updates_folded_while_staged_total", 1.0).await;
     // The last element of the tensor written last (`fc.weight`: safetensors orders by name).
     let mut values = as_sent(&m, &random_values(&m, 51));
     *values[0].last_mut().unwrap() = f64::NAN;
     publish_upload(&client, &job, "client-1", &payload(&m, &values), None).await;
     let notice = next_rejection(&mut refused).await;
     assert_eq!(notice.reason, RejectReason::NonFinite, "{notice:?}\n{}", node.log());
+    let good = payload(&m, &as_sent(&m, &random_values(&m, 53)));
+    publish_upload(&client, &job, "client-2", &good, Some(&"0".repeat(64))).await;
+    let notice = next_rejection(&mut refused).await;
+    assert_eq!(notice.reason, RejectReason::DigestMismatch, "{notice:?}\n{}", node.log());
     sent.push(send_update(&client, &m, &job, &state, (1, 52, 7), true).await);
+    sent.push(send_update(&client, &m, &job, &state, (2, 54, 2), true).await);
     let after = client.wait_for_round_closed(&job, RoundId(1), Duration::from_secs(30)).await.unwrap();
     let want: f64 = sent.iter().map(|(_, w)| w).sum();
     match after.last_outcome {
-        Some(RoundOutcome::Committed { clients: 2, total_weight, .. }) => assert_eq!(total_weight, want),
+        Some(RoundOutcome::Committed { clients: 3, total_weight, .. }) => assert_eq!(total_weight, want),
         other => panic!("{other:?}\n{}", node.log()),
     }
     let bytes = client.fetch_model(&job, ModelVersion(1)).await.unwrap();
     let model = shoal_functions::Parameters::from_safetensors(Arc::clone(&m), &bytes).unwrap();
-    assert_model_near(&model, &weighted_mean_oracle(&sent), "after a NaN found while folding");
+    assert_model_near(&model, &weighted_mean_oracle(&sent), "after two bad uploads");
+    let text = node.metrics(&nc).await;
+    assert_eq!(scrape(&text, "shoal_partials_spoiled_total"), Some(0.0), "{text}");
+    assert_eq!(scrape(&text, "shoal_updates_folded_while_staged_total"), Some(3.0), "{text}");
 }

@@ -67,6 +67,96 @@ pub async fn stream_upload(
     read_upload(infra, who, upload, spec, &mut Streamed { plan, writer }, timeout).await
 }
 
+/// Reads the upload once without keeping it, checking everything a fold of it could trip
+/// over (fold-while-staging's first pass): its schema, lengths and digest, and that every f32
+/// is finite (the job's tensors are f32 when it folds while staging). An update that passes
+/// is folded piece by piece on the second read ([`stream_upload`]); one that does not is
+/// refused before anything of it is folded, so a bad update never costs a node its partial.
+///
+/// # Errors
+/// As [`stage_upload`].
+pub async fn verify_upload(
+    infra: &Infra,
+    who: (&JobId, &ClientId, RoundId),
+    upload: &Upload,
+    spec: &JobSpec,
+    manifest: &ModelManifest,
+    timeout: Duration,
+) -> Result<u64, Refusal> {
+    let plan = StreamPlan::new(manifest, upload.bytes).map_err(|e| validation(&e))?;
+    read_upload(infra, who, upload, spec, &mut Verify { plan, manifest, carry: Vec::new() }, timeout).await
+}
+
+/// The first pass's target: the plan and the NaN/Inf check, nothing kept.
+struct Verify<'a> {
+    plan: StreamPlan<'a>,
+    manifest: &'a ModelManifest,
+    /// The first bytes of an f32 cut by the end of a chunk.
+    carry: Vec<u8>,
+}
+
+impl ChunkSink for Verify<'_> {
+    type Error = Refusal;
+    fn push(&mut self, chunk: &[u8]) -> Result<(), Refusal> {
+        let (m, carry) = (self.manifest, &mut self.carry);
+        let mut bad = None;
+        self.plan
+            .push(chunk, |at, src| {
+                if bad.is_none() {
+                    bad = check_f32_piece(m, at, src, carry).err();
+                }
+            })
+            .map_err(|e| validation(&e))?;
+        bad.map_or(Ok(()), |e| Err(validation(&e)))
+    }
+}
+
+impl Target for Verify<'_> {
+    fn finish(&mut self) -> Result<(), Refusal> {
+        self.plan.finish().map_err(|e| validation(&e))
+    }
+}
+
+/// Checks the f32 elements in `src`, the bytes of slot offset `at` on (within one tensor, in
+/// order): an element cut by the end of a chunk waits in `carry` for its other bytes.
+fn check_f32_piece(
+    m: &ModelManifest,
+    at: usize,
+    mut src: &[u8],
+    carry: &mut Vec<u8>,
+) -> Result<(), shoal_functions::ValidationError> {
+    let slots = m.slots();
+    let i = slots.partition_point(|s| s.byte_offset <= at).saturating_sub(1);
+    let (Some(s), Some(t)) = (slots.get(i), m.tensors().get(i)) else { return Ok(()) };
+    if t.dtype != shoal_functions::DType::F32 {
+        return Ok(());
+    }
+    let mut rel = at - s.byte_offset;
+    let bad =
+        |rel: usize| shoal_functions::ValidationError::NonFinite { name: t.name.clone(), index: rel / 4 };
+    if !rel.is_multiple_of(4) {
+        let need = (4 - rel % 4).min(src.len());
+        carry.extend_from_slice(&src[..need]);
+        src = &src[need..];
+        rel += need;
+        if carry.len() == 4 {
+            let v = f32::from_le_bytes([carry[0], carry[1], carry[2], carry[3]]);
+            carry.clear();
+            if !v.is_finite() {
+                return Err(bad(rel - 4));
+            }
+        }
+    }
+    let mut words = src.chunks_exact(4);
+    for (k, w) in words.by_ref().enumerate() {
+        if !f32::from_le_bytes([w[0], w[1], w[2], w[3]]).is_finite() {
+            return Err(bad(rel + 4 * k));
+        }
+    }
+    carry.extend_from_slice(words.remainder());
+    Ok(())
+}
+
 /// Where an upload's chunks go as they arrive, and the check once all came.
 trait Target: ChunkSink<Error = Refusal> {
     fn finish(&mut self) -> Result<(), Refusal>;
@@ -194,4 +284,31 @@ fn read_refusal(e: UploadReadError) -> Refusal {
         UploadReadError::MissingChunk { .. } => RejectReason::ObjectUnavailable,
     };
     Refusal::new(reason, e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use shoal_functions::{DType, TensorSpec, ValidationError};
+
+    /// The first read's NaN check sees every f32 whole, however the chunks cut the elements.
+    #[test]
+    fn an_element_cut_by_a_chunk_boundary_is_checked_whole() {
+        let m = ModelManifest::new(vec![TensorSpec::new("a", DType::F32, vec![6])]).unwrap();
+        let mut bytes: Vec<u8> =
+            [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        for cut in 0..=bytes.len() {
+            let mut carry = Vec::new();
+            check_f32_piece(&m, 0, &bytes[..cut], &mut carry).unwrap();
+            check_f32_piece(&m, cut, &bytes[cut..], &mut carry).unwrap();
+            assert!(carry.is_empty(), "cut {cut}");
+        }
+        // A NaN in element 2 (bytes 8..12), cut in its middle: found when its last bytes come.
+        bytes[8..12].copy_from_slice(&f32::NAN.to_le_bytes());
+        let mut carry = Vec::new();
+        check_f32_piece(&m, 0, &bytes[..10], &mut carry).unwrap();
+        let e = check_f32_piece(&m, 10, &bytes[10..], &mut carry).unwrap_err();
+        assert!(matches!(e, ValidationError::NonFinite { index: 2, .. }), "{e:?}");
+    }
 }

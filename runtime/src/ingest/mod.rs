@@ -62,6 +62,24 @@ enum Claim {
 /// last chunk and giving its verdict (test only: `tests/fold_while_staging.rs` lets the host
 /// fold every byte of an update the gateway then refuses; never set in production).
 pub const STREAM_HOLD_ENV: &str = "SHOAL_TEST_STREAM_VERDICT_HOLD_MS";
+/// The environment variable that makes the gateway wait between verifying a streamed upload
+/// and folding it (test only: `tests/fold_while_staging.rs` re-publishes the upload's chunks in
+/// that window; never set in production).
+pub const VERIFIED_HOLD_ENV: &str = "SHOAL_TEST_STREAM_VERIFIED_HOLD_MS";
+
+/// Test-only pauses of fold-while-staging, read once from the environment.
+#[derive(Debug, Default, Clone, Copy)]
+struct TestHolds {
+    verified: Option<std::time::Duration>,
+    verdict: Option<std::time::Duration>,
+}
+
+impl TestHolds {
+    fn from_env() -> TestHolds {
+        let ms = |name: &str| std::env::var(name).ok()?.parse().ok().map(std::time::Duration::from_millis);
+        TestHolds { verified: ms(VERIFIED_HOLD_ENV), verdict: ms(STREAM_HOLD_ENV) }
+    }
+}
 
 struct Gateway {
     ctx: NodeContext,
@@ -78,6 +96,8 @@ struct Gateway {
     /// Whether a job's updates may be folded while they are staged, by job (with the
     /// incarnation it was decided for).
     streamable: HashMap<JobId, (u64, bool)>,
+    /// Test-only pauses ([`STREAM_HOLD_ENV`], [`VERIFIED_HOLD_ENV`]).
+    test_holds: TestHolds,
     /// Inline updates staged and not yet claimed: their claims go out together
     /// ([`Gateway::flush`]), one round trip's wait for the batch instead of one per update.
     batch: Vec<Unclaimed>,
@@ -182,6 +202,7 @@ pub async fn run(ctx: NodeContext) -> Result<()> {
         incarnations: HashMap::new(),
         streamable: HashMap::new(),
         batch: Vec::new(),
+        test_holds: TestHolds::from_env(),
     };
     let mut prune = tokio::time::interval(ms(t.prune_interval_ms));
     let mut watchdog = tokio::time::interval(ms(t.consumer_stall_check_ms));
@@ -575,11 +596,12 @@ impl Gateway {
         }
     }
 
-    /// Fold-while-staging: claims the update before reading it (folded bytes cannot be taken
-    /// back, so a duplicate must never be read), holds it and hands it to the function host,
-    /// then reads its upload into the slot while the host folds what is staged. The verdict
-    /// goes to the host at the end; a refused update is refused here (through the ledger) and
-    /// its claim given up, so the client may send it again.
+    /// Fold-while-staging: reads the upload once to check it (a bad one is refused as any
+    /// update is, nothing of it folded), claims it (folded bytes cannot be taken back, so a
+    /// duplicate must never be folded), holds it and hands it to the function host, then reads
+    /// the upload again into the slot while the host folds what is staged. The verdict goes to
+    /// the host at the end; an update refused then is refused here (through the ledger) and its
+    /// claim given up, so the client may send it again.
     async fn stage_streamed(
         &mut self,
         u: &Incoming,
@@ -588,6 +610,18 @@ impl Gateway {
         slot: crate::staging::Slot,
         upload: &Upload,
     ) -> Result<Option<Delivery>, Refusal> {
+        // First pass: read it once, keeping nothing, and refuse it as any update is refused if
+        // it is bad (digest, schema, NaN/Inf): nothing of a bad update is ever folded.
+        let who = (&u.job, &u.client, u.headers.round);
+        let timeout = ms(self.ctx.config.timings.object_read_timeout_ms);
+        fetch::verify_upload(&self.ctx.infra, who, upload, &entry.spec, &entry.manifest, timeout).await?;
+        if let Some(hold) = self.test_holds.verified {
+            tracing::warn!(
+                hold_ms = hold.as_millis() as u64,
+                "upload verified; holding before folding it ({VERIFIED_HOLD_ENV})"
+            );
+            tokio::time::sleep(hold).await;
+        }
         let seen_round = admission::seen_round(admitted, u.headers.round);
         if !self.claim_update(u, seen_round).await? {
             return Ok(None);
@@ -606,8 +640,6 @@ impl Gateway {
         if let Err(e) = self.ctx.sink.deliver(delivery).await {
             tracing::error!(error = %e, "no function host takes the update; it is handed back at shutdown");
         }
-        let who = (&u.job, &u.client, u.headers.round);
-        let timeout = ms(self.ctx.config.timings.object_read_timeout_ms);
         let mut read = fetch::stream_upload(
             &self.ctx.infra,
             who,
@@ -633,9 +665,12 @@ impl Gateway {
                 ));
             }
         }
-        if let Some(hold) = std::env::var(STREAM_HOLD_ENV).ok().and_then(|v| v.parse().ok()) {
-            tracing::warn!(hold_ms = hold, "upload staged; holding its verdict ({STREAM_HOLD_ENV})");
-            tokio::time::sleep(std::time::Duration::from_millis(hold)).await;
+        if let Some(hold) = self.test_holds.verdict {
+            tracing::warn!(
+                hold_ms = hold.as_millis() as u64,
+                "upload staged; holding its verdict ({STREAM_HOLD_ENV})"
+            );
+            tokio::time::sleep(hold).await;
         }
         let link = self.ctx.ledger.link();
         match read {
