@@ -45,6 +45,10 @@ pub struct MemoryArgs {
     /// only a few MiB).
     #[arg(long)]
     pub shm_budget_mib: Option<u64>,
+    /// The node's `--fold-while-staging-min-mib` (`off`: every update staged whole, then
+    /// folded: the accumulator plus one slot).
+    #[arg(long, default_value = "16")]
+    pub fold_while_staging_min_mib: String,
     /// Print one JSON object instead of the report.
     #[arg(long)]
     pub json: bool,
@@ -156,10 +160,11 @@ pub async fn memory(a: MemoryArgs) -> Result<()> {
         .context("no shared-memory directory")?;
     if !a.json {
         println!(
-            "shoal bench memory: FedAvg over {} updates of {} f32 ({:.1} MiB each), one node",
+            "shoal bench memory: FedAvg over {} updates of {} f32 ({:.1} MiB each), one node, --fold-while-staging-min-mib {}",
             a.updates,
             a.params,
-            model_bytes as f64 / f64::from(1 << 20)
+            model_bytes as f64 / f64::from(1 << 20),
+            a.fold_while_staging_min_mib
         );
     }
     let nats = NatsServer::start().context("cannot start nats-server")?;
@@ -173,6 +178,7 @@ pub async fn memory(a: MemoryArgs) -> Result<()> {
             .arg("--shm-dir")
             .arg(&shm_dir)
             .args(["--shm-budget-mib", &budget_mib.to_string()])
+            .args(["--fold-while-staging-min-mib", &a.fold_while_staging_min_mib])
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::null())
             .spawn()
@@ -248,7 +254,9 @@ fn print_report(r: &MemoryReport) {
         r.job_ratio,
         mib(r.baseline.total())
     );
-    println!("where it goes, at the largest sample (design: the f64 accumulator, 2.00 x, and a few MiB staged ahead of the fold):");
+    println!(
+        "where it goes, at the largest sample (design: the f64 accumulator, 2.00 x, plus a few MiB staged ahead of the fold, or one slot with --fold-while-staging-min-mib off):"
+    );
     println!(
         "  heap (RssAnon):          {:8.1} MiB  {:.2} x   (f64 accumulator; the node's own {:.1} MiB)",
         mib(r.peak.anon_kib),

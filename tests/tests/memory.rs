@@ -5,10 +5,10 @@
 //! The bound asserted is the issue's: VmHWM ≤ 3 × the model, the node's own memory included
 //! (in this debug build the executable's pages alone are ~30 MiB, 0.47 × a 64 MiB model). What
 //! keeps it there: the f64 accumulator (2 × the model) is the only model-sized buffer; uploads
-//! are folded while they are staged, the gateway staging at most 8 MiB ahead of the fold and
+//! are folded while they are staged, the gateway staging at most 4 MiB ahead of the fold and
 //! the folded pages given back at once (fold-while-staging), so no whole update sits in shared
-//! memory; the new model is computed from the accumulator as it is stored. Measured here: 2.83
-//! × (debug), 2.31 × for 8 × 256 MiB in release; before fold-while-staging 3.44 × and 3.11 ×,
+//! memory; the new model is computed from the accumulator as it is stored. Measured here: 2.83–
+//! 2.90 × (debug), 2.12–2.15 × for 8 × 256 MiB in release; before fold-while-staging 3.44 × and 3.11 ×,
 //! before the memory work 9.15 × (upload payload assembled in the heap, every segment
 //! pre-faulted, the global model cloned twice at the close) — a model-sized copy coming back
 //! fails this test.

@@ -231,7 +231,7 @@ impl Target for Streamed<'_> {
 }
 
 /// How far the gateway stages an update ahead of the host's fold (fold-while-staging).
-pub const STREAM_AHEAD_BYTES: usize = 8 << 20;
+pub const STREAM_AHEAD_BYTES: usize = 4 << 20;
 
 fn validation(e: &shoal_functions::ValidationError) -> Refusal {
     Refusal::new(RejectReason::from(e), e.to_string())
