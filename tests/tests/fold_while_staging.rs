@@ -50,6 +50,30 @@ async fn wait_metric(node: &NodeProcess, nc: &async_nats::Client, name: &str, at
     }
 }
 
+/// Waits for round 1 to commit exactly the updates `sent` (count and total weight) and checks
+/// the model against the f64 oracle; returns the model's bytes.
+async fn committed(
+    client: &shoal_client::ShoalClient,
+    node: &NodeProcess,
+    job: &JobId,
+    m: &Arc<ModelManifest>,
+    sent: &[(Vec<Vec<f64>>, f64)],
+    context: &str,
+) -> Vec<u8> {
+    let after = client.wait_for_round_closed(job, RoundId(1), Duration::from_secs(30)).await.unwrap();
+    let want: f64 = sent.iter().map(|(_, w)| w).sum();
+    match after.last_outcome {
+        Some(RoundOutcome::Committed { clients, total_weight, .. }) => {
+            assert_eq!((clients as usize, total_weight), (sent.len(), want), "{context}");
+        }
+        other => panic!("{context}: {other:?}\n{}", node.log()),
+    }
+    let bytes = client.fetch_model(job, ModelVersion(1)).await.unwrap();
+    let model = shoal_functions::Parameters::from_safetensors(Arc::clone(m), &bytes).unwrap();
+    assert_model_near(&model, &weighted_mean_oracle(sent), context);
+    bytes
+}
+
 /// One round of five uploads on a node started with `flags`: the model's bytes (checked
 /// against the oracle) and the node's metrics.
 async fn one_round(flags: &[&str]) -> (Vec<u8>, String) {
@@ -64,16 +88,7 @@ async fn one_round(flags: &[&str]) -> (Vec<u8>, String) {
     for c in 0..5u64 {
         sent.push(send_update(&client, &m, &job, &state, (c, 70 + c, 1 + c * 13), true).await);
     }
-    let after = client.wait_for_round_closed(&job, RoundId(1), Duration::from_secs(30)).await.unwrap();
-    assert!(
-        matches!(after.last_outcome, Some(RoundOutcome::Committed { clients: 5, .. })),
-        "{:?}\n{}",
-        after.last_outcome,
-        node.log()
-    );
-    let bytes = client.fetch_model(&job, ModelVersion(1)).await.unwrap();
-    let model = shoal_functions::Parameters::from_safetensors(Arc::clone(&m), &bytes).unwrap();
-    assert_model_near(&model, &weighted_mean_oracle(&sent), &format!("flags {flags:?}"));
+    let bytes = committed(&client, &node, &job, &m, &sent, &format!("flags {flags:?}")).await;
     let text = node.metrics(&client.connection().client).await;
     (bytes, text)
 }
@@ -156,15 +171,7 @@ async fn an_upload_changed_between_its_two_reads_spoils_the_partial_and_loses_no
 
     // The client's next update is taken: the refused update's claim was given up.
     sent.push(send_update(&client, &m, &job, &state, (2, 44, 7), true).await);
-    let after = client.wait_for_round_closed(&job, RoundId(1), Duration::from_secs(30)).await.unwrap();
-    let want: f64 = sent.iter().map(|(_, w)| w).sum();
-    match after.last_outcome {
-        Some(RoundOutcome::Committed { clients: 3, total_weight, .. }) => assert_eq!(total_weight, want),
-        other => panic!("{other:?}\n{}", node.log()),
-    }
-    let bytes = client.fetch_model(&job, ModelVersion(1)).await.unwrap();
-    let model = shoal_functions::Parameters::from_safetensors(Arc::clone(&m), &bytes).unwrap();
-    assert_model_near(&model, &weighted_mean_oracle(&sent), "after a spoiled partial");
+    committed(&client, &node, &job, &m, &sent, "after a spoiled partial").await;
     let text = node.metrics(&nc).await;
     assert_eq!(scrape(&text, "shoal_updates_folded_while_staged_total"), Some(5.0), "{text}");
     assert_eq!(scrape(&text, "shoal_partials_spoiled_total"), Some(1.0), "{text}");
@@ -199,15 +206,7 @@ async fn bad_uploads_are_refused_before_anything_of_them_is_folded() {
     assert_eq!(notice.reason, RejectReason::DigestMismatch, "{notice:?}\n{}", node.log());
     sent.push(send_update(&client, &m, &job, &state, (1, 52, 7), true).await);
     sent.push(send_update(&client, &m, &job, &state, (2, 54, 2), true).await);
-    let after = client.wait_for_round_closed(&job, RoundId(1), Duration::from_secs(30)).await.unwrap();
-    let want: f64 = sent.iter().map(|(_, w)| w).sum();
-    match after.last_outcome {
-        Some(RoundOutcome::Committed { clients: 3, total_weight, .. }) => assert_eq!(total_weight, want),
-        other => panic!("{other:?}\n{}", node.log()),
-    }
-    let bytes = client.fetch_model(&job, ModelVersion(1)).await.unwrap();
-    let model = shoal_functions::Parameters::from_safetensors(Arc::clone(&m), &bytes).unwrap();
-    assert_model_near(&model, &weighted_mean_oracle(&sent), "after two bad uploads");
+    committed(&client, &node, &job, &m, &sent, "after two bad uploads").await;
     let text = node.metrics(&nc).await;
     assert_eq!(scrape(&text, "shoal_partials_spoiled_total"), Some(0.0), "{text}");
     assert_eq!(scrape(&text, "shoal_updates_folded_while_staged_total"), Some(3.0), "{text}");

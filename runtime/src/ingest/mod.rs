@@ -434,9 +434,7 @@ impl Gateway {
                 let staged = match self.stage(u, &entry, admitted).await {
                     Ok(Some(delivery)) => {
                         tracing::trace!(job = %u.job, client = %u.client, round = admitted.round.0, "update staged");
-                        if let Err(e) = self.ctx.sink.deliver(delivery).await {
-                            tracing::error!(error = %e, "no function host takes the update; it is handed back at shutdown");
-                        }
+                        self.hand_on(delivery).await;
                         Ok(())
                     }
                     Ok(None) => Ok(()),
@@ -555,18 +553,37 @@ impl Gateway {
         if !self.claim_update(u, seen_round).await? {
             return Ok(None);
         }
-        self.note_staged(u, entry, admitted, seen_round);
+        Ok(Some(self.staged(u, entry, admitted, slot, upload)))
+    }
+
+    /// A claimed update, staged in `slot`: counted, remembered for its round, held in the ledger
+    /// (before the host can answer about it), and its delivery made.
+    fn staged(
+        &mut self,
+        u: &Incoming,
+        entry: &JobEntry,
+        admitted: Admitted,
+        slot: crate::staging::Slot,
+        upload: Option<UploadChunks>,
+    ) -> Delivery {
+        self.note_staged(u, entry, admitted, admission::seen_round(admitted, u.headers.round));
         let descriptor = descriptor(u, admitted, slot.location());
-        // The ledger holds the message before the host can answer about it.
         self.hold(u, admitted, upload);
-        Ok(Some(Delivery {
+        Delivery {
             descriptor,
             view: slot.into_view(),
             received: std::time::Instant::now(),
             start: None,
             unfolded: self.ctx.demand.arrived(&u.job),
             stream: None,
-        }))
+        }
+    }
+
+    /// Hands a delivery to the function host.
+    async fn hand_on(&self, delivery: Delivery) {
+        if let Err(e) = self.ctx.sink.deliver(delivery).await {
+            tracing::error!(error = %e, "no function host takes the update; it is handed back at shutdown");
+        }
     }
 
     /// Whether `entry`'s uploads are folded while they are staged
@@ -637,9 +654,7 @@ impl Gateway {
             unfolded: self.ctx.demand.arrived(&u.job),
             stream: Some(reader),
         };
-        if let Err(e) = self.ctx.sink.deliver(delivery).await {
-            tracing::error!(error = %e, "no function host takes the update; it is handed back at shutdown");
-        }
+        self.hand_on(delivery).await;
         let mut read = fetch::stream_upload(
             &self.ctx.infra,
             who,
@@ -738,20 +753,8 @@ impl Gateway {
             }
             let staged = match self.claim_outcome(&u, claim).await {
                 Ok(true) => {
-                    self.note_staged(&u, &entry, admitted, seen_round);
-                    let descriptor = descriptor(&u, admitted, slot.location());
-                    self.hold(&u, admitted, None);
-                    let delivery = Delivery {
-                        descriptor,
-                        view: slot.into_view(),
-                        received: std::time::Instant::now(),
-                        start: None,
-                        unfolded: self.ctx.demand.arrived(&u.job),
-                        stream: None,
-                    };
-                    if let Err(e) = self.ctx.sink.deliver(delivery).await {
-                        tracing::error!(error = %e, "no function host takes the update; it is handed back at shutdown");
-                    }
+                    let delivery = self.staged(&u, &entry, admitted, slot, None);
+                    self.hand_on(delivery).await;
                     Ok(())
                 }
                 Ok(false) => Ok(()),
