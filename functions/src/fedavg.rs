@@ -146,6 +146,10 @@ mod tests {
         ClientId::new(s).unwrap()
     }
 
+    fn spec(name: &str, dtype: DType, shape: Vec<usize>, policy: crate::AggregationPolicy) -> TensorSpec {
+        TensorSpec { name: name.into(), dtype, shape, policy }
+    }
+
     /// Flower cross-check vector 1/2 (flower.md §5.1): A=[[1,2],[[0]]] n=1, B=[[3,6],[[4]]] n=3
     /// give [[2.5,5.0],[[3.0]]].
     #[test]
@@ -177,12 +181,6 @@ mod tests {
     #[test]
     fn finish_into_zeros_equals_finish_when_the_global_is_not_read() {
         use crate::AggregationPolicy as P;
-        let spec = |name: &str, dtype, shape: Vec<usize>, policy| TensorSpec {
-            name: name.into(),
-            dtype,
-            shape,
-            policy,
-        };
         let m = Arc::new(
             ModelManifest::new(vec![
                 spec("w", DType::F32, vec![3], P::Mean),
@@ -230,12 +228,6 @@ mod tests {
     #[test]
     fn finish_streamed_reads_the_file_finish_would_write() {
         use crate::AggregationPolicy as P;
-        let spec = |name: &str, dtype, shape: Vec<usize>, policy| TensorSpec {
-            name: name.into(),
-            dtype,
-            shape,
-            policy,
-        };
         let m = Arc::new(
             ModelManifest::new(vec![
                 spec("w", DType::F32, vec![40], P::Mean),

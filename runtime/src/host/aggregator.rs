@@ -178,8 +178,7 @@ enum Streamed {
 
 /// Folds a streamed update ([`Delivery::stream`]) piece by piece as the gateway stages it,
 /// giving each folded piece's pages back to the kernel (fold-while-staging,
-/// [`crate::staging::stream`]). A strategy or manifest that cannot fold by pieces waits for the
-/// whole slot and folds it as usual. Blocking: runs on the fold thread.
+/// [`crate::staging::stream`]). Blocking: runs on the fold thread.
 fn fold_streamed(
     strategy: &dyn Strategy,
     partial: &mut PartialAggregate,
@@ -201,12 +200,13 @@ fn fold_streamed(
             return Streamed::Clean;
         }
     };
-    let by_pieces = PartialAggregate::folds_by_range(manifest);
+    if !PartialAggregate::folds_by_range(manifest) {
+        // The gateway streams only what folds by pieces: refuse rather than guess.
+        refuse(RejectReason::Malformed, "this job's tensors cannot be folded while staged".into());
+        return Streamed::Clean;
+    }
     let len = manifest.slot_bytes();
     let mut folded = 0;
-    if by_pieces {
-        reader.folded(0);
-    }
     loop {
         let (ready, end) = reader.wait(folded);
         if let Some(Err(_)) = end {
@@ -214,7 +214,7 @@ fn fold_streamed(
             return spoiled_or_clean(folded);
         }
         let upto = ready / 4 * 4;
-        if by_pieces && upto > folded {
+        if upto > folded {
             let Some(prefix) = reader.prefix(upto) else { return spoiled_or_clean(folded) };
             if let Err(e) = partial.fold_prefix(prefix, folded, weight) {
                 let reason = match &e {
@@ -229,36 +229,18 @@ fn fold_streamed(
             folded = upto;
             reader.folded(folded);
         }
-        match end {
-            None => {}
-            Some(Err(_)) => return spoiled_or_clean(folded),
-            Some(Ok(())) if by_pieces => {
-                if folded < len {
-                    // Everything final is folded: a good verdict on a slot not all final is a
-                    // gateway bug, not input.
-                    refuse(RejectReason::Malformed, format!("staged {ready} of {len} bytes"));
-                    return spoiled_or_clean(folded);
-                }
-                return match partial.count_folded(weight, client) {
-                    Ok(()) => Streamed::Folded(weight),
-                    Err(_) => Streamed::Spoiled,
-                };
+        if end.is_some() {
+            // A good verdict (a bad one returned above).
+            if folded < len {
+                // Everything final is folded: a good verdict on a slot not all final is a
+                // gateway bug, not input.
+                refuse(RejectReason::Malformed, format!("staged {ready} of {len} bytes"));
+                return spoiled_or_clean(folded);
             }
-            Some(Ok(())) => {
-                // Not folded by pieces, so not checked by pieces: NaN/Inf first.
-                if let Err(e) = shoal_functions::tensor::check_finite(manifest, d.view.bytes()) {
-                    refuse(RejectReason::from(&e), e.to_string());
-                    return Streamed::Clean;
-                }
-                let view = UpdateView { manifest, bytes: d.view.bytes(), weight, client };
-                return match strategy.fold(partial, &view) {
-                    Ok(()) => Streamed::Folded(weight),
-                    Err(e) => {
-                        refuse(RejectReason::InvalidWeight, e.to_string());
-                        Streamed::Clean
-                    }
-                };
-            }
+            return match partial.count_folded(weight, client) {
+                Ok(()) => Streamed::Folded(weight),
+                Err(_) => Streamed::Spoiled,
+            };
         }
     }
 }
@@ -334,7 +316,7 @@ impl Aggregator {
                 std::thread::sleep(fold_delay);
             }
             // Pacing starts now, not once a new accumulator is allocated.
-            if let (Some(reader), true) = (&d.stream, PartialAggregate::folds_by_range(&manifest)) {
+            if let Some(reader) = &d.stream {
                 reader.folded(0);
             }
             let mut partial = partial.unwrap_or_else(|| PartialAggregate::new(Arc::clone(&manifest)));

@@ -190,14 +190,17 @@ struct Streamed<'a> {
     writer: &'a SlotWriter,
 }
 
-impl Streamed<'_> {
-    fn reader_stopped(&self) -> Result<(), Refusal> {
-        match self.writer.reader_stopped() {
-            None => Ok(()),
-            Some(why) => Err(Refusal::new(
-                why.as_ref().map_or(RejectReason::ObjectUnavailable, |w| w.reason),
-                why.map_or_else(|| "the function host stopped reading the update".into(), |w| w.detail),
-            )),
+/// The function host's word on a streamed update so far: `Err` once it stopped reading it
+/// (with its own reason when it refused the update).
+///
+/// # Errors
+/// The refusal, as above.
+pub fn reader_verdict(writer: &SlotWriter) -> Result<(), Refusal> {
+    match writer.reader_stopped() {
+        None => Ok(()),
+        Some(Some(why)) => Err(Refusal::new(why.reason, why.detail)),
+        Some(None) => {
+            Err(Refusal::new(RejectReason::ObjectUnavailable, "the function host stopped reading the update"))
         }
     }
 }
@@ -212,7 +215,7 @@ impl ChunkSink for Streamed<'_> {
             return Err(Refusal::new(RejectReason::Malformed, "tensor data past the slot"));
         }
         writer.advance(self.plan.staged_prefix());
-        self.reader_stopped()
+        reader_verdict(writer)
     }
 
     /// Staging stays at most [`STREAM_AHEAD_BYTES`] ahead of what the host has folded, so the
@@ -226,7 +229,7 @@ impl Target for Streamed<'_> {
     fn finish(&mut self) -> Result<(), Refusal> {
         self.plan.finish().map_err(|e| validation(&e))?;
         self.writer.advance(self.plan.staged_prefix());
-        self.reader_stopped()
+        reader_verdict(self.writer)
     }
 }
 

@@ -500,10 +500,6 @@ impl Gateway {
         let Some(upload) = &u.headers.upload else {
             stage_update(manifest, &u.payload, slot.bytes_mut())
                 .map_err(|e| Refusal::new(RejectReason::from(&e), e.to_string()))?;
-            if self.batch.iter().any(|b| b.u.stream_seq == u.stream_seq) {
-                // The same message twice in one batch: the copy is a redelivery of one staged.
-                return Ok(None);
-            }
             // Counted as staged now (what admission reads: a second update of the client, the
             // round's client limit), taken back at the flush if the claim is not this node's.
             let seen_round = admission::seen_round(admitted, u.headers.round);
@@ -567,15 +563,28 @@ impl Gateway {
         upload: Option<UploadChunks>,
     ) -> Delivery {
         self.note_staged(u, entry, admitted, admission::seen_round(admitted, u.headers.round));
-        let descriptor = descriptor(u, admitted, slot.location());
         self.hold(u, admitted, upload);
+        let at = slot.location();
+        self.delivery(u, admitted, at, slot.into_view(), None)
+    }
+
+    /// The delivery of an update staged at `at`, whose bytes `view` shows (and `stream` reads
+    /// while they are still written).
+    fn delivery(
+        &self,
+        u: &Incoming,
+        admitted: Admitted,
+        at: crate::staging::SlotLocation,
+        view: crate::staging::SlotView,
+        stream: Option<crate::staging::stream::SlotReader>,
+    ) -> Delivery {
         Delivery {
-            descriptor,
-            view: slot.into_view(),
+            descriptor: descriptor(u, admitted, at),
+            view,
             received: std::time::Instant::now(),
             start: None,
             unfolded: self.ctx.demand.arrived(&u.job),
-            stream: None,
+            stream,
         }
     }
 
@@ -643,18 +652,10 @@ impl Gateway {
         if !self.claim_update(u, seen_round).await? {
             return Ok(None);
         }
-        let descriptor = descriptor(u, admitted, slot.location());
+        let at = slot.location();
         let (writer, reader, view) = slot.into_streamed();
         self.hold(u, admitted, None);
-        let delivery = Delivery {
-            descriptor,
-            view,
-            received: std::time::Instant::now(),
-            start: None,
-            unfolded: self.ctx.demand.arrived(&u.job),
-            stream: Some(reader),
-        };
-        self.hand_on(delivery).await;
+        self.hand_on(self.delivery(u, admitted, at, view, Some(reader))).await;
         let mut read = fetch::stream_upload(
             &self.ctx.infra,
             who,
@@ -665,19 +666,10 @@ impl Gateway {
         )
         .await;
         if read.is_ok() {
-            // The host's word too (NaN/Inf are found as it folds): wait until it has folded
-            // every byte, or stopped.
+            // The host's word too: wait until it has folded every byte, or stopped.
             writer.until_folded_within(0).await;
-            if let Some(why) = writer.reader_stopped() {
-                read = Err(why.map_or_else(
-                    || {
-                        Refusal::new(
-                            RejectReason::ObjectUnavailable,
-                            "the function host stopped reading the update",
-                        )
-                    },
-                    |w| Refusal::new(w.reason, w.detail),
-                ));
+            if let Err(refusal) = fetch::reader_verdict(&writer) {
+                read = Err(refusal);
             }
         }
         if let Some(hold) = self.test_holds.verdict {
@@ -701,8 +693,8 @@ impl Gateway {
                     writer.end(Err(StreamFailure { reason: refusal.reason, detail: refusal.detail }));
                     link.settle(u.stream_seq, Settle::Nak(ms(self.ctx.config.timings.nak_retry_ms)));
                 }
-                why => {
-                    let refusal = why.flatten().map_or(refusal, |w| Refusal::new(w.reason, w.detail));
+                // Refused by the gateway's read or by the host (its reason is in `refusal`).
+                _ => {
                     tracing::debug!(job = %u.job, client = %u.client, reason = %refusal.reason.as_str(), "streamed update refused");
                     writer.end(Err(StreamFailure { reason: refusal.reason, detail: refusal.detail.clone() }));
                     if let Some(kv) = self.claims_store().await {
